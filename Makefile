@@ -1,0 +1,41 @@
+# The two entry points a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+.PHONY: run test lint typecheck test-sqlite test-postgres bench openapi clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/newsletter serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict app
+
+test-sqlite: $(STAMP)
+	NEWSLETTER_TEST_DATABASE_URL= $(BIN)/pytest -q
+
+test-postgres: $(STAMP)
+	NEWSLETTER_TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/pytest -q
+
+test: lint typecheck test-sqlite test-postgres
+
+bench: $(STAMP)
+	$(BIN)/python bench/subscribe.py
+
+openapi: $(STAMP)
+	$(BIN)/newsletter openapi --output openapi.json
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""Address validation and normalization (email-validator).
+
+`email` keeps what was typed, after the standard's normalization (domain lowercased and
+IDNA-normalized, Unicode NFC); `key` is its case-folded form, the identity of a subscriber.
+A `+tag` is never stripped: it is part of the address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from email_validator import EmailNotValidError, validate_email
+
+MAX_ADDRESS_LENGTH = 254
+
+
+class InvalidAddress(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    email: str
+    key: str
+
+
+def parse(raw: str) -> Address:
+    if len(raw) > MAX_ADDRESS_LENGTH:
+        raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
+    if any(ord(char) < 32 or ord(char) == 127 for char in raw):
+        raise InvalidAddress("The address contains control characters.")
+    try:
+        validated = validate_email(raw.strip(), check_deliverability=False)
+    except EmailNotValidError as e:
+        raise InvalidAddress(str(e)) from e
+    return Address(email=validated.normalized, key=validated.normalized.casefold())
+
+
+def mask(email: str) -> str:
+    """`j***@example.org`: enough to tell mails apart in logs, not enough to identify anyone."""
+    local, _, domain = email.rpartition("@")
+    return f"{local[:1]}***@{domain}"

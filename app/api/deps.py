@@ -1,0 +1,111 @@
+"""Request dependencies, declared once as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, TypeVar
+from urllib.parse import parse_qsl
+
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from app import db, errors
+from app.config import Locale, Settings
+from app.i18n import negotiate, parse_locale
+from app.subscriptions import Evidence
+from app.worker import Worker
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+MAX_FORM_FIELDS = 50
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request: committed when the endpoint returns, else rolled back."""
+    engine: Engine = request.app.state.engine
+    worker: Worker | None = request.app.state.worker
+    with db.session_scope(engine, on_outbox_commit=worker.wake if worker else None) as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+# scope="function": the commit happens before the response leaves, so a 2xx means stored.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
+    """Parse a JSON or form body into `model`, with clear errors for anything else."""
+    kind = media_type(request)
+    raw = await request.body()
+    data: object
+    if kind == JSON:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise errors.InvalidBody("The body is not valid JSON.") from e
+        if not isinstance(data, dict):
+            raise errors.InvalidBody("The body must be a JSON object.")
+    elif kind == FORM:
+        try:
+            pairs = parse_qsl(
+                raw.decode("utf-8"),
+                keep_blank_values=True,
+                max_num_fields=MAX_FORM_FIELDS,
+                errors="strict",
+            )
+        except (UnicodeDecodeError, ValueError) as e:
+            raise errors.InvalidBody("The form is not valid UTF-8 url-encoded data.") from e
+        form: dict[str, str] = {}
+        for name, value in pairs:
+            form.setdefault(name, value)
+        data = form
+    else:
+        raise errors.UnsupportedMediaType()
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from e
+
+
+def evidence(request: Request, settings: Settings, *, source: str) -> Evidence:
+    client = request.client.host if request.client else None
+    agent = request.headers.get("user-agent")
+    referer = request.headers.get("referer") or request.headers.get("origin")
+    return Evidence(
+        source=source,
+        source_url=referer[:2048] if referer else None,
+        ip=client if settings.store_ip else None,
+        user_agent=agent[:512] if agent and settings.store_user_agent else None,
+    )
+
+
+def request_locale(request: Request, *, default: Locale) -> Locale:
+    """`?lang=` first, then `Accept-Language`, then the given default."""
+    chosen = parse_locale(request.query_params.get("lang"))
+    if chosen is not None:
+        return chosen
+    return negotiate(request.headers.get("accept-language"), default=default)
+
+
+def wants_html(request: Request, *, default: bool) -> bool:
+    accept = request.headers.get("accept", "").lower()
+    if "text/html" in accept:
+        return True
+    if JSON in accept:
+        return False
+    return default

@@ -1,0 +1,296 @@
+"""Public endpoints: what the site's form, visitors' browsers and mail clients call."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from app import addresses, errors, lists, pages, subscriptions
+from app.api.deps import (
+    FORM,
+    JSON,
+    SessionDep,
+    SettingsDep,
+    evidence,
+    media_type,
+    read_payload,
+    request_locale,
+    wants_html,
+)
+from app.config import Locale
+from app.i18n import Translator, parse_locale
+from app.models import utcnow
+from app.schemas import Accepted, ActionResult, SubscriptionRequest, UnsubscriptionRequest
+
+router = APIRouter(prefix="/v1", tags=["public"])
+
+SUBSCRIBE_ACCEPTED = Accepted(
+    detail="If this address can be subscribed, a confirmation mail is on its way."
+)
+UNSUBSCRIBE_ACCEPTED = Accepted(
+    detail="If this address is subscribed, a mail with an unsubscribe link is on its way."
+)
+
+
+def _body_doc(model: type[SubscriptionRequest] | type[UnsubscriptionRequest]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": schema}, FORM: {"schema": schema}},
+        }
+    }
+
+
+def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": description, "content": {"text/html": {}}}}
+
+
+async def subscription_body(request: Request) -> SubscriptionRequest:
+    return await read_payload(request, SubscriptionRequest)
+
+
+async def unsubscription_body(request: Request) -> UnsubscriptionRequest:
+    return await read_payload(request, UnsubscriptionRequest)
+
+
+async def one_click(request: Request) -> bool:
+    """True for an RFC 8058 one-click POST (`List-Unsubscribe=One-Click` in a form body)."""
+    if media_type(request) not in (FORM, "multipart/form-data"):
+        return False
+    raw = await request.body()
+    if media_type(request) == FORM:
+        fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=50)
+        return "One-Click" in fields.get("List-Unsubscribe", [])
+    return b"One-Click" in raw and b"List-Unsubscribe" in raw
+
+
+SubscriptionBody = Annotated[SubscriptionRequest, Depends(subscription_body)]
+UnsubscriptionBody = Annotated[UnsubscriptionRequest, Depends(unsubscription_body)]
+OneClick = Annotated[bool, Depends(one_click)]
+
+
+@router.post(
+    "/lists/{slug}/subscriptions",
+    operation_id="subscribe",
+    status_code=202,
+    response_model=Accepted,
+    responses={
+        303: {"description": "A form post: go to the list's thank-you page."},
+        **errors.responses(
+            errors.ListNotFound,
+            errors.InvalidBody,
+            errors.UnsupportedMediaType,
+            errors.PayloadTooLarge,
+        ),
+    },
+    openapi_extra=_body_doc(SubscriptionRequest),
+)
+def subscribe(
+    slug: str, body: SubscriptionBody, request: Request, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Ask to subscribe an address; a confirmation mail follows (double opt-in).
+
+    The answer is the same whatever the address's state, so nobody can learn from it who
+    is subscribed; the mail tells the truth instead.
+    """
+    mailing_list = lists.get(session, slug=slug)
+    is_form = media_type(request) == FORM
+    locale = body.locale or request_locale(request, default=Locale(mailing_list.default_locale))
+    subscriptions.subscribe(
+        session,
+        mailing_list=mailing_list,
+        address=addresses.parse(body.email),
+        locale=body.locale,
+        fallback_locale=locale,
+        attributes=body.attributes,
+        evidence=evidence(request, settings, source="form" if is_form else "api"),
+        key=settings.token_key(),
+        now=utcnow(),
+        resend_interval=settings.resend_interval,
+    )
+    if is_form:
+        target = mailing_list.thank_you_url or settings.public_link(
+            f"/v1/lists/{mailing_list.slug}/thanks?lang={locale.value}"
+        )
+        return RedirectResponse(target, status_code=303)
+    return JSONResponse(SUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+
+
+@router.get(
+    "/lists/{slug}/thanks",
+    operation_id="subscription_thanks_page",
+    responses={
+        **_html_and_json("The 'check your inbox' page."),
+        **errors.responses(errors.ListNotFound),
+    },
+)
+def thanks_page(slug: str, request: Request, session: SessionDep) -> Response:
+    """The page a form post lands on: check your inbox."""
+    mailing_list = lists.get(session, slug=slug)
+    locale = request_locale(request, default=Locale(mailing_list.default_locale))
+    t = Translator(locale)
+    return pages.render(
+        locale=locale,
+        title=t("page.thanks.title"),
+        text=t("page.thanks.text", list=mailing_list.name),
+        back_url=mailing_list.landing_url,
+    )
+
+
+@router.post(
+    "/lists/{slug}/unsubscriptions",
+    operation_id="request_unsubscribe",
+    status_code=202,
+    response_model=Accepted,
+    responses=errors.responses(
+        errors.ListNotFound, errors.InvalidBody, errors.UnsupportedMediaType
+    ),
+    openapi_extra=_body_doc(UnsubscriptionRequest),
+)
+def request_unsubscribe(
+    slug: str,
+    body: UnsubscriptionBody,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Response:
+    """Ask for an unsubscribe link by address; same answer whatever the address's state."""
+    mailing_list = lists.get(session, slug=slug)
+    is_form = media_type(request) == FORM
+    subscriptions.request_unsubscribe(
+        session,
+        mailing_list=mailing_list,
+        address=addresses.parse(body.email),
+        evidence=evidence(request, settings, source="form" if is_form else "api"),
+        key=settings.token_key(),
+        now=utcnow(),
+        resend_interval=settings.resend_interval,
+    )
+    if is_form:
+        locale = request_locale(request, default=Locale(mailing_list.default_locale))
+        return RedirectResponse(
+            settings.public_link(f"/v1/lists/{mailing_list.slug}/thanks?lang={locale.value}"),
+            status_code=303,
+        )
+    return JSONResponse(UNSUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+
+
+def _page_locale(request: Request, stored: str) -> Locale:
+    return parse_locale(request.query_params.get("lang")) or Locale(stored)
+
+
+TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
+
+
+@router.get(
+    "/confirm/{token}",
+    operation_id="confirm_page",
+    response_model=ActionResult,
+    responses={**_html_and_json("A page with one button that confirms."), **TOKEN_ERRORS},
+)
+def confirm_page(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Any:
+    """Show the confirmation button. Changes nothing: mail scanners follow links."""
+    target = subscriptions.confirmation_target(session, secret=token, now=utcnow())
+    if not wants_html(request, default=True):
+        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+    locale = _page_locale(request, target.subscription.locale)
+    t = Translator(locale)
+    return pages.render(
+        locale=locale,
+        title=t("page.confirm.title"),
+        text=t("page.confirm.text", list=target.mailing_list.name),
+        form=pages.Form(
+            action=settings.public_link(f"/v1/confirm/{token}"), button=t("page.confirm.button")
+        ),
+    )
+
+
+@router.post(
+    "/confirm/{token}",
+    operation_id="confirm",
+    response_model=ActionResult,
+    responses={**_html_and_json("The subscription is confirmed."), **TOKEN_ERRORS},
+)
+def confirm(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Any:
+    """Confirm a subscription (the button on the confirmation page)."""
+    target = subscriptions.confirm(
+        session,
+        secret=token,
+        evidence=evidence(request, settings, source="link"),
+        key=settings.token_key(),
+        now=utcnow(),
+    )
+    if not wants_html(request, default=True):
+        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+    locale = _page_locale(request, target.subscription.locale)
+    t = Translator(locale)
+    return pages.render(
+        locale=locale,
+        title=t("page.confirmed.title"),
+        text=t("page.confirmed.text", list=target.mailing_list.name),
+        back_url=target.mailing_list.landing_url,
+    )
+
+
+@router.get(
+    "/unsubscribe/{token}",
+    operation_id="unsubscribe_page",
+    response_model=ActionResult,
+    responses={**_html_and_json("A page with one button that unsubscribes."), **TOKEN_ERRORS},
+)
+def unsubscribe_page(
+    token: str, request: Request, session: SessionDep, settings: SettingsDep
+) -> Any:
+    """Show the unsubscribe button. Changes nothing: mail scanners follow links."""
+    target = subscriptions.unsubscription_target(session, secret=token, now=utcnow())
+    if not wants_html(request, default=True):
+        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+    locale = _page_locale(request, target.subscription.locale)
+    t = Translator(locale)
+    return pages.render(
+        locale=locale,
+        title=t("page.unsubscribe.title"),
+        text=t("page.unsubscribe.text", list=target.mailing_list.name),
+        form=pages.Form(
+            action=settings.public_link(f"/v1/unsubscribe/{token}"),
+            button=t("page.unsubscribe.button"),
+        ),
+    )
+
+
+@router.post(
+    "/unsubscribe/{token}",
+    operation_id="unsubscribe",
+    response_model=ActionResult,
+    responses={**_html_and_json("The address is unsubscribed."), **TOKEN_ERRORS},
+)
+def unsubscribe(
+    token: str,
+    is_one_click: OneClick,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Any:
+    """Unsubscribe (the page's button, or an RFC 8058 one-click POST: 200, no redirect)."""
+    target = subscriptions.unsubscribe(
+        session,
+        secret=token,
+        evidence=evidence(request, settings, source="one_click" if is_one_click else "link"),
+        now=utcnow(),
+        # A mail client's one-click POST is not a person waiting for a goodbye mail.
+        send_goodbye=not is_one_click,
+    )
+    if not wants_html(request, default=True):
+        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+    locale = _page_locale(request, target.subscription.locale)
+    t = Translator(locale)
+    return pages.render(
+        locale=locale,
+        title=t("page.unsubscribed.title"),
+        text=t("page.unsubscribed.text", list=target.mailing_list.name),
+        back_url=target.mailing_list.landing_url,
+    )

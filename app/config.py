@@ -1,0 +1,219 @@
+"""One typed Settings object, read from `NEWSLETTER_*` variables and validated at start.
+
+Nested values use `__` (`NEWSLETTER_MAILER__KIND=smtp`, `NEWSLETTER_MAILER__HOST=...`);
+lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(value: object) -> object:
+    """`90`, `90s`, `5m`, `48h`, `7d` as well as pydantic's ISO 8601 and `HH:MM:SS`."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2] or "s"])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+class Locale(StrEnum):
+    FR = "fr"
+    EN = "en"
+
+
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class ListSettings(BaseModel):
+    """A mailing list as declared by the operators; stored in the database at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slug: Annotated[str, Field(pattern=SLUG_PATTERN)]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    default_locale: Locale = Locale.FR
+    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = "2026-11"
+    confirm_ttl: Duration = timedelta(hours=48)
+    # Where a plain HTML form post is sent after success; the hosted page when unset.
+    thank_you_url: HttpUrl | None = None
+    # Where a confirmed or unsubscribed visitor may go next (the site's home page).
+    landing_url: HttpUrl | None = None
+
+    @field_validator("confirm_ttl")
+    @classmethod
+    def _positive_ttl(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("confirm_ttl must be positive")
+        return value
+
+
+class FileMailerSettings(BaseModel):
+    """Development mailer: writes each mail as an .eml file and logs its links."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["file"] = "file"
+    directory: Path = Path("var/mail")
+
+
+class SmtpSecurity(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    SSL = "ssl"
+
+
+class SmtpMailerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["smtp"] = "smtp"
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    security: SmtpSecurity = SmtpSecurity.STARTTLS
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _credentials_go_together(self) -> SmtpMailerSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("SMTP username and password must be given together")
+        return self
+
+
+MailerSettings = Annotated[FileMailerSettings | SmtpMailerSettings, Field(discriminator="kind")]
+
+
+def _default_lists() -> list[ListSettings]:
+    return [ListSettings(slug="bluehats", name="Gazette BlueHats", default_locale=Locale.FR)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NEWSLETTER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    database_url: str = "sqlite:///var/newsletter.db"
+    # Base URL of this service as visitors reach it; links in mails are built from it.
+    public_url: HttpUrl = HttpUrl("http://127.0.0.1:8000")
+    # Key that derives the links' tokens; the embedded default keeps one in var/secret.key.
+    secret_key: SecretStr | None = None
+    secret_key_file: Path = Path("var/secret.key")
+    mail_from: Annotated[str, Field(min_length=3)] = "BlueHats <bluehats@code.gouv.fr>"
+    lists: list[ListSettings] = Field(default_factory=_default_lists)
+    mailer: MailerSettings = Field(default_factory=FileMailerSettings)
+
+    # Apply migrations at start (the embedded default); production runs `newsletter migrate`.
+    auto_migrate: bool = True
+    # Run the outbox worker inside the API process; off when `newsletter worker` runs it.
+    run_worker: bool = True
+
+    # A visitor asking again gets at most one mail per address in this interval.
+    resend_interval: Duration = timedelta(minutes=5)
+    # Evidence kept in the consent ledger.
+    store_ip: bool = True
+    store_user_agent: bool = True
+    max_body_bytes: Annotated[int, Field(ge=1024, le=10 * 1024 * 1024)] = 16 * 1024
+
+    worker_poll_interval: Annotated[float, Field(gt=0)] = 1.0
+    worker_batch_size: Annotated[int, Field(ge=1, le=1000)] = 20
+    worker_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    job_lease: Duration = timedelta(minutes=5)
+    job_max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
+    retry_base_delay: Duration = timedelta(seconds=30)
+    retry_max_delay: Duration = timedelta(hours=2)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ValueError(
+                "database_url must start with sqlite:/// or postgresql+psycopg:// "
+                f"(got {value.split(':', 1)[0]!r})"
+            )
+        if value.startswith("postgresql:"):
+            value = "postgresql+psycopg:" + value.removeprefix("postgresql:")
+        return value
+
+    @field_validator("lists")
+    @classmethod
+    def _unique_slugs(cls, value: list[ListSettings]) -> list[ListSettings]:
+        if not value:
+            raise ValueError("at least one list must be declared")
+        slugs = [item.slug for item in value]
+        duplicates = sorted({slug for slug in slugs if slugs.count(slug) > 1})
+        if duplicates:
+            raise ValueError(f"list slugs must be unique, repeated: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("job_lease", "retry_base_delay", "retry_max_delay", "resend_interval")
+    @classmethod
+    def _non_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("durations must not be negative")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    def public_link(self, path: str) -> str:
+        return str(self.public_url).rstrip("/") + path
+
+    def list_settings(self, slug: str) -> ListSettings | None:
+        return next((item for item in self.lists if item.slug == slug), None)
+
+    def token_key(self) -> bytes:
+        """The key for link tokens: configured, or kept in a local file for the embedded mode."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        path = self.secret_key_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
+
+
+class SettingsError(Exception):
+    """Settings could not be read; the message names each bad variable."""
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        lines = []
+        for error in e.errors():
+            where = "__".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"  NEWSLETTER_{where}: {error['msg']}")
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from e

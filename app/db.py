@@ -1,0 +1,96 @@
+"""Engine and sessions. SQLite (WAL, one writer at a time) by default, PostgreSQL by URL.
+
+The boundary owns the commit: a request dependency or `session_scope()` commits on success
+and rolls back on error; domain code only flushes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+# Session.info key set by the outbox when a job is written; read after commit to wake workers.
+OUTBOX_WRITTEN = "outbox_written"
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    if url.startswith("sqlite:"):
+        return _sqlite_engine(url)
+    return sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=20,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def _sqlite_engine(url: str) -> Engine:
+    database = sa.engine.make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url,
+        # The driver's own transaction handling is off; we begin explicitly below.
+        connect_args={"check_same_thread": False, "isolation_level": None, "timeout": 30},
+        pool_size=20,
+        max_overflow=20,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        # Take the write lock up front: a deferred transaction that reads and then writes
+        # can fail with "database is locked" without waiting when another writer is active.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None) -> Session:
+    session = Session(engine, expire_on_commit=False)
+    if on_outbox_commit is not None:
+
+        @event.listens_for(session, "after_commit")
+        def _after_commit(sess: Any) -> None:
+            if sess.info.pop(OUTBOX_WRITTEN, False):
+                on_outbox_commit()
+
+    return session
+
+
+@contextmanager
+def session_scope(
+    engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None
+) -> Iterator[Session]:
+    """One transaction: commit on success, roll back on any error."""
+    session = new_session(engine, on_outbox_commit=on_outbox_commit)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1")

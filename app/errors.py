@@ -1,0 +1,82 @@
+"""Expected failures, each carrying its HTTP status and a stable error code.
+
+Every error answer has the shape `{"error": code, "detail": message}`; the handlers in
+`app.api.handlers` render these (as JSON, or as a page for a browser).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class DomainError(Exception):
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    message: ClassVar[str] = "The request could not be processed."
+
+    def __init__(self, detail: str | None = None, *, list_slug: str | None = None) -> None:
+        self.detail = detail or self.message
+        # The list concerned, when known: an error page can then offer to ask again.
+        self.list_slug = list_slug
+        super().__init__(self.detail)
+
+
+class ListNotFound(DomainError):
+    status_code = 404
+    code = "list_not_found"
+    message = "No mailing list has this name."
+
+
+class TokenNotFound(DomainError):
+    status_code = 404
+    code = "token_not_found"
+    message = "This link is not valid. Ask for a new one."
+
+
+class TokenExpired(DomainError):
+    status_code = 410
+    code = "token_expired"
+    message = "This link has expired. Ask for a new one."
+
+
+class TokenUsed(DomainError):
+    status_code = 409
+    code = "token_used"
+    message = "This link has already been used."
+
+
+class InvalidBody(DomainError):
+    status_code = 400
+    code = "invalid_body"
+    message = "The request body could not be read."
+
+
+class UnsupportedMediaType(DomainError):
+    status_code = 415
+    code = "unsupported_media_type"
+    message = "Send application/json or application/x-www-form-urlencoded."
+
+
+class PayloadTooLarge(DomainError):
+    status_code = 413
+    code = "payload_too_large"
+    message = "The request body is too large."
+
+
+def responses(*errors: type[DomainError]) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` entry documenting these errors in the OpenAPI document."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for error in errors:
+        entry = documented.setdefault(
+            error.status_code, {"model": ErrorBody, "description": error.message}
+        )
+        if error.message not in entry["description"]:
+            entry["description"] += " / " + error.message
+    return documented

@@ -1,0 +1,62 @@
+"""String catalogues (one JSON file per language) and language negotiation."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from app.config import Locale
+
+LOCALES_DIR = Path(__file__).parent / "locales"
+
+
+@cache
+def catalogue(locale: Locale) -> dict[str, str]:
+    data: dict[str, str] = json.loads((LOCALES_DIR / f"{locale.value}.json").read_text("utf-8"))
+    return data
+
+
+class Translator:
+    """`t("page.confirm.text", list="BlueHats")` in the locale it was made for."""
+
+    def __init__(self, locale: Locale) -> None:
+        self.locale = locale
+        self._strings = catalogue(locale)
+
+    def __call__(self, key: str, **values: object) -> str:
+        return self._strings[key].format(**values)
+
+
+def negotiate(accept_language: str | None, *, default: Locale) -> Locale:
+    """The best supported language in an `Accept-Language` header, else `default`."""
+    if not accept_language:
+        return default
+    best: tuple[float, Locale] | None = None
+    for position, part in enumerate(accept_language.split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        quality = 1.0
+        if params.strip().startswith("q="):
+            try:
+                quality = float(params.strip()[2:])
+            except ValueError:
+                continue
+        primary = tag.strip().split("-")[0].lower()
+        try:
+            locale = Locale(primary)
+        except ValueError:
+            continue
+        # Earlier entries win ties, as browsers list them by preference.
+        score = quality - position * 1e-6
+        if quality > 0 and (best is None or score > best[0]):
+            best = (score, locale)
+    return best[1] if best else default
+
+
+def parse_locale(value: str | None) -> Locale | None:
+    if value is None:
+        return None
+    try:
+        return Locale(value.strip().lower()[:2])
+    except ValueError:
+        return None

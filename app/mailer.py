@@ -1,0 +1,116 @@
+"""Mail transports. Two domain errors cover every failure:
+
+    MailError
+     +-- RetryableMailError   server down, timeout, 4xx, authentication trouble: try later
+     +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
+
+No smtplib or socket exception leaves this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Protocol
+
+from app.config import FileMailerSettings, MailerSettings, SmtpMailerSettings, SmtpSecurity
+
+log = logging.getLogger(__name__)
+
+
+class MailError(Exception):
+    retryable = True
+
+
+class RetryableMailError(MailError):
+    retryable = True
+
+
+class PermanentMailError(MailError):
+    retryable = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMail:
+    message: EmailMessage
+    # The link the mail is about, shown by the development mailer; never logged otherwise.
+    link: str | None = None
+
+
+class Mailer(Protocol):
+    def send(self, mail: OutgoingMail) -> str:
+        """Deliver the mail; return the server's answer for the attempt log."""
+        ...
+
+
+class FileMailer:
+    """Development mailer: one .eml file per mail, and the mail's link in the log."""
+
+    def __init__(self, settings: FileMailerSettings) -> None:
+        self.directory = settings.directory
+
+    def send(self, mail: OutgoingMail) -> str:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            message_id = str(mail.message["Message-ID"]).strip("<>").split("@")[0]
+            path = Path(self.directory, f"{stamp}-{message_id}.eml")
+            path.write_bytes(mail.message.as_bytes())
+        except OSError as e:
+            raise RetryableMailError(f"cannot write mail file: {e}") from e
+        # Development only: the link is what a developer needs to go on.
+        log.info(
+            "mail.written path=%s subject=%r link=%s", path, str(mail.message["Subject"]), mail.link
+        )
+        return f"written to {path}"
+
+
+class SmtpMailer:
+    def __init__(self, settings: SmtpMailerSettings) -> None:
+        self.settings = settings
+
+    def _connect(self) -> smtplib.SMTP:
+        s = self.settings
+        if s.security == SmtpSecurity.SSL:
+            return smtplib.SMTP_SSL(
+                s.host, s.port, timeout=s.timeout, context=ssl.create_default_context()
+            )
+        client = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
+        if s.security == SmtpSecurity.STARTTLS:
+            client.starttls(context=ssl.create_default_context())
+        return client
+
+    def send(self, mail: OutgoingMail) -> str:
+        s = self.settings
+        try:
+            with self._connect() as client:
+                if s.username is not None and s.password is not None:
+                    client.login(s.username, s.password.get_secret_value())
+                client.send_message(mail.message)
+            return f"accepted by {s.host}:{s.port}"
+        except smtplib.SMTPRecipientsRefused as e:
+            codes = [code for code, _ in e.recipients.values()]
+            summary = "; ".join(f"{code} {text!r}" for code, text in e.recipients.values())
+            if codes and all(code >= 500 for code in codes):
+                raise PermanentMailError(f"recipient refused: {summary}") from e
+            raise RetryableMailError(f"recipient deferred: {summary}") from e
+        except smtplib.SMTPDataError as e:
+            if e.smtp_code >= 500:
+                raise PermanentMailError(f"message refused: {e.smtp_code} {e.smtp_error!r}") from e
+            raise RetryableMailError(f"message deferred: {e.smtp_code} {e.smtp_error!r}") from e
+        except smtplib.SMTPNotSupportedError as e:
+            # An internationalized address to a server without SMTPUTF8 will never go through.
+            raise PermanentMailError(f"server cannot carry this mail: {e}") from e
+        except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
+            raise RetryableMailError(f"{type(e).__name__}: {e}") from e
+
+
+def make_mailer(settings: MailerSettings) -> Mailer:
+    if isinstance(settings, SmtpMailerSettings):
+        return SmtpMailer(settings)
+    return FileMailer(settings)

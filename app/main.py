@@ -1,0 +1,87 @@
+"""The application factory. The lifespan owns the engine and the in-process worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from app import db, lists, migrations
+from app.api import handlers, health, public
+from app.config import Settings, load_settings
+from app.mailer import make_mailer
+from app.middleware import BodyLimit, SecurityHeaders
+from app.models import utcnow
+from app.worker import Worker
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def _form_targets(settings: Settings) -> list[str]:
+    """Origins a page's form may lead to: the thank-you pages on the site."""
+    origins = set()
+    for item in settings.lists:
+        for url in (item.thank_you_url, item.landing_url):
+            if url is not None:
+                parts = urlsplit(str(url))
+                origins.add(f"{parts.scheme}://{parts.netloc}")
+    return sorted(origins)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = db.make_engine(settings.database_url)
+        if settings.auto_migrate:
+            await run_in_threadpool(migrations.upgrade, settings.database_url)
+        with db.session_scope(engine) as session:
+            lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        worker = None
+        if settings.run_worker:
+            worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+            worker.start()
+        app.state.engine = engine
+        app.state.worker = worker
+        log.info(
+            "app.started database=%s worker=%s lists=%s",
+            engine.dialect.name,
+            "in-process" if worker else "external",
+            ",".join(item.slug for item in settings.lists),
+        )
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await run_in_threadpool(worker.stop)
+            engine.dispose()
+            log.info("app.stopped")
+
+    app = FastAPI(
+        title="BlueHats newsletter subscriptions",
+        version="1.0.0",
+        description=(
+            "Double opt-in subscriptions for public bodies' newsletters, with a consent "
+            "ledger, and confirmed members synced to the mailing-list backend."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.worker = None
+    handlers.install(app)
+    app.include_router(public.router)
+    app.include_router(health.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders, form_targets=_form_targets(settings))
+    return app

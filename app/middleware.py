@@ -1,0 +1,88 @@
+"""Pure ASGI middleware: a cap on request bodies, and security headers on every answer."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import errors
+
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes`, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise errors.PayloadTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(
+            {"error": errors.PayloadTooLarge.code, "detail": errors.PayloadTooLarge.message}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeaders:
+    """Headers for every answer; pages under /v1 also get a strict CSP and no caching
+    (their URLs carry tokens; `no-referrer` keeps those out of other sites' logs)."""
+
+    def __init__(self, app: ASGIApp, *, form_targets: list[str]) -> None:
+        self.app = app
+        actions = " ".join(["'self'", *form_targets])
+        self.csp = (
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+            f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        on_v1 = scope["path"].startswith("/v1/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("x-content-type-options", "nosniff")
+                headers.setdefault("referrer-policy", "no-referrer")
+                headers.setdefault("x-frame-options", "DENY")
+                if on_v1:
+                    headers.setdefault("content-security-policy", self.csp)
+                    headers.setdefault("cache-control", "no-store")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -1,0 +1,192 @@
+"""Database tables (SQLModel). Timestamps are UTC-aware; enums are stored as strings."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored with its zone and always read back as UTC-aware (SQLite keeps none)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _ts(*, nullable: bool = False) -> Any:
+    column: sa.Column[datetime] = sa.Column(UTCDateTime(), nullable=nullable)
+    if nullable:
+        return Field(default=None, sa_column=column)
+    return Field(default_factory=utcnow, sa_column=column)
+
+
+def _json() -> Any:
+    return Field(default_factory=dict, sa_column=sa.Column(sa.JSON(), nullable=False))
+
+
+class SubscriptionStatus(StrEnum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+
+class TokenPurpose(StrEnum):
+    CONFIRM = "confirm"
+    UNSUBSCRIBE = "unsubscribe"
+
+
+class ConsentAction(StrEnum):
+    SUBSCRIBE_REQUESTED = "subscribe_requested"
+    CONFIRMED = "confirmed"
+    UNSUBSCRIBE_REQUESTED = "unsubscribe_requested"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class JobKind(StrEnum):
+    MAIL = "mail"
+
+
+class AttemptOutcome(StrEnum):
+    SUCCESS = "success"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+class MailingList(SQLModel, table=True):
+    __tablename__ = "mailing_list"
+
+    id: int | None = Field(default=None, primary_key=True)
+    slug: str = Field(max_length=63, unique=True)
+    name: str = Field(max_length=200)
+    default_locale: str = Field(max_length=8)
+    consent_version: str = Field(max_length=64)
+    confirm_ttl_seconds: int
+    thank_you_url: str | None = Field(default=None, max_length=2048)
+    landing_url: str | None = Field(default=None, max_length=2048)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Subscription(SQLModel, table=True):
+    __tablename__ = "subscription"
+    __table_args__ = (
+        sa.UniqueConstraint("list_id", "email_key", name="uq_subscription_list_email"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    list_id: int = Field(foreign_key="mailing_list.id", index=True)
+    # The address as typed, after email-validator's normalization (domain lowercased, NFC).
+    email: str = Field(max_length=320)
+    # The case-folded form that makes two spellings of one address the same subscriber.
+    email_key: str = Field(max_length=320)
+    status: str = Field(max_length=16, index=True)
+    locale: str = Field(max_length=8)
+    attributes: dict[str, Any] = _json()
+    consent_version: str = Field(max_length=64)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    confirmed_at: datetime | None = _ts(nullable=True)
+    unsubscribed_at: datetime | None = _ts(nullable=True)
+    # Last time a mail was queued at a visitor's request; throttles repeated requests.
+    last_mail_at: datetime | None = _ts(nullable=True)
+
+
+class ConsentEvent(SQLModel, table=True):
+    """The consent ledger: append-only, one row per state change or request, with evidence."""
+
+    __tablename__ = "consent_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    subscription_id: int = Field(foreign_key="subscription.id", index=True)
+    list_id: int = Field(foreign_key="mailing_list.id")
+    action: str = Field(max_length=32)
+    status_after: str = Field(max_length=16)
+    # form, api, one_click, link, operator, backend
+    source: str = Field(max_length=32)
+    source_url: str | None = Field(default=None, max_length=2048)
+    consent_version: str = Field(max_length=64)
+    ip: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=512)
+    detail: dict[str, Any] = _json()
+    occurred_at: datetime = _ts()
+
+
+class Token(SQLModel, table=True):
+    """A link token. Only its SHA-256 is stored; the link is derived from the id with a key."""
+
+    __tablename__ = "token"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    subscription_id: int = Field(foreign_key="subscription.id", index=True)
+    purpose: str = Field(max_length=16)
+    token_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+    expires_at: datetime | None = _ts(nullable=True)
+    used_at: datetime | None = _ts(nullable=True)
+
+
+class OutboxJob(SQLModel, table=True):
+    __tablename__ = "outbox_job"
+    __table_args__ = (sa.Index("ix_outbox_job_due", "state", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32)
+    payload: dict[str, Any] = _json()
+    state: str = Field(max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = _ts()
+    lease_until: datetime | None = _ts(nullable=True)
+    leased_by: str | None = Field(default=None, max_length=64)
+    last_error: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    finished_at: datetime | None = _ts(nullable=True)
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    """Every outbound attempt (mail, backend call) leaves one row, success or not."""
+
+    __tablename__ = "delivery_attempt"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="outbox_job.id", index=True)
+    attempt: int
+    worker: str = Field(max_length=64)
+    outcome: str = Field(max_length=16)
+    error: str | None = Field(default=None, max_length=2000)
+    response: str | None = Field(default=None, max_length=2000)
+    started_at: datetime = _ts()
+    finished_at: datetime = _ts()

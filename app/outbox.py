@@ -1,0 +1,228 @@
+"""The transactional outbox: jobs written in the same transaction as the state change.
+
+Life of a job:
+
+    pending --claim--> running --finish--> done
+       ^                  |  \\--fail (permanent, or attempts exhausted)--> dead
+       +--fail (retry)----+
+       +--lease expired (the worker died)--+
+
+A claim takes due jobs and leases them for `lease`; a worker that dies leaves its lease to
+expire and another worker takes the job again. On PostgreSQL claims use
+`FOR UPDATE SKIP LOCKED`, so several workers share the queue; on SQLite the write lock taken
+at the start of every transaction serializes claims.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from app.db import OUTBOX_WRITTEN
+from app.models import AttemptOutcome, DeliveryAttempt, JobKind, JobState, OutboxJob
+
+ERROR_LIMIT = 2000
+
+
+def enqueue(
+    session: Session,
+    *,
+    kind: JobKind,
+    payload: dict[str, Any],
+    now: datetime,
+    delay: timedelta = timedelta(0),
+) -> OutboxJob:
+    job = OutboxJob(
+        kind=kind,
+        payload=payload,
+        state=JobState.PENDING,
+        next_attempt_at=now + delay,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.info[OUTBOX_WRITTEN] = True
+    return job
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    attempt: int
+    created_at: datetime
+
+
+def claim(
+    session: Session, *, worker: str, now: datetime, lease: timedelta, limit: int
+) -> list[ClaimedJob]:
+    """Lease up to `limit` due jobs (pending and due, or running with an expired lease)."""
+    due = sa.or_(
+        sa.and_(col(OutboxJob.state) == JobState.PENDING, col(OutboxJob.next_attempt_at) <= now),
+        sa.and_(col(OutboxJob.state) == JobState.RUNNING, col(OutboxJob.lease_until) <= now),
+    )
+    query = (
+        select(OutboxJob)
+        .where(due)
+        .order_by(col(OutboxJob.next_attempt_at), col(OutboxJob.id))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claimed = []
+    for job in session.exec(query).all():
+        job.state = JobState.RUNNING
+        job.attempts += 1
+        job.lease_until = now + lease
+        job.leased_by = worker
+        job.updated_at = now
+        assert job.id is not None
+        claimed.append(
+            ClaimedJob(
+                id=job.id,
+                kind=job.kind,
+                payload=dict(job.payload),
+                attempt=job.attempts,
+                created_at=job.created_at,
+            )
+        )
+    session.flush()
+    return claimed
+
+
+def _held(session: Session, *, job_id: int, worker: str) -> OutboxJob | None:
+    """The job if this worker still holds its lease (another worker may have taken it)."""
+    job = session.get(OutboxJob, job_id, with_for_update=True)
+    if job is None or job.state != JobState.RUNNING or job.leased_by != worker:
+        return None
+    return job
+
+
+def _record(
+    session: Session,
+    *,
+    job: ClaimedJob,
+    worker: str,
+    outcome: AttemptOutcome,
+    started_at: datetime,
+    now: datetime,
+    error: str | None = None,
+    response: str | None = None,
+) -> None:
+    session.add(
+        DeliveryAttempt(
+            job_id=job.id,
+            attempt=job.attempt,
+            worker=worker,
+            outcome=outcome,
+            error=error[:ERROR_LIMIT] if error else None,
+            response=response[:ERROR_LIMIT] if response else None,
+            started_at=started_at,
+            finished_at=now,
+        )
+    )
+
+
+def finish(
+    session: Session,
+    *,
+    job: ClaimedJob,
+    worker: str,
+    started_at: datetime,
+    now: datetime,
+    response: str | None = None,
+) -> None:
+    _record(
+        session,
+        job=job,
+        worker=worker,
+        outcome=AttemptOutcome.SUCCESS,
+        started_at=started_at,
+        now=now,
+        response=response,
+    )
+    held = _held(session, job_id=job.id, worker=worker)
+    if held is None:
+        return
+    held.state = JobState.DONE
+    held.lease_until = None
+    held.leased_by = None
+    held.finished_at = now
+    held.updated_at = now
+
+
+def backoff(*, attempt: int, base: timedelta, cap: timedelta) -> timedelta:
+    """Exponential backoff with full jitter: uniform in [base, min(cap, base * 2^(attempt-1))]."""
+    ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** min(attempt - 1, 30))
+    floor = min(base.total_seconds(), ceiling)
+    return timedelta(seconds=random.uniform(floor, ceiling))
+
+
+def fail(
+    session: Session,
+    *,
+    job: ClaimedJob,
+    worker: str,
+    error: str,
+    retryable: bool,
+    started_at: datetime,
+    now: datetime,
+    max_attempts: int,
+    base_delay: timedelta,
+    max_delay: timedelta,
+    response: str | None = None,
+) -> JobState:
+    """Schedule a retry, or move the job to the dead letters; returns the job's new state."""
+    dead = not retryable or job.attempt >= max_attempts
+    _record(
+        session,
+        job=job,
+        worker=worker,
+        outcome=AttemptOutcome.DEAD if dead else AttemptOutcome.RETRY,
+        started_at=started_at,
+        now=now,
+        error=error,
+        response=response,
+    )
+    held = _held(session, job_id=job.id, worker=worker)
+    if held is None:
+        return JobState.RUNNING
+    held.last_error = error[:ERROR_LIMIT]
+    held.lease_until = None
+    held.leased_by = None
+    held.updated_at = now
+    if dead:
+        held.state = JobState.DEAD
+        held.finished_at = now
+    else:
+        held.state = JobState.PENDING
+        held.next_attempt_at = now + backoff(attempt=job.attempt, base=base_delay, cap=max_delay)
+    return JobState(held.state)
+
+
+def release(session: Session, *, job_ids: list[int], worker: str, now: datetime) -> int:
+    """Give leased jobs back untouched (graceful shutdown); the attempt is not counted."""
+    if not job_ids:
+        return 0
+    result = session.connection().execute(
+        sa.update(OutboxJob)
+        .where(
+            col(OutboxJob.id).in_(job_ids),
+            col(OutboxJob.leased_by) == worker,
+            col(OutboxJob.state) == JobState.RUNNING,
+        )
+        .values(
+            state=JobState.PENDING,
+            attempts=col(OutboxJob.attempts) - 1,
+            lease_until=None,
+            leased_by=None,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+    )
+    return int(result.rowcount)

@@ -1,0 +1,85 @@
+"""API input and output models."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app import addresses
+from app.config import Locale
+
+MAX_ATTRIBUTES = 20
+_ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (line breaks, NUL, ...)")
+    return value
+
+
+def _valid_email(value: str) -> str:
+    try:
+        addresses.parse(value)
+    except addresses.InvalidAddress as e:
+        raise ValueError(str(e)) from e
+    return value
+
+
+class SubscriptionRequest(BaseModel):
+    """A request to subscribe; the same fields come as JSON or as a form post."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    locale: Locale | None = None
+    attributes: Annotated[
+        dict[str, Annotated[str, Field(max_length=500)]],
+        Field(default_factory=dict, max_length=MAX_ATTRIBUTES),
+    ]
+
+    @field_validator("email")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _valid_email(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _clean_attributes(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not _ATTRIBUTE_NAME.match(name):
+                raise ValueError(
+                    f"attribute name {name[:64]!r} must be lowercase letters, digits or _"
+                )
+            _no_control_characters(item)
+        return value
+
+
+class UnsubscriptionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+
+    @field_validator("email")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _valid_email(value)
+
+
+class Accepted(BaseModel):
+    """The one answer to every valid request, whatever the address's state."""
+
+    status: Literal["accepted"] = "accepted"
+    detail: str
+
+
+class ActionResult(BaseModel):
+    status: str
+    list: str
+
+
+class Health(BaseModel):
+    status: str

@@ -1,0 +1,437 @@
+"""The subscription state machine.
+
+    pending --confirm--> confirmed --unsubscribe--> unsubscribed --subscribe--> pending
+
+Every function here takes the caller's session and never commits: the state change, its
+consent-ledger event and the mail it causes are written in the caller's one transaction.
+Answers to the public never depend on the state; the mail tells the truth instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from app import addresses, errors, outbox, tokens
+from app.config import Locale
+from app.mails import MailKind
+from app.models import (
+    ConsentAction,
+    ConsentEvent,
+    JobKind,
+    MailingList,
+    Subscription,
+    SubscriptionStatus,
+    Token,
+    TokenPurpose,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """How a request reached us, as the privacy settings allow us to keep it."""
+
+    source: str
+    source_url: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a token link points at, for the page that asks to press the button."""
+
+    mailing_list: MailingList
+    subscription: Subscription
+
+
+def _record(
+    session: Session,
+    *,
+    subscription: Subscription,
+    action: ConsentAction,
+    evidence: Evidence,
+    now: datetime,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    assert subscription.id is not None
+    session.add(
+        ConsentEvent(
+            subscription_id=subscription.id,
+            list_id=subscription.list_id,
+            action=action,
+            status_after=subscription.status,
+            source=evidence.source,
+            source_url=evidence.source_url,
+            consent_version=subscription.consent_version,
+            ip=evidence.ip,
+            user_agent=evidence.user_agent,
+            detail=detail or {},
+            occurred_at=now,
+        )
+    )
+
+
+def _claim_mail_slot(
+    session: Session, *, subscription: Subscription, now: datetime, interval: timedelta
+) -> bool:
+    """Atomically take the right to mail this address now; false if mailed too recently.
+
+    One conditional UPDATE, so concurrent requests for one address cannot both win.
+    """
+    cutoff = now - interval
+    result = session.connection().execute(
+        sa.update(Subscription)
+        .where(
+            col(Subscription.id) == subscription.id,
+            sa.or_(
+                col(Subscription.last_mail_at).is_(None), col(Subscription.last_mail_at) <= cutoff
+            ),
+        )
+        .values(last_mail_at=now)
+    )
+    won = result.rowcount == 1
+    if won:
+        subscription.last_mail_at = now
+    return won
+
+
+def _queue_mail(
+    session: Session,
+    *,
+    kind: MailKind,
+    subscription: Subscription,
+    token_id: str | None,
+    now: datetime,
+) -> None:
+    outbox.enqueue(
+        session,
+        kind=JobKind.MAIL,
+        payload={"mail": kind.value, "subscription_id": subscription.id, "token_id": token_id},
+        now=now,
+    )
+
+
+def _start_opt_in(
+    session: Session,
+    *,
+    mailing_list: MailingList,
+    subscription: Subscription,
+    key: bytes,
+    now: datetime,
+) -> None:
+    tokens.retire(session, subscription_id=_id(subscription), purpose=TokenPurpose.CONFIRM, now=now)
+    token = tokens.issue(
+        session,
+        subscription=subscription,
+        purpose=TokenPurpose.CONFIRM,
+        key=key,
+        now=now,
+        ttl=timedelta(seconds=mailing_list.confirm_ttl_seconds),
+    )
+    _queue_mail(
+        session, kind=MailKind.CONFIRM, subscription=subscription, token_id=str(token.id), now=now
+    )
+
+
+def _id(subscription: Subscription) -> int:
+    assert subscription.id is not None
+    return subscription.id
+
+
+def _find(session: Session, *, list_id: int, key: str, lock: bool) -> Subscription | None:
+    query = select(Subscription).where(
+        Subscription.list_id == list_id, Subscription.email_key == key
+    )
+    if lock:
+        query = query.with_for_update()
+    return session.exec(query).first()
+
+
+def subscribe(
+    session: Session,
+    *,
+    mailing_list: MailingList,
+    address: addresses.Address,
+    locale: Locale | None,
+    fallback_locale: Locale,
+    attributes: dict[str, str],
+    evidence: Evidence,
+    key: bytes,
+    now: datetime,
+    resend_interval: timedelta,
+) -> None:
+    """Start (or restart) a double opt-in; never tells the caller which case it was.
+
+    `locale` is the language the visitor chose; `fallback_locale` (from the request's
+    `Accept-Language` or the list) applies only where no language is stored yet.
+    """
+    assert mailing_list.id is not None
+    chosen_locale = (locale or fallback_locale).value
+    subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
+    if subscription is None:
+        subscription = Subscription(
+            list_id=mailing_list.id,
+            email=address.email,
+            email_key=address.key,
+            status=SubscriptionStatus.PENDING,
+            locale=chosen_locale,
+            attributes=attributes,
+            consent_version=mailing_list.consent_version,
+            created_at=now,
+            updated_at=now,
+            last_mail_at=now,
+        )
+        try:
+            with session.begin_nested():
+                session.add(subscription)
+        except IntegrityError:
+            # A concurrent request created it first; carry on with that row.
+            subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
+            assert subscription is not None
+        else:
+            _record(
+                session,
+                subscription=subscription,
+                action=ConsentAction.SUBSCRIBE_REQUESTED,
+                evidence=evidence,
+                now=now,
+            )
+            _start_opt_in(
+                session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
+            )
+            return
+
+    status = SubscriptionStatus(subscription.status)
+    if status in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED) and locale:
+        subscription.locale = locale.value
+    if status == SubscriptionStatus.PENDING:
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.SUBSCRIBE_REQUESTED,
+            evidence=evidence,
+            now=now,
+        )
+        if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+            _start_opt_in(
+                session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
+            )
+    elif status == SubscriptionStatus.CONFIRMED:
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.SUBSCRIBE_REQUESTED,
+            evidence=evidence,
+            now=now,
+            detail={"note": "already confirmed"},
+        )
+        if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+            unsubscribe = _unsubscribe_token(session, subscription=subscription, key=key, now=now)
+            _queue_mail(
+                session,
+                kind=MailKind.ALREADY_SUBSCRIBED,
+                subscription=subscription,
+                token_id=unsubscribe,
+                now=now,
+            )
+    else:
+        # Unsubscribed (or bounced, complained): a new request is a new consent to prove.
+        subscription.status = SubscriptionStatus.PENDING
+        subscription.email = address.email
+        if locale is not None:
+            subscription.locale = locale.value
+        subscription.attributes = attributes
+        subscription.consent_version = mailing_list.consent_version
+        subscription.updated_at = now
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.SUBSCRIBE_REQUESTED,
+            evidence=evidence,
+            now=now,
+            detail={"previous_status": status.value},
+        )
+        if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+            _start_opt_in(
+                session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
+            )
+    session.add(subscription)
+    session.flush()
+
+
+def _unsubscribe_token(
+    session: Session, *, subscription: Subscription, key: bytes, now: datetime
+) -> str:
+    """The subscriber's standing unsubscribe token (its id), issued on first need."""
+    token = tokens.live(
+        session, subscription_id=_id(subscription), purpose=TokenPurpose.UNSUBSCRIBE
+    )
+    if token is None:
+        token = tokens.issue(
+            session,
+            subscription=subscription,
+            purpose=TokenPurpose.UNSUBSCRIBE,
+            key=key,
+            now=now,
+            ttl=None,
+        )
+    return str(token.id)
+
+
+def _target(session: Session, *, subscription_id: int) -> Target:
+    subscription = session.get(Subscription, subscription_id)
+    if subscription is None:
+        raise errors.TokenNotFound()
+    mailing_list = session.get(MailingList, subscription.list_id)
+    assert mailing_list is not None
+    return Target(mailing_list=mailing_list, subscription=subscription)
+
+
+def _lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> Token:
+    try:
+        return tokens.lookup(session, secret=secret, purpose=purpose, now=now)
+    except errors.TokenExpired as e:
+        # Say which list, so the page can offer to ask again.
+        token = session.exec(
+            select(Token).where(Token.token_hash == tokens.hash_of(secret))
+        ).first()
+        if token is not None:
+            target = _target(session, subscription_id=token.subscription_id)
+            raise errors.TokenExpired(list_slug=target.mailing_list.slug) from e
+        raise
+
+
+def confirmation_target(session: Session, *, secret: str, now: datetime) -> Target:
+    """What a confirm link would confirm; changes nothing (mail scanners follow links)."""
+    token = _lookup(session, secret=secret, purpose=TokenPurpose.CONFIRM, now=now)
+    return _target(session, subscription_id=token.subscription_id)
+
+
+def confirm(
+    session: Session, *, secret: str, evidence: Evidence, key: bytes, now: datetime
+) -> Target:
+    token = _lookup(session, secret=secret, purpose=TokenPurpose.CONFIRM, now=now)
+    # Lock the subscription row: two presses of the button confirm once.
+    subscription = session.get(Subscription, token.subscription_id, with_for_update=True)
+    session.refresh(token, with_for_update=True)
+    if token.used_at is not None:
+        raise errors.TokenUsed()
+    assert subscription is not None
+    token.used_at = now
+    session.add(token)
+    if subscription.status == SubscriptionStatus.PENDING:
+        subscription.status = SubscriptionStatus.CONFIRMED
+        subscription.confirmed_at = now
+        subscription.unsubscribed_at = None
+        subscription.updated_at = now
+        # The mail throttle guards against floods from strangers; a state change made with
+        # a link from the mailbox proves the owner acted, so the next request may mail.
+        subscription.last_mail_at = None
+        session.add(subscription)
+        tokens.retire(
+            session, subscription_id=_id(subscription), purpose=TokenPurpose.CONFIRM, now=now
+        )
+        _unsubscribe_token(session, subscription=subscription, key=key, now=now)
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.CONFIRMED,
+            evidence=evidence,
+            now=now,
+        )
+        log.info(
+            "subscription.confirmed list_id=%s subscription_id=%s",
+            subscription.list_id,
+            subscription.id,
+        )
+    elif subscription.status != SubscriptionStatus.CONFIRMED:
+        raise errors.TokenUsed()
+    session.flush()
+    return _target(session, subscription_id=_id(subscription))
+
+
+def unsubscription_target(session: Session, *, secret: str, now: datetime) -> Target:
+    token = _lookup(session, secret=secret, purpose=TokenPurpose.UNSUBSCRIBE, now=now)
+    return _target(session, subscription_id=token.subscription_id)
+
+
+def unsubscribe(
+    session: Session, *, secret: str, evidence: Evidence, now: datetime, send_goodbye: bool
+) -> Target:
+    """Unsubscribe by link. Idempotent: an already unsubscribed address stays so."""
+    token = _lookup(session, secret=secret, purpose=TokenPurpose.UNSUBSCRIBE, now=now)
+    subscription = session.get(Subscription, token.subscription_id, with_for_update=True)
+    assert subscription is not None
+    previous = SubscriptionStatus(subscription.status)
+    if previous in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED):
+        subscription.status = SubscriptionStatus.UNSUBSCRIBED
+        subscription.unsubscribed_at = now
+        subscription.updated_at = now
+        subscription.last_mail_at = None
+        session.add(subscription)
+        tokens.retire(
+            session, subscription_id=_id(subscription), purpose=TokenPurpose.CONFIRM, now=now
+        )
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.UNSUBSCRIBED,
+            evidence=evidence,
+            now=now,
+            detail={"previous_status": previous.value},
+        )
+        if send_goodbye and previous == SubscriptionStatus.CONFIRMED:
+            _queue_mail(
+                session, kind=MailKind.GOODBYE, subscription=subscription, token_id=None, now=now
+            )
+        log.info(
+            "subscription.unsubscribed list_id=%s subscription_id=%s source=%s",
+            subscription.list_id,
+            subscription.id,
+            evidence.source,
+        )
+    session.flush()
+    return _target(session, subscription_id=_id(subscription))
+
+
+def request_unsubscribe(
+    session: Session,
+    *,
+    mailing_list: MailingList,
+    address: addresses.Address,
+    evidence: Evidence,
+    key: bytes,
+    now: datetime,
+    resend_interval: timedelta,
+) -> None:
+    """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state."""
+    assert mailing_list.id is not None
+    subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
+    if subscription is None or subscription.status != SubscriptionStatus.CONFIRMED:
+        return
+    _record(
+        session,
+        subscription=subscription,
+        action=ConsentAction.UNSUBSCRIBE_REQUESTED,
+        evidence=evidence,
+        now=now,
+    )
+    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+        token_id = _unsubscribe_token(session, subscription=subscription, key=key, now=now)
+        _queue_mail(
+            session,
+            kind=MailKind.UNSUBSCRIBE,
+            subscription=subscription,
+            token_id=token_id,
+            now=now,
+        )
+    session.flush()

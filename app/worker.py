@@ -1,0 +1,253 @@
+"""Runs outbox jobs: in a thread of the API process by default, or alone (`newsletter worker`).
+
+Each round claims a batch of due jobs in one short transaction, runs them with bounded
+concurrency outside any transaction, then records each outcome in its own transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from app import db, mails, outbox, tokens
+from app.config import Locale, Settings
+from app.mailer import Mailer, MailError, OutgoingMail
+from app.models import (
+    JobKind,
+    MailingList,
+    Subscription,
+    SubscriptionStatus,
+    Token,
+    TokenPurpose,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class JobSkipped(Exception):
+    """The job has nothing left to do (the subscriber moved on); it counts as done."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    response: str
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        settings: Settings,
+        mailer: Mailer,
+        name: str | None = None,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.mailer = mailer
+        self.name = name or _worker_name()
+        self.now = now
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.worker_concurrency, thread_name_prefix="outbox"
+        )
+        self._key = settings.token_key()
+
+    # Lifecycle -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for work now rather than at the next poll (called after an outbox commit)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="outbox-worker", daemon=True)
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """Ask the loop to end after the jobs in hand (safe from a signal handler)."""
+        self._stop.set()
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the jobs in hand, give back the ones not started, and return."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        log.info("worker.started name=%s", self.name)
+        while not self._stop.is_set():
+            try:
+                done = self.run_once()
+            except Exception:
+                log.exception("worker.round_failed name=%s", self.name)
+                done = 0
+            if done == 0:
+                self._wake.wait(self.settings.worker_poll_interval)
+                self._wake.clear()
+        log.info("worker.stopped name=%s", self.name)
+
+    # One round ---------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Claim and run one batch of due jobs; returns how many were handled."""
+        with db.session_scope(self.engine) as session:
+            claimed = outbox.claim(
+                session,
+                worker=self.name,
+                now=self.now(),
+                lease=self.settings.job_lease,
+                limit=self.settings.worker_batch_size,
+            )
+        if not claimed:
+            return 0
+        futures: list[tuple[outbox.ClaimedJob, Future[None]]] = [
+            (job, self._pool.submit(self._run_job, job)) for job in claimed
+        ]
+        not_started = []
+        for job, future in futures:
+            if self._stop.is_set() and future.cancel():
+                not_started.append(job.id)
+                continue
+            future.result()
+        if not_started:
+            with db.session_scope(self.engine) as session:
+                outbox.release(session, job_ids=not_started, worker=self.name, now=self.now())
+            log.info("worker.released count=%d", len(not_started))
+        return len(claimed) - len(not_started)
+
+    def _run_job(self, job: outbox.ClaimedJob) -> None:
+        started_at = self.now()
+        try:
+            outcome = self._dispatch(job)
+        except JobSkipped as e:
+            outcome = Outcome(response=f"skipped: {e}")
+        except MailError as e:
+            self._failed(job, error=str(e), retryable=e.retryable, started_at=started_at)
+            return
+        except Exception as e:
+            # A bug, not a delivery failure: keep the job (retry later) and say so loudly.
+            log.exception("job.crashed id=%s kind=%s", job.id, job.kind)
+            self._failed(
+                job,
+                error=f"internal error: {type(e).__name__}",
+                retryable=True,
+                started_at=started_at,
+            )
+            return
+        with db.session_scope(self.engine) as session:
+            outbox.finish(
+                session,
+                job=job,
+                worker=self.name,
+                started_at=started_at,
+                now=self.now(),
+                response=outcome.response,
+            )
+        log.info("job.done id=%s kind=%s attempt=%d", job.id, job.kind, job.attempt)
+
+    def _failed(
+        self, job: outbox.ClaimedJob, *, error: str, retryable: bool, started_at: datetime
+    ) -> None:
+        s = self.settings
+        with db.session_scope(self.engine) as session:
+            state = outbox.fail(
+                session,
+                job=job,
+                worker=self.name,
+                error=error,
+                retryable=retryable,
+                started_at=started_at,
+                now=self.now(),
+                max_attempts=s.job_max_attempts,
+                base_delay=s.retry_base_delay,
+                max_delay=s.retry_max_delay,
+            )
+        log.warning(
+            "job.failed id=%s kind=%s attempt=%d state=%s error=%s",
+            job.id,
+            job.kind,
+            job.attempt,
+            state,
+            error,
+        )
+
+    def _dispatch(self, job: outbox.ClaimedJob) -> Outcome:
+        if job.kind == JobKind.MAIL:
+            return self._send_mail(job)
+        raise ValueError(f"unknown job kind {job.kind!r}")
+
+    # Mail jobs ----------------------------------------------------------------------------
+
+    def _send_mail(self, job: outbox.ClaimedJob) -> Outcome:
+        with db.session_scope(self.engine) as session:
+            mail = self._render_mail(session, job)
+        response = self.mailer.send(mail)
+        return Outcome(response=response)
+
+    def _render_mail(self, session: Session, job: outbox.ClaimedJob) -> OutgoingMail:
+        kind = mails.MailKind(job.payload["mail"])
+        subscription = session.get(Subscription, job.payload["subscription_id"])
+        if subscription is None:
+            raise JobSkipped("subscription no longer exists")
+        mailing_list = session.get(MailingList, subscription.list_id)
+        assert mailing_list is not None
+        link = None
+        unsubscribe_link = None
+        token_id = job.payload.get("token_id")
+        token = session.get(Token, uuid.UUID(token_id)) if token_id else None
+        if kind == mails.MailKind.CONFIRM:
+            if subscription.status != SubscriptionStatus.PENDING:
+                raise JobSkipped(f"subscription is {subscription.status}")
+            if token is None or token.used_at is not None:
+                raise JobSkipped("confirmation link no longer valid")
+            if token.expires_at is not None and token.expires_at <= self.now():
+                raise JobSkipped("confirmation link expired before it could be sent")
+            link = self.settings.public_link(
+                f"/v1/confirm/{tokens.secret_for(token, key=self._key)}"
+            )
+        elif kind in (mails.MailKind.ALREADY_SUBSCRIBED, mails.MailKind.UNSUBSCRIBE):
+            if subscription.status != SubscriptionStatus.CONFIRMED:
+                raise JobSkipped(f"subscription is {subscription.status}")
+            if token is None or token.purpose != TokenPurpose.UNSUBSCRIBE:
+                raise JobSkipped("no unsubscribe link")
+            link = self.settings.public_link(
+                f"/v1/unsubscribe/{tokens.secret_for(token, key=self._key)}"
+            )
+            unsubscribe_link = link
+        else:
+            link = mailing_list.landing_url
+        return mails.compose(
+            kind,
+            locale=Locale(subscription.locale),
+            list_name=mailing_list.name,
+            to=subscription.email,
+            mail_from=self.settings.mail_from,
+            message_key=f"{job.id}.{job.created_at.strftime('%Y%m%d%H%M%S')}.newsletter",
+            link=link,
+            confirm_hours=max(1, mailing_list.confirm_ttl_seconds // 3600),
+            unsubscribe_link=unsubscribe_link,
+        )

@@ -1,0 +1,204 @@
+"""Shared fixtures: a migrated database per test (SQLite or PostgreSQL), a real SMTP server
+(aiosmtpd), settings and an app client.
+
+`TEST_DATABASE_URL` selects PostgreSQL (e.g. postgresql+psycopg://postgres@127.0.0.1/test);
+without it each test gets its own SQLite file copied from a migrated template.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiosmtpd.controller import Controller
+from fastapi.testclient import TestClient
+
+from app import migrations
+from app.config import Settings, SmtpMailerSettings
+from app.main import create_app
+
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL") or None
+SECRET = "test-secret-key-not-for-production"
+TABLES = [
+    "delivery_attempt",
+    "outbox_job",
+    "consent_event",
+    "token",
+    "subscription",
+    "mailing_list",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float = 10.0, every: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy and return it; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if POSTGRES_URL:
+        engine = sa.create_engine(POSTGRES_URL)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP SCHEMA public CASCADE")
+            connection.exec_driver_sql("CREATE SCHEMA public")
+        engine.dispose()
+        migrations.upgrade(POSTGRES_URL)
+        return POSTGRES_URL
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    migrations.upgrade(f"sqlite:///{path}")
+    return str(path)
+
+
+def _truncate(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    engine.dispose()
+
+
+@pytest.fixture
+def database_url(migrated_template: str, tmp_path: Path) -> Iterator[str]:
+    """A database at the latest migration with no rows, for this test alone."""
+    if POSTGRES_URL:
+        _truncate(POSTGRES_URL)
+        yield POSTGRES_URL
+        _truncate(POSTGRES_URL)
+        return
+    path = tmp_path / "newsletter.db"
+    shutil.copy(migrated_template, path)
+    yield f"sqlite:///{path}"
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    from app.db import make_engine
+
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@dataclass
+class SmtpSink:
+    """What a real SMTP server (aiosmtpd, on loopback) received."""
+
+    host: str
+    port: int
+    messages: list[EmailMessage] = field(default_factory=list)
+    envelopes: list[Any] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = message_from_bytes(envelope.original_content, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        with self.lock:
+            self.envelopes.append(envelope)
+            self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+    def mail_to(self, address: str, *, link: str, timeout: float = 10.0) -> EmailMessage:
+        """The latest mail to `address` holding a /v1/{link}/ link, once it has arrived."""
+
+        def found() -> EmailMessage | None:
+            with self.lock:
+                for message in reversed(self.messages):
+                    if message["To"] == address and f"/v1/{link}/" in text_of(message):
+                        return message
+            return None
+
+        message: EmailMessage = wait_until(found, timeout=timeout)
+        return message
+
+    def wait_for(self, count: int, *, timeout: float = 10.0) -> list[EmailMessage]:
+        wait_until(lambda: len(self.messages) >= count, timeout=timeout)
+        return list(self.messages)
+
+
+def start_smtp(port: int | None = None) -> tuple[SmtpSink, Controller]:
+    sink = SmtpSink(host="127.0.0.1", port=port or free_port())
+    controller = Controller(sink, hostname=sink.host, port=sink.port, enable_SMTPUTF8=True)
+    controller.start()
+    return sink, controller
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    sink, controller = start_smtp()
+    yield sink
+    controller.stop()
+
+
+def make_settings(database_url: str, *, smtp_port: int, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "public_url": "http://testserver",
+        "secret_key": SECRET,
+        "mailer": SmtpMailerSettings(host="127.0.0.1", port=smtp_port, security="none", timeout=5),
+        "auto_migrate": False,
+        "worker_poll_interval": 0.05,
+        "retry_base_delay": "0.2s",
+        "retry_max_delay": "1s",
+        "job_lease": "30s",
+        "log_level": "DEBUG",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str, smtp: SmtpSink) -> Settings:
+    return make_settings(database_url, smtp_port=smtp.port)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def text_of(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None
+    content: str = part.get_content()
+    return content
+
+
+def link_in(message: EmailMessage, kind: str) -> str:
+    """The path of the first /v1/{kind}/... link in the mail's text part."""
+    for word in text_of(message).split():
+        if f"/v1/{kind}/" in word:
+            return word[word.index("/v1/") :]
+    raise AssertionError(f"no {kind} link in mail:\n{text_of(message)}")
+
+
+def count_rows(url: str, table: str) -> int:
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        value = connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one()
+    engine.dispose()
+    return int(value)

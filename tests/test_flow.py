@@ -1,0 +1,350 @@
+"""The double opt-in, end to end over HTTP, with a real SMTP server receiving the mails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from app.config import Settings
+from app.db import make_engine
+from app.main import create_app
+from app.models import ConsentEvent, JobState, OutboxJob, Subscription
+from tests.conftest import SmtpSink, count_rows, link_in, make_settings, text_of, wait_until
+
+BROWSER = {"user-agent": "Mozilla/5.0 (test browser)", "accept-language": "fr-FR,fr;q=0.9"}
+
+
+def subscription(url: str, email_key: str) -> Subscription | None:
+    engine = make_engine(url)
+    with Session(engine) as session:
+        row = session.exec(select(Subscription).where(Subscription.email_key == email_key)).first()
+    engine.dispose()
+    return row
+
+
+def ledger(url: str) -> list[ConsentEvent]:
+    engine = make_engine(url)
+    with Session(engine) as session:
+        rows = list(session.exec(select(ConsentEvent).order_by(ConsentEvent.id)).all())
+    engine.dispose()
+    return rows
+
+
+def subscribe(client: TestClient, email: str, **extra: Any) -> None:
+    response = client.post(
+        "/v1/lists/bluehats/subscriptions", json={"email": email, **extra}, headers=BROWSER
+    )
+    assert response.status_code == 202, response.text
+
+
+class TestDoubleOptIn:
+    def test_subscribe_confirm_and_one_click_unsubscribe(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        url = settings.database_url
+        subscribe(client, "Camille.Martin+news@Example.org")
+
+        [mail] = smtp.wait_for(1)
+        assert mail["To"] == "Camille.Martin+news@example.org"
+        assert "Confirmez votre inscription" in mail["Subject"]
+        assert mail["Auto-Submitted"] == "auto-generated"
+        assert mail["Message-ID"].startswith("<")
+        assert mail["Date"]
+        assert mail.get_body(preferencelist=("html",)) is not None
+        confirm_link = link_in(mail, "confirm")
+
+        # GET shows a button and changes nothing: a mail scanner may have fetched it.
+        page = client.get(confirm_link)
+        assert page.status_code == 200
+        assert '<form method="post"' in page.text
+        assert subscription(url, "camille.martin+news@example.org").status == "pending"
+
+        confirmed = client.post(confirm_link, headers=BROWSER)
+        assert confirmed.status_code == 200
+        assert "Inscription confirmée" in confirmed.text
+        row = subscription(url, "camille.martin+news@example.org")
+        assert row is not None
+        assert row.status == "confirmed"
+        assert row.confirmed_at is not None
+
+        # Asking to leave by address mails a link, with RFC 8058 headers.
+        asked = client.post(
+            "/v1/lists/bluehats/unsubscriptions", json={"email": "camille.martin+NEWS@example.org"}
+        )
+        assert asked.status_code == 202
+        [_, unsubscribe_mail] = smtp.wait_for(2)
+        assert unsubscribe_mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        one_click_url = unsubscribe_mail["List-Unsubscribe"].strip("<>")
+        one_click_path = one_click_url.removeprefix("http://testserver")
+        assert one_click_path == link_in(unsubscribe_mail, "unsubscribe")
+
+        # What a mail provider sends for a one-click unsubscribe: no cookies, form body.
+        done = client.post(
+            one_click_path,
+            content=b"List-Unsubscribe=One-Click",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            follow_redirects=False,
+        )
+        assert done.status_code == 200
+        assert "location" not in done.headers
+        assert subscription(url, "camille.martin+news@example.org").status == "unsubscribed"
+
+        events = ledger(url)
+        assert [(e.action, e.status_after, e.source) for e in events] == [
+            ("subscribe_requested", "pending", "api"),
+            ("confirmed", "confirmed", "link"),
+            ("unsubscribe_requested", "confirmed", "api"),
+            ("unsubscribed", "unsubscribed", "one_click"),
+        ]
+        assert events[0].ip == "testclient"
+        assert events[0].user_agent == "Mozilla/5.0 (test browser)"
+        assert events[1].user_agent == "Mozilla/5.0 (test browser)"
+        assert all(e.consent_version == "2026-11" for e in events)
+        # A one-click unsubscribe sends no goodbye mail; nothing was sent twice.
+        wait_until(lambda: count_rows(url, "outbox_job WHERE state = 'done'") == 2)
+        assert len(smtp.messages) == 2
+
+    def test_form_post_redirects_to_the_thank_you_page(self, client: TestClient) -> None:
+        response = client.post(
+            "/v1/lists/bluehats/subscriptions",
+            data={"email": "form@example.org"},
+            headers={"accept-language": "en"},
+            follow_redirects=False,
+        )
+        assert response.status_code == 303
+        assert response.headers["location"] == "http://testserver/v1/lists/bluehats/thanks?lang=en"
+        page = client.get("/v1/lists/bluehats/thanks?lang=en")
+        assert page.status_code == 200
+        assert "Check your inbox" in page.text
+
+    def test_form_post_goes_to_the_configured_thank_you_url(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[
+                {
+                    "slug": "bluehats",
+                    "name": "Gazette BlueHats",
+                    "thank_you_url": "https://code.gouv.fr/merci",
+                }
+            ],
+        )
+        with TestClient(create_app(settings)) as client:
+            response = client.post(
+                "/v1/lists/bluehats/subscriptions",
+                data={"email": "form@example.org"},
+                follow_redirects=False,
+            )
+        assert response.status_code == 303
+        assert response.headers["location"] == "https://code.gouv.fr/merci"
+
+    def test_unknown_list_is_404(self, client: TestClient) -> None:
+        response = client.post("/v1/lists/nope/subscriptions", json={"email": "a@example.org"})
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": "list_not_found",
+            "detail": "No mailing list has this name.",
+        }
+
+
+class TestNoEnumeration:
+    def _answers(self, client: TestClient, path: str, email: str) -> tuple[int, list, bytes]:
+        response = client.post(path, json={"email": email})
+        headers = sorted((k, v) for k, v in response.headers.items() if k != "date")
+        return response.status_code, headers, response.content
+
+    def test_subscribe_answers_are_identical_for_every_state(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        path = "/v1/lists/bluehats/subscriptions"
+        new = self._answers(client, path, "new@example.org")
+        subscribe(client, "pending@example.org")
+        subscribe(client, "confirmed@example.org")
+        subscribe(client, "unsubscribed@example.org")
+        for email in ("confirmed@example.org", "unsubscribed@example.org"):
+            client.post(link_in(smtp.mail_to(email, link="confirm"), "confirm"))
+        client.post(
+            "/v1/lists/bluehats/unsubscriptions", json={"email": "unsubscribed@example.org"}
+        )
+        unsubscribe_mail = smtp.mail_to("unsubscribed@example.org", link="unsubscribe")
+        client.post(link_in(unsubscribe_mail, "unsubscribe"))
+        assert subscription(settings.database_url, "unsubscribed@example.org").status == (
+            "unsubscribed"
+        )
+
+        answers = [
+            new,
+            self._answers(client, path, "pending@example.org"),
+            self._answers(client, path, "confirmed@example.org"),
+            self._answers(client, path, "unsubscribed@example.org"),
+        ]
+        assert all(answer == answers[0] for answer in answers), answers
+        assert answers[0][0] == 202
+
+        leave = "/v1/lists/bluehats/unsubscriptions"
+        leave_answers = [
+            self._answers(client, leave, email)
+            for email in ("nobody@example.org", "pending@example.org", "confirmed@example.org")
+        ]
+        assert all(answer == leave_answers[0] for answer in leave_answers)
+
+
+class TestResubscribing:
+    def test_pending_address_gets_at_most_one_mail_per_interval(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        for _ in range(5):
+            subscribe(client, "again@example.org")
+        wait_until(lambda: count_rows(settings.database_url, "outbox_job WHERE state='done'") == 1)
+        assert len(smtp.messages) == 1
+        assert count_rows(settings.database_url, "subscription") == 1
+
+    def test_pending_address_gets_a_new_mail_after_the_interval(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(database_url, smtp_port=smtp.port, resend_interval="0s")
+        with TestClient(create_app(settings)) as client:
+            subscribe(client, "again@example.org")
+            subscribe(client, "again@example.org")
+            first, second = smtp.wait_for(2)
+            # Both links work until one is used; then the other is spent.
+            assert link_in(first, "confirm") != link_in(second, "confirm")
+            assert client.post(link_in(second, "confirm")).status_code == 200
+            assert client.post(link_in(first, "confirm")).status_code == 409
+
+    def test_confirmed_address_gets_an_already_subscribed_note(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        subscribe(client, "member@example.org", locale="en")
+        [mail] = smtp.wait_for(1)
+        client.post(link_in(mail, "confirm"))
+        subscribe(client, "member@example.org")
+        note = smtp.wait_for(2)[1]
+        assert note["Subject"] == "You are already subscribed to Gazette BlueHats"
+        assert "/v1/unsubscribe/" in text_of(note)
+        assert "/v1/confirm/" not in text_of(note)
+
+    def test_unsubscribed_address_starts_a_new_double_opt_in(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        subscribe(client, "back@example.org")
+        client.post(link_in(smtp.wait_for(1)[0], "confirm"))
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "back@example.org"})
+        client.post(link_in(smtp.wait_for(2)[1], "unsubscribe"))
+        goodbye = smtp.wait_for(3)[2]
+        assert "désinscrit" in goodbye["Subject"]
+        row = subscription(settings.database_url, "back@example.org")
+        assert row is not None
+        assert row.status == "unsubscribed"
+
+        subscribe(client, "back@example.org")
+        fresh = smtp.wait_for(4)[3]
+        assert "Confirmez" in fresh["Subject"]
+        row = subscription(settings.database_url, "back@example.org")
+        assert row is not None
+        assert row.status == "pending"
+        assert client.post(link_in(fresh, "confirm")).status_code == 200
+        row = subscription(settings.database_url, "back@example.org")
+        assert row is not None
+        assert row.status == "confirmed"
+
+
+class TestLinks:
+    def test_unknown_token_is_404_json_and_page(self, client: TestClient) -> None:
+        response = client.post("/v1/confirm/not-a-token", headers={"accept": "application/json"})
+        assert response.status_code == 404
+        assert response.json()["error"] == "token_not_found"
+        page = client.get("/v1/confirm/not-a-token")
+        assert page.status_code == 404
+        assert page.headers["content-type"].startswith("text/html")
+
+    def test_expired_token_is_410_with_a_way_to_ask_again(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        subscribe(client, "late@example.org")
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        engine = make_engine(settings.database_url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE token SET expires_at = :past"),
+                {"past": "2000-01-01 00:00:00+00:00"},
+            )
+        engine.dispose()
+        response = client.post(link, headers={"accept": "application/json"})
+        assert response.status_code == 410
+        assert response.json()["error"] == "token_expired"
+        page = client.get(link)
+        assert page.status_code == 410
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in page.text
+        assert subscription(settings.database_url, "late@example.org").status == "pending"
+
+    def test_an_unsubscribe_link_works_twice(self, client: TestClient, smtp: SmtpSink) -> None:
+        subscribe(client, "twice@example.org")
+        client.post(link_in(smtp.wait_for(1)[0], "confirm"))
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "twice@example.org"})
+        link = link_in(smtp.wait_for(2)[1], "unsubscribe")
+        accept = {"accept": "application/json"}
+        assert client.post(link, headers=accept).json()["status"] == "unsubscribed"
+        assert client.post(link, headers=accept).json()["status"] == "unsubscribed"
+
+
+class TestMails:
+    def test_language_follows_accept_language_then_the_list_default(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        client.post(
+            "/v1/lists/bluehats/subscriptions",
+            json={"email": "en@example.org"},
+            headers={"accept-language": "en-GB,en;q=0.8"},
+        )
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "fr@example.org"})
+        mails = {m["To"]: m for m in smtp.wait_for(2)}
+        assert mails["en@example.org"]["Subject"] == "Confirm your subscription to Gazette BlueHats"
+        assert mails["en@example.org"]["Content-Language"] == "en"
+        assert mails["fr@example.org"]["Content-Language"] == "fr"
+
+    def test_internationalized_address_is_accepted_and_mailed(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        subscribe(client, "josé@exämple.fr")
+        [mail] = smtp.wait_for(1)
+        assert smtp.envelopes[0].rcpt_tos == ["josé@exämple.fr"]
+        assert "josé@exämple.fr" in mail["To"]
+        assert subscription(settings.database_url, "josé@exämple.fr") is not None
+
+    def test_addresses_differing_only_by_case_are_one_subscriber_but_tags_are_kept(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        subscribe(client, "Ada@Example.org")
+        subscribe(client, "ada@example.org")
+        subscribe(client, "ada+tag@example.org")
+        smtp.wait_for(2)
+        assert count_rows(settings.database_url, "subscription") == 2
+        row = subscription(settings.database_url, "ada@example.org")
+        assert row is not None
+        assert row.email == "Ada@example.org"
+
+
+class TestRestart:
+    def test_a_pending_subscription_survives_a_restart(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        without_worker = make_settings(database_url, smtp_port=smtp.port, run_worker=False)
+        with TestClient(create_app(without_worker)) as client:
+            subscribe(client, "patient@example.org")
+        assert smtp.messages == []
+        engine = make_engine(database_url)
+        with Session(engine) as session:
+            [job] = session.exec(select(OutboxJob)).all()
+            assert job.state == JobState.PENDING
+        engine.dispose()
+
+        with TestClient(create_app(make_settings(database_url, smtp_port=smtp.port))) as client:
+            [mail] = smtp.wait_for(1)
+            response = client.post(link_in(mail, "confirm"), headers={"accept": "application/json"})
+            assert response.json() == {"status": "confirmed", "list": "bluehats"}
