@@ -16,10 +16,12 @@ from typing import Annotated, Literal
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    Discriminator,
     ConfigDict,
     Field,
     HttpUrl,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -106,7 +108,18 @@ class SmtpMailerSettings(BaseModel):
         return self
 
 
-MailerSettings = Annotated[FileMailerSettings | SmtpMailerSettings, Field(discriminator="kind")]
+def _mailer_kind(value: object) -> str | None:
+    # The file mailer is the default, so `NEWSLETTER_MAILER__DIRECTORY` alone is enough.
+    if isinstance(value, dict):
+        kind = value.get("kind", "file")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "kind", None)
+
+
+MailerSettings = Annotated[
+    Annotated[FileMailerSettings, Tag("file")] | Annotated[SmtpMailerSettings, Tag("smtp")],
+    Discriminator(_mailer_kind),
+]
 
 
 def _default_lists() -> list[ListSettings]:
