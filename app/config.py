@@ -6,18 +6,20 @@ lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from datetime import timedelta
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    Discriminator,
     ConfigDict,
+    Discriminator,
     Field,
     HttpUrl,
     SecretStr,
@@ -209,12 +211,18 @@ class Settings(BaseSettings):
         """The key for link tokens: configured, or kept in a local file for the embedded mode."""
         if self.secret_key is not None:
             return self.secret_key.get_secret_value().encode()
-        path = self.secret_key_file
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
-        return path.read_text().strip().encode()
+        return _key_from_file(self.secret_key_file.resolve())
+
+
+@cache
+def _key_from_file(path: Path) -> bytes:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created readable by the owner only, before the key is written into it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_urlsafe(48))
+    return path.read_text().strip().encode()
 
 
 class SettingsError(Exception):

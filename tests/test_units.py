@@ -1,0 +1,205 @@
+"""Small parts on their own: addresses, languages, mails, tokens."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlmodel import Session
+
+from app import addresses, tokens
+from app.config import Locale, Settings
+from app.errors import TokenExpired, TokenNotFound, TokenUsed
+from app.i18n import catalogue, negotiate
+from app.mails import MailKind, compose
+from app.models import MailingList, Subscription, Token, TokenPurpose, utcnow
+
+
+class TestAddresses:
+    def test_domain_is_lowercased_local_part_kept_and_key_case_folded(self) -> None:
+        address = addresses.parse("  Jean.Dupont+BlueHats@Exemple.GOUV.fr ")
+        assert address.email == "Jean.Dupont+BlueHats@exemple.gouv.fr"
+        assert address.key == "jean.dupont+bluehats@exemple.gouv.fr"
+
+    def test_internationalized_addresses_are_accepted(self) -> None:
+        assert addresses.parse("josé@exämple.fr").email == "josé@exämple.fr"
+        assert addresses.parse("用户@例子.广告").key == "用户@例子.广告"
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            "plain",
+            "a@b",
+            "a@localhost",
+            "two@@example.org",
+            "a@example.org\r\nBcc: victim@example.org",
+            "nul\x00@example.org",
+            "x" * 10_000 + "@example.org",
+            "<script>@example.org",
+            "a@[127.0.0.1]",
+        ],
+    )
+    def test_invalid_addresses_are_refused_with_a_message(self, raw: str) -> None:
+        with pytest.raises(addresses.InvalidAddress) as caught:
+            addresses.parse(raw)
+        assert str(caught.value)
+
+    def test_mask_hides_the_local_part(self) -> None:
+        assert addresses.mask("camille@example.org") == "c***@example.org"
+
+
+class TestLanguages:
+    @pytest.mark.parametrize(
+        ("header", "expected"),
+        [
+            (None, Locale.FR),
+            ("", Locale.FR),
+            ("en-GB,en;q=0.9", Locale.EN),
+            ("de-DE,de;q=0.9,en;q=0.5", Locale.EN),
+            ("en;q=0.4,fr;q=0.8", Locale.FR),
+            ("de, it", Locale.FR),
+            ("en;q=0", Locale.FR),
+            ("en;q=abc,fr", Locale.FR),
+        ],
+    )
+    def test_accept_language_picks_the_best_supported_language(
+        self, header: str | None, expected: Locale
+    ) -> None:
+        assert negotiate(header, default=Locale.FR) == expected
+
+    def test_catalogues_have_the_same_keys(self) -> None:
+        assert catalogue(Locale.FR).keys() == catalogue(Locale.EN).keys()
+
+
+class TestMails:
+    def test_confirmation_mail_has_the_expected_headers_and_parts(self) -> None:
+        mail = compose(
+            MailKind.CONFIRM,
+            locale=Locale.EN,
+            list_name="Gazette BlueHats",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="42.20261128.newsletter",
+            link="https://example.org/v1/confirm/abc",
+        )
+        message = mail.message
+        assert message["Message-ID"] == "<42.20261128.newsletter@code.gouv.fr>"
+        assert message["Auto-Submitted"] == "auto-generated"
+        assert message["Content-Language"] == "en"
+        assert message["Date"]
+        assert "List-Unsubscribe" not in message
+        text = message.get_body(preferencelist=("plain",))
+        html = message.get_body(preferencelist=("html",))
+        assert text is not None
+        assert html is not None
+        assert "https://example.org/v1/confirm/abc" in text.get_content()
+        assert 'href="https://example.org/v1/confirm/abc"' in html.get_content()
+
+    def test_a_list_name_with_line_breaks_cannot_add_headers(self) -> None:
+        mail = compose(
+            MailKind.CONFIRM,
+            locale=Locale.FR,
+            list_name="News\r\nBcc: victim@example.org",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.x",
+            link="https://example.org/v1/confirm/abc",
+        )
+        assert "Bcc" not in mail.message
+        assert "\n" not in mail.message["Subject"]
+
+    def test_a_recipient_with_line_breaks_is_refused(self) -> None:
+        with pytest.raises(ValueError, match=r"linefeed|carriage return|newline"):
+            compose(
+                MailKind.CONFIRM,
+                locale=Locale.FR,
+                list_name="News",
+                to="camille@example.org\r\nBcc: victim@example.org",
+                mail_from="BlueHats <bluehats@code.gouv.fr>",
+                message_key="1.x",
+                link="https://example.org/v1/confirm/abc",
+            )
+
+    def test_html_part_escapes_what_it_shows(self) -> None:
+        mail = compose(
+            MailKind.GOODBYE,
+            locale=Locale.FR,
+            list_name="<b>News</b>",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.x",
+            link=None,
+        )
+        html = mail.message.get_body(preferencelist=("html",))
+        assert html is not None
+        assert "<b>News</b>" not in html.get_content()
+        assert "&lt;b&gt;News&lt;/b&gt;" in html.get_content()
+
+
+class TestTokens:
+    def _subscription(self, session: Session) -> Subscription:
+        mailing_list = MailingList(
+            slug="t", name="T", default_locale="fr", consent_version="1", confirm_ttl_seconds=60
+        )
+        session.add(mailing_list)
+        session.flush()
+        assert mailing_list.id is not None
+        subscription = Subscription(
+            list_id=mailing_list.id,
+            email="a@example.org",
+            email_key="a@example.org",
+            status="pending",
+            locale="fr",
+            consent_version="1",
+        )
+        session.add(subscription)
+        session.flush()
+        return subscription
+
+    def test_only_a_hash_is_stored_and_the_link_finds_the_token(self, engine: object) -> None:
+        key = Settings(secret_key="k").token_key()
+        now = utcnow()
+        with Session(engine) as session:  # type: ignore[call-overload]
+            subscription = self._subscription(session)
+            token = tokens.issue(
+                session,
+                subscription=subscription,
+                purpose=TokenPurpose.CONFIRM,
+                key=key,
+                now=now,
+                ttl=timedelta(hours=1),
+            )
+            session.flush()
+            secret = tokens.secret_for(token, key=key)
+            assert secret not in token.token_hash
+            assert token.token_hash == tokens.hash_of(secret)
+            found = tokens.lookup(session, secret=secret, purpose=TokenPurpose.CONFIRM, now=now)
+            assert found.id == token.id
+            # The same secret is no unsubscribe token, and another key gives another link.
+            with pytest.raises(TokenNotFound):
+                tokens.lookup(session, secret=secret, purpose=TokenPurpose.UNSUBSCRIBE, now=now)
+            assert tokens.secret_for(token, key=b"other") != secret
+            with pytest.raises(TokenNotFound):
+                tokens.lookup(session, secret="x" * 65, purpose=TokenPurpose.CONFIRM, now=now)
+            with pytest.raises(TokenExpired):
+                tokens.lookup(
+                    session,
+                    secret=secret,
+                    purpose=TokenPurpose.CONFIRM,
+                    now=now + timedelta(hours=2),
+                )
+            token.used_at = now
+            with pytest.raises(TokenUsed):
+                tokens.lookup(session, secret=secret, purpose=TokenPurpose.CONFIRM, now=now)
+            session.rollback()
+
+    def test_token_rows_never_hold_the_link_secret(self) -> None:
+        assert {column.name for column in Token.__table__.columns} == {  # type: ignore[attr-defined]
+            "id",
+            "subscription_id",
+            "purpose",
+            "token_hash",
+            "created_at",
+            "expires_at",
+            "used_at",
+        }
