@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app import db, lists, migrations
+from app import db, lists, logs, migrations
 from app.api import handlers, health, public
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
@@ -38,6 +38,7 @@ def _form_targets(settings: Settings) -> list[str]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    logs.install_redaction()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -203,3 +203,24 @@ class TestTokens:
             "expires_at",
             "used_at",
         }
+
+
+class TestLogs:
+    def test_token_paths_are_redacted_from_access_log_lines(self) -> None:
+        import logging
+
+        from app.logs import RedactTokens
+
+        record = logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            __file__,
+            1,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:1", "POST", "/v1/confirm/AbC-_123?lang=fr", "1.1", 200),
+            None,
+        )
+        RedactTokens().filter(record)
+        line = record.getMessage()
+        assert "AbC-_123" not in line
+        assert "/v1/confirm/<redacted>?lang=fr" in line
