@@ -29,8 +29,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+# A sign is accepted so that "-5m" fails as negative rather than as unreadable.
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -102,6 +104,8 @@ class SmtpMailerSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     timeout: Annotated[float, Field(gt=0)] = 30.0
+    # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
+    ca_file: Path | None = None
 
     @model_validator(mode="after")
     def _credentials_go_together(self) -> SmtpMailerSettings:
@@ -229,12 +233,30 @@ class SettingsError(Exception):
     """Settings could not be read; the message names each bad variable."""
 
 
+# The tags pydantic puts in an error's location for the mailer union: no variable has them.
+_MAILER_KINDS = frozenset({"file", "smtp"})
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The variable an error is about: `NEWSLETTER_MAILER__HOST`, `NEWSLETTER_LISTS[0].slug`."""
+    field, *rest = loc
+    if field == "mailer" and rest and rest[0] in _MAILER_KINDS:
+        rest = rest[1:]
+    name = f"NEWSLETTER_{str(field).upper()}"
+    if any(isinstance(part, int) for part in rest):
+        # Inside a JSON list: name the variable, then the place in its value.
+        return name + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in rest)
+    return "__".join([name, *(str(part).upper() for part in rest)])
+
+
 def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as e:
-        lines = []
-        for error in e.errors():
-            where = "__".join(str(part) for part in error["loc"]).upper()
-            lines.append(f"  NEWSLETTER_{where}: {error['msg']}")
+        lines = [f"  {_variable(error['loc'])}: {error['msg']}" for error in e.errors()]
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from e
+    except PydanticSettingsError as e:
+        # A list or nested value that is not JSON; pydantic-settings names only the field.
+        match = re.search(r'field "(\w+)"', str(e))
+        name = f"NEWSLETTER_{match[1].upper()}" if match else "a NEWSLETTER_* variable"
+        raise SettingsError(f"invalid settings:\n  {name}: not valid JSON ({e.__cause__})") from e

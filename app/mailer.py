@@ -74,15 +74,21 @@ class SmtpMailer:
     def __init__(self, settings: SmtpMailerSettings) -> None:
         self.settings = settings
 
+    def _tls(self) -> ssl.SSLContext:
+        ca_file = self.settings.ca_file
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
         if s.security == SmtpSecurity.SSL:
-            return smtplib.SMTP_SSL(
-                s.host, s.port, timeout=s.timeout, context=ssl.create_default_context()
-            )
+            return smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=self._tls())
         client = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
         if s.security == SmtpSecurity.STARTTLS:
-            client.starttls(context=ssl.create_default_context())
+            try:
+                client.starttls(context=self._tls())
+            except BaseException:
+                client.close()
+                raise
         return client
 
     def send(self, mail: OutgoingMail) -> str:
@@ -104,8 +110,11 @@ class SmtpMailer:
                 raise PermanentMailError(f"message refused: {e.smtp_code} {e.smtp_error!r}") from e
             raise RetryableMailError(f"message deferred: {e.smtp_code} {e.smtp_error!r}") from e
         except smtplib.SMTPNotSupportedError as e:
-            # An internationalized address to a server without SMTPUTF8 will never go through.
-            raise PermanentMailError(f"server cannot carry this mail: {e}") from e
+            # An internationalized address to a server without SMTPUTF8 will never go
+            # through; a missing AUTH or STARTTLS is the relay's settings, fixable later.
+            if "SMTPUTF8" in str(e):
+                raise PermanentMailError(f"server cannot carry this mail: {e}") from e
+            raise RetryableMailError(f"server does not support what is configured: {e}") from e
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             raise RetryableMailError(f"{type(e).__name__}: {e}") from e
 
