@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from alembic.config import Config
@@ -30,8 +31,10 @@ def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(config(database_url), revision)
 
 
-def head_revision(database_url: str) -> str | None:
-    return ScriptDirectory.from_config(config(database_url)).get_current_head()
+@cache
+def head_revision() -> str | None:
+    """The latest revision among the migration scripts (read once: they ship with the code)."""
+    return ScriptDirectory.from_config(config("sqlite://")).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:

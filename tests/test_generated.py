@@ -46,7 +46,7 @@ class TestMigrations:
         assert tables == set()
         migrations.upgrade(url)
         engine = sa.create_engine(url)
-        assert migrations.current_revision(engine) == migrations.head_revision(url)
+        assert migrations.current_revision(engine) == migrations.head_revision()
         engine.dispose()
 
     def test_models_and_migrations_do_not_differ(self, tmp_path: Path) -> None:

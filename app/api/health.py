@@ -30,7 +30,6 @@ def healthz() -> Health:
 )
 def readyz(request: Request) -> JSONResponse:
     """The database answers and its schema is at the latest migration."""
-    settings = request.app.state.settings
     engine = request.app.state.engine
     try:
         db.ping(engine)
@@ -41,7 +40,7 @@ def readyz(request: Request) -> JSONResponse:
             {"error": "database_unavailable", "detail": "The database does not answer."},
             status_code=503,
         )
-    head = migrations.head_revision(settings.database_url)
+    head = migrations.head_revision()
     if current != head:
         return JSONResponse(
             {"error": "migrations_pending", "detail": f"Schema at {current}, expected {head}."},
