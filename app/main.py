@@ -45,6 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = db.make_engine(settings.database_url)
         if settings.auto_migrate:
             await run_in_threadpool(migrations.upgrade, settings.database_url)
+        current = await run_in_threadpool(migrations.current_revision, engine)
+        if current != migrations.head_revision():
+            engine.dispose()
+            raise RuntimeError(
+                f"database schema is at {current}, this release needs "
+                f"{migrations.head_revision()}: run `newsletter migrate`"
+            )
         with db.session_scope(engine) as session:
             lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
         worker = None
