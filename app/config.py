@@ -201,6 +201,19 @@ class Settings(BaseSettings):
             raise ValueError("durations must not be negative")
         return value
 
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Settings:
+        # A lease that ends while a slow send is still running lets another worker send too.
+        mailer = self.mailer
+        if isinstance(mailer, SmtpMailerSettings) and (
+            self.job_lease.total_seconds() < 2 * mailer.timeout
+        ):
+            raise ValueError(
+                "job_lease must be at least twice the SMTP timeout "
+                f"({mailer.timeout:g}s), or a slow send could be made twice"
+            )
+        return self
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite:")

@@ -128,7 +128,8 @@ def _start_opt_in(
     key: bytes,
     now: datetime,
 ) -> None:
-    tokens.retire(session, subscription_id=_id(subscription), purpose=TokenPurpose.CONFIRM, now=now)
+    # Earlier links stay valid until they expire, so whichever mail the visitor opens
+    # works; confirming retires them all.
     token = tokens.issue(
         session,
         subscription=subscription,

@@ -45,7 +45,7 @@ class Outcome:
 
 
 def _worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Worker:
@@ -124,22 +124,26 @@ class Worker:
             )
         if not claimed:
             return 0
-        futures: list[tuple[outbox.ClaimedJob, Future[None]]] = [
+        futures: list[tuple[outbox.ClaimedJob, Future[bool]]] = [
             (job, self._pool.submit(self._run_job, job)) for job in claimed
         ]
         not_started = []
         for job, future in futures:
-            if self._stop.is_set() and future.cancel():
+            # A job not begun when the stop came is given back: cancelled here, or, as the
+            # pool usually takes the next job before this loop can cancel it, turned away by
+            # `_run_job` itself.
+            if (self._stop.is_set() and future.cancel()) or not future.result():
                 not_started.append(job.id)
-                continue
-            future.result()
         if not_started:
             with db.session_scope(self.engine) as session:
                 outbox.release(session, job_ids=not_started, worker=self.name, now=self.now())
             log.info("worker.released count=%d", len(not_started))
         return len(claimed) - len(not_started)
 
-    def _run_job(self, job: outbox.ClaimedJob) -> None:
+    def _run_job(self, job: outbox.ClaimedJob) -> bool:
+        """Run the job and record its outcome; false if not started because of a stop."""
+        if self._stop.is_set():
+            return False
         started_at = self.now()
         try:
             outcome = self._dispatch(job)
@@ -147,7 +151,7 @@ class Worker:
             outcome = Outcome(response=f"skipped: {e}")
         except MailError as e:
             self._failed(job, error=str(e), retryable=e.retryable, started_at=started_at)
-            return
+            return True
         except Exception as e:
             # A bug, not a delivery failure: keep the job (retry later) and say so loudly.
             log.exception("job.crashed id=%s kind=%s", job.id, job.kind)
@@ -157,7 +161,7 @@ class Worker:
                 retryable=True,
                 started_at=started_at,
             )
-            return
+            return True
         with db.session_scope(self.engine) as session:
             outbox.finish(
                 session,
@@ -168,6 +172,7 @@ class Worker:
                 response=outcome.response,
             )
         log.info("job.done id=%s kind=%s attempt=%d", job.id, job.kind, job.attempt)
+        return True
 
     def _failed(
         self, job: outbox.ClaimedJob, *, error: str, retryable: bool, started_at: datetime

@@ -202,3 +202,44 @@ def count_rows(url: str, table: str) -> int:
         value = connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one()
     engine.dispose()
     return int(value)
+
+
+class LiveServer:
+    """The app served by a real uvicorn on a loopback port, in a background thread.
+
+    `with LiveServer(create_app(settings)) as base_url:` runs the lifespan (engine, worker),
+    and on exit asks uvicorn to stop and waits for its thread.
+    """
+
+    def __init__(self, app: Any, *, timeout: float = 15.0) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.timeout = timeout
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, name=f"uvicorn-{self.port}", daemon=True
+        )
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(), timeout=self.timeout
+        )
+        if not self.server.started:
+            pytest.fail("uvicorn did not start")
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=self.timeout)
+        if self.thread.is_alive():
+            pytest.fail(f"uvicorn did not stop within {self.timeout}s")

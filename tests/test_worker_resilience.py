@@ -1,0 +1,439 @@
+"""The worker delivers every queued mail exactly once, whatever SMTP or the process does.
+
+Real parts only: aiosmtpd servers on loopback, a TCP tarpit, a `newsletter worker` process
+killed with SIGKILL, and the database the suite runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sysconfig
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from aiosmtpd.controller import Controller
+from fastapi.testclient import TestClient
+from sqlmodel import col, select
+
+from app import db
+from app.config import Settings, SmtpMailerSettings
+from app.mailer import make_mailer
+from app.main import create_app
+from app.models import AttemptOutcome, DeliveryAttempt, JobState, OutboxJob
+from app.worker import Worker
+from tests.conftest import (
+    SECRET,
+    SmtpSink,
+    free_port,
+    make_settings,
+    start_smtp,
+    wait_until,
+)
+
+NEWSLETTER = Path(sysconfig.get_path("scripts")) / "newsletter"
+
+
+# Reading the outbox -----------------------------------------------------------------------
+
+
+def jobs(engine: sa.Engine) -> list[OutboxJob]:
+    with db.session_scope(engine) as session:
+        return list(session.exec(select(OutboxJob).order_by(col(OutboxJob.id))).all())
+
+
+def only_job(engine: sa.Engine) -> OutboxJob:
+    [job] = jobs(engine)
+    return job
+
+
+def attempts(engine: sa.Engine) -> list[DeliveryAttempt]:
+    with db.session_scope(engine) as session:
+        query = select(DeliveryAttempt).order_by(col(DeliveryAttempt.id))
+        return list(session.exec(query).all())
+
+
+def all_in(engine: sa.Engine, state: JobState, count: int) -> bool:
+    rows = jobs(engine)
+    return len(rows) == count and all(job.state == state for job in rows)
+
+
+def settle() -> None:
+    """Leave a worker polling every 0.05 s ten rounds to send anything it would send twice."""
+    time.sleep(0.5)
+
+
+# Queuing mails ----------------------------------------------------------------------------
+
+
+def subscribe(client: TestClient, email: str) -> None:
+    response = client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
+    assert response.status_code == 202, response.text
+
+
+def queue_confirmations(database_url: str, emails: list[str]) -> None:
+    """Subscribe through the API with no worker running: the mails wait in the outbox."""
+    settings = make_settings(database_url, smtp_port=free_port(), run_worker=False)
+    with TestClient(create_app(settings)) as client:
+        for email in emails:
+            subscribe(client, email)
+
+
+@contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop(timeout=15)
+
+
+def worker_for(engine: sa.Engine, settings: Settings, *, name: str) -> Worker:
+    return Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name=name)
+
+
+# SMTP servers that misbehave --------------------------------------------------------------
+
+
+class RefusingSink(SmtpSink):
+    """A real SMTP server answering every RCPT TO with one fixed reply (e.g. 550 or 451)."""
+
+    def __init__(self, *, port: int, reply: str) -> None:
+        super().__init__(host="127.0.0.1", port=port)
+        self.reply = reply
+        self.rcpt_count = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        with self.lock:
+            self.rcpt_count += 1
+        return self.reply
+
+
+class SlowSink(SmtpSink):
+    """A real SMTP server that takes `delay` seconds to accept each message."""
+
+    def __init__(self, *, port: int, delay: float) -> None:
+        super().__init__(host="127.0.0.1", port=port)
+        self.delay = delay
+        self.data_started = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_started.set()
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@contextmanager
+def serving(sink: SmtpSink) -> Iterator[SmtpSink]:
+    controller = Controller(sink, hostname=sink.host, port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+class Tarpit:
+    """A loopback TCP server that accepts connections and never says a word."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        for connection in self.accepted:
+            connection.close()
+        self.listener.close()
+
+
+def worker_process(
+    database_url: str, *, smtp_port: int, cwd: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """`newsletter worker` as production runs it, configured by environment only."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY=SECRET,
+        NEWSLETTER_MAILER__KIND="smtp",
+        NEWSLETTER_MAILER__HOST="127.0.0.1",
+        NEWSLETTER_MAILER__PORT=str(smtp_port),
+        NEWSLETTER_MAILER__SECURITY="none",
+        NEWSLETTER_JOB_LEASE="2s",
+        # The lease must outlast a send (settings check it): the tarpit holds for 1 s at most.
+        NEWSLETTER_MAILER__TIMEOUT="1",
+        NEWSLETTER_WORKER_POLL_INTERVAL="0.05",
+        NEWSLETTER_AUTO_MIGRATE="false",
+    )
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [str(NEWSLETTER), "worker"], env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT
+        )
+
+
+# Scenarios --------------------------------------------------------------------------------
+
+
+class TestNormalPath:
+    def test_one_request_sends_one_mail_in_one_attempt(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        with TestClient(create_app(make_settings(database_url, smtp_port=smtp.port))) as client:
+            subscribe(client, "once@example.org")
+            wait_until(lambda: all_in(engine, JobState.DONE, 1))
+            settle()
+        assert [message["To"] for message in smtp.messages] == ["once@example.org"]
+        job = only_job(engine)
+        assert job.attempts == 1
+        assert job.leased_by is None
+        assert job.last_error is None
+        [attempt] = attempts(engine)
+        assert (attempt.job_id, attempt.attempt, attempt.outcome) == (
+            job.id,
+            1,
+            AttemptOutcome.SUCCESS,
+        )
+        assert attempt.response == f"accepted by 127.0.0.1:{smtp.port}"
+
+    def test_two_workers_sharing_the_queue_send_each_mail_once(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        emails = [f"reader{n}@example.org" for n in range(20)]
+        queue_confirmations(database_url, emails)
+        settings = make_settings(
+            database_url, smtp_port=smtp.port, worker_batch_size=3, worker_concurrency=2
+        )
+        with (
+            running(worker_for(engine, settings, name="worker-a")),
+            running(worker_for(engine, settings, name="worker-b")),
+        ):
+            wait_until(lambda: all_in(engine, JobState.DONE, 20), timeout=20)
+            settle()
+        assert Counter(message["To"] for message in smtp.messages) == Counter(emails)
+        assert {job.attempts for job in jobs(engine)} == {1}
+        rows = attempts(engine)
+        assert len(rows) == 20
+        assert {(row.attempt, row.outcome) for row in rows} == {(1, AttemptOutcome.SUCCESS)}
+
+
+class TestSmtpDown:
+    def test_mail_waits_for_the_smtp_server_and_is_delivered_once(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        port = free_port()  # nothing listens here until the server "comes back"
+        settings = make_settings(
+            database_url,
+            smtp_port=port,
+            retry_base_delay="0.1s",
+            retry_max_delay="0.3s",
+            job_max_attempts=100,
+        )
+        with TestClient(create_app(settings)) as client:
+            response = client.post(
+                "/v1/lists/bluehats/subscriptions", json={"email": "patient@example.org"}
+            )
+            assert response.status_code == 202
+
+            def waiting_after_retries() -> bool:
+                job = only_job(engine)
+                retries = [a for a in attempts(engine) if a.outcome == AttemptOutcome.RETRY]
+                return job.state == JobState.PENDING and len(retries) >= 2
+
+            wait_until(waiting_after_retries)
+            job = only_job(engine)
+            assert job.last_error is not None
+            assert "Connection refused" in job.last_error
+            assert job.leased_by is None
+            assert all(a.error and "Connection refused" in a.error for a in attempts(engine))
+
+            sink, controller = start_smtp(port)
+            try:
+                wait_until(lambda: all_in(engine, JobState.DONE, 1))
+                settle()
+            finally:
+                controller.stop()
+
+        assert [message["To"] for message in sink.messages] == ["patient@example.org"]
+        job = only_job(engine)
+        rows = attempts(engine)
+        retries = len(rows) - 1
+        assert retries >= 2
+        assert [row.outcome for row in rows] == [AttemptOutcome.RETRY] * retries + [
+            AttemptOutcome.SUCCESS
+        ]
+        assert [row.attempt for row in rows] == list(range(1, retries + 2))
+        assert job.attempts == retries + 1
+
+
+class TestWorkerKilled:
+    def test_job_of_a_killed_worker_is_delivered_once_after_its_lease_expires(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink, tmp_path: Path
+    ) -> None:
+        queue_confirmations(database_url, ["survivor@example.org"])
+        tarpit = Tarpit()
+        log = tmp_path / "worker.log"
+        process = worker_process(database_url, smtp_port=tarpit.port, cwd=tmp_path, log=log)
+        try:
+
+            def held_by_process() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(f"worker exited early:\n{log.read_text()}")
+                job = only_job(engine)
+                return (
+                    job.state == JobState.RUNNING
+                    and f":{process.pid}:" in (job.leased_by or "")
+                    and bool(tarpit.accepted)
+                )
+
+            wait_until(held_by_process, timeout=20)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+            tarpit.close()
+        assert process.returncode == -signal.SIGKILL
+
+        orphan = only_job(engine)
+        assert (orphan.state, orphan.attempts) == (JobState.RUNNING, 1)
+        assert orphan.lease_until is not None
+        assert attempts(engine) == []
+
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            job_lease="2s",
+            mailer=SmtpMailerSettings(host="127.0.0.1", port=smtp.port, security="none", timeout=1),
+        )
+        with running(worker_for(engine, settings, name="rescuer")):
+            wait_until(lambda: all_in(engine, JobState.DONE, 1), timeout=15)
+            settle()
+
+        assert [message["To"] for message in smtp.messages] == ["survivor@example.org"]
+        job = only_job(engine)
+        assert job.attempts == 2
+        [attempt] = attempts(engine)
+        assert (attempt.attempt, attempt.worker, attempt.outcome) == (
+            2,
+            "rescuer",
+            AttemptOutcome.SUCCESS,
+        )
+        # Taken only once the dead worker's lease had run out.
+        assert attempt.started_at >= orphan.lease_until
+
+
+class TestSmtpRefuses:
+    def test_recipient_refused_with_550_makes_the_job_dead_after_one_attempt(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        sink = RefusingSink(port=free_port(), reply="550 5.1.1 Mailbox does not exist")
+        with serving(sink):
+            settings = make_settings(database_url, smtp_port=sink.port)
+            with TestClient(create_app(settings)) as client:
+                subscribe(client, "gone@example.org")
+                wait_until(lambda: all_in(engine, JobState.DEAD, 1))
+                settle()
+        job = only_job(engine)
+        assert job.attempts == 1
+        assert job.last_error is not None
+        assert "550" in job.last_error
+        [attempt] = attempts(engine)
+        assert attempt.outcome == AttemptOutcome.DEAD
+        assert sink.rcpt_count == 1
+        assert sink.messages == []
+
+    def test_451_is_retried_and_dead_after_the_maximum_attempts(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        sink = RefusingSink(port=free_port(), reply="451 4.7.1 Greylisted, try again later")
+        with serving(sink):
+            settings = make_settings(
+                database_url,
+                smtp_port=sink.port,
+                job_max_attempts=3,
+                retry_base_delay="0.05s",
+                retry_max_delay="0.1s",
+            )
+            with TestClient(create_app(settings)) as client:
+                subscribe(client, "greylisted@example.org")
+                wait_until(lambda: all_in(engine, JobState.DEAD, 1))
+                settle()
+        job = only_job(engine)
+        assert job.attempts == 3
+        assert job.last_error is not None
+        assert "451" in job.last_error
+        rows = attempts(engine)
+        assert [(row.attempt, row.outcome) for row in rows] == [
+            (1, AttemptOutcome.RETRY),
+            (2, AttemptOutcome.RETRY),
+            (3, AttemptOutcome.DEAD),
+        ]
+        assert all(row.error and "451" in row.error for row in rows)
+        assert sink.rcpt_count == 3
+        assert sink.messages == []
+
+
+class TestGracefulStop:
+    def test_stop_finishes_the_mail_in_flight_and_gives_back_the_others(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        emails = ["first@example.org", "second@example.org", "third@example.org"]
+        queue_confirmations(database_url, emails)
+        sink = SlowSink(port=free_port(), delay=0.5)
+        settings = make_settings(
+            database_url, smtp_port=sink.port, worker_concurrency=1, worker_batch_size=5
+        )
+        with serving(sink):
+            worker = worker_for(engine, settings, name="stopping")
+            worker.start()
+            try:
+                assert sink.data_started.wait(timeout=10)
+            finally:
+                worker.stop(timeout=15)
+
+            # The mail in flight went out and its job is done; the others were given back
+            # untouched, and nothing is left running under a lease.
+            assert [message["To"] for message in sink.messages] == ["first@example.org"]
+            assert [(job.state, job.attempts, job.leased_by) for job in jobs(engine)] == [
+                (JobState.DONE, 1, None),
+                (JobState.PENDING, 0, None),
+                (JobState.PENDING, 0, None),
+            ]
+            assert [(a.attempt, a.outcome) for a in attempts(engine)] == [
+                (1, AttemptOutcome.SUCCESS)
+            ]
+
+            # Nothing was lost: the next worker sends the rest, once each.
+            with running(worker_for(engine, settings, name="next")):
+                wait_until(lambda: all_in(engine, JobState.DONE, 3))
+                settle()
+        assert sorted(message["To"] for message in sink.messages) == sorted(emails)
+        assert {job.attempts for job in jobs(engine)} == {1}
