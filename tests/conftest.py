@@ -231,9 +231,7 @@ class LiveServer:
 
     def __enter__(self) -> str:
         self.thread.start()
-        wait_until(
-            lambda: self.server.started or not self.thread.is_alive(), timeout=self.timeout
-        )
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=self.timeout)
         if not self.server.started:
             pytest.fail("uvicorn did not start")
         return f"http://127.0.0.1:{self.port}"

@@ -56,6 +56,9 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     if kind == JSON:
         try:
             data = json.loads(raw)
+        except RecursionError as e:
+            # `[[[[...` a few thousand deep fits under the body limit and exhausts the stack.
+            raise errors.InvalidBody("The body is nested too deeply.") from e
         except (UnicodeDecodeError, ValueError) as e:
             raise errors.InvalidBody("The body is not valid JSON.") from e
         if not isinstance(data, dict):
@@ -68,8 +71,11 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
                 max_num_fields=MAX_FORM_FIELDS,
                 errors="strict",
             )
-        except (UnicodeDecodeError, ValueError) as e:
+        except UnicodeDecodeError as e:
             raise errors.InvalidBody("The form is not valid UTF-8 url-encoded data.") from e
+        except ValueError as e:
+            # parse_qsl's only ValueError here: more than max_num_fields fields.
+            raise errors.InvalidBody(f"The form has more than {MAX_FORM_FIELDS} fields.") from e
         form: dict[str, str] = {}
         for name, value in pairs:
             form.setdefault(name, value)

@@ -63,7 +63,11 @@ async def one_click(request: Request) -> bool:
         return False
     raw = await request.body()
     if media_type(request) == FORM:
-        fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=50)
+        try:
+            fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=50)
+        except ValueError:
+            # Too many fields: no mail client's one-click POST; a plain button press then.
+            return False
         return "One-Click" in fields.get("List-Unsubscribe", [])
     return b"One-Click" in raw and b"List-Unsubscribe" in raw
 
@@ -183,6 +187,17 @@ def _page_locale(request: Request, stored: str) -> Locale:
     return parse_locale(request.query_params.get("lang")) or Locale(stored)
 
 
+def _result(target: subscriptions.Target) -> Response:
+    """The JSON answer of a link endpoint, already rendered.
+
+    A sync endpoint's model is validated by FastAPI in the thread pool *before* the session
+    dependency commits: under a burst of clicks every pool thread can be waiting for the
+    locks this transaction holds, and all stall until the database timeouts (30 s) fail.
+    """
+    result = ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+    return JSONResponse(result.model_dump())
+
+
 TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
 
 
@@ -192,11 +207,13 @@ TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, error
     response_model=ActionResult,
     responses={**_html_and_json("A page with one button that confirms."), **TOKEN_ERRORS},
 )
-def confirm_page(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Any:
+def confirm_page(
+    token: str, request: Request, session: SessionDep, settings: SettingsDep
+) -> Response:
     """Show the confirmation button. Changes nothing: mail scanners follow links."""
     target = subscriptions.confirmation_target(session, secret=token, now=utcnow())
     if not wants_html(request, default=True):
-        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+        return _result(target)
     locale = _page_locale(request, target.subscription.locale)
     t = Translator(locale)
     return pages.render(
@@ -215,7 +232,7 @@ def confirm_page(token: str, request: Request, session: SessionDep, settings: Se
     response_model=ActionResult,
     responses={**_html_and_json("The subscription is confirmed."), **TOKEN_ERRORS},
 )
-def confirm(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Any:
+def confirm(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Confirm a subscription (the button on the confirmation page)."""
     target = subscriptions.confirm(
         session,
@@ -225,7 +242,7 @@ def confirm(token: str, request: Request, session: SessionDep, settings: Setting
         now=utcnow(),
     )
     if not wants_html(request, default=True):
-        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+        return _result(target)
     locale = _page_locale(request, target.subscription.locale)
     t = Translator(locale)
     return pages.render(
@@ -244,11 +261,11 @@ def confirm(token: str, request: Request, session: SessionDep, settings: Setting
 )
 def unsubscribe_page(
     token: str, request: Request, session: SessionDep, settings: SettingsDep
-) -> Any:
+) -> Response:
     """Show the unsubscribe button. Changes nothing: mail scanners follow links."""
     target = subscriptions.unsubscription_target(session, secret=token, now=utcnow())
     if not wants_html(request, default=True):
-        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+        return _result(target)
     locale = _page_locale(request, target.subscription.locale)
     t = Translator(locale)
     return pages.render(
@@ -274,7 +291,7 @@ def unsubscribe(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-) -> Any:
+) -> Response:
     """Unsubscribe (the page's button, or an RFC 8058 one-click POST: 200, no redirect)."""
     target = subscriptions.unsubscribe(
         session,
@@ -285,7 +302,7 @@ def unsubscribe(
         send_goodbye=not is_one_click,
     )
     if not wants_html(request, default=True):
-        return ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
+        return _result(target)
     locale = _page_locale(request, target.subscription.locale)
     t = Translator(locale)
     return pages.render(

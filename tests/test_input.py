@@ -1,0 +1,533 @@
+"""Bad input gets a clear 4xx in the one error shape `{"error", "detail"}` and stores nothing.
+
+"Stores nothing" is measured on the rows a request can cause: subscriptions, consent-ledger
+events and outbox jobs. The unsubscribe-by-address endpoint is aimed at a confirmed member,
+the one case where a valid request would record an event and queue a mail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import LiveServer, SmtpSink, count_rows, link_in
+
+SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
+UNSUBSCRIBE = "/v1/lists/bluehats/unsubscriptions"
+STORED = ("subscription", "consent_event", "outbox_job")
+JSON_TYPE = {"content-type": "application/json"}
+FORM_TYPE = {"content-type": "application/x-www-form-urlencoded"}
+WANTS_JSON = {"accept": "application/json"}
+MEMBER = "member@example.org"
+
+
+def stored_rows(url: str) -> dict[str, int]:
+    return {table: count_rows(url, table) for table in STORED}
+
+
+def error_of(response: httpx.Response, status: int, code: str) -> str:
+    """Check the status and the one error shape; return the detail for further checks."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["detail"], str)
+    assert body["detail"].strip()
+    detail: str = body["detail"]
+    return detail
+
+
+def confirm_member(client: TestClient, smtp: SmtpSink, email: str) -> None:
+    assert client.post(SUBSCRIBE, json={"email": email}).status_code == 202
+    link = link_in(smtp.mail_to(email, link="confirm"), "confirm")
+    assert client.post(link, headers=WANTS_JSON).json()["status"] == "confirmed"
+
+
+@dataclass
+class Endpoint:
+    """A body-reading endpoint, the address a good request would act on, and the rows
+    stored before the bad request."""
+
+    path: str
+    email: str
+    url: str
+    before: dict[str, int]
+
+    def assert_nothing_stored(self) -> None:
+        assert stored_rows(self.url) == self.before
+
+
+@pytest.fixture(params=["subscribe", "unsubscribe"])
+def endpoint(
+    request: pytest.FixtureRequest, client: TestClient, smtp: SmtpSink, settings: Settings
+) -> Endpoint:
+    url = settings.database_url
+    if request.param == "subscribe":
+        assert stored_rows(url) == dict.fromkeys(STORED, 0)
+        return Endpoint(path=SUBSCRIBE, email="new@example.org", url=url, before=stored_rows(url))
+    confirm_member(client, smtp, MEMBER)
+    return Endpoint(path=UNSUBSCRIBE, email=MEMBER, url=url, before=stored_rows(url))
+
+
+@pytest.fixture
+def empty_database(settings: Settings) -> Iterator[str]:
+    """For subscribe-only cases: the database is empty before, and must be after."""
+    url = settings.database_url
+    assert stored_rows(url) == dict.fromkeys(STORED, 0)
+    yield url
+    assert stored_rows(url) == dict.fromkeys(STORED, 0)
+
+
+class TestTheCheckIsMeaningful:
+    def test_a_well_formed_request_to_the_same_endpoint_is_recorded(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        response = client.post(endpoint.path, json={"email": endpoint.email})
+        assert response.status_code == 202
+        after = stored_rows(endpoint.url)
+        assert after["consent_event"] == endpoint.before["consent_event"] + 1
+        assert after["outbox_job"] == endpoint.before["outbox_job"] + 1
+
+
+class TestUnreadableBodies:
+    def test_malformed_json_is_400_invalid_body(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        body = f'{{"email": "{endpoint.email}"'.encode()
+        response = client.post(endpoint.path, content=body, headers=JSON_TYPE)
+        detail = error_of(response, 400, "invalid_body")
+        assert "not valid JSON" in detail
+        endpoint.assert_nothing_stored()
+
+    def test_json_that_is_not_an_object_is_400(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        bodies = {
+            "array": f'["{endpoint.email}"]',
+            "string": f'"{endpoint.email}"',
+            "number": "42",
+            "null": "null",
+            "boolean": "true",
+        }
+        for kind, body in bodies.items():
+            with subtests.test(kind):
+                response = client.post(endpoint.path, content=body, headers=JSON_TYPE)
+                detail = error_of(response, 400, "invalid_body")
+                assert "must be a JSON object" in detail
+                endpoint.assert_nothing_stored()
+
+    def test_json_nested_thousands_deep_is_400_not_a_crash(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        # Fits under the body limit, but would exhaust the parser's recursion limit.
+        body = b'{"email": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        response = client.post(endpoint.path, content=body, headers=JSON_TYPE)
+        detail = error_of(response, 400, "invalid_body")
+        assert "nested too deeply" in detail
+        endpoint.assert_nothing_stored()
+
+    def test_form_body_that_is_not_utf8_is_400(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        bodies = {
+            "raw-byte": b"email=\xff@example.org",
+            "percent-encoded": b"email=%FF%FE@example.org",
+            "encoded-surrogate": b"email=%ED%A0%80@example.org",
+        }
+        for kind, body in bodies.items():
+            with subtests.test(kind):
+                response = client.post(endpoint.path, content=body, headers=FORM_TYPE)
+                detail = error_of(response, 400, "invalid_body")
+                assert "UTF-8" in detail
+                endpoint.assert_nothing_stored()
+
+    def test_form_with_too_many_fields_is_400(self, client: TestClient, endpoint: Endpoint) -> None:
+        fields = [f"email={endpoint.email}"] + [f"f{i}=x" for i in range(60)]
+        response = client.post(endpoint.path, content="&".join(fields), headers=FORM_TYPE)
+        detail = error_of(response, 400, "invalid_body")
+        assert "more than 50 fields" in detail
+        endpoint.assert_nothing_stored()
+
+
+class TestContentTypes:
+    def test_a_body_in_another_content_type_is_415(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        body = f'{{"email": "{endpoint.email}"}}'.encode()
+        for content_type in ("text/plain", "application/xml", "multipart/form-data; boundary=x"):
+            with subtests.test(content_type):
+                headers = {"content-type": content_type}
+                response = client.post(endpoint.path, content=body, headers=headers)
+                detail = error_of(response, 415, "unsupported_media_type")
+                assert "application/json" in detail
+                endpoint.assert_nothing_stored()
+        with subtests.test("no content type"):
+            response = client.post(endpoint.path, content=body)
+            assert "content-type" not in response.request.headers
+            error_of(response, 415, "unsupported_media_type")
+            endpoint.assert_nothing_stored()
+
+    def test_json_with_a_charset_parameter_is_read(
+        self, client: TestClient, settings: Settings
+    ) -> None:
+        response = client.post(
+            SUBSCRIBE,
+            content=b'{"email": "charset@example.org"}',
+            headers={"content-type": "Application/JSON; charset=utf-8"},
+        )
+        assert response.status_code == 202
+        assert count_rows(settings.database_url, "subscription") == 1
+
+
+class TestBodyLimit:
+    def test_a_body_over_the_limit_with_content_length_is_413(
+        self, client: TestClient, endpoint: Endpoint, settings: Settings
+    ) -> None:
+        padding = "x" * settings.max_body_bytes
+        response = client.post(endpoint.path, json={"email": endpoint.email, "pad": padding})
+        assert int(response.request.headers["content-length"]) > settings.max_body_bytes
+        detail = error_of(response, 413, "payload_too_large")
+        assert "too large" in detail
+        endpoint.assert_nothing_stored()
+
+    def test_a_streamed_body_over_the_limit_without_content_length_is_413(
+        self, client: TestClient, endpoint: Endpoint, settings: Settings
+    ) -> None:
+        def chunks() -> Iterator[bytes]:
+            yield f'{{"email": "{endpoint.email}", "pad": "'.encode()
+            for _ in range(settings.max_body_bytes // 1024 + 2):
+                yield b"x" * 1024
+            yield b'"}'
+
+        response = client.post(endpoint.path, content=chunks(), headers=JSON_TYPE)
+        assert "content-length" not in response.request.headers
+        assert response.request.headers["transfer-encoding"] == "chunked"
+        error_of(response, 413, "payload_too_large")
+        endpoint.assert_nothing_stored()
+
+    def test_a_streamed_body_over_the_limit_is_413_over_a_real_server(
+        self, settings: Settings, empty_database: str
+    ) -> None:
+        def chunks() -> Iterator[bytes]:
+            yield b'{"email": "stream@example.org", "pad": "'
+            for _ in range(settings.max_body_bytes // 1024 + 2):
+                yield b"x" * 1024
+            yield b'"}'
+
+        with (
+            LiveServer(create_app(settings)) as base_url,
+            httpx.Client(base_url=base_url, timeout=10, trust_env=False) as http,
+        ):
+            response = http.post(SUBSCRIBE, content=chunks(), headers=JSON_TYPE)
+        assert "content-length" not in response.request.headers
+        error_of(response, 413, "payload_too_large")
+
+
+CONTROL_CHARACTERS = {
+    "email-crlf-header-injection": {"email": "new@example.org\r\nBcc: victim@example.org"},
+    "email-lf": {"email": "new@example.org\n"},
+    "email-nul": {"email": "new\x00@example.org"},
+    "email-tab-inside": {"email": "new\t@example.org"},
+    "locale-crlf": {"email": "new@example.org", "locale": "fr\r\n"},
+    "locale-nul": {"email": "new@example.org", "locale": "fr\x00"},
+    "attribute-value-crlf": {"email": "new@example.org", "attributes": {"org": "DINUM\r\nX: y"}},
+    "attribute-value-nul": {"email": "new@example.org", "attributes": {"org": "DI\x00NUM"}},
+    "attribute-name-crlf": {"email": "new@example.org", "attributes": {"org\r\nx": "DINUM"}},
+    "attribute-name-nul": {"email": "new@example.org", "attributes": {"org\x00": "DINUM"}},
+}
+
+
+class TestSubscribeValidation:
+    def test_line_breaks_and_nul_in_any_field_are_422(
+        self, client: TestClient, empty_database: str, subtests: pytest.Subtests
+    ) -> None:
+        for name, payload in CONTROL_CHARACTERS.items():
+            with subtests.test(name):
+                detail = error_of(client.post(SUBSCRIBE, json=payload), 422, "validation_error")
+                field = name.split("-")[0]
+                assert detail.startswith(field), detail
+
+    def test_line_breaks_and_nul_in_a_form_post_are_422(
+        self, client: TestClient, empty_database: str, subtests: pytest.Subtests
+    ) -> None:
+        bodies = {
+            "email-crlf": "email=new%40example.org%0D%0ABcc%3A+victim%40example.org",
+            "email-nul": "email=new%00%40example.org",
+            "locale-crlf": "email=new%40example.org&locale=fr%0D%0A",
+        }
+        for name, body in bodies.items():
+            with subtests.test(name):
+                response = client.post(SUBSCRIBE, content=body, headers=FORM_TYPE)
+                detail = error_of(response, 422, "validation_error")
+                assert detail.startswith(name.split("-")[0]), detail
+
+    def test_an_unknown_locale_is_422(self, client: TestClient, empty_database: str) -> None:
+        response = client.post(SUBSCRIBE, json={"email": "new@example.org", "locale": "de"})
+        detail = error_of(response, 422, "validation_error")
+        assert detail.startswith("locale:")
+        assert "'fr'" in detail
+        assert "'en'" in detail
+
+    def test_too_many_attributes_is_422(self, client: TestClient, empty_database: str) -> None:
+        attributes = {f"a{i}": "x" for i in range(21)}
+        response = client.post(
+            SUBSCRIBE, json={"email": "new@example.org", "attributes": attributes}
+        )
+        detail = error_of(response, 422, "validation_error")
+        assert detail.startswith("attributes:")
+        assert "20" in detail
+
+    def test_twenty_attributes_are_accepted(self, client: TestClient, settings: Settings) -> None:
+        attributes = {f"a{i}": "x" for i in range(20)}
+        response = client.post(
+            SUBSCRIBE, json={"email": "new@example.org", "attributes": attributes}
+        )
+        assert response.status_code == 202
+        assert count_rows(settings.database_url, "subscription") == 1
+
+    def test_badly_named_or_oversized_attributes_are_422(
+        self, client: TestClient, empty_database: str, subtests: pytest.Subtests
+    ) -> None:
+        cases = {
+            "uppercase": {"Org": "x"},
+            "leading-digit": {"1org": "x"},
+            "dash": {"o-rg": "x"},
+            "name-too-long": {"a" * 64: "x"},
+            "value-too-long": {"org": "x" * 501},
+            "value-not-a-string": {"org": 1},
+            "not-an-object": ["org"],
+        }
+        for name, attributes in cases.items():
+            with subtests.test(name):
+                response = client.post(
+                    SUBSCRIBE, json={"email": "new@example.org", "attributes": attributes}
+                )
+                detail = error_of(response, 422, "validation_error")
+                assert detail.startswith("attributes")
+
+
+class TestAddressValidation:
+    """Both endpoints that take an address."""
+
+    def test_a_10000_character_address_is_422_too_long(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        address = "a" * (10_000 - len("@example.org")) + "@example.org"
+        response = client.post(endpoint.path, json={"email": address})
+        detail = error_of(response, 422, "validation_error")
+        assert detail.startswith("email:")
+        assert "at most 1000 characters" in detail
+        endpoint.assert_nothing_stored()
+
+    def test_an_address_over_254_characters_is_422_too_long(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        address = "a" * 243 + "@example.org"
+        assert len(address) == 255
+        response = client.post(endpoint.path, json={"email": address})
+        detail = error_of(response, 422, "validation_error")
+        assert detail == "email: The address is longer than 254 characters."
+        endpoint.assert_nothing_stored()
+
+    def test_control_characters_in_a_valid_address_are_422(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        local, domain = endpoint.email.split("@")
+        cases = {
+            "crlf-header-injection": f"{endpoint.email}\r\nBcc: victim@example.org",
+            "trailing-lf": f"{endpoint.email}\n",
+            "trailing-nul": f"{endpoint.email}\x00",
+            "nul-inside": f"{local}\x00@{domain}",
+            "del-inside": f"{local}\x7f@{domain}",
+        }
+        for name, email in cases.items():
+            with subtests.test(name):
+                response = client.post(endpoint.path, json={"email": email})
+                detail = error_of(response, 422, "validation_error")
+                assert detail == "email: The address contains control characters."
+                endpoint.assert_nothing_stored()
+        with subtests.test("form-crlf"):
+            body = f"email={local}%40{domain}%0D%0ABcc%3A+victim%40example.org"
+            response = client.post(endpoint.path, content=body, headers=FORM_TYPE)
+            error_of(response, 422, "validation_error")
+            endpoint.assert_nothing_stored()
+
+    def test_a_missing_email_is_422(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        cases = {
+            "empty-json": (JSON_TYPE, b"{}"),
+            "json-without-email": (JSON_TYPE, b'{"locale": "fr", "mail": "member@example.org"}'),
+            "empty-form": (FORM_TYPE, b""),
+            "form-without-email": (FORM_TYPE, b"locale=fr"),
+        }
+        for name, (headers, body) in cases.items():
+            with subtests.test(name):
+                response = client.post(endpoint.path, content=body, headers=headers)
+                detail = error_of(response, 422, "validation_error")
+                assert detail == "email: Field required"
+                endpoint.assert_nothing_stored()
+
+    def test_an_email_that_is_not_an_address_is_422(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        cases: dict[str, object] = {
+            "number": 42,
+            "null": None,
+            "list": [endpoint.email],
+            "object": {"address": endpoint.email},
+            "empty": "",
+            "no-at-sign": endpoint.email.replace("@", ""),
+            "two-at-signs": f"a@{endpoint.email}",
+        }
+        for name, email in cases.items():
+            with subtests.test(name):
+                response = client.post(endpoint.path, json={"email": email})
+                detail = error_of(response, 422, "validation_error")
+                assert detail.startswith("email:")
+                endpoint.assert_nothing_stored()
+
+    def test_a_browser_form_post_with_a_bad_address_gets_a_page_saying_why(
+        self, client: TestClient, empty_database: str
+    ) -> None:
+        response = client.post(
+            SUBSCRIBE,
+            content=b"email=not-an-address",
+            headers={**FORM_TYPE, "accept": "text/html,application/xhtml+xml"},
+            follow_redirects=False,
+        )
+        assert response.status_code == 422
+        assert response.headers["content-type"].startswith("text/html")
+        assert "email:" in response.text
+
+
+ODD_TOKENS = {
+    "overlong": "A" * 65,
+    "very-long": "A" * 4000,
+    "nul": "%00",
+    "nul-inside": "abc%00def",
+    "crlf-header-injection": "abc%0D%0ASet-Cookie:%20x=1",
+    "invalid-utf8": "%FF%FE",
+    "encoded-surrogate": "%ED%A0%80",
+    "rtl-override": "%E2%80%AEabc",
+    "emoji": "%F0%9F%92%A5",
+    "markup": "%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+    "sql": "'%20OR%20'1'='1",
+    "dot-dot": "..",
+    "encoded-slash": "..%2F..%2Fhealthz",
+    "space": "a%20b",
+}
+
+
+class TestOddTokens:
+    @pytest.mark.parametrize("link", ["confirm", "unsubscribe"])
+    def test_an_odd_token_is_404_for_every_method_and_format(
+        self, client: TestClient, empty_database: str, link: str, subtests: pytest.Subtests
+    ) -> None:
+        for name, token in ODD_TOKENS.items():
+            path = f"/v1/{link}/{token}"
+            for method in ("GET", "POST"):
+                with subtests.test(name, method=method):
+                    answer = client.request(method, path, headers=WANTS_JSON)
+                    assert answer.status_code == 404, answer.text
+                    assert answer.json()["error"] in ("token_not_found", "not_found")
+                    page = client.request(method, path, headers={"accept": "text/html"})
+                    assert page.status_code == 404, page.text
+                    assert page.headers["content-type"].startswith("text/html")
+                    assert "<script>" not in page.text
+            with subtests.test(name, method="one-click POST"):
+                one_click = client.post(
+                    path, content=b"List-Unsubscribe=One-Click", headers=FORM_TYPE
+                )
+                assert one_click.status_code == 404
+
+    def test_odd_tokens_are_404_over_a_real_server(
+        self, settings: Settings, empty_database: str
+    ) -> None:
+        with (
+            LiveServer(create_app(settings)) as base_url,
+            httpx.Client(base_url=base_url, timeout=10, trust_env=False) as http,
+        ):
+            answers = {
+                (name, link, method): http.request(method, f"/v1/{link}/{token}").status_code
+                for name, token in ODD_TOKENS.items()
+                for link in ("confirm", "unsubscribe")
+                for method in ("GET", "POST")
+            }
+        assert {key: status for key, status in answers.items() if status != 404} == {}
+
+    def test_a_confirm_token_does_not_unsubscribe(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        assert client.post(SUBSCRIBE, json={"email": "swap@example.org"}).status_code == 202
+        token = link_in(smtp.mail_to("swap@example.org", link="confirm"), "confirm").rsplit("/")[-1]
+        response = client.post(f"/v1/unsubscribe/{token}", headers=WANTS_JSON)
+        error_of(response, 404, "token_not_found")
+        assert count_rows(settings.database_url, "subscription WHERE status = 'pending'") == 1
+
+    def test_a_one_click_post_with_too_many_fields_is_not_a_crash(
+        self, client: TestClient, empty_database: str
+    ) -> None:
+        body = "&".join(["List-Unsubscribe=One-Click"] + [f"f{i}=x" for i in range(60)])
+        response = client.post("/v1/unsubscribe/abc", content=body, headers=FORM_TYPE)
+        assert response.status_code == 404
+
+
+class TestSecurityHeaders:
+    def _assert_page_headers(self, name: str, response: httpx.Response) -> None:
+        assert response.headers["content-type"].startswith("text/html"), name
+        csp = response.headers["content-security-policy"]
+        for directive in ("default-src 'none'", "frame-ancestors 'none'", "base-uri 'none'"):
+            assert directive in csp, (name, csp)
+        assert "script-src" not in csp, (name, csp)
+        assert "form-action 'self'" in csp, (name, csp)
+        assert response.headers["x-content-type-options"] == "nosniff", name
+        assert response.headers["referrer-policy"] == "no-referrer", name
+        assert response.headers["cache-control"] == "no-store", name
+
+    def test_every_v1_page_carries_csp_nosniff_no_referrer_and_no_store(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        confirm_member(client, smtp, MEMBER)
+        assert client.post(UNSUBSCRIBE, json={"email": MEMBER}).status_code == 202
+        unsubscribe_link = link_in(smtp.mail_to(MEMBER, link="unsubscribe"), "unsubscribe")
+        assert client.post(SUBSCRIBE, json={"email": "pending@example.org"}).status_code == 202
+        confirm_link = link_in(smtp.mail_to("pending@example.org", link="confirm"), "confirm")
+
+        pages = {
+            "confirm page": client.get(confirm_link),
+            "confirmed page": client.post(confirm_link, headers={"accept": "text/html"}),
+            "unsubscribe page": client.get(unsubscribe_link),
+            "unsubscribed page": client.post(unsubscribe_link, headers={"accept": "text/html"}),
+            "thanks page": client.get("/v1/lists/bluehats/thanks?lang=en"),
+            "unknown token page": client.get("/v1/confirm/unknown"),
+            "used token page": client.post(confirm_link, headers={"accept": "text/html"}),
+        }
+        statuses = {name: response.status_code for name, response in pages.items()}
+        assert statuses == {
+            "confirm page": 200,
+            "confirmed page": 200,
+            "unsubscribe page": 200,
+            "unsubscribed page": 200,
+            "thanks page": 200,
+            "unknown token page": 404,
+            "used token page": 409,
+        }
+        for name, response in pages.items():
+            self._assert_page_headers(name, response)
+
+    def test_json_answers_under_v1_are_not_cached_or_sniffed(
+        self, client: TestClient, empty_database: str
+    ) -> None:
+        response = client.post(SUBSCRIBE, json={"email": "bad"})
+        assert response.status_code == 422
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"

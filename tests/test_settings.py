@@ -1,0 +1,246 @@
+"""Settings from `NEWSLETTER_*` variables: bad values fail at start, naming the variable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from app.config import SettingsError, SmtpMailerSettings, load_settings
+
+NEWSLETTER_CLI = Path(sys.executable).parent / "newsletter"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No NEWSLETTER_* variable from the surrounding shell; no file written in the repo."""
+    for name in list(os.environ):
+        if name.startswith("NEWSLETTER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def settings_error() -> str:
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert message.startswith("invalid settings:")
+    return message
+
+
+def lists(*items: dict[str, object]) -> str:
+    return json.dumps(list(items))
+
+
+class TestBadValues:
+    def test_a_database_url_of_another_kind_names_the_variable_and_the_scheme(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "mysql://root@127.0.0.1/newsletter")
+        message = settings_error()
+        assert "NEWSLETTER_DATABASE_URL:" in message
+        assert "'mysql'" in message
+        assert "postgresql+psycopg://" in message
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            ("NEWSLETTER_RESEND_INTERVAL", "-5m"),
+            ("NEWSLETTER_JOB_LEASE", "-90"),
+            ("NEWSLETTER_RETRY_BASE_DELAY", "-PT30S"),
+            ("NEWSLETTER_RETRY_MAX_DELAY", "-1.5h"),
+        ],
+    )
+    def test_a_negative_duration_is_refused_as_negative(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        message = settings_error()
+        assert f"{variable}: Value error, durations must not be negative" in message
+
+    def test_a_duration_that_is_not_one_names_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "soon")
+        message = settings_error()
+        assert "NEWSLETTER_RESEND_INTERVAL:" in message
+        assert "timedelta" in message
+
+    def test_an_unknown_mailer_kind_lists_the_known_ones(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "sendgrid")
+        message = settings_error()
+        assert "NEWSLETTER_MAILER:" in message
+        assert "'sendgrid'" in message
+        assert "'file'" in message
+        assert "'smtp'" in message
+
+    def test_an_smtp_username_without_a_password_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
+        message = settings_error()
+        assert "NEWSLETTER_MAILER: Value error, SMTP username and password" in message
+        # The union's tag is no variable anyone could set.
+        assert "NEWSLETTER_MAILER__SMTP" not in message
+
+    def test_an_smtp_mailer_without_a_host_names_the_host_variable(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        message = settings_error()
+        assert "NEWSLETTER_MAILER__HOST: Field required" in message
+
+    def test_an_smtp_port_out_of_range_names_the_port_variable(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PORT", "99999")
+        message = settings_error()
+        assert "NEWSLETTER_MAILER__PORT:" in message
+        assert "65535" in message
+
+    def test_duplicate_list_slugs_are_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "A"}, {"slug": "bluehats", "name": "B"}),
+        )
+        message = settings_error()
+        assert "NEWSLETTER_LISTS: Value error, list slugs must be unique" in message
+        assert "repeated: bluehats" in message
+
+    @pytest.mark.parametrize("slug", ["Blue Hats", "bluehats/", "-bluehats", "", "a" * 64])
+    def test_a_list_with_an_invalid_slug_names_the_list_and_its_slug(
+        self, monkeypatch: pytest.MonkeyPatch, slug: str
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "A"}, {"slug": slug, "name": "B"}),
+        )
+        message = settings_error()
+        assert "NEWSLETTER_LISTS[1].slug:" in message
+        assert "pattern" in message
+
+    def test_a_list_with_a_negative_confirm_ttl_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "A", "confirm_ttl": "-1h"})
+        )
+        message = settings_error()
+        assert "NEWSLETTER_LISTS[0].confirm_ttl: Value error, confirm_ttl must be positive" in (
+            message
+        )
+
+    def test_lists_that_are_not_json_name_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_LISTS", "bluehats")
+        message = settings_error()
+        assert "NEWSLETTER_LISTS: not valid JSON" in message
+
+    def test_every_bad_variable_is_named_at_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "mongodb://127.0.0.1/x")
+        monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "-1m")
+        monkeypatch.setenv("NEWSLETTER_MAX_BODY_BYTES", "10")
+        message = settings_error()
+        for variable in (
+            "NEWSLETTER_DATABASE_URL",
+            "NEWSLETTER_RESEND_INTERVAL",
+            "NEWSLETTER_MAX_BODY_BYTES",
+        ):
+            assert f"  {variable}:" in message
+
+
+class TestGoodValues:
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            ("48h", timedelta(hours=48)),
+            ("5m", timedelta(minutes=5)),
+            ("90", timedelta(seconds=90)),
+            ("90s", timedelta(seconds=90)),
+            ("1.5h", timedelta(minutes=90)),
+            ("7d", timedelta(days=7)),
+            (" 10 m ", timedelta(minutes=10)),
+            ("0", timedelta(0)),
+            ("PT10M", timedelta(minutes=10)),
+            ("01:30:00", timedelta(minutes=90)),
+        ],
+    )
+    def test_durations_parse_to_the_right_timedelta(
+        self, monkeypatch: pytest.MonkeyPatch, value: str, expected: timedelta
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", value)
+        assert load_settings().resend_interval == expected
+
+    def test_a_lists_confirm_ttl_in_hours_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "Gazette", "confirm_ttl": "72h"}),
+        )
+        settings = load_settings()
+        [bluehats] = settings.lists
+        assert bluehats.confirm_ttl == timedelta(hours=72)
+
+    def test_an_smtp_mailer_is_read_from_nested_variables(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "127.0.0.1")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PORT", "2525")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", "s3cret")
+        mailer = load_settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert (mailer.host, mailer.port, mailer.username) == ("127.0.0.1", 2525, "bluehats")
+        assert mailer.password is not None
+        assert mailer.password.get_secret_value() == "s3cret"
+        assert "s3cret" not in repr(mailer)
+
+    def test_a_postgresql_url_gets_the_psycopg_driver(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "postgresql://postgres@127.0.0.1/news")
+        assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
+
+
+class TestCommandLine:
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            ("NEWSLETTER_DATABASE_URL", "mysql://root@127.0.0.1/newsletter"),
+            ("NEWSLETTER_LISTS", "bluehats"),
+            ("NEWSLETTER_MAILER__KIND", "carrier-pigeon"),
+        ],
+    )
+    def test_migrate_with_a_bad_setting_exits_2_naming_the_variable(
+        self, tmp_path: Path, variable: str, value: str
+    ) -> None:
+        assert NEWSLETTER_CLI.exists()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        environment[variable] = value
+        result = subprocess.run(
+            [str(NEWSLETTER_CLI), "migrate"],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert variable.split("__")[0] in result.stderr
+        assert "invalid settings:" in result.stderr
+        assert "Traceback" not in result.stderr
+        # Nothing was created next to the command: it stopped before touching a database.
+        assert list(tmp_path.iterdir()) == []
