@@ -7,6 +7,8 @@ and rolls back on error; domain code only flushes.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,8 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
+    _sqlite_writers[engine] = threading.Lock()
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
         # Take the write lock up front: a deferred transaction that reads and then writes
@@ -75,20 +79,37 @@ def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None =
     return session
 
 
+# SQLite has one writer at a time. Threads of this process queue on a lock instead of
+# polling SQLite's busy handler, whose growing sleeps made tail latency seconds long.
+_sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _one_writer(engine: Engine) -> Iterator[None]:
+    lock = _sqlite_writers.get(engine)
+    if lock is None:
+        yield
+        return
+    # A plain Lock: a request's session may be opened and closed on different threads.
+    with lock:
+        yield
+
+
 @contextmanager
 def session_scope(
     engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None
 ) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any error."""
-    session = new_session(engine, on_outbox_commit=on_outbox_commit)
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    with _one_writer(engine):
+        session = new_session(engine, on_outbox_commit=on_outbox_commit)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
 
 def ping(engine: Engine) -> None:

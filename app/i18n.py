@@ -30,8 +30,13 @@ class Translator:
 
 def negotiate(accept_language: str | None, *, default: Locale) -> Locale:
     """The best supported language in an `Accept-Language` header, else `default`."""
+    return preferred(accept_language) or default
+
+
+def preferred(accept_language: str | None) -> Locale | None:
+    """The best supported language in an `Accept-Language` header, if it names one."""
     if not accept_language:
-        return default
+        return None
     best: tuple[float, Locale] | None = None
     for position, part in enumerate(accept_language.split(",")[:20]):
         tag, _, params = part.strip().partition(";")
@@ -50,7 +55,7 @@ def negotiate(accept_language: str | None, *, default: Locale) -> Locale:
         score = quality - position * 1e-6
         if quality > 0 and (best is None or score > best[0]):
             best = (score, locale)
-    return best[1] if best else default
+    return best[1] if best else None
 
 
 def parse_locale(value: str | None) -> Locale | None:

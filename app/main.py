@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import db, lists, logs, migrations
 from app.api import handlers, health, public
+from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
 from app.middleware import BodyLimit, SecurityHeaders
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             worker.start()
         app.state.engine = engine
         app.state.worker = worker
+        app.state.database = Database(engine, on_outbox_commit=worker.wake if worker else None)
         log.info(
             "app.started database=%s worker=%s lists=%s",
             engine.dialect.name,
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = None
     app.state.worker = None
+    app.state.database = None
     handlers.install(app)
     app.include_router(public.router)
     app.include_router(health.router)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from app import addresses, errors, outbox, tokens
+from app import addresses, errors, lists, outbox, tokens
 from app.config import Locale
 from app.mails import MailKind
 from app.models import (
@@ -160,23 +160,24 @@ def _find(session: Session, *, list_id: int, key: str, lock: bool) -> Subscripti
 def subscribe(
     session: Session,
     *,
-    mailing_list: MailingList,
+    list_slug: str,
     address: addresses.Address,
     locale: Locale | None,
-    fallback_locale: Locale,
+    fallback_locale: Locale | None,
     attributes: dict[str, str],
     evidence: Evidence,
     key: bytes,
     now: datetime,
     resend_interval: timedelta,
-) -> None:
+) -> MailingList:
     """Start (or restart) a double opt-in; never tells the caller which case it was.
 
-    `locale` is the language the visitor chose; `fallback_locale` (from the request's
-    `Accept-Language` or the list) applies only where no language is stored yet.
+    `locale` is the language the visitor chose; `fallback_locale` (the request's
+    `Accept-Language`), then the list's language, apply only where none is stored yet.
     """
+    mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
-    chosen_locale = (locale or fallback_locale).value
+    chosen_locale = (locale or fallback_locale or Locale(mailing_list.default_locale)).value
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
     if subscription is None:
         subscription = Subscription(
@@ -209,7 +210,7 @@ def subscribe(
             _start_opt_in(
                 session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
             )
-            return
+            return mailing_list
 
     status = SubscriptionStatus(subscription.status)
     if status in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED) and locale:
@@ -267,6 +268,7 @@ def subscribe(
             )
     session.add(subscription)
     session.flush()
+    return mailing_list
 
 
 def _unsubscribe_token(
@@ -407,18 +409,19 @@ def unsubscribe(
 def request_unsubscribe(
     session: Session,
     *,
-    mailing_list: MailingList,
+    list_slug: str,
     address: addresses.Address,
     evidence: Evidence,
     key: bytes,
     now: datetime,
     resend_interval: timedelta,
-) -> None:
+) -> MailingList:
     """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state."""
+    mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
     if subscription is None or subscription.status != SubscriptionStatus.CONFIRMED:
-        return
+        return mailing_list
     _record(
         session,
         subscription=subscription,
@@ -436,3 +439,4 @@ def request_unsubscribe(
             now=now,
         )
     session.flush()
+    return mailing_list

@@ -12,7 +12,7 @@ from app import addresses, errors, lists, pages, subscriptions
 from app.api.deps import (
     FORM,
     JSON,
-    SessionDep,
+    DatabaseDep,
     SettingsDep,
     evidence,
     media_type,
@@ -21,7 +21,7 @@ from app.api.deps import (
     wants_html,
 )
 from app.config import Locale
-from app.i18n import Translator, parse_locale
+from app.i18n import Translator, parse_locale, preferred
 from app.models import utcnow
 from app.schemas import Accepted, ActionResult, SubscriptionRequest, UnsubscriptionRequest
 
@@ -93,23 +93,26 @@ OneClick = Annotated[bool, Depends(one_click)]
     },
     openapi_extra=_body_doc(SubscriptionRequest),
 )
-def subscribe(
-    slug: str, body: SubscriptionBody, request: Request, session: SessionDep, settings: SettingsDep
+async def subscribe(
+    slug: str,
+    body: SubscriptionBody,
+    request: Request,
+    database: DatabaseDep,
+    settings: SettingsDep,
 ) -> Response:
     """Ask to subscribe an address; a confirmation mail follows (double opt-in).
 
     The answer is the same whatever the address's state, so nobody can learn from it who
     is subscribed; the mail tells the truth instead.
     """
-    mailing_list = lists.get(session, slug=slug)
     is_form = media_type(request) == FORM
-    locale = body.locale or request_locale(request, default=Locale(mailing_list.default_locale))
-    subscriptions.subscribe(
-        session,
-        mailing_list=mailing_list,
+    accepted = preferred(request.headers.get("accept-language"))
+    mailing_list = await database.run(
+        subscriptions.subscribe,
+        list_slug=slug,
         address=addresses.parse(body.email),
         locale=body.locale,
-        fallback_locale=locale,
+        fallback_locale=accepted,
         attributes=body.attributes,
         evidence=evidence(request, settings, source="form" if is_form else "api"),
         key=settings.token_key(),
@@ -117,6 +120,7 @@ def subscribe(
         resend_interval=settings.resend_interval,
     )
     if is_form:
+        locale = body.locale or accepted or Locale(mailing_list.default_locale)
         target = mailing_list.thank_you_url or settings.public_link(
             f"/v1/lists/{mailing_list.slug}/thanks?lang={locale.value}"
         )
@@ -132,9 +136,9 @@ def subscribe(
         **errors.responses(errors.ListNotFound),
     },
 )
-def thanks_page(slug: str, request: Request, session: SessionDep) -> Response:
+async def thanks_page(slug: str, request: Request, database: DatabaseDep) -> Response:
     """The page a form post lands on: check your inbox."""
-    mailing_list = lists.get(session, slug=slug)
+    mailing_list = await database.run(lists.get, slug=slug)
     locale = request_locale(request, default=Locale(mailing_list.default_locale))
     t = Translator(locale)
     return pages.render(
@@ -155,19 +159,18 @@ def thanks_page(slug: str, request: Request, session: SessionDep) -> Response:
     ),
     openapi_extra=_body_doc(UnsubscriptionRequest),
 )
-def request_unsubscribe(
+async def request_unsubscribe(
     slug: str,
     body: UnsubscriptionBody,
     request: Request,
-    session: SessionDep,
+    database: DatabaseDep,
     settings: SettingsDep,
 ) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state."""
-    mailing_list = lists.get(session, slug=slug)
     is_form = media_type(request) == FORM
-    subscriptions.request_unsubscribe(
-        session,
-        mailing_list=mailing_list,
+    mailing_list = await database.run(
+        subscriptions.request_unsubscribe,
+        list_slug=slug,
         address=addresses.parse(body.email),
         evidence=evidence(request, settings, source="form" if is_form else "api"),
         key=settings.token_key(),
@@ -188,14 +191,32 @@ def _page_locale(request: Request, stored: str) -> Locale:
 
 
 def _result(target: subscriptions.Target) -> Response:
-    """The JSON answer of a link endpoint, already rendered.
-
-    A sync endpoint's model is validated by FastAPI in the thread pool *before* the session
-    dependency commits: under a burst of clicks every pool thread can be waiting for the
-    locks this transaction holds, and all stall until the database timeouts (30 s) fail.
-    """
     result = ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
     return JSONResponse(result.model_dump())
+
+
+def _page(
+    request: Request,
+    target: subscriptions.Target,
+    *,
+    page: str,
+    form_action: str | None = None,
+) -> Response:
+    """The page for a link (`page.<page>.title` / `.text` / `.button` in the catalogue)."""
+    if not wants_html(request, default=True):
+        return _result(target)
+    locale = _page_locale(request, target.subscription.locale)
+    t = Translator(locale)
+    form = None
+    if form_action is not None:
+        form = pages.Form(action=form_action, button=t(f"page.{page}.button"))
+    return pages.render(
+        locale=locale,
+        title=t(f"page.{page}.title"),
+        text=t(f"page.{page}.text", list=target.mailing_list.name),
+        form=form,
+        back_url=None if form else target.mailing_list.landing_url,
+    )
 
 
 TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
@@ -207,22 +228,13 @@ TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, error
     response_model=ActionResult,
     responses={**_html_and_json("A page with one button that confirms."), **TOKEN_ERRORS},
 )
-def confirm_page(
-    token: str, request: Request, session: SessionDep, settings: SettingsDep
+async def confirm_page(
+    token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Show the confirmation button. Changes nothing: mail scanners follow links."""
-    target = subscriptions.confirmation_target(session, secret=token, now=utcnow())
-    if not wants_html(request, default=True):
-        return _result(target)
-    locale = _page_locale(request, target.subscription.locale)
-    t = Translator(locale)
-    return pages.render(
-        locale=locale,
-        title=t("page.confirm.title"),
-        text=t("page.confirm.text", list=target.mailing_list.name),
-        form=pages.Form(
-            action=settings.public_link(f"/v1/confirm/{token}"), button=t("page.confirm.button")
-        ),
+    target = await database.run(subscriptions.confirmation_target, secret=token, now=utcnow())
+    return _page(
+        request, target, page="confirm", form_action=settings.public_link(f"/v1/confirm/{token}")
     )
 
 
@@ -232,25 +244,18 @@ def confirm_page(
     response_model=ActionResult,
     responses={**_html_and_json("The subscription is confirmed."), **TOKEN_ERRORS},
 )
-def confirm(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+async def confirm(
+    token: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
     """Confirm a subscription (the button on the confirmation page)."""
-    target = subscriptions.confirm(
-        session,
+    target = await database.run(
+        subscriptions.confirm,
         secret=token,
         evidence=evidence(request, settings, source="link"),
         key=settings.token_key(),
         now=utcnow(),
     )
-    if not wants_html(request, default=True):
-        return _result(target)
-    locale = _page_locale(request, target.subscription.locale)
-    t = Translator(locale)
-    return pages.render(
-        locale=locale,
-        title=t("page.confirmed.title"),
-        text=t("page.confirmed.text", list=target.mailing_list.name),
-        back_url=target.mailing_list.landing_url,
-    )
+    return _page(request, target, page="confirmed")
 
 
 @router.get(
@@ -259,23 +264,16 @@ def confirm(token: str, request: Request, session: SessionDep, settings: Setting
     response_model=ActionResult,
     responses={**_html_and_json("A page with one button that unsubscribes."), **TOKEN_ERRORS},
 )
-def unsubscribe_page(
-    token: str, request: Request, session: SessionDep, settings: SettingsDep
+async def unsubscribe_page(
+    token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Show the unsubscribe button. Changes nothing: mail scanners follow links."""
-    target = subscriptions.unsubscription_target(session, secret=token, now=utcnow())
-    if not wants_html(request, default=True):
-        return _result(target)
-    locale = _page_locale(request, target.subscription.locale)
-    t = Translator(locale)
-    return pages.render(
-        locale=locale,
-        title=t("page.unsubscribe.title"),
-        text=t("page.unsubscribe.text", list=target.mailing_list.name),
-        form=pages.Form(
-            action=settings.public_link(f"/v1/unsubscribe/{token}"),
-            button=t("page.unsubscribe.button"),
-        ),
+    target = await database.run(subscriptions.unsubscription_target, secret=token, now=utcnow())
+    return _page(
+        request,
+        target,
+        page="unsubscribe",
+        form_action=settings.public_link(f"/v1/unsubscribe/{token}"),
     )
 
 
@@ -285,29 +283,20 @@ def unsubscribe_page(
     response_model=ActionResult,
     responses={**_html_and_json("The address is unsubscribed."), **TOKEN_ERRORS},
 )
-def unsubscribe(
+async def unsubscribe(
     token: str,
     is_one_click: OneClick,
     request: Request,
-    session: SessionDep,
+    database: DatabaseDep,
     settings: SettingsDep,
 ) -> Response:
     """Unsubscribe (the page's button, or an RFC 8058 one-click POST: 200, no redirect)."""
-    target = subscriptions.unsubscribe(
-        session,
+    target = await database.run(
+        subscriptions.unsubscribe,
         secret=token,
         evidence=evidence(request, settings, source="one_click" if is_one_click else "link"),
         now=utcnow(),
         # A mail client's one-click POST is not a person waiting for a goodbye mail.
         send_goodbye=not is_one_click,
     )
-    if not wants_html(request, default=True):
-        return _result(target)
-    locale = _page_locale(request, target.subscription.locale)
-    t = Translator(locale)
-    return pages.render(
-        locale=locale,
-        title=t("page.unsubscribed.title"),
-        text=t("page.unsubscribed.text", list=target.mailing_list.name),
-        back_url=target.mailing_list.landing_url,
-    )
+    return _page(request, target, page="unsubscribed")
