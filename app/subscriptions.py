@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from app import addresses, errors, lists, outbox, tokens
@@ -157,6 +158,23 @@ def _find(session: Session, *, list_id: int, key: str, lock: bool) -> Subscripti
     return session.exec(query).first()
 
 
+def _insert_if_new(session: Session, row: Subscription) -> Subscription | None:
+    """Insert the subscription unless (list, address) exists; the new row, or None.
+
+    `INSERT ... ON CONFLICT DO NOTHING` is atomic under concurrency on both databases, so
+    two simultaneous first requests for one address create one row, without a savepoint.
+    """
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    values = row.model_dump(exclude={"id"})
+    statement = (
+        insert(Subscription)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+        .returning(Subscription)
+    )
+    return session.scalars(statement).one_or_none()
+
+
 def subscribe(
     session: Session,
     *,
@@ -178,9 +196,9 @@ def subscribe(
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
     chosen_locale = (locale or fallback_locale or Locale(mailing_list.default_locale)).value
-    subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
-    if subscription is None:
-        subscription = Subscription(
+    subscription = _insert_if_new(
+        session,
+        Subscription(
             list_id=mailing_list.id,
             email=address.email,
             email_key=address.key,
@@ -191,27 +209,23 @@ def subscribe(
             created_at=now,
             updated_at=now,
             last_mail_at=now,
+        ),
+    )
+    if subscription is not None:
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.SUBSCRIBE_REQUESTED,
+            evidence=evidence,
+            now=now,
         )
-        try:
-            with session.begin_nested():
-                session.add(subscription)
-        except IntegrityError:
-            # A concurrent request created it first; carry on with that row.
-            subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
-            assert subscription is not None
-        else:
-            _record(
-                session,
-                subscription=subscription,
-                action=ConsentAction.SUBSCRIBE_REQUESTED,
-                evidence=evidence,
-                now=now,
-            )
-            _start_opt_in(
-                session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
-            )
-            return mailing_list
+        _start_opt_in(
+            session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
+        )
+        return mailing_list
 
+    subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
+    assert subscription is not None
     status = SubscriptionStatus(subscription.status)
     if status in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED) and locale:
         subscription.locale = locale.value
