@@ -24,10 +24,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict app
 
 test-sqlite: $(STAMP)
-	NEWSLETTER_TEST_DATABASE_URL= $(BIN)/pytest -q
+	@echo "== test suite on SQLite =="
+	TEST_DATABASE_URL= $(BIN)/pytest -q
 
 test-postgres: $(STAMP)
-	NEWSLETTER_TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/pytest -q
+	@echo "== test suite on PostgreSQL ($(TEST_DATABASE_URL)) =="
+	TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/pytest -q
 
 test: lint typecheck test-sqlite test-postgres
 

@@ -241,3 +241,9 @@ class LiveServer:
         self.thread.join(timeout=self.timeout)
         if self.thread.is_alive():
             pytest.fail(f"uvicorn did not stop within {self.timeout}s")
+
+
+def pytest_report_header() -> str:
+    return (
+        f"database: {'PostgreSQL ' + POSTGRES_URL if POSTGRES_URL else 'SQLite (a file per test)'}"
+    )
