@@ -227,56 +227,38 @@ def subscribe(
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
     assert subscription is not None
     status = SubscriptionStatus(subscription.status)
-    if status in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED) and locale:
+    detail: dict[str, Any] = {}
+    if locale is not None:
         subscription.locale = locale.value
-    if status == SubscriptionStatus.PENDING:
-        _record(
-            session,
-            subscription=subscription,
-            action=ConsentAction.SUBSCRIBE_REQUESTED,
-            evidence=evidence,
-            now=now,
-        )
-        if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
-            _start_opt_in(
-                session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
-            )
-    elif status == SubscriptionStatus.CONFIRMED:
-        _record(
-            session,
-            subscription=subscription,
-            action=ConsentAction.SUBSCRIBE_REQUESTED,
-            evidence=evidence,
-            now=now,
-            detail={"note": "already confirmed"},
-        )
-        if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
-            unsubscribe = _unsubscribe_token(session, subscription=subscription, key=key, now=now)
+    if status == SubscriptionStatus.CONFIRMED:
+        detail = {"note": "already confirmed"}
+    elif status != SubscriptionStatus.PENDING:
+        # Unsubscribed (or bounced, complained): a new request is a new consent to prove.
+        subscription.status = SubscriptionStatus.PENDING
+        subscription.email = address.email
+        subscription.attributes = attributes
+        subscription.consent_version = mailing_list.consent_version
+        subscription.updated_at = now
+        detail = {"previous_status": status.value}
+    _record(
+        session,
+        subscription=subscription,
+        action=ConsentAction.SUBSCRIBE_REQUESTED,
+        evidence=evidence,
+        now=now,
+        detail=detail,
+    )
+    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+        if status == SubscriptionStatus.CONFIRMED:
+            # The mail tells the truth the answer hides, with a way out.
             _queue_mail(
                 session,
                 kind=MailKind.ALREADY_SUBSCRIBED,
                 subscription=subscription,
-                token_id=unsubscribe,
+                token_id=_unsubscribe_token(session, subscription=subscription, key=key, now=now),
                 now=now,
             )
-    else:
-        # Unsubscribed (or bounced, complained): a new request is a new consent to prove.
-        subscription.status = SubscriptionStatus.PENDING
-        subscription.email = address.email
-        if locale is not None:
-            subscription.locale = locale.value
-        subscription.attributes = attributes
-        subscription.consent_version = mailing_list.consent_version
-        subscription.updated_at = now
-        _record(
-            session,
-            subscription=subscription,
-            action=ConsentAction.SUBSCRIBE_REQUESTED,
-            evidence=evidence,
-            now=now,
-            detail={"previous_status": status.value},
-        )
-        if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+        else:
             _start_opt_in(
                 session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
             )

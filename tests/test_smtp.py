@@ -60,8 +60,7 @@ def _mail() -> OutgoingMail:
     )
 
 
-@pytest.fixture
-def tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
+def _serve(certificate: tuple[Path, Path], **options: Any) -> tuple[SmtpSink, Controller]:
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -70,34 +69,28 @@ def tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
         sink,
         hostname=sink.host,
         port=sink.port,
-        tls_context=context,
-        require_starttls=True,
         authenticator=_authenticator,
         auth_required=True,
-        auth_require_tls=True,
+        **dict.fromkeys(options.pop("contexts"), context),
+        **options,
     )
     controller.start()
+    return sink, controller
+
+
+@pytest.fixture
+def tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
+    """STARTTLS required, then AUTH."""
+    sink, controller = _serve(certificate, contexts=["tls_context"], require_starttls=True)
     yield sink
     controller.stop()
 
 
 @pytest.fixture
 def implicit_tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
-    cert, key = certificate
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    sink = SmtpSink(host="127.0.0.1", port=free_port())
-    controller = Controller(
-        sink,
-        hostname=sink.host,
-        port=sink.port,
-        ssl_context=context,
-        authenticator=_authenticator,
-        auth_required=True,
-        # The whole connection is TLS; aiosmtpd only knows about STARTTLS here.
-        auth_require_tls=False,
-    )
-    controller.start()
+    """TLS from the first byte (port 465 style), then AUTH."""
+    # The whole connection is TLS; aiosmtpd's own check only knows about STARTTLS.
+    sink, controller = _serve(certificate, contexts=["ssl_context"], auth_require_tls=False)
     yield sink
     controller.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlmodel import Session
@@ -11,6 +12,7 @@ from app import addresses, tokens
 from app.config import Locale, Settings
 from app.errors import TokenExpired, TokenNotFound, TokenUsed
 from app.i18n import catalogue, negotiate
+from app.mailer import OutgoingMail
 from app.mails import MailKind, compose
 from app.models import MailingList, Subscription, Token, TokenPurpose, utcnow
 
@@ -71,17 +73,22 @@ class TestLanguages:
         assert catalogue(Locale.FR).keys() == catalogue(Locale.EN).keys()
 
 
+def _compose(kind: MailKind = MailKind.CONFIRM, **overrides: Any) -> OutgoingMail:
+    values: dict[str, Any] = {
+        "locale": Locale.FR,
+        "list_name": "Gazette BlueHats",
+        "to": "camille@example.org",
+        "mail_from": "BlueHats <bluehats@code.gouv.fr>",
+        "message_key": "42.20261128.newsletter",
+        "link": "https://example.org/v1/confirm/abc",
+    }
+    values.update(overrides)
+    return compose(kind, **values)
+
+
 class TestMails:
     def test_confirmation_mail_has_the_expected_headers_and_parts(self) -> None:
-        mail = compose(
-            MailKind.CONFIRM,
-            locale=Locale.EN,
-            list_name="Gazette BlueHats",
-            to="camille@example.org",
-            mail_from="BlueHats <bluehats@code.gouv.fr>",
-            message_key="42.20261128.newsletter",
-            link="https://example.org/v1/confirm/abc",
-        )
+        mail = _compose(locale=Locale.EN)
         message = mail.message
         assert message["Message-ID"] == "<42.20261128.newsletter@code.gouv.fr>"
         assert message["Auto-Submitted"] == "auto-generated"
@@ -96,40 +103,20 @@ class TestMails:
         assert 'href="https://example.org/v1/confirm/abc"' in html.get_content()
 
     def test_a_list_name_with_line_breaks_cannot_add_headers(self) -> None:
-        mail = compose(
-            MailKind.CONFIRM,
-            locale=Locale.FR,
-            list_name="News\r\nBcc: victim@example.org",
-            to="camille@example.org",
-            mail_from="BlueHats <bluehats@code.gouv.fr>",
-            message_key="1.x",
-            link="https://example.org/v1/confirm/abc",
-        )
+        mail = _compose(list_name="News\r\nBcc: victim@example.org", message_key="1.x")
         assert "Bcc" not in mail.message
         assert "\n" not in mail.message["Subject"]
 
     def test_a_recipient_with_line_breaks_is_refused(self) -> None:
         with pytest.raises(ValueError, match=r"linefeed|carriage return|newline"):
-            compose(
-                MailKind.CONFIRM,
-                locale=Locale.FR,
+            _compose(
                 list_name="News",
                 to="camille@example.org\r\nBcc: victim@example.org",
-                mail_from="BlueHats <bluehats@code.gouv.fr>",
                 message_key="1.x",
-                link="https://example.org/v1/confirm/abc",
             )
 
     def test_html_part_escapes_what_it_shows(self) -> None:
-        mail = compose(
-            MailKind.GOODBYE,
-            locale=Locale.FR,
-            list_name="<b>News</b>",
-            to="camille@example.org",
-            mail_from="BlueHats <bluehats@code.gouv.fr>",
-            message_key="1.x",
-            link=None,
-        )
+        mail = _compose(MailKind.GOODBYE, list_name="<b>News</b>", message_key="1.x", link=None)
         html = mail.message.get_body(preferencelist=("html",))
         assert html is not None
         assert "<b>News</b>" not in html.get_content()
