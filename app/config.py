@@ -56,6 +56,79 @@ class Locale(StrEnum):
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
+class NoneBackendSettings(BaseModel):
+    """No mailing-list backend: sync jobs only log (development)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["none"] = "none"
+
+
+class MailgunRegion(StrEnum):
+    EU = "eu"
+    US = "us"
+
+
+class MailgunBackendSettings(BaseModel):
+    """A Mailgun mailing list (https://documentation.mailgun.com/docs/mailgun/api-reference/)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mailgun"] = "mailgun"
+    # The list's address at Mailgun, e.g. bluehats@mail.codegouv.fr.
+    list_address: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+    api_key: SecretStr
+    region: MailgunRegion = MailgunRegion.EU
+    # Overrides the region's API host (a proxy, or a test server).
+    base_url: HttpUrl | None = None
+    # Signs the webhooks Mailgun posts to /v1/webhooks/mailgun.
+    webhook_signing_key: SecretStr | None = None
+    # On a new opt-in, clear the address from Mailgun's unsubscribes and bounces lists.
+    clear_suppressions: bool = True
+
+
+class MailmanBackendSettings(BaseModel):
+    """A GNU Mailman 3 list through the core REST API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mailman"] = "mailman"
+    # The REST root including the API version, e.g. http://127.0.0.1:8001/3.1
+    base_url: HttpUrl
+    username: Annotated[str, Field(min_length=1)]
+    password: SecretStr
+    # The list's id, e.g. bluehats.lists.example.org
+    list_id: Annotated[str, Field(min_length=3, max_length=254)]
+
+
+class ListmonkBackendSettings(BaseModel):
+    """A listmonk list through its REST API (API user and token)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["listmonk"] = "listmonk"
+    base_url: HttpUrl
+    username: Annotated[str, Field(min_length=1)]
+    api_token: SecretStr
+    list_id: Annotated[int, Field(ge=1)]
+
+
+def _backend_kind(value: object) -> str | None:
+    if isinstance(value, dict):
+        kind = value.get("kind", "none")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "kind", None)
+
+
+BackendSettings = Annotated[
+    Annotated[NoneBackendSettings, Tag("none")]
+    | Annotated[MailgunBackendSettings, Tag("mailgun")]
+    | Annotated[MailmanBackendSettings, Tag("mailman")]
+    | Annotated[ListmonkBackendSettings, Tag("listmonk")],
+    Discriminator(_backend_kind),
+]
+
+
 class ListSettings(BaseModel):
     """A mailing list as declared by the operators; stored in the database at start."""
 
@@ -70,6 +143,8 @@ class ListSettings(BaseModel):
     thank_you_url: HttpUrl | None = None
     # Where a confirmed or unsubscribed visitor may go next (the site's home page).
     landing_url: HttpUrl | None = None
+    # The mailing-list backend that receives the confirmed members.
+    backend: BackendSettings = Field(default_factory=NoneBackendSettings)
 
     @field_validator("confirm_ttl")
     @classmethod
@@ -166,6 +241,11 @@ class Settings(BaseSettings):
     worker_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     job_lease: Duration = timedelta(minutes=5)
     job_max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
+    # Sync jobs claimed per round; a burst of confirmations becomes bulk calls of this size.
+    sync_batch_size: Annotated[int, Field(ge=1, le=10000)] = 1000
+    # Timeouts of calls to the mailing-list backends (seconds).
+    backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    backend_timeout: Annotated[float, Field(gt=0)] = 30.0
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 

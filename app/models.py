@@ -66,6 +66,8 @@ class ConsentAction(StrEnum):
     CONFIRMED = "confirmed"
     UNSUBSCRIBE_REQUESTED = "unsubscribe_requested"
     UNSUBSCRIBED = "unsubscribed"
+    # Reported by the mailing-list backend (webhook): bounced, complained, unsubscribed there.
+    BACKEND_EVENT = "backend_event"
 
 
 class JobState(StrEnum):
@@ -77,6 +79,7 @@ class JobState(StrEnum):
 
 class JobKind(StrEnum):
     MAIL = "mail"
+    SYNC = "sync"
 
 
 class AttemptOutcome(StrEnum):
@@ -164,6 +167,9 @@ class OutboxJob(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=32)
+    # Jobs sharing a key run one at a time, in order, and a pending one absorbs newer
+    # requests (sync jobs: "sync:<subscription id>"; the latest state wins).
+    dedupe_key: str | None = Field(default=None, max_length=128, index=True)
     payload: dict[str, Any] = _json()
     state: str = Field(max_length=16)
     attempts: int = 0
@@ -190,3 +196,15 @@ class DeliveryAttempt(SQLModel, table=True):
     response: str | None = Field(default=None, max_length=2000)
     started_at: datetime = _ts()
     finished_at: datetime = _ts()
+
+
+class WebhookNonce(SQLModel, table=True):
+    """Tokens of webhook calls already accepted: a replayed call is refused."""
+
+    __tablename__ = "webhook_nonce"
+    __table_args__ = (sa.UniqueConstraint("backend", "token_hash", name="uq_webhook_nonce"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    backend: str = Field(max_length=32)
+    token_hash: str = Field(max_length=64)
+    received_at: datetime = _ts()

@@ -16,11 +16,13 @@ at the start of every transaction serializes claims.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.orm
 from sqlmodel import Session, col, select
 
 from app.db import OUTBOX_WRITTEN
@@ -36,10 +38,12 @@ def enqueue(
     payload: dict[str, Any],
     now: datetime,
     delay: timedelta = timedelta(0),
+    dedupe_key: str | None = None,
 ) -> OutboxJob:
     job = OutboxJob(
         kind=kind,
         payload=payload,
+        dedupe_key=dedupe_key,
         state=JobState.PENDING,
         next_attempt_at=now + delay,
         created_at=now,
@@ -48,6 +52,40 @@ def enqueue(
     session.add(job)
     session.info[OUTBOX_WRITTEN] = True
     return job
+
+
+def enqueue_sync(
+    session: Session, *, subscription_id: int, list_id: int, now: datetime, fresh_opt_in: bool
+) -> OutboxJob:
+    """Ask for the subscription's current state to be pushed to its list's backend.
+
+    The job carries no state: it reads the subscription when it runs, so the latest state
+    wins, and a pending job for the same subscription absorbs this request. `fresh_opt_in`
+    (a new confirmation) survives the merge: it lets an adapter clear old suppressions.
+    """
+    key = f"sync:{subscription_id}"
+    pending = session.exec(
+        select(OutboxJob)
+        .where(col(OutboxJob.dedupe_key) == key, col(OutboxJob.state) == JobState.PENDING)
+        .with_for_update()
+    ).first()
+    if pending is not None:
+        if fresh_opt_in and not pending.payload.get("fresh_opt_in"):
+            pending.payload = {**pending.payload, "fresh_opt_in": True}
+        pending.updated_at = now
+        session.add(pending)
+        return pending
+    return enqueue(
+        session,
+        kind=JobKind.SYNC,
+        payload={
+            "subscription_id": subscription_id,
+            "list_id": list_id,
+            "fresh_opt_in": fresh_opt_in,
+        },
+        now=now,
+        dedupe_key=key,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,22 +98,50 @@ class ClaimedJob:
 
 
 def claim(
-    session: Session, *, worker: str, now: datetime, lease: timedelta, limit: int
+    session: Session,
+    *,
+    worker: str,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+    kinds: Sequence[JobKind] | None = None,
 ) -> list[ClaimedJob]:
-    """Lease up to `limit` due jobs (pending and due, or running with an expired lease)."""
+    """Lease up to `limit` due jobs (pending and due, or running with an expired lease).
+
+    A job whose dedupe key is held by another live job waits for it: jobs of one
+    subscription never run concurrently, so they apply in order.
+    """
     due = sa.or_(
         sa.and_(col(OutboxJob.state) == JobState.PENDING, col(OutboxJob.next_attempt_at) <= now),
         sa.and_(col(OutboxJob.state) == JobState.RUNNING, col(OutboxJob.lease_until) <= now),
     )
+    other = sa.orm.aliased(OutboxJob)
+    busy = (
+        sa.select(sa.literal(1))
+        .where(
+            col(other.dedupe_key) == col(OutboxJob.dedupe_key),
+            col(other.id) != col(OutboxJob.id),
+            col(other.state) == JobState.RUNNING,
+            col(other.lease_until) > now,
+        )
+        .exists()
+    )
     query = (
         select(OutboxJob)
-        .where(due)
+        .where(due, sa.or_(col(OutboxJob.dedupe_key).is_(None), ~busy))
         .order_by(col(OutboxJob.next_attempt_at), col(OutboxJob.id))
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+    if kinds is not None:
+        query = query.where(col(OutboxJob.kind).in_(list(kinds)))
     claimed = []
+    keys: set[str] = set()
     for job in session.exec(query).all():
+        if job.dedupe_key is not None:
+            if job.dedupe_key in keys:
+                continue
+            keys.add(job.dedupe_key)
         job.state = JobState.RUNNING
         job.attempts += 1
         job.lease_until = now + lease
@@ -176,6 +242,7 @@ def fail(
     base_delay: timedelta,
     max_delay: timedelta,
     response: str | None = None,
+    retry_after: timedelta | None = None,
 ) -> JobState:
     """Schedule a retry, or move the job to the dead letters; returns the job's new state."""
     dead = not retryable or job.attempt >= max_attempts
@@ -201,7 +268,11 @@ def fail(
         held.finished_at = now
     else:
         held.state = JobState.PENDING
-        held.next_attempt_at = now + backoff(attempt=job.attempt, base=base_delay, cap=max_delay)
+        delay = backoff(attempt=job.attempt, base=base_delay, cap=max_delay)
+        if retry_after is not None:
+            # The backend said when to come back (429 / 503 Retry-After): not before.
+            delay = max(delay, retry_after)
+        held.next_attempt_at = now + delay
     return JobState(held.state)
 
 

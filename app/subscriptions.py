@@ -347,6 +347,13 @@ def confirm(
             evidence=evidence,
             now=now,
         )
+        outbox.enqueue_sync(
+            session,
+            subscription_id=_id(subscription),
+            list_id=subscription.list_id,
+            now=now,
+            fresh_opt_in=True,
+        )
         log.info(
             "subscription.confirmed list_id=%s subscription_id=%s",
             subscription.list_id,
@@ -387,6 +394,13 @@ def unsubscribe(
             evidence=evidence,
             now=now,
             detail={"previous_status": previous.value},
+        )
+        outbox.enqueue_sync(
+            session,
+            subscription_id=_id(subscription),
+            list_id=subscription.list_id,
+            now=now,
+            fresh_opt_in=False,
         )
         if send_goodbye and previous == SubscriptionStatus.CONFIRMED:
             _queue_mail(
@@ -436,3 +450,61 @@ def request_unsubscribe(
         )
     session.flush()
     return mailing_list
+
+
+# What a backend may report about a member, and the state it leads to.
+BACKEND_EVENTS = {
+    "unsubscribed": SubscriptionStatus.UNSUBSCRIBED,
+    "complained": SubscriptionStatus.COMPLAINED,
+    "bounced": SubscriptionStatus.BOUNCED,
+}
+
+
+def apply_backend_event(
+    session: Session,
+    *,
+    list_slug: str,
+    address: addresses.Address,
+    event: str,
+    evidence: Evidence,
+    now: datetime,
+    detail: dict[str, Any] | None = None,
+) -> bool:
+    """Record what the backend reports (an unsubscribe there, a complaint, a hard bounce).
+
+    A confirmed (or unsubscribed) subscription takes the reported state, so it is not sent
+    to again and a complaint is not undone by a later sync; the ledger keeps the report.
+    Returns False when this service does not know the address on that list.
+    """
+    new_status = BACKEND_EVENTS[event]
+    mailing_list = lists.get(session, slug=list_slug)
+    assert mailing_list.id is not None
+    subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
+    if subscription is None:
+        return False
+    previous = SubscriptionStatus(subscription.status)
+    if previous in (SubscriptionStatus.CONFIRMED, SubscriptionStatus.UNSUBSCRIBED) and (
+        previous != new_status
+    ):
+        subscription.status = new_status
+        if previous == SubscriptionStatus.CONFIRMED:
+            subscription.unsubscribed_at = now
+        subscription.updated_at = now
+        session.add(subscription)
+        outbox.enqueue_sync(
+            session,
+            subscription_id=_id(subscription),
+            list_id=subscription.list_id,
+            now=now,
+            fresh_opt_in=False,
+        )
+    _record(
+        session,
+        subscription=subscription,
+        action=ConsentAction.BACKEND_EVENT,
+        evidence=evidence,
+        now=now,
+        detail={"event": event, "previous_status": previous.value, **(detail or {})},
+    )
+    session.flush()
+    return True

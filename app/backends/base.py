@@ -1,0 +1,159 @@
+"""What every mailing-list backend adapter provides, and the only errors it may raise.
+
+    SyncError
+     +-- RetryableSyncError   timeouts, connection errors, 5xx, 429 (with `retry_after`
+     |                        from the backend's Retry-After): the outbox retries later
+     +-- PermanentSyncError   any other 4xx: the job goes to the dead letters with the
+                              reason, for an operator to look at
+
+Idempotent outcomes are successes, not errors: "already a member" on add, "not found" on
+remove or unsubscribe. No httpx exception leaves an adapter: `send()` below turns each
+into one of the two, always chained (`raise ... from e`).
+
+This service owns consent; a backend only receives confirmed members. Each member carries
+its personal unsubscribe URL as a member variable (`unsubscribe_url`), so the newsletter
+template can put it in the `List-Unsubscribe` header (RFC 8058).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx
+
+RESPONSE_LIMIT = 500
+
+
+class SyncError(Exception):
+    retryable: bool = True
+
+    def __init__(
+        self, message: str, *, response: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        # What the backend answered, truncated, for the attempt log.
+        self.response = response
+        # Seconds the backend asked us to wait (429 / 503 Retry-After).
+        self.retry_after = retry_after
+
+
+class RetryableSyncError(SyncError):
+    retryable = True
+
+
+class PermanentSyncError(SyncError):
+    retryable = False
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A confirmed subscriber as a backend should hold it."""
+
+    email: str
+    locale: str
+    unsubscribe_url: str
+    name: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def variables(self) -> dict[str, str]:
+        """Member variables for the newsletter template."""
+        return {**self.attributes, "locale": self.locale, "unsubscribe_url": self.unsubscribe_url}
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteMember:
+    """A member as the backend reports it."""
+
+    email: str
+    subscribed: bool
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MembersPage:
+    members: list[RemoteMember]
+    # Opaque; None on the last page.
+    next_cursor: str | None
+
+
+class ListBackend(Protocol):
+    """One list at one backend. Every call either succeeds or raises a SyncError."""
+
+    # How many members one `add` call may carry (1 where the backend has no bulk call).
+    max_batch: int
+
+    def add(self, members: Sequence[Member]) -> str:
+        """Add or update confirmed members (subscribed); returns the backend's answer."""
+        ...
+
+    def unsubscribe(self, address: str) -> str:
+        """Stop sending to this member (kept as unsubscribed where the backend can)."""
+        ...
+
+    def remove(self, address: str) -> str:
+        """Delete the member entirely (erasure)."""
+        ...
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        """One page of the backend's members, subscribed or not."""
+        ...
+
+    def clear_suppression(self, address: str) -> str | None:
+        """Forget a past unsubscribe or bounce held outside the list, where the backend
+        keeps one (Mailgun); None where there is nothing to clear."""
+        ...
+
+
+def excerpt(response: httpx.Response) -> str:
+    return f"{response.status_code} {response.text[:RESPONSE_LIMIT]}"
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def send(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    ok: Sequence[int] = (),
+    **kwargs: Any,
+) -> httpx.Response:
+    """Make one call; success (2xx, or a status in `ok`) returns the response.
+
+    `ok` lists statuses that mean "already done" for this call (409 on add, 404 on
+    remove); every other failure becomes a RetryableSyncError or a PermanentSyncError.
+    """
+    try:
+        response = client.request(method, url, **kwargs)
+    except httpx.TimeoutException as e:
+        raise RetryableSyncError(f"{what}: timed out ({type(e).__name__})") from e
+    except httpx.TransportError as e:
+        raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
+    if response.is_success or response.status_code in ok:
+        return response
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise RetryableSyncError(
+            f"{what}: HTTP {status}", response=excerpt(response), retry_after=retry_after(response)
+        )
+    raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response))
