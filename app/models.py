@@ -68,6 +68,8 @@ class ConsentAction(StrEnum):
     UNSUBSCRIBED = "unsubscribed"
     # Reported by the mailing-list backend (webhook): bounced, complained, unsubscribed there.
     BACKEND_EVENT = "backend_event"
+    # Taken over from the backend's existing list (provenance in the event's detail).
+    IMPORTED = "imported"
 
 
 class JobState(StrEnum):

@@ -14,12 +14,14 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+import httpx
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from app import db, mails, outbox, tokens
+from app import backends, db, mails, outbox, sync, tokens
+from app.backends.base import ListBackend
 from app.config import Locale, Settings
 from app.mailer import Mailer, MailError, OutgoingMail
 from app.models import (
@@ -57,6 +59,7 @@ class Worker:
         mailer: Mailer,
         name: str | None = None,
         now: Callable[[], datetime] = utcnow,
+        list_backends: dict[str, ListBackend] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -70,6 +73,9 @@ class Worker:
             max_workers=settings.worker_concurrency, thread_name_prefix="outbox"
         )
         self._key = settings.token_key()
+        self._client: httpx.Client | None = None
+        # Adapters by list slug; made from the settings on first use unless given here.
+        self._backends: dict[str, ListBackend] = dict(list_backends or {})
 
     # Lifecycle -------------------------------------------------------------------------
 
@@ -92,6 +98,8 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
 
     @property
     def stopping(self) -> bool:
@@ -113,15 +121,28 @@ class Worker:
     # One round ---------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Claim and run one batch of due jobs; returns how many were handled."""
+        """Claim and run one batch of due jobs of each kind; returns how many were handled."""
+        return self._mail_round() + self._sync_round()
+
+    def _claim(self, kind: JobKind, limit: int) -> list[outbox.ClaimedJob]:
         with db.session_scope(self.engine) as session:
-            claimed = outbox.claim(
+            return outbox.claim(
                 session,
                 worker=self.name,
                 now=self.now(),
                 lease=self.settings.job_lease,
-                limit=self.settings.worker_batch_size,
+                limit=limit,
+                kinds=[kind],
             )
+
+    def _release(self, job_ids: list[int]) -> None:
+        if job_ids:
+            with db.session_scope(self.engine) as session:
+                outbox.release(session, job_ids=job_ids, worker=self.name, now=self.now())
+            log.info("worker.released count=%d", len(job_ids))
+
+    def _mail_round(self) -> int:
+        claimed = self._claim(JobKind.MAIL, self.settings.worker_batch_size)
         if not claimed:
             return 0
         futures: list[tuple[outbox.ClaimedJob, Future[bool]]] = [
@@ -134,11 +155,76 @@ class Worker:
             # `_run_job` itself.
             if (self._stop.is_set() and future.cancel()) or not future.result():
                 not_started.append(job.id)
-        if not_started:
-            with db.session_scope(self.engine) as session:
-                outbox.release(session, job_ids=not_started, worker=self.name, now=self.now())
-            log.info("worker.released count=%d", len(not_started))
+        self._release(not_started)
         return len(claimed) - len(not_started)
+
+    # Sync jobs ------------------------------------------------------------------------------
+
+    def backend_for(self, slug: str) -> ListBackend | None:
+        """The adapter of a list's backend, made once per worker (one shared HTTP client)."""
+        if slug not in self._backends:
+            declared = self.settings.list_settings(slug)
+            if declared is None:
+                return None
+            if self._client is None:
+                self._client = backends.make_client(
+                    connect_timeout=self.settings.backend_connect_timeout,
+                    timeout=self.settings.backend_timeout,
+                )
+            self._backends[slug] = backends.make_backend(declared.backend, self._client)
+        return self._backends[slug]
+
+    def _sync_round(self) -> int:
+        claimed = self._claim(JobKind.SYNC, self.settings.sync_batch_size)
+        if not claimed:
+            return 0
+        started_at = self.now()
+        with db.session_scope(self.engine) as session:
+            planned = sync.plan(session, claimed, settings=self.settings, key=self._key)
+        results = sync.execute(
+            planned, backend_for=self.backend_for, should_stop=lambda: self.stopping
+        )
+        s = self.settings
+        with db.session_scope(self.engine) as session:
+            now = self.now()
+            for job in claimed:
+                result = results.get(job.id)
+                if result is None:
+                    continue
+                if result.error is None:
+                    outbox.finish(
+                        session,
+                        job=job,
+                        worker=self.name,
+                        started_at=started_at,
+                        now=now,
+                        response=result.response,
+                    )
+                    continue
+                error = result.error
+                outbox.fail(
+                    session,
+                    job=job,
+                    worker=self.name,
+                    error=str(error),
+                    retryable=error.retryable,
+                    started_at=started_at,
+                    now=now,
+                    max_attempts=s.job_max_attempts,
+                    base_delay=s.retry_base_delay,
+                    max_delay=s.retry_max_delay,
+                    response=error.response,
+                    retry_after=(
+                        timedelta(seconds=error.retry_after) if error.retry_after else None
+                    ),
+                )
+            sync.record_cleared(session, planned=planned, results=results, now=now)
+        failed = sum(1 for result in results.values() if result.error is not None)
+        log.info(
+            "sync.round jobs=%d done=%d failed=%d", len(claimed), len(results) - failed, failed
+        )
+        self._release([job.id for job in claimed if job.id not in results])
+        return len(results)
 
     def _run_job(self, job: outbox.ClaimedJob) -> bool:
         """Run the job and record its outcome; false if not started because of a stop."""

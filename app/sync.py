@@ -1,0 +1,512 @@
+"""Keeping each backend's membership equal to this service's confirmed set.
+
+Three ways in, one way out:
+- sync jobs (outbox): written with every confirm, unsubscribe, erasure and backend event;
+  the worker plans them against the subscriptions' *current* state, groups additions into
+  bulk calls of the backend's `max_batch`, and records one outcome per job;
+- `reconcile()`: compares the whole list with the backend and, when asked, enqueues fixes;
+- `import_members()`: takes over an existing backend list, keeping its members' state,
+  with their provenance in the consent ledger.
+Adapters are called outside any database transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from app import addresses, lists, outbox, tokens
+from app.backends.base import ListBackend, Member, PermanentSyncError, SyncError
+from app.config import Settings
+from app.models import (
+    ConsentAction,
+    ConsentEvent,
+    JobKind,
+    MailingList,
+    Subscription,
+    SubscriptionStatus,
+    Token,
+    TokenPurpose,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Action(StrEnum):
+    ADD = "add"
+    UNSUBSCRIBE = "unsubscribe"
+    REMOVE = "remove"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    job: outbox.ClaimedJob
+    action: Action
+    list_slug: str = ""
+    address: str = ""
+    member: Member | None = None
+    fresh_opt_in: bool = False
+    subscription_id: int | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Result:
+    response: str | None = None
+    error: SyncError | None = None
+    # Suppressions cleared at the backend for a fresh opt-in (recorded in the ledger).
+    cleared: str | None = None
+
+
+def address_job_payload(*, list_id: int, address: str, action: Action) -> dict[str, Any]:
+    """A sync job about an address with no subscription row (erased, or unknown here)."""
+    return {"list_id": list_id, "address": address, "action": action.value}
+
+
+def enqueue_address_job(
+    session: Session, *, list_id: int, address: str, action: Action, now: datetime
+) -> None:
+    outbox.enqueue(
+        session,
+        kind=JobKind.SYNC,
+        payload=address_job_payload(list_id=list_id, address=address, action=action),
+        now=now,
+        dedupe_key=f"sync-address:{list_id}:{address.casefold()}",
+    )
+
+
+def plan(
+    session: Session, jobs: Sequence[outbox.ClaimedJob], *, settings: Settings, key: bytes
+) -> list[Planned]:
+    """What each job must do now, from the subscriptions' current state (latest wins)."""
+    subscription_ids = [
+        job.payload["subscription_id"] for job in jobs if "subscription_id" in job.payload
+    ]
+    rows = session.exec(
+        select(Subscription).where(col(Subscription.id).in_(subscription_ids))
+    ).all()
+    by_id = {row.id: row for row in rows}
+    slugs = {row.id: row.slug for row in session.exec(select(MailingList)).all()}
+    unsubscribe_tokens: dict[int, Token] = {}
+    for existing in session.exec(
+        select(Token).where(
+            col(Token.subscription_id).in_(subscription_ids),
+            col(Token.purpose) == TokenPurpose.UNSUBSCRIBE,
+            col(Token.used_at).is_(None),
+        )
+    ).all():
+        unsubscribe_tokens.setdefault(existing.subscription_id, existing)
+
+    planned = []
+    for job in jobs:
+        slug = slugs.get(job.payload.get("list_id", -1), "")
+        if "address" in job.payload:
+            planned.append(
+                Planned(
+                    job=job,
+                    action=Action(job.payload["action"]),
+                    list_slug=slug,
+                    address=job.payload["address"],
+                )
+            )
+            continue
+        subscription = by_id.get(job.payload["subscription_id"])
+        if subscription is None or not slug:
+            planned.append(Planned(job=job, action=Action.SKIP, reason="subscription is gone"))
+            continue
+        status = SubscriptionStatus(subscription.status)
+        if status == SubscriptionStatus.CONFIRMED:
+            token: Token | None = unsubscribe_tokens.get(_id(subscription))
+            if token is None:
+                token = tokens.issue(
+                    session,
+                    subscription=subscription,
+                    purpose=TokenPurpose.UNSUBSCRIBE,
+                    key=key,
+                    now=job.created_at,
+                    ttl=None,
+                )
+            link = settings.public_link(f"/v1/unsubscribe/{tokens.secret_for(token, key=key)}")
+            attributes = {name: str(value) for name, value in subscription.attributes.items()}
+            member = Member(
+                email=subscription.email,
+                locale=subscription.locale,
+                unsubscribe_url=link,
+                name=attributes.pop("name", None),
+                attributes=attributes,
+            )
+            planned.append(
+                Planned(
+                    job=job,
+                    action=Action.ADD,
+                    list_slug=slug,
+                    address=subscription.email,
+                    member=member,
+                    fresh_opt_in=bool(job.payload.get("fresh_opt_in")),
+                    subscription_id=subscription.id,
+                )
+            )
+        elif status == SubscriptionStatus.PENDING:
+            planned.append(
+                Planned(job=job, action=Action.SKIP, reason="pending: not a member anywhere")
+            )
+        else:
+            planned.append(
+                Planned(
+                    job=job,
+                    action=Action.UNSUBSCRIBE,
+                    list_slug=slug,
+                    address=subscription.email,
+                    subscription_id=subscription.id,
+                )
+            )
+    session.flush()
+    return planned
+
+
+def _id(subscription: Subscription) -> int:
+    assert subscription.id is not None
+    return subscription.id
+
+
+def _chunks(items: Sequence[Planned], size: int) -> Iterator[Sequence[Planned]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
+
+
+def execute(
+    planned: Sequence[Planned],
+    *,
+    backend_for: Callable[[str], ListBackend | None],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[int, Result]:
+    """Call the backends; one Result per job id. Jobs left out were not started (stop)."""
+    results: dict[int, Result] = {}
+    for item in planned:
+        if item.action == Action.SKIP:
+            results[item.job.id] = Result(response=f"skipped: {item.reason}")
+    by_list: dict[str, list[Planned]] = {}
+    for item in planned:
+        if item.action != Action.SKIP:
+            by_list.setdefault(item.list_slug, []).append(item)
+
+    for slug, items in by_list.items():
+        backend = backend_for(slug)
+        if backend is None:
+            for item in items:
+                results[item.job.id] = Result(
+                    error=PermanentSyncError(f"list {slug!r} has no backend in the settings")
+                )
+            continue
+        additions = [item for item in items if item.action == Action.ADD]
+        for chunk in _chunks(additions, backend.max_batch):
+            if should_stop():
+                return results
+            _add(backend, chunk, results)
+        for item in items:
+            if item.action == Action.ADD:
+                continue
+            if should_stop():
+                return results
+            call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
+            try:
+                results[item.job.id] = Result(response=call(item.address))
+            except SyncError as e:
+                results[item.job.id] = Result(error=e)
+    return results
+
+
+def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Result]) -> None:
+    cleared: dict[int, str] = {}
+    pending = []
+    for item in chunk:
+        if item.fresh_opt_in:
+            try:
+                found = backend.clear_suppression(item.address)
+            except SyncError as e:
+                results[item.job.id] = Result(error=e)
+                continue
+            if found:
+                cleared[item.job.id] = found
+        pending.append(item)
+    if not pending:
+        return
+    members = [item.member for item in pending if item.member is not None]
+    try:
+        response = backend.add(members)
+    except PermanentSyncError as e:
+        if len(pending) == 1:
+            results[pending[0].job.id] = Result(error=e, cleared=cleared.get(pending[0].job.id))
+            return
+        # One bad address must not dead-letter its whole batch: find it one by one.
+        log.warning("sync.bulk_refused size=%d error=%s; retrying one by one", len(pending), e)
+        for item in pending:
+            _add(backend, [_without_fresh(item)], results)
+            if item.job.id in cleared:
+                results[item.job.id].cleared = cleared[item.job.id]
+        return
+    except SyncError as e:
+        for item in pending:
+            results[item.job.id] = Result(error=e, cleared=cleared.get(item.job.id))
+        return
+    for item in pending:
+        results[item.job.id] = Result(response=response, cleared=cleared.get(item.job.id))
+
+
+def _without_fresh(item: Planned) -> Planned:
+    return Planned(
+        job=item.job,
+        action=item.action,
+        list_slug=item.list_slug,
+        address=item.address,
+        member=item.member,
+        fresh_opt_in=False,
+        subscription_id=item.subscription_id,
+    )
+
+
+def record_cleared(
+    session: Session, *, planned: Sequence[Planned], results: dict[int, Result], now: datetime
+) -> None:
+    """Ledger entries for suppressions cleared at the backend on a fresh opt-in."""
+    for item in planned:
+        result = results.get(item.job.id)
+        if result is None or not result.cleared or item.subscription_id is None:
+            continue
+        subscription = session.get(Subscription, item.subscription_id)
+        if subscription is None:
+            continue
+        session.add(
+            ConsentEvent(
+                subscription_id=item.subscription_id,
+                list_id=subscription.list_id,
+                action=ConsentAction.BACKEND_EVENT,
+                status_after=subscription.status,
+                source="sync",
+                consent_version=subscription.consent_version,
+                detail={"event": "suppression_cleared", "cleared": result.cleared},
+                occurred_at=now,
+            )
+        )
+
+
+# Reconciliation -------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    list_slug: str
+    backend_members: int = 0
+    confirmed_here: int = 0
+    # Confirmed here, absent at the backend: to add.
+    missing: list[str] = field(default_factory=list)
+    # Subscribed at the backend without a confirmed subscription here: to unsubscribe there.
+    extra: list[str] = field(default_factory=list)
+    # Confirmed here, unsubscribed at the backend: the opt-out there wins, recorded here.
+    unsubscribed_there: list[str] = field(default_factory=list)
+    applied: bool = False
+
+    @property
+    def in_sync(self) -> bool:
+        return not (self.missing or self.extra or self.unsubscribed_there)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "list": self.list_slug,
+            "backend_members": self.backend_members,
+            "confirmed_here": self.confirmed_here,
+            "missing": self.missing,
+            "extra": self.extra,
+            "unsubscribed_there": self.unsubscribed_there,
+            "in_sync": self.in_sync,
+            "applied": self.applied,
+        }
+
+
+def read_backend(
+    backend: ListBackend, *, progress: Callable[[int], None] | None = None
+) -> dict[str, tuple[str, bool]]:
+    """Every member at the backend: case-folded address -> (address, subscribed)."""
+    seen: dict[str, tuple[str, bool]] = {}
+    cursor: str | None = None
+    while True:
+        page = backend.members(cursor)
+        for member in page.members:
+            seen[member.email.casefold()] = (member.email, member.subscribed)
+        if progress is not None:
+            progress(len(page.members))
+        if page.next_cursor is None or not page.members:
+            return seen
+        cursor = page.next_cursor
+
+
+def compare(session: Session, *, list_slug: str, remote: dict[str, tuple[str, bool]]) -> Report:
+    mailing_list = lists.get(session, slug=list_slug)
+    here = {
+        row.email_key: row.status
+        for row in session.exec(
+            select(Subscription).where(Subscription.list_id == mailing_list.id)
+        ).all()
+    }
+    report = Report(list_slug=list_slug, backend_members=len(remote))
+    for key, status in here.items():
+        if status != SubscriptionStatus.CONFIRMED:
+            continue
+        report.confirmed_here += 1
+        there = remote.get(key)
+        if there is None:
+            report.missing.append(key)
+        elif not there[1]:
+            report.unsubscribed_there.append(key)
+    for key, (address, subscribed) in remote.items():
+        if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
+            report.extra.append(address)
+    for part in (report.missing, report.extra, report.unsubscribed_there):
+        part.sort()
+    return report
+
+
+def apply(session: Session, *, report: Report, now: datetime) -> None:
+    """Enqueue the fixes a report calls for (in the caller's transaction)."""
+    from app import subscriptions
+
+    mailing_list = lists.get(session, slug=report.list_slug)
+    assert mailing_list.id is not None
+    rows = {
+        row.email_key: row
+        for row in session.exec(
+            select(Subscription).where(Subscription.list_id == mailing_list.id)
+        ).all()
+    }
+    for key in report.missing:
+        outbox.enqueue_sync(
+            session,
+            subscription_id=_id(rows[key]),
+            list_id=mailing_list.id,
+            now=now,
+            fresh_opt_in=False,
+        )
+    for address in report.extra:
+        row = rows.get(address.casefold())
+        if row is not None:
+            outbox.enqueue_sync(
+                session,
+                subscription_id=_id(row),
+                list_id=mailing_list.id,
+                now=now,
+                fresh_opt_in=False,
+            )
+        else:
+            enqueue_address_job(
+                session,
+                list_id=mailing_list.id,
+                address=address,
+                action=Action.UNSUBSCRIBE,
+                now=now,
+            )
+    for key in report.unsubscribed_there:
+        subscriptions.apply_backend_event(
+            session,
+            list_slug=report.list_slug,
+            address=addresses.Address(email=rows[key].email, key=key),
+            event="unsubscribed",
+            evidence=subscriptions.Evidence(source="reconcile"),
+            now=now,
+            detail={"note": "unsubscribed at the backend, found by reconciliation"},
+        )
+    report.applied = True
+
+
+# Import ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    list_slug: str
+    read: int = 0
+    confirmed: int = 0
+    unsubscribed: int = 0
+    already_known: int = 0
+    invalid: list[str] = field(default_factory=list)
+
+
+def import_members(
+    session: Session,
+    *,
+    list_slug: str,
+    remote: dict[str, tuple[str, bool]],
+    backend_kind: str,
+    now: datetime,
+) -> ImportReport:
+    """Record the backend's members as they are: subscribed -> confirmed, else unsubscribed.
+
+    The ledger says where each came from ("imported from mailgun on 2026-11-28"), so a
+    list can move to this service without asking its members to opt in again. Addresses
+    already known here are left as they are. Confirmed imports get a sync job, which gives
+    the backend each member's personal unsubscribe URL.
+    """
+    mailing_list = lists.get(session, slug=list_slug)
+    assert mailing_list.id is not None
+    known = set(
+        session.exec(
+            select(Subscription.email_key).where(Subscription.list_id == mailing_list.id)
+        ).all()
+    )
+    report = ImportReport(list_slug=list_slug, read=len(remote))
+    provenance = f"imported from {backend_kind} on {now.date().isoformat()}"
+    for address, subscribed in remote.values():
+        try:
+            parsed = addresses.parse(address)
+        except addresses.InvalidAddress:
+            report.invalid.append(address)
+            continue
+        if parsed.key in known:
+            report.already_known += 1
+            continue
+        known.add(parsed.key)
+        status = SubscriptionStatus.CONFIRMED if subscribed else SubscriptionStatus.UNSUBSCRIBED
+        subscription = Subscription(
+            list_id=mailing_list.id,
+            email=parsed.email,
+            email_key=parsed.key,
+            status=status,
+            locale=mailing_list.default_locale,
+            consent_version=mailing_list.consent_version,
+            created_at=now,
+            updated_at=now,
+            confirmed_at=now if subscribed else None,
+            unsubscribed_at=None if subscribed else now,
+        )
+        session.add(subscription)
+        session.flush()
+        session.add(
+            ConsentEvent(
+                subscription_id=_id(subscription),
+                list_id=mailing_list.id,
+                action=ConsentAction.IMPORTED,
+                status_after=status,
+                source="import",
+                consent_version=mailing_list.consent_version,
+                detail={"provenance": provenance, "backend": backend_kind},
+                occurred_at=now,
+            )
+        )
+        if subscribed:
+            report.confirmed += 1
+            outbox.enqueue_sync(
+                session,
+                subscription_id=_id(subscription),
+                list_id=mailing_list.id,
+                now=now,
+                fresh_opt_in=False,
+            )
+        else:
+            report.unsubscribed += 1
+    return report
