@@ -1,0 +1,418 @@
+"""Sync jobs end to end through the worker, against an in-memory backend that follows the
+ListBackend contract (the HTTP adapters have their own tests against servers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session, col, select
+
+from app import addresses, db, subscriptions, sync
+from app.backends.base import (
+    Member,
+    MembersPage,
+    PermanentSyncError,
+    RemoteMember,
+    RetryableSyncError,
+)
+from app.config import Settings
+from app.main import create_app
+from app.models import (
+    ConsentEvent,
+    DeliveryAttempt,
+    JobKind,
+    JobState,
+    OutboxJob,
+    Subscription,
+    utcnow,
+)
+from app.worker import Worker
+from tests.conftest import SmtpSink, link_in, make_settings
+
+
+@dataclass
+class MemoryBackend:
+    """A list held in memory; records every call; can be told to fail."""
+
+    max_batch: int = 1000
+    held: dict[str, tuple[str, bool, dict[str, str]]] = field(default_factory=dict)
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    fail_next: list[Exception] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)
+    suppressed: set[str] = field(default_factory=set)
+    page_size: int = 100
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+
+    def add(self, members: Sequence[Member]) -> str:
+        self.calls.append(("add", [m.email for m in members]))
+        self._maybe_fail()
+        refused = [m.email for m in members if m.email in self.refuse]
+        if refused:
+            raise PermanentSyncError(f"400 invalid address {refused[0]}", response="400 bad")
+        for m in members:
+            self.held[m.email.casefold()] = (m.email, True, m.variables())
+        return f"added {len(members)}"
+
+    def unsubscribe(self, address: str) -> str:
+        self.calls.append(("unsubscribe", address))
+        self._maybe_fail()
+        if address.casefold() in self.held:
+            email, _, variables = self.held[address.casefold()]
+            self.held[address.casefold()] = (email, False, variables)
+        return "unsubscribed"
+
+    def remove(self, address: str) -> str:
+        self.calls.append(("remove", address))
+        self._maybe_fail()
+        self.held.pop(address.casefold(), None)
+        return "removed"
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        start = int(cursor or 0)
+        rows = list(self.held.values())[start : start + self.page_size]
+        more = start + self.page_size < len(self.held)
+        return MembersPage(
+            members=[RemoteMember(email=e, subscribed=s) for e, s, _ in rows],
+            next_cursor=str(start + self.page_size) if more else None,
+        )
+
+    def clear_suppression(self, address: str) -> str | None:
+        self.calls.append(("clear_suppression", address))
+        if address in self.suppressed:
+            self.suppressed.discard(address)
+            return "unsubscribes"
+        return None
+
+
+def _app_without_worker(database_url: str, smtp: SmtpSink, **overrides: Any) -> Settings:
+    return make_settings(database_url, smtp_port=smtp.port, run_worker=False, **overrides)
+
+
+def _mail_worker(settings: Settings, engine: sa.Engine, backend: MemoryBackend) -> Worker:
+    return Worker(
+        engine=engine,
+        settings=settings,
+        mailer=_SmtpFor(settings),
+        name="test-worker",
+        list_backends={"bluehats": backend},
+    )
+
+
+def _SmtpFor(settings: Settings) -> Any:
+    from app.mailer import make_mailer
+
+    return make_mailer(settings.mailer)
+
+
+def _drain(worker: Worker, rounds: int = 20) -> None:
+    for _ in range(rounds):
+        if worker.run_once() == 0:
+            return
+
+
+def _confirm(client: TestClient, worker: Worker, smtp: SmtpSink, email: str) -> None:
+    assert client.post("/v1/lists/bluehats/subscriptions", json={"email": email}).status_code == 202
+    _drain(worker)
+    response = client.post(
+        link_in(smtp.mail_to(email, link="confirm"), "confirm"),
+        headers={"accept": "application/json"},
+    )
+    assert response.json()["status"] == "confirmed"
+
+
+def _jobs(engine: sa.Engine, kind: JobKind = JobKind.SYNC) -> list[OutboxJob]:
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(OutboxJob).where(OutboxJob.kind == kind).order_by(col(OutboxJob.id))
+            ).all()
+        )
+
+
+LEASE = timedelta(minutes=5)
+
+
+class TestSyncJobs:
+    def test_a_confirmation_adds_the_member_with_a_working_unsubscribe_url(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, "Camille@example.org")
+            _drain(worker)
+            assert backend.calls == [
+                ("clear_suppression", "Camille@example.org"),
+                ("add", ["Camille@example.org"]),
+            ]
+            _, subscribed, variables = backend.held["camille@example.org"]
+            assert subscribed
+            assert variables["locale"] == "fr"
+            # The newsletter's List-Unsubscribe link works, as a one-click POST.
+            link = variables["unsubscribe_url"].removeprefix("http://testserver")
+            response = client.post(
+                link,
+                content=b"List-Unsubscribe=One-Click",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            assert response.status_code == 200
+            _drain(worker)
+        assert backend.calls[-1] == ("unsubscribe", "Camille@example.org")
+        assert backend.held["camille@example.org"][1] is False
+        jobs = _jobs(engine)
+        assert [job.state for job in jobs] == [JobState.DONE, JobState.DONE]
+        with Session(engine) as session:
+            attempts = session.exec(select(DeliveryAttempt)).all()
+            assert {a.job_id for a in attempts} >= {job.id for job in jobs}
+
+    def test_changes_before_the_worker_runs_coalesce_and_the_latest_state_wins(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        # Sync jobs wait while mails are sent: only the mail kind runs here.
+        with TestClient(create_app(settings)) as client:
+            client.post("/v1/lists/bluehats/subscriptions", json={"email": "quick@example.org"})
+            worker._mail_round()
+            client.post(link_in(smtp.mail_to("quick@example.org", link="confirm"), "confirm"))
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "quick@example.org"})
+            worker._mail_round()
+            client.post(
+                link_in(smtp.mail_to("quick@example.org", link="unsubscribe"), "unsubscribe")
+            )
+        jobs = _jobs(engine)
+        assert len(jobs) == 1, "confirm and unsubscribe share one pending sync job"
+        assert jobs[0].payload["fresh_opt_in"] is True
+        _drain(worker)
+        assert backend.calls == [("unsubscribe", "quick@example.org")]
+
+    def test_a_burst_of_confirmations_becomes_bulk_calls(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, sync_batch_size=1000)
+        backend = MemoryBackend(max_batch=100)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=250)
+        _drain(worker)
+        adds = [call for call in backend.calls if call[0] == "add"]
+        assert [len(emails) for _, emails in adds] == [100, 100, 50]
+        assert len(backend.held) == 250
+        assert all(job.state == JobState.DONE for job in _jobs(engine))
+
+    def test_a_refused_address_does_not_sink_its_batch(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend(refuse={"bulk-0003@example.org"})
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=5)
+        _drain(worker)
+        assert len(backend.held) == 4
+        jobs = _jobs(engine)
+        dead = [job for job in jobs if job.state == JobState.DEAD]
+        assert len(dead) == 1
+        assert "invalid address bulk-0003@example.org" in (dead[0].last_error or "")
+        assert sum(job.state == JobState.DONE for job in jobs) == 4
+
+    def test_a_backend_outage_is_retried_until_every_change_arrives_once(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(
+            database_url, smtp, retry_base_delay="0s", retry_max_delay="0s"
+        )
+        backend = MemoryBackend(
+            fail_next=[RetryableSyncError("HTTP 503", response="503 down") for _ in range(3)]
+        )
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=3)
+        _drain(worker)
+        assert len(backend.held) == 3
+        with Session(engine) as session:
+            outcomes = [a.outcome for a in session.exec(select(DeliveryAttempt)).all()]
+        assert outcomes.count("retry") == 9
+        assert outcomes.count("success") == 3
+        assert all(job.state == JobState.DONE for job in _jobs(engine))
+
+    def test_retry_after_from_the_backend_is_honoured(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(
+            database_url, smtp, retry_base_delay="0s", retry_max_delay="1s"
+        )
+        backend = MemoryBackend(fail_next=[RetryableSyncError("HTTP 429", retry_after=120)])
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        before = utcnow()
+        worker.run_once()
+        [job] = _jobs(engine)
+        assert job.state == JobState.PENDING
+        assert job.next_attempt_at >= before + timedelta(seconds=119)
+
+    def test_jobs_of_one_subscription_never_run_side_by_side(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        [row] = _confirmed_rows(engine, count=1)
+        now = utcnow()
+        with db.session_scope(engine) as session:
+            from app import outbox
+
+            [first] = outbox.claim(session, worker="a", now=now, lease=LEASE, limit=10)
+            # A newer change while the first job is in flight: a second job is written...
+            outbox.enqueue_sync(
+                session, subscription_id=row, list_id=1, now=now, fresh_opt_in=False
+            )
+        with db.session_scope(engine) as session:
+            # ...but it waits for the first to finish.
+            assert (
+                outbox.claim(session, worker="b", now=now, lease=timedelta(minutes=5), limit=10)
+                == []
+            )
+            outbox.finish(session, job=first, worker="a", started_at=now, now=now)
+        with db.session_scope(engine) as session:
+            assert (
+                len(
+                    outbox.claim(session, worker="b", now=now, lease=timedelta(minutes=5), limit=10)
+                )
+                == 1
+            )
+
+
+def _confirmed_rows(engine: sa.Engine, *, count: int) -> list[int]:
+    """Confirmed subscriptions with their sync jobs, as confirmations leave them."""
+    from app import lists, outbox
+
+    now = utcnow()
+    ids = []
+    with db.session_scope(engine) as session:
+        lists.sync_from_settings(session, declared=Settings().lists, now=now)
+        mailing_list = lists.get(session, slug="bluehats")
+        assert mailing_list.id is not None
+        for n in range(count):
+            row = Subscription(
+                list_id=mailing_list.id,
+                email=f"bulk-{n:04d}@example.org",
+                email_key=f"bulk-{n:04d}@example.org",
+                status="confirmed",
+                locale="fr",
+                consent_version="2026-11",
+                confirmed_at=now,
+            )
+            session.add(row)
+            session.flush()
+            assert row.id is not None
+            ids.append(row.id)
+            outbox.enqueue_sync(
+                session,
+                subscription_id=row.id,
+                list_id=mailing_list.id,
+                now=now,
+                fresh_opt_in=False,
+            )
+    return ids
+
+
+class TestReconcileAndImport:
+    def test_reconcile_reports_and_applies_every_kind_of_difference(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend(page_size=2)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=3)
+        _drain(worker)
+        # Drift: one member lost at the backend, one unsubscribed there, one stranger added.
+        backend.held.pop("bulk-0000@example.org")
+        email, _, variables = backend.held["bulk-0001@example.org"]
+        backend.held["bulk-0001@example.org"] = (email, False, variables)
+        backend.held["stranger@example.org"] = ("stranger@example.org", True, {})
+
+        remote = sync.read_backend(backend)
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=remote)
+        assert report.missing == ["bulk-0000@example.org"]
+        assert report.unsubscribed_there == ["bulk-0001@example.org"]
+        assert report.extra == ["stranger@example.org"]
+
+        with db.session_scope(engine) as session:
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        assert backend.held["bulk-0000@example.org"][1] is True
+        assert backend.held["stranger@example.org"][1] is False
+        with Session(engine) as session:
+            row = session.exec(
+                select(Subscription).where(Subscription.email_key == "bulk-0001@example.org")
+            ).one()
+            assert row.status == "unsubscribed"
+        with db.session_scope(engine) as session:
+            again = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+        assert again.in_sync, again.as_dict()
+
+    def test_import_keeps_each_members_state_with_its_provenance(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend(page_size=2)
+        backend.held = {
+            "a@example.org": ("A@example.org", True, {}),
+            "b@example.org": ("b@example.org", False, {}),
+            "c@example.org": ("c@example.org", True, {}),
+            "bad": ("not an address", True, {}),
+        }
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows
+        remote = sync.read_backend(backend)
+        with db.session_scope(engine) as session:
+            report = sync.import_members(
+                session, list_slug="bluehats", remote=remote, backend_kind="mailgun", now=utcnow()
+            )
+        assert (report.confirmed, report.unsubscribed, report.invalid) == (2, 1, ["not an address"])
+        with db.session_scope(engine) as session:
+            again = sync.import_members(
+                session, list_slug="bluehats", remote=remote, backend_kind="mailgun", now=utcnow()
+            )
+        assert again.already_known == 3
+        with Session(engine) as session:
+            events = session.exec(select(ConsentEvent)).all()
+            assert len(events) == 3
+            assert all(e.action == "imported" for e in events)
+            assert all(
+                e.detail["provenance"].startswith("imported from mailgun on ") for e in events
+            )
+        worker = _mail_worker(settings, engine, backend)
+        _drain(worker)
+        # The confirmed imports now carry their unsubscribe URL at the backend.
+        assert "unsubscribe_url" in backend.held["a@example.org"][2]
+        assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+
+class TestBackendEvents:
+    def test_a_complaint_reported_by_the_backend_stops_sending_and_is_recorded(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        [row_id] = _confirmed_rows(engine, count=1)
+        with db.session_scope(engine) as session:
+            known = subscriptions.apply_backend_event(
+                session,
+                list_slug="bluehats",
+                address=addresses.parse("bulk-0000@example.org"),
+                event="complained",
+                evidence=subscriptions.Evidence(source="backend"),
+                now=utcnow(),
+            )
+        assert known
+        with Session(engine) as session:
+            row = session.get(Subscription, row_id)
+            assert row is not None
+            assert row.status == "complained"
+            [event] = session.exec(select(ConsentEvent)).all()
+            assert event.detail["event"] == "complained"
