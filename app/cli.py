@@ -8,12 +8,14 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from app.config import Settings, SettingsError, load_settings
 
+_err = Console(stderr=True)
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
@@ -106,6 +108,143 @@ def openapi(
     else:
         output.write_text(document, encoding="utf-8")
         typer.echo(f"wrote {output}", err=True)
+
+
+def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
+    from app import backends
+
+    declared = settings.list_settings(slug)
+    if declared is None:
+        known = ", ".join(item.slug for item in settings.lists)
+        typer.echo(f"no list {slug!r} in the settings (known: {known})", err=True)
+        raise typer.Exit(2)
+    client = backends.make_client(
+        connect_timeout=settings.backend_connect_timeout, timeout=settings.backend_timeout
+    )
+    return backends.make_backend(declared.backend, client), client
+
+
+def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from app import sync
+    from app.backends.base import SyncError
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_err
+    ) as progress:
+        task = progress.add_task(f"reading members from {label}", total=None)
+        seen = 0
+
+        def advance(count: int) -> None:
+            nonlocal seen
+            seen += count
+            progress.update(task, description=f"reading members from {label}: {seen}")
+
+        try:
+            return sync.read_backend(backend, progress=advance)
+        except SyncError as e:
+            typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
+            raise typer.Exit(1) from e
+
+
+@cli.command()
+def reconcile(
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    apply: Annotated[bool, typer.Option("--apply", help="Enqueue the fixes.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compare the list's confirmed members with the backend's; exit 0 in sync, 3 if not."""
+    from app import db, lists, sync
+    from app.models import utcnow
+
+    settings = _settings()
+    backend, client = _backend_for(settings, list_slug)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        remote = _read_members(backend, label=list_slug)
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug=list_slug, remote=remote)
+            if apply and not report.in_sync:
+                sync.apply(session, report=report, now=utcnow())
+    finally:
+        client.close()
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_report(report)
+    if not report.in_sync and not apply:
+        raise typer.Exit(3)
+
+
+def _print_report(report: Any) -> None:
+    typer.echo(
+        f"list {report.list_slug}: {report.confirmed_here} confirmed here, "
+        f"{report.backend_members} members at the backend"
+    )
+    for title, items in (
+        ("missing at the backend (will be added)", report.missing),
+        (
+            "subscribed at the backend without consent here (will be unsubscribed there)",
+            report.extra,
+        ),
+        ("unsubscribed at the backend (will be recorded here)", report.unsubscribed_there),
+    ):
+        typer.echo(f"  {len(items)} {title}")
+        for item in items[:20]:
+            typer.echo(f"    {item}")
+        if len(items) > 20:
+            typer.echo(f"    ... and {len(items) - 20} more (--json for all)")
+    if report.in_sync:
+        typer.echo("  in sync")
+    elif report.applied:
+        typer.echo("  fixes enqueued; the worker applies them")
+    else:
+        typer.echo("  run again with --apply to fix")
+
+
+@cli.command("import-backend")
+def import_backend(
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count, write nothing.")] = False,
+) -> None:
+    """Take over the backend's existing members (subscribed -> confirmed, else unsubscribed)."""
+    from app import db, lists, sync
+    from app.models import utcnow
+
+    settings = _settings()
+    backend, client = _backend_for(settings, list_slug)
+    declared = settings.list_settings(list_slug)
+    assert declared is not None
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        remote = _read_members(backend, label=list_slug)
+        with db.session_scope(engine) as session:
+            report = sync.import_members(
+                session,
+                list_slug=list_slug,
+                remote=remote,
+                backend_kind=declared.backend.kind,
+                now=utcnow(),
+            )
+            if dry_run:
+                session.rollback()
+    finally:
+        client.close()
+        engine.dispose()
+    verb = "would import" if dry_run else "imported"
+    typer.echo(
+        f"list {list_slug}: read {report.read}; {verb} {report.confirmed} confirmed and "
+        f"{report.unsubscribed} unsubscribed; {report.already_known} already known; "
+        f"{len(report.invalid)} invalid"
+    )
+    for address in report.invalid[:20]:
+        typer.echo(f"  invalid: {address!r}")
 
 
 def main() -> None:

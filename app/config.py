@@ -246,6 +246,8 @@ class Settings(BaseSettings):
     # Timeouts of calls to the mailing-list backends (seconds).
     backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     backend_timeout: Annotated[float, Field(gt=0)] = 30.0
+    # Compare each list with its backend and fix differences this often (off when unset).
+    reconcile_interval: Duration | None = None
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 

@@ -82,6 +82,7 @@ class JobState(StrEnum):
 class JobKind(StrEnum):
     MAIL = "mail"
     SYNC = "sync"
+    RECONCILE = "reconcile"
 
 
 class AttemptOutcome(StrEnum):

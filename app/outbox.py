@@ -64,11 +64,7 @@ def enqueue_sync(
     (a new confirmation) survives the merge: it lets an adapter clear old suppressions.
     """
     key = f"sync:{subscription_id}"
-    pending = session.exec(
-        select(OutboxJob)
-        .where(col(OutboxJob.dedupe_key) == key, col(OutboxJob.state) == JobState.PENDING)
-        .with_for_update()
-    ).first()
+    pending = _pending_with_key(session, key)
     if pending is not None:
         if fresh_opt_in and not pending.payload.get("fresh_opt_in"):
             pending.payload = {**pending.payload, "fresh_opt_in": True}
@@ -86,6 +82,30 @@ def enqueue_sync(
         now=now,
         dedupe_key=key,
     )
+
+
+def _pending_with_key(session: Session, key: str) -> OutboxJob | None:
+    return session.exec(
+        select(OutboxJob)
+        .where(col(OutboxJob.dedupe_key) == key, col(OutboxJob.state) == JobState.PENDING)
+        .with_for_update()
+    ).first()
+
+
+def schedule_reconcile(
+    session: Session, *, list_slug: str, now: datetime, delay: timedelta
+) -> None:
+    """Make sure one reconciliation of the list is scheduled (any number of workers ask)."""
+    key = f"reconcile:{list_slug}"
+    if _pending_with_key(session, key) is None:
+        enqueue(
+            session,
+            kind=JobKind.RECONCILE,
+            payload={"list": list_slug},
+            now=now,
+            delay=delay,
+            dedupe_key=key,
+        )
 
 
 @dataclass(frozen=True, slots=True)

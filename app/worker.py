@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from app import backends, db, mails, outbox, sync, tokens
-from app.backends.base import ListBackend
+from app.backends.base import ListBackend, PermanentSyncError, SyncError
 from app.config import Locale, Settings
 from app.mailer import Mailer, MailError, OutgoingMail
 from app.models import (
@@ -107,6 +107,10 @@ class Worker:
 
     def run(self) -> None:
         log.info("worker.started name=%s", self.name)
+        try:
+            self.schedule_reconciliations()
+        except Exception:
+            log.exception("worker.schedule_failed")
         while not self._stop.is_set():
             try:
                 done = self.run_once()
@@ -122,7 +126,7 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim and run one batch of due jobs of each kind; returns how many were handled."""
-        return self._mail_round() + self._sync_round()
+        return self._mail_round() + self._sync_round() + self._reconcile_round()
 
     def _claim(self, kind: JobKind, limit: int) -> list[outbox.ClaimedJob]:
         with db.session_scope(self.engine) as session:
@@ -225,6 +229,76 @@ class Worker:
         )
         self._release([job.id for job in claimed if job.id not in results])
         return len(results)
+
+    # Reconciliation --------------------------------------------------------------------------
+
+    def schedule_reconciliations(self) -> None:
+        interval = self.settings.reconcile_interval
+        if interval is None:
+            return
+        with db.session_scope(self.engine) as session:
+            for declared in self.settings.lists:
+                outbox.schedule_reconcile(
+                    session, list_slug=declared.slug, now=self.now(), delay=interval
+                )
+
+    def _reconcile_round(self) -> int:
+        claimed = self._claim(JobKind.RECONCILE, 1)
+        for job in claimed:
+            started_at = self.now()
+            slug = job.payload["list"]
+            backend = self.backend_for(slug)
+            try:
+                if backend is None:
+                    raise PermanentSyncError(f"list {slug!r} is no longer declared")
+                remote = sync.read_backend(backend)
+            except SyncError as e:
+                s = self.settings
+                with db.session_scope(self.engine) as session:
+                    outbox.fail(
+                        session,
+                        job=job,
+                        worker=self.name,
+                        error=str(e),
+                        retryable=e.retryable,
+                        started_at=started_at,
+                        now=self.now(),
+                        max_attempts=s.job_max_attempts,
+                        base_delay=s.retry_base_delay,
+                        max_delay=s.retry_max_delay,
+                        response=e.response,
+                    )
+                continue
+            with db.session_scope(self.engine) as session:
+                report = sync.compare(session, list_slug=slug, remote=remote)
+                if not report.in_sync:
+                    sync.apply(session, report=report, now=self.now())
+                outbox.finish(
+                    session,
+                    job=job,
+                    worker=self.name,
+                    started_at=started_at,
+                    now=self.now(),
+                    response=(
+                        f"missing {len(report.missing)}, extra {len(report.extra)}, "
+                        f"unsubscribed there {len(report.unsubscribed_there)}"
+                    ),
+                )
+                if self.settings.reconcile_interval is not None:
+                    outbox.schedule_reconcile(
+                        session,
+                        list_slug=slug,
+                        now=self.now(),
+                        delay=self.settings.reconcile_interval,
+                    )
+            log.info(
+                "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d",
+                slug,
+                len(report.missing),
+                len(report.extra),
+                len(report.unsubscribed_there),
+            )
+        return len(claimed)
 
     def _run_job(self, job: outbox.ClaimedJob) -> bool:
         """Run the job and record its outcome; false if not started because of a stop."""

@@ -416,3 +416,23 @@ class TestBackendEvents:
             assert row.status == "complained"
             [event] = session.exec(select(ConsentEvent)).all()
             assert event.detail["event"] == "complained"
+
+
+class TestScheduledReconcile:
+    def test_the_worker_reconciles_on_schedule_and_schedules_the_next_run(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="0s")
+        backend = MemoryBackend()
+        backend.held["stranger@example.org"] = ("stranger@example.org", True, {})
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        worker.schedule_reconciliations()
+        worker.schedule_reconciliations()  # a second worker asking changes nothing
+        assert len(_jobs(engine, JobKind.RECONCILE)) == 1
+        _drain(worker)
+        assert backend.held["stranger@example.org"][1] is False
+        assert backend.held["bulk-0000@example.org"][1] is True
+        reconciles = _jobs(engine, JobKind.RECONCILE)
+        assert reconciles[0].state == JobState.DONE
+        assert reconciles[-1].state == JobState.PENDING

@@ -12,12 +12,14 @@ from typing import Any
 import httpx
 
 from app.backends.base import ListBackend
+from app.backends.listmonk import ListmonkBackend
 from app.backends.none import NoneBackend
 from app.config import BackendSettings
 
 # kind -> factory(settings of that kind, shared HTTP client)
 _FACTORIES: dict[str, Callable[[Any, httpx.Client], ListBackend]] = {
     "none": lambda settings, client: NoneBackend(),
+    "listmonk": lambda settings, client: ListmonkBackend(settings, client),
 }
 
 
