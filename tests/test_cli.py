@@ -1,0 +1,178 @@
+"""Operator commands as operators run them: `newsletter ...` in a subprocess, configured by
+the environment, against a listmonk-shaped server (tests/fake_listmonk.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from app.config import Settings
+from app.mailer import make_mailer
+from app.models import ConsentEvent, Subscription
+from app.worker import Worker
+from tests.conftest import SECRET
+from tests.fake_listmonk import FakeListmonk
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+LIST = 3
+
+
+@pytest.fixture
+def listmonk() -> Iterator[FakeListmonk]:
+    with FakeListmonk() as fake:
+        yield fake
+
+
+def _lists(listmonk: FakeListmonk) -> list[dict[str, object]]:
+    return [
+        {
+            "slug": "bluehats",
+            "name": "Gazette BlueHats",
+            "backend": {
+                "kind": "listmonk",
+                "base_url": listmonk.url,
+                "username": listmonk.username,
+                "api_token": listmonk.token,
+                "list_id": LIST,
+            },
+        }
+    ]
+
+
+def newsletter(
+    *args: str, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY=SECRET,
+        NEWSLETTER_LISTS=json.dumps(_lists(listmonk)),
+        NEWSLETTER_LOG_LEVEL="WARNING",
+    )
+    return subprocess.run(
+        [NEWSLETTER, *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _status_on_list(listmonk: FakeListmonk, email: str) -> str | None:
+    record = listmonk.subscriber(email)
+    if record is None:
+        return None
+    status = record["lists"].get(LIST)
+    return None if status is None else str(status)
+
+
+class TestTakingOverAList:
+    def test_import_then_reconcile_then_apply(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        listmonk.seed("bob@example.org", lists={LIST: "unsubscribed"})
+        listmonk.seed("other@example.org", lists={7: "confirmed"})
+
+        dry = newsletter(
+            "import-backend", "--list", "bluehats", "--dry-run",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert dry.returncode == 0, dry.stderr
+        assert "would import 1 confirmed and 1 unsubscribed" in dry.stdout
+        with Session(engine) as session:
+            assert session.exec(select(Subscription)).all() == []
+
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "imported 1 confirmed and 1 unsubscribed" in done.stdout
+        with Session(engine) as session:
+            rows = {row.email: row.status for row in session.exec(select(Subscription)).all()}
+            assert rows == {"ada@example.org": "confirmed", "bob@example.org": "unsubscribed"}
+            provenance = {e.detail["provenance"] for e in session.exec(select(ConsentEvent))}
+            assert len(provenance) == 1
+            assert provenance.pop().startswith("imported from listmonk on ")
+
+        in_sync = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert in_sync.returncode == 0, in_sync.stderr
+        assert json.loads(in_sync.stdout)["in_sync"] is True
+
+        # Someone adds a member in listmonk's admin, without consent recorded here.
+        listmonk.seed("stranger@example.org", lists={LIST: "confirmed"})
+        drift = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert drift.returncode == 3
+        assert json.loads(drift.stdout)["extra"] == ["stranger@example.org"]
+
+        fix = newsletter(
+            "reconcile", "--list", "bluehats", "--apply",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert fix.returncode == 0, fix.stderr
+        assert "fixes enqueued" in fix.stdout
+
+        settings = Settings(
+            database_url=database_url,
+            secret_key=SECRET,
+            lists=_lists(listmonk),  # type: ignore[arg-type]
+            auto_migrate=False,
+        )
+        worker = Worker(
+            engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name="t"
+        )
+        try:
+            for _ in range(5):
+                worker.run_once()
+        finally:
+            worker.stop()
+        assert _status_on_list(listmonk, "stranger@example.org") == "unsubscribed"
+        # The import's sync gave ada her personal unsubscribe link at listmonk.
+        ada = listmonk.subscriber("ada@example.org")
+        assert ada is not None
+        assert "/v1/unsubscribe/" in ada["attribs"]["unsubscribe_url"]
+
+        again = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "in sync" in again.stdout
+
+    def test_an_unknown_list_is_refused_with_exit_code_2(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        result = newsletter(
+            "reconcile", "--list", "nope",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "no list 'nope'" in result.stderr
+
+    def test_a_backend_that_refuses_gives_exit_code_1(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        listmonk.permissions = set()  # the API user lost its rights: listmonk answers 403
+        result = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert "the backend failed" in result.stderr
