@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from alembic import context
 from sqlalchemy import pool
 from sqlmodel import SQLModel
 
-from alembic import context
 from app import models  # noqa: F401 - registers the tables on SQLModel.metadata
 from app.db import make_engine
 

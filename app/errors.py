@@ -70,6 +70,28 @@ class PayloadTooLarge(DomainError):
     message = "The request body is too large."
 
 
+class WebhookRejected(DomainError):
+    # 406: Mailgun treats it as "rejected, do not retry"; other backends stop as well.
+    status_code = 406
+    code = "webhook_rejected"
+    message = "The webhook call was rejected."
+
+
+class WebhookSignatureInvalid(WebhookRejected):
+    code = "webhook_signature_invalid"
+    message = "The webhook signature does not verify."
+
+
+class WebhookStale(WebhookRejected):
+    code = "webhook_stale"
+    message = "The webhook timestamp is too old or too far in the future."
+
+
+class WebhookReplayed(WebhookRejected):
+    code = "webhook_replayed"
+    message = "This webhook call was already received."
+
+
 def responses(*errors: type[DomainError]) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entry documenting these errors in the OpenAPI document."""
     documented: dict[int | str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app import db, lists, logs, migrations
-from app.api import handlers, health, public
+from app.api import handlers, health, public, webhooks
 from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
@@ -91,8 +91,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database = None
     handlers.install(app)
     app.include_router(public.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        # Mailgun retries a refused event for hours: let any real event through.
+        by_prefix={"/v1/webhooks/": max(settings.max_body_bytes, 1024 * 1024)},
+    )
     app.add_middleware(SecurityHeaders, form_targets=_form_targets(settings))
     return app

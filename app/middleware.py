@@ -13,16 +13,24 @@ from app import errors
 class BodyLimit:
     """Refuse bodies over `max_bytes`, whether announced by Content-Length or streamed."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, by_prefix: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # Larger caps for some paths (a backend's webhook events exceed a form's size).
+        self.by_prefix = by_prefix or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = next(
+            (cap for prefix, cap in self.by_prefix.items() if scope["path"].startswith(prefix)),
+            self.max_bytes,
+        )
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await self._refuse(send)
             return
         seen = 0
@@ -32,7 +40,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise errors.PayloadTooLarge()
             return message
 

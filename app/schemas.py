@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -83,3 +83,23 @@ class ActionResult(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class MailgunSignature(BaseModel):
+    """Mailgun's signature block: hex HMAC-SHA256 of `timestamp + token`."""
+
+    # Mailgun sends the timestamp as a string; a number is read as the same digits.
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    timestamp: Annotated[str, Field(max_length=20, examples=["1770920772"])]
+    token: Annotated[str, Field(min_length=1, max_length=200)]
+    signature: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class MailgunWebhook(BaseModel):
+    """What Mailgun posts for one event (its webhook payload, JSON)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    signature: MailgunSignature
+    event_data: Annotated[dict[str, Any], Field(alias="event-data", default_factory=dict)]

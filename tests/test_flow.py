@@ -104,7 +104,8 @@ class TestDoubleOptIn:
         assert events[1].user_agent == "Mozilla/5.0 (test browser)"
         assert all(e.consent_version == "2026-11" for e in events)
         # A one-click unsubscribe sends no goodbye mail; nothing was sent twice.
-        wait_until(lambda: count_rows(url, "outbox_job WHERE kind = 'mail' AND state = 'done'") == 2)
+        mails_done = "outbox_job WHERE kind = 'mail' AND state = 'done'"
+        wait_until(lambda: count_rows(url, mails_done) == 2)
         assert len(smtp.messages) == 2
 
     def test_form_post_redirects_to_the_thank_you_page(self, client: TestClient) -> None:

@@ -13,6 +13,7 @@ import httpx
 
 from app.backends.base import ListBackend
 from app.backends.listmonk import ListmonkBackend
+from app.backends.mailgun import MailgunBackend
 from app.backends.none import NoneBackend
 from app.config import BackendSettings
 
@@ -20,6 +21,7 @@ from app.config import BackendSettings
 _FACTORIES: dict[str, Callable[[Any, httpx.Client], ListBackend]] = {
     "none": lambda settings, client: NoneBackend(),
     "listmonk": lambda settings, client: ListmonkBackend(settings, client),
+    "mailgun": lambda settings, client: MailgunBackend(settings, client),
 }
 
 

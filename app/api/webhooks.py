@@ -1,0 +1,80 @@
+"""Webhooks from mailing-list backends, each checked with the backend's own signature."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from app import errors, webhooks
+from app.api.deps import JSON, DatabaseDep, SettingsDep, evidence, media_type
+from app.models import utcnow
+from app.schemas import Accepted, MailgunWebhook
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+# One answer for every verified call, whether the address is known here or not.
+EVENT_ACCEPTED = Accepted(detail="Event received.")
+
+
+def _inlined(schema: Any, definitions: dict[str, Any] | None = None) -> Any:
+    """The model's JSON schema with its nested models inlined: a request body given in
+    `openapi_extra` cannot add them to the document's components."""
+    if definitions is None and isinstance(schema, dict):
+        definitions = schema.pop("$defs", {})
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and definitions is not None:
+            return _inlined(definitions[ref.rpartition("/")[2]], definitions)
+        return {key: _inlined(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    return schema
+
+
+@router.post(
+    "/mailgun",
+    operation_id="mailgun_webhook",
+    response_model=Accepted,
+    responses=errors.responses(
+        errors.WebhookSignatureInvalid,
+        errors.WebhookStale,
+        errors.WebhookReplayed,
+        errors.InvalidBody,
+        errors.UnsupportedMediaType,
+        errors.PayloadTooLarge,
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {"schema": _inlined(MailgunWebhook.model_json_schema(by_alias=True))}
+            },
+        }
+    },
+)
+async def mailgun_webhook(
+    request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """Receive a signed Mailgun event: unsubscribes, complaints and hard bounces apply."""
+    if media_type(request) != JSON:
+        raise errors.UnsupportedMediaType("Send the Mailgun event as application/json.")
+    try:
+        payload = json.loads(await request.body())
+    except RecursionError as e:
+        raise errors.InvalidBody("The body is nested too deeply.") from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise errors.InvalidBody("The body is not valid JSON.") from e
+    now = utcnow()
+    event = webhooks.verify_mailgun(payload, lists=settings.lists, now=now)
+    # Events that change nothing here are acknowledged without touching the database.
+    if event.event is not None:
+        await database.run(
+            webhooks.record,
+            event=event,
+            evidence=evidence(request, settings, source="backend"),
+            now=now,
+        )
+    return JSONResponse(EVENT_ACCEPTED.model_dump())

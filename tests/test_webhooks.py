@@ -1,0 +1,337 @@
+"""POST /v1/webhooks/mailgun: signed Mailgun events change subscriptions; anything unsigned,
+stale or replayed gets 406 and changes nothing. The list's backend is the fake Mailgun
+(tests/fake_mailgun.py), so the sync that follows an event reaches a real HTTP server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from app.config import Settings
+from app.db import make_engine
+from app.main import create_app
+from app.models import ConsentEvent, Subscription
+from tests.conftest import SmtpSink, count_rows, link_in, make_settings, wait_until
+from tests.fake_mailgun import FakeMailgun, webhook
+
+LIST_ADDRESS = "bluehats@mail.codegouv.fr"
+SIGNING_KEY = "mailgun-webhook-signing-key-for-tests"
+ACCEPTED = {"status": "accepted", "detail": "Event received."}
+
+
+def mailgun_list(base_url: str, **backend: Any) -> dict[str, Any]:
+    return {
+        "slug": "bluehats",
+        "name": "Gazette BlueHats",
+        "backend": {
+            "kind": "mailgun",
+            "list_address": LIST_ADDRESS,
+            "api_key": FakeMailgun.api_key,
+            "base_url": base_url,
+            "webhook_signing_key": SIGNING_KEY,
+            **backend,
+        },
+    }
+
+
+@pytest.fixture
+def fake() -> FakeMailgun:
+    server = FakeMailgun()
+    server.create_list(LIST_ADDRESS)
+    return server
+
+
+@pytest.fixture
+def mailgun_url(fake: FakeMailgun) -> Iterator[str]:
+    with fake.serve() as url:
+        yield url
+
+
+@pytest.fixture
+def settings(database_url: str, smtp: SmtpSink, mailgun_url: str) -> Settings:
+    return make_settings(database_url, smtp_port=smtp.port, lists=[mailgun_list(mailgun_url)])
+
+
+def status_of(url: str, email_key: str) -> str | None:
+    engine = make_engine(url)
+    with Session(engine) as session:
+        row = session.exec(select(Subscription).where(Subscription.email_key == email_key)).first()
+    engine.dispose()
+    return row.status if row else None
+
+
+def backend_events(url: str) -> list[ConsentEvent]:
+    engine = make_engine(url)
+    with Session(engine) as session:
+        rows = list(
+            session.exec(
+                select(ConsentEvent)
+                .where(ConsentEvent.action == "backend_event", ConsentEvent.source == "backend")
+                .order_by(ConsentEvent.id)  # type: ignore[arg-type]
+            ).all()
+        )
+    engine.dispose()
+    return rows
+
+
+def confirmed(client: TestClient, smtp: SmtpSink, email: str) -> None:
+    """Subscribe and confirm through the API, with the mail the real SMTP server received."""
+    response = client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
+    assert response.status_code == 202
+    link = link_in(smtp.mail_to(email, link="confirm"), "confirm")
+    assert client.post(link, headers={"accept": "application/json"}).json() == {
+        "status": "confirmed",
+        "list": "bluehats",
+    }
+
+
+def event(kind: str, recipient: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "event": kind,
+        "recipient": recipient,
+        "mailing-list": {"address": LIST_ADDRESS, "list-id": "bluehats", "sid": "x"},
+        **extra,
+    }
+
+
+def post(client: TestClient, body: dict[str, Any]) -> Any:
+    return client.post("/v1/webhooks/mailgun", json=body)
+
+
+def stored_rows(url: str) -> dict[str, int]:
+    return {
+        table: count_rows(url, table)
+        for table in ("subscription", "consent_event", "outbox_job", "webhook_nonce")
+    }
+
+
+class TestAcceptedEvents:
+    @pytest.mark.parametrize(
+        ("data", "status"),
+        [
+            ({"event": "unsubscribed"}, "unsubscribed"),
+            ({"event": "complained"}, "complained"),
+            (
+                {"event": "failed", "severity": "permanent", "reason": "bounce"},
+                "bounced",
+            ),
+        ],
+        ids=["unsubscribed", "complained", "permanent-failure"],
+    )
+    def test_a_signed_event_changes_the_subscription(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        settings: Settings,
+        data: dict[str, Any],
+        status: str,
+    ) -> None:
+        url = settings.database_url
+        confirmed(client, smtp, "Reader@example.org")
+        body = webhook(SIGNING_KEY, event(data["event"], "reader@example.org", **data))
+
+        response = post(client, body)
+
+        assert response.status_code == 200
+        assert response.json() == ACCEPTED
+        assert status_of(url, "reader@example.org") == status
+        [recorded] = backend_events(url)
+        assert recorded.status_after == status
+        assert recorded.ip == "testclient"
+        expected_detail = {
+            "event": status,
+            "previous_status": "confirmed",
+            "backend": "mailgun",
+            "event_id": body["event-data"]["id"],
+        }
+        if data["event"] == "failed":
+            expected_detail |= {"severity": "permanent", "reason": "bounce"}
+        assert recorded.detail == expected_detail
+        assert count_rows(url, "webhook_nonce") == 1
+
+    def test_an_unsubscribe_at_mailgun_is_kept_and_synced_back(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings, fake: FakeMailgun
+    ) -> None:
+        confirmed(client, smtp, "sync@example.org")
+        # The worker pushed the confirmed member to (fake) Mailgun.
+        wait_until(lambda: fake.member(LIST_ADDRESS, "sync@example.org"))
+
+        post(client, webhook(SIGNING_KEY, event("unsubscribed", "sync@example.org")))
+
+        assert status_of(settings.database_url, "sync@example.org") == "unsubscribed"
+        # The new state is synced: Mailgun keeps the member, unsubscribed.
+        wait_until(
+            lambda: (
+                (stored := fake.member(LIST_ADDRESS, "sync@example.org")) and not stored.subscribed
+            )
+        )
+
+    def test_an_event_naming_no_list_applies_to_the_list_whose_key_signs_it(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "domain@example.org")
+        data = {"event": "complained", "recipient": "domain@example.org"}
+        assert post(client, webhook(SIGNING_KEY, data)).json() == ACCEPTED
+        assert status_of(settings.database_url, "domain@example.org") == "complained"
+
+
+class TestRejected:
+    def _assert_refused(self, response: Any, code: str) -> None:
+        assert response.status_code == 406
+        body = response.json()
+        assert body["error"] == code
+        assert set(body) == {"error", "detail"}
+
+    def test_a_wrong_signature_is_406_and_changes_nothing(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "safe@example.org")
+        before = stored_rows(settings.database_url)
+        body = webhook(SIGNING_KEY, event("unsubscribed", "safe@example.org"))
+        body["signature"]["signature"] = "0" * 64
+
+        self._assert_refused(post(client, body), "webhook_signature_invalid")
+
+        assert status_of(settings.database_url, "safe@example.org") == "confirmed"
+        assert stored_rows(settings.database_url) == before
+
+    @pytest.mark.parametrize(
+        "forge",
+        ["other key", "token swapped", "non-ascii signature", "no signature block"],
+    )
+    def test_forgeries_are_406(self, client: TestClient, settings: Settings, forge: str) -> None:
+        before = stored_rows(settings.database_url)
+        body = webhook(SIGNING_KEY, event("unsubscribed", "someone@example.org"))
+        if forge == "other key":
+            body = webhook("not-our-key", event("unsubscribed", "someone@example.org"))
+        elif forge == "token swapped":
+            body["signature"]["token"] = "a" * 50
+        elif forge == "non-ascii signature":
+            body["signature"]["signature"] = "é" * 64
+        else:
+            del body["signature"]
+
+        self._assert_refused(post(client, body), "webhook_signature_invalid")
+        assert stored_rows(settings.database_url) == before
+
+    @pytest.mark.parametrize("offset", [-301, 301], ids=["stale", "from-the-future"])
+    def test_a_timestamp_outside_five_minutes_is_406(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings, offset: int
+    ) -> None:
+        confirmed(client, smtp, "late@example.org")
+        body = webhook(
+            SIGNING_KEY,
+            event("unsubscribed", "late@example.org"),
+            timestamp=time.time() + offset,
+        )
+        self._assert_refused(post(client, body), "webhook_stale")
+        assert status_of(settings.database_url, "late@example.org") == "confirmed"
+        assert count_rows(settings.database_url, "webhook_nonce") == 0
+
+    def test_a_replayed_token_is_406(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "replay@example.org")
+        body = webhook(SIGNING_KEY, event("unsubscribed", "replay@example.org"))
+        assert post(client, body).status_code == 200
+
+        self._assert_refused(post(client, body), "webhook_replayed")
+        # Same token, another event: still a replay.
+        again = webhook(
+            SIGNING_KEY,
+            event("complained", "replay@example.org"),
+            token=body["signature"]["token"],
+        )
+        self._assert_refused(post(client, again), "webhook_replayed")
+
+        assert status_of(settings.database_url, "replay@example.org") == "unsubscribed"
+        assert len(backend_events(settings.database_url)) == 1
+        assert count_rows(settings.database_url, "webhook_nonce") == 1
+
+    def test_without_a_signing_key_every_call_is_406(
+        self, database_url: str, smtp: SmtpSink, mailgun_url: str
+    ) -> None:
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[mailgun_list(mailgun_url, webhook_signing_key=None)],
+        )
+        with TestClient(create_app(settings)) as client:
+            body = webhook(SIGNING_KEY, event("unsubscribed", "a@example.org"))
+            self._assert_refused(post(client, body), "webhook_signature_invalid")
+
+    def test_a_body_that_is_not_json_is_400(self, client: TestClient) -> None:
+        response = client.post(
+            "/v1/webhooks/mailgun",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_body"
+        form = client.post("/v1/webhooks/mailgun", data={"signature": "x"})
+        assert form.status_code == 415
+
+
+class TestIgnored:
+    @pytest.mark.parametrize(
+        "data",
+        [
+            {"event": "delivered"},
+            {"event": "opened"},
+            {"event": "clicked", "url": "https://code.gouv.fr"},
+            {"event": "failed", "severity": "temporary", "reason": "generic"},
+            {"event": "accepted"},
+        ],
+        ids=["delivered", "opened", "clicked", "temporary-failure", "accepted"],
+    )
+    def test_other_events_are_acknowledged_and_change_nothing(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings, data: dict[str, Any]
+    ) -> None:
+        confirmed(client, smtp, "reader@example.org")
+        before = stored_rows(settings.database_url)
+
+        response = post(
+            client, webhook(SIGNING_KEY, event(data["event"], "reader@example.org", **data))
+        )
+
+        assert response.status_code == 200
+        assert response.json() == ACCEPTED
+        assert status_of(settings.database_url, "reader@example.org") == "confirmed"
+        # Not even the token: nothing was done that a replay could do twice.
+        assert stored_rows(settings.database_url) == before
+
+    def test_an_unknown_address_gets_the_same_answer_and_nothing_is_stored(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "known@example.org")
+        before = stored_rows(settings.database_url)
+
+        known = post(client, webhook(SIGNING_KEY, event("unsubscribed", "known@example.org")))
+        unknown = post(client, webhook(SIGNING_KEY, event("unsubscribed", "nobody@example.org")))
+
+        assert (unknown.status_code, unknown.content) == (known.status_code, known.content)
+        assert status_of(settings.database_url, "nobody@example.org") is None
+        after = stored_rows(settings.database_url)
+        # The known address: one ledger entry and one sync job; the unknown one: nothing
+        # but the spent token of each call.
+        assert after["subscription"] == before["subscription"]
+        assert after["consent_event"] == before["consent_event"] + 1
+        assert after["outbox_job"] == before["outbox_job"] + 1
+        assert after["webhook_nonce"] == before["webhook_nonce"] + 2
+
+    def test_an_event_about_another_mailgun_list_changes_nothing(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "reader@example.org")
+        data = event("unsubscribed", "reader@example.org")
+        data["mailing-list"] = {"address": "other-list@mail.codegouv.fr"}
+
+        assert post(client, webhook(SIGNING_KEY, data)).json() == ACCEPTED
+
+        assert status_of(settings.database_url, "reader@example.org") == "confirmed"
+        assert backend_events(settings.database_url) == []
