@@ -247,5 +247,101 @@ def import_backend(
         typer.echo(f"  invalid: {address!r}")
 
 
+keys_cli = typer.Typer(no_args_is_help=True, help="Keys to the admin API.")
+cli.add_typer(keys_cli, name="keys")
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli:unknown"
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what uses the key.")],
+    scope: Annotated[str, typer.Option(help="read or write.")] = "read",
+) -> None:
+    """Make a key; it is printed once and only its hash is kept."""
+    from app import apikeys, audit, db, errors
+    from app.models import KeyScope, utcnow
+
+    try:
+        chosen = KeyScope(scope)
+    except ValueError as e:
+        typer.echo("--scope must be read or write", err=True)
+        raise typer.Exit(2) from e
+    settings = _settings()
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            _, key = apikeys.create(session, name=name, scope=chosen, now=utcnow())
+            audit.record(
+                session,
+                actor=_cli_actor(),
+                action="key.create",
+                target=name,
+                outcome="ok",
+                now=utcnow(),
+                detail={"scope": chosen.value},
+            )
+    except errors.Conflict as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(1) from e
+    finally:
+        engine.dispose()
+    typer.echo(key)
+    typer.echo(f"key {name!r} ({chosen.value}) created; it is shown only now", err=True)
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """Every key: name, scope, created, last used, revoked."""
+    from app import apikeys, db
+
+    settings = _settings()
+    engine = db.make_engine(settings.database_url)
+    with db.session_scope(engine) as session:
+        rows = apikeys.all_keys(session)
+    engine.dispose()
+    for row in rows:
+        state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+        used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
+        typer.echo(
+            f"{row.name}\t{row.scope}\t{row.prefix}...\tcreated {row.created_at:%Y-%m-%d}"
+            f"\tlast used {used}\t{state}"
+        )
+
+
+@keys_cli.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Revoke a key at once."""
+    from app import apikeys, audit, db, errors
+    from app.models import utcnow
+
+    settings = _settings()
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            apikeys.revoke(session, name=name, now=utcnow())
+            audit.record(
+                session,
+                actor=_cli_actor(),
+                action="key.revoke",
+                target=name,
+                outcome="ok",
+                now=utcnow(),
+            )
+    except errors.NotFound as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(1) from e
+    finally:
+        engine.dispose()
+    typer.echo(f"key {name!r} revoked")
+
+
 def main() -> None:
     cli()

@@ -20,11 +20,14 @@ class DomainError(Exception):
     status_code: ClassVar[int] = 400
     code: ClassVar[str] = "bad_request"
     message: ClassVar[str] = "The request could not be processed."
+    # Response headers the answer carries, documented in the OpenAPI document.
+    documented_headers: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, detail: str | None = None, *, list_slug: str | None = None) -> None:
         self.detail = detail or self.message
         # The list concerned, when known: an error page can then offer to ask again.
         self.list_slug = list_slug
+        self.headers: dict[str, str] = {}
         super().__init__(self.detail)
 
 
@@ -52,6 +55,36 @@ class TokenUsed(DomainError):
     message = "This link has already been used."
 
 
+class Unauthorized(DomainError):
+    status_code = 401
+    code = "unauthorized"
+    message = "A valid API key is required (Authorization: Bearer <key>)."
+
+
+class Forbidden(DomainError):
+    status_code = 403
+    code = "forbidden"
+    message = "This key may only read; this action needs a write key."
+
+
+class NotFound(DomainError):
+    status_code = 404
+    code = "not_found"
+    message = "Nothing matches."
+
+
+class Conflict(DomainError):
+    status_code = 409
+    code = "conflict"
+    message = "This conflicts with what exists."
+
+
+class BadRequest(DomainError):
+    status_code = 400
+    code = "bad_request"
+    message = "The request is not valid."
+
+
 class InvalidBody(DomainError):
     status_code = 400
     code = "invalid_body"
@@ -68,6 +101,23 @@ class PayloadTooLarge(DomainError):
     status_code = 413
     code = "payload_too_large"
     message = "The request body is too large."
+
+
+class RateLimited(DomainError):
+    status_code = 429
+    code = "rate_limited"
+    message = "Too many requests from this network address; try again later."
+    documented_headers: ClassVar[dict[str, dict[str, Any]]] = {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+
+    def __init__(self, *, retry_after: int) -> None:
+        super().__init__(f"Too many requests from this network address; retry in {retry_after} s.")
+        self.retry_after = retry_after
+        self.headers["Retry-After"] = str(retry_after)
 
 
 class WebhookRejected(DomainError):
@@ -101,4 +151,6 @@ def responses(*errors: type[DomainError]) -> dict[int | str, dict[str, Any]]:
         )
         if error.message not in entry["description"]:
             entry["description"] += " / " + error.message
+        if error.documented_headers:
+            entry.setdefault("headers", {}).update(error.documented_headers)
     return documented

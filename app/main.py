@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app import db, lists, logs, migrations
+from app.api import admin as admin_api
 from app.api import handlers, health, public, webhooks
 from app.api.deps import Database
 from app.config import Settings, load_settings
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database = None
     handlers.install(app)
     app.include_router(public.router)
+    app.include_router(admin_api.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

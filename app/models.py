@@ -110,6 +110,8 @@ class Subscription(SQLModel, table=True):
     __tablename__ = "subscription"
     __table_args__ = (
         sa.UniqueConstraint("list_id", "email_key", name="uq_subscription_list_email"),
+        # Keyset pages of one list stay an index range scan on the millionth row.
+        sa.Index("ix_subscription_list_id_id", "list_id", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -173,6 +175,8 @@ class OutboxJob(SQLModel, table=True):
     # Jobs sharing a key run one at a time, in order, and a pending one absorbs newer
     # requests (sync jobs: "sync:<subscription id>"; the latest state wins).
     dedupe_key: str | None = Field(default=None, max_length=128, index=True)
+    # The subscription the job is about, when there is one (operators look jobs up by it).
+    subscription_id: int | None = Field(default=None, index=True)
     payload: dict[str, Any] = _json()
     state: str = Field(max_length=16)
     attempts: int = 0
@@ -211,3 +215,41 @@ class WebhookNonce(SQLModel, table=True):
     backend: str = Field(max_length=32)
     token_hash: str = Field(max_length=64)
     received_at: datetime = _ts()
+
+
+class KeyScope(StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+class ApiKey(SQLModel, table=True):
+    """An operator's or a service's key to the admin API; only its SHA-256 is stored."""
+
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100, unique=True)
+    scope: str = Field(max_length=16)
+    key_hash: str = Field(max_length=64, unique=True)
+    # The key's first characters, to tell keys apart in listings.
+    prefix: str = Field(max_length=16)
+    created_at: datetime = _ts()
+    last_used_at: datetime | None = _ts(nullable=True)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only record of every operator action, through the API or the CLI."""
+
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    occurred_at: datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False, index=True)
+    )
+    # The key's name, or "cli:<user>" for the command line.
+    actor: str = Field(max_length=120, index=True)
+    action: str = Field(max_length=64, index=True)
+    target: str | None = Field(default=None, max_length=400)
+    outcome: str = Field(max_length=16)
+    detail: dict[str, Any] = _json()

@@ -40,10 +40,12 @@ def enqueue(
     delay: timedelta = timedelta(0),
     dedupe_key: str | None = None,
 ) -> OutboxJob:
+    subscription_id = payload.get("subscription_id")
     job = OutboxJob(
         kind=kind,
         payload=payload,
         dedupe_key=dedupe_key,
+        subscription_id=subscription_id if isinstance(subscription_id, int) else None,
         state=JobState.PENDING,
         next_attempt_at=now + delay,
         created_at=now,

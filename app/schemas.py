@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -103,3 +104,99 @@ class MailgunWebhook(BaseModel):
 
     signature: MailgunSignature
     event_data: Annotated[dict[str, Any], Field(alias="event-data", default_factory=dict)]
+
+
+# Admin ------------------------------------------------------------------------------------
+
+
+class ListOut(BaseModel):
+    slug: str
+    name: str
+    default_locale: str
+    consent_version: str
+    confirm_ttl_seconds: int
+    thank_you_url: str | None
+    landing_url: str | None
+    backend: str
+
+
+class SubscriberOut(BaseModel):
+    email: str
+    status: str
+    locale: str
+    attributes: dict[str, Any]
+    consent_version: str
+    created_at: datetime
+    confirmed_at: datetime | None
+    unsubscribed_at: datetime | None
+
+
+class SubscriberPage(BaseModel):
+    items: list[SubscriberOut]
+    next_cursor: str | None
+
+
+class ConsentEventOut(BaseModel):
+    action: str
+    status_after: str
+    source: str
+    source_url: str | None
+    consent_version: str
+    ip: str | None
+    user_agent: str | None
+    detail: dict[str, Any]
+    occurred_at: datetime
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    outcome: str
+    error: str | None
+    response: str | None
+    started_at: datetime
+    finished_at: datetime
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    payload: dict[str, Any]
+
+
+class JobWithAttempts(JobOut):
+    attempt_log: list[AttemptOut]
+
+
+class SubscriberDetail(SubscriberOut):
+    ledger: list[ConsentEventOut]
+    jobs: list[JobWithAttempts]
+
+
+class StatsOut(BaseModel):
+    list: str
+    by_status: dict[str, int]
+    series: dict[str, dict[str, int]]
+    confirmation_rate: float | None
+    sync_backlog: int
+    oldest_pending_job_seconds: float | None
+    dead_jobs: int
+
+
+class RetryResult(BaseModel):
+    retried: int
+
+
+class AuditOut(BaseModel):
+    id: int
+    occurred_at: datetime
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    detail: dict[str, Any]

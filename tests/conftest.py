@@ -31,6 +31,8 @@ from app.main import create_app
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL") or None
 SECRET = "test-secret-key-not-for-production"
 TABLES = [
+    "audit_event",
+    "api_key",
     "webhook_nonce",
     "delivery_attempt",
     "outbox_job",

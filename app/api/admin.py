@@ -1,0 +1,296 @@
+"""The admin API: operators and other services, with `Authorization: Bearer <key>`.
+
+Every route needs a key (401 without a valid one); routes that change anything need a
+write key (403 for a read key). Actions and reads of personal data go to the audit log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app import admin, apikeys, audit, errors
+from app.api.deps import Database, DatabaseDep, SettingsDep
+from app.models import JobKind, JobState, SubscriptionStatus, utcnow
+from app.schemas import (
+    AttemptOut,
+    AuditOut,
+    ConsentEventOut,
+    JobOut,
+    JobWithAttempts,
+    ListOut,
+    RetryResult,
+    StatsOut,
+    SubscriberDetail,
+    SubscriberOut,
+    SubscriberPage,
+)
+
+T = TypeVar("T")
+
+_bearer = HTTPBearer(auto_error=False, description="An API key made with `newsletter keys create`.")
+
+
+async def caller(
+    database: DatabaseDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> apikeys.Caller:
+    key = credentials.credentials if credentials else None
+    return await database.run(apikeys.authenticate, key=key, now=utcnow())
+
+
+CallerDep = Annotated[apikeys.Caller, Depends(caller)]
+
+
+async def writer(who: CallerDep) -> apikeys.Caller:
+    if not who.can_write:
+        raise errors.Forbidden()
+    return who
+
+
+WriterDep = Annotated[apikeys.Caller, Depends(writer)]
+
+AUTH_ERRORS = errors.responses(errors.Unauthorized, errors.Forbidden)
+router = APIRouter(
+    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+)
+
+
+async def audited(
+    database: Database,
+    who: apikeys.Caller,
+    *,
+    action: str,
+    target: str | None,
+    work: Callable[..., T],
+    **kwargs: Any,
+) -> T:
+    """Run `work` and record the action in the audit log, success or failure."""
+
+    def run(session: Any, **inner: Any) -> T:
+        result = work(session, **inner)
+        audit.record(
+            session, actor=who.name, action=action, target=target, outcome="ok", now=utcnow()
+        )
+        return result
+
+    try:
+        return await database.run(run, **kwargs)
+    except errors.DomainError as e:
+        await database.run(
+            audit.record,
+            actor=who.name,
+            action=action,
+            target=target,
+            outcome=f"error:{e.code}",
+            now=utcnow(),
+            detail={"detail": e.detail},
+        )
+        raise
+
+
+def _list_out(row: Any, settings: Any) -> ListOut:
+    declared = settings.list_settings(row.slug)
+    return ListOut(
+        slug=row.slug,
+        name=row.name,
+        default_locale=row.default_locale,
+        consent_version=row.consent_version,
+        confirm_ttl_seconds=row.confirm_ttl_seconds,
+        thank_you_url=row.thank_you_url,
+        landing_url=row.landing_url,
+        backend=declared.backend.kind if declared else "none",
+    )
+
+
+@router.get("/lists", operation_id="admin_list_lists", response_model=list[ListOut])
+async def list_lists(database: DatabaseDep, settings: SettingsDep) -> list[ListOut]:
+    """Every mailing list."""
+    rows = await database.run(admin.all_lists)
+    return [_list_out(row, settings) for row in rows]
+
+
+@router.get(
+    "/lists/{slug}",
+    operation_id="admin_get_list",
+    response_model=ListOut,
+    responses=errors.responses(errors.ListNotFound),
+)
+async def get_list(slug: str, database: DatabaseDep, settings: SettingsDep) -> ListOut:
+    """One mailing list."""
+    from app import lists
+
+    return _list_out(await database.run(lists.get, slug=slug), settings)
+
+
+def _subscriber_out(row: Any) -> SubscriberOut:
+    return SubscriberOut.model_validate(row, from_attributes=True)
+
+
+@router.get(
+    "/lists/{slug}/subscribers",
+    operation_id="admin_search_subscribers",
+    response_model=SubscriberPage,
+    responses=errors.responses(errors.ListNotFound, errors.BadRequest),
+)
+async def search_subscribers(
+    slug: str,
+    database: DatabaseDep,
+    status: SubscriptionStatus | None = None,
+    prefix: Annotated[str | None, Query(max_length=254)] = None,
+    locale: Annotated[str | None, Query(max_length=8)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    confirmed_after: datetime | None = None,
+    confirmed_before: datetime | None = None,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
+) -> SubscriberPage:
+    """Subscribers of a list, filtered, in pages (pass `next_cursor` back as `cursor`)."""
+    rows, next_cursor = await database.run(
+        admin.search_subscribers,
+        list_slug=slug,
+        where=admin.SubscriberFilter(
+            status=status,
+            prefix=prefix,
+            locale=locale,
+            created_after=created_after,
+            created_before=created_before,
+            confirmed_after=confirmed_after,
+            confirmed_before=confirmed_before,
+        ),
+        cursor=cursor,
+        limit=limit,
+    )
+    return SubscriberPage(items=[_subscriber_out(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get(
+    "/lists/{slug}/subscribers/{email}",
+    operation_id="admin_get_subscriber",
+    response_model=SubscriberDetail,
+    responses=errors.responses(errors.ListNotFound, errors.NotFound),
+)
+async def get_subscriber(
+    slug: str, email: str, database: DatabaseDep, who: CallerDep
+) -> SubscriberDetail:
+    """One subscriber's full record: state, consent ledger, mails and syncs with attempts."""
+    record = await audited(
+        database, who, action="subscriber.read", target=f"{slug}:{email}",
+        work=admin.subscriber_record, list_slug=slug, email=email,
+    )  # fmt: skip
+    attempts: dict[int, list[AttemptOut]] = {}
+    for attempt in record.attempts:
+        attempts.setdefault(attempt.job_id, []).append(
+            AttemptOut.model_validate(attempt, from_attributes=True)
+        )
+    return SubscriberDetail(
+        **_subscriber_out(record.subscription).model_dump(),
+        ledger=[ConsentEventOut.model_validate(e, from_attributes=True) for e in record.events],
+        jobs=[
+            JobWithAttempts(
+                **JobOut.model_validate(job, from_attributes=True).model_dump(),
+                attempt_log=attempts.get(job.id or 0, []),
+            )
+            for job in record.jobs
+        ],
+    )
+
+
+@router.get(
+    "/lists/{slug}/stats",
+    operation_id="admin_list_stats",
+    response_model=StatsOut,
+    responses=errors.responses(errors.ListNotFound),
+)
+async def list_stats(
+    slug: str,
+    database: DatabaseDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    by: Annotated[str, Query(pattern="^(day|month)$")] = "day",
+) -> StatsOut:
+    """Counts by status; requests, confirmations and unsubscriptions per day or month;
+    confirmation rate; sync backlog, oldest waiting job, dead jobs. Default: last 30 days."""
+    now = utcnow()
+    result = await database.run(
+        admin.stats,
+        list_slug=slug,
+        since=since or now - timedelta(days=30),
+        until=until or now + timedelta(seconds=1),
+        by_month=by == "month",
+        now=now,
+    )
+    return StatsOut(
+        list=result.list_slug,
+        by_status=result.by_status,
+        series=result.series,
+        confirmation_rate=result.confirmation_rate,
+        sync_backlog=result.sync_backlog,
+        oldest_pending_job_seconds=result.oldest_pending_job_seconds,
+        dead_jobs=result.dead_jobs,
+    )
+
+
+@router.get("/jobs", operation_id="admin_list_failed_jobs", response_model=list[JobOut])
+async def list_failed_jobs(
+    database: DatabaseDep,
+    state: Annotated[JobState | None, Query(description="dead, or pending (retrying)")] = None,
+    kind: JobKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
+) -> list[JobOut]:
+    """Jobs that failed: dead letters and jobs waiting for a retry, with their last error."""
+    rows = await database.run(admin.failed_jobs, state=state, kind=kind, limit=limit)
+    return [JobOut.model_validate(row, from_attributes=True) for row in rows]
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    operation_id="admin_retry_job",
+    response_model=RetryResult,
+    responses=errors.responses(errors.NotFound),
+)
+async def retry_job(job_id: int, database: DatabaseDep, who: WriterDep) -> RetryResult:
+    """Put one failed job back in the queue now."""
+
+    def work(session: Any) -> int:
+        count = admin.retry_jobs(session, job_ids=[job_id], now=utcnow())
+        if count == 0:
+            raise errors.NotFound("No failed job has this id.")
+        return count
+
+    count = await audited(database, who, action="job.retry", target=str(job_id), work=work)
+    return RetryResult(retried=count)
+
+
+@router.post("/jobs/retry", operation_id="admin_retry_all_jobs", response_model=RetryResult)
+async def retry_all_jobs(database: DatabaseDep, who: WriterDep) -> RetryResult:
+    """Put every failed job back in the queue now."""
+    count = await audited(
+        database, who, action="job.retry_all", target=None,
+        work=admin.retry_jobs, job_ids=None, now=utcnow(),
+    )  # fmt: skip
+    return RetryResult(retried=count)
+
+
+@router.get("/audit", operation_id="admin_search_audit", response_model=list[AuditOut])
+async def search_audit(
+    database: DatabaseDep,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
+) -> list[AuditOut]:
+    """The audit log, newest first (`before_id` for older pages)."""
+    rows = await database.run(
+        audit.search, actor=actor, action=action, target=target, since=since, until=until,
+        before_id=before_id, limit=limit,
+    )  # fmt: skip
+    return [AuditOut.model_validate(row, from_attributes=True) for row in rows]

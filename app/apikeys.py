@@ -1,0 +1,76 @@
+"""Keys to the admin API: shown once at creation, stored as SHA-256, scoped read or write."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, col, select
+
+from app import errors
+from app.models import ApiKey, KeyScope
+
+KEY_PREFIX = "nlk_"
+# A key's last use is written at most this often (not on every request).
+TOUCH_EVERY = timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling the admin API (or the CLI): goes into the audit log."""
+
+    name: str
+    scope: KeyScope
+
+    @property
+    def can_write(self) -> bool:
+        return self.scope == KeyScope.WRITE
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create(session: Session, *, name: str, scope: KeyScope, now: datetime) -> tuple[ApiKey, str]:
+    """A new key; the clear key is returned once and never stored."""
+    if session.exec(select(ApiKey).where(ApiKey.name == name)).first() is not None:
+        raise errors.Conflict(f"A key named {name!r} already exists.")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(name=name, scope=scope, key_hash=_hash(key), prefix=key[:10], created_at=now)
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def all_keys(session: Session) -> list[ApiKey]:
+    return list(session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all())
+
+
+def revoke(session: Session, *, name: str, now: datetime) -> ApiKey:
+    row = session.exec(select(ApiKey).where(ApiKey.name == name)).first()
+    if row is None:
+        raise errors.NotFound(f"No key is named {name!r}.")
+    if row.revoked_at is None:
+        row.revoked_at = now
+        session.add(row)
+    return row
+
+
+def authenticate(session: Session, *, key: str | None, now: datetime) -> Caller:
+    """The caller behind a bearer key; Unauthorized for a missing, unknown or revoked key."""
+    if not key or not key.startswith(KEY_PREFIX) or len(key) > 100:
+        raise errors.Unauthorized()
+    wanted = _hash(key)
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == wanted)).first()
+    if (
+        row is None
+        or row.revoked_at is not None
+        or not secrets.compare_digest(row.key_hash, wanted)
+    ):
+        raise errors.Unauthorized()
+    if row.last_used_at is None or now - row.last_used_at >= TOUCH_EVERY:
+        row.last_used_at = now
+        session.add(row)
+    return Caller(name=row.name, scope=KeyScope(row.scope))

@@ -1,0 +1,303 @@
+"""The admin API: keys and scopes on every route, search with keyset pages, a subscriber's
+full record, stats, the failed-job queue, and the audit log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from app import apikeys, db, lists
+from app.config import Settings
+from app.models import (
+    ApiKey,
+    AuditEvent,
+    JobKind,
+    JobState,
+    KeyScope,
+    OutboxJob,
+    Subscription,
+    utcnow,
+)
+from tests.conftest import SECRET, SmtpSink, link_in, wait_until
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+
+
+def _key(engine: sa.Engine, name: str, scope: KeyScope) -> str:
+    with db.session_scope(engine) as session:
+        _, key = apikeys.create(session, name=name, scope=scope, now=utcnow())
+    return key
+
+
+@pytest.fixture
+def read_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
+    return {"authorization": f"Bearer {_key(engine, 'dashboard', KeyScope.READ)}"}
+
+
+@pytest.fixture
+def write_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
+    return {"authorization": f"Bearer {_key(engine, 'operator', KeyScope.WRITE)}"}
+
+
+def _admin_operations(client: TestClient) -> list[tuple[str, str]]:
+    document = client.get("/openapi.json").json()
+    found = []
+    for path, operations in document["paths"].items():
+        for method in operations:
+            if path.startswith("/v1/admin"):
+                concrete = path.replace("{slug}", "bluehats").replace("{email}", "a@example.org")
+                found.append((method.upper(), concrete.replace("{job_id}", "1")))
+    return found
+
+
+def _subscriptions(engine: sa.Engine, count: int, **values: Any) -> None:
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        mailing_list = lists.get(session, slug="bluehats")
+        for n in range(count):
+            session.add(
+                Subscription(
+                    list_id=mailing_list.id,
+                    email=f"user{n:04d}@example.org",
+                    email_key=f"user{n:04d}@example.org",
+                    status=values.get("status", "confirmed"),
+                    locale=values.get("locale", "fr"),
+                    consent_version="2026-11",
+                    created_at=now,
+                    confirmed_at=now,
+                )
+            )
+
+
+class TestKeys:
+    def test_every_admin_route_refuses_a_caller_without_a_valid_key(
+        self, client: TestClient, engine: sa.Engine
+    ) -> None:
+        operations = _admin_operations(client)
+        assert len(operations) >= 8
+        revoked = _key(engine, "old", KeyScope.WRITE)
+        with db.session_scope(engine) as session:
+            apikeys.revoke(session, name="old", now=utcnow())
+        for method, path in operations:
+            for headers in (
+                {},
+                {"authorization": "Bearer nlk_not-a-key"},
+                {"authorization": "Basic dXNlcjpwYXNz"},
+                {"authorization": f"Bearer {revoked}"},
+            ):
+                response = client.request(method, path, headers=headers)
+                assert response.status_code == 401, (method, path, headers, response.text)
+                assert response.json()["error"] == "unauthorized"
+
+    def test_a_read_key_cannot_change_anything(
+        self, client: TestClient, read_key: dict[str, str]
+    ) -> None:
+        writes = [(m, p) for m, p in _admin_operations(client) if m != "GET"]
+        assert writes
+        for method, path in writes:
+            response = client.request(method, path, headers=read_key)
+            assert response.status_code == 403, (method, path, response.text)
+
+    def test_last_use_is_recorded(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        assert client.get("/v1/admin/lists", headers=read_key).status_code == 200
+        with Session(engine) as session:
+            key = session.exec(select(ApiKey).where(ApiKey.name == "dashboard")).one()
+            assert key.last_used_at is not None
+            assert key.key_hash not in read_key["authorization"]
+
+
+class TestSearch:
+    def test_pages_walk_every_subscriber_once_in_order(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        _subscriptions(engine, 250)
+        seen: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            params: dict[str, Any] = {"limit": 100}
+            if cursor:
+                params["cursor"] = cursor
+            page = client.get(
+                "/v1/admin/lists/bluehats/subscribers", params=params, headers=read_key
+            ).json()
+            seen += [item["email"] for item in page["items"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == 3
+        assert seen == [f"user{n:04d}@example.org" for n in range(250)]
+
+    def test_filters_combine(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        _subscriptions(engine, 30)
+        with db.session_scope(engine) as session:
+            for row in session.exec(select(Subscription)).all():
+                if row.email.startswith("user001"):
+                    row.locale = "en"
+                    row.status = "unsubscribed"
+                    session.add(row)
+        response = client.get(
+            "/v1/admin/lists/bluehats/subscribers",
+            params={"status": "unsubscribed", "locale": "en", "prefix": "User0012"},
+            headers=read_key,
+        )
+        assert response.status_code == 200
+        emails = [item["email"] for item in response.json()["items"]]
+        assert emails == ["user0012@example.org"]
+        # A LIKE wildcard in the prefix is taken literally.
+        wild = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"prefix": "%"}, headers=read_key
+        )
+        assert wild.json()["items"] == []
+
+    @pytest.mark.parametrize("cursor", ["nope", "aWQ6eA", "!!!", "Zm9vOjE"])
+    def test_a_cursor_not_handed_out_is_a_clear_400(
+        self, client: TestClient, read_key: dict[str, str], cursor: str
+    ) -> None:
+        response = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"cursor": cursor}, headers=read_key
+        )
+        assert response.status_code == 400
+        assert response.json()["error"] == "bad_request"
+
+    def test_an_unknown_list_is_404(self, client: TestClient, read_key: dict[str, str]) -> None:
+        response = client.get("/v1/admin/lists/nope/subscribers", headers=read_key)
+        assert response.status_code == 404
+
+
+class TestSubscriberRecord:
+    def test_the_record_holds_the_ledger_and_every_attempt_and_is_audited(
+        self, client: TestClient, smtp: SmtpSink, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "Ada@example.org"})
+        client.post(link_in(smtp.mail_to("Ada@example.org", link="confirm"), "confirm"))
+        done = "SELECT count(*) FROM outbox_job WHERE state = 'done'"
+        wait_until(lambda: _scalar(engine, done) == 2)
+        response = client.get(
+            "/v1/admin/lists/bluehats/subscribers/ADA@example.org", headers=read_key
+        )
+        assert response.status_code == 200
+        record = response.json()
+        assert record["status"] == "confirmed"
+        assert [e["action"] for e in record["ledger"]] == ["subscribe_requested", "confirmed"]
+        kinds = sorted(job["kind"] for job in record["jobs"])
+        assert kinds == ["mail", "sync"]
+        assert all(job["attempt_log"][0]["outcome"] == "success" for job in record["jobs"])
+        with Session(engine) as session:
+            [event] = session.exec(select(AuditEvent)).all()
+            assert (event.actor, event.action, event.outcome) == (
+                "dashboard",
+                "subscriber.read",
+                "ok",
+            )
+
+    def test_an_unknown_subscriber_is_404_and_the_attempt_is_audited(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        response = client.get(
+            "/v1/admin/lists/bluehats/subscribers/nobody@example.org", headers=read_key
+        )
+        assert response.status_code == 404
+        with Session(engine) as session:
+            [event] = session.exec(select(AuditEvent)).all()
+            assert event.outcome == "error:not_found"
+
+
+def _scalar(engine: sa.Engine, sql: str) -> int:
+    with engine.connect() as connection:
+        return int(connection.exec_driver_sql(sql).scalar_one())
+
+
+class TestStatsAndJobs:
+    def test_stats_count_states_and_days(
+        self, client: TestClient, smtp: SmtpSink, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        for email in ("a@example.org", "b@example.org", "c@example.org"):
+            client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
+        client.post(link_in(smtp.mail_to("a@example.org", link="confirm"), "confirm"))
+        stats = client.get("/v1/admin/lists/bluehats/stats", headers=read_key).json()
+        assert stats["by_status"] == {"pending": 2, "confirmed": 1}
+        today = utcnow().date().isoformat()
+        assert stats["series"][today] == {"subscribe_requested": 3, "confirmed": 1}
+        assert stats["confirmation_rate"] == pytest.approx(1 / 3, abs=1e-3)
+        monthly = client.get(
+            "/v1/admin/lists/bluehats/stats", params={"by": "month"}, headers=read_key
+        ).json()
+        assert monthly["series"][today[:7]]["subscribe_requested"] == 3
+
+    def test_dead_jobs_are_listed_and_retried(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        now = utcnow()
+        with db.session_scope(engine) as session:
+            session.add(
+                OutboxJob(
+                    kind=JobKind.SYNC,
+                    payload={"list_id": 1, "address": "x@example.org", "action": "remove"},
+                    state=JobState.DEAD,
+                    attempts=10,
+                    next_attempt_at=now,
+                    last_error="HTTP 400 from the backend",
+                )
+            )
+        jobs = client.get("/v1/admin/jobs", params={"state": "dead"}, headers=read_key).json()
+        assert [job["last_error"] for job in jobs] == ["HTTP 400 from the backend"]
+        job_id = jobs[0]["id"]
+        retried = client.post(f"/v1/admin/jobs/{job_id}/retry", headers=write_key)
+        assert retried.json() == {"retried": 1}
+        with Session(engine) as session:
+            job = session.get(OutboxJob, job_id)
+            assert job is not None
+            assert (job.state, job.attempts) == ("pending", 0)
+        assert client.post("/v1/admin/jobs/999999/retry", headers=write_key).status_code == 404
+        audit_log = client.get("/v1/admin/audit", headers=read_key).json()
+        assert [(a["action"], a["outcome"]) for a in audit_log] == [
+            ("job.retry", "error:not_found"),
+            ("job.retry", "ok"),
+        ]
+
+
+class TestKeysCommand:
+    def test_create_list_and_revoke_from_the_command_line(
+        self, client: TestClient, database_url: str, settings: Settings, tmp_path: Path
+    ) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        env.update(NEWSLETTER_DATABASE_URL=database_url, NEWSLETTER_SECRET_KEY=SECRET)
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [NEWSLETTER, "keys", *args], env=env, cwd=tmp_path, capture_output=True,
+                text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        made = run("create", "--name", "ci-export", "--scope", "read")
+        assert made.returncode == 0, made.stderr
+        key = made.stdout.strip()
+        assert key.startswith("nlk_")
+        assert run("create", "--name", "ci-export").returncode == 1
+        assert run("create", "--name", "x", "--scope", "admin").returncode == 2
+        headers = {"authorization": f"Bearer {key}"}
+        assert client.get("/v1/admin/lists", headers=headers).status_code == 200
+        listed = run("list")
+        assert "ci-export\tread" in listed.stdout
+        assert key not in listed.stdout
+        assert run("revoke", "ci-export").returncode == 0
+        assert client.get("/v1/admin/lists", headers=headers).status_code == 401
+        assert run("revoke", "nobody").returncode == 1
