@@ -138,7 +138,8 @@ class ConsentEvent(SQLModel, table=True):
     __tablename__ = "consent_event"
 
     id: int | None = Field(default=None, primary_key=True)
-    subscription_id: int = Field(foreign_key="subscription.id", index=True)
+    # None once the subscriber is erased; the event then keeps only `address_hash`.
+    subscription_id: int | None = Field(default=None, foreign_key="subscription.id", index=True)
     list_id: int = Field(foreign_key="mailing_list.id")
     action: str = Field(max_length=32)
     status_after: str = Field(max_length=16)
@@ -150,6 +151,8 @@ class ConsentEvent(SQLModel, table=True):
     user_agent: str | None = Field(default=None, max_length=512)
     detail: dict[str, Any] = _json()
     occurred_at: datetime = _ts()
+    # Set at erasure: the keyed hash that replaced the address (see ErasedAddress).
+    address_hash: str | None = Field(default=None, max_length=64, index=True)
 
 
 class Token(SQLModel, table=True):
@@ -253,3 +256,17 @@ class AuditEvent(SQLModel, table=True):
     target: str | None = Field(default=None, max_length=400)
     outcome: str = Field(max_length=16)
     detail: dict[str, Any] = _json()
+
+
+class ErasedAddress(SQLModel, table=True):
+    """The tombstone of an erased person: a keyed hash of the address, nothing else.
+
+    An import or an operator's "add as confirmed" refuses an address whose hash is here;
+    only a fresh double opt-in by the person brings it back.
+    """
+
+    __tablename__ = "erased_address"
+
+    id: int | None = Field(default=None, primary_key=True)
+    address_hash: str = Field(max_length=64, unique=True)
+    erased_at: datetime = _ts()
