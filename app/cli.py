@@ -343,5 +343,410 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
     typer.echo(f"key {name!r} revoked")
 
 
+# Operators: subscribers and people (data protection) ---------------------------------------
+#
+# Exit codes: 0 done; 1 refused (unknown list or subscriber, already confirmed, erased
+# address, declined); 2 bad input (address, evidence, missing --yes without a terminal).
+
+subscriber_cli = typer.Typer(no_args_is_help=True, help="Add or unsubscribe one subscriber.")
+cli.add_typer(subscriber_cli, name="subscriber")
+people_cli = typer.Typer(
+    no_args_is_help=True, help="Data protection: what is held about an address; erasure."
+)
+cli.add_typer(people_cli, name="people")
+
+
+def _parsed(model: Any, data: dict[str, Any]) -> Any:
+    """`data` validated by the API's own input model; exit 2 with its messages if invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        for error in e.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"{where}: {message}" if where else message, err=True)
+        raise typer.Exit(2) from e
+
+
+def _address(raw: str) -> Any:
+    from app import addresses
+
+    try:
+        return addresses.parse(raw)
+    except addresses.InvalidAddress as e:
+        typer.echo(f"invalid address: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+def _audited_run(
+    settings: Settings, *, action: str, target: str | None, work: Any, **kwargs: Any
+) -> Any:
+    """Run `work` in one transaction and record it in the audit log as `cli:<user>`; a
+    refusal is recorded too, printed, and ends the command with exit code 1."""
+    from app import audit, db, errors, lists
+    from app.models import utcnow
+
+    actor = _cli_actor()
+    engine = db.make_engine(settings.database_url)
+    try:
+        try:
+            with db.session_scope(engine) as session:
+                lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+                result = work(session, **kwargs)
+                audit.record(
+                    session, actor=actor, action=action, target=target, outcome="ok",
+                    now=utcnow(),
+                )  # fmt: skip
+                return result
+        except errors.DomainError as e:
+            with db.session_scope(engine) as session:
+                audit.record(
+                    session, actor=actor, action=action, target=target,
+                    outcome=f"error:{e.code}", now=utcnow(), detail={"detail": e.detail},
+                )  # fmt: skip
+            typer.echo(e.detail, err=True)
+            raise typer.Exit(1) from e
+    finally:
+        engine.dispose()
+
+
+@subscriber_cli.command("add")
+def subscriber_add(
+    email: Annotated[str, typer.Argument(help="The address.")],
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    confirmed: Annotated[
+        bool,
+        typer.Option(
+            "--confirmed",
+            help="Consent given elsewhere: needs --source, --note and --consented-at.",
+        ),
+    ] = False,
+    source: Annotated[str | None, typer.Option(help="Where the consent was given.")] = None,
+    note: Annotated[str | None, typer.Option(help="Your note: who, where the proof is.")] = None,
+    consented_at: Annotated[
+        str | None, typer.Option("--consented-at", help="Date of the consent, YYYY-MM-DD.")
+    ] = None,
+    locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
+) -> None:
+    """Invite an address (the double opt-in mail), or add it as confirmed with evidence."""
+    from app import operators
+    from app.models import utcnow
+    from app.schemas import AddSubscriberRequest
+
+    evidence = {
+        name: value
+        for name, value in (("source", source), ("note", note), ("consented_at", consented_at))
+        if value is not None
+    }
+    body = _parsed(
+        AddSubscriberRequest,
+        {
+            "email": email,
+            "mode": "confirmed" if confirmed else "invite",
+            "locale": locale,
+            "evidence": evidence if confirmed or evidence else None,
+        },
+    )
+    proof = None
+    if body.evidence is not None:
+        proof = operators.ConsentProof(
+            source=body.evidence.source,
+            note=body.evidence.note,
+            consented_at=body.evidence.consented_at,
+        )
+    settings = _settings()
+    row = _audited_run(
+        settings, action=f"subscriber.add.{body.mode}", target=f"{list_slug}:{email}",
+        work=operators.add_subscriber, list_slug=list_slug, address=_address(email),
+        mode=operators.AddMode(body.mode), locale=body.locale, attributes={}, proof=proof,
+        actor=_cli_actor(), key=settings.token_key(), now=utcnow(),
+        resend_interval=settings.resend_interval,
+    )  # fmt: skip
+    typer.echo(f"{row.email} is {row.status} on {list_slug}")
+
+
+@subscriber_cli.command("unsubscribe")
+def subscriber_unsubscribe(
+    email: Annotated[str, typer.Argument(help="The address.")],
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the consent ledger).")],
+) -> None:
+    """Unsubscribe an address with a reason; the backend is told; no goodbye mail."""
+    from app import operators
+    from app.models import utcnow
+    from app.schemas import OperatorUnsubscribeRequest
+
+    body = _parsed(OperatorUnsubscribeRequest, {"reason": reason})
+    settings = _settings()
+    row = _audited_run(
+        settings, action="subscriber.unsubscribe", target=f"{list_slug}:{email}",
+        work=operators.unsubscribe, list_slug=list_slug, address=_address(email),
+        reason=body.reason, actor=_cli_actor(), now=utcnow(),
+    )  # fmt: skip
+    typer.echo(f"{row.email} is {row.status} on {list_slug}")
+
+
+@people_cli.command("show")
+def people_show(email: Annotated[str, typer.Argument(help="The address.")]) -> None:
+    """Print everything held about an address, across lists, as JSON."""
+    from app import operators
+    from app.api.admin_privacy import person_out
+
+    address = _address(email)
+    settings = _settings()
+    record = _audited_run(
+        settings, action="person.read", target=address.key, work=operators.person_record,
+        address=address, key=settings.token_key(),
+    )  # fmt: skip
+    typer.echo(person_out(record).model_dump_json(indent=2))
+
+
+@people_cli.command("erase")
+def people_erase(
+    email: Annotated[str, typer.Argument(help="The address.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Erase an address from every list (the backends are told through the sync); prints
+    what was done as JSON. Erasing again is harmless."""
+    import dataclasses
+
+    from app import operators, privacy
+    from app.models import utcnow
+
+    address = _address(email)
+    if not yes:
+        if not sys.stdin.isatty():
+            typer.echo("not a terminal: pass --yes to erase", err=True)
+            raise typer.Exit(2)
+        if not typer.confirm(f"Erase {address.email} from every list? This cannot be undone"):
+            typer.echo("nothing erased", err=True)
+            raise typer.Exit(1)
+    settings = _settings()
+    key = settings.token_key()
+    report = _audited_run(
+        settings, action="person.erase", target=privacy.address_hash(address.key, key=key),
+        work=operators.erase, address=address, key=key,
+        backend_lists={item.slug for item in settings.lists}, now=utcnow(),
+    )  # fmt: skip
+    typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
+
+
+# Import and export -------------------------------------------------------------------------
+#
+# Exit codes: 0 done (every row imported or already there); 1 some rows refused, or the
+# file unreadable (nothing written then); 2 bad usage (unknown list, option or file).
+
+
+def _known_list(settings: Settings, engine: Any, slug: str) -> int:
+    """The list's id, after bringing the declared lists into the database; exit 2 if unknown."""
+    from app import admin, db, errors, lists
+    from app.models import utcnow
+
+    with db.session_scope(engine) as session:
+        lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        try:
+            row = lists.get(session, slug=slug)
+        except errors.ListNotFound as e:
+            known = ", ".join(item.slug for item in admin.all_lists(session))
+            typer.echo(f"no list {slug!r} (known: {known})", err=True)
+            raise typer.Exit(2) from e
+        assert row.id is not None
+        return row.id
+
+
+def _record(engine: Any, *, action: str, target: str, outcome: str, detail: dict[str, Any]) -> None:
+    from app import audit, db
+    from app.models import utcnow
+
+    with db.session_scope(engine) as session:
+        audit.record(
+            session, actor=_cli_actor(), action=action, target=target, outcome=outcome,
+            now=utcnow(), detail=detail,
+        )  # fmt: skip
+
+
+def _choice(value: str, *, option: str, allowed: Any) -> Any:
+    try:
+        return allowed(value)
+    except ValueError as e:
+        names = ", ".join(item.value for item in allowed)
+        typer.echo(f"{option} must be one of {names}", err=True)
+        raise typer.Exit(2) from e
+
+
+@cli.command("import")
+def import_file(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="The CSV file: UTF-8, a header line first (email, name, locale, "
+            "attributes, consent_source, consent_date).",
+        ),
+    ],
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="confirmed: rows carry consent_source and consent_date, added as confirmed; "
+            "invite: each address gets the double opt-in mail."
+        ),
+    ] = "confirmed",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and count; write nothing.")] = (
+        False
+    ),
+    note: Annotated[
+        str | None, typer.Option(help="An operator's note, kept in the ledger.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Import subscribers from a CSV file; an address already on the list is left as it is."""
+    import functools
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from app import db, errors, transfer
+    from app.models import utcnow
+
+    chosen = _choice(mode, option="--mode", allowed=transfer.ImportMode)
+    if note is not None and len(note) > transfer.MAX_NOTE:
+        typer.echo(f"--note is longer than {transfer.MAX_NOTE} characters", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    engine = db.make_engine(settings.database_url)
+    detail: dict[str, Any] = {"mode": chosen.value, "dry_run": dry_run, "file": file.name}
+    try:
+        _known_list(settings, engine, list_slug)
+        with (
+            file.open("rb") as source,
+            Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TimeRemainingColumn(), console=_err, transient=True,
+            ) as progress,
+        ):  # fmt: skip
+            task = progress.add_task(f"importing into {list_slug}", total=file.stat().st_size)
+            try:
+                report = transfer.import_csv(
+                    functools.partial(db.session_scope, engine),
+                    source=source,
+                    list_slug=list_slug,
+                    mode=chosen,
+                    dry_run=dry_run,
+                    operator=_cli_actor(),
+                    note=note,
+                    key=settings.token_key(),
+                    resend_interval=settings.resend_interval,
+                    now=utcnow(),
+                    progress=lambda done: progress.update(task, completed=done),
+                )
+            except errors.DomainError as e:
+                _record(
+                    engine, action="subscribers.import", target=list_slug,
+                    outcome=f"error:{e.code}", detail={**detail, "detail": e.detail},
+                )  # fmt: skip
+                typer.echo(e.detail, err=True)
+                raise typer.Exit(1) from e
+        _record(
+            engine, action="subscribers.import", target=list_slug, outcome="ok",
+            detail={**detail, **report.counts(), "note": note},
+        )  # fmt: skip
+    finally:
+        engine.dispose()
+    if as_json:
+        document = {
+            "list": list_slug,
+            **report.counts(),
+            "errors": [
+                {"line": item.line, "email": item.email, "error": item.error}
+                for item in report.errors
+            ],
+        }
+        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        verb = "would create" if dry_run else "created"
+        typer.echo(
+            f"list {list_slug} ({chosen.value}{', dry run' if dry_run else ''}): read "
+            f"{report.read}; {verb} {report.created}; unchanged {report.unchanged}; "
+            f"invalid {report.invalid}"
+        )
+        for item in report.errors:
+            typer.echo(f"  line {item.line} {item.email}: {item.error}")
+        if report.invalid > len(report.errors):
+            typer.echo(f"  ... and {report.invalid - len(report.errors)} more")
+    if report.invalid:
+        raise typer.Exit(1)
+
+
+@cli.command("export")
+def export_file(
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    export_format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    status: Annotated[
+        str | None, typer.Option(help="Only this status (pending, confirmed, ...).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write to this file (default: standard output).")
+    ] = None,
+) -> None:
+    """Export a list's subscribers with their consent fields, as CSV or JSON lines."""
+    import functools
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from app import admin, db, transfer
+    from app.models import SubscriptionStatus
+
+    chosen = _choice(export_format, option="--format", allowed=transfer.ExportFormat)
+    wanted = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
+    settings = _settings()
+    engine = db.make_engine(settings.database_url)
+    where = admin.SubscriberFilter(status=wanted)
+    detail = {"format": chosen.value, "filters": {"status": wanted.value} if wanted else {}}
+    # A file appears under its name only once complete: a script never reads half an export.
+    partial = output.with_name(output.name + ".part") if output is not None else None
+    try:
+        list_id = _known_list(settings, engine, list_slug)
+        with db.session_scope(engine) as session:
+            total = transfer.export_count(session, list_id=list_id, where=where)
+        _record(
+            engine, action="subscribers.export", target=list_slug, outcome="ok",
+            detail={**detail, "rows": total},
+        )  # fmt: skip
+        sink = partial.open("wb") if partial is not None else sys.stdout.buffer
+        try:
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                console=_err, transient=True,
+            ) as progress:  # fmt: skip
+                task = progress.add_task(f"exporting {list_slug}", total=total)
+                for chunk in transfer.export_chunks(
+                    functools.partial(db.session_scope, engine),
+                    list_id=list_id,
+                    where=where,
+                    format=chosen,
+                    progress=lambda count: progress.advance(task, count),
+                ):
+                    sink.write(chunk)
+            sink.flush()
+        finally:
+            if partial is not None:
+                sink.close()
+        if partial is not None and output is not None:
+            os.replace(partial, output)
+            typer.echo(f"wrote {total} subscribers to {output}", err=True)
+    except BrokenPipeError:
+        # `newsletter export ... | head`: the reader left; not an error of ours.
+        sys.stderr.close()
+    finally:
+        if partial is not None and partial.exists():
+            partial.unlink()
+        engine.dispose()
+
+
 def main() -> None:
     cli()

@@ -6,6 +6,7 @@ lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -15,20 +16,23 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
+import limits
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     HttpUrl,
+    IPvAnyNetwork,
     SecretStr,
     Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 # A sign is accepted so that "-5m" fails as negative rather than as unreadable.
@@ -46,6 +50,38 @@ def _parse_duration(value: object) -> object:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+def _rate_limit_or_off(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+        return None
+    return value
+
+
+def _parsed_rate_limit(value: str | None) -> str | None:
+    """Fail at start on a limit `limits` cannot read ("10/minute", "3 per day;20/week")."""
+    if value is None:
+        return None
+    items = limits.parse_many(value)
+    if any(item.amount < 1 for item in items):
+        raise ValueError("a rate limit must allow at least 1 (use 'off' to turn it off)")
+    return value
+
+
+# The `limits` string syntax, several joined by ";"; `off` turns the limit off.
+RateLimit = Annotated[
+    str | None, BeforeValidator(_rate_limit_or_off), AfterValidator(_parsed_rate_limit)
+]
+
+
+def _list_from_text(value: object) -> object:
+    """A JSON array, or the friendlier `10.0.0.0/8, 192.0.2.7` that operators write."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class Locale(StrEnum):
@@ -235,6 +271,25 @@ class Settings(BaseSettings):
     store_ip: bool = True
     store_user_agent: bool = True
     max_body_bytes: Annotated[int, Field(ge=1024, le=10 * 1024 * 1024)] = 16 * 1024
+    # A CSV import's body (POST /v1/admin/lists/{list}/import), streamed to a temporary file.
+    max_import_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = 50 * 1024 * 1024
+
+    # Rate limits (moving windows, `limits` syntax; `off` disables one). Counters live in
+    # this process unless `redis_url` is set, which several replicas need to share them.
+    redis_url: str | None = None
+    rate_limit_key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "newsletter"
+    # Public POSTs per client IP (an IPv6 client counts by its /64); over it: 429.
+    rate_limit_per_ip: RateLimit = "20/minute"
+    # Mails that visitors' requests cause, per target address and per address domain; over
+    # them the request is answered as usual and recorded, but no mail is sent.
+    rate_limit_per_address: RateLimit = "3/day"
+    rate_limit_per_domain: RateLimit = "200/hour"
+    # All such mails together; over it subscriptions are still taken, their mails delayed.
+    mail_budget: RateLimit = "1000/hour"
+    # Peers whose X-Forwarded-For is believed (IPs or CIDRs): the reverse proxies in front.
+    trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode, BeforeValidator(_list_from_text)] = (
+        Field(default_factory=list)
+    )
 
     worker_poll_interval: Annotated[float, Field(gt=0)] = 1.0
     worker_batch_size: Annotated[int, Field(ge=1, le=1000)] = 20
@@ -263,6 +318,16 @@ class Settings(BaseSettings):
             )
         if value.startswith("postgresql:"):
             value = "postgresql+psycopg:" + value.removeprefix("postgresql:")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "redis_url must start with redis://, rediss:// or unix:// "
+                f"(got {value.split(':', 1)[0]!r})"
+            )
         return value
 
     @field_validator("lists")

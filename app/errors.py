@@ -97,6 +97,18 @@ class UnsupportedMediaType(DomainError):
     message = "Send application/json or application/x-www-form-urlencoded."
 
 
+class NotCsv(UnsupportedMediaType):
+    message = "Send the file as text/csv."
+
+
+class InvalidCsv(DomainError):
+    """A file the import cannot read at all (encoding, CSV syntax, header); nothing is written."""
+
+    status_code = 400
+    code = "invalid_csv"
+    message = "The CSV file could not be read."
+
+
 class PayloadTooLarge(DomainError):
     status_code = 413
     code = "payload_too_large"

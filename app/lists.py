@@ -1,8 +1,10 @@
-"""Mailing lists: declared in settings, stored in the database at start."""
+"""Mailing lists: declared in settings and stored in the database at start, or created by
+operators through the admin API (see "Operators' changes" below)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlmodel import Session, select
 
@@ -39,3 +41,84 @@ def sync_from_settings(session: Session, *, declared: list[ListSettings], now: d
         row.updated_at = now
         session.add(row)
     session.flush()
+
+
+# Operators' changes ---------------------------------------------------------------------
+#
+# A list declared in the settings belongs to the settings: `sync_from_settings` rewrites it
+# at every start, so the API refuses to change it (409) rather than accept a change that
+# the next restart would undo. A list created through the API lives in the database only;
+# its backend is `none` (nothing is pushed anywhere) until the settings declare a list
+# with its slug, which then takes it over at the next start.
+
+EDITABLE = frozenset(
+    {
+        "name",
+        "default_locale",
+        "consent_version",
+        "confirm_ttl_seconds",
+        "thank_you_url",
+        "landing_url",
+    }
+)
+
+
+def create(
+    session: Session,
+    *,
+    slug: str,
+    name: str,
+    default_locale: str,
+    consent_version: str,
+    confirm_ttl_seconds: int,
+    thank_you_url: str | None,
+    landing_url: str | None,
+    declared: list[ListSettings],
+    now: datetime,
+) -> MailingList:
+    if any(item.slug == slug for item in declared):
+        raise errors.Conflict(
+            f"The list {slug!r} is declared in the settings (NEWSLETTER_LISTS); change it there."
+        )
+    if session.exec(select(MailingList.id).where(MailingList.slug == slug)).first() is not None:
+        raise errors.Conflict(f"A list named {slug!r} already exists.")
+    row = MailingList(
+        slug=slug,
+        name=name,
+        default_locale=default_locale,
+        consent_version=consent_version,
+        confirm_ttl_seconds=confirm_ttl_seconds,
+        thank_you_url=thank_you_url,
+        landing_url=landing_url,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def update(
+    session: Session,
+    *,
+    slug: str,
+    changes: dict[str, Any],
+    declared: list[ListSettings],
+    now: datetime,
+) -> MailingList:
+    """Apply `changes` (a subset of EDITABLE) to a list created through the API."""
+    row = get(session, slug=slug)
+    if any(item.slug == slug for item in declared):
+        raise errors.Conflict(
+            f"The list {slug!r} is declared in the settings (NEWSLETTER_LISTS), which are "
+            "applied at every start; change it there."
+        )
+    unknown = set(changes) - EDITABLE
+    if unknown:
+        raise ValueError(f"not editable: {sorted(unknown)}")
+    for name, value in changes.items():
+        setattr(row, name, value)
+    row.updated_at = now
+    session.add(row)
+    session.flush()
+    return row

@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app import db, lists, logs, migrations
+from app import db, lists, logs, migrations, ratelimit
 from app.api import admin as admin_api
-from app.api import handlers, health, public, webhooks
+from app.api import admin_privacy, admin_transfer, handlers, health, public, webhooks
 from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
@@ -60,13 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_worker:
             worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
             worker.start()
+        # Built in the running loop: its async Redis connections belong to this loop.
+        limiter = ratelimit.RateLimiter.from_settings(settings)
         app.state.engine = engine
         app.state.worker = worker
         app.state.database = Database(engine, on_outbox_commit=worker.wake if worker else None)
+        app.state.rate_limiter = limiter
         log.info(
-            "app.started database=%s worker=%s lists=%s",
+            "app.started database=%s worker=%s rate_limit_counters=%s lists=%s",
             engine.dialect.name,
             "in-process" if worker else "external",
+            "redis" if settings.redis_url else "memory",
             ",".join(item.slug for item in settings.lists),
         )
         try:
@@ -74,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 await run_in_threadpool(worker.stop)
+            await limiter.aclose()
             engine.dispose()
             log.info("app.stopped")
 
@@ -90,9 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.worker = None
     app.state.database = None
+    app.state.rate_limiter = None
     handlers.install(app)
     app.include_router(public.router)
     app.include_router(admin_api.router)
+    app.include_router(admin_privacy.router)
+    app.include_router(admin_transfer.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -101,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         # Mailgun retries a refused event for hours: let any real event through.
         by_prefix={"/v1/webhooks/": max(settings.max_body_bytes, 1024 * 1024)},
+        # A CSV import is streamed to a temporary file, up to its own cap.
+        by_pattern={admin_transfer.IMPORT_PATH_PATTERN: settings.max_import_bytes},
     )
     app.add_middleware(SecurityHeaders, form_targets=_form_targets(settings))
     return app

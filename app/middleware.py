@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,21 +15,36 @@ class BodyLimit:
     """Refuse bodies over `max_bytes`, whether announced by Content-Length or streamed."""
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int, by_prefix: dict[str, int] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        by_prefix: dict[str, int] | None = None,
+        by_pattern: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        # Larger caps for some paths (a backend's webhook events exceed a form's size).
+        # Larger caps for some paths (a backend's webhook events exceed a form's size;
+        # `by_pattern`, regular expressions matching the whole path: a CSV import).
         self.by_prefix = by_prefix or {}
+        self.by_pattern = [
+            (re.compile(pattern), cap) for pattern, cap in (by_pattern or {}).items()
+        ]
+
+    def _limit(self, path: str) -> int:
+        for pattern, cap in self.by_pattern:
+            if pattern.fullmatch(path):
+                return cap
+        return next(
+            (cap for prefix, cap in self.by_prefix.items() if path.startswith(prefix)),
+            self.max_bytes,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = next(
-            (cap for prefix, cap in self.by_prefix.items() if scope["path"].startswith(prefix)),
-            self.max_bytes,
-        )
+        limit = self._limit(scope["path"])
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await self._refuse(send)

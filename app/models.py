@@ -254,7 +254,8 @@ class AuditEvent(SQLModel, table=True):
     actor: str = Field(max_length=120, index=True)
     action: str = Field(max_length=64, index=True)
     target: str | None = Field(default=None, max_length=400)
-    outcome: str = Field(max_length=16)
+    # "ok", or "error:<code>" with the domain error's code (list_not_found, invalid_csv, ...).
+    outcome: str = Field(max_length=64)
     detail: dict[str, Any] = _json()
 
 

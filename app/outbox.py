@@ -137,20 +137,24 @@ def claim(
         sa.and_(col(OutboxJob.state) == JobState.PENDING, col(OutboxJob.next_attempt_at) <= now),
         sa.and_(col(OutboxJob.state) == JobState.RUNNING, col(OutboxJob.lease_until) <= now),
     )
+    # The keys held by live jobs (running, lease not expired). A due job is never one of
+    # them, so this is one uncorrelated set, computed once per claim. (A correlated
+    # NOT EXISTS per candidate was planned on the `state` index by both databases: with
+    # 100,000 jobs due and a batch of 1,000 running, one claim took 13 to 21 s.)
     other = sa.orm.aliased(OutboxJob)
-    busy = (
-        sa.select(sa.literal(1))
-        .where(
-            col(other.dedupe_key) == col(OutboxJob.dedupe_key),
-            col(other.id) != col(OutboxJob.id),
-            col(other.state) == JobState.RUNNING,
-            col(other.lease_until) > now,
-        )
-        .exists()
+    held_keys = sa.select(col(other.dedupe_key)).where(
+        col(other.dedupe_key).is_not(None),
+        col(other.state) == JobState.RUNNING,
+        col(other.lease_until) > now,
     )
     query = (
         select(OutboxJob)
-        .where(due, sa.or_(col(OutboxJob.dedupe_key).is_(None), ~busy))
+        .where(
+            due,
+            sa.or_(
+                col(OutboxJob.dedupe_key).is_(None), col(OutboxJob.dedupe_key).not_in(held_keys)
+            ),
+        )
         .order_by(col(OutboxJob.next_attempt_at), col(OutboxJob.id))
         .limit(limit)
         .with_for_update(skip_locked=True)

@@ -2,17 +2,28 @@
 
 An erased address survives only as HMAC-SHA256(secret key, "erased:" + case-folded
 address): enough to recognise the person if the address comes back through an import, not
-enough to recover the address from the database alone.
+enough to recover the address from the database alone. The key is the service's secret key
+(`Settings.token_key()`).
+
+Free text that may quote the address (backend answers, errors, audit targets) is scrubbed:
+every spelling of it becomes `[erased]`. The backend removal job is the one place the
+address stays in clear after an erasure, until the worker has run it
+(`scrub_after_removal`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+from typing import Any
+from urllib.parse import quote
 
-from sqlmodel import Session, select
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
 
-from app.models import ErasedAddress
+from app import sync
+from app.models import DeliveryAttempt, ErasedAddress, JobState, OutboxJob
 
 
 def address_hash(email_key: str, *, key: bytes) -> str:
@@ -26,3 +37,99 @@ def is_erased(session: Session, *, email_key: str, key: bytes) -> bool:
         session.exec(select(ErasedAddress.id).where(ErasedAddress.address_hash == wanted)).first()
         is not None
     )
+
+
+# Scrubbing -------------------------------------------------------------------------------
+
+# What an erased address becomes inside free text (backend answers, errors, notes).
+ERASED = "[erased]"
+
+
+# Characters that continue an address on either side: `ada@example.org` is not found in
+# `barbada@example.org` nor in `ada@example.org.uk` (a trailing full stop still ends it).
+# Rarer local-part characters (`/`, `=`, `'`) count as separators: they mostly quote or
+# lead into an address (`/members/ada@...`, `?address=ada@...`, `'ada@...'`).
+_BEFORE = r"(?<![\w.+-])"
+_AFTER = r"(?![\w-]|\.[\w-])"
+
+
+def _pattern(address: str) -> re.Pattern[str]:
+    # Backends echo an address as typed, lowercased, or URL-encoded in a path.
+    forms = {address, quote(address, safe="@"), quote(address, safe="")}
+    alternatives = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+    return re.compile(f"{_BEFORE}(?:{alternatives}){_AFTER}", re.IGNORECASE)
+
+
+def mentions(text: str | None, *, address: str) -> bool:
+    return text is not None and _pattern(address).search(text) is not None
+
+
+def scrub_text(text: str | None, *, address: str) -> str | None:
+    """`text` with every spelling of `address` replaced by `[erased]`."""
+    if text is None:
+        return None
+    return _pattern(address).sub(ERASED, text)
+
+
+def scrub_json(value: Any, *, address: str) -> Any:
+    """A JSON value with the address scrubbed from every string in it (keys included)."""
+    if isinstance(value, str):
+        return scrub_text(value, address=address)
+    if isinstance(value, list):
+        return [scrub_json(item, address=address) for item in value]
+    if isinstance(value, dict):
+        return {
+            scrub_text(str(name), address=address): scrub_json(item, address=address)
+            for name, item in value.items()
+        }
+    return value
+
+
+def scrub_job(session: Session, *, job: OutboxJob, address: str, address_hash: str) -> None:
+    """Take the address out of a job and its attempts (a job that no longer needs it)."""
+    payload = scrub_json(dict(job.payload), address=address)
+    if "address" in job.payload:
+        # An address job keeps what it was about, as the tombstone's hash.
+        payload.pop("address", None)
+        payload["address_hash"] = address_hash
+    job.payload = payload
+    job.dedupe_key = scrub_text(job.dedupe_key, address=address)
+    job.last_error = scrub_text(job.last_error, address=address)
+    session.add(job)
+    for attempt in session.exec(select(DeliveryAttempt).where(DeliveryAttempt.job_id == job.id)):
+        attempt.error = scrub_text(attempt.error, address=address)
+        attempt.response = scrub_text(attempt.response, address=address)
+        session.add(attempt)
+
+
+def scrub_after_removal(session: Session, *, job_id: int, key: bytes) -> int:
+    """Once the backend has removed an erased address, the queue forgets it too.
+
+    Called by the worker after a successful `remove` job: the address leaves that job's
+    payload and dedupe key, its attempts' errors and answers, the other finished jobs about
+    the same address on that list, and the jobs the erasure listed in `scrub_job_ids`
+    (jobs of the erased subscription that were running at the time). Returns how many jobs
+    were scrubbed; 0 when the job is not done (another worker took it over: it runs again).
+    """
+    job = session.get(OutboxJob, job_id)
+    if job is None or job.state != JobState.DONE or "address" not in job.payload:
+        return 0
+    address = str(job.payload["address"])
+    hashed = address_hash(address.casefold(), key=key)
+    related = set(job.payload.get("scrub_job_ids", []))
+    same_address = sync.address_job_key(list_id=int(job.payload["list_id"]), address=address)
+    others = session.exec(
+        select(OutboxJob).where(
+            sa.or_(
+                col(OutboxJob.id).in_(related),
+                sa.and_(
+                    col(OutboxJob.dedupe_key) == same_address,
+                    col(OutboxJob.state) == JobState.DONE,
+                ),
+            ),
+            col(OutboxJob.id) != job_id,
+        )
+    ).all()
+    for other in [job, *others]:
+        scrub_job(session, job=other, address=address, address_hash=hashed)
+    return 1 + len(others)

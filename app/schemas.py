@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from app import addresses
-from app.config import Locale
+from app.config import SLUG_PATTERN, Locale
 
 MAX_ATTRIBUTES = 20
+MAX_ATTRIBUTE_LENGTH = 500
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -30,6 +31,21 @@ def _valid_email(value: str) -> str:
     return value
 
 
+def clean_attributes(value: dict[str, Any]) -> dict[str, str]:
+    """A subscriber's attributes within the limits the API sets (the CSV import uses it too)."""
+    if len(value) > MAX_ATTRIBUTES:
+        raise ValueError(f"at most {MAX_ATTRIBUTES} attributes are allowed")
+    for name, item in value.items():
+        if not _ATTRIBUTE_NAME.match(name):
+            raise ValueError(f"attribute name {name[:64]!r} must be lowercase letters, digits or _")
+        if not isinstance(item, str):
+            raise ValueError(f"attribute {name!r} must be a string")
+        if len(item) > MAX_ATTRIBUTE_LENGTH:
+            raise ValueError(f"attribute {name!r} is longer than {MAX_ATTRIBUTE_LENGTH} characters")
+        _no_control_characters(item)
+    return value
+
+
 class SubscriptionRequest(BaseModel):
     """A request to subscribe; the same fields come as JSON or as a form post."""
 
@@ -38,7 +54,7 @@ class SubscriptionRequest(BaseModel):
     email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
     locale: Locale | None = None
     attributes: Annotated[
-        dict[str, Annotated[str, Field(max_length=500)]],
+        dict[str, Annotated[str, Field(max_length=MAX_ATTRIBUTE_LENGTH)]],
         Field(default_factory=dict, max_length=MAX_ATTRIBUTES),
     ]
 
@@ -50,13 +66,7 @@ class SubscriptionRequest(BaseModel):
     @field_validator("attributes")
     @classmethod
     def _clean_attributes(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, item in value.items():
-            if not _ATTRIBUTE_NAME.match(name):
-                raise ValueError(
-                    f"attribute name {name[:64]!r} must be lowercase letters, digits or _"
-                )
-            _no_control_characters(item)
-        return value
+        return clean_attributes(value)
 
 
 class UnsubscriptionRequest(BaseModel):
@@ -118,6 +128,8 @@ class ListOut(BaseModel):
     thank_you_url: str | None
     landing_url: str | None
     backend: str
+    # Declared lists are read-only through the API: the settings are re-applied at start.
+    declared_in_settings: bool
 
 
 class SubscriberOut(BaseModel):
@@ -200,3 +212,230 @@ class AuditOut(BaseModel):
     target: str | None
     outcome: str
     detail: dict[str, Any]
+
+
+# Operators and data protection ------------------------------------------------------------
+
+_NOTE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _not_in_the_future(value: date) -> date:
+    if value > datetime.now(UTC).date():
+        raise ValueError("the date of the consent must not be in the future")
+    return value
+
+
+class ConsentEvidence(BaseModel):
+    """Evidence of a consent given elsewhere (a paper form, an earlier tool)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    source: Annotated[
+        str,
+        Field(min_length=1, max_length=200, examples=["paper form, BlueHats stand, 2026-02-01"]),
+    ]
+    note: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=2000,
+            description="The operator's note: who collected the consent, where the proof is.",
+        ),
+    ]
+    consented_at: Annotated[
+        date, Field(description="Date of the original consent; not in the future.")
+    ]
+    consent_version: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=64,
+            description="The consent wording shown then; the list's current one when unset.",
+        ),
+    ] = None
+
+    @field_validator("source", "consent_version")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        return _no_control_characters(value) if value is not None else None
+
+    @field_validator("note")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        if _NOTE_CONTROL.search(value):
+            raise ValueError("must not contain control characters other than line breaks")
+        return value
+
+    @field_validator("consented_at")
+    @classmethod
+    def _past(cls, value: date) -> date:
+        return _not_in_the_future(value)
+
+
+class AddSubscriberRequest(BaseModel):
+    """An operator adds a subscriber: an invitation (double opt-in), or an address already
+    confirmed elsewhere, with evidence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    locale: Locale | None = None
+    attributes: Annotated[
+        dict[str, Annotated[str, Field(max_length=MAX_ATTRIBUTE_LENGTH)]],
+        Field(default_factory=dict, max_length=MAX_ATTRIBUTES),
+    ]
+    mode: Literal["invite", "confirmed"]
+    evidence: ConsentEvidence | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _valid_email(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _clean_attributes(cls, value: dict[str, str]) -> dict[str, str]:
+        return clean_attributes(value)
+
+    @model_validator(mode="after")
+    def _evidence_goes_with_confirmed(self) -> AddSubscriberRequest:
+        if self.mode == "confirmed" and self.evidence is None:
+            raise ValueError(
+                "evidence (source, note, consented_at) is required to add a confirmed subscriber"
+            )
+        if self.mode == "invite" and self.evidence is not None:
+            raise ValueError(
+                "evidence goes with mode confirmed; an invitation's evidence is the person's "
+                "own confirmation"
+            )
+        return self
+
+
+class OperatorUnsubscribeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    reason: Annotated[
+        str, Field(min_length=1, max_length=500, examples=["asked by phone on 2026-11-20"])
+    ]
+
+    @field_validator("reason")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return _no_control_characters(value)
+
+
+# Bounds of a list's confirmation lifetime, in seconds: an hour to thirty days.
+CONFIRM_TTL_BOUNDS = {"ge": 3600, "le": 30 * 24 * 3600}
+
+
+class ListCreate(BaseModel):
+    """A list created through the API: stored in the database only, backend `none` until
+    the settings declare a list with this slug (the settings then take it over)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slug: Annotated[str, Field(pattern=SLUG_PATTERN, examples=["bluehats-events"])]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    default_locale: Locale = Locale.FR
+    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = "2026-11"
+    confirm_ttl_seconds: Annotated[int, Field(**CONFIRM_TTL_BOUNDS)] = 48 * 3600
+    thank_you_url: HttpUrl | None = None
+    landing_url: HttpUrl | None = None
+
+    @field_validator("name", "consent_version")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return _no_control_characters(value)
+
+
+class ListUpdate(BaseModel):
+    """The fields to change; a URL set to null is removed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    default_locale: Locale | None = None
+    consent_version: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    confirm_ttl_seconds: Annotated[int | None, Field(**CONFIRM_TTL_BOUNDS)] = None
+    thank_you_url: HttpUrl | None = None
+    landing_url: HttpUrl | None = None
+
+    @field_validator("name", "consent_version")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        return _no_control_characters(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _required_stay_set(self) -> ListUpdate:
+        for name in ("name", "default_locale", "consent_version", "confirm_ttl_seconds"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be removed, only changed")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields sent, as the database stores them."""
+        values = self.model_dump(exclude_unset=True, mode="json")
+        return values
+
+
+class PersonSubscription(SubscriberDetail):
+    list: str
+
+
+class PersonEventOut(ConsentEventOut):
+    list: str
+
+
+class PersonOut(BaseModel):
+    """Everything held about one address, across lists (data protection access request)."""
+
+    email: str
+    erased: bool = Field(description="The address was erased once (its tombstone exists).")
+    subscriptions: list[PersonSubscription]
+    address_jobs: list[JobWithAttempts] = Field(
+        description="Backend jobs about the address that have no subscription row."
+    )
+    erased_ledger: list[PersonEventOut] = Field(
+        description="Ledger events kept from an earlier erasure, found by the address's hash."
+    )
+    audit: list[AuditOut] = Field(description="Audit events whose target names the address.")
+
+
+class ErasureOut(BaseModel):
+    """What an erasure did. Erasing again is harmless (counts 0, `already_erased`)."""
+
+    address_hash: str
+    subscriptions: int
+    ledger_events: int
+    tokens: int
+    jobs_deleted: int
+    jobs_scrubbed: int
+    audit_events: int
+    backend_removals: list[str] = Field(
+        description="Lists whose backend gets a removal job (the worker runs it)."
+    )
+    no_backend: list[str] = Field(description="Lists with no backend declared: none to tell.")
+    already_erased: bool
+
+
+class ImportRowError(BaseModel):
+    line: int = Field(description="Line of the file where the row starts (the header is 1).")
+    email: str = Field(description="The row's address, masked (`c***@example.org`).")
+    error: str
+
+
+# An alias: inside ImportResult, `list` is a field.
+ImportRowErrors = list[ImportRowError]
+
+
+class ImportResult(BaseModel):
+    """What an import did (or, in a dry run, would do)."""
+
+    list: str
+    mode: str
+    dry_run: bool
+    read: int = Field(description="Rows read (the header and blank lines not counted).")
+    created: int
+    unchanged: int = Field(description="Addresses already on the list, left as they are.")
+    invalid: int
+    errors: ImportRowErrors = Field(description="The first 100 refused rows, by line.")

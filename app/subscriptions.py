@@ -5,11 +5,16 @@
 Every function here takes the caller's session and never commits: the state change, its
 consent-ledger event and the mail it causes are written in the caller's one transaction.
 Answers to the public never depend on the state; the mail tells the truth instead.
+
+A mail that a public request causes (a confirmation, an "already subscribed" note, an
+unsubscribe link) is sent only if the caller's `MailBudget` allows it, asked right where the
+mail would be queued: the rate limits count mails really sent, and stay out of this module.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -44,6 +49,37 @@ class Evidence:
     source_url: str | None = None
     ip: str | None = None
     user_agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MailPermit:
+    """A mail budget's answer for one mail to one address: send now, later, or not at all."""
+
+    send: bool = True
+    delay: timedelta = timedelta(0)
+    # Why the mail is held back or delayed, for the consent ledger (a rate limit's name).
+    reason: str | None = None
+
+    def ledger_detail(self, *, now: datetime) -> dict[str, Any]:
+        if not self.send:
+            return {"mail_suppressed": self.reason}
+        if self.delay > timedelta(0):
+            return {
+                "mail_delayed_until": (now + self.delay).isoformat(),
+                "mail_delay_reason": self.reason,
+            }
+        return {}
+
+
+SEND_NOW = MailPermit()
+
+# Asked "may this address be mailed now?" once a mail is certain to be queued otherwise;
+# asking consumes the budget.
+MailBudget = Callable[[addresses.Address], MailPermit]
+
+
+def unlimited(_address: addresses.Address) -> MailPermit:
+    return SEND_NOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +148,30 @@ def _queue_mail(
     subscription: Subscription,
     token_id: str | None,
     now: datetime,
+    delay: timedelta = timedelta(0),
 ) -> None:
     outbox.enqueue(
         session,
         kind=JobKind.MAIL,
         payload={"mail": kind.value, "subscription_id": subscription.id, "token_id": token_id},
         now=now,
+        delay=delay,
     )
+
+
+def _ask(
+    budget: MailBudget, *, address: addresses.Address, subscription: Subscription, kind: MailKind
+) -> MailPermit:
+    permit = budget(address)
+    if not permit.send:
+        log.info(
+            "subscription.mail_suppressed list_id=%s subscription_id=%s mail=%s reason=%s",
+            subscription.list_id,
+            subscription.id,
+            kind.value,
+            permit.reason,
+        )
+    return permit
 
 
 def _start_opt_in(
@@ -126,22 +179,34 @@ def _start_opt_in(
     *,
     mailing_list: MailingList,
     subscription: Subscription,
+    address: addresses.Address,
+    mail_budget: MailBudget,
     key: bytes,
     now: datetime,
-) -> None:
+) -> dict[str, Any]:
+    """Issue a confirmation link and queue its mail, as the budget allows; the ledger note."""
+    permit = _ask(mail_budget, address=address, subscription=subscription, kind=MailKind.CONFIRM)
+    if not permit.send:
+        return permit.ledger_detail(now=now)
     # Earlier links stay valid until they expire, so whichever mail the visitor opens
-    # works; confirming retires them all.
+    # works; confirming retires them all. A delayed mail's link lives as long from sending.
     token = tokens.issue(
         session,
         subscription=subscription,
         purpose=TokenPurpose.CONFIRM,
         key=key,
         now=now,
-        ttl=timedelta(seconds=mailing_list.confirm_ttl_seconds),
+        ttl=timedelta(seconds=mailing_list.confirm_ttl_seconds) + permit.delay,
     )
     _queue_mail(
-        session, kind=MailKind.CONFIRM, subscription=subscription, token_id=str(token.id), now=now
+        session,
+        kind=MailKind.CONFIRM,
+        subscription=subscription,
+        token_id=str(token.id),
+        now=now,
+        delay=permit.delay,
     )
+    return permit.ledger_detail(now=now)
 
 
 def _id(subscription: Subscription) -> int:
@@ -187,11 +252,14 @@ def subscribe(
     key: bytes,
     now: datetime,
     resend_interval: timedelta,
+    mail_budget: MailBudget = unlimited,
 ) -> MailingList:
     """Start (or restart) a double opt-in; never tells the caller which case it was.
 
     `locale` is the language the visitor chose; `fallback_locale` (the request's
     `Accept-Language`), then the list's language, apply only where none is stored yet.
+    At most one mail per `resend_interval` goes to an address, and only as `mail_budget`
+    allows; the request is recorded in the ledger either way.
     """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
@@ -212,15 +280,22 @@ def subscribe(
         ),
     )
     if subscription is not None:
+        mail_note = _start_opt_in(
+            session,
+            mailing_list=mailing_list,
+            subscription=subscription,
+            address=address,
+            mail_budget=mail_budget,
+            key=key,
+            now=now,
+        )
         _record(
             session,
             subscription=subscription,
             action=ConsentAction.SUBSCRIBE_REQUESTED,
             evidence=evidence,
             now=now,
-        )
-        _start_opt_in(
-            session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
+            detail=mail_note,
         )
         return mailing_list
 
@@ -240,6 +315,37 @@ def subscribe(
         subscription.consent_version = mailing_list.consent_version
         subscription.updated_at = now
         detail = {"previous_status": status.value}
+    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+        if status == SubscriptionStatus.CONFIRMED:
+            # The mail tells the truth the answer hides, with a way out.
+            permit = _ask(
+                mail_budget,
+                address=address,
+                subscription=subscription,
+                kind=MailKind.ALREADY_SUBSCRIBED,
+            )
+            if permit.send:
+                _queue_mail(
+                    session,
+                    kind=MailKind.ALREADY_SUBSCRIBED,
+                    subscription=subscription,
+                    token_id=_unsubscribe_token(
+                        session, subscription=subscription, key=key, now=now
+                    ),
+                    now=now,
+                    delay=permit.delay,
+                )
+            detail |= permit.ledger_detail(now=now)
+        else:
+            detail |= _start_opt_in(
+                session,
+                mailing_list=mailing_list,
+                subscription=subscription,
+                address=address,
+                mail_budget=mail_budget,
+                key=key,
+                now=now,
+            )
     _record(
         session,
         subscription=subscription,
@@ -248,20 +354,6 @@ def subscribe(
         now=now,
         detail=detail,
     )
-    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
-        if status == SubscriptionStatus.CONFIRMED:
-            # The mail tells the truth the answer hides, with a way out.
-            _queue_mail(
-                session,
-                kind=MailKind.ALREADY_SUBSCRIBED,
-                subscription=subscription,
-                token_id=_unsubscribe_token(session, subscription=subscription, key=key, now=now),
-                now=now,
-            )
-        else:
-            _start_opt_in(
-                session, mailing_list=mailing_list, subscription=subscription, key=key, now=now
-            )
     session.add(subscription)
     session.flush()
     return mailing_list
@@ -425,6 +517,7 @@ def request_unsubscribe(
     key: bytes,
     now: datetime,
     resend_interval: timedelta,
+    mail_budget: MailBudget = unlimited,
 ) -> MailingList:
     """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state."""
     mailing_list = lists.get(session, slug=list_slug)
@@ -432,22 +525,30 @@ def request_unsubscribe(
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
     if subscription is None or subscription.status != SubscriptionStatus.CONFIRMED:
         return mailing_list
+    detail: dict[str, Any] = {}
+    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+        permit = _ask(
+            mail_budget, address=address, subscription=subscription, kind=MailKind.UNSUBSCRIBE
+        )
+        if permit.send:
+            token_id = _unsubscribe_token(session, subscription=subscription, key=key, now=now)
+            _queue_mail(
+                session,
+                kind=MailKind.UNSUBSCRIBE,
+                subscription=subscription,
+                token_id=token_id,
+                now=now,
+                delay=permit.delay,
+            )
+        detail = permit.ledger_detail(now=now)
     _record(
         session,
         subscription=subscription,
         action=ConsentAction.UNSUBSCRIBE_REQUESTED,
         evidence=evidence,
         now=now,
+        detail=detail,
     )
-    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
-        token_id = _unsubscribe_token(session, subscription=subscription, key=key, now=now)
-        _queue_mail(
-            session,
-            kind=MailKind.UNSUBSCRIBE,
-            subscription=subscription,
-            token_id=token_id,
-            now=now,
-        )
     session.flush()
     return mailing_list
 

@@ -70,6 +70,11 @@ def address_job_payload(*, list_id: int, address: str, action: Action) -> dict[s
     return {"list_id": list_id, "address": address, "action": action.value}
 
 
+def address_job_key(*, list_id: int, address: str) -> str:
+    """Jobs about one address on one list run one at a time, in order."""
+    return f"sync-address:{list_id}:{address.casefold()}"
+
+
 def enqueue_address_job(
     session: Session, *, list_id: int, address: str, action: Action, now: datetime
 ) -> None:
@@ -78,7 +83,7 @@ def enqueue_address_job(
         kind=JobKind.SYNC,
         payload=address_job_payload(list_id=list_id, address=address, action=action),
         now=now,
-        dedupe_key=f"sync-address:{list_id}:{address.casefold()}",
+        dedupe_key=address_job_key(list_id=list_id, address=address),
     )
 
 

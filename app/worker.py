@@ -20,7 +20,7 @@ import httpx
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from app import backends, db, mails, outbox, sync, tokens
+from app import backends, db, mails, outbox, privacy, sync, tokens
 from app.backends.base import ListBackend, PermanentSyncError, SyncError
 from app.config import Locale, Settings
 from app.mailer import Mailer, MailError, OutgoingMail
@@ -204,6 +204,9 @@ class Worker:
                         now=now,
                         response=result.response,
                     )
+                    if job.payload.get("action") == sync.Action.REMOVE:
+                        # An erased address leaves the queue once the backend has it gone.
+                        privacy.scrub_after_removal(session, job_id=job.id, key=self._key)
                     continue
                 error = result.error
                 outbox.fail(

@@ -335,6 +335,8 @@ class MailmanServer:
             raise ValueError(f"SMTP host must be loopback, not {smtp_host}")
         self.mailman = mailman
         self.venv = mailman.parent.parent
+        # pytest's tmp_path exists already; a script's folder may not.
+        root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.var_dir = root / "var"
         self.config_file = root / "mailman.cfg"

@@ -301,3 +301,23 @@ class TestKeysCommand:
         assert run("revoke", "ci-export").returncode == 0
         assert client.get("/v1/admin/lists", headers=headers).status_code == 401
         assert run("revoke", "nobody").returncode == 1
+
+
+class TestDatesWithoutZone:
+    def test_search_and_stats_read_zoneless_dates_as_utc(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        _subscriptions(engine, 3)
+        for path, params in (
+            ("/v1/admin/lists/bluehats/subscribers", {"created_after": "2000-01-01T00:00:00"}),
+            ("/v1/admin/lists/bluehats/stats", {"since": "2000-01-01T00:00:00"}),
+            ("/v1/admin/audit", {"since": "2000-01-01T00:00:00"}),
+        ):
+            response = client.get(path, params=params, headers=read_key)
+            assert response.status_code == 200, (path, response.text)
+        page = client.get(
+            "/v1/admin/lists/bluehats/subscribers",
+            params={"created_after": "2000-01-01T00:00:00"},
+            headers=read_key,
+        ).json()
+        assert len(page["items"]) == 3

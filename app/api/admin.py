@@ -7,7 +7,7 @@ write key (403 for a read key). Actions and reads of personal data go to the aud
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query
@@ -93,7 +93,14 @@ async def audited(
         raise
 
 
-def _list_out(row: Any, settings: Any) -> ListOut:
+def utc(value: datetime | None) -> datetime | None:
+    """Query date-times without a zone are read as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def list_out(row: Any, settings: Any) -> ListOut:
     declared = settings.list_settings(row.slug)
     return ListOut(
         slug=row.slug,
@@ -104,6 +111,7 @@ def _list_out(row: Any, settings: Any) -> ListOut:
         thank_you_url=row.thank_you_url,
         landing_url=row.landing_url,
         backend=declared.backend.kind if declared else "none",
+        declared_in_settings=declared is not None,
     )
 
 
@@ -111,7 +119,7 @@ def _list_out(row: Any, settings: Any) -> ListOut:
 async def list_lists(database: DatabaseDep, settings: SettingsDep) -> list[ListOut]:
     """Every mailing list."""
     rows = await database.run(admin.all_lists)
-    return [_list_out(row, settings) for row in rows]
+    return [list_out(row, settings) for row in rows]
 
 
 @router.get(
@@ -124,10 +132,10 @@ async def get_list(slug: str, database: DatabaseDep, settings: SettingsDep) -> L
     """One mailing list."""
     from app import lists
 
-    return _list_out(await database.run(lists.get, slug=slug), settings)
+    return list_out(await database.run(lists.get, slug=slug), settings)
 
 
-def _subscriber_out(row: Any) -> SubscriberOut:
+def subscriber_out(row: Any) -> SubscriberOut:
     return SubscriberOut.model_validate(row, from_attributes=True)
 
 
@@ -158,15 +166,15 @@ async def search_subscribers(
             status=status,
             prefix=prefix,
             locale=locale,
-            created_after=created_after,
-            created_before=created_before,
-            confirmed_after=confirmed_after,
-            confirmed_before=confirmed_before,
+            created_after=utc(created_after),
+            created_before=utc(created_before),
+            confirmed_after=utc(confirmed_after),
+            confirmed_before=utc(confirmed_before),
         ),
         cursor=cursor,
         limit=limit,
     )
-    return SubscriberPage(items=[_subscriber_out(row) for row in rows], next_cursor=next_cursor)
+    return SubscriberPage(items=[subscriber_out(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.get(
@@ -183,21 +191,30 @@ async def get_subscriber(
         database, who, action="subscriber.read", target=f"{slug}:{email}",
         work=admin.subscriber_record, list_slug=slug, email=email,
     )  # fmt: skip
-    attempts: dict[int, list[AttemptOut]] = {}
-    for attempt in record.attempts:
-        attempts.setdefault(attempt.job_id, []).append(
+    return subscriber_detail(record)
+
+
+def jobs_with_attempts(jobs: list[Any], attempts: list[Any]) -> list[JobWithAttempts]:
+    """Jobs, each with the log of its delivery attempts."""
+    by_job: dict[int, list[AttemptOut]] = {}
+    for attempt in attempts:
+        by_job.setdefault(attempt.job_id, []).append(
             AttemptOut.model_validate(attempt, from_attributes=True)
         )
+    return [
+        JobWithAttempts(
+            **JobOut.model_validate(job, from_attributes=True).model_dump(),
+            attempt_log=by_job.get(job.id or 0, []),
+        )
+        for job in jobs
+    ]
+
+
+def subscriber_detail(record: admin.SubscriberRecord) -> SubscriberDetail:
     return SubscriberDetail(
-        **_subscriber_out(record.subscription).model_dump(),
+        **subscriber_out(record.subscription).model_dump(),
         ledger=[ConsentEventOut.model_validate(e, from_attributes=True) for e in record.events],
-        jobs=[
-            JobWithAttempts(
-                **JobOut.model_validate(job, from_attributes=True).model_dump(),
-                attempt_log=attempts.get(job.id or 0, []),
-            )
-            for job in record.jobs
-        ],
+        jobs=jobs_with_attempts(record.jobs, record.attempts),
     )
 
 
@@ -220,8 +237,8 @@ async def list_stats(
     result = await database.run(
         admin.stats,
         list_slug=slug,
-        since=since or now - timedelta(days=30),
-        until=until or now + timedelta(seconds=1),
+        since=utc(since) or now - timedelta(days=30),
+        until=utc(until) or now + timedelta(seconds=1),
         by_month=by == "month",
         now=now,
     )
@@ -290,7 +307,7 @@ async def search_audit(
 ) -> list[AuditOut]:
     """The audit log, newest first (`before_id` for older pages)."""
     rows = await database.run(
-        audit.search, actor=actor, action=action, target=target, since=since, until=until,
-        before_id=before_id, limit=limit,
+        audit.search, actor=actor, action=action, target=target,
+        since=utc(since), until=utc(until), before_id=before_id, limit=limit,
     )  # fmt: skip
     return [AuditOut.model_validate(row, from_attributes=True) for row in rows]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -16,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app import db, errors
 from app.config import Locale, Settings
 from app.i18n import negotiate, parse_locale
+from app.ratelimit import RateLimiter
 from app.subscriptions import Evidence
 
 JSON = "application/json"
@@ -59,8 +61,75 @@ async def get_database(request: Request) -> Database:
     return database
 
 
+async def get_rate_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    return limiter
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
+RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse_ip(text: str) -> IPAddress | None:
+    """An address as proxies write it (`192.0.2.1`, `192.0.2.1:443`, `[2001:db8::1]:443`)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    # A zone (`fe80::1%eth0`) means nothing beyond the proxy's own link.
+    text = text.partition("%")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def forwarded_client(peer: str, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]) -> str:
+    """The client behind `peer`: `peer` itself unless it is a trusted proxy; then, walking
+    `X-Forwarded-For` from the right, the first entry that is not a trusted proxy.
+
+    Each trusted proxy appends the address it was connected from, so entries right of the
+    first untrusted one are vouched for, and anything left of it may be forged. An entry that
+    is not an address (`unknown`, garbage) ends the walk: what lies beyond it cannot be
+    believed, so the nearest proxy that wrote it stands for the client.
+    """
+    hop = _parse_ip(peer)
+    if hop is None or not any(hop in network for network in trusted):
+        return peer
+    entries = [entry for header in forwarded_for for entry in header.split(",") if entry.strip()]
+    for entry in reversed(entries):
+        address = _parse_ip(entry)
+        if address is None:
+            break
+        hop = address
+        if not any(address in network for network in trusted):
+            break
+    return str(hop)
+
+
+def client_ip(request: Request, settings: Settings) -> str | None:
+    """The visitor's IP, for rate limits and the ledger (see `forwarded_client`)."""
+    if request.client is None:
+        return None
+    peer = request.client.host
+    if not settings.trusted_proxies:
+        return peer
+    return forwarded_client(
+        peer, request.headers.getlist("x-forwarded-for"), settings.trusted_proxies
+    )
+
+
+async def limit_client(request: Request, settings: SettingsDep, limiter: RateLimiterDep) -> None:
+    """Count the request against its client's limit, before any other work; 429 past it."""
+    await limiter.check_client(client_ip(request, settings))
 
 
 def media_type(request: Request) -> str:
@@ -108,7 +177,7 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
 
 
 def evidence(request: Request, settings: Settings, *, source: str) -> Evidence:
-    client = request.client.host if request.client else None
+    client = client_ip(request, settings)
     agent = request.headers.get("user-agent")
     referer = request.headers.get("referer") or request.headers.get("origin")
     return Evidence(

@@ -70,13 +70,15 @@ def _validation_detail(exc: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.DomainError)
     async def _domain(request: Request, exc: errors.DomainError) -> Response:
-        return _answer(
+        response = _answer(
             request,
             status=exc.status_code,
             code=exc.code,
             detail=exc.detail,
             list_slug=exc.list_slug,
         )
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -13,8 +13,10 @@ from app.api.deps import (
     FORM,
     JSON,
     DatabaseDep,
+    RateLimiterDep,
     SettingsDep,
     evidence,
+    limit_client,
     media_type,
     read_payload,
     request_locale,
@@ -77,6 +79,19 @@ UnsubscriptionBody = Annotated[UnsubscriptionRequest, Depends(unsubscription_bod
 OneClick = Annotated[bool, Depends(one_click)]
 
 
+async def limit_client_unless_one_click(
+    is_one_click: OneClick, request: Request, settings: SettingsDep, limiter: RateLimiterDep
+) -> None:
+    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses;
+    # refusing one would keep someone subscribed who asked to leave. A token guards it.
+    if not is_one_click:
+        await limit_client(request, settings, limiter)
+
+
+# Every public POST counts against its client's limit before any other work.
+LIMITED = [Depends(limit_client)]
+
+
 @router.post(
     "/lists/{slug}/subscriptions",
     operation_id="subscribe",
@@ -89,9 +104,11 @@ OneClick = Annotated[bool, Depends(one_click)]
             errors.InvalidBody,
             errors.UnsupportedMediaType,
             errors.PayloadTooLarge,
+            errors.RateLimited,
         ),
     },
     openapi_extra=_body_doc(SubscriptionRequest),
+    dependencies=LIMITED,
 )
 async def subscribe(
     slug: str,
@@ -99,6 +116,7 @@ async def subscribe(
     request: Request,
     database: DatabaseDep,
     settings: SettingsDep,
+    limiter: RateLimiterDep,
 ) -> Response:
     """Ask to subscribe an address; a confirmation mail follows (double opt-in).
 
@@ -118,6 +136,7 @@ async def subscribe(
         key=settings.token_key(),
         now=utcnow(),
         resend_interval=settings.resend_interval,
+        mail_budget=limiter.allow_mail,
     )
     if is_form:
         locale = body.locale or accepted or Locale(mailing_list.default_locale)
@@ -155,9 +174,10 @@ async def thanks_page(slug: str, request: Request, database: DatabaseDep) -> Res
     status_code=202,
     response_model=Accepted,
     responses=errors.responses(
-        errors.ListNotFound, errors.InvalidBody, errors.UnsupportedMediaType
+        errors.ListNotFound, errors.InvalidBody, errors.UnsupportedMediaType, errors.RateLimited
     ),
     openapi_extra=_body_doc(UnsubscriptionRequest),
+    dependencies=LIMITED,
 )
 async def request_unsubscribe(
     slug: str,
@@ -165,6 +185,7 @@ async def request_unsubscribe(
     request: Request,
     database: DatabaseDep,
     settings: SettingsDep,
+    limiter: RateLimiterDep,
 ) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state."""
     is_form = media_type(request) == FORM
@@ -176,6 +197,7 @@ async def request_unsubscribe(
         key=settings.token_key(),
         now=utcnow(),
         resend_interval=settings.resend_interval,
+        mail_budget=limiter.allow_mail,
     )
     if is_form:
         locale = request_locale(request, default=Locale(mailing_list.default_locale))
@@ -220,6 +242,9 @@ def _page(
 
 
 TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
+TOKEN_POST_ERRORS = errors.responses(
+    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, errors.RateLimited
+)
 
 
 @router.get(
@@ -242,7 +267,8 @@ async def confirm_page(
     "/confirm/{token}",
     operation_id="confirm",
     response_model=ActionResult,
-    responses={**_html_and_json("The subscription is confirmed."), **TOKEN_ERRORS},
+    responses={**_html_and_json("The subscription is confirmed."), **TOKEN_POST_ERRORS},
+    dependencies=LIMITED,
 )
 async def confirm(
     token: str, request: Request, database: DatabaseDep, settings: SettingsDep
@@ -281,7 +307,8 @@ async def unsubscribe_page(
     "/unsubscribe/{token}",
     operation_id="unsubscribe",
     response_model=ActionResult,
-    responses={**_html_and_json("The address is unsubscribed."), **TOKEN_ERRORS},
+    responses={**_html_and_json("The address is unsubscribed."), **TOKEN_POST_ERRORS},
+    dependencies=[Depends(limit_client_unless_one_click)],
 )
 async def unsubscribe(
     token: str,

@@ -14,6 +14,7 @@ import httpx
 from app.backends.base import ListBackend
 from app.backends.listmonk import ListmonkBackend
 from app.backends.mailgun import MailgunBackend
+from app.backends.mailman import MailmanBackend
 from app.backends.none import NoneBackend
 from app.config import BackendSettings
 
@@ -22,6 +23,7 @@ _FACTORIES: dict[str, Callable[[Any, httpx.Client], ListBackend]] = {
     "none": lambda settings, client: NoneBackend(),
     "listmonk": lambda settings, client: ListmonkBackend(settings, client),
     "mailgun": lambda settings, client: MailgunBackend(settings, client),
+    "mailman": lambda settings, client: MailmanBackend(settings, client),
 }
 
 

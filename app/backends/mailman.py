@@ -1,0 +1,301 @@
+"""The `mailman` backend: one list of a GNU Mailman 3 core, through its REST API.
+
+Auth and answers (https://docs.mailman3.org/projects/mailman/en/latest/src/mailman/rest/docs/
+rest.html): HTTP Basic with the core's `[webservice] admin_user` / `admin_pass`, on every
+call; `base_url` is the REST root with the API version, e.g. http://127.0.0.1:8001/3.1.
+Bad credentials answer 401. A 201 has an empty body and the new resource in `Location`;
+failures are JSON `{"title": ..., "description": ...}`. Observed against Mailman 3.3.10
+(tests/mailman.py runs that core for the tests).
+
+Endpoints:
+- add: `POST /members {list_id, subscriber, display_name, pre_verified, pre_confirmed,
+  pre_approved: true, send_welcome_message: false}` -> 201. This service already ran the
+  double opt-in, so the pre_* flags skip Mailman's own confirmation and moderation, and
+  `send_welcome_message: false` overrides the list's welcome for this request only. 409
+  "Member already subscribed" is a success; 409 "Subscription request already pending" (a
+  request made at Mailman itself, waiting there) and 400 "Membership is banned" are
+  permanent, each with its own message. A 202 would mean Mailman held the request (and
+  may have mailed a confirmation): never expected with these flags, reported as permanent.
+  There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
+  `max_batch` is 1.
+- unsubscribe and remove: `DELETE /lists/{list_id}/roster/member {"emails": [address]}`,
+  Mailman's mass unsubscription (rest/docs/membership.rst "Mass Unsubscriptions") -> 200
+  `{address: true}` when a member left, `{address: false}` when it was not one (a success
+  too), 404 when the list does not exist (permanent: a wrong `list_id` must not look like a
+  done unsubscribe, which the per-member `DELETE .../member/{address}` 404 would). Mailman
+  matches the lower-cased address there, so it is sent lower-cased.
+- remove (erasure) then forgets the person at Mailman as well, when nothing else there
+  uses the address: Mailman keeps no unsubscribed *members*, but a subscription through the
+  API creates an address record (the address as typed, the display name) and a user, which
+  outlive the membership. `GET /addresses/{address}/memberships`: any membership left (on
+  another list of that Mailman, or as an owner or moderator) keeps them, as that list's
+  business. Otherwise `GET /users/{address}`: a user holding no other address is deleted
+  (`DELETE /users/{user_id}`, its address with it); else only the address is
+  (`DELETE /addresses/{address}`). 404 at any of these steps means already gone.
+- members: `GET /lists/{list_id}/roster/member?count=100&page=N&fields=email&fields=
+  display_name`, page from 1, ordered by address; the cursor is the next page number, and
+  a page past the end has no `entries`. `count` and `page` always go together: one without
+  the other makes Mailman 3.3 answer 500. Every roster entry is a member, so
+  `subscribed=True`: Mailman deletes a member who leaves.
+
+Mail from Mailman: none, for any change this adapter makes. The welcome is turned off per
+request; the mass unsubscription removes members without Mailman's goodbye (sent by the
+per-member `DELETE` whenever the list's `send_goodbye_message` is on, with no per-request
+override) and without its owner notice. So this adapter never changes the list's
+settings: `send_welcome_message` and `send_goodbye_message` stay as the list owners set
+them, for people who join or leave through Mailman itself.
+
+Member variables: Mailman has no per-member custom variables, and its footer can only
+expand fixed placeholders (`$user_address`, `$user_name`, ... with personalized delivery),
+not this service's per-member token. So the personal `unsubscribe_url` does not reach
+Mailman; only the display name does (and only when Mailman creates the address: a later
+change of name is not sent, as the name belongs to Mailman's address record, shared by
+every list of that Mailman). The newsletter's way out is the list's footer, set by the list
+owners (template `list:member:regular:footer`): a link to the site's unsubscribe form,
+which posts the address to `POST /v1/lists/{slug}/unsubscriptions` and so mails the
+member a personal one-click link.
+Mailman itself adds `List-Unsubscribe: <mailto:LIST-leave@...>` to every post, and a
+member who leaves that way (or through Postorius) is simply gone from the roster: this
+service is not told, and a reconciliation reports that member as *missing* and, applied,
+adds it back. With a Mailman list, read reconciliation reports before applying them.
+
+Bans: `clear_suppression` returns None. Mailman's nearest thing to a suppression is its
+ban list (`GET /lists/{list_id}/bans`, and `/bans` for the whole site), which list owners
+set; it is moderation, not a member's own earlier opt-out, so a fresh opt-in here does not
+lift it. The add of a banned address fails as a permanent error naming the ban, for an
+operator to lift it in Mailman (`DELETE /lists/{list_id}/bans/{address}`) and retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from app.addresses import mask
+from app.backends.base import (
+    Member,
+    MembersPage,
+    PermanentSyncError,
+    RemoteMember,
+    excerpt,
+    send,
+)
+from app.config import MailmanBackendSettings
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 100
+ALREADY_SUBSCRIBED = "Member already subscribed"
+REQUEST_PENDING = "Subscription request already pending"
+BANNED = "Membership is banned"
+NO_SUCH_LIST = "No such list"
+
+
+def _segment(value: str) -> str:
+    """A value as one path segment: `+`, `/`, `%` and non-ASCII percent-encoded."""
+    return quote(value, safe="@")
+
+
+def _description(response: httpx.Response) -> str:
+    """Mailman's error `description` (or its `title`), else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        for key in ("description", "title"):
+            value = body.get(key)
+            if isinstance(value, str):
+                return value[:200]
+    return response.text[:200]
+
+
+def _json(response: httpx.Response, what: str) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as e:
+        raise PermanentSyncError(f"{what}: not JSON", response=excerpt(response)) from e
+    if not isinstance(body, dict):
+        raise PermanentSyncError(f"{what}: unexpected answer", response=excerpt(response))
+    return body
+
+
+class MailmanBackend:
+    max_batch = 1
+
+    def __init__(
+        self,
+        settings: MailmanBackendSettings,
+        client: httpx.Client,
+        *,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self._client = client
+        self._api = str(settings.base_url).rstrip("/")
+        self._list_id = settings.list_id
+        self._list_path = f"/lists/{_segment(settings.list_id)}"
+        self._auth = httpx.BasicAuth(settings.username, settings.password.get_secret_value())
+        self._page_size = page_size
+
+    # ListBackend --------------------------------------------------------------------------
+
+    def add(self, members: Sequence[Member]) -> str:
+        return "; ".join(self._add_one(member) for member in members)
+
+    def unsubscribe(self, address: str) -> str:
+        if self._leave(address, what="mailman unsubscribe"):
+            log.info("backend.mailman.unsubscribed address=%s", mask(address))
+            return f"mailman: left {self._list_id}"
+        return f"mailman: not a member of {self._list_id}, nothing to unsubscribe"
+
+    def remove(self, address: str) -> str:
+        left = self._leave(address, what="mailman remove")
+        outcome = self._forget(address)
+        log.info("backend.mailman.removed address=%s left=%s", mask(address), left)
+        done = f"left {self._list_id}" if left else f"not a member of {self._list_id}"
+        return f"mailman: {done}; {outcome}"
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        try:
+            page = int(cursor) if cursor else 1
+        except ValueError as e:
+            raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}") from e
+        what = "mailman list members"
+        response = self._call(
+            "GET",
+            f"{self._list_path}/roster/member",
+            what=what,
+            params=[
+                ("count", self._page_size),
+                ("page", page),
+                ("fields", "email"),
+                ("fields", "display_name"),
+            ],
+        )
+        body = _json(response, what)
+        try:
+            entries = body.get("entries") or []
+            total = int(body.get("total_size") or 0)
+            members = [
+                RemoteMember(
+                    email=str(entry["email"]),
+                    subscribed=True,
+                    name=entry.get("display_name") or None,
+                )
+                for entry in entries
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PermanentSyncError(
+                f"{what}: unexpected answer ({e})", response=excerpt(response)
+            ) from e
+        more = bool(members) and page * self._page_size < total
+        return MembersPage(members=members, next_cursor=str(page + 1) if more else None)
+
+    def clear_suppression(self, address: str) -> str | None:
+        # A ban is the list owners' decision, not an opt-out to forget: see the docstring.
+        return None
+
+    # Steps --------------------------------------------------------------------------------
+
+    def _add_one(self, member: Member) -> str:
+        what = "mailman add member"
+        body: dict[str, Any] = {
+            "list_id": self._list_id,
+            "subscriber": member.email,
+            "pre_verified": True,
+            "pre_confirmed": True,
+            "pre_approved": True,
+            "send_welcome_message": False,
+        }
+        if member.name:
+            body["display_name"] = member.name
+        response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
+        status = response.status_code
+        description = _description(response)
+        if status == 201:
+            member_id = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
+            log.info("backend.mailman.added address=%s", mask(member.email))
+            return f"mailman: member {member_id} added to {self._list_id}"
+        if status == 409 and description == ALREADY_SUBSCRIBED:
+            return f"mailman: already a member of {self._list_id}"
+        if status == 409 and description == REQUEST_PENDING:
+            raise PermanentSyncError(
+                f"{what}: a subscription request made at Mailman is pending for this "
+                f"address on {self._list_id}; a list owner must discard or accept it",
+                response=excerpt(response),
+            )
+        if status == 400 and description == BANNED:
+            raise PermanentSyncError(
+                f"{what}: the address is banned from {self._list_id} (Mailman's ban list, "
+                "set by the list owners); lift the ban in Mailman if this opt-in should stand",
+                response=excerpt(response),
+            )
+        if status == 400 and description == NO_SUCH_LIST:
+            raise PermanentSyncError(
+                f"{what}: Mailman has no list {self._list_id} (is list_id right?)",
+                response=excerpt(response),
+            )
+        if status == 202:
+            raise PermanentSyncError(
+                f"{what}: Mailman held the subscription for confirmation or approval "
+                "instead of adding the member",
+                response=excerpt(response),
+            )
+        raise PermanentSyncError(
+            f"{what}: HTTP {status}: {description}", response=excerpt(response)
+        )
+
+    def _leave(self, address: str, *, what: str) -> bool:
+        """Take the address off the list, silently; true if it was a member."""
+        # Mailman compares with the address it stores, lower-cased.
+        wanted = address.lower()
+        response = self._call(
+            "DELETE", f"{self._list_path}/roster/member", what=what, json={"emails": [wanted]}
+        )
+        body = _json(response, what)
+        left = body.get(wanted)
+        if not isinstance(left, bool):
+            raise PermanentSyncError(
+                f"{what}: no result for the address in the answer", response=excerpt(response)
+            )
+        return left
+
+    def _forget(self, address: str) -> str:
+        """Delete Mailman's address record (and its user) when nothing else there uses it."""
+        email = _segment(address.lower())
+        response = self._call(
+            "GET",
+            f"/addresses/{email}/memberships",
+            what="mailman erase: memberships",
+            ok=(404,),
+        )
+        if response.status_code == 404:
+            return "address not known to Mailman"
+        others = int(_json(response, "mailman erase: memberships").get("total_size") or 0)
+        if others:
+            return f"address kept: it has {others} other membership(s) at Mailman"
+        response = self._call("GET", f"/users/{email}", what="mailman erase: user", ok=(404,))
+        if response.status_code != 404:
+            user_id = _json(response, "mailman erase: user").get("user_id")
+            if isinstance(user_id, str) and user_id:
+                user_path = f"/users/{_segment(user_id)}"
+                listed = self._call(
+                    "GET", f"{user_path}/addresses", what="mailman erase: user's addresses"
+                )
+                count = int(_json(listed, "mailman erase: user's addresses").get("total_size") or 0)
+                if count <= 1:
+                    self._call("DELETE", user_path, what="mailman erase: user", ok=(404,))
+                    return "address and its user deleted"
+        self._call("DELETE", f"/addresses/{email}", what="mailman erase: address", ok=(404,))
+        return "address deleted"
+
+    def _call(
+        self, method: str, path: str, *, what: str, ok: Sequence[int] = (), **kwargs: Any
+    ) -> httpx.Response:
+        return send(
+            self._client, method, self._api + path, what=what, ok=ok, auth=self._auth, **kwargs
+        )

@@ -1,0 +1,860 @@
+"""Moving subscribers in and out of a list: CSV import, CSV and JSON-lines export.
+
+Used by the admin API and the CLI alike. Neither direction holds the data in memory.
+
+Import reads the file twice, line by line. The first pass checks what makes the whole file
+unusable (not UTF-8, malformed CSV, a bad header), so that such a file writes nothing. The
+second validates each row and writes valid rows in batches of `BATCH_SIZE`, each batch in a
+transaction of its own taken from the caller's `transaction()` factory (the boundary still
+owns the commit): a big file neither holds SQLite's write lock for its whole length nor
+rolls back every row for one failure. Rows are independent, so committing batch by batch
+is safe, and running the same file twice adds nothing: an address already on the list is
+`unchanged`, whatever its state (an import never undoes an unsubscription). An import cut
+short (a database outage) keeps its committed batches; running the file again completes it.
+
+Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
+list's), attributes (a JSON object of strings, the API's limits), consent_source and
+consent_date (ISO date or date-time, not in the future). Comma, semicolon or tab
+separated (as the header shows), UTF-8 with or without a BOM.
+
+    mode=confirmed  consent_source + consent_date required per row; the subscription is
+                    created confirmed, with an "imported" ledger event (source "import")
+                    holding that evidence, and a sync job for the backend.
+    mode=invite     the normal double opt-in (`subscriptions.subscribe`, source "operator"):
+                    a confirmation mail, nothing confirmed until the person clicks.
+
+An erased address (a tombstone in `erased_address`) is refused in both modes: only the
+person's own fresh opt-in brings it back.
+
+Export pages through the list in id order (keyset, `PAGE_SIZE` rows a page, one extra
+query per page for the consent events), so memory stays flat on any size of list.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+from typing import IO, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, SQLModel, col, func, select
+
+from app import addresses, admin, errors, lists, privacy, schemas, subscriptions
+from app.config import Locale
+from app.db import OUTBOX_WRITTEN
+from app.models import (
+    ConsentAction,
+    ConsentEvent,
+    ErasedAddress,
+    JobKind,
+    JobState,
+    Subscription,
+    SubscriptionStatus,
+)
+
+# A context manager yielding a session in a transaction of its own, committed on exit.
+Transaction = Callable[[], AbstractContextManager[Session]]
+
+BATCH_SIZE = 1000
+PAGE_SIZE = 1000
+MAX_ERRORS = 100
+# A physical line longer than this is refused (it bounds the memory a line can take).
+MAX_LINE_BYTES = 64 * 1024
+MAX_CONSENT_SOURCE = 200
+MAX_NOTE = 500
+# Clock skew allowed on a consent date-time; a bare date may be "today" anywhere on Earth.
+FUTURE_SKEW = timedelta(minutes=5)
+EARLIEST_ZONE = timedelta(hours=14)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+COLUMNS = ("email", "name", "locale", "attributes", "consent_source", "consent_date")
+DELIMITERS = (",", ";", "\t")
+_COLUMNS_HELP = (
+    "The columns are: email (required), name, locale, attributes, consent_source, consent_date."
+)
+
+
+class ImportMode(StrEnum):
+    INVITE = "invite"
+    CONFIRMED = "confirmed"
+
+
+class ExportFormat(StrEnum):
+    CSV = "csv"
+    JSONL = "jsonl"
+
+
+MEDIA_TYPES = {
+    ExportFormat.CSV: "text/csv; charset=utf-8",
+    ExportFormat.JSONL: "application/x-ndjson",
+}
+
+
+# Import ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    line: int
+    # Masked (`c***@example.org`): the line number finds the row, and reports get pasted.
+    email: str
+    error: str
+
+
+@dataclass
+class ImportReport:
+    list_slug: str
+    mode: ImportMode
+    dry_run: bool
+    read: int = 0
+    created: int = 0
+    unchanged: int = 0
+    invalid: int = 0
+    # The first MAX_ERRORS, in line order.
+    errors: list[RowError] = field(default_factory=list)
+
+    def refuse(self, *, line: int, email: str, error: str) -> None:
+        self.invalid += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(RowError(line=line, email=_masked(email), error=error))
+
+    def counts(self) -> dict[str, Any]:
+        """What the audit log keeps: counts, no address."""
+        return {
+            "mode": self.mode.value,
+            "dry_run": self.dry_run,
+            "read": self.read,
+            "created": self.created,
+            "unchanged": self.unchanged,
+            "invalid": self.invalid,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRow:
+    line: int
+    address: addresses.Address
+    locale: Locale | None
+    attributes: dict[str, str]
+    consent_source: str | None
+    # ISO 8601: a date, or a date-time in UTC.
+    consent_date: str | None
+
+
+class _RowInvalid(ValueError):
+    pass
+
+
+def _masked(email: str) -> str:
+    email = email.strip()[: addresses.MAX_ADDRESS_LENGTH]
+    if "@" not in email:
+        return f"{email[:1]}***" if email else ""
+    return addresses.mask(email)
+
+
+def _lines(source: IO[bytes]) -> Iterator[str]:
+    """The file's physical lines, decoded; a precise error at the first line not UTF-8."""
+    number = 0
+    while True:
+        raw = source.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise errors.InvalidCsv(f"Line {number} is longer than {MAX_LINE_BYTES} bytes.")
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise errors.InvalidCsv(_encoding_error(number, raw, e)) from e
+
+
+def _encoding_error(number: int, raw: bytes, error: UnicodeDecodeError) -> str:
+    advice = 'save the file as UTF-8 ("CSV UTF-8" in a spreadsheet).'
+    if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return f"The file is UTF-16, not UTF-8: {advice}"
+    return (
+        f"Line {number} is not UTF-8 (byte 0x{raw[error.start]:02x} at position "
+        f"{error.start + 1}; Latin-1 or Windows-1252?): {advice}"
+    )
+
+
+def _delimiter(header: str) -> str:
+    """Comma, or the semicolon (or tab) a French spreadsheet writes: whichever splits the
+    header; a header's names never contain any of them."""
+    counts = {candidate: header.count(candidate) for candidate in DELIMITERS}
+    best = max(DELIMITERS, key=lambda candidate: counts[candidate])
+    return best if counts[best] else ","
+
+
+def _columns(header: list[str]) -> list[str]:
+    names = [name.strip().lower() for name in header]
+    for position, name in enumerate(names, 1):
+        if not name:
+            raise errors.InvalidCsv(f"Column {position} of the header has no name. {_COLUMNS_HELP}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise errors.InvalidCsv(f"The header repeats {', '.join(repeated)}.")
+    unknown = [name for name in names if name not in COLUMNS]
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:10])
+        raise errors.InvalidCsv(f"Unknown column(s) in the header: {shown}. {_COLUMNS_HELP}")
+    if "email" not in names:
+        raise errors.InvalidCsv(f"The header has no email column. {_COLUMNS_HELP}")
+    return names
+
+
+def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The header's column names, and the records with the line each starts on."""
+    lines = _lines(source)
+    first = next(lines, None)
+    if first is None or not first.strip():
+        raise errors.InvalidCsv(
+            f"The file is empty or its first line is blank: the first line must name the "
+            f"columns. {_COLUMNS_HELP}"
+        )
+    reader = csv.reader(itertools.chain([first], lines), delimiter=_delimiter(first), strict=True)
+    try:
+        header = next(reader)
+    except csv.Error as e:
+        raise errors.InvalidCsv(f"Line 1 is not valid CSV ({e}).") from e
+    columns = _columns(header)
+
+    def records() -> Iterator[tuple[int, list[str]]]:
+        last = reader.line_num
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise errors.InvalidCsv(f"Line {last + 1} is not valid CSV ({e}).") from e
+            start, last = last + 1, reader.line_num
+            if any(value.strip() for value in fields):
+                yield start, fields
+
+    return columns, records()
+
+
+def check_file(source: IO[bytes]) -> int:
+    """Read the whole file once for what would make it unusable; the number of records."""
+    _, records = _records(source)
+    return sum(1 for _ in records)
+
+
+def _text(value: str, *, name: str, limit: int) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > limit:
+        raise _RowInvalid(f"{name} is longer than {limit} characters.")
+    if _CONTROL.search(value):
+        raise _RowInvalid(f"{name} contains control characters.")
+    return value
+
+
+def _consent_date(value: str, *, now: datetime) -> str | None:
+    """The date as ISO text: a bare date stays a date, a date-time becomes UTC."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        parsed = date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)
+    except ValueError as e:
+        raise _RowInvalid(
+            f"consent_date {value[:40]!r} is not an ISO date (2025-03-12) or date-time "
+            "(2025-03-12T09:30:00+01:00)."
+        ) from e
+    if isinstance(parsed, datetime):
+        parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        future = parsed > now + FUTURE_SKEW
+    else:
+        # A bare date may already be "today" somewhere east of UTC.
+        future = parsed > (now + EARLIEST_ZONE).date()
+    if future:
+        raise _RowInvalid(f"consent_date {value} is in the future.")
+    return parsed.isoformat()
+
+
+def _attributes(value: str, name: str | None) -> dict[str, str]:
+    parsed: Any = {}
+    if value.strip():
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError) as e:
+            raise _RowInvalid('attributes is not valid JSON (expected {"org": "DINUM"}).') from e
+        if not isinstance(parsed, dict):
+            raise _RowInvalid('attributes must be a JSON object such as {"org": "DINUM"}.')
+    if name is not None:
+        if parsed.get("name", name) != name:
+            raise _RowInvalid("name is given twice, differently (column and attributes).")
+        parsed["name"] = name
+    try:
+        return schemas.clean_attributes(parsed)
+    except ValueError as e:
+        raise _RowInvalid(f"attributes: {e}.") from e
+
+
+def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) -> ImportRow:
+    raw_email = values.get("email", "").strip()
+    if not raw_email:
+        raise _RowInvalid("email is empty.")
+    try:
+        address = addresses.parse(raw_email)
+    except addresses.InvalidAddress as e:
+        raise _RowInvalid(f"email is not a valid address: {e}") from e
+    locale_text = values.get("locale", "").strip().lower()
+    try:
+        locale = Locale(locale_text) if locale_text else None
+    except ValueError as e:
+        known = ", ".join(item.value for item in Locale)
+        raise _RowInvalid(f"locale {locale_text[:20]!r} is not one of {known}.") from e
+    name = _text(values.get("name", ""), name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
+    attributes = _attributes(values.get("attributes", ""), name)
+    consent_source = _text(
+        values.get("consent_source", ""), name="consent_source", limit=MAX_CONSENT_SOURCE
+    )
+    consent_date = _consent_date(values.get("consent_date", ""), now=now)
+    if mode == ImportMode.CONFIRMED:
+        if consent_source is None:
+            raise _RowInvalid(
+                "consent_source is empty: a row without proof of consent can only be invited "
+                "(mode=invite)."
+            )
+        if consent_date is None:
+            raise _RowInvalid("consent_date is empty: mode=confirmed needs the date of consent.")
+    return ImportRow(
+        line=line,
+        address=address,
+        locale=locale,
+        attributes=attributes,
+        consent_source=consent_source,
+        consent_date=consent_date,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _ListInfo:
+    id: int
+    slug: str
+    default_locale: str
+    consent_version: str
+
+
+def _list_info(session: Session, *, slug: str) -> _ListInfo:
+    row = lists.get(session, slug=slug)
+    assert row.id is not None
+    return _ListInfo(
+        id=row.id,
+        slug=row.slug,
+        default_locale=row.default_locale,
+        consent_version=row.consent_version,
+    )
+
+
+def import_csv(
+    transaction: Transaction,
+    *,
+    source: IO[bytes],
+    list_slug: str,
+    mode: ImportMode,
+    dry_run: bool,
+    operator: str,
+    note: str | None,
+    key: bytes,
+    resend_interval: timedelta,
+    now: datetime,
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> ImportReport:
+    """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
+
+    Raises ListNotFound, or InvalidCsv for a file that cannot be read at all, before
+    anything is written. `progress` gets the bytes read so far after each batch. A dry run
+    reads the database to count what would happen, and writes nothing.
+    """
+    if note is not None and len(note) > MAX_NOTE:
+        raise errors.BadRequest(f"The note is longer than {MAX_NOTE} characters.")
+    with transaction() as session:
+        mailing_list = _list_info(session, slug=list_slug)
+    source.seek(0)
+    check_file(source)
+    source.seek(0)
+    columns, records = _records(source)
+    report = ImportReport(list_slug=list_slug, mode=mode, dry_run=dry_run)
+    # The first line of each address seen: a second row for it is reported, not applied.
+    # The one structure that grows with the file (about 100 bytes an address).
+    first_line: dict[str, int] = {}
+    batch: list[ImportRow] = []
+
+    def flush() -> None:
+        with transaction() as session:
+            _apply(
+                session,
+                rows=batch,
+                mailing_list=mailing_list,
+                mode=mode,
+                write=not dry_run,
+                report=report,
+                operator=operator,
+                note=note,
+                key=key,
+                resend_interval=resend_interval,
+                now=now,
+            )
+        batch.clear()
+        if progress is not None:
+            progress(source.tell())
+
+    for line, fields in records:
+        report.read += 1
+        values = dict(zip(columns, fields, strict=False))
+        if len(fields) != len(columns):
+            report.refuse(
+                line=line,
+                email=values.get("email", ""),
+                error=f"The row has {len(fields)} fields, the header {len(columns)}.",
+            )
+            continue
+        try:
+            row = _row(values, line=line, mode=mode, now=now)
+        except _RowInvalid as e:
+            report.refuse(line=line, email=values.get("email", ""), error=str(e))
+            continue
+        seen = first_line.setdefault(row.address.key, line)
+        if seen != line:
+            report.refuse(
+                line=line,
+                email=row.address.email,
+                error=f"The same address as line {seen}; only that line is imported.",
+            )
+            continue
+        batch.append(row)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    elif progress is not None:
+        progress(source.tell())
+    report.errors.sort(key=lambda item: item.line)
+    return report
+
+
+def _known(session: Session, *, list_id: int, keys: list[str]) -> set[str]:
+    if not keys:
+        return set()
+    return set(
+        session.exec(
+            select(Subscription.email_key).where(
+                Subscription.list_id == list_id, col(Subscription.email_key).in_(keys)
+            )
+        ).all()
+    )
+
+
+def _erased(session: Session, *, keys: list[str], key: bytes) -> set[str]:
+    """`privacy.is_erased` for a whole batch in one query: the keys that have a tombstone."""
+    hashes = {privacy.address_hash(email_key, key=key): email_key for email_key in keys}
+    found = session.exec(
+        select(ErasedAddress.address_hash).where(col(ErasedAddress.address_hash).in_(hashes))
+    ).all()
+    return {hashes[value] for value in found}
+
+
+ERASED_ERROR = (
+    "This address was erased at its owner's request: it cannot be imported; only the "
+    "person's own subscription (double opt-in) can bring it back."
+)
+
+
+def _apply(
+    session: Session,
+    *,
+    rows: list[ImportRow],
+    mailing_list: _ListInfo,
+    mode: ImportMode,
+    write: bool,
+    report: ImportReport,
+    operator: str,
+    note: str | None,
+    key: bytes,
+    resend_interval: timedelta,
+    now: datetime,
+) -> None:
+    keys = [row.address.key for row in rows]
+    erased = _erased(session, keys=keys, key=key)
+    writes_confirmed = write and mode == ImportMode.CONFIRMED
+    # Which addresses the list already has. A confirmed import lets its INSERT ... ON
+    # CONFLICT DO NOTHING tell (through the unique index), and asks only about the rare
+    # erased ones: a look-up of a thousand keys at once is planned from the table's
+    # statistics, and on PostgreSQL, right after a big import into a fresh list, stale
+    # ones made it scan the whole list once a batch (from 10 ms to 0.8 s a batch).
+    known = _known(
+        session, list_id=mailing_list.id, keys=sorted(erased) if writes_confirmed else keys
+    )
+    fresh = []
+    for row in rows:
+        if row.address.key in known:
+            report.unchanged += 1
+        elif row.address.key in erased:
+            report.refuse(line=row.line, email=row.address.email, error=ERASED_ERROR)
+        else:
+            fresh.append(row)
+    if not write:
+        report.created += len(fresh)
+    elif mode == ImportMode.CONFIRMED:
+        created = _insert_confirmed(
+            session, rows=fresh, mailing_list=mailing_list, operator=operator, note=note, now=now
+        )
+        report.created += created
+        report.unchanged += len(fresh) - created
+    else:
+        _invite(
+            session,
+            rows=fresh,
+            mailing_list=mailing_list,
+            operator=operator,
+            note=note,
+            key=key,
+            resend_interval=resend_interval,
+            now=now,
+        )
+        report.created += len(fresh)
+
+
+def _invite(
+    session: Session,
+    *,
+    rows: list[ImportRow],
+    mailing_list: _ListInfo,
+    operator: str,
+    note: str | None,
+    key: bytes,
+    resend_interval: timedelta,
+    now: datetime,
+) -> None:
+    """The normal double opt-in for each row, then the operator and note written into the
+    ledger events it recorded (one query for the batch)."""
+    for row in rows:
+        subscriptions.subscribe(
+            session,
+            list_slug=mailing_list.slug,
+            address=row.address,
+            locale=row.locale,
+            fallback_locale=None,
+            attributes=row.attributes,
+            evidence=subscriptions.Evidence(source="operator"),
+            key=key,
+            now=now,
+            resend_interval=resend_interval,
+        )
+    if not rows:
+        return
+    ids = select(Subscription.id).where(
+        Subscription.list_id == mailing_list.id,
+        col(Subscription.email_key).in_([row.address.key for row in rows]),
+    )
+    for event in session.exec(
+        select(ConsentEvent).where(
+            col(ConsentEvent.subscription_id).in_(ids),
+            ConsentEvent.action == ConsentAction.SUBSCRIBE_REQUESTED,
+            ConsentEvent.occurred_at == now,
+        )
+    ).all():
+        event.detail = {**event.detail, "operator": operator, "note": note, "via": "import"}
+        session.add(event)
+    session.flush()
+
+
+def _insert_confirmed(
+    session: Session,
+    *,
+    rows: list[ImportRow],
+    mailing_list: _ListInfo,
+    operator: str,
+    note: str | None,
+    now: datetime,
+) -> int:
+    """Insert the batch's new subscriptions as confirmed, in a few statements; the count.
+
+    `ON CONFLICT DO NOTHING`: an address added meanwhile by someone else stays as it is.
+    """
+    if not rows:
+        return 0
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    table = SQLModel.metadata.tables["subscription"]
+    # Several rows a statement ("insertmanyvalues"); RETURNING says which were new.
+    inserted = session.execute(
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+        .returning(table.c.id, table.c.email_key),
+        [
+            {
+                "list_id": mailing_list.id,
+                "email": row.address.email,
+                "email_key": row.address.key,
+                "status": SubscriptionStatus.CONFIRMED.value,
+                "locale": row.locale.value if row.locale else mailing_list.default_locale,
+                "attributes": row.attributes,
+                "consent_version": mailing_list.consent_version,
+                "created_at": now,
+                "updated_at": now,
+                "confirmed_at": now,
+                "unsubscribed_at": None,
+                "last_mail_at": None,
+            }
+            for row in rows
+        ],
+    ).all()
+    ids = {email_key: row_id for row_id, email_key in inserted}
+    if not ids:
+        return 0
+    events: list[dict[str, Any]] = []
+    for row in rows:
+        subscription_id = ids.get(row.address.key)
+        if subscription_id is None:
+            continue
+        events.append(
+            {
+                "subscription_id": subscription_id,
+                "list_id": mailing_list.id,
+                "action": ConsentAction.IMPORTED.value,
+                "status_after": SubscriptionStatus.CONFIRMED.value,
+                "source": "import",
+                "source_url": None,
+                "consent_version": mailing_list.consent_version,
+                "ip": None,
+                "user_agent": None,
+                "detail": {
+                    "consent_source": row.consent_source,
+                    "consent_date": row.consent_date,
+                    "operator": operator,
+                    "note": note,
+                },
+                "occurred_at": now,
+                "address_hash": None,
+            }
+        )
+    session.execute(sa.insert(SQLModel.metadata.tables["consent_event"]), events)
+    # The very job `outbox.enqueue_sync` writes, for many rows at once: a subscription made
+    # a moment ago has no pending sync job to merge with, so its per-row look-up (a query a
+    # row, most of an import's time) is skipped.
+    session.execute(
+        sa.insert(SQLModel.metadata.tables["outbox_job"]),
+        [
+            {
+                "kind": JobKind.SYNC.value,
+                "dedupe_key": f"sync:{subscription_id}",
+                "subscription_id": subscription_id,
+                "payload": {
+                    "subscription_id": subscription_id,
+                    "list_id": mailing_list.id,
+                    "fresh_opt_in": False,
+                },
+                "state": JobState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for subscription_id in ids.values()
+        ],
+    )
+    session.info[OUTBOX_WRITTEN] = True
+    return len(ids)
+
+
+# Export ------------------------------------------------------------------------------------
+
+# Columns of an export, in order. consent_event*: the ledger event that made the
+# subscription confirmed (a click on the confirmation link, or an import), where there is
+# one; consent_source / consent_date: the evidence an operator gave when importing.
+EXPORT_FIELDS = (
+    "email",
+    "name",
+    "status",
+    "locale",
+    "attributes",
+    "consent_version",
+    "created_at",
+    "confirmed_at",
+    "unsubscribed_at",
+    "consent_event",
+    "consent_event_at",
+    "consent_event_source",
+    "consent_ip",
+    "consent_user_agent",
+    "consent_source",
+    "consent_date",
+)
+_CONFIRMING = (ConsentAction.CONFIRMED.value, ConsentAction.IMPORTED.value)
+_NO_EVENT: dict[str, Any] = dict.fromkeys(EXPORT_FIELDS[9:])
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPage:
+    records: list[dict[str, Any]]
+    # Where the next page starts (keyset); None when this page is the last.
+    next_after: int | None
+
+
+def export_count(session: Session, *, list_id: int, where: admin.SubscriberFilter) -> int:
+    query = admin.subscriber_query(list_id, where).with_only_columns(
+        func.count(), maintain_column_froms=True
+    )
+    return int(session.execute(query).scalar_one())
+
+
+def export_page(
+    session: Session,
+    *,
+    list_id: int,
+    where: admin.SubscriberFilter,
+    after: int | None,
+    limit: int = PAGE_SIZE,
+) -> ExportPage:
+    """One page of records in id order after `after`: one query for the subscriptions and
+    one for their confirming events."""
+    query = admin.subscriber_query(list_id, where).with_only_columns(
+        col(Subscription.id),
+        col(Subscription.email),
+        col(Subscription.status),
+        col(Subscription.locale),
+        col(Subscription.attributes),
+        col(Subscription.consent_version),
+        col(Subscription.created_at),
+        col(Subscription.confirmed_at),
+        col(Subscription.unsubscribed_at),
+    )
+    if after is not None:
+        query = query.where(col(Subscription.id) > after)
+    rows = session.execute(query.order_by(col(Subscription.id)).limit(limit)).all()
+    if not rows:
+        return ExportPage(records=[], next_after=None)
+    ids = [row[0] for row in rows]
+    # The latest confirming event of each subscription, as the export's columns.
+    confirming: dict[int, dict[str, Any]] = {}
+    for subscription_id, action, source, ip, agent, occurred_at, detail in session.execute(
+        sa.select(
+            col(ConsentEvent.subscription_id),
+            col(ConsentEvent.action),
+            col(ConsentEvent.source),
+            col(ConsentEvent.ip),
+            col(ConsentEvent.user_agent),
+            col(ConsentEvent.occurred_at),
+            col(ConsentEvent.detail),
+        )
+        .where(
+            col(ConsentEvent.subscription_id).in_(ids),
+            col(ConsentEvent.action).in_(_CONFIRMING),
+            col(ConsentEvent.status_after) == SubscriptionStatus.CONFIRMED.value,
+        )
+        .order_by(col(ConsentEvent.id))
+    ).all():
+        confirming[subscription_id] = {
+            "consent_event": action,
+            "consent_event_at": occurred_at,
+            "consent_event_source": source,
+            "consent_ip": ip,
+            "consent_user_agent": agent,
+            "consent_source": detail.get("consent_source"),
+            "consent_date": detail.get("consent_date"),
+        }
+    records = [
+        {
+            "email": email,
+            "name": attributes.get("name"),
+            "status": status,
+            "locale": locale,
+            "attributes": attributes,
+            "consent_version": version,
+            "created_at": created,
+            "confirmed_at": confirmed,
+            "unsubscribed_at": left,
+            **confirming.get(row_id, _NO_EVENT),
+        }
+        for row_id, email, status, locale, attributes, version, created, confirmed, left in rows
+    ]
+    return ExportPage(records=records, next_after=ids[-1] if len(ids) == limit else None)
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+# A spreadsheet runs a cell starting with one of these as a formula; names, user agents
+# and attributes come from the public form (OWASP "CSV injection"). The address is left
+# as it is: it cannot hold a formula's parentheses, and must stay exact.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_value(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True) if value else ""
+    text = str(value)
+    if name != "email" and text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
+
+
+def header(format: ExportFormat) -> bytes:
+    if format == ExportFormat.JSONL:
+        return b""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(EXPORT_FIELDS)
+    return buffer.getvalue().encode()
+
+
+def encode(records: Iterable[dict[str, Any]], format: ExportFormat) -> bytes:
+    """Records as CSV rows (after `header()`) or JSON lines."""
+    if format == ExportFormat.JSONL:
+        return "".join(
+            json.dumps({k: _json_value(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
+            for record in records
+        ).encode()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    for record in records:
+        writer.writerow([_csv_value(name, record[name]) for name in EXPORT_FIELDS])
+    return buffer.getvalue().encode()
+
+
+def export_chunks(
+    transaction: Transaction,
+    *,
+    list_id: int,
+    where: admin.SubscriberFilter,
+    format: ExportFormat,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[bytes]:
+    """The whole export as chunks of bytes, a page at a time, each page in a transaction
+    of its own (for the CLI; the API runs the same pages from its event loop)."""
+    yield header(format)
+    after: int | None = None
+    while True:
+        with transaction() as session:
+            page = export_page(session, list_id=list_id, where=where, after=after)
+        if page.records:
+            yield encode(page.records, format)
+            if progress is not None:
+                progress(len(page.records))
+        if page.next_after is None:
+            return
+        after = page.next_after

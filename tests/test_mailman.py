@@ -1,0 +1,443 @@
+"""The Mailman adapter against a REAL GNU Mailman 3.3.10 core (tests/mailman.py), alone and
+behind the whole service: subscribe over HTTP, confirm, the member reaches Mailman's roster;
+unsubscribe by link, the member leaves it; and Mailman itself mails nobody."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session, col, select
+
+# Before the import below, so tests.mailman gets assertion rewriting like a plugin should.
+pytest.register_assert_rewrite("tests.mailman")
+
+from app import sync  # noqa: E402
+from app.backends import make_backend, make_client  # noqa: E402
+from app.backends.base import Member, PermanentSyncError, RetryableSyncError  # noqa: E402
+from app.backends.mailman import MailmanBackend  # noqa: E402
+from app.config import MailmanBackendSettings, Settings  # noqa: E402
+from app.main import create_app  # noqa: E402
+from app.models import DeliveryAttempt, JobKind, JobState, OutboxJob  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    SmtpSink,
+    free_port,
+    link_in,
+    make_settings,
+    wait_until,
+)
+from tests.mailman import (  # noqa: E402
+    MailmanCore,
+    create_list,
+    flush_outgoing_mail,
+    mails_to,
+    rest_client,
+)
+
+pytest_plugins = ("tests.mailman",)
+
+# A roster change made by the worker shows up within this (it takes well under a second).
+SYNC_TIMEOUT = 20.0
+
+
+def unique(name: str = "ada") -> str:
+    return f"{name}-{uuid.uuid4().hex[:10]}@example.com"
+
+
+def settings_for(
+    core: MailmanCore, list_id: str, *, base_url: str | None = None, password: str | None = None
+) -> MailmanBackendSettings:
+    return MailmanBackendSettings(
+        base_url=base_url or core.base_url,
+        username=core.admin_user,
+        password=password or core.admin_password,
+        list_id=list_id,
+    )
+
+
+def member(email: str, name: str | None = "Ada Lovelace") -> Member:
+    return Member(
+        email=email,
+        locale="fr",
+        unsubscribe_url="https://news.example.org/v1/unsubscribe/tok",
+        name=name,
+    )
+
+
+def roster(core: MailmanCore, list_id: str) -> list[dict[str, Any]]:
+    """Every member of the list, as Mailman's REST API lists them (one page of 1000)."""
+    with rest_client(core) as client:
+        response = client.get(f"/lists/{list_id}/roster/member", params={"count": 1000, "page": 1})
+    response.raise_for_status()
+    entries: list[dict[str, Any]] = response.json().get("entries", [])
+    return entries
+
+
+def emails(core: MailmanCore, list_id: str) -> list[str]:
+    return [entry["email"] for entry in roster(core, list_id)]
+
+
+def subscribe_directly(core: MailmanCore, list_id: str, address: str) -> None:
+    with rest_client(core) as client:
+        response = client.post(
+            "/members",
+            json={
+                "list_id": list_id,
+                "subscriber": address,
+                "pre_verified": True,
+                "pre_confirmed": True,
+                "pre_approved": True,
+                "send_welcome_message": False,
+            },
+        )
+    assert response.status_code == 201, response.text
+
+
+@pytest.fixture
+def mailman_list(mailman_core: MailmanCore) -> str:
+    """A new list with Mailman's defaults: welcome and goodbye messages ON."""
+    return create_list(mailman_core)
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with make_client(connect_timeout=2, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def backend(mailman_core: MailmanCore, mailman_list: str, http: httpx.Client) -> MailmanBackend:
+    made = make_backend(settings_for(mailman_core, mailman_list), http)
+    assert isinstance(made, MailmanBackend)
+    return made
+
+
+class TestAdd:
+    def test_a_member_appears_in_the_roster_with_its_name(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        answer = backend.add([member(address)])
+        assert answer.startswith("mailman: member ")
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["email"] == address
+        assert entry["display_name"] == "Ada Lovelace"
+        assert entry["role"] == "member"
+
+    def test_the_request_asks_mailman_for_a_quiet_preapproved_subscription(
+        self, mailman_core: MailmanCore, mailman_list: str
+    ) -> None:
+        address = unique()
+        seen: list[httpx.Request] = []
+        with httpx.Client(event_hooks={"request": [seen.append]}, timeout=10) as client:
+            MailmanBackend(settings_for(mailman_core, mailman_list), client).add(
+                [member(address, name=None)]
+            )
+        [request] = seen
+        assert (request.method, request.url.path) == ("POST", "/3.1/members")
+        credentials = f"{mailman_core.admin_user}:{mailman_core.admin_password}".encode()
+        assert request.headers["authorization"] == "Basic " + base64.b64encode(credentials).decode()
+        assert json.loads(request.content) == {
+            "list_id": mailman_list,
+            "subscriber": address,
+            "pre_verified": True,
+            "pre_confirmed": True,
+            "pre_approved": True,
+            "send_welcome_message": False,
+        }
+
+    def test_a_second_add_of_the_same_member_succeeds_and_keeps_one_member(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = f"Grace.Hopper+news-{uuid.uuid4().hex[:6]}@Example.COM"
+        backend.add([member(address)])
+        assert backend.add([member(address)]) == f"mailman: already a member of {mailman_list}"
+        assert backend.add([member(address.lower())]).startswith("mailman: already a member")
+        assert emails(mailman_core, mailman_list) == [address.lower()]
+
+    def test_a_banned_address_stays_banned_and_is_a_permanent_error(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique("banned")
+        with rest_client(mailman_core) as client:
+            assert client.post(f"/lists/{mailman_list}/bans", json={"email": address}).is_success
+        # A fresh opt-in does not lift a ban: that is the list owners' decision.
+        assert backend.clear_suppression(address) is None
+        with pytest.raises(PermanentSyncError, match="banned from") as caught:
+            backend.add([member(address)])
+        assert caught.value.response is not None
+        assert "Membership is banned" in caught.value.response
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/lists/{mailman_list}/bans/{address}").status_code == 200
+        assert emails(mailman_core, mailman_list) == []
+
+    def test_an_unknown_list_is_a_permanent_error_not_a_silent_success(
+        self, mailman_core: MailmanCore, http: httpx.Client
+    ) -> None:
+        backend = MailmanBackend(settings_for(mailman_core, "nolist.example.org"), http)
+        with pytest.raises(PermanentSyncError, match=r"no list nolist\.example\.org"):
+            backend.add([member(unique())])
+        # The per-member DELETE would answer 404 here, as for "not a member": not this one.
+        with pytest.raises(PermanentSyncError, match="HTTP 404"):
+            backend.unsubscribe(unique())
+        with pytest.raises(PermanentSyncError, match="HTTP 404"):
+            backend.members()
+
+
+class TestLeaving:
+    def test_unsubscribe_takes_the_member_off_the_list(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = f"Mixed.Case+tag-{uuid.uuid4().hex[:6]}@Example.org"
+        kept = unique("kept")
+        backend.add([member(address)])
+        backend.add([member(kept)])
+        # The address as this service holds it, with its capitals.
+        assert backend.unsubscribe(address) == f"mailman: left {mailman_list}"
+        assert emails(mailman_core, mailman_list) == [kept]
+
+    def test_an_unknown_address_unsubscribes_successfully(self, backend: MailmanBackend) -> None:
+        answer = backend.unsubscribe(unique("nobody"))
+        assert answer.startswith("mailman: not a member")
+        # Twice is the same.
+        address = unique()
+        backend.add([member(address)])
+        backend.unsubscribe(address)
+        assert backend.unsubscribe(address).startswith("mailman: not a member")
+
+    def test_remove_also_forgets_the_address_at_mailman(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique("erase")
+        backend.add([member(address)])
+        answer = backend.remove(address)
+        assert answer == f"mailman: left {mailman_list}; address and its user deleted"
+        assert emails(mailman_core, mailman_list) == []
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/addresses/{address}").status_code == 404
+            assert client.get(f"/users/{address}").status_code == 404
+
+    def test_remove_keeps_an_address_another_list_still_uses(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique("shared")
+        other_list = create_list(mailman_core)
+        backend.add([member(address)])
+        subscribe_directly(mailman_core, other_list, address)
+        answer = backend.remove(address)
+        assert answer.endswith("address kept: it has 1 other membership(s) at Mailman")
+        assert emails(mailman_core, mailman_list) == []
+        assert emails(mailman_core, other_list) == [address]
+
+    def test_remove_of_an_unknown_address_succeeds(self, backend: MailmanBackend) -> None:
+        answer = backend.remove(unique("nobody"))
+        assert answer.endswith(
+            "not a member of " + backend._list_id + "; address not known to Mailman"
+        )
+
+
+class TestMembers:
+    def test_pages_cover_the_whole_roster(
+        self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
+    ) -> None:
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list), http, page_size=3)
+        added = sorted(f"page-{n}-{uuid.uuid4().hex[:6]}@example.com" for n in range(7))
+        for address in added:
+            backend.add([member(address)])
+        cursors = []
+        cursor = None
+        while True:
+            page = backend.members(cursor)
+            cursors.append((len(page.members), page.next_cursor))
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert cursors == [(3, "2"), (3, "3"), (1, None)]
+        remote = sync.read_backend(backend)
+        assert sorted(email for email, _ in remote.values()) == added
+        assert all(subscribed for _, subscribed in remote.values())
+
+    def test_an_empty_list_is_one_empty_page(self, backend: MailmanBackend) -> None:
+        page = backend.members()
+        assert (page.members, page.next_cursor) == ([], None)
+
+
+class TestNoMailFromMailman:
+    def test_no_welcome_goodbye_or_confirmation_reaches_anyone(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique("quiet")
+        erased = unique("erased")
+        backend.add([member(address)])
+        backend.add([member(address)])
+        backend.unsubscribe(address)
+        backend.add([member(address)])
+        backend.add([member(erased)])
+        backend.remove(erased)
+        # A barrier: everything Mailman queued before this has reached its SMTP sink.
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+        assert mails_to(mailman_core, erased) == []
+        # Silent by the calls made, not by changing what the list owners set.
+        with rest_client(mailman_core) as client:
+            config = client.get(f"/lists/{mailman_list}/config").json()
+        assert config["send_welcome_message"] is True
+        assert config["send_goodbye_message"] is True
+
+
+class TestFailures:
+    def test_a_wrong_password_is_permanent(
+        self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
+    ) -> None:
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list, password="wrong"), http)
+        with pytest.raises(PermanentSyncError, match="HTTP 401") as caught:
+            backend.add([member(unique())])
+        assert "REST API authorization failed" in (caught.value.response or "")
+        with pytest.raises(PermanentSyncError, match="HTTP 401"):
+            backend.unsubscribe(unique())
+        with pytest.raises(PermanentSyncError, match="HTTP 401"):
+            backend.members()
+
+    def test_mailman_down_is_retryable(
+        self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
+    ) -> None:
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list, base_url=closed), http)
+        with pytest.raises(RetryableSyncError, match="ConnectError") as caught:
+            backend.add([member(unique())])
+        assert isinstance(caught.value.__cause__, httpx.ConnectError)
+        with pytest.raises(RetryableSyncError):
+            backend.unsubscribe(unique())
+        with pytest.raises(RetryableSyncError):
+            backend.remove(unique())
+        with pytest.raises(RetryableSyncError):
+            backend.members()
+
+
+# The whole service ----------------------------------------------------------------------
+
+
+def service_settings(
+    database_url: str, smtp: SmtpSink, backend: MailmanBackendSettings, **overrides: Any
+) -> Settings:
+    """The app with list 'bluehats' on Mailman; our own mails go to the test SMTP sink."""
+    return make_settings(
+        database_url,
+        smtp_port=smtp.port,
+        lists=[
+            {
+                "slug": "bluehats",
+                "name": "Gazette BlueHats",
+                "backend": backend,
+            }
+        ],
+        **overrides,
+    )
+
+
+def sync_attempts(engine: sa.Engine) -> list[str]:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(DeliveryAttempt.outcome)
+            .join(OutboxJob, col(OutboxJob.id) == col(DeliveryAttempt.job_id))
+            .where(OutboxJob.kind == JobKind.SYNC)
+            .order_by(col(DeliveryAttempt.id))
+        ).all()
+    return list(rows)
+
+
+def sync_jobs(engine: sa.Engine) -> list[OutboxJob]:
+    with Session(engine) as session:
+        return list(session.exec(select(OutboxJob).where(OutboxJob.kind == JobKind.SYNC)).all())
+
+
+def subscribe_and_confirm(client: TestClient, smtp: SmtpSink, address: str) -> None:
+    response = client.post("/v1/lists/bluehats/subscriptions", json={"email": address})
+    assert response.status_code == 202, response.text
+    confirm = link_in(smtp.mail_to(address, link="confirm"), "confirm")
+    confirmed = client.post(confirm, headers={"accept": "application/json"})
+    assert confirmed.status_code == 200, confirmed.text
+    assert confirmed.json()["status"] == "confirmed"
+
+
+class TestThroughTheService:
+    def test_subscribe_confirm_and_unsubscribe_reach_the_mailman_roster(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+    ) -> None:
+        address = unique("camille")
+        settings = service_settings(database_url, smtp, settings_for(mailman_core, mailman_list))
+        with TestClient(create_app(settings)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+
+            asked = client.post("/v1/lists/bluehats/unsubscriptions", json={"email": address})
+            assert asked.status_code == 202
+            leave = link_in(smtp.mail_to(address, link="unsubscribe"), "unsubscribe")
+            left = client.post(leave, headers={"accept": "application/json"})
+            assert left.json()["status"] == "unsubscribed"
+            wait_until(lambda: emails(mailman_core, mailman_list) == [], timeout=SYNC_TIMEOUT)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+        assert sync_attempts(engine) == ["success", "success"]
+        # Our own mails went to our SMTP server; Mailman sent nothing to the member.
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+        subjects = [str(m["Subject"]) for m in smtp.messages if m["To"] == address]
+        assert len(subjects) == 3, subjects  # confirm, unsubscribe link, goodbye
+
+    def test_a_mailman_outage_is_retried_and_the_member_arrives_once(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+    ) -> None:
+        address = unique("patient")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=100,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(lambda: sync_attempts(engine).count("retry") >= 2, timeout=SYNC_TIMEOUT)
+        [job] = sync_jobs(engine)
+        assert job.state == JobState.PENDING
+        assert "ConnectError" in (job.last_error or "")
+        assert emails(mailman_core, mailman_list) == []
+
+        # The operator fixes the URL and restarts: the same job goes through, once.
+        up = service_settings(
+            database_url, smtp, settings_for(mailman_core, mailman_list), job_max_attempts=100
+        )
+        with TestClient(create_app(up)):
+            wait_until(
+                lambda: [j.state for j in sync_jobs(engine)] == [JobState.DONE],
+                timeout=SYNC_TIMEOUT,
+            )
+        assert emails(mailman_core, mailman_list) == [address]
+        outcomes = sync_attempts(engine)
+        assert outcomes[-1] == "success"
+        assert outcomes.count("success") == 1
+        assert set(outcomes[:-1]) == {"retry"}
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []

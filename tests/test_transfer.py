@@ -1,0 +1,757 @@
+"""CSV import and CSV / JSON-lines export: through the admin API and the command line.
+
+Import: confirmed rows with their evidence, invitations by double opt-in, per-row errors
+by line, whole-file refusals that write nothing (encoding, CSV syntax, header), duplicate
+rows, erased addresses, dry runs, running a file twice, the body limit. Export: the consent
+fields, filters, pages, and formulas kept out of spreadsheets.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session, col, select
+
+from app import apikeys, db, lists, privacy
+from app.config import Settings
+from app.main import create_app
+from app.models import (
+    AuditEvent,
+    ConsentEvent,
+    ErasedAddress,
+    JobKind,
+    KeyScope,
+    OutboxJob,
+    Subscription,
+    utcnow,
+)
+from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+IMPORT = "/v1/admin/lists/bluehats/import"
+EXPORT = "/v1/admin/lists/bluehats/export"
+HEADER = "email,name,locale,attributes,consent_source,consent_date\n"
+WRITTEN_TABLES = ("subscription", "consent_event", "outbox_job", "token")
+
+
+def _key(engine: sa.Engine, name: str, scope: KeyScope) -> str:
+    with db.session_scope(engine) as session:
+        _, key = apikeys.create(session, name=name, scope=scope, now=utcnow())
+    return key
+
+
+@pytest.fixture
+def read_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
+    return {"authorization": f"Bearer {_key(engine, 'dashboard', KeyScope.READ)}"}
+
+
+@pytest.fixture
+def write_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
+    return {"authorization": f"Bearer {_key(engine, 'operator', KeyScope.WRITE)}"}
+
+
+def _import(
+    client: TestClient, key: dict[str, str], body: str | bytes, **params: Any
+) -> httpx.Response:
+    return client.post(
+        IMPORT,
+        content=body.encode() if isinstance(body, str) else body,
+        params=params,
+        headers={**key, "content-type": "text/csv"},
+    )
+
+
+def _row(email: str, **values: str) -> str:
+    """One CSV line in HEADER's column order; evidence by default."""
+    fields = {
+        "name": "",
+        "locale": "",
+        "attributes": "",
+        "consent_source": "Paper form, BlueHats meetup",
+        "consent_date": "2025-03-12",
+        **values,
+    }
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(
+        [email, *(fields[name] for name in HEADER.strip().split(",")[1:])]
+    )
+    return buffer.getvalue()
+
+
+def _subscriptions(engine: sa.Engine) -> dict[str, Subscription]:
+    with Session(engine) as session:
+        return {row.email: row for row in session.exec(select(Subscription)).all()}
+
+
+def _written(url: str) -> dict[str, int]:
+    """Row counts of what an import writes, once the worker has run every job (a sync
+    issues the subscriber's unsubscribe token)."""
+
+    def settled() -> bool:
+        engine = sa.create_engine(url)
+        with engine.connect() as connection:
+            busy = connection.exec_driver_sql(
+                "SELECT count(*) FROM outbox_job WHERE state IN ('pending', 'running')"
+            ).scalar_one()
+        engine.dispose()
+        return busy == 0
+
+    wait_until(settled)
+    return {table: count_rows(url, table) for table in WRITTEN_TABLES}
+
+
+def _audit(engine: sa.Engine, action: str) -> list[AuditEvent]:
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(AuditEvent).where(AuditEvent.action == action).order_by(col(AuditEvent.id))
+            ).all()
+        )
+
+
+class TestImportConfirmed:
+    def test_rows_with_evidence_become_confirmed_with_a_ledger_event_and_a_sync(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        camille_row = _row(
+            "Camille.Martin@Example.org",
+            name="Camille Martin",
+            locale="EN",
+            attributes='{"org": "DINUM"}',
+            consent_date="2025-03-12T09:30:00+01:00",
+        )
+        body = HEADER + camille_row + _row("dominique@example.org")
+        response = _import(client, write_key, body, note="from the 2025 meetup")
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "list": "bluehats", "mode": "confirmed", "dry_run": False, "read": 2,
+            "created": 2, "unchanged": 0, "invalid": 0, "errors": [],
+        }  # fmt: skip
+        rows = _subscriptions(engine)
+        camille = rows["Camille.Martin@example.org"]
+        assert (camille.status, camille.locale, camille.email_key) == (
+            "confirmed",
+            "en",
+            "camille.martin@example.org",
+        )
+        assert camille.attributes == {"org": "DINUM", "name": "Camille Martin"}
+        assert camille.confirmed_at is not None
+        assert rows["dominique@example.org"].locale == "fr"  # the list's language
+        with Session(engine) as session:
+            [event] = session.exec(
+                select(ConsentEvent).where(ConsentEvent.subscription_id == camille.id)
+            ).all()
+            assert (event.action, event.source, event.status_after) == (
+                "imported",
+                "import",
+                "confirmed",
+            )
+            assert event.detail == {
+                "consent_source": "Paper form, BlueHats meetup",
+                "consent_date": "2025-03-12T08:30:00+00:00",
+                "operator": "operator",
+                "note": "from the 2025 meetup",
+            }
+        assert rows["dominique@example.org"].id is not None
+
+        def synced() -> bool:
+            with Session(engine) as session:
+                jobs = session.exec(select(OutboxJob).where(OutboxJob.kind == JobKind.SYNC)).all()
+                return len(jobs) == 2 and all(job.state == "done" for job in jobs)
+
+        # The in-process worker runs the sync jobs (the list's backend is "none").
+        wait_until(synced)
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.actor, entry.target, entry.outcome) == ("operator", "bluehats", "ok")
+        assert entry.detail == {
+            "mode": "confirmed", "dry_run": False, "read": 2, "created": 2, "unchanged": 0,
+            "invalid": 0, "note": "from the 2025 meetup",
+        }  # fmt: skip
+
+    def test_a_row_without_consent_source_is_refused_unless_it_is_an_invitation(
+        self, client: TestClient, smtp: SmtpSink, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = HEADER + _row("ann@example.org", consent_source="", consent_date="")
+        refused = _import(client, write_key, body).json()
+        assert (refused["created"], refused["invalid"]) == (0, 1)
+        assert "consent_source is empty" in refused["errors"][0]["error"]
+        assert "mode=invite" in refused["errors"][0]["error"]
+        no_date = _import(client, write_key, HEADER + _row("ann@example.org", consent_date=""))
+        assert "consent_date is empty" in no_date.json()["errors"][0]["error"]
+
+        invited = _import(client, write_key, body, mode="invite", note="asked at FOSDEM").json()
+        assert (invited["mode"], invited["created"], invited["invalid"]) == ("invite", 1, 0)
+        assert _subscriptions(engine)["ann@example.org"].status == "pending"
+        mail = smtp.mail_to("ann@example.org", link="confirm")
+        with Session(engine) as session:
+            [event] = session.exec(select(ConsentEvent)).all()
+            assert (event.action, event.source) == ("subscribe_requested", "operator")
+            assert event.detail == {
+                "operator": "operator",
+                "note": "asked at FOSDEM",
+                "via": "import",
+            }
+        assert client.post(link_in(mail, "confirm")).status_code == 200
+        assert _subscriptions(engine)["ann@example.org"].status == "confirmed"
+
+    def test_each_refused_row_is_reported_by_line_and_the_others_imported(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            HEADER
+            + _row("good@example.org")  # line 2
+            + _row("not-an-address")  # 3
+            + _row("bad-locale@example.org", locale="de")  # 4
+            + _row("list-attributes@example.org", attributes="[1, 2]")  # 5
+            + _row("bad-name@example.org", attributes='{"Org": "x"}')  # 6
+            + _row("french-date@example.org", consent_date="12/03/2025")  # 7
+            + _row("future@example.org", consent_date="2999-01-01")  # 8
+            + '"multi@example.org","Two\nlines",fr,,source,2025-01-01\n'  # 9-10
+            + "short@example.org,only two\n"  # 11
+            + _row("")  # 12
+            + _row("number@example.org", attributes='{"n": 3}')  # 13
+            + _row("twice@example.org", name="A", attributes='{"name": "B"}')  # 14
+            + "\n"  # 15: blank, skipped
+            + _row("last@example.org")  # 16
+        )
+        response = _import(client, write_key, body)
+        assert response.status_code == 200
+        result = response.json()
+        assert (result["read"], result["created"], result["invalid"]) == (13, 2, 11)
+        errors = {item["line"]: item for item in result["errors"]}
+        assert sorted(errors) == [3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14]
+        expected = {
+            3: "email is not a valid address",
+            4: "locale 'de' is not one of fr, en",
+            5: "attributes must be a JSON object",
+            6: "must be lowercase letters",
+            7: "is not an ISO date",
+            8: "is in the future",
+            9: "name contains control characters",
+            11: "The row has 2 fields, the header 6",
+            12: "email is empty",
+            13: "must be a string",
+            14: "name is given twice",
+        }
+        for line, text in expected.items():
+            assert text in errors[line]["error"], (line, errors[line])
+        # Masked addresses: the line finds the row; a pasted report names nobody.
+        assert errors[4]["email"] == "b***@example.org"
+        assert errors[3]["email"] == "n***"
+        assert set(_subscriptions(engine)) == {"good@example.org", "last@example.org"}
+
+    def test_a_duplicate_row_is_reported_and_only_its_first_line_imported(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            HEADER
+            + _row("ann@example.org", name="First")
+            + _row("bob@example.org")
+            + _row("ANN@example.org", name="Second")
+        )
+        result = _import(client, write_key, body).json()
+        assert (result["read"], result["created"], result["invalid"]) == (3, 2, 1)
+        assert result["errors"] == [
+            {
+                "line": 4,
+                "email": "A***@example.org",
+                "error": "The same address as line 2; only that line is imported.",
+            }
+        ]
+        assert _subscriptions(engine)["ann@example.org"].attributes == {"name": "First"}
+
+    def test_running_a_file_twice_changes_nothing_the_second_time(
+        self, client: TestClient, database_url: str, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = HEADER + "".join(_row(f"user{n}@example.org") for n in range(30))
+        first = _import(client, write_key, body).json()
+        assert (first["created"], first["unchanged"]) == (30, 0)
+        after_first = _written(database_url)
+        second = _import(client, write_key, body).json()
+        assert (second["created"], second["unchanged"], second["invalid"]) == (0, 30, 0)
+        assert _written(database_url) == after_first
+        assert count_rows(database_url, "subscription") == 30
+
+    def test_an_address_already_on_the_list_keeps_its_state(
+        self, client: TestClient, smtp: SmtpSink, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "left@example.org"})
+        client.post(link_in(smtp.mail_to("left@example.org", link="confirm"), "confirm"))
+        with db.session_scope(engine) as session:
+            row = session.exec(select(Subscription)).one()
+            row.status = "unsubscribed"
+            session.add(row)
+        for mode in ("confirmed", "invite"):
+            result = _import(client, write_key, HEADER + _row("Left@example.org"), mode=mode)
+            assert (result.json()["created"], result.json()["unchanged"]) == (0, 1)
+        assert _subscriptions(engine)["left@example.org"].status == "unsubscribed"
+
+    def test_an_erased_address_is_refused_in_every_mode(
+        self,
+        client: TestClient,
+        database_url: str,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+    ) -> None:
+        with db.session_scope(engine) as session:
+            session.add(
+                ErasedAddress(
+                    address_hash=privacy.address_hash("gone@example.org", key=SECRET.encode())
+                )
+            )
+        body = HEADER + _row("Gone@Example.org") + _row("kept@example.org")
+        for params in ({"dry_run": "true"}, {"mode": "invite"}, {}):
+            result = _import(client, write_key, body, **params).json()
+            assert result["invalid"] == 1, params
+            [error] = result["errors"]
+            assert error["line"] == 2
+            assert "erased" in error["error"]
+        emails = set(_subscriptions(engine))
+        assert emails == {"kept@example.org"}
+        assert "gone" not in json.dumps([e.detail for e in _audit(engine, "subscribers.import")])
+
+    def test_a_dry_run_counts_like_the_real_run_and_writes_nothing(
+        self, client: TestClient, database_url: str, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        _import(client, write_key, HEADER + _row("known@example.org"))
+        before = _written(database_url)
+        body = (
+            HEADER
+            + _row("known@example.org")
+            + _row("new1@example.org")
+            + _row("new2@example.org")
+            + _row("broken")
+        )
+        for mode in ("confirmed", "invite"):
+            dry = _import(client, write_key, body, dry_run="true", mode=mode).json()
+            assert dry["dry_run"] is True
+            assert (dry["read"], dry["created"], dry["unchanged"], dry["invalid"]) == (4, 2, 1, 1)
+            assert dry["errors"][0]["line"] == 5
+            assert _written(database_url) == before
+        real = _import(client, write_key, body).json()
+        assert (real["created"], real["unchanged"], real["invalid"]) == (2, 1, 1)
+        details = [entry.detail["dry_run"] for entry in _audit(engine, "subscribers.import")]
+        assert details == [False, True, True, False]
+
+
+class TestImportRefusesTheFile:
+    """A file that cannot be read as a whole is refused before any row is written."""
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            (b"", "The file is empty"),
+            (b"\n" + HEADER.encode(), "first line is blank"),
+            (b"name,locale\nCamille,fr\n", "no email column"),
+            (
+                b"email,phone\na@example.org,0612345678\n",
+                "Unknown column(s) in the header: 'phone'",
+            ),
+            (b"email,email\na@example.org,a@example.org\n", "repeats email"),
+            (b"email,\na@example.org,\n", "Column 2 of the header has no name"),
+        ],
+    )
+    def test_a_bad_header_is_a_clear_400(
+        self, client: TestClient, write_key: dict[str, str], body: bytes, message: str
+    ) -> None:
+        response = _import(client, write_key, body)
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_csv"
+        assert message in response.json()["detail"]
+
+    def test_malformed_csv_writes_nothing_even_before_the_bad_line(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        body = HEADER + "".join(_row(f"user{n}@example.org") for n in range(1500))
+        body += '"broken@example.org,unterminated quote\n'
+        response = _import(client, write_key, body)
+        assert response.status_code == 400
+        assert response.json() == {
+            "error": "invalid_csv",
+            "detail": "Line 1502 is not valid CSV (unexpected end of data).",
+        }
+        assert count_rows(database_url, "subscription") == 0
+
+    def test_a_file_not_in_utf8_is_refused_with_the_line(
+        self, client: TestClient, database_url: str, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        latin1 = (HEADER + _row("a@example.org") + _row("b@example.org", name="Hélène")).encode(
+            "latin-1"
+        )
+        response = _import(client, write_key, latin1)
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_csv"
+        assert response.json()["detail"].startswith("Line 3 is not UTF-8 (byte 0xe9")
+        utf16 = _import(client, write_key, (HEADER + _row("a@example.org")).encode("utf-16"))
+        assert utf16.status_code == 400
+        assert "UTF-16" in utf16.json()["detail"]
+        assert count_rows(database_url, "subscription") == 0
+        outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
+        assert outcomes == ["error:invalid_csv", "error:invalid_csv"]
+
+    def test_a_spreadsheet_export_with_bom_semicolons_and_crlf_is_read(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            "\ufeffEmail;Name;Consent_Source;Consent_Date\r\n"
+            "helene@example.org;Hélène Durand;Formulaire papier;2025-03-12\r\n"
+        ).encode()
+        result = _import(client, write_key, body)
+        assert result.status_code == 200, result.text
+        assert result.json()["created"] == 1
+        assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Hélène Durand"}
+
+    def test_a_body_that_is_not_csv_is_415(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        response = client.post(IMPORT, json={"email": "a@example.org"}, headers=write_key)
+        assert response.status_code == 415
+        assert response.json() == {
+            "error": "unsupported_media_type",
+            "detail": "Send the file as text/csv.",
+        }
+
+    def test_unknown_list_is_404_and_a_read_key_is_403(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        body = HEADER + _row("a@example.org")
+        unknown = client.post(
+            "/v1/admin/lists/nope/import",
+            content=body,
+            headers={**write_key, "content-type": "text/csv"},
+        )
+        assert unknown.status_code == 404
+        assert unknown.json()["error"] == "list_not_found"
+        assert _import(client, read_key, body).status_code == 403
+        assert _import(client, {}, body).status_code == 401
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.target, entry.outcome) == ("nope", "error:list_not_found")
+
+
+class TestLargeFiles:
+    def test_a_10_mb_file_is_imported(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Long names make 10 MB out of some 22,000 rows (a bare address row is ~60 bytes).
+        filler = "x" * 400
+        lines = [HEADER]
+        size = len(HEADER)
+        count = 0
+        while size < 10 * 1024 * 1024:
+            line = _row(f"user{count}@example.org", name=f"{filler}{count}")
+            lines.append(line)
+            size += len(line)
+            count += 1
+        body = "".join(lines)
+        assert len(body.encode()) >= 10 * 1024 * 1024
+        # Without the in-process worker, whose 22,000 syncs would compete for the database
+        # and make this test about the worker's speed.
+        settings = make_settings(database_url, smtp_port=smtp.port, run_worker=False)
+        with TestClient(create_app(settings)) as client:
+            key = {"authorization": f"Bearer {_key(engine, 'ops', KeyScope.WRITE)}"}
+            response = _import(client, key, body)
+        assert response.status_code == 200, response.text[:500]
+        assert response.json()["created"] == count
+        assert count_rows(database_url, "subscription") == count
+
+    def test_a_file_over_the_limit_is_413_whether_announced_or_streamed(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = make_settings(database_url, smtp_port=smtp.port, max_import_bytes=64 * 1024)
+        body = (HEADER + "".join(_row(f"user{n}@example.org") for n in range(2000))).encode()
+        assert len(body) > 64 * 1024
+
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, len(body), 8192):
+                yield body[start : start + 8192]
+
+        with TestClient(create_app(settings)) as client:
+            key = {"authorization": f"Bearer {_key(engine, 'ops', KeyScope.WRITE)}"}
+            headers = {**key, "content-type": "text/csv"}
+            announced = client.post(IMPORT, content=body, headers=headers)
+            assert announced.status_code == 413
+            assert announced.json()["error"] == "payload_too_large"
+            streamed = client.post(IMPORT, content=chunks(), headers=headers)
+            assert streamed.status_code == 413
+            assert streamed.json()["error"] == "payload_too_large"
+            # Under the cap is fine, and other routes keep their small limit.
+            small = client.post(IMPORT, content=body[:30_000].rsplit(b"\n", 1)[0], headers=headers)
+            assert small.status_code == 200
+            elsewhere = client.post(
+                "/v1/lists/bluehats/subscriptions",
+                content=b'{"email": "a@example.org", "pad": "' + b"x" * 30_000 + b'"}',
+                headers={"content-type": "application/json"},
+            )
+            assert elsewhere.status_code == 413
+        assert count_rows(database_url, "subscription") == small.json()["created"]
+
+
+def _confirmed_by_link(client: TestClient, smtp: SmtpSink, email: str) -> None:
+    client.post(
+        "/v1/lists/bluehats/subscriptions",
+        json={"email": email, "locale": "en"},
+        headers={"user-agent": "Firefox/140"},
+    )
+    confirmed = client.post(
+        link_in(smtp.mail_to(email, link="confirm"), "confirm"),
+        headers={"user-agent": "Firefox/140", "accept": "application/json"},
+    )
+    assert confirmed.status_code == 200
+
+
+def _csv(response: httpx.Response) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(response.text)))
+
+
+class TestExport:
+    def test_csv_carries_the_consent_fields(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        write_key: dict[str, str],
+        read_key: dict[str, str],
+        engine: sa.Engine,
+    ) -> None:
+        _confirmed_by_link(client, smtp, "clicked@example.org")
+        _import(client, write_key, HEADER + _row("imported@example.org", name="Imp"))
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "waiting@example.org"})
+        response = client.get(EXPORT, headers=read_key)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/csv; charset=utf-8"
+        assert response.headers["content-disposition"].startswith(
+            'attachment; filename="bluehats-all-'
+        )
+        rows = {row["email"]: row for row in _csv(response)}
+        assert list(rows) == ["clicked@example.org", "imported@example.org", "waiting@example.org"]
+        clicked = rows["clicked@example.org"]
+        assert clicked["status"] == "confirmed"
+        assert clicked["locale"] == "en"
+        assert clicked["consent_event"] == "confirmed"
+        assert clicked["consent_event_source"] == "link"
+        assert clicked["consent_ip"] == "testclient"
+        assert clicked["consent_user_agent"] == "Firefox/140"
+        assert clicked["consent_event_at"] >= clicked["confirmed_at"] > clicked["created_at"]
+        assert clicked["consent_source"] == ""
+        imported = rows["imported@example.org"]
+        assert (imported["name"], imported["consent_event"], imported["consent_event_source"]) == (
+            "Imp",
+            "imported",
+            "import",
+        )
+        assert imported["consent_source"] == "Paper form, BlueHats meetup"
+        assert imported["consent_date"] == "2025-03-12"
+        assert json.loads(imported["attributes"]) == {"name": "Imp"}
+        waiting = rows["waiting@example.org"]
+        assert (waiting["status"], waiting["consent_event"], waiting["confirmed_at"]) == (
+            "pending",
+            "",
+            "",
+        )
+        [entry] = _audit(engine, "subscribers.export")
+        assert (entry.actor, entry.outcome) == ("dashboard", "ok")
+        assert entry.detail == {"format": "csv", "filters": {}}
+
+    def test_json_lines_and_filters(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        write_key: dict[str, str],
+        read_key: dict[str, str],
+        engine: sa.Engine,
+    ) -> None:
+        _import(
+            client,
+            write_key,
+            HEADER + _row("ann@example.org", locale="en") + _row("bob@example.org"),
+        )
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "carl@example.org"})
+        response = client.get(
+            EXPORT, params={"format": "jsonl", "status": "confirmed"}, headers=read_key
+        )
+        assert response.headers["content-type"] == "application/x-ndjson"
+        assert response.headers["content-disposition"].endswith('.jsonl"')
+        records = [json.loads(line) for line in response.text.splitlines()]
+        assert [r["email"] for r in records] == ["ann@example.org", "bob@example.org"]
+        assert records[0]["consent_date"] == "2025-03-12"
+        assert records[0]["attributes"] == {}
+        assert records[0]["unsubscribed_at"] is None
+        english = client.get(
+            EXPORT, params={"format": "jsonl", "locale": "en", "prefix": "A"}, headers=read_key
+        )
+        assert [json.loads(line)["email"] for line in english.text.splitlines()] == [
+            "ann@example.org"
+        ]
+        pending = client.get(EXPORT, params={"status": "pending"}, headers=read_key)
+        assert [row["email"] for row in _csv(pending)] == ["carl@example.org"]
+        naive = client.get(
+            EXPORT, params={"created_after": "2000-01-01T00:00:00"}, headers=read_key
+        )
+        assert len(_csv(naive)) == 3
+        last = _audit(engine, "subscribers.export")[1]
+        assert last.detail == {"format": "jsonl", "filters": {"prefix": "A", "locale": "en"}}
+
+    def test_every_row_comes_once_across_pages(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        now = utcnow()
+        with db.session_scope(engine) as session:
+            list_id = lists.get(session, slug="bluehats").id
+            session.execute(
+                sa.insert(Subscription),
+                [
+                    {
+                        "list_id": list_id,
+                        "email": f"u{n:05d}@example.org",
+                        "email_key": f"u{n:05d}@example.org",
+                        "status": "confirmed",
+                        "locale": "fr",
+                        "attributes": {},
+                        "consent_version": "v1",
+                        "created_at": now,
+                        "updated_at": now,
+                        "confirmed_at": now,
+                    }
+                    for n in range(2345)
+                ],
+            )
+        response = client.get(EXPORT, params={"format": "jsonl"}, headers=read_key)
+        emails = [json.loads(line)["email"] for line in response.text.splitlines()]
+        assert emails == [f"u{n:05d}@example.org" for n in range(2345)]
+
+    def test_cells_that_a_spreadsheet_would_run_are_neutralised(
+        self, client: TestClient, write_key: dict[str, str], read_key: dict[str, str]
+    ) -> None:
+        formula = '=HYPERLINK("http://evil.example","x")'
+        _import(client, write_key, HEADER + _row("ann@example.org", name=formula))
+        [row] = _csv(client.get(EXPORT, headers=read_key))
+        assert row["name"] == "'" + formula
+        [record] = client.get(EXPORT, params={"format": "jsonl"}, headers=read_key).text.split(
+            "\n"
+        )[:1]
+        assert json.loads(record)["name"] == formula
+
+    def test_unknown_list_is_404_and_audited(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        response = client.get("/v1/admin/lists/nope/export", headers=read_key)
+        assert response.status_code == 404
+        assert response.json()["error"] == "list_not_found"
+        assert client.get(EXPORT).status_code == 401
+        bad = client.get(EXPORT, params={"format": "xml"}, headers=read_key)
+        assert bad.status_code == 422
+        [entry] = _audit(engine, "subscribers.export")
+        assert entry.outcome == "error:list_not_found"
+
+
+class TestCommandLine:
+    @pytest.fixture
+    def run(self, database_url: str, tmp_path: Path) -> Any:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        env.update(
+            NEWSLETTER_DATABASE_URL=database_url,
+            NEWSLETTER_SECRET_KEY=SECRET,
+            NEWSLETTER_LOG_LEVEL="WARNING",
+        )
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                timeout=120, check=False,
+            )  # fmt: skip
+
+        return run
+
+    def test_import_then_export(
+        self, run: Any, tmp_path: Path, database_url: str, engine: sa.Engine
+    ) -> None:
+        good = tmp_path / "good.csv"
+        good.write_text(HEADER + _row("ann@example.org") + _row("bob@example.org", locale="en"))
+        dry = run("import", "--list", "bluehats", str(good), "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "would create 2" in dry.stdout
+        assert count_rows(database_url, "subscription") == 0
+        done = run("import", "--list", "bluehats", str(good), "--note", "meetup")
+        assert done.returncode == 0, done.stderr
+        assert "created 2; unchanged 0; invalid 0" in done.stdout
+        again = run("import", "--list", "bluehats", str(good), "--json")
+        assert again.returncode == 0
+        assert json.loads(again.stdout)["unchanged"] == 2
+
+        mixed = tmp_path / "mixed.csv"
+        mixed.write_text(HEADER + _row("carl@example.org") + _row("nope", locale="xx"))
+        partly = run("import", "--list", "bluehats", str(mixed))
+        assert partly.returncode == 1
+        assert "line 3 n***: email is not a valid address" in partly.stdout
+        assert count_rows(database_url, "subscription") == 3
+
+        out = tmp_path / "out.csv"
+        exported = run("export", "--list", "bluehats", "--output", str(out))
+        assert exported.returncode == 0, exported.stderr
+        rows = list(csv.DictReader(out.open(encoding="utf-8")))
+        assert [row["email"] for row in rows] == [
+            "ann@example.org",
+            "bob@example.org",
+            "carl@example.org",
+        ]
+        assert not (tmp_path / "out.csv.part").exists()
+        english = run("export", "--list", "bluehats", "--format", "jsonl", "--status", "confirmed")
+        assert english.returncode == 0
+        assert len(english.stdout.splitlines()) == 3
+        with Session(engine) as session:
+            entries = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+            assert [(e.action, e.outcome) for e in entries] == [
+                ("subscribers.import", "ok"),
+                ("subscribers.import", "ok"),
+                ("subscribers.import", "ok"),
+                ("subscribers.import", "ok"),
+                ("subscribers.export", "ok"),
+                ("subscribers.export", "ok"),
+            ]
+            assert all(e.actor.startswith("cli:") for e in entries)
+            assert entries[1].detail["note"] == "meetup"
+
+    def test_exit_codes(self, run: Any, tmp_path: Path, database_url: str) -> None:
+        good = tmp_path / "good.csv"
+        good.write_text(HEADER + _row("ann@example.org"))
+        unreadable = tmp_path / "latin1.csv"
+        unreadable.write_bytes((HEADER + _row("zoé@example.org")).encode("latin-1"))
+        cases = [
+            (("import", "--list", "bluehats", str(unreadable)), 1, "is not UTF-8"),
+            (("import", "--list", "nope", str(good)), 2, "no list 'nope'"),
+            (("import", "--list", "bluehats", str(good), "--mode", "maybe"), 2, "--mode"),
+            (("import", "--list", "bluehats", str(tmp_path / "missing.csv")), 2, "missing.csv"),
+            (("import", str(good)), 2, "--list"),
+            (("export", "--list", "nope"), 2, "no list 'nope'"),
+            (("export", "--list", "bluehats", "--format", "xml"), 2, "--format"),
+            (("export", "--list", "bluehats", "--status", "gone"), 2, "--status"),
+        ]
+        for args, code, message in cases:
+            result = run(*args)
+            assert result.returncode == code, (args, result.stdout, result.stderr)
+            assert message in result.stderr, (args, result.stderr)
+        assert count_rows(database_url, "subscription") == 0
+
+
+def test_the_import_route_is_a_write_route(client: TestClient) -> None:
+    """The admin suite's key checks (401 without a key, 403 with a read key) cover it."""
+    document = client.get("/openapi.json").json()
+    operation = document["paths"]["/v1/admin/lists/{slug}/import"]["post"]
+    assert operation["operationId"] == "admin_import_subscribers"
+    assert "text/csv" in operation["requestBody"]["content"]
+    assert Settings().max_import_bytes == 50 * 1024 * 1024
