@@ -110,6 +110,26 @@ def schedule_reconcile(
         )
 
 
+def request_reconcile(session: Session, *, list_slug: str, now: datetime) -> OutboxJob:
+    """A reconciliation of the list as soon as a worker is free (a scheduled one moves up)."""
+    pending = _pending_with_key(session, f"reconcile:{list_slug}")
+    if pending is not None:
+        pending.next_attempt_at = min(pending.next_attempt_at, now)
+        pending.updated_at = now
+        session.add(pending)
+        session.flush()
+        return pending
+    job = enqueue(
+        session,
+        kind=JobKind.RECONCILE,
+        payload={"list": list_slug},
+        now=now,
+        dedupe_key=f"reconcile:{list_slug}",
+    )
+    session.flush()
+    return job
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
     id: int

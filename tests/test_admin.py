@@ -321,3 +321,25 @@ class TestDatesWithoutZone:
             headers=read_key,
         ).json()
         assert len(page["items"]) == 3
+
+
+class TestReconcileRequest:
+    def test_an_operator_triggers_a_reconciliation_the_worker_runs(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+    ) -> None:
+        first = client.post("/v1/admin/lists/bluehats/reconcile", headers=write_key)
+        assert first.status_code == 202
+        assert first.json()["kind"] == "reconcile"
+        assert client.post("/v1/admin/lists/nope/reconcile", headers=write_key).status_code == 404
+        # The in-process worker runs it against the list's backend (none here).
+        job_id = first.json()["id"]
+        wait_until(lambda: _state(engine, job_id) == "done")
+
+
+def _state(engine: sa.Engine, job_id: int) -> str | None:
+    with Session(engine) as session:
+        job = session.get(OutboxJob, job_id)
+        return None if job is None else job.state

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app import admin, apikeys, audit, errors
+from app import admin, apikeys, audit, errors, lists, outbox
 from app.api.deps import Database, DatabaseDep, SettingsDep
 from app.models import JobKind, JobState, SubscriptionStatus, utcnow
 from app.schemas import (
@@ -130,7 +130,6 @@ async def list_lists(database: DatabaseDep, settings: SettingsDep) -> list[ListO
 )
 async def get_list(slug: str, database: DatabaseDep, settings: SettingsDep) -> ListOut:
     """One mailing list."""
-    from app import lists
 
     return list_out(await database.run(lists.get, slug=slug), settings)
 
@@ -282,6 +281,28 @@ async def retry_job(job_id: int, database: DatabaseDep, who: WriterDep) -> Retry
 
     count = await audited(database, who, action="job.retry", target=str(job_id), work=work)
     return RetryResult(retried=count)
+
+
+@router.post(
+    "/lists/{slug}/reconcile",
+    operation_id="admin_reconcile_list",
+    status_code=202,
+    response_model=JobOut,
+    responses=errors.responses(errors.ListNotFound),
+)
+async def reconcile_list(slug: str, database: DatabaseDep, who: WriterDep) -> JobOut:
+    """Compare the list with its backend and fix differences, in the worker, soon.
+
+    The answer is the reconciliation job; its outcome (counts of what was fixed) shows in
+    `GET /v1/admin/jobs` when it fails, and in the audit log of the request.
+    """
+
+    def work(session: Any) -> JobOut:
+        lists.get(session, slug=slug)
+        job = outbox.request_reconcile(session, list_slug=slug, now=utcnow())
+        return JobOut.model_validate(job, from_attributes=True)
+
+    return await audited(database, who, action="list.reconcile", target=slug, work=work)
 
 
 @router.post("/jobs/retry", operation_id="admin_retry_all_jobs", response_model=RetryResult)
