@@ -3,9 +3,10 @@
 For each database (a new SQLite file; optionally the PostgreSQL database `bench` on
 loopback, emptied first) the script writes `--count` (100,000) confirmed subscriptions as
 `confirm()` leaves them: the subscription, its standing unsubscribe token and one sync job
-(`fresh_opt_in` as a confirmation sets it, see `--fresh-opt-in`). Then it starts a real
-`newsletter worker` process, configured by NEWSLETTER_* variables only (the list
-`bluehats` with a `mailgun` backend whose base_url is the fake Mailgun of
+(`fresh_opt_in` false, as the confirmation of a first opt-in leaves it; `--fresh-opt-in`
+for re-subscriptions, which also clear the address's old suppressions: two calls each).
+Then it starts a real `newsletter worker` process, configured by NEWSLETTER_* variables
+only (the list `bluehats` with a `mailgun` backend whose base_url is the fake Mailgun of
 tests/fake_mailgun.py, served by this process on 127.0.0.1; the file mailer; the default
 NEWSLETTER_SYNC_BATCH_SIZE), and waits until every sync job is done.
 
@@ -662,9 +663,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fresh-opt-in",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write the jobs with fresh_opt_in=true, as confirm() does (default); "
-        "--no-fresh-opt-in writes them as reconcile and import do",
+        default=False,
+        help="write the jobs with fresh_opt_in=true, as confirm() does for an address that "
+        "left the list before (two suppression calls each); default: false, as confirm() "
+        "does for a first opt-in, and as reconcile and import do",
     )
     parser.add_argument(
         "--clear-suppressions",

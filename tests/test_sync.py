@@ -3,7 +3,10 @@ ListBackend contract (the HTTP adapters have their own tests against servers).""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -150,10 +153,8 @@ class TestSyncJobs:
         with TestClient(create_app(settings)) as client:
             _confirm(client, worker, smtp, "Camille@example.org")
             _drain(worker)
-            assert backend.calls == [
-                ("clear_suppression", "Camille@example.org"),
-                ("add", ["Camille@example.org"]),
-            ]
+            # A first opt-in leaves the backend's suppressions alone (see the next test).
+            assert backend.calls == [("add", ["Camille@example.org"])]
             _, subscribed, variables = backend.held["camille@example.org"]
             assert subscribed
             assert variables["locale"] == "fr"
@@ -192,9 +193,39 @@ class TestSyncJobs:
             )
         jobs = _jobs(engine)
         assert len(jobs) == 1, "confirm and unsubscribe share one pending sync job"
-        assert jobs[0].payload["fresh_opt_in"] is True
         _drain(worker)
         assert backend.calls == [("unsubscribe", "quick@example.org")]
+
+    def test_coming_back_after_leaving_clears_the_old_suppression_once(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, resend_interval="0s")
+        backend = MemoryBackend(suppressed={"back@example.org"})
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, "back@example.org")
+            _drain(worker)
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "back@example.org"})
+            _drain(worker)
+            client.post(
+                link_in(smtp.mail_to("back@example.org", link="unsubscribe"), "unsubscribe")
+            )
+            _drain(worker)
+            assert ("clear_suppression", "back@example.org") not in backend.calls
+            _confirm(client, worker, smtp, "back@example.org")
+            _drain(worker)
+        assert backend.calls[-2:] == [
+            ("clear_suppression", "back@example.org"),
+            ("add", ["back@example.org"]),
+        ]
+        assert backend.suppressed == set()
+        with Session(engine) as session:
+            cleared = [
+                e
+                for e in session.exec(select(ConsentEvent)).all()
+                if e.detail.get("event") == "suppression_cleared"
+            ]
+        assert len(cleared) == 1
 
     def test_a_burst_of_confirmations_becomes_bulk_calls(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -436,3 +467,106 @@ class TestScheduledReconcile:
         reconciles = _jobs(engine, JobKind.RECONCILE)
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
+
+
+@dataclass
+class OverlapBackend(MemoryBackend):
+    """One member per call, each taking a while; counts the calls in flight together."""
+
+    max_batch: int = 1
+    delay: float = 0.05
+    in_flight: int = 0
+    most_in_flight: int = 0
+    spans: list[tuple[str, str, float, float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _timed(self, name: str, address: str, call: Callable[[], str]) -> str:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        started = time.monotonic()
+        try:
+            time.sleep(self.delay)
+            return call()
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                self.spans.append((name, address, started, time.monotonic()))
+
+    def add(self, members: Sequence[Member]) -> str:
+        return self._timed("add", members[0].email, lambda: MemoryBackend.add(self, members))
+
+    def unsubscribe(self, address: str) -> str:
+        return self._timed("unsubscribe", address, lambda: MemoryBackend.unsubscribe(self, address))
+
+
+def _planned(job_id: int, action: sync.Action, address: str) -> sync.Planned:
+    from app import outbox
+
+    job = outbox.ClaimedJob(
+        id=job_id, kind=JobKind.SYNC, payload={}, attempt=1, created_at=utcnow()
+    )
+    member = None
+    if action == sync.Action.ADD:
+        member = Member(email=address, locale="fr", unsubscribe_url="https://x.example/u")
+    return sync.Planned(
+        job=job, action=action, list_slug="bluehats", address=address, member=member
+    )
+
+
+class TestBackendsWithoutBulkCalls:
+    def test_single_member_calls_overlap_up_to_the_worker_concurrency(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, worker_concurrency=3)
+        backend = OverlapBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=12)
+        _drain(worker)
+        worker.stop()
+        assert len(backend.held) == 12
+        assert all(job.state == JobState.DONE for job in _jobs(engine))
+        assert 1 < backend.most_in_flight <= 3
+
+    def test_calls_about_one_address_keep_their_order(self) -> None:
+        backend = OverlapBackend()
+        # Listed leave first: additions still go first, as with one call at a time.
+        planned = [
+            _planned(1, sync.Action.UNSUBSCRIBE, "same@example.org"),
+            _planned(2, sync.Action.ADD, "Same@example.org"),
+            *[_planned(10 + n, sync.Action.ADD, f"other-{n}@example.org") for n in range(6)],
+        ]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = sync.execute(planned, backend_for=lambda slug: backend, pool=pool)
+        assert sorted(results) == [1, 2, *range(10, 16)]
+        assert all(result.error is None for result in results.values())
+        same = sorted(
+            (span for span in backend.spans if span[1].casefold() == "same@example.org"),
+            key=lambda span: span[2],
+        )
+        assert [span[0] for span in same] == ["add", "unsubscribe"]
+        assert same[0][3] <= same[1][2], "the unsubscribe began before the add had ended"
+        assert backend.most_in_flight > 1
+        assert backend.held["same@example.org"][1] is False
+
+    def test_a_stop_leaves_the_calls_not_begun_to_a_later_round(self) -> None:
+        backend = OverlapBackend()
+        planned = [_planned(n, sync.Action.ADD, f"m-{n}@example.org") for n in range(8)]
+        stop = threading.Event()
+        original = backend.add
+
+        def add_then_stop(members: Sequence[Member]) -> str:
+            stop.set()
+            return original(members)
+
+        backend.add = add_then_stop  # type: ignore[method-assign]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = sync.execute(
+                planned, backend_for=lambda slug: backend, should_stop=stop.is_set, pool=pool
+            )
+        # Calls begun before the stop (one per thread at most) finish; no other starts,
+        # and the jobs without a result are given back by the worker.
+        assert 1 <= len(results) <= 2
+        assert all(result.error is None for result in results.values())
+        assert sorted(backend.held) == sorted(f"m-{n}@example.org" for n in results)
+        assert len(backend.calls) == len(results)
