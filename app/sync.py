@@ -12,8 +12,10 @@ Adapters are called outside any database transaction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, Executor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -191,8 +193,16 @@ def execute(
     *,
     backend_for: Callable[[str], ListBackend | None],
     should_stop: Callable[[], bool] = lambda: False,
+    pool: Executor | None = None,
 ) -> dict[int, Result]:
-    """Call the backends; one Result per job id. Jobs left out were not started (stop)."""
+    """Call the backends; one Result per job id. Jobs left out were not started (stop).
+
+    A backend without bulk calls (`max_batch` 1) gets its calls through `pool`, when one
+    is given, as many at a time as the pool has threads: one task per address, so that
+    the calls about one address keep their order (additions first, as below) while
+    different addresses overlap. One call at a time would leave the backend idle while
+    this side builds the next request and reads the answer.
+    """
     results: dict[int, Result] = {}
     for item in planned:
         if item.action == Action.SKIP:
@@ -210,6 +220,9 @@ def execute(
                     error=PermanentSyncError(f"list {slug!r} has no backend in the settings")
                 )
             continue
+        if pool is not None and backend.max_batch == 1:
+            _execute_concurrently(backend, items, results, pool=pool, should_stop=should_stop)
+            continue
         additions = [item for item in items if item.action == Action.ADD]
         for chunk in _chunks(additions, backend.max_batch):
             if should_stop():
@@ -225,6 +238,47 @@ def execute(
                 results[item.job.id] = Result(response=call(item.address))
             except SyncError as e:
                 results[item.job.id] = Result(error=e)
+    return results
+
+
+def _execute_concurrently(
+    backend: ListBackend,
+    items: Sequence[Planned],
+    results: dict[int, Result],
+    *,
+    pool: Executor,
+    should_stop: Callable[[], bool],
+) -> None:
+    by_address: dict[str, list[Planned]] = {}
+    for item in sorted(items, key=lambda item: item.action != Action.ADD):
+        by_address.setdefault(item.address.casefold(), []).append(item)
+    tasks = [
+        pool.submit(_run_in_order, backend, calls, should_stop) for calls in by_address.values()
+    ]
+    # Every task ends before an error (a bug) leaves: no call outlives its round.
+    wait(tasks)
+    for task in tasks:
+        # Cancelled: the worker stopped before the task began; its jobs are given back.
+        with contextlib.suppress(CancelledError):
+            results.update(task.result())
+
+
+def _run_in_order(
+    backend: ListBackend, items: Sequence[Planned], should_stop: Callable[[], bool]
+) -> dict[int, Result]:
+    """One address's calls, one after the other; stops before a call once asked to."""
+    results: dict[int, Result] = {}
+    for item in items:
+        if should_stop():
+            break
+        if item.action == Action.ADD:
+            _add(backend, [item], results)
+            continue
+        call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
+        try:
+            results[item.job.id] = Result(response=call(item.address))
+        except SyncError as e:
+            results[item.job.id] = Result(error=e)
     return results
 
 

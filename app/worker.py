@@ -185,8 +185,13 @@ class Worker:
         started_at = self.now()
         with db.session_scope(self.engine) as session:
             planned = sync.plan(session, claimed, settings=self.settings, key=self._key)
+        # The pool is idle here (the mail round has finished): it carries the calls of
+        # backends without bulk calls, `worker_concurrency` at a time.
         results = sync.execute(
-            planned, backend_for=self.backend_for, should_stop=lambda: self.stopping
+            planned,
+            backend_for=self.backend_for,
+            should_stop=lambda: self.stopping,
+            pool=self._pool,
         )
         s = self.settings
         with db.session_scope(self.engine) as session:
