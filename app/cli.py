@@ -166,7 +166,12 @@ def reconcile(
             lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
         remote = _read_members(backend, label=list_slug)
         with db.session_scope(engine) as session:
-            report = sync.compare(session, list_slug=list_slug, remote=remote)
+            report = sync.compare(
+                session,
+                list_slug=list_slug,
+                remote=remote,
+                keeps_unsubscribed=backend.keeps_unsubscribed,
+            )
             if apply and not report.in_sync:
                 sync.apply(session, report=report, now=utcnow())
     finally:
@@ -192,6 +197,10 @@ def _print_report(report: Any) -> None:
             report.extra,
         ),
         ("unsubscribed at the backend (will be recorded here)", report.unsubscribed_there),
+        (
+            "absent from a backend that deletes members who leave (check each; not re-added)",
+            report.absent_there,
+        ),
     ):
         typer.echo(f"  {len(items)} {title}")
         for item in items[:20]:

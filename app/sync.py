@@ -370,11 +370,14 @@ class Report:
     extra: list[str] = field(default_factory=list)
     # Confirmed here, unsubscribed at the backend: the opt-out there wins, recorded here.
     unsubscribed_there: list[str] = field(default_factory=list)
+    # Confirmed here, absent from a backend that deletes members who leave (Mailman): they
+    # may have left there. Not added back automatically: an operator checks each one.
+    absent_there: list[str] = field(default_factory=list)
     applied: bool = False
 
     @property
     def in_sync(self) -> bool:
-        return not (self.missing or self.extra or self.unsubscribed_there)
+        return not (self.missing or self.extra or self.unsubscribed_there or self.absent_there)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -384,6 +387,7 @@ class Report:
             "missing": self.missing,
             "extra": self.extra,
             "unsubscribed_there": self.unsubscribed_there,
+            "absent_there": self.absent_there,
             "in_sync": self.in_sync,
             "applied": self.applied,
         }
@@ -406,7 +410,18 @@ def read_backend(
         cursor = page.next_cursor
 
 
-def compare(session: Session, *, list_slug: str, remote: dict[str, tuple[str, bool]]) -> Report:
+def compare(
+    session: Session,
+    *,
+    list_slug: str,
+    remote: dict[str, tuple[str, bool]],
+    keeps_unsubscribed: bool = True,
+) -> Report:
+    """The differences between this list and its backend (see `Report`).
+
+    `keeps_unsubscribed` is the backend's: where it is False, a confirmed member absent
+    there goes to `absent_there` rather than `missing`, as they may have left there.
+    """
     mailing_list = lists.get(session, slug=list_slug)
     here = {
         row.email_key: row.status
@@ -421,13 +436,13 @@ def compare(session: Session, *, list_slug: str, remote: dict[str, tuple[str, bo
         report.confirmed_here += 1
         there = remote.get(key)
         if there is None:
-            report.missing.append(key)
+            (report.missing if keeps_unsubscribed else report.absent_there).append(key)
         elif not there[1]:
             report.unsubscribed_there.append(key)
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
             report.extra.append(address)
-    for part in (report.missing, report.extra, report.unsubscribed_there):
+    for part in (report.missing, report.extra, report.unsubscribed_there, report.absent_there):
         part.sort()
     return report
 

@@ -278,7 +278,12 @@ class Worker:
                     )
                 continue
             with db.session_scope(self.engine) as session:
-                report = sync.compare(session, list_slug=slug, remote=remote)
+                report = sync.compare(
+                    session,
+                    list_slug=slug,
+                    remote=remote,
+                    keeps_unsubscribed=backend.keeps_unsubscribed,
+                )
                 if not report.in_sync:
                     sync.apply(session, report=report, now=self.now())
                 outbox.finish(

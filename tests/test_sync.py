@@ -43,6 +43,7 @@ class MemoryBackend:
     """A list held in memory; records every call; can be told to fail."""
 
     max_batch: int = 1000
+    keeps_unsubscribed: bool = True
     held: dict[str, tuple[str, bool, dict[str, str]]] = field(default_factory=dict)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     fail_next: list[Exception] = field(default_factory=list)
@@ -387,6 +388,28 @@ class TestReconcileAndImport:
         with db.session_scope(engine) as session:
             again = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
         assert again.in_sync, again.as_dict()
+
+    def test_a_member_gone_from_a_backend_that_forgets_leavers_is_not_added_back(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        # Like Mailman: someone who leaves through the list's own link simply disappears.
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=2)
+        _drain(worker)
+        backend.held.pop("bulk-0001@example.org")
+        remote = sync.read_backend(backend)
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session, list_slug="bluehats", remote=remote, keeps_unsubscribed=False
+            )
+            assert report.missing == []
+            assert report.absent_there == ["bulk-0001@example.org"]
+            assert not report.in_sync
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        assert "bulk-0001@example.org" not in backend.held
 
     def test_import_keeps_each_members_state_with_its_provenance(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine

@@ -85,6 +85,10 @@ class ListBackend(Protocol):
 
     # How many members one `add` call may carry (1 where the backend has no bulk call).
     max_batch: int
+    # True where an unsubscribed member stays listed as unsubscribed (Mailgun, listmonk);
+    # False where unsubscribing deletes the member (Mailman): there, a confirmed member's
+    # absence may be a departure made at the backend, not a member to add back.
+    keeps_unsubscribed: bool
 
     def add(self, members: Sequence[Member]) -> str:
         """Add or update confirmed members (subscribed); returns the backend's answer."""

@@ -91,6 +91,7 @@ def sql_string(value: str) -> str:
 
 class ListmonkBackend:
     max_batch = 1
+    keeps_unsubscribed = True
 
     def __init__(self, settings: ListmonkBackendSettings, client: httpx.Client) -> None:
         self._client = client

@@ -93,6 +93,7 @@ def _is_json(response: httpx.Response) -> bool:
 
 class MailgunBackend:
     max_batch = MAX_BULK
+    keeps_unsubscribed = True
 
     def __init__(self, settings: MailgunBackendSettings, client: httpx.Client) -> None:
         self.settings = settings

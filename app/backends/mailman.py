@@ -126,6 +126,8 @@ def _json(response: httpx.Response, what: str) -> dict[str, Any]:
 
 class MailmanBackend:
     max_batch = 1
+    # Mailman forgets a member who leaves (its own List-Unsubscribe, Postorius).
+    keeps_unsubscribed = False
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 class NoneBackend:
     max_batch = 1000
+    keeps_unsubscribed = True
 
     def add(self, members: Sequence[Member]) -> str:
         log.info("backend.none.add count=%d", len(members))
