@@ -757,5 +757,301 @@ def export_file(
         engine.dispose()
 
 
+# Read-only operator commands and the job queue ----------------------------------------------
+
+jobs_cli = typer.Typer(no_args_is_help=True, help="The outbox: failed jobs and retries.")
+cli.add_typer(jobs_cli, name="jobs")
+lists_cli = typer.Typer(no_args_is_help=True, help="Mailing lists.")
+cli.add_typer(lists_cli, name="lists")
+
+
+def _read(settings: Settings, work: Any, **kwargs: Any) -> Any:
+    """Run a read in one transaction; a refusal prints its reason and exits 1."""
+    from app import db, errors
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            return work(session, **kwargs)
+    except errors.DomainError as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(1) from e
+    finally:
+        engine.dispose()
+
+
+def _when(value: str | None, *, option: str) -> Any:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as e:
+        typer.echo(f"{option}: not an ISO date or date-time: {value!r}", err=True)
+        raise typer.Exit(2) from e
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _json_out(value: Any) -> None:
+    from pydantic import TypeAdapter
+
+    typer.echo(TypeAdapter(Any).dump_json(value, indent=2).decode())
+
+
+@subscriber_cli.command("search")
+def subscriber_search(
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    status: Annotated[str | None, typer.Option(help="pending, confirmed, ...")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Start of the address.")] = None,
+    locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
+    created_after: Annotated[str | None, typer.Option(help="ISO date.")] = None,
+    created_before: Annotated[str | None, typer.Option(help="ISO date.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows per page (at most 500).")] = 100,
+    cursor: Annotated[str | None, typer.Option(help="Next page, as printed.")] = None,
+) -> None:
+    """One page of a list's subscribers, tab-separated; the next page's cursor on stderr."""
+    from app import admin
+    from app.models import SubscriptionStatus
+
+    settings = _settings()
+    chosen = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
+    rows, next_cursor = _read(
+        settings,
+        admin.search_subscribers,
+        list_slug=list_slug,
+        where=admin.SubscriberFilter(
+            status=chosen,
+            prefix=prefix,
+            locale=locale,
+            created_after=_when(created_after, option="--created-after"),
+            created_before=_when(created_before, option="--created-before"),
+        ),
+        cursor=cursor,
+        limit=limit,
+    )
+    for row in rows:
+        confirmed = row.confirmed_at.isoformat() if row.confirmed_at else ""
+        typer.echo(f"{row.email}\t{row.status}\t{row.locale}\t{confirmed}")
+    if next_cursor:
+        typer.echo(f"next page: --cursor {next_cursor}", err=True)
+
+
+@subscriber_cli.command("show")
+def subscriber_show(
+    email: Annotated[str, typer.Argument(help="The address.")],
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+) -> None:
+    """One subscriber's record with its consent ledger and job attempts, as JSON."""
+    from app import admin
+
+    settings = _settings()
+    record = _audited_run(
+        settings, action="subscriber.read", target=f"{list_slug}:{email}",
+        work=admin.subscriber_record, list_slug=list_slug, email=email,
+    )  # fmt: skip
+    _json_out(
+        {
+            "subscription": record.subscription.model_dump(exclude={"email_key"}),
+            "ledger": [event.model_dump() for event in record.events],
+            "jobs": [job.model_dump() for job in record.jobs],
+            "attempts": [attempt.model_dump() for attempt in record.attempts],
+        }
+    )
+
+
+@cli.command()
+def stats(
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    since: Annotated[str | None, typer.Option(help="ISO date (default: 30 days ago).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date (default: now).")] = None,
+    by: Annotated[str, typer.Option(help="day or month.")] = "day",
+) -> None:
+    """Counts by status, activity per day or month, confirmation rate, sync backlog."""
+    from dataclasses import asdict
+    from datetime import timedelta
+
+    from app import admin
+    from app.models import utcnow
+
+    if by not in ("day", "month"):
+        typer.echo("--by must be day or month", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    now = utcnow()
+    result = _read(
+        settings,
+        admin.stats,
+        list_slug=list_slug,
+        since=_when(since, option="--since") or now - timedelta(days=30),
+        until=_when(until, option="--until") or now + timedelta(seconds=1),
+        by_month=by == "month",
+        now=now,
+    )
+    _json_out(asdict(result))
+
+
+@jobs_cli.command("failed")
+def jobs_failed(
+    state: Annotated[str | None, typer.Option(help="dead, or pending (retrying).")] = None,
+    kind: Annotated[str | None, typer.Option(help="mail, sync or reconcile.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (500 max).")] = 100,
+) -> None:
+    """Failed jobs with their last error, newest first; exit 0 when there are none, 3 if any."""
+    from app import admin
+    from app.models import JobKind, JobState
+
+    settings = _settings()
+    rows = _read(
+        settings,
+        admin.failed_jobs,
+        state=_choice(state, option="--state", allowed=JobState) if state else None,
+        kind=_choice(kind, option="--kind", allowed=JobKind) if kind else None,
+        limit=limit,
+    )
+    for row in rows:
+        typer.echo(f"{row.id}\t{row.kind}\t{row.state}\tattempts {row.attempts}\t{row.last_error}")
+    if rows:
+        raise typer.Exit(3)
+
+
+@jobs_cli.command("retry")
+def jobs_retry(
+    job_id: Annotated[list[int] | None, typer.Option("--id", help="A job id (repeatable).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every failed job.")] = False,
+) -> None:
+    """Put failed jobs back in the queue now, with a fresh attempt budget."""
+    from app import admin
+    from app.models import utcnow
+
+    if bool(job_id) == every:
+        typer.echo("give --id N (one or more) or --all", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    count = _audited_run(
+        settings,
+        action="job.retry_all" if every else "job.retry",
+        target=None if every else ",".join(str(n) for n in job_id or []),
+        work=admin.retry_jobs,
+        job_ids=None if every else list(job_id or []),
+        now=utcnow(),
+    )
+    typer.echo(f"{count} job(s) back in the queue")
+    if not every and count == 0:
+        raise typer.Exit(1)
+
+
+@cli.command("audit")
+def audit_search(
+    actor: Annotated[str | None, typer.Option(help="Key name or cli:<user>.")] = None,
+    action: Annotated[str | None, typer.Option(help="e.g. subscriber.read")] = None,
+    target: Annotated[str | None, typer.Option(help="Exact target.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO date.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (500 max).")] = 100,
+) -> None:
+    """The audit log, newest first, tab-separated."""
+    from app import audit
+
+    settings = _settings()
+    rows = _read(
+        settings, audit.search, actor=actor, action=action, target=target,
+        since=_when(since, option="--since"), limit=min(limit, 500),
+    )  # fmt: skip
+    for row in rows:
+        typer.echo(
+            f"{row.occurred_at.isoformat()}\t{row.actor}\t{row.action}\t{row.target or ''}"
+            f"\t{row.outcome}"
+        )
+
+
+@lists_cli.command("show")
+def lists_show() -> None:
+    """Every list with its language, consent wording version and backend."""
+    from app import admin
+
+    settings = _settings()
+    for row in _read(settings, admin.all_lists):
+        declared = settings.list_settings(row.slug)
+        backend = declared.backend.kind if declared else "none"
+        typer.echo(
+            f"{row.slug}\t{row.name}\t{row.default_locale}\t{row.consent_version}\t{backend}"
+        )
+
+
+@lists_cli.command("create")
+def lists_create(
+    slug: Annotated[str, typer.Argument(help="Lowercase letters, digits and dashes.")],
+    name: Annotated[str, typer.Option(help="The name shown in mails and pages.")],
+    default_locale: Annotated[str, typer.Option(help="fr or en.")] = "fr",
+    consent_version: Annotated[str, typer.Option(help="Consent wording version.")] = "1",
+    confirm_ttl_hours: Annotated[int, typer.Option(help="Confirmation link lifetime.")] = 48,
+    thank_you_url: Annotated[str | None, typer.Option()] = None,
+    landing_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Create a list in the database (its backend is `none` unless the settings declare it)."""
+    from app import lists
+    from app.models import utcnow
+    from app.schemas import ListCreate
+
+    body = _parsed(
+        ListCreate,
+        {
+            "slug": slug, "name": name, "default_locale": default_locale,
+            "consent_version": consent_version, "confirm_ttl_seconds": confirm_ttl_hours * 3600,
+            "thank_you_url": thank_you_url, "landing_url": landing_url,
+        },
+    )  # fmt: skip
+    settings = _settings()
+    _audited_run(
+        settings, action="list.create", target=slug, work=lists.create, slug=body.slug,
+        name=body.name, default_locale=body.default_locale.value,
+        consent_version=body.consent_version, confirm_ttl_seconds=body.confirm_ttl_seconds,
+        thank_you_url=str(body.thank_you_url) if body.thank_you_url else None,
+        landing_url=str(body.landing_url) if body.landing_url else None,
+        declared=settings.lists, now=utcnow(),
+    )  # fmt: skip
+    typer.echo(f"list {slug!r} created")
+
+
+@lists_cli.command("update")
+def lists_update(
+    slug: Annotated[str, typer.Argument(help="A list created through the API or CLI.")],
+    name: Annotated[str | None, typer.Option()] = None,
+    default_locale: Annotated[str | None, typer.Option()] = None,
+    consent_version: Annotated[str | None, typer.Option()] = None,
+    confirm_ttl_hours: Annotated[int | None, typer.Option()] = None,
+    thank_you_url: Annotated[str | None, typer.Option()] = None,
+    landing_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Change a list created through the API (lists in the settings change there)."""
+    from app import lists
+    from app.models import utcnow
+
+    changes: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "name": name,
+            "default_locale": default_locale,
+            "consent_version": consent_version,
+            "confirm_ttl_seconds": confirm_ttl_hours * 3600 if confirm_ttl_hours else None,
+            "thank_you_url": thank_you_url,
+            "landing_url": landing_url,
+        }.items()
+        if value is not None
+    }
+    if not changes:
+        typer.echo("nothing to change", err=True)
+        raise typer.Exit(2)
+    from app.schemas import ListUpdate
+
+    valid = _parsed(ListUpdate, changes).changes()
+    settings = _settings()
+    _audited_run(
+        settings, action="list.update", target=slug, work=lists.update, slug=slug,
+        changes=valid, declared=settings.lists, now=utcnow(),
+    )  # fmt: skip
+    typer.echo(f"list {slug!r} updated")
+
+
 def main() -> None:
     cli()

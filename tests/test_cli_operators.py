@@ -1,0 +1,104 @@
+"""The operators' read and queue commands, run as operators run them (subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from app import db
+from app.models import AuditEvent, JobKind, JobState, OutboxJob, utcnow
+from tests.conftest import SECRET, SmtpSink, link_in
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+
+
+def run(database_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(NEWSLETTER_DATABASE_URL=database_url, NEWSLETTER_SECRET_KEY=SECRET)
+    return subprocess.run(
+        [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
+class TestOperatorCommands:
+    def test_search_show_stats_jobs_audit_and_lists(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        database_url: str,
+        engine: sa.Engine,
+        tmp_path: Path,
+    ) -> None:
+        for email in ("ada@example.org", "bob@example.org"):
+            client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
+        client.post(link_in(smtp.mail_to("ada@example.org", link="confirm"), "confirm"))
+
+        found = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                    "--status", "confirmed")  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.splitlines()[0].startswith("ada@example.org\tconfirmed\tfr\t")
+        assert len(found.stdout.splitlines()) == 1
+        paged = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                    "--limit", "1")  # fmt: skip
+        assert "next page: --cursor " in paged.stderr
+        bad = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                  "--status", "happy")  # fmt: skip
+        assert bad.returncode == 2
+
+        shown = run(database_url, tmp_path, "subscriber", "show", "ada@example.org",
+                    "--list", "bluehats")  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        record = json.loads(shown.stdout)
+        assert [e["action"] for e in record["ledger"]] == ["subscribe_requested", "confirmed"]
+        missing = run(database_url, tmp_path, "subscriber", "show", "nobody@example.org",
+                      "--list", "bluehats")  # fmt: skip
+        assert missing.returncode == 1
+
+        counts = run(database_url, tmp_path, "stats", "--list", "bluehats")
+        assert json.loads(counts.stdout)["by_status"] == {"confirmed": 1, "pending": 1}
+
+        assert run(database_url, tmp_path, "jobs", "failed").returncode == 0
+        with db.session_scope(engine) as session:
+            session.add(
+                OutboxJob(
+                    kind=JobKind.SYNC,
+                    payload={},
+                    state=JobState.DEAD,
+                    attempts=10,
+                    next_attempt_at=utcnow(),
+                    last_error="HTTP 400 from the backend",
+                )
+            )
+        dead = run(database_url, tmp_path, "jobs", "failed", "--state", "dead")
+        assert dead.returncode == 3
+        assert "HTTP 400 from the backend" in dead.stdout
+        assert run(database_url, tmp_path, "jobs", "retry").returncode == 2
+        retried = run(database_url, tmp_path, "jobs", "retry", "--all")
+        assert retried.returncode == 0
+        assert retried.stdout.startswith("1 job(s)")
+
+        made = run(database_url, tmp_path, "lists", "create", "events", "--name", "Événements")
+        assert made.returncode == 0, made.stderr
+        assert run(database_url, tmp_path, "lists", "create", "Bad Slug", "--name", "x"
+                   ).returncode == 2  # fmt: skip
+        changed = run(database_url, tmp_path, "lists", "update", "events",
+                      "--consent-version", "2027-01")  # fmt: skip
+        assert changed.returncode == 0, changed.stderr
+        declared = run(database_url, tmp_path, "lists", "update", "bluehats", "--name", "x")
+        assert declared.returncode == 1
+        shown_lists = run(database_url, tmp_path, "lists", "show").stdout
+        assert "events\tÉvénements\tfr\t2027-01\tnone" in shown_lists
+
+        log = run(database_url, tmp_path, "audit", "--action", "job.retry_all")
+        assert "\tjob.retry_all\t" in log.stdout
+        with Session(engine) as session:
+            actions = {e.action for e in session.exec(select(AuditEvent)).all()}
+        assert {"subscriber.read", "job.retry_all", "list.create", "list.update"} <= actions
