@@ -65,7 +65,7 @@ def enqueue_sync(
     wins, and a pending job for the same subscription absorbs this request. `fresh_opt_in`
     (a new confirmation) survives the merge: it lets an adapter clear old suppressions.
     """
-    key = f"sync:{subscription_id}"
+    key = _sync_key(subscription_id)
     pending = _pending_with_key(session, key)
     if pending is not None:
         if fresh_opt_in and not pending.payload.get("fresh_opt_in"):
@@ -76,14 +76,48 @@ def enqueue_sync(
     return enqueue(
         session,
         kind=JobKind.SYNC,
-        payload={
-            "subscription_id": subscription_id,
-            "list_id": list_id,
-            "fresh_opt_in": fresh_opt_in,
-        },
+        payload=_sync_payload(subscription_id, list_id=list_id, fresh_opt_in=fresh_opt_in),
         now=now,
         dedupe_key=key,
     )
+
+
+def enqueue_new_syncs(
+    session: Session, *, subscription_ids: Sequence[int], list_id: int, now: datetime
+) -> None:
+    """`enqueue_sync` for subscriptions created in this transaction, in one statement.
+
+    A subscription made a moment ago has no pending sync job to merge with, so the per-row
+    look-up (most of a large import's time) is skipped.
+    """
+    if not subscription_ids:
+        return
+    session.execute(
+        sa.insert(OutboxJob),
+        [
+            {
+                "kind": JobKind.SYNC.value,
+                "dedupe_key": _sync_key(subscription_id),
+                "subscription_id": subscription_id,
+                "payload": _sync_payload(subscription_id, list_id=list_id, fresh_opt_in=False),
+                "state": JobState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for subscription_id in subscription_ids
+        ],
+    )
+    session.info[OUTBOX_WRITTEN] = True
+
+
+def _sync_key(subscription_id: int) -> str:
+    return f"sync:{subscription_id}"
+
+
+def _sync_payload(subscription_id: int, *, list_id: int, fresh_opt_in: bool) -> dict[str, Any]:
+    return {"subscription_id": subscription_id, "list_id": list_id, "fresh_opt_in": fresh_opt_in}
 
 
 def _pending_with_key(session: Session, key: str) -> OutboxJob | None:

@@ -535,6 +535,7 @@ def import_members(
     )
     report = ImportReport(list_slug=list_slug, read=len(remote))
     provenance = f"imported from {backend_kind} on {now.date().isoformat()}"
+    confirmed_ids: list[int] = []
     for address, subscribed in remote.values():
         try:
             parsed = addresses.parse(address)
@@ -574,13 +575,10 @@ def import_members(
         )
         if subscribed:
             report.confirmed += 1
-            outbox.enqueue_sync(
-                session,
-                subscription_id=_id(subscription),
-                list_id=mailing_list.id,
-                now=now,
-                fresh_opt_in=False,
-            )
+            confirmed_ids.append(_id(subscription))
         else:
             report.unsubscribed += 1
+    outbox.enqueue_new_syncs(
+        session, subscription_ids=confirmed_ids, list_id=mailing_list.id, now=now
+    )
     return report

@@ -50,15 +50,12 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, SQLModel, col, func, select
 
-from app import addresses, admin, errors, lists, privacy, schemas, subscriptions
+from app import addresses, admin, errors, lists, outbox, privacy, schemas, subscriptions
 from app.config import Locale
-from app.db import OUTBOX_WRITTEN
 from app.models import (
     ConsentAction,
     ConsentEvent,
     ErasedAddress,
-    JobKind,
-    JobState,
     Subscription,
     SubscriptionStatus,
 )
@@ -649,31 +646,9 @@ def _insert_confirmed(
             }
         )
     session.execute(sa.insert(SQLModel.metadata.tables["consent_event"]), events)
-    # The very job `outbox.enqueue_sync` writes, for many rows at once: a subscription made
-    # a moment ago has no pending sync job to merge with, so its per-row look-up (a query a
-    # row, most of an import's time) is skipped.
-    session.execute(
-        sa.insert(SQLModel.metadata.tables["outbox_job"]),
-        [
-            {
-                "kind": JobKind.SYNC.value,
-                "dedupe_key": f"sync:{subscription_id}",
-                "subscription_id": subscription_id,
-                "payload": {
-                    "subscription_id": subscription_id,
-                    "list_id": mailing_list.id,
-                    "fresh_opt_in": False,
-                },
-                "state": JobState.PENDING.value,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for subscription_id in ids.values()
-        ],
+    outbox.enqueue_new_syncs(
+        session, subscription_ids=list(ids.values()), list_id=mailing_list.id, now=now
     )
-    session.info[OUTBOX_WRITTEN] = True
     return len(ids)
 
 

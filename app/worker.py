@@ -26,6 +26,7 @@ from app.config import Locale, Settings
 from app.mailer import Mailer, MailError, OutgoingMail
 from app.models import (
     JobKind,
+    JobState,
     MailingList,
     Subscription,
     SubscriptionStatus,
@@ -193,7 +194,6 @@ class Worker:
             should_stop=lambda: self.stopping,
             pool=self._pool,
         )
-        s = self.settings
         with db.session_scope(self.engine) as session:
             now = self.now()
             for job in claimed:
@@ -214,21 +214,14 @@ class Worker:
                         privacy.scrub_after_removal(session, job_id=job.id, key=self._key)
                     continue
                 error = result.error
-                outbox.fail(
+                self._record_failure(
                     session,
-                    job=job,
-                    worker=self.name,
+                    job,
                     error=str(error),
                     retryable=error.retryable,
                     started_at=started_at,
-                    now=now,
-                    max_attempts=s.job_max_attempts,
-                    base_delay=s.retry_base_delay,
-                    max_delay=s.retry_max_delay,
                     response=error.response,
-                    retry_after=(
-                        timedelta(seconds=error.retry_after) if error.retry_after else None
-                    ),
+                    retry_after=error.retry_after,
                 )
             sync.record_cleared(session, planned=planned, results=results, now=now)
         failed = sum(1 for result in results.values() if result.error is not None)
@@ -261,20 +254,15 @@ class Worker:
                     raise PermanentSyncError(f"list {slug!r} is no longer declared")
                 remote = sync.read_backend(backend)
             except SyncError as e:
-                s = self.settings
                 with db.session_scope(self.engine) as session:
-                    outbox.fail(
+                    self._record_failure(
                         session,
-                        job=job,
-                        worker=self.name,
+                        job,
                         error=str(e),
                         retryable=e.retryable,
                         started_at=started_at,
-                        now=self.now(),
-                        max_attempts=s.job_max_attempts,
-                        base_delay=s.retry_base_delay,
-                        max_delay=s.retry_max_delay,
                         response=e.response,
+                        retry_after=e.retry_after,
                     )
                 continue
             with db.session_scope(self.engine) as session:
@@ -350,19 +338,9 @@ class Worker:
     def _failed(
         self, job: outbox.ClaimedJob, *, error: str, retryable: bool, started_at: datetime
     ) -> None:
-        s = self.settings
         with db.session_scope(self.engine) as session:
-            state = outbox.fail(
-                session,
-                job=job,
-                worker=self.name,
-                error=error,
-                retryable=retryable,
-                started_at=started_at,
-                now=self.now(),
-                max_attempts=s.job_max_attempts,
-                base_delay=s.retry_base_delay,
-                max_delay=s.retry_max_delay,
+            state = self._record_failure(
+                session, job, error=error, retryable=retryable, started_at=started_at
             )
         log.warning(
             "job.failed id=%s kind=%s attempt=%d state=%s error=%s",
@@ -371,6 +349,34 @@ class Worker:
             job.attempt,
             state,
             error,
+        )
+
+    def _record_failure(
+        self,
+        session: Session,
+        job: outbox.ClaimedJob,
+        *,
+        error: str,
+        retryable: bool,
+        started_at: datetime,
+        response: str | None = None,
+        retry_after: float | None = None,
+    ) -> JobState:
+        """`outbox.fail` with this worker's retry policy (attempts, backoff)."""
+        s = self.settings
+        return outbox.fail(
+            session,
+            job=job,
+            worker=self.name,
+            error=error,
+            retryable=retryable,
+            started_at=started_at,
+            now=self.now(),
+            max_attempts=s.job_max_attempts,
+            base_delay=s.retry_base_delay,
+            max_delay=s.retry_max_delay,
+            response=response,
+            retry_after=timedelta(seconds=retry_after) if retry_after else None,
         )
 
     def _dispatch(self, job: outbox.ClaimedJob) -> Outcome:
