@@ -222,6 +222,7 @@ class Worker:
                     started_at=started_at,
                     response=error.response,
                     retry_after=error.retry_after,
+                    now=now,
                 )
             sync.record_cleared(session, planned=planned, results=results, now=now)
         failed = sum(1 for result in results.values() if result.error is not None)
@@ -361,8 +362,12 @@ class Worker:
         started_at: datetime,
         response: str | None = None,
         retry_after: float | None = None,
+        now: datetime | None = None,
     ) -> JobState:
-        """`outbox.fail` with this worker's retry policy (attempts, backoff)."""
+        """`outbox.fail` with this worker's retry policy (attempts, backoff).
+
+        A batch passes one `now`, so its jobs come due again together (one bulk call).
+        """
         s = self.settings
         return outbox.fail(
             session,
@@ -371,7 +376,7 @@ class Worker:
             error=error,
             retryable=retryable,
             started_at=started_at,
-            now=self.now(),
+            now=now or self.now(),
             max_attempts=s.job_max_attempts,
             base_delay=s.retry_base_delay,
             max_delay=s.retry_max_delay,
