@@ -174,6 +174,11 @@ class ListSettings(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     default_locale: Locale = Locale.FR
     consent_version: Annotated[str, Field(min_length=1, max_length=64)] = "2026-11"
+    # The consent wording shown beside the form, per language; the catalogue's
+    # `consent.text` where a language is missing. Change `consent_version` with it.
+    consent_text: dict[Locale, Annotated[str, Field(min_length=1, max_length=4000)]] = Field(
+        default_factory=dict
+    )
     confirm_ttl: Duration = timedelta(hours=48)
     # Where a plain HTML form post is sent after success; the hosted page when unset.
     thank_you_url: HttpUrl | None = None
