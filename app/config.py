@@ -165,6 +165,52 @@ BackendSettings = Annotated[
 ]
 
 
+# Form fields the service itself reads; a list's own fields may not take these names.
+RESERVED_FIELD_NAMES = frozenset(
+    {"email", "locale", "lang", "attributes", "consent_version", "form_stamp", "website"}
+)
+
+
+class FieldType(StrEnum):
+    TEXT = "text"
+    EMAIL = "email"
+    URL = "url"
+
+
+class FormField(BaseModel):
+    """A field a list asks for besides the address, stored as a subscription attribute and
+    sent to the backend as a member variable (`name` becomes the member's display name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+    # The label per language; a language without one shows the field's name.
+    label: dict[Locale, Annotated[str, Field(min_length=1, max_length=200)]]
+    type: FieldType = FieldType.TEXT
+    required: bool = False
+    # At most the attribute limit of the API (app/schemas.py MAX_ATTRIBUTE_LENGTH).
+    max_length: Annotated[int, Field(ge=1, le=500)] = 200
+    # The HTML autocomplete token ("name", "organization"): it helps people fill the form.
+    autocomplete: Annotated[str | None, Field(pattern=r"^[a-z-]{1,40}$")] = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_FIELD_NAMES:
+            raise ValueError(f"the field name {value!r} is reserved by the form")
+        return value
+
+    def label_in(self, locale: Locale) -> str:
+        return self.label.get(locale) or next(iter(self.label.values()), self.name)
+
+
+@cache
+def catalogue_keys(locale: Locale) -> frozenset[str]:
+    """The keys of a language's string catalogue (app/locales/<locale>.json)."""
+    path = Path(__file__).parent / "locales" / f"{locale.value}.json"
+    return frozenset(json.loads(path.read_text("utf-8")))
+
+
 class ListSettings(BaseModel):
     """A mailing list as declared by the operators; stored in the database at start."""
 
@@ -186,6 +232,33 @@ class ListSettings(BaseModel):
     landing_url: HttpUrl | None = None
     # The mailing-list backend that receives the confirmed members.
     backend: BackendSettings = Field(default_factory=NoneBackendSettings)
+    # Fields the hosted page asks for besides the address (at most 10).
+    fields: Annotated[list[FormField], Field(max_length=10)] = Field(default_factory=list)
+    # The list's own wording for any catalogue string, per language (app/locales/*.json keys).
+    strings: dict[Locale, dict[str, Annotated[str, Field(max_length=4000)]]] = Field(
+        default_factory=dict
+    )
+    # Refuse (silently, as a bot) form posts without the hosted page's signed timestamp.
+    require_form_stamp: bool = False
+
+    @field_validator("fields")
+    @classmethod
+    def _unique_fields(cls, value: list[FormField]) -> list[FormField]:
+        names = [item.name for item in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"field names must be unique, repeated: {', '.join(repeated)}")
+        return value
+
+    @field_validator("strings")
+    @classmethod
+    def _known_strings(cls, value: dict[Locale, dict[str, str]]) -> dict[Locale, dict[str, str]]:
+        # A misspelt key would silently change nothing: refuse it at start instead.
+        for locale, overrides in value.items():
+            unknown = sorted(set(overrides) - catalogue_keys(locale))
+            if unknown:
+                raise ValueError(f"unknown {locale.value} string keys: {', '.join(unknown)}")
+        return value
 
     @field_validator("confirm_ttl")
     @classmethod
@@ -275,6 +348,13 @@ class Settings(BaseSettings):
     # Evidence kept in the consent ledger.
     store_ip: bool = True
     store_user_agent: bool = True
+    # Hosted-page form defences: a post sooner than this after the page was served, or
+    # later than the max age, is answered as a success and dropped (a bot, or a replay).
+    form_min_fill_time: Duration = timedelta(seconds=3)
+    form_max_age: Duration = timedelta(days=1)
+    # The French State design system's stylesheet (DSFR), e.g. a copy on the site's origin;
+    # the built-in stylesheet when unset. Its origin is added to the pages' CSP.
+    dsfr_stylesheet_url: HttpUrl | None = None
     max_body_bytes: Annotated[int, Field(ge=1024, le=10 * 1024 * 1024)] = 16 * 1024
     # A CSV import's body (POST /v1/admin/lists/{list}/import), streamed to a temporary file.
     max_import_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = 50 * 1024 * 1024
@@ -346,7 +426,9 @@ class Settings(BaseSettings):
             raise ValueError(f"list slugs must be unique, repeated: {', '.join(duplicates)}")
         return value
 
-    @field_validator("job_lease", "retry_base_delay", "retry_max_delay", "resend_interval")
+    @field_validator(
+        "job_lease", "retry_base_delay", "retry_max_delay", "resend_interval", "form_min_fill_time"
+    )
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):
@@ -365,6 +447,13 @@ class Settings(BaseSettings):
                 f"({mailer.timeout:g}s), or a slow send could be made twice"
             )
         return self
+
+    @field_validator("form_max_age")
+    @classmethod
+    def _positive_form_age(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("form_max_age must be positive")
+        return value
 
     @property
     def is_sqlite(self) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
-from app.config import Locale
+from app.config import ListSettings, Locale
 
 LOCALES_DIR = Path(__file__).parent / "locales"
 
@@ -18,14 +19,29 @@ def catalogue(locale: Locale) -> dict[str, str]:
 
 
 class Translator:
-    """`t("page.confirm.text", list="BlueHats")` in the locale it was made for."""
+    """`t("page.confirm.text", list="BlueHats")` in the locale it was made for; a list's
+    operators may reword any string (`overrides`, from `ListSettings.strings`)."""
 
-    def __init__(self, locale: Locale) -> None:
+    def __init__(self, locale: Locale, overrides: Mapping[str, str] | None = None) -> None:
         self.locale = locale
-        self._strings = catalogue(locale)
+        self._strings = {**catalogue(locale), **(overrides or {})}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._strings
 
     def __call__(self, key: str, **values: object) -> str:
-        return self._strings[key].format(**values)
+        text = self._strings[key]
+        # Placeholders are filled by name, not with str.format: an operator's wording may
+        # hold any brace without breaking the page.
+        for name, value in values.items():
+            text = text.replace("{" + name + "}", str(value))
+        return text
+
+
+def for_list(locale: Locale, list_settings: ListSettings | None) -> Translator:
+    """The catalogue in `locale` with the list's own wording over it."""
+    overrides = list_settings.strings.get(locale) if list_settings else None
+    return Translator(locale, overrides)
 
 
 def negotiate(accept_language: str | None, *, default: Locale) -> Locale:

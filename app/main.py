@@ -38,6 +38,15 @@ def _form_targets(settings: Settings) -> list[str]:
     return sorted(origins)
 
 
+def _style_origins(settings: Settings) -> list[str]:
+    """The DSFR stylesheet's origin when it is served from elsewhere."""
+    url = settings.dsfr_stylesheet_url
+    if url is None:
+        return []
+    parts = urlsplit(str(url))
+    return [f"{parts.scheme}://{parts.netloc}"]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     logs.install_redaction()
@@ -112,5 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A CSV import is streamed to a temporary file, up to its own cap.
         by_pattern={admin_transfer.IMPORT_PATH_PATTERN: settings.max_import_bytes},
     )
-    app.add_middleware(SecurityHeaders, form_targets=_form_targets(settings))
+    app.add_middleware(
+        SecurityHeaders,
+        form_targets=_form_targets(settings),
+        style_origins=_style_origins(settings),
+    )
     return app

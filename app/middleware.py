@@ -84,11 +84,16 @@ class SecurityHeaders:
     """Headers for every answer; pages under /v1 also get a strict CSP and no caching
     (their URLs carry tokens; `no-referrer` keeps those out of other sites' logs)."""
 
-    def __init__(self, app: ASGIApp, *, form_targets: list[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, *, form_targets: list[str], style_origins: list[str] | None = None
+    ) -> None:
         self.app = app
         actions = " ".join(["'self'", *form_targets])
+        # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
+        styles = " ".join(["'self'", *(style_origins or [])])
+        fonts = f"font-src {' '.join(style_origins)}; " if style_origins else ""
         self.csp = (
-            "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}"
             f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
         )
 

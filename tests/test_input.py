@@ -405,7 +405,11 @@ class TestAddressValidation:
         )
         assert response.status_code == 422
         assert response.headers["content-type"].startswith("text/html")
-        assert "email:" in response.text
+        # The form comes back with what was typed and the error tied to the address field.
+        assert 'value="not-an-address"' in response.text
+        assert 'aria-invalid="true"' in response.text
+        assert 'id="field-email-error"' in response.text
+        assert "Saisissez une adresse électronique valide" in response.text
 
 
 ODD_TOKENS = {

@@ -136,6 +136,26 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def parse_form(raw: bytes) -> dict[str, str]:
+    """An url-encoded form body; the first value of a repeated field wins."""
+    try:
+        pairs = parse_qsl(
+            raw.decode("utf-8"),
+            keep_blank_values=True,
+            max_num_fields=MAX_FORM_FIELDS,
+            errors="strict",
+        )
+    except UnicodeDecodeError as e:
+        raise errors.InvalidBody("The form is not valid UTF-8 url-encoded data.") from e
+    except ValueError as e:
+        # parse_qsl's only ValueError here: more than max_num_fields fields.
+        raise errors.InvalidBody(f"The form has more than {MAX_FORM_FIELDS} fields.") from e
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        form.setdefault(name, value)
+    return form
+
+
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
@@ -152,22 +172,7 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
         if not isinstance(data, dict):
             raise errors.InvalidBody("The body must be a JSON object.")
     elif kind == FORM:
-        try:
-            pairs = parse_qsl(
-                raw.decode("utf-8"),
-                keep_blank_values=True,
-                max_num_fields=MAX_FORM_FIELDS,
-                errors="strict",
-            )
-        except UnicodeDecodeError as e:
-            raise errors.InvalidBody("The form is not valid UTF-8 url-encoded data.") from e
-        except ValueError as e:
-            # parse_qsl's only ValueError here: more than max_num_fields fields.
-            raise errors.InvalidBody(f"The form has more than {MAX_FORM_FIELDS} fields.") from e
-        form: dict[str, str] = {}
-        for name, value in pairs:
-            form.setdefault(name, value)
-        data = form
+        data = parse_form(raw)
     else:
         raise errors.UnsupportedMediaType()
     try:

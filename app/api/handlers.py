@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from app import errors, pages
+from app import errors, formguard, pages
+from app.api import views
 from app.api.deps import request_locale, wants_html
 from app.config import Locale
-from app.i18n import Translator
+from app.models import utcnow
 
 log = logging.getLogger(__name__)
 
 PAGE_PREFIXES = ("/v1/confirm/", "/v1/unsubscribe/")
+# The hosted pages a browser GETs (the form, and the pages a form post leads to).
+PAGE_PATHS = re.compile(r"^/v1/lists/[^/]+(/(thanks|confirmed|unsubscribed))?/?$")
 HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -25,37 +29,70 @@ HTTP_CODES = {
 }
 
 
+def _is_page(request: Request) -> bool:
+    path = request.url.path
+    if path.startswith(PAGE_PREFIXES):
+        return True
+    return request.method in ("GET", "HEAD") and PAGE_PATHS.match(path) is not None
+
+
+def _switch_path(request: Request, list_slug: str | None) -> str | None:
+    """Where the error page's language switch leads: the same URL for a GET; after a POST,
+    the list's form (a POST cannot be replayed by a link), or the link's page."""
+    if request.method in ("GET", "HEAD"):
+        return None
+    if list_slug is not None:
+        return f"/v1/lists/{list_slug}"
+    match = re.match(r"^/v1/lists/([^/]+)/", request.url.path)
+    if match:
+        return f"/v1/lists/{match[1]}"
+    return request.url.path
+
+
 def _answer(
     request: Request, *, status: int, code: str, detail: str, list_slug: str | None = None
 ) -> Response:
-    is_page = request.url.path.startswith(PAGE_PREFIXES)
-    if wants_html(request, default=is_page):
+    if wants_html(request, default=_is_page(request)):
+        settings = request.app.state.settings
         locale = request_locale(request, default=Locale.FR)
-        t = Translator(locale)
+        declared = settings.list_settings(list_slug) if list_slug else None
+        chrome = views.chrome(
+            request,
+            settings,
+            locale=locale,
+            declared=declared,
+            list_name=declared.name if declared else None,
+            switch_path=_switch_path(request, list_slug),
+        )
+        t = chrome.t
         key = f"error.{code}"
-        text = t(key) if key in _catalogue_keys(locale) else t("error.generic")
+        text = t(key) if key in t else t("error.generic")
+        title_key = f"error.title.{code}"
+        title = t(title_key) if title_key in t else t("error.title")
         form = None
         if list_slug is not None:
-            settings = request.app.state.settings
             form = pages.Form(
                 action=settings.public_link(f"/v1/lists/{list_slug}/subscriptions"),
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),
-                hidden={"locale": locale.value},
+                # Stamped like the hosted form, so a list that requires stamps takes it.
+                hidden={
+                    "locale": locale.value,
+                    formguard.STAMP_FIELD: formguard.issue(key=settings.token_key(), now=utcnow()),
+                },
             )
         if status == 422:
             text = detail
         return pages.render(
-            locale=locale, title=t("error.title"), text=text, status_code=status, form=form
+            chrome=chrome,
+            title=title,
+            text=text,
+            status_code=status,
+            form=form,
+            is_error=True,
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
-
-
-def _catalogue_keys(locale: Locale) -> set[str]:
-    from app.i18n import catalogue
-
-    return set(catalogue(locale))
 
 
 def _validation_detail(exc: RequestValidationError) -> str:

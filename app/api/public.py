@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from app import addresses, errors, lists, pages, subscriptions
+from app import addresses, errors, formguard, forms, hosted, lists, pages, subscriptions
+from app.api import views
 from app.api.deps import (
     FORM,
     JSON,
@@ -18,13 +21,14 @@ from app.api.deps import (
     evidence,
     limit_client,
     media_type,
+    parse_form,
     read_payload,
     request_locale,
     wants_html,
 )
-from app.config import Locale
-from app.i18n import Translator, parse_locale, preferred
-from app.models import utcnow
+from app.config import ListSettings, Locale, Settings
+from app.i18n import parse_locale, preferred
+from app.models import MailingList, utcnow
 from app.schemas import Accepted, ActionResult, SubscriptionRequest, UnsubscriptionRequest
 
 router = APIRouter(prefix="/v1", tags=["public"])
@@ -51,8 +55,19 @@ def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
     return {200: {"description": description, "content": {"text/html": {}}}}
 
 
-async def subscription_body(request: Request) -> SubscriptionRequest:
-    return await read_payload(request, SubscriptionRequest)
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A subscription request as sent: a JSON body (read), or a form post (raw fields, read
+    against the list's own fields once the list is known)."""
+
+    body: SubscriptionRequest | None = None
+    form: dict[str, str] | None = None
+
+
+async def subscription_submission(request: Request) -> Submission:
+    if media_type(request) == FORM:
+        return Submission(form=parse_form(await request.body()))
+    return Submission(body=await read_payload(request, SubscriptionRequest))
 
 
 async def unsubscription_body(request: Request) -> UnsubscriptionRequest:
@@ -74,7 +89,7 @@ async def one_click(request: Request) -> bool:
     return b"One-Click" in raw and b"List-Unsubscribe" in raw
 
 
-SubscriptionBody = Annotated[SubscriptionRequest, Depends(subscription_body)]
+SubscriptionSubmission = Annotated[Submission, Depends(subscription_submission)]
 UnsubscriptionBody = Annotated[UnsubscriptionRequest, Depends(unsubscription_body)]
 OneClick = Annotated[bool, Depends(one_click)]
 
@@ -112,7 +127,7 @@ LIMITED = [Depends(limit_client)]
 )
 async def subscribe(
     slug: str,
-    body: SubscriptionBody,
+    submission: SubscriptionSubmission,
     request: Request,
     database: DatabaseDep,
     settings: SettingsDep,
@@ -121,30 +136,152 @@ async def subscribe(
     """Ask to subscribe an address; a confirmation mail follows (double opt-in).
 
     The answer is the same whatever the address's state, so nobody can learn from it who
-    is subscribed; the mail tells the truth instead.
+    is subscribed; the mail tells the truth instead. A form post that a robot made (its
+    honeypot filled, its page's stamp too recent, too old or forged) gets the same answer
+    and is dropped. A browser's form post with bad input gets the form back (422).
     """
-    is_form = media_type(request) == FORM
     accepted = preferred(request.headers.get("accept-language"))
-    mailing_list = await database.run(
+    if submission.form is None:
+        assert submission.body is not None
+        body = submission.body
+        declared = settings.list_settings(slug)
+        if declared is not None:
+            _refuse_bad_fields(forms.check(body.attributes, declared.fields))
+        mailing_list = await _subscribe(request, database, settings, limiter, slug, body, "api")
+        return JSONResponse(SUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+
+    form = submission.form
+    mailing_list = await database.run(lists.get, slug=slug)
+    declared = views.list_settings(settings, slug=slug, name=mailing_list.name)
+    locale = parse_locale(form.get("locale")) or accepted or Locale(mailing_list.default_locale)
+    verdict = formguard.check(
+        honeypot=form.get(formguard.HONEYPOT_FIELD),
+        stamp=form.get(formguard.STAMP_FIELD),
+        key=settings.token_key(),
+        now=utcnow(),
+        min_fill_time=settings.form_min_fill_time,
+        max_age=settings.form_max_age,
+        require_stamp=declared.require_form_stamp,
+    )
+    if verdict != formguard.Verdict.ACCEPTED:
+        formguard.record_rejection(verdict, list_slug=slug)
+        return _thanks_redirect(settings, mailing_list, locale)
+    t = views.for_list(locale, declared)
+    post = hosted.read_post(form, list_settings=declared, t=t)
+    if post.request is None:
+        if post.errors and wants_html(request, default=False):
+            return _subscribe_page(
+                request,
+                settings,
+                mailing_list,
+                declared,
+                locale=locale,
+                values=form,
+                errors=post.errors,
+            )
+        if post.invalid is not None:
+            raise RequestValidationError(
+                post.invalid.errors(include_url=False, include_context=False)
+            )
+        _refuse_bad_fields(post.problems)
+    assert post.request is not None
+    await _subscribe(request, database, settings, limiter, slug, post.request, "form")
+    return _thanks_redirect(settings, mailing_list, post.request.locale or locale)
+
+
+def _refuse_bad_fields(problems: list[forms.FieldProblem]) -> None:
+    """The list's declared fields are checked for every caller; 422 as any bad payload."""
+    if problems:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "attributes", problem.field.name),
+                    "msg": problem.text(),
+                    "type": f"field_{problem.problem.value}",
+                }
+                for problem in problems
+            ]
+        )
+
+
+async def _subscribe(
+    request: Request,
+    database: DatabaseDep,
+    settings: Settings,
+    limiter: RateLimiterDep,
+    slug: str,
+    body: SubscriptionRequest,
+    source: str,
+) -> MailingList:
+    return await database.run(
         subscriptions.subscribe,
         list_slug=slug,
         address=addresses.parse(body.email),
         locale=body.locale,
-        fallback_locale=accepted,
+        fallback_locale=preferred(request.headers.get("accept-language")),
         attributes=body.attributes,
-        evidence=evidence(request, settings, source="form" if is_form else "api"),
+        evidence=evidence(request, settings, source=source),
         key=settings.token_key(),
         now=utcnow(),
         resend_interval=settings.resend_interval,
         mail_budget=limiter.allow_mail,
     )
-    if is_form:
-        locale = body.locale or accepted or Locale(mailing_list.default_locale)
-        target = mailing_list.thank_you_url or settings.public_link(
-            f"/v1/lists/{mailing_list.slug}/thanks?lang={locale.value}"
-        )
-        return RedirectResponse(target, status_code=303)
-    return JSONResponse(SUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+
+
+def _thanks_redirect(settings: Settings, mailing_list: MailingList, locale: Locale) -> Response:
+    target = mailing_list.thank_you_url or settings.public_link(
+        f"/v1/lists/{mailing_list.slug}/thanks?lang={locale.value}"
+    )
+    return RedirectResponse(target, status_code=303)
+
+
+def _subscribe_page(
+    request: Request,
+    settings: Settings,
+    mailing_list: MailingList,
+    declared: ListSettings,
+    *,
+    locale: Locale,
+    values: dict[str, str] | None = None,
+    errors: dict[str, str] | None = None,
+) -> Response:
+    chrome = views.chrome(
+        request,
+        settings,
+        locale=locale,
+        declared=declared,
+        list_name=mailing_list.name,
+        switch_path=f"/v1/lists/{mailing_list.slug}",
+    )
+    form = hosted.form_view(
+        mailing_list=mailing_list,
+        list_settings=declared,
+        t=chrome.t,
+        action=settings.public_link(f"/v1/lists/{mailing_list.slug}/subscriptions"),
+        # A fresh stamp: the visitor's correction is a new fill of the form.
+        stamp=formguard.issue(key=settings.token_key(), now=utcnow()),
+        values=values,
+        errors=errors,
+    )
+    return pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
+
+
+@router.get(
+    "/lists/{slug}",
+    operation_id="subscription_page",
+    responses={
+        **_html_and_json("The hosted subscription form (HTML, works without JavaScript)."),
+        **errors.responses(errors.ListNotFound),
+    },
+)
+async def subscription_page(
+    slug: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """The list's own subscription page: address, the list's fields, the consent wording."""
+    mailing_list = await database.run(lists.get, slug=slug)
+    declared = views.list_settings(settings, slug=slug, name=mailing_list.name)
+    locale = request_locale(request, default=Locale(mailing_list.default_locale))
+    return _subscribe_page(request, settings, mailing_list, declared, locale=locale)
 
 
 @router.get(
@@ -155,16 +292,79 @@ async def subscribe(
         **errors.responses(errors.ListNotFound),
     },
 )
-async def thanks_page(slug: str, request: Request, database: DatabaseDep) -> Response:
+async def thanks_page(
+    slug: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
     """The page a form post lands on: check your inbox."""
     mailing_list = await database.run(lists.get, slug=slug)
-    locale = request_locale(request, default=Locale(mailing_list.default_locale))
-    t = Translator(locale)
-    return pages.render(
+    return _list_page(request, settings, mailing_list, page="thanks")
+
+
+@router.get(
+    "/lists/{slug}/confirmed",
+    operation_id="subscription_confirmed_page",
+    responses={
+        **_html_and_json("The 'subscription confirmed' page (the result page's other language)."),
+        **errors.responses(errors.ListNotFound),
+    },
+)
+async def confirmed_page(
+    slug: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """What the confirm button's answer says, as a page of its own (changes nothing)."""
+    mailing_list = await database.run(lists.get, slug=slug)
+    return _list_page(request, settings, mailing_list, page="confirmed")
+
+
+@router.get(
+    "/lists/{slug}/unsubscribed",
+    operation_id="unsubscribed_page",
+    responses={
+        **_html_and_json("The 'you are unsubscribed' page (the result page's other language)."),
+        **errors.responses(errors.ListNotFound),
+    },
+)
+async def unsubscribed_page(
+    slug: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """What the unsubscribe button's answer says, as a page of its own (changes nothing)."""
+    mailing_list = await database.run(lists.get, slug=slug)
+    return _list_page(request, settings, mailing_list, page="unsubscribed")
+
+
+def _list_page(
+    request: Request,
+    settings: Settings,
+    mailing_list: MailingList,
+    *,
+    page: str,
+    locale: Locale | None = None,
+    form: pages.Form | None = None,
+    switch_path: str | None = None,
+) -> Response:
+    """A list's page `page.<page>.*`: an interstitial with its button, or a result with a
+    way on (the site's landing page; after leaving, the hosted page to subscribe again)."""
+    locale = locale or request_locale(request, default=Locale(mailing_list.default_locale))
+    declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
+    chrome = views.chrome(
+        request,
+        settings,
         locale=locale,
-        title=t("page.thanks.title"),
-        text=t("page.thanks.text", list=mailing_list.name),
-        back_url=mailing_list.landing_url,
+        declared=declared,
+        list_name=mailing_list.name,
+        switch_path=switch_path,
+    )
+    t = chrome.t
+    subscribe_url = None
+    if page == "unsubscribed":
+        subscribe_url = f"/v1/lists/{mailing_list.slug}?lang={locale.value}"
+    return pages.render(
+        chrome=chrome,
+        title=t(f"page.{page}.title"),
+        text=t(f"page.{page}.text", list=mailing_list.name),
+        form=form,
+        back_url=None if form else mailing_list.landing_url,
+        subscribe_url=subscribe_url,
     )
 
 
@@ -219,6 +419,7 @@ def _result(target: subscriptions.Target) -> Response:
 
 def _page(
     request: Request,
+    settings: Settings,
     target: subscriptions.Target,
     *,
     page: str,
@@ -227,17 +428,23 @@ def _page(
     """The page for a link (`page.<page>.title` / `.text` / `.button` in the catalogue)."""
     if not wants_html(request, default=True):
         return _result(target)
+    mailing_list = target.mailing_list
     locale = _page_locale(request, target.subscription.locale)
-    t = Translator(locale)
     form = None
     if form_action is not None:
+        declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
+        t = views.for_list(locale, declared)
         form = pages.Form(action=form_action, button=t(f"page.{page}.button"))
-    return pages.render(
+    # After the button's POST, the other language is the result's own page, not the link.
+    switch_path = None if form else f"/v1/lists/{mailing_list.slug}/{page}"
+    return _list_page(
+        request,
+        settings,
+        mailing_list,
+        page=page,
         locale=locale,
-        title=t(f"page.{page}.title"),
-        text=t(f"page.{page}.text", list=target.mailing_list.name),
         form=form,
-        back_url=None if form else target.mailing_list.landing_url,
+        switch_path=switch_path,
     )
 
 
@@ -259,7 +466,11 @@ async def confirm_page(
     """Show the confirmation button. Changes nothing: mail scanners follow links."""
     target = await database.run(subscriptions.confirmation_target, secret=token, now=utcnow())
     return _page(
-        request, target, page="confirm", form_action=settings.public_link(f"/v1/confirm/{token}")
+        request,
+        settings,
+        target,
+        page="confirm",
+        form_action=settings.public_link(f"/v1/confirm/{token}"),
     )
 
 
@@ -281,7 +492,7 @@ async def confirm(
         key=settings.token_key(),
         now=utcnow(),
     )
-    return _page(request, target, page="confirmed")
+    return _page(request, settings, target, page="confirmed")
 
 
 @router.get(
@@ -297,6 +508,7 @@ async def unsubscribe_page(
     target = await database.run(subscriptions.unsubscription_target, secret=token, now=utcnow())
     return _page(
         request,
+        settings,
         target,
         page="unsubscribe",
         form_action=settings.public_link(f"/v1/unsubscribe/{token}"),
@@ -326,4 +538,4 @@ async def unsubscribe(
         # A mail client's one-click POST is not a person waiting for a goodbye mail.
         send_goodbye=not is_one_click,
     )
-    return _page(request, target, page="unsubscribed")
+    return _page(request, settings, target, page="unsubscribed")

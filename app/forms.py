@@ -1,0 +1,85 @@
+"""A list's own form fields (`ListSettings.fields`): reading them from a post and checking
+them. The answers name a problem by code, so the hosted page can say it in the visitor's
+language and a JSON caller gets the usual validation error."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from app import addresses
+from app.config import FieldType, FormField
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Problem(StrEnum):
+    REQUIRED = "required"
+    TOO_LONG = "too_long"
+    INVALID_EMAIL = "invalid_email"
+    INVALID_URL = "invalid_url"
+    CONTROL_CHARACTERS = "control_characters"
+
+
+# What a JSON caller reads in `{"error": "validation_error", "detail": ...}`.
+PROBLEM_TEXT = {
+    Problem.REQUIRED: "Field required",
+    Problem.TOO_LONG: "String should have at most {max} characters",
+    Problem.INVALID_EMAIL: "not a valid email address",
+    Problem.INVALID_URL: "not a valid http(s) URL",
+    Problem.CONTROL_CHARACTERS: "must not contain control characters (line breaks, NUL, ...)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    field: FormField
+    problem: Problem
+
+    def text(self) -> str:
+        return PROBLEM_TEXT[self.problem].replace("{max}", str(self.field.max_length))
+
+
+def from_form(form: Mapping[str, str], fields: Sequence[FormField]) -> dict[str, str]:
+    """The declared fields' values in a form post, trimmed; empty ones left out."""
+    values = {}
+    for field in fields:
+        value = form.get(field.name, "").strip()
+        if value:
+            values[field.name] = value
+    return values
+
+
+def _problem(field: FormField, value: str | None) -> Problem | None:
+    if not value:
+        return Problem.REQUIRED if field.required else None
+    if len(value) > field.max_length:
+        return Problem.TOO_LONG
+    if _CONTROL.search(value):
+        return Problem.CONTROL_CHARACTERS
+    if field.type == FieldType.EMAIL:
+        try:
+            addresses.parse(value)
+        except addresses.InvalidAddress:
+            return Problem.INVALID_EMAIL
+    if field.type == FieldType.URL:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return Problem.INVALID_URL
+    return None
+
+
+def check(attributes: Mapping[str, str], fields: Sequence[FormField]) -> list[FieldProblem]:
+    """What is wrong with the declared fields among `attributes`, in the form's order.
+
+    Attributes the list does not declare are the API's business (app/schemas.py limits).
+    """
+    problems = []
+    for field in fields:
+        problem = _problem(field, attributes.get(field.name))
+        if problem is not None:
+            problems.append(FieldProblem(field=field, problem=problem))
+    return problems
