@@ -1,0 +1,531 @@
+"""The hosted pages without a browser: the form's defences (honeypot, signed fill time), a
+list's own fields (stored, enforced, sent to the backend), operators' wording, languages,
+and the DSFR stylesheet setting with its CSP."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from sqlmodel import Session, select
+
+from app import formguard
+from app.config import Settings
+from app.db import make_engine
+from app.main import create_app
+from app.models import Subscription, utcnow
+from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
+from tests.fake_mailgun import FakeMailgun
+
+PAGE = "/v1/lists/bluehats"
+SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
+HTML = {"accept": "text/html,application/xhtml+xml", "accept-language": "fr-FR,fr;q=0.9"}
+FIELDS = [
+    {
+        "name": "name",
+        "label": {"fr": "Vos nom et prénom", "en": "Your full name"},
+        "autocomplete": "name",
+    },
+    {
+        "name": "organisation",
+        "label": {"fr": "Votre administration", "en": "Your organisation"},
+        "required": True,
+        "max_length": 40,
+        "autocomplete": "organization",
+    },
+    {"name": "site", "label": {"fr": "Site web", "en": "Website"}, "type": "url"},
+]
+
+
+def list_settings(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {"slug": "bluehats", "name": "Gazette BlueHats"}
+    values.update(overrides)
+    return values
+
+
+def app_client(
+    database_url: str, smtp: SmtpSink, *, lists: list[dict[str, Any]] | None = None, **extra: Any
+) -> TestClient:
+    settings = make_settings(
+        database_url,
+        smtp_port=smtp.port,
+        lists=lists or [list_settings()],
+        # The fill time is tested here with stamps made in the past.
+        form_min_fill_time="3s",
+        **extra,
+    )
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def client(database_url: str, smtp: SmtpSink) -> Iterator[TestClient]:
+    with app_client(database_url, smtp, lists=[list_settings(fields=FIELDS)]) as test_client:
+        yield test_client
+
+
+def stamp(*, age: timedelta = timedelta(seconds=10), key: str = SECRET) -> str:
+    return formguard.issue(key=key.encode(), now=utcnow() - age)
+
+
+def edited(stamp: str) -> str:
+    """The same signature on an earlier time: what a bot would try to pass the fill time."""
+    millis, _, signature = stamp.partition(".")
+    return f"{int(millis) - 60_000}.{signature}"
+
+
+def post_form(client: TestClient, fields: dict[str, str], **headers: str) -> Any:
+    return client.post(SUBSCRIBE, data=fields, headers=headers, follow_redirects=False)
+
+
+def stored(database_url: str) -> list[Subscription]:
+    engine = make_engine(database_url)
+    with Session(engine) as session:
+        rows = list(session.exec(select(Subscription)).all())
+    engine.dispose()
+    return rows
+
+
+def input_tag(html: str, name: str) -> str:
+    match = re.search(rf'<input[^>]*\bname="{name}"[^>]*>', html)
+    assert match, f"no input named {name}"
+    return match[0]
+
+
+def stamp_in(html: str) -> str:
+    match = re.search(r'name="form_stamp" value="([^"]+)"', html)
+    assert match
+    return match[1]
+
+
+class TestTheHostedPage:
+    def test_shows_the_list_its_fields_the_consent_wording_and_its_version(
+        self, client: TestClient
+    ) -> None:
+        page = client.get(PAGE, headers=HTML)
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        html = page.text
+        assert '<html lang="fr">' in html
+        assert "<title>S&#39;inscrire à Gazette BlueHats - Gazette BlueHats</title>" in html
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in html
+        assert 'type="email"' in input_tag(html, "email")
+        assert 'autocomplete="email"' in input_tag(html, "email")
+        assert '<label class="fr-label" for="field-organisation">Votre administration' in html
+        assert 'maxlength="40"' in input_tag(html, "organisation")
+        assert "required" in input_tag(html, "organisation")
+        assert "required" not in input_tag(html, "name")
+        assert "Vos nom et prénom (facultatif)" in html
+        assert 'type="url"' in input_tag(html, "site")
+        assert "accepte de recevoir Gazette BlueHats par courriel" in html
+        assert "Version du texte de consentement : 2026-11" in html
+        assert 'value="2026-11"' in input_tag(html, "consent_version")
+        honeypot = input_tag(html, "website")
+        assert 'tabindex="-1"' in honeypot
+        assert 'autocomplete="off"' in honeypot
+        assert '<div class="fr-input-group fr-sr-only">' in html
+        assert "Laissez ce champ vide" in html
+        assert formguard.check_stamp(
+            stamp_in(html),
+            key=SECRET.encode(),
+            now=utcnow() + timedelta(seconds=5),
+            min_fill_time=timedelta(seconds=3),
+            max_age=timedelta(days=1),
+            required=True,
+        ) == (formguard.Verdict.ACCEPTED)
+
+    def test_an_unknown_list_is_an_error_page_that_says_so_in_its_title(
+        self, client: TestClient
+    ) -> None:
+        page = client.get("/v1/lists/nope", headers={"accept-language": "en"})
+        assert page.status_code == 404
+        assert page.headers["content-type"].startswith("text/html")
+        assert (
+            "<title>Error - Mailing list not found - Newsletter subscriptions</title>" in page.text
+        )
+        assert "This mailing list does not exist." in page.text
+        as_json = client.get("/v1/lists/nope", headers={"accept": "application/json"})
+        assert as_json.json()["error"] == "list_not_found"
+
+
+class TestHoneypot:
+    def test_a_filled_honeypot_is_answered_as_a_success_and_dropped(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        before = formguard.rejection_counts().get("honeypot", 0)
+        response = post_form(
+            client,
+            {
+                "email": "bot@example.org",
+                "organisation": "Bots Inc",
+                "website": "http://spam.example",
+                "form_stamp": stamp(),
+            },
+        )
+        assert response.status_code == 303
+        assert response.headers["location"] == (
+            "http://testserver/v1/lists/bluehats/thanks?lang=fr"
+        )
+        assert stored(database_url) == []
+        assert count_rows(database_url, "outbox_job") == 0
+        assert count_rows(database_url, "consent_event") == 0
+        assert formguard.rejection_counts()["honeypot"] == before + 1
+
+    def test_an_empty_honeypot_lets_the_post_through(
+        self, client: TestClient, database_url: str, smtp: SmtpSink
+    ) -> None:
+        response = post_form(
+            client,
+            {
+                "email": "person@example.org",
+                "organisation": "DINUM",
+                "website": "",
+                "form_stamp": stamp(),
+            },
+        )
+        assert response.status_code == 303
+        assert [row.email for row in stored(database_url)] == ["person@example.org"]
+        smtp.mail_to("person@example.org", link="confirm")
+
+
+class TestFillTime:
+    @pytest.mark.parametrize(
+        ("case", "make_stamp", "reason"),
+        [
+            ("too-fast", lambda: stamp(age=timedelta(seconds=1)), "too_fast"),
+            ("too-old", lambda: stamp(age=timedelta(days=1, seconds=5)), "too_old"),
+            ("other-key", lambda: stamp(key="another-key"), "forged"),
+            ("edited-time", lambda: edited(stamp()), "forged"),
+            ("garbage", lambda: "yesterday", "forged"),
+        ],
+    )
+    def test_a_bad_stamp_is_answered_as_a_success_and_dropped(
+        self,
+        client: TestClient,
+        database_url: str,
+        case: str,
+        make_stamp: Any,
+        reason: str,
+    ) -> None:
+        before = formguard.rejection_counts().get(reason, 0)
+        response = post_form(
+            client,
+            {"email": f"{case}@example.org", "organisation": "X", "form_stamp": make_stamp()},
+            accept="text/html",
+        )
+        assert response.status_code == 303
+        assert response.headers["location"].endswith("/v1/lists/bluehats/thanks?lang=fr")
+        assert stored(database_url) == []
+        assert count_rows(database_url, "outbox_job") == 0
+        assert formguard.rejection_counts()[reason] == before + 1
+
+    def test_a_stamp_past_the_fill_time_is_accepted(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        response = post_form(
+            client,
+            {"email": "patient@example.org", "organisation": "X", "form_stamp": stamp()},
+        )
+        assert response.status_code == 303
+        assert [row.email for row in stored(database_url)] == ["patient@example.org"]
+
+    def test_a_post_without_stamp_is_accepted_when_the_list_does_not_require_one(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        # The site's own static form has no stamp.
+        response = post_form(client, {"email": "site@example.org", "organisation": "X"})
+        assert response.status_code == 303
+        assert [row.email for row in stored(database_url)] == ["site@example.org"]
+
+    def test_a_post_without_stamp_is_dropped_when_the_list_requires_one(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        strict = list_settings(require_form_stamp=True)
+        before = formguard.rejection_counts().get("missing", 0)
+        with app_client(database_url, smtp, lists=[strict]) as client:
+            response = post_form(client, {"email": "site@example.org"})
+            assert response.status_code == 303
+            assert stored(database_url) == []
+            assert formguard.rejection_counts()["missing"] == before + 1
+            stamped = post_form(client, {"email": "site@example.org", "form_stamp": stamp()})
+            assert stamped.status_code == 303
+            assert [row.email for row in stored(database_url)] == ["site@example.org"]
+
+    def test_the_page_served_now_is_too_fresh_to_post_at_once(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        html = client.get(PAGE).text
+        response = post_form(
+            client,
+            {"email": "quick@example.org", "organisation": "X", "form_stamp": stamp_in(html)},
+        )
+        assert response.status_code == 303
+        assert stored(database_url) == []
+
+    def test_json_callers_have_no_form_defences(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        response = client.post(
+            SUBSCRIBE, json={"email": "api@example.org", "attributes": {"organisation": "X"}}
+        )
+        assert response.status_code == 202
+        assert [row.email for row in stored(database_url)] == ["api@example.org"]
+
+
+class TestCustomFields:
+    def test_declared_fields_are_stored_as_attributes_and_others_ignored(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        response = post_form(
+            client,
+            {
+                "email": "camille@example.org",
+                "name": "  Camille Martin ",
+                "organisation": "DINUM",
+                "site": "",
+                "undeclared": "ignored",
+                "form_stamp": stamp(),
+            },
+        )
+        assert response.status_code == 303
+        [row] = stored(database_url)
+        assert row.attributes == {"name": "Camille Martin", "organisation": "DINUM"}
+
+    def test_bad_input_brings_the_form_back_with_values_kept_and_errors_tied_to_fields(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        response = post_form(
+            client,
+            {
+                "email": "camille.example.org",
+                "name": "Camille <b>Martin</b>",
+                "organisation": "",
+                "site": "ftp://example.org",
+                "form_stamp": stamp(),
+            },
+            **HTML,
+        )
+        assert response.status_code == 422
+        html = response.text
+        assert html.startswith("<!DOCTYPE html>")
+        assert "<title>Erreur - S&#39;inscrire à Gazette BlueHats" in html
+        # The summary at the top links each error to its field.
+        start = html.index('id="error-summary"')
+        summary = html[start : html.index("</ul>", start)]
+        assert html.index("error-summary") < html.index("<form")
+        assert 'role="alert"' in html[start - 60 : start + 60]
+        assert summary.index("#field-email") < summary.index("#field-organisation")
+        assert summary.index("#field-organisation") < summary.index("#field-site")
+        assert "#field-name" not in summary
+        for name in ("email", "organisation", "site"):
+            tag = input_tag(html, name)
+            assert 'aria-invalid="true"' in tag
+            assert f"field-{name}-error" in tag
+            assert f'id="field-{name}-error"' in html
+        assert 'aria-invalid="true"' not in input_tag(html, "name")
+        assert 'value="camille.example.org"' in input_tag(html, "email")
+        # Kept, and escaped.
+        assert 'value="Camille &lt;b&gt;Martin&lt;/b&gt;"' in input_tag(html, "name")
+        assert "Remplissez le champ « Votre administration »." in html
+        assert "commençant par https://" in html
+        assert stored(database_url) == []
+
+    def test_too_long_a_value_is_refused_in_english_too(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        response = post_form(
+            client,
+            {
+                "email": "camille@example.org",
+                "organisation": "X" * 41,
+                "locale": "en",
+                "form_stamp": stamp(),
+            },
+            accept="text/html",
+        )
+        assert response.status_code == 422
+        assert '<html lang="en">' in response.text
+        assert "“Your organisation” must be at most 40 characters long" in response.text
+        assert stored(database_url) == []
+
+    def test_a_json_caller_gets_the_usual_json_error_for_a_declared_field(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        response = client.post(SUBSCRIBE, json={"email": "camille@example.org"})
+        assert response.status_code == 422
+        assert response.json() == {
+            "error": "validation_error",
+            "detail": "attributes.organisation: Field required",
+        }
+        form_without_html = post_form(client, {"email": "camille@example.org"})
+        assert form_without_html.status_code == 422
+        assert form_without_html.json()["detail"] == "attributes.organisation: Field required"
+        assert stored(database_url) == []
+
+    def test_fields_reach_mailgun_as_member_variables(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        fake = FakeMailgun()
+        fake.create_list("bluehats@mail.codegouv.fr")
+        with fake.serve() as base_url:
+            backend = {
+                "kind": "mailgun",
+                "list_address": "bluehats@mail.codegouv.fr",
+                "api_key": FakeMailgun.api_key,
+                "base_url": base_url,
+            }
+            lists = [list_settings(fields=FIELDS, backend=backend)]
+            with app_client(database_url, smtp, lists=lists) as client:
+                sent = post_form(
+                    client,
+                    {
+                        "email": "camille@example.org",
+                        "name": "Camille Martin",
+                        "organisation": "DINUM",
+                        "site": "https://code.gouv.fr",
+                        "form_stamp": stamp(),
+                    },
+                )
+                assert sent.status_code == 303
+                confirm = link_in(smtp.mail_to("camille@example.org", link="confirm"), "confirm")
+                assert client.post(confirm, headers=HTML).status_code == 200
+                member = wait_until(
+                    lambda: fake.member("bluehats@mail.codegouv.fr", "camille@example.org")
+                )
+        assert member.name == "Camille Martin"
+        assert member.vars["organisation"] == "DINUM"
+        assert member.vars["site"] == "https://code.gouv.fr"
+        assert member.vars["unsubscribe_url"].startswith("http://testserver/v1/unsubscribe/")
+
+    def test_a_reserved_or_repeated_field_name_is_refused_at_start(self, database_url: str) -> None:
+        with pytest.raises(ValidationError, match="reserved"):
+            make_settings(
+                database_url,
+                smtp_port=25,
+                lists=[list_settings(fields=[{"name": "email", "label": {"fr": "x"}}])],
+            )
+        with pytest.raises(ValidationError, match="repeated: site"):
+            make_settings(
+                database_url,
+                smtp_port=25,
+                lists=[list_settings(fields=[FIELDS[2], FIELDS[2]])],
+            )
+
+
+class TestStrings:
+    def test_operators_reword_a_page_per_list_and_language(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        reworded = list_settings(
+            strings={
+                "fr": {"page.subscribe.title": "Abonnez-vous à {list} !"},
+                "en": {"page.subscribe.button": "Sign me up"},
+            },
+            consent_text={"en": "Our own consent text for {list}."},
+        )
+        with app_client(database_url, smtp, lists=[reworded]) as client:
+            french = client.get(PAGE, headers=HTML).text
+            english = client.get(PAGE + "?lang=en").text
+        assert "<h1>Abonnez-vous à Gazette BlueHats !</h1>" in french
+        assert ">M&#39;inscrire</button>" in french
+        assert "<h1>Subscribe to Gazette BlueHats</h1>" in english
+        assert ">Sign me up</button>" in english
+        assert "Our own consent text for Gazette BlueHats." in english
+
+    def test_an_unknown_string_key_is_refused_at_start(self, database_url: str) -> None:
+        with pytest.raises(
+            ValidationError, match=r"unknown fr string keys: page\.subscribe\.titel"
+        ):
+            make_settings(
+                database_url,
+                smtp_port=25,
+                lists=[list_settings(strings={"fr": {"page.subscribe.titel": "x"}})],
+            )
+
+
+class TestLanguage:
+    def test_accept_language_chooses_and_the_switch_leads_to_the_other_language(
+        self, client: TestClient
+    ) -> None:
+        english = client.get(PAGE, headers={"accept-language": "en-GB,en;q=0.9,fr;q=0.5"}).text
+        assert '<html lang="en">' in english
+        assert "<h1>Subscribe to Gazette BlueHats</h1>" in english
+        switch = re.search(r'<a class="fr-link fr-translate__language"[^>]*>([^<]*)</a>', english)
+        assert switch is not None
+        assert 'href="/v1/lists/bluehats?lang=fr"' in switch[0]
+        assert 'hreflang="fr"' in switch[0]
+        assert 'lang="fr"' in switch[0]
+        assert switch[1] == "Français"
+
+        french = client.get("/v1/lists/bluehats?lang=fr", headers={"accept-language": "en"}).text
+        assert '<html lang="fr">' in french
+        assert 'href="/v1/lists/bluehats?lang=en" hreflang="en" lang="en">English</a>' in french
+
+    def test_without_a_preference_the_lists_language_applies(self, client: TestClient) -> None:
+        assert '<html lang="fr">' in client.get(PAGE).text
+
+    def test_a_result_page_after_a_post_switches_to_its_own_page(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        post_form(
+            client,
+            {"email": "camille@example.org", "organisation": "X", "locale": "en"},
+        )
+        confirm = link_in(smtp.mail_to("camille@example.org", link="confirm"), "confirm")
+        interstitial = client.get(confirm).text
+        assert '<html lang="en">' in interstitial
+        assert f'href="{confirm}?lang=fr"' in interstitial
+        done = client.post(confirm, headers={"accept": "text/html"}).text
+        assert "<h1>Subscription confirmed</h1>" in done
+        assert 'href="/v1/lists/bluehats/confirmed?lang=fr"' in done
+        other = client.get("/v1/lists/bluehats/confirmed?lang=fr")
+        assert other.status_code == 200
+        assert "<h1>Inscription confirmée</h1>" in other.text
+
+    def test_error_pages_have_a_switch_and_a_title_that_says_error(
+        self, client: TestClient
+    ) -> None:
+        page = client.get("/v1/confirm/" + "A" * 43, headers={"accept-language": "fr"})
+        assert page.status_code == 404
+        assert "<title>Erreur - Lien non valide - " in page.text
+        assert 'hreflang="en"' in page.text
+        assert "?lang=en" in page.text
+
+
+class TestStylesheet:
+    def test_the_built_in_stylesheet_by_default_and_a_csp_that_allows_only_it(
+        self, client: TestClient
+    ) -> None:
+        page = client.get(PAGE)
+        assert '<link rel="stylesheet" href="/static/style.css">' in page.text
+        csp = page.headers["content-security-policy"]
+        assert "style-src 'self';" in csp
+        assert "font-src" not in csp
+        assert "script-src" not in csp
+        assert client.get("/static/style.css").status_code == 200
+
+    def test_the_dsfr_stylesheet_when_configured_and_its_origin_in_the_csp(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        url = "https://static.code.gouv.fr/dsfr/1.12/dsfr.min.css"
+        with app_client(database_url, smtp, dsfr_stylesheet_url=url) as client:
+            page = client.get(PAGE)
+            error_page = client.get("/v1/confirm/unknown", headers={"accept": "text/html"})
+        assert f'<link rel="stylesheet" href="{url}">' in page.text
+        assert "/static/style.css" not in page.text
+        for answer in (page, error_page):
+            csp = answer.headers["content-security-policy"]
+            assert "style-src 'self' https://static.code.gouv.fr;" in csp
+            assert "font-src https://static.code.gouv.fr;" in csp
+            assert "img-src 'self' https://static.code.gouv.fr data:;" in csp
+        assert f'href="{url}"' in error_page.text
+
+    def test_a_stylesheet_url_that_is_not_a_url_is_refused_at_start(
+        self, database_url: str
+    ) -> None:
+        with pytest.raises(ValidationError, match="dsfr_stylesheet_url"):
+            Settings(database_url=database_url, dsfr_stylesheet_url="not a url")
