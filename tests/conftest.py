@@ -220,10 +220,11 @@ class LiveServer:
     and on exit asks uvicorn to stop and waits for its thread.
     """
 
-    def __init__(self, app: Any, *, timeout: float = 15.0) -> None:
+    def __init__(self, app: Any, *, timeout: float = 15.0, port: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        # A port chosen beforehand lets the app's settings name its own public URL.
+        self.port = port or free_port()
         self.timeout = timeout
         config = uvicorn.Config(
             app,

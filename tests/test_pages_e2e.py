@@ -1,0 +1,376 @@
+"""The pages in a real headless Chromium (Debian `chromium`, driven by Playwright), against
+the app served by uvicorn on loopback with a real SMTP server: subscribe on the hosted page,
+confirm from the mail, unsubscribe from the mail, in French and in English, and with a real
+Mailman 3 core as the backend. Every page is checked by axe-core (no serious or critical
+violation) and photographed under artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+# Before the import below, so tests.mailman gets assertion rewriting like a plugin should.
+pytest.register_assert_rewrite("tests.mailman")
+
+from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
+
+from app.config import MailmanBackendSettings  # noqa: E402
+from app.db import make_engine  # noqa: E402
+from app.main import create_app  # noqa: E402
+from app.models import Subscription, Token, utcnow  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    LiveServer,
+    SmtpSink,
+    free_port,
+    link_in,
+    make_settings,
+    wait_until,
+)
+from tests.mailman import MailmanCore, create_list, rest_client  # noqa: E402
+
+pytest_plugins = ("tests.mailman",)
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E_DIR = ROOT / "tests" / "e2e"
+AXE_JS = E2E_DIR / "node_modules" / "axe-core" / "axe.min.js"
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+FIELDS = [
+    {"name": "name", "label": {"fr": "Vos nom et prénom", "en": "Your full name"}},
+    {
+        "name": "organisation",
+        "label": {"fr": "Votre administration", "en": "Your organisation"},
+        "required": True,
+        "max_length": 80,
+        "autocomplete": "organization",
+    },
+]
+TEXT = {
+    "fr": {
+        "subscribe": "M'inscrire",
+        "confirm": "Confirmer mon inscription",
+        "confirmed": "Inscription confirmée",
+        "unsubscribe": "Me désinscrire",
+        "unsubscribed": "Désinscription effectuée",
+        "thanks": "Vérifiez votre boîte mail",
+        "subscribe_again": "Se réinscrire",
+        "error": "Erreur - ",
+        "switch": "English",
+    },
+    "en": {
+        "subscribe": "Subscribe",
+        "confirm": "Confirm my subscription",
+        "confirmed": "Subscription confirmed",
+        "unsubscribe": "Unsubscribe",
+        "unsubscribed": "You are unsubscribed",
+        "thanks": "Check your inbox",
+        "subscribe_again": "Subscribe again",
+        "error": "Error - ",
+        "switch": "Français",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def axe_source() -> str:
+    """axe-core from the npm registry, as pinned by tests/e2e/package-lock.json."""
+    if not AXE_JS.exists():
+        npm = shutil.which("npm")
+        assert npm, "npm is needed to install axe-core (tests/e2e/package.json)"
+        subprocess.run(
+            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
+            cwd=E2E_DIR,
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
+    return AXE_JS.read_text("utf-8")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), "apt-get install -y chromium (see .ci/run)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS
+
+
+class Visit:
+    """One visitor's browser tab, checking and photographing each page it reaches."""
+
+    def __init__(self, page: Page, *, axe: str, shots: Path, lang: str, prefix: str = "") -> None:
+        self.page = page
+        self.prefix = prefix
+        self.axe = axe
+        self.shots = shots
+        self.lang = lang
+        self.seen: list[str] = []
+
+    def check(self, name: str) -> None:
+        """The page is in the visitor's language, has a language switch, passes axe-core
+        without serious or critical violation, and is saved as a screenshot."""
+        page = self.page
+        assert page.locator("html").get_attribute("lang") == self.lang, name
+        switch = page.locator("a.fr-translate__language")
+        assert switch.inner_text() == TEXT[self.lang]["switch"], name
+        # The CSP forbids scripts, so the context bypasses it to inject axe.
+        page.add_script_tag(content=self.axe)
+        result: dict[str, Any] = page.evaluate(
+            "async () => await axe.run(document, {resultTypes: ['violations']})"
+        )
+        serious = [
+            f"{violation['id']} ({violation['impact']}): {violation['help']} -> "
+            + "; ".join(node["html"][:120] for node in violation["nodes"][:3])
+            for violation in result["violations"]
+            if violation["impact"] in ("serious", "critical")
+        ]
+        assert serious == [], f"{name}: {serious}"
+        page.screenshot(
+            path=str(self.shots / f"{self.prefix}{name}-{self.lang}.png"), full_page=True
+        )
+        self.seen.append(name)
+
+
+def status_of(database_url: str, email: str) -> str | None:
+    engine = make_engine(database_url)
+    with Session(engine) as session:
+        row = session.exec(select(Subscription).where(Subscription.email_key == email)).first()
+    engine.dispose()
+    return row.status if row else None
+
+
+def expire_tokens(database_url: str) -> None:
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(Token).values(expires_at=utcnow().replace(year=utcnow().year - 1))
+        )
+    engine.dispose()
+
+
+def serve(database_url: str, smtp: SmtpSink, **list_overrides: Any) -> tuple[LiveServer, str]:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    settings = make_settings(
+        database_url,
+        smtp_port=smtp.port,
+        public_url=base_url,
+        # A browser fills the form in milliseconds; the fill time has its own tests.
+        form_min_fill_time="0s",
+        lists=[
+            {"slug": "bluehats", "name": "Gazette BlueHats", "fields": FIELDS, **list_overrides}
+        ],
+    )
+    return LiveServer(create_app(settings), port=port), base_url
+
+
+def subscribe_on_the_hosted_page(visit: Visit, base_url: str, email: str, *, name: str) -> None:
+    page, text = visit.page, TEXT[visit.lang]
+    page.goto(f"{base_url}/v1/lists/bluehats")
+    visit.check("subscribe")
+
+    # First a mistake: a bad address and the required field left empty.
+    page.fill("#field-email", "not-an-address")
+    page.fill("#field-name", name)
+    page.click(f'button:has-text("{text["subscribe"]}")')
+    assert page.title().startswith(text["error"])
+    assert page.locator("#error-summary a").count() == 2
+    assert page.get_attribute("#field-email", "aria-invalid") == "true"
+    assert page.get_attribute("#field-organisation", "aria-invalid") == "true"
+    assert page.input_value("#field-name") == name
+    visit.check("subscribe-errors")
+
+    page.fill("#field-email", email)
+    page.fill("#field-organisation", "DINUM")
+    page.click(f'button:has-text("{text["subscribe"]}")')
+    page.wait_for_url("**/v1/lists/bluehats/thanks?lang=*")
+    assert page.locator("h1").inner_text() == text["thanks"]
+    visit.check("thanks")
+
+
+def confirm_from_the_mail(visit: Visit, smtp: SmtpSink, database_url: str, email: str) -> None:
+    page, text = visit.page, TEXT[visit.lang]
+    mail = smtp.mail_to(email, link="confirm")
+    confirm = link_in(mail, "confirm")
+    page.goto(mail_link(mail, confirm))
+    assert page.locator("h1").inner_text() != text["confirmed"]
+    visit.check("confirm")
+    # Opening the link changed nothing.
+    assert status_of(database_url, email) == "pending"
+    page.click(f'button:has-text("{text["confirm"]}")')
+    assert page.locator("h1").inner_text() == text["confirmed"]
+    visit.check("confirmed")
+    assert status_of(database_url, email) == "confirmed"
+
+
+def unsubscribe_from_the_mail(
+    visit: Visit, smtp: SmtpSink, database_url: str, base_url: str, email: str
+) -> None:
+    page, text = visit.page, TEXT[visit.lang]
+    asked = httpx.post(
+        f"{base_url}/v1/lists/bluehats/unsubscriptions", json={"email": email}, trust_env=False
+    )
+    assert asked.status_code == 202
+    mail = smtp.mail_to(email, link="unsubscribe")
+    page.goto(mail_link(mail, link_in(mail, "unsubscribe")))
+    visit.check("unsubscribe")
+    assert status_of(database_url, email) == "confirmed"
+    page.click(f'button:has-text("{text["unsubscribe"]}")')
+    assert page.locator("h1").inner_text() == text["unsubscribed"]
+    visit.check("unsubscribed")
+    assert status_of(database_url, email) == "unsubscribed"
+    # The way back: the hosted page, in the same language.
+    page.click(f'a:has-text("{text["subscribe_again"]}")')
+    assert page.url.endswith(f"/v1/lists/bluehats?lang={visit.lang}")
+    assert page.locator("#field-email").count() == 1
+
+
+def mail_link(mail: Any, path: str) -> str:
+    """The absolute link as the mail has it (the public URL is the live server's)."""
+    for word in mail.get_body(preferencelist=("plain",)).get_content().split():
+        if word.endswith(path):
+            return str(word)
+    raise AssertionError(f"{path} not found as an absolute link")
+
+
+def error_pages(visit: Visit, smtp: SmtpSink, database_url: str, base_url: str) -> None:
+    page, text = visit.page, TEXT[visit.lang]
+    other = f"late-{visit.lang}@example.org"
+    answer = httpx.post(
+        f"{base_url}/v1/lists/bluehats/subscriptions",
+        json={"email": other, "locale": visit.lang, "attributes": {"organisation": "X"}},
+        trust_env=False,
+    )
+    assert answer.status_code == 202
+    mail = smtp.mail_to(other, link="confirm")
+    expire_tokens(database_url)
+    expired = page.goto(mail_link(mail, link_in(mail, "confirm")))
+    assert expired is not None
+    assert expired.status == 410
+    assert page.title().startswith(text["error"])
+    assert page.locator("input[name=email]").count() == 1
+    visit.check("expired-link")
+
+    unknown = page.goto(f"{base_url}/v1/confirm/{'A' * 43}")
+    assert unknown is not None
+    assert unknown.status == 404
+    assert page.title().startswith(text["error"])
+    visit.check("unknown-link")
+
+    no_list = page.goto(f"{base_url}/v1/lists/nope")
+    assert no_list is not None
+    assert no_list.status == 404
+    assert page.title().startswith(text["error"])
+    visit.check("unknown-list")
+
+
+@pytest.mark.parametrize("lang", ["fr", "en"])
+def test_subscribe_confirm_and_unsubscribe_in_a_browser(
+    lang: str,
+    browser: Browser,
+    axe_source: str,
+    screenshots: Path,
+    database_url: str,
+    smtp: SmtpSink,
+) -> None:
+    email = f"camille-{lang}@example.org"
+    server, base_url = serve(database_url, smtp)
+    locale = {"fr": "fr-FR", "en": "en-GB"}[lang]
+    context = browser.new_context(bypass_csp=True, locale=locale)
+    try:
+        with server:
+            visit = Visit(context.new_page(), axe=axe_source, shots=screenshots, lang=lang)
+            subscribe_on_the_hosted_page(visit, base_url, email, name="Camille Martin")
+            confirm_from_the_mail(visit, smtp, database_url, email)
+            unsubscribe_from_the_mail(visit, smtp, database_url, base_url, email)
+            error_pages(visit, smtp, database_url, base_url)
+    finally:
+        context.close()
+    assert visit.seen == [
+        "subscribe",
+        "subscribe-errors",
+        "thanks",
+        "confirm",
+        "confirmed",
+        "unsubscribe",
+        "unsubscribed",
+        "expired-link",
+        "unknown-link",
+        "unknown-list",
+    ]
+
+
+def test_the_language_switch_leads_to_the_same_page_in_the_other_language(
+    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+) -> None:
+    server, base_url = serve(database_url, smtp)
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            page = context.new_page()
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            assert page.locator("h1").inner_text() == "S'inscrire à Gazette BlueHats"
+            page.click("a.fr-translate__language")
+            assert page.locator("html").get_attribute("lang") == "en"
+            assert page.locator("h1").inner_text() == "Subscribe to Gazette BlueHats"
+            # The keyboard reaches the skip link first, and it leads to the content.
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.getAttribute('href')") == "#content"
+    finally:
+        context.close()
+
+
+def roster_names(core: MailmanCore, list_id: str) -> dict[str, str | None]:
+    with rest_client(core) as client:
+        response = client.get(f"/lists/{list_id}/roster/member", params={"count": 100, "page": 1})
+    response.raise_for_status()
+    return {
+        entry["email"]: entry.get("display_name") for entry in response.json().get("entries", [])
+    }
+
+
+def test_a_browser_subscriber_joins_and_leaves_a_real_mailman_list(
+    browser: Browser,
+    axe_source: str,
+    screenshots: Path,
+    database_url: str,
+    smtp: SmtpSink,
+    mailman_core: MailmanCore,
+) -> None:
+    list_id = create_list(mailman_core)
+    backend = MailmanBackendSettings(
+        base_url=mailman_core.base_url,
+        username=mailman_core.admin_user,
+        password=mailman_core.admin_password,
+        list_id=list_id,
+    )
+    email = "ada-mailman@example.com"
+    server, base_url = serve(database_url, smtp, backend=backend)
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            visit = Visit(
+                context.new_page(), axe=axe_source, shots=screenshots, lang="fr", prefix="mailman-"
+            )
+            subscribe_on_the_hosted_page(visit, base_url, email, name="Ada Lovelace")
+            confirm_from_the_mail(visit, smtp, database_url, email)
+            wait_until(lambda: roster_names(mailman_core, list_id) == {email: "Ada Lovelace"})
+            unsubscribe_from_the_mail(visit, smtp, database_url, base_url, email)
+            wait_until(lambda: roster_names(mailman_core, list_id) == {})
+    finally:
+        context.close()
