@@ -240,6 +240,11 @@ def _insert_if_new(session: Session, row: Subscription) -> Subscription | None:
     return session.scalars(statement).one_or_none()
 
 
+def _shown(detail: dict[str, Any], version: str | None) -> dict[str, Any]:
+    # The form's page may predate a change of wording: the ledger says which one was read.
+    return {**detail, "consent_version_shown": version[:64]} if version else detail
+
+
 def subscribe(
     session: Session,
     *,
@@ -253,13 +258,15 @@ def subscribe(
     now: datetime,
     resend_interval: timedelta,
     mail_budget: MailBudget = unlimited,
+    shown_consent_version: str | None = None,
 ) -> MailingList:
     """Start (or restart) a double opt-in; never tells the caller which case it was.
 
     `locale` is the language the visitor chose; `fallback_locale` (the request's
     `Accept-Language`), then the list's language, apply only where none is stored yet.
     At most one mail per `resend_interval` goes to an address, and only as `mail_budget`
-    allows; the request is recorded in the ledger either way.
+    allows; the request is recorded in the ledger either way. `shown_consent_version` is
+    the wording version the visitor's page showed, kept in the ledger's detail.
     """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
@@ -295,7 +302,7 @@ def subscribe(
             action=ConsentAction.SUBSCRIBE_REQUESTED,
             evidence=evidence,
             now=now,
-            detail=mail_note,
+            detail=_shown(mail_note, shown_consent_version),
         )
         return mailing_list
 
@@ -352,7 +359,7 @@ def subscribe(
         action=ConsentAction.SUBSCRIBE_REQUESTED,
         evidence=evidence,
         now=now,
-        detail=detail,
+        detail=_shown(detail, shown_consent_version),
     )
     session.add(subscription)
     session.flush()

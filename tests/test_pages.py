@@ -18,7 +18,7 @@ from app import formguard
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
-from app.models import Subscription, utcnow
+from app.models import ConsentEvent, Subscription, utcnow
 from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
 from tests.fake_mailgun import FakeMailgun
 
@@ -276,6 +276,40 @@ class TestFillTime:
         assert [row.email for row in stored(database_url)] == ["api@example.org"]
 
 
+class TestTheSitesForm:
+    def test_a_plain_form_post_from_the_site_goes_to_its_thank_you_url(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        site = list_settings(
+            fields=FIELDS,
+            thank_you_url="https://code.gouv.fr/merci",
+            landing_url="https://code.gouv.fr/",
+        )
+        with app_client(database_url, smtp, lists=[site]) as client:
+            # What a browser sends for the README's form on code.gouv.fr: no stamp, an
+            # empty honeypot, another origin, no JavaScript.
+            response = post_form(
+                client,
+                {
+                    "email": "site@example.org",
+                    "organisation": "DINUM",
+                    "website": "",
+                    "locale": "fr",
+                },
+                origin="https://code.gouv.fr",
+                referer="https://code.gouv.fr/fr/bluehats/",
+                **HTML,
+            )
+            assert response.status_code == 303
+            assert response.headers["location"] == "https://code.gouv.fr/merci"
+            # Our pages may send their forms on to the site (CSP form-action).
+            csp = client.get(PAGE).headers["content-security-policy"]
+            assert "form-action 'self' https://code.gouv.fr;" in csp
+        [row] = stored(database_url)
+        assert row.attributes == {"organisation": "DINUM"}
+        smtp.mail_to("site@example.org", link="confirm")
+
+
 class TestCustomFields:
     def test_declared_fields_are_stored_as_attributes_and_others_ignored(
         self, client: TestClient, database_url: str
@@ -294,6 +328,28 @@ class TestCustomFields:
         assert response.status_code == 303
         [row] = stored(database_url)
         assert row.attributes == {"name": "Camille Martin", "organisation": "DINUM"}
+
+    def test_the_ledger_keeps_the_consent_version_the_page_showed(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        html = client.get(PAGE).text
+        assert 'name="consent_version" value="2026-11"' in html
+        response = post_form(
+            client,
+            {
+                "email": "camille@example.org",
+                "organisation": "DINUM",
+                "consent_version": "2026-11",
+                "form_stamp": stamp(),
+            },
+        )
+        assert response.status_code == 303
+        engine = make_engine(database_url)
+        with Session(engine) as session:
+            [event] = session.exec(select(ConsentEvent)).all()
+        engine.dispose()
+        assert (event.source, event.consent_version) == ("form", "2026-11")
+        assert event.detail["consent_version_shown"] == "2026-11"
 
     def test_bad_input_brings_the_form_back_with_values_kept_and_errors_tied_to_fields(
         self, client: TestClient, database_url: str

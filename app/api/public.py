@@ -147,7 +147,7 @@ async def subscribe(
         declared = settings.list_settings(slug)
         if declared is not None:
             _refuse_bad_fields(forms.check(body.attributes, declared.fields))
-        mailing_list = await _subscribe(request, database, settings, limiter, slug, body, "api")
+        await _subscribe(request, database, settings, limiter, slug, body, source="api")
         return JSONResponse(SUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
 
     form = submission.form
@@ -185,7 +185,16 @@ async def subscribe(
             )
         _refuse_bad_fields(post.problems)
     assert post.request is not None
-    await _subscribe(request, database, settings, limiter, slug, post.request, "form")
+    await _subscribe(
+        request,
+        database,
+        settings,
+        limiter,
+        slug,
+        post.request,
+        source="form",
+        shown_consent_version=form.get("consent_version") or None,
+    )
     return _thanks_redirect(settings, mailing_list, post.request.locale or locale)
 
 
@@ -211,7 +220,9 @@ async def _subscribe(
     limiter: RateLimiterDep,
     slug: str,
     body: SubscriptionRequest,
+    *,
     source: str,
+    shown_consent_version: str | None = None,
 ) -> MailingList:
     return await database.run(
         subscriptions.subscribe,
@@ -225,6 +236,7 @@ async def _subscribe(
         now=utcnow(),
         resend_interval=settings.resend_interval,
         mail_budget=limiter.allow_mail,
+        shown_consent_version=shown_consent_version,
     )
 
 
