@@ -552,6 +552,22 @@ class TestLanguage:
         assert "?lang=en" in page.text
 
 
+class TestErrorPages:
+    def test_too_many_posts_get_a_page_that_says_so_with_retry_after(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        with app_client(database_url, smtp, rate_limit_per_ip="1/minute") as client:
+            fields = {"email": "busy@example.org", "form_stamp": stamp()}
+            assert post_form(client, fields, **HTML).status_code == 303
+            page = post_form(client, fields, **HTML)
+        assert page.status_code == 429
+        assert page.headers["retry-after"]
+        assert "<title>Erreur - Trop de demandes - " in page.text
+        assert "Trop de demandes sont venues de votre réseau" in page.text
+        # A POST cannot be replayed by a link: the switch leads to the list's form.
+        assert 'href="/v1/lists/bluehats?lang=en"' in page.text
+
+
 class TestStylesheet:
     def test_the_built_in_stylesheet_by_default_and_a_csp_that_allows_only_it(
         self, client: TestClient
