@@ -95,7 +95,9 @@ def axe_source() -> str:
     return AXE_JS.read_text("utf-8")
 
 
-@pytest.fixture(scope="session")
+# One browser for the module (there is one browser module): Playwright's sync API runs an
+# event loop in this thread while it is started, and `asyncio.run` in later tests would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     assert Path(CHROMIUM).exists(), "apt-get install -y chromium (see .ci/run)"
     with sync_playwright() as playwright:
