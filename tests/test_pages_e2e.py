@@ -195,6 +195,8 @@ def subscribe_on_the_hosted_page(visit: Visit, base_url: str, email: str, *, nam
     assert page.get_attribute("#field-email", "aria-invalid") == "true"
     assert page.get_attribute("#field-organisation", "aria-invalid") == "true"
     assert page.input_value("#field-name") == name
+    # The summary has the focus: the errors are what a screen reader reads first.
+    assert page.evaluate("document.activeElement.id") == "error-summary"
     visit.check("subscribe-errors")
 
     page.fill("#field-email", email)
