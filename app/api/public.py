@@ -27,7 +27,7 @@ from app.api.deps import (
     wants_html,
 )
 from app.config import ListSettings, Locale, Settings
-from app.i18n import parse_locale, preferred
+from app.i18n import for_list, parse_locale, preferred
 from app.models import MailingList, utcnow
 from app.schemas import Accepted, ActionResult, SubscriptionRequest, UnsubscriptionRequest
 
@@ -166,7 +166,7 @@ async def subscribe(
     if verdict != formguard.Verdict.ACCEPTED:
         formguard.record_rejection(verdict, list_slug=slug)
         return _thanks_redirect(settings, mailing_list, locale)
-    t = views.for_list(locale, declared)
+    t = for_list(locale, declared)
     post = hosted.read_post(form, list_settings=declared, t=t)
     if post.request is None:
         if post.errors and wants_html(request, default=False):
@@ -445,7 +445,7 @@ def _page(
     form = None
     if form_action is not None:
         declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
-        t = views.for_list(locale, declared)
+        t = for_list(locale, declared)
         form = pages.Form(action=form_action, button=t(f"page.{page}.button"))
     # After the button's POST, the other language is the result's own page, not the link.
     switch_path = None if form else f"/v1/lists/{mailing_list.slug}/{page}"

@@ -8,8 +8,6 @@ from app import pages
 from app.config import ListSettings, Locale, Settings
 from app.i18n import for_list
 
-__all__ = ["chrome", "for_list", "list_settings"]
-
 
 def list_settings(settings: Settings, *, slug: str, name: str) -> ListSettings:
     """The list's declared settings; a list created through the admin API has the defaults."""
