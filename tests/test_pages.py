@@ -20,6 +20,7 @@ from app.db import make_engine
 from app.main import create_app
 from app.models import ConsentEvent, Subscription, utcnow
 from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
+from tests.fake_listmonk import FakeListmonk
 from tests.fake_mailgun import FakeMailgun
 
 PAGE = "/v1/lists/bluehats"
@@ -456,6 +457,37 @@ class TestCustomFields:
         assert member.vars["organisation"] == "DINUM"
         assert member.vars["site"] == "https://code.gouv.fr"
         assert member.vars["unsubscribe_url"].startswith("http://testserver/v1/unsubscribe/")
+
+    def test_fields_reach_listmonk_as_attribs_and_the_name_as_its_name(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        with FakeListmonk() as fake:
+            backend = {
+                "kind": "listmonk",
+                "base_url": fake.url,
+                "username": "sync-bot",
+                "api_token": FakeListmonk.token,
+                # The list the fake starts with.
+                "list_id": 3,
+            }
+            lists = [list_settings(fields=FIELDS, backend=backend)]
+            with app_client(database_url, smtp, lists=lists) as client:
+                sent = post_form(
+                    client,
+                    {
+                        "email": "ada@example.org",
+                        "name": "Ada Lovelace",
+                        "organisation": "DINUM",
+                        "form_stamp": stamp(),
+                    },
+                )
+                assert sent.status_code == 303
+                confirm = link_in(smtp.mail_to("ada@example.org", link="confirm"), "confirm")
+                assert client.post(confirm, headers=HTML).status_code == 200
+                subscriber = wait_until(lambda: fake.subscriber("ada@example.org"))
+        assert subscriber["name"] == "Ada Lovelace"
+        assert subscriber["attribs"]["organisation"] == "DINUM"
+        assert "name" not in subscriber["attribs"]
 
     def test_a_reserved_or_repeated_field_name_is_refused_at_start(self, database_url: str) -> None:
         with pytest.raises(ValidationError, match="reserved"):
