@@ -6,10 +6,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from app import errors, pages
+from app import errors, logs, pages
 from app.api.deps import request_locale, wants_html
 from app.config import Locale
 from app.i18n import Translator
@@ -92,9 +93,18 @@ def install(app: FastAPI) -> None:
             response.headers[name] = value
         return response
 
+    # The database went away (restart, failover, network): 503 with Retry-After, in the
+    # usual shape, instead of a 500. The pool's pre-ping reconnects once it is back.
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    async def _database_gone(request: Request, exc: sa_exc.DBAPIError) -> Response:
+        log.warning("database.unavailable error=%s", type(exc.orig).__name__)
+        return await _domain(request, errors.DatabaseUnavailable())
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("request.failed path=%s", request.url.path)
+        # Paths carry link tokens and (admin people routes) addresses.
+        log.exception("request.failed path=%s", logs.mask_addresses(logs.redact(request.url.path)))
         return _answer(
             request, status=500, code="internal_error", detail="An unexpected error occurred."
         )
