@@ -45,7 +45,14 @@ def serve(
         from app import migrations
 
         migrations.upgrade(settings.database_url)
-    typer.echo(f"serving on http://{host}:{port} (database: {settings.database_url})", err=True)
+    # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
+    logging.getLogger("app.cli").info(
+        "serve.starting url=http://%s:%d database=%s workers=%d",
+        host,
+        port,
+        settings.database_url.split(":", 1)[0],
+        workers,
+    )
     uvicorn.run(
         # Sets up logging in each process (uvicorn's own config is off: one format for all).
         "app.main:serve_app",

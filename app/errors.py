@@ -137,7 +137,7 @@ class DatabaseUnavailable(DomainError):
 
     status_code = 503
     code = "database_unavailable"
-    message = "The service is briefly unavailable; nothing was recorded. Try again shortly."
+    message = "The service is briefly unavailable (its database does not answer). Try again."
     documented_headers: ClassVar[dict[str, dict[str, Any]]] = {
         "Retry-After": {
             "description": "Seconds to wait before trying again.",

@@ -138,6 +138,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class QuietMigrationContext(logging.Filter):
+    """Alembic announces its dialect each time the schema version is read, i.e. on every
+    readiness probe; the upgrade lines themselves still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Context impl", "Will assume"))
+
+
 def configure(*, level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
     """One handler on the root logger for the whole process; uvicorn's loggers go through it."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -152,5 +160,8 @@ def configure(*, level: str, fmt: str, stream: TextIO | None = None) -> logging.
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    migration_log = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, QuietMigrationContext) for f in migration_log.filters):
+        migration_log.addFilter(QuietMigrationContext())
     install_redaction()
     return handler
