@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import apikeys, db, heartbeat
+from app import apikeys, db, heartbeat, logs
 from app.mailer import make_mailer
 from app.main import create_app
 from app.models import KeyScope, utcnow
@@ -315,3 +316,54 @@ class TestLogs:
         assert any(
             e["event"] == "subscription.unsubscribed" for e in by_request("flow-unsubscribe")
         )
+
+
+class TestLogHygiene:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("to camille@example.org", "to c*****@example.org"),
+            (
+                "DELETE /v1/admin/people/camille%40example.org",
+                "/v1/admin/people/c*****@example.org",
+            ),
+            ("550 <camille+news@example.org>: no such user", "550 <c*****@example.org>: no"),
+            ("email=Camille@Example.ORG&x=1", "email=C*****@Example.ORG&x=1"),
+            ("/members/élodie@exemple.fr", "/members/é*****@exemple.fr"),
+        ],
+    )
+    def test_addresses_are_masked_wherever_they_appear(self, text: str, expected: str) -> None:
+        masked = logs.mask_addresses(text)
+        assert expected in masked
+        assert "amille" not in masked
+        assert "lodie" not in masked
+
+    def test_only_info_and_above_are_masked_and_tokens_are_redacted_at_every_level(self) -> None:
+        formatter = logs.JsonFormatter()
+
+        def line(level: int, message: str) -> dict[str, Any]:
+            record = logging.LogRecord("app.x", level, __file__, 1, message, None, None)
+            return dict(json.loads(formatter.format(record)))
+
+        assert (
+            line(logging.INFO, "x.y to=ada@example.org")["message"] == "x.y to=a*****@example.org"
+        )
+        assert line(logging.DEBUG, "x.y to=ada@example.org")["message"] == "x.y to=ada@example.org"
+        assert line(logging.DEBUG, "GET /v1/confirm/abc123")["message"] == (
+            "GET /v1/confirm/<redacted>"
+        )
+        assert line(logging.INFO, "x.y to=ada@example.org")["event"] == "x.y"
+
+    @pytest.mark.parametrize(
+        ("given", "kept"),
+        [
+            ("3f2a9c1e-5b7d-4e8f-9a0b-1c2d3e4f5a6b", True),
+            ("proxy.trace:0001", True),
+            ("x" * 129, False),
+            ("has space", False),
+            ('quote"injection', False),
+            ("", False),
+        ],
+    )
+    def test_a_request_id_is_kept_only_when_sane(self, given: str, kept: bool) -> None:
+        assert (logs.accept_request_id(given) == given) is kept

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.conftest import make_settings, wait_until
+from tests.conftest import free_port, make_settings, wait_until
 from tests.processes import (
     HoldingSink,
     Process,
@@ -81,10 +81,20 @@ class TestWorkerSigterm:
             ("bob@example.org", "pending", None, 0),
         ]
 
-        again = Process(["worker"], env=env, cwd=tmp_path, log=tmp_path / "worker-2.log")
+        # In production the worker's own counters are scraped from its metrics port.
+        metrics_port = free_port()
+        again = Process(
+            ["worker", "--metrics-port", str(metrics_port)],
+            env=env,
+            cwd=tmp_path,
+            log=tmp_path / "worker-2.log",
+        )
         try:
             held_smtp.wait_for(2, timeout=20)
             wait_until(lambda: all(job[1] == "done" for job in _jobs(database_url)))
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert 'newsletter_outbox_attempts_total{kind="mail",outcome="success"} 1.0' in scraped
+            assert 'newsletter_outbox_jobs{kind="mail",state="pending"} 0.0' in scraped
             again.terminate()
             assert again.wait() == 0, again.log_text()
         finally:
