@@ -24,9 +24,10 @@ external `newsletter worker --metrics-port P` serves its own registry on loopbac
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -34,7 +35,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db, heartbeat
@@ -42,6 +42,7 @@ from app.models import JobKind, JobState, MailingList, OutboxJob, Subscription, 
 
 log = logging.getLogger(__name__)
 
+_PARAMETER = re.compile(r"\{[^}]+\}")
 ATTEMPT_OUTCOMES = ("success", "skipped", "retry", "dead")
 RATE_LIMIT_SCOPES = ("ip", "address", "domain", "mail_budget")
 # A public POST takes milliseconds; a CSV import or export may take minutes.
@@ -213,8 +214,6 @@ def outbox_depth(session: Session) -> dict[tuple[str, str], tuple[int, datetime 
 
 def _as_utc(value: object) -> datetime | None:
     """min() of a timestamp comes back raw (a string on SQLite): read it as UTC."""
-    from datetime import UTC
-
     if value is None:
         return None
     if isinstance(value, str):
@@ -224,18 +223,36 @@ def _as_utc(value: object) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def route_of(app: ASGIApp, scope: Scope) -> str:
-    """The matched route's template (`/v1/confirm/{token}`), never the raw path."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path or "/"
-    # Routing did not run to the end (a 413 before it, a 404): match here, or say so.
-    for candidate in getattr(app, "routes", ()):
-        match, _ = candidate.matches(scope)
-        if match == Match.FULL:
-            return str(candidate.path)
-    return "<unmatched>"
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """`/v1/confirm/{token}` -> a pattern matching `/v1/confirm/<anything but a slash>`."""
+    return re.compile("[^/]+".join(re.escape(part) for part in _PARAMETER.split(template)))
+
+
+class RouteNames:
+    """The route template of a request: the one routing chose, or, when the answer came
+    before routing (a 413 from the body cap), the documented path that matches."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+
+    def _documented(self) -> list[tuple[re.Pattern[str], str]]:
+        if self._patterns is None:
+            openapi = getattr(self.app, "openapi", None)
+            paths = openapi()["paths"] if callable(openapi) else {}
+            self._patterns = [(_template_pattern(path), path) for path in paths]
+        return self._patterns
+
+    def __call__(self, scope: Scope) -> str:
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            return path or "/"
+        for pattern, template in self._documented():
+            if pattern.fullmatch(scope["path"]):
+                return template
+        # A 404: the raw path would let anyone mint new series.
+        return "<unmatched>"
 
 
 class RequestMetrics:
@@ -245,7 +262,7 @@ class RequestMetrics:
         self.app = app
         self.metrics = metrics
         # The app whose routes name the templates (the middleware only sees the next layer).
-        self.router = router
+        self.route_of = RouteNames(router)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -267,7 +284,7 @@ class RequestMetrics:
             labels = {
                 # Any verb a scanner makes up would be a new series.
                 "method": method if method in KNOWN_METHODS else "OTHER",
-                "route": route_of(self.router, scope),
+                "route": self.route_of(scope),
                 "status": str(status),
             }
             self.metrics.http_requests.labels(**labels).inc()

@@ -209,6 +209,14 @@ class TestMetrics:
         assert metrics[("newsletter_rate_limited_total", labels(scope="mail_budget"))] == 1
         assert metrics[("newsletter_rate_limited_total", labels(scope="ip"))] == 0
 
+    def test_an_answer_given_before_routing_is_still_counted_under_its_template(
+        self, client: TestClient, settings: Any
+    ) -> None:
+        big = {"email": "x@example.org", "pad": "x" * settings.max_body_bytes}
+        assert client.post("/v1/lists/any-list/subscriptions", json=big).status_code == 413
+        template = labels(method="POST", route="/v1/lists/{slug}/subscriptions", status="413")
+        assert scrape(client)[("newsletter_http_requests_total", template)] == 1
+
     def test_a_metrics_token_when_set_is_required(self, database_url: str, smtp: SmtpSink) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, metrics_token="scrape-me")
         with TestClient(create_app(settings)) as client:
