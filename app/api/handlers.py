@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,7 +70,27 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(messages) or "The request is not valid."
 
 
+class EveryFewSeconds:
+    """Counts events; `hit()` returns the count since the last report once `every` seconds
+    have passed since it, else 0. Used from the event loop only (no lock)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self._count = 0
+        self._reported_at = -math.inf
+
+    def hit(self) -> int:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._reported_at < self.every:
+            return 0
+        count, self._count, self._reported_at = self._count, 0, now
+        return count
+
+
 def install(app: FastAPI) -> None:
+    outage_log = EveryFewSeconds()
+
     @app.exception_handler(errors.DomainError)
     async def _domain(request: Request, exc: errors.DomainError) -> Response:
         response = _answer(
@@ -98,7 +120,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)
     async def _database_gone(request: Request, exc: sa_exc.DBAPIError) -> Response:
-        log.warning("database.unavailable error=%s", type(exc.orig).__name__)
+        # One line per few seconds, not one per refused request (a thousand a second).
+        refused = outage_log.hit()
+        if refused:
+            log.warning(
+                "database.unavailable error=%s refused=%d", type(exc.orig).__name__, refused
+            )
         return await _domain(request, errors.DatabaseUnavailable())
 
     @app.exception_handler(Exception)
