@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -375,3 +376,29 @@ class TestLogHygiene:
     )
     def test_a_request_id_is_kept_only_when_sane(self, given: str, kept: bool) -> None:
         assert (logs.accept_request_id(given) == given) is kept
+
+    def test_text_lines_carry_the_request_id_from_inside_the_thread_pool(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        stream = io.StringIO()
+        root = logging.getLogger()
+        saved = (list(root.handlers), root.level)
+        handler = logs.configure(level="INFO", fmt="text", stream=stream)
+        try:
+            settings = make_settings(database_url, smtp_port=smtp.port)
+            with TestClient(create_app(settings)) as client:
+                client.post(SUBSCRIBE, json={"email": "ada@example.org"})
+                confirm = link_in(smtp.mail_to("ada@example.org", link="confirm"), "confirm")
+                answer = client.post(confirm, headers={"x-request-id": "text-confirm-1"})
+                assert answer.headers["x-request-id"] == "text-confirm-1"
+        finally:
+            root.removeHandler(handler)
+            for old in saved[0]:
+                root.addHandler(old)
+            root.setLevel(saved[1])
+        confirmed = [
+            line for line in stream.getvalue().splitlines() if "subscription.confirmed" in line
+        ]
+        assert len(confirmed) == 1
+        assert confirmed[0].endswith("request_id=text-confirm-1")
+        assert " INFO app.subscriptions subscription.confirmed " in confirmed[0]
