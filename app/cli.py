@@ -25,11 +25,9 @@ def _settings() -> Settings:
     except SettingsError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from e
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from app import logs
+
+    logs.configure(level=settings.log_level, fmt=settings.log_format, stream=sys.stderr)
     return settings
 
 
@@ -47,39 +45,77 @@ def serve(
         from app import migrations
 
         migrations.upgrade(settings.database_url)
-    typer.echo(f"serving on http://{host}:{port} (database: {settings.database_url})", err=True)
+    # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
+    logging.getLogger("app.cli").info(
+        "serve.starting url=http://%s:%d database=%s workers=%d",
+        host,
+        port,
+        settings.database_url.split(":", 1)[0],
+        workers,
+    )
     uvicorn.run(
-        "app.main:create_app",
+        # Sets up logging in each process (uvicorn's own config is off: one format for all).
+        "app.main:serve_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
         proxy_headers=False,
         log_level=settings.log_level.lower(),
+        log_config=None,
+        # SIGTERM: stop accepting, let requests in flight finish (this long at most), then
+        # the lifespan stops the worker, which finishes its jobs in hand and gives back the rest.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout.total_seconds())),
     )
 
 
 @cli.command()
-def worker() -> None:
+def worker(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics (attempts, outbox, ...) on this port."),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address of the metrics port.")] = "127.0.0.1",
+) -> None:
     """Run the outbox worker alone; SIGTERM finishes the jobs in hand and gives back the rest."""
+    import threading
+
     from app import db, lists
     from app.mailer import make_mailer
+    from app.metrics import Metrics
     from app.models import utcnow
     from app.worker import Worker
 
     settings = _settings()
+    log = logging.getLogger("app.worker")
     engine = db.make_engine(settings.database_url)
     with db.session_scope(engine) as session:
         lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
-    runner = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+    metrics = Metrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics.watch_database(engine, heartbeat_timeout=settings.worker_heartbeat_timeout)
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+        log.info("worker.metrics_listening address=%s:%d", metrics_host, metrics_port)
+    runner = Worker(
+        engine=engine, settings=settings, mailer=make_mailer(settings.mailer), metrics=metrics
+    )
+    stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         runner.request_stop()
+        stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    runner.run()
-    runner.stop()
+    runner.start()
+    # The loop runs in its thread; this one waits for a signal (or the loop's end).
+    while not stop.wait(1.0):
+        if not runner.running:
+            break
+    log.info("worker.stopping name=%s", runner.name)
+    runner.stop(timeout=None)
     engine.dispose()
 
 

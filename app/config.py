@@ -392,6 +392,14 @@ class Settings(BaseSettings):
     retry_max_delay: Duration = timedelta(hours=2)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # `text` for people (the embedded default), `json` for a log collector: one event a line.
+    log_format: Literal["text", "json"] = "text"
+    # When set, GET /metrics needs `Authorization: Bearer <token>`; open otherwise.
+    metrics_token: SecretStr | None = None
+    # A worker not seen for this long is stale: readiness says so (see README, Operations).
+    worker_heartbeat_timeout: Duration = timedelta(seconds=60)
+    # On SIGTERM, requests in flight get this long to finish before they are cut.
+    shutdown_timeout: Duration = timedelta(seconds=20)
 
     @field_validator("database_url")
     @classmethod
@@ -424,6 +432,13 @@ class Settings(BaseSettings):
         duplicates = sorted({slug for slug in slugs if slugs.count(slug) > 1})
         if duplicates:
             raise ValueError(f"list slugs must be unique, repeated: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("worker_heartbeat_timeout")
+    @classmethod
+    def _positive_heartbeat_timeout(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("worker_heartbeat_timeout must be positive")
         return value
 
     @field_validator(

@@ -32,6 +32,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         max_overflow=20,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # A server that does not answer (down, cut off) fails a request in seconds, not minutes.
+        connect_args={"connect_timeout": 5},
     )
 
 

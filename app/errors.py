@@ -132,6 +132,25 @@ class RateLimited(DomainError):
         self.headers["Retry-After"] = str(retry_after)
 
 
+class DatabaseUnavailable(DomainError):
+    """The database cannot be reached: nothing was stored, the client may try again."""
+
+    status_code = 503
+    code = "database_unavailable"
+    message = "The service is briefly unavailable (its database does not answer). Try again."
+    documented_headers: ClassVar[dict[str, dict[str, Any]]] = {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+    retry_after = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers["Retry-After"] = str(self.retry_after)
+
+
 class WebhookRejected(DomainError):
     # 406: Mailgun treats it as "rejected, do not retry"; other backends stop as well.
     status_code = 406

@@ -1,19 +1,61 @@
-"""Logging helpers: link tokens never reach a log line."""
+"""Logging: text for people or JSON for collectors, a request id on every line, and no
+secret on any line.
+
+- Link tokens never reach a log line (`/v1/confirm/<redacted>`), except the development
+  mailer's line that shows a developer the link to click (`extra={"shows_link": True}`).
+- Addresses are masked (`c*****@example.org`) at INFO and above, whoever logs them (our
+  calls mask them already; uvicorn's access log and httpx's request log carry them in paths,
+  e.g. DELETE /v1/admin/people/{email}, Mailgun's /members/{address}). DEBUG shows them.
+- The request id (`X-Request-ID` when sane, else generated) lives in a context variable set
+  by `app.middleware.RequestId`; Starlette's thread pool copies the context, so lines logged
+  from a sync endpoint or `Database.run` carry it too, as does uvicorn's access line.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 _TOKEN_PATH = re.compile(r"(/v1/(?:confirm|unsubscribe)/)[^\s\"?/]+")
+# Local part: what mail addresses carry in practice, stopping at the separators that surround
+# them in paths, query strings and messages; `%40` is an @ in a URL path.
+_ADDRESS = re.compile(
+    r"([^\s@<>()\[\],;:\"'/=?&%])[^\s@<>()\[\],;:\"'/=?&]*(?:@|%40)([\w-]+(?:\.[\w-]+)+)"
+)
+# What a client may send as X-Request-ID: a proxy's UUID or trace id, nothing to inject.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 def redact(text: str) -> str:
     return _TOKEN_PATH.sub(r"\1<redacted>", text)
 
 
+def mask_addresses(text: str) -> str:
+    """`camille@example.org` -> `c*****@example.org`, wherever an address appears."""
+    return _ADDRESS.sub(r"\1*****@\2", text)
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's (or proxy's) request id when it is sane, else a new one."""
+    if value is not None and _SANE_REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
 class RedactTokens(logging.Filter):
-    """Rewrites token paths in a record (uvicorn's access log carries request paths)."""
+    """Rewrites token paths in a record (uvicorn's access log carries request paths).
+
+    Kept on the loggers for callers that install their own handlers; the formatters below
+    redact again whatever reaches them.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -28,3 +70,98 @@ def install_redaction() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactTokens) for f in logger.filters):
             logger.addFilter(RedactTokens())
+
+
+def _clean(text: str, record: logging.LogRecord) -> str:
+    if not getattr(record, "shows_link", False):
+        text = redact(text)
+    if record.levelno >= logging.INFO:
+        text = mask_addresses(text)
+    return text
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on each record (None outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = _clean(super().format(record), record)
+        rid = getattr(record, "request_id", None)
+        return f"{text} request_id={rid}" if rid else text
+
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "shows_link",
+    "color_message",
+}
+_EVENT = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, message, request_id, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = _clean(record.getMessage(), record)
+        first = message.split(" ", 1)[0]
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": first if _EVENT.fullmatch(first) else None,
+            "message": message,
+            "request_id": getattr(record, "request_id", None),
+        }
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            client, method, path, _version, status = args
+            entry["event"] = "http.access"
+            entry.update(
+                client=client, method=method, path=_clean(str(path), record), status=status
+            )
+        for name, value in vars(record).items():
+            if name not in _STANDARD and name not in entry:
+                entry[name] = _clean(value, record) if isinstance(value, str) else value
+        if record.exc_info:
+            entry["exception"] = _clean(self.formatException(record.exc_info), record)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class QuietMigrationContext(logging.Filter):
+    """Alembic announces its dialect each time the schema version is read, i.e. on every
+    readiness probe; the upgrade lines themselves still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Context impl", "Will assume"))
+
+
+def configure(*, level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
+    """One handler on the root logger for the whole process; uvicorn's loggers go through it."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    migration_log = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, QuietMigrationContext) for f in migration_log.filters):
+        migration_log.addFilter(QuietMigrationContext())
+    install_redaction()
+    return handler

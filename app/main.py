@@ -12,13 +12,14 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app import db, lists, logs, migrations, ratelimit
+from app import db, errors, lists, logs, migrations, ratelimit
 from app.api import admin as admin_api
 from app.api import admin_privacy, admin_transfer, handlers, health, public, webhooks
 from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
-from app.middleware import BodyLimit, SecurityHeaders
+from app.metrics import Metrics, RequestMetrics
+from app.middleware import BodyLimit, RequestId, SecurityHeaders
 from app.models import utcnow
 from app.worker import Worker
 
@@ -47,9 +48,17 @@ def _style_origins(settings: Settings) -> list[str]:
     return [f"{parts.scheme}://{parts.netloc}"]
 
 
+def serve_app() -> FastAPI:
+    """`newsletter serve`'s factory: each uvicorn process sets up its logging, then the app."""
+    settings = load_settings()
+    logs.configure(level=settings.log_level, fmt=settings.log_format)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     logs.install_redaction()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,10 +76,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
         worker = None
         if settings.run_worker:
-            worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+            worker = Worker(
+                engine=engine,
+                settings=settings,
+                mailer=make_mailer(settings.mailer),
+                metrics=metrics,
+            )
             worker.start()
         # Built in the running loop: its async Redis connections belong to this loop.
-        limiter = ratelimit.RateLimiter.from_settings(settings)
+        limiter = ratelimit.RateLimiter.from_settings(
+            settings,
+            on_mail_budget_exceeded=lambda: metrics.limited("mail_budget"),
+            on_refused=metrics.limited,
+        )
+        collector = metrics.watch_database(
+            engine, heartbeat_timeout=settings.worker_heartbeat_timeout
+        )
         app.state.engine = engine
         app.state.worker = worker
         app.state.database = Database(engine, on_outbox_commit=worker.wake if worker else None)
@@ -88,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if worker is not None:
                 await run_in_threadpool(worker.stop)
             await limiter.aclose()
+            metrics.registry.unregister(collector)
             engine.dispose()
             log.info("app.stopped")
 
@@ -101,16 +123,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.engine = None
     app.state.worker = None
     app.state.database = None
     app.state.rate_limiter = None
     handlers.install(app)
-    app.include_router(public.router)
-    app.include_router(admin_api.router)
-    app.include_router(admin_privacy.router)
-    app.include_router(admin_transfer.router)
-    app.include_router(webhooks.router)
+    # Every route that reaches the database may answer 503 while it is away.
+    database_gone = errors.responses(errors.DatabaseUnavailable)
+    app.include_router(public.router, responses=database_gone)
+    app.include_router(admin_api.router, responses=database_gone)
+    app.include_router(admin_privacy.router, responses=database_gone)
+    app.include_router(admin_transfer.router, responses=database_gone)
+    app.include_router(webhooks.router, responses=database_gone)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(
@@ -126,4 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form_targets=_form_targets(settings),
         style_origins=_style_origins(settings),
     )
+    app.add_middleware(RequestMetrics, metrics=metrics, router=app)
+    # Outermost: every line logged while answering, and the access line, carry the id.
+    app.add_middleware(RequestId)
     return app

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: a cap on request bodies, and security headers on every answer."""
+"""Pure ASGI middleware: a cap on request bodies, security headers on every answer, and a
+request id on every answer and log line."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import errors
+from app import errors, logs
 
 
 class BodyLimit:
@@ -115,3 +116,28 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class RequestId:
+    """Takes `X-Request-ID` when sane (else makes one), puts it in the logging context for
+    the whole request (access line included) and returns it in the answer's header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = logs.accept_request_id(Headers(scope=scope).get("x-request-id"))
+        token = logs.request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.request_id.reset(token)

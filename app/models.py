@@ -271,3 +271,17 @@ class ErasedAddress(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     address_hash: str = Field(max_length=64, unique=True)
     erased_at: datetime = _ts()
+
+
+class WorkerHeartbeat(SQLModel, table=True):
+    """One row per running outbox worker, refreshed every round: readiness and metrics read
+    the newest `seen_at` to tell a live worker from a dead or stuck one."""
+
+    __tablename__ = "worker_heartbeat"
+
+    # The worker's name (host:pid:random), as in `outbox_job.leased_by`.
+    worker_id: str = Field(primary_key=True, max_length=64)
+    host: str = Field(max_length=255)
+    pid: int
+    started_at: datetime = _ts()
+    seen_at: datetime = _ts()

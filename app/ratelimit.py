@@ -88,6 +88,7 @@ class RateLimiter:
         redis_url: str | None = None,
         key_prefix: str = "newsletter",
         on_mail_budget_exceeded: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.per_ip = _items(per_ip)
         self.per_address = _items(per_address)
@@ -96,6 +97,8 @@ class RateLimiter:
         self._address_key = address_key
         # The metric of issue 7 plugs in here; the warning below is written either way.
         self._on_mail_budget_exceeded = on_mail_budget_exceeded
+        # Told the scope ("ip", "address", "domain") of each refusal, for the metrics.
+        self._on_refused = on_refused
         self._pool: redis.ConnectionPool | None = None
         self._async_pool: redis.asyncio.ConnectionPool | None = None
         sync_storage: limits.storage.Storage
@@ -131,7 +134,11 @@ class RateLimiter:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, on_mail_budget_exceeded: Callable[[], None] | None = None
+        cls,
+        settings: Settings,
+        *,
+        on_mail_budget_exceeded: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> RateLimiter:
         return cls(
             per_ip=settings.rate_limit_per_ip,
@@ -142,6 +149,7 @@ class RateLimiter:
             redis_url=settings.redis_url,
             key_prefix=settings.rate_limit_key_prefix,
             on_mail_budget_exceeded=on_mail_budget_exceeded,
+            on_refused=on_refused,
         )
 
     async def aclose(self) -> None:
@@ -161,6 +169,7 @@ class RateLimiter:
                     stats = await self._async.get_window_stats(item, "ip", who)
                     retry_after = max(1, math.ceil(stats.reset_time - time.time()))
                     log.debug("ratelimit.client_refused limit=%s retry_after=%s", item, retry_after)
+                    self._refused("ip")
                     raise errors.RateLimited(retry_after=retry_after)
         except StorageError as e:
             log.error("ratelimit.storage_failed check=client error=%r", e.storage_error)
@@ -173,14 +182,20 @@ class RateLimiter:
         """
         try:
             if not self._hit_all(self.per_address, "address", self._address_id(address)):
+                self._refused("address")
                 return MailPermit(send=False, reason="address_rate_limit")
             domain = address.key.rpartition("@")[2]
             if not self._hit_all(self.per_domain, "domain", domain):
+                self._refused("domain")
                 return MailPermit(send=False, reason="domain_rate_limit")
             return self._within_budget()
         except StorageError as e:
             log.error("ratelimit.storage_failed check=mail error=%r", e.storage_error)
             return SEND_NOW
+
+    def _refused(self, scope: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(scope)
 
     def _hit_all(self, items: list[RateLimitItem], *identifiers: str) -> bool:
         return all(self._sync.hit(item, *identifiers) for item in items)

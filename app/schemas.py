@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 from app import addresses
 from app.config import SLUG_PATTERN, Locale
+from app.readiness import WorkerState
 
 MAX_ATTRIBUTES = 20
 MAX_ATTRIBUTE_LENGTH = 500
@@ -94,6 +95,13 @@ class ActionResult(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    # The outbox worker: this process's own, or with an external worker the newest of any.
+    worker: WorkerState
+    worker_seen_seconds_ago: float | None = None
 
 
 class MailgunSignature(BaseModel):

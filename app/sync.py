@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from app import addresses, lists, outbox, tokens
+from app import addresses, lists, logs, outbox, tokens
 from app.backends.base import ListBackend, Member, PermanentSyncError, SyncError
 from app.config import Settings
 from app.models import (
@@ -305,7 +305,12 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
             results[pending[0].job.id] = Result(error=e, cleared=cleared.get(pending[0].job.id))
             return
         # One bad address must not dead-letter its whole batch: find it one by one.
-        log.warning("sync.bulk_refused size=%d error=%s; retrying one by one", len(pending), e)
+        log.warning(
+            "sync.bulk_refused size=%d error=%s; retrying one by one",
+            len(pending),
+            # A backend's refusal may quote the addresses it did not like.
+            logs.mask_addresses(str(e)),
+        )
         for item in pending:
             _add(backend, [_without_fresh(item)], results)
             if item.job.id in cleared:

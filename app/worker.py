@@ -18,12 +18,14 @@ from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from app import backends, db, mails, outbox, privacy, sync, tokens
+from app import backends, db, heartbeat, logs, mails, outbox, privacy, sync, tokens
 from app.backends.base import ListBackend, PermanentSyncError, SyncError
 from app.config import Locale, Settings
 from app.mailer import Mailer, MailError, OutgoingMail
+from app.metrics import Metrics
 from app.models import (
     JobKind,
     JobState,
@@ -36,6 +38,11 @@ from app.models import (
 )
 
 log = logging.getLogger(__name__)
+
+# Heartbeat rows of workers not seen for this long are deleted (a clean stop deletes its own).
+HEARTBEAT_RETENTION = timedelta(days=1)
+# Longest pause between rounds while the database is unreachable.
+MAX_OUTAGE_PAUSE = 5.0
 
 
 class JobSkipped(Exception):
@@ -61,6 +68,7 @@ class Worker:
         name: str | None = None,
         now: Callable[[], datetime] = utcnow,
         list_backends: dict[str, ListBackend] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -77,6 +85,13 @@ class Worker:
         self._client: httpx.Client | None = None
         # Adapters by list slug; made from the settings on first use unless given here.
         self._backends: dict[str, ListBackend] = dict(list_backends or {})
+        # Attempts are counted in this process's registry (the API's, or `--metrics-port`).
+        self.metrics = metrics or Metrics()
+        self.started_at = now()
+        # Written at most this often, after a round or a job: a heartbeat means progress.
+        self._beat_every = settings.worker_heartbeat_timeout.total_seconds() / 4
+        self._last_beat: datetime | None = None
+        self._beat_lock = threading.Lock()
 
     # Lifecycle -------------------------------------------------------------------------
 
@@ -85,6 +100,11 @@ class Worker:
         self._wake.set()
 
     def start(self) -> None:
+        # A first heartbeat before the thread runs: readiness is true from the first request.
+        try:
+            self.beat()
+        except OperationalError as e:
+            log.warning("worker.heartbeat_failed error=%s", type(e.orig).__name__)
         self._thread = threading.Thread(target=self.run, name="outbox-worker", daemon=True)
         self._thread.start()
 
@@ -93,7 +113,7 @@ class Worker:
         self._stop.set()
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the jobs in hand, give back the ones not started, and return."""
         self.request_stop()
         if self._thread is not None:
@@ -101,10 +121,41 @@ class Worker:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._client is not None:
             self._client.close()
+        try:
+            with db.session_scope(self.engine) as session:
+                heartbeat.forget(session, worker_id=self.name)
+        except OperationalError:
+            # The row goes stale and is pruned later: nothing to keep the stop waiting for.
+            log.warning("worker.heartbeat_not_removed name=%s", self.name)
+
+    def beat(self, *, force: bool = True) -> None:
+        """Record this worker as alive (at most every `worker_heartbeat_timeout / 4`)."""
+        now = self.now()
+        with self._beat_lock:
+            last = self._last_beat
+        if not force and last is not None and (now - last).total_seconds() < self._beat_every:
+            return
+        with db.session_scope(self.engine) as session:
+            heartbeat.beat(
+                session,
+                worker_id=self.name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=self.started_at,
+                now=now,
+            )
+            if last is None:
+                heartbeat.prune(session, before=now - HEARTBEAT_RETENTION)
+        with self._beat_lock:
+            self._last_beat = now
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
         log.info("worker.started name=%s", self.name)
@@ -112,9 +163,29 @@ class Worker:
             self.schedule_reconciliations()
         except Exception:
             log.exception("worker.schedule_failed")
+        outage = 0
         while not self._stop.is_set():
             try:
+                self.beat(force=False)
                 done = self.run_once()
+                if outage:
+                    log.info("worker.database_back name=%s", self.name)
+                outage = 0
+            except OperationalError as e:
+                # The database is away (restart, failover): no traceback every second; try
+                # again, less often, until it answers. Leased jobs come back at lease end.
+                if outage == 0:
+                    log.warning(
+                        "worker.database_unavailable name=%s error=%s",
+                        self.name,
+                        type(e.orig).__name__,
+                    )
+                outage += 1
+                self._wake.wait(
+                    min(MAX_OUTAGE_PAUSE, self.settings.worker_poll_interval * 2 ** min(outage, 8))
+                )
+                self._wake.clear()
+                continue
             except Exception:
                 log.exception("worker.round_failed name=%s", self.name)
                 done = 0
@@ -201,6 +272,7 @@ class Worker:
                 if result is None:
                     continue
                 if result.error is None:
+                    self.metrics.attempt(JobKind.SYNC, "success")
                     outbox.finish(
                         session,
                         job=job,
@@ -275,6 +347,7 @@ class Worker:
                 )
                 if not report.in_sync:
                     sync.apply(session, report=report, now=self.now())
+                self.metrics.attempt(JobKind.RECONCILE, "success")
                 outbox.finish(
                     session,
                     job=job,
@@ -307,10 +380,12 @@ class Worker:
         if self._stop.is_set():
             return False
         started_at = self.now()
+        result = "success"
         try:
             outcome = self._dispatch(job)
         except JobSkipped as e:
             outcome = Outcome(response=f"skipped: {e}")
+            result = "skipped"
         except MailError as e:
             self._failed(job, error=str(e), retryable=e.retryable, started_at=started_at)
             return True
@@ -333,7 +408,9 @@ class Worker:
                 now=self.now(),
                 response=outcome.response,
             )
+        self.metrics.attempt(job.kind, result)
         log.info("job.done id=%s kind=%s attempt=%d", job.id, job.kind, job.attempt)
+        self.beat(force=False)
         return True
 
     def _failed(
@@ -349,7 +426,8 @@ class Worker:
             job.kind,
             job.attempt,
             state,
-            error,
+            # An SMTP refusal quotes the recipient.
+            logs.mask_addresses(error),
         )
 
     def _record_failure(
@@ -369,7 +447,7 @@ class Worker:
         A batch passes one `now`, so its jobs come due again together (one bulk call).
         """
         s = self.settings
-        return outbox.fail(
+        state = outbox.fail(
             session,
             job=job,
             worker=self.name,
@@ -383,6 +461,8 @@ class Worker:
             response=response,
             retry_after=timedelta(seconds=retry_after) if retry_after else None,
         )
+        self.metrics.attempt(job.kind, "dead" if state == JobState.DEAD else "retry")
+        return state
 
     def _dispatch(self, job: outbox.ClaimedJob) -> Outcome:
         if job.kind == JobKind.MAIL:

@@ -31,6 +31,7 @@ from app.main import create_app
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL") or None
 SECRET = "test-secret-key-not-for-production"
 TABLES = [
+    "worker_heartbeat",
     "erased_address",
     "audit_event",
     "api_key",

@@ -27,7 +27,8 @@ class TestHealth:
     def test_readyz_is_200_at_the_latest_migration_and_503_otherwise(
         self, client: TestClient, database_url: str
     ) -> None:
-        assert client.get("/readyz").json() == {"status": "ready"}
+        ready = client.get("/readyz").json()
+        assert (ready["status"], ready["worker"]) == ("ready", "fresh")
         _set_revision(database_url, "0000")
         try:
             response = client.get("/readyz")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from app import errors, formguard, pages
+from app import errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import request_locale, wants_html
 from app.config import Locale
@@ -104,7 +107,27 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(messages) or "The request is not valid."
 
 
+class EveryFewSeconds:
+    """Counts events; `hit()` returns the count since the last report once `every` seconds
+    have passed since it, else 0. Used from the event loop only (no lock)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self._count = 0
+        self._reported_at = -math.inf
+
+    def hit(self) -> int:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._reported_at < self.every:
+            return 0
+        count, self._count, self._reported_at = self._count, 0, now
+        return count
+
+
 def install(app: FastAPI) -> None:
+    outage_log = EveryFewSeconds()
+
     @app.exception_handler(errors.DomainError)
     async def _domain(request: Request, exc: errors.DomainError) -> Response:
         response = _answer(
@@ -129,9 +152,23 @@ def install(app: FastAPI) -> None:
             response.headers[name] = value
         return response
 
+    # The database went away (restart, failover, network): 503 with Retry-After, in the
+    # usual shape, instead of a 500. The pool's pre-ping reconnects once it is back.
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    async def _database_gone(request: Request, exc: sa_exc.DBAPIError) -> Response:
+        # One line per few seconds, not one per refused request (a thousand a second).
+        refused = outage_log.hit()
+        if refused:
+            log.warning(
+                "database.unavailable error=%s refused=%d", type(exc.orig).__name__, refused
+            )
+        return await _domain(request, errors.DatabaseUnavailable())
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("request.failed path=%s", request.url.path)
+        # Paths carry link tokens and (admin people routes) addresses.
+        log.exception("request.failed path=%s", logs.mask_addresses(logs.redact(request.url.path)))
         return _answer(
             request, status=500, code="internal_error", detail="An unexpected error occurred."
         )

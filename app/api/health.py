@@ -1,19 +1,32 @@
-"""Liveness and readiness, outside /v1."""
+"""Liveness, readiness and metrics, outside /v1."""
 
 from __future__ import annotations
 
 import logging
+import secrets
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from app import db, migrations
+from app import errors, readiness
+from app.api.deps import SettingsDep
 from app.errors import ErrorBody
-from app.schemas import Health
+from app.metrics import Metrics
+from app.models import utcnow
+from app.schemas import Health, Readiness
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
+
+_bearer = HTTPBearer(auto_error=False, description="NEWSLETTER_METRICS_TOKEN, when it is set.")
+
+
+class MetricsUnauthorized(errors.Unauthorized):
+    message = "This endpoint needs Authorization: Bearer <NEWSLETTER_METRICS_TOKEN>."
 
 
 @router.get("/healthz", operation_id="healthz", response_model=Health)
@@ -25,25 +38,58 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     operation_id="readyz",
-    response_model=Health,
+    response_model=Readiness,
     responses={503: {"model": ErrorBody, "description": "Not ready to serve."}},
 )
-def readyz(request: Request) -> JSONResponse:
-    """The database answers and its schema is at the latest migration."""
-    engine = request.app.state.engine
+def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+    """The database answers, its schema is at the latest migration, and the outbox worker
+    is alive (this process's own; an external worker's state is reported, see README)."""
+    worker = request.app.state.worker
     try:
-        db.ping(engine)
-        current = migrations.current_revision(engine)
+        report = readiness.check(
+            request.app.state.engine,
+            own_worker=worker.name if worker is not None else None,
+            heartbeat_timeout=settings.worker_heartbeat_timeout,
+            now=utcnow(),
+        )
     except SQLAlchemyError as e:
         log.warning("readiness.database_unreachable error=%s", type(e).__name__)
         return JSONResponse(
             {"error": "database_unavailable", "detail": "The database does not answer."},
             status_code=503,
         )
-    head = migrations.head_revision()
-    if current != head:
-        return JSONResponse(
-            {"error": "migrations_pending", "detail": f"Schema at {current}, expected {head}."},
-            status_code=503,
+    if report.problem is not None:
+        log.warning("readiness.not_ready reason=%s", report.problem)
+        return JSONResponse({"error": report.problem, "detail": report.detail}, status_code=503)
+    body = Readiness(
+        status="ready",
+        worker=report.worker,
+        worker_seen_seconds_ago=report.worker_seen_seconds_ago,
+    )
+    return JSONResponse(body.model_dump())
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    responses={
+        200: {"description": "Prometheus text format.", "content": {CONTENT_TYPE_LATEST: {}}},
+        **errors.responses(MetricsUnauthorized),
+    },
+)
+def metrics(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Response:
+    """Prometheus metrics: requests, outbox, subscriptions, rate limits, worker heartbeat."""
+    expected = settings.metrics_token
+    if expected is not None and (
+        credentials is None
+        or not secrets.compare_digest(
+            credentials.credentials.encode(), expected.get_secret_value().encode()
         )
-    return JSONResponse({"status": "ready"})
+    ):
+        raise MetricsUnauthorized()
+    registry: Metrics = request.app.state.metrics
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,291 @@
+"""Prometheus metrics (prometheus-client), one registry per app or worker process.
+
+Counted as things happen, in the process where they happen:
+    newsletter_http_requests_total{method,route,status}       route = the path template
+    newsletter_http_request_duration_seconds{method,route,status}   (never a raw path:
+                                                               tokens and addresses live there)
+    newsletter_outbox_attempts_total{kind,outcome}            mail / sync / reconcile attempts:
+                                                               success, skipped, retry, dead
+    newsletter_rate_limited_total{scope}                      ip (429s), address and domain
+                                                               (mail suppressed), mail_budget
+                                                               (mail delayed)
+Read from the database at scrape time (cheap GROUP BY queries on indexed columns):
+    newsletter_subscriptions{list,status}
+    newsletter_outbox_jobs{kind,state}                        pending, running, dead
+    newsletter_outbox_oldest_job_age_seconds{kind}            oldest pending or running job
+    newsletter_worker_heartbeat_age_seconds                   newest heartbeat of any worker
+    newsletter_workers_alive                                  heartbeats within the timeout
+    newsletter_database_up                                    0 when those queries failed
+
+The API process's registry holds the worker counters when the worker runs inside it; an
+external `newsletter worker --metrics-port P` serves its own registry on loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col, func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import db, heartbeat
+from app.models import JobKind, JobState, MailingList, OutboxJob, Subscription, utcnow
+
+log = logging.getLogger(__name__)
+
+_PARAMETER = re.compile(r"\{[^}]+\}")
+ATTEMPT_OUTCOMES = ("success", "skipped", "retry", "dead")
+RATE_LIMIT_SCOPES = ("ip", "address", "domain", "mail_budget")
+# A public POST takes milliseconds; a CSV import or export may take minutes.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+
+
+class Metrics:
+    """The counters of one process, in their own registry (tests build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "newsletter_http_requests",
+            "HTTP requests answered, by route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "newsletter_http_request_duration_seconds",
+            "Time to answer HTTP requests, by route template and status.",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.outbox_attempts = Counter(
+            "newsletter_outbox_attempts",
+            "Outbox job attempts made by the worker(s) of this process, by kind and outcome.",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "newsletter_rate_limited",
+            "Requests refused (ip: 429) and mails suppressed or delayed by a rate limit.",
+            ["scope"],
+            registry=self.registry,
+        )
+        # Zeros from the start: a rate() over a series that appears late misses its first hit.
+        for kind in JobKind:
+            for outcome in ATTEMPT_OUTCOMES:
+                self.outbox_attempts.labels(kind=kind.value, outcome=outcome)
+        for scope in RATE_LIMIT_SCOPES:
+            self.rate_limited.labels(scope=scope)
+
+    def attempt(self, kind: str, outcome: str) -> None:
+        self.outbox_attempts.labels(kind=kind, outcome=outcome).inc()
+
+    def limited(self, scope: str) -> None:
+        self.rate_limited.labels(scope=scope).inc()
+
+    def watch_database(self, engine: Engine, *, heartbeat_timeout: timedelta) -> Collector:
+        collector = DatabaseCollector(engine, heartbeat_timeout=heartbeat_timeout)
+        self.registry.register(collector)
+        return collector
+
+
+class DatabaseCollector(Collector):
+    """Gauges read from the database when Prometheus scrapes (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        heartbeat_timeout: timedelta,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.heartbeat_timeout = heartbeat_timeout
+        self.now = now
+
+    def describe(self) -> Iterable[Metric]:
+        # Nothing: describing would run the queries when the collector is registered.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "newsletter_database_up", "1 when the scrape's database queries succeeded."
+        )
+        try:
+            families = self._read()
+        except SQLAlchemyError as e:
+            log.warning("metrics.database_unreachable error=%s", type(e).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _read(self) -> list[Metric]:
+        now = self.now()
+        with db.session_scope(self.engine) as session:
+            subscriptions = subscription_counts(session)
+            jobs = outbox_depth(session)
+            newest = heartbeat.newest(session)
+            alive = heartbeat.alive(session, since=now - self.heartbeat_timeout)
+
+        by_list = GaugeMetricFamily(
+            "newsletter_subscriptions",
+            "Subscriptions by list and status.",
+            labels=["list", "status"],
+        )
+        for (slug, status), count in sorted(subscriptions.items()):
+            by_list.add_metric([slug, status], count)
+
+        depth = GaugeMetricFamily(
+            "newsletter_outbox_jobs",
+            "Outbox jobs not done, by kind and state.",
+            labels=["kind", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "newsletter_outbox_oldest_job_age_seconds",
+            "Age of the oldest pending or running outbox job, by kind.",
+            labels=["kind"],
+        )
+        oldest_by_kind: dict[str, datetime] = {}
+        for (kind, state), (count, created_at) in sorted(jobs.items()):
+            depth.add_metric([kind, state], count)
+            if state != JobState.DEAD and created_at is not None:
+                known = oldest_by_kind.get(kind)
+                oldest_by_kind[kind] = created_at if known is None else min(known, created_at)
+        for kind in JobKind:
+            for state in (JobState.PENDING, JobState.RUNNING, JobState.DEAD):
+                if (kind.value, state.value) not in jobs:
+                    depth.add_metric([kind.value, state.value], 0)
+            created = oldest_by_kind.get(kind.value)
+            age = (now - created).total_seconds() if created is not None else 0.0
+            oldest.add_metric([kind.value], max(0.0, age))
+
+        workers = GaugeMetricFamily(
+            "newsletter_workers_alive", "Workers whose heartbeat is within the timeout."
+        )
+        workers.add_metric([], alive)
+        families: list[Metric] = [by_list, depth, oldest, workers]
+        if newest is not None:
+            age_family = GaugeMetricFamily(
+                "newsletter_worker_heartbeat_age_seconds",
+                "Seconds since the newest heartbeat of any worker.",
+            )
+            age_family.add_metric([], max(0.0, (now - newest).total_seconds()))
+            families.append(age_family)
+        return families
+
+
+def subscription_counts(session: Session) -> dict[tuple[str, str], int]:
+    rows = session.exec(
+        select(MailingList.slug, Subscription.status, func.count())
+        .join(MailingList, col(MailingList.id) == col(Subscription.list_id))
+        .group_by(MailingList.slug, Subscription.status)
+    ).all()
+    return {(str(slug), str(status)): int(count) for slug, status, count in rows}
+
+
+def outbox_depth(session: Session) -> dict[tuple[str, str], tuple[int, datetime | None]]:
+    """Count and oldest creation time of the jobs not done, by (kind, state).
+
+    Done jobs, the bulk of the table, are left out by the `state` index.
+    """
+    rows = session.exec(
+        select(OutboxJob.kind, OutboxJob.state, func.count(), func.min(OutboxJob.created_at))
+        .where(col(OutboxJob.state).in_([JobState.PENDING, JobState.RUNNING, JobState.DEAD]))
+        .group_by(OutboxJob.kind, OutboxJob.state)
+    ).all()
+    return {
+        (str(kind), str(state)): (int(count), _as_utc(oldest))
+        for kind, state, count, oldest in rows
+    }
+
+
+def _as_utc(value: object) -> datetime | None:
+    """min() of a timestamp comes back raw (a string on SQLite): read it as UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """`/v1/confirm/{token}` -> a pattern matching `/v1/confirm/<anything but a slash>`."""
+    return re.compile("[^/]+".join(re.escape(part) for part in _PARAMETER.split(template)))
+
+
+class RouteNames:
+    """The route template of a request: the one routing chose, or, when the answer came
+    before routing (a 413 from the body cap), the documented path that matches."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+
+    def _documented(self) -> list[tuple[re.Pattern[str], str]]:
+        if self._patterns is None:
+            openapi = getattr(self.app, "openapi", None)
+            paths = openapi()["paths"] if callable(openapi) else {}
+            self._patterns = [(_template_pattern(path), path) for path in paths]
+        return self._patterns
+
+    def __call__(self, scope: Scope) -> str:
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            return path or "/"
+        for pattern, template in self._documented():
+            if pattern.fullmatch(scope["path"]):
+                return template
+        # A 404: the raw path would let anyone mint new series.
+        return "<unmatched>"
+
+
+class RequestMetrics:
+    """Counts each answer and its latency by method, route template and status."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, router: ASGIApp) -> None:
+        self.app = app
+        self.metrics = metrics
+        # The app whose routes name the templates (the middleware only sees the next layer).
+        self.route_of = RouteNames(router)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            method = scope["method"]
+            labels = {
+                # Any verb a scanner makes up would be a new series.
+                "method": method if method in KNOWN_METHODS else "OTHER",
+                "route": self.route_of(scope),
+                "status": str(status),
+            }
+            self.metrics.http_requests.labels(**labels).inc()
+            self.metrics.http_duration.labels(**labels).observe(time.perf_counter() - started)

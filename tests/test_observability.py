@@ -1,0 +1,404 @@
+"""Readiness with the worker's heartbeat, Prometheus metrics, and the logs over a full flow."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import apikeys, db, heartbeat, logs
+from app.mailer import make_mailer
+from app.main import create_app
+from app.models import KeyScope, utcnow
+from app.worker import Worker
+from tests.conftest import SmtpSink, link_in, make_settings, wait_until
+from tests.processes import HoldingSink, ServeProcess, service_env, start_holding_smtp
+
+SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
+
+
+def scrape(
+    client: TestClient | httpx.Client, **headers: str
+) -> dict[tuple[str, frozenset[Any]], float]:
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): float(sample.value)
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def labels(**values: str) -> frozenset[Any]:
+    return frozenset(values.items())
+
+
+@pytest.fixture
+def held_smtp() -> Iterator[HoldingSink]:
+    sink, controller = start_holding_smtp()
+    sink.gate.set()
+    yield sink
+    sink.gate.set()
+    controller.stop()
+
+
+class TestReadinessAndTheWorker:
+    def test_a_worker_stuck_in_a_send_makes_readyz_503_until_it_moves_again(
+        self, database_url: str, held_smtp: HoldingSink
+    ) -> None:
+        settings = make_settings(
+            database_url, smtp_port=held_smtp.port, worker_heartbeat_timeout="1s"
+        )
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").json()["worker"] == "fresh"
+            held_smtp.gate.clear()
+            assert client.post(SUBSCRIBE, json={"email": "stuck@example.org"}).status_code == 202
+            wait_until(lambda: held_smtp.holding == 1)
+
+            stale = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r)
+            assert stale.json()["error"] == "worker_stale"
+            metrics = scrape(client)
+            assert metrics[("newsletter_worker_heartbeat_age_seconds", labels())] > 1
+            assert metrics[("newsletter_workers_alive", labels())] == 0
+
+            held_smtp.gate.set()
+            wait_until(lambda: client.get("/readyz").status_code == 200)
+            assert client.get("/readyz").json()["worker"] == "fresh"
+
+    def test_with_an_external_worker_readyz_reports_its_heartbeat_without_failing(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(database_url, smtp_port=smtp.port, run_worker=False)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").json() == {
+                "status": "ready",
+                "worker": "absent",
+                "worker_seen_seconds_ago": None,
+            }
+            engine = client.app.state.engine  # type: ignore[attr-defined]
+            with db.session_scope(engine) as session:
+                long_ago = utcnow() - timedelta(minutes=5)
+                heartbeat.beat(
+                    session,
+                    worker_id="worker-host:42:abc",
+                    host="worker-host",
+                    pid=42,
+                    started_at=long_ago,
+                    now=long_ago,
+                )
+            ready = client.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["worker"] == "stale"
+            assert ready.json()["worker_seen_seconds_ago"] >= 300
+            assert scrape(client)[("newsletter_workers_alive", labels())] == 0
+
+            worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+            worker.beat()
+            assert client.get("/readyz").json()["worker"] == "fresh"
+            assert scrape(client)[("newsletter_workers_alive", labels())] == 1
+            worker.stop()
+            # A clean stop takes the worker's row away; the stale one stays visible.
+            assert client.get("/readyz").json()["worker"] == "stale"
+
+
+class TestMetrics:
+    def test_a_subscription_shows_in_requests_subscriptions_outbox_attempts_and_limits(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(
+            database_url, smtp_port=smtp.port, run_worker=False, rate_limit_per_ip="3/minute"
+        )
+        app = create_app(settings)
+        with TestClient(app) as client:
+            assert client.post(SUBSCRIBE, json={"email": "camille@example.org"}).status_code == 202
+            metrics = scrape(client)
+            route = "/v1/lists/{slug}/subscriptions"
+            assert (
+                metrics[
+                    (
+                        "newsletter_http_requests_total",
+                        labels(method="POST", route=route, status="202"),
+                    )
+                ]
+                == 1
+            )
+            assert (
+                metrics[
+                    (
+                        "newsletter_http_request_duration_seconds_count",
+                        labels(method="POST", route=route, status="202"),
+                    )
+                ]
+                == 1
+            )
+            assert (
+                metrics[("newsletter_subscriptions", labels(list="bluehats", status="pending"))]
+                == 1
+            )
+            assert metrics[("newsletter_outbox_jobs", labels(kind="mail", state="pending"))] == 1
+            assert metrics[("newsletter_outbox_oldest_job_age_seconds", labels(kind="mail"))] > 0
+            assert metrics[("newsletter_database_up", labels())] == 1
+
+            # The worker counts its attempts in the registry of the process it runs in.
+            worker = Worker(
+                engine=app.state.engine,
+                settings=settings,
+                mailer=make_mailer(settings.mailer),
+                metrics=app.state.metrics,
+            )
+            assert worker.run_once() == 1
+            worker.stop()
+            mail = smtp.mail_to("camille@example.org", link="confirm")
+            metrics = scrape(client)
+            success = ("newsletter_outbox_attempts_total", labels(kind="mail", outcome="success"))
+            assert metrics[success] == 1
+            assert metrics[("newsletter_outbox_jobs", labels(kind="mail", state="pending"))] == 0
+            assert metrics[("newsletter_outbox_oldest_job_age_seconds", labels(kind="mail"))] == 0
+
+            # A link's token never becomes a label: the route template does.
+            confirm_path = link_in(mail, "confirm")
+            assert client.get(confirm_path).status_code == 200
+            assert client.get("/no/such/page").status_code == 404
+            text = client.get("/metrics").text
+            assert confirm_path not in text
+            assert 'route="/v1/confirm/{token}"' in text
+            assert 'route="<unmatched>",status="404"' in text
+
+            codes = [
+                client.post(SUBSCRIBE, json={"email": f"n{i}@example.org"}).status_code
+                for i in range(3)
+            ]
+            assert codes == [202, 202, 429]
+            metrics = scrape(client)
+            assert metrics[("newsletter_rate_limited_total", labels(scope="ip"))] == 1
+            assert (
+                metrics[
+                    (
+                        "newsletter_http_requests_total",
+                        labels(method="POST", route=route, status="429"),
+                    )
+                ]
+                == 1
+            )
+
+    def test_suppressed_and_delayed_mails_are_counted_by_scope(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            run_worker=False,
+            resend_interval="0s",
+            rate_limit_per_address="1/day",
+            mail_budget="2/hour",
+        )
+        with TestClient(create_app(settings)) as client:
+            for email in ("a@example.org", "a@example.org", "b@example.org", "c@example.org"):
+                assert client.post(SUBSCRIBE, json={"email": email}).status_code == 202
+            metrics = scrape(client)
+        assert metrics[("newsletter_rate_limited_total", labels(scope="address"))] == 1
+        assert metrics[("newsletter_rate_limited_total", labels(scope="mail_budget"))] == 1
+        assert metrics[("newsletter_rate_limited_total", labels(scope="ip"))] == 0
+
+    def test_an_answer_given_before_routing_is_still_counted_under_its_template(
+        self, client: TestClient, settings: Any
+    ) -> None:
+        big = {"email": "x@example.org", "pad": "x" * settings.max_body_bytes}
+        assert client.post("/v1/lists/any-list/subscriptions", json=big).status_code == 413
+        template = labels(method="POST", route="/v1/lists/{slug}/subscriptions", status="413")
+        assert scrape(client)[("newsletter_http_requests_total", template)] == 1
+
+    def test_a_metrics_token_when_set_is_required(self, database_url: str, smtp: SmtpSink) -> None:
+        settings = make_settings(database_url, smtp_port=smtp.port, metrics_token="scrape-me")
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/metrics").status_code == 401
+            wrong = client.get("/metrics", headers={"authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            assert wrong.json()["error"] == "unauthorized"
+            scrape(client, authorization="Bearer scrape-me")
+
+
+def _person_path(email: str) -> str:
+    return f"/v1/admin/people/{email}"
+
+
+class TestLogs:
+    def test_json_lines_over_a_full_flow_carry_request_ids_and_no_secret(
+        self, database_url: str, smtp: SmtpSink, tmp_path: Path
+    ) -> None:
+        email = "camille.dupont@example.org"
+        env = service_env(database_url, smtp_port=smtp.port, LOG_FORMAT="json", LOG_LEVEL="INFO")
+        server = ServeProcess(env=env, cwd=tmp_path, log=tmp_path / "serve.log")
+        try:
+            app_engine = db.make_engine(database_url)
+            with db.session_scope(app_engine) as session:
+                _, key = apikeys.create(session, name="ops", scope=KeyScope.READ, now=utcnow())
+            app_engine.dispose()
+            with httpx.Client(base_url=server.base_url, timeout=15) as client:
+
+                def call(method: str, path: str, rid: str, **kwargs: Any) -> httpx.Response:
+                    response = client.request(
+                        method,
+                        path,
+                        headers={"x-request-id": rid, **kwargs.pop("headers", {})},
+                        **kwargs,
+                    )
+                    assert response.headers["x-request-id"] == rid
+                    return response
+
+                assert (
+                    call("POST", SUBSCRIBE, "flow-subscribe", json={"email": email}).status_code
+                    == 202
+                )
+                confirm = link_in(smtp.mail_to(email, link="confirm"), "confirm")
+                assert call("GET", confirm, "flow-confirm-page").status_code == 200
+                confirmed = call(
+                    "POST", confirm, "flow-confirm", headers={"accept": "application/json"}
+                )
+                assert confirmed.json()["status"] == "confirmed"
+                leave = call(
+                    "POST",
+                    "/v1/lists/bluehats/unsubscriptions",
+                    "flow-ask-leave",
+                    json={"email": email},
+                )
+                assert leave.status_code == 202
+                unsubscribe = link_in(smtp.mail_to(email, link="unsubscribe"), "unsubscribe")
+                gone = call(
+                    "POST", unsubscribe, "flow-unsubscribe", headers={"accept": "application/json"}
+                )
+                assert gone.json()["status"] == "unsubscribed"
+                person = call(
+                    "GET",
+                    _person_path(email),
+                    "flow-admin",
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                assert person.status_code == 200
+                # An id that is not sane is replaced, not echoed into the logs.
+                odd = client.get("/healthz", headers={"x-request-id": "x" * 300})
+                assert odd.headers["x-request-id"] != "x" * 300
+            server.terminate()
+            server.wait()
+        finally:
+            server.kill()
+
+        lines = [line for line in server.log_text().splitlines() if line.strip()]
+        events = [json.loads(line) for line in lines]  # every line is one JSON event
+        for event in events:
+            assert {"time", "level", "logger", "message", "request_id"} <= set(event)
+
+        text = "\n".join(lines)
+        secrets = [confirm.rsplit("/", 1)[1], unsubscribe.rsplit("/", 1)[1], key]
+        for secret in secrets:
+            assert secret not in text
+        assert email not in text.lower()
+        assert email.replace("@", "%40") not in text.lower()
+        assert "c*****@example.org" in text  # the admin call's access line, masked
+
+        def by_request(rid: str) -> list[dict[str, Any]]:
+            return [event for event in events if event["request_id"] == rid]
+
+        for rid in (
+            "flow-subscribe",
+            "flow-confirm-page",
+            "flow-confirm",
+            "flow-ask-leave",
+            "flow-unsubscribe",
+            "flow-admin",
+        ):
+            access = [e for e in by_request(rid) if e["logger"] == "uvicorn.access"]
+            assert len(access) == 1, (rid, by_request(rid))
+            assert access[0]["event"] == "http.access"
+        # Logged inside the thread pool, in the domain code: the request's id went with it.
+        assert any(e["event"] == "subscription.confirmed" for e in by_request("flow-confirm"))
+        assert any(
+            e["event"] == "subscription.unsubscribed" for e in by_request("flow-unsubscribe")
+        )
+
+
+class TestLogHygiene:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("to camille@example.org", "to c*****@example.org"),
+            (
+                "DELETE /v1/admin/people/camille%40example.org",
+                "/v1/admin/people/c*****@example.org",
+            ),
+            ("550 <camille+news@example.org>: no such user", "550 <c*****@example.org>: no"),
+            ("email=Camille@Example.ORG&x=1", "email=C*****@Example.ORG&x=1"),
+            ("/members/élodie@exemple.fr", "/members/é*****@exemple.fr"),
+        ],
+    )
+    def test_addresses_are_masked_wherever_they_appear(self, text: str, expected: str) -> None:
+        masked = logs.mask_addresses(text)
+        assert expected in masked
+        assert "amille" not in masked
+        assert "lodie" not in masked
+
+    def test_only_info_and_above_are_masked_and_tokens_are_redacted_at_every_level(self) -> None:
+        formatter = logs.JsonFormatter()
+
+        def line(level: int, message: str) -> dict[str, Any]:
+            record = logging.LogRecord("app.x", level, __file__, 1, message, None, None)
+            return dict(json.loads(formatter.format(record)))
+
+        assert (
+            line(logging.INFO, "x.y to=ada@example.org")["message"] == "x.y to=a*****@example.org"
+        )
+        assert line(logging.DEBUG, "x.y to=ada@example.org")["message"] == "x.y to=ada@example.org"
+        assert line(logging.DEBUG, "GET /v1/confirm/abc123")["message"] == (
+            "GET /v1/confirm/<redacted>"
+        )
+        assert line(logging.INFO, "x.y to=ada@example.org")["event"] == "x.y"
+
+    @pytest.mark.parametrize(
+        ("given", "kept"),
+        [
+            ("3f2a9c1e-5b7d-4e8f-9a0b-1c2d3e4f5a6b", True),
+            ("proxy.trace:0001", True),
+            ("x" * 129, False),
+            ("has space", False),
+            ('quote"injection', False),
+            ("", False),
+        ],
+    )
+    def test_a_request_id_is_kept_only_when_sane(self, given: str, kept: bool) -> None:
+        assert (logs.accept_request_id(given) == given) is kept
+
+    def test_text_lines_carry_the_request_id_from_inside_the_thread_pool(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        stream = io.StringIO()
+        root = logging.getLogger()
+        saved = (list(root.handlers), root.level)
+        handler = logs.configure(level="INFO", fmt="text", stream=stream)
+        try:
+            settings = make_settings(database_url, smtp_port=smtp.port)
+            with TestClient(create_app(settings)) as client:
+                client.post(SUBSCRIBE, json={"email": "ada@example.org"})
+                confirm = link_in(smtp.mail_to("ada@example.org", link="confirm"), "confirm")
+                answer = client.post(confirm, headers={"x-request-id": "text-confirm-1"})
+                assert answer.headers["x-request-id"] == "text-confirm-1"
+        finally:
+            root.removeHandler(handler)
+            for old in saved[0]:
+                root.addHandler(old)
+            root.setLevel(saved[1])
+        confirmed = [
+            line for line in stream.getvalue().splitlines() if "subscription.confirmed" in line
+        ]
+        assert len(confirmed) == 1
+        assert confirmed[0].endswith("request_id=text-confirm-1")
+        assert " INFO app.subscriptions subscription.confirmed " in confirmed[0]
