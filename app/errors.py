@@ -132,6 +132,41 @@ class RateLimited(DomainError):
         self.headers["Retry-After"] = str(retry_after)
 
 
+class OriginNotAllowed(DomainError):
+    """A browser form post from a page on a site that may not use this service's forms."""
+
+    status_code = 403
+    code = "origin_not_allowed"
+    message = "This form may not be sent from that site. Use the form on the newsletter's own site."
+
+
+class ProofOfWorkRequired(DomainError):
+    status_code = 400
+    code = "proof_of_work_required"
+    message = (
+        "This request needs a solved challenge: GET /v1/challenge, then send pow_challenge "
+        "and pow_nonce."
+    )
+
+
+class ProofOfWorkInvalid(DomainError):
+    status_code = 400
+    code = "proof_of_work_invalid"
+    message = "The challenge or its solution is not valid. Ask for a new challenge."
+
+
+class ProofOfWorkExpired(DomainError):
+    status_code = 410
+    code = "proof_of_work_expired"
+    message = "The challenge has expired. Ask for a new one."
+
+
+class ProofOfWorkUsed(DomainError):
+    status_code = 409
+    code = "proof_of_work_used"
+    message = "The challenge was already used. Ask for a new one."
+
+
 class WebhookRejected(DomainError):
     # 406: Mailgun treats it as "rejected, do not retry"; other backends stop as well.
     status_code = 406

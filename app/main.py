@@ -18,7 +18,7 @@ from app.api import admin_privacy, admin_transfer, handlers, health, public, web
 from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
-from app.middleware import BodyLimit, SecurityHeaders
+from app.middleware import BodyLimit, PublicCors, SecurityHeaders
 from app.models import utcnow
 from app.worker import Worker
 
@@ -113,4 +113,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         by_pattern={admin_transfer.IMPORT_PATH_PATTERN: settings.max_import_bytes},
     )
     app.add_middleware(SecurityHeaders, form_targets=_form_targets(settings))
+    app.add_middleware(PublicCors, origins=settings.form_origins())
     return app

@@ -46,12 +46,19 @@ def clean_attributes(value: dict[str, Any]) -> dict[str, str]:
     return value
 
 
+# A solved challenge from GET /v1/challenge, when the service asks for proof of work.
+PowChallenge = Annotated[str | None, Field(default=None, max_length=200)]
+PowNonce = Annotated[str | None, Field(default=None, max_length=64)]
+
+
 class SubscriptionRequest(BaseModel):
     """A request to subscribe; the same fields come as JSON or as a form post."""
 
     model_config = ConfigDict(extra="ignore")
 
     email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    pow_challenge: PowChallenge = None
+    pow_nonce: PowNonce = None
     locale: Locale | None = None
     attributes: Annotated[
         dict[str, Annotated[str, Field(max_length=MAX_ATTRIBUTE_LENGTH)]],
@@ -73,6 +80,8 @@ class UnsubscriptionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    pow_challenge: PowChallenge = None
+    pow_nonce: PowNonce = None
 
     @field_validator("email")
     @classmethod
@@ -85,6 +94,15 @@ class Accepted(BaseModel):
 
     status: Literal["accepted"] = "accepted"
     detail: str
+
+
+class ProofOfWorkChallenge(BaseModel):
+    """A challenge to solve: SHA-256(challenge + ":" + nonce) must start with `bits` zero
+    bits; send it back as `pow_challenge` and `pow_nonce`. `bits` 0: not asked for."""
+
+    challenge: str
+    bits: int
+    expires_at: datetime
 
 
 class ActionResult(BaseModel):

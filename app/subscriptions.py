@@ -542,14 +542,24 @@ def request_unsubscribe(
     resend_interval: timedelta,
     mail_budget: MailBudget = unlimited,
 ) -> MailingList:
-    """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state."""
+    """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state.
+
+    Every state takes the same steps (find and lock, claim the mail slot, ask the budget,
+    queue, record), each a no-op where it does not apply, with no early return: the
+    request's timing then says as little as its answer.
+    """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
-    if subscription is None or subscription.status != SubscriptionStatus.CONFIRMED:
-        return mailing_list
+    subscribed = subscription is not None and subscription.status == SubscriptionStatus.CONFIRMED
     detail: dict[str, Any] = {}
-    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+    if subscription is not None and not subscribed:
+        detail = {"note": f"not subscribed ({subscription.status})"}
+    if (
+        subscription is not None
+        and subscribed
+        and _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval)
+    ):
         permit = _ask(
             mail_budget, address=address, subscription=subscription, kind=MailKind.UNSUBSCRIBE
         )
@@ -564,14 +574,16 @@ def request_unsubscribe(
                 delay=permit.delay,
             )
         detail = permit.ledger_detail(now=now)
-    _record(
-        session,
-        subscription=subscription,
-        action=ConsentAction.UNSUBSCRIBE_REQUESTED,
-        evidence=evidence,
-        now=now,
-        detail=detail,
-    )
+    if subscription is not None:
+        # Pending or gone addresses too: the ledger keeps that someone asked.
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.UNSUBSCRIBE_REQUESTED,
+            evidence=evidence,
+            now=now,
+            detail=detail,
+        )
     session.flush()
     return mailing_list
 

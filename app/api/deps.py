@@ -176,6 +176,21 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
         raise RequestValidationError(e.errors(include_url=False, include_context=False)) from e
 
 
+def inline_refs(schema: Any, definitions: dict[str, Any] | None = None) -> Any:
+    """A model's JSON schema with its nested models inlined: a request body given in
+    `openapi_extra` cannot add them to the document's components."""
+    if definitions is None and isinstance(schema, dict):
+        definitions = schema.pop("$defs", {})
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and definitions is not None:
+            return inline_refs(definitions[ref.rpartition("/")[2]], definitions)
+        return {key: inline_refs(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [inline_refs(item, definitions) for item in schema]
+    return schema
+
+
 def evidence(request: Request, settings: Settings, *, source: str) -> Evidence:
     client = client_ip(request, settings)
     agent = request.headers.get("user-agent")

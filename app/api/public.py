@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from app import addresses, errors, lists, pages, subscriptions
+from app import addresses, errors, lists, origins, pages, proofofwork, subscriptions
 from app.api.deps import (
     FORM,
     JSON,
+    Database,
     DatabaseDep,
     RateLimiterDep,
     SettingsDep,
     evidence,
+    inline_refs,
     limit_client,
     media_type,
     read_payload,
     request_locale,
     wants_html,
 )
-from app.config import Locale
+from app.config import Locale, Settings
 from app.i18n import Translator, parse_locale, preferred
 from app.models import utcnow
-from app.schemas import Accepted, ActionResult, SubscriptionRequest, UnsubscriptionRequest
+from app.schemas import (
+    Accepted,
+    ActionResult,
+    ProofOfWorkChallenge,
+    SubscriptionRequest,
+    UnsubscriptionRequest,
+)
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["public"])
 
@@ -37,12 +48,26 @@ UNSUBSCRIBE_ACCEPTED = Accepted(
 )
 
 
+def _form_fields(schema: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body's schema as form fields: text values only (a form has no null and
+    no nested object, so `attributes` is JSON-only)."""
+    properties = {}
+    for name, field in schema["properties"].items():
+        variants = field.get("anyOf", [field])
+        text = [item for item in variants if item.get("type") == "string" or "enum" in item]
+        if text:
+            properties[name] = {**text[0], "title": field.get("title", name)}
+    return {**schema, "properties": properties}
+
+
 def _body_doc(model: type[SubscriptionRequest] | type[UnsubscriptionRequest]) -> dict[str, Any]:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    # Inlined: a body given in `openapi_extra` cannot add its nested models (Locale) to
+    # the document's components, so a `$ref` to them would not resolve.
+    schema = inline_refs(model.model_json_schema())
     return {
         "requestBody": {
             "required": True,
-            "content": {JSON: {"schema": schema}, FORM: {"schema": schema}},
+            "content": {JSON: {"schema": schema}, FORM: {"schema": _form_fields(schema)}},
         }
     }
 
@@ -79,17 +104,94 @@ UnsubscriptionBody = Annotated[UnsubscriptionRequest, Depends(unsubscription_bod
 OneClick = Annotated[bool, Depends(one_click)]
 
 
+FORM_TYPES = (FORM, "multipart/form-data")
+
+
+def check_form_origin(request: Request, settings: Settings) -> None:
+    """Refuse a browser form post sent from a page on a site not allowed (403).
+
+    Only form bodies: a browser posts JSON to another origin only after a CORS preflight,
+    which names the same allowed origins; servers calling the API send no `Origin`.
+    """
+    if media_type(request) not in FORM_TYPES:
+        return
+    origin = origins.request_origin(
+        origin=request.headers.get("origin"), referer=request.headers.get("referer")
+    )
+    if not origins.allowed(origin, settings.form_origins()):
+        log.info(
+            "form.origin_refused origin=%s path=%s",
+            origin[:200] if origin else origin,
+            request.url.path,
+        )
+        raise errors.OriginNotAllowed()
+
+
+async def allowed_origin(request: Request, settings: SettingsDep) -> None:
+    check_form_origin(request, settings)
+
+
 async def limit_client_unless_one_click(
     is_one_click: OneClick, request: Request, settings: SettingsDep, limiter: RateLimiterDep
 ) -> None:
-    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses;
-    # refusing one would keep someone subscribed who asked to leave. A token guards it.
+    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses,
+    # with whatever Origin their systems set; refusing one would keep someone subscribed
+    # who asked to leave. The token in the URL guards it.
     if not is_one_click:
         await limit_client(request, settings, limiter)
+        check_form_origin(request, settings)
 
 
-# Every public POST counts against its client's limit before any other work.
-LIMITED = [Depends(limit_client)]
+# Every public POST counts against its client's limit before any other work, then a
+# browser form post must come from an allowed site.
+LIMITED = [Depends(limit_client), Depends(allowed_origin)]
+FORM_ERRORS = (errors.RateLimited, errors.OriginNotAllowed)
+POW_ERRORS = (
+    errors.ProofOfWorkRequired,
+    errors.ProofOfWorkInvalid,
+    errors.ProofOfWorkExpired,
+    errors.ProofOfWorkUsed,
+)
+
+
+async def _require_proof_of_work(
+    body: SubscriptionRequest | UnsubscriptionRequest, settings: Settings, database: Database
+) -> None:
+    """When asked for by the settings, check and spend the request's solved challenge."""
+    if settings.proof_of_work_bits == 0:
+        return
+    now = utcnow()
+    proofofwork.check(
+        challenge=body.pow_challenge,
+        nonce=body.pow_nonce,
+        key=settings.token_key(),
+        bits=settings.proof_of_work_bits,
+        ttl=settings.proof_of_work_ttl,
+        now=now,
+    )
+    assert body.pow_challenge is not None
+    await database.run(
+        proofofwork.spend, challenge=body.pow_challenge, ttl=settings.proof_of_work_ttl, now=now
+    )
+
+
+@router.get(
+    "/challenge",
+    operation_id="proof_of_work_challenge",
+    response_model=ProofOfWorkChallenge,
+)
+async def challenge(settings: SettingsDep) -> ProofOfWorkChallenge:
+    """A proof-of-work challenge for subscribe and unsubscribe-by-address (`bits` 0: none
+    is asked for; app/static/pow.js solves it in a browser)."""
+    issued = proofofwork.issue(
+        key=settings.token_key(),
+        bits=settings.proof_of_work_bits,
+        ttl=settings.proof_of_work_ttl,
+        now=utcnow(),
+    )
+    return ProofOfWorkChallenge(
+        challenge=issued.challenge, bits=issued.bits, expires_at=issued.expires_at
+    )
 
 
 @router.post(
@@ -104,7 +206,8 @@ LIMITED = [Depends(limit_client)]
             errors.InvalidBody,
             errors.UnsupportedMediaType,
             errors.PayloadTooLarge,
-            errors.RateLimited,
+            *FORM_ERRORS,
+            *POW_ERRORS,
         ),
     },
     openapi_extra=_body_doc(SubscriptionRequest),
@@ -123,6 +226,7 @@ async def subscribe(
     The answer is the same whatever the address's state, so nobody can learn from it who
     is subscribed; the mail tells the truth instead.
     """
+    await _require_proof_of_work(body, settings, database)
     is_form = media_type(request) == FORM
     accepted = preferred(request.headers.get("accept-language"))
     mailing_list = await database.run(
@@ -173,9 +277,17 @@ async def thanks_page(slug: str, request: Request, database: DatabaseDep) -> Res
     operation_id="request_unsubscribe",
     status_code=202,
     response_model=Accepted,
-    responses=errors.responses(
-        errors.ListNotFound, errors.InvalidBody, errors.UnsupportedMediaType, errors.RateLimited
-    ),
+    responses={
+        303: {"description": "A form post: go to the 'check your inbox' page."},
+        **errors.responses(
+            errors.ListNotFound,
+            errors.InvalidBody,
+            errors.UnsupportedMediaType,
+            errors.PayloadTooLarge,
+            *FORM_ERRORS,
+            *POW_ERRORS,
+        ),
+    },
     openapi_extra=_body_doc(UnsubscriptionRequest),
     dependencies=LIMITED,
 )
@@ -188,6 +300,7 @@ async def request_unsubscribe(
     limiter: RateLimiterDep,
 ) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state."""
+    await _require_proof_of_work(body, settings, database)
     is_form = media_type(request) == FORM
     mailing_list = await database.run(
         subscriptions.request_unsubscribe,
@@ -243,7 +356,7 @@ def _page(
 
 TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
 TOKEN_POST_ERRORS = errors.responses(
-    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, errors.RateLimited
+    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, *FORM_ERRORS
 )
 
 
