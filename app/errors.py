@@ -189,13 +189,19 @@ class WebhookReplayed(WebhookRejected):
     message = "This webhook call was already received."
 
 
-def responses(*errors: type[DomainError]) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` entry documenting these errors in the OpenAPI document."""
+def responses(*errors: type[DomainError], html: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` entry documenting these errors in the OpenAPI document.
+
+    `html`: a browser (or, for link pages, any caller not asking for JSON) gets the error
+    as a page, documented as `text/html` beside the JSON shape.
+    """
     documented: dict[int | str, dict[str, Any]] = {}
     for error in errors:
         entry = documented.setdefault(
             error.status_code, {"model": ErrorBody, "description": error.message}
         )
+        if html:
+            entry["content"] = {"text/html": {"schema": {"type": "string"}}}
         if error.message not in entry["description"]:
             entry["description"] += " / " + error.message
         if error.documented_headers:

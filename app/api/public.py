@@ -73,7 +73,9 @@ def _body_doc(model: type[SubscriptionRequest] | type[UnsubscriptionRequest]) ->
 
 
 def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"description": description, "content": {"text/html": {}}}}
+    return {
+        200: {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+    }
 
 
 async def subscription_body(request: Request) -> SubscriptionRequest:
@@ -208,6 +210,7 @@ async def challenge(settings: SettingsDep) -> ProofOfWorkChallenge:
             errors.PayloadTooLarge,
             *FORM_ERRORS,
             *POW_ERRORS,
+            html=True,
         ),
     },
     openapi_extra=_body_doc(SubscriptionRequest),
@@ -256,7 +259,7 @@ async def subscribe(
     operation_id="subscription_thanks_page",
     responses={
         **_html_and_json("The 'check your inbox' page."),
-        **errors.responses(errors.ListNotFound),
+        **errors.responses(errors.ListNotFound, html=True),
     },
 )
 async def thanks_page(slug: str, request: Request, database: DatabaseDep) -> Response:
@@ -286,6 +289,7 @@ async def thanks_page(slug: str, request: Request, database: DatabaseDep) -> Res
             errors.PayloadTooLarge,
             *FORM_ERRORS,
             *POW_ERRORS,
+            html=True,
         ),
     },
     openapi_extra=_body_doc(UnsubscriptionRequest),
@@ -354,9 +358,11 @@ def _page(
     )
 
 
-TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
+TOKEN_ERRORS = errors.responses(
+    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, html=True
+)
 TOKEN_POST_ERRORS = errors.responses(
-    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, *FORM_ERRORS
+    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, *FORM_ERRORS, html=True
 )
 
 
