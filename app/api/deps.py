@@ -136,10 +136,22 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def _charset(request: Request) -> str | None:
+    for parameter in request.headers.get("content-type", "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
     raw = await request.body()
+    if _charset(request) not in (None, "utf-8", "utf8"):
+        # JSON is UTF-8 (RFC 8259) and forms are read as UTF-8; a body declared in another
+        # charset (UTF-7 smuggles markup past filters) would be misread, not converted.
+        raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
     data: object
     if kind == JSON:
         try:
