@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import SmtpSink, make_settings
+from tests.conftest import SmtpSink, count_rows, make_settings
 
 SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
 UNSUBSCRIBE = "/v1/lists/bluehats/unsubscriptions"
@@ -191,3 +191,24 @@ class TestOneCodePath:
             )
         engine.dispose()
         assert actions == ["subscribe_requested", "unsubscribe_requested"]
+
+    def test_requests_that_send_no_mail_leave_no_trace_of_the_work_they_rehearse(
+        self, app_client: TestClient, budget_settings: Settings
+    ) -> None:
+        # They make (and undo) the writes a mail would cost, so that their timing matches.
+        url = budget_settings.database_url
+
+        def rows() -> dict[str, int]:
+            return {
+                table: count_rows(url, table)
+                for table in ("subscription", "token", "outbox_job", "consent_event")
+            }
+
+        assert app_client.post(UNSUBSCRIBE, json={"email": "nobody@example.org"}).status_code == 202
+        assert rows() == {"subscription": 0, "token": 0, "outbox_job": 0, "consent_event": 0}
+        for _ in range(2):
+            assert app_client.post(SUBSCRIBE, json={"email": "b@example.org"}).status_code == 202
+        before = rows()
+        # Past the per-address budget: recorded in the ledger, nothing else.
+        assert app_client.post(SUBSCRIBE, json={"email": "b@example.org"}).status_code == 202
+        assert rows() == {**before, "consent_event": before["consent_event"] + 1}
