@@ -334,3 +334,52 @@ class TestHostileInput:
         assert response.headers["content-type"].startswith("text/html")
         assert "<script>" not in response.text
         probe.assert_nothing_happened()
+
+
+class TestWhatTheCorpusFound:
+    def test_a_body_declared_in_another_charset_is_415(self, probe: Probe) -> None:
+        response = probe.send(
+            "utf-7",
+            "POST",
+            "/v1/lists/bluehats/subscriptions",
+            content=b'{"email": "camille@example.org"}',
+            headers={"content-type": "application/json; charset=utf-7"},
+        )
+        assert response.status_code == 415
+        assert response.json()["detail"] == "Send the body in UTF-8 (or without a charset)."
+        utf8 = probe.send(
+            "utf-8",
+            "POST",
+            "/v1/lists/bluehats/subscriptions",
+            content=b'{"email": "camille@example.org"}',
+            headers={"content-type": 'application/json; charset="UTF-8"'},
+        )
+        assert utf8.status_code == 202
+
+    def test_look_alike_addresses_are_refused_and_single_script_ones_accepted(
+        self, probe: Probe
+    ) -> None:
+        for email in (HOSTILE["cyrillic-homoglyph"], HOSTILE["cyrillic-domain"]):
+            response = probe.send(
+                "homoglyph", "POST", "/v1/lists/bluehats/subscriptions", json={"email": email}
+            )
+            assert response.status_code == 422
+            assert "look alike" in response.json()["detail"]
+        for email in (
+            "\u0438\u0432\u0430\u043d@example.org",
+            "ivan.\u0438\u0432\u0430\u043d@example.org",
+        ):
+            response = probe.send(
+                "cyrillic", "POST", "/v1/lists/bluehats/subscriptions", json={"email": email}
+            )
+            assert response.status_code == 202, response.text
+
+    def test_a_list_name_with_a_nul_is_an_unknown_list(self, probe: Probe) -> None:
+        response = probe.send(
+            "nul slug",
+            "POST",
+            "/v1/lists/blue%00hats/subscriptions",
+            json={"email": "a@example.org"},
+        )
+        assert response.status_code == 404
+        assert response.json()["error"] == "list_not_found"
