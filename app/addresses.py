@@ -7,11 +7,27 @@ A `+tag` is never stripped: it is part of the address.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
 
 MAX_ADDRESS_LENGTH = 254
+# Alphabets whose letters imitate one another (Latin a, Cyrillic U+0430, Greek U+03B1...).
+_CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _mixes_confusable_scripts(text: str) -> bool:
+    """A word (a run of letters) written in two of Latin, Cyrillic and Greek: the way to
+    make an address that looks like another one (`camille@` with a Cyrillic c and a).
+    Words in one script each, as in `ivan.<Cyrillic name>@`, are fine; other scripts too."""
+    for word in _WORD.findall(text):
+        scripts = {unicodedata.name(char, "?").split(" ")[0] for char in word}
+        if len(scripts & _CONFUSABLE_SCRIPTS) > 1:
+            return True
+    return False
 
 
 class InvalidAddress(ValueError):
@@ -33,6 +49,10 @@ def parse(raw: str) -> Address:
         validated = validate_email(raw.strip(), check_deliverability=False)
     except EmailNotValidError as e:
         raise InvalidAddress(str(e)) from e
+    if _mixes_confusable_scripts(validated.normalized):
+        raise InvalidAddress(
+            "The address mixes Latin letters with Cyrillic or Greek ones that look alike."
+        )
     return Address(email=validated.normalized, key=validated.normalized.casefold())
 
 

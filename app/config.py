@@ -35,6 +35,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from app import origins
+
 # A sign is accepted so that "-5m" fails as negative rather than as unreadable.
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -167,7 +169,17 @@ BackendSettings = Annotated[
 
 # Form fields the service itself reads; a list's own fields may not take these names.
 RESERVED_FIELD_NAMES = frozenset(
-    {"email", "locale", "lang", "attributes", "consent_version", "form_stamp", "website"}
+    {
+        "email",
+        "locale",
+        "lang",
+        "attributes",
+        "consent_version",
+        "form_stamp",
+        "website",
+        "pow_challenge",
+        "pow_nonce",
+    }
 )
 
 
@@ -375,6 +387,16 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode, BeforeValidator(_list_from_text)] = (
         Field(default_factory=list)
     )
+    # Web origins (`scheme://host[:port]`) whose pages may post the public forms and call
+    # the public JSON routes from a browser (CORS); the origin of `public_url` always may.
+    allowed_origins: Annotated[list[str], NoDecode, BeforeValidator(_list_from_text)] = Field(
+        default_factory=list
+    )
+    # Proof of work asked of subscribe and unsubscribe-by-address callers: leading zero
+    # bits of SHA-256(challenge ":" nonce); 0 turns it off. 20 bits cost a browser ~1 s.
+    proof_of_work_bits: Annotated[int, Field(ge=0, le=32)] = 0
+    # How long a challenge from GET /v1/challenge may be used.
+    proof_of_work_ttl: Duration = timedelta(minutes=10)
 
     worker_poll_interval: Annotated[float, Field(gt=0)] = 1.0
     worker_batch_size: Annotated[int, Field(ge=1, le=1000)] = 20
@@ -421,6 +443,18 @@ class Settings(BaseSettings):
                 "redis_url must start with redis://, rediss:// or unix:// "
                 f"(got {value.split(':', 1)[0]!r})"
             )
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        return [origins.parse_setting(item) for item in value]
+
+    @field_validator("proof_of_work_ttl")
+    @classmethod
+    def _positive_pow_ttl(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("proof_of_work_ttl must be positive")
         return value
 
     @field_validator("lists")
@@ -476,6 +510,11 @@ class Settings(BaseSettings):
 
     def public_link(self, path: str) -> str:
         return str(self.public_url).rstrip("/") + path
+
+    def form_origins(self) -> list[str]:
+        """Origins allowed to post the public forms: the configured ones and our own."""
+        own = origins.normalize(str(self.public_url))
+        return sorted({*self.allowed_origins, *([own] if own else [])})
 
     def list_settings(self, slug: str) -> ListSettings | None:
         return next((item for item in self.lists if item.slug == slug), None)

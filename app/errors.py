@@ -151,6 +151,41 @@ class DatabaseUnavailable(DomainError):
         self.headers["Retry-After"] = str(self.retry_after)
 
 
+class OriginNotAllowed(DomainError):
+    """A browser form post from a page on a site that may not use this service's forms."""
+
+    status_code = 403
+    code = "origin_not_allowed"
+    message = "This form may not be sent from that site. Use the form on the newsletter's own site."
+
+
+class ProofOfWorkRequired(DomainError):
+    status_code = 400
+    code = "proof_of_work_required"
+    message = (
+        "This request needs a solved challenge: GET /v1/challenge, then send pow_challenge "
+        "and pow_nonce."
+    )
+
+
+class ProofOfWorkInvalid(DomainError):
+    status_code = 400
+    code = "proof_of_work_invalid"
+    message = "The challenge or its solution is not valid. Ask for a new challenge."
+
+
+class ProofOfWorkExpired(DomainError):
+    status_code = 410
+    code = "proof_of_work_expired"
+    message = "The challenge has expired. Ask for a new one."
+
+
+class ProofOfWorkUsed(DomainError):
+    status_code = 409
+    code = "proof_of_work_used"
+    message = "The challenge was already used. Ask for a new one."
+
+
 class WebhookRejected(DomainError):
     # 406: Mailgun treats it as "rejected, do not retry"; other backends stop as well.
     status_code = 406
@@ -173,13 +208,19 @@ class WebhookReplayed(WebhookRejected):
     message = "This webhook call was already received."
 
 
-def responses(*errors: type[DomainError]) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` entry documenting these errors in the OpenAPI document."""
+def responses(*errors: type[DomainError], html: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` entry documenting these errors in the OpenAPI document.
+
+    `html`: a browser (or, for link pages, any caller not asking for JSON) gets the error
+    as a page, documented as `text/html` beside the JSON shape.
+    """
     documented: dict[int | str, dict[str, Any]] = {}
     for error in errors:
         entry = documented.setdefault(
             error.status_code, {"model": ErrorBody, "description": error.message}
         )
+        if html:
+            entry["content"] = {"text/html": {"schema": {"type": "string"}}}
         if error.message not in entry["description"]:
             entry["description"] += " / " + error.message
         if error.documented_headers:

@@ -42,6 +42,10 @@ def read_post(form: Mapping[str, str], *, list_settings: ListSettings, t: Transl
         data[EMAIL] = form[EMAIL].strip()
     if form.get("locale"):
         data["locale"] = form["locale"]
+    # A solved proof-of-work challenge (app/static/pow.js fills these when it is asked for).
+    for name in ("pow_challenge", "pow_nonce"):
+        if form.get(name):
+            data[name] = form[name]
     request: SubscriptionRequest | None = None
     invalid = None
     try:

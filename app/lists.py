@@ -3,17 +3,24 @@ operators through the admin API (see "Operators' changes" below)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, select
 
 from app import errors
-from app.config import ListSettings
+from app.config import SLUG_PATTERN, ListSettings
 from app.models import MailingList
+
+_SLUG = re.compile(SLUG_PATTERN)
 
 
 def get(session: Session, *, slug: str) -> MailingList:
+    # A name no list can have is unknown without asking the database (PostgreSQL refuses
+    # a NUL in a text parameter with an error, not an empty answer).
+    if not _SLUG.fullmatch(slug):
+        raise errors.ListNotFound()
     mailing_list = session.exec(select(MailingList).where(MailingList.slug == slug)).first()
     if mailing_list is None:
         raise errors.ListNotFound()

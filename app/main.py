@@ -19,7 +19,7 @@ from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
 from app.metrics import Metrics, RequestMetrics
-from app.middleware import BodyLimit, RequestId, SecurityHeaders
+from app.middleware import BodyLimit, PublicCors, RequestId, SecurityHeaders
 from app.models import utcnow
 from app.worker import Worker
 
@@ -150,7 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         SecurityHeaders,
         form_targets=_form_targets(settings),
         style_origins=_style_origins(settings),
+        scripts=settings.proof_of_work_bits > 0,
     )
+    app.add_middleware(PublicCors, origins=settings.form_origins())
     app.add_middleware(RequestMetrics, metrics=metrics, router=app)
     # Outermost: every line logged while answering, and the access line, carry the id.
     app.add_middleware(RequestId)

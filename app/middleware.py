@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: a cap on request bodies, security headers on every answer, and a
-request id on every answer and log line."""
+"""Pure ASGI middleware: a cap on request bodies, security headers on every answer, CORS
+for the public JSON routes, and a request id on every answer and log line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import re
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, logs
@@ -83,18 +84,26 @@ class BodyLimit:
 
 class SecurityHeaders:
     """Headers for every answer; pages under /v1 also get a strict CSP and no caching
-    (their URLs carry tokens; `no-referrer` keeps those out of other sites' logs)."""
+    (their URLs carry tokens; `strict-origin` keeps those out of other sites' logs)."""
 
     def __init__(
-        self, app: ASGIApp, *, form_targets: list[str], style_origins: list[str] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        form_targets: list[str],
+        style_origins: list[str] | None = None,
+        scripts: bool = False,
     ) -> None:
         self.app = app
         actions = " ".join(["'self'", *form_targets])
         # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
         styles = " ".join(["'self'", *(style_origins or [])])
         fonts = f"font-src {' '.join(style_origins)}; " if style_origins else ""
+        # Our own script file only (the proof-of-work solver, when it is asked for), which
+        # fetches its challenge from this origin; never an inline script.
+        script = "script-src 'self'; connect-src 'self'; " if scripts else ""
         self.csp = (
-            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}"
+            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}{script}"
             f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
         )
 
@@ -108,7 +117,10 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers.setdefault("x-content-type-options", "nosniff")
-                headers.setdefault("referrer-policy", "no-referrer")
+                # The origin alone, never a path (link URLs carry tokens), and to our own
+                # forms too: under `no-referrer` a browser sends `Origin: null` with a form
+                # post, which the origin check must refuse (see app/origins.py).
+                headers.setdefault("referrer-policy", "strict-origin")
                 headers.setdefault("x-frame-options", "DENY")
                 if on_v1:
                     headers.setdefault("content-security-policy", self.csp)
@@ -141,3 +153,35 @@ class RequestId:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.request_id.reset(token)
+
+
+# The public routes a page on an allowed site may call with fetch(): subscribe, unsubscribe
+# by address, confirm and unsubscribe by link, and the proof-of-work challenge.
+PUBLIC_CORS_PATHS = re.compile(
+    r"/v1/(lists/[^/]+/(subscriptions|unsubscriptions)|confirm/[^/]+|unsubscribe/[^/]+|challenge)"
+)
+
+
+class PublicCors:
+    """Starlette's CORSMiddleware for the public routes only; the admin API and the rest get
+    no CORS headers at all, so no browser page can read them cross-origin.
+
+    No credentials (the public routes use no cookies); preflights are cached for an hour.
+    """
+
+    def __init__(self, app: ASGIApp, *, origins: list[str]) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Accept", "Accept-Language"],
+            allow_credentials=False,
+            max_age=3600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and PUBLIC_CORS_PATHS.fullmatch(scope["path"]):
+            await self.cors(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

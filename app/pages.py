@@ -44,6 +44,8 @@ class Chrome:
     service_name: str
     # The DSFR stylesheet when configured; the built-in one otherwise.
     stylesheet_url: str | None = None
+    # Forms that ask for an address carry a proof of work (app/static/pow.js solves it).
+    proof_of_work: bool = False
 
     @property
     def locale(self) -> Locale:

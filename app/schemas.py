@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    field_validator,
+    model_validator,
+)
 
 from app import addresses
 from app.config import SLUG_PATTERN, Locale
@@ -16,6 +26,13 @@ MAX_ATTRIBUTES = 20
 MAX_ATTRIBUTE_LENGTH = 500
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# What `_no_control_characters` allows, said in the OpenAPI document (the check stays
+# in the validators, with its clearer message).
+ONE_LINE = {"pattern": r"^[^\x00-\x1f\x7f]*$"}
+# A field trimmed of surrounding white space must keep something: one visible character.
+ONE_LINE_NOT_BLANK = {"pattern": r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"}
 
 
 def _no_control_characters(value: str) -> str:
@@ -30,6 +47,56 @@ def _valid_email(value: str) -> str:
     except addresses.InvalidAddress as e:
         raise ValueError(str(e)) from e
     return value
+
+
+Attributes = Annotated[
+    dict[str, Annotated[str, Field(max_length=MAX_ATTRIBUTE_LENGTH, json_schema_extra=ONE_LINE)]],
+    Field(
+        default_factory=dict,
+        max_length=MAX_ATTRIBUTES,
+        json_schema_extra={"propertyNames": {"pattern": _ATTRIBUTE_NAME.pattern}},
+    ),
+]
+
+# Row ids are 32-bit integers on PostgreSQL: a larger one in a URL is refused (422) before
+# the database has to refuse it (an error) as out of range.
+MAX_ROW_ID = 2**31 - 1
+
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _date_time_text(value: object) -> object:
+    # pydantic would also read `0.5` or `2026-11-28` as a datetime; the document promises
+    # (and operators write) a date and time.
+    if isinstance(value, str) and not _DATE_TIME.match(value.strip()):
+        raise ValueError("give a date and time in ISO 8601, e.g. 2026-11-28T10:00:00Z")
+    return value
+
+
+# A date-time query parameter of the admin API.
+DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text)]
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{char}{char.upper()}]" for char in word)
+
+
+# email-validator refuses these top-level domains (RFC 6761 special use): no mail there.
+_SPECIAL_USE_TLD = "|".join(_any_case(name) for name in sorted(SPECIAL_USE_DOMAIN_NAMES))
+
+# `format: email` and the special-use rule tell API clients (and generated tests) what
+# address is wanted; the validator (email-validator) has the last word.
+EmailField = Annotated[
+    str,
+    Field(
+        max_length=1000,
+        examples=["camille@example.org"],
+        json_schema_extra={
+            "format": "email",
+            "pattern": rf"^[^@]+@.+\.(?!(?:{_SPECIAL_USE_TLD})$)[^.@]+$",
+        },
+    ),
+]
 
 
 def clean_attributes(value: dict[str, Any]) -> dict[str, str]:
@@ -47,17 +114,21 @@ def clean_attributes(value: dict[str, Any]) -> dict[str, str]:
     return value
 
 
+# A solved challenge from GET /v1/challenge, when the service asks for proof of work.
+PowChallenge = Annotated[str | None, Field(default=None, max_length=200)]
+PowNonce = Annotated[str | None, Field(default=None, max_length=64)]
+
+
 class SubscriptionRequest(BaseModel):
     """A request to subscribe; the same fields come as JSON or as a form post."""
 
     model_config = ConfigDict(extra="ignore")
 
-    email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    email: EmailField
+    pow_challenge: PowChallenge = None
+    pow_nonce: PowNonce = None
     locale: Locale | None = None
-    attributes: Annotated[
-        dict[str, Annotated[str, Field(max_length=MAX_ATTRIBUTE_LENGTH)]],
-        Field(default_factory=dict, max_length=MAX_ATTRIBUTES),
-    ]
+    attributes: Attributes
 
     @field_validator("email")
     @classmethod
@@ -73,7 +144,9 @@ class SubscriptionRequest(BaseModel):
 class UnsubscriptionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    email: EmailField
+    pow_challenge: PowChallenge = None
+    pow_nonce: PowNonce = None
 
     @field_validator("email")
     @classmethod
@@ -86,6 +159,15 @@ class Accepted(BaseModel):
 
     status: Literal["accepted"] = "accepted"
     detail: str
+
+
+class ProofOfWorkChallenge(BaseModel):
+    """A challenge to solve: SHA-256(challenge + ":" + nonce) must start with `bits` zero
+    bits; send it back as `pow_challenge` and `pow_nonce`. `bits` 0: not asked for."""
+
+    challenge: str
+    bits: int
+    expires_at: datetime
 
 
 class ActionResult(BaseModel):
@@ -225,6 +307,8 @@ class AuditOut(BaseModel):
 # Operators and data protection ------------------------------------------------------------
 
 _NOTE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Line breaks and tabs allowed, other control characters not; not blank once trimmed.
+NOTE_TEXT = {"pattern": r"^[^\x00-\x08\x0b-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x08\x0b-\x1f\x7f]*$"}
 
 
 def _not_in_the_future(value: date) -> date:
@@ -240,7 +324,12 @@ class ConsentEvidence(BaseModel):
 
     source: Annotated[
         str,
-        Field(min_length=1, max_length=200, examples=["paper form, BlueHats stand, 2026-02-01"]),
+        Field(
+            min_length=1,
+            max_length=200,
+            examples=["paper form, BlueHats stand, 2026-02-01"],
+            json_schema_extra=ONE_LINE_NOT_BLANK,
+        ),
     ]
     note: Annotated[
         str,
@@ -248,6 +337,7 @@ class ConsentEvidence(BaseModel):
             min_length=1,
             max_length=2000,
             description="The operator's note: who collected the consent, where the proof is.",
+            json_schema_extra=NOTE_TEXT,
         ),
     ]
     consented_at: Annotated[
@@ -259,6 +349,7 @@ class ConsentEvidence(BaseModel):
             min_length=1,
             max_length=64,
             description="The consent wording shown then; the list's current one when unset.",
+            json_schema_extra=ONE_LINE_NOT_BLANK,
         ),
     ] = None
 
@@ -284,14 +375,9 @@ class AddSubscriberRequest(BaseModel):
     """An operator adds a subscriber: an invitation (double opt-in), or an address already
     confirmed elsewhere, with evidence."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    email: Annotated[str, Field(max_length=1000, examples=["camille@example.org"])]
+    email: EmailField
     locale: Locale | None = None
-    attributes: Annotated[
-        dict[str, Annotated[str, Field(max_length=MAX_ATTRIBUTE_LENGTH)]],
-        Field(default_factory=dict, max_length=MAX_ATTRIBUTES),
-    ]
+    attributes: Attributes
     mode: Literal["invite", "confirmed"]
     evidence: ConsentEvidence | None = None
 
@@ -304,6 +390,16 @@ class AddSubscriberRequest(BaseModel):
     @classmethod
     def _clean_attributes(cls, value: dict[str, str]) -> dict[str, str]:
         return clean_attributes(value)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        # The rule below, in the document: evidence with `confirmed`, none with `invite`.
+        json_schema_extra={
+            "if": {"properties": {"mode": {"const": "invite"}}},
+            "then": {"properties": {"evidence": {"type": "null"}}},
+            "else": {"required": ["evidence"], "properties": {"evidence": {"type": "object"}}},
+        },
+    )
 
     @model_validator(mode="after")
     def _evidence_goes_with_confirmed(self) -> AddSubscriberRequest:
@@ -323,7 +419,13 @@ class OperatorUnsubscribeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     reason: Annotated[
-        str, Field(min_length=1, max_length=500, examples=["asked by phone on 2026-11-20"])
+        str,
+        Field(
+            min_length=1,
+            max_length=500,
+            examples=["asked by phone on 2026-11-20"],
+            json_schema_extra=ONE_LINE_NOT_BLANK,
+        ),
     ]
 
     @field_validator("reason")
@@ -343,9 +445,11 @@ class ListCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slug: Annotated[str, Field(pattern=SLUG_PATTERN, examples=["bluehats-events"])]
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE)]
     default_locale: Locale = Locale.FR
-    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = "2026-11"
+    consent_version: Annotated[
+        str, Field(min_length=1, max_length=64, json_schema_extra=ONE_LINE)
+    ] = "2026-11"
     confirm_ttl_seconds: Annotated[int, Field(**CONFIRM_TTL_BOUNDS)] = 48 * 3600
     thank_you_url: HttpUrl | None = None
     landing_url: HttpUrl | None = None
@@ -356,14 +460,35 @@ class ListCreate(BaseModel):
         return _no_control_characters(value)
 
 
+# A list's fields that may change but not be removed (null).
+KEPT_LIST_FIELDS = ("name", "default_locale", "consent_version", "confirm_ttl_seconds")
+
+
+def _not_nullable(schema: dict[str, Any], names: Sequence[str]) -> None:
+    """Document fields that may be left out but not sent as null (the model's default
+    None means "not sent")."""
+    for name in names:
+        field = schema["properties"][name]
+        variants = [item for item in field.pop("anyOf", []) if item.get("type") != "null"]
+        if len(variants) == 1:
+            field.update(variants[0])
+
+
 class ListUpdate(BaseModel):
     """The fields to change; a URL set to null is removed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=lambda schema: _not_nullable(schema, KEPT_LIST_FIELDS),
+    )
 
-    name: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    name: Annotated[str | None, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE)] = (
+        None
+    )
     default_locale: Locale | None = None
-    consent_version: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    consent_version: Annotated[
+        str | None, Field(min_length=1, max_length=64, json_schema_extra=ONE_LINE)
+    ] = None
     confirm_ttl_seconds: Annotated[int | None, Field(**CONFIRM_TTL_BOUNDS)] = None
     thank_you_url: HttpUrl | None = None
     landing_url: HttpUrl | None = None
@@ -375,7 +500,7 @@ class ListUpdate(BaseModel):
 
     @model_validator(mode="after")
     def _required_stay_set(self) -> ListUpdate:
-        for name in ("name", "default_locale", "consent_version", "confirm_ttl_seconds"):
+        for name in KEPT_LIST_FIELDS:
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be removed, only changed")
         return self

@@ -187,6 +187,14 @@ def _start_opt_in(
     """Issue a confirmation link and queue its mail, as the budget allows; the ledger note."""
     permit = _ask(mail_budget, address=address, subscription=subscription, kind=MailKind.CONFIRM)
     if not permit.send:
+        _rehearse_mail(
+            session,
+            mailing_list=mailing_list,
+            subscription=subscription,
+            address=address,
+            key=key,
+            now=now,
+        )
         return permit.ledger_detail(now=now)
     # Earlier links stay valid until they expire, so whichever mail the visitor opens
     # works; confirming retires them all. A delayed mail's link lives as long from sending.
@@ -207,6 +215,58 @@ def _start_opt_in(
         delay=permit.delay,
     )
     return permit.ledger_detail(now=now)
+
+
+def _rehearse_mail(
+    session: Session,
+    *,
+    mailing_list: MailingList,
+    subscription: Subscription | None,
+    address: addresses.Address,
+    key: bytes,
+    now: datetime,
+) -> None:
+    """Make the writes a mail would cost (a subscription row if none, a token, an outbox
+    job, a ledger event), then undo them: a request that sends no mail then takes about
+    as long as one that does, so its timing does not tell an unknown, throttled or
+    suppressed address from one that was mailed (bench/enumeration.py measures it).
+    """
+    savepoint = session.begin_nested()
+    try:
+        if subscription is None:
+            assert mailing_list.id is not None
+            subscription = _insert_if_new(
+                session,
+                Subscription(
+                    list_id=mailing_list.id,
+                    email=address.email,
+                    email_key=address.key,
+                    status=SubscriptionStatus.PENDING,
+                    locale=mailing_list.default_locale,
+                    consent_version=mailing_list.consent_version,
+                    created_at=now,
+                    updated_at=now,
+                ),
+            )
+        if subscription is not None:
+            token = tokens.issue(
+                session,
+                subscription=subscription,
+                purpose=TokenPurpose.CONFIRM,
+                key=key,
+                now=now,
+                ttl=timedelta(seconds=mailing_list.confirm_ttl_seconds),
+            )
+            _queue_mail(
+                session,
+                kind=MailKind.CONFIRM,
+                subscription=subscription,
+                token_id=str(token.id),
+                now=now,
+            )
+            session.flush()
+    finally:
+        savepoint.rollback()
 
 
 def _id(subscription: Subscription) -> int:
@@ -342,6 +402,15 @@ def subscribe(
                     now=now,
                     delay=permit.delay,
                 )
+            else:
+                _rehearse_mail(
+                    session,
+                    mailing_list=mailing_list,
+                    subscription=subscription,
+                    address=address,
+                    key=key,
+                    now=now,
+                )
             detail |= permit.ledger_detail(now=now)
         else:
             detail |= _start_opt_in(
@@ -353,6 +422,16 @@ def subscribe(
                 key=key,
                 now=now,
             )
+    else:
+        # Mailed too recently: no mail, the same work.
+        _rehearse_mail(
+            session,
+            mailing_list=mailing_list,
+            subscription=subscription,
+            address=address,
+            key=key,
+            now=now,
+        )
     _record(
         session,
         subscription=subscription,
@@ -549,14 +628,25 @@ def request_unsubscribe(
     resend_interval: timedelta,
     mail_budget: MailBudget = unlimited,
 ) -> MailingList:
-    """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state."""
+    """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state.
+
+    Every state takes the same steps (find and lock, claim the mail slot, ask the budget,
+    queue, record), each a no-op where it does not apply, with no early return: the
+    request's timing then says as little as its answer.
+    """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
-    if subscription is None or subscription.status != SubscriptionStatus.CONFIRMED:
-        return mailing_list
+    subscribed = subscription is not None and subscription.status == SubscriptionStatus.CONFIRMED
     detail: dict[str, Any] = {}
-    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+    if subscription is not None and not subscribed:
+        detail = {"note": f"not subscribed ({subscription.status})"}
+    mailed = False
+    if (
+        subscription is not None
+        and subscribed
+        and _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval)
+    ):
         permit = _ask(
             mail_budget, address=address, subscription=subscription, kind=MailKind.UNSUBSCRIBE
         )
@@ -570,15 +660,27 @@ def request_unsubscribe(
                 now=now,
                 delay=permit.delay,
             )
+            mailed = True
         detail = permit.ledger_detail(now=now)
-    _record(
-        session,
-        subscription=subscription,
-        action=ConsentAction.UNSUBSCRIBE_REQUESTED,
-        evidence=evidence,
-        now=now,
-        detail=detail,
-    )
+    if not mailed:
+        _rehearse_mail(
+            session,
+            mailing_list=mailing_list,
+            subscription=subscription,
+            address=address,
+            key=key,
+            now=now,
+        )
+    if subscription is not None:
+        # Pending or gone addresses too: the ledger keeps that someone asked.
+        _record(
+            session,
+            subscription=subscription,
+            action=ConsentAction.UNSUBSCRIBE_REQUESTED,
+            evidence=evidence,
+            now=now,
+            detail=detail,
+        )
     session.flush()
     return mailing_list
 

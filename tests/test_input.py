@@ -493,7 +493,7 @@ class TestSecurityHeaders:
         assert "script-src" not in csp, (name, csp)
         assert "form-action 'self'" in csp, (name, csp)
         assert response.headers["x-content-type-options"] == "nosniff", name
-        assert response.headers["referrer-policy"] == "no-referrer", name
+        assert response.headers["referrer-policy"] == "strict-origin", name
         assert response.headers["cache-control"] == "no-store", name
 
     def test_every_v1_page_carries_csp_nosniff_no_referrer_and_no_store(
@@ -534,4 +534,4 @@ class TestSecurityHeaders:
         assert response.status_code == 422
         assert response.headers["cache-control"] == "no-store"
         assert response.headers["x-content-type-options"] == "nosniff"
-        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["referrer-policy"] == "strict-origin"

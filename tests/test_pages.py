@@ -286,7 +286,9 @@ class TestTheSitesForm:
             thank_you_url="https://code.gouv.fr/merci",
             landing_url="https://code.gouv.fr/",
         )
-        with app_client(database_url, smtp, lists=[site]) as client:
+        with app_client(
+            database_url, smtp, lists=[site], allowed_origins=["https://code.gouv.fr"]
+        ) as client:
             # What a browser sends for the README's form on code.gouv.fr: no stamp, an
             # empty honeypot, another origin, no JavaScript.
             response = post_form(

@@ -10,16 +10,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import admin, apikeys, audit, errors, lists, outbox
 from app.api.deps import Database, DatabaseDep, SettingsDep
 from app.models import JobKind, JobState, SubscriptionStatus, utcnow
 from app.schemas import (
+    MAX_ROW_ID,
     AttemptOut,
     AuditOut,
     ConsentEventOut,
+    DateTimeQuery,
     JobOut,
     JobWithAttempts,
     ListOut,
@@ -150,10 +152,10 @@ async def search_subscribers(
     status: SubscriptionStatus | None = None,
     prefix: Annotated[str | None, Query(max_length=254)] = None,
     locale: Annotated[str | None, Query(max_length=8)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    confirmed_after: datetime | None = None,
-    confirmed_before: datetime | None = None,
+    created_after: DateTimeQuery | None = None,
+    created_before: DateTimeQuery | None = None,
+    confirmed_after: DateTimeQuery | None = None,
+    confirmed_before: DateTimeQuery | None = None,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> SubscriberPage:
@@ -226,8 +228,8 @@ def subscriber_detail(record: admin.SubscriberRecord) -> SubscriberDetail:
 async def list_stats(
     slug: str,
     database: DatabaseDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: DateTimeQuery | None = None,
+    until: DateTimeQuery | None = None,
     by: Annotated[str, Query(pattern="^(day|month)$")] = "day",
 ) -> StatsOut:
     """Counts by status; requests, confirmations and unsubscriptions per day or month;
@@ -270,7 +272,9 @@ async def list_failed_jobs(
     response_model=RetryResult,
     responses=errors.responses(errors.NotFound),
 )
-async def retry_job(job_id: int, database: DatabaseDep, who: WriterDep) -> RetryResult:
+async def retry_job(
+    job_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)], database: DatabaseDep, who: WriterDep
+) -> RetryResult:
     """Put one failed job back in the queue now."""
 
     def work(session: Any) -> int:
@@ -321,9 +325,9 @@ async def search_audit(
     actor: str | None = None,
     action: str | None = None,
     target: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    before_id: int | None = None,
+    since: DateTimeQuery | None = None,
+    until: DateTimeQuery | None = None,
+    before_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> list[AuditOut]:
     """The audit log, newest first (`before_id` for older pages)."""

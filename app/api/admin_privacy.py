@@ -48,7 +48,14 @@ router = APIRouter(
     prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
 )
 
-EmailPath = Annotated[str, Path(max_length=1000, description="The address, in any case.")]
+EmailPath = Annotated[
+    str,
+    Path(
+        max_length=1000,
+        description="The address, in any case.",
+        json_schema_extra={"format": "email"},
+    ),
+]
 
 
 def _address(raw: str, *, where: tuple[str, ...]) -> addresses.Address:

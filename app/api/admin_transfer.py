@@ -28,7 +28,7 @@ from app import admin, apikeys, audit, db, errors, lists, transfer
 from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, caller
 from app.api.deps import Database, DatabaseDep, SettingsDep, media_type
 from app.models import SubscriptionStatus, utcnow
-from app.schemas import ImportResult, ImportRowError
+from app.schemas import DateTimeQuery, ImportResult, ImportRowError
 
 router = APIRouter(
     prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
@@ -231,10 +231,10 @@ async def export_subscribers(
     status: SubscriptionStatus | None = None,
     prefix: Annotated[str | None, Query(max_length=254)] = None,
     locale: Annotated[str | None, Query(max_length=8)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    confirmed_after: datetime | None = None,
-    confirmed_before: datetime | None = None,
+    created_after: DateTimeQuery | None = None,
+    created_before: DateTimeQuery | None = None,
+    confirmed_after: DateTimeQuery | None = None,
+    confirmed_before: DateTimeQuery | None = None,
 ) -> StreamingResponse:
     """Export a list's subscribers as CSV or JSON lines, streamed, with the same filters
     as the search."""

@@ -156,10 +156,22 @@ def parse_form(raw: bytes) -> dict[str, str]:
     return form
 
 
+def _charset(request: Request) -> str | None:
+    for parameter in request.headers.get("content-type", "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
     raw = await request.body()
+    if _charset(request) not in (None, "utf-8", "utf8"):
+        # JSON is UTF-8 (RFC 8259) and forms are read as UTF-8; a body declared in another
+        # charset (UTF-7 smuggles markup past filters) would be misread, not converted.
+        raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
     data: object
     if kind == JSON:
         try:
@@ -179,6 +191,21 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
         return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_context=False)) from e
+
+
+def inline_refs(schema: Any, definitions: dict[str, Any] | None = None) -> Any:
+    """A model's JSON schema with its nested models inlined: a request body given in
+    `openapi_extra` cannot add them to the document's components."""
+    if definitions is None and isinstance(schema, dict):
+        definitions = schema.pop("$defs", {})
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and definitions is not None:
+            return inline_refs(definitions[ref.rpartition("/")[2]], definitions)
+        return {key: inline_refs(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [inline_refs(item, definitions) for item in schema]
+    return schema
 
 
 def evidence(request: Request, settings: Settings, *, source: str) -> Evidence:

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import time
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -125,8 +126,59 @@ class EveryFewSeconds:
         return count
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path: Starlette's 405 names only the first
+    route's, while e.g. GET and POST /v1/confirm/{token} are two routes."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path) and getattr(route, "methods", None):
+            methods.update(route.methods)
+    return ", ".join(sorted(methods))
+
+
+def document_error_shape(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Make the document say what 422 answers are: `{"error", "detail"}` like every other
+    error (FastAPI documents its own `HTTPValidationError`, which this service never sends),
+    and, on the public routes, a page for a browser."""
+    schemas = openapi.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    body = {"$ref": "#/components/schemas/ErrorBody"}
+    for operations in openapi.get("paths", {}).values():
+        for operation in operations.values():
+            if "requestBody" in operation:
+                # Every route with a body: the body cap (middleware) and unreadable JSON.
+                for error in (errors.InvalidBody, errors.PayloadTooLarge):
+                    operation["responses"].setdefault(
+                        str(error.status_code),
+                        {
+                            "description": error.message,
+                            "content": {"application/json": {"schema": body}},
+                        },
+                    )
+            answer = operation.get("responses", {}).get("422")
+            if answer is None:
+                continue
+            answer["description"] = "The request is not valid (which field, and why)."
+            answer["content"] = {"application/json": {"schema": body}}
+            if "public" in operation.get("tags", []):
+                answer["content"]["text/html"] = {"schema": {"type": "string"}}
+    if schemas and "ErrorBody" not in schemas:
+        schemas["ErrorBody"] = errors.ErrorBody.model_json_schema()
+    return openapi
+
+
 def install(app: FastAPI) -> None:
     outage_log = EveryFewSeconds()
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_error_shape(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(errors.DomainError)
     async def _domain(request: Request, exc: errors.DomainError) -> Response:
@@ -150,6 +202,8 @@ def install(app: FastAPI) -> None:
         response = _answer(request, status=exc.status_code, code=code, detail=str(exc.detail))
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
+        if exc.status_code == 405:
+            response.headers["Allow"] = _allowed_methods(request)
         return response
 
     # The database went away (restart, failover, network): 503 with Retry-After, in the

@@ -76,6 +76,8 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         200: {"description": "Prometheus text format.", "content": {CONTENT_TYPE_LATEST: {}}},
         **errors.responses(MetricsUnauthorized),
     },
+    # The token is optional (NEWSLETTER_METRICS_TOKEN): without one, anyone may scrape.
+    openapi_extra={"security": [{}]},
 )
 def metrics(
     request: Request,

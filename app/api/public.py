@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -10,15 +11,28 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from app import addresses, errors, formguard, forms, hosted, lists, pages, subscriptions
+from app import (
+    addresses,
+    errors,
+    formguard,
+    forms,
+    hosted,
+    lists,
+    origins,
+    pages,
+    proofofwork,
+    subscriptions,
+)
 from app.api import views
 from app.api.deps import (
     FORM,
     JSON,
+    Database,
     DatabaseDep,
     RateLimiterDep,
     SettingsDep,
     evidence,
+    inline_refs,
     limit_client,
     media_type,
     parse_form,
@@ -29,7 +43,15 @@ from app.api.deps import (
 from app.config import ListSettings, Locale, Settings
 from app.i18n import for_list, parse_locale, preferred
 from app.models import MailingList, utcnow
-from app.schemas import Accepted, ActionResult, SubscriptionRequest, UnsubscriptionRequest
+from app.schemas import (
+    Accepted,
+    ActionResult,
+    ProofOfWorkChallenge,
+    SubscriptionRequest,
+    UnsubscriptionRequest,
+)
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["public"])
 
@@ -41,18 +63,34 @@ UNSUBSCRIBE_ACCEPTED = Accepted(
 )
 
 
+def _form_fields(schema: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body's schema as form fields: text values only (a form has no null and
+    no nested object, so `attributes` is JSON-only)."""
+    properties = {}
+    for name, field in schema["properties"].items():
+        variants = field.get("anyOf", [field])
+        text = [item for item in variants if item.get("type") == "string" or "enum" in item]
+        if text:
+            properties[name] = {**text[0], "title": field.get("title", name)}
+    return {**schema, "properties": properties}
+
+
 def _body_doc(model: type[SubscriptionRequest] | type[UnsubscriptionRequest]) -> dict[str, Any]:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    # Inlined: a body given in `openapi_extra` cannot add its nested models (Locale) to
+    # the document's components, so a `$ref` to them would not resolve.
+    schema = inline_refs(model.model_json_schema())
     return {
         "requestBody": {
             "required": True,
-            "content": {JSON: {"schema": schema}, FORM: {"schema": schema}},
+            "content": {JSON: {"schema": schema}, FORM: {"schema": _form_fields(schema)}},
         }
     }
 
 
 def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"description": description, "content": {"text/html": {}}}}
+    return {
+        200: {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +132,94 @@ UnsubscriptionBody = Annotated[UnsubscriptionRequest, Depends(unsubscription_bod
 OneClick = Annotated[bool, Depends(one_click)]
 
 
+FORM_TYPES = (FORM, "multipart/form-data")
+
+
+def check_form_origin(request: Request, settings: Settings) -> None:
+    """Refuse a browser form post sent from a page on a site not allowed (403).
+
+    Only form bodies: a browser posts JSON to another origin only after a CORS preflight,
+    which names the same allowed origins; servers calling the API send no `Origin`.
+    """
+    if media_type(request) not in FORM_TYPES:
+        return
+    origin = origins.request_origin(
+        origin=request.headers.get("origin"), referer=request.headers.get("referer")
+    )
+    if not origins.allowed(origin, settings.form_origins()):
+        log.info(
+            "form.origin_refused origin=%s path=%s",
+            origin[:200] if origin else origin,
+            request.url.path,
+        )
+        raise errors.OriginNotAllowed()
+
+
+async def allowed_origin(request: Request, settings: SettingsDep) -> None:
+    check_form_origin(request, settings)
+
+
 async def limit_client_unless_one_click(
     is_one_click: OneClick, request: Request, settings: SettingsDep, limiter: RateLimiterDep
 ) -> None:
-    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses;
-    # refusing one would keep someone subscribed who asked to leave. A token guards it.
+    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses,
+    # with whatever Origin their systems set; refusing one would keep someone subscribed
+    # who asked to leave. The token in the URL guards it.
     if not is_one_click:
         await limit_client(request, settings, limiter)
+        check_form_origin(request, settings)
 
 
-# Every public POST counts against its client's limit before any other work.
-LIMITED = [Depends(limit_client)]
+# Every public POST counts against its client's limit before any other work, then a
+# browser form post must come from an allowed site.
+LIMITED = [Depends(limit_client), Depends(allowed_origin)]
+FORM_ERRORS = (errors.RateLimited, errors.OriginNotAllowed)
+POW_ERRORS = (
+    errors.ProofOfWorkRequired,
+    errors.ProofOfWorkInvalid,
+    errors.ProofOfWorkExpired,
+    errors.ProofOfWorkUsed,
+)
+
+
+async def _require_proof_of_work(
+    body: SubscriptionRequest | UnsubscriptionRequest, settings: Settings, database: Database
+) -> None:
+    """When asked for by the settings, check and spend the request's solved challenge."""
+    if settings.proof_of_work_bits == 0:
+        return
+    now = utcnow()
+    proofofwork.check(
+        challenge=body.pow_challenge,
+        nonce=body.pow_nonce,
+        key=settings.token_key(),
+        bits=settings.proof_of_work_bits,
+        ttl=settings.proof_of_work_ttl,
+        now=now,
+    )
+    assert body.pow_challenge is not None
+    await database.run(
+        proofofwork.spend, challenge=body.pow_challenge, ttl=settings.proof_of_work_ttl, now=now
+    )
+
+
+@router.get(
+    "/challenge",
+    operation_id="proof_of_work_challenge",
+    response_model=ProofOfWorkChallenge,
+)
+async def challenge(settings: SettingsDep) -> ProofOfWorkChallenge:
+    """A proof-of-work challenge for subscribe and unsubscribe-by-address (`bits` 0: none
+    is asked for; app/static/pow.js solves it in a browser)."""
+    issued = proofofwork.issue(
+        key=settings.token_key(),
+        bits=settings.proof_of_work_bits,
+        ttl=settings.proof_of_work_ttl,
+        now=utcnow(),
+    )
+    return ProofOfWorkChallenge(
+        challenge=issued.challenge, bits=issued.bits, expires_at=issued.expires_at
+    )
 
 
 @router.post(
@@ -119,7 +234,9 @@ LIMITED = [Depends(limit_client)]
             errors.InvalidBody,
             errors.UnsupportedMediaType,
             errors.PayloadTooLarge,
-            errors.RateLimited,
+            *FORM_ERRORS,
+            *POW_ERRORS,
+            html=True,
         ),
     },
     openapi_extra=_body_doc(SubscriptionRequest),
@@ -147,6 +264,7 @@ async def subscribe(
         declared = settings.list_settings(slug)
         if declared is not None:
             _refuse_bad_fields(forms.check(body.attributes, declared.fields))
+        await _require_proof_of_work(body, settings, database)
         await _subscribe(request, database, settings, limiter, slug, body, source="api")
         return JSONResponse(SUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
 
@@ -185,6 +303,7 @@ async def subscribe(
             )
         _refuse_bad_fields(post.problems)
     assert post.request is not None
+    await _require_proof_of_work(post.request, settings, database)
     await _subscribe(
         request,
         database,
@@ -283,7 +402,7 @@ def _subscribe_page(
     operation_id="subscription_page",
     responses={
         **_html_and_json("The hosted subscription form (HTML, works without JavaScript)."),
-        **errors.responses(errors.ListNotFound),
+        **errors.responses(errors.ListNotFound, html=True),
     },
 )
 async def subscription_page(
@@ -301,7 +420,7 @@ async def subscription_page(
     operation_id="subscription_thanks_page",
     responses={
         **_html_and_json("The 'check your inbox' page."),
-        **errors.responses(errors.ListNotFound),
+        **errors.responses(errors.ListNotFound, html=True),
     },
 )
 async def thanks_page(
@@ -317,7 +436,7 @@ async def thanks_page(
     operation_id="subscription_confirmed_page",
     responses={
         **_html_and_json("The 'subscription confirmed' page (the result page's other language)."),
-        **errors.responses(errors.ListNotFound),
+        **errors.responses(errors.ListNotFound, html=True),
     },
 )
 async def confirmed_page(
@@ -333,7 +452,7 @@ async def confirmed_page(
     operation_id="unsubscribed_page",
     responses={
         **_html_and_json("The 'you are unsubscribed' page (the result page's other language)."),
-        **errors.responses(errors.ListNotFound),
+        **errors.responses(errors.ListNotFound, html=True),
     },
 )
 async def unsubscribed_page(
@@ -385,9 +504,18 @@ def _list_page(
     operation_id="request_unsubscribe",
     status_code=202,
     response_model=Accepted,
-    responses=errors.responses(
-        errors.ListNotFound, errors.InvalidBody, errors.UnsupportedMediaType, errors.RateLimited
-    ),
+    responses={
+        303: {"description": "A form post: go to the 'check your inbox' page."},
+        **errors.responses(
+            errors.ListNotFound,
+            errors.InvalidBody,
+            errors.UnsupportedMediaType,
+            errors.PayloadTooLarge,
+            *FORM_ERRORS,
+            *POW_ERRORS,
+            html=True,
+        ),
+    },
     openapi_extra=_body_doc(UnsubscriptionRequest),
     dependencies=LIMITED,
 )
@@ -400,6 +528,7 @@ async def request_unsubscribe(
     limiter: RateLimiterDep,
 ) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state."""
+    await _require_proof_of_work(body, settings, database)
     is_form = media_type(request) == FORM
     mailing_list = await database.run(
         subscriptions.request_unsubscribe,
@@ -460,9 +589,11 @@ def _page(
     )
 
 
-TOKEN_ERRORS = errors.responses(errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed)
+TOKEN_ERRORS = errors.responses(
+    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, html=True
+)
 TOKEN_POST_ERRORS = errors.responses(
-    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, errors.RateLimited
+    errors.TokenNotFound, errors.TokenExpired, errors.TokenUsed, *FORM_ERRORS, html=True
 )
 
 

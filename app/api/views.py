@@ -36,4 +36,5 @@ def chrome(
         switch_url=pages.with_lang(path, query, pages.other_locale(locale)),
         service_name=list_name or t("layout.service"),
         stylesheet_url=str(stylesheet) if stylesheet else None,
+        proof_of_work=settings.proof_of_work_bits > 0,
     )

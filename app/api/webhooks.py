@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app import errors, webhooks
-from app.api.deps import JSON, DatabaseDep, SettingsDep, evidence, media_type
+from app.api.deps import JSON, DatabaseDep, SettingsDep, evidence, inline_refs, media_type
 from app.models import utcnow
 from app.schemas import Accepted, MailgunWebhook
 
@@ -17,21 +16,6 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 # One answer for every verified call, whether the address is known here or not.
 EVENT_ACCEPTED = Accepted(detail="Event received.")
-
-
-def _inlined(schema: Any, definitions: dict[str, Any] | None = None) -> Any:
-    """The model's JSON schema with its nested models inlined: a request body given in
-    `openapi_extra` cannot add them to the document's components."""
-    if definitions is None and isinstance(schema, dict):
-        definitions = schema.pop("$defs", {})
-    if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and definitions is not None:
-            return _inlined(definitions[ref.rpartition("/")[2]], definitions)
-        return {key: _inlined(value, definitions) for key, value in schema.items()}
-    if isinstance(schema, list):
-        return [_inlined(item, definitions) for item in schema]
-    return schema
 
 
 @router.post(
@@ -50,7 +34,7 @@ def _inlined(schema: Any, definitions: dict[str, Any] | None = None) -> Any:
         "requestBody": {
             "required": True,
             "content": {
-                JSON: {"schema": _inlined(MailgunWebhook.model_json_schema(by_alias=True))}
+                JSON: {"schema": inline_refs(MailgunWebhook.model_json_schema(by_alias=True))}
             },
         }
     },
