@@ -311,6 +311,18 @@ class Settings(BaseSettings):
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 
+    # Retention (app/retention.py), run by the worker this often (off when unset) and by
+    # `newsletter retention run`. Requests nobody confirmed go after `retention_pending`
+    # (longer than any confirm link lives); ledger IPs are cut to their /24 (IPv4) or /48
+    # (IPv6) after `retention_ip_truncate`, removed after `retention_ip_drop`; records of
+    # people who left are reduced to the proof of their opt-out after
+    # `retention_unsubscribed`.
+    retention_interval: Duration | None = timedelta(hours=24)
+    retention_pending: Duration = timedelta(days=30)
+    retention_ip_truncate: Duration = timedelta(days=30)
+    retention_ip_drop: Duration = timedelta(days=395)
+    retention_unsubscribed: Duration = timedelta(days=90)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("database_url")
@@ -364,6 +376,26 @@ class Settings(BaseSettings):
                 "job_lease must be at least twice the SMTP timeout "
                 f"({mailer.timeout:g}s), or a slow send could be made twice"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _retention_keeps_what_is_live(self) -> Settings:
+        # A request purged while its confirm link still works would turn a click into 404.
+        longest = max(item.confirm_ttl for item in self.lists)
+        if self.retention_pending <= longest:
+            raise ValueError(
+                f"retention_pending ({self.retention_pending}) must be longer than the "
+                f"longest confirm_ttl of the lists ({longest})"
+            )
+        if self.retention_ip_drop <= self.retention_ip_truncate:
+            raise ValueError("retention_ip_drop must be longer than retention_ip_truncate")
+        durations = (
+            self.retention_ip_truncate,
+            self.retention_unsubscribed,
+            self.retention_interval or timedelta(seconds=1),
+        )
+        if any(value <= timedelta(0) for value in durations):
+            raise ValueError("retention durations must be positive")
         return self
 
     @property

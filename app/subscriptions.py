@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from app import addresses, errors, lists, outbox, tokens
+from app import addresses, blocklist, errors, lists, outbox, privacy, tokens
 from app.config import Locale
 from app.mails import MailKind
 from app.models import (
@@ -115,6 +115,46 @@ def _record(
             occurred_at=now,
         )
     )
+
+
+def _record_blocked(
+    session: Session,
+    *,
+    mailing_list: MailingList,
+    address: addresses.Address,
+    action: ConsentAction,
+    evidence: Evidence,
+    key: bytes,
+    now: datetime,
+) -> bool:
+    """For a blocked address: the ledger event alone, under the address's keyed hash.
+
+    True when the address is blocked (the caller then stops: no row, no mail). The request
+    is still one write in the caller's transaction, as for any other address.
+    """
+    kind = blocklist.match(session, email_key=address.key)
+    if kind is None:
+        return False
+    assert mailing_list.id is not None
+    session.add(
+        ConsentEvent(
+            subscription_id=None,
+            address_hash=privacy.address_hash(address.key, key=key),
+            list_id=mailing_list.id,
+            action=action,
+            status_after="blocked",
+            source=evidence.source,
+            source_url=evidence.source_url,
+            consent_version=mailing_list.consent_version,
+            ip=evidence.ip,
+            user_agent=evidence.user_agent,
+            detail={"blocked": kind.value, "mail_suppressed": "blocklist"},
+            occurred_at=now,
+        )
+    )
+    session.flush()
+    log.info("subscription.blocked list_id=%s action=%s by=%s", mailing_list.id, action, kind)
+    return True
 
 
 def _claim_mail_slot(
@@ -263,6 +303,16 @@ def subscribe(
     """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
+    if _record_blocked(
+        session,
+        mailing_list=mailing_list,
+        address=address,
+        action=ConsentAction.SUBSCRIBE_REQUESTED,
+        evidence=evidence,
+        key=key,
+        now=now,
+    ):
+        return mailing_list
     chosen_locale = (locale or fallback_locale or Locale(mailing_list.default_locale)).value
     subscription = _insert_if_new(
         session,
@@ -545,6 +595,16 @@ def request_unsubscribe(
     """Mail an unsubscribe link to a subscribed address; nothing else, whatever the state."""
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
+    if _record_blocked(
+        session,
+        mailing_list=mailing_list,
+        address=address,
+        action=ConsentAction.UNSUBSCRIBE_REQUESTED,
+        evidence=evidence,
+        key=key,
+        now=now,
+    ):
+        return mailing_list
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
     if subscription is None or subscription.status != SubscriptionStatus.CONFIRMED:
         return mailing_list
