@@ -43,6 +43,7 @@ from app.models import (
     ConsentAction,
     ConsentEvent,
     DeliveryAttempt,
+    JobKind,
     JobState,
     OutboxJob,
     Subscription,
@@ -181,9 +182,20 @@ def _purge_pending(session: Session, *, policy: Policy, key: bytes, now: datetim
             )
             .rowcount
         )
-        report.jobs_purged += _delete_jobs(session, col(OutboxJob.subscription_id) == row.id)
         previous = _status_before_request(session, subscription_id=row.id)
         if previous is not None:
+            # Its mails, and finished jobs; a sync still to run tells the backend of the
+            # opt-out and stays.
+            report.jobs_purged += _delete_jobs(
+                session,
+                sa.and_(
+                    col(OutboxJob.subscription_id) == row.id,
+                    sa.or_(
+                        col(OutboxJob.kind) == JobKind.MAIL,
+                        col(OutboxJob.state).in_([JobState.DONE, JobState.DEAD]),
+                    ),
+                ),
+            )
             # The person left before; an unconfirmed request does not withdraw that.
             row.status = previous
             row.attributes = {}
@@ -204,6 +216,7 @@ def _purge_pending(session: Session, *, policy: Policy, key: bytes, now: datetim
             )
             report.pending_reverted += 1
             continue
+        report.jobs_purged += _delete_jobs(session, col(OutboxJob.subscription_id) == row.id)
         hashed = privacy.address_hash(row.email_key, key=key)
         session.execute(
             sa.update(ConsentEvent)
