@@ -378,24 +378,33 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("retention_interval", mode="before")
+    @classmethod
+    def _interval_or_off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
+
     @model_validator(mode="after")
     def _retention_keeps_what_is_live(self) -> Settings:
         # A request purged while its confirm link still works would turn a click into 404.
         longest = max(item.confirm_ttl for item in self.lists)
         if self.retention_pending <= longest:
             raise ValueError(
-                f"retention_pending ({self.retention_pending}) must be longer than the "
-                f"longest confirm_ttl of the lists ({longest})"
+                f"NEWSLETTER_RETENTION_PENDING ({self.retention_pending}) must be longer than "
+                f"the longest confirm_ttl in NEWSLETTER_LISTS ({longest})"
             )
         if self.retention_ip_drop <= self.retention_ip_truncate:
-            raise ValueError("retention_ip_drop must be longer than retention_ip_truncate")
+            raise ValueError(
+                "NEWSLETTER_RETENTION_IP_DROP must be longer than NEWSLETTER_RETENTION_IP_TRUNCATE"
+            )
         durations = (
             self.retention_ip_truncate,
             self.retention_unsubscribed,
             self.retention_interval or timedelta(seconds=1),
         )
         if any(value <= timedelta(0) for value in durations):
-            raise ValueError("retention durations must be positive")
+            raise ValueError("NEWSLETTER_RETENTION_* durations must be positive")
         return self
 
     @property
@@ -436,6 +445,9 @@ _MAILER_KINDS = frozenset({"file", "smtp"})
 
 def _variable(loc: tuple[int | str, ...]) -> str:
     """The variable an error is about: `NEWSLETTER_MAILER__HOST`, `NEWSLETTER_LISTS[0].slug`."""
+    if not loc:
+        # A check across several settings (a model validator): its message names them.
+        return "NEWSLETTER_*"
     field, *rest = loc
     if field == "mailer" and rest and rest[0] in _MAILER_KINDS:
         rest = rest[1:]

@@ -319,6 +319,9 @@ class Worker:
             outbox.schedule_retention(session, now=self.now(), delay=interval)
 
     def _retention_round(self) -> int:
+        if self.settings.retention_interval is None:
+            # Off: no job is scheduled, and the round costs no claim (one write on SQLite).
+            return 0
         claimed = self._claim(JobKind.RETENTION, 1)
         for job in claimed:
             started_at = self.now()
