@@ -325,36 +325,52 @@ class Worker:
         claimed = self._claim(JobKind.RETENTION, 1)
         for job in claimed:
             started_at = self.now()
-            with db.session_scope(self.engine) as session:
-                report = retention.run(
-                    session,
-                    policy=retention.Policy.from_settings(self.settings),
-                    key=self._key,
-                    now=started_at,
-                )
-                # Operators read each run in the audit log (and the job's response).
-                audit.record(
-                    session,
-                    actor=retention.ACTOR,
-                    action="retention.run",
-                    target=None,
-                    outcome="ok",
-                    now=started_at,
-                    detail=report.as_dict(),
-                )
-                outbox.finish(
-                    session,
-                    job=job,
-                    worker=self.name,
-                    started_at=started_at,
-                    now=self.now(),
-                    response=report.summary(),
-                )
-                if self.settings.retention_interval is not None:
-                    outbox.schedule_retention(
-                        session, now=self.now(), delay=self.settings.retention_interval
+            try:
+                self._run_retention(job, started_at=started_at)
+            except Exception as e:
+                # A database error, or a bug: the job is retried with backoff, and shows in
+                # the failed jobs (GET /v1/admin/jobs) once dead.
+                log.exception("retention.failed id=%s", job.id)
+                with db.session_scope(self.engine) as session:
+                    self._record_failure(
+                        session,
+                        job,
+                        error=f"retention failed: {type(e).__name__}",
+                        retryable=True,
+                        started_at=started_at,
                     )
         return len(claimed)
+
+    def _run_retention(self, job: outbox.ClaimedJob, *, started_at: datetime) -> None:
+        with db.session_scope(self.engine) as session:
+            report = retention.run(
+                session,
+                policy=retention.Policy.from_settings(self.settings),
+                key=self._key,
+                now=started_at,
+            )
+            # Operators read each run in the audit log (and the job's response).
+            audit.record(
+                session,
+                actor=retention.ACTOR,
+                action="retention.run",
+                target=None,
+                outcome="ok",
+                now=started_at,
+                detail=report.as_dict(),
+            )
+            outbox.finish(
+                session,
+                job=job,
+                worker=self.name,
+                started_at=started_at,
+                now=self.now(),
+                response=report.summary(),
+            )
+            if self.settings.retention_interval is not None:
+                outbox.schedule_retention(
+                    session, now=self.now(), delay=self.settings.retention_interval
+                )
 
     def _run_job(self, job: outbox.ClaimedJob) -> bool:
         """Run the job and record its outcome; false if not started because of a stop."""
