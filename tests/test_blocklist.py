@@ -24,7 +24,7 @@ from app.models import (
     Subscription,
     utcnow,
 )
-from tests.conftest import SECRET, SmtpSink, count_rows, wait_until
+from tests.conftest import SECRET, SmtpSink, count_rows, link_in, wait_until
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 BLOCKS = "/v1/admin/blocks"
@@ -205,6 +205,34 @@ class TestPublicEndpoints:
         smtp.mail_to("c@example.org", link="confirm")
         wait_until(lambda: count_rows(database_url, UNFINISHED) == 0)
         assert [m["To"] for m in smtp.messages] == ["c@example.org"]
+
+    def test_the_ordinary_work_is_rehearsed_and_undone_for_a_known_blocked_address(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        engine: sa.Engine,
+        database_url: str,
+        write_key: dict[str, str],
+    ) -> None:
+        # A confirmed subscriber whose address is blocked later: a new request would mean
+        # an "already subscribed" mail and a new mail slot; the block leaves neither.
+        client.post(SUBSCRIBE, json={"email": "ada@example.org"})
+        client.post(link_in(smtp.mail_to("ada@example.org", link="confirm"), "confirm"))
+        wait_until(lambda: count_rows(database_url, UNFINISHED) == 0)
+        _block(client, write_key, "address", "ada@example.org")
+        with Session(engine) as session:
+            before = session.exec(select(Subscription)).one().model_dump()
+        jobs = count_rows(database_url, "outbox_job")
+        tokens = count_rows(database_url, "token")
+
+        for path in (SUBSCRIBE, UNSUBSCRIBE):
+            assert client.post(path, json={"email": "ada@example.org"}).status_code == 202
+        with Session(engine) as session:
+            assert session.exec(select(Subscription)).one().model_dump() == before
+        assert count_rows(database_url, "outbox_job") == jobs
+        assert count_rows(database_url, "token") == tokens
+        assert count_rows(database_url, "consent_event WHERE status_after = 'blocked'") == 2
+        assert [m["To"] for m in smtp.messages] == ["ada@example.org"]
 
     def test_a_mail_queued_before_the_block_is_not_sent(
         self, client: TestClient, smtp: SmtpSink, engine: sa.Engine, database_url: str
