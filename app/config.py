@@ -311,7 +311,7 @@ class Settings(BaseSettings):
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 
-    # Retention (app/retention.py), run by the worker this often (off when unset) and by
+    # Retention (app/retention.py), run by the worker this often (`off`: never) and by
     # `newsletter retention run`. Requests nobody confirmed go after `retention_pending`
     # (longer than any confirm link lives); ledger IPs are cut to their /24 (IPv4) or /48
     # (IPv6) after `retention_ip_truncate`, removed after `retention_ip_drop`; records of
