@@ -1089,5 +1089,173 @@ def lists_update(
     typer.echo(f"list {slug!r} updated")
 
 
+# Block-list, retention, proof of consent ----------------------------------------------------
+#
+# Exit codes as above: 0 done; 1 refused (already blocked, not on the list, unknown
+# subscriber); 2 bad input.
+
+block_cli = typer.Typer(
+    no_args_is_help=True, help="The block-list: addresses and domains never mailed nor added."
+)
+cli.add_typer(block_cli, name="block")
+retention_cli = typer.Typer(no_args_is_help=True, help="Retention of personal data.")
+cli.add_typer(retention_cli, name="retention")
+
+
+def _block_value(raw: str, kind: str | None) -> tuple[Any, str]:
+    """The entry's kind (given, or: an address has a local part) and its stored form."""
+    from app import addresses, blocklist
+    from app.models import BlockKind
+
+    if kind is None:
+        chosen = BlockKind.ADDRESS if "@" in raw.strip().lstrip("@") else BlockKind.DOMAIN
+    else:
+        chosen = _choice(kind, option="--kind", allowed=BlockKind)
+    try:
+        return chosen, blocklist.normalize(chosen, raw)
+    except addresses.InvalidAddress as e:
+        typer.echo(f"invalid {chosen.value}: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+@block_cli.command("add")
+def block_add(
+    value: Annotated[str, typer.Argument(help="An address, or a domain (example.org).")],
+    reason: Annotated[str, typer.Option(help="Why (kept with the entry).")],
+    kind: Annotated[
+        str | None, typer.Option(help="address or domain (default: guessed from an @).")
+    ] = None,
+) -> None:
+    """Block an address, or a domain and its subdomains."""
+    from app import blocklist
+    from app.models import utcnow
+    from app.schemas import BlockCreate
+
+    chosen, normalized = _block_value(value, kind)
+    body = _parsed(BlockCreate, {"kind": chosen.value, "value": value, "reason": reason})
+    settings = _settings()
+    _audited_run(
+        settings, action="block.add", target=f"{chosen.value}:{normalized}",
+        work=blocklist.add, kind=chosen, value=normalized, reason=body.reason,
+        actor=_cli_actor(), now=utcnow(),
+    )  # fmt: skip
+    typer.echo(f"{chosen.value} {normalized} blocked")
+
+
+@block_cli.command("list")
+def block_list(
+    kind: Annotated[str | None, typer.Option(help="address or domain.")] = None,
+) -> None:
+    """Every entry: kind, value, reason, when, by whom (tab-separated)."""
+    from app import blocklist
+    from app.models import BlockKind
+
+    chosen = _choice(kind, option="--kind", allowed=BlockKind) if kind else None
+    rows = _read(_settings(), blocklist.all_entries, kind=chosen)
+    for row in rows:
+        typer.echo(
+            f"{row.kind}\t{row.value}\t{row.reason}\t{row.created_at:%Y-%m-%d %H:%M}\t"
+            f"{row.created_by}"
+        )
+
+
+@block_cli.command("remove")
+def block_remove(
+    value: Annotated[str, typer.Argument(help="The address or domain, as listed.")],
+    kind: Annotated[str | None, typer.Option(help="address or domain.")] = None,
+) -> None:
+    """Take an address or a domain off the block-list."""
+    from app import blocklist
+
+    chosen, normalized = _block_value(value, kind)
+
+    def work(session: Any) -> Any:
+        entry = blocklist.find(session, kind=chosen, value=normalized)
+        assert entry.id is not None
+        return blocklist.remove(session, entry_id=entry.id)
+
+    _audited_run(
+        _settings(), action="block.remove", target=f"{chosen.value}:{normalized}", work=work
+    )
+    typer.echo(f"{chosen.value} {normalized} no longer blocked")
+
+
+@retention_cli.command("run")
+def retention_run(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would go; change nothing.")
+    ] = False,
+) -> None:
+    """Apply the retention settings now and print what was removed, by kind."""
+    from app import audit, db, retention
+    from app.models import utcnow
+
+    settings = _settings()
+    engine = db.make_engine(settings.database_url)
+    policy = retention.Policy.from_settings(settings)
+    try:
+        if dry_run:
+            # The same work in a transaction that is rolled back: the counts are exact.
+            session = db.new_session(engine)
+            try:
+                report = retention.run(
+                    session, policy=policy, key=settings.token_key(), now=utcnow()
+                )
+            finally:
+                session.rollback()
+                session.close()
+        else:
+            with db.session_scope(engine) as session:
+                report = retention.run(
+                    session, policy=policy, key=settings.token_key(), now=utcnow()
+                )
+                audit.record(
+                    session, actor=_cli_actor(), action="retention.run", target=None,
+                    outcome="ok", now=utcnow(), detail=report.as_dict(),
+                )  # fmt: skip
+    finally:
+        engine.dispose()
+    if dry_run:
+        typer.echo("dry run: nothing changed; would remove:", err=True)
+    for name, count in report.as_dict().items():
+        typer.echo(f"{name}\t{count}")
+
+
+@subscriber_cli.command("proof")
+def subscriber_proof(
+    who: Annotated[str, typer.Argument(help="The subscriber's id, or the address.")],
+    list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
+) -> None:
+    """Print a subscriber's proof of consent: ledger events and the exact wording shown."""
+    from app import consent, errors
+    from app.api.admin_data import proof_out
+    from app.models import utcnow
+
+    settings = _settings()
+    if who.isdigit():
+
+        def work(session: Any) -> Any:
+            item = consent.proof_by_id(session, subscription_id=int(who))
+            if item.list_slug != list_slug:
+                raise errors.NotFound(f"Subscriber {who} is not on the list {list_slug!r}.")
+            return item
+
+    else:
+        address = _address(who)
+
+        def work(session: Any) -> Any:
+            return consent.proof_by_address(session, list_slug=list_slug, email_key=address.key)
+
+    item = _audited_run(
+        settings, action="subscriber.consent_proof", target=f"{list_slug}:{who}", work=work
+    )
+    now = utcnow()
+    if as_json:
+        typer.echo(proof_out(item, generated_at=now).model_dump_json(indent=2))
+    else:
+        typer.echo(consent.render_text(item, generated_at=now), nl=False)
+
+
 def main() -> None:
     cli()

@@ -413,6 +413,18 @@ class Settings(BaseSettings):
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 
+    # Retention (app/retention.py), run by the worker this often (`off`: never) and by
+    # `newsletter retention run`. Requests nobody confirmed go after `retention_pending`
+    # (longer than any confirm link lives); ledger IPs are cut to their /24 (IPv4) or /48
+    # (IPv6) after `retention_ip_truncate`, removed after `retention_ip_drop`; records of
+    # people who left are reduced to the proof of their opt-out after
+    # `retention_unsubscribed`.
+    retention_interval: Duration | None = timedelta(hours=24)
+    retention_pending: Duration = timedelta(days=30)
+    retention_ip_truncate: Duration = timedelta(days=30)
+    retention_ip_drop: Duration = timedelta(days=395)
+    retention_unsubscribed: Duration = timedelta(days=90)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # `text` for people (the embedded default), `json` for a log collector: one event a line.
     log_format: Literal["text", "json"] = "text"
@@ -504,6 +516,35 @@ class Settings(BaseSettings):
             raise ValueError("form_max_age must be positive")
         return value
 
+    @field_validator("retention_interval", mode="before")
+    @classmethod
+    def _interval_or_off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _retention_keeps_what_is_live(self) -> Settings:
+        # A request purged while its confirm link still works would turn a click into 404.
+        longest = max(item.confirm_ttl for item in self.lists)
+        if self.retention_pending <= longest:
+            raise ValueError(
+                f"NEWSLETTER_RETENTION_PENDING ({self.retention_pending}) must be longer than "
+                f"the longest confirm_ttl in NEWSLETTER_LISTS ({longest})"
+            )
+        if self.retention_ip_drop <= self.retention_ip_truncate:
+            raise ValueError(
+                "NEWSLETTER_RETENTION_IP_DROP must be longer than NEWSLETTER_RETENTION_IP_TRUNCATE"
+            )
+        durations = (
+            self.retention_ip_truncate,
+            self.retention_unsubscribed,
+            self.retention_interval or timedelta(seconds=1),
+        )
+        if any(value <= timedelta(0) for value in durations):
+            raise ValueError("NEWSLETTER_RETENTION_* durations must be positive")
+        return self
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite:")
@@ -547,6 +588,9 @@ _MAILER_KINDS = frozenset({"file", "smtp"})
 
 def _variable(loc: tuple[int | str, ...]) -> str:
     """The variable an error is about: `NEWSLETTER_MAILER__HOST`, `NEWSLETTER_LISTS[0].slug`."""
+    if not loc:
+        # A check across several settings (a model validator): its message names them.
+        return "NEWSLETTER_*"
     field, *rest = loc
     if field == "mailer" and rest and rest[0] in _MAILER_KINDS:
         rest = rest[1:]

@@ -79,6 +79,19 @@ class Conflict(DomainError):
     message = "This conflicts with what exists."
 
 
+class AddressBlocked(Conflict):
+    code = "address_blocked"
+    message = "This address (or its domain) is on the block-list: it cannot be added."
+
+
+class ConsentWordingChanged(Conflict):
+    code = "consent_wording_changed"
+    message = (
+        "The consent wording changed but its version did not: give the new wording a new "
+        "consent_version (the version is what the consent ledger refers to)."
+    )
+
+
 class BadRequest(DomainError):
     status_code = 400
     code = "bad_request"

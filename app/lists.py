@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from app import errors
+from app import consent, errors
 from app.config import SLUG_PATTERN, ListSettings
 from app.models import MailingList
 
@@ -47,7 +47,10 @@ def sync_from_settings(session: Session, *, declared: list[ListSettings], now: d
         row.landing_url = str(item.landing_url) if item.landing_url else None
         row.updated_at = now
         session.add(row)
-    session.flush()
+        session.flush()
+        # The text this version stands for; a changed text under the same version stops
+        # the start (ConsentWordingChanged).
+        consent.record(session, mailing_list=row, overrides=item.consent_text, now=now)
 
 
 # Operators' changes ---------------------------------------------------------------------
@@ -102,6 +105,7 @@ def create(
     )
     session.add(row)
     session.flush()
+    consent.record(session, mailing_list=row, overrides={}, now=now)
     return row
 
 
@@ -128,4 +132,6 @@ def update(
     row.updated_at = now
     session.add(row)
     session.flush()
+    # A new name changes the wording (it names the list): 409 unless the version changes.
+    consent.record(session, mailing_list=row, overrides={}, now=now)
     return row

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import db, errors, lists, logs, migrations, ratelimit
 from app.api import admin as admin_api
-from app.api import admin_privacy, admin_transfer, handlers, health, public, webhooks
+from app.api import admin_data, admin_privacy, admin_transfer, handlers, health, public, webhooks
 from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_api.router, responses=database_gone)
     app.include_router(admin_privacy.router, responses=database_gone)
     app.include_router(admin_transfer.router, responses=database_gone)
+    app.include_router(admin_data.router, responses=database_gone)
     app.include_router(webhooks.router, responses=database_gone)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

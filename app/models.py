@@ -70,6 +70,9 @@ class ConsentAction(StrEnum):
     BACKEND_EVENT = "backend_event"
     # Taken over from the backend's existing list (provenance in the event's detail).
     IMPORTED = "imported"
+    # A request nobody confirmed, dropped by the retention job; the opt-out it interrupted
+    # stands again (see app/retention.py).
+    REQUEST_EXPIRED = "request_expired"
 
 
 class JobState(StrEnum):
@@ -83,6 +86,7 @@ class JobKind(StrEnum):
     MAIL = "mail"
     SYNC = "sync"
     RECONCILE = "reconcile"
+    RETENTION = "retention"
 
 
 class AttemptOutcome(StrEnum):
@@ -285,3 +289,45 @@ class WorkerHeartbeat(SQLModel, table=True):
     pid: int
     started_at: datetime = _ts()
     seen_at: datetime = _ts()
+
+
+class BlockKind(StrEnum):
+    ADDRESS = "address"
+    # A domain entry covers the domain and every subdomain of it.
+    DOMAIN = "domain"
+
+
+class BlockedEntry(SQLModel, table=True):
+    """An address or a domain operators refuse to mail or to add (see app/blocklist.py)."""
+
+    __tablename__ = "blocked_entry"
+    __table_args__ = (sa.UniqueConstraint("kind", "value", name="uq_blocked_entry_kind_value"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)
+    # The case-folded address, or the lowercased domain (no leading "@").
+    value: str = Field(max_length=320)
+    reason: str = Field(max_length=500)
+    created_at: datetime = _ts()
+    # The key's name, or "cli:<user>".
+    created_by: str = Field(max_length=120)
+
+
+class ConsentWording(SQLModel, table=True):
+    """The text a consent version stood for, per list and language: the proof's other half.
+
+    Written when a list is declared or changed, never rewritten: a changed text needs a
+    new `consent_version` (see app/consent.py).
+    """
+
+    __tablename__ = "consent_wording"
+    __table_args__ = (
+        sa.UniqueConstraint("list_id", "version", "locale", name="uq_consent_wording"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    list_id: int = Field(foreign_key="mailing_list.id")
+    version: str = Field(max_length=64)
+    locale: str = Field(max_length=8)
+    text: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    first_recorded_at: datetime = _ts()

@@ -38,7 +38,18 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, func, select
 
-from app import addresses, admin, errors, lists, outbox, privacy, subscriptions, sync, tokens
+from app import (
+    addresses,
+    admin,
+    blocklist,
+    errors,
+    lists,
+    outbox,
+    privacy,
+    subscriptions,
+    sync,
+    tokens,
+)
 from app.config import Locale
 from app.models import (
     AuditEvent,
@@ -110,11 +121,14 @@ def add_subscriber(
 ) -> Subscription:
     """Invite an address (double opt-in) or record it as confirmed on `proof`.
 
-    Conflict for an address already confirmed on the list; for "confirmed", also for an
-    erased address and for one that left the list after the consent `proof` cites.
+    Conflict for an address already confirmed on the list or on the block-list
+    (`AddressBlocked`); for "confirmed", also for an erased address and for one that
+    left the list after the consent `proof` cites.
     """
     mailing_list = lists.get(session, slug=list_slug)
     list_id = _id(mailing_list)
+    # Either mode: an invitation to a blocked address would silently go nowhere.
+    blocklist.refuse_if_blocked(session, email_key=address.key)
     existing = _find(session, list_id=list_id, key=address.key)
     if existing is not None and existing.status == SubscriptionStatus.CONFIRMED:
         raise errors.Conflict(

@@ -144,6 +144,22 @@ def schedule_reconcile(
         )
 
 
+RETENTION_KEY = "retention"
+
+
+def schedule_retention(session: Session, *, now: datetime, delay: timedelta) -> None:
+    """Make sure one retention run is scheduled (any number of workers ask)."""
+    if _pending_with_key(session, RETENTION_KEY) is None:
+        enqueue(
+            session,
+            kind=JobKind.RETENTION,
+            payload={},
+            now=now,
+            delay=delay,
+            dedupe_key=RETENTION_KEY,
+        )
+
+
 def request_reconcile(session: Session, *, list_slug: str, now: datetime) -> OutboxJob:
     """A reconciliation of the list as soon as a worker is free (a scheduled one moves up)."""
     pending = _pending_with_key(session, f"reconcile:{list_slug}")

@@ -572,3 +572,71 @@ class ImportResult(BaseModel):
     unchanged: int = Field(description="Addresses already on the list, left as they are.")
     invalid: int
     errors: ImportRowErrors = Field(description="The first 100 refused rows, by line.")
+
+
+# Block-list ---------------------------------------------------------------------------------
+
+
+class BlockCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["address", "domain"] = Field(
+        description="`address`, or `domain` (which also blocks every subdomain)."
+    )
+    value: Annotated[str, Field(min_length=1, max_length=320)] = Field(
+        description="The address, or the domain (`example.org`; a leading `@` is ignored)."
+    )
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+    @field_validator("reason")
+    @classmethod
+    def _plain_reason(cls, value: str) -> str:
+        value = _no_control_characters(value).strip()
+        if not value:
+            raise ValueError("a reason is required")
+        return value
+
+
+class BlockOut(BaseModel):
+    id: int
+    kind: str
+    value: str
+    reason: str
+    created_at: datetime
+    created_by: str
+
+
+# Proof of consent ---------------------------------------------------------------------------
+
+
+class WordingOut(BaseModel):
+    version: str
+    locale: str
+    text: str | None = Field(description="The exact text shown; null if none was recorded.")
+    first_recorded_at: datetime | None
+
+
+# Aliases: inside ConsentProofOut, `list` is a field.
+ProofLedger = list[ConsentEventOut]
+ProofWordings = list[WordingOut]
+
+
+class ConsentProofOut(BaseModel):
+    """A subscriber's consent evidence: each ledger event and the wording of each version."""
+
+    list: str
+    list_name: str
+    subscriber_id: int
+    email: str
+    status: str
+    locale: str
+    consent_version: str
+    created_at: datetime
+    confirmed_at: datetime | None
+    unsubscribed_at: datetime | None
+    ledger: ProofLedger
+    wordings: ProofWordings = Field(
+        description="The text of every consent version the ledger names, in the "
+        "subscription's language."
+    )
+    generated_at: datetime

@@ -24,8 +24,9 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from app import addresses, errors, lists, outbox, tokens
+from app import addresses, blocklist, errors, lists, outbox, privacy, tokens
 from app.config import Locale
+from app.db import OUTBOX_WRITTEN
 from app.mails import MailKind
 from app.models import (
     ConsentAction,
@@ -115,6 +116,64 @@ def _record(
             occurred_at=now,
         )
     )
+
+
+# Session.info key set while a blocked address's request rehearses the ordinary work.
+_REHEARSAL = "blocklist_rehearsal"
+
+
+def _blocked(
+    session: Session,
+    *,
+    mailing_list: MailingList,
+    address: addresses.Address,
+    action: ConsentAction,
+    evidence: Evidence,
+    key: bytes,
+    now: datetime,
+    rehearse: Callable[[], object],
+) -> bool:
+    """For a blocked address: the ledger event alone, under the address's keyed hash.
+
+    True when the address is blocked; the caller then returns at once. So that the answer
+    takes as long as any other, `rehearse` first does the ordinary work (rows, token, mail
+    job) inside a savepoint that is then rolled back: nothing of it is kept or sent.
+    """
+    if session.info.get(_REHEARSAL):
+        return False
+    kind = blocklist.match(session, email_key=address.key)
+    if kind is None:
+        return False
+    outbox_written = session.info.get(OUTBOX_WRITTEN, False)
+    session.info[_REHEARSAL] = True
+    savepoint = session.begin_nested()
+    try:
+        rehearse()
+    finally:
+        savepoint.rollback()
+        session.info.pop(_REHEARSAL, None)
+        # No job survives the rehearsal: no reason to wake the worker.
+        session.info[OUTBOX_WRITTEN] = outbox_written
+    assert mailing_list.id is not None
+    session.add(
+        ConsentEvent(
+            subscription_id=None,
+            address_hash=privacy.address_hash(address.key, key=key),
+            list_id=mailing_list.id,
+            action=action,
+            status_after="blocked",
+            source=evidence.source,
+            source_url=evidence.source_url,
+            consent_version=mailing_list.consent_version,
+            ip=evidence.ip,
+            user_agent=evidence.user_agent,
+            detail={"blocked": kind.value, "mail_suppressed": "blocklist"},
+            occurred_at=now,
+        )
+    )
+    session.flush()
+    log.info("subscription.blocked list_id=%s action=%s by=%s", mailing_list.id, action, kind)
+    return True
 
 
 def _claim_mail_slot(
@@ -330,6 +389,28 @@ def subscribe(
     """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
+    if _blocked(
+        session,
+        mailing_list=mailing_list,
+        address=address,
+        action=ConsentAction.SUBSCRIBE_REQUESTED,
+        evidence=evidence,
+        key=key,
+        now=now,
+        rehearse=lambda: subscribe(
+            session,
+            list_slug=list_slug,
+            address=address,
+            locale=locale,
+            fallback_locale=fallback_locale,
+            attributes=attributes,
+            evidence=evidence,
+            key=key,
+            now=now,
+            resend_interval=resend_interval,
+        ),
+    ):
+        return mailing_list
     chosen_locale = (locale or fallback_locale or Locale(mailing_list.default_locale)).value
     subscription = _insert_if_new(
         session,
@@ -636,6 +717,25 @@ def request_unsubscribe(
     """
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
+    if _blocked(
+        session,
+        mailing_list=mailing_list,
+        address=address,
+        action=ConsentAction.UNSUBSCRIBE_REQUESTED,
+        evidence=evidence,
+        key=key,
+        now=now,
+        rehearse=lambda: request_unsubscribe(
+            session,
+            list_slug=list_slug,
+            address=address,
+            evidence=evidence,
+            key=key,
+            now=now,
+            resend_interval=resend_interval,
+        ),
+    ):
+        return mailing_list
     subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
     subscribed = subscription is not None and subscription.status == SubscriptionStatus.CONFIRMED
     detail: dict[str, Any] = {}

@@ -24,7 +24,8 @@ separated (as the header shows), UTF-8 with or without a BOM.
                     a confirmation mail, nothing confirmed until the person clicks.
 
 An erased address (a tombstone in `erased_address`) is refused in both modes: only the
-person's own fresh opt-in brings it back.
+person's own fresh opt-in brings it back. So is an address on the block-list (or in a
+blocked domain): a row error, the rest of the file goes on.
 
 Export pages through the list in id order (keyset, `PAGE_SIZE` rows a page, one extra
 query per page for the consent events), so memory stays flat on any size of list.
@@ -50,7 +51,17 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, SQLModel, col, func, select
 
-from app import addresses, admin, errors, lists, outbox, privacy, schemas, subscriptions
+from app import (
+    addresses,
+    admin,
+    blocklist,
+    errors,
+    lists,
+    outbox,
+    privacy,
+    schemas,
+    subscriptions,
+)
 from app.config import Locale
 from app.models import (
     ConsentAction,
@@ -477,6 +488,9 @@ ERASED_ERROR = (
 )
 
 
+BLOCKED_ERROR = "This address (or its domain) is on the block-list: it cannot be imported."
+
+
 def _apply(
     session: Session,
     *,
@@ -493,6 +507,7 @@ def _apply(
 ) -> None:
     keys = [row.address.key for row in rows]
     erased = _erased(session, keys=keys, key=key)
+    blocked = blocklist.blocked_among(session, email_keys=keys)
     writes_confirmed = write and mode == ImportMode.CONFIRMED
     # Which addresses the list already has. A confirmed import lets its INSERT ... ON
     # CONFLICT DO NOTHING tell (through the unique index), and asks only about the rare
@@ -504,7 +519,9 @@ def _apply(
     )
     fresh = []
     for row in rows:
-        if row.address.key in known:
+        if row.address.key in blocked:
+            report.refuse(line=row.line, email=row.address.email, error=BLOCKED_ERROR)
+        elif row.address.key in known:
             report.unchanged += 1
         elif row.address.key in erased:
             report.refuse(line=row.line, email=row.address.email, error=ERASED_ERROR)

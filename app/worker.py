@@ -21,7 +21,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from app import backends, db, heartbeat, logs, mails, outbox, privacy, sync, tokens
+from app import (
+    audit,
+    backends,
+    blocklist,
+    db,
+    heartbeat,
+    logs,
+    mails,
+    outbox,
+    privacy,
+    retention,
+    sync,
+    tokens,
+)
 from app.backends.base import ListBackend, PermanentSyncError, SyncError
 from app.config import Locale, Settings
 from app.mailer import Mailer, MailError, OutgoingMail
@@ -198,7 +211,12 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim and run one batch of due jobs of each kind; returns how many were handled."""
-        return self._mail_round() + self._sync_round() + self._reconcile_round()
+        return (
+            self._mail_round()
+            + self._sync_round()
+            + self._reconcile_round()
+            + self._retention_round()
+        )
 
     def _claim(self, kind: JobKind, limit: int) -> list[outbox.ClaimedJob]:
         with db.session_scope(self.engine) as session:
@@ -307,6 +325,7 @@ class Worker:
     # Reconciliation --------------------------------------------------------------------------
 
     def schedule_reconciliations(self) -> None:
+        self.schedule_retention()
         interval = self.settings.reconcile_interval
         if interval is None:
             return
@@ -374,6 +393,70 @@ class Worker:
                 len(report.unsubscribed_there),
             )
         return len(claimed)
+
+    # Retention ------------------------------------------------------------------------------
+
+    def schedule_retention(self) -> None:
+        """The first run one interval after start; each run schedules the next."""
+        interval = self.settings.retention_interval
+        if interval is None:
+            return
+        with db.session_scope(self.engine) as session:
+            outbox.schedule_retention(session, now=self.now(), delay=interval)
+
+    def _retention_round(self) -> int:
+        if self.settings.retention_interval is None:
+            # Off: no job is scheduled, and the round costs no claim (one write on SQLite).
+            return 0
+        claimed = self._claim(JobKind.RETENTION, 1)
+        for job in claimed:
+            started_at = self.now()
+            try:
+                self._run_retention(job, started_at=started_at)
+            except Exception as e:
+                # A database error, or a bug: the job is retried with backoff, and shows in
+                # the failed jobs (GET /v1/admin/jobs) once dead.
+                log.exception("retention.failed id=%s", job.id)
+                with db.session_scope(self.engine) as session:
+                    self._record_failure(
+                        session,
+                        job,
+                        error=f"retention failed: {type(e).__name__}",
+                        retryable=True,
+                        started_at=started_at,
+                    )
+        return len(claimed)
+
+    def _run_retention(self, job: outbox.ClaimedJob, *, started_at: datetime) -> None:
+        with db.session_scope(self.engine) as session:
+            report = retention.run(
+                session,
+                policy=retention.Policy.from_settings(self.settings),
+                key=self._key,
+                now=started_at,
+            )
+            # Operators read each run in the audit log (and the job's response).
+            audit.record(
+                session,
+                actor=retention.ACTOR,
+                action="retention.run",
+                target=None,
+                outcome="ok",
+                now=started_at,
+                detail=report.as_dict(),
+            )
+            outbox.finish(
+                session,
+                job=job,
+                worker=self.name,
+                started_at=started_at,
+                now=self.now(),
+                response=report.summary(),
+            )
+            if self.settings.retention_interval is not None:
+                outbox.schedule_retention(
+                    session, now=self.now(), delay=self.settings.retention_interval
+                )
 
     def _run_job(self, job: outbox.ClaimedJob) -> bool:
         """Run the job and record its outcome; false if not started because of a stop."""
@@ -482,6 +565,9 @@ class Worker:
         subscription = session.get(Subscription, job.payload["subscription_id"])
         if subscription is None:
             raise JobSkipped("subscription no longer exists")
+        if blocklist.match(session, email_key=subscription.email_key) is not None:
+            # Blocked after the mail was queued (or an invitation raced the block).
+            raise JobSkipped("address is on the block-list")
         mailing_list = session.get(MailingList, subscription.list_id)
         assert mailing_list is not None
         link = None

@@ -32,6 +32,8 @@ POSTGRES_URL = os.environ.get("TEST_DATABASE_URL") or None
 SECRET = "test-secret-key-not-for-production"
 TABLES = [
     "worker_heartbeat",
+    "blocked_entry",
+    "consent_wording",
     "erased_address",
     "audit_event",
     "api_key",
@@ -175,6 +177,9 @@ def make_settings(database_url: str, *, smtp_port: int, **overrides: Any) -> Set
         "rate_limit_per_address": None,
         "rate_limit_per_domain": None,
         "mail_budget": None,
+        # The scheduled retention job would sit in the queue of every test; test_retention
+        # turns it on.
+        "retention_interval": None,
     }
     values.update(overrides)
     return Settings(**values)

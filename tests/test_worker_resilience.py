@@ -191,6 +191,8 @@ def worker_process(
         NEWSLETTER_MAILER__TIMEOUT="1",
         NEWSLETTER_WORKER_POLL_INTERVAL="0.05",
         NEWSLETTER_AUTO_MIGRATE="false",
+        # The daily retention job would be a second job in the queue these tests count.
+        NEWSLETTER_RETENTION_INTERVAL="off",
     )
     with log.open("wb") as output:
         return subprocess.Popen(

@@ -96,7 +96,7 @@ async def create_list(
     "/lists/{slug}",
     operation_id="admin_update_list",
     response_model=ListOut,
-    responses=errors.responses(errors.ListNotFound, errors.Conflict),
+    responses=errors.responses(errors.ListNotFound, errors.Conflict, errors.ConsentWordingChanged),
 )
 async def update_list(
     slug: str, body: ListUpdate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
@@ -118,7 +118,9 @@ async def update_list(
     "/lists/{slug}/subscribers",
     operation_id="admin_add_subscriber",
     response_model=SubscriberOut,
-    responses=errors.responses(errors.ListNotFound, errors.Conflict, errors.BadRequest),
+    responses=errors.responses(
+        errors.ListNotFound, errors.Conflict, errors.AddressBlocked, errors.BadRequest
+    ),
 )
 async def add_subscriber(
     slug: str,
