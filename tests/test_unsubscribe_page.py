@@ -285,6 +285,15 @@ class TestLinksToIt:
         as_json = client.get("/v1/unsubscribe/" + "A" * 43, headers={"accept": "application/json"})
         assert as_json.json()["error"] == "token_not_found"
 
+    def test_an_unknown_link_leads_nowhere_when_its_list_cannot_be_told(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        two = [list_settings(), list_settings(slug="other", name="Other")]
+        with app_client(database_url, smtp, lists=two) as client:
+            page = client.get("/v1/unsubscribe/" + "A" * 43, headers=HTML)
+        assert page.status_code == 404
+        assert "/unsubscribe?" not in main_of(page.text)
+
     def test_an_expired_unsubscribe_link_leads_to_it_and_offers_no_subscription(
         self, client: TestClient, smtp: SmtpSink, database_url: str
     ) -> None:
