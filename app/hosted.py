@@ -124,4 +124,5 @@ def form_view(
             formguard.STAMP_FIELD: stamp,
         },
         honeypot_name=formguard.HONEYPOT_FIELD,
+        unsubscribe_url=f"/v1/lists/{mailing_list.slug}/unsubscribe?lang={locale.value}",
     )

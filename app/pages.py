@@ -101,10 +101,27 @@ class SubscribeForm:
     inputs: list[InputView]
     hidden: dict[str, str]
     honeypot_name: str
+    # The list's page to ask for an unsubscribe link ("Already subscribed? Unsubscribe").
+    unsubscribe_url: str = ""
 
     @property
     def errors(self) -> list[InputView]:
         return [item for item in self.inputs if item.error]
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeRequestForm:
+    """The page to ask for an unsubscribe link: one address, the robots' trap, one button."""
+
+    action: str
+    list_name: str
+    email: InputView
+    hidden: dict[str, str]
+    honeypot_name: str
+
+    @property
+    def errors(self) -> list[InputView]:
+        return [self.email] if self.email.error else []
 
 
 def render(
@@ -117,6 +134,7 @@ def render(
     back_url: str | None = None,
     subscribe_url: str | None = None,
     is_error: bool = False,
+    unsubscribe_url: str | None = None,
 ) -> HTMLResponse:
     """A page with a title, a paragraph and at most one form or a way on."""
     return _render(
@@ -129,6 +147,7 @@ def render(
         form=form,
         back_url=back_url,
         subscribe_url=subscribe_url,
+        unsubscribe_url=unsubscribe_url,
     )
 
 
@@ -140,6 +159,20 @@ def render_subscribe(
         "subscribe.html",
         chrome=chrome,
         title=chrome.t("page.subscribe.title", list=form.list_name),
+        status_code=status_code,
+        is_error=bool(form.errors),
+        form=form,
+    )
+
+
+def render_unsubscribe_request(
+    *, chrome: Chrome, form: UnsubscribeRequestForm, status_code: int = 200
+) -> HTMLResponse:
+    """The page to ask for an unsubscribe link; with an error, a 422 whose title says so."""
+    return _render(
+        "unsubscribe_request.html",
+        chrome=chrome,
+        title=chrome.t("page.unsubscribe_request.title", list=form.list_name),
         status_code=status_code,
         is_error=bool(form.errors),
         form=form,

@@ -1,8 +1,9 @@
 """The pages in a real headless Chromium (Debian `chromium`, driven by Playwright), against
 the app served by uvicorn on loopback with a real SMTP server: subscribe on the hosted page,
-confirm from the mail, unsubscribe from the mail, in French and in English, and with a real
-Mailman 3 core as the backend. Every page is checked by axe-core (no serious or critical
-violation) and photographed under artifacts/screenshots/."""
+confirm from the mail, ask for an unsubscribe link on the list's page and unsubscribe from
+the mail, in French and in English, and with a real Mailman 3 core as the backend. Every
+page is checked by axe-core (no serious or critical violation) and photographed under
+artifacts/screenshots/."""
 
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ TEXT = {
         "unsubscribed": "Désinscription effectuée",
         "thanks": "Vérifiez votre boîte mail",
         "subscribe_again": "Se réinscrire",
+        "leave": "Se désinscrire",
+        "ask_unsubscribe": "Recevoir un lien de désinscription",
+        "unsubscribe_sent": "un message contenant un lien de désinscription vient de partir",
+        "new_unsubscribe_link": "Demander un nouveau lien de désinscription",
         "error": "Erreur - ",
         "switch": "English",
     },
@@ -73,6 +78,10 @@ TEXT = {
         "unsubscribed": "You are unsubscribed",
         "thanks": "Check your inbox",
         "subscribe_again": "Subscribe again",
+        "leave": "Unsubscribe",
+        "ask_unsubscribe": "Send me an unsubscribe link",
+        "unsubscribe_sent": "a message with an unsubscribe link is on its way",
+        "new_unsubscribe_link": "Ask for a new unsubscribe link",
         "error": "Error - ",
         "switch": "Français",
     },
@@ -222,14 +231,34 @@ def confirm_from_the_mail(visit: Visit, smtp: SmtpSink, database_url: str, email
     assert status_of(database_url, email) == "confirmed"
 
 
+def ask_for_an_unsubscribe_link(visit: Visit, base_url: str, email: str) -> None:
+    """Without a mail at hand: from the hosted page to the list's unsubscribe page."""
+    page, text = visit.page, TEXT[visit.lang]
+    page.goto(f"{base_url}/v1/lists/bluehats")
+    page.click(f'a:has-text("{text["leave"]}")')
+    page.wait_for_url(f"**/v1/lists/bluehats/unsubscribe?lang={visit.lang}")
+    visit.check("unsubscribe-request")
+
+    page.fill("#field-email", "not-an-address")
+    page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+    assert page.title().startswith(text["error"])
+    assert page.get_attribute("#field-email", "aria-invalid") == "true"
+    assert page.input_value("#field-email") == "not-an-address"
+    assert page.evaluate("document.activeElement.id") == "error-summary"
+    visit.check("unsubscribe-request-errors")
+
+    page.fill("#field-email", email)
+    page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+    page.wait_for_url(f"**/v1/lists/bluehats/unsubscribe/sent?lang={visit.lang}")
+    assert text["unsubscribe_sent"] in page.locator("main").inner_text()
+    visit.check("unsubscribe-sent")
+
+
 def unsubscribe_from_the_mail(
     visit: Visit, smtp: SmtpSink, database_url: str, base_url: str, email: str
 ) -> None:
     page, text = visit.page, TEXT[visit.lang]
-    asked = httpx.post(
-        f"{base_url}/v1/lists/bluehats/unsubscriptions", json={"email": email}, trust_env=False
-    )
-    assert asked.status_code == 202
+    ask_for_an_unsubscribe_link(visit, base_url, email)
     mail = smtp.mail_to(email, link="unsubscribe")
     page.goto(mail_link(mail, link_in(mail, "unsubscribe")))
     visit.check("unsubscribe")
@@ -276,6 +305,14 @@ def error_pages(visit: Visit, smtp: SmtpSink, database_url: str, base_url: str) 
     assert page.title().startswith(text["error"])
     visit.check("unknown-link")
 
+    # A broken unsubscribe link leads to the page that sends a new one.
+    broken = page.goto(f"{base_url}/v1/unsubscribe/{'A' * 43}")
+    assert broken is not None
+    assert broken.status == 404
+    page.click(f'a:has-text("{text["new_unsubscribe_link"]}")')
+    page.wait_for_url(f"**/v1/lists/bluehats/unsubscribe?lang={visit.lang}")
+    assert page.locator("#field-email").count() == 1
+
     no_list = page.goto(f"{base_url}/v1/lists/nope")
     assert no_list is not None
     assert no_list.status == 404
@@ -311,6 +348,9 @@ def test_subscribe_confirm_and_unsubscribe_in_a_browser(
         "thanks",
         "confirm",
         "confirmed",
+        "unsubscribe-request",
+        "unsubscribe-request-errors",
+        "unsubscribe-sent",
         "unsubscribe",
         "unsubscribed",
         "expired-link",

@@ -17,14 +17,17 @@ from starlette.responses import JSONResponse, Response
 from app import errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import request_locale, wants_html
-from app.config import Locale
+from app.config import Locale, Settings
 from app.models import utcnow
 
 log = logging.getLogger(__name__)
 
 PAGE_PREFIXES = ("/v1/confirm/", "/v1/unsubscribe/")
 # The hosted pages a browser GETs (the form, and the pages a form post leads to).
-PAGE_PATHS = re.compile(r"^/v1/lists/[^/]+(/(thanks|confirmed|unsubscribed))?/?$")
+PAGE_PATHS = re.compile(
+    r"^/v1/lists/[^/]+(/(thanks|confirmed|unsubscribed|unsubscribe|unsubscribe/sent))?/?$"
+)
+UNSUBSCRIBE_LINKS = "/v1/unsubscribe/"
 HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -47,9 +50,10 @@ def _switch_path(request: Request, list_slug: str | None) -> str | None:
         return None
     if list_slug is not None:
         return f"/v1/lists/{list_slug}"
-    match = re.match(r"^/v1/lists/([^/]+)/", request.url.path)
+    match = re.match(r"^/v1/lists/([^/]+)/(unsubscriptions)?", request.url.path)
     if match:
-        return f"/v1/lists/{match[1]}"
+        # The form the visitor posted: the unsubscribe page's post goes to unsubscriptions.
+        return f"/v1/lists/{match[1]}" + ("/unsubscribe" if match[2] else "")
     return request.url.path
 
 
@@ -74,7 +78,14 @@ def _answer(
         title_key = f"error.title.{code}"
         title = t(title_key) if title_key in t else t("error.title")
         form = None
-        if list_slug is not None:
+        unsubscribe_url = None
+        if request.url.path.startswith(UNSUBSCRIBE_LINKS):
+            # Someone who wants to leave, with a link that does not work: the way on is the
+            # list's page to ask for a new unsubscribe link, not a subscription form.
+            leave_slug = list_slug or _only_list(settings)
+            if leave_slug is not None:
+                unsubscribe_url = f"/v1/lists/{leave_slug}/unsubscribe?lang={locale.value}"
+        elif list_slug is not None:
             form = pages.Form(
                 action=settings.public_link(f"/v1/lists/{list_slug}/subscriptions"),
                 button=t("page.ask_again.button"),
@@ -95,8 +106,14 @@ def _answer(
             status_code=status,
             form=form,
             is_error=True,
+            unsubscribe_url=unsubscribe_url,
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _only_list(settings: Settings) -> str | None:
+    """The declared list when there is only one: an unknown link does not say its list."""
+    return settings.lists[0].slug if len(settings.lists) == 1 else None
 
 
 def _validation_detail(exc: RequestValidationError) -> str:

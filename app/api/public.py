@@ -22,6 +22,7 @@ from app import (
     pages,
     proofofwork,
     subscriptions,
+    unsubscribe_form,
 )
 from app.api import views
 from app.api.deps import (
@@ -108,8 +109,19 @@ async def subscription_submission(request: Request) -> Submission:
     return Submission(body=await read_payload(request, SubscriptionRequest))
 
 
-async def unsubscription_body(request: Request) -> UnsubscriptionRequest:
-    return await read_payload(request, UnsubscriptionRequest)
+@dataclass(frozen=True, slots=True)
+class AddressSubmission:
+    """An unsubscribe-link request as sent: a JSON body (read), or a form post (raw fields,
+    read once the list, and so the page's language and wording, is known)."""
+
+    body: UnsubscriptionRequest | None = None
+    form: dict[str, str] | None = None
+
+
+async def unsubscription_submission(request: Request) -> AddressSubmission:
+    if media_type(request) == FORM:
+        return AddressSubmission(form=parse_form(await request.body()))
+    return AddressSubmission(body=await read_payload(request, UnsubscriptionRequest))
 
 
 async def one_click(request: Request) -> bool:
@@ -128,7 +140,7 @@ async def one_click(request: Request) -> bool:
 
 
 SubscriptionSubmission = Annotated[Submission, Depends(subscription_submission)]
-UnsubscriptionBody = Annotated[UnsubscriptionRequest, Depends(unsubscription_body)]
+UnsubscriptionSubmission = Annotated[AddressSubmission, Depends(unsubscription_submission)]
 OneClick = Annotated[bool, Depends(one_click)]
 
 
@@ -499,13 +511,87 @@ def _list_page(
     )
 
 
+@router.get(
+    "/lists/{slug}/unsubscribe",
+    operation_id="unsubscribe_request_page",
+    responses={
+        **_html_and_json("The page to ask for an unsubscribe link by address (HTML)."),
+        **errors.responses(errors.ListNotFound, html=True),
+    },
+)
+async def unsubscribe_request_page(
+    slug: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """The list's page to ask for an unsubscribe link, for a visitor who lost theirs."""
+    mailing_list = await database.run(lists.get, slug=slug)
+    locale = request_locale(request, default=Locale(mailing_list.default_locale))
+    return _unsubscribe_request_page(request, settings, mailing_list, locale=locale)
+
+
+@router.get(
+    "/lists/{slug}/unsubscribe/sent",
+    operation_id="unsubscribe_sent_page",
+    responses={
+        **_html_and_json("The 'check your inbox' page after asking for an unsubscribe link."),
+        **errors.responses(errors.ListNotFound, html=True),
+    },
+)
+async def unsubscribe_sent_page(
+    slug: str, request: Request, database: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """The page the unsubscribe form's post lands on: check your inbox."""
+    mailing_list = await database.run(lists.get, slug=slug)
+    return _list_page(request, settings, mailing_list, page="unsubscribe_sent")
+
+
+def _unsubscribe_request_page(
+    request: Request,
+    settings: Settings,
+    mailing_list: MailingList,
+    *,
+    locale: Locale,
+    value: str = "",
+    error: str | None = None,
+) -> Response:
+    declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
+    chrome = views.chrome(
+        request,
+        settings,
+        locale=locale,
+        declared=declared,
+        list_name=mailing_list.name,
+        switch_path=f"/v1/lists/{mailing_list.slug}/unsubscribe",
+    )
+    form = unsubscribe_form.form_view(
+        mailing_list=mailing_list,
+        t=chrome.t,
+        action=settings.public_link(f"/v1/lists/{mailing_list.slug}/unsubscriptions"),
+        # A fresh stamp: the visitor's correction is a new fill of the form.
+        stamp=formguard.issue(key=settings.token_key(), now=utcnow()),
+        value=value,
+        error=error,
+    )
+    return pages.render_unsubscribe_request(
+        chrome=chrome, form=form, status_code=422 if error else 200
+    )
+
+
+def _unsubscribe_sent_redirect(
+    settings: Settings, mailing_list: MailingList, locale: Locale
+) -> Response:
+    return RedirectResponse(
+        settings.public_link(f"/v1/lists/{mailing_list.slug}/unsubscribe/sent?lang={locale.value}"),
+        status_code=303,
+    )
+
+
 @router.post(
     "/lists/{slug}/unsubscriptions",
     operation_id="request_unsubscribe",
     status_code=202,
     response_model=Accepted,
     responses={
-        303: {"description": "A form post: go to the 'check your inbox' page."},
+        303: {"description": "A form post: go to the list's 'check your inbox' page."},
         **errors.responses(
             errors.ListNotFound,
             errors.InvalidBody,
@@ -521,32 +607,84 @@ def _list_page(
 )
 async def request_unsubscribe(
     slug: str,
-    body: UnsubscriptionBody,
+    submission: UnsubscriptionSubmission,
     request: Request,
     database: DatabaseDep,
     settings: SettingsDep,
     limiter: RateLimiterDep,
 ) -> Response:
-    """Ask for an unsubscribe link by address; same answer whatever the address's state."""
-    await _require_proof_of_work(body, settings, database)
-    is_form = media_type(request) == FORM
-    mailing_list = await database.run(
+    """Ask for an unsubscribe link by address; same answer whatever the address's state.
+
+    A form post goes on (303) to the list's 'check your inbox' page; one that a robot made
+    (honeypot filled, stamp too recent, too old or forged) gets the same and is dropped. A
+    browser's form post with a bad address gets the page back (422).
+    """
+    if submission.form is None:
+        assert submission.body is not None
+        await _require_proof_of_work(submission.body, settings, database)
+        await _request_unsubscribe(
+            request, database, settings, limiter, slug, submission.body, source="api"
+        )
+        return JSONResponse(UNSUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+
+    form = submission.form
+    mailing_list = await database.run(lists.get, slug=slug)
+    declared = views.list_settings(settings, slug=slug, name=mailing_list.name)
+    locale = parse_locale(form.get("locale")) or request_locale(
+        request, default=Locale(mailing_list.default_locale)
+    )
+    verdict = formguard.check(
+        honeypot=form.get(formguard.HONEYPOT_FIELD),
+        stamp=form.get(formguard.STAMP_FIELD),
+        key=settings.token_key(),
+        now=utcnow(),
+        min_fill_time=settings.form_min_fill_time,
+        max_age=settings.form_max_age,
+        require_stamp=declared.require_form_stamp,
+    )
+    if verdict != formguard.Verdict.ACCEPTED:
+        formguard.record_rejection(verdict, list_slug=slug)
+        return _unsubscribe_sent_redirect(settings, mailing_list, locale)
+    post = unsubscribe_form.read_post(form, t=for_list(locale, declared))
+    if post.request is None:
+        if wants_html(request, default=False):
+            return _unsubscribe_request_page(
+                request,
+                settings,
+                mailing_list,
+                locale=locale,
+                value=form.get(unsubscribe_form.EMAIL, ""),
+                error=post.error,
+            )
+        assert post.invalid is not None
+        raise RequestValidationError(post.invalid.errors(include_url=False, include_context=False))
+    await _require_proof_of_work(post.request, settings, database)
+    await _request_unsubscribe(
+        request, database, settings, limiter, slug, post.request, source="form"
+    )
+    return _unsubscribe_sent_redirect(settings, mailing_list, locale)
+
+
+async def _request_unsubscribe(
+    request: Request,
+    database: DatabaseDep,
+    settings: Settings,
+    limiter: RateLimiterDep,
+    slug: str,
+    body: UnsubscriptionRequest,
+    *,
+    source: str,
+) -> MailingList:
+    return await database.run(
         subscriptions.request_unsubscribe,
         list_slug=slug,
         address=addresses.parse(body.email),
-        evidence=evidence(request, settings, source="form" if is_form else "api"),
+        evidence=evidence(request, settings, source=source),
         key=settings.token_key(),
         now=utcnow(),
         resend_interval=settings.resend_interval,
         mail_budget=limiter.allow_mail,
     )
-    if is_form:
-        locale = request_locale(request, default=Locale(mailing_list.default_locale))
-        return RedirectResponse(
-            settings.public_link(f"/v1/lists/{mailing_list.slug}/thanks?lang={locale.value}"),
-            status_code=303,
-        )
-    return JSONResponse(UNSUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
 
 
 def _page_locale(request: Request, stored: str) -> Locale:

@@ -1,0 +1,78 @@
+"""The hosted page that asks for an unsubscribe link by address: what it shows for a list,
+and what a post of it means.
+
+For a visitor who lost the link of their mails. The post goes to the same endpoint as a
+JSON caller's (`POST /v1/lists/{list}/unsubscriptions`); a form post of it is read into the
+API's `UnsubscriptionRequest`, with the address's problem said in the visitor's language so
+the page can come back with the value kept and the error tied to its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from app import formguard, pages
+from app.i18n import Translator
+from app.models import MailingList
+from app.schemas import UnsubscriptionRequest
+
+EMAIL = "email"
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    """A form post of the unsubscribe page, read."""
+
+    request: UnsubscriptionRequest | None
+    # The address's problem in the page's language (None when all is well).
+    error: str | None = None
+    # The pydantic error when the post is not a valid request (for a JSON-minded caller).
+    invalid: ValidationError | None = None
+
+
+def read_post(form: Mapping[str, str], *, t: Translator) -> Post:
+    data: dict[str, object] = {}
+    if EMAIL in form:
+        # What a browser sends as typed, trailing space included (as on the subscription page).
+        data[EMAIL] = form[EMAIL].strip()
+    # A solved proof-of-work challenge (app/static/pow.js fills these when it is asked for).
+    for name in ("pow_challenge", "pow_nonce"):
+        if form.get(name):
+            data[name] = form[name]
+    try:
+        return Post(request=UnsubscriptionRequest.model_validate(data))
+    except ValidationError as e:
+        missing = not form.get(EMAIL, "").strip()
+        message = t("form.error.email_missing" if missing else "form.error.email_invalid")
+        return Post(request=None, error=message, invalid=e)
+
+
+def form_view(
+    *,
+    mailing_list: MailingList,
+    t: Translator,
+    action: str,
+    stamp: str,
+    value: str = "",
+    error: str | None = None,
+) -> pages.UnsubscribeRequestForm:
+    """The form as the page shows it; after a bad post, with the address and its error."""
+    return pages.UnsubscribeRequestForm(
+        action=action,
+        list_name=mailing_list.name,
+        email=pages.InputView(
+            name=EMAIL,
+            label=t("page.unsubscribe_request.email_label"),
+            hint=t("page.unsubscribe_request.email_hint"),
+            type="email",
+            required=True,
+            autocomplete="email",
+            value=value,
+            error=error,
+        ),
+        hidden={"locale": t.locale.value, formguard.STAMP_FIELD: stamp},
+        honeypot_name=formguard.HONEYPOT_FIELD,
+    )
