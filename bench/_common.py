@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     # Scenarios import `app` and the fakes of `tests/` (tests/fake_mailgun.py, tests/mailman.py).
     sys.path.insert(0, str(ROOT))
+# tests.conftest imports fastapi.testclient, which warns about its httpx on import.
+warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
 
 RESULTS_DIR = ROOT / "bench" / "results"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/bench"
