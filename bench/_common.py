@@ -515,35 +515,62 @@ class Measured:
     stderr_tail: str
 
 
+# Starts the measured command and reports its wait4(2) figures as JSON. Linux seeds a new
+# program's ru_maxrss with the peak of the process image it replaces: a child of the suite
+# (which holds the app, seeded data, a fake server...) would report at least the suite's
+# own size. A child of this small launcher starts from the launcher's ~10 MB instead.
+_LAUNCHER = """
+import json, os, sys, time
+timeout, out_path, err_path, *command = sys.argv[1:]
+with open(out_path, "wb") as out, open(err_path, "wb") as err:
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        os.execv(command[0], command)
+deadline = started + float(timeout)
+while True:
+    found, status, usage = os.wait4(pid, os.WNOHANG)
+    if found == pid:
+        break
+    if time.perf_counter() > deadline:
+        os.kill(pid, 9)
+        found, status, usage = os.wait4(pid, 0)
+        break
+    time.sleep(0.02)
+print(json.dumps({
+    "exit_code": os.waitstatus_to_exitcode(status),
+    "wall_s": time.perf_counter() - started,
+    "cpu_s": usage.ru_utime + usage.ru_stime,
+    "maxrss_kb": usage.ru_maxrss,
+}))
+"""
+
+
 def run_measured(
     args: list[str], *, env: dict[str, str], cwd: Path, timeout: float = 1800.0
 ) -> Measured:
     """Run `newsletter args...`; peak memory and CPU come from wait4(2) on its pid, so a short
     spike is not missed (Linux reports ru_maxrss in kilobytes)."""
     out_path, err_path = cwd / "stdout.txt", cwd / "stderr.txt"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [newsletter_command(), *args], env=env, cwd=cwd, stdout=out, stderr=err
-        )
-        deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid == process.pid:
-                break
-            if time.perf_counter() > deadline:
-                process.kill()
-                pid, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(0.02)
-        wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
+    launcher_args = [str(timeout), str(out_path), str(err_path), newsletter_command(), *args]
+    launcher = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _LAUNCHER, *launcher_args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout + 60,
+    )
+    figures = json.loads(launcher.stdout)
     measured = Measured(
         command="newsletter " + " ".join(args),
-        exit_code=process.returncode,
-        wall_s=round(wall, 2),
-        cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
-        peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+        exit_code=int(figures["exit_code"]),
+        wall_s=round(figures["wall_s"], 2),
+        cpu_s=round(figures["cpu_s"], 2),
+        peak_rss_mb=round(figures["maxrss_kb"] / 1024, 1),
         stdout_tail=out_path.read_text(errors="replace")[-2000:],
         stderr_tail=err_path.read_text(errors="replace")[-2000:],
     )
