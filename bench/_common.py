@@ -841,8 +841,10 @@ def load(
     duration: float,
     warmup: float,
     server_pid: int | None = None,
+    keep: list[float] | None = None,
 ) -> LoadResult:
-    """`concurrency` closed-loop clients for `warmup` seconds, then `duration` measured."""
+    """`concurrency` closed-loop clients for `warmup` seconds, then `duration` measured;
+    `keep` receives every measured latency (seconds), to pool several windows."""
 
     async def both() -> tuple[list[float], Counter[str], float, bool, float, float, float]:
         connections = [RawConnection(LOOPBACK, port) for _ in range(concurrency)]
@@ -866,6 +868,8 @@ def load(
     with _runner() as runner:
         latencies, statuses, elapsed, exhausted, server_cpu, own_cpu, busy = runner.run(both())
     latencies.sort()
+    if keep is not None:
+        keep.extend(latencies)
     requests = len(latencies)
     ok = sum(count for code, count in statuses.items() if code.startswith("2"))
     elapsed = max(elapsed, 1e-9)
