@@ -7,7 +7,7 @@ and prints one Markdown table. Each module can also be run alone (`python bench/
 is `python bench/run.py --only search`).
 
 Run as `python _common.py static-server PORT`, this file is the trivial HTTP server the load
-generator is measured against (see `loadgen_ceiling`).
+generator is measured against (`static_server`, used by the `loadgen` scenario).
 """
 
 from __future__ import annotations

@@ -247,4 +247,4 @@ def run_loadgen(options: argparse.Namespace) -> list[Row]:
 if __name__ == "__main__":
     import run as suite
 
-    suite.main(only="subscribe")
+    raise SystemExit(suite.main(only="subscribe"))
