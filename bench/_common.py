@@ -711,7 +711,7 @@ class RawConnection:
 
     httpx.AsyncClient costs this process about 2 ms of CPU per request, which on 2 cores
     caps the trivial endpoint and so measures the client; this one costs a tenth of that
-    (`loadgen_ceiling` measures it). It reads what uvicorn sends: Content-Length or
+    (the `loadgen` scenario measures it). It reads what uvicorn sends: Content-Length or
     chunked bodies, `connection: close`.
     """
 
