@@ -33,8 +33,10 @@ test-postgres: $(STAMP)
 
 test: lint typecheck test-sqlite test-postgres
 
+# The performance suite (bench/README.md): `make bench BENCH_ARGS=--quick` for a short run.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python bench/subscribe.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 openapi: $(STAMP)
 	$(BIN)/newsletter openapi --output openapi.json

@@ -1,7 +1,7 @@
 """Draining a burst of confirmations to Mailgun: how many HTTP calls, how long, how much memory?
 
-For each database (a new SQLite file; optionally the PostgreSQL database `bench` on
-loopback, emptied first) the script writes `--count` (100,000) confirmed subscriptions as
+For each database (a new SQLite file; the PostgreSQL database `bench` on loopback, emptied
+first) it writes `--sync-count` (100,000; 10,000 with --quick) confirmed subscriptions as
 `confirm()` leaves them: the subscription, its standing unsubscribe token and one sync job
 (`fresh_opt_in` false, as the confirmation of a first opt-in leaves it; `--fresh-opt-in`
 for re-subscriptions, which also clear the address's old suppressions: two calls each).
@@ -10,73 +10,42 @@ only (the list `bluehats` with a `mailgun` backend whose base_url is the fake Ma
 tests/fake_mailgun.py, served by this process on 127.0.0.1; the file mailer; the default
 NEWSLETTER_SYNC_BATCH_SIZE), and waits until every sync job is done.
 
-It prints, and writes to bench/results/sync_mailgun.json:
-
-    calls       HTTP requests the fake received, by endpoint (target: at most 105)
-    drain       seconds from the worker's start to the last sync job done
-    members     members the fake holds at the end (must be --count, all subscribed)
-    peak RSS    of the worker process (VmHWM)
-
-with the time the fake spent answering, the worker's CPU, and the rounds it took. It is
-a measurement, not a test: it never fails on a slow figure (it exits 1 only when members
-are missing or jobs are left undone).
-
-    .venv/bin/python bench/sync_mailgun.py [--databases sqlite postgresql] [--count 100000]
-                                           [--fresh-opt-in | --no-fresh-opt-in]
-                                           [--clear-suppressions | --no-clear-suppressions]
+Figures: HTTP calls the fake received, by endpoint (target: at most 105 per 100,000
+confirmations); seconds from the worker's start to the last sync job done; members the
+fake holds at the end (must be all, subscribed); the worker's peak RSS (VmHWM) and CPU.
+It fails (exit 1 of the suite) only when members are missing or jobs are left undone.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
-import os
-import platform
 import re
-import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    # The fake Mailgun lives in tests/; the script runs as `python bench/sync_mailgun.py`.
-    sys.path.insert(0, str(ROOT))
+import _common
+import sqlalchemy as sa
+from _common import LIST_SLUG, SECRET_KEY, Row
 
-import sqlalchemy as sa  # noqa: E402
+from app import db, lists, migrations, outbox, tokens
+from app.config import Settings
+from app.models import JobKind, Subscription, TokenPurpose, utcnow
+from tests.conftest import LiveServer
+from tests.fake_mailgun import FakeMailgun
 
-from app import db, lists, migrations, outbox, tokens  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.models import JobKind, Subscription, TokenPurpose, utcnow  # noqa: E402
-from tests.conftest import LiveServer  # noqa: E402
-from tests.fake_mailgun import FakeMailgun  # noqa: E402
-
-RESULTS_FILE = ROOT / "bench" / "results" / "sync_mailgun.json"
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/bench"
-DATABASES = ("sqlite", "postgresql")
-LOOPBACK = "127.0.0.1"
-LIST_SLUG = "bluehats"
 LIST_ADDRESS = "bluehats@mail.codegouv.fr"
-SECRET_KEY = "bench-secret-key-not-for-production"  # noqa: S105
 PUBLIC_URL = "https://newsletter.example.org"
 CALL_TARGET = 105  # for 100,000 confirmations: 100 bulk calls of 1,000, and a little slack
 SEED_CHUNK = 5000
 POLL_EVERY = 0.25
-STOP_TIMEOUT = 60.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+TIMEOUT = 1800.0
 
 
 # --------------------------------------------------------------------------------------
@@ -129,33 +98,6 @@ class Run:
 
 # --------------------------------------------------------------------------------------
 # The database
-
-
-def _check_postgres_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit(f"refusing a non-loopback PostgreSQL host: {parts.hostname!r}")
-    if parts.path.lstrip("/") != "bench":
-        raise SystemExit("the benchmark empties its database: it only uses the database `bench`")
-    return url
-
-
-def _reset_postgres(url: str) -> None:
-    import psycopg
-
-    conninfo = url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as connection:
-        connection.execute("DROP SCHEMA IF EXISTS public CASCADE")
-        connection.execute("CREATE SCHEMA public")
-
-
-def _postgres_setting(url: str, name: str) -> str:
-    import psycopg
-
-    conninfo = url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as connection:
-        row = connection.execute(f"SHOW {name}").fetchone()  # a fixed name, not input
-    return str(row[0]) if row else "?"
 
 
 def _list_settings(base_url: str, *, clear_suppressions: bool) -> list[dict[str, Any]]:
@@ -310,133 +252,68 @@ class Timed:
 # The worker
 
 
-def _newsletter_command() -> str:
-    here = Path(sys.executable).parent / "newsletter"
-    if here.exists():
-        return str(here)
-    venv = ROOT / ".venv" / "bin" / "newsletter"
-    if venv.exists():
-        return str(venv)
-    found = shutil.which("newsletter")
-    if found is None:
-        raise SystemExit("cannot find the `newsletter` command (pip install -e .)")
-    return found
-
-
 def _worker_env(
-    *, url: str, base_url: str, workdir: Path, clear_suppressions: bool, extra: dict[str, str]
+    *, url: str, base_url: str, workdir: Path, options: argparse.Namespace
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env.update(
-        {
-            "NEWSLETTER_DATABASE_URL": url,
-            "NEWSLETTER_SECRET_KEY": SECRET_KEY,
-            "NEWSLETTER_PUBLIC_URL": PUBLIC_URL,
-            "NEWSLETTER_LISTS": json.dumps(
-                _list_settings(base_url, clear_suppressions=clear_suppressions)
-            ),
-            "NEWSLETTER_MAILER__KIND": "file",
-            "NEWSLETTER_MAILER__DIRECTORY": str(workdir / "mail"),
-            "NEWSLETTER_AUTO_MIGRATE": "false",
-            # INFO: one `sync.round` line per round, counted below.
-            "NEWSLETTER_LOG_LEVEL": "INFO",
-            **extra,
-        }
-    )
-    return env
+    return _common.service_env(url, workdir, {
+        "NEWSLETTER_PUBLIC_URL": PUBLIC_URL,
+        "NEWSLETTER_LISTS": json.dumps(
+            _list_settings(base_url, clear_suppressions=options.clear_suppressions)
+        ),
+        "NEWSLETTER_AUTO_MIGRATE": "false",
+        # INFO: one `sync.round` line per round, counted below.
+        "NEWSLETTER_LOG_LEVEL": "INFO",
+        **options.extra_env,
+    })  # fmt: skip
 
 
-def _process_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            print(f"   the worker did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM; killing it")
-            process.kill()
-            process.wait(timeout=10)
-    return int(process.returncode)
-
-
-# --------------------------------------------------------------------------------------
-
-
-def run_database(args: argparse.Namespace, database: str, extra_env: dict[str, str]) -> Run:
+def run_database(options: argparse.Namespace, database: str) -> Run:
+    count = options.sync_count
     with tempfile.TemporaryDirectory(prefix="newsletter-bench-sync-") as tmp:
         workdir = Path(tmp)
+        url = _common.fresh_database(database, workdir, options, "newsletter.db")
         autovacuum = None
-        if database == "sqlite":
-            url = f"sqlite:///{workdir / 'newsletter.db'}"
-        else:
-            url = _check_postgres_url(args.postgres_url)
-            _reset_postgres(url)
-            autovacuum = _postgres_setting(url, "autovacuum")
+        if database == "postgresql":
+            autovacuum = _common.postgres_setting(url, "autovacuum")
         run = Run(
             database=database,
             url=url,
-            count=args.count,
-            fresh_opt_in=args.fresh_opt_in,
-            clear_suppressions=args.clear_suppressions,
+            count=count,
+            fresh_opt_in=options.fresh_opt_in,
+            clear_suppressions=options.clear_suppressions,
             postgres_autovacuum=autovacuum,
         )
-        print(f"\n== {database}: {args.count:,} confirmed subscriptions with their sync jobs")
+        print(f"\n== sync_mailgun: {database}, {count:,} confirmed subscriptions with their jobs")
         if autovacuum == "off":
             print(
                 "   note: autovacuum is off on this server: the planner's statistics stay "
                 "those of the empty tables (no ANALYZE is run here)"
             )
         started = time.monotonic()
-        seed(url, count=args.count, fresh_opt_in=args.fresh_opt_in)
+        seed(url, count=count, fresh_opt_in=options.fresh_opt_in)
         run.seed_s = round(time.monotonic() - started, 1)
-        print(f"   written in {run.seed_s:.1f} s ({url})")
+        print(f"   written in {run.seed_s:.1f} s", flush=True)
 
         fake = FakeMailgun()
         fake.create_list(LIST_ADDRESS)
         timed = Timed(fake.app())
         reader = _reader(url)
-        log_path = workdir / "worker.log"
         own_cpu = time.process_time()
         with LiveServer(timed) as base_url:
-            env = _worker_env(
-                url=url,
-                base_url=base_url,
-                workdir=workdir,
-                clear_suppressions=args.clear_suppressions,
-                extra=extra_env,
-            )
+            env = _worker_env(url=url, base_url=base_url, workdir=workdir, options=options)
             print(f"   fake Mailgun at {base_url}; starting `newsletter worker` ...", flush=True)
-            with log_path.open("wb") as log:
-                t0 = time.monotonic()
-                process = subprocess.Popen(
-                    [_newsletter_command(), "worker"],
-                    cwd=workdir,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+            t0 = time.monotonic()
+            process, log_path = _common.start_process(
+                ["worker"], env=env, workdir=workdir, log_name="worker.log"
+            )
             try:
-                run.drain_s, states = _wait_drained(
-                    process, reader, t0=t0, timeout=args.timeout, progress=args.progress
-                )
+                run.drain_s, states = _wait_drained(process, reader, t0=t0, timeout=TIMEOUT)
                 run.timed_out = run.drain_s is None
-                run.worker_peak_rss_mib = round(_peak_rss_mib(process.pid), 1)
-                run.worker_cpu_s = round(_process_cpu(process.pid), 1)
+                run.worker_peak_rss_mib = round(_common.process_memory_mib(process.pid, "VmHWM"), 1)
+                run.worker_cpu_s = round(_common.process_cpu(process.pid), 1)
             finally:
-                run.worker_exit_status = _stop(process)
+                _common.stop_process(process, label="worker", log_path=log_path)
+                run.worker_exit_status = process.returncode
         run.bench_process_cpu_s = round(time.process_time() - own_cpu, 1)
 
         run.jobs_done = states.get("done", 0)
@@ -475,7 +352,6 @@ def _wait_drained(
     *,
     t0: float,
     timeout: float,
-    progress: bool,
 ) -> tuple[float | None, Counter[str]]:
     """Seconds from t0 until no sync job is pending or running (None on timeout)."""
     last_print = t0
@@ -491,7 +367,7 @@ def _wait_drained(
         if now - t0 > timeout:
             print(f"   not drained within {timeout:.0f} s; {left:,} sync jobs left")
             return None, states
-        if progress and now - last_print >= 10:
+        if now - last_print >= 10:
             last_print = now
             print(
                 f"   +{now - t0:6.1f} s: {states.get('done', 0):,} done, {left:,} left", flush=True
@@ -504,32 +380,21 @@ def _wait_drained(
 
 
 def _print_run(run: Run) -> None:
-    verdict = "within" if run.http_calls <= _target(run.count) else "OVER"
-    print(
-        f"   HTTP calls to the fake: {run.http_calls:,} "
-        f"({verdict} the target of {_target(run.count):,})"
-    )
     for endpoint, n in run.calls_by_endpoint.items():
         busy = run.fake_busy_s.get(endpoint, 0.0)
         print(f"     {n:>9,}  {endpoint:<30} fake busy {busy:7.2f} s")
     drain = f"{run.drain_s:.1f} s" if run.drain_s is not None else "NOT DRAINED"
     print(
-        f"   drained in {drain} from the worker's start "
+        f"   {run.http_calls:,} HTTP calls; drained in {drain} from the worker's start "
         f"(first call at +{run.first_call_at_s} s, last at +{run.last_call_at_s} s); "
-        f"{run.sync_rounds} sync rounds"
-    )
-    print(
+        f"{run.sync_rounds} sync rounds\n"
         f"   jobs: {run.jobs_done:,} done, {run.jobs_dead:,} dead, {run.jobs_left:,} left; "
-        f"{run.delivery_attempts:,} delivery attempts"
-    )
-    print(
-        f"   fake holds {run.members_held:,} members, {run.members_subscribed:,} subscribed, "
-        f"{run.members_with_unsubscribe_url:,} with their unsubscribe URL"
-    )
-    print(
+        f"fake holds {run.members_held:,} members, {run.members_subscribed:,} subscribed, "
+        f"{run.members_with_unsubscribe_url:,} with their unsubscribe URL\n"
         f"   worker: peak RSS {run.worker_peak_rss_mib:.1f} MiB, CPU {run.worker_cpu_s:.1f} s, "
-        f"exit status {run.worker_exit_status}; bench process (fake) CPU "
-        f"{run.bench_process_cpu_s:.1f} s"
+        f"exit status {run.worker_exit_status}; fake (this process) CPU "
+        f"{run.bench_process_cpu_s:.1f} s",
+        flush=True,
     )
     for line in run.worker_errors:
         print(f"   worker log: {line}")
@@ -539,185 +404,56 @@ def _target(count: int) -> int:
     return max(1, round(CALL_TARGET * count / 100_000))
 
 
-def print_table(runs: list[Run]) -> None:
-    header = (
-        f"{'database':<11}{'confirmations':>14}{'HTTP calls':>12}{'target':>8}"
-        f"{'drain s':>9}{'members':>9}{'peak RSS MiB':>14}{'worker CPU s':>14}"
-    )
-    print()
-    print(header)
-    print("-" * len(header))
-    for run in runs:
-        drain = f"{run.drain_s:.1f}" if run.drain_s is not None else "-"
-        print(
-            f"{run.database:<11}{run.count:>14,}{run.http_calls:>12,}{_target(run.count):>8,}"
-            f"{drain:>9}{run.members_held:>9,}{run.worker_peak_rss_mib:>14.1f}"
-            f"{run.worker_cpu_s:>14.1f}"
-        )
-    print("-" * len(header))
-    print(
-        f"This machine has {os.cpu_count()} CPU core(s), shared by the worker, the fake Mailgun "
-        "(this process) and, for PostgreSQL, its backends."
-    )
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _variant(args: argparse.Namespace, extra_env: dict[str, str]) -> str:
-    """The key of one configuration in the results file (runs of others are kept)."""
-    parts = [
-        f"count={args.count}",
-        f"fresh_opt_in={str(args.fresh_opt_in).lower()}",
-        f"clear_suppressions={str(args.clear_suppressions).lower()}",
-        *(f"{name}={value}" for name, value in sorted(extra_env.items())),
+def _rows(run: Run) -> list[Row]:
+    name = "SQLite" if run.database == "sqlite" else "PostgreSQL"
+    setup = f"{name}, {run.count:,} confirmations"
+    if run.fresh_opt_in:
+        setup += ", fresh opt-in" + ("" if run.clear_suppressions else ", no suppression calls")
+    drain = f"{run.drain_s:.1f} s" if run.drain_s is not None else "NOT DRAINED"
+    rate = f"{run.count / run.drain_s:,.0f}/s" if run.drain_s else "-"
+    return [
+        Row(
+            "sync Mailgun",
+            setup,
+            "HTTP calls",
+            f"{run.http_calls:,} ({run.http_calls * 1000 / run.count:.2f} per 1,000)",
+            target=f"<= {_target(run.count):,}",
+            met=run.http_calls <= _target(run.count) and run.ok,
+            detail=asdict(run),
+        ),
+        Row(
+            "sync Mailgun",
+            setup,
+            "drain time / worker peak RSS",
+            f"{drain} ({rate}) / {run.worker_peak_rss_mib:.0f} MB",
+            reference=f"members at the fake: {run.members_held:,}",
+            met=None if run.ok else False,
+        ),
     ]
-    return " ".join(parts)
 
 
-def write_json(runs: list[Run], args: argparse.Namespace, extra_env: dict[str, str]) -> None:
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    variants: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        previous = json.loads(RESULTS_FILE.read_text())
-        if previous.get("benchmark") == "sync_mailgun":
-            variants = dict(previous.get("variants", {}))
-    key = _variant(args, extra_env)
-    entry = variants.setdefault(key, {"runs": {}})
-    entry.update(
+def run(options: argparse.Namespace) -> list[Row]:
+    runs = [run_database(options, database) for database in options.databases]
+    _common.write_results(
+        "sync_mailgun",
         {
-            "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(),
             "parameters": {
-                "count": args.count,
-                "fresh_opt_in": args.fresh_opt_in,
-                "clear_suppressions": args.clear_suppressions,
-                "call_target": _target(args.count),
-                "worker": "newsletter worker, file mailer, default NEWSLETTER_SYNC_BATCH_SIZE",
-                "worker_env_overrides": extra_env,
+                "count": options.sync_count,
+                "fresh_opt_in": options.fresh_opt_in,
+                "clear_suppressions": options.clear_suppressions,
+                "call_target": _target(options.sync_count),
+                "worker_env_overrides": options.extra_env,
             },
-        }
-    )
-    entry["runs"].update({run.database: {**asdict(run), "ok": run.ok} for run in runs})
-    document = {
-        "benchmark": "sync_mailgun",
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
+            "runs": [{**asdict(item), "ok": item.ok} for item in runs],
         },
-        "variants": variants,
-    }
-    RESULTS_FILE.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"written to {RESULTS_FILE.relative_to(ROOT)} under {key!r}")
-
-
-# --------------------------------------------------------------------------------------
-
-
-def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(value: str) -> list[str]:
-        names = [part.strip() for part in value.split(",") if part.strip()]
-        for name in names:
-            if name not in allowed:
-                raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(allowed)}")
-        return names
-
-    return parse
-
-
-def _env_pair(value: str) -> tuple[str, str]:
-    name, sep, setting = value.partition("=")
-    if not sep or not name.startswith("NEWSLETTER_"):
-        raise argparse.ArgumentTypeError("expected NEWSLETTER_NAME=value")
-    return name, setting
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument(
-        "--databases",
-        type=_names(DATABASES),
-        nargs="+",
-        default=[["sqlite"]],
-        help="sqlite, postgresql or both (comma or space separated; default: sqlite)",
-    )
-    parser.add_argument(
-        "--count", type=int, default=100_000, help="confirmed subscriptions (default 100000)"
-    )
-    parser.add_argument(
-        "--fresh-opt-in",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="write the jobs with fresh_opt_in=true, as confirm() does for an address that "
-        "left the list before (two suppression calls each); default: false, as confirm() "
-        "does for a first opt-in, and as reconcile and import do",
-    )
-    parser.add_argument(
-        "--clear-suppressions",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the mailgun backend's clear_suppressions setting (default: true, its default)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds allowed to drain (default 1800)"
-    )
-    parser.add_argument(
-        "--postgres-url",
-        default=DEFAULT_POSTGRES_URL,
-        help=f"loopback database `bench`, emptied first (default {DEFAULT_POSTGRES_URL})",
-    )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="print progress every 10 s",
-    )
-    parser.add_argument(
-        "--env",
-        type=_env_pair,
-        action="append",
-        default=[],
-        metavar="NEWSLETTER_NAME=VALUE",
-        help="extra worker setting, for experiments (e.g. NEWSLETTER_SYNC_BATCH_SIZE=5000)",
-    )
-    args = parser.parse_args(argv)
-    args.databases = list(dict.fromkeys(itertools.chain.from_iterable(args.databases)))
-    if not 1 <= args.count <= 1_000_000:
-        parser.error("--count must be between 1 and 1000000")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    extra_env = dict(args.env)
-    print(
-        f"sync_mailgun benchmark: {args.count:,} confirmations "
-        f"(fresh_opt_in={str(args.fresh_opt_in).lower()}, "
-        f"clear_suppressions={str(args.clear_suppressions).lower()}) on "
-        f"{', '.join(args.databases)}; {os.cpu_count()} CPU core(s)"
-    )
-    runs = [run_database(args, database, extra_env) for database in args.databases]
-    print_table(runs)
-    write_json(runs, args, extra_env)
-    return 0 if all(run.ok for run in runs) else 1
+    failed = [item.database for item in runs if not item.ok]
+    if failed:
+        raise RuntimeError(f"members missing or jobs left undone on {', '.join(failed)}")
+    return [row for item in runs for row in _rows(item)]
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    import run as suite
+
+    raise SystemExit(suite.main(only="sync_mailgun"))

@@ -3,11 +3,12 @@ to Mailman's own member-add rate?
 
 One run starts a real Mailman 3.3.10 core with tests/mailman.py (its own virtualenv, REST
 and SMTP on 127.0.0.1; its outgoing mail goes to an aiosmtpd sink in this process), makes
-two new lists, and measures the same number of adds (`--members`, 500) two ways:
+two new lists, and measures the same number of adds (`--mailman-members`, 500; 100 with
+--quick) two ways:
 
     mailman     quiet adds straight to Mailman: `POST /3.1/members` with the pre_* flags
                 and `send_welcome_message: false`, one after the other from one client
-                made like the worker's: Mailman's own rate, the ceiling.
+                made like the worker's: Mailman's own rate, the reference.
     service     confirmed subscriptions written to a new SQLite database as
                 `subscriptions.confirm()` leaves them (the row, its standing unsubscribe
                 token, a sync job with `fresh_opt_in`), drained by a `Worker` of this
@@ -15,70 +16,43 @@ two new lists, and measures the same number of adds (`--members`, 500) two ways:
                 default settings but `sync_batch_size`): the time its rounds take, from
                 the first claim to the last outcome recorded.
 
-The two are interleaved in `--slices` (5) slices, A B B A ...: a slice of direct adds,
-then one worker round of as many jobs (`sync_batch_size` = members / slices), then the
-other way round. Mailman's speed drifts as its database grows and with whatever else the
-machine runs; interleaving gives both measurements the same conditions. `--slices 1` is
-the plain sequence: all direct adds, then the worker draining every job.
-
-It prints both rates and their ratio (target: the service at 90% of Mailman or better),
-the ratio per slice (its spread shows the noise, its median a run without one neighbour's
-burst), and checks that every member reached its roster and that Mailman mailed none of
-them; the same goes to bench/results/sync_mailman.json. `--profile` profiles the worker's
-rounds (wall clock: waiting on Mailman included) into bench/results/sync_mailman.prof and
-prints the top. It is a measurement, not a test: it never fails on a slow figure (it exits
-1 only when members are missing, jobs are left undone or Mailman sent mail to a member).
-
-    .venv/bin/python bench/sync_mailman.py [--members 500] [--slices 5] [--profile]
-                                           [--concurrency N]
+The two are interleaved in `--mailman-slices` (5; 2 with --quick) slices, A B B A ...: a
+slice of direct adds, then one worker round of as many jobs, then the other way round.
+Mailman's speed drifts as its database grows and with whatever else the machine runs;
+interleaving gives both measurements the same conditions. Target: the service at 90 % of
+Mailman's rate or better. It checks that every member reached its roster and that Mailman
+mailed none of them (the suite fails otherwise). `--profile` profiles the worker's rounds
+(wall clock) into bench/results/sync_mailman.prof and prints the top.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import logging
 import math
-import os
-import platform
 import pstats
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    # The Mailman harness lives in tests/; the script runs as `python bench/sync_mailman.py`.
-    sys.path.insert(0, str(ROOT))
+import _common
+import httpx
+import sqlalchemy as sa
+from _common import LIST_SLUG, SECRET_KEY, Row
+from sqlmodel import Session, func, select
 
-# tests.conftest imports fastapi.testclient, which warns about its httpx on import.
-warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-
-import httpx  # noqa: E402
-import sqlalchemy as sa  # noqa: E402
-from sqlmodel import Session, func, select  # noqa: E402
-
-from app import backends, db, lists, migrations, outbox, tokens  # noqa: E402
-from app.config import (  # noqa: E402
-    FileMailerSettings,
-    ListSettings,
-    MailmanBackendSettings,
-    Settings,
-)
-from app.mailer import make_mailer  # noqa: E402
-from app.models import JobKind, OutboxJob, Subscription, TokenPurpose, utcnow  # noqa: E402
-from app.worker import Worker  # noqa: E402
-from tests.conftest import start_smtp  # noqa: E402
-from tests.mailman import (  # noqa: E402
+from app import backends, db, lists, migrations, outbox, tokens
+from app.config import FileMailerSettings, ListSettings, MailmanBackendSettings, Settings
+from app.mailer import make_mailer
+from app.models import JobKind, OutboxJob, Subscription, TokenPurpose, utcnow
+from app.worker import Worker
+from tests.conftest import start_smtp
+from tests.mailman import (
     TIMINGS,
     MailmanCore,
     create_list,
@@ -87,15 +61,11 @@ from tests.mailman import (  # noqa: E402
     running_mailman,
 )
 
-RESULTS_FILE = ROOT / "bench" / "results" / "sync_mailman.json"
-PROFILE_FILE = ROOT / "bench" / "results" / "sync_mailman.prof"
+PROFILE_FILE = _common.RESULTS_DIR / "sync_mailman.prof"
 PROFILE_LINES = 30
-LIST_SLUG = "bluehats"
-SECRET_KEY = "bench-secret-key-not-for-production"  # noqa: S105 (a throwaway database)
 PUBLIC_URL = "https://newsletter.example.org"
 TARGET_RATIO = 0.9
 WARMUP_ADDS = 20
-BACKGROUND_WARNING = 0.25  # cores busy before the run that make its figures suspect
 QUIET = {
     "pre_verified": True,
     "pre_confirmed": True,
@@ -358,64 +328,16 @@ def measure(
 # The run
 
 
-def _busy_cores(seconds: float = 1.0) -> float:
-    """How many cores the machine kept busy over `seconds` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
-
-    busy_before, total_before = sample()
-    time.sleep(seconds)
-    busy_after, total_after = sample()
-    share = (busy_after - busy_before) / max(1, total_after - total_before)
-    return round(share * (os.cpu_count() or 1), 2)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--members", type=int, default=500, help="adds measured each way")
-    parser.add_argument("--slices", type=int, default=5, help="interleaved slices (1: none)")
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=None,
-        help="worker_concurrency of the service (default: the setting's default)",
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help=f"profile the worker's rounds (wall clock) into bench/results/{PROFILE_FILE.name}",
-    )
-    args = parser.parse_args()
-    if args.members < 1 or not 1 <= args.slices <= args.members:
-        parser.error("--members must be positive and --slices between 1 and --members")
+def run(options: argparse.Namespace) -> list[Row]:
+    members, slices = options.mailman_members, options.mailman_slices
+    if members < 1 or not 1 <= slices <= members:
+        raise SystemExit("--mailman-members must be positive, --mailman-slices in 1..members")
     logging.basicConfig(level=logging.WARNING)
-    background = _busy_cores()
-    if background > BACKGROUND_WARNING:
-        print(
-            f"warning: {background} cores were busy before the run: something else is "
-            "running, and the rates below share the machine with it"
-        )
-    profiler = cProfile.Profile() if args.profile else None
+    print(f"\n== sync_mailman: {members} adds each way in {slices} slice(s)", flush=True)
+    background = _common.warn_if_busy("the Mailman run")
+    profiler = cProfile.Profile() if options.profile else None
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-sync-mailman-"))
+    folder = Path(tempfile.mkdtemp(prefix="newsletter-bench-mailman-"))
     sink, controller = start_smtp()
     try:
         with running_mailman(folder / "mailman", sink) as core:
@@ -424,10 +346,10 @@ def main() -> int:
             warm_up(core)
             figures = measure(
                 core,
-                members=args.members,
-                slices=args.slices,
+                members=members,
+                slices=slices,
                 folder=folder,
-                concurrency=args.concurrency,
+                concurrency=options.worker_concurrency,
                 profiler=profiler,
             )
             flush_outgoing_mail(core)
@@ -449,64 +371,60 @@ def main() -> int:
     median = statistics.median(per_slice)
     ok = (
         figures.jobs_left == 0
-        and figures.service_roster == args.members
-        and figures.direct_roster == args.members
+        and figures.service_roster == members
+        and figures.direct_roster == members
         and mails == 0
     )
     print(
-        f"{version}; {args.members} adds each way in {len(figures.slices)} interleaved "
-        f"slice(s); {os.cpu_count()} CPUs, {background} busy before the run"
+        f"   {version}: mailman {mailman_rate:.1f} adds/s ({figures.direct_s:.2f} s), service "
+        f"{service_rate:.1f} syncs/s ({figures.service_s:.2f} s in {figures.rounds} rounds of up "
+        f"to {figures.sync_batch_size}); ratio {ratio:.1%}, per slice {per_slice}\n"
+        f"   rosters {figures.direct_roster} + {figures.service_roster}, jobs left "
+        f"{figures.jobs_left}, mails from Mailman to members {mails}",
+        flush=True,
     )
-    print(f"  mailman direct adds  {mailman_rate:7.1f}/s  ({figures.direct_s:.2f} s)")
-    print(
-        f"  service sync         {service_rate:7.1f}/s  ({figures.service_s:.2f} s in "
-        f"{figures.rounds} round(s) of up to {figures.sync_batch_size} jobs)"
-    )
-    print(
-        f"  ratio                {ratio:7.1%}  (target {TARGET_RATIO:.0%}: "
-        f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})"
-    )
-    print(f"  ratio per slice      {per_slice} (median {median:.1%})")
-    print(
-        f"  rosters {figures.direct_roster} + {figures.service_roster}, "
-        f"jobs left {figures.jobs_left}, mails from Mailman to members {mails}"
-    )
-    result = {
-        "benchmark": "sync_mailman",
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
+    _common.write_results(
+        "sync_mailman",
+        {
             "background_busy_cores": background,
+            "parameters": {
+                "members": members,
+                "slices": len(figures.slices),
+                "sync_batch_size": figures.sync_batch_size,
+                "worker_concurrency": figures.worker_concurrency,
+                "mailman_version": version,
+                "mailman": "tests/mailman.py: SQLite, one gunicorn REST worker, loopback",
+                "database": "SQLite (a new file)",
+                "harness": dict(TIMINGS),
+            },
+            "mailman_adds_per_s": round(mailman_rate, 1),
+            "service_syncs_per_s": round(service_rate, 1),
+            "ratio": round(ratio, 4),
+            "ratio_per_slice": per_slice,
+            "ratio_median_slice": round(median, 4),
+            "figures": asdict(figures),
+            "mails_from_mailman_to_members": mails,
+            "ok": ok,
         },
-        "parameters": {
-            "members": args.members,
-            "slices": len(figures.slices),
-            "sync_batch_size": figures.sync_batch_size,
-            "worker_concurrency": figures.worker_concurrency,
-            "mailman_version": version,
-            "mailman": "tests/mailman.py: SQLite, one gunicorn REST worker, loopback",
-            "database": "SQLite (a new file)",
-            "harness": dict(TIMINGS),
-        },
-        "mailman_adds_per_s": round(mailman_rate, 1),
-        "service_syncs_per_s": round(service_rate, 1),
-        "ratio": round(ratio, 4),
-        "ratio_per_slice": per_slice,
-        "ratio_median_slice": round(median, 4),
-        "target_ratio": TARGET_RATIO,
-        "target_met": ratio >= TARGET_RATIO,
-        "figures": asdict(figures),
-        "mails_from_mailman_to_members": mails,
-        "ok": ok,
-    }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS_FILE.relative_to(ROOT)}")
-    return 0 if ok else 1
+    )
+    if not ok:
+        raise RuntimeError("members missing, jobs left undone or Mailman mailed members")
+    return [
+        Row(
+            "sync Mailman",
+            f"{version}, {members} members, SQLite",
+            "service syncs/s",
+            f"{service_rate:.1f}/s",
+            reference=f"Mailman's own adds {mailman_rate:.1f}/s",
+            ratio=f"{ratio:.0%} (median slice {median:.0%})",
+            target=f">= {TARGET_RATIO:.0%}",
+            met=ratio >= TARGET_RATIO,
+            detail=asdict(figures),
+        )
+    ]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import run as suite
+
+    raise SystemExit(suite.main(only="sync_mailman"))
