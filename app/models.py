@@ -175,13 +175,18 @@ class Token(SQLModel, table=True):
 
 class OutboxJob(SQLModel, table=True):
     __tablename__ = "outbox_job"
-    __table_args__ = (sa.Index("ix_outbox_job_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        sa.Index("ix_outbox_job_due", "state", "next_attempt_at"),
+        # "The pending job with this key" (coalescing) is asked on every confirmation and
+        # unsubscription: one index answers it, whatever the number of pending jobs.
+        sa.Index("ix_outbox_job_dedupe_key_state", "dedupe_key", "state"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=32)
     # Jobs sharing a key run one at a time, in order, and a pending one absorbs newer
     # requests (sync jobs: "sync:<subscription id>"; the latest state wins).
-    dedupe_key: str | None = Field(default=None, max_length=128, index=True)
+    dedupe_key: str | None = Field(default=None, max_length=128)
     # The subscription the job is about, when there is one (operators look jobs up by it).
     subscription_id: int | None = Field(default=None, index=True)
     payload: dict[str, Any] = _json()
