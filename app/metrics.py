@@ -30,14 +30,14 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import db, heartbeat
+from app import db, formguard, heartbeat
 from app.models import JobKind, JobState, MailingList, OutboxJob, Subscription, utcnow
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Metrics:
                 self.outbox_attempts.labels(kind=kind.value, outcome=outcome)
         for scope in RATE_LIMIT_SCOPES:
             self.rate_limited.labels(scope=scope)
+        self.registry.register(FormGuardCollector())
 
     def attempt(self, kind: str, outcome: str) -> None:
         self.outbox_attempts.labels(kind=kind, outcome=outcome).inc()
@@ -97,6 +98,25 @@ class Metrics:
         collector = DatabaseCollector(engine, heartbeat_timeout=heartbeat_timeout)
         self.registry.register(collector)
         return collector
+
+
+class FormGuardCollector(Collector):
+    """Form posts dropped as a robot's (app/formguard.py counts them for the process)."""
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "newsletter_form_rejections",
+            "Form posts answered as a success but dropped as a robot's, by reason.",
+            labels=["reason"],
+        )
+        counts = formguard.rejection_counts()
+        for verdict in formguard.Verdict:
+            if verdict is not formguard.Verdict.ACCEPTED:
+                family.add_metric([verdict.value], counts.get(verdict.value, 0))
+        yield family
 
 
 class DatabaseCollector(Collector):

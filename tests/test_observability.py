@@ -402,3 +402,21 @@ class TestLogHygiene:
         assert len(confirmed) == 1
         assert confirmed[0].endswith("request_id=text-confirm-1")
         assert " INFO app.subscriptions subscription.confirmed " in confirmed[0]
+
+
+class TestFormRejections:
+    def test_a_robots_form_post_is_counted_by_reason(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(database_url, smtp_port=smtp.port)
+        with TestClient(create_app(settings)) as client:
+            key = ("newsletter_form_rejections_total", labels(reason="honeypot"))
+            before = scrape(client)[key]
+            answer = client.post(
+                SUBSCRIBE,
+                data={"email": "robot@example.org", "website": "http://spam.example"},
+                follow_redirects=False,
+            )
+            assert answer.status_code == 303
+            after = scrape(client)
+            assert after[key] == before + 1
