@@ -139,6 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router, responses=database_gone)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Innermost: a 500 still passes through every layer below (request id, headers, metrics).
+    app.add_middleware(handlers.UnexpectedErrors)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

@@ -420,3 +420,43 @@ class TestFormRejections:
             assert answer.status_code == 303
             after = scrape(client)
             assert after[key] == before + 1
+
+
+class TestUnexpectedErrors:
+    def test_a_500_keeps_the_request_id_the_headers_and_the_error_shape(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        seen: list[tuple[str, str | None]] = []
+
+        class Remember(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                seen.append((record.getMessage(), logs.request_id.get()))
+
+        def boom() -> None:
+            raise RuntimeError("a bug")
+
+        app = create_app(make_settings(database_url, smtp_port=smtp.port))
+        app.add_api_route("/v1/lists/{slug}/boom", boom)
+        handler = Remember(level=logging.ERROR)
+        logging.getLogger("app.api.handlers").addHandler(handler)
+        try:
+            with TestClient(app) as client:
+                answer = client.get(
+                    "/v1/lists/bluehats/boom",
+                    headers={"x-request-id": "bug-42", "accept": "application/json"},
+                )
+                metrics = scrape(client)
+        finally:
+            logging.getLogger("app.api.handlers").removeHandler(handler)
+        assert answer.status_code == 500
+        assert answer.json() == {
+            "error": "internal_error",
+            "detail": "An unexpected error occurred.",
+        }
+        assert answer.headers["x-request-id"] == "bug-42"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+        assert answer.headers["cache-control"] == "no-store"
+        assert ("request.failed path=/v1/lists/bluehats/boom", "bug-42") in seen
+        route = labels(method="GET", route="/v1/lists/{slug}/boom", status="500")
+        assert metrics[("newsletter_http_requests_total", route)] == 1

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, formguard, logs, pages
 from app.api import views
@@ -236,10 +237,40 @@ def install(app: FastAPI) -> None:
             )
         return await _domain(request, errors.DatabaseUnavailable())
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        # Paths carry link tokens and (admin people routes) addresses.
-        log.exception("request.failed path=%s", logs.mask_addresses(logs.redact(request.url.path)))
-        return _answer(
-            request, status=500, code="internal_error", detail="An unexpected error occurred."
-        )
+
+def _unexpected(request: Request) -> Response:
+    # Paths carry link tokens and (admin people routes) addresses.
+    log.exception("request.failed path=%s", logs.mask_addresses(logs.redact(request.url.path)))
+    return _answer(
+        request, status=500, code="internal_error", detail="An unexpected error occurred."
+    )
+
+
+class UnexpectedErrors:
+    """Answers an unexpected exception from inside the middleware stack: Starlette answers a
+    catch-all `Exception` handler from its outermost layer, past the request id, the
+    security headers and the metrics, so a 500 would carry none of them and its log line no
+    request id. Installed innermost (the first middleware added)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if started:
+                # Half an answer is out: nothing to do but let the server close it.
+                raise
+            await _unexpected(Request(scope))(scope, receive, send)
