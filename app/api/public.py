@@ -358,7 +358,7 @@ async def _subscribe(
     return await database.run(
         subscriptions.subscribe,
         list_slug=slug,
-        address=addresses.parse(body.email),
+        address=addresses.parse(body.email, new=True),
         locale=body.locale,
         fallback_locale=preferred(request.headers.get("accept-language")),
         attributes=body.attributes,
@@ -678,7 +678,7 @@ async def _request_unsubscribe(
     return await database.run(
         subscriptions.request_unsubscribe,
         list_slug=slug,
-        address=addresses.parse(body.email),
+        address=addresses.parse(body.email, new=False),
         evidence=evidence(request, settings, source=source),
         key=settings.token_key(),
         now=utcnow(),
