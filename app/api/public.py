@@ -36,7 +36,7 @@ from app.api.deps import (
     inline_refs,
     limit_client,
     media_type,
-    parse_form,
+    read_form,
     read_payload,
     request_locale,
     wants_html,
@@ -105,7 +105,7 @@ class Submission:
 
 async def subscription_submission(request: Request) -> Submission:
     if media_type(request) == FORM:
-        return Submission(form=parse_form(await request.body()))
+        return Submission(form=await read_form(request))
     return Submission(body=await read_payload(request, SubscriptionRequest))
 
 
@@ -120,7 +120,7 @@ class AddressSubmission:
 
 async def unsubscription_submission(request: Request) -> AddressSubmission:
     if media_type(request) == FORM:
-        return AddressSubmission(form=parse_form(await request.body()))
+        return AddressSubmission(form=await read_form(request))
     return AddressSubmission(body=await read_payload(request, UnsubscriptionRequest))
 
 
