@@ -647,7 +647,7 @@ async def request_unsubscribe(
         return _unsubscribe_sent_redirect(settings, mailing_list, locale)
     post = unsubscribe_form.read_post(form, t=for_list(locale, declared))
     if post.request is None:
-        if wants_html(request, default=False):
+        if post.error is not None and wants_html(request, default=False):
             return _unsubscribe_request_page(
                 request,
                 settings,
