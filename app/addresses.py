@@ -40,7 +40,15 @@ class Address:
     key: str
 
 
-def parse(raw: str) -> Address:
+def parse(raw: str, *, new: bool) -> Address:
+    """The address `raw`, validated and normalized.
+
+    `new`: the address is coming in (a sign-up, an operator's addition, an import of new
+    subscribers), so a look-alike is refused. A lookup of an address that may already be
+    stored (an opt-out, a backend's event, an operator's read or erasure) passes False: a
+    row kept from before the look-alike check must stay reachable, or its person could
+    not leave nor be erased.
+    """
     if len(raw) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
     if any(ord(char) < 32 or ord(char) == 127 for char in raw):
@@ -49,7 +57,7 @@ def parse(raw: str) -> Address:
         validated = validate_email(raw.strip(), check_deliverability=False)
     except EmailNotValidError as e:
         raise InvalidAddress(str(e)) from e
-    if _mixes_confusable_scripts(validated.normalized):
+    if new and _mixes_confusable_scripts(validated.normalized):
         raise InvalidAddress(
             "The address mixes Latin letters with Cyrillic or Greek ones that look alike."
         )

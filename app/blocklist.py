@@ -38,12 +38,13 @@ def normalize(kind: BlockKind, raw: str) -> str:
     Raises `addresses.InvalidAddress` for something that is not an address (or a domain).
     """
     if kind == BlockKind.ADDRESS:
-        return addresses.parse(raw).key
+        # Blocking (or unblocking) a look-alike is just what an operator may need to do.
+        return addresses.parse(raw, new=False).key
     domain = raw.strip().removeprefix("@").rstrip(".")
     if not domain or "@" in domain:
         raise addresses.InvalidAddress("A domain entry is a domain name, such as example.org.")
     # The address parser normalizes domains (IDNA, case) exactly as it does subscribers'.
-    return addresses.parse(f"postmaster@{domain}").key.partition("@")[2]
+    return addresses.parse(f"postmaster@{domain}", new=False).key.partition("@")[2]
 
 
 def _domains_of(email_key: str) -> list[str]:

@@ -415,11 +415,11 @@ def _parsed(model: Any, data: dict[str, Any]) -> Any:
         raise typer.Exit(2) from e
 
 
-def _address(raw: str) -> Any:
+def _address(raw: str, *, new: bool) -> Any:
     from app import addresses
 
     try:
-        return addresses.parse(raw)
+        return addresses.parse(raw, new=new)
     except addresses.InvalidAddress as e:
         typer.echo(f"invalid address: {e}", err=True)
         raise typer.Exit(2) from e
@@ -504,7 +504,7 @@ def subscriber_add(
     settings = _settings()
     row = _audited_run(
         settings, action=f"subscriber.add.{body.mode}", target=f"{list_slug}:{email}",
-        work=operators.add_subscriber, list_slug=list_slug, address=_address(email),
+        work=operators.add_subscriber, list_slug=list_slug, address=_address(email, new=True),
         mode=operators.AddMode(body.mode), locale=body.locale, attributes={}, proof=proof,
         actor=_cli_actor(), key=settings.token_key(), now=utcnow(),
         resend_interval=settings.resend_interval,
@@ -527,7 +527,7 @@ def subscriber_unsubscribe(
     settings = _settings()
     row = _audited_run(
         settings, action="subscriber.unsubscribe", target=f"{list_slug}:{email}",
-        work=operators.unsubscribe, list_slug=list_slug, address=_address(email),
+        work=operators.unsubscribe, list_slug=list_slug, address=_address(email, new=False),
         reason=body.reason, actor=_cli_actor(), now=utcnow(),
     )  # fmt: skip
     typer.echo(f"{row.email} is {row.status} on {list_slug}")
@@ -539,7 +539,7 @@ def people_show(email: Annotated[str, typer.Argument(help="The address.")]) -> N
     from app import operators
     from app.api.admin_privacy import person_out
 
-    address = _address(email)
+    address = _address(email, new=False)
     settings = _settings()
     record = _audited_run(
         settings, action="person.read", target=address.key, work=operators.person_record,
@@ -560,7 +560,7 @@ def people_erase(
     from app import operators, privacy
     from app.models import utcnow
 
-    address = _address(email)
+    address = _address(email, new=False)
     if not yes:
         if not sys.stdin.isatty():
             typer.echo("not a terminal: pass --yes to erase", err=True)
@@ -1242,7 +1242,7 @@ def subscriber_proof(
             return item
 
     else:
-        address = _address(who)
+        address = _address(who, new=False)
 
         def work(session: Any) -> Any:
             return consent.proof_by_address(session, list_slug=list_slug, email_key=address.key)

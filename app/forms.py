@@ -62,7 +62,7 @@ def _problem(field: FormField, value: str | None) -> Problem | None:
         return Problem.CONTROL_CHARACTERS
     if field.type == FieldType.EMAIL:
         try:
-            addresses.parse(value)
+            addresses.parse(value, new=True)
         except addresses.InvalidAddress:
             return Problem.INVALID_EMAIL
     if field.type == FieldType.URL:

@@ -41,9 +41,9 @@ def _no_control_characters(value: str) -> str:
     return value
 
 
-def _valid_email(value: str) -> str:
+def _valid_email(value: str, *, new: bool) -> str:
     try:
-        addresses.parse(value)
+        addresses.parse(value, new=new)
     except addresses.InvalidAddress as e:
         raise ValueError(str(e)) from e
     return value
@@ -133,7 +133,7 @@ class SubscriptionRequest(BaseModel):
     @field_validator("email")
     @classmethod
     def _valid_address(cls, value: str) -> str:
-        return _valid_email(value)
+        return _valid_email(value, new=True)
 
     @field_validator("attributes")
     @classmethod
@@ -151,7 +151,8 @@ class UnsubscriptionRequest(BaseModel):
     @field_validator("email")
     @classmethod
     def _valid_address(cls, value: str) -> str:
-        return _valid_email(value)
+        # An address to find, perhaps stored before the look-alike check.
+        return _valid_email(value, new=False)
 
 
 class Accepted(BaseModel):
@@ -384,7 +385,7 @@ class AddSubscriberRequest(BaseModel):
     @field_validator("email")
     @classmethod
     def _valid_address(cls, value: str) -> str:
-        return _valid_email(value)
+        return _valid_email(value, new=True)
 
     @field_validator("attributes")
     @classmethod

@@ -543,7 +543,8 @@ def import_members(
     confirmed_ids: list[int] = []
     for address, subscribed in remote.values():
         try:
-            parsed = addresses.parse(address)
+            # Members the backend already holds: a look-alike among them is imported as it is.
+            parsed = addresses.parse(address, new=False)
         except addresses.InvalidAddress:
             report.invalid.append(address)
             continue

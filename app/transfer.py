@@ -321,7 +321,7 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
     if not raw_email:
         raise _RowInvalid("email is empty.")
     try:
-        address = addresses.parse(raw_email)
+        address = addresses.parse(raw_email, new=True)
     except addresses.InvalidAddress as e:
         raise _RowInvalid(f"email is not a valid address: {e}") from e
     locale_text = values.get("locale", "").strip().lower()

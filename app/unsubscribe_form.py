@@ -27,7 +27,8 @@ class Post:
     """A form post of the unsubscribe page, read."""
 
     request: UnsubscriptionRequest | None
-    # The address's problem in the page's language (None when all is well).
+    # The address's problem in the page's language (None when the address is fine, even if
+    # another field, such as a malformed `pow_nonce`, is not).
     error: str | None = None
     # The pydantic error when the post is not a valid request (for a JSON-minded caller).
     invalid: ValidationError | None = None
@@ -45,6 +46,10 @@ def read_post(form: Mapping[str, str], *, t: Translator) -> Post:
     try:
         return Post(request=UnsubscriptionRequest.model_validate(data))
     except ValidationError as e:
+        if not any(error["loc"][:1] == (EMAIL,) for error in e.errors(include_url=False)):
+            # Not the visitor's typing (the page's hidden fields, or a robot's): the
+            # generic error path, as on the subscription page, not "address invalid".
+            return Post(request=None, invalid=e)
         missing = not form.get(EMAIL, "").strip()
         message = t("form.error.email_missing" if missing else "form.error.email_invalid")
         return Post(request=None, error=message, invalid=e)

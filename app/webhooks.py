@@ -138,7 +138,7 @@ def verify_mailgun(
     address = None
     if event is not None and isinstance(recipient, str):
         try:
-            address = addresses.parse(recipient)
+            address = addresses.parse(recipient, new=False)
         except addresses.InvalidAddress:
             event = None
     if named is not None and not targets:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -173,6 +174,30 @@ class TestContentTypes:
             assert "content-type" not in response.request.headers
             error_of(response, 415, "unsupported_media_type")
             endpoint.assert_nothing_stored()
+
+    def test_a_form_declared_in_another_charset_is_415_as_json_is(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        # Plain ASCII, the same bytes in every one of these charsets: only the declaration
+        # differs, and a body declared in one is not what the form path reads (UTF-8).
+        body = urlencode({"email": endpoint.email}).encode()
+        for charset in ("utf-7", "iso-8859-1", '"ISO-8859-1"'):
+            with subtests.test(charset):
+                headers = {"content-type": f"{FORM_TYPE['content-type']}; charset={charset}"}
+                response = client.post(
+                    endpoint.path, content=body, headers=headers, follow_redirects=False
+                )
+                detail = error_of(response, 415, "unsupported_media_type")
+                assert detail == "Send the body in UTF-8 (or without a charset)."
+                endpoint.assert_nothing_stored()
+        with subtests.test("utf-8"):
+            headers = {"content-type": f"{FORM_TYPE['content-type']}; charset=UTF-8"}
+            response = client.post(
+                endpoint.path, content=body, headers=headers, follow_redirects=False
+            )
+            assert response.status_code == 303, response.text
+            after = stored_rows(endpoint.url)
+            assert after["outbox_job"] == endpoint.before["outbox_job"] + 1
 
     def test_json_with_a_charset_parameter_is_read(
         self, client: TestClient, settings: Settings

@@ -60,7 +60,7 @@ def subscribe(
 ) -> None:
     with db.session_scope(engine) as session:
         subscriptions.subscribe(
-            session, list_slug=slug, address=addresses.parse(email), locale=None,
+            session, list_slug=slug, address=addresses.parse(email, new=True), locale=None,
             fallback_locale=None, attributes={"name": "Ada"}, evidence=_evidence(ip), key=KEY,
             now=at, resend_interval=timedelta(minutes=5),
         )  # fmt: skip
@@ -264,7 +264,8 @@ class TestRetentionRun:
         assert response.status_code == 200
         with db.session_scope(engine) as session:
             subscriptions.apply_backend_event(
-                session, list_slug="bluehats", address=addresses.parse("left@example.org"),
+                session, list_slug="bluehats",
+                address=addresses.parse("left@example.org", new=False),
                 event="unsubscribed", evidence=subscriptions.Evidence(source="backend"), now=NOW,
             )  # fmt: skip
         report_import = self._import_confirmed(engine, "left@example.org")

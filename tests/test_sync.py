@@ -458,7 +458,7 @@ class TestBackendEvents:
             known = subscriptions.apply_backend_event(
                 session,
                 list_slug="bluehats",
-                address=addresses.parse("bulk-0000@example.org"),
+                address=addresses.parse("bulk-0000@example.org", new=True),
                 event="complained",
                 evidence=subscriptions.Evidence(source="backend"),
                 now=utcnow(),

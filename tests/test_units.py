@@ -19,13 +19,13 @@ from app.models import MailingList, Subscription, Token, TokenPurpose, utcnow
 
 class TestAddresses:
     def test_domain_is_lowercased_local_part_kept_and_key_case_folded(self) -> None:
-        address = addresses.parse("  Jean.Dupont+BlueHats@Exemple.GOUV.fr ")
+        address = addresses.parse("  Jean.Dupont+BlueHats@Exemple.GOUV.fr ", new=True)
         assert address.email == "Jean.Dupont+BlueHats@exemple.gouv.fr"
         assert address.key == "jean.dupont+bluehats@exemple.gouv.fr"
 
     def test_internationalized_addresses_are_accepted(self) -> None:
-        assert addresses.parse("josé@exämple.fr").email == "josé@exämple.fr"
-        assert addresses.parse("用户@例子.广告").key == "用户@例子.广告"
+        assert addresses.parse("josé@exämple.fr", new=True).email == "josé@exämple.fr"
+        assert addresses.parse("用户@例子.广告", new=True).key == "用户@例子.广告"
 
     @pytest.mark.parametrize(
         "raw",
@@ -41,10 +41,23 @@ class TestAddresses:
             "a@[127.0.0.1]",
         ],
     )
-    def test_invalid_addresses_are_refused_with_a_message(self, raw: str) -> None:
+    @pytest.mark.parametrize("new", [True, False], ids=["new", "lookup"])
+    def test_invalid_addresses_are_refused_with_a_message(self, raw: str, new: bool) -> None:
         with pytest.raises(addresses.InvalidAddress) as caught:
-            addresses.parse(raw)
+            addresses.parse(raw, new=new)
         assert str(caught.value)
+
+    @pytest.mark.parametrize(
+        "raw",
+        ["\u0441\u0430mille@example.org", "camille@ex\u0430mple.org", "\u03bfscar@example.org"],
+    )
+    def test_a_look_alike_is_refused_as_a_new_address_and_found_as_a_stored_one(
+        self, raw: str
+    ) -> None:
+        with pytest.raises(addresses.InvalidAddress, match="look alike"):
+            addresses.parse(raw, new=True)
+        stored = addresses.parse(raw.upper(), new=False)
+        assert stored.key == raw.casefold()
 
     def test_mask_hides_the_local_part(self) -> None:
         assert addresses.mask("camille@example.org") == "c***@example.org"

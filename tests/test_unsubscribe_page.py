@@ -13,8 +13,10 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from app import formguard
+from app import formguard, unsubscribe_form
+from app.config import Locale
 from app.db import make_engine
+from app.i18n import for_list
 from app.models import Token, utcnow
 from tests.conftest import SECRET, SmtpSink, count_rows, link_in, text_of
 from tests.test_pages import app_client, input_tag, list_settings, stamp, stamp_in
@@ -198,6 +200,36 @@ class TestItsPost:
         assert response.status_code == 422
         assert '<html lang="en">' in response.text
         assert 'id="field-email-error">Enter your email address.</p>' in response.text
+
+    def test_a_malformed_proof_of_work_is_not_called_a_bad_address(
+        self, client: TestClient, smtp: SmtpSink, database_url: str
+    ) -> None:
+        confirm_member(client, smtp)
+        before = count_rows(database_url, "outbox_job")
+        fields = {"email": MEMBER, "pow_nonce": "n" * 65, "form_stamp": stamp()}
+        # The generic error path, as the subscription page takes for its hidden fields: a
+        # browser gets the error page, not its address marked invalid.
+        page = post_form(client, fields, **HTML)
+        assert page.status_code == 422
+        assert page.headers["content-type"].startswith("text/html")
+        assert "field-email-error" not in page.text
+        assert "Saisissez une adresse" not in page.text
+        answer = post_form(client, fields)
+        assert answer.status_code == 422
+        assert answer.json()["error"] == "validation_error"
+        assert answer.json()["detail"].startswith("pow_nonce:")
+        assert count_rows(database_url, "outbox_job") == before
+
+    def test_read_post_names_the_address_only_when_the_address_is_wrong(self) -> None:
+        t = for_list(Locale.EN, None)
+        nonce_only = unsubscribe_form.read_post({"email": MEMBER, "pow_nonce": "n" * 65}, t=t)
+        assert nonce_only.request is None
+        assert nonce_only.error is None
+        assert nonce_only.invalid is not None
+        both = unsubscribe_form.read_post({"email": "nobody", "pow_nonce": "n" * 65}, t=t)
+        assert both.error == t("form.error.email_invalid")
+        missing = unsubscribe_form.read_post({"pow_nonce": "n"}, t=t)
+        assert missing.error == t("form.error.email_missing")
 
     def test_a_form_post_that_is_not_a_browsers_gets_the_json_error(
         self, client: TestClient

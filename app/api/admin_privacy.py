@@ -58,9 +58,9 @@ EmailPath = Annotated[
 ]
 
 
-def _address(raw: str, *, where: tuple[str, ...]) -> addresses.Address:
+def _address(raw: str, *, where: tuple[str, ...], new: bool) -> addresses.Address:
     try:
-        return addresses.parse(raw)
+        return addresses.parse(raw, new=new)
     except addresses.InvalidAddress as e:
         raise RequestValidationError([{"loc": where, "msg": str(e), "type": "value_error"}]) from e
 
@@ -142,7 +142,7 @@ async def add_subscriber(
     row = await audited(
         database, who, action=f"subscriber.add.{body.mode}", target=f"{slug}:{body.email}",
         work=operators.add_subscriber, list_slug=slug,
-        address=_address(body.email, where=("body", "email")),
+        address=_address(body.email, where=("body", "email"), new=True),
         mode=operators.AddMode(body.mode), locale=body.locale, attributes=body.attributes,
         proof=proof, actor=who.name, key=settings.token_key(), now=utcnow(),
         resend_interval=settings.resend_interval,
@@ -168,7 +168,7 @@ async def unsubscribe_subscriber(
     row = await audited(
         database, who, action="subscriber.unsubscribe", target=f"{slug}:{email}",
         work=operators.unsubscribe, list_slug=slug,
-        address=_address(email, where=("path", "email")), reason=body.reason,
+        address=_address(email, where=("path", "email"), new=False), reason=body.reason,
         actor=who.name, now=utcnow(),
     )  # fmt: skip
     return subscriber_out(row)
@@ -183,7 +183,7 @@ async def get_person(
 ) -> PersonOut:
     """Everything held about an address across lists: subscriptions with their consent
     ledger, mails and backend jobs with every attempt, and audit events naming it."""
-    address = _address(email, where=("path", "email"))
+    address = _address(email, where=("path", "email"), new=False)
     record = await audited(
         database, who, action="person.read", target=address.key,
         work=operators.person_record, address=address, key=settings.token_key(),
@@ -223,7 +223,7 @@ async def erase_person(
     events keep only a keyed hash, each backend gets a removal, a tombstone refuses later
     additions without the person's own opt-in. Idempotent: an unknown address answers 200
     with zero counts (and gets its tombstone)."""
-    address = _address(email, where=("path", "email"))
+    address = _address(email, where=("path", "email"), new=False)
     key = settings.token_key()
     report = await audited(
         database, who, action="person.erase",

@@ -164,14 +164,27 @@ def _charset(request: Request) -> str | None:
     return None
 
 
+def refuse_other_charsets(request: Request) -> None:
+    """415 for a body declared in a charset other than UTF-8.
+
+    JSON is UTF-8 (RFC 8259) and forms are read as UTF-8; a body declared in another
+    charset (UTF-7 smuggles markup past filters) would be misread, not converted.
+    """
+    if _charset(request) not in (None, "utf-8", "utf8"):
+        raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A form post's fields, read as `read_payload` reads one (UTF-8 only)."""
+    refuse_other_charsets(request)
+    return parse_form(await request.body())
+
+
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
+    refuse_other_charsets(request)
     raw = await request.body()
-    if _charset(request) not in (None, "utf-8", "utf8"):
-        # JSON is UTF-8 (RFC 8259) and forms are read as UTF-8; a body declared in another
-        # charset (UTF-7 smuggles markup past filters) would be misread, not converted.
-        raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
     data: object
     if kind == JSON:
         try:

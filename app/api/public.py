@@ -36,7 +36,7 @@ from app.api.deps import (
     inline_refs,
     limit_client,
     media_type,
-    parse_form,
+    read_form,
     read_payload,
     request_locale,
     wants_html,
@@ -105,7 +105,7 @@ class Submission:
 
 async def subscription_submission(request: Request) -> Submission:
     if media_type(request) == FORM:
-        return Submission(form=parse_form(await request.body()))
+        return Submission(form=await read_form(request))
     return Submission(body=await read_payload(request, SubscriptionRequest))
 
 
@@ -120,7 +120,7 @@ class AddressSubmission:
 
 async def unsubscription_submission(request: Request) -> AddressSubmission:
     if media_type(request) == FORM:
-        return AddressSubmission(form=parse_form(await request.body()))
+        return AddressSubmission(form=await read_form(request))
     return AddressSubmission(body=await read_payload(request, UnsubscriptionRequest))
 
 
@@ -358,7 +358,7 @@ async def _subscribe(
     return await database.run(
         subscriptions.subscribe,
         list_slug=slug,
-        address=addresses.parse(body.email),
+        address=addresses.parse(body.email, new=True),
         locale=body.locale,
         fallback_locale=preferred(request.headers.get("accept-language")),
         attributes=body.attributes,
@@ -647,7 +647,7 @@ async def request_unsubscribe(
         return _unsubscribe_sent_redirect(settings, mailing_list, locale)
     post = unsubscribe_form.read_post(form, t=for_list(locale, declared))
     if post.request is None:
-        if wants_html(request, default=False):
+        if post.error is not None and wants_html(request, default=False):
             return _unsubscribe_request_page(
                 request,
                 settings,
@@ -678,7 +678,7 @@ async def _request_unsubscribe(
     return await database.run(
         subscriptions.request_unsubscribe,
         list_slug=slug,
-        address=addresses.parse(body.email),
+        address=addresses.parse(body.email, new=False),
         evidence=evidence(request, settings, source=source),
         key=settings.token_key(),
         now=utcnow(),
