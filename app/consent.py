@@ -118,7 +118,13 @@ def proof(session: Session, *, subscription: Subscription) -> Proof:
             .order_by(col(ConsentEvent.occurred_at), col(ConsentEvent.id))
         ).all()
     )
-    versions = [event.consent_version for event in events] + [subscription.consent_version]
+    versions = [
+        version
+        for event in events
+        # The hosted form's page may have shown another version than the list's of the day.
+        for version in (event.consent_version, _shown_version(event))
+        if version
+    ] + [subscription.consent_version]
     found = stored_wordings(
         session, list_id=subscription.list_id, versions=versions, locale=subscription.locale
     )
@@ -129,6 +135,11 @@ def proof(session: Session, *, subscription: Subscription) -> Proof:
         events=events,
         wordings={version: found.get(version) for version in dict.fromkeys(versions)},
     )
+
+
+def _shown_version(event: ConsentEvent) -> str | None:
+    shown = event.detail.get("consent_version_shown")
+    return shown if isinstance(shown, str) else None
 
 
 def proof_by_id(session: Session, *, subscription_id: int) -> Proof:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, db, errors
+from app import apikeys, db, errors, formguard
 from app.config import Settings
 from app.main import create_app
 from app.models import AuditEvent, ConsentWording, KeyScope, Subscription, utcnow
@@ -174,6 +175,50 @@ class TestWordingVersions:
             ("v1", "fr", "Texte A pour Gazette BlueHats"),
             ("v2", "en", "Text B"),
             ("v2", "fr", "Texte B pour Gazette BlueHats"),
+        ]
+
+    def test_a_second_request_from_a_page_showing_a_new_version_proves_both_wordings(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        email = "twice@example.org"
+        old = _settings(database_url, smtp, version="A", texts={"en": "Text A"})
+        with TestClient(create_app(old)) as client:
+            first = client.post(
+                "/v1/lists/bluehats/subscriptions", json={"email": email, "locale": "en"}
+            )
+            assert first.status_code == 202
+        new = _settings(database_url, smtp, version="B", texts={"en": "Text B"})
+        with TestClient(create_app(new)) as client:
+            # Still pending: the hosted form, now showing B, asks again.
+            again = client.post(
+                "/v1/lists/bluehats/subscriptions",
+                data={
+                    "email": email,
+                    "locale": "en",
+                    "consent_version": "B",
+                    "form_stamp": formguard.issue(
+                        key=SECRET.encode(), now=utcnow() - timedelta(seconds=10)
+                    ),
+                },
+                follow_redirects=False,
+            )
+            assert again.status_code == 303, again.text
+            confirm = link_in(smtp.mail_to(email, link="confirm"), "confirm")
+            assert client.post(confirm, headers={"accept": "application/json"}).status_code == 200
+            proof = client.get(
+                f"/v1/admin/subscribers/{_subscriber_id(engine, email)}/consent-proof",
+                headers=_key(engine),
+            ).json()
+        assert proof["consent_version"] == "B"
+        assert [(e["action"], e["consent_version"]) for e in proof["ledger"]] == [
+            ("subscribe_requested", "A"),
+            ("subscribe_requested", "B"),
+            ("confirmed", "B"),
+        ]
+        assert proof["ledger"][1]["detail"]["consent_version_shown"] == "B"
+        assert [(w["version"], w["text"]) for w in proof["wordings"]] == [
+            ("A", "Text A"),
+            ("B", "Text B"),
         ]
 
     def test_the_start_refuses_a_changed_wording_under_an_unchanged_version(
