@@ -16,11 +16,12 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, db, lists, privacy, retention, subscriptions, tokens, transfer
+from app import addresses, blocklist, db, lists, privacy, retention, subscriptions, tokens, transfer
 from app.config import Settings
 from app.main import create_app
 from app.models import (
     AuditEvent,
+    BlockKind,
     ConsentEvent,
     DeliveryAttempt,
     OutboxJob,
@@ -293,6 +294,41 @@ class TestRetentionRun:
             make_settings(
                 database_url, smtp_port=25, retention_ip_truncate="30d", retention_ip_drop="7d"
             )
+
+
+class TestBlockedRequests:
+    def test_an_old_blocked_request_keeps_only_its_hash(
+        self, quiet_client: TestClient, quiet_settings: Settings, engine: sa.Engine
+    ) -> None:
+        with db.session_scope(engine) as session:
+            blocklist.add(
+                session, kind=BlockKind.ADDRESS, value="spam@example.org", reason="abuse",
+                actor="test", now=NOW - 200 * DAY,
+            )  # fmt: skip
+        subscribe(engine, "spam@example.org", at=NOW - 91 * DAY)
+        subscribe(engine, "spam@example.org", at=NOW - 89 * DAY)
+        hashed = privacy.address_hash("spam@example.org", key=KEY)
+
+        def evidence() -> list[tuple[str | None, str | None, str | None]]:
+            with Session(engine) as session:
+                events = session.exec(
+                    select(ConsentEvent)
+                    .where(ConsentEvent.address_hash == hashed)
+                    .order_by(col(ConsentEvent.occurred_at))
+                ).all()
+                assert all(e.status_after == "blocked" and e.subscription_id is None
+                           for e in events)  # fmt: skip
+                return [(e.ip, e.user_agent, e.source_url) for e in events]
+
+        assert len(evidence()) == 2
+        report = _run(engine, quiet_settings)
+        assert report.events_minimized == 1
+        assert evidence() == [
+            (None, None, None),
+            ("192.0.2.0/24", "Firefox/140", "https://code.gouv.fr/"),
+        ]
+        # Nothing left to clear: a second run changes nothing.
+        assert _run(engine, quiet_settings).events_minimized == 0
 
 
 class TestSchedule:
