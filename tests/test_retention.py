@@ -16,8 +16,20 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, blocklist, db, lists, privacy, retention, subscriptions, tokens, transfer
+from app import (
+    addresses,
+    blocklist,
+    db,
+    lists,
+    outbox,
+    privacy,
+    retention,
+    subscriptions,
+    tokens,
+    transfer,
+)
 from app.config import Settings
+from app.mailer import make_mailer
 from app.main import create_app
 from app.models import (
     AuditEvent,
@@ -30,6 +42,7 @@ from app.models import (
     TokenPurpose,
     utcnow,
 )
+from app.worker import Worker
 from tests.conftest import SECRET, SmtpSink, make_settings, wait_until
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -367,6 +380,45 @@ class TestSchedule:
                         OutboxJob.kind == "retention", OutboxJob.state == "pending"
                     )
                 ).all()
+
+
+class FailingRetention(Worker):
+    """A worker whose retention run fails (as on a database error), for the schedule."""
+
+    def _run_retention(self, job: outbox.ClaimedJob, *, started_at: datetime) -> None:
+        raise sa.exc.OperationalError("DELETE ...", {}, Exception("database is locked"))
+
+
+class TestScheduleAfterFailures:
+    def test_a_run_dead_after_its_attempts_still_schedules_the_next(
+        self, quiet_settings: Settings, engine: sa.Engine
+    ) -> None:
+        settings = quiet_settings.model_copy(
+            update={"job_max_attempts": 1, "retention_interval": timedelta(hours=24)}
+        )
+        clock = [NOW]
+        worker = FailingRetention(
+            engine=engine, settings=settings, mailer=make_mailer(settings.mailer),
+            now=lambda: clock[0],
+        )  # fmt: skip
+
+        def retention_jobs() -> list[tuple[str, datetime]]:
+            with Session(engine) as session:
+                jobs = session.exec(
+                    select(OutboxJob)
+                    .where(OutboxJob.kind == "retention")
+                    .order_by(col(OutboxJob.id))
+                ).all()
+                return [(job.state, job.next_attempt_at) for job in jobs]
+
+        worker.schedule_retention()
+        assert retention_jobs() == [("pending", NOW + DAY)]
+        clock[0] = NOW + DAY
+        worker.run_once()
+        worker.stop()
+        # The failed run is dead (one attempt allowed); the next is due one interval on.
+        assert [state for state, _ in retention_jobs()] == ["dead", "pending"]
+        assert retention_jobs()[1][1] == NOW + 2 * DAY
 
 
 class TestCommandLine:
