@@ -16,10 +16,17 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, db, errors, formguard
-from app.config import Settings
+from app import apikeys, consent, db, errors, formguard, lists
+from app.config import Locale, Settings
 from app.main import create_app
-from app.models import AuditEvent, ConsentWording, KeyScope, Subscription, utcnow
+from app.models import (
+    AuditEvent,
+    ConsentWording,
+    KeyScope,
+    MailingList,
+    Subscription,
+    utcnow,
+)
 from tests.conftest import SECRET, SmtpSink, link_in, make_settings
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -236,6 +243,59 @@ class TestWordingVersions:
         # The same wording again starts as before.
         with TestClient(create_app(first)) as client:
             assert client.get("/healthz").status_code == 200
+
+    @pytest.mark.parametrize("same_text", [True, False], ids=["same text", "other text"])
+    def test_a_wording_another_start_wrote_meanwhile_is_compared_not_inserted_again(
+        self, engine: sa.Engine, same_text: bool
+    ) -> None:
+        """Processes starting together: between this start's look and its write, another
+        one records the same (list, version, language)."""
+        with db.session_scope(engine) as session:
+            created = lists.create(
+                session, slug="races", name="Races", default_locale="fr", consent_version="1",
+                confirm_ttl_seconds=3600, thank_you_url=None, landing_url=None, declared=[],
+                now=utcnow(),
+            )  # fmt: skip
+            list_id = created.id
+        text = consent.wording(list_name="Races", locale=Locale.FR, overrides={})
+        raced: list[str] = []
+
+        def other_start_first(conn: sa.Connection, _c: Any, statement: str, *_: Any) -> None:
+            if raced or not statement.lstrip().upper().startswith("INSERT INTO CONSENT_WORDING"):
+                return
+            raced.append(statement)
+            conn.execute(
+                sa.insert(ConsentWording).values(
+                    list_id=list_id, version="2", locale="fr", first_recorded_at=utcnow(),
+                    text=text if same_text else "Un autre texte",
+                )
+            )  # fmt: skip
+
+        def start() -> int:
+            with db.session_scope(engine) as session:
+                row = session.get(MailingList, list_id)
+                assert row is not None
+                row.consent_version = "2"
+                return consent.record(session, mailing_list=row, overrides={}, now=utcnow())
+
+        sa.event.listen(engine, "before_cursor_execute", other_start_first)
+        try:
+            if same_text:
+                assert start() == 1  # the French row was there: only the English one is new
+            else:
+                with pytest.raises(errors.ConsentWordingChanged, match=r"'races' in 'fr'"):
+                    start()
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", other_start_first)
+        assert raced
+        with Session(engine) as session:
+            texts = session.exec(
+                select(ConsentWording.locale, ConsentWording.text).where(
+                    ConsentWording.list_id == list_id, ConsentWording.version == "2"
+                )
+            ).all()
+        assert sorted(texts) == ([("en", consent.wording(list_name="Races", locale=Locale.EN,
+                                  overrides={})), ("fr", text)] if same_text else [])  # fmt: skip
 
     def test_lists_created_and_changed_through_the_api_record_their_wording(
         self, client: TestClient, engine: sa.Engine
