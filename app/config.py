@@ -267,6 +267,12 @@ class ListSettings(BaseModel):
     def _known_strings(cls, value: dict[Locale, dict[str, str]]) -> dict[Locale, dict[str, str]]:
         # A misspelt key would silently change nothing: refuse it at start instead.
         for locale, overrides in value.items():
+            if "consent.text" in overrides:
+                # The recorded wording (the proof of consent) comes from `consent_text`.
+                raise ValueError(
+                    f"{locale.value} string key consent.text: the consent wording is "
+                    "the list's consent_text (with a new consent_version), not a string"
+                )
             unknown = sorted(set(overrides) - catalogue_keys(locale))
             if unknown:
                 raise ValueError(f"unknown {locale.value} string keys: {', '.join(unknown)}")

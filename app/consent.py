@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from app import errors
@@ -42,38 +44,42 @@ def record(
     Raises ConsentWordingChanged when a stored text of this version differs.
     """
     assert mailing_list.id is not None
-    stored = {
-        row.locale: row
-        for row in session.exec(
-            select(ConsentWording).where(
-                ConsentWording.list_id == mailing_list.id,
-                ConsentWording.version == mailing_list.consent_version,
-            )
-        ).all()
+    texts = {
+        locale.value: wording(list_name=mailing_list.name, locale=locale, overrides=overrides)
+        for locale in Locale
     }
+    # Processes starting together (serve --workers N, the API and the worker) record the
+    # same rows: the loser of the race must neither fail nor write, only compare.
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
     added = 0
-    for locale in Locale:
-        text = wording(list_name=mailing_list.name, locale=locale, overrides=overrides)
-        row = stored.get(locale.value)
-        if row is None:
-            session.add(
-                ConsentWording(
-                    list_id=mailing_list.id,
-                    version=mailing_list.consent_version,
-                    locale=locale.value,
-                    text=text,
-                    first_recorded_at=now,
-                )
+    for locale, text in texts.items():
+        statement = (
+            insert(ConsentWording)
+            .values(
+                list_id=mailing_list.id,
+                version=mailing_list.consent_version,
+                locale=locale,
+                text=text,
+                first_recorded_at=now,
             )
-            added += 1
-        elif row.text != text:
+            .on_conflict_do_nothing(index_elements=["list_id", "version", "locale"])
+            .returning(col(ConsentWording.id))
+        )
+        added += session.connection().execute(statement).first() is not None
+    stored = session.exec(
+        select(ConsentWording.locale, ConsentWording.text).where(
+            ConsentWording.list_id == mailing_list.id,
+            ConsentWording.version == mailing_list.consent_version,
+        )
+    ).all()
+    for locale, text in sorted(stored):
+        if locale in texts and text != texts[locale]:
             raise errors.ConsentWordingChanged(
-                f"The consent wording of list {mailing_list.slug!r} in {locale.value!r} "
+                f"The consent wording of list {mailing_list.slug!r} in {locale!r} "
                 f"changed while its consent_version stayed {mailing_list.consent_version!r}. "
                 "Give the new wording a new consent_version: the consent ledger refers to "
                 "the version, and the text recorded for it must stay what people were shown."
             )
-    session.flush()
     return added
 
 
@@ -118,7 +124,13 @@ def proof(session: Session, *, subscription: Subscription) -> Proof:
             .order_by(col(ConsentEvent.occurred_at), col(ConsentEvent.id))
         ).all()
     )
-    versions = [event.consent_version for event in events] + [subscription.consent_version]
+    versions = [
+        version
+        for event in events
+        # The hosted form's page may have shown another version than the list's of the day.
+        for version in (event.consent_version, _shown_version(event))
+        if version
+    ] + [subscription.consent_version]
     found = stored_wordings(
         session, list_id=subscription.list_id, versions=versions, locale=subscription.locale
     )
@@ -129,6 +141,11 @@ def proof(session: Session, *, subscription: Subscription) -> Proof:
         events=events,
         wordings={version: found.get(version) for version in dict.fromkeys(versions)},
     )
+
+
+def _shown_version(event: ConsentEvent) -> str | None:
+    shown = event.detail.get("consent_version_shown")
+    return shown if isinstance(shown, str) else None
 
 
 def proof_by_id(session: Session, *, subscription_id: int) -> Proof:

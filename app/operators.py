@@ -11,6 +11,8 @@ Erasure, in one transaction:
     consent ledger events -----------> kept; subscription_id NULL, address_hash set,
                                        ip / user agent / source URL cleared, address
                                        scrubbed from the detail
+    blocked requests' ledger events -> (already under the hash alone) ip / user agent /
+                                       source URL cleared
     jobs of the subscriptions -------> deleted with their attempts (a running one is
                                        detached, and scrubbed once the removal has run)
     earlier jobs about the address --> pending or dead: deleted; done: scrubbed
@@ -23,6 +25,9 @@ Erasure, in one transaction:
 The tombstone is permanent. It refuses an operator's "add as confirmed" (and the CSV
 import) of that address; it never blocks the person's own double opt-in, nor an invitation
 they must confirm: either is a fresh consent, recorded in the ledger as usual.
+
+A block-list entry for the address stays, in clear: it is the operators' refusal, not the
+person's data, and it has to keep matching (and be listed, and lifted) as before.
 """
 
 from __future__ import annotations
@@ -478,6 +483,8 @@ def erase(
         session.flush()
         session.delete(row)
         report.subscriptions += 1
+    # Requests refused by the block-list left events under the hash alone, with evidence.
+    report.ledger_events += _scrub_hashed_ledger(session, address=address, hashed=hashed)
     # Earlier jobs about the bare address (fixes from a reconciliation, an earlier erasure).
     for job in _address_jobs(session, key=address.key, slugs=slugs):
         spelling.setdefault(int(job.payload["list_id"]), job.payload.get("address", address.email))
@@ -521,6 +528,27 @@ def _detach_ledger(session: Session, *, subscription: Subscription, hashed: str)
         event.user_agent = None
         event.source_url = None
         event.detail = privacy.scrub_json(dict(event.detail), address=subscription.email)
+        session.add(event)
+    return len(events)
+
+
+def _scrub_hashed_ledger(session: Session, *, address: addresses.Address, hashed: str) -> int:
+    events = session.exec(
+        select(ConsentEvent).where(
+            ConsentEvent.address_hash == hashed,
+            col(ConsentEvent.subscription_id).is_(None),
+            sa.or_(
+                col(ConsentEvent.ip).is_not(None),
+                col(ConsentEvent.user_agent).is_not(None),
+                col(ConsentEvent.source_url).is_not(None),
+            ),
+        )
+    ).all()
+    for event in events:
+        event.ip = None
+        event.user_agent = None
+        event.source_url = None
+        event.detail = privacy.scrub_json(dict(event.detail), address=address.email)
         session.add(event)
     return len(events)
 

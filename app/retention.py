@@ -17,6 +17,9 @@
                                          unsubscribe?" and keep the opt-out honoured (an
                                          import leaves an existing address alone; a sync
                                          reads the status).
+    requests of blocked addresses --> after `unsubscribed`: their IP, user agent and page go;
+    (ledger events under a keyed         the event stays under the hash, as the trace of what
+    hash alone)                          was asked in the address's name.
 
 Nothing a live confirmation depends on is touched (a pending row with an unused, unexpired
 confirm token, or any ledger event since the cut-off, stays), nor what an opt-out depends on
@@ -346,11 +349,33 @@ def _minimize_departed(session: Session, *, policy: Policy, now: datetime, repor
     report.records_minimized += len(with_data | {i for i in with_events | with_jobs if i})
 
 
+def _minimize_hash_only(session: Session, *, policy: Policy, now: datetime, report: Report) -> None:
+    # Events under a keyed hash alone (a blocked address's requests; an erased or purged
+    # subscriber's, already bare) belong to no departed subscription: the same age limit,
+    # checked on the event itself, and nothing beyond the hash is kept.
+    result = session.connection().execute(
+        sa.update(ConsentEvent)
+        .where(
+            col(ConsentEvent.subscription_id).is_(None),
+            col(ConsentEvent.address_hash).is_not(None),
+            col(ConsentEvent.occurred_at) < now - policy.unsubscribed,
+            sa.or_(
+                col(ConsentEvent.ip).is_not(None),
+                col(ConsentEvent.user_agent).is_not(None),
+                col(ConsentEvent.source_url).is_not(None),
+            ),
+        )
+        .values(ip=None, user_agent=None, source_url=None)
+    )
+    report.events_minimized += int(result.rowcount)
+
+
 def run(session: Session, *, policy: Policy, key: bytes, now: datetime) -> Report:
     """Apply the retention policy once; what was removed, by kind."""
     report = _purge_pending(session, policy=policy, key=key, now=now)
     _age_ips(session, policy=policy, now=now, report=report)
     _minimize_departed(session, policy=policy, now=now, report=report)
+    _minimize_hash_only(session, policy=policy, now=now, report=report)
     session.flush()
     log.info("retention.done %s", report.summary())
     return report

@@ -455,7 +455,10 @@ def subscribe(
         subscription.locale = locale.value
     if status == SubscriptionStatus.CONFIRMED:
         detail = {"note": "already confirmed"}
-    elif status != SubscriptionStatus.PENDING:
+    elif status == SubscriptionStatus.PENDING:
+        # The confirmation that follows answers this request, under today's wording.
+        subscription.consent_version = mailing_list.consent_version
+    else:
         # Unsubscribed (or bounced, complained): a new request is a new consent to prove.
         subscription.status = SubscriptionStatus.PENDING
         subscription.email = address.email

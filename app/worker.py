@@ -405,7 +405,8 @@ class Worker:
             outbox.schedule_retention(session, now=self.now(), delay=interval)
 
     def _retention_round(self) -> int:
-        if self.settings.retention_interval is None:
+        interval = self.settings.retention_interval
+        if interval is None:
             # Off: no job is scheduled, and the round costs no claim (one write on SQLite).
             return 0
         claimed = self._claim(JobKind.RETENTION, 1)
@@ -418,13 +419,17 @@ class Worker:
                 # the failed jobs (GET /v1/admin/jobs) once dead.
                 log.exception("retention.failed id=%s", job.id)
                 with db.session_scope(self.engine) as session:
-                    self._record_failure(
+                    state = self._record_failure(
                         session,
                         job,
                         error=f"retention failed: {type(e).__name__}",
                         retryable=True,
                         started_at=started_at,
                     )
+                    if state == JobState.DEAD:
+                        # Out of attempts: the schedule goes on (only a run schedules the
+                        # next), so one bad night does not stop retention until a restart.
+                        outbox.schedule_retention(session, now=self.now(), delay=interval)
         return len(claimed)
 
     def _run_retention(self, job: outbox.ClaimedJob, *, started_at: datetime) -> None:

@@ -262,6 +262,40 @@ class TestPublicEndpoints:
         assert smtp.messages == []
 
 
+class TestErasure:
+    def test_erasure_clears_the_blocked_requests_evidence_and_the_block_stays(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+        read_key: dict[str, str],
+    ) -> None:
+        _block(client, write_key, "address", "mallory@example.org")
+        headers = {"user-agent": "bot/1.0", "referer": "https://code.gouv.fr/bluehats/"}
+        answer = client.post(SUBSCRIBE, json={"email": "mallory@example.org"}, headers=headers)
+        assert answer.status_code == 202
+        hashed = privacy.address_hash("mallory@example.org", key=SECRET.encode())
+
+        def evidence() -> list[tuple[str | None, str | None, str | None]]:
+            with Session(engine) as session:
+                events = session.exec(
+                    select(ConsentEvent).where(ConsentEvent.address_hash == hashed)
+                ).all()
+                return [(e.ip, e.user_agent, e.source_url) for e in events]
+
+        assert evidence() == [("testclient", "bot/1.0", "https://code.gouv.fr/bluehats/")]
+        erased = client.delete("/v1/admin/people/mallory@example.org", headers=write_key)
+        assert erased.status_code == 200, erased.text
+        assert (erased.json()["subscriptions"], erased.json()["ledger_events"]) == (0, 1)
+        assert evidence() == [(None, None, None)]
+        # The operators' refusal outlives the erasure: the address is still blocked.
+        blocks = client.get(BLOCKS, headers=read_key).json()
+        assert [b["value"] for b in blocks] == ["mallory@example.org"]
+        client.post(SUBSCRIBE, json={"email": "mallory@example.org"}, headers=headers)
+        with Session(engine) as session:
+            assert session.exec(select(Subscription)).all() == []
+
+
 class TestOperators:
     def test_add_subscriber_and_import_refuse_blocked_addresses(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,17 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, db, errors
-from app.config import Settings
+from app import apikeys, consent, db, errors, formguard, lists
+from app.config import Locale, Settings
 from app.main import create_app
-from app.models import AuditEvent, ConsentWording, KeyScope, Subscription, utcnow
+from app.models import (
+    AuditEvent,
+    ConsentWording,
+    KeyScope,
+    MailingList,
+    Subscription,
+    utcnow,
+)
 from tests.conftest import SECRET, SmtpSink, link_in, make_settings
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -176,6 +184,50 @@ class TestWordingVersions:
             ("v2", "fr", "Texte B pour Gazette BlueHats"),
         ]
 
+    def test_a_second_request_from_a_page_showing_a_new_version_proves_both_wordings(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        email = "twice@example.org"
+        old = _settings(database_url, smtp, version="A", texts={"en": "Text A"})
+        with TestClient(create_app(old)) as client:
+            first = client.post(
+                "/v1/lists/bluehats/subscriptions", json={"email": email, "locale": "en"}
+            )
+            assert first.status_code == 202
+        new = _settings(database_url, smtp, version="B", texts={"en": "Text B"})
+        with TestClient(create_app(new)) as client:
+            # Still pending: the hosted form, now showing B, asks again.
+            again = client.post(
+                "/v1/lists/bluehats/subscriptions",
+                data={
+                    "email": email,
+                    "locale": "en",
+                    "consent_version": "B",
+                    "form_stamp": formguard.issue(
+                        key=SECRET.encode(), now=utcnow() - timedelta(seconds=10)
+                    ),
+                },
+                follow_redirects=False,
+            )
+            assert again.status_code == 303, again.text
+            confirm = link_in(smtp.mail_to(email, link="confirm"), "confirm")
+            assert client.post(confirm, headers={"accept": "application/json"}).status_code == 200
+            proof = client.get(
+                f"/v1/admin/subscribers/{_subscriber_id(engine, email)}/consent-proof",
+                headers=_key(engine),
+            ).json()
+        assert proof["consent_version"] == "B"
+        assert [(e["action"], e["consent_version"]) for e in proof["ledger"]] == [
+            ("subscribe_requested", "A"),
+            ("subscribe_requested", "B"),
+            ("confirmed", "B"),
+        ]
+        assert proof["ledger"][1]["detail"]["consent_version_shown"] == "B"
+        assert [(w["version"], w["text"]) for w in proof["wordings"]] == [
+            ("A", "Text A"),
+            ("B", "Text B"),
+        ]
+
     def test_the_start_refuses_a_changed_wording_under_an_unchanged_version(
         self, database_url: str, smtp: SmtpSink
     ) -> None:
@@ -191,6 +243,59 @@ class TestWordingVersions:
         # The same wording again starts as before.
         with TestClient(create_app(first)) as client:
             assert client.get("/healthz").status_code == 200
+
+    @pytest.mark.parametrize("same_text", [True, False], ids=["same text", "other text"])
+    def test_a_wording_another_start_wrote_meanwhile_is_compared_not_inserted_again(
+        self, engine: sa.Engine, same_text: bool
+    ) -> None:
+        """Processes starting together: between this start's look and its write, another
+        one records the same (list, version, language)."""
+        with db.session_scope(engine) as session:
+            created = lists.create(
+                session, slug="races", name="Races", default_locale="fr", consent_version="1",
+                confirm_ttl_seconds=3600, thank_you_url=None, landing_url=None, declared=[],
+                now=utcnow(),
+            )  # fmt: skip
+            list_id = created.id
+        text = consent.wording(list_name="Races", locale=Locale.FR, overrides={})
+        raced: list[str] = []
+
+        def other_start_first(conn: sa.Connection, _c: Any, statement: str, *_: Any) -> None:
+            if raced or not statement.lstrip().upper().startswith("INSERT INTO CONSENT_WORDING"):
+                return
+            raced.append(statement)
+            conn.execute(
+                sa.insert(ConsentWording).values(
+                    list_id=list_id, version="2", locale="fr", first_recorded_at=utcnow(),
+                    text=text if same_text else "Un autre texte",
+                )
+            )  # fmt: skip
+
+        def start() -> int:
+            with db.session_scope(engine) as session:
+                row = session.get(MailingList, list_id)
+                assert row is not None
+                row.consent_version = "2"
+                return consent.record(session, mailing_list=row, overrides={}, now=utcnow())
+
+        sa.event.listen(engine, "before_cursor_execute", other_start_first)
+        try:
+            if same_text:
+                assert start() == 1  # the French row was there: only the English one is new
+            else:
+                with pytest.raises(errors.ConsentWordingChanged, match=r"'races' in 'fr'"):
+                    start()
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", other_start_first)
+        assert raced
+        with Session(engine) as session:
+            texts = session.exec(
+                select(ConsentWording.locale, ConsentWording.text).where(
+                    ConsentWording.list_id == list_id, ConsentWording.version == "2"
+                )
+            ).all()
+        assert sorted(texts) == ([("en", consent.wording(list_name="Races", locale=Locale.EN,
+                                  overrides={})), ("fr", text)] if same_text else [])  # fmt: skip
 
     def test_lists_created_and_changed_through_the_api_record_their_wording(
         self, client: TestClient, engine: sa.Engine

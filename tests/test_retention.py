@@ -16,11 +16,24 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, db, lists, privacy, retention, subscriptions, tokens, transfer
+from app import (
+    addresses,
+    blocklist,
+    db,
+    lists,
+    outbox,
+    privacy,
+    retention,
+    subscriptions,
+    tokens,
+    transfer,
+)
 from app.config import Settings
+from app.mailer import make_mailer
 from app.main import create_app
 from app.models import (
     AuditEvent,
+    BlockKind,
     ConsentEvent,
     DeliveryAttempt,
     OutboxJob,
@@ -29,6 +42,7 @@ from app.models import (
     TokenPurpose,
     utcnow,
 )
+from app.worker import Worker
 from tests.conftest import SECRET, SmtpSink, make_settings, wait_until
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -296,6 +310,41 @@ class TestRetentionRun:
             )
 
 
+class TestBlockedRequests:
+    def test_an_old_blocked_request_keeps_only_its_hash(
+        self, quiet_client: TestClient, quiet_settings: Settings, engine: sa.Engine
+    ) -> None:
+        with db.session_scope(engine) as session:
+            blocklist.add(
+                session, kind=BlockKind.ADDRESS, value="spam@example.org", reason="abuse",
+                actor="test", now=NOW - 200 * DAY,
+            )  # fmt: skip
+        subscribe(engine, "spam@example.org", at=NOW - 91 * DAY)
+        subscribe(engine, "spam@example.org", at=NOW - 89 * DAY)
+        hashed = privacy.address_hash("spam@example.org", key=KEY)
+
+        def evidence() -> list[tuple[str | None, str | None, str | None]]:
+            with Session(engine) as session:
+                events = session.exec(
+                    select(ConsentEvent)
+                    .where(ConsentEvent.address_hash == hashed)
+                    .order_by(col(ConsentEvent.occurred_at))
+                ).all()
+                assert all(e.status_after == "blocked" and e.subscription_id is None
+                           for e in events)  # fmt: skip
+                return [(e.ip, e.user_agent, e.source_url) for e in events]
+
+        assert len(evidence()) == 2
+        report = _run(engine, quiet_settings)
+        assert report.events_minimized == 1
+        assert evidence() == [
+            (None, None, None),
+            ("192.0.2.0/24", "Firefox/140", "https://code.gouv.fr/"),
+        ]
+        # Nothing left to clear: a second run changes nothing.
+        assert _run(engine, quiet_settings).events_minimized == 0
+
+
 class TestSchedule:
     def test_the_worker_runs_it_on_schedule_and_says_what_it_removed(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -332,6 +381,45 @@ class TestSchedule:
                         OutboxJob.kind == "retention", OutboxJob.state == "pending"
                     )
                 ).all()
+
+
+class FailingRetention(Worker):
+    """A worker whose retention run fails (as on a database error), for the schedule."""
+
+    def _run_retention(self, job: outbox.ClaimedJob, *, started_at: datetime) -> None:
+        raise sa.exc.OperationalError("DELETE ...", {}, Exception("database is locked"))
+
+
+class TestScheduleAfterFailures:
+    def test_a_run_dead_after_its_attempts_still_schedules_the_next(
+        self, quiet_settings: Settings, engine: sa.Engine
+    ) -> None:
+        settings = quiet_settings.model_copy(
+            update={"job_max_attempts": 1, "retention_interval": timedelta(hours=24)}
+        )
+        clock = [NOW]
+        worker = FailingRetention(
+            engine=engine, settings=settings, mailer=make_mailer(settings.mailer),
+            now=lambda: clock[0],
+        )  # fmt: skip
+
+        def retention_jobs() -> list[tuple[str, datetime]]:
+            with Session(engine) as session:
+                jobs = session.exec(
+                    select(OutboxJob)
+                    .where(OutboxJob.kind == "retention")
+                    .order_by(col(OutboxJob.id))
+                ).all()
+                return [(job.state, job.next_attempt_at) for job in jobs]
+
+        worker.schedule_retention()
+        assert retention_jobs() == [("pending", NOW + DAY)]
+        clock[0] = NOW + DAY
+        worker.run_once()
+        worker.stop()
+        # The failed run is dead (one attempt allowed); the next is due one interval on.
+        assert [state for state, _ in retention_jobs()] == ["dead", "pending"]
+        assert retention_jobs()[1][1] == NOW + 2 * DAY
 
 
 class TestCommandLine:

@@ -141,6 +141,18 @@ class TestBadValues:
             message
         )
 
+    def test_a_consent_text_among_a_lists_strings_points_at_consent_text(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Accepted, it would change nothing: the wording shown and recorded is consent_text.
+        strings = {"en": {"consent.text": "I agree."}}
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "A", "strings": strings})
+        )
+        message = settings_error()
+        assert "NEWSLETTER_LISTS[0].strings: Value error, en string key consent.text" in message
+        assert "consent_text" in message.partition("consent.text")[2]
+
     def test_lists_that_are_not_json_name_the_variable(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
