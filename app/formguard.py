@@ -17,6 +17,7 @@ import hmac
 import logging
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -99,6 +100,32 @@ def check(
         max_age=max_age,
         required=require_stamp,
     )
+
+
+def screen(
+    form: Mapping[str, str],
+    *,
+    key: bytes,
+    now: datetime,
+    min_fill_time: timedelta,
+    max_age: timedelta,
+    require_stamp: bool,
+    list_slug: str,
+) -> bool:
+    """True when a form post passes; a robot's is counted and logged here (no address)."""
+    verdict = check(
+        honeypot=form.get(HONEYPOT_FIELD),
+        stamp=form.get(STAMP_FIELD),
+        key=key,
+        now=now,
+        min_fill_time=min_fill_time,
+        max_age=max_age,
+        require_stamp=require_stamp,
+    )
+    if verdict != Verdict.ACCEPTED:
+        record_rejection(verdict, list_slug=list_slug)
+        return False
+    return True
 
 
 def record_rejection(verdict: Verdict, *, list_slug: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from app import consent, formguard, forms, pages
+from app import consent, formguard, forms, pages, proofofwork
 from app.config import ListSettings, Locale
 from app.i18n import Translator
 from app.models import MailingList
@@ -42,10 +42,7 @@ def read_post(form: Mapping[str, str], *, list_settings: ListSettings, t: Transl
         data[EMAIL] = form[EMAIL].strip()
     if form.get("locale"):
         data["locale"] = form["locale"]
-    # A solved proof-of-work challenge (app/static/pow.js fills these when it is asked for).
-    for name in ("pow_challenge", "pow_nonce"):
-        if form.get(name):
-            data[name] = form[name]
+    data.update(proofofwork.from_form(form))
     request: SubscriptionRequest | None = None
     invalid = None
     try:

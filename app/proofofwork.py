@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import itertools
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -61,6 +62,15 @@ def _key(secret_key: bytes) -> bytes:
 def _tag(secret_key: bytes, payload: str) -> str:
     digest = hmac.new(_key(secret_key), payload.encode(), hashlib.sha256).hexdigest()
     return digest[:_TAG_HEX]
+
+
+# The fields a form carries a solved challenge in (app/static/pow.js fills them).
+FORM_FIELDS = ("pow_challenge", "pow_nonce")
+
+
+def from_form(form: Mapping[str, str]) -> dict[str, str]:
+    """A form's solved challenge, as the request models take it (nothing when absent)."""
+    return {name: form[name] for name in FORM_FIELDS if form.get(name)}
 
 
 def issue(*, key: bytes, bits: int, ttl: timedelta, now: datetime) -> Challenge:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from app import formguard, pages
+from app import formguard, pages, proofofwork
 from app.i18n import Translator
 from app.models import MailingList
 from app.schemas import UnsubscriptionRequest
@@ -39,10 +39,7 @@ def read_post(form: Mapping[str, str], *, t: Translator) -> Post:
     if EMAIL in form:
         # What a browser sends as typed, trailing space included (as on the subscription page).
         data[EMAIL] = form[EMAIL].strip()
-    # A solved proof-of-work challenge (app/static/pow.js fills these when it is asked for).
-    for name in ("pow_challenge", "pow_nonce"):
-        if form.get(name):
-            data[name] = form[name]
+    data.update(proofofwork.from_form(form))
     try:
         return Post(request=UnsubscriptionRequest.model_validate(data))
     except ValidationError as e:

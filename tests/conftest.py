@@ -24,9 +24,10 @@ import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
 
-from app import migrations
+from app import apikeys, db, migrations
 from app.config import Settings, SmtpMailerSettings
 from app.main import create_app
+from app.models import KeyScope, utcnow
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL") or None
 SECRET = "test-secret-key-not-for-production"
@@ -194,6 +195,23 @@ def settings(database_url: str, smtp: SmtpSink) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+def api_key_headers(engine: sa.Engine, name: str, scope: KeyScope) -> dict[str, str]:
+    """The `Authorization` header of a new admin key."""
+    with db.session_scope(engine) as session:
+        _, key = apikeys.create(session, name=name, scope=scope, now=utcnow())
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def read_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
+    return api_key_headers(engine, "dashboard", KeyScope.READ)
+
+
+@pytest.fixture
+def write_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
+    return api_key_headers(engine, "operator", KeyScope.WRITE)
 
 
 def text_of(message: EmailMessage) -> str:

@@ -9,20 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, db, privacy
+from app import db, privacy
 from app.models import (
     AuditEvent,
     BlockedEntry,
     ConsentEvent,
-    KeyScope,
     OutboxJob,
     Subscription,
-    utcnow,
 )
 from tests.conftest import SECRET, SmtpSink, count_rows, link_in, wait_until
 
@@ -31,22 +28,6 @@ BLOCKS = "/v1/admin/blocks"
 SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
 UNSUBSCRIBE = "/v1/lists/bluehats/unsubscriptions"
 UNFINISHED = "outbox_job WHERE state IN ('pending', 'running')"
-
-
-def _key(engine: sa.Engine, name: str, scope: KeyScope) -> dict[str, str]:
-    with db.session_scope(engine) as session:
-        _, key = apikeys.create(session, name=name, scope=scope, now=utcnow())
-    return {"authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def read_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
-    return _key(engine, "dashboard", KeyScope.READ)
-
-
-@pytest.fixture
-def write_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
-    return _key(engine, "operator", KeyScope.WRITE)
 
 
 def _audit(engine: sa.Engine, action: str) -> list[AuditEvent]:

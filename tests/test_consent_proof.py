@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, consent, db, errors, formguard, lists
+from app import consent, db, errors, formguard, lists
 from app.config import Locale, Settings
 from app.main import create_app
 from app.models import (
@@ -27,7 +27,7 @@ from app.models import (
     Subscription,
     utcnow,
 )
-from tests.conftest import SECRET, SmtpSink, link_in, make_settings
+from tests.conftest import SECRET, SmtpSink, api_key_headers, link_in, make_settings
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 # The catalogue's English wording (app/locales/en.json), for the default list.
@@ -39,9 +39,7 @@ CATALOGUE_EN = (
 
 
 def _key(engine: sa.Engine, scope: KeyScope = KeyScope.READ) -> dict[str, str]:
-    with db.session_scope(engine) as session:
-        _, key = apikeys.create(session, name=f"dpo-{scope.value}", scope=scope, now=utcnow())
-    return {"authorization": f"Bearer {key}"}
+    return api_key_headers(engine, f"dpo-{scope.value}", scope)
 
 
 def _subscribe_and_confirm(

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel, col, select
 
-from app import apikeys, db, outbox
+from app import db, outbox
 from app.backends.base import RetryableSyncError
 from app.config import Settings
 from app.mailer import make_mailer
@@ -38,7 +38,7 @@ from app.models import (
     utcnow,
 )
 from app.worker import Worker
-from tests.conftest import SECRET, SmtpSink, link_in, make_settings, wait_until
+from tests.conftest import SECRET, SmtpSink, api_key_headers, link_in, make_settings, wait_until
 from tests.test_sync import MemoryBackend
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -47,22 +47,6 @@ EVIDENCE = {
     "note": "form no. 42, scanned in the DINUM drive",
     "consented_at": "2025-12-04",
 }
-
-
-def _key(engine: sa.Engine, name: str, scope: KeyScope) -> dict[str, str]:
-    with db.session_scope(engine) as session:
-        _, key = apikeys.create(session, name=name, scope=scope, now=utcnow())
-    return {"authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def read_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
-    return _key(engine, "dashboard", KeyScope.READ)
-
-
-@pytest.fixture
-def write_key(client: TestClient, engine: sa.Engine) -> dict[str, str]:
-    return _key(engine, "operator", KeyScope.WRITE)
 
 
 def _ledger(engine: sa.Engine, email_key: str) -> list[ConsentEvent]:
@@ -238,7 +222,7 @@ class TestAddSubscriber:
     ) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, run_worker=False)
         with TestClient(create_app(settings)) as client:
-            headers = _key(engine, "operator", KeyScope.WRITE)
+            headers = api_key_headers(engine, "operator", KeyScope.WRITE)
             response = _add(client, headers, "Grace@Example.org", attributes={"name": "Grace"})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -355,7 +339,7 @@ class TestOperatorUnsubscribe:
     ) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, run_worker=False)
         with TestClient(create_app(settings)) as client:
-            headers = _key(engine, "operator", KeyScope.WRITE)
+            headers = api_key_headers(engine, "operator", KeyScope.WRITE)
             assert _add(client, headers, "grace@example.org").status_code == 200
             backend = MemoryBackend()
             worker = Worker(
@@ -553,8 +537,8 @@ class TestErasure:
             list_backends={"bluehats": gazette, "events": events},
         )
         with TestClient(create_app(settings)) as client:
-            reader = _key(engine, "dashboard", KeyScope.READ)
-            writer = _key(engine, "operator", KeyScope.WRITE)
+            reader = api_key_headers(engine, "dashboard", KeyScope.READ)
+            writer = api_key_headers(engine, "operator", KeyScope.WRITE)
             client.post("/v1/admin/lists", json={"slug": "drafts", "name": "D"}, headers=writer)
             # Confirmed by the person on one list, through a backend hiccup that quotes the
             # address in the attempt log...
@@ -671,7 +655,7 @@ class TestErasure:
         settings = two_lists
         gazette = MemoryBackend()
         with TestClient(create_app(settings)) as client:
-            writer = _key(engine, "operator", KeyScope.WRITE)
+            writer = api_key_headers(engine, "operator", KeyScope.WRITE)
             assert _add(client, writer, ADDRESS).status_code == 200
             # A worker has taken the addition and is calling the backend...
             now = utcnow()

@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from app import apikeys, db, lists, sync
+from app import db, lists, sync
 from app.config import Settings
 from app.models import KeyScope, Subscription, SubscriptionStatus, utcnow
-from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings
+from tests.conftest import SECRET, SmtpSink, api_key_headers, count_rows, link_in, make_settings
 from tests.fake_mailgun import FakeMailgun, webhook
 from tests.test_pages import stamp
 from tests.test_webhooks import (
@@ -71,12 +71,6 @@ def store_confirmed(engine: sa.Engine, email: str = LOOK_ALIKE) -> None:
         )
 
 
-def operator_key(engine: sa.Engine) -> dict[str, str]:
-    with db.session_scope(engine) as session:
-        _, key = apikeys.create(session, name="operator", scope=KeyScope.WRITE, now=utcnow())
-    return {"authorization": f"Bearer {key}"}
-
-
 def subscription_status(engine: sa.Engine) -> str | None:
     with Session(engine) as session:
         row = session.exec(select(Subscription).where(Subscription.email_key == KEY)).first()
@@ -114,7 +108,7 @@ class TestAStoredLookAlike:
         self, client: TestClient, engine: sa.Engine
     ) -> None:
         store_confirmed(engine)
-        headers = operator_key(engine)
+        headers = api_key_headers(engine, "operator", KeyScope.WRITE)
         path = quote(LOOK_ALIKE, safe="@")
 
         person = client.get(f"/v1/admin/people/{path}", headers=headers)
@@ -206,7 +200,7 @@ class TestANewLookAlike:
     def test_an_operator_addition_and_a_csv_import_are_refused(
         self, client: TestClient, engine: sa.Engine, database_url: str
     ) -> None:
-        headers = operator_key(engine)
+        headers = api_key_headers(engine, "operator", KeyScope.WRITE)
         added = client.post(
             "/v1/admin/lists/bluehats/subscribers",
             json={"email": LOOK_ALIKE, "mode": "invite"},

@@ -284,17 +284,7 @@ async def subscribe(
     mailing_list = await database.run(lists.get, slug=slug)
     declared = views.list_settings(settings, slug=slug, name=mailing_list.name)
     locale = parse_locale(form.get("locale")) or accepted or Locale(mailing_list.default_locale)
-    verdict = formguard.check(
-        honeypot=form.get(formguard.HONEYPOT_FIELD),
-        stamp=form.get(formguard.STAMP_FIELD),
-        key=settings.token_key(),
-        now=utcnow(),
-        min_fill_time=settings.form_min_fill_time,
-        max_age=settings.form_max_age,
-        require_stamp=declared.require_form_stamp,
-    )
-    if verdict != formguard.Verdict.ACCEPTED:
-        formguard.record_rejection(verdict, list_slug=slug)
+    if not _passes_robot_screen(form, settings, declared, slug=slug):
         return _thanks_redirect(settings, mailing_list, locale)
     t = for_list(locale, declared)
     post = hosted.read_post(form, list_settings=declared, t=t)
@@ -327,6 +317,21 @@ async def subscribe(
         shown_consent_version=form.get("consent_version") or None,
     )
     return _thanks_redirect(settings, mailing_list, post.request.locale or locale)
+
+
+def _passes_robot_screen(
+    form: dict[str, str], settings: Settings, declared: ListSettings, *, slug: str
+) -> bool:
+    """The form's honeypot and fill-time stamp (app/formguard.py), with this list's rules."""
+    return formguard.screen(
+        form,
+        key=settings.token_key(),
+        now=utcnow(),
+        min_fill_time=settings.form_min_fill_time,
+        max_age=settings.form_max_age,
+        require_stamp=declared.require_form_stamp,
+        list_slug=slug,
+    )
 
 
 def _refuse_bad_fields(problems: list[forms.FieldProblem]) -> None:
@@ -633,17 +638,7 @@ async def request_unsubscribe(
     locale = parse_locale(form.get("locale")) or request_locale(
         request, default=Locale(mailing_list.default_locale)
     )
-    verdict = formguard.check(
-        honeypot=form.get(formguard.HONEYPOT_FIELD),
-        stamp=form.get(formguard.STAMP_FIELD),
-        key=settings.token_key(),
-        now=utcnow(),
-        min_fill_time=settings.form_min_fill_time,
-        max_age=settings.form_max_age,
-        require_stamp=declared.require_form_stamp,
-    )
-    if verdict != formguard.Verdict.ACCEPTED:
-        formguard.record_rejection(verdict, list_slug=slug)
+    if not _passes_robot_screen(form, settings, declared, slug=slug):
         return _unsubscribe_sent_redirect(settings, mailing_list, locale)
     post = unsubscribe_form.read_post(form, t=for_list(locale, declared))
     if post.request is None:
