@@ -24,6 +24,7 @@ import logging
 from collections.abc import Iterable
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from app import addresses, errors
@@ -53,17 +54,26 @@ def _domains_of(email_key: str) -> list[str]:
     return [".".join(labels[n:]) for n in range(len(labels))]
 
 
+_ENTRIES = BlockedEntry.__table__  # type: ignore[attr-defined]
+# Prepared once: this look-up runs on every subscription and every mail.
+_MATCH = (
+    sa.select(_ENTRIES.c.kind)
+    .where(
+        (_ENTRIES.c.kind == BlockKind.ADDRESS.value) & (_ENTRIES.c.value == sa.bindparam("key"))
+        | (_ENTRIES.c.kind == BlockKind.DOMAIN.value)
+        & _ENTRIES.c.value.in_(sa.bindparam("domains", expanding=True))
+    )
+    .limit(1)
+)
+
+
 def match(session: Session, *, email_key: str) -> BlockKind | None:
     """Which kind of entry blocks this address, if any (one indexed look-up)."""
-    found = session.exec(
-        select(BlockedEntry.kind)
-        .where(
-            (col(BlockedEntry.kind) == BlockKind.ADDRESS) & (col(BlockedEntry.value) == email_key)
-            | (col(BlockedEntry.kind) == BlockKind.DOMAIN)
-            & col(BlockedEntry.value).in_(_domains_of(email_key))
-        )
-        .limit(1)
-    ).first()
+    found = (
+        session.connection()
+        .execute(_MATCH, {"key": email_key, "domains": _domains_of(email_key)})
+        .scalar()
+    )
     return BlockKind(found) if found is not None else None
 
 

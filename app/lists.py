@@ -27,6 +27,20 @@ def get(session: Session, *, slug: str) -> MailingList:
     return mailing_list
 
 
+# Session.info key: the lists this transaction has read, by slug.
+_READ = "lists_read"
+
+
+def get_shared(session: Session, *, slug: str) -> MailingList:
+    """`get`, read once per transaction: a group commit's requests (app/writer.py) mostly
+    name the same list, and they run in one transaction."""
+    read: dict[str, MailingList] = session.info.setdefault(_READ, {})
+    mailing_list = read.get(slug)
+    if mailing_list is None:
+        mailing_list = read[slug] = get(session, slug=slug)
+    return mailing_list
+
+
 def sync_from_settings(session: Session, *, declared: list[ListSettings], now: datetime) -> None:
     """Create or update each declared list; lists no longer declared are kept untouched."""
     existing = {item.slug: item for item in session.exec(select(MailingList)).all()}

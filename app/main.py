@@ -94,7 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.engine = engine
         app.state.worker = worker
-        app.state.database = Database(engine, on_outbox_commit=worker.wake if worker else None)
+        database = Database(engine, on_outbox_commit=worker.wake if worker else None)
+        app.state.database = database
         app.state.rate_limiter = limiter
         log.info(
             "app.started database=%s worker=%s rate_limit_counters=%s lists=%s",
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await run_in_threadpool(database.close)
             if worker is not None:
                 await run_in_threadpool(worker.stop)
             await limiter.aclose()

@@ -31,6 +31,10 @@ from app.models import AttemptOutcome, DeliveryAttempt, JobKind, JobState, Outbo
 ERROR_LIMIT = 2000
 
 
+_TABLE = OutboxJob.__table__  # type: ignore[attr-defined]
+_INSERT = sa.insert(_TABLE).returning(_TABLE.c.id)
+
+
 def enqueue(
     session: Session,
     *,
@@ -39,26 +43,35 @@ def enqueue(
     now: datetime,
     delay: timedelta = timedelta(0),
     dedupe_key: str | None = None,
-) -> OutboxJob:
+) -> int:
+    """Queue a job, written at once (one Core statement: every public request queues one);
+    its id."""
     subscription_id = payload.get("subscription_id")
-    job = OutboxJob(
-        kind=kind,
-        payload=payload,
-        dedupe_key=dedupe_key,
-        subscription_id=subscription_id if isinstance(subscription_id, int) else None,
-        state=JobState.PENDING,
-        next_attempt_at=now + delay,
-        created_at=now,
-        updated_at=now,
+    job_id: int = (
+        session.connection()
+        .execute(
+            _INSERT,
+            {
+                "kind": kind.value,
+                "payload": payload,
+                "dedupe_key": dedupe_key,
+                "subscription_id": subscription_id if isinstance(subscription_id, int) else None,
+                "state": JobState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now + delay,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        .scalar_one()
     )
-    session.add(job)
     session.info[OUTBOX_WRITTEN] = True
-    return job
+    return job_id
 
 
 def enqueue_sync(
     session: Session, *, subscription_id: int, list_id: int, now: datetime, fresh_opt_in: bool
-) -> OutboxJob:
+) -> None:
     """Ask for the subscription's current state to be pushed to its list's backend.
 
     The job carries no state: it reads the subscription when it runs, so the latest state
@@ -72,8 +85,8 @@ def enqueue_sync(
             pending.payload = {**pending.payload, "fresh_opt_in": True}
         pending.updated_at = now
         session.add(pending)
-        return pending
-    return enqueue(
+        return
+    enqueue(
         session,
         kind=JobKind.SYNC,
         payload=_sync_payload(subscription_id, list_id=list_id, fresh_opt_in=fresh_opt_in),
@@ -169,14 +182,17 @@ def request_reconcile(session: Session, *, list_slug: str, now: datetime) -> Out
         session.add(pending)
         session.flush()
         return pending
-    job = enqueue(
-        session,
-        kind=JobKind.RECONCILE,
-        payload={"list": list_slug},
-        now=now,
-        dedupe_key=f"reconcile:{list_slug}",
+    job = session.get(
+        OutboxJob,
+        enqueue(
+            session,
+            kind=JobKind.RECONCILE,
+            payload={"list": list_slug},
+            now=now,
+            dedupe_key=f"reconcile:{list_slug}",
+        ),
     )
-    session.flush()
+    assert job is not None
     return job
 
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -91,30 +91,62 @@ class Target:
     subscription: Subscription
 
 
+class _Subscriber(Protocol):
+    """What the ledger and the mail queue need of a subscription: a loaded row, or the
+    few fields of one this request just inserted (`_New`)."""
+
+    @property
+    def id(self) -> int | None: ...
+    @property
+    def list_id(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def consent_version(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _New:
+    """A subscription this request inserted: no ORM object is made for it (group commit
+    runs many of these a second; building and flushing entities cost more than the SQL)."""
+
+    id: int
+    list_id: int
+    status: str
+    consent_version: str
+
+
+_SUBSCRIPTIONS = Subscription.__table__  # type: ignore[attr-defined]
+_EVENTS = ConsentEvent.__table__  # type: ignore[attr-defined]
+_RECORD = sa.insert(_EVENTS)
+
+
 def _record(
     session: Session,
     *,
-    subscription: Subscription,
+    subscription: _Subscriber,
     action: ConsentAction,
     evidence: Evidence,
     now: datetime,
     detail: dict[str, Any] | None = None,
 ) -> None:
     assert subscription.id is not None
-    session.add(
-        ConsentEvent(
-            subscription_id=subscription.id,
-            list_id=subscription.list_id,
-            action=action,
-            status_after=subscription.status,
-            source=evidence.source,
-            source_url=evidence.source_url,
-            consent_version=subscription.consent_version,
-            ip=evidence.ip,
-            user_agent=evidence.user_agent,
-            detail=detail or {},
-            occurred_at=now,
-        )
+    session.connection().execute(
+        _RECORD,
+        {
+            "subscription_id": subscription.id,
+            "list_id": subscription.list_id,
+            "action": action.value,
+            "status_after": subscription.status,
+            "source": evidence.source,
+            "source_url": evidence.source_url,
+            "consent_version": subscription.consent_version,
+            "ip": evidence.ip,
+            "user_agent": evidence.user_agent,
+            "detail": detail or {},
+            "occurred_at": now,
+            "address_hash": None,
+        },
     )
 
 
@@ -204,7 +236,7 @@ def _queue_mail(
     session: Session,
     *,
     kind: MailKind,
-    subscription: Subscription,
+    subscription: _Subscriber,
     token_id: str | None,
     now: datetime,
     delay: timedelta = timedelta(0),
@@ -219,7 +251,7 @@ def _queue_mail(
 
 
 def _ask(
-    budget: MailBudget, *, address: addresses.Address, subscription: Subscription, kind: MailKind
+    budget: MailBudget, *, address: addresses.Address, subscription: _Subscriber, kind: MailKind
 ) -> MailPermit:
     permit = budget(address)
     if not permit.send:
@@ -237,7 +269,7 @@ def _start_opt_in(
     session: Session,
     *,
     mailing_list: MailingList,
-    subscription: Subscription,
+    subscription: _Subscriber,
     address: addresses.Address,
     mail_budget: MailBudget,
     key: bytes,
@@ -257,9 +289,9 @@ def _start_opt_in(
         return permit.ledger_detail(now=now)
     # Earlier links stay valid until they expire, so whichever mail the visitor opens
     # works; confirming retires them all. A delayed mail's link lives as long from sending.
-    token = tokens.issue(
+    token_id = tokens.insert(
         session,
-        subscription=subscription,
+        subscription_id=_id(subscription),
         purpose=TokenPurpose.CONFIRM,
         key=key,
         now=now,
@@ -269,7 +301,7 @@ def _start_opt_in(
         session,
         kind=MailKind.CONFIRM,
         subscription=subscription,
-        token_id=str(token.id),
+        token_id=str(token_id),
         now=now,
         delay=permit.delay,
     )
@@ -280,7 +312,7 @@ def _rehearse_mail(
     session: Session,
     *,
     mailing_list: MailingList,
-    subscription: Subscription | None,
+    subscription: _Subscriber | None,
     address: addresses.Address,
     key: bytes,
     now: datetime,
@@ -293,24 +325,21 @@ def _rehearse_mail(
     savepoint = session.begin_nested()
     try:
         if subscription is None:
-            assert mailing_list.id is not None
             subscription = _insert_if_new(
                 session,
-                Subscription(
-                    list_id=mailing_list.id,
-                    email=address.email,
-                    email_key=address.key,
-                    status=SubscriptionStatus.PENDING,
+                _new_row(
+                    mailing_list=mailing_list,
+                    address=address,
                     locale=mailing_list.default_locale,
-                    consent_version=mailing_list.consent_version,
-                    created_at=now,
-                    updated_at=now,
+                    attributes={},
+                    now=now,
+                    last_mail_at=None,
                 ),
             )
         if subscription is not None:
-            token = tokens.issue(
+            token_id = tokens.insert(
                 session,
-                subscription=subscription,
+                subscription_id=_id(subscription),
                 purpose=TokenPurpose.CONFIRM,
                 key=key,
                 now=now,
@@ -320,7 +349,7 @@ def _rehearse_mail(
                 session,
                 kind=MailKind.CONFIRM,
                 subscription=subscription,
-                token_id=str(token.id),
+                token_id=str(token_id),
                 now=now,
             )
             session.flush()
@@ -328,7 +357,7 @@ def _rehearse_mail(
         savepoint.rollback()
 
 
-def _id(subscription: Subscription) -> int:
+def _id(subscription: _Subscriber) -> int:
     assert subscription.id is not None
     return subscription.id
 
@@ -342,21 +371,54 @@ def _find(session: Session, *, list_id: int, key: str, lock: bool) -> Subscripti
     return session.exec(query).first()
 
 
-def _insert_if_new(session: Session, row: Subscription) -> Subscription | None:
-    """Insert the subscription unless (list, address) exists; the new row, or None.
+def _new_row(
+    *,
+    mailing_list: MailingList,
+    address: addresses.Address,
+    locale: str,
+    attributes: dict[str, str],
+    now: datetime,
+    last_mail_at: datetime | None,
+) -> dict[str, Any]:
+    """The columns of a new pending subscription, for `_insert_if_new`."""
+    return {
+        "list_id": mailing_list.id,
+        "email": address.email,
+        "email_key": address.key,
+        "status": SubscriptionStatus.PENDING.value,
+        "locale": locale,
+        "attributes": attributes,
+        "consent_version": mailing_list.consent_version,
+        "created_at": now,
+        "updated_at": now,
+        "last_mail_at": last_mail_at,
+    }
 
-    `INSERT ... ON CONFLICT DO NOTHING` is atomic under concurrency on both databases, so
-    two simultaneous first requests for one address create one row, without a savepoint.
-    """
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
-    values = row.model_dump(exclude={"id"})
-    statement = (
-        insert(Subscription)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
-        .returning(Subscription)
+
+# `INSERT ... ON CONFLICT DO NOTHING` is atomic under concurrency on both databases, so
+# two simultaneous first requests for one address create one row, without a savepoint.
+_INSERT_IF_NEW = {
+    "sqlite": sqlite_insert(_SUBSCRIPTIONS)
+    .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+    .returning(_SUBSCRIPTIONS.c.id),
+    "postgresql": postgresql_insert(_SUBSCRIPTIONS)
+    .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+    .returning(_SUBSCRIPTIONS.c.id),
+}
+
+
+def _insert_if_new(session: Session, row: dict[str, Any]) -> _New | None:
+    """Insert the subscription unless (list, address) exists; the new one, or None."""
+    statement = _INSERT_IF_NEW[session.get_bind().dialect.name]
+    new_id = session.connection().execute(statement, row).scalar()
+    if new_id is None:
+        return None
+    return _New(
+        id=new_id,
+        list_id=row["list_id"],
+        status=row["status"],
+        consent_version=row["consent_version"],
     )
-    return session.scalars(statement).one_or_none()
 
 
 def _shown(detail: dict[str, Any], version: str | None) -> dict[str, Any]:
@@ -387,7 +449,7 @@ def subscribe(
     allows; the request is recorded in the ledger either way. `shown_consent_version` is
     the wording version the visitor's page showed, kept in the ledger's detail.
     """
-    mailing_list = lists.get(session, slug=list_slug)
+    mailing_list = lists.get_shared(session, slug=list_slug)
     assert mailing_list.id is not None
     if _blocked(
         session,
@@ -412,26 +474,22 @@ def subscribe(
     ):
         return mailing_list
     chosen_locale = (locale or fallback_locale or Locale(mailing_list.default_locale)).value
-    subscription = _insert_if_new(
+    new = _insert_if_new(
         session,
-        Subscription(
-            list_id=mailing_list.id,
-            email=address.email,
-            email_key=address.key,
-            status=SubscriptionStatus.PENDING,
+        _new_row(
+            mailing_list=mailing_list,
+            address=address,
             locale=chosen_locale,
             attributes=attributes,
-            consent_version=mailing_list.consent_version,
-            created_at=now,
-            updated_at=now,
+            now=now,
             last_mail_at=now,
         ),
     )
-    if subscription is not None:
+    if new is not None:
         mail_note = _start_opt_in(
             session,
             mailing_list=mailing_list,
-            subscription=subscription,
+            subscription=new,
             address=address,
             mail_budget=mail_budget,
             key=key,
@@ -439,7 +497,7 @@ def subscribe(
         )
         _record(
             session,
-            subscription=subscription,
+            subscription=new,
             action=ConsentAction.SUBSCRIBE_REQUESTED,
             evidence=evidence,
             now=now,
@@ -718,7 +776,7 @@ def request_unsubscribe(
     queue, record), each a no-op where it does not apply, with no early return: the
     request's timing then says as little as its answer.
     """
-    mailing_list = lists.get(session, slug=list_slug)
+    mailing_list = lists.get_shared(session, slug=list_slug)
     assert mailing_list.id is not None
     if _blocked(
         session,

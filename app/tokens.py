@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import uuid
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -33,6 +34,35 @@ def hash_of(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+_INSERT = sa.insert(Token.__table__)  # type: ignore[attr-defined]
+
+
+def insert(
+    session: Session,
+    *,
+    subscription_id: int,
+    purpose: TokenPurpose,
+    key: bytes,
+    now: datetime,
+    ttl: timedelta | None,
+) -> uuid.UUID:
+    """A new token, written at once (one Core statement, no ORM object); its id."""
+    token_id = uuid.uuid4()
+    session.connection().execute(
+        _INSERT,
+        {
+            "id": token_id,
+            "subscription_id": subscription_id,
+            "purpose": purpose.value,
+            "token_hash": hash_of(_secret(key, str(token_id))),
+            "created_at": now,
+            "expires_at": now + ttl if ttl is not None else None,
+            "used_at": None,
+        },
+    )
+    return token_id
+
+
 def issue(
     session: Session,
     *,
@@ -42,16 +72,22 @@ def issue(
     now: datetime,
     ttl: timedelta | None,
 ) -> Token:
+    """`insert`, for callers that want the row."""
     assert subscription.id is not None
-    token = Token(subscription_id=subscription.id, purpose=purpose, token_hash="", created_at=now)
-    token.token_hash = hash_of(_secret(key, str(token.id)))
-    token.expires_at = now + ttl if ttl is not None else None
-    session.add(token)
+    token_id = insert(
+        session, subscription_id=subscription.id, purpose=purpose, key=key, now=now, ttl=ttl
+    )
+    token = session.get(Token, token_id)
+    assert token is not None
     return token
 
 
 def secret_for(token: Token, *, key: bytes) -> str:
-    return _secret(key, str(token.id))
+    return secret_for_id(token.id, key=key)
+
+
+def secret_for_id(token_id: uuid.UUID, *, key: bytes) -> str:
+    return _secret(key, str(token_id))
 
 
 def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> Token:

@@ -19,6 +19,7 @@ from app.config import Locale, Settings
 from app.i18n import negotiate, parse_locale
 from app.ratelimit import RateLimiter
 from app.subscriptions import Evidence
+from app.writer import GroupWriter
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -42,9 +43,19 @@ class Database:
     def __init__(self, engine: Engine, *, on_outbox_commit: Callable[[], None] | None) -> None:
         self.engine = engine
         self.on_outbox_commit = on_outbox_commit
+        self.writer = GroupWriter(engine, on_outbox_commit=on_outbox_commit)
 
     async def run(self, work: Callable[..., T], /, **kwargs: Any) -> T:
         return await run_in_threadpool(self._run, work, kwargs)
+
+    async def write(self, work: Callable[..., T], /, **kwargs: Any) -> T:
+        """As `run`, for the public routes' short writes: in a transaction shared with
+        other requests (group commit, app/writer.py), committed before this returns."""
+        return await self.writer.run(work, **kwargs)
+
+    def close(self) -> None:
+        """Finish the writes in hand (at shutdown, once no request is left)."""
+        self.writer.stop()
 
     def _run(self, work: Callable[..., T], kwargs: dict[str, Any]) -> T:
         with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:

@@ -360,7 +360,7 @@ async def _subscribe(
     source: str,
     shown_consent_version: str | None = None,
 ) -> MailingList:
-    return await database.run(
+    return await database.write(
         subscriptions.subscribe,
         list_slug=slug,
         address=addresses.parse(body.email, new=True),
@@ -670,7 +670,7 @@ async def _request_unsubscribe(
     *,
     source: str,
 ) -> MailingList:
-    return await database.run(
+    return await database.write(
         subscriptions.request_unsubscribe,
         list_slug=slug,
         address=addresses.parse(body.email, new=False),
@@ -761,7 +761,7 @@ async def confirm(
     token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Confirm a subscription (the button on the confirmation page)."""
-    target = await database.run(
+    target = await database.write(
         subscriptions.confirm,
         secret=token,
         evidence=evidence(request, settings, source="link"),
@@ -806,7 +806,7 @@ async def unsubscribe(
     settings: SettingsDep,
 ) -> Response:
     """Unsubscribe (the page's button, or an RFC 8058 one-click POST: 200, no redirect)."""
-    target = await database.run(
+    target = await database.write(
         subscriptions.unsubscribe,
         secret=token,
         evidence=evidence(request, settings, source="one_click" if is_one_click else "link"),

@@ -1,0 +1,182 @@
+"""Group commit: the public write requests of one process share transactions.
+
+A subscription or a confirmation is a few short statements; committing each in its own
+transaction, from its own pool thread, cost more than the statements themselves (one
+BEGIN and COMMIT each, and, on SQLite, every thread queueing on the one write lock).
+Here one writer thread takes the requests waiting in its queue, up to `max_batch`, and
+runs each as a unit of work inside a savepoint of one transaction: a unit that raises is
+rolled back to its savepoint and its caller gets the exception; the others go on. The
+callers are answered only after the commit, so a 2xx still means stored. Under a light
+load a batch is a single request, and nothing waits for others to come.
+
+A batch that fails as a whole (the commit refused, the database gone) fails every caller
+with that error, except a PostgreSQL deadlock or serialization failure between replicas'
+batches: those units are then run again, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from app import db
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# PostgreSQL: deadlock_detected, serialization_failure. Worth one more try, one by one.
+_RETRY_ALONE = {"40P01", "40001"}
+
+
+@dataclass(slots=True)
+class _Unit:
+    work: Callable[..., Any]
+    kwargs: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    outcome: tuple[bool, Any] = field(default=(False, None))
+
+
+class GroupWriter:
+    """One writer thread per engine and process; `await writer.run(fn, **kwargs)` calls
+    `fn(session, **kwargs)` in a shared transaction and returns its result after commit."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        on_outbox_commit: Callable[[], None] | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        self.engine = engine
+        self.on_outbox_commit = on_outbox_commit
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    async def run(self, work: Callable[..., T], /, **kwargs: Any) -> T:
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        unit = _Unit(work=work, kwargs=kwargs, loop=loop, future=loop.create_future())
+        self._queue.put(unit)
+        result: T = await unit.future
+        return result
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join()
+        self._thread = None
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="group-writer", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < self.max_batch:
+                try:
+                    unit = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if unit is None:
+                    stopping = True
+                    break
+                batch.append(unit)
+            self._run_batch(batch)
+            if stopping:
+                return
+
+    def _run_batch(self, batch: list[_Unit]) -> None:
+        try:
+            with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:
+                for unit in batch:
+                    unit.outcome = _in_savepoint(session, unit)
+        except sa_exc.DBAPIError as e:
+            if len(batch) > 1 and _sqlstate(e) in _RETRY_ALONE:
+                log.info("writer.batch_retried_alone size=%d", len(batch))
+                for unit in batch:
+                    self._run_alone(unit)
+                return
+            self._fail_all(batch, e)
+            return
+        except BaseException as e:
+            self._fail_all(batch, e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for unit in batch:
+            _answer(unit, *unit.outcome)
+
+    def _run_alone(self, unit: _Unit) -> None:
+        try:
+            with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:
+                ok, value = _in_savepoint(session, unit)
+        except Exception as e:
+            _answer(unit, False, e)
+            return
+        _answer(unit, ok, value)
+
+    @staticmethod
+    def _fail_all(batch: list[_Unit], error: BaseException) -> None:
+        for unit in batch:
+            _answer(unit, False, error)
+
+
+def _in_savepoint(session: Session, unit: _Unit) -> tuple[bool, Any]:
+    """Run one unit; its failure undoes its own writes only. (True, result) or (False, error)."""
+    savepoint = session.begin_nested()
+    try:
+        value = unit.work(session, **unit.kwargs)
+    except (sa_exc.OperationalError, sa_exc.InterfaceError):
+        # The connection itself may be gone, or a deadlock broke the transaction: the
+        # batch fails as a whole (see `GroupWriter._run_batch`).
+        savepoint.rollback()
+        raise
+    except Exception as e:
+        savepoint.rollback()
+        return False, e
+    savepoint.commit()
+    return True, value
+
+
+def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
+    state = getattr(error.orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def _answer(unit: _Unit, ok: bool, value: Any) -> None:
+    def settle() -> None:
+        if unit.future.done():  # the request was cancelled meanwhile
+            return
+        if ok:
+            unit.future.set_result(value)
+        else:
+            unit.future.set_exception(value)
+
+    # A closed loop (the server stopped before the answer) has nobody waiting.
+    with contextlib.suppress(RuntimeError):
+        unit.loop.call_soon_threadsafe(settle)
