@@ -20,6 +20,7 @@ A domain entry `example.org` blocks `a@example.org` and `a@mail.example.org`, no
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from datetime import datetime
@@ -55,23 +56,32 @@ def _domains_of(email_key: str) -> list[str]:
 
 
 _ENTRIES = BlockedEntry.__table__  # type: ignore[attr-defined]
-# Prepared once: this look-up runs on every subscription and every mail.
-_MATCH = (
-    sa.select(_ENTRIES.c.kind)
-    .where(
-        (_ENTRIES.c.kind == BlockKind.ADDRESS.value) & (_ENTRIES.c.value == sa.bindparam("key"))
-        | (_ENTRIES.c.kind == BlockKind.DOMAIN.value)
-        & _ENTRIES.c.value.in_(sa.bindparam("domains", expanding=True))
+
+
+@functools.cache
+def _match_statement(domains: int) -> sa.Select[str]:
+    """The look-up for an address of `domains` domain levels, prepared once per length
+    (an expanding IN is compiled again at every call; this runs for every subscription)."""
+    return (
+        sa.select(_ENTRIES.c.kind)
+        .where(
+            (_ENTRIES.c.kind == BlockKind.ADDRESS.value) & (_ENTRIES.c.value == sa.bindparam("key"))
+            | (_ENTRIES.c.kind == BlockKind.DOMAIN.value)
+            & _ENTRIES.c.value.in_([sa.bindparam(f"d{n}") for n in range(domains)])
+        )
+        .limit(1)
     )
-    .limit(1)
-)
 
 
 def match(session: Session, *, email_key: str) -> BlockKind | None:
     """Which kind of entry blocks this address, if any (one indexed look-up)."""
+    domains = _domains_of(email_key)
     found = (
         session.connection()
-        .execute(_MATCH, {"key": email_key, "domains": _domains_of(email_key)})
+        .execute(
+            _match_statement(len(domains)),
+            {"key": email_key, **{f"d{n}": domain for n, domain in enumerate(domains)}},
+        )
         .scalar()
     )
     return BlockKind(found) if found is not None else None

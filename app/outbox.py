@@ -69,6 +69,19 @@ def enqueue(
     return job_id
 
 
+_PENDING_WITH_KEY = (
+    sa.select(_TABLE.c.id, _TABLE.c.payload)
+    .where(_TABLE.c.dedupe_key == sa.bindparam("key"), _TABLE.c.state == JobState.PENDING.value)
+    .limit(1)
+    .with_for_update()
+)
+_MERGE = (
+    sa.update(_TABLE)
+    .where(_TABLE.c.id == sa.bindparam("b_job_id"))
+    .values(payload=sa.bindparam("b_payload"), updated_at=sa.bindparam("b_now"))
+)
+
+
 def enqueue_sync(
     session: Session, *, subscription_id: int, list_id: int, now: datetime, fresh_opt_in: bool
 ) -> None:
@@ -79,12 +92,15 @@ def enqueue_sync(
     (a new confirmation) survives the merge: it lets an adapter clear old suppressions.
     """
     key = _sync_key(subscription_id)
-    pending = _pending_with_key(session, key)
+    session.flush()
+    pending = session.connection().execute(_PENDING_WITH_KEY, {"key": key}).first()
     if pending is not None:
-        if fresh_opt_in and not pending.payload.get("fresh_opt_in"):
-            pending.payload = {**pending.payload, "fresh_opt_in": True}
-        pending.updated_at = now
-        session.add(pending)
+        payload = dict(pending.payload)
+        if fresh_opt_in:
+            payload["fresh_opt_in"] = True
+        session.connection().execute(
+            _MERGE, {"b_job_id": pending.id, "b_payload": payload, "b_now": now}
+        )
         return
     enqueue(
         session,

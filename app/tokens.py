@@ -13,10 +13,11 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from app import errors
 from app.models import Subscription, Token, TokenPurpose
@@ -83,50 +84,95 @@ def issue(
 
 
 def secret_for(token: Token, *, key: bytes) -> str:
-    return secret_for_id(token.id, key=key)
+    return _secret(key, str(token.id))
 
 
-def secret_for_id(token_id: uuid.UUID, *, key: bytes) -> str:
-    return _secret(key, str(token_id))
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A live token, as `lookup` finds it."""
+
+    id: uuid.UUID
+    subscription_id: int
 
 
-def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> Token:
+_TABLE = Token.__table__  # type: ignore[attr-defined]
+# Prepared once: every confirmation and unsubscription runs these.
+_BY_HASH = sa.select(
+    _TABLE.c.id,
+    _TABLE.c.subscription_id,
+    _TABLE.c.token_hash,
+    _TABLE.c.used_at,
+    _TABLE.c.expires_at,
+).where(_TABLE.c.token_hash == sa.bindparam("hash"), _TABLE.c.purpose == sa.bindparam("purpose"))
+_LIVE = (
+    sa.select(_TABLE.c.id)
+    .where(
+        _TABLE.c.subscription_id == sa.bindparam("subscription_id"),
+        _TABLE.c.purpose == sa.bindparam("purpose"),
+        _TABLE.c.used_at.is_(None),
+    )
+    .order_by(_TABLE.c.created_at.desc())
+    .limit(1)
+)
+_USE = (
+    sa.update(_TABLE)
+    .where(_TABLE.c.id == sa.bindparam("b_token_id"), _TABLE.c.used_at.is_(None))
+    .values(used_at=sa.bindparam("b_now"))
+)
+_RETIRE = (
+    sa.update(_TABLE)
+    .where(
+        _TABLE.c.subscription_id == sa.bindparam("b_subscription_id"),
+        _TABLE.c.purpose == sa.bindparam("b_purpose"),
+        _TABLE.c.used_at.is_(None),
+    )
+    .values(used_at=sa.bindparam("b_now"))
+)
+
+
+def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> Live:
     """The live token behind a link, or the domain error that explains why it is not."""
     if not secret or len(secret) > MAX_TOKEN_LENGTH:
         raise errors.TokenNotFound()
     wanted = hash_of(secret)
-    token = session.exec(
-        select(Token).where(Token.token_hash == wanted, Token.purpose == purpose)
-    ).first()
-    if token is None or not secrets.compare_digest(token.token_hash, wanted):
+    # What this transaction changed counts, as with the ORM's own queries.
+    session.flush()
+    row = session.connection().execute(_BY_HASH, {"hash": wanted, "purpose": purpose.value}).first()
+    if row is None or not secrets.compare_digest(row.token_hash, wanted):
         raise errors.TokenNotFound()
-    if token.used_at is not None:
+    if row.used_at is not None:
         raise errors.TokenUsed()
-    if token.expires_at is not None and token.expires_at <= now:
+    if row.expires_at is not None and row.expires_at <= now:
         raise errors.TokenExpired()
-    return token
+    return Live(id=row.id, subscription_id=row.subscription_id)
+
+
+def use(session: Session, *, token_id: uuid.UUID, now: datetime) -> bool:
+    """Mark the token used, unless it already is (then false): one atomic statement."""
+    result = session.connection().execute(_USE, {"b_token_id": token_id, "b_now": now})
+    return result.rowcount == 1
+
+
+def live_id(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> uuid.UUID | None:
+    """The newest unused token of this purpose, if any."""
+    session.flush()
+    found: uuid.UUID | None = (
+        session.connection()
+        .execute(_LIVE, {"subscription_id": subscription_id, "purpose": purpose.value})
+        .scalar()
+    )
+    return found
 
 
 def live(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> Token | None:
-    return session.exec(
-        select(Token)
-        .where(
-            Token.subscription_id == subscription_id,
-            Token.purpose == purpose,
-            Token.used_at.is_(None),  # type: ignore[union-attr]
-        )
-        .order_by(Token.created_at.desc())  # type: ignore[attr-defined]
-    ).first()
+    """`live_id`, as the row."""
+    token_id = live_id(session, subscription_id=subscription_id, purpose=purpose)
+    return session.get(Token, token_id) if token_id is not None else None
 
 
 def retire(session: Session, *, subscription_id: int, purpose: TokenPurpose, now: datetime) -> None:
     """Mark every open token of this purpose used, so old links stop working."""
-    session.execute(
-        sa.update(Token)
-        .where(
-            Token.subscription_id == subscription_id,  # type: ignore[arg-type]
-            Token.purpose == purpose,  # type: ignore[arg-type]
-            Token.used_at.is_(None),  # type: ignore[union-attr]
-        )
-        .values(used_at=now)
+    session.connection().execute(
+        _RETIRE,
+        {"b_subscription_id": subscription_id, "b_purpose": purpose.value, "b_now": now},
     )
