@@ -88,12 +88,20 @@ class Target:
     """What a token link points at, for the page that asks to press the button."""
 
     mailing_list: MailingList
-    subscription: Subscription
+    subscription: TargetState
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """The subscription a link points at, as its page shows it."""
+
+    status: str
+    locale: str
 
 
 class _Subscriber(Protocol):
     """What the ledger and the mail queue need of a subscription: a loaded row, or the
-    few fields of one this request just inserted (`_New`)."""
+    few fields of one this request just inserted (`_Fields`)."""
 
     @property
     def id(self) -> int | None: ...
@@ -106,9 +114,10 @@ class _Subscriber(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _New:
-    """A subscription this request inserted: no ORM object is made for it (group commit
-    runs many of these a second; building and flushing entities cost more than the SQL)."""
+class _Fields:
+    """A subscription's fields the ledger and the mail queue need, read or written with
+    Core statements: no ORM object is made (group commit runs many of these a second, and
+    building and flushing entities cost more than the SQL)."""
 
     id: int
     list_id: int
@@ -363,8 +372,12 @@ def _id(subscription: _Subscriber) -> int:
 
 
 def _find(session: Session, *, list_id: int, key: str, lock: bool) -> Subscription | None:
-    query = select(Subscription).where(
-        Subscription.list_id == list_id, Subscription.email_key == key
+    # The row as it is now: a Core statement (a confirmation earlier in the same group
+    # commit) may have changed it since this session last loaded it.
+    query = (
+        select(Subscription)
+        .where(Subscription.list_id == list_id, Subscription.email_key == key)
+        .execution_options(populate_existing=True)
     )
     if lock:
         query = query.with_for_update()
@@ -407,13 +420,13 @@ _INSERT_IF_NEW = {
 }
 
 
-def _insert_if_new(session: Session, row: dict[str, Any]) -> _New | None:
+def _insert_if_new(session: Session, row: dict[str, Any]) -> _Fields | None:
     """Insert the subscription unless (list, address) exists; the new one, or None."""
     statement = _INSERT_IF_NEW[session.get_bind().dialect.name]
     new_id = session.connection().execute(statement, row).scalar()
     if new_id is None:
         return None
-    return _New(
+    return _Fields(
         id=new_id,
         list_id=row["list_id"],
         status=row["status"],
@@ -610,9 +623,16 @@ def _target(session: Session, *, subscription_id: int) -> Target:
     subscription = session.get(Subscription, subscription_id)
     if subscription is None:
         raise errors.TokenNotFound()
-    mailing_list = session.get(MailingList, subscription.list_id)
+    return _target_of(session, list_id=subscription.list_id, state=subscription)
+
+
+def _target_of(session: Session, *, list_id: int, state: Subscription | TargetState) -> Target:
+    mailing_list = session.get(MailingList, list_id)
     assert mailing_list is not None
-    return Target(mailing_list=mailing_list, subscription=subscription)
+    return Target(
+        mailing_list=mailing_list,
+        subscription=TargetState(status=state.status, locale=state.locale),
+    )
 
 
 def _lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> tokens.Live:
@@ -663,52 +683,66 @@ def confirmation_target(session: Session, *, secret: str, now: datetime) -> Targ
     return _target(session, subscription_id=token.subscription_id)
 
 
+_LOCK = (
+    sa.select(
+        _SUBSCRIPTIONS.c.list_id,
+        _SUBSCRIPTIONS.c.status,
+        _SUBSCRIPTIONS.c.locale,
+        _SUBSCRIPTIONS.c.consent_version,
+    )
+    .where(_SUBSCRIPTIONS.c.id == sa.bindparam("subscription_id"))
+    .with_for_update()
+)
+_CONFIRMED = (
+    sa.update(_SUBSCRIPTIONS)
+    .where(_SUBSCRIPTIONS.c.id == sa.bindparam("b_id"))
+    .values(
+        status=SubscriptionStatus.CONFIRMED.value,
+        confirmed_at=sa.bindparam("b_now"),
+        unsubscribed_at=None,
+        updated_at=sa.bindparam("b_now"),
+        # The mail throttle guards against floods from strangers; a state change made with
+        # a link from the mailbox proves the owner acted, so the next request may mail.
+        last_mail_at=None,
+    )
+)
+
+
 def confirm(
     session: Session, *, secret: str, evidence: Evidence, key: bytes, now: datetime
 ) -> Target:
     token = _lookup(session, secret=secret, purpose=TokenPurpose.CONFIRM, now=now)
+    subscription_id = token.subscription_id
     # Lock the subscription row: two presses of the button confirm once.
-    subscription = session.get(Subscription, token.subscription_id, with_for_update=True)
-    assert subscription is not None
-    if subscription.status not in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED):
+    row = session.connection().execute(_LOCK, {"subscription_id": subscription_id}).one()
+    if row.status not in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED):
         raise errors.TokenUsed()
     # Used by a press that came first (it held the lock): this one confirms nothing.
     if not tokens.use(session, token_id=token.id, now=now):
         raise errors.TokenUsed()
-    if subscription.status == SubscriptionStatus.PENDING:
-        subscription.status = SubscriptionStatus.CONFIRMED
-        subscription.confirmed_at = now
-        subscription.unsubscribed_at = None
-        subscription.updated_at = now
-        # The mail throttle guards against floods from strangers; a state change made with
-        # a link from the mailbox proves the owner acted, so the next request may mail.
-        subscription.last_mail_at = None
-        session.add(subscription)
-        tokens.retire(
-            session, subscription_id=_id(subscription), purpose=TokenPurpose.CONFIRM, now=now
-        )
-        _unsubscribe_token(session, subscription=subscription, key=key, now=now)
-        _record(
-            session,
-            subscription=subscription,
-            action=ConsentAction.CONFIRMED,
-            evidence=evidence,
-            now=now,
-        )
-        outbox.enqueue_sync(
-            session,
-            subscription_id=_id(subscription),
-            list_id=subscription.list_id,
-            now=now,
-            fresh_opt_in=_left_before(session, subscription_id=_id(subscription)),
-        )
-        log.info(
-            "subscription.confirmed list_id=%s subscription_id=%s",
-            subscription.list_id,
-            subscription.id,
-        )
-    session.flush()
-    return _target(session, subscription_id=_id(subscription))
+    if row.status == SubscriptionStatus.CONFIRMED:
+        return _target_of(session, list_id=row.list_id, state=TargetState(row.status, row.locale))
+    session.connection().execute(_CONFIRMED, {"b_id": subscription_id, "b_now": now})
+    confirmed = _Fields(
+        id=subscription_id,
+        list_id=row.list_id,
+        status=SubscriptionStatus.CONFIRMED.value,
+        consent_version=row.consent_version,
+    )
+    tokens.retire(session, subscription_id=subscription_id, purpose=TokenPurpose.CONFIRM, now=now)
+    _unsubscribe_token(session, subscription=confirmed, key=key, now=now)
+    _record(
+        session, subscription=confirmed, action=ConsentAction.CONFIRMED, evidence=evidence, now=now
+    )
+    outbox.enqueue_sync(
+        session,
+        subscription_id=subscription_id,
+        list_id=row.list_id,
+        now=now,
+        fresh_opt_in=_left_before(session, subscription_id=subscription_id),
+    )
+    log.info("subscription.confirmed list_id=%s subscription_id=%s", row.list_id, subscription_id)
+    return _target_of(session, list_id=row.list_id, state=TargetState(confirmed.status, row.locale))
 
 
 def unsubscription_target(session: Session, *, secret: str, now: datetime) -> Target:
