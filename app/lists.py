@@ -27,17 +27,34 @@ def get(session: Session, *, slug: str) -> MailingList:
     return mailing_list
 
 
-# Session.info key: the lists this transaction has read, by slug.
+# Session.info key: the lists this transaction has read, by slug and by id. (The session's
+# identity map holds weak references: it would forget a list between two requests.)
 _READ = "lists_read"
+
+
+def _read(session: Session) -> dict[str | int, MailingList]:
+    read: dict[str | int, MailingList] = session.info.setdefault(_READ, {})
+    return read
 
 
 def get_shared(session: Session, *, slug: str) -> MailingList:
     """`get`, read once per transaction: a group commit's requests (app/writer.py) mostly
     name the same list, and they run in one transaction."""
-    read: dict[str, MailingList] = session.info.setdefault(_READ, {})
+    read = _read(session)
     mailing_list = read.get(slug)
     if mailing_list is None:
         mailing_list = read[slug] = get(session, slug=slug)
+    return mailing_list
+
+
+def get_shared_by_id(session: Session, *, list_id: int) -> MailingList:
+    """`get_shared`, by the list's id."""
+    read = _read(session)
+    mailing_list = read.get(list_id)
+    if mailing_list is None:
+        found = session.get(MailingList, list_id)
+        assert found is not None
+        mailing_list = read[list_id] = found
     return mailing_list
 
 

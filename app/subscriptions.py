@@ -627,10 +627,8 @@ def _target(session: Session, *, subscription_id: int) -> Target:
 
 
 def _target_of(session: Session, *, list_id: int, state: Subscription | TargetState) -> Target:
-    mailing_list = session.get(MailingList, list_id)
-    assert mailing_list is not None
     return Target(
-        mailing_list=mailing_list,
+        mailing_list=lists.get_shared_by_id(session, list_id=list_id),
         subscription=TargetState(status=state.status, locale=state.locale),
     )
 
