@@ -28,7 +28,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from app import addresses, errors
+from app import addresses, db, errors
 from app.models import BlockedEntry, BlockKind
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,10 @@ _ENTRIES = BlockedEntry.__table__  # type: ignore[attr-defined]
 
 
 @functools.cache
-def _match_statement(domains: int) -> sa.Select[str]:
+def _match_statement(domains: int) -> db.Prepared:
     """The look-up for an address of `domains` domain levels, prepared once per length
     (an expanding IN is compiled again at every call; this runs for every subscription)."""
-    return (
+    return db.Prepared(
         sa.select(_ENTRIES.c.kind)
         .where(
             (_ENTRIES.c.kind == BlockKind.ADDRESS.value) & (_ENTRIES.c.value == sa.bindparam("key"))
@@ -77,9 +77,9 @@ def match(session: Session, *, email_key: str) -> BlockKind | None:
     """Which kind of entry blocks this address, if any (one indexed look-up)."""
     domains = _domains_of(email_key)
     found = (
-        session.connection()
+        _match_statement(len(domains))
         .execute(
-            _match_statement(len(domains)),
+            session,
             {"key": email_key, **{f"d{n}": domain for n, domain in enumerate(domains)}},
         )
         .scalar()

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm
 from sqlmodel import Session, col, select
 
+from app import db
 from app.db import OUTBOX_WRITTEN
 from app.models import AttemptOutcome, DeliveryAttempt, JobKind, JobState, OutboxJob
 
@@ -32,7 +33,20 @@ ERROR_LIMIT = 2000
 
 
 _TABLE = OutboxJob.__table__  # type: ignore[attr-defined]
-_INSERT = sa.insert(_TABLE).returning(_TABLE.c.id)
+_INSERT = db.Prepared(
+    sa.insert(_TABLE).returning(_TABLE.c.id),
+    insert_keys=[
+        "kind",
+        "payload",
+        "dedupe_key",
+        "subscription_id",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "created_at",
+        "updated_at",
+    ],
+)
 
 
 def enqueue(
@@ -47,35 +61,31 @@ def enqueue(
     """Queue a job, written at once (one Core statement: every public request queues one);
     its id."""
     subscription_id = payload.get("subscription_id")
-    job_id: int = (
-        session.connection()
-        .execute(
-            _INSERT,
-            {
-                "kind": kind.value,
-                "payload": payload,
-                "dedupe_key": dedupe_key,
-                "subscription_id": subscription_id if isinstance(subscription_id, int) else None,
-                "state": JobState.PENDING.value,
-                "attempts": 0,
-                "next_attempt_at": now + delay,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-        .scalar_one()
-    )
+    job_id: int = _INSERT.execute(
+        session,
+        {
+            "kind": kind.value,
+            "payload": payload,
+            "dedupe_key": dedupe_key,
+            "subscription_id": subscription_id if isinstance(subscription_id, int) else None,
+            "state": JobState.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": now + delay,
+            "created_at": now,
+            "updated_at": now,
+        },
+    ).scalar()
     session.info[OUTBOX_WRITTEN] = True
     return job_id
 
 
-_PENDING_WITH_KEY = (
+_PENDING_WITH_KEY = db.Prepared(
     sa.select(_TABLE.c.id, _TABLE.c.payload)
     .where(_TABLE.c.dedupe_key == sa.bindparam("key"), _TABLE.c.state == JobState.PENDING.value)
     .limit(1)
     .with_for_update()
 )
-_MERGE = (
+_MERGE = db.Prepared(
     sa.update(_TABLE)
     .where(_TABLE.c.id == sa.bindparam("b_job_id"))
     .values(payload=sa.bindparam("b_payload"), updated_at=sa.bindparam("b_now"))
@@ -93,14 +103,12 @@ def enqueue_sync(
     """
     key = _sync_key(subscription_id)
     session.flush()
-    pending = session.connection().execute(_PENDING_WITH_KEY, {"key": key}).first()
+    pending = _PENDING_WITH_KEY.execute(session, {"key": key}).first()
     if pending is not None:
         payload = dict(pending.payload)
         if fresh_opt_in:
             payload["fresh_opt_in"] = True
-        session.connection().execute(
-            _MERGE, {"b_job_id": pending.id, "b_payload": payload, "b_now": now}
-        )
+        _MERGE.execute(session, {"b_job_id": pending.id, "b_payload": payload, "b_now": now})
         return
     enqueue(
         session,

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from app import errors
+from app import db, errors
 from app.models import Subscription, Token, TokenPurpose
 
 # Longest token we accept in a URL; anything longer is not ours.
@@ -35,7 +35,18 @@ def hash_of(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-_INSERT = sa.insert(Token.__table__)  # type: ignore[attr-defined]
+_INSERT = db.Prepared(
+    sa.insert(Token.__table__),  # type: ignore[attr-defined]
+    insert_keys=[
+        "id",
+        "subscription_id",
+        "purpose",
+        "token_hash",
+        "created_at",
+        "expires_at",
+        "used_at",
+    ],
+)
 
 
 def insert(
@@ -49,8 +60,8 @@ def insert(
 ) -> uuid.UUID:
     """A new token, written at once (one Core statement, no ORM object); its id."""
     token_id = uuid.uuid4()
-    session.connection().execute(
-        _INSERT,
+    _INSERT.execute(
+        session,
         {
             "id": token_id,
             "subscription_id": subscription_id,
@@ -97,14 +108,18 @@ class Live:
 
 _TABLE = Token.__table__  # type: ignore[attr-defined]
 # Prepared once: every confirmation and unsubscription runs these.
-_BY_HASH = sa.select(
-    _TABLE.c.id,
-    _TABLE.c.subscription_id,
-    _TABLE.c.token_hash,
-    _TABLE.c.used_at,
-    _TABLE.c.expires_at,
-).where(_TABLE.c.token_hash == sa.bindparam("hash"), _TABLE.c.purpose == sa.bindparam("purpose"))
-_LIVE = (
+_BY_HASH = db.Prepared(
+    sa.select(
+        _TABLE.c.id,
+        _TABLE.c.subscription_id,
+        _TABLE.c.token_hash,
+        _TABLE.c.used_at,
+        _TABLE.c.expires_at,
+    ).where(
+        _TABLE.c.token_hash == sa.bindparam("hash"), _TABLE.c.purpose == sa.bindparam("purpose")
+    )
+)
+_LIVE = db.Prepared(
     sa.select(_TABLE.c.id)
     .where(
         _TABLE.c.subscription_id == sa.bindparam("subscription_id"),
@@ -114,12 +129,12 @@ _LIVE = (
     .order_by(_TABLE.c.created_at.desc())
     .limit(1)
 )
-_USE = (
+_USE = db.Prepared(
     sa.update(_TABLE)
     .where(_TABLE.c.id == sa.bindparam("b_token_id"), _TABLE.c.used_at.is_(None))
     .values(used_at=sa.bindparam("b_now"))
 )
-_RETIRE = (
+_RETIRE = db.Prepared(
     sa.update(_TABLE)
     .where(
         _TABLE.c.subscription_id == sa.bindparam("b_subscription_id"),
@@ -137,7 +152,7 @@ def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetim
     wanted = hash_of(secret)
     # What this transaction changed counts, as with the ORM's own queries.
     session.flush()
-    row = session.connection().execute(_BY_HASH, {"hash": wanted, "purpose": purpose.value}).first()
+    row = _BY_HASH.execute(session, {"hash": wanted, "purpose": purpose.value}).first()
     if row is None or not secrets.compare_digest(row.token_hash, wanted):
         raise errors.TokenNotFound()
     if row.used_at is not None:
@@ -149,18 +164,16 @@ def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetim
 
 def use(session: Session, *, token_id: uuid.UUID, now: datetime) -> bool:
     """Mark the token used, unless it already is (then false): one atomic statement."""
-    result = session.connection().execute(_USE, {"b_token_id": token_id, "b_now": now})
+    result = _USE.execute(session, {"b_token_id": token_id, "b_now": now})
     return result.rowcount == 1
 
 
 def live_id(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> uuid.UUID | None:
     """The newest unused token of this purpose, if any."""
     session.flush()
-    found: uuid.UUID | None = (
-        session.connection()
-        .execute(_LIVE, {"subscription_id": subscription_id, "purpose": purpose.value})
-        .scalar()
-    )
+    found: uuid.UUID | None = _LIVE.execute(
+        session, {"subscription_id": subscription_id, "purpose": purpose.value}
+    ).scalar()
     return found
 
 
@@ -172,7 +185,7 @@ def live(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> To
 
 def retire(session: Session, *, subscription_id: int, purpose: TokenPurpose, now: datetime) -> None:
     """Mark every open token of this purpose used, so old links stop working."""
-    session.connection().execute(
-        _RETIRE,
+    _RETIRE.execute(
+        session,
         {"b_subscription_id": subscription_id, "b_purpose": purpose.value, "b_now": now},
     )
