@@ -7,6 +7,7 @@ A `+tag` is never stripped: it is part of the address.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -49,6 +50,13 @@ def parse(raw: str, *, new: bool) -> Address:
     row kept from before the look-alike check must stay reachable, or its person could
     not leave nor be erased.
     """
+    return _parse(raw, new)
+
+
+# A request's address is read twice (the body's validation, then the request itself): the
+# second read is a look-up among the last few hundred addresses read.
+@functools.lru_cache(maxsize=256)
+def _parse(raw: str, new: bool) -> Address:
     if len(raw) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
     if any(ord(char) < 32 or ord(char) == 127 for char in raw):

@@ -7,9 +7,10 @@ import re
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from app import consent, errors
+from app import consent, db, errors
 from app.config import SLUG_PATTERN, ListSettings
 from app.models import MailingList
 
@@ -27,9 +28,11 @@ def get(session: Session, *, slug: str) -> MailingList:
     return mailing_list
 
 
-# Session.info key: the lists this transaction has read, by slug and by id. (The session's
-# identity map holds weak references: it would forget a list between two requests.)
+# Session.info key: the lists this transaction has read, by slug and by id.
 _READ = "lists_read"
+_TABLE = MailingList.__table__  # type: ignore[attr-defined]
+_BY_SLUG = db.Prepared(sa.select(_TABLE).where(_TABLE.c.slug == sa.bindparam("slug")))
+_BY_ID = db.Prepared(sa.select(_TABLE).where(_TABLE.c.id == sa.bindparam("list_id")))
 
 
 def _read(session: Session) -> dict[str | int, MailingList]:
@@ -37,13 +40,24 @@ def _read(session: Session) -> dict[str | int, MailingList]:
     return read
 
 
+def _copy(row: Any) -> MailingList:
+    # A plain copy of the row, outside the session (an ORM load costs six times more).
+    return MailingList.model_construct(**row._asdict())
+
+
 def get_shared(session: Session, *, slug: str) -> MailingList:
-    """`get`, read once per transaction: a group commit's requests (app/writer.py) mostly
-    name the same list, and they run in one transaction."""
+    """`get` for the public write path, read once per transaction (a group commit's
+    requests, app/writer.py, mostly name the same list); a copy of the row, not an
+    entity of the session: to read, not to change."""
     read = _read(session)
     mailing_list = read.get(slug)
     if mailing_list is None:
-        mailing_list = read[slug] = get(session, slug=slug)
+        if not _SLUG.fullmatch(slug):
+            raise errors.ListNotFound()
+        row = _BY_SLUG.execute(session, {"slug": slug}).first()
+        if row is None:
+            raise errors.ListNotFound()
+        mailing_list = read[slug] = _copy(row)
     return mailing_list
 
 
@@ -52,9 +66,9 @@ def get_shared_by_id(session: Session, *, list_id: int) -> MailingList:
     read = _read(session)
     mailing_list = read.get(list_id)
     if mailing_list is None:
-        found = session.get(MailingList, list_id)
-        assert found is not None
-        mailing_list = read[list_id] = found
+        row = _BY_ID.execute(session, {"list_id": list_id}).first()
+        assert row is not None
+        mailing_list = read[list_id] = _copy(row)
     return mailing_list
 
 

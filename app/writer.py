@@ -135,8 +135,7 @@ class GroupWriter:
         except BaseException as e:
             self._fail_all(batch, e)
             raise
-        for unit in batch:
-            _answer(unit, *unit.outcome)
+        _answer_all(batch)
 
     def _retry_alone(self, batch: list[_Unit]) -> None:
         log.info("writer.batch_retried_alone size=%d", len(batch))
@@ -189,15 +188,31 @@ def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
     return state if isinstance(state, str) else None
 
 
-def _answer(unit: _Unit, ok: bool, value: Any) -> None:
-    def settle() -> None:
-        if unit.future.done():  # the request was cancelled meanwhile
-            return
-        if ok:
-            unit.future.set_result(value)
-        else:
-            unit.future.set_exception(value)
+def _answer_all(batch: list[_Unit]) -> None:
+    """Settle a committed batch's futures: one wake-up of each event loop, not one each."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
+    for unit in batch:
+        by_loop.setdefault(unit.loop, []).append(unit)
+    for loop, units in by_loop.items():
 
-    # A closed loop (the server stopped before the answer) has nobody waiting.
+        def settle(units: list[_Unit] = units) -> None:
+            for unit in units:
+                _settle(unit, *unit.outcome)
+
+        # A closed loop (the server stopped before the answer) has nobody waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle)
+
+
+def _settle(unit: _Unit, ok: bool, value: Any) -> None:
+    if unit.future.done():  # the request was cancelled meanwhile
+        return
+    if ok:
+        unit.future.set_result(value)
+    else:
+        unit.future.set_exception(value)
+
+
+def _answer(unit: _Unit, ok: bool, value: Any) -> None:
     with contextlib.suppress(RuntimeError):
-        unit.loop.call_soon_threadsafe(settle)
+        unit.loop.call_soon_threadsafe(_settle, unit, ok, value)
