@@ -42,9 +42,7 @@ def serve(
 
     settings = _settings()
     if settings.auto_migrate:
-        from app import migrations
-
-        migrations.upgrade(settings.database_url)
+        _upgrade_if_pending(settings)
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
         "serve.starting url=http://%s:%d database=%s workers=%d",
@@ -67,6 +65,27 @@ def serve(
         # the lifespan stops the worker, which finishes its jobs in hand and gives back the rest.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout.total_seconds())),
     )
+
+
+def _upgrade_if_pending(settings: Settings) -> None:
+    """`newsletter migrate` in a child process when the schema is not at head.
+
+    A child, because importing alembic and mako would keep ~10 MB in this long-running
+    process for good; at head (every start but the first of a release) nothing is run.
+    """
+    import subprocess
+
+    from app import db, migrations
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        pending = migrations.pending(engine)
+    finally:
+        engine.dispose()
+    if pending:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], check=False)
+        if done.returncode != 0:
+            raise typer.Exit(done.returncode)
 
 
 @cli.command()
@@ -1259,3 +1278,7 @@ def subscriber_proof(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()
