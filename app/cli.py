@@ -8,15 +8,24 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from app.config import Settings, SettingsError, load_settings
 
-_err = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+def _stderr() -> Console:
+    """Where progress bars go (stdout may carry an export). rich is imported by the commands
+    that show one, not by `serve` and `worker`, which would keep it for good."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _settings() -> Settings:
@@ -59,6 +68,8 @@ def serve(
         port=port,
         workers=workers,
         proxy_headers=False,
+        # No WebSocket route: no WebSocket library loaded.
+        ws="none",
         log_level=settings.log_level.lower(),
         log_config=None,
         # SIGTERM: stop accepting, let requests in flight finish (this long at most), then
@@ -186,7 +197,7 @@ def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
     from app.backends.base import SyncError
 
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_err
+        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_stderr()
     ) as progress:
         task = progress.add_task(f"reading members from {label}", total=None)
         seen = 0
@@ -689,7 +700,7 @@ def import_file(
             file.open("rb") as source,
             Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TimeRemainingColumn(), console=_err, transient=True,
+                TimeRemainingColumn(), console=_stderr(), transient=True,
             ) as progress,
         ):  # fmt: skip
             task = progress.add_task(f"importing into {list_slug}", total=file.stat().st_size)
@@ -785,7 +796,7 @@ def export_file(
         try:
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                console=_err, transient=True,
+                console=_stderr(), transient=True,
             ) as progress:  # fmt: skip
                 task = progress.add_task(f"exporting {list_slug}", total=total)
                 for chunk in transfer.export_chunks(

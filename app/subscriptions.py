@@ -20,11 +20,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from app import addresses, blocklist, errors, lists, outbox, privacy, tokens
+from app import addresses, blocklist, db, errors, lists, outbox, privacy, tokens
 from app.config import Locale
 from app.db import OUTBOX_WRITTEN
 from app.mails import MailKind
@@ -348,7 +346,7 @@ def _insert_if_new(session: Session, row: Subscription) -> Subscription | None:
     `INSERT ... ON CONFLICT DO NOTHING` is atomic under concurrency on both databases, so
     two simultaneous first requests for one address create one row, without a savepoint.
     """
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = db.dialect_insert(session)
     values = row.model_dump(exclude={"id"})
     statement = (
         insert(Subscription)
