@@ -8,15 +8,24 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from app.config import Settings, SettingsError, load_settings
 
-_err = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+def _stderr() -> Console:
+    """Where progress bars go (stdout may carry an export). rich is imported by the commands
+    that show one, not by `serve` and `worker`, which would keep it for good."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _settings() -> Settings:
@@ -42,9 +51,7 @@ def serve(
 
     settings = _settings()
     if settings.auto_migrate:
-        from app import migrations
-
-        migrations.upgrade(settings.database_url)
+        _upgrade_if_pending(settings)
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
         "serve.starting url=http://%s:%d database=%s workers=%d",
@@ -61,12 +68,35 @@ def serve(
         port=port,
         workers=workers,
         proxy_headers=False,
+        # No WebSocket route: no WebSocket library loaded.
+        ws="none",
         log_level=settings.log_level.lower(),
         log_config=None,
         # SIGTERM: stop accepting, let requests in flight finish (this long at most), then
         # the lifespan stops the worker, which finishes its jobs in hand and gives back the rest.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout.total_seconds())),
     )
+
+
+def _upgrade_if_pending(settings: Settings) -> None:
+    """`newsletter migrate` in a child process when the schema is not at head.
+
+    A child, because importing alembic and mako would keep ~10 MB in this long-running
+    process for good; at head (every start but the first of a release) nothing is run.
+    """
+    import subprocess
+
+    from app import db, migrations
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        pending = migrations.pending(engine)
+    finally:
+        engine.dispose()
+    if pending:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], check=False)
+        if done.returncode != 0:
+            raise typer.Exit(done.returncode)
 
 
 @cli.command()
@@ -167,7 +197,7 @@ def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
     from app.backends.base import SyncError
 
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_err
+        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_stderr()
     ) as progress:
         task = progress.add_task(f"reading members from {label}", total=None)
         seen = 0
@@ -670,7 +700,7 @@ def import_file(
             file.open("rb") as source,
             Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TimeRemainingColumn(), console=_err, transient=True,
+                TimeRemainingColumn(), console=_stderr(), transient=True,
             ) as progress,
         ):  # fmt: skip
             task = progress.add_task(f"importing into {list_slug}", total=file.stat().st_size)
@@ -766,7 +796,7 @@ def export_file(
         try:
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                console=_err, transient=True,
+                console=_stderr(), transient=True,
             ) as progress:  # fmt: skip
                 task = progress.add_task(f"exporting {list_slug}", total=total)
                 for chunk in transfer.export_chunks(
@@ -1259,3 +1289,7 @@ def subscriber_proof(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,11 +6,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from app import errors
+from app import db, errors
 from app.config import Locale
 from app.i18n import Translator
 from app.models import ConsentEvent, ConsentWording, MailingList, Subscription
@@ -50,7 +48,7 @@ def record(
     }
     # Processes starting together (serve --workers N, the API and the worker) record the
     # same rows: the loser of the race must neither fail nor write, only compare.
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = db.dialect_insert(session)
     added = 0
     for locale, text in texts.items():
         statement = (

@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = db.make_engine(settings.database_url)
-        if settings.auto_migrate:
+        if settings.auto_migrate and await run_in_threadpool(migrations.pending, engine):
             await run_in_threadpool(migrations.upgrade, settings.database_url)
         current = await run_in_threadpool(migrations.current_revision, engine)
         if current != migrations.head_revision():

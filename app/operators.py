@@ -39,14 +39,13 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, func, select
 
 from app import (
     addresses,
     admin,
     blocklist,
+    db,
     errors,
     lists,
     outbox,
@@ -597,7 +596,7 @@ def _scrub_audit(session: Session, *, key: str) -> int:
 
 def _tombstone(session: Session, *, hashed: str, now: datetime) -> bool:
     """Record the tombstone; false if it was already there. Safe under concurrency."""
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = db.dialect_insert(session)
     statement = (
         insert(ErasedAddress)
         .values(address_hash=hashed, erased_at=now)

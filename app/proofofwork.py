@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col
 
-from app import errors
+from app import db, errors
 from app.models import WebhookNonce
 
 # The `backend` under which used challenges are kept in `webhook_nonce`.
@@ -137,7 +135,7 @@ def spend(session: Session, *, challenge: str, ttl: timedelta, now: datetime) ->
     simultaneous uses cannot both pass. Used challenges older than `ttl` are forgotten:
     they have expired, and `check` refuses them for that.
     """
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = db.dialect_insert(session)
     statement = (
         insert(WebhookNonce)
         .values(

@@ -32,21 +32,23 @@ import random
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import limits
 import limits.aio.storage
 import limits.aio.strategies
 import limits.storage
 import limits.strategies
-import redis
-import redis.asyncio
 from limits import RateLimitItem
 from limits.errors import StorageError
 
 from app import addresses, errors
 from app.config import Settings
 from app.subscriptions import SEND_NOW, MailPermit
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,10 @@ class RateLimiter:
             sync_storage = limits.storage.MemoryStorage()
             async_storage = limits.aio.storage.MemoryStorage()
         else:
+            # Only here: redis-py is ~4 MB of modules a server counting in memory never uses.
+            import redis
+            import redis.asyncio
+
             timeouts: dict[str, Any] = {
                 "socket_timeout": REDIS_TIMEOUT,
                 "socket_connect_timeout": REDIS_TIMEOUT,

@@ -20,8 +20,6 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from app import addresses, blocklist, db, errors, lists, outbox, privacy, tokens
@@ -424,8 +422,6 @@ def _new_row(
     }
 
 
-# `INSERT ... ON CONFLICT DO NOTHING` is atomic under concurrency on both databases, so
-# two simultaneous first requests for one address create one row, without a savepoint.
 _NEW_KEYS = [
     "list_id",
     "email",
@@ -438,25 +434,25 @@ _NEW_KEYS = [
     "updated_at",
     "last_mail_at",
 ]
-_INSERT_IF_NEW = {
-    "sqlite": db.Prepared(
-        sqlite_insert(_SUBSCRIPTIONS)
-        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
-        .returning(_SUBSCRIPTIONS.c.id),
-        insert_keys=_NEW_KEYS,
-    ),
-    "postgresql": db.Prepared(
-        postgresql_insert(_SUBSCRIPTIONS)
-        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
-        .returning(_SUBSCRIPTIONS.c.id),
-        insert_keys=_NEW_KEYS,
-    ),
-}
+# By dialect, made on first use (db.dialect_insert imports only the dialect in use).
+_INSERT_IF_NEW: dict[str, db.Prepared] = {}
 
 
 def _insert_if_new(session: Session, row: dict[str, Any]) -> _Fields | None:
-    """Insert the subscription unless (list, address) exists; the new one, or None."""
-    statement = _INSERT_IF_NEW[session.get_bind().dialect.name]
+    """Insert the subscription unless (list, address) exists; the new one, or None.
+
+    `INSERT ... ON CONFLICT DO NOTHING` is atomic under concurrency on both databases, so
+    two simultaneous first requests for one address create one row, without a savepoint.
+    """
+    dialect = session.get_bind().dialect.name
+    statement = _INSERT_IF_NEW.get(dialect)
+    if statement is None:
+        statement = _INSERT_IF_NEW[dialect] = db.Prepared(
+            db.dialect_insert(session)(_SUBSCRIPTIONS)
+            .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+            .returning(_SUBSCRIPTIONS.c.id),
+            insert_keys=_NEW_KEYS,
+        )
     new_id = statement.execute(session, row).scalar()
     if new_id is None:
         return None

@@ -47,14 +47,13 @@ from enum import StrEnum
 from typing import IO, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, SQLModel, col, func, select
 
 from app import (
     addresses,
     admin,
     blocklist,
+    db,
     errors,
     lists,
     outbox,
@@ -608,7 +607,7 @@ def _insert_confirmed(
     """
     if not rows:
         return 0
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = db.dialect_insert(session)
     table = SQLModel.metadata.tables["subscription"]
     # Several rows a statement ("insertmanyvalues"); RETURNING says which were new.
     inserted = session.execute(

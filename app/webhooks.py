@@ -25,11 +25,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import ValidationError
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col
 
-from app import addresses, errors, subscriptions
+from app import addresses, db, errors, subscriptions
 from app.config import ListSettings, MailgunBackendSettings
 from app.models import WebhookNonce
 from app.schemas import MailgunWebhook
@@ -166,7 +164,7 @@ def _spend_token(session: Session, *, backend: str, token: str, now: datetime) -
     `INSERT ... ON CONFLICT DO NOTHING` on the unique (backend, token_hash): two
     simultaneous deliveries of one call cannot both pass.
     """
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = db.dialect_insert(session)
     statement = (
         insert(WebhookNonce)
         .values(

@@ -8,6 +8,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
 from app import migrations
@@ -47,6 +48,26 @@ class TestMigrations:
         migrations.upgrade(url)
         engine = sa.create_engine(url)
         assert migrations.current_revision(engine) == migrations.head_revision()
+        engine.dispose()
+
+    def test_the_head_read_from_the_scripts_is_alembics(self) -> None:
+        head = ScriptDirectory.from_config(migrations.config("sqlite://")).get_current_head()
+        assert migrations.head_revision() == head
+
+    def test_the_revision_read_from_the_database_is_alembics(self, tmp_path: Path) -> None:
+        url = self._url(tmp_path)
+        engine = sa.create_engine(url)
+        migrations.downgrade(url, "base")
+        assert migrations.current_revision(engine) is None
+        assert migrations.pending(engine)
+        migrations.upgrade(url, "0008")
+        with engine.connect() as connection:
+            assert MigrationContext.configure(connection).get_current_revision() == "0008"
+        assert migrations.current_revision(engine) == "0008"
+        assert migrations.pending(engine)
+        migrations.upgrade(url)
+        assert migrations.current_revision(engine) == migrations.head_revision()
+        assert not migrations.pending(engine)
         engine.dispose()
 
     def test_models_and_migrations_do_not_differ(self, tmp_path: Path) -> None:

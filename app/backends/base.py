@@ -7,8 +7,8 @@
                               reason, for an operator to look at
 
 Idempotent outcomes are successes, not errors: "already a member" on add, "not found" on
-remove or unsubscribe. No httpx exception leaves an adapter: `send()` below turns each
-into one of the two, always chained (`raise ... from e`).
+remove or unsubscribe. No httpx exception leaves an adapter: `app.backends.http.send()` turns
+each into one of the two, always chained (`raise ... from e`).
 
 This service owns consent; a backend only receives confirmed members. Each member carries
 its personal unsubscribe URL as a member variable (`unsubscribe_url`), so the newsletter
@@ -17,15 +17,9 @@ template can put it in the `List-Unsubscribe` header (RFC 8058).
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
-
-import httpx
-
-RESPONSE_LIMIT = 500
+from typing import Protocol
 
 
 class SyncError(Exception):
@@ -110,54 +104,3 @@ class ListBackend(Protocol):
         """Forget a past unsubscribe or bounce held outside the list, where the backend
         keeps one (Mailgun); None where there is nothing to clear."""
         ...
-
-
-def excerpt(response: httpx.Response) -> str:
-    return f"{response.status_code} {response.text[:RESPONSE_LIMIT]}"
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def send(
-    client: httpx.Client,
-    method: str,
-    url: str,
-    *,
-    what: str,
-    ok: Sequence[int] = (),
-    **kwargs: Any,
-) -> httpx.Response:
-    """Make one call; success (2xx, or a status in `ok`) returns the response.
-
-    `ok` lists statuses that mean "already done" for this call (409 on add, 404 on
-    remove); every other failure becomes a RetryableSyncError or a PermanentSyncError.
-    """
-    try:
-        response = client.request(method, url, **kwargs)
-    except httpx.TimeoutException as e:
-        raise RetryableSyncError(f"{what}: timed out ({type(e).__name__})") from e
-    except httpx.TransportError as e:
-        raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
-    if response.is_success or response.status_code in ok:
-        return response
-    status = response.status_code
-    if status == 429 or status >= 500:
-        raise RetryableSyncError(
-            f"{what}: HTTP {status}", response=excerpt(response), retry_after=retry_after(response)
-        )
-    raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response))

@@ -71,9 +71,8 @@ from app.backends.base import (
     PermanentSyncError,
     RemoteMember,
     RetryableSyncError,
-    excerpt,
-    send,
 )
+from app.backends.http import excerpt, send
 from app.config import ListmonkBackendSettings
 
 log = logging.getLogger(__name__)

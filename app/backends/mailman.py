@@ -81,9 +81,8 @@ from app.backends.base import (
     MembersPage,
     PermanentSyncError,
     RemoteMember,
-    excerpt,
-    send,
 )
+from app.backends.http import excerpt, send
 from app.config import MailmanBackendSettings
 
 log = logging.getLogger(__name__)
