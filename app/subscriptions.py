@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from app import addresses, blocklist, db, errors, lists, outbox, privacy, tokens
 from app.config import Locale
@@ -231,28 +231,30 @@ def _blocked(
     return True
 
 
+_CLAIM_MAIL_SLOT = db.Prepared(
+    sa.update(_SUBSCRIPTIONS)
+    .where(
+        _SUBSCRIPTIONS.c.id == sa.bindparam("b_id"),
+        sa.or_(
+            _SUBSCRIPTIONS.c.last_mail_at.is_(None),
+            _SUBSCRIPTIONS.c.last_mail_at <= sa.bindparam("b_cutoff"),
+        ),
+    )
+    .values(last_mail_at=sa.bindparam("b_now"))
+)
+
+
 def _claim_mail_slot(
-    session: Session, *, subscription: Subscription, now: datetime, interval: timedelta
+    session: Session, *, subscription_id: int, now: datetime, interval: timedelta
 ) -> bool:
     """Atomically take the right to mail this address now; false if mailed too recently.
 
     One conditional UPDATE, so concurrent requests for one address cannot both win.
     """
-    cutoff = now - interval
-    result = session.connection().execute(
-        sa.update(Subscription)
-        .where(
-            col(Subscription.id) == subscription.id,
-            sa.or_(
-                col(Subscription.last_mail_at).is_(None), col(Subscription.last_mail_at) <= cutoff
-            ),
-        )
-        .values(last_mail_at=now)
+    result = _CLAIM_MAIL_SLOT.execute(
+        session, {"b_id": subscription_id, "b_cutoff": now - interval, "b_now": now}
     )
-    won = result.rowcount == 1
-    if won:
-        subscription.last_mail_at = now
-    return won
+    return result.rowcount == 1
 
 
 def _queue_mail(
@@ -396,6 +398,36 @@ def _find(session: Session, *, list_id: int, key: str, lock: bool) -> Subscripti
     if lock:
         query = query.with_for_update()
     return session.exec(query).first()
+
+
+_LOCK_BY_ADDRESS = db.Prepared(
+    sa.select(
+        _SUBSCRIPTIONS.c.id,
+        _SUBSCRIPTIONS.c.status,
+        _SUBSCRIPTIONS.c.email,
+        _SUBSCRIPTIONS.c.locale,
+        _SUBSCRIPTIONS.c.attributes,
+        _SUBSCRIPTIONS.c.consent_version,
+        _SUBSCRIPTIONS.c.updated_at,
+    )
+    .where(
+        _SUBSCRIPTIONS.c.list_id == sa.bindparam("list_id"),
+        _SUBSCRIPTIONS.c.email_key == sa.bindparam("email_key"),
+    )
+    .with_for_update()
+)
+_SAVE = db.Prepared(
+    sa.update(_SUBSCRIPTIONS)
+    .where(_SUBSCRIPTIONS.c.id == sa.bindparam("b_id"))
+    .values(
+        status=sa.bindparam("b_status"),
+        email=sa.bindparam("b_email"),
+        locale=sa.bindparam("b_locale"),
+        attributes=sa.bindparam("b_attributes"),
+        consent_version=sa.bindparam("b_consent_version"),
+        updated_at=sa.bindparam("b_updated_at"),
+    )
+)
 
 
 def _new_row(
@@ -548,26 +580,45 @@ def subscribe(
         )
         return mailing_list
 
-    subscription = _find(session, list_id=mailing_list.id, key=address.key, lock=True)
-    assert subscription is not None
-    status = SubscriptionStatus(subscription.status)
+    current = _LOCK_BY_ADDRESS.execute(
+        session, {"list_id": mailing_list.id, "email_key": address.key}
+    ).first()
+    assert current is not None
+    status = SubscriptionStatus(current.status)
     detail: dict[str, Any] = {}
-    if locale is not None:
-        subscription.locale = locale.value
+    changed = {
+        "b_id": current.id,
+        "b_status": current.status,
+        "b_email": current.email,
+        "b_locale": locale.value if locale is not None else current.locale,
+        "b_attributes": current.attributes,
+        "b_consent_version": current.consent_version,
+        "b_updated_at": current.updated_at,
+    }
     if status == SubscriptionStatus.CONFIRMED:
         detail = {"note": "already confirmed"}
     elif status == SubscriptionStatus.PENDING:
         # The confirmation that follows answers this request, under today's wording.
-        subscription.consent_version = mailing_list.consent_version
+        changed["b_consent_version"] = mailing_list.consent_version
     else:
         # Unsubscribed (or bounced, complained): a new request is a new consent to prove.
-        subscription.status = SubscriptionStatus.PENDING
-        subscription.email = address.email
-        subscription.attributes = attributes
-        subscription.consent_version = mailing_list.consent_version
-        subscription.updated_at = now
+        changed |= {
+            "b_status": SubscriptionStatus.PENDING.value,
+            "b_email": address.email,
+            "b_attributes": attributes,
+            "b_consent_version": mailing_list.consent_version,
+            "b_updated_at": now,
+        }
         detail = {"previous_status": status.value}
-    if _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval):
+    # One statement whatever changed, so every state costs the same.
+    _SAVE.execute(session, changed)
+    subscription = _Fields(
+        id=current.id,
+        list_id=mailing_list.id,
+        status=changed["b_status"],
+        consent_version=changed["b_consent_version"],
+    )
+    if _claim_mail_slot(session, subscription_id=current.id, now=now, interval=resend_interval):
         if status == SubscriptionStatus.CONFIRMED:
             # The mail tells the truth the answer hides, with a way out.
             permit = _ask(
@@ -625,8 +676,6 @@ def subscribe(
         now=now,
         detail=_shown(detail, shown_consent_version),
     )
-    session.add(subscription)
-    session.flush()
     return mailing_list
 
 
@@ -871,7 +920,9 @@ def request_unsubscribe(
     if (
         subscription is not None
         and subscribed
-        and _claim_mail_slot(session, subscription=subscription, now=now, interval=resend_interval)
+        and _claim_mail_slot(
+            session, subscription_id=_id(subscription), now=now, interval=resend_interval
+        )
     ):
         permit = _ask(
             mail_budget, address=address, subscription=subscription, kind=MailKind.UNSUBSCRIBE
