@@ -174,7 +174,16 @@ def _env_pair(value: str) -> tuple[str, str]:
     return name, setting
 
 
-SERVER_SETUPS = ("sqlite-1", "postgresql-1", "postgresql-2", "sqlite-2")
+# database-uvicorn workers[-apart]: "apart" runs the outbox worker as its own process
+# (`newsletter worker`, as in production) instead of inside each uvicorn worker.
+SERVER_SETUPS = (
+    "sqlite-1",
+    "postgresql-1",
+    "postgresql-2",
+    "sqlite-2",
+    "sqlite-1-apart",
+    "postgresql-1-apart",
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -217,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
         type=_names(SERVER_SETUPS),
         nargs="+",
         default=None,
-        help=f"database-workers pairs (default: {', '.join(SERVER_SETUPS)})",
+        help=f"database-workers[-apart] (default: {', '.join(SERVER_SETUPS)})",
     )
     load.add_argument("--concurrency", type=int, default=32, help="keep-alive connections")
     load.add_argument("--duration", type=float, default=None, help="seconds measured (10; 3 quick)")

@@ -2,7 +2,9 @@
 
 For each setup (`--setups`: SQLite or PostgreSQL, one or two uvicorn workers) it starts
 `newsletter serve` as the embedded default runs it (the outbox worker inside each uvicorn
-worker, the file mailer, migrations at start; rate limits off) and, against that one server,
+worker, the file mailer, migrations at start; rate limits off), or, for the setups ending in
+`-apart`, with the outbox worker as its own `newsletter worker` process (the production
+layout, docs/production.md), and, against that one server,
 drives each scenario for `--duration` seconds after `--warmup` with `--concurrency`
 keep-alive connections, each sending its next request as soon as the last is answered:
 
@@ -24,10 +26,12 @@ healthz rate well below it means the server, not the client, set the pace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,17 +98,26 @@ def _confirm_factory(secrets: list[str]) -> RequestFactory:
 
 
 def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
-    database, workers = setup.rsplit("-", 1)
+    database, workers, *layout = setup.split("-")
+    apart = layout == ["apart"]
     label = f"{'SQLite' if database == 'sqlite' else 'PostgreSQL'}, {workers} worker(s)"
+    if apart:
+        label += ", outbox worker apart"
     results: dict[str, LoadResult] = {}
+    extra_env = dict(options.extra_env)
+    if apart:
+        extra_env["NEWSLETTER_RUN_WORKER"] = "false"
     with tempfile.TemporaryDirectory(prefix="newsletter-bench-") as tmp:
         workdir = Path(tmp)
         url = _common.fresh_database(database, workdir, options, "newsletter.db")
         background = _common.warn_if_busy(label)
         print(f"\n== subscribe: {label} ({url})", flush=True)
-        with _common.running_server(
-            database_url=url, workdir=workdir, workers=int(workers), extra_env=options.extra_env
-        ) as server:
+        with (
+            _common.running_server(
+                database_url=url, workdir=workdir, workers=int(workers), extra_env=extra_env
+            ) as server,
+            _outbox_worker(url, workdir, server, options) if apart else contextlib.nullcontext(),
+        ):
             print(f"   ready after {server.ready_after_s:.2f} s at {server.base_url}", flush=True)
             run_id = uuid.uuid4().hex[:8]
 
@@ -152,6 +165,21 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
         "mails_written": mails,
         "results": results,
     }
+
+
+@contextlib.contextmanager
+def _outbox_worker(
+    url: str, workdir: Path, server: _common.Server, options: argparse.Namespace
+) -> Iterator[None]:
+    """`newsletter worker` beside the server, for the whole setup."""
+    env = _common.service_env(
+        url, workdir, {"NEWSLETTER_PUBLIC_URL": server.base_url, **options.extra_env}
+    )
+    worker, log = _common.start_process(["worker"], env=env, workdir=workdir, log_name="worker.log")
+    try:
+        yield
+    finally:
+        _common.stop_process(worker, label="worker", log_path=log)
 
 
 def _rows(run: dict[str, Any]) -> list[Row]:
