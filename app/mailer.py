@@ -43,6 +43,11 @@ class OutgoingMail:
 
 
 class Mailer(Protocol):
+    # True when a send waits on a server: the worker then runs `worker_concurrency` sends at
+    # a time in its pool. A local mailer's sends run one after the other in the worker's
+    # own thread, where a thread hop would only cost CPU.
+    waits_on_network: bool
+
     def send(self, mail: OutgoingMail) -> str:
         """Deliver the mail; return the server's answer for the attempt log."""
         ...
@@ -50,6 +55,8 @@ class Mailer(Protocol):
 
 class FileMailer:
     """Development mailer: one .eml file per mail, and the mail's link in the log."""
+
+    waits_on_network = False
 
     def __init__(self, settings: FileMailerSettings) -> None:
         self.directory = settings.directory
@@ -76,6 +83,8 @@ class FileMailer:
 
 
 class SmtpMailer:
+    waits_on_network = True
+
     def __init__(self, settings: SmtpMailerSettings) -> None:
         self.settings = settings
 

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import uuid
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -51,7 +52,12 @@ def issue(
 
 
 def secret_for(token: Token, *, key: bytes) -> str:
-    return _secret(key, str(token.id))
+    return secret_for_id(token.id, key=key)
+
+
+def secret_for_id(token_id: uuid.UUID, *, key: bytes) -> str:
+    """The link secret of a token read as a plain row (the worker reads only columns)."""
+    return _secret(key, str(token_id))
 
 
 def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> Token:
