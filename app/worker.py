@@ -308,27 +308,28 @@ class Worker:
         concurrency = self.settings.worker_concurrency if self.mailer.waits_on_network else 1
         in_flight: set[Future[_Attempt]] = set()
         data: _MailData | None = None
-        try:
-            while waiting and not self._stop.is_set():
-                if data is None or time.monotonic() - data.read_at > BATCH_REFRESH:
-                    data = self._read_mail_data(waiting)
-                job = waiting.popleft()
-                started_at = self.now()
-                mail = self._prepare_mail(job, data, started_at=started_at)
-                if isinstance(mail, _Attempt):
-                    batch.done.append(mail)
-                elif concurrency == 1:
-                    batch.done.append(self._deliver(job, mail, started_at=started_at))
-                else:
-                    in_flight.add(
-                        self._pool.submit(self._deliver, job, mail, started_at=started_at)
-                    )
-                    in_flight = self._collect(in_flight, batch, keep=concurrency - 1)
-                self._write_if_due(batch)
-        finally:
-            # Even when the round fails (the database went away), no send is left running
-            # behind it; the outcomes not written come back with their leases.
-            self._collect(in_flight, batch, keep=0)
+        # An SMTP connection serves several mails of the batch.
+        with self.mailer.batch():
+            try:
+                while waiting and not self._stop.is_set():
+                    if data is None or time.monotonic() - data.read_at > BATCH_REFRESH:
+                        data = self._read_mail_data(waiting)
+                    job = waiting.popleft()
+                    started_at = self.now()
+                    mail = self._prepare_mail(job, data, started_at=started_at)
+                    if isinstance(mail, _Attempt):
+                        batch.done.append(mail)
+                    elif concurrency == 1:
+                        batch.done.append(self._deliver(job, mail, started_at=started_at))
+                    else:
+                        sending = self._pool.submit(self._deliver, job, mail, started_at=started_at)
+                        in_flight.add(sending)
+                        in_flight = self._collect(in_flight, batch, keep=concurrency - 1)
+                    self._write_if_due(batch)
+            finally:
+                # Even when the round fails (the database went away), no send is left
+                # running behind it; outcomes not written come back with their leases.
+                self._collect(in_flight, batch, keep=0)
         self._write(batch)
         not_started = [job.id for job in waiting]
         self._release(not_started)
