@@ -1,7 +1,11 @@
 """Runs outbox jobs: in a thread of the API process by default, or alone (`newsletter worker`).
 
-Each round claims a batch of due jobs in one short transaction, runs them with bounded
-concurrency outside any transaction, then records each outcome in its own transaction.
+Each round claims a batch of due jobs in one short transaction and runs them outside any
+transaction. Mails: the batch's rows are read in one short transaction, each mail is rendered
+and sent (network sends `worker_concurrency` at a time in a pool, a local mailer's in the
+worker's thread), and the outcomes are written together in one transaction. A worker that dies
+between a send and that write leaves its jobs leased: they are sent again once the lease ends
+(delivery is at least once).
 """
 
 from __future__ import annotations
