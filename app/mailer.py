@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import smtplib
 import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -43,13 +46,24 @@ class OutgoingMail:
 
 
 class Mailer(Protocol):
+    # True when a send waits on a server: the worker then runs `worker_concurrency` sends at
+    # a time in its pool. A local mailer's sends run one after the other in the worker's
+    # own thread, where a thread hop would only cost CPU.
+    waits_on_network: bool
+
     def send(self, mail: OutgoingMail) -> str:
         """Deliver the mail; return the server's answer for the attempt log."""
+        ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Sends inside the block may share what costs to set up (an SMTP connection)."""
         ...
 
 
 class FileMailer:
     """Development mailer: one .eml file per mail, and the mail's link in the log."""
+
+    waits_on_network = False
 
     def __init__(self, settings: FileMailerSettings) -> None:
         self.directory = settings.directory
@@ -74,10 +88,22 @@ class FileMailer:
         )
         return f"written to {path}"
 
+    def batch(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
 
 class SmtpMailer:
+    """One SMTP transaction per mail. Inside `batch()` a connection serves several mails
+    one after the other (RSET between them), sparing the connection, the TLS handshake,
+    EHLO, AUTH and QUIT of each; outside, each send has its own connection."""
+
+    waits_on_network = True
+
     def __init__(self, settings: SmtpMailerSettings) -> None:
         self.settings = settings
+        # Connections between two sends of a batch, for any thread to take; None outside.
+        self._idle: list[smtplib.SMTP] | None = None
+        self._lock = threading.Lock()
 
     def _tls(self) -> ssl.SSLContext:
         ca_file = self.settings.ca_file
@@ -96,13 +122,64 @@ class SmtpMailer:
                 raise
         return client
 
+    def _open(self) -> smtplib.SMTP:
+        s = self.settings
+        client = self._connect()
+        if s.username is not None and s.password is not None:
+            try:
+                client.login(s.username, s.password.get_secret_value())
+            except BaseException:
+                _goodbye(client)
+                raise
+        return client
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        with self._lock:
+            self._idle = []
+        try:
+            yield
+        finally:
+            with self._lock:
+                idle, self._idle = self._idle or [], None
+            for client in idle:
+                _goodbye(client)
+
+    def _take(self) -> smtplib.SMTP | None:
+        """A connection kept from an earlier send that still answers, if any."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                client = self._idle.pop()
+            try:
+                # Starts the next transaction afresh; fails on a connection the server
+                # closed meanwhile, before anything of this mail was sent.
+                client.rset()
+                return client
+            except (smtplib.SMTPException, OSError):
+                client.close()
+
+    def _keep(self, client: smtplib.SMTP) -> None:
+        with self._lock:
+            if self._idle is not None:
+                self._idle.append(client)
+                return
+        _goodbye(client)
+
+    def _deliver(self, mail: OutgoingMail) -> None:
+        client = self._take() or self._open()
+        try:
+            client.send_message(mail.message)
+        except BaseException:
+            _goodbye(client)
+            raise
+        self._keep(client)
+
     def send(self, mail: OutgoingMail) -> str:
         s = self.settings
         try:
-            with self._connect() as client:
-                if s.username is not None and s.password is not None:
-                    client.login(s.username, s.password.get_secret_value())
-                client.send_message(mail.message)
+            self._deliver(mail)
             return f"accepted by {s.host}:{s.port}"
         except smtplib.SMTPRecipientsRefused as e:
             codes = [code for code, _ in e.recipients.values()]
@@ -122,6 +199,14 @@ class SmtpMailer:
             raise RetryableMailError(f"server does not support what is configured: {e}") from e
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             raise RetryableMailError(f"{type(e).__name__}: {e}") from e
+
+
+def _goodbye(client: smtplib.SMTP) -> None:
+    """QUIT, and close whatever the server answers: the mails sent stay sent."""
+    try:
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        client.close()
 
 
 def make_mailer(settings: MailerSettings) -> Mailer:

@@ -95,7 +95,12 @@ def issue(
 
 
 def secret_for(token: Token, *, key: bytes) -> str:
-    return _secret(key, str(token.id))
+    return secret_for_id(token.id, key=key)
+
+
+def secret_for_id(token_id: uuid.UUID, *, key: bytes) -> str:
+    """The link secret of a token read as a plain row (the worker reads only columns)."""
+    return _secret(key, str(token_id))
 
 
 @dataclass(frozen=True, slots=True)

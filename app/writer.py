@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -50,6 +51,8 @@ class _Unit:
     kwargs: dict[str, Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    # The request's context (its request id, for the log lines the work writes).
+    context: contextvars.Context
     outcome: tuple[bool, Any] = field(default=(False, None))
 
 
@@ -74,7 +77,13 @@ class GroupWriter:
     async def run(self, work: Callable[..., T], /, **kwargs: Any) -> T:
         self._ensure_started()
         loop = asyncio.get_running_loop()
-        unit = _Unit(work=work, kwargs=kwargs, loop=loop, future=loop.create_future())
+        unit = _Unit(
+            work=work,
+            kwargs=kwargs,
+            loop=loop,
+            future=loop.create_future(),
+            context=contextvars.copy_context(),
+        )
         self._queue.put(unit)
         result: T = await unit.future
         return result
@@ -145,7 +154,7 @@ class GroupWriter:
     def _run_alone(self, unit: _Unit) -> None:
         try:
             with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:
-                value = unit.work(session, **unit.kwargs)
+                value = unit.context.run(unit.work, session, **unit.kwargs)
         except Exception as e:
             _answer(unit, False, e)
             return
@@ -162,7 +171,7 @@ def _in_savepoint(session: Session, unit: _Unit) -> tuple[bool, Any]:
     with contextlib.closing(session.connection().connection.cursor()) as cursor:
         cursor.execute("SAVEPOINT unit")
         try:
-            value = unit.work(session, **unit.kwargs)
+            value = unit.context.run(unit.work, session, **unit.kwargs)
             session.flush()
         except errors.DomainError as e:
             cursor.execute("ROLLBACK TO SAVEPOINT unit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -204,3 +205,84 @@ class TestSmtpMailer:
                 mailer.send(_mail())
         finally:
             controller.stop()
+
+
+class PeerSink(SmtpSink):
+    """Notes which connection (the client's address and port) carried each mail."""
+
+    def __init__(self) -> None:
+        super().__init__(host="127.0.0.1", port=free_port())
+        self.peers: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.peers.append(session.peer)
+        return await super().handle_DATA(server, session, envelope)
+
+
+class TestConnectionReuse:
+    def _mailer(self, sink: SmtpSink) -> SmtpMailer:
+        return SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+        )
+
+    def test_the_mails_of_a_batch_share_one_connection_and_it_is_closed_after(self) -> None:
+        sink = PeerSink()
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = self._mailer(sink)
+            with mailer.batch():
+                for _ in range(3):
+                    mailer.send(_mail())
+            # Outside a batch each mail has its own connection, as before.
+            mailer.send(_mail())
+            sink.wait_for(4)
+        finally:
+            controller.stop()
+        assert len(sink.messages) == 4
+        first, second, third, alone = sink.peers
+        assert first == second == third != alone
+
+    def test_a_connection_the_server_closed_between_two_mails_is_replaced(self) -> None:
+        sink = PeerSink()
+        # The server hangs up on a client idle for 0.2 s.
+        controller = Controller(sink, hostname=sink.host, port=sink.port, timeout=0.2)
+        controller.start()
+        try:
+            mailer = self._mailer(sink)
+            with mailer.batch():
+                assert "accepted" in mailer.send(_mail())
+                time.sleep(0.6)
+                assert "accepted" in mailer.send(_mail())
+            sink.wait_for(2)
+        finally:
+            controller.stop()
+        assert len(sink.messages) == 2
+        assert sink.peers[0] != sink.peers[1]
+
+    def test_a_refused_mail_does_not_leave_its_connection_for_the_next(self) -> None:
+        class RefusingOne(PeerSink):
+            async def handle_RCPT(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                if address == "refused@example.org":
+                    return "550 5.1.1 No such user"
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
+
+        sink = RefusingOne()
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = self._mailer(sink)
+            refused = _mail()
+            refused.message.replace_header("To", "refused@example.org")
+            with mailer.batch():
+                with pytest.raises(PermanentMailError, match="550"):
+                    mailer.send(refused)
+                assert "accepted" in mailer.send(_mail())
+            sink.wait_for(1)
+        finally:
+            controller.stop()
+        assert [message["To"] for message in sink.messages] == ["camille@example.org"]

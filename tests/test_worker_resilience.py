@@ -25,11 +25,20 @@ from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
 from sqlmodel import col, select
 
-from app import db
+from app import blocklist, db
 from app.config import Settings, SmtpMailerSettings
 from app.mailer import make_mailer
 from app.main import create_app
-from app.models import AttemptOutcome, DeliveryAttempt, JobState, OutboxJob
+from app.models import (
+    AttemptOutcome,
+    BlockKind,
+    DeliveryAttempt,
+    JobState,
+    OutboxJob,
+    Subscription,
+    SubscriptionStatus,
+    utcnow,
+)
 from app.worker import Worker
 from tests.conftest import (
     SECRET,
@@ -243,6 +252,87 @@ class TestNormalPath:
         rows = attempts(engine)
         assert len(rows) == 20
         assert {(row.attempt, row.outcome) for row in rows} == {(1, AttemptOutcome.SUCCESS)}
+
+
+class PeerSink(SmtpSink):
+    """A real SMTP server noting which connection carried each mail."""
+
+    def __init__(self) -> None:
+        super().__init__(host="127.0.0.1", port=free_port())
+        self.peers: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.peers.append(session.peer)
+        return await super().handle_DATA(server, session, envelope)
+
+
+class TestOneRound:
+    def test_a_batch_is_sent_over_as_many_connections_as_sends_at_a_time_and_recorded(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        emails = [f"batch{n}@example.org" for n in range(8)]
+        queue_confirmations(database_url, emails)
+        sink = PeerSink()
+        settings = make_settings(
+            database_url, smtp_port=sink.port, worker_concurrency=2, worker_batch_size=8
+        )
+        with serving(sink):
+            worker = worker_for(engine, settings, name="one-round")
+            try:
+                assert worker.run_once() == 8
+            finally:
+                worker.stop(timeout=15)
+        assert sorted(message["To"] for message in sink.messages) == sorted(emails)
+        assert 1 <= len(set(sink.peers)) <= 2
+        assert [(job.state, job.attempts, job.leased_by) for job in jobs(engine)] == [
+            (JobState.DONE, 1, None)
+        ] * 8
+        rows = attempts(engine)
+        assert sorted(row.job_id for row in rows) == [job.id for job in jobs(engine)]
+        assert {(row.attempt, row.outcome, row.worker) for row in rows} == {
+            (1, AttemptOutcome.SUCCESS, "one-round")
+        }
+        assert all(row.started_at <= row.finished_at for row in rows)
+
+    def test_mails_with_nothing_left_to_do_are_skipped_and_the_others_sent(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        queue_confirmations(
+            database_url, ["sent@example.org", "blocked@example.org", "moved@example.org"]
+        )
+        with db.session_scope(engine) as session:
+            blocklist.add(
+                session,
+                kind=BlockKind.ADDRESS,
+                value="blocked@example.org",
+                reason="abuse",
+                actor="test",
+                now=utcnow(),
+            )
+            session.execute(
+                sa.update(Subscription)
+                .where(col(Subscription.email_key) == "moved@example.org")
+                .values(status=SubscriptionStatus.UNSUBSCRIBED)
+            )
+        settings = make_settings(database_url, smtp_port=smtp.port)
+        worker = worker_for(engine, settings, name="skipping")
+        try:
+            assert worker.run_once() == 3
+        finally:
+            worker.stop(timeout=15)
+        assert [message["To"] for message in smtp.messages] == ["sent@example.org"]
+        assert {job.state for job in jobs(engine)} == {JobState.DONE}
+        by_job = sorted(attempts(engine), key=lambda row: row.job_id)
+        assert [(row.outcome, row.response) for row in by_job] == [
+            (AttemptOutcome.SUCCESS, f"accepted by 127.0.0.1:{smtp.port}"),
+            (AttemptOutcome.SUCCESS, "skipped: address is on the block-list"),
+            (AttemptOutcome.SUCCESS, "skipped: subscription is unsubscribed"),
+        ]
+        counted = worker.metrics.registry.get_sample_value
+        name = "newsletter_outbox_attempts_total"
+        assert counted(name, {"kind": "mail", "outcome": "success"}) == 1
+        assert counted(name, {"kind": "mail", "outcome": "skipped"}) == 2
 
 
 class TestSmtpDown:
