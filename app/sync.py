@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, wait
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ def plan(
     ).all()
     by_id = {row.id: row for row in rows}
     slugs = {row.id: row.slug for row in session.exec(select(MailingList)).all()}
-    unsubscribe_tokens: dict[int, Token] = {}
+    unsubscribe_tokens: dict[int, uuid.UUID] = {}
     for existing in session.exec(
         select(Token).where(
             col(Token.subscription_id).in_(subscription_ids),
@@ -109,7 +110,21 @@ def plan(
             col(Token.used_at).is_(None),
         )
     ).all():
-        unsubscribe_tokens.setdefault(existing.subscription_id, existing)
+        unsubscribe_tokens.setdefault(existing.subscription_id, existing.id)
+    # Confirmed subscribers without an unsubscribe link yet (imported ones): one each, all
+    # in one statement.
+    unsubscribe_tokens |= tokens.insert_many(
+        session,
+        created={
+            _id(by_id[job.payload["subscription_id"]]): job.created_at
+            for job in jobs
+            if job.payload.get("subscription_id") in by_id
+            and by_id[job.payload["subscription_id"]].status == SubscriptionStatus.CONFIRMED
+            and job.payload["subscription_id"] not in unsubscribe_tokens
+        },
+        purpose=TokenPurpose.UNSUBSCRIBE,
+        key=key,
+    )
 
     planned = []
     for job in jobs:
@@ -130,17 +145,8 @@ def plan(
             continue
         status = SubscriptionStatus(subscription.status)
         if status == SubscriptionStatus.CONFIRMED:
-            token: Token | None = unsubscribe_tokens.get(_id(subscription))
-            if token is None:
-                token = tokens.issue(
-                    session,
-                    subscription=subscription,
-                    purpose=TokenPurpose.UNSUBSCRIBE,
-                    key=key,
-                    now=job.created_at,
-                    ttl=None,
-                )
-            link = settings.public_link(f"/v1/unsubscribe/{tokens.secret_for(token, key=key)}")
+            secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
+            link = settings.public_link(f"/v1/unsubscribe/{secret}")
             attributes = {name: str(value) for name, value in subscription.attributes.items()}
             member = Member(
                 email=subscription.email,

@@ -75,6 +75,31 @@ def insert(
     return token_id
 
 
+def insert_many(
+    session: Session, *, created: dict[int, datetime], purpose: TokenPurpose, key: bytes
+) -> dict[int, uuid.UUID]:
+    """A token without expiry for each subscription of `created` (id -> creation time),
+    in one statement of many rows (a sync round issues up to a thousand); their ids."""
+    ids = {subscription_id: uuid.uuid4() for subscription_id in created}
+    if ids:
+        session.connection().execute(
+            sa.insert(Token.__table__),  # type: ignore[attr-defined]
+            [
+                {
+                    "id": token_id,
+                    "subscription_id": subscription_id,
+                    "purpose": purpose.value,
+                    "token_hash": hash_of(_secret(key, str(token_id))),
+                    "created_at": created[subscription_id],
+                    "expires_at": None,
+                    "used_at": None,
+                }
+                for subscription_id, token_id in ids.items()
+            ],
+        )
+    return ids
+
+
 def issue(
     session: Session,
     *,
