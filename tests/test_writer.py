@@ -73,7 +73,8 @@ def test_a_batch_commits_once_and_a_refused_request_undoes_only_its_own_writes(
 ) -> None:
     commits: list[object] = []
     sa.event.listen(engine, "commit", commits.append)
-    writer = GroupWriter(engine)
+    # One thread, so that the three queued behind the gate make one batch on any database.
+    writer = GroupWriter(engine, threads=1)
     try:
         results = asyncio.run(
             _batch(
@@ -96,7 +97,7 @@ def test_a_batch_commits_once_and_a_refused_request_undoes_only_its_own_writes(
 
 
 def test_a_broken_request_fails_alone_and_the_others_are_stored(engine: sa.Engine) -> None:
-    writer = GroupWriter(engine)
+    writer = GroupWriter(engine, threads=1)
     try:
         results = asyncio.run(
             _batch(
@@ -145,8 +146,9 @@ def test_the_answer_comes_after_the_commit_with_the_request_context(engine: sa.E
         assert {"first": "a@example.org", "second": "b@example.org"}[tag] in stored
 
 
-def test_stop_finishes_what_is_queued(engine: sa.Engine) -> None:
-    writer = GroupWriter(engine)
+@pytest.mark.parametrize("threads", [1, 4])
+def test_stop_finishes_what_is_queued(engine: sa.Engine, threads: int) -> None:
+    writer = GroupWriter(engine, threads=threads)
 
     async def main() -> list[str]:
         return list(
