@@ -147,6 +147,19 @@ class SmtpSink:
         return list(self.messages)
 
 
+class PeerSink(SmtpSink):
+    """A real SMTP server noting which connection (client address and port) carried each mail."""
+
+    def __init__(self) -> None:
+        super().__init__(host="127.0.0.1", port=free_port())
+        self.peers: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.peers.append(session.peer)
+        return await super().handle_DATA(server, session, envelope)
+
+
 def start_smtp(port: int | None = None) -> tuple[SmtpSink, Controller]:
     sink = SmtpSink(host="127.0.0.1", port=port or free_port())
     controller = Controller(sink, hostname=sink.host, port=sink.port, enable_SMTPUTF8=True)

@@ -17,7 +17,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from app.config import Locale, SmtpMailerSettings
 from app.mailer import OutgoingMail, PermanentMailError, RetryableMailError, SmtpMailer
 from app.mails import MailKind, compose
-from tests.conftest import SmtpSink, free_port
+from tests.conftest import PeerSink, SmtpSink, free_port
 
 USER, PASSWORD = "relay-user", "relay-password"
 
@@ -205,19 +205,6 @@ class TestSmtpMailer:
                 mailer.send(_mail())
         finally:
             controller.stop()
-
-
-class PeerSink(SmtpSink):
-    """Notes which connection (the client's address and port) carried each mail."""
-
-    def __init__(self) -> None:
-        super().__init__(host="127.0.0.1", port=free_port())
-        self.peers: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.peers.append(session.peer)
-        return await super().handle_DATA(server, session, envelope)
 
 
 class TestConnectionReuse:

@@ -42,6 +42,7 @@ from app.models import (
 from app.worker import Worker
 from tests.conftest import (
     SECRET,
+    PeerSink,
     SmtpSink,
     free_port,
     make_settings,
@@ -252,19 +253,6 @@ class TestNormalPath:
         rows = attempts(engine)
         assert len(rows) == 20
         assert {(row.attempt, row.outcome) for row in rows} == {(1, AttemptOutcome.SUCCESS)}
-
-
-class PeerSink(SmtpSink):
-    """A real SMTP server noting which connection carried each mail."""
-
-    def __init__(self) -> None:
-        super().__init__(host="127.0.0.1", port=free_port())
-        self.peers: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.peers.append(session.peer)
-        return await super().handle_DATA(server, session, envelope)
 
 
 class TestOneRound:
