@@ -113,17 +113,17 @@ def plan(
         unsubscribe_tokens.setdefault(existing.subscription_id, existing.id)
     # Confirmed subscribers without an unsubscribe link yet (imported ones): one each, all
     # in one statement.
+    lacking: dict[int, datetime] = {}
+    for job in jobs:
+        subscription = by_id.get(job.payload.get("subscription_id", -1))
+        if (
+            subscription is not None
+            and subscription.status == SubscriptionStatus.CONFIRMED
+            and _id(subscription) not in unsubscribe_tokens
+        ):
+            lacking[_id(subscription)] = job.created_at
     unsubscribe_tokens |= tokens.insert_many(
-        session,
-        created={
-            _id(by_id[job.payload["subscription_id"]]): job.created_at
-            for job in jobs
-            if job.payload.get("subscription_id") in by_id
-            and by_id[job.payload["subscription_id"]].status == SubscriptionStatus.CONFIRMED
-            and job.payload["subscription_id"] not in unsubscribe_tokens
-        },
-        purpose=TokenPurpose.UNSUBSCRIBE,
-        key=key,
+        session, created=lacking, purpose=TokenPurpose.UNSUBSCRIBE, key=key
     )
 
     planned = []

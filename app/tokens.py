@@ -49,6 +49,26 @@ _INSERT = db.Prepared(
 )
 
 
+def _row(
+    token_id: uuid.UUID,
+    *,
+    subscription_id: int,
+    purpose: TokenPurpose,
+    key: bytes,
+    created_at: datetime,
+    ttl: timedelta | None,
+) -> dict[str, object]:
+    return {
+        "id": token_id,
+        "subscription_id": subscription_id,
+        "purpose": purpose.value,
+        "token_hash": hash_of(_secret(key, str(token_id))),
+        "created_at": created_at,
+        "expires_at": created_at + ttl if ttl is not None else None,
+        "used_at": None,
+    }
+
+
 def insert(
     session: Session,
     *,
@@ -62,15 +82,14 @@ def insert(
     token_id = uuid.uuid4()
     _INSERT.execute(
         session,
-        {
-            "id": token_id,
-            "subscription_id": subscription_id,
-            "purpose": purpose.value,
-            "token_hash": hash_of(_secret(key, str(token_id))),
-            "created_at": now,
-            "expires_at": now + ttl if ttl is not None else None,
-            "used_at": None,
-        },
+        _row(
+            token_id,
+            subscription_id=subscription_id,
+            purpose=purpose,
+            key=key,
+            created_at=now,
+            ttl=ttl,
+        ),
     )
     return token_id
 
@@ -85,15 +104,14 @@ def insert_many(
         session.connection().execute(
             sa.insert(Token.__table__),  # type: ignore[attr-defined]
             [
-                {
-                    "id": token_id,
-                    "subscription_id": subscription_id,
-                    "purpose": purpose.value,
-                    "token_hash": hash_of(_secret(key, str(token_id))),
-                    "created_at": created[subscription_id],
-                    "expires_at": None,
-                    "used_at": None,
-                }
+                _row(
+                    token_id,
+                    subscription_id=subscription_id,
+                    purpose=purpose,
+                    key=key,
+                    created_at=created[subscription_id],
+                    ttl=None,
+                )
                 for subscription_id, token_id in ids.items()
             ],
         )

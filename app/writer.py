@@ -166,16 +166,16 @@ class GroupWriter:
     def _run_alone(self, unit: _Unit) -> None:
         try:
             with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:
-                value = unit.context.run(unit.work, session, **unit.kwargs)
+                unit.outcome = (True, unit.context.run(unit.work, session, **unit.kwargs))
         except Exception as e:
-            _answer(unit, False, e)
-            return
-        _answer(unit, True, value)
+            unit.outcome = (False, e)
+        _answer_all([unit])
 
     @staticmethod
     def _fail_all(batch: list[_Unit], error: BaseException) -> None:
         for unit in batch:
-            _answer(unit, False, error)
+            unit.outcome = (False, error)
+        _answer_all(batch)
 
 
 def _in_savepoint(session: Session, unit: _Unit) -> tuple[bool, Any]:
@@ -210,7 +210,7 @@ def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
 
 
 def _answer_all(batch: list[_Unit]) -> None:
-    """Settle a committed batch's futures: one wake-up of each event loop, not one each."""
+    """Settle the units' futures with their outcomes: one wake-up of each event loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Unit]] = {}
     for unit in batch:
         by_loop.setdefault(unit.loop, []).append(unit)
@@ -232,8 +232,3 @@ def _settle(unit: _Unit, ok: bool, value: Any) -> None:
         unit.future.set_result(value)
     else:
         unit.future.set_exception(value)
-
-
-def _answer(unit: _Unit, ok: bool, value: Any) -> None:
-    with contextlib.suppress(RuntimeError):
-        unit.loop.call_soon_threadsafe(_settle, unit, ok, value)

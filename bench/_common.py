@@ -667,6 +667,21 @@ def running_server(
         stop_process(process, label="server", log_path=log_path)
 
 
+@contextlib.contextmanager
+def running_worker(
+    *, database_url: str, workdir: Path, server: Server, extra_env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`newsletter worker` beside `server` (its outbox worker apart), stopped with SIGTERM."""
+    env = service_env(
+        database_url, workdir, {"NEWSLETTER_PUBLIC_URL": server.base_url, **extra_env}
+    )
+    worker, log = start_process(["worker"], env=env, workdir=workdir, log_name="worker.log")
+    try:
+        yield worker
+    finally:
+        stop_process(worker, label="worker", log_path=log)
+
+
 def wait_ready(server: Server, *, timeout: float = START_TIMEOUT, every: float = 0.01) -> float:
     """Seconds from the process's start to the first 200 from /readyz (polled every 10 ms)."""
     request = f"GET /readyz HTTP/1.1\r\nhost: {LOOPBACK}:{server.port}\r\nconnection: close\r\n\r\n"

@@ -19,6 +19,7 @@ migration is pending (NEWSLETTER_AUTO_MIGRATE), as the embedded default does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -73,25 +74,24 @@ def _idle(options: argparse.Namespace, kind: str) -> dict[str, Any]:
             extra = dict(options.extra_env)
             if layout == "separate":
                 extra["NEWSLETTER_RUN_WORKER"] = "false"
-            with _common.running_server(
-                database_url=url, workdir=workdir, extra_env=extra
-            ) as server:
+            with contextlib.ExitStack() as stack:
+                server = stack.enter_context(
+                    _common.running_server(database_url=url, workdir=workdir, extra_env=extra)
+                )
                 worker = None
                 if layout == "separate":
-                    env = _common.service_env(url, workdir, {
-                        "NEWSLETTER_PUBLIC_URL": server.base_url, **options.extra_env,
-                    })  # fmt: skip
-                    worker, log = _common.start_process(
-                        ["worker"], env=env, workdir=workdir, log_name="worker.log"
+                    worker = stack.enter_context(
+                        _common.running_worker(
+                            database_url=url,
+                            workdir=workdir,
+                            server=server,
+                            extra_env=options.extra_env,
+                        )
                     )
-                try:
-                    _warm_up(server)
-                    processes = {"serve": _memory(server.process.pid)}
-                    if worker is not None:
-                        processes["worker"] = _memory(worker.pid)
-                finally:
-                    if worker is not None:
-                        _common.stop_process(worker, label="worker", log_path=log)
+                _warm_up(server)
+                processes = {"serve": _memory(server.process.pid)}
+                if worker is not None:
+                    processes["worker"] = _memory(worker.pid)
         total = round(sum(p["rss_mb"] for p in processes.values()), 1)
         figures[layout] = {"processes": processes, "total_rss_mb": total}
         parts = ", ".join(f"{name} {p['rss_mb']} MB" for name, p in processes.items())

@@ -31,7 +31,6 @@ import itertools
 import json
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,11 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
             _common.running_server(
                 database_url=url, workdir=workdir, workers=int(workers), extra_env=extra_env
             ) as server,
-            _outbox_worker(url, workdir, server, options) if apart else contextlib.nullcontext(),
+            _common.running_worker(
+                database_url=url, workdir=workdir, server=server, extra_env=options.extra_env
+            )
+            if apart
+            else contextlib.nullcontext(),
         ):
             print(f"   ready after {server.ready_after_s:.2f} s at {server.base_url}", flush=True)
             run_id = uuid.uuid4().hex[:8]
@@ -165,21 +168,6 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
         "mails_written": mails,
         "results": results,
     }
-
-
-@contextlib.contextmanager
-def _outbox_worker(
-    url: str, workdir: Path, server: _common.Server, options: argparse.Namespace
-) -> Iterator[None]:
-    """`newsletter worker` beside the server, for the whole setup."""
-    env = _common.service_env(
-        url, workdir, {"NEWSLETTER_PUBLIC_URL": server.base_url, **options.extra_env}
-    )
-    worker, log = _common.start_process(["worker"], env=env, workdir=workdir, log_name="worker.log")
-    try:
-        yield
-    finally:
-        _common.stop_process(worker, label="worker", log_path=log)
 
 
 def _rows(run: dict[str, Any]) -> list[Row]:
