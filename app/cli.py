@@ -110,7 +110,7 @@ def worker(
     """Run the outbox worker alone; SIGTERM finishes the jobs in hand and gives back the rest."""
     import threading
 
-    from app import db, lists
+    from app import db, lists, runtime
     from app.mailer import make_mailer
     from app.metrics import Metrics
     from app.models import utcnow
@@ -139,6 +139,7 @@ def worker(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    runtime.settle()
     runner.start()
     # The loop runs in its thread; this one waits for a signal (or the loop's end).
     while not stop.wait(1.0):

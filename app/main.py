@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app import db, errors, lists, logs, migrations, ratelimit
+from app import db, errors, lists, logs, migrations, ratelimit, runtime
 from app.api import admin as admin_api
 from app.api import admin_data, admin_privacy, admin_transfer, handlers, health, public, webhooks
 from app.api.deps import Database
@@ -52,10 +52,12 @@ def serve_app() -> FastAPI:
     """`newsletter serve`'s factory: each uvicorn process sets up its logging, then the app."""
     settings = load_settings()
     logs.configure(level=settings.log_level, fmt=settings.log_format)
-    return create_app(settings)
+    return create_app(settings, settle=True)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, settle: bool = False) -> FastAPI:
+    """The app; `settle` freezes the start-up heap once it is up (app/runtime.py): a
+    process that serves it and nothing else."""
     settings = settings or load_settings()
     logs.install_redaction()
     metrics = Metrics()
@@ -104,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "redis" if settings.redis_url else "memory",
             ",".join(item.slug for item in settings.lists),
         )
+        if settle:
+            runtime.settle()
         try:
             yield
         finally:
