@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,7 +63,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
         cursor.close()
 
     _sqlite_writers[engine] = threading.Lock()
@@ -71,9 +72,43 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(connection: sa.Connection) -> None:
         # Take the write lock up front: a deferred transaction that reads and then writes
         # can fail with "database is locked" without waiting when another writer is active.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        raw = connection.connection.driver_connection
+        assert isinstance(raw, sqlite3.Connection)
+        try:
+            _begin_immediate(raw)
+        except sqlite3.Error as e:
+            raise sa_exc.DBAPIError.instance(
+                "BEGIN IMMEDIATE", None, e, sqlite3.Error, dialect=engine.dialect
+            ) from e
 
     return engine
+
+
+# How long a transaction waits for the write lock another process holds (busy_timeout).
+LOCK_WAIT_S = 30.0
+# The pause between two attempts to take it. SQLite's own busy handler sleeps 1, 2, 5, ...
+# up to 100 ms between attempts: beside a busy `newsletter worker` process, whose short
+# transactions follow each other closely, a request could sleep through every gap and wait
+# over a second (measured: p99 1.5 s for confirmations). Polling this often costs a few
+# microseconds an attempt and starts the transaction as soon as the lock is free.
+LOCK_POLL_S = 0.0005
+
+
+def _begin_immediate(raw: sqlite3.Connection) -> None:
+    # Polled here, not in SQLite's busy handler, which is off meanwhile (~2 µs a pragma).
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(LOCK_POLL_S)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
 
 
 def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None) -> Session:
