@@ -374,23 +374,22 @@ class Worker:
         )
         with db.session_scope(self.engine) as session:
             now = self.now()
+            done = [
+                outbox.Finished(job, started_at, now, result.response)
+                for job in claimed
+                if (result := results.get(job.id)) is not None and result.error is None
+            ]
+            # One statement per table for the whole round: the write lock (one writer on
+            # SQLite) is held for a moment, not for a statement per job.
+            outbox.finish_many(session, finished=done, worker=self.name)
+            for finished in done:
+                self.metrics.attempt(JobKind.SYNC, "success")
+                if finished.job.payload.get("action") == sync.Action.REMOVE:
+                    # An erased address leaves the queue once the backend has it gone.
+                    privacy.scrub_after_removal(session, job_id=finished.job.id, key=self._key)
             for job in claimed:
                 result = results.get(job.id)
-                if result is None:
-                    continue
-                if result.error is None:
-                    self.metrics.attempt(JobKind.SYNC, "success")
-                    outbox.finish(
-                        session,
-                        job=job,
-                        worker=self.name,
-                        started_at=started_at,
-                        now=now,
-                        response=result.response,
-                    )
-                    if job.payload.get("action") == sync.Action.REMOVE:
-                        # An erased address leaves the queue once the backend has it gone.
-                        privacy.scrub_after_removal(session, job_id=job.id, key=self._key)
+                if result is None or result.error is None:
                     continue
                 error = result.error
                 self._record_failure(
