@@ -405,6 +405,11 @@ class Settings(BaseSettings):
     proof_of_work_ttl: Duration = timedelta(minutes=10)
 
     worker_poll_interval: Annotated[float, Field(gt=0)] = 1.0
+    # The worker inside `serve` only: while the process is answering requests, each round
+    # waits for a pause in them, at most this long (seconds; 0: never waits). A burst of
+    # subscriptions is answered first and its mails follow; under endless load mail still
+    # goes out, a round at least this often.
+    worker_give_way: Annotated[float, Field(ge=0, le=60)] = 2.0
     worker_batch_size: Annotated[int, Field(ge=1, le=1000)] = 20
     worker_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     job_lease: Duration = timedelta(minutes=5)

@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 settings=settings,
                 mailer=make_mailer(settings.mailer),
                 metrics=metrics,
+                busy=lambda: metrics.in_flight > 0,
             )
             worker.start()
         # Built in the running loop: its async Redis connections belong to this loop.

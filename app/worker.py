@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_RETENTION = timedelta(days=1)
 # Longest pause between rounds while the database is unreachable.
 MAX_OUTAGE_PAUSE = 5.0
+# How often a worker giving way to requests looks whether they have paused (seconds).
+GIVE_WAY_STEP = 0.01
 
 
 class JobSkipped(Exception):
@@ -144,6 +146,7 @@ class Worker:
         now: Callable[[], datetime] = utcnow,
         list_backends: dict[str, ListBackend] | None = None,
         metrics: Metrics | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -167,6 +170,9 @@ class Worker:
         self._beat_every = settings.worker_heartbeat_timeout.total_seconds() / 4
         self._last_beat: datetime | None = None
         self._beat_lock = threading.Lock()
+        # Inside the API's process: true while it answers requests, which go first (the
+        # worker shares their interpreter) for up to `worker_give_way` a round.
+        self._busy = busy if settings.worker_give_way > 0 else None
 
     # Lifecycle -------------------------------------------------------------------------
 
@@ -241,6 +247,7 @@ class Worker:
         outage = 0
         while not self._stop.is_set():
             try:
+                self._give_way()
                 self.beat(force=False)
                 done = self.run_once()
                 if outage:
@@ -268,6 +275,18 @@ class Worker:
                 self._wake.wait(self.settings.worker_poll_interval)
                 self._wake.clear()
         log.info("worker.stopped name=%s", self.name)
+
+    def _give_way(self) -> None:
+        """Wait for a pause in the requests of this process, at most `worker_give_way`."""
+        busy = self._busy
+        if busy is None or not busy():
+            return
+        deadline = time.monotonic() + self.settings.worker_give_way
+        while busy() and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(GIVE_WAY_STEP, left))
 
     # One round ---------------------------------------------------------------------------
 

@@ -517,3 +517,69 @@ class TestGracefulStop:
                 settle()
         assert sorted(message["To"] for message in sink.messages) == sorted(emails)
         assert {job.attempts for job in jobs(engine)} == {1}
+
+
+class TestGivingWay:
+    """The worker inside `serve` lets the requests being answered go first (app/worker.py
+    `_give_way`): each round waits for a pause in them, at most `worker_give_way`."""
+
+    def test_mail_waits_for_a_pause_in_the_requests(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        queue_confirmations(database_url, ["burst@example.org"])
+        settings = make_settings(database_url, smtp_port=smtp.port, worker_give_way=30)
+        answering = threading.Event()
+        answering.set()
+        worker = Worker(
+            engine=engine,
+            settings=settings,
+            mailer=make_mailer(settings.mailer),
+            busy=answering.is_set,
+        )
+        with running(worker):
+            time.sleep(0.5)
+            assert smtp.messages == []
+            assert only_job(engine).state == JobState.PENDING
+            answering.clear()
+            smtp.wait_for(1)
+        assert [message["To"] for message in smtp.messages] == ["burst@example.org"]
+
+    def test_under_endless_requests_mail_still_goes_out(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        queue_confirmations(database_url, ["steady@example.org"])
+        settings = make_settings(database_url, smtp_port=smtp.port, worker_give_way=0.3)
+        worker = Worker(
+            engine=engine,
+            settings=settings,
+            mailer=make_mailer(settings.mailer),
+            busy=lambda: True,
+        )
+        started = time.monotonic()
+        with running(worker):
+            smtp.wait_for(1)
+        assert time.monotonic() - started >= 0.3
+        assert [message["To"] for message in smtp.messages] == ["steady@example.org"]
+
+    def test_the_app_counts_the_requests_it_is_answering(self, settings: Settings) -> None:
+        app = create_app(settings)
+        seen: list[int] = []
+
+        @app.get("/probe")
+        def probe() -> dict[str, int]:
+            seen.append(app.state.metrics.in_flight)
+            return {}
+
+        @app.get("/broken")
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert client.get("/probe").status_code == 200
+            assert client.get("/v1/lists/unknown").status_code == 404
+            bad_json = {"content-type": "application/json"}
+            path = "/v1/lists/bluehats/subscriptions"
+            assert client.post(path, content=b"{", headers=bad_json).status_code == 400
+            assert client.get("/broken").status_code == 500
+            assert seen == [1]
+            assert app.state.metrics.in_flight == 0
