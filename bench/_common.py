@@ -470,6 +470,25 @@ def process_memory_mib(pid: int, field_name: str = "VmRSS") -> float:
     return 0.0
 
 
+def process_memory_parts_mib(pid: int) -> dict[str, float]:
+    """A process's resident memory split into its own pages and pages it shares with other
+    processes (libraries mapped from the same files), from /proc/<pid>/smaps_rollup."""
+    fields = {"Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty"}
+    kib: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    kib[name] = int(rest.split()[0])
+    except OSError:
+        return {"private": 0.0, "shared": 0.0}
+    return {
+        "private": (kib.get("Private_Clean", 0) + kib.get("Private_Dirty", 0)) / 1024,
+        "shared": (kib.get("Shared_Clean", 0) + kib.get("Shared_Dirty", 0)) / 1024,
+    }
+
+
 def process_tree(pid: int) -> list[int]:
     """The process and its descendants (uvicorn's workers are children of its supervisor)."""
     found = [pid]

@@ -83,3 +83,29 @@ def test_the_table_marks_missed_targets(common: ModuleType) -> None:
     # A "|" inside a cell would break the row into an extra column.
     assert table[3].count("|") == table[0].count("|")
     assert table[3].endswith("| yes |")
+
+
+def test_memory_split_into_own_and_shared_pages_adds_up_to_rss(common: ModuleType) -> None:
+    ballast = bytearray(64 * 1024 * 1024)
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    parts = common.process_memory_parts_mib(os.getpid())
+    rss = common.process_memory_mib(os.getpid())
+    # The ballast is this process's own; libpython and libc pages are shared with others.
+    assert parts["private"] > 64
+    assert parts["shared"] > 0
+    assert abs(parts["private"] + parts["shared"] - rss) < 0.05 * rss
+    del ballast
+
+
+def test_two_processes_count_their_shared_pages_once() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import footprint
+    finally:
+        sys.path.remove(str(BENCH))
+    processes = {
+        "serve": {"private_mb": 70.0, "shared_mb": 20.0},
+        "worker": {"private_mb": 50.0, "shared_mb": 17.0},
+    }
+    assert footprint._distinct_total(processes) == 140.0
