@@ -194,6 +194,10 @@ def make_settings(database_url: str, *, smtp_port: int, **overrides: Any) -> Set
         # The scheduled retention job would sit in the queue of every test; test_retention
         # turns it on.
         "retention_interval": None,
+        # The in-process worker would wait while a test's requests follow each other and
+        # race the test's reads of the outbox; TestGivingWay (test_worker_resilience) turns
+        # it on.
+        "worker_give_way": 0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
-from app.models import ConsentEvent, Subscription
+from app.models import ConsentEvent, JobKind, JobState, OutboxJob, Subscription
 from tests.conftest import SmtpSink, count_rows, link_in, make_settings, wait_until
 from tests.fake_mailgun import FakeMailgun, webhook
 
@@ -101,6 +101,18 @@ def event(kind: str, recipient: str, **extra: Any) -> dict[str, Any]:
 
 def post(client: TestClient, body: dict[str, Any]) -> Any:
     return client.post("/v1/webhooks/mailgun", json=body)
+
+
+def sync_waiting(url: str) -> bool:
+    engine = make_engine(url)
+    with Session(engine) as session:
+        waiting = session.exec(
+            select(OutboxJob).where(
+                OutboxJob.kind == JobKind.SYNC, OutboxJob.state == JobState.PENDING
+            )
+        ).first()
+    engine.dispose()
+    return waiting is not None
 
 
 def stored_rows(url: str) -> dict[str, int]:
@@ -311,6 +323,9 @@ class TestIgnored:
         self, client: TestClient, smtp: SmtpSink, settings: Settings
     ) -> None:
         confirmed(client, smtp, "known@example.org")
+        # The confirmation's sync job taken by the worker: the unsubscription then queues a
+        # job of its own (a job still waiting would absorb it).
+        wait_until(lambda: not sync_waiting(settings.database_url))
         before = stored_rows(settings.database_url)
 
         known = post(client, webhook(SIGNING_KEY, event("unsubscribed", "known@example.org")))
