@@ -31,6 +31,7 @@ from app.api.deps import (
     Database,
     DatabaseDep,
     RateLimiterDep,
+    ServicesDep,
     SettingsDep,
     evidence,
     inline_refs,
@@ -167,24 +168,24 @@ def check_form_origin(request: Request, settings: Settings) -> None:
         raise errors.OriginNotAllowed()
 
 
-async def allowed_origin(request: Request, settings: SettingsDep) -> None:
-    check_form_origin(request, settings)
+async def screen_client(request: Request, services: ServicesDep) -> None:
+    await limit_client(request, services)
+    check_form_origin(request, services.settings)
 
 
-async def limit_client_unless_one_click(
-    is_one_click: OneClick, request: Request, settings: SettingsDep, limiter: RateLimiterDep
+async def screen_client_unless_one_click(
+    is_one_click: OneClick, request: Request, services: ServicesDep
 ) -> None:
     # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses,
     # with whatever Origin their systems set; refusing one would keep someone subscribed
     # who asked to leave. The token in the URL guards it.
     if not is_one_click:
-        await limit_client(request, settings, limiter)
-        check_form_origin(request, settings)
+        await screen_client(request, services)
 
 
 # Every public POST counts against its client's limit before any other work, then a
 # browser form post must come from an allowed site.
-LIMITED = [Depends(limit_client), Depends(allowed_origin)]
+LIMITED = [Depends(screen_client)]
 FORM_ERRORS = (errors.RateLimited, errors.OriginNotAllowed)
 POW_ERRORS = (
     errors.ProofOfWorkRequired,
@@ -255,12 +256,7 @@ async def challenge(settings: SettingsDep) -> ProofOfWorkChallenge:
     dependencies=LIMITED,
 )
 async def subscribe(
-    slug: str,
-    submission: SubscriptionSubmission,
-    request: Request,
-    database: DatabaseDep,
-    settings: SettingsDep,
-    limiter: RateLimiterDep,
+    slug: str, submission: SubscriptionSubmission, request: Request, services: ServicesDep
 ) -> Response:
     """Ask to subscribe an address; a confirmation mail follows (double opt-in).
 
@@ -269,6 +265,7 @@ async def subscribe(
     honeypot filled, its page's stamp too recent, too old or forged) gets the same answer
     and is dropped. A browser's form post with bad input gets the form back (422).
     """
+    settings, database, limiter = services.settings, services.database, services.limiter
     accepted = preferred(request.headers.get("accept-language"))
     if submission.form is None:
         assert submission.body is not None
@@ -611,12 +608,7 @@ def _unsubscribe_sent_redirect(
     dependencies=LIMITED,
 )
 async def request_unsubscribe(
-    slug: str,
-    submission: UnsubscriptionSubmission,
-    request: Request,
-    database: DatabaseDep,
-    settings: SettingsDep,
-    limiter: RateLimiterDep,
+    slug: str, submission: UnsubscriptionSubmission, request: Request, services: ServicesDep
 ) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state.
 
@@ -624,6 +616,7 @@ async def request_unsubscribe(
     (honeypot filled, stamp too recent, too old or forged) gets the same and is dropped. A
     browser's form post with a bad address gets the page back (422).
     """
+    settings, database, limiter = services.settings, services.database, services.limiter
     if submission.form is None:
         assert submission.body is not None
         await _require_proof_of_work(submission.body, settings, database)
@@ -757,11 +750,10 @@ async def confirm_page(
     responses={**_html_and_json("The subscription is confirmed."), **TOKEN_POST_ERRORS},
     dependencies=LIMITED,
 )
-async def confirm(
-    token: str, request: Request, database: DatabaseDep, settings: SettingsDep
-) -> Response:
+async def confirm(token: str, request: Request, services: ServicesDep) -> Response:
     """Confirm a subscription (the button on the confirmation page)."""
-    target = await database.write(
+    settings = services.settings
+    target = await services.database.write(
         subscriptions.confirm,
         secret=token,
         evidence=evidence(request, settings, source="link"),
@@ -796,17 +788,14 @@ async def unsubscribe_page(
     operation_id="unsubscribe",
     response_model=ActionResult,
     responses={**_html_and_json("The address is unsubscribed."), **TOKEN_POST_ERRORS},
-    dependencies=[Depends(limit_client_unless_one_click)],
+    dependencies=[Depends(screen_client_unless_one_click)],
 )
 async def unsubscribe(
-    token: str,
-    is_one_click: OneClick,
-    request: Request,
-    database: DatabaseDep,
-    settings: SettingsDep,
+    token: str, is_one_click: OneClick, request: Request, services: ServicesDep
 ) -> Response:
     """Unsubscribe (the page's button, or an RFC 8058 one-click POST: 200, no redirect)."""
-    target = await database.write(
+    settings = services.settings
+    target = await services.database.write(
         subscriptions.unsubscribe,
         secret=token,
         evidence=evidence(request, settings, source="one_click" if is_one_click else "link"),
