@@ -65,6 +65,11 @@ HEARTBEAT_RETENTION = timedelta(days=1)
 MAX_OUTAGE_PAUSE = 5.0
 # How often a worker giving way to requests looks whether they have paused (seconds).
 GIVE_WAY_STEP = 0.01
+# A round that could wait no longer for a pause in the requests takes this many jobs at
+# most: it runs in their interpreter, and a full sync round (a thousand jobs) held every
+# request in flight for a tenth of a second.
+PRESSED_MAIL_BATCH = 5
+PRESSED_SYNC_BATCH = 50
 
 
 class JobSkipped(Exception):
@@ -247,9 +252,9 @@ class Worker:
         outage = 0
         while not self._stop.is_set():
             try:
-                self._give_way()
+                pressed = self._give_way()
                 self.beat(force=False)
-                done = self.run_once()
+                done = self.run_once(pressed=pressed)
                 if outage:
                     log.info("worker.database_back name=%s", self.name)
                 outage = 0
@@ -276,25 +281,33 @@ class Worker:
                 self._wake.clear()
         log.info("worker.stopped name=%s", self.name)
 
-    def _give_way(self) -> None:
-        """Wait for a pause in the requests of this process, at most `worker_give_way`."""
+    def _give_way(self) -> bool:
+        """Wait for a pause in the requests of this process, at most `worker_give_way`;
+        true when the wait ran out with requests still coming (the round is then small)."""
         busy = self._busy
         if busy is None or not busy():
-            return
+            return False
         deadline = time.monotonic() + self.settings.worker_give_way
         while busy() and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                return True
             self._stop.wait(min(GIVE_WAY_STEP, left))
+        return False
 
     # One round ---------------------------------------------------------------------------
 
-    def run_once(self) -> int:
-        """Claim and run one batch of due jobs of each kind; returns how many were handled."""
+    def run_once(self, *, pressed: bool = False) -> int:
+        """Claim and run one batch of due jobs of each kind; returns how many were handled.
+        `pressed`: requests are waiting for this process, so the batches are small."""
+        mail_batch = self.settings.worker_batch_size
+        sync_batch = self.settings.sync_batch_size
+        if pressed:
+            mail_batch = min(mail_batch, PRESSED_MAIL_BATCH)
+            sync_batch = min(sync_batch, PRESSED_SYNC_BATCH)
         return (
-            self._mail_round()
-            + self._sync_round()
+            self._mail_round(mail_batch)
+            + self._sync_round(sync_batch)
             + self._reconcile_round()
             + self._retention_round()
         )
@@ -316,14 +329,14 @@ class Worker:
                 outbox.release(session, job_ids=job_ids, worker=self.name, now=self.now())
             log.info("worker.released count=%d", len(job_ids))
 
-    def _mail_round(self) -> int:
+    def _mail_round(self, limit: int) -> int:
         """Send one batch of mails; returns how many were handled (not given back).
 
         The batch's rows are read in a few statements before its first mail, and its
         outcomes written in one transaction after its last (see `BATCH_REFRESH` for slow
         batches). A stop lets the mails in flight finish and gives back the ones not begun.
         """
-        claimed = self._claim(JobKind.MAIL, self.settings.worker_batch_size)
+        claimed = self._claim(JobKind.MAIL, limit)
         if not claimed:
             return 0
         waiting = deque(claimed)
@@ -376,8 +389,8 @@ class Worker:
             self._backends[slug] = backends.make_backend(declared.backend, self._client)
         return self._backends[slug]
 
-    def _sync_round(self) -> int:
-        claimed = self._claim(JobKind.SYNC, self.settings.sync_batch_size)
+    def _sync_round(self, limit: int) -> int:
+        claimed = self._claim(JobKind.SYNC, limit)
         if not claimed:
             return 0
         started_at = self.now()

@@ -185,10 +185,10 @@ class TestSyncJobs:
         # Sync jobs wait while mails are sent: only the mail kind runs here.
         with TestClient(create_app(settings)) as client:
             client.post("/v1/lists/bluehats/subscriptions", json={"email": "quick@example.org"})
-            worker._mail_round()
+            worker._mail_round(settings.worker_batch_size)
             client.post(link_in(smtp.mail_to("quick@example.org", link="confirm"), "confirm"))
             client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "quick@example.org"})
-            worker._mail_round()
+            worker._mail_round(settings.worker_batch_size)
             client.post(
                 link_in(smtp.mail_to("quick@example.org", link="unsubscribe"), "unsubscribe")
             )

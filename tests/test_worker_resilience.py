@@ -39,7 +39,7 @@ from app.models import (
     SubscriptionStatus,
     utcnow,
 )
-from app.worker import Worker
+from app.worker import PRESSED_MAIL_BATCH, Worker
 from tests.conftest import (
     SECRET,
     PeerSink,
@@ -560,6 +560,21 @@ class TestGivingWay:
             smtp.wait_for(1)
         assert time.monotonic() - started >= 0.3
         assert [message["To"] for message in smtp.messages] == ["steady@example.org"]
+
+    def test_a_round_that_could_wait_no_longer_is_small(
+        self, database_url: str, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        emails = [f"queued{n}@example.org" for n in range(12)]
+        queue_confirmations(database_url, emails)
+        settings = make_settings(database_url, smtp_port=smtp.port)
+        worker = worker_for(engine, settings, name="pressed")
+        try:
+            assert worker.run_once(pressed=True) == PRESSED_MAIL_BATCH
+            assert len(smtp.messages) == PRESSED_MAIL_BATCH
+            assert worker.run_once() == len(emails) - PRESSED_MAIL_BATCH
+        finally:
+            worker.stop()
+        assert sorted(message["To"] for message in smtp.messages) == sorted(emails)
 
     def test_the_app_counts_the_requests_it_is_answering(self, settings: Settings) -> None:
         app = create_app(settings)
