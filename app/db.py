@@ -104,7 +104,9 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
                 raw.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as e:
-                if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                # The primary code: extended ones (SQLITE_BUSY_RECOVERY...) wait alike.
+                busy = e.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() > deadline:
                     raise
             time.sleep(LOCK_POLL_S)
     finally:

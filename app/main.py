@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +27,9 @@ from app.worker import Worker
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The in-process worker gives way while requests arrive at least this often (seconds): a
+# burst of sign-ups, not one long request (an export) with nothing else coming.
+BUSY_WINDOW = 0.05
 
 
 def _form_targets(settings: Settings) -> list[str]:
@@ -83,7 +87,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 settings=settings,
                 mailer=make_mailer(settings.mailer),
                 metrics=metrics,
-                busy=lambda: metrics.in_flight > 0,
+                busy=lambda: time.monotonic() - metrics.last_request_at < BUSY_WINDOW,
             )
             worker.start()
         # Built in the running loop: its async Redis connections belong to this loop.

@@ -55,9 +55,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # HTTP requests being answered now (RequestMetrics); the in-process worker gives
-        # way to them (app/worker.py). Read from the worker's thread: a hint, not a count.
-        self.in_flight = 0
+        # When the latest HTTP request arrived (time.monotonic); the in-process worker gives
+        # way while they keep arriving (app/worker.py). Read from the worker's thread.
+        self.last_request_at = float("-inf")
         self.http_requests = Counter(
             "newsletter_http_requests",
             "HTTP requests answered, by route template and status.",
@@ -293,7 +293,7 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
-        self.metrics.in_flight += 1
+        self.metrics.last_request_at = time.monotonic()
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -304,7 +304,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.metrics.in_flight -= 1
             method = scope["method"]
             labels = {
                 # Any verb a scanner makes up would be a new series.
