@@ -405,7 +405,7 @@ class Settings(BaseSettings):
     proof_of_work_ttl: Duration = timedelta(minutes=10)
 
     worker_poll_interval: Annotated[float, Field(gt=0)] = 1.0
-    # The worker inside `serve` only: while requests keep arriving, each round
+    # The worker inside `serve` only: while the process is busy with requests, each round
     # waits for a pause in them, at most this long (seconds; 0: never waits). A burst of
     # subscriptions is answered first and its mails follow; under endless load mail still
     # goes out, a round at least this often.

@@ -27,8 +27,9 @@ from app.worker import Worker
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-# The in-process worker gives way while requests arrive at least this often (seconds): a
-# burst of sign-ups, not one long request (an export) with nothing else coming.
+# The in-process worker gives way while the process is loaded: a request is being answered
+# and another arrived within this many seconds. Not for one long request alone (an export),
+# nor for light traffic, whose requests are rarely in flight when the worker looks.
 BUSY_WINDOW = 0.05
 
 
@@ -87,7 +88,10 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 settings=settings,
                 mailer=make_mailer(settings.mailer),
                 metrics=metrics,
-                busy=lambda: time.monotonic() - metrics.last_request_at < BUSY_WINDOW,
+                busy=lambda: (
+                    metrics.in_flight > 0
+                    and time.monotonic() - metrics.last_request_at < BUSY_WINDOW
+                ),
             )
             worker.start()
         # Built in the running loop: its async Redis connections belong to this loop.

@@ -55,8 +55,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # When the latest HTTP request arrived (time.monotonic); the in-process worker gives
-        # way while they keep arriving (app/worker.py). Read from the worker's thread.
+        # HTTP requests being answered, and when the latest arrived (time.monotonic): the
+        # in-process worker gives way while both say the process is loaded (app/main.py).
+        # Read from the worker's thread: hints, not exact counts.
+        self.in_flight = 0
         self.last_request_at = float("-inf")
         self.http_requests = Counter(
             "newsletter_http_requests",
@@ -294,6 +296,7 @@ class RequestMetrics:
         started = time.perf_counter()
         status = 500
         self.metrics.last_request_at = time.monotonic()
+        self.metrics.in_flight += 1
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -304,6 +307,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
+            self.metrics.in_flight -= 1
             method = scope["method"]
             labels = {
                 # Any verb a scanner makes up would be a new series.

@@ -175,7 +175,7 @@ class Worker:
         self._beat_every = settings.worker_heartbeat_timeout.total_seconds() / 4
         self._last_beat: datetime | None = None
         self._beat_lock = threading.Lock()
-        # Inside the API's process: true while requests keep arriving; they go first (the
+        # Inside the API's process: true while it is busy with requests; they go first (the
         # worker shares their interpreter) for up to `worker_give_way` a round.
         self._busy = busy if settings.worker_give_way > 0 else None
 

@@ -576,12 +576,29 @@ class TestGivingWay:
             worker.stop()
         assert sorted(message["To"] for message in smtp.messages) == sorted(emails)
 
-    def test_the_app_notes_when_the_latest_request_arrived(self, settings: Settings) -> None:
+    def test_the_app_notes_its_requests_in_flight_and_their_arrival(
+        self, settings: Settings
+    ) -> None:
         app = create_app(settings)
+        seen: list[int] = []
+
+        @app.get("/probe")
+        def probe() -> dict[str, int]:
+            seen.append(app.state.metrics.in_flight)
+            return {}
+
+        @app.get("/broken")
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
         with TestClient(app, raise_server_exceptions=False) as client:
             before = time.monotonic()
-            assert client.get("/v1/lists/unknown").status_code == 404
+            assert client.get("/probe").status_code == 200
             assert before <= app.state.metrics.last_request_at <= time.monotonic()
             noted = app.state.metrics.last_request_at
-            assert client.get("/healthz").status_code == 200
+            assert client.get("/v1/lists/unknown").status_code == 404
+            assert client.get("/broken").status_code == 500
             assert app.state.metrics.last_request_at > noted
+            # Counted while answered, whatever the outcome, and no longer after.
+            assert seen == [1]
+            assert app.state.metrics.in_flight == 0
