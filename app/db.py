@@ -45,14 +45,29 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
 
 
+# How long a transaction waits for the write lock another process holds (busy_timeout).
+LOCK_WAIT_S = 30.0
+# The pause between two attempts to take it. SQLite's own busy handler sleeps 1, 2, 5, ...
+# up to 100 ms between attempts: beside a busy `newsletter worker` process, whose short
+# transactions follow each other closely, a request could sleep through every gap and wait
+# over a second (measured: p99 1.5 s for confirmations). Polling this often costs a few
+# microseconds an attempt and starts the transaction as soon as the lock is free.
+LOCK_POLL_S = 0.0005
+
+
 def _sqlite_engine(url: str) -> Engine:
     database = sa.engine.make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         url,
-        # The driver's own transaction handling is off; we begin explicitly below.
-        connect_args={"check_same_thread": False, "isolation_level": None, "timeout": 30},
+        # The driver's own transaction handling is off; we begin explicitly below. Its
+        # timeout is SQLite's busy timeout.
+        connect_args={
+            "check_same_thread": False,
+            "isolation_level": None,
+            "timeout": LOCK_WAIT_S,
+        },
         pool_size=20,
         max_overflow=20,
     )
@@ -63,7 +78,6 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
         cursor.close()
 
     _sqlite_writers[engine] = threading.Lock()
@@ -84,19 +98,9 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-# How long a transaction waits for the write lock another process holds (busy_timeout).
-LOCK_WAIT_S = 30.0
-# The pause between two attempts to take it. SQLite's own busy handler sleeps 1, 2, 5, ...
-# up to 100 ms between attempts: beside a busy `newsletter worker` process, whose short
-# transactions follow each other closely, a request could sleep through every gap and wait
-# over a second (measured: p99 1.5 s for confirmations). Polling this often costs a few
-# microseconds an attempt and starts the transaction as soon as the lock is free.
-LOCK_POLL_S = 0.0005
-
-
 def _begin_immediate(raw: sqlite3.Connection) -> None:
     # Polled here, not in SQLite's busy handler, which is off meanwhile (~2 µs a pragma).
-    raw.execute("PRAGMA busy_timeout=0")
+    _set_busy_timeout(raw, 0)
     try:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -110,7 +114,11 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
                     raise
             time.sleep(LOCK_POLL_S)
     finally:
-        raw.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
+        _set_busy_timeout(raw, LOCK_WAIT_S)
+
+
+def _set_busy_timeout(raw: sqlite3.Connection, seconds: float) -> None:
+    raw.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
 
 
 def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None) -> Session:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +26,8 @@ from app.worker import Worker
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-# The in-process worker gives way while the process is loaded: a request is being answered
-# and another arrived within this many seconds. Not for one long request alone (an export),
-# nor for light traffic, whose requests are rarely in flight when the worker looks.
+# The in-process worker gives way while a request is being answered and another arrived
+# within this many seconds (Metrics.busy_with_requests).
 BUSY_WINDOW = 0.05
 
 
@@ -88,10 +86,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 settings=settings,
                 mailer=make_mailer(settings.mailer),
                 metrics=metrics,
-                busy=lambda: (
-                    metrics.in_flight > 0
-                    and time.monotonic() - metrics.last_request_at < BUSY_WINDOW
-                ),
+                busy=lambda: metrics.busy_with_requests(within=BUSY_WINDOW),
             )
             worker.start()
         # Built in the running loop: its async Redis connections belong to this loop.

@@ -55,9 +55,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # HTTP requests being answered, and when the latest arrived (time.monotonic): the
-        # in-process worker gives way while both say the process is loaded (app/main.py).
-        # Read from the worker's thread: hints, not exact counts.
+        # HTTP requests being answered, and when the latest arrived (time.monotonic), for
+        # `busy_with_requests`. Read from the worker's thread: hints, not exact counts.
         self.in_flight = 0
         self.last_request_at = float("-inf")
         self.http_requests = Counter(
@@ -92,6 +91,12 @@ class Metrics:
         for scope in RATE_LIMIT_SCOPES:
             self.rate_limited.labels(scope=scope)
         self.registry.register(FormGuardCollector())
+
+    def busy_with_requests(self, *, within: float) -> bool:
+        """A request is being answered and another arrived in the last `within` seconds:
+        the process is loaded (not one long request alone, nor light traffic, whose requests
+        are rarely in flight when this is asked). The in-process worker gives way then."""
+        return self.in_flight > 0 and time.monotonic() - self.last_request_at < within
 
     def attempt(self, kind: str, outcome: str) -> None:
         self.outbox_attempts.labels(kind=kind, outcome=outcome).inc()

@@ -103,14 +103,14 @@ def plan(
     by_id = {row.id: row for row in rows}
     slugs = {row.id: row.slug for row in session.exec(select(MailingList)).all()}
     unsubscribe_tokens: dict[int, uuid.UUID] = {}
-    for existing in session.exec(
-        select(Token).where(
+    for subscription_id, token_id in session.exec(
+        select(Token.subscription_id, Token.id).where(
             col(Token.subscription_id).in_(subscription_ids),
             col(Token.purpose) == TokenPurpose.UNSUBSCRIBE,
             col(Token.used_at).is_(None),
         )
     ).all():
-        unsubscribe_tokens.setdefault(existing.subscription_id, existing.id)
+        unsubscribe_tokens.setdefault(subscription_id, token_id)
     # Confirmed subscribers without an unsubscribe link yet (imported ones): one each, all
     # in one statement.
     lacking: dict[int, datetime] = {}
