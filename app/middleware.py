@@ -181,7 +181,26 @@ class PublicCors:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and PUBLIC_CORS_PATHS.fullmatch(scope["path"]):
+        if scope["type"] != "http" or not PUBLIC_CORS_PATHS.fullmatch(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if any(name == b"origin" for name, _ in scope["headers"]):
             await self.cors(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+
+        # No Origin: nothing to allow, only the `Vary: Origin` that CORSMiddleware would
+        # add, without its cost on every sign-up and confirmation sent by a server.
+        async def send_varying(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                vary_on_origin(message)
+            await send(message)
+
+        await self.app(scope, receive, send_varying)
+
+
+def vary_on_origin(message: Message) -> None:
+    """Add `Origin` to the answer's `Vary`, as one header, as CORSMiddleware writes it."""
+    headers = list(message.get("headers", []))
+    vary = [value for name, value in headers if name.lower() == b"vary"]
+    kept = [(name, value) for name, value in headers if name.lower() != b"vary"]
+    message["headers"] = [*kept, (b"vary", b", ".join([*vary, b"Origin"]))]

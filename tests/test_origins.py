@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.main import create_app
+from app.middleware import vary_on_origin
 from tests.conftest import SmtpSink, count_rows, link_in, make_settings
 
 SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
@@ -209,6 +210,29 @@ class TestCors:
         other = site_client.get("/v1/challenge", headers={"origin": STRANGER})
         assert other.status_code == 200
         assert "access-control-allow-origin" not in other.headers
+
+    def test_the_answer_varies_by_origin_with_or_without_one(self, site_client: TestClient) -> None:
+        # A cache must not serve a server's answer (no Origin, so no allow header) to a
+        # page that sent one, nor the other way round.
+        plain = site_client.post(SUBSCRIBE, json={"email": "vary@example.org"})
+        assert plain.status_code == 202
+        assert "access-control-allow-origin" not in plain.headers
+        assert plain.headers.get_list("vary") == ["Origin"]
+        from_site = site_client.post(
+            SUBSCRIBE, json={"email": "vary@example.org"}, headers={"origin": SITE}
+        )
+        assert from_site.headers.get_list("vary") == ["Origin"]
+
+    def test_origin_joins_a_vary_the_route_set(self) -> None:
+        message = {
+            "type": "http.response.start",
+            "headers": [(b"content-type", b"text/html"), (b"Vary", b"Accept-Language")],
+        }
+        vary_on_origin(message)
+        assert message["headers"] == [
+            (b"content-type", b"text/html"),
+            (b"vary", b"Accept-Language, Origin"),
+        ]
 
     @pytest.mark.parametrize("path", ["/v1/admin/lists", "/v1/webhooks/mailgun", "/healthz"])
     def test_other_routes_have_no_cors_at_all(self, site_client: TestClient, path: str) -> None:

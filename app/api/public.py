@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
@@ -31,7 +31,7 @@ from app.api.deps import (
     Database,
     DatabaseDep,
     RateLimiterDep,
-    ServicesDep,
+    Services,
     SettingsDep,
     evidence,
     inline_refs,
@@ -40,6 +40,7 @@ from app.api.deps import (
     read_form,
     read_payload,
     request_locale,
+    services_of,
     wants_html,
 )
 from app.config import ListSettings, Locale, Settings
@@ -140,11 +141,6 @@ async def one_click(request: Request) -> bool:
     return b"One-Click" in raw and b"List-Unsubscribe" in raw
 
 
-SubscriptionSubmission = Annotated[Submission, Depends(subscription_submission)]
-UnsubscriptionSubmission = Annotated[AddressSubmission, Depends(unsubscription_submission)]
-OneClick = Annotated[bool, Depends(one_click)]
-
-
 FORM_TYPES = (FORM, "multipart/form-data")
 
 
@@ -168,24 +164,16 @@ def check_form_origin(request: Request, settings: Settings) -> None:
         raise errors.OriginNotAllowed()
 
 
-async def screen_client(request: Request, services: ServicesDep) -> None:
+async def screen_client(request: Request) -> Services:
+    """Every public POST counts against its client's limit before any other work, then a
+    browser form post must come from an allowed site. Called first by each such route (not
+    a FastAPI dependency: see `deps.Services`)."""
+    services = services_of(request)
     await limit_client(request, services)
     check_form_origin(request, services.settings)
+    return services
 
 
-async def screen_client_unless_one_click(
-    is_one_click: OneClick, request: Request, services: ServicesDep
-) -> None:
-    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses,
-    # with whatever Origin their systems set; refusing one would keep someone subscribed
-    # who asked to leave. The token in the URL guards it.
-    if not is_one_click:
-        await screen_client(request, services)
-
-
-# Every public POST counts against its client's limit before any other work, then a
-# browser form post must come from an allowed site.
-LIMITED = [Depends(screen_client)]
 FORM_ERRORS = (errors.RateLimited, errors.OriginNotAllowed)
 POW_ERRORS = (
     errors.ProofOfWorkRequired,
@@ -253,11 +241,8 @@ async def challenge(settings: SettingsDep) -> ProofOfWorkChallenge:
         ),
     },
     openapi_extra=_body_doc(SubscriptionRequest),
-    dependencies=LIMITED,
 )
-async def subscribe(
-    slug: str, submission: SubscriptionSubmission, request: Request, services: ServicesDep
-) -> Response:
+async def subscribe(slug: str, request: Request) -> Response:
     """Ask to subscribe an address; a confirmation mail follows (double opt-in).
 
     The answer is the same whatever the address's state, so nobody can learn from it who
@@ -265,6 +250,8 @@ async def subscribe(
     honeypot filled, its page's stamp too recent, too old or forged) gets the same answer
     and is dropped. A browser's form post with bad input gets the form back (422).
     """
+    services = await screen_client(request)
+    submission = await subscription_submission(request)
     settings, database, limiter = services.settings, services.database, services.limiter
     accepted = preferred(request.headers.get("accept-language"))
     if submission.form is None:
@@ -605,17 +592,16 @@ def _unsubscribe_sent_redirect(
         ),
     },
     openapi_extra=_body_doc(UnsubscriptionRequest),
-    dependencies=LIMITED,
 )
-async def request_unsubscribe(
-    slug: str, submission: UnsubscriptionSubmission, request: Request, services: ServicesDep
-) -> Response:
+async def request_unsubscribe(slug: str, request: Request) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state.
 
     A form post goes on (303) to the list's 'check your inbox' page; one that a robot made
     (honeypot filled, stamp too recent, too old or forged) gets the same and is dropped. A
     browser's form post with a bad address gets the page back (422).
     """
+    services = await screen_client(request)
+    submission = await unsubscription_submission(request)
     settings, database, limiter = services.settings, services.database, services.limiter
     if submission.form is None:
         assert submission.body is not None
@@ -748,10 +734,10 @@ async def confirm_page(
     operation_id="confirm",
     response_model=ActionResult,
     responses={**_html_and_json("The subscription is confirmed."), **TOKEN_POST_ERRORS},
-    dependencies=LIMITED,
 )
-async def confirm(token: str, request: Request, services: ServicesDep) -> Response:
+async def confirm(token: str, request: Request) -> Response:
     """Confirm a subscription (the button on the confirmation page)."""
+    services = await screen_client(request)
     settings = services.settings
     target = await services.database.write(
         subscriptions.confirm,
@@ -788,12 +774,14 @@ async def unsubscribe_page(
     operation_id="unsubscribe",
     response_model=ActionResult,
     responses={**_html_and_json("The address is unsubscribed."), **TOKEN_POST_ERRORS},
-    dependencies=[Depends(screen_client_unless_one_click)],
 )
-async def unsubscribe(
-    token: str, is_one_click: OneClick, request: Request, services: ServicesDep
-) -> Response:
+async def unsubscribe(token: str, request: Request) -> Response:
     """Unsubscribe (the page's button, or an RFC 8058 one-click POST: 200, no redirect)."""
+    is_one_click = await one_click(request)
+    # Mail providers send RFC 8058 one-click POSTs for many subscribers from few addresses,
+    # with whatever Origin their systems set; refusing one would keep someone subscribed
+    # who asked to leave. The token in the URL guards it.
+    services = services_of(request) if is_one_click else await screen_client(request)
     settings = services.settings
     target = await services.database.write(
         subscriptions.unsubscribe,
