@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
             )
         with db.session_scope(engine) as session:
             lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        # SQLite: the WAL is copied back by a thread of its own, not by request commits.
+        checkpointer = db.Checkpointer.start_for(engine)
         worker = None
         if settings.run_worker:
             worker = Worker(
@@ -120,6 +122,8 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 await run_in_threadpool(worker.stop)
             await limiter.aclose()
             metrics.registry.unregister(collector)
+            if checkpointer is not None:
+                await run_in_threadpool(checkpointer.stop)
             engine.dispose()
             log.info("app.stopped")
 
