@@ -28,9 +28,10 @@ def sqlite_file(tmp_path: Path) -> str:
 
 @contextmanager
 def held_by_another_connection(path: str, *, for_s: float) -> Iterator[threading.Event]:
-    """Another connection (as another process would) holds the write lock for `for_s`."""
+    """Another connection (as another process would) holds the write lock for `for_s`;
+    the event yielded is set as it lets go (just before its COMMIT)."""
     taken = threading.Event()
-    released = threading.Event()
+    releasing = threading.Event()
 
     def hold() -> None:
         other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -39,15 +40,17 @@ def held_by_another_connection(path: str, *, for_s: float) -> Iterator[threading
         other.execute("INSERT INTO marks VALUES ('other')")
         taken.set()
         time.sleep(for_s)
+        # Before, not after: the lock is free the moment COMMIT ends, and the waiting
+        # transaction may start before this thread runs again.
+        releasing.set()
         other.execute("COMMIT")
         other.close()
-        released.set()
 
     thread = threading.Thread(target=hold)
     thread.start()
     try:
         assert taken.wait(5)
-        yield released
+        yield releasing
     finally:
         thread.join()
 
@@ -66,11 +69,11 @@ def _busy_timeout(connection: sa.Connection) -> int:
 def test_a_transaction_waits_for_the_lock_and_starts_once_it_is_free(sqlite_file: str) -> None:
     engine = _engine(sqlite_file)
     with (
-        held_by_another_connection(sqlite_file, for_s=0.3) as released,
+        held_by_another_connection(sqlite_file, for_s=0.3) as releasing,
         engine.begin() as connection,
     ):
-        # The lock is ours only once the other connection has committed.
-        assert released.is_set()
+        # The lock is ours only once the other connection has let it go.
+        assert releasing.is_set()
         connection.exec_driver_sql("INSERT INTO marks VALUES ('ours')")
         assert _busy_timeout(connection) == int(db.LOCK_WAIT_S * 1000)
     with engine.connect() as connection:
@@ -84,10 +87,10 @@ def test_a_transaction_gives_up_after_the_wait(
 ) -> None:
     engine = _engine(sqlite_file)
     monkeypatch.setattr(db, "LOCK_WAIT_S", 0.2)
-    with held_by_another_connection(sqlite_file, for_s=1.0) as released:
+    with held_by_another_connection(sqlite_file, for_s=1.0) as releasing:
         with pytest.raises(sa_exc.OperationalError, match="database is locked"), engine.begin():
             pass
-        assert not released.is_set()
+        assert not releasing.is_set()
     # The connection went back to the pool with its busy timeout put back.
     with engine.begin() as connection:
         assert _busy_timeout(connection) == 200
