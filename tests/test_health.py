@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from sqlmodel import Session, select
 
-from app import migrations
-from app.main import create_app
+from app import db, lists, migrations
+from app.config import Settings
+from app.main import create_app, sync_lists
+from app.models import MailingList, utcnow
 from tests.conftest import SmtpSink, make_settings
 
 
@@ -51,3 +56,38 @@ class TestHealth:
                 pass
         finally:
             _set_revision(database_url, str(migrations.head_revision()))
+
+
+def test_a_list_created_by_another_process_meanwhile_is_taken_up_on_a_second_try(
+    engine: sa.Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two uvicorn workers starting on a new database (PostgreSQL): the other one created
+    # the list after this one looked, so this one's insert collides with it.
+    original = lists.sync_from_settings
+    with db.session_scope(engine) as other:
+        original(other, declared=settings.lists, now=utcnow())
+    attempts = []
+
+    def racing(session: Session, **kwargs: Any) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            session.add(
+                MailingList(
+                    slug=settings.lists[0].slug,
+                    name="as the other process wrote it",
+                    default_locale="fr",
+                    consent_version="v",
+                    confirm_ttl_seconds=0,
+                )
+            )
+            session.flush()
+        original(session, **kwargs)
+
+    monkeypatch.setattr(lists, "sync_from_settings", racing)
+    sync_lists(engine, settings)
+    assert len(attempts) == 2
+    with Session(engine) as session:
+        found = session.exec(
+            select(MailingList).where(MailingList.slug == settings.lists[0].slug)
+        ).all()
+    assert [row.name for row in found] == [settings.lists[0].name]
