@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_RETENTION = timedelta(days=1)
 # Longest pause between rounds while the database is unreachable.
 MAX_OUTAGE_PAUSE = 5.0
-# How often a worker giving way to requests looks whether they have paused (seconds).
-GIVE_WAY_STEP = 0.01
+# How often a worker giving way to requests looks whether they have paused (seconds): as
+# often as the busy window is long (app/main.py BUSY_WINDOW); each look takes the GIL.
+GIVE_WAY_STEP = 0.05
 # A round that could wait no longer for a pause in the requests takes this many jobs at
 # most: it runs in their interpreter, and a full sync round (a thousand jobs) held every
 # request in flight for a tenth of a second.

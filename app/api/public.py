@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -64,6 +65,20 @@ SUBSCRIBE_ACCEPTED = Accepted(
 UNSUBSCRIBE_ACCEPTED = Accepted(
     detail="If this address is subscribed, a mail with an unsubscribe link is on its way."
 )
+
+
+def _accepted(answer: Accepted) -> Callable[[], Response]:
+    """The 202 answer, its body written once (JSONResponse's bytes, compact UTF-8 JSON)."""
+    body = JSONResponse(answer.model_dump()).body
+
+    def respond() -> Response:
+        return Response(body, status_code=202, media_type=JSON)
+
+    return respond
+
+
+subscribe_accepted = _accepted(SUBSCRIBE_ACCEPTED)
+unsubscribe_accepted = _accepted(UNSUBSCRIBE_ACCEPTED)
 
 
 def _form_fields(schema: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +277,7 @@ async def subscribe(slug: str, request: Request) -> Response:
             _refuse_bad_fields(forms.check(body.attributes, declared.fields))
         await _require_proof_of_work(body, settings, database)
         await _subscribe(request, database, settings, limiter, slug, body, source="api")
-        return JSONResponse(SUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+        return subscribe_accepted()
 
     form = submission.form
     mailing_list = await database.run(lists.get, slug=slug)
@@ -609,7 +624,7 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
         await _request_unsubscribe(
             request, database, settings, limiter, slug, submission.body, source="api"
         )
-        return JSONResponse(UNSUBSCRIBE_ACCEPTED.model_dump(), status_code=202)
+        return unsubscribe_accepted()
 
     form = submission.form
     mailing_list = await database.run(lists.get, slug=slug)
