@@ -731,26 +731,6 @@ _GONE = (
     SubscriptionStatus.BOUNCED.value,
     SubscriptionStatus.COMPLAINED.value,
 )
-_LEFT_BEFORE = db.Prepared(
-    sa.select(_EVENTS.c.id)
-    .where(
-        _EVENTS.c.subscription_id == sa.bindparam("subscription_id"),
-        # Fixed parameters, not an expanding IN: `db.Prepared` compiles the statement once.
-        _EVENTS.c.status_after.in_([sa.literal(status) for status in _GONE]),
-    )
-    .limit(1)
-)
-
-
-def _left_before(session: Session, *, subscription_id: int) -> bool:
-    """Did this address leave the list before (unsubscribed, bounced, complained)?
-
-    Only then may the backend hold a suppression from that departure for the sync to
-    clear on this new opt-in. Checking every first-time address instead costs two calls
-    each at Mailgun (no bulk suppression API): 200,000 calls for 100,000 confirmations.
-    """
-    found = _LEFT_BEFORE.execute(session, {"subscription_id": subscription_id}).scalar()
-    return found is not None
 
 
 def confirmation_target(session: Session, *, secret: str, now: datetime) -> Target:
@@ -765,9 +745,20 @@ _LOCK = db.Prepared(
         _SUBSCRIPTIONS.c.status,
         _SUBSCRIPTIONS.c.locale,
         _SUBSCRIPTIONS.c.consent_version,
+        # Did this address leave the list before (unsubscribed, bounced, complained)? Only
+        # then may the backend hold a suppression from that departure for the sync to clear
+        # on this new opt-in. Checking every first-time address instead costs two calls
+        # each at Mailgun (no bulk suppression API): 200,000 for 100,000 confirmations.
+        sa.exists()
+        .where(
+            _EVENTS.c.subscription_id == _SUBSCRIPTIONS.c.id,
+            # Fixed parameters, not an expanding IN: `db.Prepared` compiles it once.
+            _EVENTS.c.status_after.in_([sa.literal(status) for status in _GONE]),
+        )
+        .label("left_before"),
     )
     .where(_SUBSCRIPTIONS.c.id == sa.bindparam("subscription_id"))
-    .with_for_update()
+    .with_for_update(of=_SUBSCRIPTIONS)
 )
 _CONFIRMED = db.Prepared(
     sa.update(_SUBSCRIPTIONS)
@@ -807,7 +798,14 @@ def confirm(
         consent_version=row.consent_version,
     )
     tokens.retire(session, subscription_id=subscription_id, purpose=TokenPurpose.CONFIRM, now=now)
-    _unsubscribe_token(session, subscription=confirmed, key=key, now=now)
+    # The standing unsubscribe link, unless one is left from an earlier subscription.
+    tokens.ensure(
+        session,
+        subscription_id=subscription_id,
+        purpose=TokenPurpose.UNSUBSCRIBE,
+        key=key,
+        now=now,
+    )
     _record(
         session, subscription=confirmed, action=ConsentAction.CONFIRMED, evidence=evidence, now=now
     )
@@ -816,7 +814,7 @@ def confirm(
         subscription_id=subscription_id,
         list_id=row.list_id,
         now=now,
-        fresh_opt_in=_left_before(session, subscription_id=subscription_id),
+        fresh_opt_in=bool(row.left_before),
     )
     log.info("subscription.confirmed list_id=%s subscription_id=%s", row.list_id, subscription_id)
     return _target_of(session, list_id=row.list_id, state=TargetState(confirmed.status, row.locale))

@@ -225,6 +225,39 @@ def live_id(session: Session, *, subscription_id: int, purpose: TokenPurpose) ->
     return found
 
 
+_COLUMNS = ["id", "subscription_id", "purpose", "token_hash", "created_at", "expires_at"]
+# INSERT ... SELECT <the new row> WHERE NOT EXISTS <a live one>: one statement for both.
+_ENSURE = db.Prepared(
+    sa.insert(_TABLE).from_select(
+        _COLUMNS,
+        sa.select(*(sa.bindparam(name, type_=_TABLE.c[name].type) for name in _COLUMNS)).where(
+            ~sa.exists().where(
+                _TABLE.c.subscription_id == sa.bindparam("subscription_id"),
+                _TABLE.c.purpose == sa.bindparam("purpose"),
+                _TABLE.c.used_at.is_(None),
+            )
+        ),
+    )
+)
+
+
+def ensure(
+    session: Session, *, subscription_id: int, purpose: TokenPurpose, key: bytes, now: datetime
+) -> None:
+    """A token of this purpose without expiry, made unless an unused one exists (the
+    standing unsubscribe link, at confirmation): `live_id` and `insert` in one statement."""
+    row = _row(
+        uuid.uuid4(),
+        subscription_id=subscription_id,
+        purpose=purpose,
+        key=key,
+        created_at=now,
+        ttl=None,
+    )
+    del row["used_at"]
+    _ENSURE.execute(session, row)
+
+
 def live(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> Token | None:
     """`live_id`, as the row."""
     token_id = live_id(session, subscription_id=subscription_id, purpose=purpose)
