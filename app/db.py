@@ -209,7 +209,11 @@ class Checkpointer:
         _busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         restarted = frames >= self.restart_frames
         if restarted:
-            _busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            # Between two transactions of this process's writers: SQLite's busy handler,
+            # which RESTART waits in, would otherwise sleep through every gap between them.
+            with _one_writer(self.engine):
+                restart = connection.execute("PRAGMA wal_checkpoint(RESTART)")
+                _busy, frames, copied = restart.fetchone()
             self.restarts += 1
         self.passes += 1
         return CheckpointPass(wal_frames=frames, copied=copied, restarted=restarted)
@@ -229,11 +233,9 @@ class Checkpointer:
                     pause = self.idle_pause
                     continue
                 # The WAL as it was at the last pass: nothing was written since.
-                idle = (done.wal_frames, done.copied) == last
-                pause, last = (
-                    (self.idle_pause if idle else self.pause),
-                    (done.wal_frames, done.copied),
-                )
+                seen = (done.wal_frames, done.copied)
+                pause = self.idle_pause if seen == last else self.pause
+                last = seen
         finally:
             connection.close()
 

@@ -35,17 +35,11 @@ def hash_of(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# The columns `_row` fills.
+_COLUMNS = ["id", "subscription_id", "purpose", "token_hash", "created_at", "expires_at", "used_at"]
 _INSERT = db.Prepared(
     sa.insert(Token.__table__),  # type: ignore[attr-defined]
-    insert_keys=[
-        "id",
-        "subscription_id",
-        "purpose",
-        "token_hash",
-        "created_at",
-        "expires_at",
-        "used_at",
-    ],
+    insert_keys=_COLUMNS,
 )
 
 
@@ -225,7 +219,6 @@ def live_id(session: Session, *, subscription_id: int, purpose: TokenPurpose) ->
     return found
 
 
-_COLUMNS = ["id", "subscription_id", "purpose", "token_hash", "created_at", "expires_at"]
 # INSERT ... SELECT <the new row> WHERE NOT EXISTS <a live one>: one statement for both.
 _ENSURE = db.Prepared(
     sa.insert(_TABLE).from_select(
@@ -254,7 +247,6 @@ def ensure(
         created_at=now,
         ttl=None,
     )
-    del row["used_at"]
     _ENSURE.execute(session, row)
 
 

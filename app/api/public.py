@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -67,18 +66,13 @@ UNSUBSCRIBE_ACCEPTED = Accepted(
 )
 
 
-def _accepted(answer: Accepted) -> Callable[[], Response]:
-    """The 202 answer, its body written once (JSONResponse's bytes, compact UTF-8 JSON)."""
-    body = JSONResponse(answer.model_dump()).body
-
-    def respond() -> Response:
-        return Response(body, status_code=202, media_type=JSON)
-
-    return respond
+# Their bodies written once, as JSONResponse writes them.
+SUBSCRIBE_ACCEPTED_BODY = bytes(JSONResponse(SUBSCRIBE_ACCEPTED.model_dump()).body)
+UNSUBSCRIBE_ACCEPTED_BODY = bytes(JSONResponse(UNSUBSCRIBE_ACCEPTED.model_dump()).body)
 
 
-subscribe_accepted = _accepted(SUBSCRIBE_ACCEPTED)
-unsubscribe_accepted = _accepted(UNSUBSCRIBE_ACCEPTED)
+def _accepted(body: bytes) -> Response:
+    return Response(body, status_code=202, media_type=JSON)
 
 
 def _form_fields(schema: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +271,7 @@ async def subscribe(slug: str, request: Request) -> Response:
             _refuse_bad_fields(forms.check(body.attributes, declared.fields))
         await _require_proof_of_work(body, settings, database)
         await _subscribe(request, database, settings, limiter, slug, body, source="api")
-        return subscribe_accepted()
+        return _accepted(SUBSCRIBE_ACCEPTED_BODY)
 
     form = submission.form
     mailing_list = await database.run(lists.get, slug=slug)
@@ -624,7 +618,7 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
         await _request_unsubscribe(
             request, database, settings, limiter, slug, submission.body, source="api"
         )
-        return unsubscribe_accepted()
+        return _accepted(UNSUBSCRIBE_ACCEPTED_BODY)
 
     form = submission.form
     mailing_list = await database.run(lists.get, slug=slug)
