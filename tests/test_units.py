@@ -6,6 +6,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlmodel import Session
 
 from app import addresses, tokens
@@ -58,6 +60,65 @@ class TestAddresses:
             addresses.parse(raw, new=True)
         stored = addresses.parse(raw.upper(), new=False)
         assert stored.key == raw.casefold()
+
+    @pytest.mark.parametrize(
+        ("raw", "email"),
+        [
+            ("Jean.Dupont+BlueHats@Exemple.GOUV.fr", "Jean.Dupont+BlueHats@exemple.gouv.fr"),
+            ("o'brien_{x}|y~z@sub-1.example.org", "o'brien_{x}|y~z@sub-1.example.org"),
+            ("a@" + "b" * 63 + ".fr", "a@" + "b" * 63 + ".fr"),
+        ],
+    )
+    def test_an_everyday_address_takes_the_short_path_with_the_same_result(
+        self, raw: str, email: str
+    ) -> None:
+        plain = addresses._plain(raw)
+        assert plain == addresses._general(raw, True)
+        assert plain == addresses.Address(email=email, key=email.casefold())
+
+    @pytest.mark.parametrize(
+        ("raw", "email"),
+        [
+            ("Postmaster@Example.org", "postmaster@example.org"),  # role names lowercased
+            ("a@xn--exmple-cua.fr", "a@exämple.fr"),  # Punycode shown decoded
+            ("a@ab--cd.fr", None),  # two letters then two hyphens, not Punycode
+            ("a@b.local", None),  # special-use
+            ("a@mail.test", None),
+            ("a@example.123", None),  # a top-level label ends with a letter
+            ("a@" + "b" * 64 + ".fr", None),  # a label over 63 characters
+            ("a@" + ("b" * 62 + ".") * 4 + "fr", None),  # a domain over 253 characters
+        ],
+    )
+    def test_the_other_cases_take_email_validator_path(self, raw: str, email: str | None) -> None:
+        assert addresses._plain(raw) is None
+        if email is None:
+            with pytest.raises(addresses.InvalidAddress):
+                addresses.parse(raw, new=True)
+        else:
+            assert addresses.parse(raw, new=True).email == email
+
+    @settings(max_examples=3000, deadline=None)
+    @given(
+        local=st.lists(
+            st.text(alphabet="aZ09!#$%&'*+-/=?^_`{|}~.\"@ ", max_size=6), min_size=1, max_size=4
+        ).map(".".join),
+        labels=st.lists(
+            st.one_of(
+                st.text(alphabet="aZ09-", min_size=0, max_size=5),
+                st.sampled_from(["xn--exmple-cua", "ab--cd", "local", "test", "123", "b" * 64]),
+            ),
+            min_size=1,
+            max_size=4,
+        ),
+        role=st.sampled_from(["", "Postmaster", "abuse"]),
+    )
+    def test_the_short_path_answers_only_where_email_validator_gives_the_same(
+        self, local: str, labels: list[str], role: str
+    ) -> None:
+        raw = f"{role or local}@{'.'.join(labels)}"
+        plain = addresses._plain(raw)
+        if plain is not None:
+            assert plain == addresses._general(raw, True)
 
     def test_mask_hides_the_local_part(self) -> None:
         assert addresses.mask("camille@example.org") == "c***@example.org"
