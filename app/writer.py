@@ -139,8 +139,9 @@ class GroupWriter:
     def _run_batch(self, batch: list[_Unit]) -> None:
         try:
             with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:
+                savepoint = _Savepoint(session)
                 for unit in batch:
-                    unit.outcome = _in_savepoint(session, unit)
+                    unit.outcome = savepoint.run(unit)
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
             if len(batch) > 1 and _sqlstate(e) in _RETRY_ALONE:
                 self._retry_alone(batch)
@@ -178,20 +179,43 @@ class GroupWriter:
         _answer_all(batch)
 
 
-def _in_savepoint(session: Session, unit: _Unit) -> tuple[bool, Any]:
-    """Run one unit: (True, its result), or (False, the DomainError it refused with)."""
-    with contextlib.closing(session.connection().connection.cursor()) as cursor:
-        cursor.execute("SAVEPOINT unit")
-        try:
-            value = unit.context.run(unit.work, session, **unit.kwargs)
-            session.flush()
-        except errors.DomainError as e:
-            cursor.execute("ROLLBACK TO SAVEPOINT unit")
-            cursor.execute("RELEASE SAVEPOINT unit")
-            _forget(session)
-            return False, e
-        cursor.execute("RELEASE SAVEPOINT unit")
-    return True, value
+class _Savepoint:
+    """The units of one batch, each in its savepoint, at one statement a unit where it can.
+
+    A unit that went through leaves its savepoint open: the next unit's `RELEASE` and
+    `SAVEPOINT` go together (one round trip on PostgreSQL, whose driver takes the two in
+    one string; SQLite's takes one statement at a time, and has no round trip), and the
+    batch's COMMIT releases the last one. A refused unit rolls its savepoint back and
+    releases it, so the next unit opens a new one.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.open = False
+        joined = session.get_bind().dialect.name == "postgresql"
+        self.next = (
+            ("RELEASE SAVEPOINT unit; SAVEPOINT unit",)
+            if joined
+            else ("RELEASE SAVEPOINT unit", "SAVEPOINT unit")
+        )
+
+    def run(self, unit: _Unit) -> tuple[bool, Any]:
+        """Run one unit: (True, its result), or (False, the DomainError it refused with)."""
+        session = self.session
+        with contextlib.closing(session.connection().connection.cursor()) as cursor:
+            for statement in self.next if self.open else ("SAVEPOINT unit",):
+                cursor.execute(statement)
+            self.open = True
+            try:
+                value = unit.context.run(unit.work, session, **unit.kwargs)
+                session.flush()
+            except errors.DomainError as e:
+                cursor.execute("ROLLBACK TO SAVEPOINT unit")
+                cursor.execute("RELEASE SAVEPOINT unit")
+                self.open = False
+                _forget(session)
+                return False, e
+        return True, value
 
 
 def _forget(session: Session) -> None:

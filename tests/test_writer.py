@@ -96,6 +96,40 @@ def test_a_batch_commits_once_and_a_refused_request_undoes_only_its_own_writes(
     assert len(commits) == 2
 
 
+def test_refusals_in_a_row_first_and_last_undo_only_their_own_writes(
+    engine: sa.Engine,
+) -> None:
+    commits: list[object] = []
+    sa.event.listen(engine, "commit", commits.append)
+    writer = GroupWriter(engine, threads=1)
+    try:
+        results = asyncio.run(
+            _batch(
+                writer,
+                [
+                    (_add_then_refuse, "r1@example.org"),
+                    (_add, "a@example.org"),
+                    (_add_then_refuse, "r2@example.org"),
+                    (_add_then_refuse, "r3@example.org"),
+                    (_add, "b@example.org"),
+                    (_add, "c@example.org"),
+                    (_add_then_refuse, "r4@example.org"),
+                ],
+            )
+        )
+    finally:
+        writer.stop()
+    refused = [isinstance(result, errors.TokenUsed) for result in results]
+    assert refused == [True, False, True, True, False, False, True]
+    assert _stored(engine) == {
+        "gate@example.org",
+        "a@example.org",
+        "b@example.org",
+        "c@example.org",
+    }
+    assert len(commits) == 2  # the gate's, then one for the batch: none ran again alone
+
+
 def test_a_broken_request_fails_alone_and_the_others_are_stored(engine: sa.Engine) -> None:
     writer = GroupWriter(engine, threads=1)
     try:
