@@ -1,20 +1,26 @@
 """The mails this service sends, rendered from templates in the subscriber's language.
 
 Nothing a visitor typed reaches a header except the validated address; the subject is
-built from the list's name with line breaks removed, and `email.message` refuses CR/LF in
-any header value besides (`_fixed` too, for the values it parses once).
+built from the list's name with line breaks removed. CR/LF is refused in any header value
+besides: by `email.message` in the values it parses, by `_fixed` in those parsed once, and
+the address is written as it is only without them.
 
-The worker builds one mail after another, often inside the API's process: `email`'s modern
-API spends most of a mail's CPU parsing and folding headers, so what repeats from mail to
-mail (the header classes, the From and Subject of a list, the fixed headers) is parsed once.
+The worker builds one mail after another, often inside the API's process, and `email`'s
+modern API spends most of a mail's CPU parsing and folding headers and encoding parts. So
+the headers that repeat from mail to mail (a list's From and Subject, the fixed ones) are
+parsed and folded once and set raw, as are the plain ASCII ones made per mail (the date,
+the Message-ID, an ASCII address), and the two text parts are encoded as `set_content`
+would, directly: about 230 µs a mail, written out, against 600.
 """
 
 from __future__ import annotations
 
+import binascii
 import email.policy
 import re
 import secrets
 from email import headerregistry
+from email.header import Header
 from email.headerregistry import BaseHeader
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -79,6 +85,49 @@ class _HeaderClasses(headerregistry.HeaderRegistry):
 POLICY = email.policy.default.clone(header_factory=_HeaderClasses())
 
 
+# RFC 5322's line length, `email.policy.default`'s.
+_LINE_LENGTH = 78
+# Longest `To` value written as it is: with "To: ", within a line.
+_PLAIN_TO_LENGTH = _LINE_LENGTH - 4
+
+
+def _text_part(subtype: str, body: str) -> EmailMessage:
+    """A UTF-8 text part, encoded as `set_content` would: as it is (7bit or 8bit) when no
+    line is over 78 characters, else quoted-printable (by `binascii`, in C). Its headers
+    are parsed once per process: `set_content` spent a third of a mail setting them."""
+    lines = body.encode().splitlines()
+    data = b"\n".join(lines) + b"\n"  # as `set_content`: one newline at the end
+    part = EmailMessage(policy=POLICY)
+    part["Content-Type"] = _fixed("Content-Type", f'text/{subtype}; charset="utf-8"')
+    if max(map(len, lines), default=0) <= _LINE_LENGTH:
+        cte = "7bit" if data.isascii() else "8bit"
+        # Bytes beyond ASCII as `set_content` keeps them: surrogate-escaped, for the
+        # bytes generator to write back as they were.
+        payload = data.decode("ascii", "surrogateescape")
+    else:
+        cte = "quoted-printable"
+        payload = binascii.b2a_qp(data, istext=True).decode("ascii")
+    part["Content-Transfer-Encoding"] = _fixed("Content-Transfer-Encoding", cte)
+    part.set_payload(payload)
+    return part
+
+
+@lru_cache(maxsize=256)
+def _folded(name: str, value: str) -> str:
+    """A header value that repeats across mails (a list's From and Subject...), parsed and
+    folded once: what the generator writes after `name: ` (RFC 2047 words, continuation
+    lines), kept with `set_raw`. The generator writes such a value as it is, where it
+    folds a parsed header again for every mail."""
+    header = _fixed(name, value)
+    if name == "Subject" and not value.isascii():
+        # `email`'s folder loses the space between two encoded words ("à l'été" reads back
+        # as "àl'été"); the classic encoder keeps every space inside the words.
+        return Header(value, "utf-8", header_name=name).encode(
+            linesep="\n", maxlinelen=_LINE_LENGTH
+        )
+    return header.fold(policy=POLICY)[len(name) + 2 :].rstrip("\r\n")
+
+
 @lru_cache(maxsize=256)
 def _fixed(name: str, value: str) -> BaseHeader:
     """A header whose value repeats across mails, parsed once (headers are immutable)."""
@@ -139,27 +188,29 @@ def compose(
     )
 
     message = EmailMessage(policy=POLICY)
-    message["From"] = _fixed("From", mail_from)
-    message["To"] = to
-    message["Subject"] = _fixed("Subject", subject)
-    message["Date"] = format_datetime(utcnow())
-    message["Message-ID"] = f"<{message_key}@{_domain_of(mail_from)}>"
+    message.set_raw("From", _folded("From", mail_from))
+    if to.isascii() and len(to) <= _PLAIN_TO_LENGTH and "\r" not in to and "\n" not in to:
+        # A validated ASCII address is a dot-atom: the header is the address as it is.
+        message.set_raw("To", to)
+    else:
+        message["To"] = to
+    message.set_raw("Subject", _folded("Subject", subject))
+    message.set_raw("Date", format_datetime(utcnow()))
+    message.set_raw("Message-ID", f"<{message_key}@{_domain_of(mail_from)}>")
     # RFC 3834: machine-generated; no out-of-office replies, please.
-    message["Auto-Submitted"] = _fixed("Auto-Submitted", "auto-generated")
-    message["X-Auto-Response-Suppress"] = _fixed("X-Auto-Response-Suppress", "All")
+    message.set_raw("Auto-Submitted", "auto-generated")
+    message.set_raw("X-Auto-Response-Suppress", "All")
     if unsubscribe_link is not None:
         # RFC 8058 one-click unsubscribe for mails to confirmed subscribers.
         message["List-Unsubscribe"] = f"<{unsubscribe_link}>"
-        message["List-Unsubscribe-Post"] = _fixed(
-            "List-Unsubscribe-Post", "List-Unsubscribe=One-Click"
-        )
-    message.set_content(text)
-    message.add_alternative(html, subtype="html")
-    message.replace_header(
-        "Content-Type", f'multipart/alternative; boundary="{_boundary(text, html)}"'
-    )
-    # After the body: setting content clears every Content-* header.
-    message["Content-Language"] = _fixed("Content-Language", locale.value)
+        message.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+    parts = [_text_part("plain", text), _text_part("html", html)]
+    message.set_raw("MIME-Version", "1.0")
+    boundary = _boundary(*(str(part.get_payload()) for part in parts))
+    message["Content-Type"] = f'multipart/alternative; boundary="{boundary}"'
+    message.set_raw("Content-Language", _folded("Content-Language", locale.value))
+    for part in parts:
+        message.attach(part)
     return OutgoingMail(message=message, link=link)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 from datetime import timedelta
 from typing import Any
 
@@ -188,6 +190,37 @@ class TestMails:
                 to="camille@example.org\r\nBcc: victim@example.org",
                 message_key="1.x",
             )
+
+    @pytest.mark.parametrize("kind", list(MailKind))
+    @pytest.mark.parametrize("locale", list(Locale))
+    @pytest.mark.parametrize("to", ["camille@example.org", "josé@exämple.fr", "a" * 62 + "@b.fr"])
+    def test_every_mail_reads_back_whole_with_short_lines(
+        self, kind: MailKind, locale: Locale, to: str
+    ) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/confirm/" + "x" * 43
+        mail = _compose(
+            kind,
+            locale=locale,
+            to=to,
+            list_name="Gazette BlueHats à l'été",
+            mail_from="L'équipe BlueHats <bluehats@code.gouv.fr>",
+            link=None if kind == MailKind.GOODBYE else link,
+        )
+        raw = mail.message.as_bytes()
+        assert max(len(line) for line in raw.splitlines()) <= 78
+        read = email.message_from_bytes(raw, policy=email.policy.default)
+        assert read["To"] == to
+        assert read["From"] == "L'équipe BlueHats <bluehats@code.gouv.fr>"
+        assert "Gazette BlueHats à l'été" in read["Subject"]
+        assert read.get_content_type() == "multipart/alternative"
+        parts = [read.get_body(preferencelist=(subtype,)) for subtype in ("plain", "html")]
+        for part in parts:
+            assert part is not None
+            content = part.get_content()
+            assert content.endswith("\n")
+            assert to in content
+            if kind != MailKind.GOODBYE:
+                assert link in content
 
     def test_html_part_escapes_what_it_shows(self) -> None:
         mail = _compose(MailKind.GOODBYE, list_name="<b>News</b>", message_key="1.x", link=None)
