@@ -28,8 +28,10 @@ from app.worker import Worker
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-# The in-process worker gives way while a request is being answered and another arrived
-# within this many seconds (Metrics.busy_with_requests).
+# The in-process worker gives way while requests wait for the database (the group writer's),
+# and while a request is being answered and another arrived within this many seconds
+# (Metrics.busy_with_requests): a round of the worker's that holds up the writes also
+# holds up the arrivals, so these alone would soon read as a pause.
 BUSY_WINDOW = 0.05
 
 
@@ -104,9 +106,10 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 settings=settings,
                 mailer=make_mailer(settings.mailer),
                 metrics=metrics,
-                busy=lambda: metrics.busy_with_requests(within=BUSY_WINDOW),
+                busy=lambda: (
+                    database.writer.waiting > 0 or metrics.busy_with_requests(within=BUSY_WINDOW)
+                ),
             )
-            worker.start()
         # Built in the running loop: its async Redis connections belong to this loop.
         limiter = ratelimit.RateLimiter.from_settings(
             settings,
@@ -120,6 +123,8 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         app.state.worker = worker
         database = Database(engine, on_outbox_commit=worker.wake if worker else None)
         app.state.database = database
+        if worker is not None:
+            worker.start()
         app.state.rate_limiter = limiter
         log.info(
             "app.started database=%s worker=%s rate_limit_counters=%s lists=%s",

@@ -80,6 +80,8 @@ class GroupWriter:
         self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
         self._running: list[threading.Thread] = []
         self._start_lock = threading.Lock()
+        # Changed by the event loops' threads only; read by anyone.
+        self._waiting = 0
 
     async def run(self, work: Callable[..., T], /, **kwargs: Any) -> T:
         self._ensure_started()
@@ -91,9 +93,18 @@ class GroupWriter:
             future=loop.create_future(),
             context=contextvars.copy_context(),
         )
-        self._queue.put(unit)
-        result: T = await unit.future
+        self._waiting += 1
+        try:
+            self._queue.put(unit)
+            result: T = await unit.future
+        finally:
+            self._waiting -= 1
         return result
+
+    @property
+    def waiting(self) -> int:
+        """Requests whose writes are queued or under way: they wait for the database."""
+        return self._waiting
 
     def stop(self) -> None:
         """Finish what is queued, then end the threads."""

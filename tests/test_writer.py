@@ -213,3 +213,35 @@ def test_a_lost_database_fails_every_request_of_the_batch(size: int, tmp_path: A
         writer.stop()
     assert len(results) == size
     assert all(isinstance(result, sa.exc.OperationalError) for result in results)
+
+
+def test_waiting_counts_the_requests_queued_or_under_way_until_answered(
+    engine: sa.Engine,
+) -> None:
+    """What the in-process worker reads to give way to requests (app/main.py)."""
+    writer = GroupWriter(engine, threads=1)
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        gate = _Gate()
+        first = asyncio.ensure_future(writer.run(gate, value="gate@example.org"))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        seen.append(writer.waiting)  # the gate, under way
+        queued = [
+            asyncio.ensure_future(writer.run(_add, value=f"{n}@example.org")) for n in range(3)
+        ]
+        await asyncio.sleep(0)
+        seen.append(writer.waiting)  # and three behind it
+        gate.release.set()
+        await first
+        await asyncio.gather(*queued)
+        seen.append(writer.waiting)
+        with pytest.raises(errors.TokenUsed):
+            await writer.run(_add_then_refuse, value="refused@example.org")
+        seen.append(writer.waiting)  # a refusal is answered too
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        writer.stop()
+    assert seen == [1, 4, 0, 0]
