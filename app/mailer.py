@@ -43,6 +43,9 @@ class OutgoingMail:
     message: EmailMessage
     # The link the mail is about, shown by the development mailer; never logged otherwise.
     link: str | None = None
+    # The validated address the mail goes to: the SMTP envelope's, not read back from the
+    # To header (whose parser decodes RFC 2047 words even in an address).
+    recipient: str | None = None
 
 
 class Mailer(Protocol):
@@ -170,7 +173,7 @@ class SmtpMailer:
     def _deliver(self, mail: OutgoingMail) -> None:
         client = self._take() or self._open()
         try:
-            client.send_message(mail.message)
+            client.send_message(mail.message, to_addrs=[mail.recipient] if mail.recipient else None)
         except BaseException:
             _goodbye(client)
             raise

@@ -87,6 +87,8 @@ POLICY = email.policy.default.clone(header_factory=_HeaderClasses())
 
 # RFC 5322's line length, `email.policy.default`'s.
 _LINE_LENGTH = 78
+# RFC 2047: an encoded word is at most 75 characters, after a continuation line's space.
+_ENCODED_LINE_LENGTH = 76
 # Longest `To` value written as it is: with "To: ", within a line.
 _PLAIN_TO_LENGTH = _LINE_LENGTH - 4
 
@@ -123,7 +125,7 @@ def _folded(name: str, value: str) -> str:
         # `email`'s folder loses the space between two encoded words ("à l'été" reads back
         # as "àl'été"); the classic encoder keeps every space inside the words.
         return Header(value, "utf-8", header_name=name).encode(
-            linesep="\n", maxlinelen=_LINE_LENGTH
+            linesep="\n", maxlinelen=_ENCODED_LINE_LENGTH
         )
     return header.fold(policy=POLICY)[len(name) + 2 :].rstrip("\r\n")
 
@@ -189,8 +191,9 @@ def compose(
 
     message = EmailMessage(policy=POLICY)
     message.set_raw("From", _folded("From", mail_from))
-    if to.isascii() and len(to) <= _PLAIN_TO_LENGTH and "\r" not in to and "\n" not in to:
-        # A validated ASCII address is a dot-atom: the header is the address as it is.
+    if to.isascii() and len(to) <= _PLAIN_TO_LENGTH and len(to.splitlines()) == 1:
+        # A validated ASCII address is a dot-atom: the header is the address as it is (the
+        # generator would write any line break `splitlines` finds as a new header line).
         message.set_raw("To", to)
     else:
         message["To"] = to
@@ -211,7 +214,7 @@ def compose(
     message.set_raw("Content-Language", _folded("Content-Language", locale.value))
     for part in parts:
         message.attach(part)
-    return OutgoingMail(message=message, link=link)
+    return OutgoingMail(message=message, link=link, recipient=to)
 
 
 @lru_cache(maxsize=16)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socketserver
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -14,6 +16,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from app import addresses
 from app.config import Locale, SmtpMailerSettings
 from app.mailer import OutgoingMail, PermanentMailError, RetryableMailError, SmtpMailer
 from app.mails import MailKind, compose
@@ -49,16 +52,52 @@ def _authenticator(
     return AuthResult(success=ok, handled=False)
 
 
-def _mail() -> OutgoingMail:
+def _mail(to: str = "camille@example.org") -> OutgoingMail:
     return compose(
         MailKind.CONFIRM,
         locale=Locale.FR,
         list_name="Gazette BlueHats",
-        to="camille@example.org",
+        to=to,
         mail_from="BlueHats <bluehats@code.gouv.fr>",
         message_key="1.test",
         link="http://testserver/v1/confirm/abc",
     )
+
+
+class _RecordingSmtpServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.lines: list[str] = []
+
+
+class _RecordingSmtpHandler(socketserver.StreamRequestHandler):
+    """An SMTP server that accepts everything and keeps each command line as it came."""
+
+    server: _RecordingSmtpServer
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 recorder ESMTP\r\n")
+        in_data = False
+        for raw in self.rfile:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if in_data:
+                if line == ".":
+                    in_data = False
+                    self.wfile.write(b"250 queued\r\n")
+                continue
+            self.server.lines.append(line)
+            verb = line[:4].upper()
+            if verb == "DATA":
+                in_data = True
+                self.wfile.write(b"354 go on\r\n")
+            elif verb == "QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
 
 
 def _serve(certificate: tuple[Path, Path], **options: Any) -> tuple[SmtpSink, Controller]:
@@ -206,6 +245,28 @@ class TestSmtpMailer:
         finally:
             controller.stop()
 
+    def test_the_envelope_goes_to_the_validated_address_not_to_a_reading_of_the_header(
+        self,
+    ) -> None:
+        # A valid dot-atom that a header parser (and aiosmtpd's) decodes as an RFC 2047
+        # word, "victim": the RCPT line is read raw, by a server that only records.
+        address = addresses.parse("=?utf-8?q?victim?=@example.org", new=True).email
+        server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
+                )
+            )
+            assert "accepted" in mailer.send(_mail(to=address))
+        finally:
+            server.shutdown()
+            server.server_close()
+        recipients = [line[4:] for line in server.lines if line[:4].upper() == "RCPT"]
+        assert recipients == [f" TO:<{address}>"]
+
 
 class TestConnectionReuse:
     def _mailer(self, sink: SmtpSink) -> SmtpMailer:
@@ -263,8 +324,7 @@ class TestConnectionReuse:
         controller.start()
         try:
             mailer = self._mailer(sink)
-            refused = _mail()
-            refused.message.replace_header("To", "refused@example.org")
+            refused = _mail(to="refused@example.org")
             with mailer.batch():
                 with pytest.raises(PermanentMailError, match="550"):
                     mailer.send(refused)
