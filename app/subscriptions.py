@@ -785,8 +785,15 @@ def confirm(
     assert row is not None
     if row.status not in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED):
         raise errors.TokenUsed()
-    # Used by a press that came first (it held the lock): this one confirms nothing.
-    if not tokens.use(session, token_id=token.id, now=now):
+    # Used by a press that came first (it held the lock): this one confirms nothing. Else
+    # the subscription's other confirmation links are retired with it.
+    if not tokens.use(
+        session,
+        token_id=token.id,
+        subscription_id=subscription_id,
+        purpose=TokenPurpose.CONFIRM,
+        now=now,
+    ):
         raise errors.TokenUsed()
     if row.status == SubscriptionStatus.CONFIRMED:
         return _target_of(session, list_id=row.list_id, state=TargetState(row.status, row.locale))
@@ -797,7 +804,6 @@ def confirm(
         status=SubscriptionStatus.CONFIRMED.value,
         consent_version=row.consent_version,
     )
-    tokens.retire(session, subscription_id=subscription_id, purpose=TokenPurpose.CONFIRM, now=now)
     # The standing unsubscribe link, unless one is left from an earlier subscription.
     tokens.ensure(
         session,

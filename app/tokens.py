@@ -173,7 +173,13 @@ _LIVE = db.Prepared(
 )
 _USE = db.Prepared(
     sa.update(_TABLE)
-    .where(_TABLE.c.id == sa.bindparam("b_token_id"), _TABLE.c.used_at.is_(None))
+    .where(
+        _TABLE.c.subscription_id == sa.bindparam("b_subscription_id"),
+        _TABLE.c.purpose == sa.bindparam("b_purpose"),
+        _TABLE.c.used_at.is_(None),
+        # Only while this very token is unused.
+        sa.exists().where(_TABLE.c.id == sa.bindparam("b_token_id"), _TABLE.c.used_at.is_(None)),
+    )
     .values(used_at=sa.bindparam("b_now"))
 )
 _RETIRE = db.Prepared(
@@ -204,10 +210,27 @@ def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetim
     return Live(id=row.id, subscription_id=row.subscription_id)
 
 
-def use(session: Session, *, token_id: uuid.UUID, now: datetime) -> bool:
-    """Mark the token used, unless it already is (then false): one atomic statement."""
-    result = _USE.execute(session, {"b_token_id": token_id, "b_now": now})
-    return result.rowcount == 1
+def use(
+    session: Session,
+    *,
+    token_id: uuid.UUID,
+    subscription_id: int,
+    purpose: TokenPurpose,
+    now: datetime,
+) -> bool:
+    """Mark the token used, with every other open token of its subscription and purpose (the
+    older links stop working), unless it is used already: then false, and nothing changed.
+    One atomic statement: `retire` once the token is known to be unused."""
+    result = _USE.execute(
+        session,
+        {
+            "b_token_id": token_id,
+            "b_subscription_id": subscription_id,
+            "b_purpose": purpose.value,
+            "b_now": now,
+        },
+    )
+    return result.rowcount > 0
 
 
 def live_id(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> uuid.UUID | None:

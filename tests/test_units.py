@@ -289,6 +289,49 @@ class TestTokens:
                 tokens.lookup(session, secret=secret, purpose=TokenPurpose.CONFIRM, now=now)
             session.rollback()
 
+    def test_using_a_token_retires_its_siblings_and_a_used_one_changes_nothing(
+        self, engine: object
+    ) -> None:
+        key = Settings(secret_key="k").token_key()
+        now = utcnow()
+        with Session(engine) as session:  # type: ignore[call-overload]
+            subscription = self._subscription(session)
+            assert subscription.id is not None
+
+            def issue(purpose: TokenPurpose) -> Token:
+                return tokens.issue(
+                    session, subscription=subscription, purpose=purpose, key=key, now=now, ttl=None
+                )
+
+            first, second = issue(TokenPurpose.CONFIRM), issue(TokenPurpose.CONFIRM)
+            leave = issue(TokenPurpose.UNSUBSCRIBE)
+            session.flush()
+
+            def use(token: Token) -> bool:
+                assert token.id is not None
+                return tokens.use(
+                    session,
+                    token_id=token.id,
+                    subscription_id=subscription.id,
+                    purpose=TokenPurpose.CONFIRM,
+                    now=now,
+                )
+
+            def used(*named: Token) -> list[bool]:
+                session.expire_all()
+                return [token.used_at is not None for token in named]
+
+            assert use(second)
+            assert used(first, second, leave) == [True, True, False]
+            # A link mailed later: a press of a spent one leaves it be.
+            third = issue(TokenPurpose.CONFIRM)
+            session.flush()
+            assert not use(first)
+            assert not use(second)
+            assert used(third) == [False]
+            assert use(third)
+            session.rollback()
+
     def test_token_rows_never_hold_the_link_secret(self) -> None:
         assert {column.name for column in Token.__table__.columns} == {  # type: ignore[attr-defined]
             "id",
