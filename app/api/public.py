@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -675,8 +676,14 @@ def _page_locale(request: Request, stored: str) -> Locale:
 
 
 def _result(target: subscriptions.Target) -> Response:
-    result = ActionResult(status=target.subscription.status, list=target.mailing_list.slug)
-    return JSONResponse(result.model_dump())
+    body = _result_body(target.subscription.status, target.mailing_list.slug)
+    return Response(body, media_type=JSON)
+
+
+@functools.lru_cache(maxsize=64)
+def _result_body(status: str, slug: str) -> bytes:
+    """A link's JSON answer: a few statuses for each list, each written once."""
+    return bytes(JSONResponse(ActionResult(status=status, list=slug).model_dump()).body)
 
 
 def _page(
