@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 from datetime import timedelta
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlmodel import Session
 
-from app import addresses, tokens
+from app import addresses, mails, tokens
 from app.config import Locale, Settings
 from app.errors import TokenExpired, TokenNotFound, TokenUsed
 from app.i18n import catalogue, negotiate
@@ -223,6 +224,25 @@ class TestMails:
             assert to in content
             if kind != MailKind.GOODBYE:
                 assert link in content
+
+    @pytest.mark.parametrize(
+        ("body", "encoding"),
+        [
+            ("Hello,\nsee you.", "7bit"),
+            ("Bonjour,\nà bientôt.\r\n", "8bit"),
+            ("Bonjour, " + "é" * 80 + "\n=.\n", "quoted-printable"),
+        ],
+    )
+    def test_a_text_part_is_encoded_as_set_content_would(self, body: str, encoding: str) -> None:
+        part = mails._text_part("plain", body)
+        assert part["Content-Transfer-Encoding"] == encoding
+        expected = EmailMessage(policy=mails.POLICY)
+        expected.set_content(body)
+        if encoding != "quoted-printable":  # for long lines set_content may take base64
+            assert expected["Content-Transfer-Encoding"] == encoding
+        read = email.message_from_bytes(part.as_bytes(), policy=email.policy.default)
+        assert read.get_content() == expected.get_content()
+        assert max(len(line) for line in part.as_bytes().splitlines()) <= 78
 
     def test_html_part_escapes_what_it_shows(self) -> None:
         mail = _compose(MailKind.GOODBYE, list_name="<b>News</b>", message_key="1.x", link=None)
