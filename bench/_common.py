@@ -501,7 +501,21 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_cpu(pid: int) -> float:
-    return sum(process_cpu(p) for p in process_tree(pid))
+    return sum(tree_cpus(pid).values())
+
+
+def _is_worker(pid: int) -> bool:
+    """A uvicorn worker process, not multiprocessing's resource tracker beside them."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" not in f.read()
+    except OSError:
+        return False
+
+
+def tree_cpus(pid: int) -> dict[int, float]:
+    """CPU seconds of the process and of each of its descendants, by pid."""
+    return {p: process_cpu(p) for p in process_tree(pid)}
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -829,11 +843,22 @@ class LoadResult:
     machine_busy_cores: float
     # The factory ran dry before the end of the window (a pool of tokens).
     exhausted: bool = False
+    # The cores of each of uvicorn's worker processes (not their idle supervisor nor
+    # multiprocessing's resource tracker), busiest first; empty for a server of one
+    # process. The kernel hands the clients' connections to whichever worker accepts
+    # first, not always half to each.
+    server_cores_by_process: list[float] = field(default_factory=list)
+
+    def split(self) -> str:
+        """ " (0.98 + 0.05 by process)" for a server of several processes, else ""."""
+        if len(self.server_cores_by_process) < 2:
+            return ""
+        return f" ({' + '.join(f'{c:.2f}' for c in self.server_cores_by_process)} by process)"
 
     def summary(self) -> str:
         return (
             f"{self.ok_per_s:8.1f} ok/s  p50 {self.p50_ms:7.2f} ms  p99 {self.p99_ms:7.2f} ms  "
-            f"errors {self.errors}  server {self.server_cpu_cores:.2f} cores  "
+            f"errors {self.errors}  server {self.server_cpu_cores:.2f} cores{self.split()}  "
             f"loadgen {self.loadgen_cpu_cores:.2f} cores"
         )
 
@@ -889,27 +914,33 @@ def load(
     """`concurrency` closed-loop clients for `warmup` seconds, then `duration` measured;
     `keep` receives every measured latency (seconds), to pool several windows."""
 
-    async def both() -> tuple[list[float], Counter[str], float, bool, float, float, float]:
+    async def both() -> tuple[
+        list[float], Counter[str], float, bool, dict[int, float], float, float
+    ]:
         connections = [RawConnection(LOOPBACK, port) for _ in range(concurrency)]
         try:
             if warmup > 0:
                 await _drive(connections, make, duration=warmup)
-            server_cpu = tree_cpu(server_pid) if server_pid else 0.0
+            server_before = tree_cpus(server_pid) if server_pid else {}
             own_cpu = time.process_time()
             busy = machine_busy()
             latencies, statuses, elapsed, exhausted = await _drive(
                 connections, make, duration=duration
             )
-            server_cpu = (tree_cpu(server_pid) if server_pid else 0.0) - server_cpu
+            server_after = tree_cpus(server_pid) if server_pid else {}
             own_cpu = time.process_time() - own_cpu
             busy = machine_busy() - busy
         finally:
             for connection in connections:
                 await connection.close()
+        server_cpu = {
+            pid: seconds - server_before.get(pid, 0.0) for pid, seconds in server_after.items()
+        }
         return latencies, statuses, elapsed, exhausted, server_cpu, own_cpu, busy
 
     with _runner() as runner:
-        latencies, statuses, elapsed, exhausted, server_cpu, own_cpu, busy = runner.run(both())
+        latencies, statuses, elapsed, exhausted, by_process, own_cpu, busy = runner.run(both())
+    server_cpu = sum(by_process.values())
     latencies.sort()
     if keep is not None:
         keep.extend(latencies)
@@ -931,6 +962,14 @@ def load(
         loadgen_cpu_cores=round(own_cpu / elapsed, 2),
         machine_busy_cores=round(busy / elapsed, 2),
         exhausted=exhausted,
+        server_cores_by_process=sorted(
+            (
+                round(seconds / elapsed, 2)
+                for pid, seconds in by_process.items()
+                if pid != server_pid and _is_worker(pid)
+            ),
+            reverse=True,
+        ),
     )
 
 

@@ -4,7 +4,9 @@ measured process's figure, not the suite's, or every number in bench/results is 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -109,3 +111,40 @@ def test_two_processes_count_their_shared_pages_once() -> None:
         "worker": {"private_mb": 50.0, "shared_mb": 17.0},
     }
     assert footprint._distinct_total(processes) == 140.0
+
+
+def test_each_child_process_has_its_own_cpu_figure(common: ModuleType) -> None:
+    """How the load fell on each of two uvicorn workers: the CPU of each child, by pid."""
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    busy = subprocess.Popen([sys.executable, "-c", burn + "\ntime.sleep(30)"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while common.process_cpu(busy.pid) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpus = common.tree_cpus(os.getpid())
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
+    assert cpus[busy.pid] >= 0.3
+    assert cpus[idle.pid] < 0.2
+    assert os.getpid() in cpus
+    result = common.LoadResult(
+        requests=1,
+        ok=1,
+        errors=0,
+        elapsed_s=1.0,
+        ok_per_s=1.0,
+        p50_ms=1.0,
+        p90_ms=1.0,
+        p99_ms=1.0,
+        max_ms=1.0,
+        statuses={"200": 1},
+        server_cpu_cores=1.05,
+        loadgen_cpu_cores=0.1,
+        machine_busy_cores=1.2,
+        server_cores_by_process=[1.05, 0.0],
+    )
+    assert result.split() == " (1.05 + 0.00 by process)"
