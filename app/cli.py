@@ -113,14 +113,12 @@ def worker(
     from app import db, lists, runtime
     from app.mailer import make_mailer
     from app.metrics import Metrics
-    from app.models import utcnow
     from app.worker import Worker
 
     settings = _settings()
     log = logging.getLogger("app.worker")
     engine = db.make_engine(settings.database_url)
-    with db.session_scope(engine) as session:
-        lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+    lists.sync_declared(engine, declared=settings.lists)
     metrics = Metrics()
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -229,8 +227,7 @@ def reconcile(
     backend, client = _backend_for(settings, list_slug)
     engine = db.make_engine(settings.database_url)
     try:
-        with db.session_scope(engine) as session:
-            lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        lists.sync_declared(engine, declared=settings.lists)
         remote = _read_members(backend, label=list_slug)
         with db.session_scope(engine) as session:
             report = sync.compare(
@@ -297,8 +294,7 @@ def import_backend(
     assert declared is not None
     engine = db.make_engine(settings.database_url)
     try:
-        with db.session_scope(engine) as session:
-            lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
+        lists.sync_declared(engine, declared=settings.lists)
         remote = _read_members(backend, label=list_slug)
         with db.session_scope(engine) as session:
             report = sync.import_members(

@@ -3,16 +3,21 @@ operators through the admin API (see "Operators' changes" below)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from app import consent, db, errors
 from app.config import SLUG_PATTERN, ListSettings
-from app.models import MailingList
+from app.models import MailingList, utcnow
+
+log = logging.getLogger(__name__)
 
 _SLUG = re.compile(SLUG_PATTERN)
 
@@ -70,6 +75,22 @@ def get_shared_by_id(session: Session, *, list_id: int) -> MailingList:
         assert row is not None
         mailing_list = read[list_id] = _copy(row)
     return mailing_list
+
+
+def sync_declared(engine: Engine, *, declared: list[ListSettings]) -> None:
+    """`sync_from_settings` in a transaction of its own, as a process starts. Processes
+    starting together on a new database (`serve --workers 2`, a `newsletter worker`
+    beside it) may both try to create a list: the one that loses the race finds it there
+    on a second try."""
+    for attempt in (1, 2):
+        try:
+            with db.session_scope(engine) as session:
+                sync_from_settings(session, declared=declared, now=utcnow())
+            return
+        except sa_exc.IntegrityError:
+            if attempt == 2:
+                raise
+            log.info("lists.created_meanwhile")
 
 
 def sync_from_settings(session: Session, *, declared: list[ListSettings], now: datetime) -> None:

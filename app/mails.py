@@ -120,7 +120,7 @@ def _folded(name: str, value: str) -> str:
     folded once: what the generator writes after `name: ` (RFC 2047 words, continuation
     lines), kept with `set_raw`. The generator writes such a value as it is, where it
     folds a parsed header again for every mail."""
-    header = _fixed(name, value)
+    header = _fixed(name, value)  # which refuses line breaks, on either path
     if name == "Subject" and not value.isascii():
         # `email`'s folder loses the space between two encoded words ("à l'été" reads back
         # as "àl'été"); the classic encoder keeps every space inside the words.

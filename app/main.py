@@ -10,8 +10,6 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 from app import db, errors, lists, logs, migrations, ratelimit, runtime
@@ -22,7 +20,6 @@ from app.config import Settings, load_settings
 from app.mailer import make_mailer
 from app.metrics import Metrics, RequestMetrics
 from app.middleware import BodyLimit, PublicCors, RequestId, SecurityHeaders
-from app.models import utcnow
 from app.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -62,21 +59,6 @@ def serve_app() -> FastAPI:
     return create_app(settings, settle=True)
 
 
-def sync_lists(engine: Engine, settings: Settings) -> None:
-    """The declared lists into the database, at start. Processes starting together on a
-    new database (`serve --workers 2`) may both try to create a list: the one that loses
-    the race finds it there on a second try."""
-    for attempt in (1, 2):
-        try:
-            with db.session_scope(engine) as session:
-                lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
-            return
-        except sa_exc.IntegrityError:
-            if attempt == 2:
-                raise
-            log.info("app.lists_created_meanwhile")
-
-
 def create_app(settings: Settings | None = None, *, settle: bool = False) -> FastAPI:
     """The app; `settle` freezes the start-up heap once it is up (app/runtime.py): a
     process that serves it and nothing else."""
@@ -96,7 +78,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
                 f"database schema is at {current}, this release needs "
                 f"{migrations.head_revision()}: run `newsletter migrate`"
             )
-        await run_in_threadpool(sync_lists, engine, settings)
+        await run_in_threadpool(lists.sync_declared, engine, declared=settings.lists)
         # SQLite: the WAL is copied back by a thread of its own, not by request commits.
         checkpointer = db.Checkpointer.start_for(engine)
         worker = None

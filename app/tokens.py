@@ -171,26 +171,22 @@ _LIVE = db.Prepared(
     .order_by(_TABLE.c.created_at.desc())
     .limit(1)
 )
+# A subscription's open tokens of one purpose.
+_OPEN = (
+    _TABLE.c.subscription_id == sa.bindparam("b_subscription_id"),
+    _TABLE.c.purpose == sa.bindparam("b_purpose"),
+    _TABLE.c.used_at.is_(None),
+)
 _USE = db.Prepared(
     sa.update(_TABLE)
     .where(
-        _TABLE.c.subscription_id == sa.bindparam("b_subscription_id"),
-        _TABLE.c.purpose == sa.bindparam("b_purpose"),
-        _TABLE.c.used_at.is_(None),
+        *_OPEN,
         # Only while this very token is unused.
         sa.exists().where(_TABLE.c.id == sa.bindparam("b_token_id"), _TABLE.c.used_at.is_(None)),
     )
     .values(used_at=sa.bindparam("b_now"))
 )
-_RETIRE = db.Prepared(
-    sa.update(_TABLE)
-    .where(
-        _TABLE.c.subscription_id == sa.bindparam("b_subscription_id"),
-        _TABLE.c.purpose == sa.bindparam("b_purpose"),
-        _TABLE.c.used_at.is_(None),
-    )
-    .values(used_at=sa.bindparam("b_now"))
-)
+_RETIRE = db.Prepared(sa.update(_TABLE).where(*_OPEN).values(used_at=sa.bindparam("b_now")))
 
 
 def lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> Live:

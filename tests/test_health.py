@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 
 from app import db, lists, migrations
 from app.config import Settings
-from app.main import create_app, sync_lists
+from app.main import create_app
 from app.models import MailingList, utcnow
 from tests.conftest import SmtpSink, make_settings
 
@@ -84,7 +84,7 @@ def test_a_list_created_by_another_process_meanwhile_is_taken_up_on_a_second_try
         original(session, **kwargs)
 
     monkeypatch.setattr(lists, "sync_from_settings", racing)
-    sync_lists(engine, settings)
+    lists.sync_declared(engine, declared=settings.lists)
     assert len(attempts) == 2
     with Session(engine) as session:
         found = session.exec(

@@ -68,26 +68,32 @@ async def _batch(writer: GroupWriter, calls: list[tuple[Any, str]]) -> list[Any]
     return list(await asyncio.gather(*tasks, return_exceptions=True))
 
 
+def _in_one_batch(
+    engine: sa.Engine, calls: list[tuple[Any, str]]
+) -> tuple[list[Any], list[object]]:
+    """`calls` queued behind the gate: their results, and the engine's commits. One writer
+    thread, so that the calls make one batch on any database."""
+    commits: list[object] = []
+    sa.event.listen(engine, "commit", commits.append)
+    writer = GroupWriter(engine, threads=1)
+    try:
+        results = asyncio.run(_batch(writer, calls))
+    finally:
+        writer.stop()
+    return results, commits
+
+
 def test_a_batch_commits_once_and_a_refused_request_undoes_only_its_own_writes(
     engine: sa.Engine,
 ) -> None:
-    commits: list[object] = []
-    sa.event.listen(engine, "commit", commits.append)
-    # One thread, so that the three queued behind the gate make one batch on any database.
-    writer = GroupWriter(engine, threads=1)
-    try:
-        results = asyncio.run(
-            _batch(
-                writer,
-                [
-                    (_add, "a@example.org"),
-                    (_add_then_refuse, "refused@example.org"),
-                    (_add, "b@example.org"),
-                ],
-            )
-        )
-    finally:
-        writer.stop()
+    results, commits = _in_one_batch(
+        engine,
+        [
+            (_add, "a@example.org"),
+            (_add_then_refuse, "refused@example.org"),
+            (_add, "b@example.org"),
+        ],
+    )
     assert results[0] == "a@example.org"
     assert isinstance(results[1], errors.TokenUsed)
     assert results[2] == "b@example.org"
@@ -99,26 +105,18 @@ def test_a_batch_commits_once_and_a_refused_request_undoes_only_its_own_writes(
 def test_refusals_in_a_row_first_and_last_undo_only_their_own_writes(
     engine: sa.Engine,
 ) -> None:
-    commits: list[object] = []
-    sa.event.listen(engine, "commit", commits.append)
-    writer = GroupWriter(engine, threads=1)
-    try:
-        results = asyncio.run(
-            _batch(
-                writer,
-                [
-                    (_add_then_refuse, "r1@example.org"),
-                    (_add, "a@example.org"),
-                    (_add_then_refuse, "r2@example.org"),
-                    (_add_then_refuse, "r3@example.org"),
-                    (_add, "b@example.org"),
-                    (_add, "c@example.org"),
-                    (_add_then_refuse, "r4@example.org"),
-                ],
-            )
-        )
-    finally:
-        writer.stop()
+    results, commits = _in_one_batch(
+        engine,
+        [
+            (_add_then_refuse, "r1@example.org"),
+            (_add, "a@example.org"),
+            (_add_then_refuse, "r2@example.org"),
+            (_add_then_refuse, "r3@example.org"),
+            (_add, "b@example.org"),
+            (_add, "c@example.org"),
+            (_add_then_refuse, "r4@example.org"),
+        ],
+    )
     refused = [isinstance(result, errors.TokenUsed) for result in results]
     assert refused == [True, False, True, True, False, False, True]
     assert _stored(engine) == {

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from app import (
@@ -67,9 +68,13 @@ UNSUBSCRIBE_ACCEPTED = Accepted(
 )
 
 
-# Their bodies written once, as JSONResponse writes them.
-SUBSCRIBE_ACCEPTED_BODY = bytes(JSONResponse(SUBSCRIBE_ACCEPTED.model_dump()).body)
-UNSUBSCRIBE_ACCEPTED_BODY = bytes(JSONResponse(UNSUBSCRIBE_ACCEPTED.model_dump()).body)
+def _json_body(model: BaseModel) -> bytes:
+    """A fixed answer's body, written once as JSONResponse writes it."""
+    return bytes(JSONResponse(model.model_dump()).body)
+
+
+SUBSCRIBE_ACCEPTED_BODY = _json_body(SUBSCRIBE_ACCEPTED)
+UNSUBSCRIBE_ACCEPTED_BODY = _json_body(UNSUBSCRIBE_ACCEPTED)
 
 
 def _accepted(body: bytes) -> Response:
@@ -683,7 +688,7 @@ def _result(target: subscriptions.Target) -> Response:
 @functools.lru_cache(maxsize=64)
 def _result_body(status: str, slug: str) -> bytes:
     """A link's JSON answer: a few statuses for each list, each written once."""
-    return bytes(JSONResponse(ActionResult(status=status, list=slug).model_dump()).body)
+    return _json_body(ActionResult(status=status, list=slug))
 
 
 def _page(
