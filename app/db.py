@@ -85,7 +85,7 @@ def _sqlite_engine(url: str) -> Engine:
             cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
-    _sqlite_writers[engine] = threading.Lock()
+    _sqlite_writers[engine] = _WriterLock()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
@@ -211,7 +211,7 @@ class Checkpointer:
         if restarted:
             # Between two transactions of this process's writers: SQLite's busy handler,
             # which RESTART waits in, would otherwise sleep through every gap between them.
-            with _one_writer(self.engine):
+            with _sqlite_writers[self.engine].for_checkpoint():
                 restart = connection.execute("PRAGMA wal_checkpoint(RESTART)")
                 _busy, frames, copied = restart.fetchone()
             self.restarts += 1
@@ -259,9 +259,38 @@ def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None =
     return session
 
 
-# SQLite has one writer at a time. Threads of this process queue on a lock instead of
-# polling SQLite's busy handler, whose growing sleeps made tail latency seconds long.
-_sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+class _WriterLock:
+    """SQLite has one writer at a time. Threads of this process queue on this lock instead
+    of polling SQLite's busy handler, whose growing sleeps made tail latency seconds long.
+
+    A plain Lock inside (a request's session may be opened and closed on different
+    threads). A thread writing back to back takes a plain lock again before a waiting
+    thread wakes, so a checkpoint that waits for a gap between writers (`for_checkpoint`)
+    is let in first: writers that come meanwhile wait until it is done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._no_checkpoint_waiting = threading.Event()
+        self._no_checkpoint_waiting.set()
+
+    @contextmanager
+    def for_writer(self) -> Iterator[None]:
+        self._no_checkpoint_waiting.wait()
+        with self._lock:
+            yield
+
+    @contextmanager
+    def for_checkpoint(self) -> Iterator[None]:
+        self._no_checkpoint_waiting.clear()
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._no_checkpoint_waiting.set()
+
+
+_sqlite_writers: weakref.WeakKeyDictionary[Engine, _WriterLock] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -270,8 +299,7 @@ def _one_writer(engine: Engine) -> Iterator[None]:
     if lock is None:
         yield
         return
-    # A plain Lock: a request's session may be opened and closed on different threads.
-    with lock:
+    with lock.for_writer():
         yield
 
 
