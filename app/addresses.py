@@ -77,6 +77,21 @@ def _parse(raw: str, new: bool) -> Address:
     return _plain(raw) or _general(raw, new)
 
 
+@functools.lru_cache(maxsize=256)
+def deliverable(email: str) -> str:
+    """The address to put on a mail: a stored address with an internationalized domain,
+    written with its ASCII labels (IDNA, `xn--`), which every relay carries. One with
+    letters beyond ASCII before the @-sign has no such form: it needs a relay that takes
+    SMTPUTF8 (RFC 6531), and is returned as it is."""
+    if email.isascii():
+        return email
+    try:
+        ascii_email = validate_email(email, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        return email
+    return ascii_email or email
+
+
 def _general(raw: str, new: bool) -> Address:
     """Any address, through email-validator."""
     try:

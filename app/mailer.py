@@ -9,6 +9,7 @@ No smtplib or socket exception leaves this module.
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import smtplib
 import ssl
@@ -63,6 +64,19 @@ class Mailer(Protocol):
         ...
 
 
+# The messages' policy (app.mails.POLICY), with headers written in UTF-8.
+_SMTPUTF8 = email.policy.default.clone(refold_source="none", utf8=True)
+
+
+def _as_sent(mail: OutgoingMail) -> bytes:
+    """The mail's bytes as an SMTP server would get them: to an address with letters
+    beyond ASCII, sent with SMTPUTF8, its headers in UTF-8 (RFC 6532), as `smtplib` writes
+    them; RFC 2047 words are not allowed in an address."""
+    if mail.recipient is None or mail.recipient.isascii():
+        return mail.message.as_bytes()
+    return mail.message.as_bytes(policy=_SMTPUTF8)
+
+
 class FileMailer:
     """Development mailer: one .eml file per mail, and the mail's link in the log."""
 
@@ -77,7 +91,7 @@ class FileMailer:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             message_id = str(mail.message["Message-ID"]).strip("<>").split("@")[0]
             path = Path(self.directory, f"{stamp}-{message_id}.eml")
-            path.write_bytes(mail.message.as_bytes())
+            path.write_bytes(_as_sent(mail))
         except OSError as e:
             raise RetryableMailError(f"cannot write mail file: {e}") from e
         # Development only: the link is what a developer needs to go on.

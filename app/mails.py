@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jinja2
 
+from app import addresses
 from app.config import Locale
 from app.i18n import Translator
 from app.mailer import OutgoingMail
@@ -81,14 +82,19 @@ class _HeaderClasses(headerregistry.HeaderRegistry):
         return made
 
 
-# `email.policy.default` in every other respect (SMTP and the file mailer use the message's).
-POLICY = email.policy.default.clone(header_factory=_HeaderClasses())
+# `email.policy.default` in every other respect (SMTP and the file mailer use the message's),
+# except that a value set with `set_raw` is written as it is: those are folded here already,
+# or are one unbreakable token (a URL, a Message-ID) that the default would rewrite as
+# RFC 2047 words once over 78 characters.
+POLICY = email.policy.default.clone(header_factory=_HeaderClasses(), refold_source="none")
 
 
 # RFC 5322's line length, `email.policy.default`'s.
 _LINE_LENGTH = 78
 # RFC 2047: an encoded word is at most 75 characters, after a continuation line's space.
 _ENCODED_LINE_LENGTH = 76
+# RFC 5322 2.1.1, less `List-Unsubscribe: ` and the line's end.
+_MAX_LINE = 998 - len("List-Unsubscribe: ")
 # Longest `To` value written as it is: with "To: ", within a line.
 _PLAIN_TO_LENGTH = _LINE_LENGTH - 4
 
@@ -191,12 +197,17 @@ def compose(
 
     message = EmailMessage(policy=POLICY)
     message.set_raw("From", _folded("From", mail_from))
-    if to.isascii() and len(to) <= _PLAIN_TO_LENGTH and len(to.splitlines()) == 1:
+    recipient = addresses.deliverable(to)
+    if (
+        recipient.isascii()
+        and len(recipient) <= _PLAIN_TO_LENGTH
+        and len(recipient.splitlines()) == 1
+    ):
         # A validated ASCII address is a dot-atom: the header is the address as it is (the
         # generator would write any line break `splitlines` finds as a new header line).
-        message.set_raw("To", to)
+        message.set_raw("To", recipient)
     else:
-        message["To"] = to
+        message["To"] = recipient
     message.set_raw("Subject", _folded("Subject", subject))
     message.set_raw("Date", format_datetime(utcnow()))
     message.set_raw("Message-ID", f"<{message_key}@{_domain_of(mail_from)}>")
@@ -205,7 +216,13 @@ def compose(
     message.set_raw("X-Auto-Response-Suppress", "All")
     if unsubscribe_link is not None:
         # RFC 8058 one-click unsubscribe for mails to confirmed subscribers.
-        message["List-Unsubscribe"] = f"<{unsubscribe_link}>"
+        # The URL as it is, on one line (RFC 2369): the header class would write a value
+        # over 78 characters with no space to fold at as RFC 2047 words, which no client
+        # reads as a URL. A line may have up to 998 (RFC 5322 2.1.1).
+        value = f"<{unsubscribe_link}>"
+        if not value.isascii() or len(value.splitlines()) > 1 or len(value) > _MAX_LINE:
+            raise ValueError(f"not a URL for List-Unsubscribe: {unsubscribe_link!r}")
+        message.set_raw("List-Unsubscribe", value)
         message.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
     parts = [_text_part("plain", text), _text_part("html", html)]
     message.set_raw("MIME-Version", "1.0")
@@ -214,7 +231,7 @@ def compose(
     message.set_raw("Content-Language", _folded("Content-Language", locale.value))
     for part in parts:
         message.attach(part)
-    return OutgoingMail(message=message, link=link, recipient=to)
+    return OutgoingMail(message=message, link=link, recipient=recipient)
 
 
 @lru_cache(maxsize=16)

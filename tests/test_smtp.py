@@ -135,6 +135,24 @@ def implicit_tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
     controller.stop()
 
 
+def _recorded(mail: OutgoingMail) -> list[str]:
+    """The command lines an SMTP server without extensions got for `mail`."""
+    server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        mailer = SmtpMailer(
+            SmtpMailerSettings(
+                host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
+            )
+        )
+        assert "accepted" in mailer.send(mail)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return server.lines
+
+
 class TestSmtpMailer:
     def test_starttls_with_authentication_delivers(
         self, tls_server: SmtpSink, certificate: tuple[Path, Path]
@@ -251,21 +269,22 @@ class TestSmtpMailer:
         # A valid dot-atom that a header parser (and aiosmtpd's) decodes as an RFC 2047
         # word, "victim": the RCPT line is read raw, by a server that only records.
         address = addresses.parse("=?utf-8?q?victim?=@example.org", new=True).email
-        server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            mailer = SmtpMailer(
-                SmtpMailerSettings(
-                    host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
-                )
-            )
-            assert "accepted" in mailer.send(_mail(to=address))
-        finally:
-            server.shutdown()
-            server.server_close()
-        recipients = [line[4:] for line in server.lines if line[:4].upper() == "RCPT"]
+        lines = _recorded(_mail(to=address))
+        recipients = [line[4:] for line in lines if line[:4].upper() == "RCPT"]
         assert recipients == [f" TO:<{address}>"]
+
+    def test_an_internationalized_domain_goes_in_ascii_to_a_server_without_smtputf8(
+        self,
+    ) -> None:
+        # The recording server offers no extension: SMTPUTF8 would be refused. The domain's
+        # ASCII form (IDNA) needs none, in the envelope as in the header.
+        address = addresses.parse("camille@exämple.fr", new=True).email
+        assert address == "camille@exämple.fr"  # stored as typed
+        lines = _recorded(_mail(to=address))
+        assert [line for line in lines if line[:4].upper() in ("MAIL", "RCPT")] == [
+            "mail FROM:<bluehats@code.gouv.fr>",  # as smtplib writes them
+            "rcpt TO:<camille@xn--exmple-cua.fr>",
+        ]
 
 
 class TestConnectionReuse:

@@ -6,6 +6,7 @@ import email
 import email.policy
 from datetime import timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +15,11 @@ from hypothesis import strategies as st
 from sqlmodel import Session
 
 from app import addresses, mails, tokens
-from app.config import Locale, Settings
+from app import mailer as mailer_module
+from app.config import FileMailerSettings, Locale, Settings
 from app.errors import TokenExpired, TokenNotFound, TokenUsed
 from app.i18n import catalogue, negotiate
-from app.mailer import OutgoingMail
+from app.mailer import FileMailer, OutgoingMail
 from app.mails import MailKind, compose
 from app.models import MailingList, Subscription, Token, TokenPurpose, utcnow
 
@@ -196,9 +198,19 @@ class TestMails:
 
     @pytest.mark.parametrize("kind", list(MailKind))
     @pytest.mark.parametrize("locale", list(Locale))
-    @pytest.mark.parametrize("to", ["camille@example.org", "josé@exämple.fr", "a" * 62 + "@b.fr"])
+    @pytest.mark.parametrize(
+        ("to", "written"),
+        [
+            ("camille@example.org", "camille@example.org"),
+            ("a" * 62 + "@b.fr", "a" * 62 + "@b.fr"),
+            # An internationalized domain in its ASCII form, which any relay carries;
+            ("camille@exämple.fr", "camille@xn--exmple-cua.fr"),
+            # letters beyond ASCII before the @-sign have none: that mail needs SMTPUTF8.
+            ("josé@exämple.fr", "josé@exämple.fr"),
+        ],
+    )
     def test_every_mail_reads_back_whole_with_short_lines(
-        self, kind: MailKind, locale: Locale, to: str
+        self, kind: MailKind, locale: Locale, to: str, written: str
     ) -> None:
         link = "https://newsletter.code.gouv.fr/v1/confirm/" + "x" * 43
         mail = _compose(
@@ -209,10 +221,13 @@ class TestMails:
             mail_from="L'équipe BlueHats <bluehats@code.gouv.fr>",
             link=None if kind == MailKind.GOODBYE else link,
         )
-        raw = mail.message.as_bytes()
+        assert mail.recipient == written
+        raw = mailer_module._as_sent(mail)  # as the SMTP server gets it, or the mail file
         assert max(len(line) for line in raw.splitlines()) <= 78
+        (to_line,) = [line for line in raw.splitlines() if line.startswith(b"To: ")]
+        assert to_line == b"To: " + written.encode()  # no RFC 2047 word in an address
         read = email.message_from_bytes(raw, policy=email.policy.default)
-        assert read["To"] == to
+        assert read["To"] == written
         assert read["From"] == "L'équipe BlueHats <bluehats@code.gouv.fr>"
         assert "Gazette BlueHats à l'été" in read["Subject"]
         assert read.get_content_type() == "multipart/alternative"
@@ -224,6 +239,23 @@ class TestMails:
             assert to in content
             if kind != MailKind.GOODBYE:
                 assert link in content
+
+    def test_the_unsubscribe_header_is_the_url_as_it_is(self) -> None:
+        # Longer than a line of 78, with nowhere to fold: still a URL clients can read
+        # (RFC 2369, RFC 8058), not RFC 2047 words.
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/" + "v41Iis0Bbq-eeyuGIGg_" * 3
+        mail = _compose(MailKind.ALREADY_SUBSCRIBED, unsubscribe_link=link)
+        raw = mail.message.as_bytes().splitlines()
+        assert b"List-Unsubscribe: <" + link.encode() + b">" in raw
+        assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in raw
+        read = email.message_from_bytes(b"\n".join(raw), policy=email.policy.default)
+        assert read["List-Unsubscribe"] == f"<{link}>"
+
+    def test_the_file_mailer_writes_what_smtp_would_send(self, tmp_path: Path) -> None:
+        mail = _compose(to="josé@exämple.fr")
+        FileMailer(FileMailerSettings(directory=tmp_path)).send(mail)
+        (path,) = tmp_path.glob("*.eml")
+        assert "To: josé@exämple.fr".encode() in path.read_bytes().splitlines()
 
     @pytest.mark.parametrize(
         ("body", "encoding"),
