@@ -19,7 +19,7 @@ from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
 from app.metrics import Metrics, RequestMetrics
-from app.middleware import BodyLimit, PublicCors, RequestId, SecurityHeaders
+from app.middleware import BodyLimit, HeadAsGet, PublicCors, RequestId, SecurityHeaders
 from app.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
     )
     app.add_middleware(PublicCors, origins=settings.form_origins())
     app.add_middleware(RequestMetrics, metrics=metrics, router=app)
+    app.add_middleware(HeadAsGet)
     # Outermost: every line logged while answering, and the access line, carry the id.
     app.add_middleware(RequestId)
     return app

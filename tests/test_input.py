@@ -509,6 +509,45 @@ class TestOddTokens:
         assert response.status_code == 404
 
 
+class TestMethods:
+    @pytest.mark.parametrize(
+        ("path", "allowed"),
+        [
+            ("/healthz", "GET, HEAD"),
+            (SUBSCRIBE, "POST"),
+            # Two routes at one path: each names the other's method too.
+            ("/v1/confirm/abc", "GET, HEAD, POST"),
+            ("/v1/lists/bluehats", "GET, HEAD"),
+            ("/v1/admin/blocks", "GET, HEAD, POST"),
+            ("/v1/admin/blocks/1", "DELETE"),
+        ],
+    )
+    def test_a_method_not_allowed_names_the_allowed_ones(
+        self, client: TestClient, empty_database: str, path: str, allowed: str
+    ) -> None:
+        response = client.request("PATCH", path, headers=WANTS_JSON)
+        error_of(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == allowed
+
+    def test_head_answers_as_get_without_a_body_over_a_real_server(
+        self, settings: Settings, empty_database: str
+    ) -> None:
+        with (
+            LiveServer(create_app(settings)) as base_url,
+            httpx.Client(base_url=base_url, timeout=10, trust_env=False) as http,
+        ):
+            for path in ("/healthz", "/v1/lists/bluehats", "/v1/confirm/abc", "/nowhere"):
+                get, head = http.get(path), http.head(path)
+                assert (path, head.status_code) == (path, get.status_code)
+                assert head.content == b""
+                assert head.headers["content-type"] == get.headers["content-type"]
+                assert get.content
+            refused = http.head(SUBSCRIBE)
+        assert refused.status_code == 405
+        assert refused.headers["allow"] == "POST"
+        assert stored_rows(settings.database_url) == dict.fromkeys(STORED, 0)
+
+
 class TestSecurityHeaders:
     def _assert_page_headers(self, name: str, response: httpx.Response) -> None:
         assert response.headers["content-type"].startswith("text/html"), name

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, formguard, logs, pages
@@ -144,14 +145,21 @@ class EveryFewSeconds:
         return count
 
 
+# The methods a 405's `Allow` may list; HEAD goes with GET (app.middleware.HeadAsGet).
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method some route takes at this path: Starlette's 405 names only the first
-    route's, while e.g. GET and POST /v1/confirm/{token} are two routes."""
+    route's, while e.g. GET and POST /v1/confirm/{token} are two routes. Asked of the
+    router's own matching, whatever shape its routes take (included routers...)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(request.url.path) and getattr(route, "methods", None):
-            methods.update(route.methods)
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            methods.add(method)
+    if "GET" in methods:
+        methods.add("HEAD")
     return ", ".join(sorted(methods))
 
 
