@@ -16,7 +16,7 @@ at the start of every transaction serializes claims.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -502,6 +502,27 @@ def fail(
             delay = max(delay, retry_after)
         held.next_attempt_at = now + delay
     return JobState(held.state)
+
+
+def renew(
+    session: Session, *, job_ids: Iterable[int], worker: str, now: datetime, lease: timedelta
+) -> set[int]:
+    """Extend this worker's leases on these jobs, for a batch that outlasts half its lease;
+    the ids it still holds (a job whose lease ran out may have gone to another worker)."""
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    rows = session.connection().execute(
+        sa.update(OutboxJob)
+        .where(
+            col(OutboxJob.id).in_(ids),
+            col(OutboxJob.leased_by) == worker,
+            col(OutboxJob.state) == JobState.RUNNING,
+        )
+        .values(lease_until=now + lease, updated_at=now)
+        .returning(col(OutboxJob.id))
+    )
+    return {row.id for row in rows}
 
 
 def release(session: Session, *, job_ids: list[int], worker: str, now: datetime) -> int:

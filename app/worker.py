@@ -133,7 +133,13 @@ class _Attempt:
 
 @dataclass(slots=True)
 class _Outcomes:
+    """A mail round under way: its outcomes not yet written, the jobs not yet begun, and
+    the leases it holds (renewed from half their term, see `Worker._keep_leases`)."""
+
     written_at: float
+    renew_at: datetime
+    waiting: deque[outbox.ClaimedJob]
+    held: set[int]
     done: list[_Attempt] = field(default_factory=list)
 
 
@@ -341,7 +347,12 @@ class Worker:
         if not claimed:
             return 0
         waiting = deque(claimed)
-        batch = _Outcomes(written_at=time.monotonic())
+        batch = _Outcomes(
+            written_at=time.monotonic(),
+            renew_at=self.now() + self.settings.job_lease / 2,
+            waiting=waiting,
+            held={job.id for job in claimed},
+        )
         # Sends that wait on a server overlap in the pool; a local mailer's gain nothing from
         # a thread hop, nor do one-at-a-time sends.
         concurrency = self.settings.worker_concurrency if self.mailer.waits_on_network else 1
@@ -687,8 +698,31 @@ class Worker:
         return in_flight
 
     def _write_if_due(self, batch: _Outcomes) -> None:
+        self._keep_leases(batch)
         if batch.done and time.monotonic() - batch.written_at > BATCH_REFRESH:
             self._write(batch)
+
+    def _keep_leases(self, batch: _Outcomes) -> None:
+        """A batch still under way at half its lease (a slow server) extends the leases of
+        its jobs not yet written, those in flight included: at lease end another worker
+        would take them and send them again. A job not begun that this worker no longer
+        holds (it stalled past the lease) is dropped: another worker has it."""
+        now = self.now()
+        if now < batch.renew_at:
+            return
+        lease = self.settings.job_lease
+        with db.session_scope(self.engine) as session:
+            batch.held = outbox.renew(
+                session, job_ids=batch.held, worker=self.name, now=now, lease=lease
+            )
+        batch.renew_at = now + lease / 2
+        lost = [job for job in batch.waiting if job.id not in batch.held]
+        if lost:
+            log.warning(
+                "worker.leases_lost count=%d ids=%s", len(lost), ",".join(str(j.id) for j in lost)
+            )
+            for job in lost:
+                batch.waiting.remove(job)
 
     def _write(self, batch: _Outcomes) -> None:
         """Record the outcomes gathered so far, all in one transaction."""

@@ -17,9 +17,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
@@ -517,6 +519,68 @@ class TestGracefulStop:
                 settle()
         assert sorted(message["To"] for message in sink.messages) == sorted(emails)
         assert {job.attempts for job in jobs(engine)} == {1}
+
+
+class TestLeases:
+    """A batch slower than its lease (a server taking its time) keeps its jobs: another
+    worker would otherwise take the ones not yet sent and send them too."""
+
+    def _slow_batch(self, database_url: str, sink: SmtpSink, count: int) -> Settings:
+        queue_confirmations(database_url, [f"slow{n}@example.org" for n in range(count)])
+        # One batch of all the mails, one at a time: 0.4 s each, the lease 2 s.
+        mailer = SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=1)
+        return make_settings(
+            database_url,
+            smtp_port=sink.port,
+            mailer=mailer,
+            job_lease="2s",
+            worker_batch_size=count,
+            worker_concurrency=1,
+        )
+
+    def test_a_batch_outlasting_its_lease_renews_it_and_each_mail_goes_once(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        sink = SlowSink(port=free_port(), delay=0.4)
+        settings = self._slow_batch(database_url, sink, 8)
+        with serving(sink), running(worker_for(engine, settings, name="slow")):
+            assert sink.data_started.wait(timeout=10)
+            # Waits for work while the first one's batch runs past its 2 s lease.
+            with running(worker_for(engine, settings, name="other")):
+                wait_until(lambda: all_in(engine, JobState.DONE, 8), timeout=30)
+                settle()
+        sent = Counter(message["To"] for message in sink.messages)
+        assert sent == Counter(f"slow{n}@example.org" for n in range(8))
+        assert {(job.attempts, job.leased_by) for job in jobs(engine)} == {(1, None)}
+        assert {row.worker for row in attempts(engine)} == {"slow"}
+
+    def test_a_job_taken_by_another_worker_meanwhile_is_not_sent(
+        self, database_url: str, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        sink = SlowSink(port=free_port(), delay=0.4)
+        settings = self._slow_batch(database_url, sink, 8)
+        ids = [job.id for job in jobs(engine)]
+        with serving(sink), running(worker_for(engine, settings, name="stalled")):
+            assert sink.data_started.wait(timeout=10)
+            # As if this worker had stalled past its lease and another had claimed the last
+            # four jobs: they are that worker's to send now.
+            with db.session_scope(engine) as session:
+                session.connection().execute(
+                    sa.update(OutboxJob)
+                    .where(col(OutboxJob.id).in_(ids[4:]))
+                    .values(leased_by="other", lease_until=utcnow() + timedelta(minutes=5))
+                )
+            wait_until(lambda: len(sink.messages) == 4 and not _running_for(engine, "stalled"))
+            settle()
+        assert sorted(message["To"] for message in sink.messages) == [
+            f"slow{n}@example.org" for n in range(4)
+        ]
+        assert [job.leased_by for job in jobs(engine)][4:] == ["other"] * 4
+        assert "worker.leases_lost count=4" in caplog.text
+
+
+def _running_for(engine: sa.Engine, worker: str) -> bool:
+    return any(job.leased_by == worker for job in jobs(engine))
 
 
 class TestGivingWay:
