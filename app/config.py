@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from app import origins
+from app import addresses, origins
 
 # A sign is accepted so that "-5m" fails as negative rather than as unreadable.
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -352,7 +352,9 @@ class Settings(BaseSettings):
     # Key that derives the links' tokens; the embedded default keeps one in var/secret.key.
     secret_key: SecretStr | None = None
     secret_key_file: Path = Path("var/secret.key")
-    mail_from: Annotated[str, Field(min_length=3)] = "BlueHats <bluehats@code.gouv.fr>"
+    # The mails' From: `local@domain` or `Name <local@domain>`, a name with a comma (or
+    # another of `;:@()[]\`) in double quotes; its address is the envelope's sender.
+    mail_from: str = "BlueHats <bluehats@code.gouv.fr>"
     lists: list[ListSettings] = Field(default_factory=_default_lists)
     mailer: MailerSettings = Field(default_factory=FileMailerSettings)
 
@@ -456,6 +458,14 @@ class Settings(BaseSettings):
             )
         if value.startswith("postgresql:"):
             value = "postgresql+psycopg:" + value.removeprefix("postgresql:")
+        return value
+
+    @field_validator("mail_from")
+    @classmethod
+    def _one_sender(cls, value: str) -> str:
+        # Unchecked, `Gazette BlueHats, DINUM <...>` went out as MAIL FROM:<Gazette>, which
+        # a relay refuses for every mail.
+        addresses.sender(value)
         return value
 
     @field_validator("redis_url")

@@ -47,6 +47,9 @@ class OutgoingMail:
     # The validated address the mail goes to: the SMTP envelope's, not read back from the
     # To header (whose parser decodes RFC 2047 words even in an address).
     recipient: str | None = None
+    # The envelope's sender (MAIL FROM): the From's address as the settings' check read it,
+    # not smtplib's reading of the header (`Gazette BlueHats, DINUM <...>` gave `Gazette`).
+    sender: str | None = None
 
 
 class Mailer(Protocol):
@@ -187,7 +190,11 @@ class SmtpMailer:
     def _deliver(self, mail: OutgoingMail) -> None:
         client = self._take() or self._open()
         try:
-            client.send_message(mail.message, to_addrs=[mail.recipient] if mail.recipient else None)
+            client.send_message(
+                mail.message,
+                from_addr=mail.sender,
+                to_addrs=[mail.recipient] if mail.recipient else None,
+            )
         except BaseException:
             _goodbye(client)
             raise

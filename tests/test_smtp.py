@@ -52,13 +52,15 @@ def _authenticator(
     return AuthResult(success=ok, handled=False)
 
 
-def _mail(to: str = "camille@example.org") -> OutgoingMail:
+def _mail(
+    to: str = "camille@example.org", mail_from: str = "BlueHats <bluehats@code.gouv.fr>"
+) -> OutgoingMail:
     return compose(
         MailKind.CONFIRM,
         locale=Locale.FR,
         list_name="Gazette BlueHats",
         to=to,
-        mail_from="BlueHats <bluehats@code.gouv.fr>",
+        mail_from=mail_from,
         message_key="1.test",
         link="http://testserver/v1/confirm/abc",
     )
@@ -285,6 +287,40 @@ class TestSmtpMailer:
             "mail FROM:<bluehats@code.gouv.fr>",  # as smtplib writes them
             "rcpt TO:<camille@xn--exmple-cua.fr>",
         ]
+
+
+# Each form NEWSLETTER_MAIL_FROM takes, with the name a mail client shows.
+SENDERS = [
+    ("bluehats@code.gouv.fr", ""),
+    ("BlueHats <bluehats@code.gouv.fr>", "BlueHats"),
+    ('"Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>', "Gazette BlueHats, DINUM"),
+    ("L'équipe BlueHats <bluehats@code.gouv.fr>", "L'équipe BlueHats"),
+]
+
+
+class TestSender:
+    @pytest.mark.parametrize(("mail_from", "name"), SENDERS)
+    def test_the_envelope_sender_is_the_from_address_alone(self, mail_from: str, name: str) -> None:
+        lines = _recorded(_mail(mail_from=mail_from))
+        assert [line for line in lines if line[:4].upper() == "MAIL"] == [
+            "mail FROM:<bluehats@code.gouv.fr>"
+        ]
+
+    @pytest.mark.parametrize(("mail_from", "name"), SENDERS)
+    def test_the_from_header_reads_back_as_one_mailbox_with_its_name(
+        self, smtp: SmtpSink, mail_from: str, name: str
+    ) -> None:
+        mailer = SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=smtp.port, security="none", timeout=5)
+        )
+        mailer.send(_mail(mail_from=mail_from))
+        [message] = smtp.wait_for(1)
+        [envelope] = smtp.envelopes
+        assert envelope.mail_from == "bluehats@code.gouv.fr"
+        assert [(a.display_name, a.addr_spec) for a in message["From"].addresses] == [
+            (name, "bluehats@code.gouv.fr")
+        ]
+        assert message["Message-ID"] == "<1.test@code.gouv.fr>"
 
 
 class TestConnectionReuse:
