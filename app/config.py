@@ -314,6 +314,19 @@ class SmtpMailerSettings(BaseModel):
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
 
+    @field_validator("username", "password")
+    @classmethod
+    def _ascii_credentials(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        # smtplib writes AUTH's user name and password in ASCII only: any other letter
+        # failed at every send, not here. The message never shows the value.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not text.isascii():
+            raise ValueError(
+                "has letters beyond ASCII, which smtplib cannot send to the SMTP server "
+                "(give the relay's account an ASCII user name and password)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _credentials_go_together(self) -> SmtpMailerSettings:
         if (self.username is None) != (self.password is None):

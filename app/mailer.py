@@ -1,7 +1,8 @@
 """Mail transports. Two domain errors cover every failure:
 
     MailError
-     +-- RetryableMailError   server down, timeout, 4xx, authentication trouble: try later
+     +-- RetryableMailError   server down, timeout, 4xx, authentication trouble (including
+     |                        credentials smtplib cannot send): try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -148,6 +149,15 @@ class SmtpMailer:
         if s.username is not None and s.password is not None:
             try:
                 client.login(s.username, s.password.get_secret_value())
+            except UnicodeEncodeError as e:
+                # smtplib encodes credentials in ASCII; the settings refuse any other letter
+                # at start, so this is a mailer made some other way. The operator fixes it:
+                # retryable, as a wrong password. The message never shows the credentials.
+                _goodbye(client)
+                raise RetryableMailError(
+                    "SMTP user name or password has letters beyond ASCII, which smtplib "
+                    "cannot send (NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+                ) from e
             except BaseException:
                 _goodbye(client)
                 raise

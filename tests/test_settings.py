@@ -92,6 +92,27 @@ class TestBadValues:
         # The union's tag is no variable anyone could set.
         assert "NEWSLETTER_MAILER__SMTP" not in message
 
+    @pytest.mark.parametrize(
+        ("variable", "username", "password"),
+        [
+            ("NEWSLETTER_MAILER__PASSWORD", "bluehats", "s3cré t p@ss"),
+            ("NEWSLETTER_MAILER__USERNAME", "équipe-bluehats", "s3cret"),
+        ],
+    )
+    def test_smtp_credentials_beyond_ascii_are_refused_without_showing_them(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, username: str, password: str
+    ) -> None:
+        # smtplib would raise UnicodeEncodeError at every send's AUTH.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", username)
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", password)
+        message = settings_error()
+        assert f"{variable}: Value error, has letters beyond ASCII" in message
+        assert message.count("\n  ") == 1  # the one variable
+        assert password not in message
+        assert username not in message
+
     def test_an_smtp_mailer_without_a_host_names_the_host_variable(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

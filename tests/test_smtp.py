@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from pydantic import SecretStr
 
 from app import addresses
 from app.config import Locale, SmtpMailerSettings
@@ -208,6 +209,28 @@ class TestSmtpMailer:
         )
         with pytest.raises(RetryableMailError, match="SMTPAuthenticationError"):
             mailer.send(_mail())
+        assert tls_server.messages == []
+
+    def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
+        self, tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        # The settings refuse it at start; a mailer made otherwise still keeps the promise
+        # that only mail errors leave it (smtplib raised UnicodeEncodeError, and the worker
+        # logged job.crashed and let jobs die of "internal error").
+        settings = SmtpMailerSettings(
+            host="127.0.0.1",
+            port=tls_server.port,
+            security="starttls",
+            username=USER,
+            password=PASSWORD,
+            ca_file=certificate[0],
+            timeout=5,
+        ).model_copy(update={"password": SecretStr("s3cré t p@ss")})
+        mailer = SmtpMailer(settings)
+        with pytest.raises(RetryableMailError, match="beyond ASCII") as raised:
+            mailer.send(_mail())
+        assert "s3cr" not in str(raised.value)
+        assert isinstance(raised.value.__cause__, UnicodeEncodeError)
         assert tls_server.messages == []
 
     def test_an_untrusted_certificate_is_refused(self, tls_server: SmtpSink) -> None:
