@@ -7,10 +7,12 @@ A `+tag` is never stripped: it is part of the address.
 
 from __future__ import annotations
 
+import email.policy
 import functools
 import re
 import unicodedata
 from dataclasses import dataclass
+from email import errors
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from email_validator.rfc_constants import (
@@ -131,6 +133,75 @@ def _plain(raw: str) -> Address | None:
         return None
     email = f"{local}@{domain}"
     return Address(email=email, key=email.casefold())
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """The mails' sender, read from a From value (`NEWSLETTER_MAIL_FROM`)."""
+
+    display_name: str
+    # The address alone: the SMTP envelope's sender (MAIL FROM), the Message-ID's domain.
+    addr_spec: str
+
+
+# `Name <local@domain>` with an unquoted name, for the hint to quote it.
+_NAMED = re.compile(r'\s*(?P<name>[^"<>]*?)\s*<(?P<addr>[^<>]+)>\s*')
+# RFC 5322's specials that a name may hold only in double quotes (the period is read in one
+# anyway, as obsolete syntax).
+_SPECIALS = frozenset(",;:@()[]\\")
+# Defects that are no reason to refuse: `J. Doe <...>` (an obsolete but readable name,
+# written back as it was), and an address beyond ASCII, refused below with its own reason.
+_TOLERATED = (errors.ObsoleteHeaderDefect, errors.NonASCIILocalPartDefect)
+
+
+@functools.lru_cache(maxsize=16)
+def sender(value: str) -> Sender:
+    """The one mailbox `value` names, as a From header would read it: `local@domain` or
+    `Name <local@domain>`, the name in double quotes when it holds one of `,;:@()[]\\`.
+
+    Read by the parser that writes the mails' From (`email.headerregistry`), which reads
+    `Gazette BlueHats, DINUM <...>` as two addresses, the first one `"Gazette BlueHats"`:
+    what the relay would be given as the envelope's sender. The address must be ASCII: a
+    relay without SMTPUTF8 refuses any other on every mail, and the From header would carry
+    it as RFC 2047 words, which no address may hold. A name beyond ASCII is fine.
+    """
+    if len(value.splitlines()) > 1 or any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise InvalidAddress("it contains a line break or a control character")
+    header = email.policy.default.header_factory("From", value)
+    if (
+        any(not isinstance(defect, _TOLERATED) for defect in header.defects)
+        or len(header.groups) != 1
+        or header.groups[0].display_name is not None
+        or len(header.addresses) != 1
+    ):
+        named = _NAMED.fullmatch(value)
+        if named and _SPECIALS.intersection(named["name"]):
+            name = named["name"].replace("\\", "\\\\")  # written twice in quotes
+            quoted = f'"{name}" <{named["addr"]}>'
+            raise InvalidAddress(
+                f"{value!r} is not one address: a name holding any of , ; : @ ( ) [ ] \\ "
+                f"must be in double quotes, as in {quoted}"
+            )
+        raise InvalidAddress(
+            f"{value!r} is not one address; write it as local@domain or Name <local@domain>"
+        )
+    (mailbox,) = header.addresses
+    addr_spec = mailbox.addr_spec
+    try:
+        parse(addr_spec, new=False)
+    except InvalidAddress as e:
+        raise InvalidAddress(f"{addr_spec!r} is not a valid address: {e}") from e
+    if not addr_spec.isascii():
+        local = addr_spec.rpartition("@")[0]
+        if local.isascii():
+            raise InvalidAddress(
+                f"write the domain of {addr_spec!r} in its ASCII form: {deliverable(addr_spec)}"
+            )
+        raise InvalidAddress(
+            f"{addr_spec!r} has letters beyond ASCII before the @-sign, which a relay without "
+            "SMTPUTF8 refuses and a From header cannot carry: use an ASCII address"
+        )
+    return Sender(display_name=mailbox.display_name, addr_spec=addr_spec)
 
 
 def mask(email: str) -> str:

@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from app import origins
+from app import addresses, origins
 
 # A sign is accepted so that "-5m" fails as negative rather than as unreadable.
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -314,6 +314,19 @@ class SmtpMailerSettings(BaseModel):
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
 
+    @field_validator("username", "password")
+    @classmethod
+    def _ascii_credentials(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        # smtplib writes AUTH's user name and password in ASCII only: any other letter
+        # failed at every send, not here. The message never shows the value.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not text.isascii():
+            raise ValueError(
+                "has letters beyond ASCII, which smtplib cannot send to the SMTP server "
+                "(give the relay's account an ASCII user name and password)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _credentials_go_together(self) -> SmtpMailerSettings:
         if (self.username is None) != (self.password is None):
@@ -352,7 +365,9 @@ class Settings(BaseSettings):
     # Key that derives the links' tokens; the embedded default keeps one in var/secret.key.
     secret_key: SecretStr | None = None
     secret_key_file: Path = Path("var/secret.key")
-    mail_from: Annotated[str, Field(min_length=3)] = "BlueHats <bluehats@code.gouv.fr>"
+    # The mails' From: `local@domain` or `Name <local@domain>`, a name with a comma (or
+    # another of `;:@()[]\`) in double quotes; its address is the envelope's sender.
+    mail_from: str = "BlueHats <bluehats@code.gouv.fr>"
     lists: list[ListSettings] = Field(default_factory=_default_lists)
     mailer: MailerSettings = Field(default_factory=FileMailerSettings)
 
@@ -456,6 +471,14 @@ class Settings(BaseSettings):
             )
         if value.startswith("postgresql:"):
             value = "postgresql+psycopg:" + value.removeprefix("postgresql:")
+        return value
+
+    @field_validator("mail_from")
+    @classmethod
+    def _one_sender(cls, value: str) -> str:
+        # Unchecked, `Gazette BlueHats, DINUM <...>` went out as MAIL FROM:<Gazette>, which
+        # a relay refuses for every mail.
+        addresses.sender(value)
         return value
 
     @field_validator("redis_url")

@@ -1,7 +1,8 @@
 """Mail transports. Two domain errors cover every failure:
 
     MailError
-     +-- RetryableMailError   server down, timeout, 4xx, authentication trouble: try later
+     +-- RetryableMailError   server down, timeout, 4xx, authentication trouble (including
+     |                        credentials smtplib cannot send): try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -47,6 +48,9 @@ class OutgoingMail:
     # The validated address the mail goes to: the SMTP envelope's, not read back from the
     # To header (whose parser decodes RFC 2047 words even in an address).
     recipient: str | None = None
+    # The envelope's sender (MAIL FROM): the From's address as the settings' check read it,
+    # not smtplib's reading of the header (`Gazette BlueHats, DINUM <...>` gave `Gazette`).
+    sender: str | None = None
 
 
 class Mailer(Protocol):
@@ -145,6 +149,15 @@ class SmtpMailer:
         if s.username is not None and s.password is not None:
             try:
                 client.login(s.username, s.password.get_secret_value())
+            except UnicodeEncodeError as e:
+                # smtplib encodes credentials in ASCII; the settings refuse any other letter
+                # at start, so this is a mailer made some other way. The operator fixes it:
+                # retryable, as a wrong password. The message never shows the credentials.
+                _goodbye(client)
+                raise RetryableMailError(
+                    "SMTP user name or password has letters beyond ASCII, which smtplib "
+                    "cannot send (NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+                ) from e
             except BaseException:
                 _goodbye(client)
                 raise
@@ -187,7 +200,11 @@ class SmtpMailer:
     def _deliver(self, mail: OutgoingMail) -> None:
         client = self._take() or self._open()
         try:
-            client.send_message(mail.message, to_addrs=[mail.recipient] if mail.recipient else None)
+            client.send_message(
+                mail.message,
+                from_addr=mail.sender,
+                to_addrs=[mail.recipient] if mail.recipient else None,
+            )
         except BaseException:
             _goodbye(client)
             raise

@@ -23,7 +23,7 @@ from email import headerregistry
 from email.header import Header
 from email.headerregistry import BaseHeader
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -195,6 +195,9 @@ def compose(
         signature=t("mail.signature", list=list_name),
     )
 
+    # Checked at start (the settings), so this only reads it: the From header and the
+    # envelope's sender are then the one address, whatever smtplib would read in the header.
+    sender = addresses.sender(mail_from)
     message = EmailMessage(policy=POLICY)
     message.set_raw("From", _folded("From", mail_from))
     recipient = addresses.deliverable(to)
@@ -210,7 +213,7 @@ def compose(
         message["To"] = recipient
     message.set_raw("Subject", _folded("Subject", subject))
     message.set_raw("Date", format_datetime(utcnow()))
-    message.set_raw("Message-ID", f"<{message_key}@{_domain_of(mail_from)}>")
+    message.set_raw("Message-ID", f"<{message_key}@{sender.addr_spec.rpartition('@')[2]}>")
     # RFC 3834: machine-generated; no out-of-office replies, please.
     message.set_raw("Auto-Submitted", "auto-generated")
     message.set_raw("X-Auto-Response-Suppress", "All")
@@ -231,11 +234,4 @@ def compose(
     message.set_raw("Content-Language", _folded("Content-Language", locale.value))
     for part in parts:
         message.attach(part)
-    return OutgoingMail(message=message, link=link, recipient=recipient)
-
-
-@lru_cache(maxsize=16)
-def _domain_of(mail_from: str) -> str:
-    address = parseaddr(mail_from)[1]
-    domain = address.rpartition("@")[2]
-    return domain or "localhost"
+    return OutgoingMail(message=message, link=link, recipient=recipient, sender=sender.addr_spec)

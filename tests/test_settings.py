@@ -92,6 +92,27 @@ class TestBadValues:
         # The union's tag is no variable anyone could set.
         assert "NEWSLETTER_MAILER__SMTP" not in message
 
+    @pytest.mark.parametrize(
+        ("variable", "username", "password"),
+        [
+            ("NEWSLETTER_MAILER__PASSWORD", "bluehats", "s3cré t p@ss"),
+            ("NEWSLETTER_MAILER__USERNAME", "équipe-bluehats", "s3cret"),
+        ],
+    )
+    def test_smtp_credentials_beyond_ascii_are_refused_without_showing_them(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, username: str, password: str
+    ) -> None:
+        # smtplib would raise UnicodeEncodeError at every send's AUTH.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", username)
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", password)
+        message = settings_error()
+        assert f"{variable}: Value error, has letters beyond ASCII" in message
+        assert message.count("\n  ") == 1  # the one variable
+        assert password not in message
+        assert username not in message
+
     def test_an_smtp_mailer_without_a_host_names_the_host_variable(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -160,6 +181,39 @@ class TestBadValues:
         message = settings_error()
         assert "NEWSLETTER_LISTS: not valid JSON" in message
 
+    def test_a_sender_name_with_an_unquoted_comma_is_refused_with_the_quoted_form(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Read as two addresses; the relay was given MAIL FROM:<Gazette> for every mail.
+        monkeypatch.setenv(
+            "NEWSLETTER_MAIL_FROM", "Gazette BlueHats, DINUM <bluehats@code.gouv.fr>"
+        )
+        message = settings_error()
+        assert "NEWSLETTER_MAIL_FROM: Value error, " in message
+        assert 'as in "Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>' in message
+
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            ("not an address", "is not one address"),
+            ("bluehats@code.gouv.fr, other@code.gouv.fr", "is not one address"),
+            ("BlueHats: bluehats@code.gouv.fr;", "is not one address"),
+            ("BlueHats <bluehats@code.gouv.fr", "is not one address"),
+            ("Blue@Hats <bluehats@code.gouv.fr>", '"Blue@Hats" <bluehats@code.gouv.fr>'),
+            ("BlueHats <bluehats@code>", "'bluehats@code' is not a valid address"),
+            ("BlueHats <bluehats@exämple.fr>", "ASCII form: bluehats@xn--exmple-cua.fr"),
+            ("BlueHats <bluéhats@code.gouv.fr>", "letters beyond ASCII before the @-sign"),
+            ("", "is not one address"),
+        ],
+    )
+    def test_a_sender_that_is_not_one_valid_address_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAIL_FROM", value)
+        message = settings_error()
+        assert "NEWSLETTER_MAIL_FROM: Value error, " in message
+        assert reason in message
+
     def test_every_bad_variable_is_named_at_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "mongodb://127.0.0.1/x")
         monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "-1m")
@@ -219,6 +273,22 @@ class TestGoodValues:
         assert mailer.password.get_secret_value() == "s3cret"
         assert "s3cret" not in repr(mailer)
 
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "bluehats@code.gouv.fr",
+            "BlueHats <bluehats@code.gouv.fr>",
+            '"Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>',
+            "L'équipe BlueHats <bluehats@code.gouv.fr>",
+            "J. Doe <bluehats@code.gouv.fr>",
+        ],
+    )
+    def test_a_sender_with_or_without_a_name_is_read_as_given(
+        self, monkeypatch: pytest.MonkeyPatch, value: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAIL_FROM", value)
+        assert load_settings().mail_from == value
+
     def test_a_postgresql_url_gets_the_psycopg_driver(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -255,4 +325,25 @@ class TestCommandLine:
         assert "invalid settings:" in result.stderr
         assert "Traceback" not in result.stderr
         # Nothing was created next to the command: it stopped before touching a database.
+        assert list(tmp_path.iterdir()) == []
+
+    def test_serve_with_an_unquoted_comma_in_the_sender_says_how_to_write_it(
+        self, tmp_path: Path
+    ) -> None:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        environment["NEWSLETTER_MAIL_FROM"] = "Gazette BlueHats, DINUM <bluehats@code.gouv.fr>"
+        result = subprocess.run(
+            # No one can listen there: had the settings passed, serve would stop at once.
+            [str(NEWSLETTER_CLI), "serve", "--host", "256.0.0.1"],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("invalid settings:\n  NEWSLETTER_MAIL_FROM: ")
+        assert '"Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>' in result.stderr
+        assert "Traceback" not in result.stderr
         assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from pydantic import SecretStr
 
 from app import addresses
 from app.config import Locale, SmtpMailerSettings
@@ -52,13 +53,15 @@ def _authenticator(
     return AuthResult(success=ok, handled=False)
 
 
-def _mail(to: str = "camille@example.org") -> OutgoingMail:
+def _mail(
+    to: str = "camille@example.org", mail_from: str = "BlueHats <bluehats@code.gouv.fr>"
+) -> OutgoingMail:
     return compose(
         MailKind.CONFIRM,
         locale=Locale.FR,
         list_name="Gazette BlueHats",
         to=to,
-        mail_from="BlueHats <bluehats@code.gouv.fr>",
+        mail_from=mail_from,
         message_key="1.test",
         link="http://testserver/v1/confirm/abc",
     )
@@ -208,6 +211,28 @@ class TestSmtpMailer:
             mailer.send(_mail())
         assert tls_server.messages == []
 
+    def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
+        self, tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        # The settings refuse it at start; a mailer made otherwise still keeps the promise
+        # that only mail errors leave it (smtplib raised UnicodeEncodeError, and the worker
+        # logged job.crashed and let jobs die of "internal error").
+        settings = SmtpMailerSettings(
+            host="127.0.0.1",
+            port=tls_server.port,
+            security="starttls",
+            username=USER,
+            password=PASSWORD,
+            ca_file=certificate[0],
+            timeout=5,
+        ).model_copy(update={"password": SecretStr("s3cré t p@ss")})
+        mailer = SmtpMailer(settings)
+        with pytest.raises(RetryableMailError, match="beyond ASCII") as raised:
+            mailer.send(_mail())
+        assert "s3cr" not in str(raised.value)
+        assert isinstance(raised.value.__cause__, UnicodeEncodeError)
+        assert tls_server.messages == []
+
     def test_an_untrusted_certificate_is_refused(self, tls_server: SmtpSink) -> None:
         mailer = SmtpMailer(
             SmtpMailerSettings(
@@ -285,6 +310,40 @@ class TestSmtpMailer:
             "mail FROM:<bluehats@code.gouv.fr>",  # as smtplib writes them
             "rcpt TO:<camille@xn--exmple-cua.fr>",
         ]
+
+
+# Each form NEWSLETTER_MAIL_FROM takes, with the name a mail client shows.
+SENDERS = [
+    ("bluehats@code.gouv.fr", ""),
+    ("BlueHats <bluehats@code.gouv.fr>", "BlueHats"),
+    ('"Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>', "Gazette BlueHats, DINUM"),
+    ("L'équipe BlueHats <bluehats@code.gouv.fr>", "L'équipe BlueHats"),
+]
+
+
+class TestSender:
+    @pytest.mark.parametrize(("mail_from", "name"), SENDERS)
+    def test_the_envelope_sender_is_the_from_address_alone(self, mail_from: str, name: str) -> None:
+        lines = _recorded(_mail(mail_from=mail_from))
+        assert [line for line in lines if line[:4].upper() == "MAIL"] == [
+            "mail FROM:<bluehats@code.gouv.fr>"
+        ]
+
+    @pytest.mark.parametrize(("mail_from", "name"), SENDERS)
+    def test_the_from_header_reads_back_as_one_mailbox_with_its_name(
+        self, smtp: SmtpSink, mail_from: str, name: str
+    ) -> None:
+        mailer = SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=smtp.port, security="none", timeout=5)
+        )
+        mailer.send(_mail(mail_from=mail_from))
+        [message] = smtp.wait_for(1)
+        [envelope] = smtp.envelopes
+        assert envelope.mail_from == "bluehats@code.gouv.fr"
+        assert [(a.display_name, a.addr_spec) for a in message["From"].addresses] == [
+            (name, "bluehats@code.gouv.fr")
+        ]
+        assert message["Message-ID"] == "<1.test@code.gouv.fr>"
 
 
 class TestConnectionReuse:

@@ -181,6 +181,21 @@ class TestMails:
         assert "https://example.org/v1/confirm/abc" in text.get_content()
         assert 'href="https://example.org/v1/confirm/abc"' in html.get_content()
 
+    @pytest.mark.parametrize(
+        "mail_from",
+        ["Gazette BlueHats, DINUM <bluehats@code.gouv.fr>", "not an address"],
+    )
+    def test_a_sender_that_is_not_one_address_is_not_composed(self, mail_from: str) -> None:
+        # The settings refuse it at start; before, the mail went out from MAIL FROM:<Gazette>
+        # (or <not>), with a Message-ID <...@Gazette>.
+        with pytest.raises(addresses.InvalidAddress, match="not one address"):
+            _compose(mail_from=mail_from)
+
+    def test_the_envelope_sender_is_the_from_address(self) -> None:
+        mail = _compose(mail_from='"Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>')
+        assert mail.sender == "bluehats@code.gouv.fr"
+        assert mail.message["Message-ID"] == "<42.20261128.newsletter@code.gouv.fr>"
+
     def test_a_list_name_with_line_breaks_cannot_add_headers(self) -> None:
         mail = _compose(list_name="News\r\nBcc: victim@example.org", message_key="1.x")
         assert "Bcc" not in mail.message
