@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from app import db, errors
 from app.config import Locale, Settings
@@ -24,6 +25,7 @@ from app.writer import GroupWriter
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
+MULTIPART = "multipart/form-data"
 MAX_FORM_FIELDS = 50
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -205,9 +207,30 @@ def refuse_other_charsets(request: Request) -> None:
 
 
 async def read_form(request: Request) -> dict[str, str]:
-    """A form post's fields, read as `read_payload` reads one (UTF-8 only)."""
+    """A form post's fields, url-encoded or multipart (a form with
+    `enctype="multipart/form-data"`), read as `read_payload` reads one (UTF-8 only)."""
     refuse_other_charsets(request)
+    if media_type(request) == MULTIPART:
+        return await _multipart_fields(request)
     return parse_form(await request.body())
+
+
+async def _multipart_fields(request: Request) -> dict[str, str]:
+    """A multipart form's text fields; the first value of a repeated field wins. A file
+    has no place in these forms: one is refused, as more than `MAX_FORM_FIELDS` fields."""
+    try:
+        form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as e:  # Starlette's answer to a malformed or oversized form
+        raise errors.InvalidBody(
+            f"The form is not valid multipart/form-data (text fields only, at most "
+            f"{MAX_FORM_FIELDS}): {e.detail}"
+        ) from e
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if not isinstance(value, str):
+            raise errors.InvalidBody("The form holds a file: only text fields are read.")
+        fields.setdefault(name, value)
+    return fields
 
 
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:

@@ -30,6 +30,7 @@ from app.api import views
 from app.api.deps import (
     FORM,
     JSON,
+    MULTIPART,
     Database,
     DatabaseDep,
     RateLimiterDep,
@@ -111,6 +112,9 @@ def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
+FORM_TYPES = (FORM, MULTIPART)
+
+
 @dataclass(frozen=True, slots=True)
 class Submission:
     """A subscription request as sent: a JSON body (read), or a form post (raw fields, read
@@ -121,7 +125,7 @@ class Submission:
 
 
 async def subscription_submission(request: Request) -> Submission:
-    if media_type(request) == FORM:
+    if media_type(request) in FORM_TYPES:
         return Submission(form=await read_form(request))
     return Submission(body=await read_payload(request, SubscriptionRequest))
 
@@ -136,14 +140,14 @@ class AddressSubmission:
 
 
 async def unsubscription_submission(request: Request) -> AddressSubmission:
-    if media_type(request) == FORM:
+    if media_type(request) in FORM_TYPES:
         return AddressSubmission(form=await read_form(request))
     return AddressSubmission(body=await read_payload(request, UnsubscriptionRequest))
 
 
 async def one_click(request: Request) -> bool:
     """True for an RFC 8058 one-click POST (`List-Unsubscribe=One-Click` in a form body)."""
-    if media_type(request) not in (FORM, "multipart/form-data"):
+    if media_type(request) not in FORM_TYPES:
         return False
     raw = await request.body()
     if media_type(request) == FORM:
@@ -154,9 +158,6 @@ async def one_click(request: Request) -> bool:
             return False
         return "One-Click" in fields.get("List-Unsubscribe", [])
     return b"One-Click" in raw and b"List-Unsubscribe" in raw
-
-
-FORM_TYPES = (FORM, "multipart/form-data")
 
 
 def check_form_origin(request: Request, settings: Settings) -> None:
@@ -274,7 +275,9 @@ async def subscribe(slug: str, request: Request) -> Response:
         body = submission.body
         declared = settings.list_settings(slug)
         if declared is not None:
-            _refuse_bad_fields(forms.check(body.attributes, declared.fields))
+            attributes = forms.trimmed(body.attributes, declared.fields)
+            _refuse_bad_fields(forms.check(attributes, declared.fields))
+            body = body.model_copy(update={"attributes": attributes})
         await _require_proof_of_work(body, settings, database)
         await _subscribe(request, database, settings, limiter, slug, body, source="api")
         return _accepted(SUBSCRIBE_ACCEPTED_BODY)
