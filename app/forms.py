@@ -53,6 +53,16 @@ def from_form(form: Mapping[str, str], fields: Sequence[FormField]) -> dict[str,
     return values
 
 
+def trimmed(attributes: Mapping[str, str], fields: Sequence[FormField]) -> dict[str, str]:
+    """An API caller's attributes read as a form's are (`from_form`): the declared fields'
+    values trimmed, blank ones left out, so "   " is no answer to a required field from
+    either; attributes the list does not declare are kept as sent."""
+    declared = {field.name for field in fields}
+    values = {name: value for name, value in attributes.items() if name not in declared}
+    values.update(from_form(attributes, fields))
+    return values
+
+
 def _problem(field: FormField, value: str | None) -> Problem | None:
     if not value:
         return Problem.REQUIRED if field.required else None

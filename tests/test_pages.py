@@ -424,7 +424,24 @@ class TestCustomFields:
         form_without_html = post_form(client, {"email": "camille@example.org"})
         assert form_without_html.status_code == 422
         assert form_without_html.json()["detail"] == "attributes.organisation: Field required"
+        # Blank is no answer from either (the form trims what it reads).
+        for answer in ("   ", "\u00a0"):
+            blank = {"email": "camille@example.org", "attributes": {"organisation": answer}}
+            response = client.post(SUBSCRIBE, json=blank)
+            assert response.status_code == 422, answer
+            assert response.json()["detail"] == "attributes.organisation: Field required"
         assert stored(database_url) == []
+
+    def test_a_json_caller_s_declared_fields_are_stored_trimmed_as_a_form_s(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        attributes = {"organisation": "  DINUM  ", "undeclared": " kept as sent "}
+        response = client.post(
+            SUBSCRIBE, json={"email": "camille@example.org", "attributes": attributes}
+        )
+        assert response.status_code == 202
+        [subscription] = stored(database_url)
+        assert subscription.attributes == {"organisation": "DINUM", "undeclared": " kept as sent "}
 
     def test_fields_reach_mailgun_as_member_variables(
         self, database_url: str, smtp: SmtpSink
