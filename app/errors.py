@@ -23,10 +23,14 @@ class DomainError(Exception):
     # Response headers the answer carries, documented in the OpenAPI document.
     documented_headers: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, detail: str | None = None, *, list_slug: str | None = None) -> None:
+    def __init__(
+        self, detail: str | None = None, *, list_slug: str | None = None, locale: str | None = None
+    ) -> None:
         self.detail = detail or self.message
         # The list concerned, when known: an error page can then offer to ask again.
         self.list_slug = list_slug
+        # The language stored with the subscription concerned, when known: its page's.
+        self.locale = locale
         self.headers: dict[str, str] = {}
         super().__init__(self.detail)
 

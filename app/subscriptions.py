@@ -715,15 +715,23 @@ def _target_of(session: Session, *, list_id: int, state: Subscription | TargetSt
 def _lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: datetime) -> tokens.Live:
     try:
         return tokens.lookup(session, secret=secret, purpose=purpose, now=now)
-    except errors.TokenExpired as e:
-        # Say which list, so the page can offer to ask again.
+    except (errors.TokenExpired, errors.TokenUsed) as e:
+        # Say which list, so the page can offer to ask again, in the subscriber's language.
         token = session.exec(
             select(Token).where(Token.token_hash == tokens.hash_of(secret))
         ).first()
         if token is not None:
             target = _target(session, subscription_id=token.subscription_id)
-            raise errors.TokenExpired(list_slug=target.mailing_list.slug) from e
+            raise type(e)(
+                list_slug=target.mailing_list.slug, locale=target.subscription.locale
+            ) from e
         raise
+
+
+def _spent(session: Session, *, list_id: int, locale: str) -> errors.TokenUsed:
+    """A link already used, from the list and language of its subscription."""
+    mailing_list = lists.get_shared_by_id(session, list_id=list_id)
+    return errors.TokenUsed(list_slug=mailing_list.slug, locale=locale)
 
 
 _GONE = (
@@ -784,7 +792,7 @@ def confirm(
     row = _LOCK.execute(session, {"subscription_id": subscription_id}).first()
     assert row is not None
     if row.status not in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED):
-        raise errors.TokenUsed()
+        raise _spent(session, list_id=row.list_id, locale=row.locale)
     # Used by a press that came first (it held the lock): this one confirms nothing. Else
     # the subscription's other confirmation links are retired with it.
     if not tokens.use(
@@ -794,7 +802,7 @@ def confirm(
         purpose=TokenPurpose.CONFIRM,
         now=now,
     ):
-        raise errors.TokenUsed()
+        raise _spent(session, list_id=row.list_id, locale=row.locale)
     if row.status == SubscriptionStatus.CONFIRMED:
         return _target_of(session, list_id=row.list_id, state=TargetState(row.status, row.locale))
     _CONFIRMED.execute(session, {"b_id": subscription_id, "b_now": now})

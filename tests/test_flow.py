@@ -287,6 +287,35 @@ class TestLinks:
         assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in page.text
         assert subscription(settings.database_url, "late@example.org").status == "pending"
 
+    def test_a_spent_or_expired_link_s_page_speaks_the_subscriber_s_language(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        # Signed up in English; the page is opened by a browser that asks for nothing.
+        client.post(
+            "/v1/lists/bluehats/subscriptions",
+            json={"email": "anglo@example.org", "locale": "en"},
+        )
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        assert client.post(link).status_code == 200
+        spent = client.post(link, headers={"accept": "text/html"})
+        assert spent.status_code == 409
+        assert '<html lang="en">' in spent.text
+        assert "This link has already been used." in spent.text
+        assert "Gazette BlueHats" in spent.text  # the list's page, not a generic one
+        # `?lang=` still chooses, as on the link's own page.
+        french = client.post(link + "?lang=fr", headers={"accept": "text/html"})
+        assert '<html lang="fr">' in french.text
+        engine = make_engine(settings.database_url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE token SET expires_at = :past, used_at = NULL"),
+                {"past": "2000-01-01 00:00:00+00:00"},
+            )
+        engine.dispose()
+        expired = client.get(link, headers={"accept-language": ""})
+        assert expired.status_code == 410
+        assert '<html lang="en">' in expired.text
+
     def test_an_unsubscribe_link_works_twice(self, client: TestClient, smtp: SmtpSink) -> None:
         subscribe(client, "twice@example.org")
         client.post(link_in(smtp.wait_for(1)[0], "confirm"))

@@ -20,6 +20,7 @@ from app import errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import request_locale, wants_html
 from app.config import Locale, Settings
+from app.i18n import parse_locale
 from app.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,24 @@ def _switch_path(request: Request, list_slug: str | None) -> str | None:
 
 
 def _answer(
-    request: Request, *, status: int, code: str, detail: str, list_slug: str | None = None
+    request: Request,
+    *,
+    status: int,
+    code: str,
+    detail: str,
+    list_slug: str | None = None,
+    stored_locale: str | None = None,
 ) -> Response:
     if wants_html(request, default=_is_page(request)):
         settings = request.app.state.settings
-        locale = request_locale(request, default=Locale.FR)
         declared = settings.list_settings(list_slug) if list_slug else None
+        # As the link's own page: `?lang=`, else the subscriber's language when the error
+        # knows whose link it is; else the visitor's, else the list's.
+        if stored_locale is not None:
+            locale = parse_locale(request.query_params.get("lang")) or Locale(stored_locale)
+        else:
+            default = declared.default_locale if declared else Locale.FR
+            locale = request_locale(request, default=default)
         chrome = views.chrome(
             request,
             settings,
@@ -214,6 +227,7 @@ def install(app: FastAPI) -> None:
             code=exc.code,
             detail=exc.detail,
             list_slug=exc.list_slug,
+            stored_locale=exc.locale,
         )
         response.headers.update(exc.headers)
         return response
