@@ -19,6 +19,7 @@ import binascii
 import email.policy
 import re
 import secrets
+from datetime import timedelta
 from email import headerregistry
 from email.header import Header
 from email.headerregistry import BaseHeader
@@ -120,6 +121,16 @@ def _text_part(subtype: str, body: str) -> EmailMessage:
     return part
 
 
+def _duration(t: Translator, ttl: timedelta) -> str:
+    """`48 hours`, `1 hour`, `20 minutes`: how long a link lasts, rounded down."""
+    seconds = int(ttl.total_seconds())
+    if seconds >= 3600:
+        hours = seconds // 3600
+        return t("duration.hour") if hours == 1 else t("duration.hours", n=hours)
+    minutes = max(1, seconds // 60)
+    return t("duration.minute") if minutes == 1 else t("duration.minutes", n=minutes)
+
+
 @lru_cache(maxsize=256)
 def _folded(name: str, value: str) -> str:
     """A header value that repeats across mails (a list's From and Subject...), parsed and
@@ -169,19 +180,21 @@ def compose(
     mail_from: str,
     message_key: str,
     link: str | None,
-    confirm_hours: int = 48,
+    confirm_ttl: timedelta = timedelta(hours=48),
     unsubscribe_link: str | None = None,
 ) -> OutgoingMail:
     """Build the mail. `message_key` makes the Message-ID stable across retries of one job."""
     t = Translator(locale)
     prefix, button_key = _KEYS[kind]
     subject = _one_line(t(f"{prefix}.subject", list=list_name))
-    context = {"t": t, "list_name": list_name, "email": to, "link": link, "hours": confirm_hours}
+    # Hours down to the hour (a link never outlives what the mail says), minutes under one.
+    expiry = t("mail.confirm.expiry", duration=_duration(t, confirm_ttl))
+    context = {"t": t, "list_name": list_name, "email": to, "link": link, "expiry": expiry}
     text = _text_env.get_template(f"{kind.value}.txt").render(context)
 
     notes = []
     if kind == MailKind.CONFIRM:
-        notes = [t("mail.confirm.expiry", hours=confirm_hours), t("mail.ignore")]
+        notes = [expiry, t("mail.ignore")]
     elif kind == MailKind.UNSUBSCRIBE:
         notes = [t("mail.ignore")]
     html = _html_env.get_template("layout.html").render(

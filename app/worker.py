@@ -822,7 +822,7 @@ class Worker:
             mail_from=self.settings.mail_from,
             message_key=f"{job.id}.{job.created_at.strftime('%Y%m%d%H%M%S')}.newsletter",
             link=link,
-            confirm_hours=max(1, target.confirm_ttl_seconds // 3600),
+            confirm_ttl=timedelta(seconds=target.confirm_ttl_seconds),
             unsubscribe_link=unsubscribe_link,
         )
 

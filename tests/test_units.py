@@ -255,6 +255,26 @@ class TestMails:
             if kind != MailKind.GOODBYE:
                 assert link in content
 
+    @pytest.mark.parametrize(
+        ("ttl", "locale", "said"),
+        [
+            (timedelta(hours=48), Locale.EN, "This link is valid for 48 hours."),
+            (timedelta(minutes=90), Locale.EN, "This link is valid for 1 hour."),
+            (timedelta(minutes=20), Locale.EN, "This link is valid for 20 minutes."),
+            (timedelta(seconds=20), Locale.EN, "This link is valid for 1 minute."),
+            (timedelta(hours=48), Locale.FR, "Ce lien est valable 48 heures."),
+            (timedelta(hours=1), Locale.FR, "Ce lien est valable 1 heure."),
+        ],
+    )
+    def test_the_confirmation_mail_says_how_long_its_link_lasts(
+        self, ttl: timedelta, locale: Locale, said: str
+    ) -> None:
+        mail = _compose(locale=locale, confirm_ttl=ttl)
+        for subtype in ("plain", "html"):
+            part = mail.message.get_body(preferencelist=(subtype,))
+            assert part is not None
+            assert said in part.get_content(), subtype
+
     def test_the_unsubscribe_header_is_the_url_as_it_is(self) -> None:
         # Longer than a line of 78, with nowhere to fold: still a URL clients can read
         # (RFC 2369, RFC 8058), not RFC 2047 words.
