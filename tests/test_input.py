@@ -509,6 +509,15 @@ class TestOddTokens:
                 )
                 assert one_click.status_code == 404
 
+    def test_the_language_switch_of_an_odd_link_s_page_is_a_clean_url(
+        self, client: TestClient, empty_database: str
+    ) -> None:
+        for raw, encoded in (("%00", "%00"), ("%C3%A9t%C3%A9%20x", "%C3%A9t%C3%A9%20x")):
+            page = client.get(f"/v1/confirm/{raw}", headers={"accept": "text/html"})
+            assert page.status_code == 404
+            assert "\x00" not in page.text
+            assert f'href="/v1/confirm/{encoded}?lang=en"' in page.text
+
     def test_odd_tokens_are_404_over_a_real_server(
         self, settings: Settings, empty_database: str
     ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import Request
 
 from app import pages
@@ -33,7 +35,8 @@ def chrome(
     stylesheet = settings.dsfr_stylesheet_url
     return pages.Chrome(
         t=t,
-        switch_url=pages.with_lang(path, query, pages.other_locale(locale)),
+        # The path as it came, encoded again (Starlette gives it decoded: `%00` is a NUL).
+        switch_url=pages.with_lang(quote(path), query, pages.other_locale(locale)),
         service_name=list_name or t("layout.service"),
         stylesheet_url=str(stylesheet) if stylesheet else None,
         proof_of_work=settings.proof_of_work_bits > 0,
