@@ -77,6 +77,10 @@ class JobSkipped(Exception):
     """The job has nothing left to do (the subscriber moved on); it counts as done."""
 
 
+class _Stopping(Exception):
+    """A long job (a reconciliation) breaks off for a stop: its job is given back."""
+
+
 # A batch's rows are read once before its first mail and its outcomes written once after its
 # last. A slow batch (an SMTP server taking its time) reads again before a mail when what it
 # read is older than this many seconds, and writes what it has every so often, so a mail is
@@ -476,7 +480,11 @@ class Worker:
             try:
                 if backend is None:
                     raise PermanentSyncError(f"list {slug!r} is no longer declared")
-                remote = sync.read_backend(backend)
+                remote = sync.read_backend(backend, progress=self._between_pages(job))
+            except _Stopping:
+                self._release([job.id])
+                log.info("reconcile.interrupted list=%s reason=stopping", slug)
+                return 0
             except SyncError as e:
                 with db.session_scope(self.engine) as session:
                     self._record_failure(
@@ -525,6 +533,29 @@ class Worker:
                 len(report.unsubscribed_there),
             )
         return len(claimed)
+
+    def _between_pages(self, job: outbox.ClaimedJob) -> Callable[[int], None]:
+        """Called after each page a reconciliation reads at the backend (a large list is
+        hundreds of pages, minutes): a stop breaks it off, the mails due go out meanwhile
+        (a confirmation would wait for the whole list), and its lease is kept."""
+        lease = self.settings.job_lease
+        renew_at = self.now() + lease / 2
+        mailed_at = time.monotonic()
+
+        def between(_members: int) -> None:
+            nonlocal renew_at, mailed_at
+            if self._stop.is_set():
+                raise _Stopping()
+            if time.monotonic() - mailed_at > BATCH_REFRESH:
+                self._mail_round(self.settings.worker_batch_size)
+                mailed_at = time.monotonic()
+            now = self.now()
+            if now >= renew_at:
+                with db.session_scope(self.engine) as session:
+                    outbox.renew(session, job_ids=[job.id], worker=self.name, now=now, lease=lease)
+                renew_at = now + lease / 2
+
+        return between
 
     # Retention ------------------------------------------------------------------------------
 

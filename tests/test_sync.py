@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, db, subscriptions, sync
+from app import addresses, db, outbox, subscriptions, sync
 from app.backends.base import (
     Member,
     MembersPage,
@@ -490,6 +490,78 @@ class TestScheduledReconcile:
         reconciles = _jobs(engine, JobKind.RECONCILE)
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
+
+
+@dataclass
+class SlowPagesBackend(MemoryBackend):
+    """A list read one member a page, each page taking a while; `on_page` sees each."""
+
+    page_size: int = 1
+    delay: float = 0.05
+    pages: int = 0
+    on_page: Callable[[int], None] | None = None
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        self.pages += 1
+        if self.on_page is not None:
+            self.on_page(self.pages)
+        time.sleep(self.delay)
+        return MemoryBackend.members(self, cursor)
+
+
+class TestLongReconciliation:
+    """A large list is hundreds of pages at the backend, minutes of reading."""
+
+    def _reconciling(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine, members: int
+    ) -> tuple[Settings, Worker, SlowPagesBackend]:
+        settings = _app_without_worker(database_url, smtp)
+        backend = SlowPagesBackend()
+        for n in range(members):
+            address = f"member{n:03}@example.org"
+            backend.held[address] = (address, True, {})
+        worker = _mail_worker(settings, engine, backend)
+        with db.session_scope(engine) as session:
+            outbox.schedule_reconcile(
+                session, list_slug="bluehats", now=utcnow(), delay=timedelta(0)
+            )
+        return settings, worker, backend
+
+    def test_mails_go_out_while_a_reconciliation_reads_the_list(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings, worker, backend = self._reconciling(database_url, smtp, engine, 60)
+        mailed_by_page: dict[int, int] = {}
+        with TestClient(create_app(settings)) as client:
+
+            def on_page(page: int) -> None:
+                if page == 5:  # someone signs up while the list is being read
+                    response = client.post(
+                        "/v1/lists/bluehats/subscriptions", json={"email": "new@example.org"}
+                    )
+                    assert response.status_code == 202
+                mailed_by_page[page] = len(smtp.messages)
+
+            backend.on_page = on_page
+            worker.run_once()
+        assert backend.pages == 60
+        assert [job.state for job in _jobs(engine, JobKind.RECONCILE)] == [JobState.DONE]
+        # Mailed while the reconciliation went on, not after it.
+        assert mailed_by_page[60] == 1
+        assert min(page for page, mailed in mailed_by_page.items() if mailed) < 60
+
+    def test_a_stop_breaks_a_reconciliation_off_and_gives_its_job_back(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        _, worker, backend = self._reconciling(database_url, smtp, engine, 60)
+        backend.on_page = lambda page: worker.request_stop() if page == 5 else None
+        started = time.monotonic()
+        worker.run_once()
+        assert time.monotonic() - started < 5
+        assert backend.pages < 10
+        [job] = _jobs(engine, JobKind.RECONCILE)
+        assert (job.state, job.attempts, job.leased_by) == (JobState.PENDING, 0, None)
+        assert backend.calls == []  # nothing applied from a partial reading
 
 
 @dataclass
