@@ -53,6 +53,7 @@ class Planned:
     job: outbox.ClaimedJob
     action: Action
     list_slug: str = ""
+    # As the backend gets it: `addresses.deliverable`, the domain in ASCII (`xn--`).
     address: str = ""
     member: Member | None = None
     fresh_opt_in: bool = False
@@ -135,7 +136,7 @@ def plan(
                     job=job,
                     action=Action(job.payload["action"]),
                     list_slug=slug,
-                    address=job.payload["address"],
+                    address=addresses.deliverable(job.payload["address"]),
                 )
             )
             continue
@@ -144,12 +145,15 @@ def plan(
             planned.append(Planned(job=job, action=Action.SKIP, reason="subscription is gone"))
             continue
         status = SubscriptionStatus(subscription.status)
+        # A stored address keeps an internationalized domain in Unicode; backends get its
+        # ASCII form, the one every mail system takes (Mailman refuses the Unicode one).
+        address = addresses.deliverable(subscription.email)
         if status == SubscriptionStatus.CONFIRMED:
             secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
             attributes = {name: str(value) for name, value in subscription.attributes.items()}
             member = Member(
-                email=subscription.email,
+                email=address,
                 locale=subscription.locale,
                 unsubscribe_url=link,
                 name=attributes.pop("name", None),
@@ -160,7 +164,7 @@ def plan(
                     job=job,
                     action=Action.ADD,
                     list_slug=slug,
-                    address=subscription.email,
+                    address=address,
                     member=member,
                     fresh_opt_in=bool(job.payload.get("fresh_opt_in")),
                     subscription_id=subscription.id,
@@ -176,7 +180,7 @@ def plan(
                     job=job,
                     action=Action.UNSUBSCRIBE,
                     list_slug=slug,
-                    address=subscription.email,
+                    address=address,
                     subscription_id=subscription.id,
                 )
             )

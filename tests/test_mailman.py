@@ -51,6 +51,12 @@ def unique(name: str = "ada") -> str:
     return f"{name}-{uuid.uuid4().hex[:10]}@example.com"
 
 
+def unique_idn(name: str = "jo") -> tuple[str, str]:
+    """An address at an internationalized domain: (Unicode form, ASCII form)."""
+    local = f"{name}-{uuid.uuid4().hex[:10]}"
+    return f"{local}@exämple.org", f"{local}@xn--exmple-cua.org"
+
+
 def settings_for(
     core: MailmanCore, list_id: str, *, base_url: str | None = None, password: str | None = None
 ) -> MailmanBackendSettings:
@@ -161,6 +167,16 @@ class TestAdd:
         assert backend.add([member(address)]) == f"mailman: already a member of {mailman_list}"
         assert backend.add([member(address.lower())]).startswith("mailman: already a member")
         assert emails(mailman_core, mailman_list) == [address.lower()]
+
+    def test_mailman_takes_an_internationalized_domain_in_ascii_only(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Why the sync layer sends `addresses.deliverable` forms: Mailman refuses the other.
+        unicode_form, ascii_form = unique_idn()
+        with pytest.raises(PermanentSyncError, match="HTTP 400"):
+            backend.add([member(unicode_form)])
+        backend.add([member(ascii_form)])
+        assert emails(mailman_core, mailman_list) == [ascii_form]
 
     def test_a_banned_address_stays_banned_and_is_a_permanent_error(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
@@ -358,10 +374,13 @@ def sync_jobs(engine: sa.Engine) -> list[OutboxJob]:
         return list(session.exec(select(OutboxJob).where(OutboxJob.kind == JobKind.SYNC)).all())
 
 
-def subscribe_and_confirm(client: TestClient, smtp: SmtpSink, address: str) -> None:
+def subscribe_and_confirm(
+    client: TestClient, smtp: SmtpSink, address: str, *, mailed_to: str | None = None
+) -> None:
+    """`mailed_to`: the address as the mail carries it, if not `address`."""
     response = client.post("/v1/lists/bluehats/subscriptions", json={"email": address})
     assert response.status_code == 202, response.text
-    confirm = link_in(smtp.mail_to(address, link="confirm"), "confirm")
+    confirm = link_in(smtp.mail_to(mailed_to or address, link="confirm"), "confirm")
     confirmed = client.post(confirm, headers={"accept": "application/json"})
     assert confirmed.status_code == 200, confirmed.text
     assert confirmed.json()["status"] == "confirmed"
@@ -400,6 +419,34 @@ class TestThroughTheService:
         assert mails_to(mailman_core, address) == []
         subjects = [str(m["Subject"]) for m in smtp.messages if m["To"] == address]
         assert len(subjects) == 3, subjects  # confirm, unsubscribe link, goodbye
+
+    def test_an_internationalized_domain_reaches_the_roster_in_ascii(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+    ) -> None:
+        unicode_form, ascii_form = unique_idn()
+        settings = service_settings(database_url, smtp, settings_for(mailman_core, mailman_list))
+        with TestClient(create_app(settings)) as client:
+            subscribe_and_confirm(client, smtp, unicode_form, mailed_to=ascii_form)
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [ascii_form], timeout=SYNC_TIMEOUT
+            )
+
+            asked = client.post("/v1/lists/bluehats/unsubscriptions", json={"email": unicode_form})
+            assert asked.status_code == 202
+            leave = link_in(smtp.mail_to(ascii_form, link="unsubscribe"), "unsubscribe")
+            left = client.post(leave, headers={"accept": "application/json"})
+            assert left.json()["status"] == "unsubscribed"
+            wait_until(lambda: emails(mailman_core, mailman_list) == [], timeout=SYNC_TIMEOUT)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+        assert sync_attempts(engine) == ["success", "success"]
 
     def test_a_mailman_outage_is_retried_and_the_member_arrives_once(
         self,

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, db, subscriptions, sync
+from app import addresses, db, operators, subscriptions, sync
 from app.backends.base import (
     Member,
     MembersPage,
@@ -122,11 +123,14 @@ def _drain(worker: Worker, rounds: int = 20) -> None:
             return
 
 
-def _confirm(client: TestClient, worker: Worker, smtp: SmtpSink, email: str) -> None:
+def _confirm(
+    client: TestClient, worker: Worker, smtp: SmtpSink, email: str, *, mailed_to: str | None = None
+) -> None:
+    """Subscribe and confirm; `mailed_to`: the address as the mail carries it, if not `email`."""
     assert client.post("/v1/lists/bluehats/subscriptions", json={"email": email}).status_code == 202
     _drain(worker)
     response = client.post(
-        link_in(smtp.mail_to(email, link="confirm"), "confirm"),
+        link_in(smtp.mail_to(mailed_to or email, link="confirm"), "confirm"),
         headers={"accept": "application/json"},
     )
     assert response.json()["status"] == "confirmed"
@@ -447,6 +451,56 @@ class TestReconcileAndImport:
         # The confirmed imports now carry their unsubscribe URL at the backend.
         assert "unsubscribe_url" in backend.held["a@example.org"][2]
         assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+
+# `jo@exämple.org`, its domain in ASCII (IDNA).
+IDN = "jo@exämple.org"
+IDN_ASCII = "jo@xn--exmple-cua.org"
+
+
+class TestInternationalizedDomains:
+    """An internationalized domain is stored in Unicode, however it was typed; a backend
+    gets it in ASCII."""
+
+    @pytest.mark.parametrize("typed", [IDN, IDN_ASCII], ids=["typed-unicode", "typed-ascii"])
+    def test_every_call_to_the_backend_carries_the_domain_in_ascii(
+        self, typed: str, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, resend_interval="0s")
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, typed, mailed_to=IDN_ASCII)
+            _drain(worker)
+            # Leaves by the newsletter's one-click link, then comes back.
+            link = backend.held[IDN_ASCII][2]["unsubscribe_url"]
+            response = client.post(
+                link.removeprefix("http://testserver"),
+                content=b"List-Unsubscribe=One-Click",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            assert response.status_code == 200
+            _drain(worker)
+            _confirm(client, worker, smtp, typed, mailed_to=IDN_ASCII)
+            _drain(worker)
+        with db.session_scope(engine) as session:
+            operators.erase(
+                session,
+                address=addresses.parse(IDN, new=False),
+                key=settings.token_key(),
+                backend_lists={"bluehats"},
+                now=utcnow(),
+            )
+        _drain(worker)
+        assert backend.calls == [
+            ("add", [IDN_ASCII]),
+            ("unsubscribe", IDN_ASCII),
+            ("clear_suppression", IDN_ASCII),
+            ("add", [IDN_ASCII]),
+            ("remove", IDN_ASCII),
+        ]
+        assert backend.held == {}
+        assert all(job.state == JobState.DONE for job in _jobs(engine))
 
 
 class TestBackendEvents:
