@@ -408,16 +408,34 @@ class Report:
         }
 
 
+def remote_key(address: str) -> str | None:
+    """The identity of an address a backend holds, as a stored subscription's `email_key`
+    (`jo@xn--exmple-cua.org`, `JO@EXÄMPLE.ORG` and `jo@exämple.org` are one); None for one
+    not valid here."""
+    try:
+        # Members the backend already holds: a look-alike among them is read as it is.
+        return addresses.parse(address, new=False).key
+    except addresses.InvalidAddress:
+        return None
+
+
 def read_backend(
     backend: ListBackend, *, progress: Callable[[int], None] | None = None
 ) -> dict[str, tuple[str, bool]]:
-    """Every member at the backend: case-folded address -> (address, subscribed)."""
+    """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
+
+    An address not valid here is keyed by its case-folded form. Two spellings of one
+    address (a domain in Unicode and in ASCII, say) are one member: a subscribed one is
+    kept over an unsubscribed one, so no subscription there is hidden.
+    """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
     while True:
         page = backend.members(cursor)
         for member in page.members:
-            seen[member.email.casefold()] = (member.email, member.subscribed)
+            key = remote_key(member.email) or member.email.casefold()
+            if key not in seen or (member.subscribed and not seen[key][1]):
+                seen[key] = (member.email, member.subscribed)
         if progress is not None:
             progress(len(page.members))
         if page.next_cursor is None or not page.members:
@@ -483,7 +501,7 @@ def apply(session: Session, *, report: Report, now: datetime) -> None:
             fresh_opt_in=False,
         )
     for address in report.extra:
-        row = rows.get(address.casefold())
+        row = rows.get(remote_key(address) or "")
         if row is not None:
             outbox.enqueue_sync(
                 session,

@@ -458,9 +458,33 @@ IDN = "jo@exämple.org"
 IDN_ASCII = "jo@xn--exmple-cua.org"
 
 
+def _stored(engine: sa.Engine, statuses: dict[str, str]) -> None:
+    """Subscriptions as this service stores them (normalized address, identity), no jobs."""
+    from app import lists
+
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        lists.sync_from_settings(session, declared=Settings().lists, now=now)
+        mailing_list = lists.get(session, slug="bluehats")
+        assert mailing_list.id is not None
+        for typed, status in statuses.items():
+            address = addresses.parse(typed, new=True)
+            session.add(
+                Subscription(
+                    list_id=mailing_list.id,
+                    email=address.email,
+                    email_key=address.key,
+                    status=status,
+                    locale="fr",
+                    consent_version="2026-11",
+                    confirmed_at=now,
+                )
+            )
+
+
 class TestInternationalizedDomains:
     """An internationalized domain is stored in Unicode, however it was typed; a backend
-    gets it in ASCII."""
+    gets it in ASCII, and a member read back in either spelling is the same person."""
 
     @pytest.mark.parametrize("typed", [IDN, IDN_ASCII], ids=["typed-unicode", "typed-ascii"])
     def test_every_call_to_the_backend_carries_the_domain_in_ascii(
@@ -501,6 +525,89 @@ class TestInternationalizedDomains:
         ]
         assert backend.held == {}
         assert all(job.state == JobState.DONE for job in _jobs(engine))
+
+    def test_reconcile_finds_a_member_held_in_ascii_in_agreement(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {IDN: "confirmed", "Ana@EXÄMPLE.org": "confirmed"})
+        backend.held = {
+            IDN_ASCII: (IDN_ASCII, True, {}),
+            "ana@xn--exmple-cua.org": ("ANA@XN--EXMPLE-CUA.ORG", True, {}),
+        }
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.in_sync, report.as_dict()
+            assert (report.confirmed_here, report.backend_members) == (2, 2)
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        assert backend.calls == []
+
+    def test_a_member_held_in_ascii_without_consent_here_is_fixed_through_its_subscription(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {IDN: "unsubscribed"})
+        backend.held = {IDN_ASCII: (IDN_ASCII, True, {})}
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.extra == [IDN_ASCII]
+            assert report.missing == []
+            sync.apply(session, report=report, now=utcnow())
+        [job] = _jobs(engine)
+        assert "subscription_id" in job.payload
+        _drain(worker)
+        assert backend.calls == [("unsubscribe", IDN_ASCII)]
+        assert backend.held[IDN_ASCII][1] is False
+
+    def test_a_member_imported_in_ascii_is_kept_by_reconcile(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        # Like Mailman, which holds the ASCII form.
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        backend.held = {IDN_ASCII: (IDN_ASCII, True, {})}
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows
+        with db.session_scope(engine) as session:
+            imported = sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                backend_kind="mailman",
+                now=utcnow(),
+            )
+        assert imported.confirmed == 1
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+            assert report.in_sync, report.as_dict()
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        # The import's own sync (the member's unsubscribe link), in the same spelling.
+        assert backend.calls == [("add", [IDN_ASCII])]
+        assert backend.held[IDN_ASCII][1] is True
+
+    def test_a_subscribed_spelling_is_not_hidden_by_an_unsubscribed_one(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        _stored(engine, {IDN: "unsubscribed"})
+        backend = MemoryBackend()
+        # Listed in this order, the unsubscribed one last.
+        backend.held = {IDN: (IDN, True, {}), IDN_ASCII: (IDN_ASCII, False, {})}
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+        assert report.extra == [IDN]
+        assert report.backend_members == 1
 
 
 class TestBackendEvents:
