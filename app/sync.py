@@ -388,11 +388,20 @@ class Report:
     # Confirmed here, absent from a backend that deletes members who leave (Mailman): they
     # may have left there. Not added back automatically: an operator checks each one.
     absent_there: list[str] = field(default_factory=list)
+    # Subscribed at the backend, not a valid address here: left there as it is, for an
+    # operator to check (it matches no subscription, so no consent can be shown for it).
+    invalid: list[str] = field(default_factory=list)
     applied: bool = False
 
     @property
     def in_sync(self) -> bool:
-        return not (self.missing or self.extra or self.unsubscribed_there or self.absent_there)
+        return not (
+            self.missing
+            or self.extra
+            or self.unsubscribed_there
+            or self.absent_there
+            or self.invalid
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -403,6 +412,7 @@ class Report:
             "extra": self.extra,
             "unsubscribed_there": self.unsubscribed_there,
             "absent_there": self.absent_there,
+            "invalid": self.invalid,
             "in_sync": self.in_sync,
             "applied": self.applied,
         }
@@ -411,7 +421,7 @@ class Report:
 def remote_key(address: str) -> str | None:
     """The identity of an address a backend holds, as a stored subscription's `email_key`
     (`jo@xn--exmple-cua.org`, `JO@EXÄMPLE.ORG` and `jo@exämple.org` are one); None for one
-    not valid here."""
+    not valid here, which this service leaves alone."""
     try:
         # Members the backend already holds: a look-alike among them is read as it is.
         return addresses.parse(address, new=False).key
@@ -424,9 +434,10 @@ def read_backend(
 ) -> dict[str, tuple[str, bool]]:
     """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
 
-    An address not valid here is keyed by its case-folded form. Two spellings of one
-    address (a domain in Unicode and in ASCII, say) are one member: a subscribed one is
-    kept over an unsubscribed one, so no subscription there is hidden.
+    An address not valid here is keyed by its case-folded form (`compare` reports it
+    apart). Two spellings of one address (a domain in Unicode and in ASCII, say) are one
+    member: a subscribed one is kept over an unsubscribed one, so no subscription there is
+    hidden.
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
@@ -474,8 +485,14 @@ def compare(
             report.unsubscribed_there.append(key)
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
-            report.extra.append(address)
-    for part in (report.missing, report.extra, report.unsubscribed_there, report.absent_there):
+            (report.extra if remote_key(address) is not None else report.invalid).append(address)
+    for part in (
+        report.missing,
+        report.extra,
+        report.unsubscribed_there,
+        report.absent_there,
+        report.invalid,
+    ):
         part.sort()
     return report
 

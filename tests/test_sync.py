@@ -597,6 +597,27 @@ class TestInternationalizedDomains:
         assert backend.calls == [("add", [IDN_ASCII])]
         assert backend.held[IDN_ASCII][1] is True
 
+    def test_a_member_whose_address_is_not_valid_here_is_reported_and_left_alone(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {"kept@example.org": "confirmed"})
+        backend.held = {
+            "kept@example.org": ("kept@example.org", True, {}),
+            "root@localhost": ("root@localhost", True, {}),
+            "not an address": ("not an address", True, {}),
+        }
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.invalid == ["not an address", "root@localhost"]
+            assert report.extra == []
+            assert not report.in_sync
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        assert backend.calls == []
+
     def test_a_subscribed_spelling_is_not_hidden_by_an_unsubscribed_one(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
