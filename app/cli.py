@@ -265,6 +265,10 @@ def _print_report(report: Any) -> None:
             "absent from a backend that deletes members who leave (check each; not re-added)",
             report.absent_there,
         ),
+        (
+            "subscribed at the backend, not a valid address here (check each; left as is)",
+            report.invalid,
+        ),
     ):
         typer.echo(f"  {len(items)} {title}")
         for item in items[:20]:

@@ -53,6 +53,7 @@ class Planned:
     job: outbox.ClaimedJob
     action: Action
     list_slug: str = ""
+    # As the backend gets it: `addresses.deliverable`, the domain in ASCII (`xn--`).
     address: str = ""
     member: Member | None = None
     fresh_opt_in: bool = False
@@ -135,7 +136,7 @@ def plan(
                     job=job,
                     action=Action(job.payload["action"]),
                     list_slug=slug,
-                    address=job.payload["address"],
+                    address=addresses.deliverable(job.payload["address"]),
                 )
             )
             continue
@@ -144,12 +145,15 @@ def plan(
             planned.append(Planned(job=job, action=Action.SKIP, reason="subscription is gone"))
             continue
         status = SubscriptionStatus(subscription.status)
+        # A stored address keeps an internationalized domain in Unicode; backends get its
+        # ASCII form, the one every mail system takes (Mailman refuses the Unicode one).
+        address = addresses.deliverable(subscription.email)
         if status == SubscriptionStatus.CONFIRMED:
             secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
             attributes = {name: str(value) for name, value in subscription.attributes.items()}
             member = Member(
-                email=subscription.email,
+                email=address,
                 locale=subscription.locale,
                 unsubscribe_url=link,
                 name=attributes.pop("name", None),
@@ -160,7 +164,7 @@ def plan(
                     job=job,
                     action=Action.ADD,
                     list_slug=slug,
-                    address=subscription.email,
+                    address=address,
                     member=member,
                     fresh_opt_in=bool(job.payload.get("fresh_opt_in")),
                     subscription_id=subscription.id,
@@ -176,7 +180,7 @@ def plan(
                     job=job,
                     action=Action.UNSUBSCRIBE,
                     list_slug=slug,
-                    address=subscription.email,
+                    address=address,
                     subscription_id=subscription.id,
                 )
             )
@@ -384,11 +388,20 @@ class Report:
     # Confirmed here, absent from a backend that deletes members who leave (Mailman): they
     # may have left there. Not added back automatically: an operator checks each one.
     absent_there: list[str] = field(default_factory=list)
+    # Subscribed at the backend, not a valid address here: left there as it is, for an
+    # operator to check (it matches no subscription, so no consent can be shown for it).
+    invalid: list[str] = field(default_factory=list)
     applied: bool = False
 
     @property
     def in_sync(self) -> bool:
-        return not (self.missing or self.extra or self.unsubscribed_there or self.absent_there)
+        return not (
+            self.missing
+            or self.extra
+            or self.unsubscribed_there
+            or self.absent_there
+            or self.invalid
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -399,21 +412,41 @@ class Report:
             "extra": self.extra,
             "unsubscribed_there": self.unsubscribed_there,
             "absent_there": self.absent_there,
+            "invalid": self.invalid,
             "in_sync": self.in_sync,
             "applied": self.applied,
         }
 
 
+def remote_key(address: str) -> str | None:
+    """The identity of an address a backend holds, as a stored subscription's `email_key`
+    (`jo@xn--exmple-cua.org`, `JO@EXÄMPLE.ORG` and `jo@exämple.org` are one); None for one
+    not valid here, which this service leaves alone."""
+    try:
+        # Members the backend already holds: a look-alike among them is read as it is.
+        return addresses.parse(address, new=False).key
+    except addresses.InvalidAddress:
+        return None
+
+
 def read_backend(
     backend: ListBackend, *, progress: Callable[[int], None] | None = None
 ) -> dict[str, tuple[str, bool]]:
-    """Every member at the backend: case-folded address -> (address, subscribed)."""
+    """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
+
+    An address not valid here is keyed by its case-folded form (`compare` reports it
+    apart). Two spellings of one address (a domain in Unicode and in ASCII, say) are one
+    member: a subscribed one is kept over an unsubscribed one, so no subscription there is
+    hidden.
+    """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
     while True:
         page = backend.members(cursor)
         for member in page.members:
-            seen[member.email.casefold()] = (member.email, member.subscribed)
+            key = remote_key(member.email) or member.email.casefold()
+            if key not in seen or (member.subscribed and not seen[key][1]):
+                seen[key] = (member.email, member.subscribed)
         if progress is not None:
             progress(len(page.members))
         if page.next_cursor is None or not page.members:
@@ -452,8 +485,14 @@ def compare(
             report.unsubscribed_there.append(key)
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
-            report.extra.append(address)
-    for part in (report.missing, report.extra, report.unsubscribed_there, report.absent_there):
+            (report.extra if remote_key(address) is not None else report.invalid).append(address)
+    for part in (
+        report.missing,
+        report.extra,
+        report.unsubscribed_there,
+        report.absent_there,
+        report.invalid,
+    ):
         part.sort()
     return report
 
@@ -479,7 +518,7 @@ def apply(session: Session, *, report: Report, now: datetime) -> None:
             fresh_opt_in=False,
         )
     for address in report.extra:
-        row = rows.get(address.casefold())
+        row = rows.get(remote_key(address) or "")
         if row is not None:
             outbox.enqueue_sync(
                 session,

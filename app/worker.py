@@ -515,7 +515,8 @@ class Worker:
                     now=self.now(),
                     response=(
                         f"missing {len(report.missing)}, extra {len(report.extra)}, "
-                        f"unsubscribed there {len(report.unsubscribed_there)}"
+                        f"unsubscribed there {len(report.unsubscribed_there)}, "
+                        f"invalid {len(report.invalid)}"
                     ),
                 )
                 if self.settings.reconcile_interval is not None:
@@ -526,11 +527,12 @@ class Worker:
                         delay=self.settings.reconcile_interval,
                     )
             log.info(
-                "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d",
+                "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d invalid=%d",
                 slug,
                 len(report.missing),
                 len(report.extra),
                 len(report.unsubscribed_there),
+                len(report.invalid),
             )
         return len(claimed)
 

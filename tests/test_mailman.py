@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,9 +28,12 @@ from app.backends import make_backend, make_client  # noqa: E402
 from app.backends.base import Member, PermanentSyncError, RetryableSyncError  # noqa: E402
 from app.backends.mailman import MailmanBackend  # noqa: E402
 from app.config import MailmanBackendSettings, Settings  # noqa: E402
+from app.mailer import make_mailer  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import DeliveryAttempt, JobKind, JobState, OutboxJob  # noqa: E402
+from app.models import DeliveryAttempt, JobKind, JobState, OutboxJob, Subscription  # noqa: E402
+from app.worker import Worker  # noqa: E402
 from tests.conftest import (  # noqa: E402
+    SECRET,
     SmtpSink,
     free_port,
     link_in,
@@ -34,6 +41,7 @@ from tests.conftest import (  # noqa: E402
     wait_until,
 )
 from tests.mailman import (  # noqa: E402
+    REPO_ROOT,
     MailmanCore,
     create_list,
     flush_outgoing_mail,
@@ -49,6 +57,12 @@ SYNC_TIMEOUT = 20.0
 
 def unique(name: str = "ada") -> str:
     return f"{name}-{uuid.uuid4().hex[:10]}@example.com"
+
+
+def unique_idn(name: str = "jo") -> tuple[str, str]:
+    """An address at an internationalized domain: (Unicode form, ASCII form)."""
+    local = f"{name}-{uuid.uuid4().hex[:10]}"
+    return f"{local}@exämple.org", f"{local}@xn--exmple-cua.org"
 
 
 def settings_for(
@@ -161,6 +175,16 @@ class TestAdd:
         assert backend.add([member(address)]) == f"mailman: already a member of {mailman_list}"
         assert backend.add([member(address.lower())]).startswith("mailman: already a member")
         assert emails(mailman_core, mailman_list) == [address.lower()]
+
+    def test_mailman_takes_an_internationalized_domain_in_ascii_only(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Why the sync layer sends `addresses.deliverable` forms: Mailman refuses the other.
+        unicode_form, ascii_form = unique_idn()
+        with pytest.raises(PermanentSyncError, match="HTTP 400"):
+            backend.add([member(unicode_form)])
+        backend.add([member(ascii_form)])
+        assert emails(mailman_core, mailman_list) == [ascii_form]
 
     def test_a_banned_address_stays_banned_and_is_a_permanent_error(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
@@ -358,10 +382,13 @@ def sync_jobs(engine: sa.Engine) -> list[OutboxJob]:
         return list(session.exec(select(OutboxJob).where(OutboxJob.kind == JobKind.SYNC)).all())
 
 
-def subscribe_and_confirm(client: TestClient, smtp: SmtpSink, address: str) -> None:
+def subscribe_and_confirm(
+    client: TestClient, smtp: SmtpSink, address: str, *, mailed_to: str | None = None
+) -> None:
+    """`mailed_to`: the address as the mail carries it, if not `address`."""
     response = client.post("/v1/lists/bluehats/subscriptions", json={"email": address})
     assert response.status_code == 202, response.text
-    confirm = link_in(smtp.mail_to(address, link="confirm"), "confirm")
+    confirm = link_in(smtp.mail_to(mailed_to or address, link="confirm"), "confirm")
     confirmed = client.post(confirm, headers={"accept": "application/json"})
     assert confirmed.status_code == 200, confirmed.text
     assert confirmed.json()["status"] == "confirmed"
@@ -400,6 +427,34 @@ class TestThroughTheService:
         assert mails_to(mailman_core, address) == []
         subjects = [str(m["Subject"]) for m in smtp.messages if m["To"] == address]
         assert len(subjects) == 3, subjects  # confirm, unsubscribe link, goodbye
+
+    def test_an_internationalized_domain_reaches_the_roster_in_ascii(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+    ) -> None:
+        unicode_form, ascii_form = unique_idn()
+        settings = service_settings(database_url, smtp, settings_for(mailman_core, mailman_list))
+        with TestClient(create_app(settings)) as client:
+            subscribe_and_confirm(client, smtp, unicode_form, mailed_to=ascii_form)
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [ascii_form], timeout=SYNC_TIMEOUT
+            )
+
+            asked = client.post("/v1/lists/bluehats/unsubscriptions", json={"email": unicode_form})
+            assert asked.status_code == 202
+            leave = link_in(smtp.mail_to(ascii_form, link="unsubscribe"), "unsubscribe")
+            left = client.post(leave, headers={"accept": "application/json"})
+            assert left.json()["status"] == "unsubscribed"
+            wait_until(lambda: emails(mailman_core, mailman_list) == [], timeout=SYNC_TIMEOUT)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+        assert sync_attempts(engine) == ["success", "success"]
 
     def test_a_mailman_outage_is_retried_and_the_member_arrives_once(
         self,
@@ -441,3 +496,93 @@ class TestThroughTheService:
         assert set(outcomes[:-1]) == {"retry"}
         flush_outgoing_mail(mailman_core)
         assert mails_to(mailman_core, address) == []
+
+
+# Taking over a list: the operator's commands, as operators run them -----------------------
+
+
+def newsletter(
+    *args: str, database_url: str, backend: MailmanBackendSettings, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """`newsletter ...` in a subprocess, on this checkout's code (PYTHONPATH), configured
+    by the environment with list 'bluehats' on Mailman."""
+    declared = {
+        "slug": "bluehats",
+        "name": "Gazette BlueHats",
+        "backend": {
+            "kind": "mailman",
+            "base_url": str(backend.base_url),
+            "username": backend.username,
+            "password": backend.password.get_secret_value(),
+            "list_id": backend.list_id,
+        },
+    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY=SECRET,
+        NEWSLETTER_LISTS=json.dumps([declared]),
+        NEWSLETTER_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("newsletter")), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class TestTakingOverAList:
+    def test_a_member_held_with_an_ascii_domain_is_imported_and_kept(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        unicode_form, ascii_form = unique_idn("jo2")
+        subscribe_directly(mailman_core, mailman_list, ascii_form)
+        backend = settings_for(mailman_core, mailman_list)
+
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "imported 1 confirmed and 0 unsubscribed" in done.stdout
+        with Session(engine) as session:
+            [row] = session.exec(select(Subscription)).all()
+        # Stored as any address typed here: the domain in Unicode.
+        assert (row.email, row.status) == (unicode_form, "confirmed")
+
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stdout + report.stderr
+        assert json.loads(report.stdout)["extra"] == []
+
+        # The import's sync (the member's unsubscribe link) reaches Mailman: the same member.
+        settings = service_settings(database_url, smtp, backend)
+        worker = Worker(
+            engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name="t"
+        )
+        try:
+            for _ in range(5):
+                worker.run_once()
+        finally:
+            worker.stop()
+        assert [job.state for job in sync_jobs(engine)] == [JobState.DONE]
+        assert emails(mailman_core, mailman_list) == [ascii_form]
+        again = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "in sync" in again.stdout

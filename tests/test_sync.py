@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, db, outbox, subscriptions, sync
+from app import addresses, db, operators, outbox, subscriptions, sync
 from app.backends.base import (
     Member,
     MembersPage,
@@ -122,11 +123,14 @@ def _drain(worker: Worker, rounds: int = 20) -> None:
             return
 
 
-def _confirm(client: TestClient, worker: Worker, smtp: SmtpSink, email: str) -> None:
+def _confirm(
+    client: TestClient, worker: Worker, smtp: SmtpSink, email: str, *, mailed_to: str | None = None
+) -> None:
+    """Subscribe and confirm; `mailed_to`: the address as the mail carries it, if not `email`."""
     assert client.post("/v1/lists/bluehats/subscriptions", json={"email": email}).status_code == 202
     _drain(worker)
     response = client.post(
-        link_in(smtp.mail_to(email, link="confirm"), "confirm"),
+        link_in(smtp.mail_to(mailed_to or email, link="confirm"), "confirm"),
         headers={"accept": "application/json"},
     )
     assert response.json()["status"] == "confirmed"
@@ -447,6 +451,184 @@ class TestReconcileAndImport:
         # The confirmed imports now carry their unsubscribe URL at the backend.
         assert "unsubscribe_url" in backend.held["a@example.org"][2]
         assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+
+# `jo@exämple.org`, its domain in ASCII (IDNA).
+IDN = "jo@exämple.org"
+IDN_ASCII = "jo@xn--exmple-cua.org"
+
+
+def _stored(engine: sa.Engine, statuses: dict[str, str]) -> None:
+    """Subscriptions as this service stores them (normalized address, identity), no jobs."""
+    from app import lists
+
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        lists.sync_from_settings(session, declared=Settings().lists, now=now)
+        mailing_list = lists.get(session, slug="bluehats")
+        assert mailing_list.id is not None
+        for typed, status in statuses.items():
+            address = addresses.parse(typed, new=True)
+            session.add(
+                Subscription(
+                    list_id=mailing_list.id,
+                    email=address.email,
+                    email_key=address.key,
+                    status=status,
+                    locale="fr",
+                    consent_version="2026-11",
+                    confirmed_at=now,
+                )
+            )
+
+
+class TestInternationalizedDomains:
+    """An internationalized domain is stored in Unicode, however it was typed; a backend
+    gets it in ASCII, and a member read back in either spelling is the same person."""
+
+    @pytest.mark.parametrize("typed", [IDN, IDN_ASCII], ids=["typed-unicode", "typed-ascii"])
+    def test_every_call_to_the_backend_carries_the_domain_in_ascii(
+        self, typed: str, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, resend_interval="0s")
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, typed, mailed_to=IDN_ASCII)
+            _drain(worker)
+            # Leaves by the newsletter's one-click link, then comes back.
+            link = backend.held[IDN_ASCII][2]["unsubscribe_url"]
+            response = client.post(
+                link.removeprefix("http://testserver"),
+                content=b"List-Unsubscribe=One-Click",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            assert response.status_code == 200
+            _drain(worker)
+            _confirm(client, worker, smtp, typed, mailed_to=IDN_ASCII)
+            _drain(worker)
+        with db.session_scope(engine) as session:
+            operators.erase(
+                session,
+                address=addresses.parse(IDN, new=False),
+                key=settings.token_key(),
+                backend_lists={"bluehats"},
+                now=utcnow(),
+            )
+        _drain(worker)
+        assert backend.calls == [
+            ("add", [IDN_ASCII]),
+            ("unsubscribe", IDN_ASCII),
+            ("clear_suppression", IDN_ASCII),
+            ("add", [IDN_ASCII]),
+            ("remove", IDN_ASCII),
+        ]
+        assert backend.held == {}
+        assert all(job.state == JobState.DONE for job in _jobs(engine))
+
+    def test_reconcile_finds_a_member_held_in_ascii_in_agreement(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {IDN: "confirmed", "Ana@EXÄMPLE.org": "confirmed"})
+        backend.held = {
+            IDN_ASCII: (IDN_ASCII, True, {}),
+            "ana@xn--exmple-cua.org": ("ANA@XN--EXMPLE-CUA.ORG", True, {}),
+        }
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.in_sync, report.as_dict()
+            assert (report.confirmed_here, report.backend_members) == (2, 2)
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        assert backend.calls == []
+
+    def test_a_member_held_in_ascii_without_consent_here_is_fixed_through_its_subscription(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {IDN: "unsubscribed"})
+        backend.held = {IDN_ASCII: (IDN_ASCII, True, {})}
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.extra == [IDN_ASCII]
+            assert report.missing == []
+            sync.apply(session, report=report, now=utcnow())
+        [job] = _jobs(engine)
+        assert "subscription_id" in job.payload
+        _drain(worker)
+        assert backend.calls == [("unsubscribe", IDN_ASCII)]
+        assert backend.held[IDN_ASCII][1] is False
+
+    def test_a_member_imported_in_ascii_is_kept_by_reconcile(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        # Like Mailman, which holds the ASCII form.
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        backend.held = {IDN_ASCII: (IDN_ASCII, True, {})}
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows
+        with db.session_scope(engine) as session:
+            imported = sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                backend_kind="mailman",
+                now=utcnow(),
+            )
+        assert imported.confirmed == 1
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+            assert report.in_sync, report.as_dict()
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        # The import's own sync (the member's unsubscribe link), in the same spelling.
+        assert backend.calls == [("add", [IDN_ASCII])]
+        assert backend.held[IDN_ASCII][1] is True
+
+    def test_a_member_whose_address_is_not_valid_here_is_reported_and_left_alone(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {"kept@example.org": "confirmed"})
+        backend.held = {
+            "kept@example.org": ("kept@example.org", True, {}),
+            "root@localhost": ("root@localhost", True, {}),
+            "not an address": ("not an address", True, {}),
+        }
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.invalid == ["not an address", "root@localhost"]
+            assert report.extra == []
+            assert not report.in_sync
+            sync.apply(session, report=report, now=utcnow())
+        _drain(worker)
+        assert backend.calls == []
+
+    def test_a_subscribed_spelling_is_not_hidden_by_an_unsubscribed_one(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        _stored(engine, {IDN: "unsubscribed"})
+        backend = MemoryBackend()
+        # Listed in this order, the unsubscribed one last.
+        backend.held = {IDN: (IDN, True, {}), IDN_ASCII: (IDN_ASCII, False, {})}
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+        assert report.extra == [IDN]
+        assert report.backend_members == 1
 
 
 class TestBackendEvents:

@@ -183,6 +183,29 @@ class TestAcceptedEvents:
             )
         )
 
+    def test_an_internationalized_domain_goes_in_ascii_and_its_events_come_home(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings, fake: FakeMailgun
+    ) -> None:
+        # Stored in Unicode; Mailgun gets, and reports, the ASCII form.
+        response = client.post("/v1/lists/bluehats/subscriptions", json={"email": "jo@exämple.org"})
+        assert response.status_code == 202
+        link = link_in(smtp.mail_to("jo@xn--exmple-cua.org", link="confirm"), "confirm")
+        assert client.post(link, headers={"accept": "application/json"}).status_code == 200
+        wait_until(lambda: fake.member(LIST_ADDRESS, "jo@xn--exmple-cua.org"))
+
+        post(client, webhook(SIGNING_KEY, event("unsubscribed", "JO@XN--EXMPLE-CUA.ORG")))
+
+        assert status_of(settings.database_url, "jo@exämple.org") == "unsubscribed"
+        wait_until(
+            lambda: (
+                (stored := fake.member(LIST_ADDRESS, "jo@xn--exmple-cua.org"))
+                and not stored.subscribed
+            )
+        )
+        assert [member.address for member in fake.members_of(LIST_ADDRESS)] == [
+            "jo@xn--exmple-cua.org"
+        ]
+
     def test_an_event_naming_no_list_applies_to_the_list_whose_key_signs_it(
         self, client: TestClient, smtp: SmtpSink, settings: Settings
     ) -> None:

@@ -10,6 +10,10 @@ Idempotent outcomes are successes, not errors: "already a member" on add, "not f
 remove or unsubscribe. No httpx exception leaves an adapter: `app.backends.http.send()` turns
 each into one of the two, always chained (`raise ... from e`).
 
+Addresses reach an adapter as mails carry them (`app.addresses.deliverable`): an
+internationalized domain in ASCII (`xn--`), which every backend takes (Mailman 3 refuses
+the Unicode form). The sync layer converts them; an adapter sends them as they come.
+
 This service owns consent; a backend only receives confirmed members. Each member carries
 its personal unsubscribe URL as a member variable (`unsubscribe_url`), so the newsletter
 template can put it in the `List-Unsubscribe` header (RFC 8058).
