@@ -29,6 +29,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -54,10 +55,21 @@ def _parse_duration(value: object) -> object:
 Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
 
 
+def _is_off(value: object) -> bool:
+    """The words that turn an optional setting off, alike for every such setting."""
+    return isinstance(value, str) and value.strip().lower() in ("", "off", "none")
+
+
+def _duration_or_off(value: object) -> object:
+    return None if _is_off(value) else _parse_duration(value)
+
+
+# A duration, or `off` (also `none` or empty) for a periodic task that does not run.
+DurationOrOff = Annotated[timedelta | None, BeforeValidator(_duration_or_off)]
+
+
 def _rate_limit_or_off(value: object) -> object:
-    if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
-        return None
-    return value
+    return None if _is_off(value) else value
 
 
 def _parsed_rate_limit(value: str | None) -> str | None:
@@ -435,7 +447,7 @@ class Settings(BaseSettings):
     backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     backend_timeout: Annotated[float, Field(gt=0)] = 30.0
     # Compare each list with its backend and fix differences this often (off when unset).
-    reconcile_interval: Duration | None = None
+    reconcile_interval: DurationOrOff = None
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 
@@ -445,7 +457,7 @@ class Settings(BaseSettings):
     # (IPv6) after `retention_ip_truncate`, removed after `retention_ip_drop`; records of
     # people who left are reduced to the proof of their opt-out after
     # `retention_unsubscribed`.
-    retention_interval: Duration | None = timedelta(hours=24)
+    retention_interval: DurationOrOff = timedelta(hours=24)
     retention_pending: Duration = timedelta(days=30)
     retention_ip_truncate: Duration = timedelta(days=30)
     retention_ip_drop: Duration = timedelta(days=395)
@@ -496,13 +508,6 @@ class Settings(BaseSettings):
     def _origins(cls, value: list[str]) -> list[str]:
         return [origins.parse_setting(item) for item in value]
 
-    @field_validator("proof_of_work_ttl")
-    @classmethod
-    def _positive_pow_ttl(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("proof_of_work_ttl must be positive")
-        return value
-
     @field_validator("lists")
     @classmethod
     def _unique_slugs(cls, value: list[ListSettings]) -> list[ListSettings]:
@@ -514,21 +519,48 @@ class Settings(BaseSettings):
             raise ValueError(f"list slugs must be unique, repeated: {', '.join(duplicates)}")
         return value
 
-    @field_validator("worker_heartbeat_timeout")
+    # Zero is refused where it would make a loop without pause (a lease taken back at once,
+    # a heartbeat stale at once) or a check that lets nothing through.
+    @field_validator("job_lease", "worker_heartbeat_timeout", "form_max_age", "proof_of_work_ttl")
     @classmethod
-    def _positive_heartbeat_timeout(cls, value: timedelta) -> timedelta:
+    def _positive(cls, value: timedelta, info: ValidationInfo) -> timedelta:
         if value <= timedelta(0):
-            raise ValueError("worker_heartbeat_timeout must be positive")
+            raise ValueError(f"{info.field_name} must be positive")
         return value
 
+    # A periodic task: zero ran it back to back (500 reconciliations in 10 s); `off` is how
+    # it is turned off.
+    @field_validator("reconcile_interval", "retention_interval")
+    @classmethod
+    def _positive_or_off(cls, value: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError(f"{info.field_name} must be positive (use 'off' to turn it off)")
+        return value
+
+    # Zero means "no wait" here: retry at once (still at most job_max_attempts times), no
+    # resend interval, no minimum fill time, cut requests at once on shutdown.
     @field_validator(
-        "job_lease", "retry_base_delay", "retry_max_delay", "resend_interval", "form_min_fill_time"
+        "retry_base_delay",
+        "retry_max_delay",
+        "resend_interval",
+        "form_min_fill_time",
+        "shutdown_timeout",
     )
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):
             raise ValueError("durations must not be negative")
         return value
+
+    @model_validator(mode="after")
+    def _backoff_within_its_cap(self) -> Settings:
+        # The cap wins in the backoff: a base above it was silently ignored.
+        if self.retry_base_delay > self.retry_max_delay:
+            raise ValueError(
+                f"NEWSLETTER_RETRY_BASE_DELAY ({self.retry_base_delay}) must not exceed "
+                f"NEWSLETTER_RETRY_MAX_DELAY ({self.retry_max_delay})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
@@ -543,20 +575,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("form_max_age")
-    @classmethod
-    def _positive_form_age(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("form_max_age must be positive")
-        return value
-
-    @field_validator("retention_interval", mode="before")
-    @classmethod
-    def _interval_or_off(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
-            return None
-        return value
-
     @model_validator(mode="after")
     def _retention_keeps_what_is_live(self) -> Settings:
         # A request purged while its confirm link still works would turn a click into 404.
@@ -570,12 +588,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "NEWSLETTER_RETENTION_IP_DROP must be longer than NEWSLETTER_RETENTION_IP_TRUNCATE"
             )
-        durations = (
-            self.retention_ip_truncate,
-            self.retention_unsubscribed,
-            self.retention_interval or timedelta(seconds=1),
-        )
-        if any(value <= timedelta(0) for value in durations):
+        if any(
+            value <= timedelta(0)
+            for value in (self.retention_ip_truncate, self.retention_unsubscribed)
+        ):
             raise ValueError("NEWSLETTER_RETENTION_* durations must be positive")
         return self
 

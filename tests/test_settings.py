@@ -51,9 +51,10 @@ class TestBadValues:
         ("variable", "value"),
         [
             ("NEWSLETTER_RESEND_INTERVAL", "-5m"),
-            ("NEWSLETTER_JOB_LEASE", "-90"),
+            ("NEWSLETTER_FORM_MIN_FILL_TIME", "-3s"),
             ("NEWSLETTER_RETRY_BASE_DELAY", "-PT30S"),
             ("NEWSLETTER_RETRY_MAX_DELAY", "-1.5h"),
+            ("NEWSLETTER_SHUTDOWN_TIMEOUT", "-20"),
         ],
     )
     def test_a_negative_duration_is_refused_as_negative(
@@ -62,6 +63,47 @@ class TestBadValues:
         monkeypatch.setenv(variable, value)
         message = settings_error()
         assert f"{variable}: Value error, durations must not be negative" in message
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            # A zero lease is taken back at once: every job runs on several workers.
+            ("NEWSLETTER_JOB_LEASE", "0"),
+            ("NEWSLETTER_JOB_LEASE", "-90"),
+            ("NEWSLETTER_WORKER_HEARTBEAT_TIMEOUT", "0s"),
+            ("NEWSLETTER_FORM_MAX_AGE", "0"),
+            ("NEWSLETTER_PROOF_OF_WORK_TTL", "0m"),
+        ],
+    )
+    def test_a_duration_that_must_be_positive_is_refused_at_zero_or_less(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        message = settings_error()
+        field = variable.removeprefix("NEWSLETTER_").lower()
+        assert f"{variable}: Value error, {field} must be positive" in message
+
+    @pytest.mark.parametrize(
+        "variable", ["NEWSLETTER_RECONCILE_INTERVAL", "NEWSLETTER_RETENTION_INTERVAL"]
+    )
+    @pytest.mark.parametrize("value", ["0", "0s", "-5m", "-PT1H"])
+    def test_a_periodic_task_at_zero_or_less_is_refused_pointing_at_off(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        # At 0 a worker ran 500 reconciliations in ten seconds.
+        monkeypatch.setenv(variable, value)
+        message = settings_error()
+        assert f"{variable}: Value error, " in message
+        assert "must be positive (use 'off' to turn it off)" in message
+
+    def test_a_retry_base_delay_above_the_max_delay_names_both(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "2h")
+        monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "1s")
+        message = settings_error()
+        assert "NEWSLETTER_RETRY_BASE_DELAY (2:00:00) must not exceed" in message
+        assert "NEWSLETTER_RETRY_MAX_DELAY (0:00:01)" in message
 
     def test_a_duration_that_is_not_one_names_the_variable(
         self, monkeypatch: pytest.MonkeyPatch
@@ -249,6 +291,38 @@ class TestGoodValues:
         monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", value)
         assert load_settings().resend_interval == expected
 
+    @pytest.mark.parametrize(
+        "variable", ["NEWSLETTER_RECONCILE_INTERVAL", "NEWSLETTER_RETENTION_INTERVAL"]
+    )
+    @pytest.mark.parametrize("value", ["off", "OFF", " none ", ""])
+    def test_a_periodic_task_is_turned_off_as_a_rate_limit_is(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        monkeypatch.setenv("NEWSLETTER_RATE_LIMIT_PER_IP", value)
+        settings = load_settings()
+        field = variable.removeprefix("NEWSLETTER_").lower()
+        assert getattr(settings, field) is None
+        assert settings.rate_limit_per_ip is None
+
+    def test_a_periodic_task_takes_a_duration(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("NEWSLETTER_RECONCILE_INTERVAL", "24h")
+        monkeypatch.setenv("NEWSLETTER_RETENTION_INTERVAL", "30m")
+        settings = load_settings()
+        assert settings.reconcile_interval == timedelta(hours=24)
+        assert settings.retention_interval == timedelta(minutes=30)
+
+    def test_retries_may_start_at_once_and_the_base_may_equal_the_cap(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Zero is "no wait", still bounded by NEWSLETTER_JOB_MAX_ATTEMPTS (the tests use it).
+        monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "0")
+        monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "0")
+        assert load_settings().retry_max_delay == timedelta(0)
+        monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "1m")
+        monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "60s")
+        assert load_settings().retry_base_delay == timedelta(minutes=1)
+
     def test_a_lists_confirm_ttl_in_hours_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(
             "NEWSLETTER_LISTS",
@@ -303,6 +377,7 @@ class TestCommandLine:
             ("NEWSLETTER_DATABASE_URL", "mysql://root@127.0.0.1/newsletter"),
             ("NEWSLETTER_LISTS", "bluehats"),
             ("NEWSLETTER_MAILER__KIND", "carrier-pigeon"),
+            ("NEWSLETTER_RECONCILE_INTERVAL", "0"),
         ],
     )
     def test_migrate_with_a_bad_setting_exits_2_naming_the_variable(
