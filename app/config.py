@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 from datetime import timedelta
 from enum import StrEnum
 from functools import cache
@@ -325,6 +326,19 @@ class SmtpMailerSettings(BaseModel):
     timeout: Annotated[float, Field(gt=0)] = 30.0
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _readable_certificate(cls, value: Path | None) -> Path | None:
+        # Unchecked, a wrong path failed every send with FileNotFoundError, retried for hours.
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except ssl.SSLError as e:
+                raise ValueError(f"{value} holds no PEM certificate ({e.reason})") from e
+            except OSError as e:
+                raise ValueError(f"{value} cannot be read ({e.strerror})") from e
+        return value
 
     @field_validator("username", "password")
     @classmethod

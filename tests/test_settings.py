@@ -9,6 +9,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import certifi
 import pytest
 
 from app.config import SettingsError, SmtpMailerSettings, load_settings
@@ -104,6 +105,27 @@ class TestBadValues:
         message = settings_error()
         assert "NEWSLETTER_RETRY_BASE_DELAY (2:00:00) must not exceed" in message
         assert "NEWSLETTER_RETRY_MAX_DELAY (0:00:01)" in message
+
+    @pytest.mark.parametrize(
+        ("content", "reason"),
+        [
+            (None, "cannot be read (No such file or directory)"),
+            ("not a certificate\n", "holds no PEM certificate"),
+            ("", "holds no PEM certificate"),
+        ],
+    )
+    def test_an_smtp_ca_file_that_is_no_readable_certificate_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str | None, reason: str
+    ) -> None:
+        # Accepted, every mail failed with FileNotFoundError and was retried for hours.
+        path = tmp_path / "private-ca.pem"
+        if content is not None:
+            path.write_text(content)
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__CA_FILE", str(path))
+        message = settings_error()
+        assert f"NEWSLETTER_MAILER__CA_FILE: Value error, {path} {reason}" in message
 
     def test_a_duration_that_is_not_one_names_the_variable(
         self, monkeypatch: pytest.MonkeyPatch
@@ -322,6 +344,16 @@ class TestGoodValues:
         monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "1m")
         monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "60s")
         assert load_settings().retry_base_delay == timedelta(minutes=1)
+
+    def test_an_smtp_ca_file_with_certificates_is_read(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__CA_FILE", certifi.where())
+        mailer = load_settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.ca_file == Path(certifi.where())
 
     def test_a_lists_confirm_ttl_in_hours_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(
