@@ -6,16 +6,19 @@ lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import secrets
 import ssl
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import limits
 from pydantic import (
@@ -374,14 +377,18 @@ MailerSettings = Annotated[
 ]
 
 
+ENV_PREFIX = "NEWSLETTER_"
+ENV_NESTED_DELIMITER = "__"
+
+
 def _default_lists() -> list[ListSettings]:
     return [ListSettings(slug="bluehats", name="Gazette BlueHats", default_locale=Locale.FR)]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="NEWSLETTER_",
-        env_nested_delimiter="__",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
         extra="forbid",
     )
 
@@ -665,14 +672,72 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return "__".join([name, *(str(part).upper() for part in rest)])
 
 
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The models a field's type holds directly (through `|` and `Annotated`, not lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return [model for arg in get_args(annotation) for model in _models_in(arg)]
+    return []
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable a setting is read from: `NEWSLETTER_<FIELD>` and, for a field that is a
+    model (the mailer), `NEWSLETTER_<FIELD>__<SUBFIELD>` of any of its kinds. Lists take JSON
+    only: pydantic-settings does not read `NEWSLETTER_LISTS__0__SLUG`."""
+    names = set()
+    for field, info in Settings.model_fields.items():
+        name = f"{ENV_PREFIX}{field.upper()}"
+        names.add(name)
+        for model in _models_in(info.annotation):
+            names.update(f"{name}{ENV_NESTED_DELIMITER}{sub.upper()}" for sub in model.model_fields)
+    return frozenset(names)
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """`NEWSLETTER_*` variables that name no setting, each with the closest known name:
+    pydantic-settings reads names in any case and skips those it does not know, so a
+    misspelt one changed nothing, silently."""
+    # Compared without the prefix, which every name shares and would make any two alike.
+    known = sorted(name.removeprefix(ENV_PREFIX) for name in known_variables())
+    unknown = {}
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper.removeprefix(ENV_PREFIX) not in known:
+            close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), known, n=1)
+            hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "see the README's settings"
+            unknown[name] = f"no such setting ({hint})"
+    return unknown
+
+
 def load_settings() -> Settings:
+    """The settings from the environment; a SettingsError names every bad variable."""
+    unknown = _unknown_variables(os.environ)
+    problems = list(unknown.items())
+    named = {name.upper() for name in unknown}
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as e:
-        lines = [f"  {_variable(error['loc'])}: {error['msg']}" for error in e.errors()]
-        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from e
+        # A misspelt nested name is also pydantic's "extra input": named once, with its hint.
+        problems += [
+            (name, error["msg"])
+            for error in e.errors()
+            if (name := _variable(error["loc"])) not in named
+        ]
+        raise SettingsError(_message(problems)) from e
     except PydanticSettingsError as e:
         # A list or nested value that is not JSON; pydantic-settings names only the field.
         match = re.search(r'field "(\w+)"', str(e))
         name = f"NEWSLETTER_{match[1].upper()}" if match else "a NEWSLETTER_* variable"
-        raise SettingsError(f"invalid settings:\n  {name}: not valid JSON ({e.__cause__})") from e
+        problems.append((name, f"not valid JSON ({e.__cause__})"))
+        raise SettingsError(_message(problems)) from e
+    if problems:
+        raise SettingsError(_message(problems))
+    return settings
+
+
+def _message(problems: list[tuple[str, str]]) -> str:
+    return "invalid settings:\n" + "\n".join(f"  {name}: {why}" for name, why in problems)

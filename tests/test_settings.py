@@ -12,7 +12,13 @@ from pathlib import Path
 import certifi
 import pytest
 
-from app.config import SettingsError, SmtpMailerSettings, load_settings
+from app.config import (
+    Settings,
+    SettingsError,
+    SmtpMailerSettings,
+    known_variables,
+    load_settings,
+)
 
 NEWSLETTER_CLI = Path(sys.executable).parent / "newsletter"
 
@@ -402,6 +408,67 @@ class TestGoodValues:
         assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
 
 
+class TestUnknownVariables:
+    @pytest.mark.parametrize(
+        ("variable", "suggestion"),
+        [
+            ("NEWSLETTER_LOG_LEVL", "NEWSLETTER_LOG_LEVEL"),
+            ("NEWSLETTER_SECRETKEY", "NEWSLETTER_SECRET_KEY"),
+            ("NEWSLETTER_MAILER_HOST", "NEWSLETTER_MAILER__HOST"),
+            ("NEWSLETTER_MAILER__HOSTNAME", "NEWSLETTER_MAILER__HOST"),
+            ("NEWSLETTER_RECONCILE", "NEWSLETTER_RECONCILE_INTERVAL"),
+            # Names are read in any case; a misspelt one is named as it was written.
+            ("newsletter_log_levl", "NEWSLETTER_LOG_LEVEL"),
+            ("newsletter_mailer__hostt", "NEWSLETTER_MAILER__HOST"),
+        ],
+    )
+    def test_a_misspelt_variable_is_named_with_the_closest_setting(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, suggestion: str
+    ) -> None:
+        monkeypatch.setenv(variable, "DEBUG")
+        message = settings_error()
+        assert f"  {variable}: no such setting (did you mean {suggestion}?)" in message
+        assert message.count("\n  ") == 1  # the one variable
+
+    def test_a_variable_like_no_setting_points_at_the_readme(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_XYZZY", "1")
+        assert "  NEWSLETTER_XYZZY: no such setting (see the README's settings)" in (
+            settings_error()
+        )
+
+    def test_a_list_is_json_only_not_one_variable_per_field(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_LISTS__0__SLUG", "bluehats")
+        assert "  NEWSLETTER_LISTS__0__SLUG: no such setting" in settings_error()
+
+    def test_unknown_and_bad_variables_are_named_together(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_LOG_LEVL", "DEBUG")
+        monkeypatch.setenv("NEWSLETTER_JOB_LEASE", "0")
+        message = settings_error()
+        assert "  NEWSLETTER_LOG_LEVL: no such setting" in message
+        assert "  NEWSLETTER_JOB_LEASE: Value error, job_lease must be positive" in message
+
+    def test_every_setting_is_read_from_its_own_name_in_any_case(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("newsletter_log_level", "DEBUG")
+        monkeypatch.setenv("Newsletter_Mailer__Directory", "outbox")
+        monkeypatch.setenv("NEWSLETTER_MAILER", '{"kind": "file"}')
+        settings = load_settings()
+        assert settings.log_level == "DEBUG"
+        assert settings.mailer.kind == "file"
+        assert settings.mailer.directory == Path("outbox")
+        assert "NEWSLETTER_MAILER__CA_FILE" in known_variables()
+        assert {f"NEWSLETTER_{field.upper()}" for field in Settings.model_fields} <= (
+            known_variables()
+        )
+
+
 class TestCommandLine:
     @pytest.mark.parametrize(
         ("variable", "value"),
@@ -409,6 +476,7 @@ class TestCommandLine:
             ("NEWSLETTER_DATABASE_URL", "mysql://root@127.0.0.1/newsletter"),
             ("NEWSLETTER_LISTS", "bluehats"),
             ("NEWSLETTER_MAILER__KIND", "carrier-pigeon"),
+            ("NEWSLETTER_LOG_LEVL", "DEBUG"),
             ("NEWSLETTER_RECONCILE_INTERVAL", "0"),
         ],
     )
