@@ -380,6 +380,13 @@ MailerSettings = Annotated[
 ENV_PREFIX = "NEWSLETTER_"
 ENV_NESTED_DELIMITER = "__"
 
+# The links' HMAC key: 48 random bytes are asked for (docs/production.md), this much at least.
+MIN_SECRET_KEY_LENGTH = 32
+_KEY_RULE = (
+    f"a secret key needs at least {MIN_SECRET_KEY_LENGTH} characters, e.g. 48 random bytes "
+    """from `python -c "import secrets; print(secrets.token_urlsafe(48))"`"""
+)
+
 
 def _default_lists() -> list[ListSettings]:
     return [ListSettings(slug="bluehats", name="Gazette BlueHats", default_locale=Locale.FR)]
@@ -493,6 +500,17 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout: Duration = timedelta(seconds=60)
     # On SIGTERM, requests in flight get this long to finish before they are cut.
     shutdown_timeout: Duration = timedelta(seconds=20)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _strong_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty or short key left the links' HMACs and the erased addresses' keyed hashes
+        # without a secret worth the name. The message never shows the key.
+        if value is not None:
+            key = value.get_secret_value()
+            if len(key) < MIN_SECRET_KEY_LENGTH:
+                raise ValueError(f"{'is empty' if not key else 'is too short'}; {_KEY_RULE}")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -646,7 +664,24 @@ def _key_from_file(path: Path) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as file:
             file.write(secrets.token_urlsafe(48))
-    return path.read_text().strip().encode()
+    return _read_key_file(path).encode()
+
+
+def _read_key_file(path: Path) -> str:
+    """The key kept in `path`, held to the same rule as `NEWSLETTER_SECRET_KEY`."""
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "it is not text"
+        raise SettingsError(
+            f"invalid settings:\n  NEWSLETTER_SECRET_KEY_FILE: {path} cannot be read ({reason})"
+        ) from e
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        what = "is empty" if not key else "holds a key too short"
+        raise SettingsError(
+            f"invalid settings:\n  NEWSLETTER_SECRET_KEY_FILE: {path} {what}; {_KEY_RULE}"
+        )
+    return key
 
 
 class SettingsError(Exception):
@@ -736,6 +771,9 @@ def load_settings() -> Settings:
         raise SettingsError(_message(problems)) from e
     if problems:
         raise SettingsError(_message(problems))
+    if settings.secret_key is None and settings.secret_key_file.exists():
+        # Read now, so that a bad key file stops the start rather than the first request.
+        settings.token_key()
     return settings
 
 

@@ -13,6 +13,7 @@ import certifi
 import pytest
 
 from app.config import (
+    MIN_SECRET_KEY_LENGTH,
     Settings,
     SettingsError,
     SmtpMailerSettings,
@@ -408,6 +409,58 @@ class TestGoodValues:
         assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
 
 
+class TestSecretKey:
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            # Empty, it was taken as a key of no bytes (and not as unset, which uses the file).
+            ("", "is empty"),
+            ("s3cr3t", "is too short"),
+            ("k" * (MIN_SECRET_KEY_LENGTH - 1), "is too short"),
+        ],
+    )
+    def test_an_empty_or_short_key_is_refused_without_showing_it(
+        self, monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY", value)
+        message = settings_error()
+        assert f"NEWSLETTER_SECRET_KEY: Value error, {reason}; " in message
+        assert f"at least {MIN_SECRET_KEY_LENGTH} characters" in message
+        assert "token_urlsafe(48)" in message
+        if value:
+            assert value not in message
+
+    def test_a_key_of_the_minimum_length_derives_the_tokens(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        key = "k" * MIN_SECRET_KEY_LENGTH
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY", key)
+        assert load_settings().token_key() == key.encode()
+
+    def test_the_generated_key_file_is_kept_and_passes_the_check(self, tmp_path: Path) -> None:
+        first = load_settings().token_key()
+        assert len(first) >= MIN_SECRET_KEY_LENGTH
+        assert (tmp_path / "var" / "secret.key").read_text().encode() == first
+        assert load_settings().token_key() == first
+
+    @pytest.mark.parametrize(
+        ("content", "reason"), [("", "is empty"), ("short\n", "holds a key too short")]
+    )
+    def test_a_key_file_with_an_empty_or_short_key_stops_the_start(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str, reason: str
+    ) -> None:
+        path = tmp_path / "keys" / "newsletter.key"
+        path.parent.mkdir()
+        path.write_text(content)
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY_FILE", str(path))
+        message = settings_error()
+        assert f"NEWSLETTER_SECRET_KEY_FILE: {path} {reason}; " in message
+        assert f"at least {MIN_SECRET_KEY_LENGTH} characters" in message
+        # Read when the key is asked for, too, with the same message.
+        with pytest.raises(SettingsError, match=r"holds a key too short|is empty"):
+            Settings().token_key()
+
+
 class TestUnknownVariables:
     @pytest.mark.parametrize(
         ("variable", "suggestion"),
@@ -477,6 +530,7 @@ class TestCommandLine:
             ("NEWSLETTER_LISTS", "bluehats"),
             ("NEWSLETTER_MAILER__KIND", "carrier-pigeon"),
             ("NEWSLETTER_LOG_LEVL", "DEBUG"),
+            ("NEWSLETTER_SECRET_KEY", ""),
             ("NEWSLETTER_RECONCILE_INTERVAL", "0"),
         ],
     )
