@@ -22,6 +22,7 @@ from app.config import (
 )
 
 NEWSLETTER_CLI = Path(sys.executable).parent / "newsletter"
+README = Path(__file__).parent.parent / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -520,6 +521,22 @@ class TestUnknownVariables:
         assert {f"NEWSLETTER_{field.upper()}" for field in Settings.model_fields} <= (
             known_variables()
         )
+
+    def test_every_variable_is_in_the_readme_table(self) -> None:
+        table = README.read_text().partition("## Settings")[2].partition("\n## ")[0]
+        rows = [line for line in table.splitlines() if line.startswith("| `NEWSLETTER_")]
+        variables = " ".join(row.split(" | ")[0] for row in rows)
+        known = sorted(known_variables())
+        missing = [
+            name
+            for name in known
+            # A nested one may be written `__PORT` after its sibling in the same cell; the
+            # mailer as one JSON value is documented by its nested variables.
+            if f"`{name}`" not in variables
+            and f"`__{name.rpartition('__')[2]}`" not in variables
+            and not any(other.startswith(f"{name}__") for other in known)
+        ]
+        assert missing == []
 
 
 class TestCommandLine:
