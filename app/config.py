@@ -6,15 +6,19 @@ lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import secrets
+import ssl
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import limits
 from pydantic import (
@@ -29,6 +33,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -54,10 +59,21 @@ def _parse_duration(value: object) -> object:
 Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
 
 
+def _is_off(value: object) -> bool:
+    """The words that turn an optional setting off, alike for every such setting."""
+    return isinstance(value, str) and value.strip().lower() in ("", "off", "none")
+
+
+def _duration_or_off(value: object) -> object:
+    return None if _is_off(value) else _parse_duration(value)
+
+
+# A duration, or `off` (also `none` or empty) for a periodic task that does not run.
+DurationOrOff = Annotated[timedelta | None, BeforeValidator(_duration_or_off)]
+
+
 def _rate_limit_or_off(value: object) -> object:
-    if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
-        return None
-    return value
+    return None if _is_off(value) else value
 
 
 def _parsed_rate_limit(value: str | None) -> str | None:
@@ -314,6 +330,19 @@ class SmtpMailerSettings(BaseModel):
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
 
+    @field_validator("ca_file")
+    @classmethod
+    def _readable_certificate(cls, value: Path | None) -> Path | None:
+        # Unchecked, a wrong path failed every send with FileNotFoundError, retried for hours.
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except ssl.SSLError as e:
+                raise ValueError(f"{value} holds no PEM certificate ({e.reason})") from e
+            except OSError as e:
+                raise ValueError(f"{value} cannot be read ({e.strerror})") from e
+        return value
+
     @field_validator("username", "password")
     @classmethod
     def _ascii_credentials(cls, value: str | SecretStr | None) -> str | SecretStr | None:
@@ -348,14 +377,25 @@ MailerSettings = Annotated[
 ]
 
 
+ENV_PREFIX = "NEWSLETTER_"
+ENV_NESTED_DELIMITER = "__"
+
+# The links' HMAC key: 48 random bytes are asked for (docs/production.md), this much at least.
+MIN_SECRET_KEY_LENGTH = 32
+_KEY_RULE = (
+    f"a secret key needs at least {MIN_SECRET_KEY_LENGTH} characters, e.g. 48 random bytes "
+    """from `python -c "import secrets; print(secrets.token_urlsafe(48))"`"""
+)
+
+
 def _default_lists() -> list[ListSettings]:
     return [ListSettings(slug="bluehats", name="Gazette BlueHats", default_locale=Locale.FR)]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="NEWSLETTER_",
-        env_nested_delimiter="__",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
         extra="forbid",
     )
 
@@ -435,7 +475,7 @@ class Settings(BaseSettings):
     backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     backend_timeout: Annotated[float, Field(gt=0)] = 30.0
     # Compare each list with its backend and fix differences this often (off when unset).
-    reconcile_interval: Duration | None = None
+    reconcile_interval: DurationOrOff = None
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=2)
 
@@ -445,7 +485,7 @@ class Settings(BaseSettings):
     # (IPv6) after `retention_ip_truncate`, removed after `retention_ip_drop`; records of
     # people who left are reduced to the proof of their opt-out after
     # `retention_unsubscribed`.
-    retention_interval: Duration | None = timedelta(hours=24)
+    retention_interval: DurationOrOff = timedelta(hours=24)
     retention_pending: Duration = timedelta(days=30)
     retention_ip_truncate: Duration = timedelta(days=30)
     retention_ip_drop: Duration = timedelta(days=395)
@@ -460,6 +500,17 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout: Duration = timedelta(seconds=60)
     # On SIGTERM, requests in flight get this long to finish before they are cut.
     shutdown_timeout: Duration = timedelta(seconds=20)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _strong_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty or short key left the links' HMACs and the erased addresses' keyed hashes
+        # without a secret worth the name. The message never shows the key.
+        if value is not None:
+            key = value.get_secret_value()
+            if len(key) < MIN_SECRET_KEY_LENGTH:
+                raise ValueError(f"{'is empty' if not key else 'is too short'}; {_KEY_RULE}")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -496,13 +547,6 @@ class Settings(BaseSettings):
     def _origins(cls, value: list[str]) -> list[str]:
         return [origins.parse_setting(item) for item in value]
 
-    @field_validator("proof_of_work_ttl")
-    @classmethod
-    def _positive_pow_ttl(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("proof_of_work_ttl must be positive")
-        return value
-
     @field_validator("lists")
     @classmethod
     def _unique_slugs(cls, value: list[ListSettings]) -> list[ListSettings]:
@@ -514,21 +558,48 @@ class Settings(BaseSettings):
             raise ValueError(f"list slugs must be unique, repeated: {', '.join(duplicates)}")
         return value
 
-    @field_validator("worker_heartbeat_timeout")
+    # Zero is refused where it would make a loop without pause (a lease taken back at once,
+    # a heartbeat stale at once) or a check that lets nothing through.
+    @field_validator("job_lease", "worker_heartbeat_timeout", "form_max_age", "proof_of_work_ttl")
     @classmethod
-    def _positive_heartbeat_timeout(cls, value: timedelta) -> timedelta:
+    def _positive(cls, value: timedelta, info: ValidationInfo) -> timedelta:
         if value <= timedelta(0):
-            raise ValueError("worker_heartbeat_timeout must be positive")
+            raise ValueError(f"{info.field_name} must be positive")
         return value
 
+    # A periodic task: zero ran it back to back (500 reconciliations in 10 s); `off` is how
+    # it is turned off.
+    @field_validator("reconcile_interval", "retention_interval")
+    @classmethod
+    def _positive_or_off(cls, value: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError(f"{info.field_name} must be positive (use 'off' to turn it off)")
+        return value
+
+    # Zero means "no wait" here: retry at once (still at most job_max_attempts times), no
+    # resend interval, no minimum fill time, cut requests at once on shutdown.
     @field_validator(
-        "job_lease", "retry_base_delay", "retry_max_delay", "resend_interval", "form_min_fill_time"
+        "retry_base_delay",
+        "retry_max_delay",
+        "resend_interval",
+        "form_min_fill_time",
+        "shutdown_timeout",
     )
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):
             raise ValueError("durations must not be negative")
         return value
+
+    @model_validator(mode="after")
+    def _backoff_within_its_cap(self) -> Settings:
+        # The cap wins in the backoff: a base above it was silently ignored.
+        if self.retry_base_delay > self.retry_max_delay:
+            raise ValueError(
+                f"NEWSLETTER_RETRY_BASE_DELAY ({self.retry_base_delay}) must not exceed "
+                f"NEWSLETTER_RETRY_MAX_DELAY ({self.retry_max_delay})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
@@ -543,20 +614,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("form_max_age")
-    @classmethod
-    def _positive_form_age(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("form_max_age must be positive")
-        return value
-
-    @field_validator("retention_interval", mode="before")
-    @classmethod
-    def _interval_or_off(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
-            return None
-        return value
-
     @model_validator(mode="after")
     def _retention_keeps_what_is_live(self) -> Settings:
         # A request purged while its confirm link still works would turn a click into 404.
@@ -570,12 +627,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "NEWSLETTER_RETENTION_IP_DROP must be longer than NEWSLETTER_RETENTION_IP_TRUNCATE"
             )
-        durations = (
-            self.retention_ip_truncate,
-            self.retention_unsubscribed,
-            self.retention_interval or timedelta(seconds=1),
-        )
-        if any(value <= timedelta(0) for value in durations):
+        if any(
+            value <= timedelta(0)
+            for value in (self.retention_ip_truncate, self.retention_unsubscribed)
+        ):
             raise ValueError("NEWSLETTER_RETENTION_* durations must be positive")
         return self
 
@@ -609,7 +664,24 @@ def _key_from_file(path: Path) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as file:
             file.write(secrets.token_urlsafe(48))
-    return path.read_text().strip().encode()
+    return _read_key_file(path).encode()
+
+
+def _read_key_file(path: Path) -> str:
+    """The key kept in `path`, held to the same rule as `NEWSLETTER_SECRET_KEY`."""
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "it is not text"
+        raise SettingsError(
+            f"invalid settings:\n  NEWSLETTER_SECRET_KEY_FILE: {path} cannot be read ({reason})"
+        ) from e
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        what = "is empty" if not key else "holds a key too short"
+        raise SettingsError(
+            f"invalid settings:\n  NEWSLETTER_SECRET_KEY_FILE: {path} {what}; {_KEY_RULE}"
+        )
+    return key
 
 
 class SettingsError(Exception):
@@ -635,14 +707,75 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return "__".join([name, *(str(part).upper() for part in rest)])
 
 
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The models a field's type holds directly (through `|` and `Annotated`, not lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return [model for arg in get_args(annotation) for model in _models_in(arg)]
+    return []
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable a setting is read from: `NEWSLETTER_<FIELD>` and, for a field that is a
+    model (the mailer), `NEWSLETTER_<FIELD>__<SUBFIELD>` of any of its kinds. Lists take JSON
+    only: pydantic-settings does not read `NEWSLETTER_LISTS__0__SLUG`."""
+    names = set()
+    for field, info in Settings.model_fields.items():
+        name = f"{ENV_PREFIX}{field.upper()}"
+        names.add(name)
+        for model in _models_in(info.annotation):
+            names.update(f"{name}{ENV_NESTED_DELIMITER}{sub.upper()}" for sub in model.model_fields)
+    return frozenset(names)
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """`NEWSLETTER_*` variables that name no setting, each with the closest known name:
+    pydantic-settings reads names in any case and skips those it does not know, so a
+    misspelt one changed nothing, silently."""
+    # Compared without the prefix, which every name shares and would make any two alike.
+    known = sorted(name.removeprefix(ENV_PREFIX) for name in known_variables())
+    unknown = {}
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper.removeprefix(ENV_PREFIX) not in known:
+            close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), known, n=1)
+            hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "see the README's settings"
+            unknown[name] = f"no such setting ({hint})"
+    return unknown
+
+
 def load_settings() -> Settings:
+    """The settings from the environment; a SettingsError names every bad variable."""
+    unknown = _unknown_variables(os.environ)
+    problems = list(unknown.items())
+    named = {name.upper() for name in unknown}
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as e:
-        lines = [f"  {_variable(error['loc'])}: {error['msg']}" for error in e.errors()]
-        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from e
+        # A misspelt nested name is also pydantic's "extra input": named once, with its hint.
+        problems += [
+            (name, error["msg"])
+            for error in e.errors()
+            if (name := _variable(error["loc"])) not in named
+        ]
+        raise SettingsError(_message(problems)) from e
     except PydanticSettingsError as e:
         # A list or nested value that is not JSON; pydantic-settings names only the field.
         match = re.search(r'field "(\w+)"', str(e))
         name = f"NEWSLETTER_{match[1].upper()}" if match else "a NEWSLETTER_* variable"
-        raise SettingsError(f"invalid settings:\n  {name}: not valid JSON ({e.__cause__})") from e
+        problems.append((name, f"not valid JSON ({e.__cause__})"))
+        raise SettingsError(_message(problems)) from e
+    if problems:
+        raise SettingsError(_message(problems))
+    if settings.secret_key is None and settings.secret_key_file.exists():
+        # Read now, so that a bad key file stops the start rather than the first request.
+        settings.token_key()
+    return settings
+
+
+def _message(problems: list[tuple[str, str]]) -> str:
+    return "invalid settings:\n" + "\n".join(f"  {name}: {why}" for name, why in problems)

@@ -9,11 +9,20 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import certifi
 import pytest
 
-from app.config import SettingsError, SmtpMailerSettings, load_settings
+from app.config import (
+    MIN_SECRET_KEY_LENGTH,
+    Settings,
+    SettingsError,
+    SmtpMailerSettings,
+    known_variables,
+    load_settings,
+)
 
 NEWSLETTER_CLI = Path(sys.executable).parent / "newsletter"
+README = Path(__file__).parent.parent / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +60,10 @@ class TestBadValues:
         ("variable", "value"),
         [
             ("NEWSLETTER_RESEND_INTERVAL", "-5m"),
-            ("NEWSLETTER_JOB_LEASE", "-90"),
+            ("NEWSLETTER_FORM_MIN_FILL_TIME", "-3s"),
             ("NEWSLETTER_RETRY_BASE_DELAY", "-PT30S"),
             ("NEWSLETTER_RETRY_MAX_DELAY", "-1.5h"),
+            ("NEWSLETTER_SHUTDOWN_TIMEOUT", "-20"),
         ],
     )
     def test_a_negative_duration_is_refused_as_negative(
@@ -62,6 +72,68 @@ class TestBadValues:
         monkeypatch.setenv(variable, value)
         message = settings_error()
         assert f"{variable}: Value error, durations must not be negative" in message
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            # A zero lease is taken back at once: every job runs on several workers.
+            ("NEWSLETTER_JOB_LEASE", "0"),
+            ("NEWSLETTER_JOB_LEASE", "-90"),
+            ("NEWSLETTER_WORKER_HEARTBEAT_TIMEOUT", "0s"),
+            ("NEWSLETTER_FORM_MAX_AGE", "0"),
+            ("NEWSLETTER_PROOF_OF_WORK_TTL", "0m"),
+        ],
+    )
+    def test_a_duration_that_must_be_positive_is_refused_at_zero_or_less(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        message = settings_error()
+        field = variable.removeprefix("NEWSLETTER_").lower()
+        assert f"{variable}: Value error, {field} must be positive" in message
+
+    @pytest.mark.parametrize(
+        "variable", ["NEWSLETTER_RECONCILE_INTERVAL", "NEWSLETTER_RETENTION_INTERVAL"]
+    )
+    @pytest.mark.parametrize("value", ["0", "0s", "-5m", "-PT1H"])
+    def test_a_periodic_task_at_zero_or_less_is_refused_pointing_at_off(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        # At 0 a worker ran 500 reconciliations in ten seconds.
+        monkeypatch.setenv(variable, value)
+        message = settings_error()
+        assert f"{variable}: Value error, " in message
+        assert "must be positive (use 'off' to turn it off)" in message
+
+    def test_a_retry_base_delay_above_the_max_delay_names_both(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "2h")
+        monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "1s")
+        message = settings_error()
+        assert "NEWSLETTER_RETRY_BASE_DELAY (2:00:00) must not exceed" in message
+        assert "NEWSLETTER_RETRY_MAX_DELAY (0:00:01)" in message
+
+    @pytest.mark.parametrize(
+        ("content", "reason"),
+        [
+            (None, "cannot be read (No such file or directory)"),
+            ("not a certificate\n", "holds no PEM certificate"),
+            ("", "holds no PEM certificate"),
+        ],
+    )
+    def test_an_smtp_ca_file_that_is_no_readable_certificate_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str | None, reason: str
+    ) -> None:
+        # Accepted, every mail failed with FileNotFoundError and was retried for hours.
+        path = tmp_path / "private-ca.pem"
+        if content is not None:
+            path.write_text(content)
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__CA_FILE", str(path))
+        message = settings_error()
+        assert f"NEWSLETTER_MAILER__CA_FILE: Value error, {path} {reason}" in message
 
     def test_a_duration_that_is_not_one_names_the_variable(
         self, monkeypatch: pytest.MonkeyPatch
@@ -249,6 +321,48 @@ class TestGoodValues:
         monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", value)
         assert load_settings().resend_interval == expected
 
+    @pytest.mark.parametrize(
+        "variable", ["NEWSLETTER_RECONCILE_INTERVAL", "NEWSLETTER_RETENTION_INTERVAL"]
+    )
+    @pytest.mark.parametrize("value", ["off", "OFF", " none ", ""])
+    def test_a_periodic_task_is_turned_off_as_a_rate_limit_is(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        monkeypatch.setenv("NEWSLETTER_RATE_LIMIT_PER_IP", value)
+        settings = load_settings()
+        field = variable.removeprefix("NEWSLETTER_").lower()
+        assert getattr(settings, field) is None
+        assert settings.rate_limit_per_ip is None
+
+    def test_a_periodic_task_takes_a_duration(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("NEWSLETTER_RECONCILE_INTERVAL", "24h")
+        monkeypatch.setenv("NEWSLETTER_RETENTION_INTERVAL", "30m")
+        settings = load_settings()
+        assert settings.reconcile_interval == timedelta(hours=24)
+        assert settings.retention_interval == timedelta(minutes=30)
+
+    def test_retries_may_start_at_once_and_the_base_may_equal_the_cap(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Zero is "no wait", still bounded by NEWSLETTER_JOB_MAX_ATTEMPTS (the tests use it).
+        monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "0")
+        monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "0")
+        assert load_settings().retry_max_delay == timedelta(0)
+        monkeypatch.setenv("NEWSLETTER_RETRY_BASE_DELAY", "1m")
+        monkeypatch.setenv("NEWSLETTER_RETRY_MAX_DELAY", "60s")
+        assert load_settings().retry_base_delay == timedelta(minutes=1)
+
+    def test_an_smtp_ca_file_with_certificates_is_read(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__CA_FILE", certifi.where())
+        mailer = load_settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.ca_file == Path(certifi.where())
+
     def test_a_lists_confirm_ttl_in_hours_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(
             "NEWSLETTER_LISTS",
@@ -296,6 +410,135 @@ class TestGoodValues:
         assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
 
 
+class TestSecretKey:
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            # Empty, it was taken as a key of no bytes (and not as unset, which uses the file).
+            ("", "is empty"),
+            ("s3cr3t", "is too short"),
+            ("k" * (MIN_SECRET_KEY_LENGTH - 1), "is too short"),
+        ],
+    )
+    def test_an_empty_or_short_key_is_refused_without_showing_it(
+        self, monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY", value)
+        message = settings_error()
+        assert f"NEWSLETTER_SECRET_KEY: Value error, {reason}; " in message
+        assert f"at least {MIN_SECRET_KEY_LENGTH} characters" in message
+        assert "token_urlsafe(48)" in message
+        if value:
+            assert value not in message
+
+    def test_a_key_of_the_minimum_length_derives_the_tokens(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        key = "k" * MIN_SECRET_KEY_LENGTH
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY", key)
+        assert load_settings().token_key() == key.encode()
+
+    def test_the_generated_key_file_is_kept_and_passes_the_check(self, tmp_path: Path) -> None:
+        first = load_settings().token_key()
+        assert len(first) >= MIN_SECRET_KEY_LENGTH
+        assert (tmp_path / "var" / "secret.key").read_text().encode() == first
+        assert load_settings().token_key() == first
+
+    @pytest.mark.parametrize(
+        ("content", "reason"), [("", "is empty"), ("short\n", "holds a key too short")]
+    )
+    def test_a_key_file_with_an_empty_or_short_key_stops_the_start(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str, reason: str
+    ) -> None:
+        path = tmp_path / "keys" / "newsletter.key"
+        path.parent.mkdir()
+        path.write_text(content)
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY_FILE", str(path))
+        message = settings_error()
+        assert f"NEWSLETTER_SECRET_KEY_FILE: {path} {reason}; " in message
+        assert f"at least {MIN_SECRET_KEY_LENGTH} characters" in message
+        # Read when the key is asked for, too, with the same message.
+        with pytest.raises(SettingsError, match=r"holds a key too short|is empty"):
+            Settings().token_key()
+
+
+class TestUnknownVariables:
+    @pytest.mark.parametrize(
+        ("variable", "suggestion"),
+        [
+            ("NEWSLETTER_LOG_LEVL", "NEWSLETTER_LOG_LEVEL"),
+            ("NEWSLETTER_SECRETKEY", "NEWSLETTER_SECRET_KEY"),
+            ("NEWSLETTER_MAILER_HOST", "NEWSLETTER_MAILER__HOST"),
+            ("NEWSLETTER_MAILER__HOSTNAME", "NEWSLETTER_MAILER__HOST"),
+            ("NEWSLETTER_RECONCILE", "NEWSLETTER_RECONCILE_INTERVAL"),
+            # Names are read in any case; a misspelt one is named as it was written.
+            ("newsletter_log_levl", "NEWSLETTER_LOG_LEVEL"),
+            ("newsletter_mailer__hostt", "NEWSLETTER_MAILER__HOST"),
+        ],
+    )
+    def test_a_misspelt_variable_is_named_with_the_closest_setting(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, suggestion: str
+    ) -> None:
+        monkeypatch.setenv(variable, "DEBUG")
+        message = settings_error()
+        assert f"  {variable}: no such setting (did you mean {suggestion}?)" in message
+        assert message.count("\n  ") == 1  # the one variable
+
+    def test_a_variable_like_no_setting_points_at_the_readme(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_XYZZY", "1")
+        assert "  NEWSLETTER_XYZZY: no such setting (see the README's settings)" in (
+            settings_error()
+        )
+
+    def test_a_list_is_json_only_not_one_variable_per_field(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_LISTS__0__SLUG", "bluehats")
+        assert "  NEWSLETTER_LISTS__0__SLUG: no such setting" in settings_error()
+
+    def test_unknown_and_bad_variables_are_named_together(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_LOG_LEVL", "DEBUG")
+        monkeypatch.setenv("NEWSLETTER_JOB_LEASE", "0")
+        message = settings_error()
+        assert "  NEWSLETTER_LOG_LEVL: no such setting" in message
+        assert "  NEWSLETTER_JOB_LEASE: Value error, job_lease must be positive" in message
+
+    def test_every_setting_is_read_from_its_own_name_in_any_case(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("newsletter_log_level", "DEBUG")
+        monkeypatch.setenv("Newsletter_Mailer__Directory", "outbox")
+        monkeypatch.setenv("NEWSLETTER_MAILER", '{"kind": "file"}')
+        settings = load_settings()
+        assert settings.log_level == "DEBUG"
+        assert settings.mailer.kind == "file"
+        assert settings.mailer.directory == Path("outbox")
+        assert "NEWSLETTER_MAILER__CA_FILE" in known_variables()
+        assert {f"NEWSLETTER_{field.upper()}" for field in Settings.model_fields} <= (
+            known_variables()
+        )
+
+    def test_every_variable_is_in_the_readme_table(self) -> None:
+        table = README.read_text().partition("## Settings")[2].partition("\n## ")[0]
+        rows = [line for line in table.splitlines() if line.startswith("| `NEWSLETTER_")]
+        variables = " ".join(row.split(" | ")[0] for row in rows)
+        known = sorted(known_variables())
+        missing = [
+            name
+            for name in known
+            # A nested one may be written `__PORT` after its sibling in the same cell; the
+            # mailer as one JSON value is documented by its nested variables.
+            if f"`{name}`" not in variables
+            and f"`__{name.rpartition('__')[2]}`" not in variables
+            and not any(other.startswith(f"{name}__") for other in known)
+        ]
+        assert missing == []
+
+
 class TestCommandLine:
     @pytest.mark.parametrize(
         ("variable", "value"),
@@ -303,6 +546,9 @@ class TestCommandLine:
             ("NEWSLETTER_DATABASE_URL", "mysql://root@127.0.0.1/newsletter"),
             ("NEWSLETTER_LISTS", "bluehats"),
             ("NEWSLETTER_MAILER__KIND", "carrier-pigeon"),
+            ("NEWSLETTER_LOG_LEVL", "DEBUG"),
+            ("NEWSLETTER_SECRET_KEY", ""),
+            ("NEWSLETTER_RECONCILE_INTERVAL", "0"),
         ],
     )
     def test_migrate_with_a_bad_setting_exits_2_naming_the_variable(

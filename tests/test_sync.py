@@ -658,7 +658,7 @@ class TestScheduledReconcile:
     def test_the_worker_reconciles_on_schedule_and_schedules_the_next_run(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
-        settings = _app_without_worker(database_url, smtp, reconcile_interval="0s")
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
         backend = MemoryBackend()
         backend.held["stranger@example.org"] = ("stranger@example.org", True, {})
         worker = _mail_worker(settings, engine, backend)
@@ -666,6 +666,8 @@ class TestScheduledReconcile:
         worker.schedule_reconciliations()
         worker.schedule_reconciliations()  # a second worker asking changes nothing
         assert len(_jobs(engine, JobKind.RECONCILE)) == 1
+        # The hour passes: the run is due.
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
         _drain(worker)
         assert backend.held["stranger@example.org"][1] is False
         assert backend.held["bulk-0000@example.org"][1] is True

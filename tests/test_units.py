@@ -22,6 +22,7 @@ from app.i18n import catalogue, negotiate
 from app.mailer import FileMailer, OutgoingMail
 from app.mails import MailKind, compose
 from app.models import MailingList, Subscription, Token, TokenPurpose, utcnow
+from tests.conftest import SECRET
 
 
 class TestAddresses:
@@ -340,7 +341,7 @@ class TestTokens:
         return subscription
 
     def test_only_a_hash_is_stored_and_the_link_finds_the_token(self, engine: object) -> None:
-        key = Settings(secret_key="k").token_key()
+        key = Settings(secret_key=SECRET).token_key()
         now = utcnow()
         with Session(engine) as session:  # type: ignore[call-overload]
             subscription = self._subscription(session)
@@ -379,7 +380,7 @@ class TestTokens:
     def test_using_a_token_retires_its_siblings_and_a_used_one_changes_nothing(
         self, engine: object
     ) -> None:
-        key = Settings(secret_key="k").token_key()
+        key = Settings(secret_key=SECRET).token_key()
         now = utcnow()
         with Session(engine) as session:  # type: ignore[call-overload]
             subscription = self._subscription(session)
