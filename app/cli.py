@@ -306,6 +306,7 @@ def import_backend(
                 list_slug=list_slug,
                 remote=remote,
                 backend_kind=declared.backend.kind,
+                key=settings.token_key(),
                 now=utcnow(),
             )
             if dry_run:
@@ -319,6 +320,11 @@ def import_backend(
         f"{report.unsubscribed} unsubscribed; {report.already_known} already known; "
         f"{len(report.invalid)} invalid"
     )
+    if report.erased or report.blocked:
+        typer.echo(
+            f"  not taken over: {report.erased} erased at their owner's request, "
+            f"{report.blocked} on the block-list"
+        )
     for address in report.invalid[:20]:
         typer.echo(f"  invalid: {address!r}")
 

@@ -39,6 +39,15 @@ def is_erased(session: Session, *, email_key: str, key: bytes) -> bool:
     )
 
 
+def erased_among(session: Session, *, keys: list[str], key: bytes) -> set[str]:
+    """`is_erased` for a whole batch in one query: the keys that have a tombstone."""
+    hashes = {address_hash(email_key, key=key): email_key for email_key in keys}
+    found = session.exec(
+        select(ErasedAddress.address_hash).where(col(ErasedAddress.address_hash).in_(hashes))
+    ).all()
+    return {hashes[value] for value in found}
+
+
 # Scrubbing -------------------------------------------------------------------------------
 
 # What an erased address becomes inside free text (backend answers, errors, notes).

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from app import addresses, lists, logs, outbox, tokens
+from app import addresses, blocklist, lists, logs, outbox, tokens
 from app.backends.base import ListBackend, Member, PermanentSyncError, SyncError
 from app.config import Settings
 from app.models import (
@@ -559,6 +559,10 @@ class ImportReport:
     unsubscribed: int = 0
     already_known: int = 0
     invalid: list[str] = field(default_factory=list)
+    # Not taken over: erased at their owner's request (only their own opt-in brings them
+    # back), or on the block-list, as a CSV import refuses them.
+    erased: int = 0
+    blocked: int = 0
 
 
 def import_members(
@@ -567,6 +571,7 @@ def import_members(
     list_slug: str,
     remote: dict[str, tuple[str, bool]],
     backend_kind: str,
+    key: bytes,
     now: datetime,
 ) -> ImportReport:
     """Record the backend's members as they are: subscribed -> confirmed, else unsubscribed.
@@ -574,8 +579,11 @@ def import_members(
     The ledger says where each came from ("imported from mailgun on 2026-11-28"), so a
     list can move to this service without asking its members to opt in again. Addresses
     already known here are left as they are. Confirmed imports get a sync job, which gives
-    the backend each member's personal unsubscribe URL.
+    the backend each member's personal unsubscribe URL. An address erased here (`key`
+    finds its tombstone) or on the block-list is not taken over.
     """
+    from app import privacy  # which imports this module
+
     mailing_list = lists.get(session, slug=list_slug)
     assert mailing_list.id is not None
     known = set(
@@ -586,15 +594,25 @@ def import_members(
     report = ImportReport(list_slug=list_slug, read=len(remote))
     provenance = f"imported from {backend_kind} on {now.date().isoformat()}"
     confirmed_ids: list[int] = []
+    members: list[tuple[addresses.Address, bool]] = []
     for address, subscribed in remote.values():
         try:
             # Members the backend already holds: a look-alike among them is imported as it is.
-            parsed = addresses.parse(address, new=False)
+            members.append((addresses.parse(address, new=False), subscribed))
         except addresses.InvalidAddress:
             report.invalid.append(address)
-            continue
+    keys = [parsed.key for parsed, _ in members]
+    erased = privacy.erased_among(session, keys=keys, key=key)
+    blocked = blocklist.blocked_among(session, email_keys=keys)
+    for parsed, subscribed in members:
         if parsed.key in known:
             report.already_known += 1
+            continue
+        if parsed.key in erased:
+            report.erased += 1
+            continue
+        if parsed.key in blocked:
+            report.blocked += 1
             continue
         known.add(parsed.key)
         status = SubscriptionStatus.CONFIRMED if subscribed else SubscriptionStatus.UNSUBSCRIBED

@@ -65,7 +65,6 @@ from app.config import Locale
 from app.models import (
     ConsentAction,
     ConsentEvent,
-    ErasedAddress,
     Subscription,
     SubscriptionStatus,
 )
@@ -472,15 +471,6 @@ def _known(session: Session, *, list_id: int, keys: list[str]) -> set[str]:
     )
 
 
-def _erased(session: Session, *, keys: list[str], key: bytes) -> set[str]:
-    """`privacy.is_erased` for a whole batch in one query: the keys that have a tombstone."""
-    hashes = {privacy.address_hash(email_key, key=key): email_key for email_key in keys}
-    found = session.exec(
-        select(ErasedAddress.address_hash).where(col(ErasedAddress.address_hash).in_(hashes))
-    ).all()
-    return {hashes[value] for value in found}
-
-
 ERASED_ERROR = (
     "This address was erased at its owner's request: it cannot be imported; only the "
     "person's own subscription (double opt-in) can bring it back."
@@ -505,7 +495,7 @@ def _apply(
     now: datetime,
 ) -> None:
     keys = [row.address.key for row in rows]
-    erased = _erased(session, keys=keys, key=key)
+    erased = privacy.erased_among(session, keys=keys, key=key)
     blocked = blocklist.blocked_among(session, email_keys=keys)
     writes_confirmed = write and mode == ImportMode.CONFIRMED
     # Which addresses the list already has. A confirmed import lets its INSERT ... ON

@@ -176,6 +176,7 @@ class TestAStoredLookAlike:
                 list_slug="bluehats",
                 remote={KEY: (LOOK_ALIKE, True)},
                 backend_kind="mailgun",
+                key=SECRET.encode(),
                 now=utcnow(),
             )
         assert (report.confirmed, report.invalid) == (1, [])

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, db, operators, outbox, subscriptions, sync
+from app import addresses, blocklist, db, operators, outbox, subscriptions, sync
 from app.backends.base import (
     Member,
     MembersPage,
@@ -27,6 +27,7 @@ from app.backends.base import (
 from app.config import Settings
 from app.main import create_app
 from app.models import (
+    BlockKind,
     ConsentEvent,
     DeliveryAttempt,
     JobKind,
@@ -431,12 +432,22 @@ class TestReconcileAndImport:
         remote = sync.read_backend(backend)
         with db.session_scope(engine) as session:
             report = sync.import_members(
-                session, list_slug="bluehats", remote=remote, backend_kind="mailgun", now=utcnow()
+                session,
+                list_slug="bluehats",
+                remote=remote,
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=utcnow(),
             )
         assert (report.confirmed, report.unsubscribed, report.invalid) == (2, 1, ["not an address"])
         with db.session_scope(engine) as session:
             again = sync.import_members(
-                session, list_slug="bluehats", remote=remote, backend_kind="mailgun", now=utcnow()
+                session,
+                list_slug="bluehats",
+                remote=remote,
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=utcnow(),
             )
         assert again.already_known == 3
         with Session(engine) as session:
@@ -451,6 +462,45 @@ class TestReconcileAndImport:
         # The confirmed imports now carry their unsubscribe URL at the backend.
         assert "unsubscribe_url" in backend.held["a@example.org"][2]
         assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+    def test_import_leaves_out_erased_and_blocked_addresses(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows
+        now = utcnow()
+        with db.session_scope(engine) as session:
+            operators.erase(
+                session,
+                address=addresses.parse("Gone@example.org", new=False),
+                key=settings.token_key(),
+                backend_lists=[],
+                now=now,
+            )
+            blocklist.add(
+                session, kind=BlockKind.DOMAIN, value="spam.example", reason="x", actor="t", now=now
+            )
+        remote = {
+            "gone@example.org": ("gone@example.org", True),
+            "left@example.org": ("GONE@EXAMPLE.ORG", False),  # the same person, unsubscribed
+            "x@spam.example": ("x@spam.example", True),
+            "kept@example.org": ("kept@example.org", True),
+        }
+        with db.session_scope(engine) as session:
+            report = sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote=remote,
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=now,
+            )
+        assert (report.confirmed, report.erased, report.blocked) == (1, 2, 1)
+        with Session(engine) as session:
+            assert [row.email for row in session.exec(select(Subscription)).all()] == [
+                "kept@example.org"
+            ]
 
 
 # `jo@exämple.org`, its domain in ASCII (IDNA).
@@ -580,6 +630,7 @@ class TestInternationalizedDomains:
                 list_slug="bluehats",
                 remote=sync.read_backend(backend),
                 backend_kind="mailman",
+                key=settings.token_key(),
                 now=utcnow(),
             )
         assert imported.confirmed == 1
