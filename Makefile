@@ -31,7 +31,11 @@ test-postgres: $(STAMP)
 	@echo "== test suite on PostgreSQL ($(TEST_DATABASE_URL)) =="
 	TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/pytest -q
 
-test: lint typecheck test-sqlite test-postgres
+# The two databases' runs side by side (each one's output shown whole when it ends): much
+# of a run is waiting (servers starting, browsers, timeouts), so on two cores the pair
+# takes little longer than the longer of the two.
+test: lint typecheck
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-sqlite test-postgres
 
 # The performance suite (bench/README.md): `make bench BENCH_ARGS=--quick` for a short run.
 BENCH_ARGS ?=
