@@ -91,6 +91,27 @@ def enqueue_address_job(
     )
 
 
+def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
+    """The round's calls, one per address at a list, and those that wait for the next round.
+
+    Two jobs may concern one address (an erasure's removal, then a new subscription's
+    addition: their queue keys differ), and a round makes its additions before its
+    removals: the later request would be undone. So the oldest job of each address goes
+    now, and the others once it is done, in the order they were asked for.
+    """
+    now: list[Planned] = []
+    later: list[Planned] = []
+    seen: set[tuple[str, str]] = set()
+    for item in sorted(planned, key=lambda item: item.job.id):
+        if item.action == Action.SKIP or not item.address:
+            now.append(item)
+            continue
+        target = (item.list_slug, item.address.casefold())
+        (later if target in seen else now).append(item)
+        seen.add(target)
+    return now, later
+
+
 def plan(
     session: Session, jobs: Sequence[outbox.ClaimedJob], *, settings: Settings, key: bytes
 ) -> list[Planned]:

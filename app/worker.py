@@ -412,6 +412,9 @@ class Worker:
         started_at = self.now()
         with db.session_scope(self.engine) as session:
             planned = sync.plan(session, claimed, settings=self.settings, key=self._key)
+        # A second job about an address already in the round waits for the next (given
+        # back below, as it has no result).
+        planned, _ = sync.in_turn(planned)
         # The pool is idle here (the mail round has finished): it carries the calls of
         # backends without bulk calls, `worker_concurrency` at a time.
         results = sync.execute(

@@ -502,6 +502,48 @@ class TestReconcileAndImport:
                 "kept@example.org"
             ]
 
+    def test_an_erasure_then_a_new_subscription_leave_the_member_at_the_backend(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, "greg@example.org")
+            _drain(worker)
+            assert backend.held["greg@example.org"][1] is True
+            # Erased while the backend was away: the removal waits for its retry...
+            with db.session_scope(engine) as session:
+                operators.erase(
+                    session,
+                    address=addresses.parse("greg@example.org", new=False),
+                    key=settings.token_key(),
+                    backend_lists=["bluehats"],
+                    now=utcnow(),
+                )
+            _set_due(engine, in_=timedelta(hours=1))
+            # ...the person signs up again and confirms: an addition after it...
+            _confirm(client, worker, smtp, "greg@example.org")
+        removal, addition = [job for job in _jobs(engine) if job.state == JobState.PENDING]
+        assert (removal.payload["action"], addition.payload.get("action")) == ("remove", None)
+        # ...and the waiting job is retried (by hand, or its time came): both in one round.
+        _set_due(engine, in_=timedelta(0))
+        backend.calls.clear()
+        _drain(worker)
+        assert [name for name, _ in backend.calls] == ["remove", "add"]
+        assert backend.held["greg@example.org"][1] is True
+        assert {job.state for job in _jobs(engine)} == {JobState.DONE}
+
+
+def _set_due(engine: sa.Engine, *, in_: timedelta) -> None:
+    """Every pending sync job due in `in_` (as after a failure, or a retry by hand)."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(OutboxJob)
+            .where(col(OutboxJob.kind) == JobKind.SYNC, col(OutboxJob.state) == JobState.PENDING)
+            .values(next_attempt_at=utcnow() + in_)
+        )
+
 
 # `jo@exämple.org`, its domain in ASCII (IDNA).
 IDN = "jo@exämple.org"
