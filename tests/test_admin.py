@@ -96,6 +96,8 @@ class TestKeys:
                 response = client.request(method, path, headers=headers)
                 assert response.status_code == 401, (method, path, headers, response.text)
                 assert response.json()["error"] == "unauthorized"
+                # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+                assert response.headers["www-authenticate"] == "Bearer"
 
     def test_a_read_key_cannot_change_anything(
         self, client: TestClient, read_key: dict[str, str]

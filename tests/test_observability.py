@@ -221,10 +221,14 @@ class TestMetrics:
     def test_a_metrics_token_when_set_is_required(self, database_url: str, smtp: SmtpSink) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, metrics_token="scrape-me")
         with TestClient(create_app(settings)) as client:
-            assert client.get("/metrics").status_code == 401
+            missing = client.get("/metrics")
+            assert missing.status_code == 401
             wrong = client.get("/metrics", headers={"authorization": "Bearer nope"})
             assert wrong.status_code == 401
             assert wrong.json()["error"] == "unauthorized"
+            # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+            for refused in (missing, wrong):
+                assert refused.headers["www-authenticate"] == "Bearer"
             scrape(client, authorization="Bearer scrape-me")
 
 
