@@ -224,6 +224,7 @@ class ListOut(BaseModel):
 
 
 class SubscriberOut(BaseModel):
+    id: int = Field(description="The subscription's id (for its proof of consent).")
     email: str
     status: str
     locale: str

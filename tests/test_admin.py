@@ -217,6 +217,25 @@ class TestSubscriberRecord:
             [event] = session.exec(select(AuditEvent)).all()
             assert event.outcome == "error:not_found"
 
+    def test_search_record_and_person_give_the_id_the_consent_proof_needs(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "ada@example.org"})
+        with Session(engine) as session:
+            [row] = session.exec(select(Subscription)).all()
+        found = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"prefix": "ada"}, headers=read_key
+        ).json()["items"]
+        record = client.get(
+            "/v1/admin/lists/bluehats/subscribers/ada@example.org", headers=read_key
+        ).json()
+        person = client.get("/v1/admin/people/ada@example.org", headers=read_key).json()
+        ids = {found[0]["id"], record["id"], person["subscriptions"][0]["id"]}
+        assert ids == {row.id}
+        proof = client.get(f"/v1/admin/subscribers/{row.id}/consent-proof", headers=read_key)
+        assert proof.status_code == 200
+        assert proof.json()["subscriber_id"] == row.id
+
 
 def _scalar(engine: sa.Engine, sql: str) -> int:
     with engine.connect() as connection:
