@@ -15,6 +15,7 @@ from sqlmodel import Session, col, func, select
 
 from app import errors, lists
 from app.models import (
+    MAX_ROW_ID,
     ConsentEvent,
     DeliveryAttempt,
     JobKind,
@@ -43,7 +44,9 @@ def decode_cursor(cursor: str | None) -> int | None:
         padded = cursor + "=" * (-len(cursor) % 4)
         text = base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii")
         kind, _, value = text.partition(":")
-        if kind != "id" or not value.isdigit():
+        # An id past the column's range was not handed out (and PostgreSQL would refuse it
+        # with an error rather than find nothing).
+        if kind != "id" or not value.isdigit() or len(value) > 10 or int(value) > MAX_ROW_ID:
             raise ValueError(text)
         return int(value)
     except (ValueError, UnicodeError, binascii.Error) as e:

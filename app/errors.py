@@ -63,6 +63,17 @@ class Unauthorized(DomainError):
     status_code = 401
     code = "unauthorized"
     message = "A valid API key is required (Authorization: Bearer <key>)."
+    # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+    documented_headers: ClassVar[dict[str, dict[str, Any]]] = {
+        "WWW-Authenticate": {
+            "description": "The scheme to authenticate with: `Bearer`.",
+            "schema": {"type": "string"},
+        }
+    }
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail)
+        self.headers["WWW-Authenticate"] = "Bearer"
 
 
 class Forbidden(DomainError):

@@ -5,7 +5,8 @@ secret on any line.
   mailer's line that shows a developer the link to click (`extra={"shows_link": True}`).
 - Addresses are masked (`c*****@example.org`) at INFO and above, whoever logs them (our
   calls mask them already; uvicorn's access log and httpx's request log carry them in paths,
-  e.g. DELETE /v1/admin/people/{email}, Mailgun's /members/{address}). DEBUG shows them.
+  percent-encoded, e.g. DELETE /v1/admin/people/{email}, Mailgun's /members/{address}), and
+  so are the admin search's prefixes (`?prefix=c*****`). DEBUG shows them.
 - The request id (`X-Request-ID` when sane, else generated) lives in a context variable set
   by `app.middleware.RequestId`; Starlette's thread pool copies the context, so lines logged
   from a sync endpoint or `Database.run` carry it too, as does uvicorn's access line.
@@ -24,10 +25,22 @@ from typing import Any, TextIO
 
 _TOKEN_PATH = re.compile(r"(/v1/(?:confirm|unsubscribe)/)[^\s\"?/]+")
 # Local part: what mail addresses carry in practice, stopping at the separators that surround
-# them in paths, query strings and messages; `%40` is an @ in a URL path.
+# them in paths, query strings and messages; `%40` is an @ in a URL, where uvicorn's and
+# httpx's lines also percent-encode what is not ASCII (`%C3%A9lodie%40ex%C3%A4mple.fr`): the
+# character kept in clear may be one encoded character (a lead byte and its continuations),
+# and the domain may hold encoded characters. The domain may be partial or empty (a search
+# prefix such as `camille%40exa`): whatever stands before an @ is masked.
+# A match starts only where a word does (the look-behind): tried from inside every word, a
+# long line without an address cost a time growing with the square of its length.
+_HEX = "[0-9A-Fa-f]"
 _ADDRESS = re.compile(
-    r"([^\s@<>()\[\],;:\"'/=?&%])[^\s@<>()\[\],;:\"'/=?&]*(?:@|%40)([\w-]+(?:\.[\w-]+)+)"
+    r"(?<![^\s@<>()\[\],;:\"'/=?&])"
+    rf"(%{_HEX}{{2}}(?:%[89ABab]{_HEX})*|[^\s@<>()\[\],;:\"'/=?&])"
+    r"[^\s@<>()\[\],;:\"'/=?&]*(?:@|%40)"
+    rf"((?:[\w-]|%{_HEX}{{2}})*(?:\.(?:[\w-]|%{_HEX}{{2}})+)*)"
 )
+# The admin search's prefix is the start of an address, with or without its @.
+_PREFIX = re.compile(rf"([?&]prefix=)(%{_HEX}{{2}}(?:%[89ABab]{_HEX})*|[^&\s\"#%])[^&\s\"#]*")
 # What a client may send as X-Request-ID: a proxy's UUID or trace id, nothing to inject.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -39,7 +52,13 @@ def redact(text: str) -> str:
 
 
 def mask_addresses(text: str) -> str:
-    """`camille@example.org` -> `c*****@example.org`, wherever an address appears."""
+    """`camille@example.org` -> `c*****@example.org`, wherever an address appears, and
+    `?prefix=camille` -> `?prefix=c*****`."""
+    # Most lines hold no address: two substring searches, and no regular expression, for them.
+    if "prefix=" in text:
+        text = _PREFIX.sub(r"\1\2*****", text)
+    if "@" not in text and "%40" not in text:
+        return text
     return _ADDRESS.sub(r"\1*****@\2", text)
 
 

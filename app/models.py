@@ -95,6 +95,11 @@ class AttemptOutcome(StrEnum):
     DEAD = "dead"
 
 
+# Row ids are 32-bit integers on PostgreSQL (`INTEGER`): a larger one asked for (in a URL, in
+# a cursor) is refused before the database would refuse it with an error, as out of range.
+MAX_ROW_ID = 2**31 - 1
+
+
 class MailingList(SQLModel, table=True):
     __tablename__ = "mailing_list"
 

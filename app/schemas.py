@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -18,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from app import addresses
+from app import addresses, models
 from app.config import SLUG_PATTERN, Locale
 from app.readiness import WorkerState
 
@@ -58,9 +59,8 @@ Attributes = Annotated[
     ),
 ]
 
-# Row ids are 32-bit integers on PostgreSQL: a larger one in a URL is refused (422) before
-# the database has to refuse it (an error) as out of range.
-MAX_ROW_ID = 2**31 - 1
+# A row id in a URL: beyond `MAX_ROW_ID` it is refused (422), documented as the maximum.
+MAX_ROW_ID = models.MAX_ROW_ID
 
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
@@ -75,6 +75,11 @@ def _date_time_text(value: object) -> object:
 
 # A date-time query parameter of the admin API.
 DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text)]
+
+# Free text in an admin URL (a list's name, an address, a search prefix, an audit filter):
+# a control character is refused (422), NUL above all, which PostgreSQL refuses in a text
+# parameter with an error (a 500) where SQLite only finds nothing.
+UrlText = Annotated[str, AfterValidator(_no_control_characters), Field(json_schema_extra=ONE_LINE)]
 
 
 def _any_case(word: str) -> str:
@@ -224,6 +229,7 @@ class ListOut(BaseModel):
 
 
 class SubscriberOut(BaseModel):
+    id: int = Field(description="The subscription's id (for its proof of consent).")
     email: str
     status: str
     locale: str
@@ -312,6 +318,20 @@ _NOTE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 NOTE_TEXT = {"pattern": r"^[^\x00-\x08\x0b-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x08\x0b-\x1f\x7f]*$"}
 
 
+def _note_text(value: str) -> str:
+    if _NOTE_CONTROL.search(value):
+        raise ValueError("must not contain control characters other than line breaks")
+    return value
+
+
+# A note in an admin URL (the import's): as `UrlText`, line breaks and tabs allowed.
+UrlNote = Annotated[
+    str,
+    AfterValidator(_note_text),
+    Field(json_schema_extra={"pattern": r"^[^\x00-\x08\x0b-\x1f\x7f]*$"}),
+]
+
+
 def _not_in_the_future(value: date) -> date:
     if value > datetime.now(UTC).date():
         raise ValueError("the date of the consent must not be in the future")
@@ -362,9 +382,7 @@ class ConsentEvidence(BaseModel):
     @field_validator("note")
     @classmethod
     def _text(cls, value: str) -> str:
-        if _NOTE_CONTROL.search(value):
-            raise ValueError("must not contain control characters other than line breaks")
-        return value
+        return _note_text(value)
 
     @field_validator("consented_at")
     @classmethod

@@ -3,11 +3,13 @@ full record, stats, the failed-job queue, and the audit log."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -96,6 +98,8 @@ class TestKeys:
                 response = client.request(method, path, headers=headers)
                 assert response.status_code == 401, (method, path, headers, response.text)
                 assert response.json()["error"] == "unauthorized"
+                # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+                assert response.headers["www-authenticate"] == "Bearer"
 
     def test_a_read_key_cannot_change_anything(
         self, client: TestClient, read_key: dict[str, str]
@@ -214,6 +218,25 @@ class TestSubscriberRecord:
         with Session(engine) as session:
             [event] = session.exec(select(AuditEvent)).all()
             assert event.outcome == "error:not_found"
+
+    def test_search_record_and_person_give_the_id_the_consent_proof_needs(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        client.post("/v1/lists/bluehats/subscriptions", json={"email": "ada@example.org"})
+        with Session(engine) as session:
+            [row] = session.exec(select(Subscription)).all()
+        found = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"prefix": "ada"}, headers=read_key
+        ).json()["items"]
+        record = client.get(
+            "/v1/admin/lists/bluehats/subscribers/ada@example.org", headers=read_key
+        ).json()
+        person = client.get("/v1/admin/people/ada@example.org", headers=read_key).json()
+        ids = {found[0]["id"], record["id"], person["subscriptions"][0]["id"]}
+        assert ids == {row.id}
+        proof = client.get(f"/v1/admin/subscribers/{row.id}/consent-proof", headers=read_key)
+        assert proof.status_code == 200
+        assert proof.json()["subscriber_id"] == row.id
 
 
 def _scalar(engine: sa.Engine, sql: str) -> int:
@@ -351,3 +374,126 @@ def _state(engine: sa.Engine, job_id: int) -> str | None:
     with Session(engine) as session:
         job = session.get(OutboxJob, job_id)
         return None if job is None else job.state
+
+
+# Out-of-range and unreadable input (PostgreSQL refuses both with an error, SQLite does not:
+# these cases matter most under TEST_DATABASE_URL).
+BEYOND_BIGINT = "9" * 24
+NUL = "\x00"
+
+
+class TestInputTheDatabaseWouldRefuse:
+    @pytest.mark.parametrize(
+        "cursor_id", [BEYOND_BIGINT, "2147483648", "9223372036854775807", "0" * 50 + "1"]
+    )
+    def test_a_cursor_past_the_id_range_is_a_clear_400(
+        self, client: TestClient, read_key: dict[str, str], cursor_id: str
+    ) -> None:
+        cursor = base64.urlsafe_b64encode(f"id:{cursor_id}".encode()).decode()
+        response = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"cursor": cursor}, headers=read_key
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "bad_request"
+
+    def test_the_last_id_in_range_is_a_valid_cursor(
+        self, client: TestClient, read_key: dict[str, str]
+    ) -> None:
+        cursor = base64.urlsafe_b64encode(f"id:{2**31 - 1}".encode()).decode()
+        response = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"cursor": cursor}, headers=read_key
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"items": [], "next_cursor": None}
+
+    @pytest.mark.parametrize(
+        ("method", "path", "params"),
+        [
+            ("POST", f"/v1/admin/jobs/{BEYOND_BIGINT}/retry", {}),
+            ("DELETE", f"/v1/admin/blocks/{BEYOND_BIGINT}", {}),
+            ("GET", f"/v1/admin/subscribers/{BEYOND_BIGINT}/consent-proof", {}),
+            ("GET", "/v1/admin/subscribers/2147483648/consent-proof", {}),
+            ("GET", "/v1/admin/audit", {"before_id": BEYOND_BIGINT}),
+        ],
+    )
+    def test_an_id_past_the_column_range_is_refused_before_the_database(
+        self,
+        client: TestClient,
+        write_key: dict[str, str],
+        method: str,
+        path: str,
+        params: dict[str, str],
+    ) -> None:
+        response = client.request(method, path, params=params, headers=write_key)
+        # Documented as the parameter's maximum in openapi.json.
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "validation_error"
+
+    @pytest.mark.parametrize("character", [NUL, "\x1f"])
+    @pytest.mark.parametrize(
+        ("method", "path", "params", "where"),
+        [
+            ("GET", "/v1/admin/lists/bluehats/subscribers", {"prefix": "ada{c}"}, "query.prefix"),
+            ("GET", "/v1/admin/lists/bluehats/subscribers", {"locale": "f{c}"}, "query.locale"),
+            ("GET", "/v1/admin/lists/bluehats/export", {"prefix": "{c}"}, "query.prefix"),
+            ("GET", "/v1/admin/lists/bluehats/export", {"locale": "{c}"}, "query.locale"),
+            ("GET", "/v1/admin/audit", {"actor": "a{c}"}, "query.actor"),
+            ("GET", "/v1/admin/audit", {"action": "{c}"}, "query.action"),
+            ("GET", "/v1/admin/audit", {"target": "bluehats:{c}"}, "query.target"),
+            ("GET", "/v1/admin/lists/blue{c}hats", {}, "path.slug"),
+            ("PATCH", "/v1/admin/lists/blue{c}hats", {}, "path.slug"),
+            ("GET", "/v1/admin/lists/blue{c}hats/subscribers", {}, "path.slug"),
+            ("GET", "/v1/admin/lists/blue{c}hats/stats", {}, "path.slug"),
+            ("POST", "/v1/admin/lists/blue{c}hats/reconcile", {}, "path.slug"),
+            ("GET", "/v1/admin/lists/blue{c}hats/export", {}, "path.slug"),
+            ("POST", "/v1/admin/lists/blue{c}hats/import", {}, "path.slug"),
+            ("POST", "/v1/admin/lists/blue{c}hats/subscribers", {}, "path.slug"),
+            ("GET", "/v1/admin/lists/bluehats/subscribers/ada{c}@example.org", {}, "path.email"),
+            (
+                "POST",
+                "/v1/admin/lists/bluehats/subscribers/ada{c}@example.org/unsubscribe",
+                {},
+                "path.email",
+            ),
+            ("GET", "/v1/admin/people/ada{c}@example.org", {}, "path.email"),
+            ("DELETE", "/v1/admin/people/ada{c}@example.org", {}, "path.email"),
+        ],
+    )
+    def test_a_control_character_in_a_url_is_422(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+        method: str,
+        path: str,
+        params: dict[str, str],
+        where: str,
+        character: str,
+    ) -> None:
+        encoded = quote(character)
+        response = client.request(
+            method,
+            path.format(c=encoded),
+            params={name: value.format(c=character) for name, value in params.items()},
+            headers=write_key,
+        )
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["error"] == "validation_error"
+        assert body["detail"].startswith(f"{where}: ")
+        with Session(engine) as session:
+            assert session.exec(select(OutboxJob)).all() == []
+
+    def test_a_control_character_in_the_import_note_is_422_and_a_line_break_is_kept(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        csv = b"email,consent_source,consent_date\nada@example.org,paper form,2026-01-02\n"
+        headers = {**write_key, "content-type": "text/csv"}
+        path = "/v1/admin/lists/bluehats/import"
+        refused = client.post(path, params={"note": f"box{NUL}3"}, content=csv, headers=headers)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"].startswith("query.note: ")
+        kept = client.post(
+            path, params={"note": "box 3\nshelf 2", "dry_run": "true"}, content=csv, headers=headers
+        )
+        assert kept.status_code == 200, kept.text

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -221,10 +222,14 @@ class TestMetrics:
     def test_a_metrics_token_when_set_is_required(self, database_url: str, smtp: SmtpSink) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, metrics_token="scrape-me")
         with TestClient(create_app(settings)) as client:
-            assert client.get("/metrics").status_code == 401
+            missing = client.get("/metrics")
+            assert missing.status_code == 401
             wrong = client.get("/metrics", headers={"authorization": "Bearer nope"})
             assert wrong.status_code == 401
             assert wrong.json()["error"] == "unauthorized"
+            # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+            for refused in (missing, wrong):
+                assert refused.headers["www-authenticate"] == "Bearer"
             scrape(client, authorization="Bearer scrape-me")
 
 
@@ -339,13 +344,55 @@ class TestLogHygiene:
             ("550 <camille+news@example.org>: no such user", "550 <c*****@example.org>: no"),
             ("email=Camille@Example.ORG&x=1", "email=C*****@Example.ORG&x=1"),
             ("/members/élodie@exemple.fr", "/members/é*****@exemple.fr"),
+            ("DELETE /v1/admin/people/bob%40example.org", "/people/b*****@example.org"),
+            # uvicorn's access line quotes the path: what is not ASCII comes percent-encoded.
+            (
+                '"GET ' + quote("/v1/admin/people/élodie@exämple.fr") + ' HTTP/1.1" 200',
+                "/people/%C3%A9*****@ex%C3%A4mple.fr HTTP/1.1",
+            ),
+            # httpx's line when paging Mailgun's members.
+            (
+                "GET https://api.mailgun.net/v3/lists/x/members/pages?"
+                "address=%C3%A9mile%40ex%C3%A4mple.fr&limit=100",
+                "?address=%C3%A9*****@ex%C3%A4mple.fr&limit=100",
+            ),
+            # The admin search's prefix is a partial address, with or without its @.
+            ("GET /v1/admin/lists/x/subscribers?prefix=camille%40exa&limit=5", "?prefix=c*****&"),
+            ("GET /v1/admin/lists/x/subscribers?limit=5&prefix=camille", "&prefix=c*****"),
+            ("GET /v1/admin/lists/x/export?prefix=%C3%A9lo HTTP/1.1", "?prefix=%C3%A9***** HTTP"),
+            ("admin.note to=camille@exa", "to=c*****@exa"),
         ],
     )
     def test_addresses_are_masked_wherever_they_appear(self, text: str, expected: str) -> None:
         masked = logs.mask_addresses(text)
         assert expected in masked
-        assert "amille" not in masked
-        assert "lodie" not in masked
+        for hidden in ("amille", "lodie", "%A9lo", "mile", "bob"):
+            assert hidden not in masked
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            '"GET /v1/admin/lists/bluehats/subscribers?status=confirmed&limit=100 HTTP/1.1" 200',
+            "GET /v1/admin/lists/bluehats/subscribers?cursor=aWQ6MTAw HTTP/1.1",
+            "GET /v1/lists/caf%C3%A9/subscriptions 100% done /a%2Fb",
+            "GET /v1/admin/subscribers/12/consent-proof",
+            "outbox.sent job=12 kind=mail attempt=1",
+            "GET /v1/admin/audit?action=subscriber.read&target=bluehats",
+        ],
+    )
+    def test_lines_without_an_address_are_left_as_they_are(self, text: str) -> None:
+        assert logs.mask_addresses(text) == text
+
+    def test_uvicorns_access_line_masks_an_address_beyond_ascii(self) -> None:
+        path = quote("/v1/admin/people/élodie@exämple.fr")
+        record = logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 1,
+            '%s - "%s %s HTTP/%s" %d', ("127.0.0.1:5000", "GET", path, "1.1", 200), None,
+        )  # fmt: skip
+        entry = json.loads(logs.JsonFormatter().format(record))
+        assert entry["path"] == "/v1/admin/people/%C3%A9*****@ex%C3%A4mple.fr"
+        assert "lodie" not in entry["message"]
+        assert "lodie" not in logs.TextFormatter().format(record)
 
     def test_only_info_and_above_are_masked_and_tokens_are_redacted_at_every_level(self) -> None:
         formatter = logs.JsonFormatter()

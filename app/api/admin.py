@@ -30,6 +30,7 @@ from app.schemas import (
     SubscriberDetail,
     SubscriberOut,
     SubscriberPage,
+    UrlText,
 )
 
 T = TypeVar("T")
@@ -130,7 +131,7 @@ async def list_lists(database: DatabaseDep, settings: SettingsDep) -> list[ListO
     response_model=ListOut,
     responses=errors.responses(errors.ListNotFound),
 )
-async def get_list(slug: str, database: DatabaseDep, settings: SettingsDep) -> ListOut:
+async def get_list(slug: UrlText, database: DatabaseDep, settings: SettingsDep) -> ListOut:
     """One mailing list."""
 
     return list_out(await database.run(lists.get, slug=slug), settings)
@@ -147,11 +148,11 @@ def subscriber_out(row: Any) -> SubscriberOut:
     responses=errors.responses(errors.ListNotFound, errors.BadRequest),
 )
 async def search_subscribers(
-    slug: str,
+    slug: UrlText,
     database: DatabaseDep,
     status: SubscriptionStatus | None = None,
-    prefix: Annotated[str | None, Query(max_length=254)] = None,
-    locale: Annotated[str | None, Query(max_length=8)] = None,
+    prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
+    locale: Annotated[UrlText | None, Query(max_length=8)] = None,
     created_after: DateTimeQuery | None = None,
     created_before: DateTimeQuery | None = None,
     confirmed_after: DateTimeQuery | None = None,
@@ -185,7 +186,7 @@ async def search_subscribers(
     responses=errors.responses(errors.ListNotFound, errors.NotFound),
 )
 async def get_subscriber(
-    slug: str, email: str, database: DatabaseDep, who: CallerDep
+    slug: UrlText, email: UrlText, database: DatabaseDep, who: CallerDep
 ) -> SubscriberDetail:
     """One subscriber's full record: state, consent ledger, mails and syncs with attempts."""
     record = await audited(
@@ -226,7 +227,7 @@ def subscriber_detail(record: admin.SubscriberRecord) -> SubscriberDetail:
     responses=errors.responses(errors.ListNotFound),
 )
 async def list_stats(
-    slug: str,
+    slug: UrlText,
     database: DatabaseDep,
     since: DateTimeQuery | None = None,
     until: DateTimeQuery | None = None,
@@ -294,7 +295,7 @@ async def retry_job(
     response_model=JobOut,
     responses=errors.responses(errors.ListNotFound),
 )
-async def reconcile_list(slug: str, database: DatabaseDep, who: WriterDep) -> JobOut:
+async def reconcile_list(slug: UrlText, database: DatabaseDep, who: WriterDep) -> JobOut:
     """Compare the list with its backend and fix differences, in the worker, soon.
 
     The answer is the reconciliation job; its outcome (counts of what was fixed) shows in
@@ -322,9 +323,9 @@ async def retry_all_jobs(database: DatabaseDep, who: WriterDep) -> RetryResult:
 @router.get("/audit", operation_id="admin_search_audit", response_model=list[AuditOut])
 async def search_audit(
     database: DatabaseDep,
-    actor: str | None = None,
-    action: str | None = None,
-    target: str | None = None,
+    actor: UrlText | None = None,
+    action: UrlText | None = None,
+    target: UrlText | None = None,
     since: DateTimeQuery | None = None,
     until: DateTimeQuery | None = None,
     before_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,

@@ -42,6 +42,7 @@ from app.schemas import (
     PersonOut,
     PersonSubscription,
     SubscriberOut,
+    UrlText,
 )
 
 router = APIRouter(
@@ -49,7 +50,7 @@ router = APIRouter(
 )
 
 EmailPath = Annotated[
-    str,
+    UrlText,
     Path(
         max_length=1000,
         description="The address, in any case.",
@@ -99,7 +100,7 @@ async def create_list(
     responses=errors.responses(errors.ListNotFound, errors.Conflict, errors.ConsentWordingChanged),
 )
 async def update_list(
-    slug: str, body: ListUpdate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
+    slug: UrlText, body: ListUpdate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
 ) -> ListOut:
     """Change a list created through the API; a list declared in the settings is changed
     there (409 here: the settings are applied again at every start)."""
@@ -123,7 +124,7 @@ async def update_list(
     ),
 )
 async def add_subscriber(
-    slug: str,
+    slug: UrlText,
     body: AddSubscriberRequest,
     database: DatabaseDep,
     settings: SettingsDep,
@@ -157,7 +158,7 @@ async def add_subscriber(
     responses=errors.responses(errors.ListNotFound, errors.NotFound),
 )
 async def unsubscribe_subscriber(
-    slug: str,
+    slug: UrlText,
     email: EmailPath,
     body: OperatorUnsubscribeRequest,
     database: DatabaseDep,

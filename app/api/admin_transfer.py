@@ -28,7 +28,7 @@ from app import admin, apikeys, audit, db, errors, lists, transfer
 from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, caller
 from app.api.deps import Database, DatabaseDep, SettingsDep, media_type
 from app.models import SubscriptionStatus, utcnow
-from app.schemas import DateTimeQuery, ImportResult, ImportRowError
+from app.schemas import DateTimeQuery, ImportResult, ImportRowError, UrlNote, UrlText
 
 router = APIRouter(
     prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
@@ -97,7 +97,7 @@ def _transaction(database: Database) -> transfer.Transaction:
     },
 )
 async def import_subscribers(
-    slug: str,
+    slug: UrlText,
     request: Request,
     database: DatabaseDep,
     settings: SettingsDep,
@@ -112,7 +112,7 @@ async def import_subscribers(
     ] = transfer.ImportMode.CONFIRMED,
     dry_run: Annotated[bool, Query(description="Count and check; write nothing.")] = False,
     note: Annotated[
-        str | None, Query(max_length=transfer.MAX_NOTE, description="Kept in the ledger.")
+        UrlNote | None, Query(max_length=transfer.MAX_NOTE, description="Kept in the ledger.")
     ] = None,
 ) -> ImportResult:
     """Import subscribers from a CSV body (`text/csv`); rows are checked one by one, and
@@ -222,15 +222,15 @@ def _page_bytes(
     },
 )
 async def export_subscribers(
-    slug: str,
+    slug: UrlText,
     database: DatabaseDep,
     who: CallerDep,
     export_format: Annotated[transfer.ExportFormat, Query(alias="format")] = (
         transfer.ExportFormat.CSV
     ),
     status: SubscriptionStatus | None = None,
-    prefix: Annotated[str | None, Query(max_length=254)] = None,
-    locale: Annotated[str | None, Query(max_length=8)] = None,
+    prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
+    locale: Annotated[UrlText | None, Query(max_length=8)] = None,
     created_after: DateTimeQuery | None = None,
     created_before: DateTimeQuery | None = None,
     confirmed_after: DateTimeQuery | None = None,
