@@ -23,7 +23,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-_TOKEN_PATH = re.compile(r"(/v1/(?:confirm|unsubscribe)/)[^\s\"?/]+")
+# Any case and doubled slashes too: `/v1/Confirm/<token>` is a 404, but its line shows it.
+_TOKEN_PATH = re.compile(r"(/+v1/+(?:confirm|unsubscribe)/+)[^\s\"?/]+", re.IGNORECASE)
 # Local part: what mail addresses carry in practice, stopping at the separators that surround
 # them in paths, query strings and messages; `%40` is an @ in a URL, where uvicorn's and
 # httpx's lines also percent-encode what is not ASCII (`%C3%A9lodie%40ex%C3%A4mple.fr`): the

@@ -451,3 +451,14 @@ class TestLogs:
         line = record.getMessage()
         assert "AbC-_123" not in line
         assert "/v1/confirm/<redacted>?lang=fr" in line
+
+    @pytest.mark.parametrize(
+        "path", ["/v1/Confirm/AbC-_123", "/V1/UNSUBSCRIBE/AbC-_123", "//v1//confirm/AbC-_123"]
+    )
+    def test_a_token_path_in_another_case_or_with_doubled_slashes_is_redacted(
+        self, path: str
+    ) -> None:
+        from app.logs import redact
+
+        assert "AbC-_123" not in redact(f'"GET {path} HTTP/1.1" 404')
+        assert "<redacted>" in redact(path)
