@@ -144,6 +144,11 @@ class TestLinkButtons:
         assert site_client.post(UNSUBSCRIBE, json={"email": "new@example.org"}).status_code == 202
         unsubscribe = link_in(smtp.mail_to("new@example.org", link="unsubscribe"), "unsubscribe")
         refused(form_post(site_client, unsubscribe, "", origin=STRANGER))
+        # A form with enctype="text/plain", or a post with no body, needs no preflight either.
+        for headers in ({"content-type": "text/plain"}, {}):
+            headers = {**headers, "origin": STRANGER, "accept": "application/json"}
+            response = site_client.post(unsubscribe, headers=headers)
+            refused(response)
         where = "subscription WHERE status = 'confirmed'"
         assert count_rows(site_settings.database_url, where) == 1
 
