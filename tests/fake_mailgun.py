@@ -16,6 +16,7 @@ What it follows, and where Mailgun documents it:
   .../send/mailgun/mailing-lists/post-lists-list_address-members.json
 - PUT /v3/lists/{list}/members/{address}: form fields name, vars, subscribed; others kept.
   .../send/mailgun/mailing-lists/put-lists-list_address-members-member_address
+- GET /v3/lists/{list}: the list ({"list": {...}}), a JSON 404 when Mailgun has none.
 - DELETE /v3/lists/{list}/members/{address}: 404 when not a member.
   .../send/mailgun/mailing-lists/delete-lists-list_address-members-member_address
 - GET /v3/lists/{list}/members/pages: limit (default 100), page (first, last, next, prev),
@@ -223,6 +224,7 @@ class FakeMailgun:
     def app(self) -> Starlette:
         every = ["GET", "POST", "PUT", "DELETE", "PATCH"]
         routes = [
+            Route("/v3/lists/{list_address}", self._get_list, methods=["GET"]),
             Route("/v3/lists/{list_address}/members", self._add_member, methods=["POST"]),
             Route("/v3/lists/{list_address}/members.json", self._add_bulk, methods=["POST"]),
             Route("/v3/lists/{list_address}/members/pages", self._pages, methods=["GET"]),
@@ -281,6 +283,13 @@ class FakeMailgun:
     async def _not_found(self, request: Request) -> Response:
         await self._begin(request)
         return PlainTextResponse("404 page not found", status_code=404)
+
+    async def _get_list(self, request: Request) -> Response:
+        await self._begin(request)
+        with self.lock:
+            members = self._list(request)
+            address = request.path_params["list_address"]
+            return JSONResponse({"list": {"address": address, "members_count": len(members)}})
 
     def _list(self, request: Request) -> dict[str, StoredMember]:
         members = self.lists.get(_key(request.path_params["list_address"]))

@@ -231,7 +231,23 @@ class TestLeave:
     ) -> None:
         answer = getattr(backend, operation)("stranger@example.org")
         assert answer.startswith("mailgun: not a member")
-        assert len(fake.seen()) == 1
+        # The member's 404, then a look at the list, which is there.
+        assert [(seen.method, seen.raw_path) for seen in fake.seen()][1:] == [
+            ("GET", "/v3/lists/bluehats@mail.codegouv.fr")
+        ]
+
+    @pytest.mark.parametrize("operation", ["unsubscribe", "remove"])
+    def test_a_list_mailgun_does_not_have_is_no_departure_done(
+        self, base_url: str, client: httpx.Client, fake: FakeMailgun, operation: str
+    ) -> None:
+        # Mailgun answers a list it does not have with a JSON 404, as for a non-member.
+        settings = backend_settings(base_url).model_copy(
+            update={"list_address": "typo@mail.codegouv.fr"}
+        )
+        lost = MailgunBackend(settings, client)
+        with pytest.raises(PermanentSyncError) as caught:
+            getattr(lost, operation)("member@example.org")
+        assert "no list typo@mail.codegouv.fr at Mailgun" in str(caught.value)
 
     def test_a_bare_404_means_a_wrong_base_url_not_a_missing_member(
         self, base_url: str, client: httpx.Client

@@ -159,13 +159,28 @@ class MailgunBackend:
     # Leaving ------------------------------------------------------------------------------
 
     def _absent_is_done(self, response: httpx.Response, *, what: str) -> bool:
-        """True for Mailgun's JSON 404 (no such member); a bare 404 is a wrong endpoint."""
+        """True for Mailgun's JSON 404 (nothing there); a bare 404 is a wrong endpoint."""
         if response.status_code != 404:
             return False
         if not _is_json(response):
             raise PermanentSyncError(
                 f"mailgun {what}: HTTP 404 without a JSON body (is base_url right?)",
                 response=excerpt(response),
+            )
+        return True
+
+    def _not_a_member(self, response: httpx.Response, *, what: str) -> bool:
+        """True for a member's JSON 404 when the list exists. Mailgun answers a list it does
+        not have with a JSON 404 too: one look at the list tells them apart, or every
+        departure would count as done while nobody leaves the list."""
+        if not self._absent_is_done(response, what=what):
+            return False
+        found = self._call("GET", self.list_path, what="read the list", ok=(404,))
+        if found.status_code == 404:
+            raise PermanentSyncError(
+                f"mailgun {what}: no list {self.settings.list_address} at Mailgun "
+                "(is list_address right?)",
+                response=excerpt(found),
             )
         return True
 
@@ -177,7 +192,7 @@ class MailgunBackend:
             ok=(404,),
             data={"subscribed": "no"},
         )
-        if self._absent_is_done(response, what="unsubscribe"):
+        if self._not_a_member(response, what="unsubscribe"):
             return "mailgun: not a member, nothing to unsubscribe"
         return f"mailgun: {_message(response)}"
 
@@ -188,7 +203,7 @@ class MailgunBackend:
             what="remove member",
             ok=(404,),
         )
-        if self._absent_is_done(response, what="remove member"):
+        if self._not_a_member(response, what="remove member"):
             return "mailgun: not a member, nothing to remove"
         return f"mailgun: {_message(response)}"
 
