@@ -11,13 +11,80 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from app.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# Exit codes common to every command (each command's own are in its help and the README):
+# 2 bad settings or bad input; 4 the database does not answer; 5 its schema is not this
+# release's (run `newsletter migrate`).
+EXIT_USAGE = 2
+EXIT_DATABASE_UNREACHABLE = 4
+EXIT_SCHEMA_NOT_AT_HEAD = 5
+
+
+class _Commands(TyperGroup):
+    """Every command runs through here: a database that does not answer, or whose schema is
+    not at head, ends it with one line on stderr and its exit code, not a traceback. Any
+    other failure is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context, private to it
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            problem = _database_problem(e)
+            if problem is None:
+                raise
+            message, code = problem
+            typer.echo(message, err=True)
+            raise typer.Exit(code) from None
+
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_Commands)
+
+
+def _database_problem(error: Exception) -> tuple[str, int] | None:
+    """The message and exit code for a database an operator must fix; None for another error."""
+    from sqlalchemy import exc
+
+    from app import migrations
+
+    if isinstance(error, migrations.SchemaNotAtHead):
+        return str(error), EXIT_SCHEMA_NOT_AT_HEAD
+    if not isinstance(error, exc.DBAPIError):
+        return None
+    # The command loaded them already (SettingsError ended it otherwise).
+    settings = load_settings()
+    if error.statement is None or error.connection_invalidated:
+        # Failed to connect (no statement was sent), or the connection was lost.
+        return _unreachable(settings.database_url, error), EXIT_DATABASE_UNREACHABLE
+    # A statement failed: a missing table or column is a schema behind (or ahead of) this
+    # release; with the schema at head, it is a bug.
+    from app import db
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        migrations.require_head(engine)
+    except migrations.SchemaNotAtHead as e:
+        return str(e), EXIT_SCHEMA_NOT_AT_HEAD
+    except exc.DBAPIError as e:
+        return _unreachable(settings.database_url, e), EXIT_DATABASE_UNREACHABLE
+    finally:
+        engine.dispose()
+    return None
+
+
+def _unreachable(database_url: str, error: Any) -> str:
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(database_url)
+    reason = " ".join(str(error.orig).split())
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return f"database unreachable at {url.render_as_string(hide_password=True)}: {reason}"
 
 
 def _stderr() -> Console:
@@ -33,7 +100,7 @@ def _settings() -> Settings:
         settings = load_settings()
     except SettingsError as e:
         typer.echo(str(e), err=True)
-        raise typer.Exit(2) from e
+        raise typer.Exit(EXIT_USAGE) from e
     from app import logs
 
     logs.configure(level=settings.log_level, fmt=settings.log_format, stream=sys.stderr)
@@ -50,8 +117,7 @@ def serve(
     import uvicorn
 
     settings = _settings()
-    if settings.auto_migrate:
-        _upgrade_if_pending(settings)
+    _schema_at_head(settings)
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
         "serve.starting url=http://%s:%d database=%s workers=%d",
@@ -78,8 +144,10 @@ def serve(
     )
 
 
-def _upgrade_if_pending(settings: Settings) -> None:
-    """`newsletter migrate` in a child process when the schema is not at head.
+def _schema_at_head(settings: Settings) -> None:
+    """`newsletter migrate` in a child process when the schema is not at head and
+    NEWSLETTER_AUTO_MIGRATE is on; SchemaNotAtHead when it is off. Checked here, before
+    uvicorn, whose failed start would print the app's traceback.
 
     A child, because importing alembic and mako would keep ~10 MB in this long-running
     process for good; at head (every start but the first of a release) nothing is run.
@@ -91,6 +159,8 @@ def _upgrade_if_pending(settings: Settings) -> None:
     engine = db.make_engine(settings.database_url)
     try:
         pending = migrations.pending(engine)
+        if pending and not settings.auto_migrate:
+            migrations.require_head(engine)
     finally:
         engine.dispose()
     if pending:
@@ -110,7 +180,7 @@ def worker(
     """Run the outbox worker alone; SIGTERM finishes the jobs in hand and gives back the rest."""
     import threading
 
-    from app import db, lists, runtime
+    from app import db, lists, migrations, runtime
     from app.mailer import make_mailer
     from app.metrics import Metrics
     from app.worker import Worker
@@ -118,6 +188,7 @@ def worker(
     settings = _settings()
     log = logging.getLogger("app.worker")
     engine = db.make_engine(settings.database_url)
+    migrations.require_head(engine)
     lists.sync_declared(engine, declared=settings.lists)
     metrics = Metrics()
     if metrics_port is not None:
@@ -152,12 +223,20 @@ def worker(
 def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
-    """Bring the database schema to a revision (the latest by default)."""
-    from app import migrations
+    """Bring the database schema to a revision: the latest by default, or an older one
+    (downgrade). Exit 2 for a revision it cannot go to."""
+    from app import db, migrations
 
     settings = _settings()
-    migrations.upgrade(settings.database_url, revision)
-    typer.echo(f"database at {revision}")
+    engine = db.make_engine(settings.database_url)
+    try:
+        reached = migrations.migrate(settings.database_url, engine, revision)
+    except migrations.BadRevision as e:
+        typer.echo(f"cannot migrate to {revision!r}: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+    finally:
+        engine.dispose()
+    typer.echo(f"database at {reached or 'base (no revision)'}")
 
 
 @cli.command()
