@@ -1,0 +1,111 @@
+"""What an operator sees when a command cannot do its work: one line on stderr and a
+documented exit code (README "Commands"), never a traceback. Run as operators run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app import cli, migrations
+from tests.conftest import SECRET, free_port
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+UNREACHABLE = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:{port}/newsletter"
+
+
+def run(
+    database_url: str, tmp_path: Path, *args: str, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY=SECRET,
+        NEWSLETTER_LOG_LEVEL="WARNING",
+        NEWSLETTER_AUTO_MIGRATE="false",
+        **{f"NEWSLETTER_{name}": value for name, value in settings.items()},
+    )
+    # A worker that started would run until the timeout: the test fails, it does not hang.
+    return subprocess.run(
+        [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "╭" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+class TestDatabaseProblems:
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("migrate",),
+            ("worker",),
+            ("stats", "--list", "bluehats"),
+            ("keys", "list"),
+            ("serve", "--port", "1"),
+        ],
+    )
+    def test_an_unreachable_database_is_named_with_its_password_masked(
+        self, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        url = UNREACHABLE.format(port=free_port())
+        result = run(url, tmp_path, *args)
+        assert result.returncode == cli.EXIT_DATABASE_UNREACHABLE == 4
+        line = last_line(result)
+        assert line.startswith("database unreachable at postgresql+psycopg://postgres:***@127.")
+        assert "refused" in line
+        assert "s3cret-pw" not in result.stderr
+
+    @pytest.mark.parametrize("args", [("worker",), ("keys", "list"), ("serve", "--port", "1")])
+    def test_an_empty_database_asks_for_newsletter_migrate(
+        self, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        result = run(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path, *args)
+        assert result.returncode == cli.EXIT_SCHEMA_NOT_AT_HEAD == 5
+        assert last_line(result) == (
+            "database schema is at no revision (empty database), this release needs "
+            f"{migrations.head_revision()}: run `newsletter migrate`"
+        )
+
+
+class TestMigrate:
+    def test_an_older_revision_is_a_downgrade_and_the_worker_refuses_to_run_on_it(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        head = migrations.head_revision()
+        assert head == "0009"
+        down = run(database_url, tmp_path, "migrate", "0008")
+        assert down.returncode == 0, down.stderr
+        assert down.stdout == "database at 0008\n"
+        assert migrations.current_revision(engine) == "0008"
+
+        worker = run(database_url, tmp_path, "worker")
+        assert worker.returncode == 5
+        assert last_line(worker).startswith("database schema is at 0008, this release needs 0009")
+
+        up = run(database_url, tmp_path, "migrate")
+        assert up.returncode == 0, up.stderr
+        assert up.stdout == "database at 0009\n"
+        assert migrations.current_revision(engine) == head
+
+    def test_an_unknown_revision_is_bad_input(self, database_url: str, tmp_path: Path) -> None:
+        result = run(database_url, tmp_path, "migrate", "nosuchrev")
+        assert result.returncode == 2
+        assert last_line(result) == (
+            "cannot migrate to 'nosuchrev': Can't locate revision identified by 'nosuchrev'"
+        )
+
+
+def test_a_database_url_without_password_is_shown_whole(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/newsletter"
+    result = run(url, tmp_path, "lists", "show")
+    assert result.returncode == 4
+    assert last_line(result).startswith(f"database unreachable at {url}: ")
