@@ -24,6 +24,7 @@ from app.models import (
     Subscription,
     SubscriptionStatus,
 )
+from app.schemas import MAX_ROW_ID
 
 MAX_PAGE = 500
 
@@ -43,7 +44,8 @@ def decode_cursor(cursor: str | None) -> int | None:
         padded = cursor + "=" * (-len(cursor) % 4)
         text = base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii")
         kind, _, value = text.partition(":")
-        if kind != "id" or not value.isdigit():
+        # Beyond any row's id: PostgreSQL would refuse the comparison (integer out of range).
+        if kind != "id" or not value.isdigit() or int(value) > MAX_ROW_ID:
             raise ValueError(text)
         return int(value)
     except (ValueError, UnicodeError, binascii.Error) as e:

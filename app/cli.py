@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DATABASE_UNREACHABLE = 4
 EXIT_SCHEMA_NOT_AT_HEAD = 5
+# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID; a test holds them
+# equal), written out: importing those modules would slow every command's start.
+MAX_PAGE = 500
+MAX_ROW_ID = 2**31 - 1
 
 
 class _Commands(TyperGroup):
@@ -949,7 +953,7 @@ def subscriber_search(
     locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
     created_after: Annotated[str | None, typer.Option(help="ISO date.")] = None,
     created_before: Annotated[str | None, typer.Option(help="ISO date.")] = None,
-    limit: Annotated[int, typer.Option(help="Rows per page (at most 500).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="Rows per page.")] = 100,
     cursor: Annotated[str | None, typer.Option(help="Next page, as printed.")] = None,
 ) -> None:
     """One page of a list's subscribers, tab-separated; the next page's cursor on stderr."""
@@ -1037,7 +1041,7 @@ def stats(
 def jobs_failed(
     state: Annotated[str | None, typer.Option(help="dead, or pending (retrying).")] = None,
     kind: Annotated[str | None, typer.Option(help="mail, sync or reconcile.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many (500 max).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """Failed jobs with their last error, newest first; exit 0 when there are none, 3 if any."""
     from app import admin
@@ -1059,7 +1063,10 @@ def jobs_failed(
 
 @jobs_cli.command("retry")
 def jobs_retry(
-    job_id: Annotated[list[int] | None, typer.Option("--id", help="A job id (repeatable).")] = None,
+    job_id: Annotated[
+        list[int] | None,
+        typer.Option("--id", min=1, max=MAX_ROW_ID, help="A job id (repeatable)."),
+    ] = None,
     every: Annotated[bool, typer.Option("--all", help="Every failed job.")] = False,
 ) -> None:
     """Put failed jobs back in the queue now, with a fresh attempt budget."""
@@ -1089,7 +1096,7 @@ def audit_search(
     action: Annotated[str | None, typer.Option(help="e.g. subscriber.read")] = None,
     target: Annotated[str | None, typer.Option(help="Exact target.")] = None,
     since: Annotated[str | None, typer.Option(help="ISO date.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many (500 max).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """The audit log, newest first, tab-separated."""
     from app import audit
@@ -1097,7 +1104,7 @@ def audit_search(
     settings = _settings()
     rows = _read(
         settings, audit.search, actor=actor, action=action, target=target,
-        since=_when(since, option="--since"), limit=min(limit, 500),
+        since=_when(since, option="--since"), limit=limit,
     )  # fmt: skip
     for row in rows:
         typer.echo(

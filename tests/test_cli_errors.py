@@ -3,6 +3,7 @@ documented exit code (README "Commands"), never a traceback. Run as operators ru
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from app import cli, migrations
+from app import admin, cli, migrations
+from app.schemas import MAX_ROW_ID
 from tests.conftest import SECRET, free_port
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -102,6 +104,43 @@ class TestMigrate:
         assert last_line(result) == (
             "cannot migrate to 'nosuchrev': Can't locate revision identified by 'nosuchrev'"
         )
+
+
+class TestLimits:
+    def test_the_cli_takes_the_admin_apis_limits(self) -> None:
+        assert (cli.MAX_PAGE, cli.MAX_ROW_ID) == (admin.MAX_PAGE, MAX_ROW_ID)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("jobs", "failed", "--limit", "-1"),
+            ("audit", "--limit", "-1"),
+            ("audit", "--limit", "0"),
+            ("subscriber", "search", "--list", "bluehats", "--limit", "0"),
+            ("subscriber", "search", "--list", "bluehats", "--limit", "100000"),
+            ("jobs", "retry", "--id", str(MAX_ROW_ID + 1)),
+        ],
+    )
+    def test_a_limit_out_of_range_is_bad_input(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == 2
+        assert "Invalid value for '--" in result.stderr
+        assert "Input should be " in result.stderr
+
+    def test_an_id_or_cursor_beyond_any_row_is_not_found(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        huge = "99999999999999999999"
+        cursor = base64.urlsafe_b64encode(f"id:{huge}".encode()).decode().rstrip("=")
+        searched = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                       "--cursor", cursor)  # fmt: skip
+        assert searched.returncode == 1
+        assert last_line(searched) == "The cursor is not one this service handed out."
+        proof = run(database_url, tmp_path, "subscriber", "proof", huge, "--list", "bluehats")
+        assert proof.returncode == 1
+        assert last_line(proof) == "No subscriber has this id."
 
 
 def test_a_database_url_without_password_is_shown_whole(tmp_path: Path) -> None:
