@@ -429,6 +429,11 @@ def keys_create(
     except ValueError as e:
         typer.echo("--scope must be read or write", err=True)
         raise typer.Exit(2) from e
+    try:
+        name = apikeys.clean_name(name)
+    except ValueError as e:
+        typer.echo(f"--name: {e}", err=True)
+        raise typer.Exit(2) from e
     settings = _settings()
     engine = db.make_engine(settings.database_url)
     try:

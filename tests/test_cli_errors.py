@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import Session, select
 
-from app import admin, cli, migrations
+from app import admin, apikeys, cli, migrations
+from app.models import ApiKey
 from app.schemas import MAX_ROW_ID
 from tests.conftest import SECRET, free_port
 
@@ -141,6 +143,30 @@ class TestLimits:
         proof = run(database_url, tmp_path, "subscriber", "proof", huge, "--list", "bluehats")
         assert proof.returncode == 1
         assert last_line(proof) == "No subscriber has this id."
+
+
+class TestKeyNames:
+    @pytest.mark.parametrize("name", ["", "   ", "k" * (apikeys.MAX_NAME + 1)])
+    def test_a_blank_or_too_long_name_is_bad_input(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path, name: str
+    ) -> None:
+        result = run(database_url, tmp_path, "keys", "create", "--name", name)
+        assert result.returncode == 2
+        assert last_line(result).startswith("--name: a key's name ")
+        with Session(engine) as session:
+            assert session.exec(select(ApiKey)).all() == []
+
+    def test_a_name_is_kept_without_its_surrounding_blanks(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        longest = "k" * apikeys.MAX_NAME
+        for name in ("  dashboard ", longest):
+            made = run(database_url, tmp_path, "keys", "create", "--name", name)
+            assert made.returncode == 0, made.stderr
+        with Session(engine) as session:
+            names = {row.name for row in session.exec(select(ApiKey)).all()}
+        assert names == {"dashboard", longest}
+        assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
 
 
 def test_a_database_url_without_password_is_shown_whole(tmp_path: Path) -> None:
