@@ -864,11 +864,14 @@ def export_file(
     chosen = _choice(export_format, option="--format", allowed=transfer.ExportFormat)
     wanted = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
     settings = _settings()
+    # A file appears under its name only once complete: a script never reads half an export.
+    partial = output.with_name(output.name + ".part") if output is not None else None
+    # Opened first: an export that cannot be written is refused before the audit log
+    # records it as done.
+    sink = sys.stdout.buffer if output is None or partial is None else _open_output(output, partial)
     engine = db.make_engine(settings.database_url)
     where = admin.SubscriberFilter(status=wanted)
     detail = {"format": chosen.value, "filters": {"status": wanted.value} if wanted else {}}
-    # A file appears under its name only once complete: a script never reads half an export.
-    partial = output.with_name(output.name + ".part") if output is not None else None
     try:
         list_id = _known_list(settings, engine, list_slug)
         with db.session_scope(engine) as session:
@@ -877,7 +880,6 @@ def export_file(
             engine, action="subscribers.export", target=list_slug, outcome="ok",
             detail={**detail, "rows": total},
         )  # fmt: skip
-        sink = partial.open("wb") if partial is not None else sys.stdout.buffer
         try:
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -903,9 +905,23 @@ def export_file(
         # `newsletter export ... | head`: the reader left; not an error of ours.
         sys.stderr.close()
     finally:
-        if partial is not None and partial.exists():
-            partial.unlink()
+        if partial is not None:
+            sink.close()
+            if partial.exists():
+                partial.unlink()
         engine.dispose()
+
+
+def _open_output(output: Path, partial: Path) -> Any:
+    """`partial` opened for writing, checking that `output` can take its place; exit 2 if not."""
+    if output.is_dir():
+        typer.echo(f"cannot write {output}: it is a directory", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        return partial.open("wb")
+    except OSError as e:
+        typer.echo(f"cannot write {output}: {e.strerror or e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
 
 
 # Read-only operator commands and the job queue ----------------------------------------------
