@@ -196,10 +196,12 @@ def worker(
     lists.sync_declared(engine, declared=settings.lists)
     metrics = Metrics()
     if metrics_port is not None:
-        from prometheus_client import start_http_server
+        from app import metrics as exposition
 
         metrics.watch_database(engine, heartbeat_timeout=settings.worker_heartbeat_timeout)
-        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+        exposition.serve(
+            metrics.registry, host=metrics_host, port=metrics_port, token=settings.metrics_token
+        )
         log.info("worker.metrics_listening address=%s:%d", metrics_host, metrics_port)
     runner = Worker(
         engine=engine, settings=settings, mailer=make_mailer(settings.mailer), metrics=metrics

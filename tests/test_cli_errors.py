@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, select
@@ -16,7 +17,8 @@ from sqlmodel import Session, select
 from app import admin, apikeys, cli, migrations
 from app.models import ApiKey
 from app.schemas import MAX_ROW_ID
-from tests.conftest import SECRET, free_port
+from tests.conftest import SECRET, free_port, wait_until
+from tests.processes import Process, service_env
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 UNREACHABLE = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:{port}/newsletter"
@@ -167,6 +169,38 @@ class TestKeyNames:
             names = {row.name for row in session.exec(select(ApiKey)).all()}
         assert names == {"dashboard", longest}
         assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
+
+
+class TestWorkerMetricsPort:
+    def test_the_metrics_token_is_required_as_on_the_api(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        port = free_port()
+        env = service_env(database_url, smtp_port=free_port(), METRICS_TOKEN="scrape-me")
+        worker = Process(
+            ["worker", "--metrics-port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "log"
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            worker.wait_for_log("worker.metrics_listening")
+            anonymous = wait_until(lambda: _get(url))
+            assert anonymous.status_code == 401
+            assert anonymous.json()["error"] == "unauthorized"
+            assert _get(url, "Bearer nope").status_code == 401
+            scraped = _get(url, "Bearer scrape-me")
+            assert scraped.status_code == 200
+            assert "newsletter_database_up 1.0" in scraped.text
+        finally:
+            worker.terminate()
+            assert worker.wait() == 0, worker.log_text()
+
+
+def _get(url: str, authorization: str | None = None) -> httpx.Response | None:
+    headers = {"authorization": authorization} if authorization else {}
+    try:
+        return httpx.get(url, headers=headers, timeout=5)
+    except httpx.TransportError:
+        return None
 
 
 def test_a_database_url_without_password_is_shown_whole(tmp_path: Path) -> None:
