@@ -15,6 +15,8 @@ from app.models import ApiKey, KeyScope
 KEY_PREFIX = "nlk_"
 # A key's last use is written at most this often (not on every request).
 TOUCH_EVERY = timedelta(minutes=1)
+# The length of the `api_key.name` column.
+MAX_NAME = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,17 @@ class Caller:
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def clean_name(raw: str) -> str:
+    """A key's name as stored: without surrounding blanks; ValueError when it is blank or
+    longer than the column (which SQLite would take and PostgreSQL refuse)."""
+    name = raw.strip()
+    if not name:
+        raise ValueError("a key's name cannot be blank")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"a key's name has at most {MAX_NAME} characters")
+    return name
 
 
 def create(session: Session, *, name: str, scope: KeyScope, now: datetime) -> tuple[ApiKey, str]:

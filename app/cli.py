@@ -11,13 +11,84 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from app.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# Exit codes common to every command (each command's own are in its help and the README):
+# 2 bad settings or bad input; 4 the database does not answer; 5 its schema is not this
+# release's (run `newsletter migrate`).
+EXIT_USAGE = 2
+EXIT_DATABASE_UNREACHABLE = 4
+EXIT_SCHEMA_NOT_AT_HEAD = 5
+# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID; a test holds them
+# equal), written out: importing those modules would slow every command's start.
+MAX_PAGE = 500
+MAX_ROW_ID = 2**31 - 1
+
+
+class _Commands(TyperGroup):
+    """Every command runs through here: a database that does not answer, or whose schema is
+    not at head, ends it with one line on stderr and its exit code, not a traceback. Any
+    other failure is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context, private to it
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            problem = _database_problem(e)
+            if problem is None:
+                raise
+            message, code = problem
+            typer.echo(message, err=True)
+            raise typer.Exit(code) from None
+
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_Commands)
+
+
+def _database_problem(error: Exception) -> tuple[str, int] | None:
+    """The message and exit code for a database an operator must fix; None for another error."""
+    from sqlalchemy import exc
+
+    from app import migrations
+
+    if isinstance(error, migrations.SchemaNotAtHead):
+        return str(error), EXIT_SCHEMA_NOT_AT_HEAD
+    if not isinstance(error, exc.DBAPIError):
+        return None
+    # The command loaded them already (SettingsError ended it otherwise).
+    settings = load_settings()
+    if error.statement is None or error.connection_invalidated:
+        # Failed to connect (no statement was sent), or the connection was lost.
+        return _unreachable(settings.database_url, error), EXIT_DATABASE_UNREACHABLE
+    # A statement failed: a missing table or column is a schema behind (or ahead of) this
+    # release; with the schema at head, it is a bug.
+    from app import db
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        migrations.require_head(engine)
+    except migrations.SchemaNotAtHead as e:
+        return str(e), EXIT_SCHEMA_NOT_AT_HEAD
+    except exc.DBAPIError as e:
+        return _unreachable(settings.database_url, e), EXIT_DATABASE_UNREACHABLE
+    finally:
+        engine.dispose()
+    return None
+
+
+def _unreachable(database_url: str, error: Any) -> str:
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(database_url)
+    reason = " ".join(str(error.orig).split())
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return f"database unreachable at {url.render_as_string(hide_password=True)}: {reason}"
 
 
 def _stderr() -> Console:
@@ -33,7 +104,7 @@ def _settings() -> Settings:
         settings = load_settings()
     except SettingsError as e:
         typer.echo(str(e), err=True)
-        raise typer.Exit(2) from e
+        raise typer.Exit(EXIT_USAGE) from e
     from app import logs
 
     logs.configure(level=settings.log_level, fmt=settings.log_format, stream=sys.stderr)
@@ -50,8 +121,7 @@ def serve(
     import uvicorn
 
     settings = _settings()
-    if settings.auto_migrate:
-        _upgrade_if_pending(settings)
+    _schema_at_head(settings)
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
         "serve.starting url=http://%s:%d database=%s workers=%d",
@@ -78,8 +148,10 @@ def serve(
     )
 
 
-def _upgrade_if_pending(settings: Settings) -> None:
-    """`newsletter migrate` in a child process when the schema is not at head.
+def _schema_at_head(settings: Settings) -> None:
+    """`newsletter migrate` in a child process when the schema is not at head and
+    NEWSLETTER_AUTO_MIGRATE is on; SchemaNotAtHead when it is off. Checked here, before
+    uvicorn, whose failed start would print the app's traceback.
 
     A child, because importing alembic and mako would keep ~10 MB in this long-running
     process for good; at head (every start but the first of a release) nothing is run.
@@ -91,6 +163,8 @@ def _upgrade_if_pending(settings: Settings) -> None:
     engine = db.make_engine(settings.database_url)
     try:
         pending = migrations.pending(engine)
+        if pending and not settings.auto_migrate:
+            migrations.require_head(engine)
     finally:
         engine.dispose()
     if pending:
@@ -110,7 +184,7 @@ def worker(
     """Run the outbox worker alone; SIGTERM finishes the jobs in hand and gives back the rest."""
     import threading
 
-    from app import db, lists, runtime
+    from app import db, lists, migrations, runtime
     from app.mailer import make_mailer
     from app.metrics import Metrics
     from app.worker import Worker
@@ -118,13 +192,16 @@ def worker(
     settings = _settings()
     log = logging.getLogger("app.worker")
     engine = db.make_engine(settings.database_url)
+    migrations.require_head(engine)
     lists.sync_declared(engine, declared=settings.lists)
     metrics = Metrics()
     if metrics_port is not None:
-        from prometheus_client import start_http_server
+        from app import metrics as exposition
 
         metrics.watch_database(engine, heartbeat_timeout=settings.worker_heartbeat_timeout)
-        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+        exposition.serve(
+            metrics.registry, host=metrics_host, port=metrics_port, token=settings.metrics_token
+        )
         log.info("worker.metrics_listening address=%s:%d", metrics_host, metrics_port)
     runner = Worker(
         engine=engine, settings=settings, mailer=make_mailer(settings.mailer), metrics=metrics
@@ -152,12 +229,20 @@ def worker(
 def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
-    """Bring the database schema to a revision (the latest by default)."""
-    from app import migrations
+    """Bring the database schema to a revision: the latest by default, or an older one
+    (downgrade). Exit 2 for a revision it cannot go to."""
+    from app import db, migrations
 
     settings = _settings()
-    migrations.upgrade(settings.database_url, revision)
-    typer.echo(f"database at {revision}")
+    engine = db.make_engine(settings.database_url)
+    try:
+        reached = migrations.migrate(settings.database_url, engine, revision)
+    except migrations.BadRevision as e:
+        typer.echo(f"cannot migrate to {revision!r}: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+    finally:
+        engine.dispose()
+    typer.echo(f"database at {reached or 'base (no revision)'}")
 
 
 @cli.command()
@@ -355,6 +440,11 @@ def keys_create(
         chosen = KeyScope(scope)
     except ValueError as e:
         typer.echo("--scope must be read or write", err=True)
+        raise typer.Exit(2) from e
+    try:
+        name = apikeys.clean_name(name)
+    except ValueError as e:
+        typer.echo(f"--name: {e}", err=True)
         raise typer.Exit(2) from e
     settings = _settings()
     engine = db.make_engine(settings.database_url)
@@ -786,11 +876,14 @@ def export_file(
     chosen = _choice(export_format, option="--format", allowed=transfer.ExportFormat)
     wanted = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
     settings = _settings()
+    # A file appears under its name only once complete: a script never reads half an export.
+    partial = output.with_name(output.name + ".part") if output is not None else None
+    # Opened first: an export that cannot be written is refused before the audit log
+    # records it as done.
+    sink = sys.stdout.buffer if output is None or partial is None else _open_output(output, partial)
     engine = db.make_engine(settings.database_url)
     where = admin.SubscriberFilter(status=wanted)
     detail = {"format": chosen.value, "filters": {"status": wanted.value} if wanted else {}}
-    # A file appears under its name only once complete: a script never reads half an export.
-    partial = output.with_name(output.name + ".part") if output is not None else None
     try:
         list_id = _known_list(settings, engine, list_slug)
         with db.session_scope(engine) as session:
@@ -799,7 +892,6 @@ def export_file(
             engine, action="subscribers.export", target=list_slug, outcome="ok",
             detail={**detail, "rows": total},
         )  # fmt: skip
-        sink = partial.open("wb") if partial is not None else sys.stdout.buffer
         try:
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -825,9 +917,23 @@ def export_file(
         # `newsletter export ... | head`: the reader left; not an error of ours.
         sys.stderr.close()
     finally:
-        if partial is not None and partial.exists():
-            partial.unlink()
+        if partial is not None:
+            sink.close()
+            if partial.exists():
+                partial.unlink()
         engine.dispose()
+
+
+def _open_output(output: Path, partial: Path) -> Any:
+    """`partial` opened for writing, checking that `output` can take its place; exit 2 if not."""
+    if output.is_dir():
+        typer.echo(f"cannot write {output}: it is a directory", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        return partial.open("wb")
+    except OSError as e:
+        typer.echo(f"cannot write {output}: {e.strerror or e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
 
 
 # Read-only operator commands and the job queue ----------------------------------------------
@@ -880,7 +986,7 @@ def subscriber_search(
     locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
     created_after: Annotated[str | None, typer.Option(help="ISO date.")] = None,
     created_before: Annotated[str | None, typer.Option(help="ISO date.")] = None,
-    limit: Annotated[int, typer.Option(help="Rows per page (at most 500).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="Rows per page.")] = 100,
     cursor: Annotated[str | None, typer.Option(help="Next page, as printed.")] = None,
 ) -> None:
     """One page of a list's subscribers, tab-separated; the next page's cursor on stderr."""
@@ -968,7 +1074,7 @@ def stats(
 def jobs_failed(
     state: Annotated[str | None, typer.Option(help="dead, or pending (retrying).")] = None,
     kind: Annotated[str | None, typer.Option(help="mail, sync or reconcile.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many (500 max).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """Failed jobs with their last error, newest first; exit 0 when there are none, 3 if any."""
     from app import admin
@@ -990,7 +1096,10 @@ def jobs_failed(
 
 @jobs_cli.command("retry")
 def jobs_retry(
-    job_id: Annotated[list[int] | None, typer.Option("--id", help="A job id (repeatable).")] = None,
+    job_id: Annotated[
+        list[int] | None,
+        typer.Option("--id", min=1, max=MAX_ROW_ID, help="A job id (repeatable)."),
+    ] = None,
     every: Annotated[bool, typer.Option("--all", help="Every failed job.")] = False,
 ) -> None:
     """Put failed jobs back in the queue now, with a fresh attempt budget."""
@@ -1020,7 +1129,7 @@ def audit_search(
     action: Annotated[str | None, typer.Option(help="e.g. subscriber.read")] = None,
     target: Annotated[str | None, typer.Option(help="Exact target.")] = None,
     since: Annotated[str | None, typer.Option(help="ISO date.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many (500 max).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """The audit log, newest first, tab-separated."""
     from app import audit
@@ -1028,7 +1137,7 @@ def audit_search(
     settings = _settings()
     rows = _read(
         settings, audit.search, actor=actor, action=action, target=target,
-        since=_when(since, option="--since"), limit=min(limit, 500),
+        since=_when(since, option="--since"), limit=limit,
     )  # fmt: skip
     for row in rows:
         typer.echo(

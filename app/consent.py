@@ -12,6 +12,7 @@ from app import db, errors
 from app.config import Locale
 from app.i18n import Translator
 from app.models import ConsentEvent, ConsentWording, MailingList, Subscription
+from app.schemas import MAX_ROW_ID
 
 
 def wording(*, list_name: str, locale: Locale, overrides: Mapping[Locale, str]) -> str:
@@ -147,7 +148,10 @@ def _shown_version(event: ConsentEvent) -> str | None:
 
 
 def proof_by_id(session: Session, *, subscription_id: int) -> Proof:
-    subscription = session.get(Subscription, subscription_id)
+    # An id beyond any row's is not looked up: PostgreSQL would refuse it (out of range).
+    subscription = (
+        session.get(Subscription, subscription_id) if 1 <= subscription_id <= MAX_ROW_ID else None
+    )
     if subscription is None:
         raise errors.NotFound("No subscriber has this id.")
     return proof(session, subscription=subscription)

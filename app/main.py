@@ -71,13 +71,11 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         engine = db.make_engine(settings.database_url)
         if settings.auto_migrate and await run_in_threadpool(migrations.pending, engine):
             await run_in_threadpool(migrations.upgrade, settings.database_url)
-        current = await run_in_threadpool(migrations.current_revision, engine)
-        if current != migrations.head_revision():
+        try:
+            await run_in_threadpool(migrations.require_head, engine)
+        except migrations.SchemaNotAtHead:
             engine.dispose()
-            raise RuntimeError(
-                f"database schema is at {current}, this release needs "
-                f"{migrations.head_revision()}: run `newsletter migrate`"
-            )
+            raise
         await run_in_threadpool(lists.sync_declared, engine, declared=settings.lists)
         # SQLite: the WAL is copied back by a thread of its own, not by request commits.
         checkpointer = db.Checkpointer.start_for(engine)

@@ -18,18 +18,26 @@ Read from the database at scrape time (cheap GROUP BY queries on indexed columns
     newsletter_database_up                                    0 when those queries failed
 
 The API process's registry holds the worker counters when the worker runs inside it; an
-external `newsletter worker --metrics-port P` serves its own registry on loopback.
+external `newsletter worker --metrics-port P` serves its own registry on loopback (`serve`),
+behind the same NEWSLETTER_METRICS_TOKEN as the API's /metrics.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import secrets
+import socket
+import socketserver
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
@@ -39,6 +47,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db, formguard, heartbeat
 from app.models import JobKind, JobState, MailingList, OutboxJob, Subscription, utcnow
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +333,72 @@ class RequestMetrics:
             }
             self.metrics.http_requests.labels(**labels).inc()
             self.metrics.http_duration.labels(**labels).observe(time.perf_counter() - started)
+
+
+# The answer to a scrape without the token, through the API or the worker's port.
+UNAUTHORIZED_DETAIL = "This endpoint needs Authorization: Bearer <NEWSLETTER_METRICS_TOKEN>."
+
+
+def scrape_allowed(credentials: str | None, *, token: SecretStr | None) -> bool:
+    """Whether a scrape may read the metrics: no NEWSLETTER_METRICS_TOKEN, or `credentials`
+    (the bearer token the scraper sent) equal to it, compared in constant time."""
+    if token is None:
+        return True
+    return credentials is not None and secrets.compare_digest(
+        credentials.encode(), token.get_secret_value().encode()
+    )
+
+
+def bearer_credentials(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, read as FastAPI's HTTPBearer
+    reads it for the API's /metrics."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    # One thread per scrape, as prometheus_client's own server; not waited for at exit.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (one every 15 s)."""
+
+
+def serve(
+    registry: CollectorRegistry, *, host: str, port: int, token: SecretStr | None
+) -> WSGIServer:
+    """The registry on http://host:port/ in a daemon thread (the worker's metrics port):
+    prometheus_client's WSGI app, behind the API's check of NEWSLETTER_METRICS_TOKEN
+    (401 without it or with another). Returns the server (`shutdown()` stops it)."""
+    metrics_app = make_wsgi_app(registry)
+    refusal = json.dumps({"error": "unauthorized", "detail": UNAUTHORIZED_DETAIL}).encode()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        credentials = bearer_credentials(environ.get("HTTP_AUTHORIZATION"))
+        if not scrape_allowed(credentials, token=token):
+            start_response(
+                "401 Unauthorized",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(refusal))),
+                    ("WWW-Authenticate", "Bearer"),
+                ],
+            )
+            return [refusal]
+        return metrics_app(environ, start_response)
+
+    # An IPv6 address (--metrics-host ::) needs an IPv6 socket.
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_ThreadingServer):
+        address_family = family
+
+    server = make_server(str(address[0]), port, app, Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-port", daemon=True).start()
+    return server

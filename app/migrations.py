@@ -47,6 +47,65 @@ def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(config(database_url), revision)
 
 
+class BadRevision(ValueError):
+    """A revision alembic cannot go to: unknown to this release's scripts, or not reachable."""
+
+
+class SchemaNotAtHead(RuntimeError):
+    """The database's schema is not the one this release's code expects."""
+
+    def __init__(self, current: str | None) -> None:
+        self.current = current
+        self.head = head_revision()
+        super().__init__(
+            f"database schema is at {current or 'no revision (empty database)'}, this "
+            f"release needs {self.head}: run `newsletter migrate`"
+        )
+
+
+def require_head(engine: Engine) -> None:
+    """Raises SchemaNotAtHead unless the database is at this release's head."""
+    current = current_revision(engine)
+    if current != head_revision():
+        raise SchemaNotAtHead(current)
+
+
+def migrate(database_url: str, engine: Engine, revision: str = "head") -> str | None:
+    """Upgrade, or downgrade when `revision` is older than the database's, and return the
+    revision the database is at afterwards.
+
+    `alembic upgrade` to an ancestor of the current revision does nothing; a target among
+    the current revision's ancestors (or `base`, or `-N`) is a downgrade.
+    """
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    cfg = config(database_url)
+    current = current_revision(engine)
+    try:
+        if revision == "base" or revision.startswith("-"):
+            older = True
+        else:
+            script = ScriptDirectory.from_config(cfg)
+            targets = script.get_revisions(revision)
+            ancestors = (
+                {item.revision for item in script.iterate_revisions(current, "base")}
+                if current is not None
+                else set()
+            )
+            older = bool(targets) and all(
+                item is not None and item.revision in ancestors and item.revision != current
+                for item in targets
+            )
+        if older:
+            downgrade(database_url, revision)
+        else:
+            upgrade(database_url, revision)
+    except CommandError as e:
+        raise BadRevision(str(e)) from e
+    return current_revision(engine)
+
+
 def _script_revision(path: Path) -> tuple[str, set[str]] | None:
     """`revision` and the revisions it follows (`down_revision`) of one migration script,
     read without running it."""

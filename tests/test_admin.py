@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from app import apikeys, db, lists
+from app import admin, apikeys, db, lists
 from app.config import Settings
 from app.models import (
     ApiKey,
@@ -28,6 +28,7 @@ from app.models import (
     Subscription,
     utcnow,
 )
+from app.schemas import MAX_ROW_ID
 from tests.conftest import SECRET, SmtpSink, link_in, wait_until
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -167,7 +168,10 @@ class TestSearch:
         )
         assert wild.json()["items"] == []
 
-    @pytest.mark.parametrize("cursor", ["nope", "aWQ6eA", "!!!", "Zm9vOjE"])
+    # The last: beyond any row's id, which PostgreSQL refused to compare (a 500).
+    @pytest.mark.parametrize(
+        "cursor", ["nope", "aWQ6eA", "!!!", "Zm9vOjE", admin.encode_cursor(MAX_ROW_ID + 1)]
+    )
     def test_a_cursor_not_handed_out_is_a_clear_400(
         self, client: TestClient, read_key: dict[str, str], cursor: str
     ) -> None:

@@ -747,6 +747,17 @@ class TestCommandLine:
             assert message in result.stderr, (args, result.stderr)
         assert count_rows(database_url, "subscription") == 0
 
+    def test_an_export_that_cannot_be_written_is_refused_before_it_is_audited(
+        self, run: Any, tmp_path: Path, engine: sa.Engine
+    ) -> None:
+        for output in (tmp_path / "missing" / "out.csv", tmp_path):
+            result = run("export", "--list", "bluehats", "--output", str(output))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.startswith(f"cannot write {output}: "), result.stderr
+            assert "Traceback" not in result.stderr
+        assert _audit(engine, "subscribers.export") == []
+        assert not list(tmp_path.glob("*.part"))
+
 
 def test_the_import_route_is_a_write_route(client: TestClient) -> None:
     """The admin suite's key checks (401 without a key, 403 with a read key) cover it."""

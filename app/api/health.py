@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -15,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from app import errors, readiness
 from app.api.deps import SettingsDep
 from app.errors import ErrorBody
-from app.metrics import Metrics
+from app.metrics import UNAUTHORIZED_DETAIL, Metrics, scrape_allowed
 from app.models import utcnow
 from app.schemas import Health, Readiness
 
@@ -26,7 +25,7 @@ _bearer = HTTPBearer(auto_error=False, description="NEWSLETTER_METRICS_TOKEN, wh
 
 
 class MetricsUnauthorized(errors.Unauthorized):
-    message = "This endpoint needs Authorization: Bearer <NEWSLETTER_METRICS_TOKEN>."
+    message = UNAUTHORIZED_DETAIL
 
 
 @router.get("/healthz", operation_id="healthz", response_model=Health)
@@ -85,13 +84,8 @@ def metrics(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Response:
     """Prometheus metrics: requests, outbox, subscriptions, rate limits, worker heartbeat."""
-    expected = settings.metrics_token
-    if expected is not None and (
-        credentials is None
-        or not secrets.compare_digest(
-            credentials.credentials.encode(), expected.get_secret_value().encode()
-        )
-    ):
+    given = credentials.credentials if credentials is not None else None
+    if not scrape_allowed(given, token=settings.metrics_token):
         raise MetricsUnauthorized()
     registry: Metrics = request.app.state.metrics
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,211 @@
+"""What an operator sees when a command cannot do its work: one line on stderr and a
+documented exit code (README "Commands"), never a traceback. Run as operators run them."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from app import admin, apikeys, cli, migrations
+from app.models import ApiKey
+from app.schemas import MAX_ROW_ID
+from tests.conftest import SECRET, free_port, wait_until
+from tests.processes import Process, service_env
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+UNREACHABLE = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:{port}/newsletter"
+
+
+def run(
+    database_url: str, tmp_path: Path, *args: str, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY=SECRET,
+        NEWSLETTER_LOG_LEVEL="WARNING",
+        NEWSLETTER_AUTO_MIGRATE="false",
+        **{f"NEWSLETTER_{name}": value for name, value in settings.items()},
+    )
+    # A worker that started would run until the timeout: the test fails, it does not hang.
+    return subprocess.run(
+        [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "╭" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+class TestDatabaseProblems:
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("migrate",),
+            ("worker",),
+            ("stats", "--list", "bluehats"),
+            ("keys", "list"),
+            ("serve", "--port", "1"),
+        ],
+    )
+    def test_an_unreachable_database_is_named_with_its_password_masked(
+        self, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        url = UNREACHABLE.format(port=free_port())
+        result = run(url, tmp_path, *args)
+        assert result.returncode == cli.EXIT_DATABASE_UNREACHABLE == 4
+        line = last_line(result)
+        assert line.startswith("database unreachable at postgresql+psycopg://postgres:***@127.")
+        assert "refused" in line
+        assert "s3cret-pw" not in result.stderr
+
+    @pytest.mark.parametrize("args", [("worker",), ("keys", "list"), ("serve", "--port", "1")])
+    def test_an_empty_database_asks_for_newsletter_migrate(
+        self, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        result = run(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path, *args)
+        assert result.returncode == cli.EXIT_SCHEMA_NOT_AT_HEAD == 5
+        assert last_line(result) == (
+            "database schema is at no revision (empty database), this release needs "
+            f"{migrations.head_revision()}: run `newsletter migrate`"
+        )
+
+
+class TestMigrate:
+    def test_an_older_revision_is_a_downgrade_and_the_worker_refuses_to_run_on_it(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        head = migrations.head_revision()
+        assert head == "0009"
+        down = run(database_url, tmp_path, "migrate", "0008")
+        assert down.returncode == 0, down.stderr
+        assert down.stdout == "database at 0008\n"
+        assert migrations.current_revision(engine) == "0008"
+
+        worker = run(database_url, tmp_path, "worker")
+        assert worker.returncode == 5
+        assert last_line(worker).startswith("database schema is at 0008, this release needs 0009")
+
+        up = run(database_url, tmp_path, "migrate")
+        assert up.returncode == 0, up.stderr
+        assert up.stdout == "database at 0009\n"
+        assert migrations.current_revision(engine) == head
+
+    def test_an_unknown_revision_is_bad_input(self, database_url: str, tmp_path: Path) -> None:
+        result = run(database_url, tmp_path, "migrate", "nosuchrev")
+        assert result.returncode == 2
+        assert last_line(result) == (
+            "cannot migrate to 'nosuchrev': Can't locate revision identified by 'nosuchrev'"
+        )
+
+
+class TestLimits:
+    def test_the_cli_takes_the_admin_apis_limits(self) -> None:
+        assert (cli.MAX_PAGE, cli.MAX_ROW_ID) == (admin.MAX_PAGE, MAX_ROW_ID)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("jobs", "failed", "--limit", "-1"),
+            ("audit", "--limit", "-1"),
+            ("audit", "--limit", "0"),
+            ("subscriber", "search", "--list", "bluehats", "--limit", "0"),
+            ("subscriber", "search", "--list", "bluehats", "--limit", "100000"),
+            ("jobs", "retry", "--id", str(MAX_ROW_ID + 1)),
+        ],
+    )
+    def test_a_limit_out_of_range_is_bad_input(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == 2
+        assert "Invalid value for '--" in result.stderr
+        assert "Input should be " in result.stderr
+
+    def test_an_id_or_cursor_beyond_any_row_is_not_found(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        huge = "99999999999999999999"
+        # First: it brings the declared list into the database, and the search reaches it.
+        proof = run(database_url, tmp_path, "subscriber", "proof", huge, "--list", "bluehats")
+        assert proof.returncode == 1
+        assert last_line(proof) == "No subscriber has this id."
+        cursor = base64.urlsafe_b64encode(f"id:{huge}".encode()).decode().rstrip("=")
+        searched = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                       "--cursor", cursor)  # fmt: skip
+        assert searched.returncode == 1
+        assert last_line(searched) == "The cursor is not one this service handed out."
+
+
+class TestKeyNames:
+    @pytest.mark.parametrize("name", ["", "   ", "k" * (apikeys.MAX_NAME + 1)])
+    def test_a_blank_or_too_long_name_is_bad_input(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path, name: str
+    ) -> None:
+        result = run(database_url, tmp_path, "keys", "create", "--name", name)
+        assert result.returncode == 2
+        assert last_line(result).startswith("--name: a key's name ")
+        with Session(engine) as session:
+            assert session.exec(select(ApiKey)).all() == []
+
+    def test_a_name_is_kept_without_its_surrounding_blanks(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        longest = "k" * apikeys.MAX_NAME
+        for name in ("  dashboard ", longest):
+            made = run(database_url, tmp_path, "keys", "create", "--name", name)
+            assert made.returncode == 0, made.stderr
+        with Session(engine) as session:
+            names = {row.name for row in session.exec(select(ApiKey)).all()}
+        assert names == {"dashboard", longest}
+        assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
+
+
+class TestWorkerMetricsPort:
+    def test_the_metrics_token_is_required_as_on_the_api(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        port = free_port()
+        env = service_env(database_url, smtp_port=free_port(), METRICS_TOKEN="scrape-me")
+        worker = Process(
+            ["worker", "--metrics-port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "log"
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            worker.wait_for_log("worker.metrics_listening")
+            anonymous = wait_until(lambda: _get(url))
+            assert anonymous.status_code == 401
+            assert anonymous.json()["error"] == "unauthorized"
+            assert _get(url, "Bearer nope").status_code == 401
+            scraped = _get(url, "Bearer scrape-me")
+            assert scraped.status_code == 200
+            assert "newsletter_database_up 1.0" in scraped.text
+        finally:
+            worker.terminate()
+            assert worker.wait() == 0, worker.log_text()
+
+
+def _get(url: str, authorization: str | None = None) -> httpx.Response | None:
+    headers = {"authorization": authorization} if authorization else {}
+    try:
+        return httpx.get(url, headers=headers, timeout=5)
+    except httpx.TransportError:
+        return None
+
+
+def test_a_database_url_without_password_is_shown_whole(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/newsletter"
+    result = run(url, tmp_path, "lists", "show")
+    assert result.returncode == 4
+    assert last_line(result).startswith(f"database unreachable at {url}: ")
