@@ -353,7 +353,7 @@ class Worker:
         waiting = deque(claimed)
         batch = _Outcomes(
             written_at=time.monotonic(),
-            renew_at=self.now() + self.settings.job_lease / 2,
+            renew_at=self._next_renewal(self.now()),
             waiting=waiting,
             held={job.id for job in claimed},
         )
@@ -543,8 +543,7 @@ class Worker:
         """Called after each page a reconciliation reads at the backend (a large list is
         hundreds of pages, minutes): a stop breaks it off, the mails due go out meanwhile
         (a confirmation would wait for the whole list), and its lease is kept."""
-        lease = self.settings.job_lease
-        renew_at = self.now() + lease / 2
+        renew_at = self._next_renewal(self.now())
         mailed_at = time.monotonic()
 
         def between(_members: int) -> None:
@@ -556,9 +555,8 @@ class Worker:
                 mailed_at = time.monotonic()
             now = self.now()
             if now >= renew_at:
-                with db.session_scope(self.engine) as session:
-                    outbox.renew(session, job_ids=[job.id], worker=self.name, now=now, lease=lease)
-                renew_at = now + lease / 2
+                self._renew([job.id], now)
+                renew_at = self._next_renewal(now)
 
         return between
 
@@ -738,6 +736,17 @@ class Worker:
         if batch.done and time.monotonic() - batch.written_at > BATCH_REFRESH:
             self._write(batch)
 
+    def _next_renewal(self, now: datetime) -> datetime:
+        """A long job's leases are renewed from half their term."""
+        return now + self.settings.job_lease / 2
+
+    def _renew(self, job_ids: Iterable[int], now: datetime) -> set[int]:
+        """Extend this worker's leases on these jobs; the ids it still holds."""
+        with db.session_scope(self.engine) as session:
+            return outbox.renew(
+                session, job_ids=job_ids, worker=self.name, now=now, lease=self.settings.job_lease
+            )
+
     def _keep_leases(self, batch: _Outcomes) -> None:
         """A batch still under way at half its lease (a slow server) extends the leases of
         its jobs not yet written, those in flight included: at lease end another worker
@@ -746,12 +755,8 @@ class Worker:
         now = self.now()
         if now < batch.renew_at:
             return
-        lease = self.settings.job_lease
-        with db.session_scope(self.engine) as session:
-            batch.held = outbox.renew(
-                session, job_ids=batch.held, worker=self.name, now=now, lease=lease
-            )
-        batch.renew_at = now + lease / 2
+        batch.held = self._renew(batch.held, now)
+        batch.renew_at = self._next_renewal(now)
         lost = [job for job in batch.waiting if job.id not in batch.held]
         if lost:
             log.warning(
