@@ -351,6 +351,19 @@ class TestFailures:
         assert caught.value.retry_after == 7.0
         assert listmonk.calls() == [("GET", "/api/subscribers")]
 
+    @pytest.mark.parametrize("status", [408, 425])
+    def test_a_4xx_about_the_moment_is_retryable(
+        self, listmonk: FakeListmonk, backend: ListmonkBackend, status: int
+    ) -> None:
+        listmonk.fail("GET", "/api/subscribers", status, body={"message": "try again"})
+
+        with pytest.raises(RetryableSyncError) as caught:
+            backend.add([member()])
+        backend.add([member()])
+
+        assert caught.value.response == f'{status} {{"message":"try again"}}'
+        assert len(listmonk.subscribers) == 1
+
     def test_400_is_permanent_with_the_answer(
         self, listmonk: FakeListmonk, backend: ListmonkBackend
     ) -> None:

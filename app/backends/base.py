@@ -1,8 +1,9 @@
 """What every mailing-list backend adapter provides, and the only errors it may raise.
 
     SyncError
-     +-- RetryableSyncError   timeouts, connection errors, 5xx, 429 (with `retry_after`
-     |                        from the backend's Retry-After): the outbox retries later
+     +-- RetryableSyncError   timeouts, connection errors, 5xx, 408, 425, 429 (with
+     |                        `retry_after` from the backend's Retry-After): the outbox
+     |                        retries later
      +-- PermanentSyncError   any other 4xx: the job goes to the dead letters with the
                               reason, for an operator to look at
 

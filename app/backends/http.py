@@ -39,6 +39,12 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+# The 4xx answers about the moment, not the request: 408 (the server gave up waiting for
+# the request, RFC 9110 §15.5.9), 425 (sent too early, RFC 8470), 429 (too many requests).
+# The same call later may succeed.
+RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
 def send(
     client: httpx.Client,
     method: str,
@@ -62,7 +68,7 @@ def send(
     if response.is_success or response.status_code in ok:
         return response
     status = response.status_code
-    if status == 429 or status >= 500:
+    if status in RETRYABLE_4XX or status >= 500:
         raise RetryableSyncError(
             f"{what}: HTTP {status}", response=excerpt(response), retry_after=retry_after(response)
         )
