@@ -247,16 +247,28 @@ def _sqlite_file(engine: Engine) -> str | None:
     return database
 
 
+class _Session(Session):
+    """The service's sessions: after a commit that wrote an outbox job, the callback in
+    `info[ON_OUTBOX_COMMIT]` (if any) wakes the workers of this process."""
+
+
+# Session.info key: what `new_session` was given as `on_outbox_commit`. One listener for the
+# class, not one per session: adding a listener to a session cost a few per cent of a
+# confirmation's time, on every write transaction.
+ON_OUTBOX_COMMIT = "on_outbox_commit"
+
+
+@event.listens_for(_Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop(OUTBOX_WRITTEN, False):
+        wake = session.info.get(ON_OUTBOX_COMMIT)
+        if wake is not None:
+            wake()
+
+
 def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None) -> Session:
-    session = Session(engine, expire_on_commit=False)
-    if on_outbox_commit is not None:
-
-        @event.listens_for(session, "after_commit")
-        def _after_commit(sess: Any) -> None:
-            if sess.info.pop(OUTBOX_WRITTEN, False):
-                on_outbox_commit()
-
-    return session
+    info = {} if on_outbox_commit is None else {ON_OUTBOX_COMMIT: on_outbox_commit}
+    return _Session(engine, expire_on_commit=False, info=info)
 
 
 class _WriterLock:

@@ -90,6 +90,49 @@ def fail(
         )
 
 
+class TestWakeAfterCommit:
+    """A commit that wrote a job wakes the workers of this process, once; nothing else does."""
+
+    def test_a_commit_with_a_job_wakes_once_and_the_next_without_does_not(
+        self, engine: sa.Engine
+    ) -> None:
+        wakes: list[str] = []
+        with db.session_scope(engine, on_outbox_commit=lambda: wakes.append("a")) as session:
+            outbox.enqueue(session, kind=JobKind.MAIL, payload={}, now=T0)
+            outbox.enqueue(session, kind=JobKind.MAIL, payload={}, now=T0)
+            assert wakes == []  # not before the jobs are stored
+        assert wakes == ["a"]
+
+        with db.session_scope(engine, on_outbox_commit=lambda: wakes.append("b")) as session:
+            session.exec(select(OutboxJob)).all()
+        assert wakes == ["a"]
+
+    def test_a_rolled_back_job_wakes_nobody(self, engine: sa.Engine) -> None:
+        wakes: list[str] = []
+
+        def failing_request() -> None:
+            with db.session_scope(engine, on_outbox_commit=lambda: wakes.append("x")) as session:
+                outbox.enqueue(session, kind=JobKind.MAIL, payload={}, now=T0)
+                raise RuntimeError("the request failed")
+
+        with pytest.raises(RuntimeError):
+            failing_request()
+
+        assert wakes == []
+        assert all_jobs(engine) == []
+
+    def test_each_session_wakes_its_own_callback(self, engine: sa.Engine) -> None:
+        wakes: list[str] = []
+        with db.session_scope(engine, on_outbox_commit=lambda: wakes.append("first")) as first:
+            outbox.enqueue(first, kind=JobKind.MAIL, payload={}, now=T0)
+        with db.session_scope(engine) as plain:
+            outbox.enqueue(plain, kind=JobKind.MAIL, payload={}, now=T0)
+        with db.session_scope(engine, on_outbox_commit=lambda: wakes.append("third")) as third:
+            outbox.enqueue(third, kind=JobKind.MAIL, payload={}, now=T0)
+
+        assert wakes == ["first", "third"]
+
+
 class TestBackoff:
     def test_first_retry_waits_exactly_the_base_delay(self) -> None:
         assert {outbox.backoff(attempt=1, base=BASE, cap=CAP) for _ in range(20)} == {BASE}
