@@ -248,27 +248,24 @@ def _sqlite_file(engine: Engine) -> str | None:
 
 
 class _Session(Session):
-    """The service's sessions: after a commit that wrote an outbox job, the callback in
-    `info[ON_OUTBOX_COMMIT]` (if any) wakes the workers of this process."""
+    """The service's sessions: after a commit that wrote an outbox job, `on_outbox_commit`
+    (if any) wakes the workers of this process."""
+
+    def __init__(self, engine: Engine, *, on_outbox_commit: Callable[[], None] | None) -> None:
+        super().__init__(engine, expire_on_commit=False)
+        self.on_outbox_commit = on_outbox_commit
 
 
-# Session.info key: what `new_session` was given as `on_outbox_commit`. One listener for the
-# class, not one per session: adding a listener to a session cost a few per cent of a
-# confirmation's time, on every write transaction.
-ON_OUTBOX_COMMIT = "on_outbox_commit"
-
-
+# One listener for the class, not one per session: adding a listener to a session cost a
+# few per cent of a confirmation's time, on every write transaction.
 @event.listens_for(_Session, "after_commit")
-def _after_commit(session: Session) -> None:
-    if session.info.pop(OUTBOX_WRITTEN, False):
-        wake = session.info.get(ON_OUTBOX_COMMIT)
-        if wake is not None:
-            wake()
+def _after_commit(session: _Session) -> None:
+    if session.info.pop(OUTBOX_WRITTEN, False) and session.on_outbox_commit is not None:
+        session.on_outbox_commit()
 
 
 def new_session(engine: Engine, *, on_outbox_commit: Callable[[], None] | None = None) -> Session:
-    info = {} if on_outbox_commit is None else {ON_OUTBOX_COMMIT: on_outbox_commit}
-    return _Session(engine, expire_on_commit=False, info=info)
+    return _Session(engine, on_outbox_commit=on_outbox_commit)
 
 
 class _WriterLock:

@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from app import errors
-from app.models import BlockedEntry, utcnow
+from app import errors, outbox
+from app.models import BlockedEntry, JobKind, utcnow
 from app.writer import GroupWriter
 
 request_tag: contextvars.ContextVar[str] = contextvars.ContextVar("request_tag", default="")
@@ -100,6 +100,33 @@ def test_a_batch_commits_once_and_a_refused_request_undoes_only_its_own_writes(
     assert _stored(engine) == {"gate@example.org", "a@example.org", "b@example.org"}
     # The gate's batch, then one commit for the three queued behind it.
     assert len(commits) == 2
+
+
+def _queue_mail(session: Session, *, value: str) -> str:
+    outbox.enqueue(session, kind=JobKind.MAIL, payload={"to": value}, now=utcnow())
+    return value
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [
+        [(_add_then_refuse, "refused@example.org"), (_queue_mail, "a@example.org")],
+        [(_queue_mail, "a@example.org"), (_add_then_refuse, "refused@example.org")],
+    ],
+    ids=["refused-first", "refused-last"],
+)
+def test_a_batch_that_queued_a_job_wakes_the_workers_once_after_its_commit(
+    engine: sa.Engine, calls: list[tuple[Any, str]]
+) -> None:
+    wakes: list[int] = []
+    writer = GroupWriter(engine, threads=1, on_outbox_commit=lambda: wakes.append(len(wakes)))
+    try:
+        results = asyncio.run(_batch(writer, calls))
+    finally:
+        writer.stop()
+
+    assert sum(isinstance(result, errors.TokenUsed) for result in results) == 1
+    assert wakes == [0]  # the gate's batch queued nothing; the other, one job and one wake
 
 
 def test_refusals_in_a_row_first_and_last_undo_only_their_own_writes(
