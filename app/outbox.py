@@ -16,7 +16,7 @@ at the start of every transaction serializes claims.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -546,3 +546,37 @@ def release(session: Session, *, job_ids: list[int], worker: str, now: datetime)
         )
     )
     return int(result.rowcount)
+
+
+_POSTPONE = (
+    sa.update(_jobs)
+    .where(
+        _jobs.c.id == sa.bindparam("b_id", type_=sa.Integer()),
+        _jobs.c.leased_by == sa.bindparam("b_holder", type_=sa.String()),
+        _jobs.c.state == JobState.RUNNING.value,
+    )
+    .values(
+        state=JobState.PENDING.value,
+        attempts=_jobs.c.attempts - 1,
+        lease_until=None,
+        leased_by=None,
+        next_attempt_at=sa.bindparam("b_due", type_=UTCDateTime()),
+        updated_at=sa.bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+
+def postpone(
+    session: Session, *, until: Mapping[int, datetime], worker: str, now: datetime
+) -> None:
+    """Give leased jobs back untouched, each due again at its time (a job that waits for
+    another one); the attempt is not counted. One statement whatever their number."""
+    if not until:
+        return
+    session.connection().execute(
+        _POSTPONE,
+        [
+            {"b_id": job_id, "b_holder": worker, "b_due": due, "b_now": now}
+            for job_id, due in until.items()
+        ],
+    )

@@ -17,12 +17,13 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlmodel import Session, col, select
+import sqlalchemy as sa
+from sqlmodel import Session, SQLModel, col, select
 
 from app import addresses, blocklist, lists, logs, outbox, tokens
 from app.backends.base import ListBackend, Member, PermanentSyncError, SyncError
@@ -31,6 +32,7 @@ from app.models import (
     ConsentAction,
     ConsentEvent,
     JobKind,
+    JobState,
     MailingList,
     Subscription,
     SubscriptionStatus,
@@ -59,6 +61,9 @@ class Planned:
     fresh_opt_in: bool = False
     subscription_id: int | None = None
     reason: str = ""
+    # Set when an older job about the same address, outside the round, is not finished
+    # (see `_older_unfinished`): this one is given back, due again at that time.
+    waits_until: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -97,7 +102,9 @@ def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
     Two jobs may concern one address (an erasure's removal, then a new subscription's
     addition: their queue keys differ), and a round makes its additions before its
     removals: the later request would be undone. So the oldest job of each address goes
-    now, and the others once it is done, in the order they were asked for.
+    now, and the others once it is done, in the order they were asked for. A job that
+    waits for an older one outside the round (`Planned.waits_until`) holds back the newer
+    ones of the round about its address too.
     """
     now: list[Planned] = []
     later: list[Planned] = []
@@ -107,15 +114,68 @@ def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
             now.append(item)
             continue
         target = (item.list_slug, item.address.casefold())
-        (later if target in seen else now).append(item)
+        (later if target in seen or item.waits_until is not None else now).append(item)
         seen.add(target)
     return now, later
+
+
+_jobs = SQLModel.metadata.tables["outbox_job"]
+# Answered by the index on (dedupe_key, state).
+_UNFINISHED_WITH_KEYS = sa.select(
+    _jobs.c.id, _jobs.c.dedupe_key, _jobs.c.state, _jobs.c.next_attempt_at, _jobs.c.lease_until
+).where(
+    _jobs.c.dedupe_key.in_(sa.bindparam("keys", expanding=True)),
+    _jobs.c.state.in_([JobState.PENDING.value, JobState.RUNNING.value]),
+)
+
+
+def _spellings(address: str) -> set[str]:
+    """The ways a job's key may write an address: as stored (an internationalized domain in
+    Unicode: an erasure's removal) and as a backend holds it (in ASCII: a reconciliation's
+    fix). `address_job_key` folds the case."""
+    found = {address, addresses.deliverable(address)}
+    with contextlib.suppress(addresses.InvalidAddress):
+        found.add(addresses.parse(address, new=False).email)
+    return found
+
+
+def _older_unfinished(
+    session: Session, *, keys: dict[int, set[str]], round_ids: set[int]
+) -> dict[int, datetime]:
+    """The round's jobs (id -> the address job keys of their address) that an older job
+    about the same address, not in the round, has yet to precede: when that job is due
+    again (the latest of them, if several), in one query for the whole round.
+
+    A retried removal must not land after a newer addition of the same address: the
+    person who came back would be a member here and not at the backend. Only jobs keyed
+    by address are looked for: a subscription's own jobs share one key (they run one at
+    a time and each pushes the state of the moment), and an erasure takes the jobs of the
+    subscriptions it deletes out of the queue, or keeps its removal behind the running ones.
+    A dead job does not hold anyone back; a running one holds until its lease ends.
+    """
+    wanted = set().union(*keys.values()) if keys else set()
+    if not wanted:
+        return {}
+    by_key: dict[str, list[tuple[int, datetime]]] = {}
+    for row in session.connection().execute(_UNFINISHED_WITH_KEYS, {"keys": sorted(wanted)}):
+        if row.id in round_ids:
+            continue  # `in_turn` orders the round's own jobs
+        running = row.state == JobState.RUNNING and row.lease_until is not None
+        due = row.lease_until if running else row.next_attempt_at
+        by_key.setdefault(row.dedupe_key, []).append((row.id, due))
+    waits: dict[int, datetime] = {}
+    for job_id, job_keys in keys.items():
+        older = [due for key in job_keys for other, due in by_key.get(key, []) if other < job_id]
+        if older:
+            waits[job_id] = max(older)
+    return waits
 
 
 def plan(
     session: Session, jobs: Sequence[outbox.ClaimedJob], *, settings: Settings, key: bytes
 ) -> list[Planned]:
-    """What each job must do now, from the subscriptions' current state (latest wins)."""
+    """What each job must do now, from the subscriptions' current state (latest wins), and
+    whether it waits for an older job about its address (`Planned.waits_until`)."""
     subscription_ids = [
         job.payload["subscription_id"] for job in jobs if "subscription_id" in job.payload
     ]
@@ -149,8 +209,11 @@ def plan(
     )
 
     planned = []
+    # The address job keys each job's address may go by, for `_older_unfinished`.
+    keys: dict[int, set[str]] = {}
     for job in jobs:
-        slug = slugs.get(job.payload.get("list_id", -1), "")
+        list_id = job.payload.get("list_id", -1)
+        slug = slugs.get(list_id, "")
         if "address" in job.payload:
             planned.append(
                 Planned(
@@ -160,6 +223,10 @@ def plan(
                     address=addresses.deliverable(job.payload["address"]),
                 )
             )
+            keys[job.id] = {
+                address_job_key(list_id=list_id, address=spelling)
+                for spelling in _spellings(job.payload["address"])
+            }
             continue
         subscription = by_id.get(job.payload["subscription_id"])
         if subscription is None or not slug:
@@ -169,6 +236,11 @@ def plan(
         # A stored address keeps an internationalized domain in Unicode; backends get its
         # ASCII form, the one every mail system takes (Mailman refuses the Unicode one).
         address = addresses.deliverable(subscription.email)
+        if status != SubscriptionStatus.PENDING:
+            keys[job.id] = {
+                address_job_key(list_id=subscription.list_id, address=spelling)
+                for spelling in (subscription.email, address)
+            }
         if status == SubscriptionStatus.CONFIRMED:
             secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
@@ -206,7 +278,11 @@ def plan(
                 )
             )
     session.flush()
-    return planned
+    waits = _older_unfinished(session, keys=keys, round_ids={job.id for job in jobs})
+    return [
+        replace(item, waits_until=waits[item.job.id]) if item.job.id in waits else item
+        for item in planned
+    ]
 
 
 def _id(subscription: Subscription) -> int:

@@ -413,8 +413,12 @@ class Worker:
         with db.session_scope(self.engine) as session:
             planned = sync.plan(session, claimed, settings=self.settings, key=self._key)
         # A second job about an address already in the round waits for the next (given
-        # back below, as it has no result).
-        planned, _ = sync.in_turn(planned)
+        # back below, as it has no result); one behind an older job outside the round waits
+        # until that job is due again (postponed below).
+        planned, later = sync.in_turn(planned)
+        postponed = {
+            item.job.id: item.waits_until for item in later if item.waits_until is not None
+        }
         # The pool is idle here (the mail round has finished): it carries the calls of
         # backends without bulk calls, `worker_concurrency` at a time.
         results = sync.execute(
@@ -454,11 +458,18 @@ class Worker:
                     now=now,
                 )
             sync.record_cleared(session, planned=planned, results=results, now=now)
+            outbox.postpone(session, until=postponed, worker=self.name, now=now)
         failed = sum(1 for result in results.values() if result.error is not None)
         log.info(
-            "sync.round jobs=%d done=%d failed=%d", len(claimed), len(results) - failed, failed
+            "sync.round jobs=%d done=%d failed=%d waiting=%d",
+            len(claimed),
+            len(results) - failed,
+            failed,
+            len(postponed),
         )
-        self._release([job.id for job in claimed if job.id not in results])
+        self._release(
+            [job.id for job in claimed if job.id not in results and job.id not in postponed]
+        )
         return len(results)
 
     # Reconciliation --------------------------------------------------------------------------

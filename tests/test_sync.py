@@ -7,8 +7,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -102,13 +102,20 @@ def _app_without_worker(database_url: str, smtp: SmtpSink, **overrides: Any) -> 
     return make_settings(database_url, smtp_port=smtp.port, run_worker=False, **overrides)
 
 
-def _mail_worker(settings: Settings, engine: sa.Engine, backend: MemoryBackend) -> Worker:
+def _mail_worker(
+    settings: Settings,
+    engine: sa.Engine,
+    backend: MemoryBackend,
+    *,
+    now: Callable[[], datetime] = utcnow,
+) -> Worker:
     return Worker(
         engine=engine,
         settings=settings,
         mailer=_SmtpFor(settings),
         name="test-worker",
         list_backends={"bluehats": backend},
+        now=now,
     )
 
 
@@ -533,6 +540,202 @@ class TestReconcileAndImport:
         assert [name for name, _ in backend.calls] == ["remove", "add"]
         assert backend.held["greg@example.org"][1] is True
         assert {job.state for job in _jobs(engine)} == {JobState.DONE}
+
+
+@dataclass
+class _Clock:
+    """The worker's time: now, or later once moved on (a retry's time comes)."""
+
+    ahead: timedelta = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utcnow() + self.ahead
+
+
+def _erase(engine: sa.Engine, settings: Settings, email: str) -> None:
+    with db.session_scope(engine) as session:
+        operators.erase(
+            session,
+            address=addresses.parse(email, new=False),
+            key=settings.token_key(),
+            backend_lists=["bluehats"],
+            now=utcnow(),
+        )
+
+
+def _attempts_of(engine: sa.Engine, job_id: int | None) -> list[str]:
+    with Session(engine) as session:
+        return [
+            attempt.outcome
+            for attempt in session.exec(
+                select(DeliveryAttempt)
+                .where(DeliveryAttempt.job_id == job_id)
+                .order_by(col(DeliveryAttempt.id))
+            ).all()
+        ]
+
+
+RETRY_IN = timedelta(minutes=10)
+
+
+class TestOrderAcrossRounds:
+    """A job about an address waits for every older one about it that is not finished, in
+    a later round too: a removal being retried is not overtaken by a newer addition."""
+
+    def _worker(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine, **overrides: Any
+    ) -> tuple[Settings, Worker, MemoryBackend, _Clock]:
+        settings = _app_without_worker(
+            database_url, smtp, retry_base_delay=RETRY_IN, retry_max_delay=RETRY_IN, **overrides
+        )
+        backend = MemoryBackend()
+        clock = _Clock()
+        return settings, _mail_worker(settings, engine, backend, now=clock), backend, clock
+
+    def _erased_while_the_backend_is_away_then_back(
+        self,
+        client: TestClient,
+        worker: Worker,
+        backend: MemoryBackend,
+        smtp: SmtpSink,
+        engine: sa.Engine,
+        *,
+        email: str = "greg@example.org",
+        sent_as: str = "greg@example.org",
+    ) -> None:
+        """Greg is a member; erased while the backend is away (the removal is retried in
+        `RETRY_IN`), then signs up again and confirms: a newer addition, due at once.
+        `sent_as`: the address as mails and the backend carry it."""
+        _confirm(client, worker, smtp, email, mailed_to=sent_as)
+        _drain(worker)
+        assert backend.held[sent_as][1] is True
+        _erase(engine, worker.settings, email)
+        backend.fail_next = [RetryableSyncError("HTTP 503", response="503 down")]
+        _drain(worker)
+        [removal] = [job for job in _jobs(engine) if job.state == JobState.PENDING]
+        assert (removal.payload["action"], removal.attempts) == ("remove", 1)
+        assert sent_as in backend.held
+        _confirm(client, worker, smtp, email, mailed_to=sent_as)
+        backend.calls.clear()
+
+    def _waiting(self, engine: sa.Engine) -> tuple[OutboxJob, OutboxJob]:
+        removal, addition = [job for job in _jobs(engine) if job.state == JobState.PENDING]
+        assert removal.payload["action"] == "remove"
+        assert "subscription_id" in addition.payload
+        return removal, addition
+
+    @pytest.mark.parametrize("batch", [1, 1000], ids=["one-job-a-round", "both-in-one-round"])
+    def test_a_newer_addition_waits_for_the_retried_removal_then_runs(
+        self, batch: int, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings, worker, backend, clock = self._worker(
+            database_url, smtp, engine, sync_batch_size=batch
+        )
+        with TestClient(create_app(settings)) as client:
+            self._erased_while_the_backend_is_away_then_back(client, worker, backend, smtp, engine)
+            _drain(worker)
+            # The addition was due, but the removal asked before it is not done: no call,
+            # no attempt counted, and it comes due again with the removal.
+            assert backend.calls == []
+            removal, addition = self._waiting(engine)
+            assert addition.attempts == 0
+            assert addition.next_attempt_at == removal.next_attempt_at
+            assert _attempts_of(engine, addition.id) == []
+            # The removal's time comes: it runs (never held back by the newer job, even
+            # in a round of its own), and the addition in the next round.
+            clock.ahead = RETRY_IN + timedelta(minutes=1)
+            assert worker.run_once() == 1
+            assert [name for name, _ in backend.calls] == ["remove"]
+            assert worker.run_once() == 1
+            assert [name for name, _ in backend.calls] == ["remove", "add"]
+            _drain(worker)
+        assert backend.held["greg@example.org"][1] is True
+        assert {job.state for job in _jobs(engine)} == {JobState.DONE}
+        assert _attempts_of(engine, addition.id) == ["success"]
+
+    def test_a_newer_addition_runs_once_the_removal_is_dead(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings, worker, backend, clock = self._worker(
+            database_url, smtp, engine, job_max_attempts=2
+        )
+        with TestClient(create_app(settings)) as client:
+            self._erased_while_the_backend_is_away_then_back(client, worker, backend, smtp, engine)
+            _drain(worker)
+            assert backend.calls == []
+            removal, addition = self._waiting(engine)
+            # The backend is still away at the removal's last attempt: a dead letter...
+            backend.fail_next = [RetryableSyncError("HTTP 503", response="503 down")]
+            clock.ahead = RETRY_IN + timedelta(minutes=1)
+            _drain(worker)
+        # ...which holds nothing back: the newer addition runs.
+        assert [name for name, _ in backend.calls] == ["remove", "add"]
+        assert backend.held["greg@example.org"][1] is True
+        states = {job.id: job.state for job in _jobs(engine)}
+        assert (states[removal.id], states[addition.id]) == (JobState.DEAD, JobState.DONE)
+        assert _attempts_of(engine, addition.id) == ["success"]
+
+    def test_an_internationalized_domain_waits_in_either_spelling(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # The removal's key holds the domain as stored (Unicode), the addition's address
+        # is sent in ASCII: one address all the same.
+        settings, worker, backend, clock = self._worker(database_url, smtp, engine)
+        with TestClient(create_app(settings)) as client:
+            self._erased_while_the_backend_is_away_then_back(
+                client, worker, backend, smtp, engine, email=IDN, sent_as=IDN_ASCII
+            )
+            _drain(worker)
+            assert backend.calls == []
+            clock.ahead = RETRY_IN + timedelta(minutes=1)
+            _drain(worker)
+        assert [name for name, _ in backend.calls] == ["remove", "add"]
+        assert backend.held[IDN_ASCII][1] is True
+
+    def test_a_job_behind_an_older_one_holds_back_the_newer_ones_of_its_round(self) -> None:
+        behind = replace(
+            _planned(5, sync.Action.ADD, "greg@example.org"), waits_until=utcnow() + RETRY_IN
+        )
+        now, later = sync.in_turn(
+            [
+                _planned(7, sync.Action.UNSUBSCRIBE, "Greg@example.org"),
+                behind,
+                _planned(6, sync.Action.ADD, "ada@example.org"),
+            ]
+        )
+        assert [item.job.id for item in now] == [6]
+        assert [item.job.id for item in later] == [5, 7]
+
+    def test_a_newer_addition_waits_for_a_removal_running_at_another_worker(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings, worker, backend, clock = self._worker(database_url, smtp, engine)
+        with TestClient(create_app(settings)) as client:
+            self._erased_while_the_backend_is_away_then_back(client, worker, backend, smtp, engine)
+            # Another worker has taken the removal's retry and is calling the backend...
+            removal, addition = self._waiting(engine)
+            with db.session_scope(engine) as session:
+                session.execute(
+                    sa.update(OutboxJob)
+                    .where(col(OutboxJob.id) == removal.id)
+                    .values(next_attempt_at=addition.next_attempt_at - timedelta(seconds=1))
+                )
+            with db.session_scope(engine) as session:
+                [taken] = outbox.claim(session, worker="slow", now=utcnow(), lease=LEASE, limit=1)
+            assert taken.id == removal.id
+            # ...the addition waits for its lease to end.
+            _drain(worker)
+            assert backend.calls == []
+            [running] = [job for job in _jobs(engine) if job.id == removal.id]
+            [waiting] = [job for job in _jobs(engine) if job.id == addition.id]
+            assert waiting.next_attempt_at == running.lease_until
+            with db.session_scope(engine) as session:
+                outbox.finish(session, job=taken, worker="slow", started_at=utcnow(), now=utcnow())
+            backend.held.pop("greg@example.org")
+            clock.ahead = LEASE + timedelta(minutes=1)
+            _drain(worker)
+        assert backend.calls == [("add", ["greg@example.org"])]
+        assert backend.held["greg@example.org"][1] is True
 
 
 def _set_due(engine: sa.Engine, *, in_: timedelta) -> None:
