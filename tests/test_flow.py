@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
@@ -265,6 +266,25 @@ class TestLinks:
         assert response.json()["error"] == "token_not_found"
         page = client.get("/v1/confirm/not-a-token")
         assert page.status_code == 404
+        assert page.headers["content-type"].startswith("text/html")
+
+    @pytest.mark.parametrize(
+        "accept", ["text/html;q=0, application/json", "application/json, text/html;q=0.1"]
+    )
+    def test_a_client_weighing_json_above_html_gets_json_from_a_link(
+        self, client: TestClient, smtp: SmtpSink, accept: str
+    ) -> None:
+        subscribe(client, "weighed@example.org")
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        confirmed = client.post(link, headers={"accept": accept})
+        assert confirmed.status_code == 200
+        assert confirmed.json() == {"status": "confirmed", "list": "bluehats"}
+        unknown = client.post("/v1/confirm/not-a-token", headers={"accept": accept})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"] == "token_not_found"
+        # A browser's header still gets the page.
+        browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        page = client.post("/v1/confirm/not-a-token", headers={"accept": browser})
         assert page.headers["content-type"].startswith("text/html")
 
     def test_expired_token_is_410_with_a_way_to_ask_again(

@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from app import addresses, mails, tokens
 from app import mailer as mailer_module
+from app.api.deps import MAX_ACCEPT_RANGES, accept_ranges, prefers_html
 from app.config import FileMailerSettings, Locale, Settings
 from app.errors import TokenExpired, TokenNotFound, TokenUsed
 from app.i18n import catalogue, negotiate
@@ -151,6 +152,72 @@ class TestLanguages:
 
     def test_catalogues_have_the_same_keys(self) -> None:
         assert catalogue(Locale.FR).keys() == catalogue(Locale.EN).keys()
+
+
+BROWSER_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+)
+
+
+class TestAccept:
+    @pytest.mark.parametrize(
+        ("header", "page_route", "api_route"),
+        [
+            # What browsers, API clients and curl send.
+            (BROWSER_ACCEPT, True, True),
+            ("text/html,application/xhtml+xml", True, True),
+            ("application/json", False, False),
+            ("*/*", True, False),
+            (None, True, False),
+            ("", True, False),
+            # q=0 is "not acceptable"; the higher weight wins.
+            ("text/html;q=0, application/json", False, False),
+            ("application/json, text/html;q=0.1", False, False),
+            ("text/html;q=0.5, application/json;q=0.4", True, True),
+            ("application/json;q=0, */*", True, True),
+            ("text/html;q=0, */*", False, False),
+            # The most specific range counts, whatever its place.
+            ("*/*;q=0.1, text/*;q=0.9, application/*;q=0.5", True, True),
+            ("text/*;q=0.2, text/html;q=1, application/json;q=0.5", True, True),
+            ("application/*, text/*;q=0.1", False, False),
+            # A tie, or neither named, keeps the route's own kind of answer.
+            ("text/html, application/json", True, False),
+            ("text/html;q=0.3, application/json;q=0.3", True, False),
+            ("text/plain", True, False),
+            ("text/html;q=0", True, False),
+            # Case and spaces as anyone writes them; parameters and extensions ignored.
+            ("TEXT/HTML ; Q = 0.2 , Application/JSON;q=0.1", True, True),
+            ("text/html;level=1;q=0.3, */*;q=0.2", True, True),
+            ("application/json;charset=utf-8, text/html;q=0.9;ext=1", False, False),
+        ],
+    )
+    def test_html_only_when_weighed_above_json_or_tied_on_a_page_route(
+        self, header: str | None, page_route: bool, api_route: bool
+    ) -> None:
+        assert prefers_html(header, default=True) is page_route
+        assert prefers_html(header, default=False) is api_route
+
+    @pytest.mark.parametrize(
+        "header",
+        [
+            "text/html;q=high, application/json;q=0.5",
+            "text/html;q=1.5, application/json;q=0.5",
+            "text/html;q=-1, application/json;q=0.5",
+            "text/html;q=nan, application/json;q=0.5",
+            "text/html;q=1e0, application/json;q=0.5",
+            "text, html, /html, */html, text/, text/h tml, application/json;q=0.5",
+        ],
+    )
+    def test_a_range_that_cannot_be_read_is_left_out(self, header: str) -> None:
+        assert accept_ranges(header) == [("application", "json", 0.5)]
+        assert prefers_html(header, default=True) is False
+
+    def test_a_hostile_header_is_read_only_as_far_as_its_first_ranges(self) -> None:
+        header = ",".join(["image/png"] * 100_000 + ["text/html"])
+        assert len(accept_ranges(header)) == MAX_ACCEPT_RANGES
+        assert prefers_html(header, default=False) is False
+        long_parameters = "text/html;" + "a=b;" * 100_000 + "q=0"
+        assert accept_ranges(long_parameters) == [("text", "html", 1.0)]
 
 
 def _compose(kind: MailKind = MailKind.CONFIRM, **overrides: Any) -> OutgoingMail:

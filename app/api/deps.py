@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -294,10 +295,74 @@ def request_locale(request: Request, *, default: Locale) -> Locale:
     return negotiate(request.headers.get("accept-language"), default=default)
 
 
-def wants_html(request: Request, *, default: bool) -> bool:
-    accept = request.headers.get("accept", "").lower()
-    if "text/html" in accept:
-        return True
-    if JSON in accept:
-        return False
+HTML = "text/html"
+# An Accept header's media ranges read at most: a browser sends about ten.
+MAX_ACCEPT_RANGES = 32
+# RFC 9110 §12.4.2's qvalue, with any number of decimals (some clients write more than 3).
+_QVALUE = re.compile(r"0(?:\.[0-9]*)?|1(?:\.0*)?")
+# A media range's type or subtype: an RFC 9110 token (§5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+
+def accept_ranges(accept: str) -> list[tuple[str, str, float]]:
+    """The media ranges of an `Accept` header (RFC 9110 §12.5.1), as (type, subtype,
+    quality), in their order. A range that cannot be read (`text`, `*/html`, `q=high`) is
+    left out, as if it were not there; past the first `MAX_ACCEPT_RANGES`, the rest too.
+    Media type parameters are ignored: no page or JSON answer here comes in variants
+    that a parameter would choose between."""
+    ranges = []
+    for part in accept.split(",", MAX_ACCEPT_RANGES)[:MAX_ACCEPT_RANGES]:
+        media, *parameters = part.split(";", MAX_ACCEPT_RANGES)
+        kind, slash, subtype = media.strip().lower().partition("/")
+        if not (slash and _TOKEN.fullmatch(kind) and _TOKEN.fullmatch(subtype)):
+            continue
+        if kind == "*" and subtype != "*":
+            continue
+        quality: float | None = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                # What follows the weight is an extension (accept-ext), ignored.
+                value = value.strip()
+                quality = float(value) if _QVALUE.fullmatch(value) else None
+                break
+        if quality is not None:
+            ranges.append((kind, subtype, quality))
+    return ranges
+
+
+def accept_quality(ranges: Sequence[tuple[str, str, float]], media_type: str) -> float:
+    """How much a client with these ranges wants `media_type` (`text/html`): the weight of
+    the most specific range that matches it (`text/html` over `text/*` over `*/*`), the
+    highest one if the header names it more than once; 0, not acceptable, when none does."""
+    kind, _, subtype = media_type.partition("/")
+    best: tuple[int, float] | None = None
+    for range_kind, range_subtype, quality in ranges:
+        if (range_kind, range_subtype) == (kind, subtype):
+            specificity = 2
+        elif (range_kind, range_subtype) == (kind, "*"):
+            specificity = 1
+        elif (range_kind, range_subtype) == ("*", "*"):
+            specificity = 0
+        else:
+            continue
+        if best is None or (specificity, quality) > best:
+            best = (specificity, quality)
+    return best[1] if best else 0.0
+
+
+def prefers_html(accept: str | None, *, default: bool) -> bool:
+    """Whether to answer with a page rather than JSON, by the `Accept` header: a page when
+    the client weighs text/html strictly above application/json; JSON when the other way
+    round; `default` (the route's own kind of answer) on a tie, such as `*/*`, no header,
+    a header naming neither, or one that cannot be read."""
+    ranges = accept_ranges(accept) if accept else []
+    html_weight, json_weight = accept_quality(ranges, HTML), accept_quality(ranges, JSON)
+    if html_weight != json_weight:
+        return html_weight > json_weight
     return default
+
+
+def wants_html(request: Request, *, default: bool) -> bool:
+    """`prefers_html` for this request's `Accept` header."""
+    return prefers_html(request.headers.get("accept"), default=default)
