@@ -19,7 +19,14 @@ from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
 from app.metrics import Metrics, RequestMetrics
-from app.middleware import BodyLimit, HeadAsGet, PublicCors, RequestId, SecurityHeaders
+from app.middleware import (
+    BodyLimit,
+    HeadAsGet,
+    PublicCors,
+    RequestId,
+    SecurityHeaders,
+    SlashRedirect,
+)
 from app.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -136,7 +143,11 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
             "ledger, and confirmed members synced to the mailing-list backend."
         ),
         lifespan=lifespan,
+        # Replaced by SlashRedirect below, which does not write the Host header into the
+        # Location.
+        redirect_slashes=False,
     )
+    app.router.default = SlashRedirect(app.router.routes, fallback=app.router.default)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = None

@@ -1,13 +1,17 @@
 """Pure ASGI middleware: a cap on request bodies, security headers on every answer, CORS
-for the public JSON routes, and a request id on every answer and log line."""
+for the public JSON routes, and a request id on every answer and log line; and the
+router's redirect of a path with a trailing slash too many or too few."""
 
 from __future__ import annotations
 
 import json
 import re
+from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import RedirectResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, logs
@@ -226,3 +230,56 @@ def vary_on_origin(message: Message) -> None:
     vary = [value for name, value in headers if name.lower() == b"vary"]
     kept = [(name, value) for name, value in headers if name.lower() != b"vary"]
     message["headers"] = [*kept, (b"vary", b", ".join([*vary, b"Origin"]))]
+
+
+# What a path and a query may hold unencoded in a Location (RFC 3986 §3.3 and §3.4), besides
+# the letters, digits and `-._~` that `quote` always keeps. A query is kept as it was sent,
+# its `%XX` escapes included; a path arrives decoded, so its `%` is escaped.
+_PATH_SAFE = "/:@!$&'()*+,;="
+_QUERY_SAFE = _PATH_SAFE + "?%"
+
+
+def relative_location(path: str, query_string: bytes = b"") -> str:
+    """`path` (decoded, as the ASGI scope holds it) and a raw query as a relative
+    Location, which the client resolves against the URL it asked for (RFC 9110 §10.2.2).
+
+    A Location starting with `//` would be read as another host's (`//evil.example/x`),
+    as would `/\\evil.example` by browsers: the backslash is escaped with the rest, and a
+    second leading slash is written `%2F`, which the router reads back as the same path.
+    """
+    location = quote(path, safe=_PATH_SAFE)
+    if location.startswith("//"):
+        location = "/%2F" + location[2:]
+    if query_string:
+        location += "?" + quote(query_string, safe=_QUERY_SAFE)
+    return location
+
+
+class SlashRedirect:
+    """The router's last resort (its `default`, with its `redirect_slashes` off): a path
+    with no route whose twin with or without a trailing slash has one gets a 307 to that
+    twin, method and body kept, with a relative Location; anything else goes on to
+    `fallback` (the 404).
+
+    Starlette's own redirect writes an absolute URL from the Host header, which the client
+    chooses: `Host: evil.example` got `Location: http://evil.example/...`, a redirect to
+    another site that a cache keyed on the path would serve to everyone.
+    """
+
+    def __init__(self, routes: list[BaseRoute], *, fallback: ASGIApp) -> None:
+        # The router's own list, so routes added after this is built are seen too.
+        self.routes = routes
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            twin = path.rstrip("/") if path.endswith("/") else path + "/"
+            if twin and self._routed({**scope, "path": twin}):
+                location = relative_location(twin, scope.get("query_string", b""))
+                await RedirectResponse(location, status_code=307)(scope, receive, send)
+                return
+        await self.fallback(scope, receive, send)
+
+    def _routed(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.routes)

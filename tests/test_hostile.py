@@ -20,9 +20,13 @@ from urllib.parse import quote, urlencode
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, Router
 
 from app.config import Settings
 from app.main import create_app
+from app.middleware import SlashRedirect, relative_location
 from tests.conftest import TABLES, SmtpSink, count_rows, make_settings
 
 HOSTILE: dict[str, str] = {
@@ -383,3 +387,81 @@ class TestWhatTheCorpusFound:
         )
         assert response.status_code == 404
         assert response.json()["error"] == "list_not_found"
+
+
+FORGED_HOST = {"host": "evil.example"}
+
+
+class TestTrailingSlashRedirect:
+    """A path with a trailing slash too many (or too few) is redirected to the route's own
+    path by a relative Location, never by one built from the Host header, which the client
+    chooses (RFC 9110 §7.2: a forged Host meant a redirect to that host, cached for all)."""
+
+    def test_a_forged_host_is_not_written_into_the_redirect(self, client: TestClient) -> None:
+        redirect = client.post(
+            "/v1/lists/bluehats/subscriptions/?source=site&next=%2Fa%20b",
+            json={"email": "slash@example.org"},
+            headers=FORGED_HOST,
+            follow_redirects=False,
+        )
+        assert redirect.status_code == 307  # method and body kept
+        assert redirect.headers["location"] == (
+            "/v1/lists/bluehats/subscriptions?source=site&next=%2Fa%20b"
+        )
+        health = client.get("/healthz/", headers=FORGED_HOST, follow_redirects=False)
+        assert (health.status_code, health.headers["location"]) == (307, "/healthz")
+
+    def test_the_redirect_leads_to_the_route_with_the_same_post(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        answer = client.post(
+            "/v1/lists/bluehats/subscriptions/",
+            json={"email": "slash@example.org"},
+            headers=FORGED_HOST,
+        )
+        assert [step.status_code for step in answer.history] == [307]
+        assert answer.status_code == 202
+        assert smtp.wait_for(1)[0]["To"] == "slash@example.org"
+
+    def test_a_doubled_leading_slash_leads_nowhere_else(self, client: TestClient) -> None:
+        # httpx would read "//evil.example/" alone as another host: the full URL keeps it a path.
+        answer = client.get(
+            "http://testserver//evil.example/", headers=FORGED_HOST, follow_redirects=False
+        )
+        assert answer.status_code == 404
+        assert "location" not in answer.headers
+
+    def test_a_routed_path_with_a_doubled_leading_slash_is_not_another_host_s(self) -> None:
+        # No route of the service matches a path starting with `//`; one that takes any path
+        # would, and its redirect must stay on this host.
+        def echo(request: Request) -> PlainTextResponse:
+            return PlainTextResponse(request.path_params["rest"])
+
+        router = Router(routes=[Route("/{rest:path}/end", echo)], redirect_slashes=False)
+        router.default = SlashRedirect(router.routes, fallback=router.default)
+        with TestClient(router) as client:
+            answer = client.get(
+                "http://testserver//evil.example/end/?q=1",
+                headers=FORGED_HOST,
+                follow_redirects=False,
+            )
+            assert answer.status_code == 307
+            assert answer.headers["location"] == "/%2Fevil.example/end?q=1"
+            followed = client.get("http://testserver" + answer.headers["location"])
+            assert followed.text == "/evil.example"
+
+    @pytest.mark.parametrize(
+        ("path", "query", "location"),
+        [
+            ("/v1/lists/bluehats", b"", "/v1/lists/bluehats"),
+            ("/v1/lists/bluehats", b"a=1&b=%2F", "/v1/lists/bluehats?a=1&b=%2F"),
+            ("//evil.example", b"", "/%2Fevil.example"),
+            ("///evil.example", b"", "/%2F/evil.example"),
+            ("/\\evil.example", b"", "/%5Cevil.example"),
+            ("/a b/%/é", b'x=<"y">#', "/a%20b/%25/%C3%A9?x=%3C%22y%22%3E%23"),
+        ],
+    )
+    def test_the_location_is_a_path_on_this_host(
+        self, path: str, query: bytes, location: str
+    ) -> None:
+        assert relative_location(path, query) == location
