@@ -20,10 +20,17 @@ from email_validator.rfc_constants import (
     CASE_INSENSITIVE_MAILBOX_NAMES,
     DNS_LABEL_LENGTH_LIMIT,
     DOMAIN_MAX_LENGTH,
+    EMAIL_MAX_LENGTH,
     HOSTNAME_LABEL,
+    LOCAL_PART_MAX_LENGTH,
 )
 
-MAX_ADDRESS_LENGTH = 254
+# 254: RFC 5321's 256 octets for a path, less its angle brackets (RFC 3696 erratum 1690).
+MAX_ADDRESS_LENGTH = EMAIL_MAX_LENGTH
+# The part before the @-sign, in octets: UTF-8 ones for an internationalized address (RFC
+# 5321 §4.5.3.1.1, RFC 6531 §3.3). email-validator checks it only in its strict mode, and
+# counts characters there.
+MAX_LOCAL_PART_OCTETS = LOCAL_PART_MAX_LENGTH  # 64
 # Alphabets whose letters imitate one another (Latin a, Cyrillic U+0430, Greek U+03B1...).
 _CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
 _WORD = re.compile(r"[^\W\d_]+")
@@ -100,11 +107,27 @@ def _general(raw: str, new: bool) -> Address:
         validated = validate_email(raw, check_deliverability=False)
     except EmailNotValidError as e:
         raise InvalidAddress(str(e)) from e
+    _refuse_a_long_local_part(validated.local_part)
     if new and _mixes_confusable_scripts(validated.normalized):
         raise InvalidAddress(
             "The address mixes Latin letters with Cyrillic or Greek ones that look alike."
         )
     return Address(email=validated.normalized, key=validated.normalized.casefold())
+
+
+def _refuse_a_long_local_part(local: str) -> None:
+    """Refuse a part before the @-sign (normalized, as it is sent) over 64 octets: relays
+    may refuse it, and a mail that does not reach the address cannot confirm it."""
+    if len(local.encode("utf-8")) <= MAX_LOCAL_PART_OCTETS:
+        return
+    if local.isascii():
+        raise InvalidAddress(
+            f"The part before the @-sign is longer than {MAX_LOCAL_PART_OCTETS} characters."
+        )
+    raise InvalidAddress(
+        f"The part before the @-sign is longer than {MAX_LOCAL_PART_OCTETS} bytes in UTF-8 "
+        "(a letter beyond ASCII takes 2 to 4)."
+    )
 
 
 def _plain(raw: str) -> Address | None:
@@ -116,7 +139,9 @@ def _plain(raw: str) -> Address | None:
     lowercases the domain; it refuses a label over 63 characters, a domain over 253, a
     top-level label not ending in a letter, `ab--` labels (Punycode is left to the general
     path) and special-use domains (`.local`, `.test`...); it lowercases role names
-    (`Postmaster@`), also left to it. An ASCII address mixes no scripts.
+    (`Postmaster@`), also left to it. An ASCII address mixes no scripts. An address over
+    254 characters, or with over 64 before the @-sign, is left to the general path, which
+    refuses it with the reason.
     """
     match = _PLAIN.fullmatch(raw)
     if match is None:
@@ -124,7 +149,9 @@ def _plain(raw: str) -> Address | None:
     local, domain = match["local"], match["domain"].lower()
     labels = domain.split(".")
     if (
-        len(domain) > DOMAIN_MAX_LENGTH
+        len(raw) > MAX_ADDRESS_LENGTH
+        or len(local) > MAX_LOCAL_PART_OCTETS
+        or len(domain) > DOMAIN_MAX_LENGTH
         or not labels[-1][-1].isalpha()
         or any(len(label) > DNS_LABEL_LENGTH_LIMIT or label[2:4] == "--" for label in labels)
         or any(domain == name or domain.endswith("." + name) for name in SPECIAL_USE_DOMAIN_NAMES)

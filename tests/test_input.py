@@ -393,6 +393,21 @@ class TestAddressValidation:
         assert detail == "email: The address is longer than 254 characters."
         endpoint.assert_nothing_stored()
 
+    def test_an_address_over_64_octets_before_the_at_sign_is_422(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        cases = {
+            "ascii": ("a" * 65 + "@example.org", "64 characters."),
+            "utf-8": ("\u00e9" * 33 + "@example.org", "64 bytes in UTF-8"),
+        }
+        for name, (address, limit) in cases.items():
+            with subtests.test(name):
+                response = client.post(endpoint.path, json={"email": address})
+                detail = error_of(response, 422, "validation_error")
+                assert detail.startswith("email: The part before the @-sign is longer than ")
+                assert limit in detail
+                endpoint.assert_nothing_stored()
+
     def test_control_characters_in_a_valid_address_are_422(
         self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
     ) -> None:

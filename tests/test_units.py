@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from email_validator import validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlmodel import Session
@@ -104,11 +105,62 @@ class TestAddresses:
         else:
             assert addresses.parse(raw, new=True).email == email
 
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            "a" * 64 + "@example.org",
+            "a." * 31 + "bc@example.org",
+            "\u00e9" * 32 + "@example.org",  # 64 octets in UTF-8
+            "\u7528" * 21 + "a@example.org",  # 63 + 1
+        ],
+    )
+    def test_a_part_before_the_at_sign_of_64_octets_is_accepted(self, raw: str) -> None:
+        assert addresses.parse(raw, new=True).email == raw
+
+    @pytest.mark.parametrize(
+        ("raw", "unit"),
+        [
+            ("a" * 65 + "@example.org", "characters"),
+            ("a." * 32 + "b@example.org", "characters"),
+            ("\u00e9" * 33 + "@example.org", "bytes in UTF-8"),  # 33 characters, 66 octets
+            ("a" * 63 + "\u00e9@example.org", "bytes in UTF-8"),  # 64 characters, 65 octets
+            ("\u7528" * 22 + "@example.org", "bytes in UTF-8"),  # 22 characters, 66 octets
+        ],
+    )
+    @pytest.mark.parametrize("new", [True, False], ids=["new", "lookup"])
+    def test_a_part_before_the_at_sign_over_64_octets_is_refused_on_either_path(
+        self, raw: str, unit: str, new: bool
+    ) -> None:
+        assert addresses._plain(raw) is None
+        with pytest.raises(addresses.InvalidAddress) as caught:
+            addresses.parse(raw, new=new)
+        assert str(caught.value) == f"The part before the @-sign is longer than 64 {unit}" + (
+            "." if unit == "characters" else " (a letter beyond ASCII takes 2 to 4)."
+        )
+
+    def test_an_address_over_254_characters_is_refused_on_either_path(self) -> None:
+        raw = "a" * 63 + "@" + ".".join(["b" * 62] * 3) + ".fr"
+        assert len(raw) == 255
+        assert addresses._plain(raw) is None
+        with pytest.raises(addresses.InvalidAddress, match="too long"):
+            addresses._general(raw, True)
+        with pytest.raises(addresses.InvalidAddress, match="longer than 254 characters"):
+            addresses.parse(raw, new=True)
+        # The same address one character shorter is a valid one, on the short path.
+        assert addresses._plain(raw[1:]) == addresses.parse(raw[1:], new=True)
+
     @settings(max_examples=3000, deadline=None)
     @given(
-        local=st.lists(
-            st.text(alphabet="aZ09!#$%&'*+-/=?^_`{|}~.\"@ ", max_size=6), min_size=1, max_size=4
-        ).map(".".join),
+        # Short parts of every kind, some led by enough letters to reach 64 and beyond.
+        local=st.builds(
+            str.__add__,
+            st.sampled_from(["", "", "", "x" * 37, "x" * 58, "x" * 63, "x" * 64]),
+            st.lists(
+                st.text(alphabet="aZ09!#$%&'*+-/=?^_`{|}~.\"@ ", max_size=6),
+                min_size=1,
+                max_size=4,
+            ).map(".".join),
+        ),
         labels=st.lists(
             st.one_of(
                 st.text(alphabet="aZ09-", min_size=0, max_size=5),
@@ -126,6 +178,9 @@ class TestAddresses:
         plain = addresses._plain(raw)
         if plain is not None:
             assert plain == addresses._general(raw, True)
+            # email-validator in its strict mode, which also holds the 64-character limit.
+            strict = validate_email(raw, check_deliverability=False, strict=True)
+            assert plain.email == strict.normalized
 
     def test_mask_hides_the_local_part(self) -> None:
         assert addresses.mask("camille@example.org") == "c***@example.org"
