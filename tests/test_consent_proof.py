@@ -125,7 +125,6 @@ class TestProofThroughTheApi:
             f'"{CATALOGUE_EN}"',
         ):
             assert expected in text.text, expected
-
         assert client.get("/v1/admin/subscribers/999/consent-proof", headers=key).status_code == (
             404
         )
@@ -140,6 +139,16 @@ class TestProofThroughTheApi:
             ("dpo-read", str(subscriber), "ok"),
             ("dpo-read", "999", "error:not_found"),
         ]
+        # By the header's weights: text only where it is preferred to JSON.
+        for accept, kind in (
+            ("application/json;q=0.5, text/plain", "text/plain"),
+            ("text/plain;q=0, application/json", "application/json"),
+            ("text/plain;q=0.2, application/json;q=0.9", "application/json"),
+            ("text/plain, application/json", "application/json"),
+            ("*/*", "application/json"),
+        ):
+            answer = client.get(path, headers={**key, "accept": accept})
+            assert answer.headers["content-type"].startswith(kind), accept
 
 
 class TestWordingVersions:

@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from app import addresses, blocklist, consent, errors
 from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, audited, caller
-from app.api.deps import DatabaseDep
+from app.api.deps import DatabaseDep, prefers
 from app.models import BlockedEntry, BlockKind, utcnow
 from app.schemas import (
     MAX_ROW_ID,
@@ -135,7 +135,6 @@ async def consent_proof(
         work=consent.proof_by_id, subscription_id=subscriber_id,
     )  # fmt: skip
     now = utcnow()
-    accept = request.headers.get("accept", "").lower()
-    if "text/plain" in accept and "application/json" not in accept:
+    if prefers(request.headers.get("accept"), "text/plain", default=False):
         return PlainTextResponse(consent.render_text(item, generated_at=now))
     return proof_out(item, generated_at=now)

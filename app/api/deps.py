@@ -351,16 +351,21 @@ def accept_quality(ranges: Sequence[tuple[str, str, float]], media_type: str) ->
     return best[1] if best else 0.0
 
 
-def prefers_html(accept: str | None, *, default: bool) -> bool:
-    """Whether to answer with a page rather than JSON, by the `Accept` header: a page when
-    the client weighs text/html strictly above application/json; JSON when the other way
-    round; `default` (the route's own kind of answer) on a tie, such as `*/*`, no header,
-    a header naming neither, or one that cannot be read."""
+def prefers(accept: str | None, media_type: str, *, default: bool) -> bool:
+    """Whether to answer in `media_type` rather than JSON, by the `Accept` header: yes when
+    the client weighs it strictly above application/json; no when the other way round;
+    `default` (the route's own kind of answer) on a tie, such as `*/*`, no header, a header
+    naming neither, or one that cannot be read."""
     ranges = accept_ranges(accept) if accept else []
-    html_weight, json_weight = accept_quality(ranges, HTML), accept_quality(ranges, JSON)
-    if html_weight != json_weight:
-        return html_weight > json_weight
+    other_weight, json_weight = accept_quality(ranges, media_type), accept_quality(ranges, JSON)
+    if other_weight != json_weight:
+        return other_weight > json_weight
     return default
+
+
+def prefers_html(accept: str | None, *, default: bool) -> bool:
+    """A page rather than JSON (`prefers`)."""
+    return prefers(accept, HTML, default=default)
 
 
 def wants_html(request: Request, *, default: bool) -> bool:
