@@ -78,11 +78,12 @@ def parse(raw: str, *, new: bool) -> Address:
 # second read is a look-up among the last few hundred addresses read.
 @functools.lru_cache(maxsize=256)
 def _parse(raw: str, new: bool) -> Address:
-    if len(raw) > MAX_ADDRESS_LENGTH:
-        raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
     if any(ord(char) < 32 or ord(char) == 127 for char in raw):
         raise InvalidAddress("The address contains control characters.")
+    # Spaces around the address are not part of it, nor of its length.
     raw = raw.strip()
+    if len(raw) > MAX_ADDRESS_LENGTH:
+        raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
     return _plain(raw) or _general(raw, new)
 
 

@@ -148,6 +148,8 @@ class TestAddresses:
             addresses.parse(raw, new=True)
         # The same address one character shorter is a valid one, on the short path.
         assert addresses._plain(raw[1:]) == addresses.parse(raw[1:], new=True)
+        # Spaces around it count for nothing.
+        assert addresses.parse(f"  {raw[1:]}  ", new=True) == addresses.parse(raw[1:], new=True)
 
     @settings(max_examples=3000, deadline=None)
     @given(
