@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlmodel import Session, col, func, select
 
-from app import errors, lists
+from app import errors, lists, outbox
 from app.models import (
     MAX_ROW_ID,
     ConsentEvent,
@@ -226,7 +226,7 @@ def stats(
         )
     ).one()
     oldest = session.exec(
-        select(func.min(OutboxJob.created_at)).where(
+        select(func.min(outbox.waiting_since(now))).where(
             col(OutboxJob.state).in_([JobState.PENDING, JobState.RUNNING])
         )
     ).one()

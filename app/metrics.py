@@ -12,7 +12,7 @@ Counted as things happen, in the process where they happen:
 Read from the database at scrape time (cheap GROUP BY queries on indexed columns):
     newsletter_subscriptions{list,status}
     newsletter_outbox_jobs{kind,state}                        pending, running, dead
-    newsletter_outbox_oldest_job_age_seconds{kind}            oldest pending or running job
+    newsletter_outbox_oldest_job_age_seconds{kind}            longest wait of a due job
     newsletter_worker_heartbeat_age_seconds                   newest heartbeat of any worker
     newsletter_workers_alive                                  heartbeats within the timeout
     newsletter_database_up                                    0 when those queries failed
@@ -45,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import db, formguard, heartbeat
+from app import db, formguard, heartbeat, outbox
 from app.models import JobKind, JobState, MailingList, OutboxJob, Subscription, utcnow
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class DatabaseCollector(Collector):
         now = self.now()
         with db.session_scope(self.engine) as session:
             subscriptions = subscription_counts(session)
-            jobs = outbox_depth(session)
+            jobs = outbox_depth(session, now=now)
             newest = heartbeat.newest(session)
             alive = heartbeat.alive(session, since=now - self.heartbeat_timeout)
 
@@ -196,7 +196,7 @@ class DatabaseCollector(Collector):
         )
         oldest = GaugeMetricFamily(
             "newsletter_outbox_oldest_job_age_seconds",
-            "Age of the oldest pending or running outbox job, by kind.",
+            "How long the longest-waiting due outbox job has waited, by kind.",
             labels=["kind"],
         )
         oldest_by_kind: dict[str, datetime] = {}
@@ -237,13 +237,16 @@ def subscription_counts(session: Session) -> dict[tuple[str, str], int]:
     return {(str(slug), str(status)): int(count) for slug, status, count in rows}
 
 
-def outbox_depth(session: Session) -> dict[tuple[str, str], tuple[int, datetime | None]]:
-    """Count and oldest creation time of the jobs not done, by (kind, state).
+def outbox_depth(
+    session: Session, *, now: datetime
+) -> dict[tuple[str, str], tuple[int, datetime | None]]:
+    """Count of the jobs not done, and since when the longest-waiting of them has waited
+    (`outbox.waiting_since`: jobs not yet due do not count), by (kind, state).
 
     Done jobs, the bulk of the table, are left out by the `state` index.
     """
     rows = session.exec(
-        select(OutboxJob.kind, OutboxJob.state, func.count(), func.min(OutboxJob.created_at))
+        select(OutboxJob.kind, OutboxJob.state, func.count(), func.min(outbox.waiting_since(now)))
         .where(col(OutboxJob.state).in_([JobState.PENDING, JobState.RUNNING, JobState.DEAD]))
         .group_by(OutboxJob.kind, OutboxJob.state)
     ).all()

@@ -226,6 +226,28 @@ def request_reconcile(session: Session, *, list_slug: str, now: datetime) -> Out
     return job
 
 
+# Kinds the workers schedule ahead of time, one pending row each, due a whole interval after
+# it was written: their wait starts when they fall due, not when they were written.
+_SCHEDULED_KINDS = (JobKind.RECONCILE.value, JobKind.RETENTION.value)
+
+
+def waiting_since(now: datetime) -> sa.ColumnElement[Any]:
+    """Since when a job not done has been waiting for a worker; NULL while it is not due.
+
+    A job never tried whose time has not come (the next retention run, a reconciliation,
+    a mail held back by the mail budget, a change waiting behind an older one for the same
+    address) is not late, so it does not count: the oldest job's age is meant for alerts on
+    a worker that falls behind. A job once tried counts from its creation, backoff included.
+    """
+    not_due = sa.and_(_jobs.c.attempts == 0, _jobs.c.next_attempt_at > now)
+    scheduled = sa.and_(_jobs.c.kind.in_(_SCHEDULED_KINDS), _jobs.c.attempts == 0)
+    return sa.case(
+        (not_due, sa.null()),
+        (scheduled, _jobs.c.next_attempt_at),
+        else_=_jobs.c.created_at,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
     id: int

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import apikeys, db, heartbeat, logs
+from app import admin, apikeys, db, heartbeat, logs, outbox
 from app.mailer import make_mailer
 from app.main import create_app
-from app.models import KeyScope, utcnow
+from app.models import JobKind, KeyScope, utcnow
 from app.worker import Worker
 from tests.conftest import SmtpSink, link_in, make_settings, wait_until
 from tests.processes import HoldingSink, ServeProcess, service_env, start_holding_smtp
@@ -191,6 +191,53 @@ class TestMetrics:
                 ]
                 == 1
             )
+
+    def test_the_oldest_job_age_counts_waits_for_a_worker_not_jobs_scheduled_for_later(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        settings = make_settings(database_url, smtp_port=smtp.port, run_worker=False)
+        app = create_app(settings)
+        with TestClient(app) as client:
+            now = utcnow()
+            with db.session_scope(app.state.engine) as session:
+                # The next retention run, written two hours ago for tomorrow: not late.
+                outbox.schedule_retention(
+                    session, now=now - timedelta(hours=2), delay=timedelta(hours=24)
+                )
+                # A daily reconciliation that fell due an hour ago: late by an hour, not 25.
+                outbox.schedule_reconcile(
+                    session,
+                    list_slug="bluehats",
+                    now=now - timedelta(hours=25),
+                    delay=timedelta(hours=24),
+                )
+                # A mail held back by the mail budget until tomorrow: not late either.
+                outbox.enqueue(
+                    session,
+                    kind=JobKind.MAIL,
+                    payload={},
+                    now=now - timedelta(minutes=5),
+                    delay=timedelta(hours=24),
+                )
+                stats = admin.stats(
+                    session,
+                    list_slug="bluehats",
+                    since=now - timedelta(days=1),
+                    until=now,
+                    by_month=False,
+                    now=now,
+                )
+            metrics = scrape(client)
+            age = "newsletter_outbox_oldest_job_age_seconds"
+            assert (
+                metrics[("newsletter_outbox_jobs", labels(kind="retention", state="pending"))] == 1
+            )
+            assert metrics[(age, labels(kind="retention"))] == 0
+            assert metrics[("newsletter_outbox_jobs", labels(kind="mail", state="pending"))] == 1
+            assert metrics[(age, labels(kind="mail"))] == 0
+            assert 3600 <= metrics[(age, labels(kind="reconcile"))] < 3600 + 60
+            assert stats.oldest_pending_job_seconds is not None
+            assert 3600 <= stats.oldest_pending_job_seconds < 3600 + 60
 
     def test_suppressed_and_delayed_mails_are_counted_by_scope(
         self, database_url: str, smtp: SmtpSink
