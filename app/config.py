@@ -609,8 +609,9 @@ class Settings(BaseSettings):
             self.job_lease.total_seconds() < 2 * mailer.timeout
         ):
             raise ValueError(
-                "job_lease must be at least twice the SMTP timeout "
-                f"({mailer.timeout:g}s), or a slow send could be made twice"
+                f"NEWSLETTER_JOB_LEASE ({self.job_lease}) must be at least twice "
+                f"NEWSLETTER_MAILER__TIMEOUT ({mailer.timeout:g}s), or a slow send could be "
+                "made twice"
             )
         return self
 

@@ -114,6 +114,17 @@ class TestBadValues:
         assert "NEWSLETTER_RETRY_BASE_DELAY (2:00:00) must not exceed" in message
         assert "NEWSLETTER_RETRY_MAX_DELAY (0:00:01)" in message
 
+    def test_a_job_lease_shorter_than_two_smtp_timeouts_names_both_variables(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__TIMEOUT", "30")
+        monkeypatch.setenv("NEWSLETTER_JOB_LEASE", "45s")
+        message = settings_error()
+        assert "NEWSLETTER_JOB_LEASE (0:00:45) must be at least twice" in message
+        assert "NEWSLETTER_MAILER__TIMEOUT (30s)" in message
+
     @pytest.mark.parametrize(
         ("content", "reason"),
         [
