@@ -322,7 +322,7 @@ def reconcile(
                 keeps_unsubscribed=backend.keeps_unsubscribed,
             )
             if apply and not report.in_sync:
-                sync.apply(session, report=report, now=utcnow())
+                sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
     finally:
         client.close()
         engine.dispose()

@@ -594,9 +594,16 @@ def compare(
     return report
 
 
-def apply(session: Session, *, report: Report, now: datetime) -> None:
-    """Enqueue the fixes a report calls for (in the caller's transaction)."""
-    from app import subscriptions
+def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> None:
+    """Enqueue the fixes a report calls for (in the caller's transaction).
+
+    A member the backend holds without a subscription here is unsubscribed there, unless
+    its address was erased here (`key` finds the tombstone; an erasure's removal that was
+    dead-lettered, say): then it is removed there, as the erasure asked, and the queue
+    forgets the address once the backend has (`privacy.scrub_after_removal`), rather than
+    keeping it at the backend, and in the job, for good.
+    """
+    from app import privacy, subscriptions  # privacy imports this module
 
     mailing_list = lists.get(session, slug=report.list_slug)
     assert mailing_list.id is not None
@@ -606,14 +613,20 @@ def apply(session: Session, *, report: Report, now: datetime) -> None:
             select(Subscription).where(Subscription.list_id == mailing_list.id)
         ).all()
     }
-    for key in report.missing:
+    for email_key in report.missing:
         outbox.enqueue_sync(
             session,
-            subscription_id=_id(rows[key]),
+            subscription_id=_id(rows[email_key]),
             list_id=mailing_list.id,
             now=now,
             fresh_opt_in=False,
         )
+    strangers = [
+        remote
+        for address in report.extra
+        if (remote := remote_key(address)) is not None and remote not in rows
+    ]
+    erased = privacy.erased_among(session, keys=strangers, key=key)
     for address in report.extra:
         row = rows.get(remote_key(address) or "")
         if row is not None:
@@ -629,14 +642,14 @@ def apply(session: Session, *, report: Report, now: datetime) -> None:
                 session,
                 list_id=mailing_list.id,
                 address=address,
-                action=Action.UNSUBSCRIBE,
+                action=Action.REMOVE if remote_key(address) in erased else Action.UNSUBSCRIBE,
                 now=now,
             )
-    for key in report.unsubscribed_there:
+    for email_key in report.unsubscribed_there:
         subscriptions.apply_backend_event(
             session,
             list_slug=report.list_slug,
-            address=addresses.Address(email=rows[key].email, key=key),
+            address=addresses.Address(email=rows[email_key].email, key=email_key),
             event="unsubscribed",
             evidence=subscriptions.Evidence(source="reconcile"),
             now=now,

@@ -519,7 +519,7 @@ class Worker:
                     keeps_unsubscribed=backend.keeps_unsubscribed,
                 )
                 if not report.in_sync:
-                    sync.apply(session, report=report, now=self.now())
+                    sync.apply(session, report=report, key=self._key, now=self.now())
                 self.metrics.attempt(JobKind.RECONCILE, "success")
                 outbox.finish(
                     session,

@@ -388,7 +388,7 @@ class TestReconcileAndImport:
         assert report.extra == ["stranger@example.org"]
 
         with db.session_scope(engine) as session:
-            sync.apply(session, report=report, now=utcnow())
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
         _drain(worker)
         assert backend.held["bulk-0000@example.org"][1] is True
         assert backend.held["stranger@example.org"][1] is False
@@ -400,6 +400,37 @@ class TestReconcileAndImport:
         with db.session_scope(engine) as session:
             again = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
         assert again.in_sync, again.as_dict()
+
+    def test_reconcile_removes_an_erased_address_the_backend_still_holds(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, "erin@example.org")
+        _drain(worker)
+        assert backend.held["erin@example.org"][1] is True
+        # The erasure's removal is refused until it is dead-lettered (a revoked API key,
+        # say): the backend still has the person as a subscribed member.
+        backend.fail_next = [PermanentSyncError("401 Forbidden", response="401")]
+        _erase(engine, settings, "erin@example.org")
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)][-1] == JobState.DEAD
+        assert backend.held["erin@example.org"][1] is True
+
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.extra == ["erin@example.org"]
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        backend.calls.clear()
+        _drain(worker)
+        # Removed as the erasure asked, not kept there as an unsubscribed member...
+        assert backend.calls == [("remove", "erin@example.org")]
+        assert "erin@example.org" not in backend.held
+        # ...and, once it is gone there, the queue no longer holds the address either.
+        done = [job for job in _jobs(engine) if job.state == JobState.DONE]
+        assert not any("erin@example.org" in str(job.payload) for job in done)
 
     def test_a_member_gone_from_a_backend_that_forgets_leavers_is_not_added_back(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -419,7 +450,7 @@ class TestReconcileAndImport:
             assert report.missing == []
             assert report.absent_there == ["bulk-0001@example.org"]
             assert not report.in_sync
-            sync.apply(session, report=report, now=utcnow())
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
         _drain(worker)
         assert "bulk-0001@example.org" not in backend.held
 
@@ -836,7 +867,7 @@ class TestInternationalizedDomains:
             report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
             assert report.in_sync, report.as_dict()
             assert (report.confirmed_here, report.backend_members) == (2, 2)
-            sync.apply(session, report=report, now=utcnow())
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
         _drain(worker)
         assert backend.calls == []
 
@@ -852,7 +883,7 @@ class TestInternationalizedDomains:
             report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
             assert report.extra == [IDN_ASCII]
             assert report.missing == []
-            sync.apply(session, report=report, now=utcnow())
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
         [job] = _jobs(engine)
         assert "subscription_id" in job.payload
         _drain(worker)
@@ -887,7 +918,7 @@ class TestInternationalizedDomains:
                 keeps_unsubscribed=False,
             )
             assert report.in_sync, report.as_dict()
-            sync.apply(session, report=report, now=utcnow())
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
         _drain(worker)
         # The import's own sync (the member's unsubscribe link), in the same spelling.
         assert backend.calls == [("add", [IDN_ASCII])]
@@ -910,7 +941,7 @@ class TestInternationalizedDomains:
             assert report.invalid == ["not an address", "root@localhost"]
             assert report.extra == []
             assert not report.in_sync
-            sync.apply(session, report=report, now=utcnow())
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
         _drain(worker)
         assert backend.calls == []
 
