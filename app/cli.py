@@ -1,4 +1,7 @@
-"""`newsletter ...`: serve, worker, migrate, openapi."""
+"""`newsletter ...`: run the service (serve, worker, migrate) and operate it (subscribers,
+people, imports and exports, the outbox's jobs, keys, the block-list, retention). Exit
+codes: 0 done, 1 refused, 2 bad settings or input, 3 differences or failures found,
+4 database unreachable, 5 schema not this release's."""
 
 from __future__ import annotations
 
