@@ -703,6 +703,11 @@ def import_members(
     )
     report = ImportReport(list_slug=list_slug, read=len(remote))
     provenance = f"imported from {backend_kind} on {now.date().isoformat()}"
+    # These people agreed to whatever the former service showed them, not to this list's
+    # wording: the ledger must not name a version they never saw, or the proof of consent
+    # would print its text as "shown". An outside version has no recorded text, and the
+    # proof says so.
+    outside_version = f"imported from {backend_kind}"
     confirmed_ids: list[int] = []
     members: list[tuple[addresses.Address, bool]] = []
     for address, subscribed in remote.values():
@@ -732,7 +737,7 @@ def import_members(
             email_key=parsed.key,
             status=status,
             locale=mailing_list.default_locale,
-            consent_version=mailing_list.consent_version,
+            consent_version=outside_version,
             created_at=now,
             updated_at=now,
             confirmed_at=now if subscribed else None,
@@ -747,7 +752,7 @@ def import_members(
                 action=ConsentAction.IMPORTED,
                 status_after=status,
                 source="import",
-                consent_version=mailing_list.consent_version,
+                consent_version=outside_version,
                 detail={"provenance": provenance, "backend": backend_kind},
                 occurred_at=now,
             )

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, blocklist, db, operators, outbox, subscriptions, sync
+from app import addresses, blocklist, consent, db, operators, outbox, subscriptions, sync
 from app.backends.base import (
     Member,
     MembersPage,
@@ -500,6 +500,34 @@ class TestReconcileAndImport:
         # The confirmed imports now carry their unsubscribe URL at the backend.
         assert "unsubscribe_url" in backend.held["a@example.org"][2]
         assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+    def test_the_proof_of_an_imported_member_shows_no_wording_it_never_saw(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows and records its wording
+        with db.session_scope(engine) as session:
+            sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote={"a@example.org": ("a@example.org", True)},
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=utcnow(),
+            )
+        with db.session_scope(engine) as session:
+            proof = consent.proof_by_address(
+                session, list_slug="bluehats", email_key="a@example.org"
+            )
+            text = consent.render_text(proof, generated_at=utcnow())
+        listed = settings.lists[0].consent_version
+        # The member agreed to the former service's form, whose wording is not known here.
+        assert [event.consent_version for event in proof.events] == ["imported from mailgun"]
+        assert proof.subscription.consent_version == "imported from mailgun"
+        assert proof.wordings == {"imported from mailgun": None}
+        assert f"version {listed}" not in text
+        assert "version imported from mailgun: no text recorded for this version" in text
 
     def test_import_leaves_out_erased_and_blocked_addresses(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
