@@ -559,7 +559,8 @@ def _audited_run(
     settings: Settings, *, action: str, target: str | None, work: Any, **kwargs: Any
 ) -> Any:
     """Run `work` in one transaction and record it in the audit log as `cli:<user>`; a
-    refusal is recorded too, printed, and ends the command with exit code 1."""
+    refusal is recorded too, printed, and ends the command (exit code 1, or 2 for bad
+    input: `_refusal_code`)."""
     from app import audit, db, errors, lists
     from app.models import utcnow
 
@@ -582,7 +583,7 @@ def _audited_run(
                     outcome=f"error:{e.code}", now=utcnow(), detail={"detail": e.detail},
                 )  # fmt: skip
             typer.echo(e.detail, err=True)
-            raise typer.Exit(1) from e
+            raise typer.Exit(_refusal_code(e)) from e
     finally:
         engine.dispose()
 
@@ -710,8 +711,9 @@ def people_erase(
 
 # Import and export -------------------------------------------------------------------------
 #
-# Exit codes: 0 done (every row imported or already there); 1 some rows refused, or the
-# file unreadable (nothing written then); 2 bad usage (unknown list, option or file).
+# Exit codes: 0 done (every row imported or already there); 1 some rows refused; 2 bad
+# usage (unknown list, option or file) or a file that cannot be read (not UTF-8, a bad
+# header: nothing written then).
 
 
 def _known_list(settings: Settings, engine: Any, slug: str) -> int:
@@ -824,7 +826,7 @@ def import_file(
                     outcome=f"error:{e.code}", detail={**detail, "detail": e.detail},
                 )  # fmt: skip
                 typer.echo(e.detail, err=True)
-                raise typer.Exit(1) from e
+                raise typer.Exit(_refusal_code(e)) from e
         _record(
             engine, action="subscribers.import", target=list_slug, outcome="ok",
             detail={**detail, **report.counts(), "note": note},
@@ -947,8 +949,18 @@ lists_cli = typer.Typer(no_args_is_help=True, help="Mailing lists.")
 cli.add_typer(lists_cli, name="lists")
 
 
+def _refusal_code(error: Exception) -> int:
+    """The exit code of a refusal: 2 when the input itself is wrong (an unknown list, a
+    cursor or a file that cannot be read), 1 for a refusal of what it asks (an unknown
+    subscriber, a conflict...), as the README's table of exit codes says."""
+    from app import errors
+
+    bad_input = (errors.ListNotFound, errors.BadRequest, errors.InvalidBody, errors.InvalidCsv)
+    return 2 if isinstance(error, bad_input) else 1
+
+
 def _read(settings: Settings, work: Any, **kwargs: Any) -> Any:
-    """Run a read in one transaction; a refusal prints its reason and exits 1."""
+    """Run a read in one transaction; a refusal prints its reason and exits (1 or 2)."""
     from app import db, errors
 
     engine = db.make_engine(settings.database_url)
@@ -957,7 +969,7 @@ def _read(settings: Settings, work: Any, **kwargs: Any) -> Any:
             return work(session, **kwargs)
     except errors.DomainError as e:
         typer.echo(e.detail, err=True)
-        raise typer.Exit(1) from e
+        raise typer.Exit(_refusal_code(e)) from e
     finally:
         engine.dispose()
 

@@ -144,8 +144,11 @@ class TestLimits:
         cursor = base64.urlsafe_b64encode(f"id:{huge}".encode()).decode().rstrip("=")
         searched = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
                        "--cursor", cursor)  # fmt: skip
-        assert searched.returncode == 1
+        assert searched.returncode == 2  # bad input
         assert last_line(searched) == "The cursor is not one this service handed out."
+        # As the list's name: `stats` on a list that does not exist.
+        unknown = run(database_url, tmp_path, "stats", "--list", "nope")
+        assert (unknown.returncode, last_line(unknown)) == (2, "No mailing list has this name.")
 
 
 class TestKeyNames:

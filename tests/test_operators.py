@@ -757,7 +757,7 @@ class TestCommandLine:
         )
         assert (future.returncode, "future" in future.stderr) == (2, True)
         assert run_cli(*add, "not-an-address").returncode == 2
-        assert run_cli("subscriber", "add", "--list", "nope", "x@example.org").returncode == 1
+        assert run_cli("subscriber", "add", "--list", "nope", "x@example.org").returncode == 2
         invited = run_cli(*add, "ada@example.org")
         assert (invited.returncode, invited.stdout.strip()) == (
             0,

@@ -732,7 +732,7 @@ class TestCommandLine:
         unreadable = tmp_path / "latin1.csv"
         unreadable.write_bytes((HEADER + _row("zoé@example.org")).encode("latin-1"))
         cases = [
-            (("import", "--list", "bluehats", str(unreadable)), 1, "is not UTF-8"),
+            (("import", "--list", "bluehats", str(unreadable)), 2, "is not UTF-8"),
             (("import", "--list", "nope", str(good)), 2, "no list 'nope'"),
             (("import", "--list", "bluehats", str(good), "--mode", "maybe"), 2, "--mode"),
             (("import", "--list", "bluehats", str(tmp_path / "missing.csv")), 2, "missing.csv"),
