@@ -1374,6 +1374,7 @@ def retention_run(
                     session, actor=_cli_actor(), action="retention.run", target=None,
                     outcome="ok", now=utcnow(), detail=report.as_dict(),
                 )  # fmt: skip
+            retention.log_done(report)
     finally:
         engine.dispose()
     if dry_run:

@@ -377,5 +377,9 @@ def run(session: Session, *, policy: Policy, key: bytes, now: datetime) -> Repor
     _minimize_departed(session, policy=policy, now=now, report=report)
     _minimize_hash_only(session, policy=policy, now=now, report=report)
     session.flush()
-    log.info("retention.done %s", report.summary())
     return report
+
+
+def log_done(report: Report) -> None:
+    """The log line of a run once committed (a dry run, rolled back, writes none)."""
+    log.info("retention.done %s", report.summary())

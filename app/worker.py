@@ -639,6 +639,7 @@ class Worker:
                 outbox.schedule_retention(
                     session, now=self.now(), delay=self.settings.retention_interval
                 )
+        retention.log_done(report)
 
     def _record_failure(
         self,

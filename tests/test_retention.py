@@ -443,6 +443,7 @@ class TestCommandLine:
         assert counts["pending_purged"] == "1"
         assert counts["tokens_purged"] == "1"
         assert "nothing changed" in dry.stderr
+        assert "retention.done" not in dry.stderr  # the log says what was done, not counted
         with Session(engine) as session:
             assert len(session.exec(select(Subscription)).all()) == 2
             assert not session.exec(
@@ -452,6 +453,7 @@ class TestCommandLine:
         done = cli()
         assert done.returncode == 0, done.stderr
         assert dict(line.split("\t") for line in done.stdout.splitlines()) == counts
+        assert "retention.done" in done.stderr
         with Session(engine) as session:
             assert [r.email_key for r in session.exec(select(Subscription)).all()] == [
                 "fresh@example.org"
