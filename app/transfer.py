@@ -15,7 +15,9 @@ short (a database outage) keeps its committed batches; running the file again co
 Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
 list's), attributes (a JSON object of strings, the API's limits), consent_source and
 consent_date (ISO date or date-time, not in the future). Comma, semicolon or tab
-separated (as the header shows), UTF-8 with or without a BOM.
+separated (as the header shows), UTF-8 with or without a BOM. An export's cell that a
+spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; an
+address so written is read back without it, so an export imports as it was.
 
     mode=confirmed  consent_source + consent_date required per row; the subscription is
                     created confirmed, with an "imported" ledger event (source "import")
@@ -316,6 +318,9 @@ def _attributes(value: str, name: str | None) -> dict[str, str]:
 
 def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) -> ImportRow:
     raw_email = values.get("email", "").strip()
+    if _is_quoted_formula(raw_email):
+        # Our export's guard against spreadsheets (`_csv_value`), taken off again.
+        raw_email = raw_email[1:]
     if not raw_email:
         raise _RowInvalid("email is empty.")
     try:
@@ -776,10 +781,16 @@ def _json_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-# A spreadsheet runs a cell starting with one of these as a formula; names, user agents
-# and attributes come from the public form (OWASP "CSV injection"). The address is left
-# as it is: it cannot hold a formula's parentheses, and must stay exact.
+# A spreadsheet runs a cell starting with one of these as a formula; names, user agents,
+# attributes and addresses come from the public form (OWASP "CSV injection"). An address
+# may start with `=`, `+` or `-` and hold `|`, `'` and `!`: `=cmd|'/Ccalc'!A0@example.org`
+# is valid, and a stranger may subscribe it. A leading `'` makes the cell text.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_quoted_formula(text: str) -> bool:
+    """An address as the export writes one that starts like a formula: `'` before it."""
+    return text.startswith("'") and text.lstrip("'").startswith(_FORMULA_START)
 
 
 def _csv_value(name: str, value: Any) -> str:
@@ -790,7 +801,11 @@ def _csv_value(name: str, value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, sort_keys=True) if value else ""
     text = str(value)
-    if name != "email" and text.startswith(_FORMULA_START):
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    # The address must come back exact from an import (`_row` takes one `'` off a cell
+    # that reads as a quoted formula), so one that already looks quoted is quoted again.
+    if name == "email" and _is_quoted_formula(text):
         return "'" + text
     return text
 

@@ -646,6 +646,45 @@ class TestExport:
         )[:1]
         assert json.loads(record)["name"] == formula
 
+    def test_an_address_that_reads_as_a_formula_is_neutralised_and_imports_back_exact(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        # Valid addresses a stranger may subscribe: `|`, `'` and `!` are allowed before the @.
+        dde = "=cmd|'/Ccalc'!A0@example.org"
+        quoted = "'=x@example.org"
+        for email in (dde, "-2+3@example.org", quoted):
+            response = client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
+            assert response.status_code == 202
+        rows = _csv(client.get(EXPORT, headers=read_key))
+        assert sorted(row["email"] for row in rows) == sorted(
+            ["'" + dde, "'-2+3@example.org", "'" + quoted]
+        )
+        created = client.post(
+            "/v1/admin/lists", json={"slug": "copy", "name": "Copy"}, headers=write_key
+        )
+        assert created.status_code == 201, created.text
+        exported = io.StringIO()
+        writer = csv.writer(exported, lineterminator="\n")
+        writer.writerow(HEADER.strip().split(","))
+        for row in rows:
+            writer.writerow([row["email"], "", "", "", "Paper form", "2025-03-12"])
+        response = client.post(
+            "/v1/admin/lists/copy/import",
+            content=exported.getvalue().encode(),
+            params={"mode": "confirmed"},
+            headers={**write_key, "content-type": "text/csv"},
+        )
+        assert response.json()["created"] == 3, response.json()
+        copied = _csv(client.get("/v1/admin/lists/copy/export", headers=read_key))
+        assert sorted(row["email"] for row in copied) == sorted(row["email"] for row in rows)
+        with Session(engine) as session:
+            stored = session.exec(select(Subscription.email)).all()
+        assert sorted(stored) == sorted([dde, "-2+3@example.org", quoted] * 2)
+
     def test_unknown_list_is_404_and_audited(
         self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
     ) -> None:
