@@ -598,8 +598,13 @@ def subscribe(
     if status == SubscriptionStatus.CONFIRMED:
         detail = {"note": "already confirmed"}
     elif status == SubscriptionStatus.PENDING:
-        # The confirmation that follows answers this request, under today's wording.
+        # The confirmation that follows answers this request, under today's wording and
+        # with the values it carries: a visitor who corrects a field and sends the form
+        # again confirms what they sent last. A request without any (a bare "send me a new
+        # link") keeps those of the one before.
         changed["b_consent_version"] = mailing_list.consent_version
+        if attributes:
+            changed["b_attributes"] = attributes
     else:
         # Unsubscribed (or bounced, complained): a new request is a new consent to prove.
         changed |= {

@@ -222,6 +222,25 @@ class TestResubscribing:
             assert client.post(link_in(second, "confirm")).status_code == 200
             assert client.post(link_in(first, "confirm")).status_code == 409
 
+    def test_a_pending_request_sent_again_confirms_the_values_sent_last(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        subscribe(client, "typo@example.org", attributes={"name": "Camile Dupnot"})
+        subscribe(client, "typo@example.org", attributes={"name": "Camille Dupont"})
+        # A bare request for a new link keeps them.
+        subscribe(client, "typo@example.org")
+        [mail] = smtp.wait_for(1)
+        assert client.post(link_in(mail, "confirm")).status_code == 200
+        row = subscription(settings.database_url, "typo@example.org")
+        assert row is not None
+        assert row.status == "confirmed"
+        assert row.attributes == {"name": "Camille Dupont"}
+        # Once confirmed, a request (anyone's) changes nothing the person chose.
+        subscribe(client, "typo@example.org", attributes={"name": "Mallory"})
+        row = subscription(settings.database_url, "typo@example.org")
+        assert row is not None
+        assert row.attributes == {"name": "Camille Dupont"}
+
     def test_confirmed_address_gets_an_already_subscribed_note(
         self, client: TestClient, smtp: SmtpSink
     ) -> None:
