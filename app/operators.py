@@ -94,10 +94,14 @@ class ConsentProof:
 
 
 def _find(session: Session, *, list_id: int, key: str) -> Subscription | None:
+    # `populate_existing`: `subscriptions.subscribe` writes the row with a Core UPDATE,
+    # which leaves an instance loaded before it as it was; a re-invited address that had
+    # left was answered "unsubscribed" while it was pending again.
     return session.exec(
         select(Subscription)
         .where(Subscription.list_id == list_id, Subscription.email_key == key)
         .with_for_update()
+        .execution_options(populate_existing=True)
     ).first()
 
 

@@ -217,6 +217,27 @@ class TestAddSubscriber:
             "bluehats:Camille@example.org",
         )
 
+    def test_an_invitation_to_an_address_that_left_answers_its_new_state(
+        self, client: TestClient, smtp: SmtpSink, write_key: dict[str, str], engine: sa.Engine
+    ) -> None:
+        invite = {"email": "back@example.org", "mode": "invite"}
+        url = "/v1/admin/lists/bluehats/subscribers"
+        assert client.post(url, json=invite, headers=write_key).json()["status"] == "pending"
+        left = client.post(
+            f"{url}/back@example.org/unsubscribe", json={"reason": "asked"}, headers=write_key
+        )
+        assert left.json()["status"] == "unsubscribed"
+        again = client.post(url, json={**invite, "locale": "en"}, headers=write_key)
+        assert again.status_code == 200, again.text
+        assert (again.json()["status"], again.json()["locale"]) == ("pending", "en")
+        shown = client.get(f"{url}/back@example.org", headers=write_key).json()
+        assert (shown["status"], shown["locale"]) == ("pending", "en")
+        assert [event.status_after for event in _ledger(engine, "back@example.org")] == [
+            "pending",
+            "unsubscribed",
+            "pending",
+        ]
+
     def test_a_confirmed_addition_records_the_evidence_and_syncs_without_a_mail(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
