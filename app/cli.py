@@ -984,7 +984,12 @@ def _when(value: str | None, *, option: str) -> Any:
     except ValueError as e:
         typer.echo(f"{option}: not an ISO date or date-time: {value!r}", err=True)
         raise typer.Exit(2) from e
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        # The database holds UTC, where 0001-01-01T00:00+01:00 would be before year 1.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError as e:
+        typer.echo(f"{option}: out of range once in UTC: {value!r}", err=True)
+        raise typer.Exit(2) from e
 
 
 def _json_out(value: Any) -> None:

@@ -73,8 +73,17 @@ def _date_time_text(value: object) -> object:
     return value
 
 
-# A date-time query parameter of the admin API.
-DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text)]
+def _in_utc(value: datetime) -> datetime:
+    # The database holds UTC: 0001-01-01T00:00:00+01:00 lies before year 1 there, and
+    # 9999-12-31T23:00:00-02:00 after year 9999, which Python's datetime cannot hold.
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError as e:
+        raise ValueError("the date and time is out of range once in UTC") from e
+
+
+# A date-time query parameter of the admin API, in UTC (one without a zone is UTC).
+DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text), AfterValidator(_in_utc)]
 
 # Free text in an admin URL (a list's name, an address, a search prefix, an audit filter):
 # a control character is refused (422), NUL above all, which PostgreSQL refuses in a text

@@ -287,7 +287,10 @@ def _consent_date(value: str, *, now: datetime) -> str | None:
             "(2025-03-12T09:30:00+01:00)."
         ) from e
     if isinstance(parsed, datetime):
-        parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        try:
+            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except OverflowError as e:
+            raise _RowInvalid(f"consent_date {value[:40]!r} is out of range once in UTC.") from e
         future = parsed > now + FUTURE_SKEW
     else:
         # A bare date may already be "today" somewhere east of UTC.

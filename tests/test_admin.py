@@ -357,6 +357,33 @@ class TestDatesWithoutZone:
         ).json()
         assert len(page["items"]) == 3
 
+    def test_a_date_out_of_range_once_in_utc_is_422_everywhere(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        _subscriptions(engine, 1)
+        before_year_1 = "0001-01-01T00:00:00+14:00"
+        after_year_9999 = "9999-12-31T23:59:59-14:00"
+        for path, name in (
+            ("/v1/admin/lists/bluehats/subscribers", "created_after"),
+            ("/v1/admin/lists/bluehats/subscribers", "confirmed_before"),
+            ("/v1/admin/lists/bluehats/stats", "since"),
+            ("/v1/admin/lists/bluehats/stats", "until"),
+            ("/v1/admin/lists/bluehats/export", "created_after"),
+            ("/v1/admin/audit", "since"),
+        ):
+            for value in (before_year_1, after_year_9999):
+                response = client.get(path, params={name: value}, headers=read_key)
+                assert response.status_code == 422, (path, name, value, response.text)
+                assert "out of range" in response.json()["detail"]
+        # The extremes that fit stay accepted.
+        page = client.get(
+            "/v1/admin/lists/bluehats/subscribers",
+            params={"created_after": "0001-01-01T00:00:00-14:00"},
+            headers=read_key,
+        )
+        assert page.status_code == 200
+        assert len(page.json()["items"]) == 1
+
 
 class TestReconcileRequest:
     def test_an_operator_triggers_a_reconciliation_the_worker_runs(

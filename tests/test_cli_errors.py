@@ -133,6 +133,29 @@ class TestLimits:
         assert "Invalid value for '--" in result.stderr
         assert "Input should be " in result.stderr
 
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("stats", "--list", "bluehats", "--since", "0001-01-01T00:00:00+14:00"),
+            ("stats", "--list", "bluehats", "--until", "9999-12-31T23:59:59-14:00"),
+            ("audit", "--since", "0001-01-01T00:00:00+01:00"),
+            (
+                "subscriber",
+                "search",
+                "--list",
+                "bluehats",
+                "--created-after",
+                "0001-01-01T00:00:00+01:00",
+            ),
+        ],
+    )
+    def test_a_date_out_of_range_once_in_utc_is_bad_input(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == 2, result.stderr
+        assert "out of range once in UTC" in last_line(result)
+
     def test_an_id_or_cursor_beyond_any_row_is_not_found(
         self, database_url: str, tmp_path: Path
     ) -> None:

@@ -252,6 +252,23 @@ class TestImportConfirmed:
         assert errors[3]["email"] == "n***"
         assert set(_subscriptions(engine)) == {"good@example.org", "last@example.org"}
 
+    def test_a_consent_date_out_of_range_once_in_utc_is_a_row_error(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            HEADER
+            + _row("early@example.org", consent_date="0001-01-01T00:00:00+14:00")
+            + _row("late@example.org", consent_date="9999-12-31T23:59:59-14:00")
+            + _row("fine@example.org", consent_date="0001-01-01T00:00:00-14:00")
+        )
+        response = _import(client, write_key, body, mode="confirmed")
+        assert response.status_code == 200, response.text
+        report = response.json()
+        assert (report["created"], report["invalid"]) == (1, 2)
+        assert [error["line"] for error in report["errors"]] == [2, 3]
+        assert "out of range once in UTC" in report["errors"][0]["error"]
+        assert "out of range once in UTC" in report["errors"][1]["error"]
+
     def test_a_duplicate_row_is_reported_and_only_its_first_line_imported(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
