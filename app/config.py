@@ -47,16 +47,34 @@ _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+# The longest duration a setting takes. Every one is added to or taken from the present
+# (a link's expiry, a retention cut-off, a resend interval): a million days passed the
+# start and then failed each request that did the sum, beyond year 9999.
+MAX_DURATION = timedelta(days=36500)
+
+
 def _parse_duration(value: object) -> object:
     """`90`, `90s`, `5m`, `48h`, `7d` as well as pydantic's ISO 8601 and `HH:MM:SS`."""
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2] or "s"])
+            seconds = float(match[1]) * _UNIT_SECONDS[match[2] or "s"]
+            if abs(seconds) > MAX_DURATION.total_seconds():
+                raise ValueError(_TOO_LONG)
+            return timedelta(seconds=seconds)
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+_TOO_LONG = f"durations may not exceed {MAX_DURATION.days}d (100 years)"
+
+
+def _within_bounds(value: timedelta | None) -> timedelta | None:
+    if value is not None and value > MAX_DURATION:
+        raise ValueError(_TOO_LONG)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_within_bounds)]
 
 
 def _is_off(value: object) -> bool:
@@ -69,7 +87,9 @@ def _duration_or_off(value: object) -> object:
 
 
 # A duration, or `off` (also `none` or empty) for a periodic task that does not run.
-DurationOrOff = Annotated[timedelta | None, BeforeValidator(_duration_or_off)]
+DurationOrOff = Annotated[
+    timedelta | None, BeforeValidator(_duration_or_off), AfterValidator(_within_bounds)
+]
 
 
 def _rate_limit_or_off(value: object) -> object:

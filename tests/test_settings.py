@@ -76,6 +76,35 @@ class TestBadValues:
     @pytest.mark.parametrize(
         ("variable", "value"),
         [
+            # Accepted, this one failed every subscription later (now - interval < year 1).
+            ("NEWSLETTER_RESEND_INTERVAL", "999999999d"),
+            ("NEWSLETTER_RESEND_INTERVAL", "P999999999D"),
+            # These stopped the start with a traceback (OverflowError).
+            ("NEWSLETTER_RETENTION_PENDING", "99999999999d"),
+            ("NEWSLETTER_FORM_MAX_AGE", "99999999999999999999s"),
+            ("NEWSLETTER_RETENTION_INTERVAL", "36501d"),
+        ],
+    )
+    def test_a_duration_beyond_a_century_is_refused_naming_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        message = settings_error()
+        assert f"{variable}: Value error, durations may not exceed 36500d" in message
+
+    def test_a_lists_confirm_ttl_beyond_a_century_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "A", "confirm_ttl": "99999999999d"}),
+        )
+        message = settings_error()
+        assert "NEWSLETTER_LISTS[0].confirm_ttl: Value error, durations may not exceed" in message
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
             # A zero lease is taken back at once: every job runs on several workers.
             ("NEWSLETTER_JOB_LEASE", "0"),
             ("NEWSLETTER_JOB_LEASE", "-90"),
