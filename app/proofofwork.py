@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
-from app import db, errors
+from app import db, errors, lists
 from app.models import WebhookNonce
 
 # The `backend` under which used challenges are kept in `webhook_nonce`.
@@ -154,3 +154,13 @@ def spend(session: Session, *, challenge: str, ttl: timedelta, now: datetime) ->
             col(WebhookNonce.received_at) < now - ttl - CLOCK_SKEW,
         )
     )
+
+
+def spend_for_list(
+    session: Session, *, list_slug: str, challenge: str, ttl: timedelta, now: datetime
+) -> None:
+    """`spend` for a request about a list. An unknown list is refused first (ListNotFound),
+    as a bad payload is, so that the caller who corrects the name may send its solved
+    challenge again: it cost them seconds of work, and it was spent for nothing."""
+    lists.get(session, slug=list_slug)
+    spend(session, challenge=challenge, ttl=ttl, now=now)

@@ -127,6 +127,17 @@ class TestRequired:
         assert error_code(other_route) == (409, "proof_of_work_used")
         assert count_rows(pow_settings.database_url, "subscription") == 1
 
+    def test_a_request_to_an_unknown_list_leaves_the_challenge_unspent(
+        self, pow_client: TestClient, pow_settings: Settings
+    ) -> None:
+        proof = solved(pow_client)
+        for path in ("/v1/lists/nope/subscriptions", "/v1/lists/nope/unsubscriptions"):
+            wrong = pow_client.post(path, json={"email": "a@example.org", **proof})
+            assert error_code(wrong) == (404, "list_not_found")
+        right = pow_client.post(SUBSCRIBE, json={"email": "a@example.org", **proof})
+        assert right.status_code == 202, right.text
+        assert count_rows(pow_settings.database_url, "subscription") == 1
+
     def test_an_expired_challenge_is_410(
         self, pow_client: TestClient, pow_settings: Settings
     ) -> None:

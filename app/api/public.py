@@ -201,7 +201,11 @@ POW_ERRORS = (
 
 
 async def _require_proof_of_work(
-    body: SubscriptionRequest | UnsubscriptionRequest, settings: Settings, database: Database
+    body: SubscriptionRequest | UnsubscriptionRequest,
+    settings: Settings,
+    database: Database,
+    *,
+    slug: str,
 ) -> None:
     """When asked for by the settings, check and spend the request's solved challenge."""
     if settings.proof_of_work_bits == 0:
@@ -217,7 +221,11 @@ async def _require_proof_of_work(
     )
     assert body.pow_challenge is not None
     await database.run(
-        proofofwork.spend, challenge=body.pow_challenge, ttl=settings.proof_of_work_ttl, now=now
+        proofofwork.spend_for_list,
+        list_slug=slug,
+        challenge=body.pow_challenge,
+        ttl=settings.proof_of_work_ttl,
+        now=now,
     )
 
 
@@ -279,7 +287,7 @@ async def subscribe(slug: str, request: Request) -> Response:
             attributes = forms.trimmed(body.attributes, declared.fields)
             _refuse_bad_fields(forms.check(attributes, declared.fields))
             body = body.model_copy(update={"attributes": attributes})
-        await _require_proof_of_work(body, settings, database)
+        await _require_proof_of_work(body, settings, database, slug=slug)
         await _subscribe(request, database, settings, limiter, slug, body, source="api")
         return _accepted(SUBSCRIBE_ACCEPTED_BODY)
 
@@ -308,7 +316,7 @@ async def subscribe(slug: str, request: Request) -> Response:
             )
         _refuse_bad_fields(post.problems)
     assert post.request is not None
-    await _require_proof_of_work(post.request, settings, database)
+    await _require_proof_of_work(post.request, settings, database, slug=slug)
     await _subscribe(
         request,
         database,
@@ -624,7 +632,7 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
     settings, database, limiter = services.settings, services.database, services.limiter
     if submission.form is None:
         assert submission.body is not None
-        await _require_proof_of_work(submission.body, settings, database)
+        await _require_proof_of_work(submission.body, settings, database, slug=slug)
         await _request_unsubscribe(
             request, database, settings, limiter, slug, submission.body, source="api"
         )
@@ -651,7 +659,7 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
             )
         assert post.invalid is not None
         raise RequestValidationError(post.invalid.errors(include_url=False, include_context=False))
-    await _require_proof_of_work(post.request, settings, database)
+    await _require_proof_of_work(post.request, settings, database, slug=slug)
     await _request_unsubscribe(
         request, database, settings, limiter, slug, post.request, source="form"
     )
