@@ -24,7 +24,13 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 # Any case and doubled slashes too: `/v1/Confirm/<token>` is a 404, but its line shows it.
-_TOKEN_PATH = re.compile(r"(/+v1/+(?:confirm|unsubscribe)/+)[^\s\"?/]+", re.IGNORECASE)
+# Whatever stands before the segment: a client may send dot segments unresolved
+# (`/v1/./confirm/<token>`, `/v1/lists/x/../../confirm/<token>`), which no route takes and
+# the access line shows as sent. The unsubscribe request's own page (`.../unsubscribe/sent`)
+# holds no token and is kept readable.
+_TOKEN_PATH = re.compile(
+    r"(/+(?:confirm|unsubscribe)/+)(?!sent(?:[\s\"?/]|$))[^\s\"?/]+", re.IGNORECASE
+)
 # Local part: what mail addresses carry in practice, stopping at the separators that surround
 # them in paths, query strings and messages; `%40` is an @ in a URL, where uvicorn's and
 # httpx's lines also percent-encode what is not ASCII (`%C3%A9lodie%40ex%C3%A4mple.fr`): the

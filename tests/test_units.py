@@ -577,7 +577,15 @@ class TestLogs:
         assert "/v1/confirm/<redacted>?lang=fr" in line
 
     @pytest.mark.parametrize(
-        "path", ["/v1/Confirm/AbC-_123", "/V1/UNSUBSCRIBE/AbC-_123", "//v1//confirm/AbC-_123"]
+        "path",
+        [
+            "/v1/Confirm/AbC-_123",
+            "/V1/UNSUBSCRIBE/AbC-_123",
+            "//v1//confirm/AbC-_123",
+            # Dot segments a browser resolves, sent unresolved by another client.
+            "/v1/./confirm/AbC-_123",
+            "/v1/lists/bluehats/../../unsubscribe/AbC-_123",
+        ],
     )
     def test_a_token_path_in_another_case_or_with_doubled_slashes_is_redacted(
         self, path: str
@@ -586,3 +594,12 @@ class TestLogs:
 
         assert "AbC-_123" not in redact(f'"GET {path} HTTP/1.1" 404')
         assert "<redacted>" in redact(path)
+
+    def test_the_unsubscribe_request_pages_hold_no_token_and_stay_readable(self) -> None:
+        from app.logs import redact
+
+        for path in (
+            "/v1/lists/bluehats/unsubscribe/sent?lang=fr",
+            "/v1/lists/bluehats/unsubscribe",
+        ):
+            assert redact(f'"GET {path} HTTP/1.1" 200') == f'"GET {path} HTTP/1.1" 200'
