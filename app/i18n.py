@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -44,6 +45,17 @@ def for_list(locale: Locale, list_settings: ListSettings | None) -> Translator:
     return Translator(locale, overrides)
 
 
+# RFC 9110 §12.4.2's qvalue, with any number of decimals (some clients write more than 3).
+_QVALUE = re.compile(r"0(?:\.[0-9]*)?|1(?:\.0*)?")
+
+
+def qvalue(text: str) -> float | None:
+    """A weight of an `Accept` or `Accept-Language` header (`q=0.8`'s `0.8`), from 0 to 1;
+    None for anything else (`inf`, `nan`, `1_0`, `2`), which Python's float() would take."""
+    text = text.strip()
+    return float(text) if _QVALUE.fullmatch(text) else None
+
+
 def negotiate(accept_language: str | None, *, default: Locale) -> Locale:
     """The best supported language in an `Accept-Language` header, else `default`."""
     return preferred(accept_language) or default
@@ -58,10 +70,10 @@ def preferred(accept_language: str | None) -> Locale | None:
         tag, _, params = part.strip().partition(";")
         quality = 1.0
         if params.strip().startswith("q="):
-            try:
-                quality = float(params.strip()[2:])
-            except ValueError:
+            weight = qvalue(params.strip()[2:])
+            if weight is None:
                 continue
+            quality = weight
         primary = tag.strip().split("-")[0].lower()
         try:
             locale = Locale(primary)

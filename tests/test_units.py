@@ -200,6 +200,11 @@ class TestLanguages:
             ("de, it", Locale.FR),
             ("en;q=0", Locale.FR),
             ("en;q=abc,fr", Locale.FR),
+            # Only weights from 0 to 1: `inf` and `1_0` are what float() reads, not weights.
+            ("fr;q=0.9,en;q=inf", Locale.FR),
+            ("fr;q=0.9,en;q=1_0", Locale.FR),
+            ("fr;q=0.9,en;q=2", Locale.FR),
+            ("fr;q=0.5,en;q=1.000", Locale.EN),
         ],
     )
     def test_accept_language_picks_the_best_supported_language(

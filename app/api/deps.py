@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from app import db, errors
 from app.config import Locale, Settings
-from app.i18n import negotiate, parse_locale
+from app.i18n import negotiate, parse_locale, qvalue
 from app.ratelimit import RateLimiter
 from app.subscriptions import Evidence
 from app.writer import GroupWriter
@@ -298,8 +298,6 @@ def request_locale(request: Request, *, default: Locale) -> Locale:
 HTML = "text/html"
 # An Accept header's media ranges read at most: a browser sends about ten.
 MAX_ACCEPT_RANGES = 32
-# RFC 9110 §12.4.2's qvalue, with any number of decimals (some clients write more than 3).
-_QVALUE = re.compile(r"0(?:\.[0-9]*)?|1(?:\.0*)?")
 # A media range's type or subtype: an RFC 9110 token (§5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
@@ -323,8 +321,7 @@ def accept_ranges(accept: str) -> list[tuple[str, str, float]]:
             name, _, value = parameter.partition("=")
             if name.strip().lower() == "q":
                 # What follows the weight is an extension (accept-ext), ignored.
-                value = value.strip()
-                quality = float(value) if _QVALUE.fullmatch(value) else None
+                quality = qvalue(value)
                 break
         if quality is not None:
             ranges.append((kind, subtype, quality))
