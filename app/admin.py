@@ -79,7 +79,8 @@ def subscriber_query(list_id: int, where: SubscriberFilter) -> Any:
         pattern = _escape_like(where.prefix.casefold()) + "%"
         query = query.where(col(Subscription.email_key).like(pattern, escape="\\"))
     if where.locale is not None:
-        query = query.where(Subscription.locale == where.locale)
+        # Stored as the catalogue names them (`fr`, `en`); `EN` or ` en` means the same.
+        query = query.where(Subscription.locale == where.locale.strip().lower())
     if where.created_after is not None:
         query = query.where(col(Subscription.created_at) >= where.created_after)
     if where.created_before is not None:

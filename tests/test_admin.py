@@ -162,6 +162,13 @@ class TestSearch:
         assert response.status_code == 200
         emails = [item["email"] for item in response.json()["items"]]
         assert emails == ["user0012@example.org"]
+        # The language in another case is the same language.
+        upper = client.get(
+            "/v1/admin/lists/bluehats/subscribers",
+            params={"status": "unsubscribed", "locale": "EN", "prefix": "User0012"},
+            headers=read_key,
+        )
+        assert [item["email"] for item in upper.json()["items"]] == emails
         # A LIKE wildcard in the prefix is taken literally.
         wild = client.get(
             "/v1/admin/lists/bluehats/subscribers", params={"prefix": "%"}, headers=read_key
