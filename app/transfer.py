@@ -15,7 +15,8 @@ short (a database outage) keeps its committed batches; running the file again co
 Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
 list's), attributes (a JSON object of strings, the API's limits), consent_source and
 consent_date (ISO date or date-time, not in the future). Comma, semicolon or tab
-separated (as the header shows), UTF-8 with or without a BOM. An export's cell that a
+separated (as the header shows, or a first line `sep=;` as Excel writes it), UTF-8 with or
+without a BOM. An export's cell that a
 spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; an
 address so written is read back without it, so an export imports as it was.
 
@@ -225,24 +226,34 @@ def _columns(header: list[str]) -> list[str]:
     return names
 
 
+# The line Excel writes first when asked to, naming the separator of the lines that follow.
+_EXCEL_SEPARATOR = re.compile(r"sep=([,;\t])\r?\n?")
+
+
 def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The header's column names, and the records with the line each starts on."""
     lines = _lines(source)
     first = next(lines, None)
+    # Lines before the header that the reader does not see (Excel's `sep=;`).
+    skipped = 0
+    hinted = _EXCEL_SEPARATOR.fullmatch(first) if first is not None else None
+    if hinted:
+        first, skipped = next(lines, None), 1
     if first is None or not first.strip():
         raise errors.InvalidCsv(
             f"The file is empty or its first line is blank: the first line must name the "
             f"columns. {_COLUMNS_HELP}"
         )
-    reader = csv.reader(itertools.chain([first], lines), delimiter=_delimiter(first), strict=True)
+    delimiter = hinted.group(1) if hinted else _delimiter(first)
+    reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except csv.Error as e:
-        raise errors.InvalidCsv(f"Line 1 is not valid CSV ({e}).") from e
+        raise errors.InvalidCsv(f"Line {1 + skipped} is not valid CSV ({e}).") from e
     columns = _columns(header)
 
     def records() -> Iterator[tuple[int, list[str]]]:
-        last = reader.line_num
+        last = reader.line_num + skipped
         while True:
             try:
                 fields = next(reader)
@@ -250,7 +261,7 @@ def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str
                 return
             except csv.Error as e:
                 raise errors.InvalidCsv(f"Line {last + 1} is not valid CSV ({e}).") from e
-            start, last = last + 1, reader.line_num
+            start, last = last + 1, reader.line_num + skipped
             if any(value.strip() for value in fields):
                 yield start, fields
 

@@ -430,6 +430,23 @@ class TestImportRefusesTheFile:
         assert result.json()["created"] == 1
         assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Hélène Durand"}
 
+    def test_excel_s_separator_line_names_the_separator_and_lines_keep_their_numbers(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            "\ufeffsep=;\r\n"
+            "Email;Name;Consent_Source;Consent_Date\r\n"
+            "helene@example.org;Durand, Hélène;Formulaire papier;2025-03-12\r\n"
+            "not-an-address;Personne;Formulaire papier;2025-03-12\r\n"
+        ).encode()
+        result = _import(client, write_key, body)
+        assert result.status_code == 200, result.text
+        assert result.json()["created"] == 1
+        # The name holds a comma: the separator is the one the first line names.
+        assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Durand, Hélène"}
+        [refused] = result.json()["errors"]
+        assert refused["line"] == 4  # as a spreadsheet numbers it: the sep= line is line 1
+
     def test_a_body_that_is_not_csv_is_415(
         self, client: TestClient, write_key: dict[str, str]
     ) -> None:
