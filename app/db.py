@@ -175,6 +175,7 @@ class Checkpointer:
         self.restart_frames = restart_frames
         self.passes = 0
         self.restarts = 0
+        self._data_version: int | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -222,22 +223,31 @@ class Checkpointer:
         connection = sqlite3.connect(
             self.path, timeout=LOCK_WAIT_S, isolation_level=None, check_same_thread=False
         )
-        pause, last = self.pause, None
+        pause = self.pause
         try:
             while not self._stopping.wait(pause):
                 try:
-                    done = self.checkpoint(connection)
+                    self.checkpoint(connection)
+                    written = self.written_since_last_look(connection)
                 except sqlite3.Error as e:
                     # The commits no longer checkpoint: keep trying, less often.
                     log.warning("sqlite.checkpoint_failed error=%s", e)
                     pause = self.idle_pause
                     continue
-                # The WAL as it was at the last pass: nothing was written since.
-                seen = (done.wal_frames, done.copied)
-                pause = self.idle_pause if seen == last else self.pause
-                last = seen
+                pause = self.pause if written else self.idle_pause
         finally:
             connection.close()
+
+    def written_since_last_look(self, connection: sqlite3.Connection) -> bool:
+        """Whether another connection (of any process) committed since the last call, by
+        SQLite's `data_version`. The WAL's length cannot tell: rewound after a complete
+        checkpoint and written again, it may hold as many pages as at the last look, and
+        a writer that never paused saw the thread sleep its idle pause while the WAL grew
+        to thousands of pages."""
+        version = connection.execute("PRAGMA data_version").fetchone()[0]
+        written = version != self._data_version
+        self._data_version = version
+        return bool(written)
 
 
 def _sqlite_file(engine: Engine) -> str | None:

@@ -144,6 +144,30 @@ def test_under_steady_writes_the_wal_stays_small(engine: sa.Engine, path: str) -
         assert connection.execute("SELECT count(*) FROM rows").fetchone() == (6_000,)
 
 
+def test_writes_that_leave_the_wal_as_long_as_at_the_last_pass_are_seen(
+    engine: sa.Engine, path: str
+) -> None:
+    # The thread's idle pause is for a database nobody writes to. A WAL copied back whole
+    # starts over at the next write: written again to the same length, it looked untouched,
+    # and the thread slept while steady writes took the WAL to thousands of pages.
+    checkpointer = db.Checkpointer(engine)  # not started: its passes are made here
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        write(engine, 5)  # the first rows also write the table's first pages
+        checkpointer.checkpoint(connection)
+        checkpointer.written_since_last_look(connection)
+        write(engine, 5)
+        first = checkpointer.checkpoint(connection)
+        assert checkpointer.written_since_last_look(connection)
+        write(engine, 5)
+        second = checkpointer.checkpoint(connection)
+        assert (second.wal_frames, second.copied) == (first.wal_frames, first.copied) > (0, 0)
+        assert checkpointer.written_since_last_look(connection)
+        assert not checkpointer.written_since_last_look(connection)  # nothing since
+    finally:
+        connection.close()
+
+
 def test_the_app_runs_one_while_it_is_up(tmp_path: Path) -> None:
     settings = make_settings(
         f"sqlite:///{tmp_path / 'app.db'}", smtp_port=1, auto_migrate=True, run_worker=False
