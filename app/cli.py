@@ -975,7 +975,9 @@ def _read(settings: Settings, work: Any, **kwargs: Any) -> Any:
 
 
 def _when(value: str | None, *, option: str) -> Any:
-    from datetime import UTC, datetime
+    from datetime import datetime
+
+    from app.models import as_utc
 
     if value is None:
         return None
@@ -986,7 +988,7 @@ def _when(value: str | None, *, option: str) -> Any:
         raise typer.Exit(2) from e
     try:
         # The database holds UTC, where 0001-01-01T00:00+01:00 would be before year 1.
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return as_utc(parsed)
     except OverflowError as e:
         typer.echo(f"{option}: out of range once in UTC: {value!r}", err=True)
         raise typer.Exit(2) from e

@@ -33,7 +33,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -46,7 +46,15 @@ from sqlmodel import Session, col, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db, formguard, heartbeat, outbox
-from app.models import JobKind, JobState, MailingList, OutboxJob, Subscription, utcnow
+from app.models import (
+    JobKind,
+    JobState,
+    MailingList,
+    OutboxJob,
+    Subscription,
+    as_utc,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -264,7 +272,7 @@ def _as_utc(value: object) -> datetime | None:
         value = datetime.fromisoformat(value)
     if not isinstance(value, datetime):
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return as_utc(value)
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:

@@ -16,6 +16,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """`value` in UTC, one without a zone being UTC already. OverflowError when that takes
+    it beyond the years a datetime holds (0001-01-01T00:00+01:00 is before year 1 in UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored with its zone and always read back as UTC-aware (SQLite keeps none)."""
 

@@ -77,7 +77,7 @@ def _in_utc(value: datetime) -> datetime:
     # The database holds UTC: 0001-01-01T00:00:00+01:00 lies before year 1 there, and
     # 9999-12-31T23:00:00-02:00 after year 9999, which Python's datetime cannot hold.
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return models.as_utc(value)
     except OverflowError as e:
         raise ValueError("the date and time is out of range once in UTC") from e
 

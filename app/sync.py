@@ -129,14 +129,14 @@ _UNFINISHED_WITH_KEYS = sa.select(
 )
 
 
-def _spellings(address: str) -> set[str]:
-    """The ways a job's key may write an address: as stored (an internationalized domain in
-    Unicode: an erasure's removal) and as a backend holds it (in ASCII: a reconciliation's
-    fix). `address_job_key` folds the case."""
-    found = {address, addresses.deliverable(address)}
+def _address_keys(*, list_id: int, address: str) -> set[str]:
+    """The address job keys (`address_job_key`) a job about `address` may go by: its
+    spellings as stored (an internationalized domain in Unicode: an erasure's removal) and
+    as a backend holds it (in ASCII: a reconciliation's fix); the key folds the case."""
+    spellings = {address, addresses.deliverable(address)}
     with contextlib.suppress(addresses.InvalidAddress):
-        found.add(addresses.parse(address, new=False).email)
-    return found
+        spellings.add(addresses.parse(address, new=False).email)
+    return {address_job_key(list_id=list_id, address=spelling) for spelling in spellings}
 
 
 def _older_unfinished(
@@ -223,10 +223,7 @@ def plan(
                     address=addresses.deliverable(job.payload["address"]),
                 )
             )
-            keys[job.id] = {
-                address_job_key(list_id=list_id, address=spelling)
-                for spelling in _spellings(job.payload["address"])
-            }
+            keys[job.id] = _address_keys(list_id=list_id, address=job.payload["address"])
             continue
         subscription = by_id.get(job.payload["subscription_id"])
         if subscription is None or not slug:
@@ -237,10 +234,7 @@ def plan(
         # ASCII form, the one every mail system takes (Mailman refuses the Unicode one).
         address = addresses.deliverable(subscription.email)
         if status != SubscriptionStatus.PENDING:
-            keys[job.id] = {
-                address_job_key(list_id=subscription.list_id, address=spelling)
-                for spelling in (subscription.email, address)
-            }
+            keys[job.id] = _address_keys(list_id=subscription.list_id, address=subscription.email)
         if status == SubscriptionStatus.CONFIRMED:
             secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
@@ -621,14 +615,11 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
             now=now,
             fresh_opt_in=False,
         )
-    strangers = [
-        remote
-        for address in report.extra
-        if (remote := remote_key(address)) is not None and remote not in rows
-    ]
+    extra = {address: remote_key(address) for address in report.extra}
+    strangers = [remote for remote in extra.values() if remote is not None and remote not in rows]
     erased = privacy.erased_among(session, keys=strangers, key=key)
-    for address in report.extra:
-        row = rows.get(remote_key(address) or "")
+    for address, remote in extra.items():
+        row = rows.get(remote or "")
         if row is not None:
             outbox.enqueue_sync(
                 session,
@@ -642,7 +633,7 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
                 session,
                 list_id=mailing_list.id,
                 address=address,
-                action=Action.REMOVE if remote_key(address) in erased else Action.UNSUBSCRIBE,
+                action=Action.REMOVE if remote in erased else Action.UNSUBSCRIBE,
                 now=now,
             )
     for email_key in report.unsubscribed_there:

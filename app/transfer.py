@@ -45,7 +45,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import IO, Any
 
@@ -70,6 +70,7 @@ from app.models import (
     ConsentEvent,
     Subscription,
     SubscriptionStatus,
+    as_utc,
 )
 
 # A context manager yielding a session in a transaction of its own, committed on exit.
@@ -299,7 +300,7 @@ def _consent_date(value: str, *, now: datetime) -> str | None:
         ) from e
     if isinstance(parsed, datetime):
         try:
-            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+            parsed = as_utc(parsed)
         except OverflowError as e:
             raise _RowInvalid(f"consent_date {value[:40]!r} is out of range once in UTC.") from e
         future = parsed > now + FUTURE_SKEW

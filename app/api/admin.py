@@ -7,7 +7,7 @@ write key (403 for a read key). Actions and reads of personal data go to the aud
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -96,13 +96,6 @@ async def audited(
         raise
 
 
-def utc(value: datetime | None) -> datetime | None:
-    """Query date-times without a zone are read as UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def list_out(row: Any, settings: Any) -> ListOut:
     declared = settings.list_settings(row.slug)
     return ListOut(
@@ -168,10 +161,10 @@ async def search_subscribers(
             status=status,
             prefix=prefix,
             locale=locale,
-            created_after=utc(created_after),
-            created_before=utc(created_before),
-            confirmed_after=utc(confirmed_after),
-            confirmed_before=utc(confirmed_before),
+            created_after=created_after,
+            created_before=created_before,
+            confirmed_after=confirmed_after,
+            confirmed_before=confirmed_before,
         ),
         cursor=cursor,
         limit=limit,
@@ -239,8 +232,8 @@ async def list_stats(
     result = await database.run(
         admin.stats,
         list_slug=slug,
-        since=utc(since) or now - timedelta(days=30),
-        until=utc(until) or now + timedelta(seconds=1),
+        since=since or now - timedelta(days=30),
+        until=until or now + timedelta(seconds=1),
         by_month=by == "month",
         now=now,
     )
@@ -334,6 +327,6 @@ async def search_audit(
     """The audit log, newest first (`before_id` for older pages)."""
     rows = await database.run(
         audit.search, actor=actor, action=action, target=target,
-        since=utc(since), until=utc(until), before_id=before_id, limit=limit,
+        since=since, until=until, before_id=before_id, limit=limit,
     )  # fmt: skip
     return [AuditOut.model_validate(row, from_attributes=True) for row in rows]

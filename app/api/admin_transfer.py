@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import tempfile
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -170,13 +170,6 @@ async def import_subscribers(
     )
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """A date-time without a zone is taken as UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def _open_export(session: Session, *, slug: str, actor: str, detail: dict[str, Any]) -> int:
     mailing_list = lists.get(session, slug=slug)
     assert mailing_list.id is not None
@@ -242,10 +235,10 @@ async def export_subscribers(
         status=status,
         prefix=prefix,
         locale=locale,
-        created_after=_aware(created_after),
-        created_before=_aware(created_before),
-        confirmed_after=_aware(confirmed_after),
-        confirmed_before=_aware(confirmed_before),
+        created_after=created_after,
+        created_before=created_before,
+        confirmed_after=confirmed_after,
+        confirmed_before=confirmed_before,
     )
     filters = {
         name: value.isoformat() if isinstance(value, datetime) else value
