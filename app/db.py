@@ -264,6 +264,80 @@ class _Session(Session):
     def __init__(self, engine: Engine, *, on_outbox_commit: Callable[[], None] | None) -> None:
         super().__init__(engine, expire_on_commit=False)
         self.on_outbox_commit = on_outbox_commit
+        # None: `Prepared.defer` writes at once. A list (`defer_inserts`): the rows wait
+        # there, and the commit writes them.
+        self.deferred: list[tuple[Prepared, dict[str, Any]]] | None = None
+
+
+def defer_inserts(session: Session) -> None:
+    """From now on, `Prepared.defer` rows wait for this transaction's commit, which writes
+    them in one statement a table (the group writer's batches: a ledger event, a token and
+    a mail job for each subscription, three round trips each, become three in all).
+
+    A deferred row is one nobody reads back before the commit, save where a reader writes
+    them first (`write_deferred`); a unit whose savepoint is rolled back drops its own
+    (`drop_deferred`).
+    """
+    assert isinstance(session, _Session)
+    session.deferred = []
+
+
+def deferred_mark(session: Session) -> int:
+    """Where the rows deferred from now on start, for `drop_deferred`."""
+    deferred = getattr(session, "deferred", None)
+    return 0 if deferred is None else len(deferred)
+
+
+def drop_deferred(session: Session, mark: int) -> None:
+    """Forget the rows deferred since `mark`: their savepoint was rolled back."""
+    deferred = getattr(session, "deferred", None)
+    if deferred is not None:
+        del deferred[mark:]
+
+
+@contextmanager
+def rehearsal(session: Session) -> Iterator[None]:
+    """Writes undone on the way out: a savepoint, rolled back. Nothing is deferred within,
+    so a rehearsal costs what the writes it rehearses cost (app/subscriptions.py)."""
+    deferred = getattr(session, "deferred", None)
+    if deferred is not None:
+        session.deferred = None  # type: ignore[attr-defined]
+    savepoint = session.begin_nested()
+    try:
+        yield
+    finally:
+        savepoint.rollback()
+        if deferred is not None:
+            session.deferred = deferred  # type: ignore[attr-defined]
+
+
+def write_deferred(session: Session, *, table: sa.Table | None = None) -> None:
+    """Write the deferred rows now (those of `table` only, if given): one statement per
+    kind of row, in the order they were deferred."""
+    deferred = getattr(session, "deferred", None)
+    if not deferred:
+        return
+    kept = []
+    batches: dict[Prepared, list[Mapping[str, Any]]] = {}
+    for statement, params in deferred:
+        if table is None or statement.table is table:
+            batches.setdefault(statement, []).append(params)
+        else:
+            kept.append((statement, params))
+    deferred[:] = kept
+    for statement, rows in batches.items():
+        statement.execute_many(session, rows)
+
+
+def deferred_rows(session: Session, statement: Prepared) -> list[dict[str, Any]]:
+    """The rows of `statement` waiting for the commit (changes to them are written)."""
+    deferred = getattr(session, "deferred", None) or ()
+    return [params for waiting, params in deferred if waiting is statement]
+
+
+@event.listens_for(_Session, "before_commit")
+def _before_commit(session: _Session) -> None:
+    write_deferred(session)
 
 
 # One listener for the class, not one per session: adding a listener to a session cost a
@@ -359,30 +433,68 @@ class Prepared:
         self.statement = statement
         self.insert_keys = list(insert_keys)
         self._by_dialect: dict[str, _Compiled] = {}
+        # The table an INSERT writes to (None for other statements), for `write_deferred`.
+        self.table = statement.table if isinstance(statement, sa.Insert) else None
+        self.deferrable = self.table is not None and not getattr(statement, "_returning", ())
 
     def execute(self, session: Session, params: Mapping[str, Any]) -> _Result:
         connection = session.connection()
-        dialect = connection.dialect
+        compiled = self._compiled(connection.dialect)
+        values = compiled.parameters(params)
+        cursor = connection.connection.cursor()
+        with self._driver_errors(connection, cursor, compiled.sql, values):
+            cursor.execute(compiled.sql, values)
+        return _Result(cursor, compiled)
+
+    def defer(self, session: Session, params: dict[str, Any]) -> None:
+        """`execute` an INSERT at the commit, if the session defers (`defer_inserts`); else
+        now. Returns nothing: the row is not written yet."""
+        assert self.deferrable, "only an INSERT without RETURNING can wait"
+        deferred = getattr(session, "deferred", None)
+        if deferred is None:
+            self.execute(session, params).close()
+        else:
+            deferred.append((self, params))
+
+    def execute_many(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The statement once per row, in one call to the driver (a pipeline on PostgreSQL)."""
+        connection = session.connection()
+        compiled = self._compiled(connection.dialect)
+        values = [compiled.parameters(params) for params in rows]
+        cursor = connection.connection.cursor()
+        try:
+            with self._driver_errors(connection, cursor, compiled.sql, values):
+                cursor.executemany(compiled.sql, values)
+        finally:
+            cursor.close()
+
+    def _compiled(self, dialect: Dialect) -> _Compiled:
         compiled = self._by_dialect.get(dialect.name)
         if compiled is None:
             compiled = self._by_dialect[dialect.name] = _Compiled.of(
                 self.statement, dialect, self.insert_keys
             )
-        values = compiled.parameters(params)
-        cursor = connection.connection.cursor()
+        return compiled
+
+    @staticmethod
+    @contextmanager
+    def _driver_errors(
+        connection: sa.Connection, cursor: Any, sql: str, values: Any
+    ) -> Iterator[None]:
+        """A driver error comes out as SQLAlchemy's, as from `Connection.execute`."""
+        dialect = connection.dialect
         try:
-            cursor.execute(compiled.sql, values)
+            yield
         except dialect.loaded_dbapi.Error as e:
             cursor.close()
             raise sa_exc.DBAPIError.instance(
-                compiled.sql,
+                sql,
                 values,
                 e,
                 dialect.loaded_dbapi.Error,
                 dialect=dialect,
                 connection_invalidated=dialect.is_disconnect(e, connection.connection, cursor),
             ) from e
-        return _Result(cursor, compiled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +538,9 @@ class _Result:
     def __init__(self, cursor: Any, compiled: _Compiled) -> None:
         self._cursor = cursor
         self._compiled = compiled
+
+    def close(self) -> None:
+        self._cursor.close()
 
     @property
     def rowcount(self) -> int:

@@ -39,20 +39,19 @@ ERROR_LIMIT = 2000
 
 
 _TABLE = OutboxJob.__table__  # type: ignore[attr-defined]
-_INSERT = db.Prepared(
-    sa.insert(_TABLE).returning(_TABLE.c.id),
-    insert_keys=[
-        "kind",
-        "payload",
-        "dedupe_key",
-        "subscription_id",
-        "state",
-        "attempts",
-        "next_attempt_at",
-        "created_at",
-        "updated_at",
-    ],
-)
+_INSERT_KEYS = [
+    "kind",
+    "payload",
+    "dedupe_key",
+    "subscription_id",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+]
+_INSERT = db.Prepared(sa.insert(_TABLE).returning(_TABLE.c.id), insert_keys=_INSERT_KEYS)
+_INSERT_LATER = db.Prepared(sa.insert(_TABLE), insert_keys=_INSERT_KEYS)
 
 
 def enqueue(
@@ -66,23 +65,49 @@ def enqueue(
 ) -> int:
     """Queue a job, written at once (one Core statement: every public request queues one);
     its id."""
-    subscription_id = payload.get("subscription_id")
     job_id: int = _INSERT.execute(
-        session,
-        {
-            "kind": kind.value,
-            "payload": payload,
-            "dedupe_key": dedupe_key,
-            "subscription_id": subscription_id if isinstance(subscription_id, int) else None,
-            "state": JobState.PENDING.value,
-            "attempts": 0,
-            "next_attempt_at": now + delay,
-            "created_at": now,
-            "updated_at": now,
-        },
+        session, _row(kind=kind, payload=payload, now=now, delay=delay, dedupe_key=dedupe_key)
     ).scalar()
     session.info[OUTBOX_WRITTEN] = True
     return job_id
+
+
+def enqueue_later(
+    session: Session,
+    *,
+    kind: JobKind,
+    payload: dict[str, Any],
+    now: datetime,
+    delay: timedelta = timedelta(0),
+) -> None:
+    """`enqueue` at the commit, if the session defers rows (`db.defer_inserts`): for a job
+    without a dedupe key, which nothing looks up before it runs."""
+    _INSERT_LATER.defer(
+        session, _row(kind=kind, payload=payload, now=now, delay=delay, dedupe_key=None)
+    )
+    session.info[OUTBOX_WRITTEN] = True
+
+
+def _row(
+    *,
+    kind: JobKind,
+    payload: dict[str, Any],
+    now: datetime,
+    delay: timedelta,
+    dedupe_key: str | None,
+) -> dict[str, Any]:
+    subscription_id = payload.get("subscription_id")
+    return {
+        "kind": kind.value,
+        "payload": payload,
+        "dedupe_key": dedupe_key,
+        "subscription_id": subscription_id if isinstance(subscription_id, int) else None,
+        "state": JobState.PENDING.value,
+        "attempts": 0,
+        "next_attempt_at": now + delay,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 _PENDING_WITH_KEY = db.Prepared(
@@ -109,6 +134,12 @@ def enqueue_sync(
     """
     key = _sync_key(subscription_id)
     session.flush()
+    # One this transaction has yet to write (a unit before this one in a group commit).
+    for row in db.deferred_rows(session, _INSERT_LATER):
+        if row["dedupe_key"] == key:
+            if fresh_opt_in:
+                row["payload"] = {**row["payload"], "fresh_opt_in": True}
+            return
     pending = _PENDING_WITH_KEY.execute(session, {"key": key}).first()
     if pending is not None:
         payload = dict(pending.payload)
@@ -116,13 +147,17 @@ def enqueue_sync(
             payload["fresh_opt_in"] = True
         _MERGE.execute(session, {"b_job_id": pending.id, "b_payload": payload, "b_now": now})
         return
-    enqueue(
+    _INSERT_LATER.defer(
         session,
-        kind=JobKind.SYNC,
-        payload=_sync_payload(subscription_id, list_id=list_id, fresh_opt_in=fresh_opt_in),
-        now=now,
-        dedupe_key=key,
+        _row(
+            kind=JobKind.SYNC,
+            payload=_sync_payload(subscription_id, list_id=list_id, fresh_opt_in=fresh_opt_in),
+            now=now,
+            delay=timedelta(0),
+            dedupe_key=key,
+        ),
     )
+    session.info[OUTBOX_WRITTEN] = True
 
 
 def enqueue_new_syncs(

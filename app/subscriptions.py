@@ -154,23 +154,26 @@ def _record(
     detail: dict[str, Any] | None = None,
 ) -> None:
     assert subscription.id is not None
-    _RECORD.execute(
-        session,
-        {
-            "subscription_id": subscription.id,
-            "list_id": subscription.list_id,
-            "action": action.value,
-            "status_after": subscription.status,
-            "source": evidence.source,
-            "source_url": evidence.source_url,
-            "consent_version": subscription.consent_version,
-            "ip": evidence.ip,
-            "user_agent": evidence.user_agent,
-            "detail": detail or {},
-            "occurred_at": now,
-            "address_hash": None,
-        },
-    )
+    row = {
+        "subscription_id": subscription.id,
+        "list_id": subscription.list_id,
+        "action": action.value,
+        "status_after": subscription.status,
+        "source": evidence.source,
+        "source_url": evidence.source_url,
+        "consent_version": subscription.consent_version,
+        "ip": evidence.ip,
+        "user_agent": evidence.user_agent,
+        "detail": detail or {},
+        "occurred_at": now,
+        "address_hash": None,
+    }
+    if subscription.status in _GONE:
+        # Written now, after the events before it: a confirmation reads these (`_LOCK`).
+        db.write_deferred(session, table=_EVENTS)
+        _RECORD.execute(session, row).close()
+    else:
+        _RECORD.defer(session, row)
 
 
 # Session.info key set while a blocked address's request rehearses the ordinary work.
@@ -201,15 +204,16 @@ def _blocked(
         return False
     outbox_written = session.info.get(OUTBOX_WRITTEN, False)
     session.info[_REHEARSAL] = True
-    savepoint = session.begin_nested()
     try:
-        rehearse()
+        with db.rehearsal(session):
+            rehearse()
     finally:
-        savepoint.rollback()
         session.info.pop(_REHEARSAL, None)
         # No job survives the rehearsal: no reason to wake the worker.
         session.info[OUTBOX_WRITTEN] = outbox_written
     assert mailing_list.id is not None
+    # After the ledger's earlier events, as it would be without deferred rows.
+    db.write_deferred(session, table=_EVENTS)
     session.add(
         ConsentEvent(
             subscription_id=None,
@@ -266,7 +270,7 @@ def _queue_mail(
     now: datetime,
     delay: timedelta = timedelta(0),
 ) -> None:
-    outbox.enqueue(
+    outbox.enqueue_later(
         session,
         kind=JobKind.MAIL,
         payload={"mail": kind.value, "subscription_id": subscription.id, "token_id": token_id},
@@ -321,6 +325,7 @@ def _start_opt_in(
         key=key,
         now=now,
         ttl=timedelta(seconds=mailing_list.confirm_ttl_seconds) + permit.delay,
+        later=True,
     )
     _queue_mail(
         session,
@@ -347,8 +352,7 @@ def _rehearse_mail(
     as long as one that does, so its timing does not tell an unknown, throttled or
     suppressed address from one that was mailed (bench/enumeration.py measures it).
     """
-    savepoint = session.begin_nested()
-    try:
+    with db.rehearsal(session):
         if subscription is None:
             subscription = _insert_if_new(
                 session,
@@ -369,6 +373,7 @@ def _rehearse_mail(
                 key=key,
                 now=now,
                 ttl=timedelta(seconds=mailing_list.confirm_ttl_seconds),
+                later=True,
             )
             _queue_mail(
                 session,
@@ -378,8 +383,6 @@ def _rehearse_mail(
                 now=now,
             )
             session.flush()
-    finally:
-        savepoint.rollback()
 
 
 def _id(subscription: _Subscriber) -> int:

@@ -14,6 +14,10 @@ savepoint is rolled back, its caller gets the error, the others go on. Any other
 each unit of the batch runs again alone, in its own transaction, so only the unit at
 fault fails. When the database is gone, the batch fails as a whole with that error.
 
+The rows nobody reads back before the commit (ledger events, mail jobs, confirmation
+tokens: `db.defer_inserts`) are written at the commit, one statement a table for the
+whole batch; a refused unit's are dropped with its savepoint.
+
 The savepoints are the driver's own statements, not the ORM's nested transactions:
 those cost about a quarter of a subscription's time. So a refused unit's objects are
 taken out of the session (`expunge_all`) rather than expired one by one.
@@ -150,6 +154,7 @@ class GroupWriter:
     def _run_batch(self, batch: list[_Unit]) -> None:
         try:
             with db.session_scope(self.engine, on_outbox_commit=self.on_outbox_commit) as session:
+                db.defer_inserts(session)
                 savepoint = _Savepoint(session)
                 for unit in batch:
                     unit.outcome = savepoint.run(unit)
@@ -217,10 +222,12 @@ class _Savepoint:
             for statement in self.next if self.open else ("SAVEPOINT unit",):
                 cursor.execute(statement)
             self.open = True
+            mark = db.deferred_mark(session)
             try:
                 value = unit.context.run(unit.work, session, **unit.kwargs)
                 session.flush()
             except errors.DomainError as e:
+                db.drop_deferred(session, mark)
                 cursor.execute("ROLLBACK TO SAVEPOINT unit")
                 cursor.execute("RELEASE SAVEPOINT unit")
                 self.open = False
