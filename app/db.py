@@ -264,42 +264,88 @@ class _Session(Session):
     def __init__(self, engine: Engine, *, on_outbox_commit: Callable[[], None] | None) -> None:
         super().__init__(engine, expire_on_commit=False)
         self.on_outbox_commit = on_outbox_commit
-        # None: `Prepared.defer` writes at once. A list (`defer_inserts`): the rows wait
+        # None: `Prepared.defer` writes at once. Else (`defer_inserts`) the rows wait
         # there, and the commit writes them.
-        self.deferred: list[tuple[Prepared, dict[str, Any]]] | None = None
+        self.deferred: Deferred | None = None
+
+
+class Deferred:
+    """The rows waiting for a transaction's commit, in order, with how many wait for each
+    (table, subscription): the readers that must see them first ask that in O(1)."""
+
+    __slots__ = ("_waiting", "rows")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Prepared, dict[str, Any]]] = []
+        self._waiting: collections.Counter[tuple[Any, Any]] = collections.Counter()
+
+    def add(self, statement: Prepared, params: dict[str, Any]) -> None:
+        self.rows.append((statement, params))
+        self._waiting[statement.table, params.get("subscription_id")] += 1
+
+    def waiting(self, table: sa.TableClause, subscription_id: int) -> bool:
+        return self._waiting[table, subscription_id] > 0
+
+    def drop(self, mark: int) -> None:
+        for statement, params in self.rows[mark:]:
+            self._waiting[statement.table, params.get("subscription_id")] -= 1
+        del self.rows[mark:]
+
+    def take(
+        self, table: sa.TableClause | None, subscription_id: int | None
+    ) -> dict[Prepared, list[dict[str, Any]]]:
+        """Remove and return the rows of `table` (and `subscription_id`), or all, by
+        statement, each statement's in the order they came."""
+        taken: dict[Prepared, list[dict[str, Any]]] = {}
+        kept = []
+        for statement, params in self.rows:
+            if (table is None or statement.table is table) and (
+                subscription_id is None or params.get("subscription_id") == subscription_id
+            ):
+                taken.setdefault(statement, []).append(params)
+                self._waiting[statement.table, params.get("subscription_id")] -= 1
+            else:
+                kept.append((statement, params))
+        self.rows = kept
+        return taken
 
 
 def defer_inserts(session: Session) -> None:
     """From now on, `Prepared.defer` rows wait for this transaction's commit, which writes
-    them in one statement a table (the group writer's batches: a ledger event, a token and
-    a mail job for each subscription, three round trips each, become three in all).
+    them in one statement a kind (the group writer's batches: a ledger event, a link and
+    a mail job for each sign-up, three round trips each, become three in all).
 
     A deferred row is one nobody reads back before the commit, save where a reader writes
-    them first (`write_deferred`); a unit whose savepoint is rolled back drops its own
-    (`drop_deferred`).
+    the rows it could see first (`write_deferred`); a unit whose savepoint is rolled back
+    drops its own (`drop_deferred`).
     """
     assert isinstance(session, _Session)
-    session.deferred = []
+    session.deferred = Deferred()
+
+
+def _deferred(session: Session) -> Deferred | None:
+    deferred: Deferred | None = getattr(session, "deferred", None)
+    return deferred
 
 
 def deferred_mark(session: Session) -> int:
     """Where the rows deferred from now on start, for `drop_deferred`."""
-    deferred = getattr(session, "deferred", None)
-    return 0 if deferred is None else len(deferred)
+    deferred = _deferred(session)
+    return 0 if deferred is None else len(deferred.rows)
 
 
 def drop_deferred(session: Session, mark: int) -> None:
     """Forget the rows deferred since `mark`: their savepoint was rolled back."""
-    deferred = getattr(session, "deferred", None)
+    deferred = _deferred(session)
     if deferred is not None:
-        del deferred[mark:]
+        deferred.drop(mark)
 
 
 @contextmanager
 def rehearsal(session: Session) -> Iterator[None]:
     """Writes undone on the way out: a savepoint, rolled back. Nothing is deferred within,
     so a rehearsal costs what the writes it rehearses cost (app/subscriptions.py)."""
-    deferred = getattr(session, "deferred", None)
+    deferred = _deferred(session)
     if deferred is not None:
         session.deferred = None  # type: ignore[attr-defined]
     savepoint = session.begin_nested()
@@ -311,28 +357,39 @@ def rehearsal(session: Session) -> Iterator[None]:
             session.deferred = deferred  # type: ignore[attr-defined]
 
 
-def write_deferred(session: Session, *, table: sa.Table | None = None) -> None:
-    """Write the deferred rows now (those of `table` only, if given): one statement per
-    kind of row, in the order they were deferred."""
-    deferred = getattr(session, "deferred", None)
-    if not deferred:
+def write_deferred(
+    session: Session, *, table: sa.TableClause | None = None, subscription_id: int | None = None
+) -> None:
+    """Write the deferred rows now: all, or those of `table` (about `subscription_id`);
+    one statement per kind of row, in the order they were deferred."""
+    deferred = _deferred(session)
+    if deferred is None or not deferred.rows:
         return
-    kept = []
-    batches: dict[Prepared, list[Mapping[str, Any]]] = {}
-    for statement, params in deferred:
-        if table is None or statement.table is table:
-            batches.setdefault(statement, []).append(params)
-        else:
-            kept.append((statement, params))
-    deferred[:] = kept
-    for statement, rows in batches.items():
+    if (
+        table is not None
+        and subscription_id is not None
+        and not deferred.waiting(table, subscription_id)
+    ):
+        return
+    for statement, rows in deferred.take(table, subscription_id).items():
         statement.execute_many(session, rows)
 
 
-def deferred_rows(session: Session, statement: Prepared) -> list[dict[str, Any]]:
-    """The rows of `statement` waiting for the commit (changes to them are written)."""
-    deferred = getattr(session, "deferred", None) or ()
-    return [params for waiting, params in deferred if waiting is statement]
+def deferred_rows(
+    session: Session, statement: Prepared, *, subscription_id: int
+) -> list[dict[str, Any]]:
+    """The rows of `statement` about `subscription_id` waiting for the commit (changes
+    made to them are written)."""
+    deferred = _deferred(session)
+    if deferred is None or statement.table is None:
+        return []
+    if not deferred.waiting(statement.table, subscription_id):
+        return []
+    return [
+        params
+        for waiting, params in deferred.rows
+        if waiting is statement and params.get("subscription_id") == subscription_id
+    ]
 
 
 @event.listens_for(_Session, "before_commit")
@@ -450,11 +507,11 @@ class Prepared:
         """`execute` an INSERT at the commit, if the session defers (`defer_inserts`); else
         now. Returns nothing: the row is not written yet."""
         assert self.deferrable, "only an INSERT without RETURNING can wait"
-        deferred = getattr(session, "deferred", None)
+        deferred = _deferred(session)
         if deferred is None:
             self.execute(session, params).close()
         else:
-            deferred.append((self, params))
+            deferred.add(self, params)
 
     def execute_many(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
         """The statement once per row, in one call to the driver (a pipeline on PostgreSQL)."""

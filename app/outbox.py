@@ -135,7 +135,7 @@ def enqueue_sync(
     key = _sync_key(subscription_id)
     session.flush()
     # One this transaction has yet to write (a unit before this one in a group commit).
-    for row in db.deferred_rows(session, _INSERT_LATER):
+    for row in db.deferred_rows(session, _INSERT_LATER, subscription_id=subscription_id):
         if row["dedupe_key"] == key:
             if fresh_opt_in:
                 row["payload"] = {**row["payload"], "fresh_opt_in": True}

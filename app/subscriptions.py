@@ -170,7 +170,7 @@ def _record(
     }
     if subscription.status in _GONE:
         # Written now, after the events before it: a confirmation reads these (`_LOCK`).
-        db.write_deferred(session, table=_EVENTS)
+        db.write_deferred(session, table=_EVENTS, subscription_id=subscription.id)
         _RECORD.execute(session, row).close()
     else:
         _RECORD.defer(session, row)

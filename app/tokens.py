@@ -223,7 +223,8 @@ def use(
     """Mark the token used, with every other open token of its subscription and purpose (the
     older links stop working), unless it is used already: then false, and nothing changed.
     One atomic statement: `retire` once the token is known to be unused."""
-    db.write_deferred(session, table=_TABLE)  # the others retired include those
+    # The others retired include those.
+    db.write_deferred(session, table=_TABLE, subscription_id=subscription_id)
     result = _USE.execute(
         session,
         {
@@ -239,7 +240,7 @@ def use(
 def live_id(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> uuid.UUID | None:
     """The newest unused token of this purpose, if any."""
     session.flush()
-    db.write_deferred(session, table=_TABLE)
+    db.write_deferred(session, table=_TABLE, subscription_id=subscription_id)
     found: uuid.UUID | None = _LIVE.execute(
         session, {"subscription_id": subscription_id, "purpose": purpose.value}
     ).scalar()
@@ -287,7 +288,7 @@ def live(session: Session, *, subscription_id: int, purpose: TokenPurpose) -> To
 
 def retire(session: Session, *, subscription_id: int, purpose: TokenPurpose, now: datetime) -> None:
     """Mark every open token of this purpose used, so old links stop working."""
-    db.write_deferred(session, table=_TABLE)
+    db.write_deferred(session, table=_TABLE, subscription_id=subscription_id)
     _RETIRE.execute(
         session,
         {"b_subscription_id": subscription_id, "b_purpose": purpose.value, "b_now": now},
