@@ -343,18 +343,15 @@ def drop_deferred(session: Session, mark: int) -> None:
 
 @contextmanager
 def rehearsal(session: Session) -> Iterator[None]:
-    """Writes undone on the way out: a savepoint, rolled back. Nothing is deferred within,
-    so a rehearsal costs what the writes it rehearses cost (app/subscriptions.py)."""
-    deferred = _deferred(session)
-    if deferred is not None:
-        session.deferred = None  # type: ignore[attr-defined]
+    """Writes undone on the way out: a savepoint rolled back, and the rows deferred within
+    dropped (app/subscriptions.py rehearses the work of a mail it does not send)."""
+    mark = deferred_mark(session)
     savepoint = session.begin_nested()
     try:
         yield
     finally:
         savepoint.rollback()
-        if deferred is not None:
-            session.deferred = deferred  # type: ignore[attr-defined]
+        drop_deferred(session, mark)
 
 
 def write_deferred(

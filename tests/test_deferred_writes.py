@@ -16,6 +16,8 @@ from sqlmodel import Session, col, select
 
 from app import addresses, db, errors, lists, subscriptions, tokens
 from app.models import (
+    BlockedEntry,
+    BlockKind,
     ConsentEvent,
     JobKind,
     JobState,
@@ -296,3 +298,41 @@ def test_confirmations_in_one_batch_and_a_request_after_one_share_its_opt_out_li
             if email == "a@example.org":
                 expected.append((JobKind.MAIL, "already_subscribed", str(opt_outs[0].id)))
             assert kinds == expected
+
+
+def test_requests_that_mail_nothing_in_a_batch_leave_nothing_of_their_rehearsal(
+    engine: sa.Engine,
+) -> None:
+    with db.session_scope(engine) as session:
+        session.add(
+            BlockedEntry(
+                kind=BlockKind.ADDRESS,
+                value="blocked@example.org",
+                reason="test",
+                created_at=utcnow(),
+                created_by="test",
+            )
+        )
+    hour = timedelta(hours=1)
+    results = _in_one_batch(
+        engine,
+        [
+            (_subscribe, {"email": "a@example.org", "interval": hour}),
+            (_subscribe, {"email": "blocked@example.org", "interval": hour}),
+            # Mailed a moment ago: no second mail, the same work rehearsed.
+            (_subscribe, {"email": "a@example.org", "interval": hour}),
+        ],
+    )
+    assert results == ["a@example.org", "blocked@example.org", "a@example.org"]
+
+    with Session(engine) as session:
+        assert [s.email_key for s in session.exec(select(Subscription)).all()] == ["a@example.org"]
+        assert session.exec(select(sa.func.count()).select_from(Token)).one() == 1
+        jobs = session.exec(select(OutboxJob)).all()
+        assert [(j.kind, j.payload["mail"]) for j in jobs] == [(JobKind.MAIL, "confirm")]
+        events = session.exec(select(ConsentEvent).order_by(col(ConsentEvent.id))).all()
+        assert [(e.action, e.status_after, e.subscription_id is None) for e in events] == [
+            ("subscribe_requested", "pending", False),
+            ("subscribe_requested", "blocked", True),
+            ("subscribe_requested", "pending", False),
+        ]
