@@ -269,45 +269,95 @@ class _Session(Session):
         self.deferred: Deferred | None = None
 
 
+@dataclass(slots=True)
+class _Waiting:
+    statement: Prepared
+    params: dict[str, Any]
+    written: bool = False
+
+    @property
+    def about(self) -> tuple[Any, Any]:
+        return self.statement.table, self.params.get("subscription_id")
+
+
+# Where a savepoint began: how many rows were deferred, and how many written, by then.
+DeferredMark = tuple[int, int]
+
+
 class Deferred:
     """The rows waiting for a transaction's commit, in order, with how many wait for each
-    (table, subscription): the readers that must see them first ask that in O(1)."""
+    (table, subscription): the readers that must see them first ask that in O(1).
 
-    __slots__ = ("_waiting", "rows")
+    A row written before the commit (for a reader) stays listed, marked written, so that a
+    savepoint rolled back can be undone exactly (`undo`): the rows deferred within it are
+    forgotten, and those written within it, which the rollback took back, wait again.
+    """
+
+    __slots__ = ("_count", "_rows", "_waiting", "_written")
 
     def __init__(self) -> None:
-        self.rows: list[tuple[Prepared, dict[str, Any]]] = []
+        self._rows: list[_Waiting] = []
+        self._written: list[int] = []  # indexes in `_rows`, in the order written
         self._waiting: collections.Counter[tuple[Any, Any]] = collections.Counter()
+        self._count = 0
 
     def add(self, statement: Prepared, params: dict[str, Any]) -> None:
-        self.rows.append((statement, params))
-        self._waiting[statement.table, params.get("subscription_id")] += 1
+        row = _Waiting(statement, params)
+        self._rows.append(row)
+        self._waiting[row.about] += 1
+        self._count += 1
 
-    def waiting(self, table: sa.TableClause, subscription_id: int) -> bool:
+    def any_waiting(self, table: sa.TableClause | None, subscription_id: int | None) -> bool:
+        if table is None or subscription_id is None:
+            return self._count > 0
         return self._waiting[table, subscription_id] > 0
 
-    def drop(self, mark: int) -> None:
-        for statement, params in self.rows[mark:]:
-            self._waiting[statement.table, params.get("subscription_id")] -= 1
-        del self.rows[mark:]
+    def mark(self) -> DeferredMark:
+        return len(self._rows), len(self._written)
+
+    def undo(self, mark: DeferredMark) -> None:
+        rows_then, written_then = mark
+        for index in self._written[written_then:]:
+            self._set(self._rows[index], written=False)
+        del self._written[written_then:]
+        for row in self._rows[rows_then:]:
+            self._set(row, written=True)
+        del self._rows[rows_then:]
+
+    def waiting_rows(self, statement: Prepared, subscription_id: int) -> list[dict[str, Any]]:
+        return [
+            row.params
+            for row in self._rows
+            if not row.written
+            and row.statement is statement
+            and row.params.get("subscription_id") == subscription_id
+        ]
 
     def take(
         self, table: sa.TableClause | None, subscription_id: int | None
     ) -> dict[Prepared, list[dict[str, Any]]]:
-        """Remove and return the rows of `table` (and `subscription_id`), or all, by
-        statement, each statement's in the order they came."""
+        """Mark written and return the rows waiting of `table` (and `subscription_id`), or
+        all, by statement, each statement's in the order they came."""
         taken: dict[Prepared, list[dict[str, Any]]] = {}
-        kept = []
-        for statement, params in self.rows:
-            if (table is None or statement.table is table) and (
-                subscription_id is None or params.get("subscription_id") == subscription_id
-            ):
-                taken.setdefault(statement, []).append(params)
-                self._waiting[statement.table, params.get("subscription_id")] -= 1
-            else:
-                kept.append((statement, params))
-        self.rows = kept
+        for index, row in enumerate(self._rows):
+            if row.written:
+                continue
+            if table is not None and row.statement.table is not table:
+                continue
+            if subscription_id is not None and row.params.get("subscription_id") != subscription_id:
+                continue
+            taken.setdefault(row.statement, []).append(row.params)
+            self._set(row, written=True)
+            self._written.append(index)
         return taken
+
+    def _set(self, row: _Waiting, *, written: bool) -> None:
+        if row.written == written:
+            return
+        row.written = written
+        change = -1 if written else 1
+        self._waiting[row.about] += change
+        self._count += change
 
 
 def defer_inserts(session: Session) -> None:
@@ -316,8 +366,8 @@ def defer_inserts(session: Session) -> None:
     a mail job for each sign-up, three round trips each, become three in all).
 
     A deferred row is one nobody reads back before the commit, save where a reader writes
-    the rows it could see first (`write_deferred`); a unit whose savepoint is rolled back
-    drops its own (`drop_deferred`).
+    the rows it could see first (`write_deferred`). A savepoint rolled back must be undone
+    here too (`undo_deferred`).
     """
     assert isinstance(session, _Session)
     session.deferred = Deferred()
@@ -328,30 +378,32 @@ def _deferred(session: Session) -> Deferred | None:
     return deferred
 
 
-def deferred_mark(session: Session) -> int:
-    """Where the rows deferred from now on start, for `drop_deferred`."""
+def deferred_mark(session: Session) -> DeferredMark:
+    """Where the deferred rows stand, for `undo_deferred` after a rollback to a savepoint
+    taken now."""
     deferred = _deferred(session)
-    return 0 if deferred is None else len(deferred.rows)
+    return (0, 0) if deferred is None else deferred.mark()
 
 
-def drop_deferred(session: Session, mark: int) -> None:
-    """Forget the rows deferred since `mark`: their savepoint was rolled back."""
+def undo_deferred(session: Session, mark: DeferredMark) -> None:
+    """After a rollback to the savepoint taken at `mark`: forget the rows deferred since,
+    and have those written since wait again."""
     deferred = _deferred(session)
     if deferred is not None:
-        deferred.drop(mark)
+        deferred.undo(mark)
 
 
 @contextmanager
 def rehearsal(session: Session) -> Iterator[None]:
-    """Writes undone on the way out: a savepoint rolled back, and the rows deferred within
-    dropped (app/subscriptions.py rehearses the work of a mail it does not send)."""
+    """Writes undone on the way out: a savepoint rolled back, with the deferred rows
+    (app/subscriptions.py rehearses the work of a mail it does not send)."""
     mark = deferred_mark(session)
     savepoint = session.begin_nested()
     try:
         yield
     finally:
         savepoint.rollback()
-        drop_deferred(session, mark)
+        undo_deferred(session, mark)
 
 
 def write_deferred(
@@ -360,13 +412,7 @@ def write_deferred(
     """Write the deferred rows now: all, or those of `table` (about `subscription_id`);
     one statement per kind of row, in the order they were deferred."""
     deferred = _deferred(session)
-    if deferred is None or not deferred.rows:
-        return
-    if (
-        table is not None
-        and subscription_id is not None
-        and not deferred.waiting(table, subscription_id)
-    ):
+    if deferred is None or not deferred.any_waiting(table, subscription_id):
         return
     for statement, rows in deferred.take(table, subscription_id).items():
         statement.execute_many(session, rows)
@@ -375,18 +421,14 @@ def write_deferred(
 def deferred_rows(
     session: Session, statement: Prepared, *, subscription_id: int
 ) -> list[dict[str, Any]]:
-    """The rows of `statement` about `subscription_id` waiting for the commit (changes
-    made to them are written)."""
+    """The rows of `statement` about `subscription_id` waiting for the commit (to read:
+    a change to one would outlive a rollback of the savepoint that made it)."""
     deferred = _deferred(session)
     if deferred is None or statement.table is None:
         return []
-    if not deferred.waiting(statement.table, subscription_id):
+    if not deferred.any_waiting(statement.table, subscription_id):
         return []
-    return [
-        params
-        for waiting, params in deferred.rows
-        if waiting is statement and params.get("subscription_id") == subscription_id
-    ]
+    return deferred.waiting_rows(statement, subscription_id)
 
 
 @event.listens_for(_Session, "before_commit")

@@ -134,12 +134,12 @@ def enqueue_sync(
     """
     key = _sync_key(subscription_id)
     session.flush()
-    # One this transaction has yet to write (a unit before this one in a group commit).
+    # One this transaction has yet to write (a unit before this one in a group commit)
+    # absorbs this request as it is; one it would change is written first, and merged below.
     for row in db.deferred_rows(session, _INSERT_LATER, subscription_id=subscription_id):
-        if row["dedupe_key"] == key:
-            if fresh_opt_in:
-                row["payload"] = {**row["payload"], "fresh_opt_in": True}
+        if row["dedupe_key"] == key and (row["payload"]["fresh_opt_in"] or not fresh_opt_in):
             return
+    db.write_deferred(session, table=_TABLE, subscription_id=subscription_id)
     pending = _PENDING_WITH_KEY.execute(session, {"key": key}).first()
     if pending is not None:
         payload = dict(pending.payload)

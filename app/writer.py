@@ -227,7 +227,7 @@ class _Savepoint:
                 value = unit.context.run(unit.work, session, **unit.kwargs)
                 session.flush()
             except errors.DomainError as e:
-                db.drop_deferred(session, mark)
+                db.undo_deferred(session, mark)
                 cursor.execute("ROLLBACK TO SAVEPOINT unit")
                 cursor.execute("RELEASE SAVEPOINT unit")
                 self.open = False

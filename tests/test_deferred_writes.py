@@ -288,13 +288,20 @@ def test_confirmations_in_one_batch_and_a_request_after_one_share_its_opt_out_li
             ).all()
             assert len(opt_outs) == 1
             assert opt_outs[0].expires_at is None
+            links_of = session.exec(
+                select(Token).where(
+                    Token.subscription_id == subscription.id,
+                    Token.purpose == TokenPurpose.CONFIRM,
+                )
+            ).all()
+            assert len(links_of) == 1
             jobs = session.exec(
                 select(OutboxJob)
                 .where(OutboxJob.subscription_id == subscription.id)
                 .order_by(col(OutboxJob.id))
             ).all()
             kinds = [(j.kind, j.payload.get("mail"), j.payload.get("token_id")) for j in jobs]
-            expected = [(JobKind.MAIL, "confirm", kinds[0][2]), (JobKind.SYNC, None, None)]
+            expected = [(JobKind.MAIL, "confirm", str(links_of[0].id)), (JobKind.SYNC, None, None)]
             if email == "a@example.org":
                 expected.append((JobKind.MAIL, "already_subscribed", str(opt_outs[0].id)))
             assert kinds == expected
@@ -336,3 +343,71 @@ def test_requests_that_mail_nothing_in_a_batch_leave_nothing_of_their_rehearsal(
             ("subscribe_requested", "blocked", True),
             ("subscribe_requested", "pending", False),
         ]
+
+
+def test_a_blocked_request_after_a_confirmation_in_the_batch_leaves_its_opt_out_link(
+    engine: sa.Engine,
+) -> None:
+    # Pending, then blocked: a block never changes an existing subscription.
+    with db.session_scope(engine) as session:
+        _subscribe(session, email="ada@example.org")
+        session.add(
+            BlockedEntry(
+                kind=BlockKind.ADDRESS,
+                value="ada@example.org",
+                reason="test",
+                created_at=utcnow(),
+                created_by="test",
+            )
+        )
+    link = _secret(engine, "ada@example.org", TokenPurpose.CONFIRM)
+
+    # The blocked request rehearses an "already subscribed" mail, whose opt-out link is
+    # the one the confirmation before it made: written inside the rehearsal, then undone.
+    results = _in_one_batch(
+        engine, [(_confirm, {"secret": link}), (_subscribe, {"email": "ada@example.org"})]
+    )
+    assert results == ["confirmed", "ada@example.org"]
+
+    with Session(engine) as session:
+        subscription = _subscription(session, "ada@example.org")
+        assert subscription.status == "confirmed"
+        opt_outs = session.exec(
+            select(Token).where(
+                Token.subscription_id == subscription.id,
+                Token.purpose == TokenPurpose.UNSUBSCRIBE,
+            )
+        ).all()
+        assert len(opt_outs) == 1
+        jobs = session.exec(select(OutboxJob).order_by(col(OutboxJob.id))).all()
+        assert [(j.kind, j.payload.get("mail")) for j in jobs] == [
+            (JobKind.MAIL, "confirm"),
+            (JobKind.SYNC, None),
+        ]
+        events = session.exec(select(ConsentEvent).order_by(col(ConsentEvent.id))).all()
+        assert [(e.action, e.status_after) for e in events] == [
+            ("subscribe_requested", "pending"),
+            ("confirmed", "confirmed"),
+            ("subscribe_requested", "blocked"),
+        ]
+
+
+def test_undoing_a_savepoint_forgets_its_rows_and_has_those_it_wrote_wait_again() -> None:
+    events = db.Prepared(sa.insert(ConsentEvent.__table__))  # type: ignore[attr-defined]
+    table = events.table
+    assert table is not None
+    deferred = db.Deferred()
+    deferred.add(events, {"subscription_id": 1, "n": 1})
+    deferred.add(events, {"subscription_id": 2, "n": 2})
+    mark = deferred.mark()
+    deferred.add(events, {"subscription_id": 1, "n": 3})
+    # A reader inside the savepoint writes subscription 1's rows, the earlier one included.
+    taken = deferred.take(table, 1)
+    assert [row["n"] for row in taken[events]] == [1, 3]
+    assert not deferred.any_waiting(table, 1)
+
+    deferred.undo(mark)  # the rollback took both back; the savepoint's own row is gone
+
+    assert deferred.any_waiting(table, 1)
+    assert [row["n"] for row in deferred.take(None, None)[events]] == [1, 2]
+    assert not deferred.any_waiting(None, None)
