@@ -16,7 +16,7 @@ fault fails. When the database is gone, the batch fails as a whole with that err
 
 The rows nobody reads back before the commit (ledger events, mail jobs, confirmation
 tokens: `db.defer_inserts`) are written at the commit, one statement a table for the
-whole batch; a refused unit's are dropped with its savepoint.
+whole batch; a refused unit's are undone with its savepoint.
 
 The savepoints are the driver's own statements, not the ORM's nested transactions:
 those cost about a quarter of a subscription's time. So a refused unit's objects are
