@@ -115,6 +115,26 @@ def _subscription(session: Session, email: str) -> Subscription:
     return session.exec(select(Subscription).where(Subscription.email_key == email)).one()
 
 
+def _block(session: Session, email: str) -> None:
+    session.add(
+        BlockedEntry(
+            kind=BlockKind.ADDRESS,
+            value=email,
+            reason="test",
+            created_at=utcnow(),
+            created_by="test",
+        )
+    )
+
+
+def _tokens(session: Session, subscription: Subscription, purpose: TokenPurpose) -> list[Token]:
+    return list(
+        session.exec(
+            select(Token).where(Token.subscription_id == subscription.id, Token.purpose == purpose)
+        ).all()
+    )
+
+
 def _secret(engine: sa.Engine, email: str, purpose: TokenPurpose) -> str:
     with Session(engine) as session:
         subscription = _subscription(session, email)
@@ -196,11 +216,7 @@ def test_a_link_sent_earlier_in_the_batch_is_retired_by_a_confirmation_after_it(
     with Session(engine) as session:
         subscription = _subscription(session, "ada@example.org")
         assert subscription.status == "confirmed"
-        links = session.exec(
-            select(Token).where(
-                Token.subscription_id == subscription.id, Token.purpose == TokenPurpose.CONFIRM
-            )
-        ).all()
+        links = _tokens(session, subscription, TokenPurpose.CONFIRM)
         assert len(links) == 2
         # Confirming retired every other link, the one asked for in the same batch too.
         assert all(link.used_at is not None for link in links)
@@ -280,20 +296,10 @@ def test_confirmations_in_one_batch_and_a_request_after_one_share_its_opt_out_li
         for email in ("a@example.org", "b@example.org"):
             subscription = _subscription(session, email)
             assert subscription.status == "confirmed"
-            opt_outs = session.exec(
-                select(Token).where(
-                    Token.subscription_id == subscription.id,
-                    Token.purpose == TokenPurpose.UNSUBSCRIBE,
-                )
-            ).all()
+            opt_outs = _tokens(session, subscription, TokenPurpose.UNSUBSCRIBE)
             assert len(opt_outs) == 1
             assert opt_outs[0].expires_at is None
-            links_of = session.exec(
-                select(Token).where(
-                    Token.subscription_id == subscription.id,
-                    Token.purpose == TokenPurpose.CONFIRM,
-                )
-            ).all()
+            links_of = _tokens(session, subscription, TokenPurpose.CONFIRM)
             assert len(links_of) == 1
             jobs = session.exec(
                 select(OutboxJob)
@@ -311,15 +317,7 @@ def test_requests_that_mail_nothing_in_a_batch_leave_nothing_of_their_rehearsal(
     engine: sa.Engine,
 ) -> None:
     with db.session_scope(engine) as session:
-        session.add(
-            BlockedEntry(
-                kind=BlockKind.ADDRESS,
-                value="blocked@example.org",
-                reason="test",
-                created_at=utcnow(),
-                created_by="test",
-            )
-        )
+        _block(session, "blocked@example.org")
     hour = timedelta(hours=1)
     results = _in_one_batch(
         engine,
@@ -351,15 +349,7 @@ def test_a_blocked_request_after_a_confirmation_in_the_batch_leaves_its_opt_out_
     # Pending, then blocked: a block never changes an existing subscription.
     with db.session_scope(engine) as session:
         _subscribe(session, email="ada@example.org")
-        session.add(
-            BlockedEntry(
-                kind=BlockKind.ADDRESS,
-                value="ada@example.org",
-                reason="test",
-                created_at=utcnow(),
-                created_by="test",
-            )
-        )
+        _block(session, "ada@example.org")
     link = _secret(engine, "ada@example.org", TokenPurpose.CONFIRM)
 
     # The blocked request rehearses an "already subscribed" mail, whose opt-out link is
@@ -372,12 +362,7 @@ def test_a_blocked_request_after_a_confirmation_in_the_batch_leaves_its_opt_out_
     with Session(engine) as session:
         subscription = _subscription(session, "ada@example.org")
         assert subscription.status == "confirmed"
-        opt_outs = session.exec(
-            select(Token).where(
-                Token.subscription_id == subscription.id,
-                Token.purpose == TokenPurpose.UNSUBSCRIBE,
-            )
-        ).all()
+        opt_outs = _tokens(session, subscription, TokenPurpose.UNSUBSCRIBE)
         assert len(opt_outs) == 1
         jobs = session.exec(select(OutboxJob).order_by(col(OutboxJob.id))).all()
         assert [(j.kind, j.payload.get("mail")) for j in jobs] == [
