@@ -160,6 +160,15 @@ class MailgunBackendSettings(BaseModel):
     # On a new opt-in, clear the address from Mailgun's unsubscribes and bounces lists.
     clear_suppressions: bool = True
 
+    @model_validator(mode="after")
+    def _one_host(self) -> MailgunBackendSettings:
+        # base_url wins: a region given with it would say a host that is not used.
+        if "region" in self.model_fields_set and self.base_url is not None:
+            raise ValueError(
+                "give region or base_url, not both: base_url replaces the region's API host"
+            )
+        return self
+
 
 class MailmanBackendSettings(BaseModel):
     """A GNU Mailman 3 list through the core REST API."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from app.backends import make_backend, make_client
 from app.backends.base import Member, PermanentSyncError, RetryableSyncError
@@ -416,3 +417,14 @@ class TestRegion:
     ) -> None:
         settings = MailgunBackendSettings(list_address=LIST, api_key="k", region=region)
         assert MailgunBackend(settings, client).base == host
+
+    def test_a_region_given_with_a_base_url_is_refused(self) -> None:
+        with pytest.raises(ValidationError, match="region or base_url, not both"):
+            MailgunBackendSettings(
+                list_address=LIST, api_key="k", region="us", base_url="http://127.0.0.1:9/v3"
+            )
+        # Either alone is fine; base_url alone replaces the default region's host.
+        alone = MailgunBackendSettings(
+            list_address=LIST, api_key="k", base_url="http://127.0.0.1:9"
+        )
+        assert alone.base_url is not None
