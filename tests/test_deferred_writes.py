@@ -77,9 +77,12 @@ def _unsubscribe(session: Session, *, secret: str) -> str:
     return "unsubscribed"
 
 
-def _in_one_batch(engine: sa.Engine, calls: list[tuple[Any, dict[str, Any]]]) -> list[Any]:
+def _in_one_batch(
+    engine: sa.Engine, calls: list[tuple[Any, dict[str, Any]]], *, commits: int = 2
+) -> list[Any]:
     """Run `calls` in one batch of one writer thread, in order (held behind a first unit
-    until all are queued); their results or errors."""
+    until all are queued); their results or errors. `commits`: the engine's, all told
+    (by default the gate's, then one for the batch)."""
     entered, release = threading.Event(), threading.Event()
 
     def gate(session: Session) -> None:
@@ -95,10 +98,10 @@ def _in_one_batch(engine: sa.Engine, calls: list[tuple[Any, dict[str, Any]]]) ->
         await first
         return list(await asyncio.gather(*tasks, return_exceptions=True))
 
-    commits: list[object] = []
+    committed: list[object] = []
 
     def count(connection: object) -> None:
-        commits.append(connection)
+        committed.append(connection)
 
     sa.event.listen(engine, "commit", count)
     writer = GroupWriter(engine, threads=1)
@@ -107,7 +110,7 @@ def _in_one_batch(engine: sa.Engine, calls: list[tuple[Any, dict[str, Any]]]) ->
     finally:
         writer.stop()
         sa.event.remove(engine, "commit", count)
-    assert len(commits) == 2, "the gate's commit, then one for the batch"
+    assert len(committed) == commits
     return results
 
 
@@ -396,3 +399,43 @@ def test_undoing_a_savepoint_forgets_its_rows_and_has_those_it_wrote_wait_again(
     assert deferred.any_waiting(table, 1)
     assert [row["n"] for row in deferred.take(None, None)[events]] == [1, 2]
     assert not deferred.any_waiting(None, None)
+
+
+def _link_for_nobody(session: Session, *, email: str) -> str:
+    # A row the database refuses (no such subscription), found only when written.
+    tokens.insert(
+        session,
+        subscription_id=999_999,
+        purpose=TokenPurpose.CONFIRM,
+        key=KEY,
+        now=utcnow(),
+        ttl=timedelta(hours=1),
+        later=True,
+    )
+    return email
+
+
+def test_a_row_refused_at_the_commit_fails_its_own_request_and_the_others_are_stored(
+    engine: sa.Engine,
+) -> None:
+    results = _in_one_batch(
+        engine,
+        [
+            (_subscribe, {"email": "a@example.org"}),
+            (_link_for_nobody, {"email": "nobody@example.org"}),
+            (_subscribe, {"email": "b@example.org"}),
+        ],
+        # The gate's; the batch's failed, then each request ran alone: two stored.
+        commits=3,
+    )
+
+    assert results[0] == "a@example.org"
+    assert isinstance(results[1], sa.exc.IntegrityError)
+    assert results[2] == "b@example.org"
+    with Session(engine) as session:
+        stored = session.exec(select(Subscription)).all()
+        assert sorted(s.email_key for s in stored) == ["a@example.org", "b@example.org"]
+        for subscription in stored:
+            assert len(_tokens(session, subscription, TokenPurpose.CONFIRM)) == 1
+        assert session.exec(select(sa.func.count()).select_from(Token)).one() == 2
+        assert session.exec(select(sa.func.count()).select_from(ConsentEvent)).one() == 2
