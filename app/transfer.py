@@ -174,6 +174,14 @@ def _masked(email: str) -> str:
     return addresses.mask(email)
 
 
+# A carriage return inside the header line: the lines end with it alone, which the reader
+# (like Python's) does not take for a line end.
+_CR_ONLY = (
+    "The lines end with a carriage return alone (as classic Mac OS wrote them): save the "
+    'file again with Windows or Unix line ends ("CSV UTF-8" in a spreadsheet).'
+)
+
+
 def _lines(source: IO[bytes]) -> Iterator[str]:
     """The file's physical lines, decoded; a precise error at the first line not UTF-8."""
     number = 0
@@ -182,6 +190,8 @@ def _lines(source: IO[bytes]) -> Iterator[str]:
         if not raw:
             return
         number += 1
+        if number == 1 and b"\r" in raw.rstrip(b"\r\n"):
+            raise errors.InvalidCsv(_CR_ONLY)
         if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
             raise errors.InvalidCsv(f"Line {number} is longer than {MAX_LINE_BYTES} bytes.")
         if number == 1 and raw.startswith(codecs.BOM_UTF8):

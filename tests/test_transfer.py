@@ -418,6 +418,19 @@ class TestImportRefusesTheFile:
         outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
         assert outcomes == ["error:invalid_csv", "error:invalid_csv"]
 
+    def test_a_file_whose_lines_end_with_a_carriage_return_alone_is_refused_saying_so(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        classic_mac = (HEADER + _row("a@example.org") + _row("b@example.org")).replace("\n", "\r")
+        response = _import(client, write_key, classic_mac.encode())
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_csv"
+        assert response.json()["detail"].startswith("The lines end with a carriage return alone")
+        assert count_rows(database_url, "subscription") == 0
+        # Windows line ends are read as ever.
+        windows = (HEADER + _row("a@example.org")).replace("\n", "\r\n")
+        assert _import(client, write_key, windows.encode()).status_code == 200
+
     def test_a_spreadsheet_export_with_bom_semicolons_and_crlf_is_read(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
