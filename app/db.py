@@ -293,23 +293,21 @@ class Deferred:
     forgotten, and those written within it, which the rollback took back, wait again.
     """
 
-    __slots__ = ("_count", "_rows", "_waiting", "_written")
+    __slots__ = ("_rows", "_waiting", "_written")
 
     def __init__(self) -> None:
         self._rows: list[_Waiting] = []
         self._written: list[int] = []  # indexes in `_rows`, in the order written
         self._waiting: collections.Counter[tuple[Any, Any]] = collections.Counter()
-        self._count = 0
 
     def add(self, statement: Prepared, params: dict[str, Any]) -> None:
         row = _Waiting(statement, params)
         self._rows.append(row)
         self._waiting[row.about] += 1
-        self._count += 1
 
     def any_waiting(self, table: sa.TableClause | None, subscription_id: int | None) -> bool:
         if table is None or subscription_id is None:
-            return self._count > 0
+            return len(self._rows) > len(self._written)
         return self._waiting[table, subscription_id] > 0
 
     def mark(self) -> DeferredMark:
@@ -355,9 +353,7 @@ class Deferred:
         if row.written == written:
             return
         row.written = written
-        change = -1 if written else 1
-        self._waiting[row.about] += change
-        self._count += change
+        self._waiting[row.about] += -1 if written else 1
 
 
 def defer_inserts(session: Session) -> None:

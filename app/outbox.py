@@ -79,11 +79,13 @@ def enqueue_later(
     payload: dict[str, Any],
     now: datetime,
     delay: timedelta = timedelta(0),
+    dedupe_key: str | None = None,
 ) -> None:
     """`enqueue` at the commit, if the session defers rows (`db.defer_inserts`): for a job
-    without a dedupe key, which nothing looks up before it runs."""
+    nothing looks up before it runs, save by its dedupe key where the caller looks among
+    the deferred rows too (`enqueue_sync`)."""
     _INSERT_LATER.defer(
-        session, _row(kind=kind, payload=payload, now=now, delay=delay, dedupe_key=None)
+        session, _row(kind=kind, payload=payload, now=now, delay=delay, dedupe_key=dedupe_key)
     )
     session.info[OUTBOX_WRITTEN] = True
 
@@ -147,17 +149,13 @@ def enqueue_sync(
             payload["fresh_opt_in"] = True
         _MERGE.execute(session, {"b_job_id": pending.id, "b_payload": payload, "b_now": now})
         return
-    _INSERT_LATER.defer(
+    enqueue_later(
         session,
-        _row(
-            kind=JobKind.SYNC,
-            payload=_sync_payload(subscription_id, list_id=list_id, fresh_opt_in=fresh_opt_in),
-            now=now,
-            delay=timedelta(0),
-            dedupe_key=key,
-        ),
+        kind=JobKind.SYNC,
+        payload=_sync_payload(subscription_id, list_id=list_id, fresh_opt_in=fresh_opt_in),
+        now=now,
+        dedupe_key=key,
     )
-    session.info[OUTBOX_WRITTEN] = True
 
 
 def enqueue_new_syncs(
