@@ -605,6 +605,14 @@ def subscriber_add(
         str | None, typer.Option("--consented-at", help="Date of the consent, YYYY-MM-DD.")
     ] = None,
     locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
+    consent_version: Annotated[
+        str | None,
+        typer.Option(
+            "--consent-version",
+            help="With --confirmed: the consent wording the person agreed to, when not the "
+            "list's current one.",
+        ),
+    ] = None,
 ) -> None:
     """Invite an address (the double opt-in mail), or add it as confirmed with evidence."""
     from app import operators
@@ -613,7 +621,12 @@ def subscriber_add(
 
     evidence = {
         name: value
-        for name, value in (("source", source), ("note", note), ("consented_at", consented_at))
+        for name, value in (
+            ("source", source),
+            ("note", note),
+            ("consented_at", consented_at),
+            ("consent_version", consent_version),
+        )
         if value is not None
     }
     body = _parsed(
@@ -631,6 +644,7 @@ def subscriber_add(
             source=body.evidence.source,
             note=body.evidence.note,
             consented_at=body.evidence.consented_at,
+            consent_version=body.evidence.consent_version,
         )
     settings = _settings()
     row = _audited_run(
@@ -762,7 +776,7 @@ def import_file(
             dir_okay=False,
             readable=True,
             help="The CSV file: UTF-8, a header line first (email, name, locale, "
-            "attributes, consent_source, consent_date).",
+            "attributes, consent_source, consent_date, consent_version).",
         ),
     ],
     list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],

@@ -13,8 +13,9 @@ is safe, and running the same file twice adds nothing: an address already on the
 short (a database outage) keeps its committed batches; running the file again completes it.
 
 Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
-list's), attributes (a JSON object of strings, the API's limits), consent_source and
-consent_date (ISO date or date-time, not in the future). Comma, semicolon or tab
+list's), attributes (a JSON object of strings, the API's limits), consent_source,
+consent_date (ISO date or date-time, not in the future) and consent_version (the wording
+the person agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
 separated (as the header shows, or a first line `sep=;` as Excel writes it), UTF-8 with or
 without a BOM. An export's cell that a
 spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; an
@@ -22,7 +23,8 @@ address so written is read back without it, so an export imports as it was.
 
     mode=confirmed  consent_source + consent_date required per row; the subscription is
                     created confirmed, with an "imported" ledger event (source "import")
-                    holding that evidence, and a sync job for the backend.
+                    holding that evidence, and a sync job for the backend. Both carry the
+                    row's consent_version, else the list's current one.
     mode=invite     the normal double opt-in (`subscriptions.subscribe`, source "operator"):
                     a confirmation mail, nothing confirmed until the person clicks.
 
@@ -83,16 +85,27 @@ MAX_ERRORS = 100
 MAX_LINE_BYTES = 64 * 1024
 MAX_CONSENT_SOURCE = 200
 MAX_NOTE = 500
+# As the admin API's `evidence.consent_version`.
+MAX_CONSENT_VERSION = 64
 # Clock skew allowed on a consent date-time; a bare date may be "today" anywhere on Earth.
 FUTURE_SKEW = timedelta(minutes=5)
 EARLIEST_ZONE = timedelta(hours=14)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-COLUMNS = ("email", "name", "locale", "attributes", "consent_source", "consent_date")
+COLUMNS = (
+    "email",
+    "name",
+    "locale",
+    "attributes",
+    "consent_source",
+    "consent_date",
+    "consent_version",
+)
 DELIMITERS = (",", ";", "\t")
 _COLUMNS_HELP = (
-    "The columns are: email (required), name, locale, attributes, consent_source, consent_date."
+    "The columns are: email (required), name, locale, attributes, consent_source, "
+    "consent_date, consent_version."
 )
 
 
@@ -161,6 +174,8 @@ class ImportRow:
     consent_source: str | None
     # ISO 8601: a date, or a date-time in UTC.
     consent_date: str | None
+    # The wording the person agreed to elsewhere; None: the list's current one.
+    consent_version: str | None = None
 
 
 class _RowInvalid(ValueError):
@@ -372,6 +387,14 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
             )
         if consent_date is None:
             raise _RowInvalid("consent_date is empty: mode=confirmed needs the date of consent.")
+    consent_version = _text(
+        values.get("consent_version", ""), name="consent_version", limit=MAX_CONSENT_VERSION
+    )
+    if consent_version is not None and mode == ImportMode.INVITE:
+        raise _RowInvalid(
+            "consent_version is for consent given elsewhere (mode=confirmed): an invitation "
+            "asks for consent to the list's current wording."
+        )
     return ImportRow(
         line=line,
         address=address,
@@ -379,6 +402,7 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
         attributes=attributes,
         consent_source=consent_source,
         consent_date=consent_date,
+        consent_version=consent_version,
     )
 
 
@@ -642,7 +666,7 @@ def _insert_confirmed(
                 "status": SubscriptionStatus.CONFIRMED.value,
                 "locale": row.locale.value if row.locale else mailing_list.default_locale,
                 "attributes": row.attributes,
-                "consent_version": mailing_list.consent_version,
+                "consent_version": row.consent_version or mailing_list.consent_version,
                 "created_at": now,
                 "updated_at": now,
                 "confirmed_at": now,
@@ -668,7 +692,7 @@ def _insert_confirmed(
                 "status_after": SubscriptionStatus.CONFIRMED.value,
                 "source": "import",
                 "source_url": None,
-                "consent_version": mailing_list.consent_version,
+                "consent_version": row.consent_version or mailing_list.consent_version,
                 "ip": None,
                 "user_agent": None,
                 "detail": {

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel, col, select
 
-from app import db, outbox
+from app import db, lists, outbox
 from app.backends.base import RetryableSyncError
 from app.config import Settings
 from app.mailer import make_mailer
@@ -762,6 +762,28 @@ def run_cli(database_url: str, tmp_path: Path) -> Callable[..., CompletedProcess
 
 
 class TestCommandLine:
+    def test_a_confirmed_addition_keeps_the_consent_wording_the_person_agreed_to(
+        self, run_cli: Callable[..., CompletedProcess[str]], engine: sa.Engine
+    ) -> None:
+        evidence = ["--source", "paper form", "--note", "no. 7", "--consented-at", "2025-06-01"]
+        add = ["subscriber", "add", "--list", "bluehats", "--confirmed", *evidence]
+        assert run_cli(*add, "grace@example.org").returncode == 0
+        older = run_cli(*add, "lin@example.org", "--consent-version", "2019-form")
+        assert older.returncode == 0, older.stderr
+        with Session(engine) as session:
+            current = lists.get(session, slug="bluehats").consent_version
+            versions = {
+                row.email: row.consent_version for row in session.exec(select(Subscription)).all()
+            }
+            ledger = {
+                event.subscription_id: event.consent_version
+                for event in session.exec(select(ConsentEvent)).all()
+            }
+        # The wording the person agreed to; the list's current one when not given.
+        assert current != "2019-form"
+        assert versions == {"grace@example.org": current, "lin@example.org": "2019-form"}
+        assert sorted(ledger.values()) == sorted([current, "2019-form"])
+
     def test_add_unsubscribe_show_and_erase_with_exit_codes_scripts_can_trust(
         self, run_cli: Callable[..., CompletedProcess[str]], engine: sa.Engine
     ) -> None:

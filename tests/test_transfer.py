@@ -206,6 +206,50 @@ class TestImportConfirmed:
         assert client.post(link_in(mail, "confirm")).status_code == 200
         assert _subscriptions(engine)["ann@example.org"].status == "confirmed"
 
+    def test_a_row_s_consent_version_is_the_wording_its_subscription_and_ledger_keep(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # Consent given on the old site's form, to its own wording: the proof must say so,
+        # not claim this list's current wording.
+        header = HEADER.strip() + ",consent_version\n"
+        body = (
+            header
+            + _row("old-form@example.org").strip() + ",2019-site-form\n"  # line 2
+            + _row("no-version@example.org").strip() + ",\n"  # 3: the list's own
+            + _row("long@example.org").strip() + "," + "v" * 65 + "\n"  # 4
+        )  # fmt: skip
+        result = _import(client, write_key, body).json()
+        assert (result["created"], result["invalid"]) == (2, 1), result
+        [error] = result["errors"]
+        assert error["line"] == 4
+        assert "consent_version is longer than 64 characters" in error["error"]
+        rows = _subscriptions(engine)
+        with Session(engine) as session:
+            current = lists.get(session, slug="bluehats").consent_version
+        assert current != "2019-site-form"
+        assert rows["old-form@example.org"].consent_version == "2019-site-form"
+        assert rows["no-version@example.org"].consent_version == current
+        with Session(engine) as session:
+            versions = {
+                event.subscription_id: event.consent_version
+                for event in session.exec(select(ConsentEvent)).all()
+            }
+        assert versions == {
+            rows["old-form@example.org"].id: "2019-site-form",
+            rows["no-version@example.org"].id: current,
+        }
+
+        # An invitation asks for consent to today's wording: a version there is a mistake.
+        invited = _import(
+            client,
+            write_key,
+            header + _row("invited@example.org").strip() + ",2019-site-form\n",
+            mode="invite",
+        ).json()
+        assert (invited["created"], invited["invalid"]) == (0, 1)
+        assert "consent_version is for consent given elsewhere" in invited["errors"][0]["error"]
+        assert "invited@example.org" not in _subscriptions(engine)
+
     def test_each_refused_row_is_reported_by_line_and_the_others_imported(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
