@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -447,6 +448,19 @@ class TestMails:
         assert html is not None
         assert "<b>News</b>" not in html.get_content()
         assert "&lt;b&gt;News&lt;/b&gt;" in html.get_content()
+
+    @pytest.mark.parametrize("locale", list(Locale))
+    def test_the_goodbye_mail_links_the_landing_page_with_its_address_as_the_words(
+        self, locale: Locale
+    ) -> None:
+        # The goodbye mail has a link and no button label: its HTML part showed an empty
+        # blue button, and the address below it was not a link.
+        landing = "https://code.gouv.fr/fr/bluehats/"
+        mail = _compose(MailKind.GOODBYE, locale=locale, link=landing)
+        html = mail.message.get_body(preferencelist=("html",))
+        assert html is not None
+        anchors = re.findall(r"<a\b[^>]*>(.*?)</a>", html.get_content(), re.DOTALL)
+        assert anchors == [landing]
 
 
 class TestTokens:
