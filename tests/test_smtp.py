@@ -288,6 +288,40 @@ class TestSmtpMailer:
         finally:
             controller.stop()
 
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            # Postfix's reject_unauth_destination, to a client neither authenticated nor
+            # among its networks.
+            "554 5.7.1 <camille@example.org>: Relay access denied",
+            "530 5.7.0 Authentication required",
+            "530 Authentication required",
+        ],
+    )
+    def test_a_relay_refusing_this_client_at_rcpt_is_retryable_so_nothing_is_lost(
+        self, reply: str
+    ) -> None:
+        # Every mail gets this answer until the relay or the settings are fixed: each
+        # confirmation was dead at its first attempt, as if the address did not exist.
+        class Refusing(SmtpSink):
+            async def handle_RCPT(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                return reply
+
+        sink = Refusing(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(RetryableMailError, match="does not take mail from this client"):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+
     def test_the_envelope_goes_to_the_validated_address_not_to_a_reading_of_the_header(
         self,
     ) -> None:
