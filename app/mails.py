@@ -19,6 +19,7 @@ import binascii
 import email.policy
 import re
 import secrets
+from collections.abc import Mapping
 from datetime import timedelta
 from email import headerregistry
 from email.header import Header
@@ -182,9 +183,11 @@ def compose(
     link: str | None,
     confirm_ttl: timedelta = timedelta(hours=48),
     unsubscribe_link: str | None = None,
+    strings: Mapping[str, str] | None = None,
 ) -> OutgoingMail:
-    """Build the mail. `message_key` makes the Message-ID stable across retries of one job."""
-    t = Translator(locale)
+    """Build the mail. `message_key` makes the Message-ID stable across retries of one job;
+    `strings` is the list's own wording in `locale` (`ListSettings.strings`), as its pages."""
+    t = Translator(locale, strings)
     prefix, button_key = _KEYS[kind]
     subject = _one_line(t(f"{prefix}.subject", list=list_name))
     # Hours down to the hour (a link never outlives what the mail says), minutes under one.
