@@ -2,7 +2,8 @@
 
     MailError
      +-- RetryableMailError   server down, timeout, 4xx, authentication trouble (including
-     |                        credentials smtplib cannot send): try later
+     |                        credentials smtplib cannot send, and a relay refusing every
+     |                        recipient to this client: 530, 5.7.x): try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -216,9 +217,15 @@ class SmtpMailer:
             self._deliver(mail)
             return f"accepted by {s.host}:{s.port}"
         except smtplib.SMTPRecipientsRefused as e:
-            codes = [code for code, _ in e.recipients.values()]
-            summary = "; ".join(f"{code} {text!r}" for code, text in e.recipients.values())
-            if codes and all(code >= 500 for code in codes):
+            replies = list(e.recipients.values())
+            summary = "; ".join(f"{code} {text!r}" for code, text in replies)
+            if any(_refuses_the_client(code, text) for code, text in replies):
+                raise RetryableMailError(
+                    f"the relay does not take mail from this client as configured: {summary} "
+                    "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD, or the relay's "
+                    "allowed clients)"
+                ) from e
+            if replies and all(code >= 500 for code, _ in replies):
                 raise PermanentMailError(f"recipient refused: {summary}") from e
             raise RetryableMailError(f"recipient deferred: {summary}") from e
         except smtplib.SMTPDataError as e:
@@ -233,6 +240,15 @@ class SmtpMailer:
             raise RetryableMailError(f"server does not support what is configured: {e}") from e
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             raise RetryableMailError(f"{type(e).__name__}: {e}") from e
+
+
+def _refuses_the_client(code: int, text: bytes) -> bool:
+    """A refusal of RCPT that is about the client, not the recipient: authentication
+    required (530, RFC 4954), or a security or policy refusal (enhanced status 5.7.x, RFC
+    3463), as Postfix's `554 5.7.1 <...>: Relay access denied` to a client it does not know.
+    Every mail gets it until the operator fixes the settings or the relay: retryable, as a
+    wrong password, not each mail dead at its first attempt."""
+    return code == 530 or (code >= 500 and text.lstrip().startswith(b"5.7."))
 
 
 def _goodbye(client: smtplib.SMTP) -> None:

@@ -19,6 +19,7 @@ import binascii
 import email.policy
 import re
 import secrets
+from collections.abc import Mapping
 from datetime import timedelta
 from email import headerregistry
 from email.header import Header
@@ -101,18 +102,18 @@ _PLAIN_TO_LENGTH = _LINE_LENGTH - 4
 
 
 def _text_part(subtype: str, body: str) -> EmailMessage:
-    """A UTF-8 text part, encoded as `set_content` would: as it is (7bit or 8bit) when no
-    line is over 78 characters, else quoted-printable (by `binascii`, in C). Its headers
-    are parsed once per process: `set_content` spent a third of a mail setting them."""
+    """A UTF-8 text part, encoded as `set_content` would with 7-bit output: as it is (7bit)
+    when ASCII with no line over 78 characters, else quoted-printable (by `binascii`, in
+    C). Never 8bit: that needs BODY=8BITMIME (RFC 6152), which smtplib declares only for
+    an SMTPUTF8 mail. Its headers are parsed once per process: `set_content` spent a third
+    of a mail setting them."""
     lines = body.encode().splitlines()
     data = b"\n".join(lines) + b"\n"  # as `set_content`: one newline at the end
     part = EmailMessage(policy=POLICY)
     part["Content-Type"] = _fixed("Content-Type", f'text/{subtype}; charset="utf-8"')
-    if max(map(len, lines), default=0) <= _LINE_LENGTH:
-        cte = "7bit" if data.isascii() else "8bit"
-        # Bytes beyond ASCII as `set_content` keeps them: surrogate-escaped, for the
-        # bytes generator to write back as they were.
-        payload = data.decode("ascii", "surrogateescape")
+    if data.isascii() and max(map(len, lines), default=0) <= _LINE_LENGTH:
+        cte = "7bit"
+        payload = data.decode("ascii")
     else:
         cte = "quoted-printable"
         payload = binascii.b2a_qp(data, istext=True).decode("ascii")
@@ -182,9 +183,11 @@ def compose(
     link: str | None,
     confirm_ttl: timedelta = timedelta(hours=48),
     unsubscribe_link: str | None = None,
+    strings: Mapping[str, str] | None = None,
 ) -> OutgoingMail:
-    """Build the mail. `message_key` makes the Message-ID stable across retries of one job."""
-    t = Translator(locale)
+    """Build the mail. `message_key` makes the Message-ID stable across retries of one job;
+    `strings` is the list's own wording in `locale` (`ListSettings.strings`), as its pages."""
+    t = Translator(locale, strings)
     prefix, button_key = _KEYS[kind]
     subject = _one_line(t(f"{prefix}.subject", list=list_name))
     # Hours down to the hour (a link never outlives what the mail says), minutes under one.

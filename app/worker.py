@@ -99,6 +99,7 @@ _MAIL_TARGETS = (
         _subscription.c.email_key,
         _subscription.c.status,
         _subscription.c.locale,
+        _list.c.slug.label("list_slug"),
         _list.c.name.label("list_name"),
         _list.c.landing_url,
         _list.c.confirm_ttl_seconds,
@@ -867,9 +868,11 @@ class Worker:
             unsubscribe_link = link
         else:
             link = target.landing_url
+        locale = Locale(target.locale)
+        declared = self.settings.list_settings(target.list_slug)
         return mails.compose(
             kind,
-            locale=Locale(target.locale),
+            locale=locale,
             list_name=target.list_name,
             to=target.email,
             mail_from=self.settings.mail_from,
@@ -877,6 +880,8 @@ class Worker:
             link=link,
             confirm_ttl=timedelta(seconds=target.confirm_ttl_seconds),
             unsubscribe_link=unsubscribe_link,
+            # The list's own wording, which its pages show too.
+            strings=declared.strings.get(locale) if declared else None,
         )
 
 

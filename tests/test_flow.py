@@ -145,6 +145,26 @@ class TestDoubleOptIn:
         assert response.status_code == 303
         assert response.headers["location"] == "https://code.gouv.fr/merci"
 
+    def test_a_lists_own_wording_reaches_its_mails(self, database_url: str, smtp: SmtpSink) -> None:
+        # The list's strings reworded its pages; its mails kept the catalogue's wording.
+        strings = {
+            "mail.confirm.subject": "Un dernier clic pour {list}",
+            "mail.signature": "La DINUM, pour {list}",
+        }
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[{"slug": "bluehats", "name": "Gazette BlueHats", "strings": {"fr": strings}}],
+        )
+        with TestClient(create_app(settings)) as client:
+            subscribe(client, "reworded@example.org")
+            [mail] = smtp.wait_for(1)
+        assert mail["Subject"] == "Un dernier clic pour Gazette BlueHats"
+        for subtype in ("plain", "html"):
+            part = mail.get_body(preferencelist=(subtype,))
+            assert part is not None
+            assert "La DINUM, pour Gazette BlueHats" in part.get_content(), subtype
+
     def test_unknown_list_is_404(self, client: TestClient) -> None:
         response = client.post("/v1/lists/nope/subscriptions", json={"email": "a@example.org"})
         assert response.status_code == 404

@@ -262,6 +262,17 @@ class TestSmtpMailer:
         with pytest.raises(RetryableMailError, match="AUTH"):
             mailer.send(_mail())
 
+    def test_starttls_configured_but_not_offered_sends_nothing_in_clear(
+        self, smtp: SmtpSink
+    ) -> None:
+        mailer = SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=smtp.port, security="starttls", timeout=5)
+        )
+        with pytest.raises(RetryableMailError, match="STARTTLS"):
+            mailer.send(_mail())
+        time.sleep(0.2)
+        assert smtp.messages == []
+
     def test_a_server_down_is_retryable(self) -> None:
         mailer = SmtpMailer(
             SmtpMailerSettings(host="127.0.0.1", port=free_port(), security="none", timeout=2)
@@ -288,6 +299,40 @@ class TestSmtpMailer:
         finally:
             controller.stop()
 
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            # Postfix's reject_unauth_destination, to a client neither authenticated nor
+            # among its networks.
+            "554 5.7.1 <camille@example.org>: Relay access denied",
+            "530 5.7.0 Authentication required",
+            "530 Authentication required",
+        ],
+    )
+    def test_a_relay_refusing_this_client_at_rcpt_is_retryable_so_nothing_is_lost(
+        self, reply: str
+    ) -> None:
+        # Every mail gets this answer until the relay or the settings are fixed: each
+        # confirmation was dead at its first attempt, as if the address did not exist.
+        class Refusing(SmtpSink):
+            async def handle_RCPT(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                return reply
+
+        sink = Refusing(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(RetryableMailError, match="does not take mail from this client"):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+
     def test_the_envelope_goes_to_the_validated_address_not_to_a_reading_of_the_header(
         self,
     ) -> None:
@@ -310,6 +355,41 @@ class TestSmtpMailer:
             "mail FROM:<bluehats@code.gouv.fr>",  # as smtplib writes them
             "rcpt TO:<camille@xn--exmple-cua.fr>",
         ]
+
+    def test_letters_beyond_ascii_before_the_at_sign_go_with_smtputf8(self, smtp: SmtpSink) -> None:
+        address = addresses.parse("chloé@exämple.fr", new=True).email
+        mailer = SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=smtp.port, security="none", timeout=5)
+        )
+        assert "accepted" in mailer.send(_mail(to=address))
+        smtp.wait_for(1)
+        [envelope] = smtp.envelopes
+        assert "SMTPUTF8" in envelope.mail_options
+        assert envelope.rcpt_tos == ["chloé@exämple.fr"]
+        # The header in UTF-8 (RFC 6532), not RFC 2047 words, which no address may hold.
+        assert "To: chloé@exämple.fr".encode() in envelope.original_content.splitlines()
+
+    def test_letters_beyond_ascii_before_the_at_sign_fail_for_good_without_smtputf8(
+        self,
+    ) -> None:
+        # The recording server announces no SMTPUTF8: the mail can never go through that
+        # relay, so it is not retried for hours; nothing of it reaches the server.
+        address = addresses.parse("chloé@exämple.fr", new=True).email
+        server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
+                )
+            )
+            with pytest.raises(PermanentMailError, match="SMTPUTF8"):
+                mailer.send(_mail(to=address))
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert not [line for line in server.lines if line[:4].upper() in ("MAIL", "RCPT", "DATA")]
 
 
 # Each form NEWSLETTER_MAIL_FROM takes, with the name a mail client shows.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -426,7 +427,8 @@ class TestMails:
         ("body", "encoding"),
         [
             ("Hello,\nsee you.", "7bit"),
-            ("Bonjour,\nà bientôt.\r\n", "8bit"),
+            # Never 8bit: smtplib declares no BODY=8BITMIME for it (RFC 6152).
+            ("Bonjour,\nà bientôt.\r\n", "quoted-printable"),
             ("Bonjour, " + "é" * 80 + "\n=.\n", "quoted-printable"),
         ],
     )
@@ -447,6 +449,31 @@ class TestMails:
         assert html is not None
         assert "<b>News</b>" not in html.get_content()
         assert "&lt;b&gt;News&lt;/b&gt;" in html.get_content()
+
+    def test_a_mail_of_short_lines_beyond_ascii_is_sent_in_7_bits(self) -> None:
+        # A list's own short wording left every line of the text part under 78: it went
+        # as 8bit, which smtplib sends without BODY=8BITMIME to an ASCII address.
+        strings = {"mail.goodbye.intro": "Au revoir, à bientôt.", "mail.signature": "L'équipe"}
+        mail = _compose(MailKind.GOODBYE, link=None, strings=strings)
+        raw = mailer_module._as_sent(mail)
+        assert raw.isascii()
+        read = email.message_from_bytes(raw, policy=email.policy.default)
+        text = read.get_body(preferencelist=("plain",))
+        assert text is not None
+        assert "Au revoir, à bientôt." in text.get_content()
+
+    @pytest.mark.parametrize("locale", list(Locale))
+    def test_the_goodbye_mail_links_the_landing_page_with_its_address_as_the_words(
+        self, locale: Locale
+    ) -> None:
+        # The goodbye mail has a link and no button label: its HTML part showed an empty
+        # blue button, and the address below it was not a link.
+        landing = "https://code.gouv.fr/fr/bluehats/"
+        mail = _compose(MailKind.GOODBYE, locale=locale, link=landing)
+        html = mail.message.get_body(preferencelist=("html",))
+        assert html is not None
+        anchors = re.findall(r"<a\b[^>]*>(.*?)</a>", html.get_content(), re.DOTALL)
+        assert anchors == [landing]
 
 
 class TestTokens:
