@@ -399,6 +399,21 @@ def import_backend(
             )
             if dry_run:
                 session.rollback()
+        if report.confirmed_keys and not dry_run:
+            # Who left the backend while it was read: recorded before any sync re-adds them.
+            try:
+                again = _read_members(backend, label=list_slug)
+            except typer.Exit:
+                typer.echo(
+                    "the members are imported; their syncs start in "
+                    f"{sync.IMPORT_HOLD.total_seconds() / 60:.0f} minutes: run `newsletter "
+                    f"reconcile --list {list_slug} --apply` before, to record who left the "
+                    "backend meanwhile",
+                    err=True,
+                )
+                raise
+            with db.session_scope(engine) as session:
+                sync.settle_import(session, report=report, remote=again, now=utcnow())
     finally:
         client.close()
         engine.dispose()
@@ -408,6 +423,11 @@ def import_backend(
         f"{report.unsubscribed} unsubscribed; {report.already_known} already known; "
         f"{len(report.invalid)} invalid"
     )
+    if report.departed:
+        typer.echo(
+            f"  left the backend while the import ran: {report.departed} "
+            "(recorded as unsubscribed, not subscribed again)"
+        )
     if report.erased or report.blocked:
         typer.echo(
             f"  not taken over: {report.erased} erased at their owner's request, "

@@ -6,7 +6,8 @@ Three ways in, one way out:
   bulk calls of the backend's `max_batch`, and records one outcome per job;
 - `reconcile()`: compares the whole list with the backend and, when asked, enqueues fixes;
 - `import_members()`: takes over an existing backend list, keeping its members' state,
-  with their provenance in the consent ledger.
+  with their provenance in the consent ledger; `settle_import()` then reads the list again
+  and records who left it while the import ran, before any of them is synced.
 Adapters are called outside any database transaction.
 """
 
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, wait
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -664,6 +665,15 @@ class ImportReport:
     # back), or on the block-list, as a CSV import refuses them.
     erased: int = 0
     blocked: int = 0
+    # The subscriptions imported as confirmed (id -> email_key), for `settle_import`.
+    confirmed_keys: dict[int, str] = field(default_factory=dict)
+    # Of those, how many had left the backend by its second read (`settle_import`).
+    departed: int = 0
+
+
+# How long the syncs of members imported as confirmed wait for `settle_import` to release
+# them, should it never run (the second read failed, the command was killed).
+IMPORT_HOLD = timedelta(hours=1)
 
 
 def import_members(
@@ -699,7 +709,6 @@ def import_members(
     # would print its text as "shown". An outside version has no recorded text, and the
     # proof says so.
     outside_version = f"imported from {backend_kind}"
-    confirmed_ids: list[int] = []
     members: list[tuple[addresses.Address, bool]] = []
     for address, subscribed in remote.values():
         try:
@@ -750,10 +759,59 @@ def import_members(
         )
         if subscribed:
             report.confirmed += 1
-            confirmed_ids.append(_id(subscription))
+            report.confirmed_keys[_id(subscription)] = parsed.key
         else:
             report.unsubscribed += 1
+    # A confirmed member's sync makes it subscribed at the backend (the unsubscribe URL
+    # travels with an add). Someone who left the backend after the read above would be
+    # subscribed again; a webhook about them found no one here then. So the syncs wait
+    # for `settle_import`.
     outbox.enqueue_new_syncs(
-        session, subscription_ids=confirmed_ids, list_id=mailing_list.id, now=now
+        session,
+        subscription_ids=list(report.confirmed_keys),
+        list_id=mailing_list.id,
+        now=now,
+        delay=IMPORT_HOLD,
     )
     return report
+
+
+def settle_import(
+    session: Session,
+    *,
+    report: ImportReport,
+    remote: dict[str, tuple[str, bool]],
+    now: datetime,
+) -> None:
+    """After the import's commit, with the backend read again (`remote`): each member
+    imported as confirmed who is no longer subscribed there (unsubscribed, or gone) has
+    left while the import ran, and is recorded so, as its webhook would have been; then
+    the imported members' syncs are released.
+
+    Once the import is committed, a webhook finds the member here and its unsubscribe
+    waits with the sync it merges into; this second read catches those whose webhook came
+    before (and was about no one here) or never came.
+    """
+    from app import subscriptions  # which imports this module
+
+    departed = [
+        subscription_id
+        for subscription_id, email_key in report.confirmed_keys.items()
+        if not remote.get(email_key, ("", False))[1]
+    ]
+    for start in range(0, len(departed), 500):
+        rows = session.exec(
+            select(Subscription).where(col(Subscription.id).in_(departed[start : start + 500]))
+        ).all()
+        for row in rows:
+            subscriptions.apply_backend_event(
+                session,
+                list_slug=report.list_slug,
+                address=addresses.Address(email=row.email, key=row.email_key),
+                event="unsubscribed",
+                evidence=subscriptions.Evidence(source="import"),
+                now=now,
+                detail={"note": "left the backend while the import ran"},
+            )
+    report.departed = len(departed)
+    outbox.release_syncs(session, subscription_ids=list(report.confirmed_keys), now=now)

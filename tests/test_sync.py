@@ -479,6 +479,9 @@ class TestReconcileAndImport:
             )
         assert (report.confirmed, report.unsubscribed, report.invalid) == (2, 1, ["not an address"])
         with db.session_scope(engine) as session:
+            sync.settle_import(session, report=report, remote=remote, now=utcnow())
+        assert report.departed == 0
+        with db.session_scope(engine) as session:
             again = sync.import_members(
                 session,
                 list_slug="bluehats",
@@ -500,6 +503,58 @@ class TestReconcileAndImport:
         # The confirmed imports now carry their unsubscribe URL at the backend.
         assert "unsubscribe_url" in backend.held["a@example.org"][2]
         assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+    def test_a_member_who_leaves_the_backend_while_the_import_runs_is_not_subscribed_again(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        backend.held = {
+            "stay@example.org": ("stay@example.org", True, {}),
+            "leave@example.org": ("leave@example.org", True, {}),
+        }
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows
+        remote = sync.read_backend(backend)
+        # Between the import's read and its write, one member unsubscribes at the backend
+        # (its webhook finds no one here yet).
+        backend.held["leave@example.org"] = ("leave@example.org", False, {})
+        with db.session_scope(engine) as session:
+            report = sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote=remote,
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=utcnow(),
+            )
+        assert report.confirmed == 2
+        # The imported members' syncs (an add each) wait for the second read...
+        _drain(worker)
+        assert backend.calls == []
+        assert backend.held["leave@example.org"][1] is False
+        with db.session_scope(engine) as session:
+            sync.settle_import(
+                session, report=report, remote=sync.read_backend(backend), now=utcnow()
+            )
+        assert report.departed == 1
+        _drain(worker)
+        # ...which records the departure: only the member who stayed is added (with its
+        # unsubscribe URL); the one who left stays unsubscribed there and here.
+        assert ("add", ["stay@example.org"]) in backend.calls
+        assert not any(
+            name == "add" and "leave@example.org" in args for name, args in backend.calls
+        )
+        assert "unsubscribe_url" in backend.held["stay@example.org"][2]
+        assert backend.held["leave@example.org"][1] is False
+        with Session(engine) as session:
+            statuses = {row.email: row.status for row in session.exec(select(Subscription))}
+            events = session.exec(
+                select(ConsentEvent).where(ConsentEvent.action == "backend_event")
+            ).all()
+        assert statuses == {"stay@example.org": "confirmed", "leave@example.org": "unsubscribed"}
+        assert [(e.source, e.detail["event"]) for e in events] == [("import", "unsubscribed")]
 
     def test_the_proof_of_an_imported_member_shows_no_wording_it_never_saw(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -938,6 +993,10 @@ class TestInternationalizedDomains:
                 now=utcnow(),
             )
         assert imported.confirmed == 1
+        with db.session_scope(engine) as session:
+            sync.settle_import(
+                session, report=imported, remote=sync.read_backend(backend), now=utcnow()
+            )
         with db.session_scope(engine) as session:
             report = sync.compare(
                 session,
