@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, wait
@@ -75,26 +76,50 @@ class Result:
     cleared: str | None = None
 
 
-def address_job_payload(*, list_id: int, address: str, action: Action) -> dict[str, Any]:
-    """A sync job about an address with no subscription row (erased, or unknown here)."""
-    return {"list_id": list_id, "address": address, "action": action.value}
+def address_job_payload(
+    *, list_id: int, address: str, action: Action, as_held: bool = False
+) -> dict[str, Any]:
+    """A sync job about an address with no subscription row (erased, or unknown here), or
+    about a backend's own spelling of one. `as_held`: `address` is the spelling the backend
+    holds (a reconciliation's fix), sent as it is; otherwise it is a stored address, sent
+    as this service sends it (`addresses.deliverable`)."""
+    payload = {"list_id": list_id, "address": address, "action": action.value}
+    if as_held:
+        payload["as_held"] = True
+    return payload
 
 
 def address_job_key(*, list_id: int, address: str) -> str:
-    """Jobs about one address on one list run one at a time, in order."""
-    return f"sync-address:{list_id}:{address.casefold()}"
+    """Jobs about one address on one list run one at a time, in order. The key folds the
+    case and composes accents (NFC, as stored addresses are), so that a backend's
+    decomposed spelling of an address shares the key of its stored form."""
+    return f"sync-address:{list_id}:{unicodedata.normalize('NFC', address).casefold()}"
 
 
 def enqueue_address_job(
-    session: Session, *, list_id: int, address: str, action: Action, now: datetime
+    session: Session,
+    *,
+    list_id: int,
+    address: str,
+    action: Action,
+    now: datetime,
+    as_held: bool = False,
 ) -> None:
     outbox.enqueue(
         session,
         kind=JobKind.SYNC,
-        payload=address_job_payload(list_id=list_id, address=address, action=action),
+        payload=address_job_payload(
+            list_id=list_id, address=address, action=action, as_held=as_held
+        ),
         now=now,
         dedupe_key=address_job_key(list_id=list_id, address=address),
     )
+
+
+def _target(address: str) -> str:
+    """One member at a backend, whichever of its spellings a call carries: the ASCII form
+    of its domain, accents composed, case folded."""
+    return unicodedata.normalize("NFC", addresses.deliverable(address)).casefold()
 
 
 def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
@@ -114,7 +139,7 @@ def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
         if item.action == Action.SKIP or not item.address:
             now.append(item)
             continue
-        target = (item.list_slug, item.address.casefold())
+        target = (item.list_slug, _target(item.address))
         (later if target in seen or item.waits_until is not None else now).append(item)
         seen.add(target)
     return now, later
@@ -133,7 +158,8 @@ _UNFINISHED_WITH_KEYS = sa.select(
 def _address_keys(*, list_id: int, address: str) -> set[str]:
     """The address job keys (`address_job_key`) a job about `address` may go by: its
     spellings as stored (an internationalized domain in Unicode: an erasure's removal) and
-    as a backend holds it (in ASCII: a reconciliation's fix); the key folds the case."""
+    as a backend holds it (a reconciliation's fix: mostly in ASCII); the key folds the case
+    and composes accents."""
     spellings = {address, addresses.deliverable(address)}
     with contextlib.suppress(addresses.InvalidAddress):
         spellings.add(addresses.parse(address, new=False).email)
@@ -216,12 +242,13 @@ def plan(
         list_id = job.payload.get("list_id", -1)
         slug = slugs.get(list_id, "")
         if "address" in job.payload:
+            held = str(job.payload["address"])
             planned.append(
                 Planned(
                     job=job,
                     action=Action(job.payload["action"]),
                     list_slug=slug,
-                    address=addresses.deliverable(job.payload["address"]),
+                    address=held if job.payload.get("as_held") else addresses.deliverable(held),
                 )
             )
             keys[job.id] = _address_keys(list_id=list_id, address=job.payload["address"])
@@ -353,7 +380,7 @@ def _execute_concurrently(
 ) -> None:
     by_address: dict[str, list[Planned]] = {}
     for item in sorted(items, key=lambda item: item.action != Action.ADD):
-        by_address.setdefault(item.address.casefold(), []).append(item)
+        by_address.setdefault(_target(item.address), []).append(item)
     tasks = [
         pool.submit(_run_in_order, backend, calls, should_stop) for calls in by_address.values()
     ]
@@ -621,7 +648,9 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
     erased = privacy.erased_among(session, keys=strangers, key=key)
     for address, remote in extra.items():
         row = rows.get(remote or "")
-        if row is not None:
+        # The subscription's own job reaches the member in this service's spelling; one the
+        # backend holds in another (its domain in Unicode, say) is fixed in that spelling.
+        if row is not None and addresses.deliverable(row.email).casefold() == address.casefold():
             outbox.enqueue_sync(
                 session,
                 subscription_id=_id(row),
@@ -636,6 +665,7 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
                 address=address,
                 action=Action.REMOVE if remote in erased else Action.UNSUBSCRIBE,
                 now=now,
+                as_held=True,
             )
     for email_key in report.unsubscribed_there:
         subscriptions.apply_backend_event(
