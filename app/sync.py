@@ -155,7 +155,7 @@ _UNFINISHED_WITH_KEYS = sa.select(
 )
 
 
-def _address_keys(*, list_id: int, address: str) -> set[str]:
+def address_job_keys(*, list_id: int, address: str) -> set[str]:
     """The address job keys (`address_job_key`) a job about `address` may go by: its
     spellings as stored (an internationalized domain in Unicode: an erasure's removal) and
     as a backend holds it (a reconciliation's fix: mostly in ASCII); the key folds the case
@@ -251,7 +251,7 @@ def plan(
                     address=held if job.payload.get("as_held") else addresses.deliverable(held),
                 )
             )
-            keys[job.id] = _address_keys(list_id=list_id, address=job.payload["address"])
+            keys[job.id] = address_job_keys(list_id=list_id, address=job.payload["address"])
             continue
         subscription = by_id.get(job.payload["subscription_id"])
         if subscription is None or not slug:
@@ -262,7 +262,9 @@ def plan(
         # ASCII form, the one every mail system takes (Mailman refuses the Unicode one).
         address = addresses.deliverable(subscription.email)
         if status != SubscriptionStatus.PENDING:
-            keys[job.id] = _address_keys(list_id=subscription.list_id, address=subscription.email)
+            keys[job.id] = address_job_keys(
+                list_id=subscription.list_id, address=subscription.email
+            )
         if status == SubscriptionStatus.CONFIRMED:
             secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
