@@ -1177,6 +1177,35 @@ class TestScheduledReconcile:
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
 
+    def test_a_run_that_fails_for_good_leaves_the_next_one_scheduled(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
+        backend = GarbledPageBackend(page_size=1)
+        backend.held = {
+            "a@example.org": ("a@example.org", True, {}),
+            "b@example.org": ("b@example.org", True, {}),
+        }
+        worker = _mail_worker(settings, engine, backend)
+        worker.schedule_reconciliations()
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+        _drain(worker)
+        failed, *scheduled = _jobs(engine, JobKind.RECONCILE)
+        assert failed.state == JobState.DEAD
+        assert "unexpected answer" in (failed.last_error or "")
+        assert [job.state for job in scheduled] == [JobState.PENDING]
+        assert scheduled[0].next_attempt_at > utcnow() + timedelta(hours=1, minutes=30)
+
+
+@dataclass
+class GarbledPageBackend(MemoryBackend):
+    """Its second page of members is not what the API promises (a proxy's page, say)."""
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        if cursor:
+            raise PermanentSyncError("list members: unexpected answer", response="200 <html>")
+        return super().members(cursor)
+
 
 @dataclass
 class SlowPagesBackend(MemoryBackend):
