@@ -363,12 +363,19 @@ def _print_report(report: Any) -> None:
             typer.echo(f"    {item}")
         if len(items) > 20:
             typer.echo(f"    ... and {len(items) - 20} more (--json for all)")
+    # What --apply fixes; the rest is an operator's to check, at the backend.
+    fixable = report.missing or report.extra or report.unsubscribed_there
+    checks = len(report.absent_there) + len(report.invalid)
     if report.in_sync:
         typer.echo("  in sync")
-    elif report.applied:
-        typer.echo("  fixes enqueued; the worker applies them")
-    else:
-        typer.echo("  run again with --apply to fix")
+    if fixable:
+        typer.echo(
+            "  fixes enqueued; the worker applies them"
+            if report.applied
+            else "  run again with --apply to fix"
+        )
+    if checks:
+        typer.echo(f"  {checks} left for an operator to check: --apply changes nothing there")
 
 
 @cli.command("import-backend")

@@ -200,6 +200,26 @@ class TestTakingOverAList:
         assert "/v1/unsubscribe/" in ada["attribs"]["unsubscribe_url"]
         assert _status_on_list(listmonk, "bob@example.org") == "unsubscribed"
 
+    def test_an_address_not_valid_here_is_left_to_the_operator_and_said_so(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        listmonk.seed("root@localhost", lists={LIST: "confirmed"})
+        report = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 3
+        assert "root@localhost" in report.stdout
+        assert "1 left for an operator to check: --apply changes nothing there" in report.stdout
+        assert "--apply to fix" not in report.stdout
+        applied = newsletter(
+            "reconcile", "--list", "bluehats", "--apply",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stderr
+        assert "fixes enqueued" not in applied.stdout
+        assert "1 left for an operator to check" in applied.stdout
+
     def test_an_unknown_list_is_refused_with_exit_code_2(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
     ) -> None:
