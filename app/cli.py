@@ -363,12 +363,19 @@ def _print_report(report: Any) -> None:
             typer.echo(f"    {item}")
         if len(items) > 20:
             typer.echo(f"    ... and {len(items) - 20} more (--json for all)")
+    # What --apply fixes; the rest is an operator's to check, at the backend.
+    fixable = report.missing or report.extra or report.unsubscribed_there
+    checks = len(report.absent_there) + len(report.invalid)
     if report.in_sync:
         typer.echo("  in sync")
-    elif report.applied:
-        typer.echo("  fixes enqueued; the worker applies them")
-    else:
-        typer.echo("  run again with --apply to fix")
+    if fixable:
+        typer.echo(
+            "  fixes enqueued; the worker applies them"
+            if report.applied
+            else "  run again with --apply to fix"
+        )
+    if checks:
+        typer.echo(f"  {checks} left for an operator to check: --apply changes nothing there")
 
 
 @cli.command("import-backend")
@@ -399,6 +406,21 @@ def import_backend(
             )
             if dry_run:
                 session.rollback()
+        if report.confirmed_keys and not dry_run:
+            # Who left the backend while it was read: recorded before any sync re-adds them.
+            try:
+                again = _read_members(backend, label=list_slug)
+            except typer.Exit:
+                typer.echo(
+                    "the members are imported; their syncs start in "
+                    f"{sync.IMPORT_HOLD.total_seconds() / 60:.0f} minutes: run `newsletter "
+                    f"reconcile --list {list_slug} --apply` before, to record who left the "
+                    "backend meanwhile",
+                    err=True,
+                )
+                raise
+            with db.session_scope(engine) as session:
+                sync.settle_import(session, report=report, remote=again, now=utcnow())
     finally:
         client.close()
         engine.dispose()
@@ -408,6 +430,11 @@ def import_backend(
         f"{report.unsubscribed} unsubscribed; {report.already_known} already known; "
         f"{len(report.invalid)} invalid"
     )
+    if report.departed:
+        typer.echo(
+            f"  left the backend while the import ran: {report.departed} "
+            "(recorded as unsubscribed, not subscribed again)"
+        )
     if report.erased or report.blocked:
         typer.echo(
             f"  not taken over: {report.erased} erased at their owner's request, "

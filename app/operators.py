@@ -349,7 +349,13 @@ def _slugs(session: Session) -> dict[int, str]:
 
 
 def _address_jobs(session: Session, *, key: str, slugs: dict[int, str]) -> list[OutboxJob]:
-    wanted = [sync.address_job_key(list_id=list_id, address=key) for list_id in slugs]
+    # Under any spelling the jobs were keyed by: a reconciliation's fix goes by the backend's
+    # (an internationalized domain in ASCII), an erasure's removal by the stored one.
+    wanted = [
+        job_key
+        for list_id in slugs
+        for job_key in sync.address_job_keys(list_id=list_id, address=key)
+    ]
     return list(
         session.exec(
             select(OutboxJob)

@@ -159,9 +159,15 @@ def enqueue_sync(
 
 
 def enqueue_new_syncs(
-    session: Session, *, subscription_ids: Sequence[int], list_id: int, now: datetime
+    session: Session,
+    *,
+    subscription_ids: Sequence[int],
+    list_id: int,
+    now: datetime,
+    delay: timedelta = timedelta(0),
 ) -> None:
-    """`enqueue_sync` for subscriptions created in this transaction, in one statement.
+    """`enqueue_sync` for subscriptions created in this transaction, in one statement, due
+    after `delay`.
 
     A subscription made a moment ago has no pending sync job to merge with, so the per-row
     look-up (most of a large import's time) is skipped.
@@ -178,13 +184,31 @@ def enqueue_new_syncs(
                 "payload": _sync_payload(subscription_id, list_id=list_id, fresh_opt_in=False),
                 "state": JobState.PENDING.value,
                 "attempts": 0,
-                "next_attempt_at": now,
+                "next_attempt_at": now + delay,
                 "created_at": now,
                 "updated_at": now,
             }
             for subscription_id in subscription_ids
         ],
     )
+    session.info[OUTBOX_WRITTEN] = True
+
+
+def release_syncs(session: Session, *, subscription_ids: Sequence[int], now: datetime) -> None:
+    """Make the pending sync jobs of these subscriptions due now (those held back by
+    `enqueue_new_syncs`'s delay), a few hundred keys per statement."""
+    ids = list(subscription_ids)
+    for start in range(0, len(ids), 500):
+        keys = [_sync_key(subscription_id) for subscription_id in ids[start : start + 500]]
+        session.connection().execute(
+            sa.update(_TABLE)
+            .where(
+                _TABLE.c.dedupe_key.in_(keys),
+                _TABLE.c.state == JobState.PENDING.value,
+                _TABLE.c.next_attempt_at > now,
+            )
+            .values(next_attempt_at=now, updated_at=now)
+        )
     session.info[OUTBOX_WRITTEN] = True
 
 

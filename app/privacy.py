@@ -22,7 +22,7 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from app import sync
+from app import addresses, sync
 from app.models import DeliveryAttempt, ErasedAddress, JobState, OutboxJob
 
 
@@ -63,10 +63,16 @@ _AFTER = r"(?![\w-]|\.[\w-])"
 
 
 def _pattern(address: str) -> re.Pattern[str]:
-    # Backends echo an address as typed, lowercased, or URL-encoded in a path.
-    forms = {address, quote(address, safe="@"), quote(address, safe="")}
+    # Backends echo an address as typed, lowercased, or URL-encoded in a path, and as they
+    # got it: an internationalized domain in ASCII.
+    spellings = {address, addresses.deliverable(address)}
+    forms = {form for spelling in spellings for form in _encoded(spelling)}
     alternatives = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
     return re.compile(f"{_BEFORE}(?:{alternatives}){_AFTER}", re.IGNORECASE)
+
+
+def _encoded(spelling: str) -> set[str]:
+    return {spelling, quote(spelling, safe="@"), quote(spelling, safe="")}
 
 
 def mentions(text: str | None, *, address: str) -> bool:
@@ -124,7 +130,8 @@ def scrub_after_removal(session: Session, *, job_id: int, key: bytes) -> int:
     if job is None or job.state != JobState.DONE or "address" not in job.payload:
         return 0
     address = str(job.payload["address"])
-    hashed = address_hash(address.casefold(), key=key)
+    # The tombstone's hash, whichever spelling the job carries.
+    hashed = address_hash(sync.remote_key(address) or address.casefold(), key=key)
     related = set(job.payload.get("scrub_job_ids", []))
     same_address = sync.address_job_key(list_id=int(job.payload["list_id"]), address=address)
     others = session.exec(

@@ -6,7 +6,8 @@ Three ways in, one way out:
   bulk calls of the backend's `max_batch`, and records one outcome per job;
 - `reconcile()`: compares the whole list with the backend and, when asked, enqueues fixes;
 - `import_members()`: takes over an existing backend list, keeping its members' state,
-  with their provenance in the consent ledger.
+  with their provenance in the consent ledger; `settle_import()` then reads the list again
+  and records who left it while the import ran, before any of them is synced.
 Adapters are called outside any database transaction.
 """
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, wait
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -74,26 +76,50 @@ class Result:
     cleared: str | None = None
 
 
-def address_job_payload(*, list_id: int, address: str, action: Action) -> dict[str, Any]:
-    """A sync job about an address with no subscription row (erased, or unknown here)."""
-    return {"list_id": list_id, "address": address, "action": action.value}
+def address_job_payload(
+    *, list_id: int, address: str, action: Action, as_held: bool = False
+) -> dict[str, Any]:
+    """A sync job about an address with no subscription row (erased, or unknown here), or
+    about a backend's own spelling of one. `as_held`: `address` is the spelling the backend
+    holds (a reconciliation's fix), sent as it is; otherwise it is a stored address, sent
+    as this service sends it (`addresses.deliverable`)."""
+    payload = {"list_id": list_id, "address": address, "action": action.value}
+    if as_held:
+        payload["as_held"] = True
+    return payload
 
 
 def address_job_key(*, list_id: int, address: str) -> str:
-    """Jobs about one address on one list run one at a time, in order."""
-    return f"sync-address:{list_id}:{address.casefold()}"
+    """Jobs about one address on one list run one at a time, in order. The key folds the
+    case and composes accents (NFC, as stored addresses are), so that a backend's
+    decomposed spelling of an address shares the key of its stored form."""
+    return f"sync-address:{list_id}:{unicodedata.normalize('NFC', address).casefold()}"
 
 
 def enqueue_address_job(
-    session: Session, *, list_id: int, address: str, action: Action, now: datetime
+    session: Session,
+    *,
+    list_id: int,
+    address: str,
+    action: Action,
+    now: datetime,
+    as_held: bool = False,
 ) -> None:
     outbox.enqueue(
         session,
         kind=JobKind.SYNC,
-        payload=address_job_payload(list_id=list_id, address=address, action=action),
+        payload=address_job_payload(
+            list_id=list_id, address=address, action=action, as_held=as_held
+        ),
         now=now,
         dedupe_key=address_job_key(list_id=list_id, address=address),
     )
+
+
+def _target(address: str) -> str:
+    """One member at a backend, whichever of its spellings a call carries: the ASCII form
+    of its domain, accents composed, case folded."""
+    return unicodedata.normalize("NFC", addresses.deliverable(address)).casefold()
 
 
 def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
@@ -113,7 +139,7 @@ def in_turn(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
         if item.action == Action.SKIP or not item.address:
             now.append(item)
             continue
-        target = (item.list_slug, item.address.casefold())
+        target = (item.list_slug, _target(item.address))
         (later if target in seen or item.waits_until is not None else now).append(item)
         seen.add(target)
     return now, later
@@ -129,10 +155,11 @@ _UNFINISHED_WITH_KEYS = sa.select(
 )
 
 
-def _address_keys(*, list_id: int, address: str) -> set[str]:
+def address_job_keys(*, list_id: int, address: str) -> set[str]:
     """The address job keys (`address_job_key`) a job about `address` may go by: its
     spellings as stored (an internationalized domain in Unicode: an erasure's removal) and
-    as a backend holds it (in ASCII: a reconciliation's fix); the key folds the case."""
+    as a backend holds it (a reconciliation's fix: mostly in ASCII); the key folds the case
+    and composes accents."""
     spellings = {address, addresses.deliverable(address)}
     with contextlib.suppress(addresses.InvalidAddress):
         spellings.add(addresses.parse(address, new=False).email)
@@ -215,15 +242,16 @@ def plan(
         list_id = job.payload.get("list_id", -1)
         slug = slugs.get(list_id, "")
         if "address" in job.payload:
+            held = str(job.payload["address"])
             planned.append(
                 Planned(
                     job=job,
                     action=Action(job.payload["action"]),
                     list_slug=slug,
-                    address=addresses.deliverable(job.payload["address"]),
+                    address=held if job.payload.get("as_held") else addresses.deliverable(held),
                 )
             )
-            keys[job.id] = _address_keys(list_id=list_id, address=job.payload["address"])
+            keys[job.id] = address_job_keys(list_id=list_id, address=job.payload["address"])
             continue
         subscription = by_id.get(job.payload["subscription_id"])
         if subscription is None or not slug:
@@ -234,7 +262,9 @@ def plan(
         # ASCII form, the one every mail system takes (Mailman refuses the Unicode one).
         address = addresses.deliverable(subscription.email)
         if status != SubscriptionStatus.PENDING:
-            keys[job.id] = _address_keys(list_id=subscription.list_id, address=subscription.email)
+            keys[job.id] = address_job_keys(
+                list_id=subscription.list_id, address=subscription.email
+            )
         if status == SubscriptionStatus.CONFIRMED:
             secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
@@ -352,7 +382,7 @@ def _execute_concurrently(
 ) -> None:
     by_address: dict[str, list[Planned]] = {}
     for item in sorted(items, key=lambda item: item.action != Action.ADD):
-        by_address.setdefault(item.address.casefold(), []).append(item)
+        by_address.setdefault(_target(item.address), []).append(item)
     tasks = [
         pool.submit(_run_in_order, backend, calls, should_stop) for calls in by_address.values()
     ]
@@ -620,7 +650,9 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
     erased = privacy.erased_among(session, keys=strangers, key=key)
     for address, remote in extra.items():
         row = rows.get(remote or "")
-        if row is not None:
+        # The subscription's own job reaches the member in this service's spelling; one the
+        # backend holds in another (its domain in Unicode, say) is fixed in that spelling.
+        if row is not None and addresses.deliverable(row.email).casefold() == address.casefold():
             outbox.enqueue_sync(
                 session,
                 subscription_id=_id(row),
@@ -635,6 +667,7 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
                 address=address,
                 action=Action.REMOVE if remote in erased else Action.UNSUBSCRIBE,
                 now=now,
+                as_held=True,
             )
     for email_key in report.unsubscribed_there:
         subscriptions.apply_backend_event(
@@ -664,6 +697,15 @@ class ImportReport:
     # back), or on the block-list, as a CSV import refuses them.
     erased: int = 0
     blocked: int = 0
+    # The subscriptions imported as confirmed (id -> email_key), for `settle_import`.
+    confirmed_keys: dict[int, str] = field(default_factory=dict)
+    # Of those, how many had left the backend by its second read (`settle_import`).
+    departed: int = 0
+
+
+# How long the syncs of members imported as confirmed wait for `settle_import` to release
+# them, should it never run (the second read failed, the command was killed).
+IMPORT_HOLD = timedelta(hours=1)
 
 
 def import_members(
@@ -699,7 +741,6 @@ def import_members(
     # would print its text as "shown". An outside version has no recorded text, and the
     # proof says so.
     outside_version = f"imported from {backend_kind}"
-    confirmed_ids: list[int] = []
     members: list[tuple[addresses.Address, bool]] = []
     for address, subscribed in remote.values():
         try:
@@ -750,10 +791,59 @@ def import_members(
         )
         if subscribed:
             report.confirmed += 1
-            confirmed_ids.append(_id(subscription))
+            report.confirmed_keys[_id(subscription)] = parsed.key
         else:
             report.unsubscribed += 1
+    # A confirmed member's sync makes it subscribed at the backend (the unsubscribe URL
+    # travels with an add). Someone who left the backend after the read above would be
+    # subscribed again; a webhook about them found no one here then. So the syncs wait
+    # for `settle_import`.
     outbox.enqueue_new_syncs(
-        session, subscription_ids=confirmed_ids, list_id=mailing_list.id, now=now
+        session,
+        subscription_ids=list(report.confirmed_keys),
+        list_id=mailing_list.id,
+        now=now,
+        delay=IMPORT_HOLD,
     )
     return report
+
+
+def settle_import(
+    session: Session,
+    *,
+    report: ImportReport,
+    remote: dict[str, tuple[str, bool]],
+    now: datetime,
+) -> None:
+    """After the import's commit, with the backend read again (`remote`): each member
+    imported as confirmed who is no longer subscribed there (unsubscribed, or gone) has
+    left while the import ran, and is recorded so, as its webhook would have been; then
+    the imported members' syncs are released.
+
+    Once the import is committed, a webhook finds the member here and its unsubscribe
+    waits with the sync it merges into; this second read catches those whose webhook came
+    before (and was about no one here) or never came.
+    """
+    from app import subscriptions  # which imports this module
+
+    departed = [
+        subscription_id
+        for subscription_id, email_key in report.confirmed_keys.items()
+        if not remote.get(email_key, ("", False))[1]
+    ]
+    for start in range(0, len(departed), 500):
+        rows = session.exec(
+            select(Subscription).where(col(Subscription.id).in_(departed[start : start + 500]))
+        ).all()
+        for row in rows:
+            subscriptions.apply_backend_event(
+                session,
+                list_slug=report.list_slug,
+                address=addresses.Address(email=row.email, key=row.email_key),
+                event="unsubscribed",
+                evidence=subscriptions.Evidence(source="import"),
+                now=now,
+                detail={"note": "left the backend while the import ran"},
+            )
+    report.departed = len(departed)
+    outbox.release_syncs(session, subscription_ids=list(report.confirmed_keys), now=now)

@@ -502,7 +502,7 @@ class Worker:
                 return 0
             except SyncError as e:
                 with db.session_scope(self.engine) as session:
-                    self._record_failure(
+                    state = self._record_failure(
                         session,
                         job,
                         error=str(e),
@@ -511,6 +511,13 @@ class Worker:
                         response=e.response,
                         retry_after=e.retry_after,
                     )
+                    interval = self.settings.reconcile_interval
+                    if state == JobState.DEAD and backend is not None and interval is not None:
+                        # A run that failed for good (a page the backend garbled, a day of
+                        # outage) shows in the failed jobs; the schedule goes on.
+                        outbox.schedule_reconcile(
+                            session, list_slug=slug, now=self.now(), delay=interval
+                        )
                 continue
             with db.session_scope(self.engine) as session:
                 report = sync.compare(

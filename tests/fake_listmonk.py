@@ -119,6 +119,9 @@ class FakeListmonk:
     requests: list[Seen] = field(default_factory=list)
     optin_mails: list[tuple[int, list[int]]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    # Called with each request once it is answered, under the lock (it must not call the
+    # helpers below, which take it): a change made at listmonk between two calls.
+    after_request: Callable[[FakeListmonk, Seen], None] | None = None
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -230,6 +233,8 @@ class FakeListmonk:
                 data = handler(request, payload, *args)
             except Refused as e:
                 return JSONResponse({"message": e.message}, e.status)
+            if self.after_request is not None:
+                self.after_request(self, self.requests[-1])
         return JSONResponse({"data": data})
 
     def _take_fault(self, method: str, path: str) -> Fault | None:

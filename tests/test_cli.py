@@ -19,7 +19,7 @@ from app.mailer import make_mailer
 from app.models import ConsentEvent, Subscription
 from app.worker import Worker
 from tests.conftest import SECRET
-from tests.fake_listmonk import FakeListmonk
+from tests.fake_listmonk import FakeListmonk, Seen
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 LIST = 3
@@ -155,6 +155,70 @@ class TestTakingOverAList:
         )  # fmt: skip
         assert again.returncode == 0, again.stdout + again.stderr
         assert "in sync" in again.stdout
+
+    def test_a_member_who_unsubscribes_at_listmonk_during_the_import_stays_unsubscribed(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        bob = listmonk.seed("bob@example.org", lists={LIST: "confirmed"})
+
+        def bob_leaves(fake: FakeListmonk, seen: Seen) -> None:
+            # Right after the import's first read of the list, at listmonk's own page.
+            if seen.path == "/api/subscribers" and "list_id" in seen.query:
+                fake.subscribers[bob]["lists"][LIST] = "unsubscribed"
+                fake.after_request = None
+
+        listmonk.after_request = bob_leaves
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "imported 2 confirmed and 0 unsubscribed" in done.stdout
+        assert "left the backend while the import ran: 1" in done.stdout
+        with Session(engine) as session:
+            rows = {row.email: row.status for row in session.exec(select(Subscription)).all()}
+        assert rows == {"ada@example.org": "confirmed", "bob@example.org": "unsubscribed"}
+
+        settings = Settings(
+            database_url=database_url,
+            secret_key=SECRET,
+            lists=_lists(listmonk),  # type: ignore[arg-type]
+            auto_migrate=False,
+        )
+        worker = Worker(
+            engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name="t"
+        )
+        try:
+            for _ in range(5):
+                worker.run_once()
+        finally:
+            worker.stop()
+        # The import's syncs ran: ada got her link, bob was not subscribed again.
+        ada = listmonk.subscriber("ada@example.org")
+        assert ada is not None
+        assert "/v1/unsubscribe/" in ada["attribs"]["unsubscribe_url"]
+        assert _status_on_list(listmonk, "bob@example.org") == "unsubscribed"
+
+    def test_an_address_not_valid_here_is_left_to_the_operator_and_said_so(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        listmonk.seed("root@localhost", lists={LIST: "confirmed"})
+        report = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 3
+        assert "root@localhost" in report.stdout
+        assert "1 left for an operator to check: --apply changes nothing there" in report.stdout
+        assert "--apply to fix" not in report.stdout
+        applied = newsletter(
+            "reconcile", "--list", "bluehats", "--apply",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stderr
+        assert "fixes enqueued" not in applied.stdout
+        assert "1 left for an operator to check" in applied.stdout
 
     def test_an_unknown_list_is_refused_with_exit_code_2(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel, col, select
 
-from app import db, lists, outbox
-from app.backends.base import RetryableSyncError
+from app import db, lists, outbox, sync
+from app.backends.base import Member, RetryableSyncError
 from app.config import Settings
 from app.mailer import make_mailer
 from app.main import create_app
@@ -494,6 +494,25 @@ def _scalar(engine: sa.Engine, sql: str) -> int:
 
 ADDRESS = "Ada.Lovelace+news@Example.org"
 NORMALIZED = "Ada.Lovelace+news@example.org"
+# An internationalized domain, as stored here and as backends get it.
+IDN = "jo@exämple.org"
+IDN_ASCII = "jo@xn--exmple-cua.org"
+
+
+class QuotingBackend(MemoryBackend):
+    """Answers quoting the address, as Mailgun's do ("... jo@xn--... has been removed")."""
+
+    def add(self, members: Sequence[Member]) -> str:
+        super().add(members)
+        return "added " + ", ".join(member.email for member in members)
+
+    def unsubscribe(self, address: str) -> str:
+        super().unsubscribe(address)
+        return f"unsubscribed {address}"
+
+    def remove(self, address: str) -> str:
+        super().remove(address)
+        return f"removed {address}"
 
 
 def holding(engine: sa.Engine, address: str) -> list[tuple[str, str, str]]:
@@ -707,6 +726,80 @@ class TestErasure:
         worker.stop()
         assert gazette.held == {}
         assert holding(engine, ADDRESS) == []
+
+    def test_an_internationalized_address_leaves_no_trace_in_either_spelling(
+        self, two_lists: Settings, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = two_lists
+        gazette, events = QuotingBackend(), QuotingBackend()
+        # At the second list's backend only, from before this service: a stranger here.
+        events.held[IDN_ASCII] = (IDN_ASCII, True, {})
+        worker = Worker(
+            engine=engine,
+            settings=settings,
+            mailer=make_mailer(settings.mailer),
+            name="test-worker",
+            list_backends={"bluehats": gazette, "events": events},
+        )
+        with TestClient(create_app(settings)) as client:
+            writer = api_key_headers(engine, "operator", KeyScope.WRITE)
+            # Added on one list: synced in ASCII, which the backend's answer quotes...
+            assert _add(client, writer, IDN).status_code == 200
+            # ...and unsubscribed at the other by a reconciliation, in the backend's spelling.
+            with db.session_scope(engine) as session:
+                report = sync.compare(session, list_slug="events", remote=sync.read_backend(events))
+                assert report.extra == [IDN_ASCII]
+                sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+            _run_until_idle(worker, engine)
+            assert holding(engine, IDN_ASCII) != []
+
+            erased = client.delete(f"/v1/admin/people/{IDN}", headers=writer).json()
+            assert erased["backend_removals"] == ["bluehats", "events"]
+            _run_until_idle(worker, engine)
+            worker.stop()
+        assert gazette.held == {}
+        assert events.held == {}
+        assert holding(engine, IDN) == []
+        assert holding(engine, IDN_ASCII) == []
+        # Each removal keeps what it was about as the tombstone's hash, whatever its spelling.
+        hashes = {job.payload.get("address_hash") for job in _jobs(engine)} - {None}
+        assert hashes == {erased["address_hash"]}
+
+    def test_a_fix_running_in_the_backends_spelling_during_the_erasure_is_scrubbed_after_it(
+        self, two_lists: Settings, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = two_lists
+        events = QuotingBackend()
+        events.held[IDN_ASCII] = (IDN_ASCII, True, {})
+        with TestClient(create_app(settings)) as client:
+            writer = api_key_headers(engine, "operator", KeyScope.WRITE)
+            with db.session_scope(engine) as session:
+                report = sync.compare(session, list_slug="events", remote=sync.read_backend(events))
+                sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+            # A worker has taken the reconciliation's fix and is calling the backend...
+            now = utcnow()
+            with db.session_scope(engine) as session:
+                [in_flight] = outbox.claim(
+                    session, worker="slow", now=now, lease=timedelta(seconds=1), limit=10
+                )
+            erased = client.delete(f"/v1/admin/people/{IDN}", headers=writer).json()
+            assert erased["backend_removals"] == ["events"]
+            # ...and its answer, quoting the address, lands after the erasure.
+            with db.session_scope(engine) as session:
+                outbox.finish(
+                    session, job=in_flight, worker="slow", started_at=now, now=utcnow(),
+                    response=f"unsubscribed {IDN_ASCII}",
+                )  # fmt: skip
+        worker = Worker(
+            engine=engine,
+            settings=settings,
+            mailer=make_mailer(settings.mailer),
+            list_backends={"events": events},
+        )
+        _run_until_idle(worker, engine)
+        worker.stop()
+        assert events.held == {}
+        assert holding(engine, IDN_ASCII) == []
 
     def test_an_address_inside_another_one_is_left_alone(
         self, client: TestClient, write_key: dict[str, str], read_key: dict[str, str]

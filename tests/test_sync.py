@@ -479,6 +479,9 @@ class TestReconcileAndImport:
             )
         assert (report.confirmed, report.unsubscribed, report.invalid) == (2, 1, ["not an address"])
         with db.session_scope(engine) as session:
+            sync.settle_import(session, report=report, remote=remote, now=utcnow())
+        assert report.departed == 0
+        with db.session_scope(engine) as session:
             again = sync.import_members(
                 session,
                 list_slug="bluehats",
@@ -500,6 +503,58 @@ class TestReconcileAndImport:
         # The confirmed imports now carry their unsubscribe URL at the backend.
         assert "unsubscribe_url" in backend.held["a@example.org"][2]
         assert "unsubscribe_url" not in backend.held["b@example.org"][2]
+
+    def test_a_member_who_leaves_the_backend_while_the_import_runs_is_not_subscribed_again(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        backend.held = {
+            "stay@example.org": ("stay@example.org", True, {}),
+            "leave@example.org": ("leave@example.org", True, {}),
+        }
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)):
+            pass  # creates the list rows
+        remote = sync.read_backend(backend)
+        # Between the import's read and its write, one member unsubscribes at the backend
+        # (its webhook finds no one here yet).
+        backend.held["leave@example.org"] = ("leave@example.org", False, {})
+        with db.session_scope(engine) as session:
+            report = sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote=remote,
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=utcnow(),
+            )
+        assert report.confirmed == 2
+        # The imported members' syncs (an add each) wait for the second read...
+        _drain(worker)
+        assert backend.calls == []
+        assert backend.held["leave@example.org"][1] is False
+        with db.session_scope(engine) as session:
+            sync.settle_import(
+                session, report=report, remote=sync.read_backend(backend), now=utcnow()
+            )
+        assert report.departed == 1
+        _drain(worker)
+        # ...which records the departure: only the member who stayed is added (with its
+        # unsubscribe URL); the one who left stays unsubscribed there and here.
+        assert ("add", ["stay@example.org"]) in backend.calls
+        assert not any(
+            name == "add" and "leave@example.org" in args for name, args in backend.calls
+        )
+        assert "unsubscribe_url" in backend.held["stay@example.org"][2]
+        assert backend.held["leave@example.org"][1] is False
+        with Session(engine) as session:
+            statuses = {row.email: row.status for row in session.exec(select(Subscription))}
+            events = session.exec(
+                select(ConsentEvent).where(ConsentEvent.action == "backend_event")
+            ).all()
+        assert statuses == {"stay@example.org": "confirmed", "leave@example.org": "unsubscribed"}
+        assert [(e.source, e.detail["event"]) for e in events] == [("import", "unsubscribed")]
 
     def test_the_proof_of_an_imported_member_shows_no_wording_it_never_saw(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -939,6 +994,10 @@ class TestInternationalizedDomains:
             )
         assert imported.confirmed == 1
         with db.session_scope(engine) as session:
+            sync.settle_import(
+                session, report=imported, remote=sync.read_backend(backend), now=utcnow()
+            )
+        with db.session_scope(engine) as session:
             report = sync.compare(
                 session,
                 list_slug="bluehats",
@@ -986,6 +1045,94 @@ class TestInternationalizedDomains:
         assert report.backend_members == 1
 
 
+# `andré@example.org` with its é decomposed (NFD: e and a combining acute), as some
+# systems write it; this service stores the composed form (NFC).
+DECOMPOSED = "andre\u0301@example.org"
+COMPOSED = "andr\u00e9@example.org"
+
+
+class TestSpellingsHeldAtTheBackend:
+    """A backend may hold a member in another spelling than the one this service sends (an
+    internationalized domain in Unicode, a decomposed accent, as the former service added
+    it): fixes reach the member in the backend's own spelling."""
+
+    @pytest.mark.parametrize("held", [IDN, DECOMPOSED], ids=["unicode-domain", "decomposed"])
+    def test_a_member_without_consent_here_is_unsubscribed_in_its_spelling_there(
+        self, held: str, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {held: "unsubscribed"})
+        backend.held = {held.casefold(): (held, True, {})}
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.extra == [held]
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        _drain(worker)
+        assert backend.calls == [("unsubscribe", held)]
+        assert backend.held[held.casefold()][1] is False
+        with db.session_scope(engine) as session:
+            again = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+        assert again.in_sync, again.as_dict()
+
+    def test_an_erased_address_held_with_its_domain_in_unicode_is_removed_there(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        _stored(engine, {IDN: "confirmed"})
+        backend.held = {IDN: (IDN, True, {})}
+        _erase(engine, settings, IDN)
+        _drain(worker)
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.extra == [IDN]
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        _drain(worker)
+        assert backend.calls[-1] == ("remove", IDN)
+        assert backend.held == {}
+
+    def test_a_fresh_opt_in_after_the_fix_is_enqueued_lands_after_it(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, resend_interval="0s")
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, COMPOSED)
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": COMPOSED})
+            _drain(worker)
+            client.post(link_in(smtp.mail_to(COMPOSED, link="unsubscribe"), "unsubscribe"))
+            _drain(worker)
+            # The former service's member, in the decomposed spelling, is still subscribed.
+            backend.held[DECOMPOSED.casefold()] = (DECOMPOSED, True, {})
+            with db.session_scope(engine) as session:
+                report = sync.compare(
+                    session, list_slug="bluehats", remote=sync.read_backend(backend)
+                )
+                assert report.extra == [DECOMPOSED]
+                sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+            # Before the worker syncs (it only sends mail), the person subscribes again
+            # and confirms.
+            backend.calls.clear()
+            client.post("/v1/lists/bluehats/subscriptions", json={"email": COMPOSED})
+            worker._mail_round(settings.worker_batch_size)
+            confirmed = client.post(
+                link_in(smtp.mail_to(COMPOSED, link="confirm"), "confirm"),
+                headers={"accept": "application/json"},
+            )
+            assert confirmed.json()["status"] == "confirmed"
+            assert backend.calls == []
+            _drain(worker)
+        # The older fix first, then the new opt-in: at a backend that takes both spellings
+        # for one member, the member ends subscribed.
+        assert [name for name, _ in backend.calls] == ["unsubscribe", "clear_suppression", "add"]
+        assert backend.calls[0] == ("unsubscribe", DECOMPOSED)
+        assert backend.held[COMPOSED.casefold()][1] is True
+
+
 class TestBackendEvents:
     def test_a_complaint_reported_by_the_backend_stops_sending_and_is_recorded(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -1029,6 +1176,35 @@ class TestScheduledReconcile:
         reconciles = _jobs(engine, JobKind.RECONCILE)
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
+
+    def test_a_run_that_fails_for_good_leaves_the_next_one_scheduled(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
+        backend = GarbledPageBackend(page_size=1)
+        backend.held = {
+            "a@example.org": ("a@example.org", True, {}),
+            "b@example.org": ("b@example.org", True, {}),
+        }
+        worker = _mail_worker(settings, engine, backend)
+        worker.schedule_reconciliations()
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+        _drain(worker)
+        failed, *scheduled = _jobs(engine, JobKind.RECONCILE)
+        assert failed.state == JobState.DEAD
+        assert "unexpected answer" in (failed.last_error or "")
+        assert [job.state for job in scheduled] == [JobState.PENDING]
+        assert scheduled[0].next_attempt_at > utcnow() + timedelta(hours=1, minutes=30)
+
+
+@dataclass
+class GarbledPageBackend(MemoryBackend):
+    """Its second page of members is not what the API promises (a proxy's page, say)."""
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        if cursor:
+            raise PermanentSyncError("list members: unexpected answer", response="200 <html>")
+        return super().members(cursor)
 
 
 @dataclass
