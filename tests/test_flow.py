@@ -287,6 +287,9 @@ class TestLinks:
         page = client.get("/v1/confirm/not-a-token")
         assert page.status_code == 404
         assert page.headers["content-type"].startswith("text/html")
+        # Its text says "ask for a new one": with one list, the page lets the visitor do it.
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in page.text
+        assert 'name="email"' in page.text
 
     @pytest.mark.parametrize(
         "accept", ["text/html;q=0, application/json", "application/json, text/html;q=0.1"]

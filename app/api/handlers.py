@@ -31,6 +31,7 @@ PAGE_PATHS = re.compile(
     r"^/v1/lists/[^/]+(/(thanks|confirmed|unsubscribed|unsubscribe|unsubscribe/sent))?/?$"
 )
 UNSUBSCRIBE_LINKS = "/v1/unsubscribe/"
+CONFIRM_LINKS = "/v1/confirm/"
 HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -94,15 +95,20 @@ def _answer(
         title = t(title_key) if title_key in t else t("error.title")
         form = None
         unsubscribe_url = None
+        # A confirm link not found does not say its list (cut short by a mail client,
+        # mistyped): with one list, the page can still offer the new link its text speaks of.
+        ask_slug = list_slug
+        if ask_slug is None and code == "token_not_found":
+            ask_slug = _only_list(settings) if request.url.path.startswith(CONFIRM_LINKS) else None
         if request.url.path.startswith(UNSUBSCRIBE_LINKS):
             # Someone who wants to leave, with a link that does not work: the way on is the
             # list's page to ask for a new unsubscribe link, not a subscription form.
             leave_slug = list_slug or _only_list(settings)
             if leave_slug is not None:
                 unsubscribe_url = f"/v1/lists/{leave_slug}/unsubscribe?lang={locale.value}"
-        elif list_slug is not None:
+        elif ask_slug is not None:
             form = pages.Form(
-                action=settings.public_link(f"/v1/lists/{list_slug}/subscriptions"),
+                action=settings.public_link(f"/v1/lists/{ask_slug}/subscriptions"),
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),
