@@ -313,6 +313,33 @@ class TestTheSitesForm:
         [row] = stored(database_url)
         assert row.attributes == {"organisation": "DINUM"}
 
+    @pytest.mark.parametrize(
+        ("language", "title"),
+        [("fr", "Erreur - Formulaire illisible"), ("en", "Error - Form could not be read")],
+    )
+    def test_a_form_the_site_sent_in_another_encoding_gets_a_page_that_says_so(
+        self, database_url: str, smtp: SmtpSink, language: str, title: str
+    ) -> None:
+        with app_client(
+            database_url, smtp, lists=[list_settings()], allowed_origins=["https://code.gouv.fr"]
+        ) as client:
+            # What a browser sends for a form without accept-charset on a windows-1252 page.
+            response = client.post(
+                SUBSCRIBE,
+                content=b"email=site%40example.org&name=Cl%E9mence",
+                headers={
+                    **HTML,
+                    "content-type": "application/x-www-form-urlencoded",
+                    "origin": "https://code.gouv.fr",
+                    "accept-language": language,
+                },
+                follow_redirects=False,
+            )
+        assert response.status_code == 400
+        # Not the generic "try again in a moment": the same form fails the same way.
+        assert f"<title>{title} - " in response.text
+        assert stored(database_url) == []
+
 
 class TestCustomFields:
     def test_declared_fields_are_stored_as_attributes_and_others_ignored(
