@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlmodel import Session, select
@@ -645,6 +646,26 @@ class TestErrorPages:
         assert "Trop de demandes sont venues de votre réseau" in page.text
         # A POST cannot be replayed by a link: the switch leads to the list's form.
         assert 'href="/v1/lists/bluehats?lang=en"' in page.text
+
+    def test_a_dead_link_of_a_list_with_required_fields_leads_to_its_page_not_to_a_bare_form(
+        self, client: TestClient, smtp: SmtpSink, database_url: str
+    ) -> None:
+        client.post(
+            SUBSCRIBE, json={"email": "late@example.org", "attributes": {"organisation": "DINUM"}}
+        )
+        link = link_in(smtp.mail_to("late@example.org", link="confirm"), "confirm")
+        engine = make_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE token SET expires_at = :past"), {"past": utcnow()})
+        engine.dispose()
+        for dead in (link, "/v1/confirm/" + "A" * 43):
+            page = client.get(dead, headers=HTML)
+            assert page.status_code in (404, 410)
+            # An address alone would come back with "fill in Votre administration": the
+            # way on is the list's page, which asks for every required field.
+            assert 'name="email"' not in page.text
+            assert '<a class="fr-link" href="/v1/lists/bluehats?lang=fr">' in page.text
+            assert "Recevoir un nouveau lien" in page.text
 
 
 class TestStylesheet:
