@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `make run PORT=8001` when 8000 is taken: the links in mails and the pages' forms follow
+# (NEWSLETTER_PUBLIC_URL, unless it is set).
+PORT ?= 8000
 run: $(STAMP)
-	$(BIN)/newsletter serve
+	NEWSLETTER_PUBLIC_URL="$${NEWSLETTER_PUBLIC_URL:-http://127.0.0.1:$(PORT)}" $(BIN)/newsletter serve --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -133,6 +133,16 @@ def serve(
         settings.database_url.split(":", 1)[0],
         workers,
     )
+    if _elsewhere_on_this_host(settings, port=port):
+        # `newsletter serve --port 8001` in development, the default public URL left as is:
+        # the pages would post their forms to, and the mails link to, another server.
+        logging.getLogger("app.cli").warning(
+            "serve.public_url_elsewhere public_url=%s port=%d: the pages' forms and the mails' "
+            "links lead there; set NEWSLETTER_PUBLIC_URL (or use make run PORT=%d)",
+            settings.public_link(""),
+            port,
+            port,
+        )
     uvicorn.run(
         # Sets up logging in each process (uvicorn's own config is off: one format for all).
         "app.main:serve_app",
@@ -149,6 +159,13 @@ def serve(
         # the lifespan stops the worker, which finishes its jobs in hand and gives back the rest.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout.total_seconds())),
     )
+
+
+def _elsewhere_on_this_host(settings: Settings, *, port: int) -> bool:
+    """The public URL names this machine (loopback) but another port than the one served."""
+    url = settings.public_url
+    loopback = url.host in ("127.0.0.1", "localhost", "[::1]", "::1")
+    return loopback and url.port != port
 
 
 def _schema_at_head(settings: Settings) -> None:

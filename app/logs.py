@@ -189,6 +189,9 @@ def configure(*, level: str, fmt: str, stream: TextIO | None = None) -> logging.
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # Alembic 1.17+ announces each of its plugins (seven lines) on every `newsletter migrate`,
+    # the first `make run` included, before the upgrades that matter.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     migration_log = logging.getLogger("alembic.runtime.migration")
     if not any(isinstance(f, QuietMigrationContext) for f in migration_log.filters):
         migration_log.addFilter(QuietMigrationContext())

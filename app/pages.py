@@ -135,6 +135,7 @@ def render(
     subscribe_url: str | None = None,
     is_error: bool = False,
     unsubscribe_url: str | None = None,
+    ask_url: str | None = None,
 ) -> HTMLResponse:
     """A page with a title, a paragraph and at most one form or a way on."""
     return _render(
@@ -148,6 +149,7 @@ def render(
         back_url=back_url,
         subscribe_url=subscribe_url,
         unsubscribe_url=unsubscribe_url,
+        ask_url=ask_url,
     )
 
 

@@ -33,8 +33,8 @@ def run(
         NEWSLETTER_SECRET_KEY=SECRET,
         NEWSLETTER_LOG_LEVEL="WARNING",
         NEWSLETTER_AUTO_MIGRATE="false",
-        **{f"NEWSLETTER_{name}": value for name, value in settings.items()},
     )
+    env.update({f"NEWSLETTER_{name}": value for name, value in settings.items()})
     # A worker that started would run until the timeout: the test fails, it does not hang.
     return subprocess.run(
         [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
@@ -101,6 +101,15 @@ class TestMigrate:
         assert up.returncode == 0, up.stderr
         assert up.stdout == "database at 0009\n"
         assert migrations.current_revision(engine) == head
+
+    def test_migrate_logs_the_upgrades_it_runs_and_not_alembic_s_plugins(
+        self, tmp_path: Path
+    ) -> None:
+        fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+        result = run(fresh, tmp_path, "migrate", LOG_LEVEL="INFO")
+        assert result.returncode == 0, result.stderr
+        assert "Running upgrade 0008 -> 0009" in result.stderr
+        assert "plugin" not in result.stderr
 
     def test_an_unknown_revision_is_bad_input(self, database_url: str, tmp_path: Path) -> None:
         result = run(database_url, tmp_path, "migrate", "nosuchrev")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import pytest
@@ -306,6 +307,9 @@ class TestLinks:
         page = client.get("/v1/confirm/not-a-token")
         assert page.status_code == 404
         assert page.headers["content-type"].startswith("text/html")
+        # Its text says "ask for a new one": with one list, the page lets the visitor do it.
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in page.text
+        assert 'name="email"' in page.text
 
     @pytest.mark.parametrize(
         "accept", ["text/html;q=0, application/json", "application/json, text/html;q=0.1"]
@@ -374,6 +378,26 @@ class TestLinks:
         expired = client.get(link, headers={"accept-language": ""})
         assert expired.status_code == 410
         assert '<html lang="en">' in expired.text
+
+    @pytest.mark.parametrize(
+        ("language", "reassurance"),
+        [
+            ("fr", "Si c'était pour confirmer votre inscription, elle est enregistrée"),
+            ("en", "If you used it to confirm your subscription, it is recorded"),
+        ],
+    )
+    def test_going_back_to_the_link_after_confirming_says_there_is_nothing_more_to_do(
+        self, client: TestClient, smtp: SmtpSink, language: str, reassurance: str
+    ) -> None:
+        subscribe(client, "back@example.org", locale=language)
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        pressed = client.post(link, data={}, headers={"accept": "text/html"})
+        assert pressed.status_code == 200
+        # The browser's back button, or the mail's link opened again: the link is spent,
+        # and the visitor, who just confirmed, must not be left thinking it failed.
+        again = client.get(link)
+        assert again.status_code == 409
+        assert reassurance in html.unescape(again.text)
 
     def test_an_unsubscribe_link_works_twice(self, client: TestClient, smtp: SmtpSink) -> None:
         subscribe(client, "twice@example.org")

@@ -6,6 +6,7 @@ consent-ledger events, outbox jobs), with a well-formed request that would other
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 
 import httpx
@@ -120,14 +121,32 @@ class TestFormPostsFromOtherSites:
         assert response.status_code == 202
         assert count_rows(site_settings.database_url, "subscription") == 1
 
-    def test_a_browser_gets_a_page_saying_why(self, site_client: TestClient) -> None:
+    @pytest.mark.parametrize(
+        ("language", "title", "why"),
+        [
+            ("fr", "Erreur - Formulaire envoyé depuis un autre site", "le site où vous l'avez"),
+            ("en", "Error - Form sent from another site", "the site where you filled it"),
+        ],
+    )
+    @pytest.mark.parametrize("path", [SUBSCRIBE, UNSUBSCRIBE])
+    def test_a_browser_gets_a_page_saying_why(
+        self, site_client: TestClient, path: str, language: str, title: str, why: str
+    ) -> None:
         response = site_client.post(
-            SUBSCRIBE,
+            path,
             content=b"email=x%40example.org",
-            headers={**FORM, "origin": STRANGER, "accept": "text/html"},
+            headers={
+                **FORM,
+                "origin": STRANGER,
+                "accept": "text/html",
+                "accept-language": language,
+            },
         )
         assert response.status_code == 403
         assert response.headers["content-type"].startswith("text/html")
+        # Not the generic "try again in a moment": trying again from there cannot work.
+        assert f"<title>{title}" in response.text
+        assert why in html.unescape(response.text)
 
 
 class TestLinkButtons:

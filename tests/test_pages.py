@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlmodel import Session, select
@@ -312,6 +313,33 @@ class TestTheSitesForm:
             smtp.mail_to("site@example.org", link="confirm")
         [row] = stored(database_url)
         assert row.attributes == {"organisation": "DINUM"}
+
+    @pytest.mark.parametrize(
+        ("language", "title"),
+        [("fr", "Erreur - Formulaire illisible"), ("en", "Error - Form could not be read")],
+    )
+    def test_a_form_the_site_sent_in_another_encoding_gets_a_page_that_says_so(
+        self, database_url: str, smtp: SmtpSink, language: str, title: str
+    ) -> None:
+        with app_client(
+            database_url, smtp, lists=[list_settings()], allowed_origins=["https://code.gouv.fr"]
+        ) as client:
+            # What a browser sends for a form without accept-charset on a windows-1252 page.
+            response = client.post(
+                SUBSCRIBE,
+                content=b"email=site%40example.org&name=Cl%E9mence",
+                headers={
+                    **HTML,
+                    "content-type": "application/x-www-form-urlencoded",
+                    "origin": "https://code.gouv.fr",
+                    "accept-language": language,
+                },
+                follow_redirects=False,
+            )
+        assert response.status_code == 400
+        # Not the generic "try again in a moment": the same form fails the same way.
+        assert f"<title>{title} - " in response.text
+        assert stored(database_url) == []
 
 
 class TestCustomFields:
@@ -618,6 +646,26 @@ class TestErrorPages:
         assert "Trop de demandes sont venues de votre réseau" in page.text
         # A POST cannot be replayed by a link: the switch leads to the list's form.
         assert 'href="/v1/lists/bluehats?lang=en"' in page.text
+
+    def test_a_dead_link_of_a_list_with_required_fields_leads_to_its_page_not_to_a_bare_form(
+        self, client: TestClient, smtp: SmtpSink, database_url: str
+    ) -> None:
+        client.post(
+            SUBSCRIBE, json={"email": "late@example.org", "attributes": {"organisation": "DINUM"}}
+        )
+        link = link_in(smtp.mail_to("late@example.org", link="confirm"), "confirm")
+        engine = make_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE token SET expires_at = :past"), {"past": utcnow()})
+        engine.dispose()
+        for dead in (link, "/v1/confirm/" + "A" * 43):
+            page = client.get(dead, headers=HTML)
+            assert page.status_code in (404, 410)
+            # An address alone would come back with "fill in Votre administration": the
+            # way on is the list's page, which asks for every required field.
+            assert 'name="email"' not in page.text
+            assert '<a class="fr-link" href="/v1/lists/bluehats?lang=fr">' in page.text
+            assert "Recevoir un nouveau lien" in page.text
 
 
 class TestStylesheet:

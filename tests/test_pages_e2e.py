@@ -7,9 +7,12 @@ artifacts/screenshots/."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,7 @@ TEXT = {
         "ask_unsubscribe": "Recevoir un lien de désinscription",
         "unsubscribe_sent": "un message contenant un lien de désinscription vient de partir",
         "new_unsubscribe_link": "Demander un nouveau lien de désinscription",
+        "new_link": "Recevoir un nouveau lien",
         "error": "Erreur - ",
         "switch": "English",
     },
@@ -82,6 +86,7 @@ TEXT = {
         "ask_unsubscribe": "Send me an unsubscribe link",
         "unsubscribe_sent": "a message with an unsubscribe link is on its way",
         "new_unsubscribe_link": "Ask for a new unsubscribe link",
+        "new_link": "Send me a new link",
         "error": "Error - ",
         "switch": "Français",
     },
@@ -296,8 +301,13 @@ def error_pages(visit: Visit, smtp: SmtpSink, database_url: str, base_url: str) 
     assert expired is not None
     assert expired.status == 410
     assert page.title().startswith(text["error"])
-    assert page.locator("input[name=email]").count() == 1
     visit.check("expired-link")
+    # The list requires a field an address-only form cannot ask for: the way to a new link
+    # is the list's own page, with every field.
+    page.click(f'main a:has-text("{text["new_link"]}")')
+    page.wait_for_url(f"**/v1/lists/bluehats?lang={visit.lang}")
+    assert page.locator("#field-email").count() == 1
+    assert page.locator("#field-organisation").count() == 1
 
     unknown = page.goto(f"{base_url}/v1/confirm/{'A' * 43}")
     assert unknown is not None
@@ -418,3 +428,81 @@ def test_a_browser_subscriber_joins_and_leaves_a_real_mailman_list(
             wait_until(lambda: roster_names(mailman_core, list_id) == {})
     finally:
         context.close()
+
+
+class SitePage:
+    """One page of "the site" on another loopback origin, in the bytes a site serves it."""
+
+    def __init__(self, body: bytes, *, content_type: str) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.origin
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def readme_form(action: str) -> str:
+    """The site's form as the README gives it, posting to `action` instead."""
+    readme = (ROOT / "README.md").read_text("utf-8")
+    [form] = re.findall(r"```html\n(<form .*?</form>)\n```", readme, re.S)
+    return form.replace("https://newsletter.code.gouv.fr/v1/lists/bluehats/subscriptions", action)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "windows-1252"])
+def test_the_readme_s_form_on_another_site_works_without_javascript(
+    browser: Browser, database_url: str, smtp: SmtpSink, encoding: str
+) -> None:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    # Many sites still serve their pages in a legacy encoding: the form must post UTF-8.
+    html = (
+        f'<!DOCTYPE html><html lang="fr"><head><meta charset="{encoding}">'
+        "<title>Le site</title></head><body>"
+        + readme_form(f"{base_url}/v1/lists/bluehats/subscriptions")
+        + "</body></html>"
+    )
+    site = SitePage(html.encode(encoding), content_type=f"text/html; charset={encoding}")
+    with site as origin:
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            public_url=base_url,
+            allowed_origins=origin,
+            lists=[{"slug": "bluehats", "name": "Gazette BlueHats", "fields": FIELDS}],
+        )
+        context = browser.new_context(java_script_enabled=False, locale="fr-FR")
+        try:
+            with LiveServer(create_app(settings), port=port):
+                page = context.new_page()
+                page.goto(f"{origin}/")
+                page.fill("#nl-email", "  Site.Visitor@Example.org ")
+                page.fill("#nl-organisation", "Préfecture de l'Hérault")
+                with page.expect_navigation():
+                    page.click("button[type=submit]")
+                assert page.url == f"{base_url}/v1/lists/bluehats/thanks?lang=fr", page.content()
+                assert page.locator("h1").inner_text() == TEXT["fr"]["thanks"]
+                smtp.mail_to("Site.Visitor@example.org", link="confirm")
+        finally:
+            context.close()
+    engine = make_engine(database_url)
+    with Session(engine) as session:
+        [row] = session.exec(select(Subscription)).all()
+    engine.dispose()
+    assert row.attributes == {"organisation": "Préfecture de l'Hérault"}

@@ -78,6 +78,31 @@ class TestRequired:
         for table in ("subscription", "consent_event", "outbox_job", "webhook_nonce"):
             assert count_rows(pow_settings.database_url, table) == 0, table
 
+    @pytest.mark.parametrize(
+        ("language", "title", "why"),
+        [
+            ("fr", "Erreur - JavaScript nécessaire", "Activez JavaScript, puis envoyez"),
+            ("en", "Error - JavaScript needed", "Turn JavaScript on, then send the form again"),
+        ],
+    )
+    def test_a_browser_without_javascript_is_told_why_its_form_was_refused(
+        self, pow_client: TestClient, language: str, title: str, why: str
+    ) -> None:
+        browser = {"accept": "text/html", "accept-language": language}
+        for page in ("/v1/lists/bluehats", "/v1/lists/bluehats/unsubscribe"):
+            # The form's page warns before anything is typed (shown only without scripts).
+            shown = pow_client.get(page, headers=browser).text
+            assert "<noscript>" in shown
+        response = pow_client.post(
+            SUBSCRIBE,
+            content=b"email=nojs%40example.org",
+            headers={**FORM, **browser},
+        )
+        assert response.status_code == 400
+        # Not the generic "try again in a moment": without JavaScript, again fails again.
+        assert f"<title>{title}" in response.text
+        assert why in response.text
+
     def test_a_real_solution_subscribes_as_json_and_as_a_form(
         self, pow_client: TestClient, pow_settings: Settings
     ) -> None:

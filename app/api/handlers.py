@@ -31,6 +31,7 @@ PAGE_PATHS = re.compile(
     r"^/v1/lists/[^/]+(/(thanks|confirmed|unsubscribed|unsubscribe|unsubscribe/sent))?/?$"
 )
 UNSUBSCRIBE_LINKS = "/v1/unsubscribe/"
+CONFIRM_LINKS = "/v1/confirm/"
 HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -93,16 +94,26 @@ def _answer(
         title_key = f"error.title.{code}"
         title = t(title_key) if title_key in t else t("error.title")
         form = None
+        ask_url = None
         unsubscribe_url = None
+        # A confirm link not found does not say its list (cut short by a mail client,
+        # mistyped): with one list, the page can still offer the new link its text speaks of.
+        ask_slug = list_slug
+        if ask_slug is None and code == "token_not_found":
+            ask_slug = _only_list(settings) if request.url.path.startswith(CONFIRM_LINKS) else None
         if request.url.path.startswith(UNSUBSCRIBE_LINKS):
             # Someone who wants to leave, with a link that does not work: the way on is the
             # list's page to ask for a new unsubscribe link, not a subscription form.
             leave_slug = list_slug or _only_list(settings)
             if leave_slug is not None:
                 unsubscribe_url = f"/v1/lists/{leave_slug}/unsubscribe?lang={locale.value}"
-        elif list_slug is not None:
+        elif ask_slug is not None and _has_required_fields(settings, ask_slug):
+            # An address alone would come back with "fill in ...": the list's own page asks
+            # for every field it requires.
+            ask_url = f"/v1/lists/{ask_slug}?lang={locale.value}"
+        elif ask_slug is not None:
             form = pages.Form(
-                action=settings.public_link(f"/v1/lists/{list_slug}/subscriptions"),
+                action=settings.public_link(f"/v1/lists/{ask_slug}/subscriptions"),
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),
@@ -122,8 +133,14 @@ def _answer(
             form=form,
             is_error=True,
             unsubscribe_url=unsubscribe_url,
+            ask_url=ask_url,
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _has_required_fields(settings: Settings, slug: str) -> bool:
+    declared = settings.list_settings(slug)
+    return declared is not None and any(field.required for field in declared.fields)
 
 
 def _only_list(settings: Settings) -> str | None:
