@@ -68,6 +68,22 @@ def newsletter(
     )
 
 
+def _run_worker(engine: sa.Engine, database_url: str, listmonk: FakeListmonk) -> None:
+    """A few rounds of the outbox worker, with the listmonk list's settings."""
+    settings = Settings(
+        database_url=database_url,
+        secret_key=SECRET,
+        lists=_lists(listmonk),  # type: ignore[arg-type]
+        auto_migrate=False,
+    )
+    worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name="t")
+    try:
+        for _ in range(5):
+            worker.run_once()
+    finally:
+        worker.stop()
+
+
 def _status_on_list(listmonk: FakeListmonk, email: str) -> str | None:
     record = listmonk.subscriber(email)
     if record is None:
@@ -129,20 +145,7 @@ class TestTakingOverAList:
         assert fix.returncode == 0, fix.stderr
         assert "fixes enqueued" in fix.stdout
 
-        settings = Settings(
-            database_url=database_url,
-            secret_key=SECRET,
-            lists=_lists(listmonk),  # type: ignore[arg-type]
-            auto_migrate=False,
-        )
-        worker = Worker(
-            engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name="t"
-        )
-        try:
-            for _ in range(5):
-                worker.run_once()
-        finally:
-            worker.stop()
+        _run_worker(engine, database_url, listmonk)
         assert _status_on_list(listmonk, "stranger@example.org") == "unsubscribed"
         # The import's sync gave ada her personal unsubscribe link at listmonk.
         ada = listmonk.subscriber("ada@example.org")
@@ -180,20 +183,7 @@ class TestTakingOverAList:
             rows = {row.email: row.status for row in session.exec(select(Subscription)).all()}
         assert rows == {"ada@example.org": "confirmed", "bob@example.org": "unsubscribed"}
 
-        settings = Settings(
-            database_url=database_url,
-            secret_key=SECRET,
-            lists=_lists(listmonk),  # type: ignore[arg-type]
-            auto_migrate=False,
-        )
-        worker = Worker(
-            engine=engine, settings=settings, mailer=make_mailer(settings.mailer), name="t"
-        )
-        try:
-            for _ in range(5):
-                worker.run_once()
-        finally:
-            worker.stop()
+        _run_worker(engine, database_url, listmonk)
         # The import's syncs ran: ada got her link, bob was not subscribed again.
         ada = listmonk.subscriber("ada@example.org")
         assert ada is not None
