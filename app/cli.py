@@ -423,7 +423,7 @@ def import_backend(
             )
             if dry_run:
                 session.rollback()
-        if report.confirmed_keys and not dry_run:
+        if report.confirmed_addresses and not dry_run:
             # Who left the backend while it was read: recorded before any sync re-adds them.
             try:
                 again = _read_members(backend, label=list_slug)

@@ -697,8 +697,8 @@ class ImportReport:
     # back), or on the block-list, as a CSV import refuses them.
     erased: int = 0
     blocked: int = 0
-    # The subscriptions imported as confirmed (id -> email_key), for `settle_import`.
-    confirmed_keys: dict[int, str] = field(default_factory=dict)
+    # The subscriptions imported as confirmed (id -> address), for `settle_import`.
+    confirmed_addresses: dict[int, addresses.Address] = field(default_factory=dict)
     # Of those, how many had left the backend by its second read (`settle_import`).
     departed: int = 0
 
@@ -791,7 +791,7 @@ def import_members(
         )
         if subscribed:
             report.confirmed += 1
-            report.confirmed_keys[_id(subscription)] = parsed.key
+            report.confirmed_addresses[_id(subscription)] = parsed
         else:
             report.unsubscribed += 1
     # A confirmed member's sync makes it subscribed at the backend (the unsubscribe URL
@@ -800,7 +800,7 @@ def import_members(
     # for `settle_import`.
     outbox.enqueue_new_syncs(
         session,
-        subscription_ids=list(report.confirmed_keys),
+        subscription_ids=list(report.confirmed_addresses),
         list_id=mailing_list.id,
         now=now,
         delay=IMPORT_HOLD,
@@ -827,23 +827,19 @@ def settle_import(
     from app import subscriptions  # which imports this module
 
     departed = [
-        subscription_id
-        for subscription_id, email_key in report.confirmed_keys.items()
-        if not remote.get(email_key, ("", False))[1]
+        address
+        for address in report.confirmed_addresses.values()
+        if not remote.get(address.key, ("", False))[1]
     ]
-    for start in range(0, len(departed), 500):
-        rows = session.exec(
-            select(Subscription).where(col(Subscription.id).in_(departed[start : start + 500]))
-        ).all()
-        for row in rows:
-            subscriptions.apply_backend_event(
-                session,
-                list_slug=report.list_slug,
-                address=addresses.Address(email=row.email, key=row.email_key),
-                event="unsubscribed",
-                evidence=subscriptions.Evidence(source="import"),
-                now=now,
-                detail={"note": "left the backend while the import ran"},
-            )
+    for address in departed:
+        subscriptions.apply_backend_event(
+            session,
+            list_slug=report.list_slug,
+            address=address,
+            event="unsubscribed",
+            evidence=subscriptions.Evidence(source="import"),
+            now=now,
+            detail={"note": "left the backend while the import ran"},
+        )
     report.departed = len(departed)
-    outbox.release_syncs(session, subscription_ids=list(report.confirmed_keys), now=now)
+    outbox.release_syncs(session, subscription_ids=list(report.confirmed_addresses), now=now)

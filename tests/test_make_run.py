@@ -19,16 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 
 
-def test_make_run_on_another_port_serves_pages_whose_forms_and_links_use_it(
-    tmp_path: Path, database_url: str
-) -> None:
-    port = free_port()
+def _env(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str]:
+    """The caller's environment without its NEWSLETTER_ settings, and this test's own."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("NEWSLETTER_")}
     env.update(
         NEWSLETTER_DATABASE_URL=database_url,
         NEWSLETTER_SECRET_KEY_FILE=str(tmp_path / "secret.key"),
         NEWSLETTER_MAILER__DIRECTORY=str(tmp_path / "mail"),
+        **extra,
     )
+    return env
+
+
+def test_make_run_on_another_port_serves_pages_whose_forms_and_links_use_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    port = free_port()
+    env = _env(tmp_path, database_url)
     with (tmp_path / "log").open("wb") as log:
         # This test's own venv, taken as installed (`-o`): make must not reinstall it.
         command = ["make", "--no-print-directory", "-o", f"{VENV}/.installed", "run"]
@@ -66,13 +73,7 @@ def test_serve_on_another_port_than_the_public_url_s_warns_that_forms_lead_there
     tmp_path: Path, database_url: str
 ) -> None:
     port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("NEWSLETTER_")}
-    env.update(
-        NEWSLETTER_DATABASE_URL=database_url,
-        NEWSLETTER_SECRET_KEY_FILE=str(tmp_path / "secret.key"),
-        NEWSLETTER_MAILER__DIRECTORY=str(tmp_path / "mail"),
-        NEWSLETTER_RUN_WORKER="false",
-    )
+    env = _env(tmp_path, database_url, NEWSLETTER_RUN_WORKER="false")
     # `newsletter serve --port P` as the README's commands show it, the public URL left as is.
     serve = Process(["serve", "--port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "log")
     try:

@@ -40,6 +40,26 @@ from app.worker import Worker
 from tests.conftest import SmtpSink, link_in, make_settings
 
 
+def _import_members(
+    engine: sa.Engine,
+    settings: Settings,
+    remote: dict[str, tuple[str, bool]],
+    *,
+    backend_kind: str = "mailgun",
+    now: datetime | None = None,
+) -> sync.ImportReport:
+    """`sync.import_members` into the list `bluehats`, in a transaction of its own."""
+    with db.session_scope(engine) as session:
+        return sync.import_members(
+            session,
+            list_slug="bluehats",
+            remote=remote,
+            backend_kind=backend_kind,
+            key=settings.token_key(),
+            now=now or utcnow(),
+        )
+
+
 @dataclass
 class MemoryBackend:
     """A list held in memory; records every call; can be told to fail."""
@@ -468,28 +488,12 @@ class TestReconcileAndImport:
         with TestClient(create_app(settings)):
             pass  # creates the list rows
         remote = sync.read_backend(backend)
-        with db.session_scope(engine) as session:
-            report = sync.import_members(
-                session,
-                list_slug="bluehats",
-                remote=remote,
-                backend_kind="mailgun",
-                key=settings.token_key(),
-                now=utcnow(),
-            )
+        report = _import_members(engine, settings, remote)
         assert (report.confirmed, report.unsubscribed, report.invalid) == (2, 1, ["not an address"])
         with db.session_scope(engine) as session:
             sync.settle_import(session, report=report, remote=remote, now=utcnow())
         assert report.departed == 0
-        with db.session_scope(engine) as session:
-            again = sync.import_members(
-                session,
-                list_slug="bluehats",
-                remote=remote,
-                backend_kind="mailgun",
-                key=settings.token_key(),
-                now=utcnow(),
-            )
+        again = _import_members(engine, settings, remote)
         assert again.already_known == 3
         with Session(engine) as session:
             events = session.exec(select(ConsentEvent)).all()
@@ -520,15 +524,7 @@ class TestReconcileAndImport:
         # Between the import's read and its write, one member unsubscribes at the backend
         # (its webhook finds no one here yet).
         backend.held["leave@example.org"] = ("leave@example.org", False, {})
-        with db.session_scope(engine) as session:
-            report = sync.import_members(
-                session,
-                list_slug="bluehats",
-                remote=remote,
-                backend_kind="mailgun",
-                key=settings.token_key(),
-                now=utcnow(),
-            )
+        report = _import_members(engine, settings, remote)
         assert report.confirmed == 2
         # The imported members' syncs (an add each) wait for the second read...
         _drain(worker)
@@ -562,15 +558,7 @@ class TestReconcileAndImport:
         settings = _app_without_worker(database_url, smtp)
         with TestClient(create_app(settings)):
             pass  # creates the list rows and records its wording
-        with db.session_scope(engine) as session:
-            sync.import_members(
-                session,
-                list_slug="bluehats",
-                remote={"a@example.org": ("a@example.org", True)},
-                backend_kind="mailgun",
-                key=settings.token_key(),
-                now=utcnow(),
-            )
+        _import_members(engine, settings, {"a@example.org": ("a@example.org", True)})
         with db.session_scope(engine) as session:
             proof = consent.proof_by_address(
                 session, list_slug="bluehats", email_key="a@example.org"
@@ -608,15 +596,7 @@ class TestReconcileAndImport:
             "x@spam.example": ("x@spam.example", True),
             "kept@example.org": ("kept@example.org", True),
         }
-        with db.session_scope(engine) as session:
-            report = sync.import_members(
-                session,
-                list_slug="bluehats",
-                remote=remote,
-                backend_kind="mailgun",
-                key=settings.token_key(),
-                now=now,
-            )
+        report = _import_members(engine, settings, remote, now=now)
         assert (report.confirmed, report.erased, report.blocked) == (1, 2, 1)
         with Session(engine) as session:
             assert [row.email for row in session.exec(select(Subscription)).all()] == [
@@ -983,15 +963,9 @@ class TestInternationalizedDomains:
         worker = _mail_worker(settings, engine, backend)
         with TestClient(create_app(settings)):
             pass  # creates the list rows
-        with db.session_scope(engine) as session:
-            imported = sync.import_members(
-                session,
-                list_slug="bluehats",
-                remote=sync.read_backend(backend),
-                backend_kind="mailman",
-                key=settings.token_key(),
-                now=utcnow(),
-            )
+        imported = _import_members(
+            engine, settings, sync.read_backend(backend), backend_kind="mailman"
+        )
         assert imported.confirmed == 1
         with db.session_scope(engine) as session:
             sync.settle_import(
