@@ -73,8 +73,23 @@ def _match_statement(domains: int) -> db.Prepared:
     )
 
 
+# Session.info key: whether the block-list had any entry when this transaction first looked.
+_ANY = "blocklist_any"
+_ANY_ENTRY = db.Prepared(sa.select(_ENTRIES.c.kind).limit(1))
+
+
 def match(session: Session, *, email_key: str) -> BlockKind | None:
-    """Which kind of entry blocks this address, if any (one indexed look-up)."""
+    """Which kind of entry blocks this address, if any (one indexed look-up).
+
+    An empty block-list, the usual case, is read once per transaction: the public requests
+    of one group commit (app/writer.py) then need no look-up each. A block added while the
+    transaction runs applies from the next one, as it would to a request a moment earlier.
+    """
+    any_entry = session.info.get(_ANY)
+    if any_entry is None:
+        any_entry = session.info[_ANY] = _ANY_ENTRY.execute(session, {}).first() is not None
+    if not any_entry:
+        return None
     domains = _domains_of(email_key)
     found = (
         _match_statement(len(domains))
@@ -129,6 +144,7 @@ def add(
     entry = BlockedEntry(kind=kind, value=value, reason=reason, created_at=now, created_by=actor)
     session.add(entry)
     session.flush()
+    session.info.pop(_ANY, None)
     log.info("blocklist.added kind=%s id=%s", kind.value, entry.id)
     return entry
 

@@ -9,19 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import db, privacy
+from app import blocklist, db, privacy
 from app.models import (
     AuditEvent,
     BlockedEntry,
+    BlockKind,
     ConsentEvent,
     OutboxJob,
     Subscription,
+    utcnow,
 )
-from tests.conftest import SECRET, SmtpSink, count_rows, link_in, wait_until
+from tests.conftest import POSTGRES_URL, SECRET, SmtpSink, count_rows, link_in, wait_until
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 BLOCKS = "/v1/admin/blocks"
@@ -378,3 +381,35 @@ class TestCommandLine:
             ("block.remove", "error:not_found"),
         ]
         assert all(a.actor.startswith("cli:") for a in _audit(engine, "block.add"))
+
+
+class TestOneTransaction:
+    """The public path reads an empty block-list once per transaction (a group commit's)."""
+
+    @pytest.mark.skipif(
+        not POSTGRES_URL, reason="SQLite has one writer: nothing commits while a write runs"
+    )
+    def test_an_empty_list_is_read_once_and_a_block_applies_from_the_next_transaction(
+        self, engine: sa.Engine
+    ) -> None:
+        with Session(engine) as reading:
+            assert blocklist.match(reading, email_key="eve@spam.example") is None
+            with db.session_scope(engine) as other:
+                blocklist.add(
+                    other, kind=BlockKind.DOMAIN, value="spam.example", reason="bots",
+                    actor="operator", now=utcnow(),
+                )  # fmt: skip
+            # Committed meanwhile: this transaction read the list empty and keeps to it.
+            assert blocklist.match(reading, email_key="mallory@spam.example") is None
+        with Session(engine) as later:
+            assert blocklist.match(later, email_key="mallory@spam.example") is BlockKind.DOMAIN
+            assert blocklist.match(later, email_key="camille@example.org") is None
+
+    def test_a_block_added_in_the_same_transaction_applies_at_once(self, engine: sa.Engine) -> None:
+        with db.session_scope(engine) as session:
+            assert blocklist.match(session, email_key="mallory@example.org") is None
+            blocklist.add(
+                session, kind=BlockKind.ADDRESS, value="mallory@example.org", reason="abuse",
+                actor="operator", now=utcnow(),
+            )  # fmt: skip
+            assert blocklist.match(session, email_key="mallory@example.org") is BlockKind.ADDRESS
