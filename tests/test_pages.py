@@ -680,6 +680,15 @@ class TestStylesheet:
         assert "script-src" not in csp
         assert client.get("/static/style.css").status_code == 200
 
+    def test_the_icon_browsers_ask_for_is_an_empty_answer_they_keep(
+        self, client: TestClient
+    ) -> None:
+        icon = client.get("/favicon.ico")
+        assert icon.status_code == 204
+        assert icon.content == b""
+        assert icon.headers["cache-control"] == "public, max-age=86400"
+        assert "/favicon.ico" not in client.get("/openapi.json").json()["paths"]
+
     def test_the_dsfr_stylesheet_when_configured_and_its_origin_in_the_csp(
         self, database_url: str, smtp: SmtpSink
     ) -> None:
