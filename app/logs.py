@@ -136,6 +136,9 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "color_message",
 }
 _EVENT = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+")
+# A line of a library's that does not start with an event name has its logger's name as
+# event; uvicorn's general logger, which also announces start and stop, is "uvicorn.error".
+_LOGGER_EVENTS = {"uvicorn.error": "uvicorn"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -148,7 +151,9 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "event": first if _EVENT.fullmatch(first) else None,
+            "event": (
+                first if _EVENT.fullmatch(first) else _LOGGER_EVENTS.get(record.name, record.name)
+            ),
             "message": message,
             "request_id": getattr(record, "request_id", None),
         }

@@ -457,6 +457,19 @@ class TestLogHygiene:
         )
         assert line(logging.INFO, "x.y to=ada@example.org")["event"] == "x.y"
 
+    def test_a_library_line_has_its_logger_as_event(self) -> None:
+        formatter = logs.JsonFormatter()
+
+        def event(logger: str, message: str) -> Any:
+            record = logging.LogRecord(logger, logging.INFO, __file__, 1, message, None, None)
+            return json.loads(formatter.format(record))["event"]
+
+        assert event("alembic.runtime.migration", "Running upgrade  -> 0001, start") == (
+            "alembic.runtime.migration"
+        )
+        assert event("uvicorn.error", "Started server process [42]") == "uvicorn"
+        assert event("app.worker", "worker.started name=w1") == "worker.started"
+
     @pytest.mark.parametrize(
         ("given", "kept"),
         [
