@@ -236,3 +236,37 @@ def mask(email: str) -> str:
     """`j***@example.org`: enough to tell mails apart in logs, not enough to identify anyone."""
     local, _, domain = email.rpartition("@")
     return f"{local[:1]}***@{domain}"
+
+
+# What people paste around an address: a name and angle brackets (`Camille <c@example.org>`,
+# copied from a mail program), `mailto:` (from a link), quotes, a final dot or comma.
+_WRAPPED = re.compile(r"^(?:.*<\s*(?P<bracketed>[^<>]*?)\s*>|(?P<bare>.*?))\s*$", re.DOTALL)
+_AROUND = " \t\"'`“”\u2018\u2019«»()[],;:."
+_SPACED = re.compile(r"\s*([@.])\s*")
+# A name and an address fit in this; anything longer is not worth a guess.
+_SUGGEST_AT_MOST = 2 * MAX_ADDRESS_LENGTH
+
+
+def suggestion(raw: str) -> str | None:
+    """For an address refused as typed, the valid address the person most likely meant,
+    if they pasted one with something around it; None when there is nothing to suggest.
+
+    Only a suggestion to show: the address stored is always one the person sent.
+    """
+    if len(raw) > _SUGGEST_AT_MOST:
+        return None
+    match = _WRAPPED.match(raw.strip().rstrip(",;"))
+    if match is None:
+        return None
+    candidate = match["bracketed"] if match["bracketed"] is not None else match["bare"]
+    candidate = candidate.strip(_AROUND)
+    if candidate[:7].casefold() == "mailto:":
+        candidate = candidate[7:].partition("?")[0].strip(_AROUND)
+    # Spaces typed around the @-sign or a dot (`camille @example.org`).
+    candidate = _SPACED.sub(r"\1", candidate)
+    if not candidate or candidate == raw.strip():
+        return None
+    try:
+        return parse(candidate, new=True).email
+    except InvalidAddress:
+        return None

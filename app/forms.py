@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from app import addresses
 from app.config import FieldType, FormField
+from app.i18n import Translator
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -93,3 +94,14 @@ def check(attributes: Mapping[str, str], fields: Sequence[FormField]) -> list[Fi
         if problem is not None:
             problems.append(FieldProblem(field=field, problem=problem))
     return problems
+
+
+def email_message(typed: str, t: Translator) -> str:
+    """What to say beside an address field whose value was refused: it is empty, it looks
+    like an address pasted with something around it (then which one), or it is not one."""
+    if not typed.strip():
+        return t("form.error.email_missing")
+    meant = addresses.suggestion(typed)
+    if meant is not None:
+        return t("form.error.email_did_you_mean", address=meant)
+    return t("form.error.email_invalid")

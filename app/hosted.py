@@ -53,8 +53,7 @@ def read_post(form: Mapping[str, str], *, list_settings: ListSettings, t: Transl
     if invalid is not None and any(
         error["loc"][:1] == (EMAIL,) for error in invalid.errors(include_url=False)
     ):
-        missing = not form.get(EMAIL, "").strip()
-        messages[EMAIL] = t("form.error.email_missing" if missing else "form.error.email_invalid")
+        messages[EMAIL] = forms.email_message(form.get(EMAIL, ""), t)
     for problem in problems:
         label = problem.field.label_in(t.locale)
         messages[problem.field.name] = t(

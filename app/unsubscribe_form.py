@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from app import formguard, pages, proofofwork
+from app.forms import email_message
 from app.i18n import Translator
 from app.models import MailingList
 from app.schemas import UnsubscriptionRequest
@@ -47,9 +48,7 @@ def read_post(form: Mapping[str, str], *, t: Translator) -> Post:
             # Not the visitor's typing (the page's hidden fields, or a robot's): the
             # generic error path, as on the subscription page, not "address invalid".
             return Post(request=None, invalid=e)
-        missing = not form.get(EMAIL, "").strip()
-        message = t("form.error.email_missing" if missing else "form.error.email_invalid")
-        return Post(request=None, error=message, invalid=e)
+        return Post(request=None, error=email_message(form.get(EMAIL, ""), t), invalid=e)
 
 
 def form_view(

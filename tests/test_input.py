@@ -483,6 +483,48 @@ class TestAddressValidation:
         assert 'id="field-email-error"' in response.text
         assert "Saisissez une adresse électronique valide" in response.text
 
+    @pytest.mark.parametrize(
+        ("typed", "meant"),
+        [
+            ("Camille Dupont <Camille.Dupont@Example.ORG>", "Camille.Dupont@example.org"),
+            ("camille@example.org.", "camille@example.org"),
+            ("mailto:camille@example.org", "camille@example.org"),
+            ("camille @example.org", "camille@example.org"),
+        ],
+    )
+    def test_an_address_pasted_with_something_around_it_is_named_on_the_page_and_not_stored(
+        self, client: TestClient, empty_database: str, typed: str, meant: str
+    ) -> None:
+        for lang, said in (
+            ("fr", f"Vouliez-vous écrire {meant} ? Saisissez l&#39;adresse seule."),
+            ("en", f"Did you mean {meant}? Enter the address alone."),
+        ):
+            response = client.post(
+                f"{SUBSCRIBE}?lang={lang}",
+                content=urlencode({"email": typed, "locale": lang}).encode(),
+                headers={**FORM_TYPE, "accept": "text/html"},
+                follow_redirects=False,
+            )
+            assert response.status_code == 422
+            assert said in response.text
+            assert 'id="field-email-error"' in response.text
+        assert count_rows(empty_database, "subscription") == 0
+        assert count_rows(empty_database, "outbox_job") == 0
+
+    def test_an_address_with_nothing_to_suggest_gets_the_plain_message(
+        self, client: TestClient
+    ) -> None:
+        for typed in ("camille@example", "Camille <nobody>", "Camille Dupont camille@example.org"):
+            response = client.post(
+                SUBSCRIBE,
+                content=urlencode({"email": typed}).encode(),
+                headers={**FORM_TYPE, "accept": "text/html"},
+                follow_redirects=False,
+            )
+            assert response.status_code == 422
+            assert "Saisissez une adresse électronique valide" in response.text
+            assert "Vouliez-vous" not in response.text
+
 
 ODD_TOKENS = {
     "overlong": "A" * 65,

@@ -228,6 +228,8 @@ class TestItsPost:
         assert nonce_only.invalid is not None
         both = unsubscribe_form.read_post({"email": "nobody", "pow_nonce": "n" * 65}, t=t)
         assert both.error == t("form.error.email_invalid")
+        pasted = unsubscribe_form.read_post({"email": "Camille <camille@example.org>"}, t=t)
+        assert pasted.error == "Did you mean camille@example.org? Enter the address alone."
         missing = unsubscribe_form.read_post({"pow_nonce": "n"}, t=t)
         assert missing.error == t("form.error.email_missing")
 
