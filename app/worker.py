@@ -385,7 +385,8 @@ class Worker:
                 # Even when the round fails (the database went away), no send is left
                 # running behind it; outcomes not written come back with their leases.
                 self._collect(in_flight, batch, keep=0)
-        self._write(batch)
+            # On record before the batch's connections say goodbye, however slowly.
+            self._write(batch)
         not_started = [job.id for job in waiting]
         self._release(not_started)
         return len(claimed) - len(not_started)
