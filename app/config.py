@@ -500,7 +500,8 @@ class Settings(BaseSettings):
     job_max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
     # Sync jobs claimed per round; a burst of confirmations becomes bulk calls of this size.
     sync_batch_size: Annotated[int, Field(ge=1, le=10000)] = 1000
-    # Timeouts of calls to the mailing-list backends (seconds).
+    # Timeouts of calls to the mailing-list backends (seconds): the connection's, and the
+    # whole call's (each read within it, and each page of a paged read as a whole).
     backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     backend_timeout: Annotated[float, Field(gt=0)] = 30.0
     # Compare each list with its backend and fix differences this often (off when unset).
