@@ -264,6 +264,8 @@ def make_settings(database_url: str, *, smtp_port: int, **overrides: Any) -> Set
         "retry_base_delay": "0.2s",
         "retry_max_delay": "1s",
         "job_lease": "30s",
+        # The lease must outlast two backend calls where a list has a backend.
+        "backend_timeout": 10,
         "log_level": "DEBUG",
         # The limits would count the suite's own requests; test_ratelimit turns them on.
         "rate_limit_per_ip": None,

@@ -399,8 +399,7 @@ class TestWorkerKilled:
             mailgun,
             tmp_path,
             NEWSLETTER_SYNC_BATCH_SIZE="2050",
-            # The lease outlasts two backend timeouts (not checked by the settings, which
-            # only weigh it against the SMTP timeout).
+            # The lease outlasts two backend timeouts (the settings check it).
             NEWSLETTER_JOB_LEASE="3s",
             NEWSLETTER_BACKEND_TIMEOUT="1.5",
         )
