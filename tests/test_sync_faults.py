@@ -381,6 +381,36 @@ class TestTrickledAnswer:
         assert mailgun.held() == {"patient@example.org": True}
 
 
+class TestLongRound:
+    def test_a_round_outlasting_its_lease_keeps_it_and_each_call_is_made_once(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        # Six unsubscribes, one call each, 0.6 s apiece: a 3.6 s round with a 2 s lease.
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, job_lease="2s", backend_timeout=1
+        )
+        emails = [f"gone{n}@example.org" for n in range(6)]
+        for address in emails:
+            mailgun.fake.lists[LIST][address] = StoredMember(
+                address=address, name="", vars={}, subscribed=True
+            )
+        subscriptions_with_sync_jobs(
+            engine, settings, [Row(e, status="unsubscribed") for e in emails]
+        )
+        mailgun.fake.stall(seconds=0.6, times=6)
+        workers = [in_process_worker(engine, settings, name=name) for name in ("one", "two")]
+        for worker in workers:
+            worker.start()
+        try:
+            wait_until(lambda: unfinished(engine) == 0, timeout=20)
+        finally:
+            for worker in workers:
+                worker.stop(timeout=15)
+        assert sorted(mailgun.calls()) == sorted(("PUT", f"{ONE}/{email}") for email in emails)
+        assert {(job.state, job.attempts) for job in sync_jobs(engine)} == {(JobState.DONE, 1)}
+        assert len({a.worker for a in attempts(engine)}) == 1
+
+
 class TestWorkerKilled:
     def test_a_batch_cut_by_sigkill_is_sent_again_and_each_member_held_once(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
