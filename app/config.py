@@ -500,7 +500,8 @@ class Settings(BaseSettings):
     job_max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
     # Sync jobs claimed per round; a burst of confirmations becomes bulk calls of this size.
     sync_batch_size: Annotated[int, Field(ge=1, le=10000)] = 1000
-    # Timeouts of calls to the mailing-list backends (seconds).
+    # Timeouts of calls to the mailing-list backends (seconds): the connection's, and the
+    # whole call's (each read within it, and each page of a paged read as a whole).
     backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     backend_timeout: Annotated[float, Field(gt=0)] = 30.0
     # Compare each list with its backend and fix differences this often (off when unset).
@@ -632,15 +633,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
-        # A lease that ends while a slow send is still running lets another worker send too.
+        # A lease that ends while a slow send or backend call is still running lets another
+        # worker make it too. Each ends at its timeout, a deadline on the whole call; a long
+        # job's lease is renewed from half its term, between sends and between the pages of
+        # a read: twice the timeout lets a call begun just before a renewal end in time.
+        lease = self.job_lease.total_seconds()
         mailer = self.mailer
-        if isinstance(mailer, SmtpMailerSettings) and (
-            self.job_lease.total_seconds() < 2 * mailer.timeout
-        ):
+        if isinstance(mailer, SmtpMailerSettings) and lease < 2 * mailer.timeout:
             raise ValueError(
                 f"NEWSLETTER_JOB_LEASE ({self.job_lease}) must be at least twice "
                 f"NEWSLETTER_MAILER__TIMEOUT ({mailer.timeout:g}s), or a slow send could be "
                 "made twice"
+            )
+        calls_out = any(item.backend.kind != "none" for item in self.lists)
+        if calls_out and lease < 2 * self.backend_timeout:
+            raise ValueError(
+                f"NEWSLETTER_JOB_LEASE ({self.job_lease}) must be at least twice "
+                f"NEWSLETTER_BACKEND_TIMEOUT ({self.backend_timeout:g}s), or a slow call to "
+                "a list's backend could be made twice"
             )
         return self
 

@@ -1,7 +1,8 @@
 """Mail transports. Two domain errors cover every failure:
 
     MailError
-     +-- RetryableMailError   server down, timeout, 4xx, authentication trouble (including
+     +-- RetryableMailError   server down, timeout (of a read, or the whole send's
+     |                        deadline), 4xx, authentication trouble (including
      |                        credentials smtplib cannot send, and a relay refusing every
      |                        recipient to this client: 530, 5.7.x): try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
@@ -11,9 +12,11 @@ No smtplib or socket exception leaves this module.
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import logging
 import smtplib
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -114,6 +117,76 @@ class FileMailer:
         return nullcontext()
 
 
+class _Deadline:
+    """The time a send may take as a whole, from the connection to QUIT. smtplib's timeout
+    bounds each read of the socket, not the exchange: a server answering a byte at a time,
+    or a greeting that never ends, held a send for as long as it liked, past the job's
+    lease. At the deadline a timer shuts down the connections the send uses, which ends
+    whatever read, write or TLS handshake waits on them."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        # Duplicates of the connections' sockets: shutting one down ends the connection
+        # under smtplib's own socket too; closing it leaves smtplib's socket open.
+        self._lines: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            lines, self._lines = self._lines, []
+        for line in lines:
+            line.close()
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """Cut this connection at the deadline (at once when it has passed)."""
+        if sock is None:
+            return
+        line = socket.fromfd(sock.fileno(), sock.family, sock.type, sock.proto)
+        with self._lock:
+            self._lines.append(line)
+            if self.expired:
+                _cut(line)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for line in self._lines:
+                _cut(line)
+
+
+def _cut(line: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        line.shutdown(socket.SHUT_RDWR)
+
+
+class _Client(smtplib.SMTP):
+    """smtplib's client, its connection watched by the send's deadline from the moment it
+    is made: before the greeting and, with implicit TLS, before the handshake."""
+
+    def __init__(self, *, timeout: float, deadline: _Deadline, tls: ssl.SSLContext | None) -> None:
+        super().__init__(timeout=timeout)
+        self._deadline = deadline
+        self._implicit_tls = tls
+
+    # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        # STARTTLS checks the certificate against it (smtplib sets it with a host given to
+        # the constructor, which would connect before the deadline could watch).
+        self._host = host
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        self._deadline.watch(sock)
+        if self._implicit_tls is None:
+            return sock
+        return self._implicit_tls.wrap_socket(sock, server_hostname=host)
+
+
 class SmtpMailer:
     """One SMTP transaction per mail. Inside `batch()` a connection serves several mails
     one after the other (RSET between them), sparing the connection, the TLS handshake,
@@ -131,22 +204,24 @@ class SmtpMailer:
         ca_file = self.settings.ca_file
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
-    def _connect(self) -> smtplib.SMTP:
+    def _connect(self, deadline: _Deadline) -> smtplib.SMTP:
         s = self.settings
-        if s.security == SmtpSecurity.SSL:
-            return smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=self._tls())
-        client = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
-        if s.security == SmtpSecurity.STARTTLS:
-            try:
+        implicit_tls = self._tls() if s.security == SmtpSecurity.SSL else None
+        client = _Client(timeout=s.timeout, deadline=deadline, tls=implicit_tls)
+        try:
+            code, greeting = client.connect(s.host, s.port)
+            if code != 220:
+                raise smtplib.SMTPConnectError(code, greeting)
+            if s.security == SmtpSecurity.STARTTLS:
                 client.starttls(context=self._tls())
-            except BaseException:
-                client.close()
-                raise
+        except BaseException:
+            client.close()
+            raise
         return client
 
-    def _open(self) -> smtplib.SMTP:
+    def _open(self, deadline: _Deadline) -> smtplib.SMTP:
         s = self.settings
-        client = self._connect()
+        client = self._connect(deadline)
         if s.username is not None and s.password is not None:
             try:
                 client.login(s.username, s.password.get_secret_value())
@@ -173,16 +248,20 @@ class SmtpMailer:
         finally:
             with self._lock:
                 idle, self._idle = self._idle or [], None
-            for client in idle:
-                _goodbye(client)
+            # One deadline for them all: the mails are sent, a slow goodbye holds nothing.
+            with _Deadline(self.settings.timeout) as deadline:
+                for client in idle:
+                    deadline.watch(client.sock)
+                    _goodbye(client)
 
-    def _take(self) -> smtplib.SMTP | None:
+    def _take(self, deadline: _Deadline) -> smtplib.SMTP | None:
         """A connection kept from an earlier send that still answers, if any."""
         while True:
             with self._lock:
                 if not self._idle:
                     return None
                 client = self._idle.pop()
+            deadline.watch(client.sock)
             try:
                 # Starts the next transaction afresh; fails on a connection the server
                 # closed meanwhile, before anything of this mail was sent.
@@ -199,17 +278,29 @@ class SmtpMailer:
         _goodbye(client)
 
     def _deliver(self, mail: OutgoingMail) -> None:
-        client = self._take() or self._open()
-        try:
-            client.send_message(
-                mail.message,
-                from_addr=mail.sender,
-                to_addrs=[mail.recipient] if mail.recipient else None,
-            )
-        except BaseException:
-            _goodbye(client)
-            raise
-        self._keep(client)
+        s = self.settings
+        with _Deadline(s.timeout) as deadline:
+            try:
+                client = self._take(deadline) or self._open(deadline)
+                try:
+                    client.send_message(
+                        mail.message,
+                        from_addr=mail.sender,
+                        to_addrs=[mail.recipient] if mail.recipient else None,
+                    )
+                except BaseException:
+                    _goodbye(client)
+                    raise
+                self._keep(client)
+            except (smtplib.SMTPException, OSError) as e:
+                if deadline.expired:
+                    # Whatever the cut connection made smtplib say: the server was too slow.
+                    raise RetryableMailError(
+                        f"SMTP send abandoned at its deadline: {s.host}:{s.port} took more "
+                        f"than {s.timeout:g}s in all (NEWSLETTER_MAILER__TIMEOUT); "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+                raise
 
     def send(self, mail: OutgoingMail) -> str:
         s = self.settings

@@ -385,7 +385,8 @@ class Worker:
                 # Even when the round fails (the database went away), no send is left
                 # running behind it; outcomes not written come back with their leases.
                 self._collect(in_flight, batch, keep=0)
-        self._write(batch)
+            # On record before the batch's connections say goodbye, however slowly.
+            self._write(batch)
         not_started = [job.id for job in waiting]
         self._release(not_started)
         return len(claimed) - len(not_started)
@@ -425,7 +426,7 @@ class Worker:
         results = sync.execute(
             planned,
             backend_for=self.backend_for,
-            should_stop=lambda: self.stopping,
+            should_stop=self._keeping_leases(claimed),
             pool=self._pool,
         )
         with db.session_scope(self.engine) as session:
@@ -472,6 +473,25 @@ class Worker:
             [job.id for job in claimed if job.id not in results and job.id not in postponed]
         )
         return len(results)
+
+    def _keeping_leases(self, jobs: list[outbox.ClaimedJob]) -> Callable[[], bool]:
+        """A sync round's `should_stop`, asked before each call (in the pool's threads too),
+        that also renews the round's leases from half their term: a round of calls one at a
+        time to a slow backend outlasted them, and another worker made the same calls."""
+        ids = [job.id for job in jobs]
+        lock = threading.Lock()
+        renew_at = self._next_renewal(self.now())
+
+        def should_stop() -> bool:
+            nonlocal renew_at
+            with lock:
+                now = self.now()
+                if now >= renew_at:
+                    self._renew(ids, now)
+                    renew_at = self._next_renewal(now)
+            return self.stopping
+
+        return should_stop
 
     # Reconciliation --------------------------------------------------------------------------
 

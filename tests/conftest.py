@@ -7,6 +7,7 @@ without it each test gets its own SQLite file copied from a migrated template.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -160,6 +161,84 @@ class PeerSink(SmtpSink):
         return await super().handle_DATA(server, session, envelope)
 
 
+class TricklingSmtp:
+    """A loopback SMTP server on plain sockets whose first `slow` connections get one reply
+    (`trickle`: "greeting" or "quit") a byte every `pace` seconds, each byte well within any
+    read timeout; otherwise it answers at once and keeps the recipients of every message it
+    accepted (at the end of its DATA)."""
+
+    GREETING = b"220 trickle.example ESMTP ready\r\n"
+    BYE = b"221 2.0.0 trickle.example closing connection\r\n"
+
+    def __init__(self, *, trickle: str = "greeting", slow: int = 1, pace: float = 0.2) -> None:
+        self.trickle, self.slow, self.pace = trickle, slow, pace
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.delivered: list[str] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                slow = self.connections <= self.slow
+            threading.Thread(target=self._serve, args=(connection, slow), daemon=True).start()
+
+    def _say(self, connection: socket.socket, reply: bytes, *, slowly: bool) -> None:
+        if not slowly:
+            connection.sendall(reply)
+            return
+        for byte in reply:
+            connection.sendall(bytes([byte]))
+            if self._closed.wait(self.pace):
+                return
+
+    def _serve(self, connection: socket.socket, slow: bool) -> None:
+        with contextlib.suppress(OSError), connection, connection.makefile("rb") as lines:
+            self._say(connection, self.GREETING, slowly=slow and self.trickle == "greeting")
+            recipients: list[str] = []
+            in_data = False
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if in_data:
+                    if line == ".":
+                        in_data = False
+                        with self.lock:
+                            self.delivered.extend(recipients)
+                        recipients = []
+                        connection.sendall(b"250 2.0.0 queued\r\n")
+                    continue
+                verb = line[:4].upper()
+                if verb == "RCPT":
+                    recipients.append(line.partition(":")[2].strip().strip("<>"))
+                elif verb == "RSET":
+                    recipients = []
+                if verb == "DATA":
+                    in_data = True
+                    connection.sendall(b"354 go on\r\n")
+                elif verb == "QUIT":
+                    self._say(connection, self.BYE, slowly=slow and self.trickle == "quit")
+                    return
+                else:
+                    connection.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        self.listener.close()
+
+
 def start_smtp(port: int | None = None) -> tuple[SmtpSink, Controller]:
     sink = SmtpSink(host="127.0.0.1", port=port or free_port())
     controller = Controller(sink, hostname=sink.host, port=sink.port, enable_SMTPUTF8=True)
@@ -185,6 +264,8 @@ def make_settings(database_url: str, *, smtp_port: int, **overrides: Any) -> Set
         "retry_base_delay": "0.2s",
         "retry_max_delay": "1s",
         "job_lease": "30s",
+        # The lease must outlast two backend calls where a list has a backend.
+        "backend_timeout": 10,
         "log_level": "DEBUG",
         # The limits would count the suite's own requests; test_ratelimit turns them on.
         "rate_limit_per_ip": None,

@@ -36,7 +36,8 @@ What it follows, and where Mailgun documents it:
 
 Every request is recorded (method, path as sent and decoded, query, Basic credentials,
 form fields) so tests assert what the server saw. Faults can be injected: N answers with
-a 5xx, a 429 with Retry-After, a 400 for a given address, a slow answer.
+a 5xx, a 429 with Retry-After, a 400 for a given address, a slow answer, an answer
+trickled in small pieces (each within any read timeout).
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ class FakeMailgun:
     faults: list[Fault] = field(default_factory=list)
     rejected: dict[str, tuple[int, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # For each of the next requests (in order): seconds over which to trickle its answer's
+    # body, 0 for an answer sent at once.
+    trickles: list[float] = field(default_factory=list)
 
     # Test-side set-up and inspection ------------------------------------------------------
 
@@ -188,6 +192,12 @@ class FakeMailgun:
         with self.lock:
             self.faults.append(Fault(status=0, times=times, delay=seconds))
 
+    def trickle(self, *, seconds: float, times: int = 1, after: int = 0) -> None:
+        """Answer the next `times` requests (after `after` others) normally, but spread
+        the body of each over `seconds` in small pieces (see `_Trickling`)."""
+        with self.lock:
+            self.trickles.extend([0.0] * after + [seconds] * times)
+
     def reject(self, address: str, *, status: int = 400, message: str | None = None) -> None:
         """Refuse every request that names this address."""
         with self.lock:
@@ -221,7 +231,14 @@ class FakeMailgun:
         with LiveServer(self.app()) as base_url:
             yield base_url
 
-    def app(self) -> Starlette:
+    def app(self) -> Any:
+        return _Trickling(self, self._routes())
+
+    def _next_trickle(self) -> float:
+        with self.lock:
+            return self.trickles.pop(0) if self.trickles else 0.0
+
+    def _routes(self) -> Starlette:
         every = ["GET", "POST", "PUT", "DELETE", "PATCH"]
         routes = [
             Route("/v3/lists/{list_address}", self._get_list, methods=["GET"]),
@@ -484,6 +501,64 @@ class FakeMailgun:
             else "Bounced address has been removed"
         )
         return JSONResponse({"message": message, "address": address})
+
+
+TRICKLE_PACE = 0.05
+
+
+class _Trickling:
+    """ASGI wrapper: sends the body of a trickled answer in small pieces, at least
+    `TRICKLE_PACE` apart (its Content-Length as usual), and stops once the client has gone."""
+
+    def __init__(self, fake: FakeMailgun, app: Starlette) -> None:
+        self.fake = fake
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        seconds = self.fake._next_trickle() if scope["type"] == "http" else 0.0
+        if not seconds:
+            await self.app(scope, receive, send)
+            return
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            # The request's body has been read by then: what comes next is the disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher: asyncio.Task[None] | None = None
+
+        async def slowly(message: Any) -> None:
+            nonlocal watcher
+            if message["type"] == "http.response.start":
+                watcher = asyncio.create_task(watch())
+            if message["type"] != "http.response.body" or not message.get("body"):
+                await send(message)
+                return
+            body = message["body"]
+            pieces = max(1, min(len(body), round(seconds / TRICKLE_PACE)))
+            size = -(-len(body) // pieces)
+            pause = seconds / -(-len(body) // size)
+            for start in range(0, len(body), size):
+                if gone.is_set():
+                    return
+                piece = body[start : start + size]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await asyncio.sleep(pause)
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"",
+                    "more_body": message.get("more_body", False),
+                }
+            )
+
+        try:
+            await self.app(scope, receive, slowly)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 class _Refused(Exception):

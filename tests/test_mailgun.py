@@ -4,6 +4,7 @@ what the server saw, what it holds afterwards, and how each failure reaches the 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from app.backends import make_backend, make_client
 from app.backends.base import Member, PermanentSyncError, RetryableSyncError
 from app.backends.mailgun import MailgunBackend
 from app.config import MailgunBackendSettings
+from app.sync import read_backend
 from tests.conftest import free_port
 from tests.fake_mailgun import FakeMailgun
 
@@ -405,6 +407,50 @@ class TestFailures:
                 slow.add([member("slow@example.org")])
         assert "timed out" in str(caught.value)
         assert isinstance(caught.value.__cause__, httpx.TimeoutException)
+
+
+class TestDeadline:
+    """An answer trickled in small pieces stays within the timeout of each read; each call
+    as a whole still ends at NEWSLETTER_BACKEND_TIMEOUT (1 s here), its connection closed."""
+
+    @pytest.fixture
+    def patient(self, base_url: str) -> Iterator[MailgunBackend]:
+        with make_client(connect_timeout=1, timeout=1) as http:
+            yield MailgunBackend(backend_settings(base_url), http)
+
+    def test_an_answer_trickled_past_the_deadline_is_abandoned_and_retryable(
+        self, patient: MailgunBackend, fake: FakeMailgun
+    ) -> None:
+        fake.trickle(seconds=6)
+        started = time.monotonic()
+        with pytest.raises(
+            RetryableSyncError,
+            match=r"mailgun add member: timed out, abandoned at the call's deadline: no whole "
+            r"answer within 1s \(NEWSLETTER_BACKEND_TIMEOUT\)",
+        ):
+            patient.add([member("patient@example.org")])
+        elapsed = time.monotonic() - started
+        assert 0.9 < elapsed < 1.6
+        # The abandoned call had taken effect; the next one, with a deadline of its own, is
+        # an upsert and finds the member there.
+        assert "updated" in patient.add([member("patient@example.org")])
+        assert [c.raw_path for c in fake.seen("POST")] == [
+            "/v3/lists/bluehats@mail.codegouv.fr/members"
+        ] * 2
+
+    def test_each_page_of_a_read_has_a_deadline_of_its_own(
+        self, patient: MailgunBackend, fake: FakeMailgun
+    ) -> None:
+        patient.add([member(f"p{i:03d}@example.org") for i in range(150)])
+        # The first page comes in 0.7 s, within its deadline; the second would take 6 s.
+        fake.trickle(seconds=0.7)
+        fake.trickle(seconds=6)
+        started = time.monotonic()
+        with pytest.raises(RetryableSyncError, match=r"mailgun list members: .* deadline"):
+            read_backend(patient)
+        elapsed = time.monotonic() - started
+        assert 1.6 < elapsed < 2.4
+        assert [c.query.get("page") for c in fake.seen("GET")] == [None, "next"]
 
 
 class TestRegion:

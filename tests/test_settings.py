@@ -154,6 +154,26 @@ class TestBadValues:
         assert "NEWSLETTER_JOB_LEASE (0:00:45) must be at least twice" in message
         assert "NEWSLETTER_MAILER__TIMEOUT (30s)" in message
 
+    def test_a_job_lease_shorter_than_two_backend_timeouts_names_both_variables(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        backend = {"kind": "mailgun", "list_address": "bluehats@mail.example.org", "api_key": "k"}
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "B", "backend": backend})
+        )
+        monkeypatch.setenv("NEWSLETTER_BACKEND_TIMEOUT", "30")
+        monkeypatch.setenv("NEWSLETTER_JOB_LEASE", "45s")
+        message = settings_error()
+        assert "NEWSLETTER_JOB_LEASE (0:00:45) must be at least twice" in message
+        assert "NEWSLETTER_BACKEND_TIMEOUT (30s)" in message
+
+    def test_the_backend_timeout_does_not_bind_the_lease_without_a_backend_to_call(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_BACKEND_TIMEOUT", "30")
+        monkeypatch.setenv("NEWSLETTER_JOB_LEASE", "45s")
+        assert load_settings().job_lease == timedelta(seconds=45)
+
     @pytest.mark.parametrize(
         ("content", "reason"),
         [

@@ -21,7 +21,7 @@ from app import addresses
 from app.config import Locale, SmtpMailerSettings
 from app.mailer import OutgoingMail, PermanentMailError, RetryableMailError, SmtpMailer
 from app.mails import MailKind, compose
-from tests.conftest import PeerSink, SmtpSink, free_port
+from tests.conftest import PeerSink, SmtpSink, TricklingSmtp, free_port
 
 USER, PASSWORD = "relay-user", "relay-password"
 
@@ -491,3 +491,48 @@ class TestConnectionReuse:
         finally:
             controller.stop()
         assert [message["To"] for message in sink.messages] == ["camille@example.org"]
+
+
+class TestDeadline:
+    """A server answering a byte at a time stays within the timeout of each read; the
+    send as a whole still ends at the settings' timeout, its connection closed."""
+
+    def _mailer(self, server: TricklingSmtp) -> SmtpMailer:
+        return SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=server.port, security="none", timeout=1)
+        )
+
+    def test_a_greeting_trickled_a_byte_at_a_time_is_abandoned_at_the_deadline(self) -> None:
+        # 33 bytes, one every 0.2 s: the greeting alone would take 6.6 s.
+        server = TricklingSmtp(trickle="greeting")
+        try:
+            started = time.monotonic()
+            with pytest.raises(
+                RetryableMailError,
+                match=r"abandoned at its deadline: .* more than 1s in all "
+                r"\(NEWSLETTER_MAILER__TIMEOUT\)",
+            ):
+                self._mailer(server).send(_mail())
+            elapsed = time.monotonic() - started
+            # The next connection is greeted at once: the retry goes through.
+            assert "accepted" in self._mailer(server).send(_mail())
+        finally:
+            server.close()
+        assert 0.9 < elapsed < 1.6
+        assert server.delivered == ["camille@example.org"]
+
+    def test_a_goodbye_trickled_at_the_end_of_a_batch_holds_it_no_longer_than_the_deadline(
+        self,
+    ) -> None:
+        # The QUIT's answer would take 9 s; the mail was accepted before it.
+        server = TricklingSmtp(trickle="quit")
+        try:
+            mailer = self._mailer(server)
+            with mailer.batch():
+                assert "accepted" in mailer.send(_mail())
+                started = time.monotonic()
+            elapsed = time.monotonic() - started
+        finally:
+            server.close()
+        assert elapsed < 1.6
+        assert server.delivered == ["camille@example.org"]

@@ -350,6 +350,67 @@ def worker_process(
         )
 
 
+class TestTrickledAnswer:
+    def test_a_call_past_its_deadline_is_retried_and_no_other_worker_calls_meanwhile(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        # Each piece of the answer comes within the 1 s read timeout; the whole would take
+        # 6 s, past the 2 s lease, and the other worker would then take the job and call.
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, job_lease="2s", backend_timeout=1
+        )
+        subscriptions_with_sync_jobs(engine, settings, [Row("patient@example.org")])
+        mailgun.fake.trickle(seconds=6)
+        workers = [in_process_worker(engine, settings, name=name) for name in ("one", "two")]
+        for worker in workers:
+            worker.start()
+        try:
+            wait_until(lambda: unfinished(engine) == 0, timeout=20)
+        finally:
+            for worker in workers:
+                worker.stop(timeout=15)
+        [job] = sync_jobs(engine)
+        assert (job.state, job.attempts) == (JobState.DONE, 2)
+        trickled, retried = attempts(engine)
+        assert (trickled.outcome, retried.outcome) == (AttemptOutcome.RETRY, AttemptOutcome.SUCCESS)
+        assert "abandoned at the call's deadline" in (trickled.error or "")
+        assert trickled.finished_at - trickled.started_at < timedelta(seconds=1.6)
+        # The retry came after the first call was abandoned, never beside it.
+        assert retried.started_at >= trickled.finished_at
+        assert mailgun.calls() == [("POST", ONE)] * 2
+        assert mailgun.held() == {"patient@example.org": True}
+
+
+class TestLongRound:
+    def test_a_round_outlasting_its_lease_keeps_it_and_each_call_is_made_once(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        # Six unsubscribes, one call each, 0.6 s apiece: a 3.6 s round with a 2 s lease.
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, job_lease="2s", backend_timeout=1
+        )
+        emails = [f"gone{n}@example.org" for n in range(6)]
+        for address in emails:
+            mailgun.fake.lists[LIST][address] = StoredMember(
+                address=address, name="", vars={}, subscribed=True
+            )
+        subscriptions_with_sync_jobs(
+            engine, settings, [Row(e, status="unsubscribed") for e in emails]
+        )
+        mailgun.fake.stall(seconds=0.6, times=6)
+        workers = [in_process_worker(engine, settings, name=name) for name in ("one", "two")]
+        for worker in workers:
+            worker.start()
+        try:
+            wait_until(lambda: unfinished(engine) == 0, timeout=20)
+        finally:
+            for worker in workers:
+                worker.stop(timeout=15)
+        assert sorted(mailgun.calls()) == sorted(("PUT", f"{ONE}/{email}") for email in emails)
+        assert {(job.state, job.attempts) for job in sync_jobs(engine)} == {(JobState.DONE, 1)}
+        assert len({a.worker for a in attempts(engine)}) == 1
+
+
 class TestWorkerKilled:
     def test_a_batch_cut_by_sigkill_is_sent_again_and_each_member_held_once(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
@@ -368,8 +429,7 @@ class TestWorkerKilled:
             mailgun,
             tmp_path,
             NEWSLETTER_SYNC_BATCH_SIZE="2050",
-            # The lease outlasts two backend timeouts (not checked by the settings, which
-            # only weigh it against the SMTP timeout).
+            # The lease outlasts two backend timeouts (the settings check it).
             NEWSLETTER_JOB_LEASE="3s",
             NEWSLETTER_BACKEND_TIMEOUT="1.5",
         )

@@ -46,6 +46,7 @@ from tests.conftest import (
     SECRET,
     PeerSink,
     SmtpSink,
+    TricklingSmtp,
     free_port,
     make_settings,
     start_smtp,
@@ -577,6 +578,43 @@ class TestLeases:
         ]
         assert [job.leased_by for job in jobs(engine)][4:] == ["other"] * 4
         assert "worker.leases_lost count=4" in caplog.text
+
+
+class TestTricklingServer:
+    """A relay answering a byte at a time, each within the read timeout, would hold a send
+    past its lease; the send ends at the settings' timeout instead, and is retried."""
+
+    def test_a_send_past_its_deadline_is_retried_and_the_mail_goes_once(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        queue_confirmations(database_url, ["patient@example.org"])
+        # The first connection's greeting takes 6.6 s; the next ones are greeted at once.
+        server = TricklingSmtp(trickle="greeting")
+        mailer = SmtpMailerSettings(host="127.0.0.1", port=server.port, security="none", timeout=1)
+        # One send at a time in the worker's thread, which renews leases between sends:
+        # a send outlasting the 2 s lease would let the other worker take the job.
+        settings = make_settings(
+            database_url,
+            smtp_port=server.port,
+            mailer=mailer,
+            job_lease="2s",
+            worker_concurrency=1,
+        )
+        try:
+            with (
+                running(worker_for(engine, settings, name="first")),
+                running(worker_for(engine, settings, name="second")),
+            ):
+                wait_until(lambda: all_in(engine, JobState.DONE, 1), timeout=20)
+                settle()
+        finally:
+            server.close()
+        assert server.delivered == ["patient@example.org"]
+        trickled, retried = attempts(engine)
+        assert (trickled.outcome, retried.outcome) == (AttemptOutcome.RETRY, AttemptOutcome.SUCCESS)
+        assert trickled.error is not None
+        assert "abandoned at its deadline" in trickled.error
+        assert trickled.finished_at - trickled.started_at < timedelta(seconds=1.6)
 
 
 def _running_for(engine: sa.Engine, worker: str) -> bool:

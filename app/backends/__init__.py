@@ -57,15 +57,20 @@ def make_backend(settings: BackendSettings, client: httpx.Client) -> ListBackend
 
 
 def make_client(*, connect_timeout: float, timeout: float) -> httpx.Client:
-    """The one HTTP client the worker shares between backends: explicit timeouts."""
+    """The one HTTP client the worker shares between backends: explicit timeouts, and
+    `timeout` as the deadline of each call as a whole (`app.backends.http`)."""
     import httpx
 
-    return httpx.Client(
+    from app.backends.http import hold_to_deadlines
+
+    client = httpx.Client(
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
         limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         headers={"user-agent": "bluehats-newsletter/1.0"},
         follow_redirects=False,
     )
+    hold_to_deadlines(client)
+    return client
 
 
 __all__ = ["ListBackend", "make_backend", "make_client"]

@@ -2,20 +2,35 @@
 
 Apart from `base` so that what only needs the protocol and the errors (the sync planner,
 the API process) does not import httpx.
+
+A call has a deadline as a whole, the client's read timeout (NEWSLETTER_BACKEND_TIMEOUT):
+httpx's timeouts bound each read, so a server answering a byte at a time held a call for
+as long as it liked, past the job's lease. The clients of `app.backends.make_client` cut
+each connect, read and write to what is left of the deadline of the call under way in
+their thread (`hold_to_deadlines`), and `send` sets that deadline.
 """
 
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import httpcore
 import httpx
 
 from app.backends.base import PermanentSyncError, RetryableSyncError
 
 RESPONSE_LIMIT = 500
+
+_T = TypeVar("_T")
+
+# The deadline (time.monotonic()) of the call under way in this thread, and whether the
+# call has run into it.
+_call = threading.local()
 
 
 def excerpt(response: httpx.Response) -> str:
@@ -59,12 +74,22 @@ def send(
     `ok` lists statuses that mean "already done" for this call (409 on add, 404 on
     remove); every other failure becomes a RetryableSyncError or a PermanentSyncError.
     """
+    seconds = client.timeout.read
+    _call.deadline = None if seconds is None else time.monotonic() + seconds
+    _call.expired = False
     try:
         response = client.request(method, url, **kwargs)
     except httpx.TimeoutException as e:
+        if _call.expired:
+            raise RetryableSyncError(
+                f"{what}: timed out, abandoned at the call's deadline: no whole answer "
+                f"within {seconds:g}s (NEWSLETTER_BACKEND_TIMEOUT)"
+            ) from e
         raise RetryableSyncError(f"{what}: timed out ({type(e).__name__})") from e
     except httpx.TransportError as e:
         raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
+    finally:
+        _call.deadline = None
     if response.is_success or response.status_code in ok:
         return response
     status = response.status_code
@@ -73,3 +98,111 @@ def send(
             f"{what}: HTTP {status}", response=excerpt(response), retry_after=retry_after(response)
         )
     raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response))
+
+
+def _bounded(
+    operation: Callable[[float | None], _T],
+    timeout: float | None,
+    expired: type[httpcore.TimeoutException],
+) -> _T:
+    """Run a network operation with its timeout cut to what is left of the call's deadline."""
+    deadline: float | None = getattr(_call, "deadline", None)
+    if deadline is None:
+        return operation(timeout)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        _call.expired = True
+        raise expired("the call's deadline has passed")
+    if timeout is not None and timeout < left:
+        return operation(timeout)
+    try:
+        return operation(left)
+    except httpcore.TimeoutException:
+        _call.expired = True
+        raise
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return _bounded(lambda t: self._stream.read(max_bytes, t), timeout, httpcore.ReadTimeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        _bounded(lambda t: self._stream.write(buffer, t), timeout, httpcore.WriteTimeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(
+            _bounded(
+                lambda t: self._stream.start_tls(ssl_context, server_hostname, t),
+                timeout,
+                httpcore.ConnectTimeout,
+            )
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(
+            _bounded(
+                lambda t: self._backend.connect_tcp(host, port, t, local_address, socket_options),
+                timeout,
+                httpcore.ConnectTimeout,
+            )
+        )
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(
+            _bounded(
+                lambda t: self._backend.connect_unix_socket(path, t, socket_options),
+                timeout,
+                httpcore.ConnectTimeout,
+            )
+        )
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def hold_to_deadlines(client: httpx.Client) -> None:
+    """Give the connection pools of the client (its own, and those of proxies taken from
+    the environment) the network backend that holds each call of `send` to its deadline.
+
+    httpx has no setting for httpcore's network backend (encode/httpx#3749 proposes one),
+    so this reaches into its transports: a release that moves them fails here rather than
+    lose the deadlines unseen (pyproject.toml keeps httpx below 0.29).
+    """
+    transports = [client._transport, *client._mounts.values()]
+    pools = [getattr(transport, "_pool", None) for transport in transports if transport]
+    if not pools or not all(isinstance(pool, httpcore.ConnectionPool) for pool in pools):
+        raise RuntimeError("this httpx release keeps its connection pools elsewhere")
+    for pool in pools:
+        assert isinstance(pool, httpcore.ConnectionPool)
+        pool._network_backend = _DeadlineBackend(pool._network_backend)
