@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import _common  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from app import addresses, db, lists, logs, migrations, subscriptions  # noqa: E402
@@ -46,7 +47,7 @@ from app.mailer import make_mailer  # noqa: E402
 from app.models import JobKind, JobState, OutboxJob, utcnow  # noqa: E402
 from app.worker import Worker  # noqa: E402
 
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test_h2"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/bench"
 SECRET_KEY = "bench-secret-key-not-for-production"  # noqa: S105
 
 
@@ -108,11 +109,8 @@ def smtp_sink() -> Iterator[int]:
 
 def _fresh_database(url: str) -> None:
     if url.startswith("postgresql"):
-        engine = sa.create_engine(url)
-        with engine.begin() as connection:
-            connection.exec_driver_sql("DROP SCHEMA public CASCADE")
-            connection.exec_driver_sql("CREATE SCHEMA public")
-        engine.dispose()
+        # The suite's database `bench`, created when missing (bench/README.md).
+        _common.reset_postgres(url)
     migrations.upgrade(url)
 
 
