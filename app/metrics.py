@@ -24,6 +24,7 @@ behind the same NEWSLETTER_METRICS_TOKEN as the API's /metrics.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -358,6 +359,23 @@ def scrape_allowed(credentials: str | None, *, token: SecretStr | None) -> bool:
     return credentials is not None and secrets.compare_digest(
         credentials.encode(), token.get_secret_value().encode()
     )
+
+
+def private_scraper(client: str | None) -> bool:
+    """Whether a client (its IP as the rate limits see it) may scrape without a token: one on
+    loopback or a private network, where Prometheus runs. The metrics tell a stranger what
+    the public answers hide: the count of pending subscriptions grows after a sign-up for
+    an address never seen, and stays for one already known. No IP (a Unix socket, an
+    in-process client) is local."""
+    if client is None:
+        return True
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return True
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_private or address.is_loopback
 
 
 def bearer_credentials(authorization: str | None) -> str | None:

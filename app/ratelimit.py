@@ -17,8 +17,8 @@ database transaction, and only when a mail is certain to go otherwise.
 When the counters cannot be reached, requests go through and an error is logged: a Redis
 outage must not stop sign-ups, and the resend interval still bounds the mails per address.
 
-Keys (after the prefix): `ip/<ip or IPv6 /64>`, `address/<HMAC of the address>` (no address
-in clear in Redis), `domain/<domain>`, `mail-budget`.
+Keys (after the prefix): `ip/<ip or IPv6 /64>`, `address/<HMAC of the address's inbox>` (no
+address in clear in Redis; `mailbox_key`), `domain/<domain>`, `mail-budget`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,23 @@ def client_key(ip: str | None) -> str:
         # One host gets a whole /64: counting single addresses would let it pick new ones.
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+# Domains whose mailboxes ignore the dots before the @-sign, and their one name.
+_DOTLESS_DOMAINS = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+
+
+def mailbox_key(address: addresses.Address) -> str:
+    """The inbox that mail to `address` lands in, as far as the per-address limit counts:
+    without its `+tag` (`victim+1@` and `victim+2@` reach one inbox at most providers),
+    and at Gmail without dots. Each spelling is a subscriber of its own; counted apart, a
+    bot varying the tag mailed one person past the limit, up to the domain's."""
+    local, _, domain = address.key.rpartition("@")
+    local = local.partition("+")[0] or local
+    if domain in _DOTLESS_DOMAINS:
+        domain = _DOTLESS_DOMAINS[domain]
+        local = local.replace(".", "")
+    return f"{local}@{domain}"
 
 
 class RateLimiter:
@@ -207,7 +224,9 @@ class RateLimiter:
         return all(self._sync.hit(item, *identifiers) for item in items)
 
     def _address_id(self, address: addresses.Address) -> str:
-        digest = hmac.new(self._address_key, b"ratelimit:" + address.key.encode(), hashlib.sha256)
+        digest = hmac.new(
+            self._address_key, b"ratelimit:" + mailbox_key(address).encode(), hashlib.sha256
+        )
         return digest.hexdigest()[:32]
 
     def _within_budget(self) -> MailPermit:

@@ -599,6 +599,9 @@ def subscribe(
         "b_updated_at": current.updated_at,
     }
     if status == SubscriptionStatus.CONFIRMED:
+        # Anyone may send this address's request: nothing the person chose changes, their
+        # language (of their mails and pages, and a member variable at the backend) neither.
+        changed["b_locale"] = current.locale
         detail = {"note": "already confirmed"}
     elif status == SubscriptionStatus.PENDING:
         # The confirmation that follows answers this request, under today's wording and

@@ -7,10 +7,12 @@ A call is accepted when the signature verifies with the key of a Mailgun list, i
 timestamp is within `TOLERANCE` of our clock, and its token was never seen (its SHA-256
 is kept in `webhook_nonce`; the unique constraint turns a replay into a refusal).
 
-Only events that change a subscription reach the database: `unsubscribed`, `complained`
-and `failed` with severity `permanent` (a hard bounce). Deliveries, opens, clicks and
-temporary failures are verified and acknowledged, nothing more: a newsletter send makes
-thousands of them, and replaying one changes nothing.
+Only events that change a subscription reach the state machine: `unsubscribed`,
+`complained` and `failed` with severity `permanent` (a hard bounce). Deliveries, opens,
+clicks and temporary failures (and events about lists not held here) are verified and
+acknowledged; their token is spent all the same, as the signature does not cover the event:
+a signature left unspent could be sent again, within the tolerance, with an unsubscribe in
+place of a delivery.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app import admin, apikeys, db, lists
 from app.config import Settings
@@ -191,6 +191,30 @@ class TestSearch:
     def test_an_unknown_list_is_404(self, client: TestClient, read_key: dict[str, str]) -> None:
         response = client.get("/v1/admin/lists/nope/subscribers", headers=read_key)
         assert response.status_code == 404
+
+    def test_a_search_is_audited_with_its_filters(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        # A prefix may be a whole address: the search reads a person's record as the
+        # record's own route does, and leaves the same trace.
+        _subscriptions(engine, 3)
+        found = client.get(
+            "/v1/admin/lists/bluehats/subscribers",
+            params={"prefix": "user0001@example.org", "status": "confirmed"},
+            headers=read_key,
+        )
+        assert [item["email"] for item in found.json()["items"]] == ["user0001@example.org"]
+        assert client.get("/v1/admin/lists/nope/subscribers", headers=read_key).status_code == 404
+        with Session(engine) as session:
+            events = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+        assert [(e.actor, e.action, e.target, e.outcome) for e in events] == [
+            ("dashboard", "subscribers.search", "bluehats", "ok"),
+            ("dashboard", "subscribers.search", "nope", "error:list_not_found"),
+        ]
+        assert events[0].detail == {
+            "filters": {"prefix": "user0001@example.org", "status": "confirmed"},
+            "cursor": False,
+        }
 
 
 class TestSubscriberRecord:

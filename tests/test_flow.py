@@ -257,10 +257,11 @@ class TestResubscribing:
         assert row.status == "confirmed"
         assert row.attributes == {"name": "Camille Dupont"}
         # Once confirmed, a request (anyone's) changes nothing the person chose.
-        subscribe(client, "typo@example.org", attributes={"name": "Mallory"})
+        subscribe(client, "typo@example.org", attributes={"name": "Mallory"}, locale="en")
         row = subscription(settings.database_url, "typo@example.org")
         assert row is not None
         assert row.attributes == {"name": "Camille Dupont"}
+        assert row.locale == "fr"
 
     def test_confirmed_address_gets_an_already_subscribed_note(
         self, client: TestClient, smtp: SmtpSink

@@ -278,6 +278,30 @@ class TestMetrics:
             for refused in (missing, wrong):
                 assert refused.headers["www-authenticate"] == "Bearer"
             scrape(client, authorization="Bearer scrape-me")
+        # With the token, a scraper from anywhere.
+        with TestClient(create_app(settings), client=("93.184.216.34", 4711)) as client:
+            scrape(client, authorization="Bearer scrape-me")
+
+    def test_without_a_token_only_loopback_and_private_networks_may_scrape(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        # The pending count would tell a stranger whether a sign-up's address was new.
+        settings = make_settings(database_url, smtp_port=smtp.port, trusted_proxies=["10.0.0.1"])
+        app = create_app(settings)
+        for peer in ("127.0.0.1", "::1", "10.1.2.3", "192.168.0.9", "fd00::5", "::ffff:172.17.0.2"):
+            with TestClient(app, client=(peer, 4711)) as client:
+                scrape(client)
+        for peer in ("93.184.216.34", "2a00:1450::1", "::ffff:93.184.216.34"):
+            with TestClient(app, client=(peer, 4711)) as client:
+                refused = client.get("/metrics")
+                assert refused.status_code == 403
+                assert refused.json()["error"] == "forbidden"
+                assert "NEWSLETTER_METRICS_TOKEN" in refused.json()["detail"]
+        # Behind a trusted proxy, the client it forwards for.
+        with TestClient(app, client=("10.0.0.1", 4711)) as client:
+            stranger = client.get("/metrics", headers={"x-forwarded-for": "93.184.216.34"})
+            assert stranger.status_code == 403
+            scrape(client, **{"x-forwarded-for": "10.9.9.9"})
 
 
 def _person_path(email: str) -> str:

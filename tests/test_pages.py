@@ -631,6 +631,19 @@ class TestLanguage:
         assert 'hreflang="en"' in page.text
         assert "?lang=en" in page.text
 
+    def test_the_switch_of_a_path_with_a_doubled_leading_slash_stays_on_this_host(
+        self, client: TestClient
+    ) -> None:
+        # httpx would read "//evil.example/x" alone as another host: the full URL keeps it
+        # a path, as a browser sends it and nginx passes it on.
+        for path in ("//evil.example/x", "///evil.example/x"):
+            page = client.get(f"http://testserver{path}", headers={"accept": "text/html"})
+            assert page.status_code == 404
+            switch = re.search(r'href="([^"]*)" hreflang="en"', page.text)
+            assert switch is not None
+            assert not switch[1].startswith("//")
+            assert switch[1] == "/%2F" + path[2:] + "?lang=en"
+
 
 class TestErrorPages:
     def test_too_many_posts_get_a_page_that_says_so_with_retry_after(

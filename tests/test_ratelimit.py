@@ -229,6 +229,28 @@ class TestMailCannon:
         assert {e.detail["mail_suppressed"] for e in held} == {"address_rate_limit"}
         assert count_rows(database_url, "outbox_job WHERE kind = 'mail'") == 3
 
+    def test_signups_for_one_inbox_under_many_spellings_send_at_most_the_address_budget(
+        self, database_url: str, smtp: SmtpSink, counters: dict[str, Any]
+    ) -> None:
+        # `+tags` and, at Gmail, dots: each spelling is a subscriber of its own, all of
+        # them one person's inbox.
+        spellings = [f"victim+{n}@example.org" for n in range(6)] + [
+            "v.ictim@gmail.com",
+            "vi.ctim+x@gmail.com",
+            "vic.tim@googlemail.com",
+            "victim@gmail.com",
+        ]
+        settings = limited_settings(database_url, smtp, resend_interval="0s", **counters)
+        with TestClient(create_app(settings)) as client:
+            answers = {answer_of(client.post(SUBSCRIBE, json={"email": e})) for e in spellings}
+            wait_until(lambda: count_rows(database_url, UNFINISHED_JOBS) == 0)
+        assert len(answers) == 1
+        assert count_rows(database_url, "subscription") == len(spellings)
+        to = Counter(m["To"].rpartition("@")[2] for m in smtp.messages)
+        assert to == {"example.org": 3, "gmail.com": 2, "googlemail.com": 1}
+        notes = [e.detail.get("mail_suppressed") for e in ledger(database_url)]
+        assert notes.count("address_rate_limit") == 4
+
 
 class TestPerDomain:
     def test_many_addresses_at_one_domain_get_mail_up_to_its_limit_and_the_same_answer(

@@ -290,6 +290,28 @@ class TestRejected:
         assert len(backend_events(settings.database_url)) == 1
         assert count_rows(settings.database_url, "webhook_nonce") == 1
 
+    @pytest.mark.parametrize(
+        "first",
+        [
+            event("delivered", "reader@example.org"),
+            {**event("unsubscribed", "reader@example.org"), "mailing-list": {"address": "x@y.fr"}},
+        ],
+        ids=["delivery", "another-list"],
+    )
+    def test_a_signature_used_for_an_event_that_changed_nothing_cannot_unsubscribe(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings, first: dict[str, Any]
+    ) -> None:
+        # Mailgun signs the timestamp and token, not the event: whoever saw one signed call
+        # could send its signature again with another event in it.
+        confirmed(client, smtp, "reader@example.org")
+        call = webhook(SIGNING_KEY, first)
+        assert post(client, call).json() == ACCEPTED
+
+        forged = {**call, "event-data": event("unsubscribed", "reader@example.org")}
+        self._assert_refused(post(client, forged), "webhook_replayed")
+        assert status_of(settings.database_url, "reader@example.org") == "confirmed"
+        assert backend_events(settings.database_url) == []
+
     def test_without_a_signing_key_every_call_is_406(
         self, database_url: str, smtp: SmtpSink, mailgun_url: str
     ) -> None:
@@ -339,8 +361,11 @@ class TestIgnored:
         assert response.status_code == 200
         assert response.json() == ACCEPTED
         assert status_of(settings.database_url, "reader@example.org") == "confirmed"
-        # Not even the token: nothing was done that a replay could do twice.
-        assert stored_rows(settings.database_url) == before
+        # Nothing but the spent token (see TestRejected's signature used again).
+        assert stored_rows(settings.database_url) == {
+            **before,
+            "webhook_nonce": before["webhook_nonce"] + 1,
+        }
 
     def test_an_unknown_address_gets_the_same_answer_and_nothing_is_stored(
         self, client: TestClient, smtp: SmtpSink, settings: Settings

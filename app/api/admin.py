@@ -6,8 +6,9 @@ write key (403 for a read key). Actions and reads of personal data go to the aud
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -70,6 +71,7 @@ async def audited(
     action: str,
     target: str | None,
     work: Callable[..., T],
+    audit_detail: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> T:
     """Run `work` and record the action in the audit log, success or failure."""
@@ -77,8 +79,9 @@ async def audited(
     def run(session: Any, **inner: Any) -> T:
         result = work(session, **inner)
         audit.record(
-            session, actor=who.name, action=action, target=target, outcome="ok", now=utcnow()
-        )
+            session, actor=who.name, action=action, target=target, outcome="ok", now=utcnow(),
+            detail=audit_detail,
+        )  # fmt: skip
         return result
 
     try:
@@ -91,7 +94,7 @@ async def audited(
             target=target,
             outcome=f"error:{e.code}",
             now=utcnow(),
-            detail={"detail": e.detail},
+            detail={**(audit_detail or {}), "detail": e.detail},
         )
         raise
 
@@ -143,6 +146,7 @@ def subscriber_out(row: Any) -> SubscriberOut:
 async def search_subscribers(
     slug: UrlText,
     database: DatabaseDep,
+    who: CallerDep,
     status: SubscriptionStatus | None = None,
     prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
     locale: Annotated[UrlText | None, Query(max_length=8)] = None,
@@ -154,21 +158,27 @@ async def search_subscribers(
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> SubscriberPage:
     """Subscribers of a list, filtered, in pages (pass `next_cursor` back as `cursor`)."""
-    rows, next_cursor = await database.run(
-        admin.search_subscribers,
-        list_slug=slug,
-        where=admin.SubscriberFilter(
-            status=status,
-            prefix=prefix,
-            locale=locale,
-            created_after=created_after,
-            created_before=created_before,
-            confirmed_after=confirmed_after,
-            confirmed_before=confirmed_before,
-        ),
-        cursor=cursor,
-        limit=limit,
+    where = admin.SubscriberFilter(
+        status=status,
+        prefix=prefix,
+        locale=locale,
+        created_after=created_after,
+        created_before=created_before,
+        confirmed_after=confirmed_after,
+        confirmed_before=confirmed_before,
     )
+    # A read of personal data as the record's and the export's are (a prefix may be a
+    # whole address): the filters go to the audit log with it.
+    filters = {
+        name: value.isoformat() if isinstance(value, datetime) else value
+        for name, value in dataclasses.asdict(where).items()
+        if value is not None
+    }
+    rows, next_cursor = await audited(
+        database, who, action="subscribers.search", target=slug,
+        audit_detail={"filters": filters, "cursor": cursor is not None},
+        work=admin.search_subscribers, list_slug=slug, where=where, cursor=cursor, limit=limit,
+    )  # fmt: skip
     return SubscriberPage(items=[subscriber_out(row) for row in rows], next_cursor=next_cursor)
 
 

@@ -12,9 +12,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import JSONResponse, Response
 
 from app import errors, readiness
-from app.api.deps import SettingsDep
+from app.api.deps import SettingsDep, client_ip
 from app.errors import ErrorBody
-from app.metrics import UNAUTHORIZED_DETAIL, Metrics, scrape_allowed
+from app.metrics import UNAUTHORIZED_DETAIL, Metrics, private_scraper, scrape_allowed
 from app.models import utcnow
 from app.schemas import Health, Readiness
 
@@ -26,6 +26,13 @@ _bearer = HTTPBearer(auto_error=False, description="NEWSLETTER_METRICS_TOKEN, wh
 
 class MetricsUnauthorized(errors.Unauthorized):
     message = UNAUTHORIZED_DETAIL
+
+
+class MetricsForbidden(errors.Forbidden):
+    message = (
+        "Without NEWSLETTER_METRICS_TOKEN, metrics are served to loopback and private "
+        "networks only."
+    )
 
 
 @router.get("/healthz", operation_id="healthz", response_model=Health)
@@ -73,9 +80,10 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     operation_id="metrics",
     responses={
         200: {"description": "Prometheus text format.", "content": {CONTENT_TYPE_LATEST: {}}},
-        **errors.responses(MetricsUnauthorized),
+        **errors.responses(MetricsUnauthorized, MetricsForbidden),
     },
-    # The token is optional (NEWSLETTER_METRICS_TOKEN): without one, anyone may scrape.
+    # The token is optional (NEWSLETTER_METRICS_TOKEN): without one, any client on loopback
+    # or a private network may scrape.
     openapi_extra={"security": [{}]},
 )
 def metrics(
@@ -87,5 +95,7 @@ def metrics(
     given = credentials.credentials if credentials is not None else None
     if not scrape_allowed(given, token=settings.metrics_token):
         raise MetricsUnauthorized()
+    if settings.metrics_token is None and not private_scraper(client_ip(request, settings)):
+        raise MetricsForbidden()
     registry: Metrics = request.app.state.metrics
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -53,12 +53,13 @@ async def mailgun_webhook(
         raise errors.InvalidBody("The body is not valid JSON.") from e
     now = utcnow()
     event = webhooks.verify_mailgun(payload, lists=settings.lists, now=now)
-    # Events that change nothing here are acknowledged without touching the database.
-    if event.event is not None:
-        await database.run(
-            webhooks.record,
-            event=event,
-            evidence=evidence(request, settings, source="backend"),
-            now=now,
-        )
+    # The token of every verified call is spent, those that change nothing here included:
+    # Mailgun signs the timestamp and token, not the event, so an unspent signature could
+    # come back within the tolerance carrying an unsubscribe or a complaint.
+    await database.run(
+        webhooks.record,
+        event=event,
+        evidence=evidence(request, settings, source="backend"),
+        now=now,
+    )
     return JSONResponse(EVENT_ACCEPTED.model_dump())
