@@ -15,7 +15,16 @@ from starlette.responses import Response
 
 from app import db, errors, lists, logs, migrations, ratelimit, runtime
 from app.api import admin as admin_api
-from app.api import admin_data, admin_privacy, admin_transfer, handlers, health, public, webhooks
+from app.api import (
+    admin_data,
+    admin_privacy,
+    admin_transfer,
+    docs,
+    handlers,
+    health,
+    public,
+    webhooks,
+)
 from app.api.deps import Database
 from app.config import Settings, load_settings
 from app.mailer import make_mailer
@@ -147,6 +156,10 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         # Replaced by SlashRedirect below, which does not write the Host header into the
         # Location.
         redirect_slashes=False,
+        # /docs is app/api/docs.py's (its files checked by their hashes); no ReDoc, which
+        # would fetch an unpinned release and Google's fonts.
+        docs_url=None,
+        redoc_url=None,
     )
     app.router.default = SlashRedirect(app.router.routes, fallback=app.router.default)
     app.state.settings = settings
@@ -165,6 +178,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
     app.include_router(admin_data.router, responses=database_gone)
     app.include_router(webhooks.router, responses=database_gone)
     app.include_router(health.router)
+    app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/favicon.ico", include_in_schema=False)

@@ -23,9 +23,10 @@ import sqlalchemy as sa
 # Before the import below, so tests.mailman gets assertion rewriting like a plugin should.
 pytest.register_assert_rewrite("tests.mailman")
 
-from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Route, sync_playwright  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
+from app.api import docs  # noqa: E402
 from app.config import MailmanBackendSettings  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.main import create_app  # noqa: E402
@@ -45,6 +46,7 @@ pytest_plugins = ("tests.mailman",)
 ROOT = Path(__file__).resolve().parents[1]
 E2E_DIR = ROOT / "tests" / "e2e"
 AXE_JS = E2E_DIR / "node_modules" / "axe-core" / "axe.min.js"
+SWAGGER_UI_DIST = E2E_DIR / "node_modules" / "swagger-ui-dist"
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 FIELDS = [
@@ -94,9 +96,9 @@ TEXT = {
 
 
 @pytest.fixture(scope="session")
-def axe_source() -> str:
-    """axe-core from the npm registry, as pinned by tests/e2e/package-lock.json."""
-    if not AXE_JS.exists():
+def node_modules() -> Path:
+    """axe-core and Swagger UI from the npm registry, as tests/e2e/package-lock.json pins."""
+    if not (AXE_JS.exists() and (SWAGGER_UI_DIST / "package.json").exists()):
         npm = shutil.which("npm")
         assert npm, "npm is needed to install axe-core (tests/e2e/package.json)"
         subprocess.run(
@@ -106,6 +108,11 @@ def axe_source() -> str:
             timeout=300,
             capture_output=True,
         )
+    return E2E_DIR / "node_modules"
+
+
+@pytest.fixture(scope="session")
+def axe_source(node_modules: Path) -> str:
     return AXE_JS.read_text("utf-8")
 
 
@@ -506,3 +513,48 @@ def test_the_readme_s_form_on_another_site_works_without_javascript(
         [row] = session.exec(select(Subscription)).all()
     engine.dispose()
     assert row.attributes == {"organisation": "Préfecture de l'Hérault"}
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["as-released", "changed-on-the-cdn"])
+def test_the_api_docs_run_swagger_ui_only_from_the_files_their_hashes_name(
+    browser: Browser,
+    node_modules: Path,
+    screenshots: Path,
+    database_url: str,
+    smtp: SmtpSink,
+    tampered: bool,
+) -> None:
+    """/docs under its own CSP, the CDN answered with the npm release's files (the test has
+    no internet): they run; the same files with a byte changed are refused, nothing runs."""
+    assert (SWAGGER_UI_DIST / "package.json").read_text("utf-8").count(f'"{docs.SWAGGER_UI}"')
+
+    def cdn(route: Route) -> None:
+        name = route.request.url.removeprefix(docs.CDN + "/")
+        body = (SWAGGER_UI_DIST / name).read_bytes() + (b"\n" if tampered else b"")
+        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        headers = {"content-type": kind, "access-control-allow-origin": "*"}
+        route.fulfill(status=200, body=body, headers=headers)
+
+    server, base_url = serve(database_url, smtp)
+    context = browser.new_context(locale="en-GB")
+    errors: list[str] = []
+    try:
+        with server:
+            page = context.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.route(f"{docs.CDN}/**", cdn)
+            page.goto(f"{base_url}/docs")
+            if tampered:
+                page.wait_for_load_state("load")
+                assert page.locator("#swagger-ui").inner_text() == ""
+                assert any("integrity" in error for error in errors), errors
+                return
+            title = page.locator(".swagger-ui .info .title")
+            title.wait_for(timeout=15_000)
+            assert "BlueHats" in title.inner_text()
+            path = page.locator('.opblock-summary-path[data-path="/v1/lists/{slug}/subscriptions"]')
+            path.wait_for()
+            page.screenshot(path=str(screenshots / "api-docs.png"))
+            assert errors == []
+    finally:
+        context.close()
