@@ -337,7 +337,13 @@ class TestDeadJobs:
         assert [(a["action"], a["outcome"]) for a in audit_log] == [
             ("job.retry", "error:not_found"),
             ("job.retry", "ok"),
+            ("jobs.list", "ok"),
         ]
+        # The list names addresses (this removal's): who read it is on record, and how.
+        assert (audit_log[2]["actor"], audit_log[2]["detail"]) == (
+            "dashboard",
+            {"filters": {"state": "dead"}},
+        )
 
 
 class TestKeysCommand:

@@ -261,12 +261,19 @@ async def list_stats(
 @router.get("/jobs", operation_id="admin_list_failed_jobs", response_model=list[JobOut])
 async def list_failed_jobs(
     database: DatabaseDep,
+    who: CallerDep,
     state: Annotated[JobState | None, Query(description="dead, or pending (retrying)")] = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> list[JobOut]:
     """Jobs that failed: dead letters and jobs waiting for a retry, with their last error."""
-    rows = await database.run(admin.failed_jobs, state=state, kind=kind, limit=limit)
+    # Their payloads and errors name addresses (a removal's, a relay's refusal): a read of
+    # personal data, audited as a subscriber search is.
+    filters = {name: value for name, value in (("state", state), ("kind", kind)) if value}
+    rows = await audited(
+        database, who, action="jobs.list", target=None, audit_detail={"filters": filters},
+        work=admin.failed_jobs, state=state, kind=kind, limit=limit,
+    )  # fmt: skip
     return [JobOut.model_validate(row, from_attributes=True) for row in rows]
 
 
