@@ -207,6 +207,20 @@ def refuse_other_charsets(request: Request) -> None:
         raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
 
 
+async def json_body(request: Request) -> None:
+    """415 for a body that is not JSON in UTF-8, on a route whose body FastAPI reads as JSON.
+
+    FastAPI takes a body of another type (curl's `-d` sends a form) for no object at all,
+    which would be a 422 saying the body is not a dictionary.
+    """
+    if not await request.body():
+        return
+    kind = media_type(request)
+    if kind != JSON and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise errors.NotJson()
+    refuse_other_charsets(request)
+
+
 async def read_form(request: Request) -> dict[str, str]:
     """A form post's fields, url-encoded or multipart (a form with
     `enctype="multipart/form-data"`), read as `read_payload` reads one (UTF-8 only)."""
