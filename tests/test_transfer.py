@@ -776,6 +776,68 @@ class TestExport:
             stored = session.exec(select(Subscription.email)).all()
         assert sorted(stored) == sorted([dde, "-2+3@example.org", quoted] * 2)
 
+    def test_the_csv_export_imports_as_it_is_into_another_list(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        engine: sa.Engine,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        _confirmed_by_link(client, smtp, "clicked@example.org")
+        attributes = json.dumps({"org": "DINUM, Paris"})
+        imp = _row("imp@example.org", name="-Imp", attributes=attributes).rstrip("\n") + ",v0\n"
+        imported = _import(client, write_key, HEADER.strip() + ",consent_version\n" + imp)
+        assert imported.json()["created"] == 1, imported.text
+        _import(client, write_key, HEADER + _row("left@example.org"))
+        left = client.post(
+            "/v1/admin/lists/bluehats/subscribers/left@example.org/unsubscribe",
+            json={"reason": "asked by mail"},
+            headers=write_key,
+        )
+        assert left.status_code == 200, left.text
+        exported = client.get(EXPORT, headers=read_key)
+        created = client.post(
+            "/v1/admin/lists", json={"slug": "copy", "name": "Copy"}, headers=write_key
+        )
+        assert created.status_code == 201, created.text
+
+        response = client.post(
+            "/v1/admin/lists/copy/import",
+            content=exported.content,
+            params={"mode": "confirmed"},
+            headers={**write_key, "content-type": "text/csv"},
+        )
+        assert response.status_code == 200, response.text
+        report = response.json()
+        assert (report["created"], report["invalid"]) == (2, 1), report
+        [refused] = report["errors"]
+        assert refused["line"] == 4
+        assert refused["error"].startswith("status is 'unsubscribed': only confirmed")
+
+        original = {row["email"]: row for row in _csv(exported)}
+        copied = {
+            row["email"]: row
+            for row in _csv(client.get("/v1/admin/lists/copy/export", headers=read_key))
+        }
+        assert list(copied) == ["clicked@example.org", "imp@example.org"]
+        for email, row in copied.items():
+            for column in ("name", "status", "locale", "attributes", "consent_version"):
+                assert row[column] == original[email][column], (email, column)
+        assert copied["imp@example.org"]["name"] == "'-Imp"
+        assert json.loads(copied["imp@example.org"]["attributes"])["name"] == "-Imp"
+        assert copied["imp@example.org"]["consent_version"] == "v0"
+        evidence = {
+            email: (row["consent_source"], row["consent_date"]) for email, row in copied.items()
+        }
+        assert evidence == {
+            "clicked@example.org": (
+                "export: confirmed (link)",
+                original["clicked@example.org"]["consent_event_at"],
+            ),
+            "imp@example.org": ("Paper form, BlueHats meetup", "2025-03-12"),
+        }
+
     def test_unknown_list_is_404_and_audited(
         self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
     ) -> None:
