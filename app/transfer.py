@@ -288,6 +288,11 @@ def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str
             f"The file is empty or its first line is blank: the first line must name the "
             f"columns. {_COLUMNS_HELP}"
         )
+    if first.lstrip().startswith("{"):
+        raise errors.InvalidCsv(
+            "The file holds JSON lines (an export with format jsonl?), not CSV: the import "
+            "reads CSV, whose first line names the columns (export with format csv)."
+        )
     delimiter = hinted.group(1) if hinted else _delimiter(first)
     reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
     try:

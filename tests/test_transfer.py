@@ -422,6 +422,10 @@ class TestImportRefusesTheFile:
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
             (b"email,\na@example.org,\n", "Column 2 of the header has no name"),
+            (
+                b'{"email": "a@example.org", "name": "A, B", "status": "confirmed"}\n',
+                "The file holds JSON lines (an export with format jsonl?), not CSV",
+            ),
         ],
     )
     def test_a_bad_header_is_a_clear_400(
