@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from app.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.progress import Progress, ProgressColumn
 
 # Exit codes common to every command (each command's own are in its help and the README):
 # 2 bad settings or bad input; 4 the database does not answer; 5 its schema is not this
@@ -94,12 +94,16 @@ def _unreachable(database_url: str, error: Any) -> str:
     return f"database unreachable at {url.render_as_string(hide_password=True)}: {reason}"
 
 
-def _stderr() -> Console:
-    """Where progress bars go (stdout may carry an export). rich is imported by the commands
-    that show one, not by `serve` and `worker`, which would keep it for good."""
+def _progress(*columns: ProgressColumn | str) -> Progress:
+    """A progress bar on stderr (stdout may carry an export), drawn on a terminal only:
+    elsewhere rich draws nothing but still ends it with an empty line, after the command's
+    one line. rich is imported by the commands that show one, not by `serve` and `worker`,
+    which would keep it for good."""
     from rich.console import Console
+    from rich.progress import Progress
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
 
 
 def _settings() -> Settings:
@@ -295,14 +299,12 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
 
 
 def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
-    from rich.progress import Progress, SpinnerColumn, TextColumn
+    from rich.progress import SpinnerColumn, TextColumn
 
     from app import sync
     from app.backends.base import SyncError
 
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_stderr()
-    ) as progress:
+    with _progress(SpinnerColumn(), TextColumn("{task.description}")) as progress:
         task = progress.add_task(f"reading members from {label}", total=None)
         seen = 0
 
@@ -842,7 +844,7 @@ def import_file(
     """Import subscribers from a CSV file; an address already on the list is left as it is."""
     import functools
 
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
 
     from app import db, errors, transfer
     from app.models import utcnow
@@ -858,9 +860,9 @@ def import_file(
         _known_list(settings, engine, list_slug)
         with (
             file.open("rb") as source,
-            Progress(
+            _progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TimeRemainingColumn(), console=_stderr(), transient=True,
+                TimeRemainingColumn(),
             ) as progress,
         ):  # fmt: skip
             task = progress.add_task(f"importing into {list_slug}", total=file.stat().st_size)
@@ -931,7 +933,7 @@ def export_file(
     import functools
     import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from app import admin, db, transfer
     from app.models import SubscriptionStatus
@@ -956,10 +958,9 @@ def export_file(
             detail={**detail, "rows": total},
         )  # fmt: skip
         try:
-            with Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                console=_stderr(), transient=True,
-            ) as progress:  # fmt: skip
+            with _progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()
+            ) as progress:
                 task = progress.add_task(f"exporting {list_slug}", total=total)
                 for chunk in transfer.export_chunks(
                     functools.partial(db.session_scope, engine),

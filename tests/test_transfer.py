@@ -899,6 +899,8 @@ class TestCommandLine:
         out = tmp_path / "out.csv"
         exported = run("export", "--list", "bluehats", "--output", str(out))
         assert exported.returncode == 0, exported.stderr
+        # One line, without the empty one a progress bar left when stderr is no terminal.
+        assert exported.stderr == f"wrote 3 subscribers to {out}\n"
         rows = list(csv.DictReader(out.open(encoding="utf-8")))
         assert [row["email"] for row in rows] == [
             "ann@example.org",
@@ -941,6 +943,9 @@ class TestCommandLine:
             result = run(*args)
             assert result.returncode == code, (args, result.stdout, result.stderr)
             assert message in result.stderr, (args, result.stderr)
+        refused = run("import", "--list", "bluehats", str(unreadable))
+        assert refused.stderr.startswith("Line 2 is not UTF-8")
+        assert refused.stderr.count("\n") == 1, refused.stderr
         assert count_rows(database_url, "subscription") == 0
 
     def test_an_export_that_cannot_be_written_is_refused_before_it_is_audited(
