@@ -930,6 +930,7 @@ def export_file(
     ] = None,
 ) -> None:
     """Export a list's subscribers with their consent fields, as CSV or JSON lines."""
+    import contextlib
     import functools
     import os
 
@@ -942,10 +943,14 @@ def export_file(
     wanted = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
     settings = _settings()
     # A file appears under its name only once complete: a script never reads half an export.
-    partial = output.with_name(output.name + ".part") if output is not None else None
+    # A pipe or a device (`--output /dev/stdout`, a shell's `>(gzip > f.gz)`) is written as
+    # it is: a file renamed over it would replace it.
+    partial = None
+    if output is not None and (output.is_file() or not output.exists()):
+        partial = output.with_name(output.name + ".part")
     # Opened first: an export that cannot be written is refused before the audit log
     # records it as done.
-    sink = sys.stdout.buffer if output is None or partial is None else _open_output(output, partial)
+    sink = sys.stdout.buffer if output is None else _open_output(output, partial)
     engine = db.make_engine(settings.database_url)
     where = admin.SubscriberFilter(status=wanted)
     detail = {"format": chosen.value, "filters": {"status": wanted.value} if wanted else {}}
@@ -972,29 +977,39 @@ def export_file(
                     sink.write(chunk)
             sink.flush()
         finally:
-            if partial is not None:
+            if output is not None:
                 sink.close()
         if partial is not None and output is not None:
             os.replace(partial, output)
+        if output is not None:
             typer.echo(f"wrote {total} subscribers to {output}", err=True)
     except BrokenPipeError:
         # `newsletter export ... | head`: the reader left; not an error of ours.
         sys.stderr.close()
+    except OSError as e:
+        # A full disk, a quota: the file is not left half written (the partial goes below).
+        typer.echo(f"cannot write {output or 'standard output'}: {e.strerror or e}", err=True)
+        if output is None:
+            # What stdout still holds would fail again at exit, with a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_USAGE) from e
     finally:
-        if partial is not None:
-            sink.close()
-            if partial.exists():
-                partial.unlink()
+        if output is not None:
+            with contextlib.suppress(OSError):  # already told, above
+                sink.close()
+        if partial is not None and partial.exists():
+            partial.unlink()
         engine.dispose()
 
 
-def _open_output(output: Path, partial: Path) -> Any:
-    """`partial` opened for writing, checking that `output` can take its place; exit 2 if not."""
+def _open_output(output: Path, partial: Path | None) -> Any:
+    """`partial` opened for writing, checking that `output` can take its place (`output`
+    itself when there is no `partial`); exit 2 if not."""
     if output.is_dir():
         typer.echo(f"cannot write {output}: it is a directory", err=True)
         raise typer.Exit(EXIT_USAGE)
     try:
-        return partial.open("wb")
+        return (partial or output).open("wb")
     except OSError as e:
         typer.echo(f"cannot write {output}: {e.strerror or e}", err=True)
         raise typer.Exit(EXIT_USAGE) from e

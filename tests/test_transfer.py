@@ -12,8 +12,10 @@ import csv
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, db, lists, privacy
+from app import apikeys, db, lists, privacy, transfer
 from app.config import Settings
 from app.main import create_app
 from app.models import (
@@ -865,10 +867,10 @@ class TestCommandLine:
             NEWSLETTER_LOG_LEVEL="WARNING",
         )
 
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
+        def run(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                timeout=120, check=False,
+                [NEWSLETTER, *args], env=env, cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE,
+                text=True, timeout=120, check=False,
             )  # fmt: skip
 
         return run
@@ -957,6 +959,38 @@ class TestCommandLine:
             assert result.stderr.startswith(f"cannot write {output}: "), result.stderr
             assert "Traceback" not in result.stderr
         assert _audit(engine, "subscribers.export") == []
+        assert not list(tmp_path.glob("*.part"))
+
+    @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+    def test_an_export_that_fails_while_writing_says_so_without_a_traceback(
+        self, run: Any, tmp_path: Path
+    ) -> None:
+        # A full disk, in short.
+        with open("/dev/full", "wb") as full:
+            to_stdout = run("export", "--list", "bluehats", stdout=full)
+        assert to_stdout.returncode == 2
+        assert to_stdout.stderr == "cannot write standard output: No space left on device\n"
+        device = tmp_path / "full"
+        device.symlink_to("/dev/full")
+        to_file = run("export", "--list", "bluehats", "--output", str(device))
+        assert to_file.returncode == 2
+        assert to_file.stderr == f"cannot write {device}: No space left on device\n"
+        assert device.is_symlink()
+        assert not list(tmp_path.glob("*.part"))
+
+    def test_an_export_into_a_pipe_is_written_into_it(self, run: Any, tmp_path: Path) -> None:
+        # As `--output /dev/stdout` or a shell's `--output >(gzip > export.csv.gz)`: a file
+        # renamed over the pipe would replace it, and its reader would wait for ever.
+        pipe = tmp_path / "pipe"
+        os.mkfifo(pipe)
+        received: list[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+        reader.start()
+        result = run("export", "--list", "bluehats", "--output", str(pipe))
+        assert result.returncode == 0, result.stderr
+        reader.join(timeout=30)
+        assert stat.S_ISFIFO(pipe.stat().st_mode)
+        assert received == [transfer.header(transfer.ExportFormat.CSV)]
         assert not list(tmp_path.glob("*.part"))
 
 
