@@ -5,13 +5,15 @@ codes: 0 done, 1 refused, 2 bad settings or input, 3 differences or failures fou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -813,6 +815,22 @@ def _choice(value: str, *, option: str, allowed: Any) -> Any:
         raise typer.Exit(2) from e
 
 
+@contextlib.contextmanager
+def _seekable(file: Path) -> Iterator[IO[bytes]]:
+    """The file opened for reading, or a copy of what a pipe gives (`... | newsletter import
+    /dev/stdin`): the import reads the file twice."""
+    import shutil
+    import tempfile
+
+    with file.open("rb") as source:
+        if source.seekable():
+            yield source
+            return
+        with tempfile.TemporaryFile() as copy:
+            shutil.copyfileobj(source, copy)
+            yield copy
+
+
 @cli.command("import")
 def import_file(
     file: Annotated[
@@ -821,8 +839,8 @@ def import_file(
             exists=True,
             dir_okay=False,
             readable=True,
-            help="The CSV file: UTF-8, a header line first (email, name, locale, "
-            "attributes, consent_source, consent_date, consent_version).",
+            help="The CSV file (/dev/stdin: from a pipe): UTF-8, a header line first (email, "
+            "name, locale, attributes, consent_source, consent_date, consent_version).",
         ),
     ],
     list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
@@ -843,6 +861,7 @@ def import_file(
 ) -> None:
     """Import subscribers from a CSV file; an address already on the list is left as it is."""
     import functools
+    import os
 
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
 
@@ -859,13 +878,14 @@ def import_file(
     try:
         _known_list(settings, engine, list_slug)
         with (
-            file.open("rb") as source,
+            _seekable(file) as source,
             _progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TimeRemainingColumn(),
             ) as progress,
         ):  # fmt: skip
-            task = progress.add_task(f"importing into {list_slug}", total=file.stat().st_size)
+            size = os.fstat(source.fileno()).st_size
+            task = progress.add_task(f"importing into {list_slug}", total=size)
             try:
                 report = transfer.import_csv(
                     functools.partial(db.session_scope, engine),
@@ -930,7 +950,6 @@ def export_file(
     ] = None,
 ) -> None:
     """Export a list's subscribers with their consent fields, as CSV or JSON lines."""
-    import contextlib
     import functools
     import os
 

@@ -867,10 +867,12 @@ class TestCommandLine:
             NEWSLETTER_LOG_LEVEL="WARNING",
         )
 
-        def run(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+        def run(
+            *args: str, stdout: Any = subprocess.PIPE, input: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [NEWSLETTER, *args], env=env, cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE,
-                text=True, timeout=120, check=False,
+                input=input, text=True, timeout=120, check=False,
             )  # fmt: skip
 
         return run
@@ -925,6 +927,14 @@ class TestCommandLine:
             ]
             assert all(e.actor.startswith("cli:") for e in entries)
             assert entries[1].detail["note"] == "meetup"
+
+    def test_a_file_read_from_a_pipe_is_imported(self, run: Any, database_url: str) -> None:
+        # `... | newsletter import --list bluehats /dev/stdin`: the import reads a file twice.
+        piped = HEADER + _row("ann@example.org") + _row("bob@example.org")
+        result = run("import", "--list", "bluehats", "/dev/stdin", input=piped)
+        assert result.returncode == 0, result.stderr
+        assert "created 2; unchanged 0; invalid 0" in result.stdout
+        assert count_rows(database_url, "subscription") == 2
 
     def test_exit_codes(self, run: Any, tmp_path: Path, database_url: str) -> None:
         good = tmp_path / "good.csv"
