@@ -759,7 +759,8 @@ def _insert_confirmed(
 
 # Columns of an export, in order. consent_event*: the ledger event that made the
 # subscription confirmed (a click on the confirmation link, or an import), where there is
-# one; consent_source / consent_date: the evidence an operator gave when importing.
+# one; consent_source / consent_date: the evidence an operator gave when importing or
+# adding the subscriber as confirmed.
 EXPORT_FIELDS = (
     "email",
     "name",
@@ -848,8 +849,9 @@ def export_page(
             "consent_event_source": source,
             "consent_ip": ip,
             "consent_user_agent": agent,
-            "consent_source": detail.get("consent_source"),
-            "consent_date": detail.get("consent_date"),
+            # An import's row, or an operator's "add as confirmed" with its evidence.
+            "consent_source": detail.get("consent_source") or detail.get("evidence_source"),
+            "consent_date": detail.get("consent_date") or detail.get("consented_at"),
         }
     records = [
         {

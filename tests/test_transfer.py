@@ -796,6 +796,20 @@ class TestExport:
         imported = _import(client, write_key, HEADER.strip() + ",consent_version\n" + imp)
         assert imported.json()["created"] == 1, imported.text
         _import(client, write_key, HEADER + _row("left@example.org"))
+        added = client.post(
+            "/v1/admin/lists/bluehats/subscribers",
+            json={
+                "email": "added@example.org",
+                "mode": "confirmed",
+                "evidence": {
+                    "source": "Signed form",
+                    "note": "no. 7",
+                    "consented_at": "2025-06-01",
+                },
+            },
+            headers=write_key,
+        )
+        assert added.status_code == 200, added.text
         left = client.post(
             "/v1/admin/lists/bluehats/subscribers/left@example.org/unsubscribe",
             json={"reason": "asked by mail"},
@@ -816,17 +830,23 @@ class TestExport:
         )
         assert response.status_code == 200, response.text
         report = response.json()
-        assert (report["created"], report["invalid"]) == (2, 1), report
+        assert (report["created"], report["invalid"]) == (3, 1), report
         [refused] = report["errors"]
         assert refused["line"] == 4
         assert refused["error"].startswith("status is 'unsubscribed': only confirmed")
 
         original = {row["email"]: row for row in _csv(exported)}
+        # The evidence an operator gave when adding a subscriber as confirmed is exported.
+        added_row = original["added@example.org"]
+        assert (added_row["consent_source"], added_row["consent_date"]) == (
+            "Signed form",
+            "2025-06-01",
+        )
         copied = {
             row["email"]: row
             for row in _csv(client.get("/v1/admin/lists/copy/export", headers=read_key))
         }
-        assert list(copied) == ["clicked@example.org", "imp@example.org"]
+        assert list(copied) == ["clicked@example.org", "imp@example.org", "added@example.org"]
         for email, row in copied.items():
             for column in ("name", "status", "locale", "attributes", "consent_version"):
                 assert row[column] == original[email][column], (email, column)
@@ -842,6 +862,7 @@ class TestExport:
                 original["clicked@example.org"]["consent_event_at"],
             ),
             "imp@example.org": ("Paper form, BlueHats meetup", "2025-03-12"),
+            "added@example.org": ("Signed form", "2025-06-01"),
         }
 
     def test_unknown_list_is_404_and_audited(
