@@ -1225,7 +1225,7 @@ def jobs_retry(
         typer.echo("give --id N (one or more) or --all", err=True)
         raise typer.Exit(2)
     settings = _settings()
-    count = _audited_run(
+    retried = _audited_run(
         settings,
         action="job.retry_all" if every else "job.retry",
         target=None if every else ",".join(str(n) for n in job_id or []),
@@ -1233,8 +1233,11 @@ def jobs_retry(
         job_ids=None if every else list(job_id or []),
         now=utcnow(),
     )
-    typer.echo(f"{count} job(s) back in the queue")
-    if not every and count == 0:
+    typer.echo(f"{len(retried)} job(s) back in the queue")
+    missed = sorted(set(job_id or []) - set(retried))
+    if missed:
+        shown = ", ".join(str(n) for n in missed)
+        typer.echo(f"no failed job with id {shown} (unknown, done or running)", err=True)
         raise typer.Exit(1)
 
 

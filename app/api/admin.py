@@ -272,10 +272,9 @@ async def retry_job(
     """Put one failed job back in the queue now."""
 
     def work(session: Any) -> int:
-        count = admin.retry_jobs(session, job_ids=[job_id], now=utcnow())
-        if count == 0:
+        if not admin.retry_jobs(session, job_ids=[job_id], now=utcnow()):
             raise errors.NotFound("No failed job has this id.")
-        return count
+        return 1
 
     count = await audited(database, who, action="job.retry", target=str(job_id), work=work)
     return RetryResult(retried=count)
@@ -306,11 +305,11 @@ async def reconcile_list(slug: UrlText, database: DatabaseDep, who: WriterDep) -
 @router.post("/jobs/retry", operation_id="admin_retry_all_jobs", response_model=RetryResult)
 async def retry_all_jobs(database: DatabaseDep, who: WriterDep) -> RetryResult:
     """Put every failed job back in the queue now."""
-    count = await audited(
+    retried = await audited(
         database, who, action="job.retry_all", target=None,
         work=admin.retry_jobs, job_ids=None, now=utcnow(),
     )  # fmt: skip
-    return RetryResult(retried=count)
+    return RetryResult(retried=len(retried))
 
 
 @router.get("/audit", operation_id="admin_search_audit", response_model=list[AuditOut])
