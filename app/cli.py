@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DATABASE_UNREACHABLE = 4
 EXIT_SCHEMA_NOT_AT_HEAD = 5
-# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID; a test holds them
-# equal), written out: importing those modules would slow every command's start.
+# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID and
+# CONFIRM_TTL_BOUNDS; a test holds them equal), written out: importing those modules would
+# slow every command's start.
 MAX_PAGE = 500
 MAX_ROW_ID = 2**31 - 1
+CONFIRM_TTL_HOURS = (1, 30 * 24)
 
 
 class _Commands(TyperGroup):
@@ -1284,7 +1286,12 @@ def lists_create(
     name: Annotated[str, typer.Option(help="The name shown in mails and pages.")],
     default_locale: Annotated[str, typer.Option(help="fr or en.")] = "fr",
     consent_version: Annotated[str, typer.Option(help="Consent wording version.")] = "1",
-    confirm_ttl_hours: Annotated[int, typer.Option(help="Confirmation link lifetime.")] = 48,
+    confirm_ttl_hours: Annotated[
+        int,
+        typer.Option(
+            min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1], help="Confirmation link lifetime."
+        ),
+    ] = 48,
     thank_you_url: Annotated[str | None, typer.Option()] = None,
     landing_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -1319,7 +1326,9 @@ def lists_update(
     name: Annotated[str | None, typer.Option()] = None,
     default_locale: Annotated[str | None, typer.Option()] = None,
     consent_version: Annotated[str | None, typer.Option()] = None,
-    confirm_ttl_hours: Annotated[int | None, typer.Option()] = None,
+    confirm_ttl_hours: Annotated[
+        int | None, typer.Option(min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1])
+    ] = None,
     thank_you_url: Annotated[str | None, typer.Option()] = None,
     landing_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -1333,7 +1342,7 @@ def lists_update(
             "name": name,
             "default_locale": default_locale,
             "consent_version": consent_version,
-            "confirm_ttl_seconds": confirm_ttl_hours * 3600 if confirm_ttl_hours else None,
+            "confirm_ttl_seconds": None if confirm_ttl_hours is None else confirm_ttl_hours * 3600,
             "thank_you_url": thank_you_url,
             "landing_url": landing_url,
         }.items()
