@@ -438,6 +438,26 @@ class TestImportRefusesTheFile:
         assert response.json()["error"] == "invalid_csv"
         assert message in response.json()["detail"]
 
+    def test_a_misspelt_parameter_is_refused_before_anything_is_written(
+        self,
+        client: TestClient,
+        database_url: str,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        # Ignored, `dryrun` would have made this a real import, and `state` an export of
+        # everyone, the unsubscribed too.
+        response = _import(client, write_key, HEADER + _row("ann@example.org"), dryrun="true")
+        assert response.status_code == 422
+        assert response.json() == {
+            "error": "validation_error",
+            "detail": "query.dryrun: not a parameter of this route (it takes: dry_run, mode, note)",
+        }
+        assert count_rows(database_url, "subscription") == 0
+        exported = client.get(EXPORT, params={"state": "confirmed"}, headers=read_key)
+        assert exported.status_code == 422
+        assert exported.json()["detail"].startswith("query.state: not a parameter")
+
     def test_malformed_csv_writes_nothing_even_before_the_bad_line(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
     ) -> None:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import admin, apikeys, audit, errors, lists, outbox
-from app.api.deps import Database, DatabaseDep, SettingsDep
+from app.api.deps import Database, DatabaseDep, SettingsDep, known_query
 from app.models import JobKind, JobState, SubscriptionStatus, utcnow
 from app.schemas import (
     MAX_ROW_ID,
@@ -59,7 +59,10 @@ WriterDep = Annotated[apikeys.Caller, Depends(writer)]
 
 AUTH_ERRORS = errors.responses(errors.Unauthorized, errors.Forbidden)
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 

@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from app import addresses, blocklist, consent, errors
 from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, audited, caller
-from app.api.deps import DatabaseDep, json_body, prefers
+from app.api.deps import DatabaseDep, json_body, known_query, prefers
 from app.models import BlockedEntry, BlockKind, utcnow
 from app.schemas import (
     MAX_ROW_ID,
@@ -27,7 +27,10 @@ from app.schemas import (
 )
 
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 

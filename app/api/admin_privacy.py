@@ -27,7 +27,7 @@ from app.api.admin import (
     subscriber_detail,
     subscriber_out,
 )
-from app.api.deps import DatabaseDep, SettingsDep, json_body
+from app.api.deps import DatabaseDep, SettingsDep, json_body, known_query
 from app.models import utcnow
 from app.schemas import (
     AddSubscriberRequest,
@@ -46,7 +46,10 @@ from app.schemas import (
 )
 
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 EmailPath = Annotated[
