@@ -201,7 +201,9 @@ class _RowInvalid(ValueError):
 
 
 def _masked(email: str) -> str:
-    email = email.strip()[: addresses.MAX_ADDRESS_LENGTH]
+    # A control character shows as `?`: the report is printed, and a terminal would run
+    # the file's escape sequences (clear the screen, retitle the window...).
+    email = _CONTROL.sub("?", email.strip()[: addresses.MAX_ADDRESS_LENGTH])
     if "@" not in email:
         return f"{email[:1]}***" if email else ""
     return addresses.mask(email)

@@ -977,6 +977,17 @@ class TestCommandLine:
         assert "created 2; unchanged 0; invalid 0" in result.stdout
         assert count_rows(database_url, "subscription") == 2
 
+    def test_the_report_prints_no_control_character_of_the_file(
+        self, run: Any, tmp_path: Path
+    ) -> None:
+        # An escape sequence in a cell (here one that retitles the terminal) is shown, not run.
+        hostile = tmp_path / "hostile.csv"
+        hostile.write_bytes(b"email\n\x1b]0;pwned\x07@example.org\n")
+        result = run("import", "--list", "bluehats", str(hostile), "--mode", "invite")
+        assert result.returncode == 1
+        assert "line 2 ?***@example.org: email is not a valid address" in result.stdout
+        assert not any(ord(char) < 32 for char in result.stdout.replace("\n", ""))
+
     def test_exit_codes(self, run: Any, tmp_path: Path, database_url: str) -> None:
         good = tmp_path / "good.csv"
         good.write_text(HEADER + _row("ann@example.org"))
