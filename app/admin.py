@@ -288,8 +288,9 @@ def failed_jobs(
     )
 
 
-def retry_jobs(session: Session, *, job_ids: list[int] | None, now: datetime) -> int:
-    """Put dead (or waiting) jobs back in the queue now, with a fresh attempt budget."""
+def retry_jobs(session: Session, *, job_ids: list[int] | None, now: datetime) -> list[int]:
+    """Put dead (or waiting) jobs back in the queue now, with a fresh attempt budget; the
+    ids of those put back, in order."""
     query = sa.update(OutboxJob).where(
         col(OutboxJob.state).in_([JobState.DEAD, JobState.PENDING]),
         col(OutboxJob.last_error).is_not(None),
@@ -303,9 +304,9 @@ def retry_jobs(session: Session, *, job_ids: list[int] | None, now: datetime) ->
             next_attempt_at=now,
             finished_at=None,
             updated_at=now,
-        )
+        ).returning(col(OutboxJob.id))
     )
-    return result.rowcount
+    return sorted(job_id for job_id in result.scalars() if job_id is not None)
 
 
 def all_lists(session: Session) -> list[MailingList]:

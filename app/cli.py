@@ -5,13 +5,15 @@ codes: 0 done, 1 refused, 2 bad settings or input, 3 differences or failures fou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -19,7 +21,7 @@ from typer.core import TyperGroup
 from app.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.progress import Progress, ProgressColumn
 
 # Exit codes common to every command (each command's own are in its help and the README):
 # 2 bad settings or bad input; 4 the database does not answer; 5 its schema is not this
@@ -27,10 +29,12 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DATABASE_UNREACHABLE = 4
 EXIT_SCHEMA_NOT_AT_HEAD = 5
-# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID; a test holds them
-# equal), written out: importing those modules would slow every command's start.
+# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID and
+# CONFIRM_TTL_BOUNDS; a test holds them equal), written out: importing those modules would
+# slow every command's start.
 MAX_PAGE = 500
 MAX_ROW_ID = 2**31 - 1
+CONFIRM_TTL_HOURS = (1, 30 * 24)
 
 
 class _Commands(TyperGroup):
@@ -94,12 +98,16 @@ def _unreachable(database_url: str, error: Any) -> str:
     return f"database unreachable at {url.render_as_string(hide_password=True)}: {reason}"
 
 
-def _stderr() -> Console:
-    """Where progress bars go (stdout may carry an export). rich is imported by the commands
-    that show one, not by `serve` and `worker`, which would keep it for good."""
+def _progress(*columns: ProgressColumn | str) -> Progress:
+    """A progress bar on stderr (stdout may carry an export), drawn on a terminal only:
+    elsewhere rich draws nothing but still ends it with an empty line, after the command's
+    one line. rich is imported by the commands that show one, not by `serve` and `worker`,
+    which would keep it for good."""
     from rich.console import Console
+    from rich.progress import Progress
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
 
 
 def _settings() -> Settings:
@@ -295,14 +303,12 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
 
 
 def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
-    from rich.progress import Progress, SpinnerColumn, TextColumn
+    from rich.progress import SpinnerColumn, TextColumn
 
     from app import sync
     from app.backends.base import SyncError
 
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), transient=True, console=_stderr()
-    ) as progress:
+    with _progress(SpinnerColumn(), TextColumn("{task.description}")) as progress:
         task = progress.add_task(f"reading members from {label}", total=None)
         seen = 0
 
@@ -811,6 +817,22 @@ def _choice(value: str, *, option: str, allowed: Any) -> Any:
         raise typer.Exit(2) from e
 
 
+@contextlib.contextmanager
+def _seekable(file: Path) -> Iterator[IO[bytes]]:
+    """The file opened for reading, or a copy of what a pipe gives (`... | newsletter import
+    /dev/stdin`): the import reads the file twice."""
+    import shutil
+    import tempfile
+
+    with file.open("rb") as source:
+        if source.seekable():
+            yield source
+            return
+        with tempfile.TemporaryFile() as copy:
+            shutil.copyfileobj(source, copy)
+            yield copy
+
+
 @cli.command("import")
 def import_file(
     file: Annotated[
@@ -819,8 +841,8 @@ def import_file(
             exists=True,
             dir_okay=False,
             readable=True,
-            help="The CSV file: UTF-8, a header line first (email, name, locale, "
-            "attributes, consent_source, consent_date, consent_version).",
+            help="The CSV file (/dev/stdin: from a pipe): UTF-8, a header line first (email, "
+            "name, locale, attributes, consent_source, consent_date, consent_version).",
         ),
     ],
     list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
@@ -841,8 +863,9 @@ def import_file(
 ) -> None:
     """Import subscribers from a CSV file; an address already on the list is left as it is."""
     import functools
+    import os
 
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
 
     from app import db, errors, transfer
     from app.models import utcnow
@@ -857,13 +880,14 @@ def import_file(
     try:
         _known_list(settings, engine, list_slug)
         with (
-            file.open("rb") as source,
-            Progress(
+            _seekable(file) as source,
+            _progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TimeRemainingColumn(), console=_stderr(), transient=True,
+                TimeRemainingColumn(),
             ) as progress,
         ):  # fmt: skip
-            task = progress.add_task(f"importing into {list_slug}", total=file.stat().st_size)
+            size = os.fstat(source.fileno()).st_size
+            task = progress.add_task(f"importing into {list_slug}", total=size)
             try:
                 report = transfer.import_csv(
                     functools.partial(db.session_scope, engine),
@@ -931,7 +955,7 @@ def export_file(
     import functools
     import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from app import admin, db, transfer
     from app.models import SubscriptionStatus
@@ -940,10 +964,14 @@ def export_file(
     wanted = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
     settings = _settings()
     # A file appears under its name only once complete: a script never reads half an export.
-    partial = output.with_name(output.name + ".part") if output is not None else None
+    # A pipe or a device (`--output /dev/stdout`, a shell's `>(gzip > f.gz)`) is written as
+    # it is: a file renamed over it would replace it.
+    partial = None
+    if output is not None and (output.is_file() or not output.exists()):
+        partial = output.with_name(output.name + ".part")
     # Opened first: an export that cannot be written is refused before the audit log
     # records it as done.
-    sink = sys.stdout.buffer if output is None or partial is None else _open_output(output, partial)
+    sink = sys.stdout.buffer if output is None else _open_output(output, partial)
     engine = db.make_engine(settings.database_url)
     where = admin.SubscriberFilter(status=wanted)
     detail = {"format": chosen.value, "filters": {"status": wanted.value} if wanted else {}}
@@ -956,10 +984,9 @@ def export_file(
             detail={**detail, "rows": total},
         )  # fmt: skip
         try:
-            with Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                console=_stderr(), transient=True,
-            ) as progress:  # fmt: skip
+            with _progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()
+            ) as progress:
                 task = progress.add_task(f"exporting {list_slug}", total=total)
                 for chunk in transfer.export_chunks(
                     functools.partial(db.session_scope, engine),
@@ -971,29 +998,39 @@ def export_file(
                     sink.write(chunk)
             sink.flush()
         finally:
-            if partial is not None:
+            if output is not None:
                 sink.close()
         if partial is not None and output is not None:
             os.replace(partial, output)
+        if output is not None:
             typer.echo(f"wrote {total} subscribers to {output}", err=True)
     except BrokenPipeError:
         # `newsletter export ... | head`: the reader left; not an error of ours.
         sys.stderr.close()
+    except OSError as e:
+        # A full disk, a quota: the file is not left half written (the partial goes below).
+        typer.echo(f"cannot write {output or 'standard output'}: {e.strerror or e}", err=True)
+        if output is None:
+            # What stdout still holds would fail again at exit, with a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_USAGE) from e
     finally:
-        if partial is not None:
-            sink.close()
-            if partial.exists():
-                partial.unlink()
+        if output is not None:
+            with contextlib.suppress(OSError):  # already told, above
+                sink.close()
+        if partial is not None and partial.exists():
+            partial.unlink()
         engine.dispose()
 
 
-def _open_output(output: Path, partial: Path) -> Any:
-    """`partial` opened for writing, checking that `output` can take its place; exit 2 if not."""
+def _open_output(output: Path, partial: Path | None) -> Any:
+    """`partial` opened for writing, checking that `output` can take its place (`output`
+    itself when there is no `partial`); exit 2 if not."""
     if output.is_dir():
         typer.echo(f"cannot write {output}: it is a directory", err=True)
         raise typer.Exit(EXIT_USAGE)
     try:
-        return partial.open("wb")
+        return (partial or output).open("wb")
     except OSError as e:
         typer.echo(f"cannot write {output}: {e.strerror or e}", err=True)
         raise typer.Exit(EXIT_USAGE) from e
@@ -1190,7 +1227,7 @@ def jobs_retry(
         typer.echo("give --id N (one or more) or --all", err=True)
         raise typer.Exit(2)
     settings = _settings()
-    count = _audited_run(
+    retried = _audited_run(
         settings,
         action="job.retry_all" if every else "job.retry",
         target=None if every else ",".join(str(n) for n in job_id or []),
@@ -1198,8 +1235,11 @@ def jobs_retry(
         job_ids=None if every else list(job_id or []),
         now=utcnow(),
     )
-    typer.echo(f"{count} job(s) back in the queue")
-    if not every and count == 0:
+    typer.echo(f"{len(retried)} job(s) back in the queue")
+    missed = sorted(set(job_id or []) - set(retried))
+    if missed:
+        shown = ", ".join(str(n) for n in missed)
+        typer.echo(f"no failed job with id {shown} (unknown, done or running)", err=True)
         raise typer.Exit(1)
 
 
@@ -1246,7 +1286,12 @@ def lists_create(
     name: Annotated[str, typer.Option(help="The name shown in mails and pages.")],
     default_locale: Annotated[str, typer.Option(help="fr or en.")] = "fr",
     consent_version: Annotated[str, typer.Option(help="Consent wording version.")] = "1",
-    confirm_ttl_hours: Annotated[int, typer.Option(help="Confirmation link lifetime.")] = 48,
+    confirm_ttl_hours: Annotated[
+        int,
+        typer.Option(
+            min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1], help="Confirmation link lifetime."
+        ),
+    ] = 48,
     thank_you_url: Annotated[str | None, typer.Option()] = None,
     landing_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -1281,7 +1326,9 @@ def lists_update(
     name: Annotated[str | None, typer.Option()] = None,
     default_locale: Annotated[str | None, typer.Option()] = None,
     consent_version: Annotated[str | None, typer.Option()] = None,
-    confirm_ttl_hours: Annotated[int | None, typer.Option()] = None,
+    confirm_ttl_hours: Annotated[
+        int | None, typer.Option(min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1])
+    ] = None,
     thank_you_url: Annotated[str | None, typer.Option()] = None,
     landing_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -1295,7 +1342,7 @@ def lists_update(
             "name": name,
             "default_locale": default_locale,
             "consent_version": consent_version,
-            "confirm_ttl_seconds": confirm_ttl_hours * 3600 if confirm_ttl_hours else None,
+            "confirm_ttl_seconds": None if confirm_ttl_hours is None else confirm_ttl_hours * 3600,
             "thank_you_url": thank_you_url,
             "landing_url": landing_url,
         }.items()

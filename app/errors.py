@@ -129,6 +129,10 @@ class NotCsv(UnsupportedMediaType):
     message = "Send the file as text/csv."
 
 
+class NotJson(UnsupportedMediaType):
+    message = "Send the body as application/json."
+
+
 class InvalidCsv(DomainError):
     """A file the import cannot read at all (encoding, CSV syntax, header); nothing is written."""
 

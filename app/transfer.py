@@ -18,8 +18,10 @@ consent_date (ISO date or date-time, not in the future) and consent_version (the
 the person agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
 separated (as the header shows, or a first line `sep=;` as Excel writes it), UTF-8 with or
 without a BOM. An export's cell that a
-spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; an
-address so written is read back without it, so an export imports as it was.
+spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; a
+cell so written is read back without it. The CSV export imports as it is, into another
+list or another instance of the service: its confirmed rows, with the event that
+confirmed each one as its evidence (`EXPORT_COLUMNS`); a row of another status is refused.
 
     mode=confirmed  consent_source + consent_date required per row; the subscription is
                     created confirmed, with an "imported" ledger event (source "import")
@@ -102,10 +104,26 @@ COLUMNS = (
     "consent_date",
     "consent_version",
 )
+# The other columns of this service's CSV export (`EXPORT_FIELDS`), so that an export
+# imports as it is: `status` is checked, and the confirming event stands for the evidence
+# of a row without consent_source and consent_date. The rest is not imported: the new
+# subscription has its own dates, and the confirmation's IP and user agent stay with the
+# source's ledger, whose retention rules they follow.
+EXPORT_COLUMNS = (
+    "status",
+    "created_at",
+    "confirmed_at",
+    "unsubscribed_at",
+    "consent_event",
+    "consent_event_at",
+    "consent_event_source",
+    "consent_ip",
+    "consent_user_agent",
+)
 DELIMITERS = (",", ";", "\t")
 _COLUMNS_HELP = (
     "The columns are: email (required), name, locale, attributes, consent_source, "
-    "consent_date, consent_version."
+    "consent_date, consent_version (and those of an export, which it imports)."
 )
 
 
@@ -183,7 +201,9 @@ class _RowInvalid(ValueError):
 
 
 def _masked(email: str) -> str:
-    email = email.strip()[: addresses.MAX_ADDRESS_LENGTH]
+    # A control character shows as `?`: the report is printed, and a terminal would run
+    # the file's escape sequences (clear the screen, retitle the window...).
+    email = _CONTROL.sub("?", email.strip()[: addresses.MAX_ADDRESS_LENGTH])
     if "@" not in email:
         return f"{email[:1]}***" if email else ""
     return addresses.mask(email)
@@ -243,7 +263,7 @@ def _columns(header: list[str]) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise errors.InvalidCsv(f"The header repeats {', '.join(repeated)}.")
-    unknown = [name for name in names if name not in COLUMNS]
+    unknown = [name for name in names if name not in COLUMNS + EXPORT_COLUMNS]
     if unknown:
         shown = ", ".join(repr(name[:40]) for name in unknown[:10])
         raise errors.InvalidCsv(f"Unknown column(s) in the header: {shown}. {_COLUMNS_HELP}")
@@ -269,6 +289,11 @@ def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str
         raise errors.InvalidCsv(
             f"The file is empty or its first line is blank: the first line must name the "
             f"columns. {_COLUMNS_HELP}"
+        )
+    if first.lstrip().startswith("{"):
+        raise errors.InvalidCsv(
+            "The file holds JSON lines (an export with format jsonl?), not CSV: the import "
+            "reads CSV, whose first line names the columns (export with format csv)."
         )
     delimiter = hinted.group(1) if hinted else _delimiter(first)
     reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
@@ -356,11 +381,26 @@ def _attributes(value: str, name: str | None) -> dict[str, str]:
         raise _RowInvalid(f"attributes: {e}.") from e
 
 
+def _cell(values: dict[str, str], name: str) -> str:
+    """A text cell, without the `'` our export writes before one a spreadsheet would run
+    (`_csv_value`)."""
+    text = values.get(name, "").strip()
+    return text[1:] if _is_quoted_formula(text) else text
+
+
+def _exported_evidence(values: dict[str, str]) -> tuple[str, str]:
+    """consent_source and consent_date of a row of this service's export: the evidence
+    its import recorded, else the event that confirmed it (a click on the link, ...)."""
+    source, when = _cell(values, "consent_source"), values.get("consent_date", "")
+    event, event_at = values.get("consent_event", "").strip(), values.get("consent_event_at", "")
+    if event and not source:
+        via = values.get("consent_event_source", "").strip()
+        source = f"export: {event} ({via})" if via else f"export: {event}"
+    return source, when if when.strip() else event_at
+
+
 def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) -> ImportRow:
-    raw_email = values.get("email", "").strip()
-    if _is_quoted_formula(raw_email):
-        # Our export's guard against spreadsheets (`_csv_value`), taken off again.
-        raw_email = raw_email[1:]
+    raw_email = _cell(values, "email")
     if not raw_email:
         raise _RowInvalid("email is empty.")
     try:
@@ -373,12 +413,17 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
     except ValueError as e:
         known = ", ".join(item.value for item in Locale)
         raise _RowInvalid(f"locale {locale_text[:20]!r} is not one of {known}.") from e
-    name = _text(values.get("name", ""), name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
+    status = values.get("status", "").strip().lower()
+    if status and status != SubscriptionStatus.CONFIRMED:
+        raise _RowInvalid(
+            f"status is {status[:20]!r}: only confirmed subscribers are imported (export "
+            "with status=confirmed to leave the others out)."
+        )
+    name = _text(_cell(values, "name"), name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
     attributes = _attributes(values.get("attributes", ""), name)
-    consent_source = _text(
-        values.get("consent_source", ""), name="consent_source", limit=MAX_CONSENT_SOURCE
-    )
-    consent_date = _consent_date(values.get("consent_date", ""), now=now)
+    source_text, date_text = _exported_evidence(values)
+    consent_source = _text(source_text, name="consent_source", limit=MAX_CONSENT_SOURCE)
+    consent_date = _consent_date(date_text, now=now)
     if mode == ImportMode.CONFIRMED:
         if consent_source is None:
             raise _RowInvalid(
@@ -388,7 +433,7 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
         if consent_date is None:
             raise _RowInvalid("consent_date is empty: mode=confirmed needs the date of consent.")
     consent_version = _text(
-        values.get("consent_version", ""), name="consent_version", limit=MAX_CONSENT_VERSION
+        _cell(values, "consent_version"), name="consent_version", limit=MAX_CONSENT_VERSION
     )
     if consent_version is not None and mode == ImportMode.INVITE:
         raise _RowInvalid(
@@ -716,7 +761,8 @@ def _insert_confirmed(
 
 # Columns of an export, in order. consent_event*: the ledger event that made the
 # subscription confirmed (a click on the confirmation link, or an import), where there is
-# one; consent_source / consent_date: the evidence an operator gave when importing.
+# one; consent_source / consent_date: the evidence an operator gave when importing or
+# adding the subscriber as confirmed.
 EXPORT_FIELDS = (
     "email",
     "name",
@@ -805,8 +851,9 @@ def export_page(
             "consent_event_source": source,
             "consent_ip": ip,
             "consent_user_agent": agent,
-            "consent_source": detail.get("consent_source"),
-            "consent_date": detail.get("consent_date"),
+            # An import's row, or an operator's "add as confirmed" with its evidence.
+            "consent_source": detail.get("consent_source") or detail.get("evidence_source"),
+            "consent_date": detail.get("consent_date") or detail.get("consented_at"),
         }
     records = [
         {
@@ -842,7 +889,7 @@ def _is_quoted_formula(text: str) -> bool:
     return text.startswith("'") and text.lstrip("'").startswith(_FORMULA_START)
 
 
-def _csv_value(name: str, value: Any) -> str:
+def _csv_value(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
@@ -852,9 +899,9 @@ def _csv_value(name: str, value: Any) -> str:
     text = str(value)
     if text.startswith(_FORMULA_START):
         return "'" + text
-    # The address must come back exact from an import (`_row` takes one `'` off a cell
-    # that reads as a quoted formula), so one that already looks quoted is quoted again.
-    if name == "email" and _is_quoted_formula(text):
+    # The text must come back exact from an import (`_cell` takes one `'` off a cell that
+    # reads as a quoted formula), so one that already looks quoted is quoted again.
+    if _is_quoted_formula(text):
         return "'" + text
     return text
 
@@ -877,7 +924,7 @@ def encode(records: Iterable[dict[str, Any]], format: ExportFormat) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     for record in records:
-        writer.writerow([_csv_value(name, record[name]) for name in EXPORT_FIELDS])
+        writer.writerow([_csv_value(record[name]) for name in EXPORT_FIELDS])
     return buffer.getvalue().encode()
 
 

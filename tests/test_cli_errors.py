@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 
 from app import admin, apikeys, cli, migrations
 from app.models import ApiKey
-from app.schemas import MAX_ROW_ID
+from app.schemas import CONFIRM_TTL_BOUNDS, MAX_ROW_ID
 from tests.conftest import SECRET, free_port, wait_until
 from tests.processes import Process, service_env
 
@@ -122,6 +122,8 @@ class TestMigrate:
 class TestLimits:
     def test_the_cli_takes_the_admin_apis_limits(self) -> None:
         assert (cli.MAX_PAGE, cli.MAX_ROW_ID) == (admin.MAX_PAGE, MAX_ROW_ID)
+        hours = tuple(seconds // 3600 for seconds in CONFIRM_TTL_BOUNDS.values())
+        assert hours == cli.CONFIRM_TTL_HOURS
 
     @pytest.mark.parametrize(
         "args",
@@ -132,6 +134,11 @@ class TestLimits:
             ("subscriber", "search", "--list", "bluehats", "--limit", "0"),
             ("subscriber", "search", "--list", "bluehats", "--limit", "100000"),
             ("jobs", "retry", "--id", str(MAX_ROW_ID + 1)),
+            # In hours, as given: not a 422 about confirm_ttl_seconds; nor, for 0, "nothing
+            # to change".
+            ("lists", "create", "events", "--name", "Events", "--confirm-ttl-hours", "0"),
+            ("lists", "create", "events", "--name", "Events", "--confirm-ttl-hours", "721"),
+            ("lists", "update", "events", "--confirm-ttl-hours", "0"),
         ],
     )
     def test_a_limit_out_of_range_is_bad_input(

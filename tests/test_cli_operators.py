@@ -84,6 +84,24 @@ class TestOperatorCommands:
         retried = run(database_url, tmp_path, "jobs", "retry", "--all")
         assert retried.returncode == 0
         assert retried.stdout.startswith("1 job(s)")
+        with db.session_scope(engine) as session:
+            dead_job = OutboxJob(
+                kind=JobKind.SYNC,
+                payload={},
+                state=JobState.DEAD,
+                attempts=10,
+                next_attempt_at=utcnow(),
+                last_error="HTTP 400 from the backend",
+            )
+            session.add(dead_job)
+            session.flush()
+            dead_id = dead_job.id
+        # An id that is no failed job is named, even beside one that was retried.
+        partly = run(database_url, tmp_path, "jobs", "retry", "--id", str(dead_id),
+                     "--id", "99999")  # fmt: skip
+        assert partly.returncode == 1
+        assert partly.stdout == "1 job(s) back in the queue\n"
+        assert partly.stderr == "no failed job with id 99999 (unknown, done or running)\n"
 
         made = run(database_url, tmp_path, "lists", "create", "events", "--name", "Événements")
         assert made.returncode == 0, made.stderr

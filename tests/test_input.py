@@ -697,3 +697,60 @@ class TestSecurityHeaders:
         assert response.headers["cache-control"] == "no-store"
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["referrer-policy"] == "strict-origin"
+
+
+class TestAdminBodies:
+    """The admin routes' JSON bodies, which FastAPI parses: the same answers as the public
+    routes' for an unreadable body or another content type, not a 422 about a field."""
+
+    BLOCKS = "/v1/admin/blocks"
+    BLOCK = b'{"kind": "domain", "value": "example.net", "reason": "spam"}'
+
+    def test_unreadable_json_is_400_invalid_body(
+        self, client: TestClient, write_key: dict[str, str], subtests: pytest.Subtests
+    ) -> None:
+        bodies = {
+            "truncated": (self.BLOCK[:-1], "not valid JSON"),
+            "not UTF-8": (self.BLOCK.replace(b"spam", b"sp\xe9m"), "not valid JSON in UTF-8"),
+            "nested": (b'{"reason": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        }
+        for kind, (body, message) in bodies.items():
+            with subtests.test(kind):
+                response = client.post(
+                    self.BLOCKS, content=body, headers={**write_key, **JSON_TYPE}
+                )
+                assert message in error_of(response, 400, "invalid_body")
+        assert client.get(self.BLOCKS, headers=write_key).json() == []
+
+    def test_a_body_in_another_content_type_is_415(
+        self, client: TestClient, write_key: dict[str, str], subtests: pytest.Subtests
+    ) -> None:
+        # curl's `-d` sends a form, whatever the body holds.
+        for content_type in (FORM_TYPE["content-type"], "text/plain", None):
+            with subtests.test(str(content_type)):
+                headers = {**write_key}
+                if content_type is not None:
+                    headers["content-type"] = content_type
+                response = client.post(self.BLOCKS, content=self.BLOCK, headers=headers)
+                detail = error_of(response, 415, "unsupported_media_type")
+                assert detail == "Send the body as application/json."
+        with subtests.test("another charset"):
+            headers = {**write_key, "content-type": "application/json; charset=iso-8859-1"}
+            response = client.post(self.BLOCKS, content=self.BLOCK, headers=headers)
+            error_of(response, 415, "unsupported_media_type")
+        assert client.get(self.BLOCKS, headers=write_key).json() == []
+        response = client.post(self.BLOCKS, content=self.BLOCK, headers={**write_key, **JSON_TYPE})
+        assert response.status_code == 201, response.text
+
+    def test_every_admin_route_with_a_json_body_documents_the_415(self, client: TestClient) -> None:
+        document = client.get("/openapi.json").json()
+        routes = [
+            (path, method)
+            for path, operations in document["paths"].items()
+            for method, operation in operations.items()
+            if path.startswith("/v1/admin/")
+            and "application/json" in operation.get("requestBody", {}).get("content", {})
+        ]
+        assert len(routes) == 5, routes
+        for path, method in routes:
+            assert "415" in document["paths"][path][method]["responses"], (path, method)

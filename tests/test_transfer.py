@@ -12,8 +12,10 @@ import csv
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import apikeys, db, lists, privacy
+from app import apikeys, db, lists, privacy, transfer
 from app.config import Settings
 from app.main import create_app
 from app.models import (
@@ -422,6 +424,10 @@ class TestImportRefusesTheFile:
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
             (b"email,\na@example.org,\n", "Column 2 of the header has no name"),
+            (
+                b'{"email": "a@example.org", "name": "A, B", "status": "confirmed"}\n',
+                "The file holds JSON lines (an export with format jsonl?), not CSV",
+            ),
         ],
     )
     def test_a_bad_header_is_a_clear_400(
@@ -431,6 +437,26 @@ class TestImportRefusesTheFile:
         assert response.status_code == 400
         assert response.json()["error"] == "invalid_csv"
         assert message in response.json()["detail"]
+
+    def test_a_misspelt_parameter_is_refused_before_anything_is_written(
+        self,
+        client: TestClient,
+        database_url: str,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        # Ignored, `dryrun` would have made this a real import, and `state` an export of
+        # everyone, the unsubscribed too.
+        response = _import(client, write_key, HEADER + _row("ann@example.org"), dryrun="true")
+        assert response.status_code == 422
+        assert response.json() == {
+            "error": "validation_error",
+            "detail": "query.dryrun: not a parameter of this route (it takes: dry_run, mode, note)",
+        }
+        assert count_rows(database_url, "subscription") == 0
+        exported = client.get(EXPORT, params={"state": "confirmed"}, headers=read_key)
+        assert exported.status_code == 422
+        assert exported.json()["detail"].startswith("query.state: not a parameter")
 
     def test_malformed_csv_writes_nothing_even_before_the_bad_line(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
@@ -776,6 +802,89 @@ class TestExport:
             stored = session.exec(select(Subscription.email)).all()
         assert sorted(stored) == sorted([dde, "-2+3@example.org", quoted] * 2)
 
+    def test_the_csv_export_imports_as_it_is_into_another_list(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        engine: sa.Engine,
+        read_key: dict[str, str],
+        write_key: dict[str, str],
+    ) -> None:
+        _confirmed_by_link(client, smtp, "clicked@example.org")
+        attributes = json.dumps({"org": "DINUM, Paris"})
+        imp = _row("imp@example.org", name="-Imp", attributes=attributes).rstrip("\n") + ",v0\n"
+        imported = _import(client, write_key, HEADER.strip() + ",consent_version\n" + imp)
+        assert imported.json()["created"] == 1, imported.text
+        _import(client, write_key, HEADER + _row("left@example.org"))
+        added = client.post(
+            "/v1/admin/lists/bluehats/subscribers",
+            json={
+                "email": "added@example.org",
+                "mode": "confirmed",
+                "evidence": {
+                    "source": "Signed form",
+                    "note": "no. 7",
+                    "consented_at": "2025-06-01",
+                },
+            },
+            headers=write_key,
+        )
+        assert added.status_code == 200, added.text
+        left = client.post(
+            "/v1/admin/lists/bluehats/subscribers/left@example.org/unsubscribe",
+            json={"reason": "asked by mail"},
+            headers=write_key,
+        )
+        assert left.status_code == 200, left.text
+        exported = client.get(EXPORT, headers=read_key)
+        created = client.post(
+            "/v1/admin/lists", json={"slug": "copy", "name": "Copy"}, headers=write_key
+        )
+        assert created.status_code == 201, created.text
+
+        response = client.post(
+            "/v1/admin/lists/copy/import",
+            content=exported.content,
+            params={"mode": "confirmed"},
+            headers={**write_key, "content-type": "text/csv"},
+        )
+        assert response.status_code == 200, response.text
+        report = response.json()
+        assert (report["created"], report["invalid"]) == (3, 1), report
+        [refused] = report["errors"]
+        assert refused["line"] == 4
+        assert refused["error"].startswith("status is 'unsubscribed': only confirmed")
+
+        original = {row["email"]: row for row in _csv(exported)}
+        # The evidence an operator gave when adding a subscriber as confirmed is exported.
+        added_row = original["added@example.org"]
+        assert (added_row["consent_source"], added_row["consent_date"]) == (
+            "Signed form",
+            "2025-06-01",
+        )
+        copied = {
+            row["email"]: row
+            for row in _csv(client.get("/v1/admin/lists/copy/export", headers=read_key))
+        }
+        assert list(copied) == ["clicked@example.org", "imp@example.org", "added@example.org"]
+        for email, row in copied.items():
+            for column in ("name", "status", "locale", "attributes", "consent_version"):
+                assert row[column] == original[email][column], (email, column)
+        assert copied["imp@example.org"]["name"] == "'-Imp"
+        assert json.loads(copied["imp@example.org"]["attributes"])["name"] == "-Imp"
+        assert copied["imp@example.org"]["consent_version"] == "v0"
+        evidence = {
+            email: (row["consent_source"], row["consent_date"]) for email, row in copied.items()
+        }
+        assert evidence == {
+            "clicked@example.org": (
+                "export: confirmed (link)",
+                original["clicked@example.org"]["consent_event_at"],
+            ),
+            "imp@example.org": ("Paper form, BlueHats meetup", "2025-03-12"),
+            "added@example.org": ("Signed form", "2025-06-01"),
+        }
+
     def test_unknown_list_is_404_and_audited(
         self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
     ) -> None:
@@ -799,10 +908,12 @@ class TestCommandLine:
             NEWSLETTER_LOG_LEVEL="WARNING",
         )
 
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
+        def run(
+            *args: str, stdout: Any = subprocess.PIPE, input: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                timeout=120, check=False,
+                [NEWSLETTER, *args], env=env, cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE,
+                input=input, text=True, timeout=120, check=False,
             )  # fmt: skip
 
         return run
@@ -833,6 +944,8 @@ class TestCommandLine:
         out = tmp_path / "out.csv"
         exported = run("export", "--list", "bluehats", "--output", str(out))
         assert exported.returncode == 0, exported.stderr
+        # One line, without the empty one a progress bar left when stderr is no terminal.
+        assert exported.stderr == f"wrote 3 subscribers to {out}\n"
         rows = list(csv.DictReader(out.open(encoding="utf-8")))
         assert [row["email"] for row in rows] == [
             "ann@example.org",
@@ -856,6 +969,25 @@ class TestCommandLine:
             assert all(e.actor.startswith("cli:") for e in entries)
             assert entries[1].detail["note"] == "meetup"
 
+    def test_a_file_read_from_a_pipe_is_imported(self, run: Any, database_url: str) -> None:
+        # `... | newsletter import --list bluehats /dev/stdin`: the import reads a file twice.
+        piped = HEADER + _row("ann@example.org") + _row("bob@example.org")
+        result = run("import", "--list", "bluehats", "/dev/stdin", input=piped)
+        assert result.returncode == 0, result.stderr
+        assert "created 2; unchanged 0; invalid 0" in result.stdout
+        assert count_rows(database_url, "subscription") == 2
+
+    def test_the_report_prints_no_control_character_of_the_file(
+        self, run: Any, tmp_path: Path
+    ) -> None:
+        # An escape sequence in a cell (here one that retitles the terminal) is shown, not run.
+        hostile = tmp_path / "hostile.csv"
+        hostile.write_bytes(b"email\n\x1b]0;pwned\x07@example.org\n")
+        result = run("import", "--list", "bluehats", str(hostile), "--mode", "invite")
+        assert result.returncode == 1
+        assert "line 2 ?***@example.org: email is not a valid address" in result.stdout
+        assert not any(ord(char) < 32 for char in result.stdout.replace("\n", ""))
+
     def test_exit_codes(self, run: Any, tmp_path: Path, database_url: str) -> None:
         good = tmp_path / "good.csv"
         good.write_text(HEADER + _row("ann@example.org"))
@@ -875,6 +1007,9 @@ class TestCommandLine:
             result = run(*args)
             assert result.returncode == code, (args, result.stdout, result.stderr)
             assert message in result.stderr, (args, result.stderr)
+        refused = run("import", "--list", "bluehats", str(unreadable))
+        assert refused.stderr.startswith("Line 2 is not UTF-8")
+        assert refused.stderr.count("\n") == 1, refused.stderr
         assert count_rows(database_url, "subscription") == 0
 
     def test_an_export_that_cannot_be_written_is_refused_before_it_is_audited(
@@ -886,6 +1021,38 @@ class TestCommandLine:
             assert result.stderr.startswith(f"cannot write {output}: "), result.stderr
             assert "Traceback" not in result.stderr
         assert _audit(engine, "subscribers.export") == []
+        assert not list(tmp_path.glob("*.part"))
+
+    @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+    def test_an_export_that_fails_while_writing_says_so_without_a_traceback(
+        self, run: Any, tmp_path: Path
+    ) -> None:
+        # A full disk, in short.
+        with open("/dev/full", "wb") as full:
+            to_stdout = run("export", "--list", "bluehats", stdout=full)
+        assert to_stdout.returncode == 2
+        assert to_stdout.stderr == "cannot write standard output: No space left on device\n"
+        device = tmp_path / "full"
+        device.symlink_to("/dev/full")
+        to_file = run("export", "--list", "bluehats", "--output", str(device))
+        assert to_file.returncode == 2
+        assert to_file.stderr == f"cannot write {device}: No space left on device\n"
+        assert device.is_symlink()
+        assert not list(tmp_path.glob("*.part"))
+
+    def test_an_export_into_a_pipe_is_written_into_it(self, run: Any, tmp_path: Path) -> None:
+        # As `--output /dev/stdout` or a shell's `--output >(gzip > export.csv.gz)`: a file
+        # renamed over the pipe would replace it, and its reader would wait for ever.
+        pipe = tmp_path / "pipe"
+        os.mkfifo(pipe)
+        received: list[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+        reader.start()
+        result = run("export", "--list", "bluehats", "--output", str(pipe))
+        assert result.returncode == 0, result.stderr
+        reader.join(timeout=30)
+        assert stat.S_ISFIFO(pipe.stat().st_mode)
+        assert received == [transfer.header(transfer.ExportFormat.CSV)]
         assert not list(tmp_path.glob("*.part"))
 
 

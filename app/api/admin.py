@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import admin, apikeys, audit, errors, lists, outbox
-from app.api.deps import Database, DatabaseDep, SettingsDep
+from app.api.deps import Database, DatabaseDep, SettingsDep, known_query
 from app.models import JobKind, JobState, SubscriptionStatus, utcnow
 from app.schemas import (
     MAX_ROW_ID,
@@ -60,7 +60,10 @@ WriterDep = Annotated[apikeys.Caller, Depends(writer)]
 
 AUTH_ERRORS = errors.responses(errors.Unauthorized, errors.Forbidden)
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 
@@ -289,10 +292,9 @@ async def retry_job(
     """Put one failed job back in the queue now."""
 
     def work(session: Any) -> int:
-        count = admin.retry_jobs(session, job_ids=[job_id], now=utcnow())
-        if count == 0:
+        if not admin.retry_jobs(session, job_ids=[job_id], now=utcnow()):
             raise errors.NotFound("No failed job has this id.")
-        return count
+        return 1
 
     count = await audited(database, who, action="job.retry", target=str(job_id), work=work)
     return RetryResult(retried=count)
@@ -323,11 +325,11 @@ async def reconcile_list(slug: UrlText, database: DatabaseDep, who: WriterDep) -
 @router.post("/jobs/retry", operation_id="admin_retry_all_jobs", response_model=RetryResult)
 async def retry_all_jobs(database: DatabaseDep, who: WriterDep) -> RetryResult:
     """Put every failed job back in the queue now."""
-    count = await audited(
+    retried = await audited(
         database, who, action="job.retry_all", target=None,
         work=admin.retry_jobs, job_ids=None, now=utcnow(),
     )  # fmt: skip
-    return RetryResult(retried=count)
+    return RetryResult(retried=len(retried))
 
 
 @router.get("/audit", operation_id="admin_search_audit", response_model=list[AuditOut])

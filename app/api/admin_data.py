@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from app import addresses, blocklist, consent, errors
 from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, audited, caller
-from app.api.deps import DatabaseDep, prefers
+from app.api.deps import DatabaseDep, json_body, known_query, prefers
 from app.models import BlockedEntry, BlockKind, utcnow
 from app.schemas import (
     MAX_ROW_ID,
@@ -27,7 +27,10 @@ from app.schemas import (
 )
 
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 
@@ -47,7 +50,8 @@ async def list_blocks(database: DatabaseDep, kind: BlockKind | None = None) -> l
     operation_id="admin_add_block",
     status_code=201,
     response_model=BlockOut,
-    responses=errors.responses(errors.Conflict),
+    dependencies=[Depends(json_body)],
+    responses=errors.responses(errors.Conflict, errors.NotJson),
 )
 async def add_block(body: BlockCreate, database: DatabaseDep, who: WriterDep) -> BlockOut:
     """Block an address or a domain (and its subdomains): public requests for it get the

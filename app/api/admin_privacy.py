@@ -27,7 +27,7 @@ from app.api.admin import (
     subscriber_detail,
     subscriber_out,
 )
-from app.api.deps import DatabaseDep, SettingsDep
+from app.api.deps import DatabaseDep, SettingsDep, json_body, known_query
 from app.models import utcnow
 from app.schemas import (
     AddSubscriberRequest,
@@ -46,7 +46,10 @@ from app.schemas import (
 )
 
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 EmailPath = Annotated[
@@ -74,7 +77,8 @@ def _address(raw: str, *, where: tuple[str, ...], new: bool) -> addresses.Addres
     operation_id="admin_create_list",
     status_code=201,
     response_model=ListOut,
-    responses=errors.responses(errors.Conflict),
+    dependencies=[Depends(json_body)],
+    responses=errors.responses(errors.Conflict, errors.NotJson),
 )
 async def create_list(
     body: ListCreate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
@@ -97,7 +101,10 @@ async def create_list(
     "/lists/{slug}",
     operation_id="admin_update_list",
     response_model=ListOut,
-    responses=errors.responses(errors.ListNotFound, errors.Conflict, errors.ConsentWordingChanged),
+    dependencies=[Depends(json_body)],
+    responses=errors.responses(
+        errors.ListNotFound, errors.Conflict, errors.ConsentWordingChanged, errors.NotJson
+    ),
 )
 async def update_list(
     slug: UrlText, body: ListUpdate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
@@ -119,8 +126,13 @@ async def update_list(
     "/lists/{slug}/subscribers",
     operation_id="admin_add_subscriber",
     response_model=SubscriberOut,
+    dependencies=[Depends(json_body)],
     responses=errors.responses(
-        errors.ListNotFound, errors.Conflict, errors.AddressBlocked, errors.BadRequest
+        errors.ListNotFound,
+        errors.Conflict,
+        errors.AddressBlocked,
+        errors.BadRequest,
+        errors.NotJson,
     ),
 )
 async def add_subscriber(
@@ -155,7 +167,8 @@ async def add_subscriber(
     "/lists/{slug}/subscribers/{email}/unsubscribe",
     operation_id="admin_unsubscribe_subscriber",
     response_model=SubscriberOut,
-    responses=errors.responses(errors.ListNotFound, errors.NotFound),
+    dependencies=[Depends(json_body)],
+    responses=errors.responses(errors.ListNotFound, errors.NotFound, errors.NotJson),
 )
 async def unsubscribe_subscriber(
     slug: UrlText,

@@ -26,12 +26,15 @@ from starlette.concurrency import run_in_threadpool
 
 from app import admin, apikeys, audit, db, errors, lists, transfer
 from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, caller
-from app.api.deps import Database, DatabaseDep, SettingsDep, media_type
+from app.api.deps import Database, DatabaseDep, SettingsDep, known_query, media_type
 from app.models import SubscriptionStatus, utcnow
 from app.schemas import DateTimeQuery, ImportResult, ImportRowError, UrlNote, UrlText
 
 router = APIRouter(
-    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(caller)], responses=AUTH_ERRORS
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(caller), Depends(known_query)],
+    responses=AUTH_ERRORS,
 )
 
 # The import's path, for the body limit (`NEWSLETTER_MAX_IMPORT_BYTES` instead of the

@@ -225,6 +225,19 @@ def document_error_shape(openapi: dict[str, Any]) -> dict[str, Any]:
     return openapi
 
 
+def _unreadable_body(exc: HTTPException) -> errors.InvalidBody | None:
+    """FastAPI's bare 400 ("There was an error parsing the body") for a JSON body it could
+    not decode, worded as the public routes word theirs."""
+    if exc.status_code != 400:
+        return None
+    if isinstance(exc.__cause__, RecursionError):
+        return errors.InvalidBody("The body is nested too deeply.")
+    if isinstance(exc.__cause__, ValueError):
+        # Not UTF-8 (UnicodeDecodeError is a ValueError).
+        return errors.InvalidBody("The body is not valid JSON in UTF-8.")
+    return None
+
+
 def install(app: FastAPI) -> None:
     outage_log = EveryFewSeconds()
     default_openapi = app.openapi
@@ -251,10 +264,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        if any(error.get("type") == "json_invalid" for error in exc.errors()):
+            # FastAPI's own parsing of a JSON body (the admin routes): unreadable, as the
+            # public routes answer it, and not a field's validation.
+            return await _domain(request, errors.InvalidBody("The body is not valid JSON."))
         return _answer(request, status=422, code="validation_error", detail=_validation_detail(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
+        unreadable = _unreadable_body(exc)
+        if unreadable is not None:
+            return await _domain(request, unreadable)
         code = HTTP_CODES.get(exc.status_code, "http_error")
         response = _answer(request, status=exc.status_code, code=code, detail=str(exc.detail))
         for name, value in (exc.headers or {}).items():
