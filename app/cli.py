@@ -296,6 +296,13 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
         known = ", ".join(item.slug for item in settings.lists)
         typer.echo(f"no list {slug!r} in the settings (known: {known})", err=True)
         raise typer.Exit(2)
+    if declared.backend.kind == "none":
+        typer.echo(
+            f"list {slug!r} has no mailing-list backend (its backend kind is none): "
+            "there is no member list to read",
+            err=True,
+        )
+        raise typer.Exit(2)
     client = backends.make_client(
         connect_timeout=settings.backend_connect_timeout, timeout=settings.backend_timeout
     )

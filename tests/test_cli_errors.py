@@ -119,6 +119,22 @@ class TestMigrate:
         )
 
 
+class TestListWithoutBackend:
+    @pytest.mark.parametrize("command", ["reconcile", "import-backend"])
+    def test_reading_its_members_is_refused_with_exit_code_2(
+        self, database_url: str, tmp_path: Path, command: str
+    ) -> None:
+        # The embedded default's list: before, reconcile reported every confirmed member
+        # "missing at the backend" and exited 3.
+        result = run(database_url, tmp_path, command, "--list", "bluehats")
+        assert result.returncode == 2
+        assert last_line(result) == (
+            "list 'bluehats' has no mailing-list backend (its backend kind is none): "
+            "there is no member list to read"
+        )
+        assert result.stdout == ""
+
+
 class TestLimits:
     def test_the_cli_takes_the_admin_apis_limits(self) -> None:
         assert (cli.MAX_PAGE, cli.MAX_ROW_ID) == (admin.MAX_PAGE, MAX_ROW_ID)
