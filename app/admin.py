@@ -66,6 +66,14 @@ class SubscriberFilter:
     confirmed_after: datetime | None = None
     confirmed_before: datetime | None = None
 
+    def given(self) -> dict[str, Any]:
+        """The filters set, as the audit log keeps them (times in ISO 8601)."""
+        return {
+            name: value.isoformat() if isinstance(value, datetime) else value
+            for name in self.__slots__
+            if (value := getattr(self, name)) is not None
+        }
+
 
 def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -6,9 +6,8 @@ write key (403 for a read key). Actions and reads of personal data go to the aud
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -172,11 +171,7 @@ async def search_subscribers(
     )
     # A read of personal data as the record's and the export's are (a prefix may be a
     # whole address): the filters go to the audit log with it.
-    filters = {
-        name: value.isoformat() if isinstance(value, datetime) else value
-        for name, value in dataclasses.asdict(where).items()
-        if value is not None
-    }
+    filters = where.given()
     rows, next_cursor = await audited(
         database, who, action="subscribers.search", target=slug,
         audit_detail={"filters": filters, "cursor": cursor is not None},

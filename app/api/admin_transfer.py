@@ -12,11 +12,9 @@ the response streams; see each route.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import tempfile
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -245,11 +243,7 @@ async def export_subscribers(
         confirmed_after=confirmed_after,
         confirmed_before=confirmed_before,
     )
-    filters = {
-        name: value.isoformat() if isinstance(value, datetime) else value
-        for name, value in dataclasses.asdict(where).items()
-        if value is not None
-    }
+    filters = where.given()
     detail = {"format": export_format.value, "filters": filters}
     try:
         list_id = await database.run(_open_export, slug=slug, actor=who.name, detail=detail)
