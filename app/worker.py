@@ -502,6 +502,8 @@ class Worker:
             return
         with db.session_scope(self.engine) as session:
             for declared in self.settings.lists:
+                if declared.backend.kind == "none" and declared.slug not in self._backends:
+                    continue  # no members anywhere to compare with
                 outbox.schedule_reconcile(
                     session, list_slug=declared.slug, now=self.now(), delay=interval
                 )

@@ -1151,6 +1151,16 @@ class TestScheduledReconcile:
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
 
+    def test_a_list_without_a_backend_is_not_scheduled(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # The embedded default's list (backend kind none): nothing to read, nothing to fix.
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
+        worker = Worker(engine=engine, settings=settings, mailer=_SmtpFor(settings))
+        _confirmed_rows(engine, count=1)
+        worker.schedule_reconciliations()
+        assert _jobs(engine, JobKind.RECONCILE) == []
+
     def test_a_run_that_fails_for_good_leaves_the_next_one_scheduled(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
