@@ -239,6 +239,13 @@ _PATH_SAFE = "/:@!$&'()*+,;="
 _QUERY_SAFE = _PATH_SAFE + "?%"
 
 
+def on_this_host(path: str) -> str:
+    """An encoded path that a browser reads as a path on this host: a second leading slash
+    (`//evil.example/x`, another host's) written `%2F`, which the router reads back as the
+    same path."""
+    return "/%2F" + path[2:] if path.startswith("//") else path
+
+
 def relative_location(path: str, query_string: bytes = b"") -> str:
     """`path` (decoded, as the ASGI scope holds it) and a raw query as a relative
     Location, which the client resolves against the URL it asked for (RFC 9110 §10.2.2).
@@ -247,9 +254,7 @@ def relative_location(path: str, query_string: bytes = b"") -> str:
     as would `/\\evil.example` by browsers: the backslash is escaped with the rest, and a
     second leading slash is written `%2F`, which the router reads back as the same path.
     """
-    location = quote(path, safe=_PATH_SAFE)
-    if location.startswith("//"):
-        location = "/%2F" + location[2:]
+    location = on_this_host(quote(path, safe=_PATH_SAFE))
     if query_string:
         location += "?" + quote(query_string, safe=_QUERY_SAFE)
     return location

@@ -104,22 +104,6 @@ COLUMNS = (
     "consent_date",
     "consent_version",
 )
-# The other columns of this service's CSV export (`EXPORT_FIELDS`), so that an export
-# imports as it is: `status` is checked, and the confirming event stands for the evidence
-# of a row without consent_source and consent_date. The rest is not imported: the new
-# subscription has its own dates, and the confirmation's IP and user agent stay with the
-# source's ledger, whose retention rules they follow.
-EXPORT_COLUMNS = (
-    "status",
-    "created_at",
-    "confirmed_at",
-    "unsubscribed_at",
-    "consent_event",
-    "consent_event_at",
-    "consent_event_source",
-    "consent_ip",
-    "consent_user_agent",
-)
 DELIMITERS = (",", ";", "\t")
 _COLUMNS_HELP = (
     "The columns are: email (required), name, locale, attributes, consent_source, "
@@ -781,6 +765,12 @@ EXPORT_FIELDS = (
     "consent_source",
     "consent_date",
 )
+# The other columns of the CSV export, so that an export imports as it is: `status` is
+# checked, and the confirming event stands for the evidence of a row without consent_source
+# and consent_date. The rest is not imported: the new subscription has its own dates, and
+# the confirmation's IP and user agent stay with the source's ledger, whose retention rules
+# they follow.
+EXPORT_COLUMNS = tuple(name for name in EXPORT_FIELDS if name not in COLUMNS)
 _CONFIRMING = (ConsentAction.CONFIRMED.value, ConsentAction.IMPORTED.value)
 _NO_EVENT: dict[str, Any] = dict.fromkeys(EXPORT_FIELDS[9:])
 

@@ -139,6 +139,30 @@ def subscriber_out(row: Any) -> SubscriberOut:
     return SubscriberOut.model_validate(row, from_attributes=True)
 
 
+def subscriber_filter(
+    status: SubscriptionStatus | None = None,
+    prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
+    locale: Annotated[UrlText | None, Query(max_length=8)] = None,
+    created_after: DateTimeQuery | None = None,
+    created_before: DateTimeQuery | None = None,
+    confirmed_after: DateTimeQuery | None = None,
+    confirmed_before: DateTimeQuery | None = None,
+) -> admin.SubscriberFilter:
+    """The filters the search and the export share, from the query."""
+    return admin.SubscriberFilter(
+        status=status,
+        prefix=prefix,
+        locale=locale,
+        created_after=created_after,
+        created_before=created_before,
+        confirmed_after=confirmed_after,
+        confirmed_before=confirmed_before,
+    )
+
+
+SubscriberFilterDep = Annotated[admin.SubscriberFilter, Depends(subscriber_filter)]
+
+
 @router.get(
     "/lists/{slug}/subscribers",
     operation_id="admin_search_subscribers",
@@ -149,26 +173,11 @@ async def search_subscribers(
     slug: UrlText,
     database: DatabaseDep,
     who: CallerDep,
-    status: SubscriptionStatus | None = None,
-    prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
-    locale: Annotated[UrlText | None, Query(max_length=8)] = None,
-    created_after: DateTimeQuery | None = None,
-    created_before: DateTimeQuery | None = None,
-    confirmed_after: DateTimeQuery | None = None,
-    confirmed_before: DateTimeQuery | None = None,
+    where: SubscriberFilterDep,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> SubscriberPage:
     """Subscribers of a list, filtered, in pages (pass `next_cursor` back as `cursor`)."""
-    where = admin.SubscriberFilter(
-        status=status,
-        prefix=prefix,
-        locale=locale,
-        created_after=created_after,
-        created_before=created_before,
-        confirmed_after=confirmed_after,
-        confirmed_before=confirmed_before,
-    )
     # A read of personal data as the record's and the export's are (a prefix may be a
     # whole address): the filters go to the audit log with it.
     filters = where.given()

@@ -23,10 +23,10 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import admin, apikeys, audit, db, errors, lists, transfer
-from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, caller
+from app.api.admin import AUTH_ERRORS, CallerDep, SubscriberFilterDep, WriterDep, caller
 from app.api.deps import Database, DatabaseDep, SettingsDep, known_query, media_type
-from app.models import SubscriptionStatus, utcnow
-from app.schemas import DateTimeQuery, ImportResult, ImportRowError, UrlNote, UrlText
+from app.models import utcnow
+from app.schemas import ImportResult, ImportRowError, UrlNote, UrlText
 
 router = APIRouter(
     prefix="/v1/admin",
@@ -221,28 +221,13 @@ async def export_subscribers(
     slug: UrlText,
     database: DatabaseDep,
     who: CallerDep,
+    where: SubscriberFilterDep,
     export_format: Annotated[transfer.ExportFormat, Query(alias="format")] = (
         transfer.ExportFormat.CSV
     ),
-    status: SubscriptionStatus | None = None,
-    prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
-    locale: Annotated[UrlText | None, Query(max_length=8)] = None,
-    created_after: DateTimeQuery | None = None,
-    created_before: DateTimeQuery | None = None,
-    confirmed_after: DateTimeQuery | None = None,
-    confirmed_before: DateTimeQuery | None = None,
 ) -> StreamingResponse:
     """Export a list's subscribers as CSV or JSON lines, streamed, with the same filters
     as the search."""
-    where = admin.SubscriberFilter(
-        status=status,
-        prefix=prefix,
-        locale=locale,
-        created_after=created_after,
-        created_before=created_before,
-        confirmed_after=confirmed_after,
-        confirmed_before=confirmed_before,
-    )
     filters = where.given()
     detail = {"format": export_format.value, "filters": filters}
     try:
@@ -273,7 +258,8 @@ async def export_subscribers(
                 return
 
     extension = "csv" if export_format == transfer.ExportFormat.CSV else "jsonl"
-    filename = f"{slug}-{status.value if status else 'all'}-{utcnow():%Y%m%d}.{extension}"
+    which = where.status.value if where.status else "all"
+    filename = f"{slug}-{which}-{utcnow():%Y%m%d}.{extension}"
     return StreamingResponse(
         body(),
         media_type=transfer.MEDIA_TYPES[export_format],

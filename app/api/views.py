@@ -9,6 +9,7 @@ from fastapi import Request
 from app import pages
 from app.config import ListSettings, Locale, Settings
 from app.i18n import for_list
+from app.middleware import on_this_host
 
 
 def list_settings(settings: Settings, *, slug: str, name: str) -> ListSettings:
@@ -35,17 +36,11 @@ def chrome(
     stylesheet = settings.dsfr_stylesheet_url
     return pages.Chrome(
         t=t,
-        # The path as it came, encoded again (Starlette gives it decoded: `%00` is a NUL).
-        switch_url=pages.with_lang(_same_host(quote(path)), query, pages.other_locale(locale)),
+        # The path as it came, encoded again (Starlette gives it decoded: `%00` is a NUL),
+        # on this host (the error page of `//evil.example/x`, a path nginx passes on as it
+        # came, linked its other language to another site's page).
+        switch_url=pages.with_lang(on_this_host(quote(path)), query, pages.other_locale(locale)),
         service_name=list_name or t("layout.service"),
         stylesheet_url=str(stylesheet) if stylesheet else None,
         proof_of_work=settings.proof_of_work_bits > 0,
     )
-
-
-def _same_host(path: str) -> str:
-    """A path that a browser reads as a path on this host: the error page of
-    `//evil.example/x` (a path nginx passes on as it came) linked its other language to
-    `//evil.example/x?lang=en`, another site's page; a second leading slash is written
-    `%2F`, as `middleware.relative_location` writes it in a redirect."""
-    return "/%2F" + path[2:] if path.startswith("//") else path
