@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socketserver
 import ssl
 import subprocess
@@ -65,6 +66,30 @@ def _mail(
         message_key="1.test",
         link="http://testserver/v1/confirm/abc",
     )
+
+
+@contextlib.contextmanager
+def _refusing_at_rcpt(reply: str) -> Iterator[tuple[SmtpSink, SmtpMailer]]:
+    """A real SMTP server answering every RCPT with `reply`, and a mailer for it."""
+
+    class Refusing(SmtpSink):
+        async def handle_RCPT(
+            self, server: Any, session: Any, envelope: Any, address: str, options: Any
+        ) -> str:
+            return reply
+
+    sink = Refusing(host="127.0.0.1", port=free_port())
+    controller = Controller(sink, hostname=sink.host, port=sink.port)
+    controller.start()
+    try:
+        yield (
+            sink,
+            SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            ),
+        )
+    finally:
+        controller.stop()
 
 
 class _RecordingSmtpServer(socketserver.ThreadingTCPServer):
@@ -281,23 +306,11 @@ class TestSmtpMailer:
             mailer.send(_mail())
 
     def test_a_refused_recipient_is_permanent(self) -> None:
-        class Refusing(SmtpSink):
-            async def handle_RCPT(
-                self, server: Any, session: Any, envelope: Any, address: str, options: Any
-            ) -> str:
-                return "550 5.1.1 No such user"
-
-        sink = Refusing(host="127.0.0.1", port=free_port())
-        controller = Controller(sink, hostname=sink.host, port=sink.port)
-        controller.start()
-        try:
-            mailer = SmtpMailer(
-                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
-            )
-            with pytest.raises(PermanentMailError, match="550"):
-                mailer.send(_mail())
-        finally:
-            controller.stop()
+        with (
+            _refusing_at_rcpt("550 5.1.1 No such user") as (_sink, mailer),
+            pytest.raises(PermanentMailError, match="550"),
+        ):
+            mailer.send(_mail())
 
     @pytest.mark.parametrize(
         "reply",
@@ -314,23 +327,11 @@ class TestSmtpMailer:
     ) -> None:
         # Every mail gets this answer until the relay or the settings are fixed: each
         # confirmation was dead at its first attempt, as if the address did not exist.
-        class Refusing(SmtpSink):
-            async def handle_RCPT(
-                self, server: Any, session: Any, envelope: Any, address: str, options: Any
-            ) -> str:
-                return reply
-
-        sink = Refusing(host="127.0.0.1", port=free_port())
-        controller = Controller(sink, hostname=sink.host, port=sink.port)
-        controller.start()
-        try:
-            mailer = SmtpMailer(
-                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
-            )
-            with pytest.raises(RetryableMailError, match="does not take mail from this client"):
-                mailer.send(_mail())
-        finally:
-            controller.stop()
+        with (
+            _refusing_at_rcpt(reply) as (sink, mailer),
+            pytest.raises(RetryableMailError, match="does not take mail from this client"),
+        ):
+            mailer.send(_mail())
         assert sink.messages == []
 
     def test_the_envelope_goes_to_the_validated_address_not_to_a_reading_of_the_header(
