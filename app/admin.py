@@ -14,6 +14,7 @@ from sqlalchemy.dialects import sqlite
 from sqlmodel import Session, col, func, select
 
 from app import errors, lists, outbox
+from app.config import Locale
 from app.models import (
     MAX_ROW_ID,
     ConsentEvent,
@@ -60,7 +61,7 @@ def decode_cursor(cursor: str | None) -> int | None:
 class SubscriberFilter:
     status: SubscriptionStatus | None = None
     prefix: str | None = None
-    locale: str | None = None
+    locale: Locale | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     confirmed_after: datetime | None = None
@@ -87,8 +88,7 @@ def subscriber_query(list_id: int, where: SubscriberFilter) -> Any:
         pattern = _escape_like(where.prefix.casefold()) + "%"
         query = query.where(col(Subscription.email_key).like(pattern, escape="\\"))
     if where.locale is not None:
-        # Stored as the catalogue names them (`fr`, `en`); `EN` or ` en` means the same.
-        query = query.where(Subscription.locale == where.locale.strip().lower())
+        query = query.where(Subscription.locale == where.locale.value)
     if where.created_after is not None:
         query = query.where(col(Subscription.created_at) >= where.created_after)
     if where.created_before is not None:

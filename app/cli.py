@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from app.config import Settings, SettingsError, load_settings
+from app.config import Locale, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, ProgressColumn
@@ -1119,6 +1119,9 @@ def subscriber_search(
 
     settings = _settings()
     chosen = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
+    language = None
+    if locale is not None:
+        language = _choice(locale.strip().lower(), option="--locale", allowed=Locale)
     rows, next_cursor = _read(
         settings,
         admin.search_subscribers,
@@ -1126,7 +1129,7 @@ def subscriber_search(
         where=admin.SubscriberFilter(
             status=chosen,
             prefix=prefix,
-            locale=locale,
+            locale=language,
             created_after=_when(created_after, option="--created-after"),
             created_before=_when(created_before, option="--created-before"),
         ),

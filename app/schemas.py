@@ -91,6 +91,15 @@ DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text), AfterValid
 UrlText = Annotated[str, AfterValidator(_no_control_characters), Field(json_schema_extra=ONE_LINE)]
 
 
+def _folded(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# A language in an admin query: `EN` or ` en` means `en`; another is refused (422) rather
+# than matching nothing.
+LocaleQuery = Annotated[Locale, BeforeValidator(_folded)]
+
+
 def _any_case(word: str) -> str:
     return "".join(f"[{char}{char.upper()}]" for char in word)
 

@@ -169,6 +169,12 @@ class TestSearch:
             headers=read_key,
         )
         assert [item["email"] for item in upper.json()["items"]] == emails
+        # A language the service does not speak is refused, not an empty page.
+        unknown = client.get(
+            "/v1/admin/lists/bluehats/subscribers", params={"locale": "de"}, headers=read_key
+        )
+        assert unknown.status_code == 422
+        assert "'fr' or 'en'" in unknown.text
         # A LIKE wildcard in the prefix is taken literally.
         wild = client.get(
             "/v1/admin/lists/bluehats/subscribers", params={"prefix": "%"}, headers=read_key

@@ -52,6 +52,14 @@ class TestOperatorCommands:
         bad = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
                   "--status", "happy")  # fmt: skip
         assert bad.returncode == 2
+        # A language in another case is that language; one the service does not speak is
+        # refused, rather than an empty page.
+        french = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                     "--status", "confirmed", "--locale", " FR")  # fmt: skip
+        assert french.stdout == found.stdout
+        german = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                     "--locale", "de")  # fmt: skip
+        assert (german.returncode, german.stderr) == (2, "--locale must be one of fr, en\n")
 
         shown = run(database_url, tmp_path, "subscriber", "show", "ada@example.org",
                     "--list", "bluehats")  # fmt: skip

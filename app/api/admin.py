@@ -25,6 +25,7 @@ from app.schemas import (
     JobOut,
     JobWithAttempts,
     ListOut,
+    LocaleQuery,
     RetryResult,
     StatsOut,
     SubscriberDetail,
@@ -142,7 +143,7 @@ def subscriber_out(row: Any) -> SubscriberOut:
 def subscriber_filter(
     status: SubscriptionStatus | None = None,
     prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
-    locale: Annotated[UrlText | None, Query(max_length=8)] = None,
+    locale: LocaleQuery | None = None,
     created_after: DateTimeQuery | None = None,
     created_before: DateTimeQuery | None = None,
     confirmed_after: DateTimeQuery | None = None,
