@@ -200,7 +200,8 @@ def compose(
     if kind == MailKind.CONFIRM:
         notes = [expiry, t("mail.ignore")]
     elif kind == MailKind.UNSUBSCRIBE:
-        notes = [t("mail.ignore")]
+        # Not `mail.ignore`'s "you will receive nothing else": this address stays subscribed.
+        notes = [t("mail.unsubscribe.ignore", list=list_name)]
     html = _html_env.get_template("layout.html").render(
         lang=locale.value,
         subject=subject,

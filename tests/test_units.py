@@ -439,6 +439,26 @@ class TestMails:
             assert part is not None
             assert said in part.get_content(), subtype
 
+    @pytest.mark.parametrize(
+        ("locale", "stays", "nothing_else"),
+        [
+            (Locale.FR, "votre inscription à Gazette BlueHats reste active", "rien d'autre"),
+            (Locale.EN, "your subscription to Gazette BlueHats stays active", "nothing else"),
+        ],
+    )
+    def test_the_unsubscribe_mail_says_ignoring_it_keeps_the_subscription(
+        self, locale: Locale, stays: str, nothing_else: str
+    ) -> None:
+        # It said, as the confirmation mail, "you will receive nothing else": to a subscriber
+        # who did not ask, who goes on receiving the newsletter.
+        mail = _compose(MailKind.UNSUBSCRIBE, locale=locale)
+        for subtype in ("plain", "html"):
+            part = mail.message.get_body(preferencelist=(subtype,))
+            assert part is not None
+            content = part.get_content()
+            assert stays in content, subtype
+            assert nothing_else not in content, subtype
+
     def test_the_unsubscribe_header_is_the_url_as_it_is(self) -> None:
         # Longer than a line of 78, with nowhere to fold: still a URL clients can read
         # (RFC 2369, RFC 8058), not RFC 2047 words.
