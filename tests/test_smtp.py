@@ -349,6 +349,41 @@ class TestSmtpMailer:
             mailer.send(_mail())
 
     @pytest.mark.parametrize(
+        ("step", "reply", "error", "said"),
+        [
+            # The sender: the settings or the relay's to fix, nothing of the recipient's.
+            ("MAIL", "550 5.7.1 Sender address rejected", RetryableMailError, "550"),
+            ("DATA", "451 4.3.0 Try again later", RetryableMailError, "message deferred: 451"),
+            ("DATA", "554 5.6.0 Message rejected", PermanentMailError, "message refused: 554"),
+            # A connection closed mid-session, before the mail was taken.
+            ("RCPT", None, RetryableMailError, "SMTPServerDisconnected"),
+            ("DATA", None, RetryableMailError, "SMTPServerDisconnected"),
+        ],
+    )
+    def test_each_step_s_refusal_is_retried_or_given_up_as_it_says(
+        self, step: str, reply: str | None, error: type[Exception], said: str
+    ) -> None:
+        async def answer(self: SmtpSink, server: Any, session: Any, envelope: Any, *_: Any) -> str:
+            if reply is None:
+                server.transport.close()
+                return "250 OK"  # never read
+            return reply
+
+        refusing = type("Refusing", (SmtpSink,), {f"handle_{step}": answer})
+        sink = refusing(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(error, match=said):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+
+    @pytest.mark.parametrize(
         "reply",
         [
             # Postfix's reject_unauth_destination, to a client neither authenticated nor
