@@ -351,6 +351,8 @@ class SmtpMailerSettings(BaseModel):
 
     kind: Literal["smtp"] = "smtp"
     host: Annotated[str, Field(min_length=1)]
+    # 465 with `ssl` (implicit TLS, RFC 8314) when not given: 587, a submission port that
+    # starts in clear, failed every send with `SSLError: WRONG_VERSION_NUMBER`.
     port: Annotated[int, Field(ge=1, le=65535)] = 587
     security: SmtpSecurity = SmtpSecurity.STARTTLS
     username: str | None = None
@@ -389,6 +391,12 @@ class SmtpMailerSettings(BaseModel):
     def _credentials_go_together(self) -> SmtpMailerSettings:
         if (self.username is None) != (self.password is None):
             raise ValueError("SMTP username and password must be given together")
+        return self
+
+    @model_validator(mode="after")
+    def _implicit_tls_port(self) -> SmtpMailerSettings:
+        if self.security == SmtpSecurity.SSL and "port" not in self.model_fields_set:
+            self.port = 465
         return self
 
 

@@ -264,11 +264,16 @@ class SmtpMailer:
             deadline.watch(client.sock)
             try:
                 # Starts the next transaction afresh; fails on a connection the server
-                # closed meanwhile, before anything of this mail was sent.
-                client.rset()
-                return client
+                # closed meanwhile, before anything of this mail was sent. A relay that
+                # hangs up on an idle client says so first (Postfix's `421 4.4.2 Error:
+                # timeout exceeded`), which smtplib returns rather than raises: the mail
+                # then failed on the closed connection instead of going on a new one.
+                code, _ = client.rset()
+                if code == 250:
+                    return client
             except (smtplib.SMTPException, OSError):
-                client.close()
+                pass
+            client.close()
 
     def _keep(self, client: smtplib.SMTP) -> None:
         with self._lock:

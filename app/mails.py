@@ -97,8 +97,6 @@ _LINE_LENGTH = 78
 _ENCODED_LINE_LENGTH = 76
 # RFC 5322 2.1.1, less `List-Unsubscribe: ` and the line's end.
 _MAX_LINE = 998 - len("List-Unsubscribe: ")
-# Longest `To` value written as it is: with "To: ", within a line.
-_PLAIN_TO_LENGTH = _LINE_LENGTH - 4
 
 
 def _text_part(subtype: str, body: str) -> EmailMessage:
@@ -139,9 +137,12 @@ def _folded(name: str, value: str) -> str:
     lines), kept with `set_raw`. The generator writes such a value as it is, where it
     folds a parsed header again for every mail."""
     header = _fixed(name, value)  # which refuses line breaks, on either path
-    if name == "Subject" and not value.isascii():
+    if name == "Subject" and (not value.isascii() or "=?" in value):
         # `email`'s folder loses the space between two encoded words ("à l'été" reads back
-        # as "àl'été"); the classic encoder keeps every space inside the words.
+        # as "àl'été"); the classic encoder keeps every space inside the words. A subject
+        # is our text, never RFC 2047 words to decode: the parser read a list named
+        # `=?utf-8?q?a=0D=0ABcc:_x?=` as `a`, a line break and `Bcc: x`, which the folder
+        # wrote as a header of its own. The encoder writes `=?` as any other letters.
         return Header(value, "utf-8", header_name=name).encode(
             linesep="\n", maxlinelen=_ENCODED_LINE_LENGTH
         )
@@ -199,7 +200,8 @@ def compose(
     if kind == MailKind.CONFIRM:
         notes = [expiry, t("mail.ignore")]
     elif kind == MailKind.UNSUBSCRIBE:
-        notes = [t("mail.ignore")]
+        # Not `mail.ignore`'s "you will receive nothing else": this address stays subscribed.
+        notes = [t("mail.unsubscribe.ignore", list=list_name)]
     html = _html_env.get_template("layout.html").render(
         lang=locale.value,
         subject=subject,
@@ -217,16 +219,16 @@ def compose(
     message = EmailMessage(policy=POLICY)
     message.set_raw("From", _folded("From", mail_from))
     recipient = addresses.deliverable(to)
-    if (
-        recipient.isascii()
-        and len(recipient) <= _PLAIN_TO_LENGTH
-        and len(recipient.splitlines()) == 1
-    ):
-        # A validated ASCII address is a dot-atom: the header is the address as it is (the
-        # generator would write any line break `splitlines` finds as a new header line).
-        message.set_raw("To", recipient)
-    else:
-        message["To"] = recipient
+    if len(recipient.splitlines()) > 1:
+        # As `EmailMessage.__setitem__` does: the generator would write any line break
+        # `splitlines` finds as a new header line.
+        raise ValueError("Header values may not contain linefeed or carriage return characters")
+    # A validated address, as it is, on its one line (at most 4 + 254 characters): parsed,
+    # `=?utf-8?q?ab?=c@example.org`, valid letters before an @-sign, read as the RFC 2047
+    # word `ab`, and the header named another mailbox than the envelope (`abc@...`), or
+    # none (a word hiding a line break made the mail fail at every attempt). An address
+    # beyond ASCII goes only with SMTPUTF8, whose headers are UTF-8 (RFC 6532).
+    message.set_raw("To", recipient)
     message.set_raw("Subject", _folded("Subject", subject))
     message.set_raw("Date", format_datetime(utcnow()))
     message.set_raw("Message-ID", f"<{message_key}@{sender.addr_spec.rpartition('@')[2]}>")

@@ -262,6 +262,23 @@ class TestBadValues:
         assert "NEWSLETTER_MAILER__PORT:" in message
         assert "65535" in message
 
+    @pytest.mark.parametrize(
+        ("security", "port", "used"),
+        [("ssl", None, 465), ("starttls", None, 587), ("none", None, 587), ("ssl", "2465", 2465)],
+    )
+    def test_implicit_tls_goes_to_port_465_unless_a_port_is_given(
+        self, monkeypatch: pytest.MonkeyPatch, security: str, port: str | None, used: int
+    ) -> None:
+        # With the port left at 587, `ssl` failed every send with WRONG_VERSION_NUMBER.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__SECURITY", security)
+        if port is not None:
+            monkeypatch.setenv("NEWSLETTER_MAILER__PORT", port)
+        mailer = load_settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.port == used
+
     def test_duplicate_list_slugs_are_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(
             "NEWSLETTER_LISTS",

@@ -128,6 +128,42 @@ class _RecordingSmtpHandler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 ok\r\n")
 
 
+class _HangingUpSmtpHandler(socketserver.StreamRequestHandler):
+    """An SMTP server that hangs up on a client idle for 0.2 s as Postfix and Exim do:
+    `421 4.4.2 ... timeout exceeded` first, then the connection closed."""
+
+    server: _RecordingSmtpServer
+
+    def handle(self) -> None:
+        self.connection.settimeout(0.2)
+        self.wfile.write(b"220 hanging-up ESMTP\r\n")
+        in_data = False
+        while True:
+            try:
+                raw = self.rfile.readline()
+            except TimeoutError:
+                self.wfile.write(b"421 4.4.2 hanging-up Error: timeout exceeded\r\n")
+                return
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if in_data:
+                if line == ".":
+                    in_data = False
+                    self.server.lines.append(f"accepted on {self.client_address[1]}")
+                    self.wfile.write(b"250 queued\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb == "DATA":
+                in_data = True
+                self.wfile.write(b"354 go on\r\n")
+            elif verb == "QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
+
+
 def _serve(certificate: tuple[Path, Path], **options: Any) -> tuple[SmtpSink, Controller]:
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -313,6 +349,41 @@ class TestSmtpMailer:
             mailer.send(_mail())
 
     @pytest.mark.parametrize(
+        ("step", "reply", "error", "said"),
+        [
+            # The sender: the settings or the relay's to fix, nothing of the recipient's.
+            ("MAIL", "550 5.7.1 Sender address rejected", RetryableMailError, "550"),
+            ("DATA", "451 4.3.0 Try again later", RetryableMailError, "message deferred: 451"),
+            ("DATA", "554 5.6.0 Message rejected", PermanentMailError, "message refused: 554"),
+            # A connection closed mid-session, before the mail was taken.
+            ("RCPT", None, RetryableMailError, "SMTPServerDisconnected"),
+            ("DATA", None, RetryableMailError, "SMTPServerDisconnected"),
+        ],
+    )
+    def test_each_step_s_refusal_is_retried_or_given_up_as_it_says(
+        self, step: str, reply: str | None, error: type[Exception], said: str
+    ) -> None:
+        async def answer(self: SmtpSink, server: Any, session: Any, envelope: Any, *_: Any) -> str:
+            if reply is None:
+                server.transport.close()
+                return "250 OK"  # never read
+            return reply
+
+        refusing = type("Refusing", (SmtpSink,), {f"handle_{step}": answer})
+        sink = refusing(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(error, match=said):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+
+    @pytest.mark.parametrize(
         "reply",
         [
             # Postfix's reject_unauth_destination, to a client neither authenticated nor
@@ -467,6 +538,28 @@ class TestConnectionReuse:
             controller.stop()
         assert len(sink.messages) == 2
         assert sink.peers[0] != sink.peers[1]
+
+    def test_a_connection_the_server_hung_up_with_421_is_replaced(self) -> None:
+        # smtplib returns the 421 that a relay sends before hanging up on an idle client;
+        # the next mail of the batch then failed on the closed connection.
+        server = _RecordingSmtpServer(("127.0.0.1", 0), _HangingUpSmtpHandler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
+                )
+            )
+            with mailer.batch():
+                assert "accepted" in mailer.send(_mail())
+                time.sleep(0.6)
+                assert "accepted" in mailer.send(_mail())
+        finally:
+            server.shutdown()
+            server.server_close()
+        first, second = server.lines
+        assert first != second  # each on its own connection
 
     def test_a_refused_mail_does_not_leave_its_connection_for_the_next(self) -> None:
         class RefusingOne(PeerSink):

@@ -332,6 +332,39 @@ class TestMails:
         assert "Bcc" not in mail.message
         assert "\n" not in mail.message["Subject"]
 
+    @pytest.mark.parametrize("locale", list(Locale))
+    def test_a_list_name_that_looks_like_an_encoded_word_is_shown_as_it_is(
+        self, locale: Locale
+    ) -> None:
+        # Parsed, the name read as RFC 2047 words hiding a line break, and the subject was
+        # written as two header lines, the second one `Bcc: victim@example.org`.
+        name = "=?utf-8?q?News=0D=0ABcc:_victim@example.org?="
+        raw = mailer_module._as_sent(_compose(locale=locale, list_name=name))
+        head = raw.split(b"\n\n", 1)[0]
+        assert not any(line.startswith(b"Bcc") for line in head.splitlines())
+        assert max(len(line) for line in head.splitlines()) <= 78
+        read = email.message_from_bytes(raw, policy=email.policy.default)
+        assert "Bcc" not in read
+        assert read["Subject"].endswith(" " + name)
+
+    @pytest.mark.parametrize(
+        "to",
+        [
+            # Valid letters before an @-sign, which the header's parser read as words.
+            "=?utf-8?q?ab?=" + "c" * 50 + "@example-long-domain.org",
+            "=?utf-8?q?=0D=0ABcc:_x?=" + "c" * 40 + "@example-long-domain.org",
+            "=?utf-8?q?jos=C3=A9?=@exämple.fr",
+        ],
+    )
+    def test_the_to_header_is_the_address_as_it_is(self, to: str) -> None:
+        # Before, the first went out with `To: abccc...` (not the envelope's recipient), and
+        # the second failed with an internal error at every attempt.
+        mail = _compose(to=to)
+        assert mail.recipient == addresses.deliverable(to)
+        raw = mailer_module._as_sent(mail)
+        (to_line,) = [line for line in raw.splitlines() if line.startswith(b"To: ")]
+        assert to_line == b"To: " + mail.recipient.encode()
+
     # \x0b (and \x0c, \x1c-\x1e) split a header's lines as \r\n do when it is written.
     @pytest.mark.parametrize("brk", ["\r\n", "\n", "\x0b", "\x0c", "\x1e"])
     def test_a_recipient_with_line_breaks_is_refused(self, brk: str) -> None:
@@ -405,6 +438,26 @@ class TestMails:
             part = mail.message.get_body(preferencelist=(subtype,))
             assert part is not None
             assert said in part.get_content(), subtype
+
+    @pytest.mark.parametrize(
+        ("locale", "stays", "nothing_else"),
+        [
+            (Locale.FR, "votre inscription à Gazette BlueHats reste active", "rien d'autre"),
+            (Locale.EN, "your subscription to Gazette BlueHats stays active", "nothing else"),
+        ],
+    )
+    def test_the_unsubscribe_mail_says_ignoring_it_keeps_the_subscription(
+        self, locale: Locale, stays: str, nothing_else: str
+    ) -> None:
+        # It said, as the confirmation mail, "you will receive nothing else": to a subscriber
+        # who did not ask, who goes on receiving the newsletter.
+        mail = _compose(MailKind.UNSUBSCRIBE, locale=locale)
+        for subtype in ("plain", "html"):
+            part = mail.message.get_body(preferencelist=(subtype,))
+            assert part is not None
+            content = part.get_content()
+            assert stays in content, subtype
+            assert nothing_else not in content, subtype
 
     def test_the_unsubscribe_header_is_the_url_as_it_is(self) -> None:
         # Longer than a line of 78, with nowhere to fold: still a URL clients can read
