@@ -232,7 +232,10 @@ def worker(
         )
         log.info("worker.metrics_listening address=%s:%d", metrics_host, metrics_port)
     runner = Worker(
-        engine=engine, settings=settings, mailer=make_mailer(settings.mailer), metrics=metrics
+        engine=engine,
+        settings=settings,
+        mailer=make_mailer(settings.mailer, public_host=settings.public_url.host),
+        metrics=metrics,
     )
     stop = threading.Event()
 

@@ -340,6 +340,11 @@ class FileMailerSettings(BaseModel):
     directory: Path = Path("var/mail")
 
 
+# A domain name (RFC 5321 4.1.2: letters, digits, hyphens, dots) or an address literal.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HELO_NAME_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*$|^\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]$"
+
+
 class SmtpSecurity(StrEnum):
     NONE = "none"
     STARTTLS = "starttls"
@@ -360,6 +365,9 @@ class SmtpMailerSettings(BaseModel):
     timeout: Annotated[float, Field(gt=0)] = 30.0
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
+    # The name given in EHLO. Unset: the machine's, when it is fully qualified, else the
+    # public URL's host (app/mailer.py, `helo_name`).
+    helo_name: Annotated[str | None, Field(max_length=253, pattern=HELO_NAME_PATTERN)] = None
 
     @field_validator("ca_file")
     @classmethod

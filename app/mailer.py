@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
+import ipaddress
 import logging
 import smtplib
 import socket
@@ -170,8 +171,10 @@ class _Client(smtplib.SMTP):
     """smtplib's client, its connection watched by the send's deadline from the moment it
     is made: before the greeting and, with implicit TLS, before the handshake."""
 
-    def __init__(self, *, timeout: float, deadline: _Deadline, tls: ssl.SSLContext | None) -> None:
-        super().__init__(timeout=timeout)
+    def __init__(
+        self, *, timeout: float, deadline: _Deadline, tls: ssl.SSLContext | None, helo_name: str
+    ) -> None:
+        super().__init__(timeout=timeout, local_hostname=helo_name)
         self._deadline = deadline
         self._implicit_tls = tls
 
@@ -194,8 +197,9 @@ class SmtpMailer:
 
     waits_on_network = True
 
-    def __init__(self, settings: SmtpMailerSettings) -> None:
+    def __init__(self, settings: SmtpMailerSettings, *, public_host: str | None = None) -> None:
         self.settings = settings
+        self.helo_name = settings.helo_name or helo_name(socket.getfqdn(), public_host)
         # Connections between two sends of a batch, for any thread to take; None outside.
         self._idle: list[smtplib.SMTP] | None = None
         self._lock = threading.Lock()
@@ -207,7 +211,9 @@ class SmtpMailer:
     def _connect(self, deadline: _Deadline) -> smtplib.SMTP:
         s = self.settings
         implicit_tls = self._tls() if s.security == SmtpSecurity.SSL else None
-        client = _Client(timeout=s.timeout, deadline=deadline, tls=implicit_tls)
+        client = _Client(
+            timeout=s.timeout, deadline=deadline, tls=implicit_tls, helo_name=self.helo_name
+        )
         try:
             code, greeting = client.connect(s.host, s.port)
             if code != 220:
@@ -355,7 +361,23 @@ def _goodbye(client: smtplib.SMTP) -> None:
         client.close()
 
 
-def make_mailer(settings: MailerSettings) -> Mailer:
+def helo_name(machine: str, public_host: str | None) -> str:
+    """The name to give in EHLO without NEWSLETTER_MAILER__HELO_NAME: the machine's when it
+    is fully qualified; else (a container's name is its id, a laptop's a bare name) the
+    public URL's host, which names this service. Relays that check the name (Postfix's
+    `reject_non_fqdn_helo_hostname`) refused every mail from a bare one, at RCPT, as if
+    the recipient were refused. An address is written as an address literal (RFC 5321)."""
+    qualified = "." in machine.strip(".") and not machine.endswith((".localdomain", ".local"))
+    if qualified or not public_host:
+        return machine
+    try:
+        address = ipaddress.ip_address(public_host.strip("[]"))
+    except ValueError:
+        return public_host
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+
+
+def make_mailer(settings: MailerSettings, *, public_host: str | None = None) -> Mailer:
     if isinstance(settings, SmtpMailerSettings):
-        return SmtpMailer(settings)
+        return SmtpMailer(settings, public_host=public_host)
     return FileMailer(settings)

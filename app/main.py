@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
             worker = Worker(
                 engine=engine,
                 settings=settings,
-                mailer=make_mailer(settings.mailer),
+                mailer=make_mailer(settings.mailer, public_host=settings.public_url.host),
                 metrics=metrics,
                 busy=lambda: (
                     database.writer.waiting > 0 or metrics.busy_with_requests(within=BUSY_WINDOW)

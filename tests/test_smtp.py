@@ -19,8 +19,16 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from pydantic import SecretStr
 
 from app import addresses
+from app import mailer as mailer_module
 from app.config import Locale, SmtpMailerSettings
-from app.mailer import OutgoingMail, PermanentMailError, RetryableMailError, SmtpMailer
+from app.mailer import (
+    OutgoingMail,
+    PermanentMailError,
+    RetryableMailError,
+    SmtpMailer,
+    helo_name,
+    make_mailer,
+)
 from app.mails import MailKind, compose
 from tests.conftest import PeerSink, SmtpSink, TricklingSmtp, free_port
 
@@ -199,22 +207,71 @@ def implicit_tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
     controller.stop()
 
 
-def _recorded(mail: OutgoingMail) -> list[str]:
+def _recorded(mail: OutgoingMail, *, public_host: str | None = None, **settings: Any) -> list[str]:
     """The command lines an SMTP server without extensions got for `mail`."""
     server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        mailer = SmtpMailer(
+        mailer = make_mailer(
             SmtpMailerSettings(
-                host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
-            )
+                host="127.0.0.1",
+                port=server.server_address[1],
+                security="none",
+                timeout=5,
+                **settings,
+            ),
+            public_host=public_host,
         )
         assert "accepted" in mailer.send(mail)
     finally:
         server.shutdown()
         server.server_close()
     return server.lines
+
+
+class TestHeloName:
+    """The name in EHLO: relays that check it (Postfix's reject_non_fqdn_helo_hostname)
+    refuse every mail from a bare one, such as a container's id."""
+
+    @pytest.mark.parametrize(
+        ("machine", "public_host", "expected"),
+        [
+            ("mail-1.dinum.gouv.fr", "newsletter.code.gouv.fr", "mail-1.dinum.gouv.fr"),
+            # A container's name is its id; a laptop's, a bare name.
+            ("3f2a1b9c0d4e", "newsletter.code.gouv.fr", "newsletter.code.gouv.fr"),
+            ("localhost.localdomain", "newsletter.code.gouv.fr", "newsletter.code.gouv.fr"),
+            ("camille-laptop.local", "newsletter.code.gouv.fr", "newsletter.code.gouv.fr"),
+            # An address is written as an address literal (RFC 5321 4.1.3).
+            ("3f2a1b9c0d4e", "127.0.0.1", "[127.0.0.1]"),
+            ("3f2a1b9c0d4e", "[::1]", "[IPv6:::1]"),
+            ("3f2a1b9c0d4e", None, "3f2a1b9c0d4e"),
+        ],
+    )
+    def test_a_bare_machine_name_gives_way_to_the_public_host(
+        self, machine: str, public_host: str | None, expected: str
+    ) -> None:
+        assert helo_name(machine, public_host) == expected
+
+    def test_the_relay_is_greeted_with_the_public_host_from_a_container(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(mailer_module.socket, "getfqdn", lambda: "3f2a1b9c0d4e")
+        lines = _recorded(_mail(to="camille@example.org"), public_host="newsletter.code.gouv.fr")
+        assert lines[0] == "ehlo newsletter.code.gouv.fr"
+
+    def test_the_setting_names_it(self) -> None:
+        lines = _recorded(
+            _mail(to="camille@example.org"),
+            public_host="newsletter.code.gouv.fr",
+            helo_name="relay-client.dinum.gouv.fr",
+        )
+        assert lines[0] == "ehlo relay-client.dinum.gouv.fr"
+
+    @pytest.mark.parametrize("name", ["two words", "name_with_underscore", "-leading.example", ""])
+    def test_a_name_smtp_cannot_carry_is_refused_at_start(self, name: str) -> None:
+        with pytest.raises(ValueError, match="helo_name"):
+            SmtpMailerSettings(host="127.0.0.1", helo_name=name)
 
 
 class TestSmtpMailer:
