@@ -196,10 +196,30 @@ class TestAdd:
         assert backend.clear_suppression(address) is None
         with pytest.raises(PermanentSyncError, match="banned from") as caught:
             backend.add([member(address)])
+        assert f"by the list's ban list, set by its owners (GET /lists/{mailman_list}/bans" in str(
+            caught.value
+        )
         assert caught.value.response is not None
         assert "Membership is banned" in caught.value.response
         with rest_client(mailman_core) as client:
             assert client.get(f"/lists/{mailman_list}/bans/{address}").status_code == 200
+        assert emails(mailman_core, mailman_list) == []
+
+    def test_a_site_wide_ban_is_named_as_such(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Lifting it on the list would change nothing: the error must say where it is.
+        address = unique("banned-site")
+        pattern = f"^{address.split('@')[0]}-tagged@.*$"
+        with rest_client(mailman_core) as client:
+            assert client.post("/bans", json={"email": address}).is_success
+            assert client.post("/bans", json={"email": pattern}).is_success
+        for banned in (address, address.replace("@", "-tagged@").upper()):
+            with pytest.raises(PermanentSyncError, match="banned from") as caught:
+                backend.add([member(banned)])
+            assert "by the site-wide ban list, for every list of this Mailman (GET /bans" in str(
+                caught.value
+            )
         assert emails(mailman_core, mailman_list) == []
 
     def test_an_unknown_list_is_a_permanent_error_not_a_silent_success(

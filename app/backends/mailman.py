@@ -63,7 +63,9 @@ Bans: `clear_suppression` returns None. Mailman's nearest thing to a suppression
 ban list (`GET /lists/{list_id}/bans`, and `/bans` for the whole site), which list owners
 set; it is moderation, not a member's own earlier opt-out, so a fresh opt-in here does not
 lift it. The add of a banned address fails as a permanent error naming the ban, for an
-operator to lift it in Mailman (`DELETE /lists/{list_id}/bans/{address}`) and retry.
+operator to lift it in Mailman and retry; the error says which ban list holds it (the
+list's, `/lists/{list_id}/bans`, or the site-wide one, `/bans`, which Mailman also applies
+to every list; either holds addresses or `^patterns`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from app.backends.base import (
     MembersPage,
     PermanentSyncError,
     RemoteMember,
+    SyncError,
 )
 from app.backends.http import excerpt, send
 from app.config import MailmanBackendSettings
@@ -231,8 +234,8 @@ class MailmanBackend:
             )
         if status == 400 and description == BANNED:
             raise PermanentSyncError(
-                f"{what}: the address is banned from {self._list_id} (Mailman's ban list, "
-                "set by the list owners); lift the ban in Mailman if this opt-in should stand",
+                f"{what}: the address is banned from {self._list_id} by {self._ban(member)}; "
+                "lift the ban in Mailman if this opt-in should stand",
                 response=excerpt(response),
             )
         if status == 400 and description == NO_SUCH_LIST:
@@ -248,6 +251,26 @@ class MailmanBackend:
             )
         raise PermanentSyncError(
             f"{what}: HTTP {status}: {description}", response=excerpt(response)
+        )
+
+    def _ban(self, member: Member) -> str:
+        """Which ban list refuses the member: the site's (every list, lifted at `/bans`)
+        or the list's own, either by the address or by a `^pattern` matching it."""
+        email = member.email.lower()
+        try:
+            site = self._call(
+                "GET", f"/bans/{_segment(email)}", what="mailman ban lookup", ok=(404,)
+            )
+        except SyncError:
+            return "the list's or the site's ban list"
+        if site.status_code == 404:
+            return (
+                f"the list's ban list, set by its owners (GET {self._list_path}/bans: the "
+                "address, or a ^pattern matching it)"
+            )
+        return (
+            "the site-wide ban list, for every list of this Mailman (GET /bans: the "
+            "address, or a ^pattern matching it)"
         )
 
     def _leave(self, address: str, *, what: str) -> bool:
