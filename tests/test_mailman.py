@@ -280,6 +280,40 @@ class TestLeaving:
         assert emails(mailman_core, mailman_list) == []
         assert emails(mailman_core, other_list) == [address]
 
+    def test_remove_forgets_a_nonmember_record_of_this_list_not_of_another(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman makes a nonmember record when an address writes to a list it is not on
+        # (a reply to an old issue, after leaving): it holds the address at Mailman.
+        address = unique("wrote")
+        other_list = create_list(mailman_core)
+        backend.add([member(address)])
+        backend.unsubscribe(address)
+        for list_id in (mailman_list, other_list):
+            with rest_client(mailman_core) as client:
+                response = client.post(
+                    "/members",
+                    json={"list_id": list_id, "subscriber": address, "role": "nonmember"},
+                )
+            assert response.status_code == 201, response.text
+        answer = backend.remove(address)
+        assert answer.endswith("address kept: it has 1 other membership(s) at Mailman")
+        with rest_client(mailman_core) as client:
+            held = client.get(f"/addresses/{address}/memberships").json()["entries"]
+        assert [(entry["list_id"], entry["role"]) for entry in held] == [(other_list, "nonmember")]
+
+        # Without the other list's record, nothing is left of the address.
+        with rest_client(mailman_core) as client:
+            assert client.delete(held[0]["self_link"]).status_code == 204
+            response = client.post(
+                "/members",
+                json={"list_id": mailman_list, "subscriber": address, "role": "nonmember"},
+            )
+            assert response.status_code == 201, response.text
+        assert backend.remove(address).endswith("address and its user deleted")
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/addresses/{address}").status_code == 404
+
     def test_remove_of_an_unknown_address_succeeds(self, backend: MailmanBackend) -> None:
         answer = backend.remove(unique("nobody"))
         assert answer.endswith(

@@ -27,9 +27,11 @@ Endpoints:
 - remove (erasure) then forgets the person at Mailman as well, when nothing else there
   uses the address: Mailman keeps no unsubscribed *members*, but a subscription through the
   API creates an address record (the address as typed, the display name) and a user, which
-  outlive the membership. `GET /addresses/{address}/memberships`: any membership left (on
-  another list of that Mailman, or as an owner or moderator) keeps them, as that list's
-  business. Otherwise `GET /users/{address}`: a user holding no other address is deleted
+  outlive the membership. `GET /addresses/{address}/memberships`: a nonmember record of
+  this list (made by Mailman when the address wrote to the list while not a member) is
+  deleted (`DELETE /members/{member_id}`); any other membership left (on another list of
+  that Mailman, or as an owner or moderator) keeps them, as that list's business.
+  Otherwise `GET /users/{address}`: a user holding no other address is deleted
   (`DELETE /users/{user_id}`, its address with it); else only the address is
   (`DELETE /addresses/{address}`). 404 at any of these steps means already gone.
 - members: `GET /lists/{list_id}/roster/member?count=100&page=N&fields=email&fields=
@@ -299,8 +301,26 @@ class MailmanBackend:
         )
         if response.status_code == 404:
             return "address not known to Mailman"
-        others = int(_json(response, "mailman erase: memberships").get("total_size") or 0)
-        if others:
+        memberships = _json(response, "mailman erase: memberships")
+        # A nonmember record of this list is this list's data about the person (Mailman
+        # makes one when the address writes to the list while not a member): it goes too.
+        nonmember = [
+            entry["member_id"]
+            for entry in memberships.get("entries") or []
+            if isinstance(entry, dict)
+            and entry.get("list_id") == self._list_id
+            and entry.get("role") == "nonmember"
+            and isinstance(entry.get("member_id"), str)
+        ]
+        for member_id in nonmember:
+            self._call(
+                "DELETE",
+                f"/members/{_segment(member_id)}",
+                what="mailman erase: nonmember record",
+                ok=(404,),
+            )
+        others = int(memberships.get("total_size") or 0) - len(nonmember)
+        if others > 0:
             return f"address kept: it has {others} other membership(s) at Mailman"
         response = self._call("GET", f"/users/{email}", what="mailman erase: user", ok=(404,))
         if response.status_code != 404:
