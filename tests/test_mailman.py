@@ -167,6 +167,24 @@ class TestAdd:
             "send_welcome_message": False,
         }
 
+    @pytest.mark.parametrize("policy", ["moderate", "confirm_then_moderate", "open"])
+    def test_a_list_that_moderates_or_confirms_subscriptions_gets_the_member_at_once(
+        self, mailman_core: MailmanCore, http: httpx.Client, policy: str
+    ) -> None:
+        # The default policy, confirm, is every other test's; here the list owners vet
+        # each subscription: this service's opt-in must neither be held nor mailed about.
+        list_id = create_list(mailman_core, config={"subscription_policy": policy})
+        address = unique("vetted")
+        MailmanBackend(settings_for(mailman_core, list_id), http).add(
+            [member(address, name="Élodie Théâtre")]
+        )
+        [entry] = roster(mailman_core, list_id)
+        assert (entry["email"], entry["display_name"]) == (address, "Élodie Théâtre")
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/lists/{list_id}/requests").json()["total_size"] == 0
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+
     def test_a_second_add_of_the_same_member_succeeds_and_keeps_one_member(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
     ) -> None:
