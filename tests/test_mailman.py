@@ -194,6 +194,45 @@ class TestAdd:
         assert backend.add([member(address.lower())]).startswith("mailman: already a member")
         assert emails(mailman_core, mailman_list) == [address.lower()]
 
+    @pytest.mark.parametrize(
+        ("policy", "asked_with"),
+        [
+            ("confirm", {}),  # waits for the person's confirmation at Mailman
+            ("moderate", {"pre_verified": True, "pre_confirmed": True}),  # for a moderator
+        ],
+    )
+    def test_a_request_the_person_left_pending_at_mailman_gives_way_to_their_opt_in(
+        self,
+        mailman_core: MailmanCore,
+        http: httpx.Client,
+        policy: str,
+        asked_with: dict[str, bool],
+    ) -> None:
+        list_id = create_list(mailman_core, config={"subscription_policy": policy})
+        address = unique("asked-twice")
+        others = [unique("other") for _ in range(3)]
+        with rest_client(mailman_core) as client:
+            # Mailman's own form, the person first (in capitals), then other people.
+            for asking in (address.upper(), *others):
+                response = client.post(
+                    "/members", json={"list_id": list_id, "subscriber": asking, **asked_with}
+                )
+                assert response.status_code == 202, response.text
+        flush_outgoing_mail(mailman_core)
+        mailed_before = len(mails_to(mailman_core, address))
+
+        # Pages of 2 requests: the person's is found among the others.
+        backend = MailmanBackend(settings_for(mailman_core, list_id), http, page_size=2)
+        answer = backend.add([member(address)])
+
+        assert answer.endswith(", instead of 1 request(s) pending there")
+        assert emails(mailman_core, list_id) == [address]
+        with rest_client(mailman_core) as client:
+            left = client.get(f"/lists/{list_id}/requests").json()["entries"]
+        assert sorted(entry["email"] for entry in left) == sorted(others)
+        flush_outgoing_mail(mailman_core)
+        assert len(mails_to(mailman_core, address)) == mailed_before
+
     def test_mailman_takes_an_internationalized_domain_in_ascii_only(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
     ) -> None:

@@ -12,10 +12,14 @@ Endpoints:
   pre_approved: true, send_welcome_message: false}` -> 201. This service already ran the
   double opt-in, so the pre_* flags skip Mailman's own confirmation and moderation, and
   `send_welcome_message: false` overrides the list's welcome for this request only. 409
-  "Member already subscribed" is a success; 409 "Subscription request already pending" (a
-  request made at Mailman itself, waiting there) and 400 "Membership is banned" are
-  permanent, each with its own message. A 202 would mean Mailman held the request (and
-  may have mailed a confirmation): never expected with these flags, reported as permanent.
+  "Member already subscribed" is a success. 409 "Subscription request already pending" is
+  a request the person made at Mailman itself (its own form), waiting there for their
+  confirmation or a moderator: it is found (`GET /lists/{list_id}/requests?count=&page=`,
+  `type` subscription, `email`), discarded (`POST .../requests/{token} {"action":
+  "discard"}` -> 204, no mail), and the add made again, since the person confirmed here.
+  400 "Membership is banned" is permanent, with its own message. A 202 would mean Mailman
+  held the request (and may have mailed a confirmation): never expected with these flags,
+  reported as permanent.
   There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
   `max_batch` is 1.
 - unsubscribe and remove: `DELETE /lists/{list_id}/roster/member {"emails": [address]}`,
@@ -222,10 +226,25 @@ class MailmanBackend:
         response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
         status = response.status_code
         description = _description(response)
+        discarded = 0
+        if status == 409 and description == REQUEST_PENDING:
+            # The person asked at Mailman too (its own form) and that request waits there
+            # for their confirmation or a moderator; they confirmed here: this add stands
+            # for it.
+            discarded = self._discard_requests(member.email)
+            if discarded:
+                response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
+                status = response.status_code
+                description = _description(response)
         if status == 201:
             member_id = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
-            log.info("backend.mailman.added address=%s", mask(member.email))
-            return f"mailman: member {member_id} added to {self._list_id}"
+            log.info(
+                "backend.mailman.added address=%s discarded_requests=%d",
+                mask(member.email),
+                discarded,
+            )
+            instead = f", instead of {discarded} request(s) pending there" if discarded else ""
+            return f"mailman: member {member_id} added to {self._list_id}{instead}"
         if status == 409 and description == ALREADY_SUBSCRIBED:
             return f"mailman: already a member of {self._list_id}"
         if status == 409 and description == REQUEST_PENDING:
@@ -254,6 +273,43 @@ class MailmanBackend:
         raise PermanentSyncError(
             f"{what}: HTTP {status}: {description}", response=excerpt(response)
         )
+
+    def _discard_requests(self, address: str) -> int:
+        """Discard the list's pending subscription requests for `address` (silently, as
+        Mailman's discard does); how many there were."""
+        wanted = address.lower()
+        what = "mailman pending requests"
+        tokens: list[str] = []
+        page = 1
+        while True:
+            response = self._call(
+                "GET",
+                f"{self._list_path}/requests",
+                what=what,
+                params={"count": self._page_size, "page": page},
+            )
+            body = _json(response, what)
+            entries = body.get("entries") or []
+            tokens += [
+                entry["token"]
+                for entry in entries
+                if isinstance(entry, dict)
+                and entry.get("type") == "subscription"
+                and str(entry.get("email", "")).lower() == wanted
+                and isinstance(entry.get("token"), str)
+            ]
+            if not entries or page * self._page_size >= int(body.get("total_size") or 0):
+                break
+            page += 1
+        for token in tokens:
+            self._call(
+                "POST",
+                f"{self._list_path}/requests/{_segment(token)}",
+                what="mailman discard pending request",
+                ok=(404,),
+                json={"action": "discard"},
+            )
+        return len(tokens)
 
     def _ban(self, member: Member) -> str:
         """Which ban list refuses the member: the site's (every list, lifted at `/bans`)
