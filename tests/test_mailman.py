@@ -286,9 +286,12 @@ class TestAdd:
         with pytest.raises(PermanentSyncError, match=r"no list nolist\.example\.org"):
             backend.add([member(unique())])
         # The per-member DELETE would answer 404 here, as for "not a member": not this one.
-        with pytest.raises(PermanentSyncError, match="HTTP 404"):
+        named = r"HTTP 404: Mailman has no list nolist\.example\.org \(is list_id right\?\)"
+        with pytest.raises(PermanentSyncError, match=named):
             backend.unsubscribe(unique())
-        with pytest.raises(PermanentSyncError, match="HTTP 404"):
+        with pytest.raises(PermanentSyncError, match=named):
+            backend.remove(unique())
+        with pytest.raises(PermanentSyncError, match=named):
             backend.members()
 
 

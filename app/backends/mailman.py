@@ -175,9 +175,9 @@ class MailmanBackend:
         except ValueError as e:
             raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}") from e
         what = "mailman list members"
-        response = self._call(
+        response = self._call_list(
             "GET",
-            f"{self._list_path}/roster/member",
+            "/roster/member",
             what=what,
             params=[
                 ("count", self._page_size),
@@ -282,9 +282,9 @@ class MailmanBackend:
         tokens: list[str] = []
         page = 1
         while True:
-            response = self._call(
+            response = self._call_list(
                 "GET",
-                f"{self._list_path}/requests",
+                "/requests",
                 what=what,
                 params={"count": self._page_size, "page": page},
             )
@@ -335,9 +335,7 @@ class MailmanBackend:
         """Take the address off the list, silently; true if it was a member."""
         # Mailman compares with the address it stores, lower-cased.
         wanted = address.lower()
-        response = self._call(
-            "DELETE", f"{self._list_path}/roster/member", what=what, json={"emails": [wanted]}
-        )
+        response = self._call_list("DELETE", "/roster/member", what=what, json={"emails": [wanted]})
         body = _json(response, what)
         left = body.get(wanted)
         if not isinstance(left, bool):
@@ -392,6 +390,16 @@ class MailmanBackend:
                     return "address and its user deleted"
         self._call("DELETE", f"/addresses/{email}", what="mailman erase: address", ok=(404,))
         return "address deleted"
+
+    def _call_list(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        """A call under the list's own resource, where 404 means the list is not there."""
+        response = self._call(method, self._list_path + path, what=what, ok=(404,), **kwargs)
+        if response.status_code == 404:
+            raise PermanentSyncError(
+                f"{what}: HTTP 404: Mailman has no list {self._list_id} (is list_id right?)",
+                response=excerpt(response),
+            )
+        return response
 
     def _call(
         self, method: str, path: str, *, what: str, ok: Sequence[int] = (), **kwargs: Any
