@@ -374,6 +374,29 @@ class TestLeaving:
         with rest_client(mailman_core) as client:
             assert client.get(f"/addresses/{address}").status_code == 404
 
+    def test_remove_discards_a_request_the_person_left_pending_on_the_list(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Asked at Mailman's own form, never confirmed: Mailman holds the address and name.
+        address = unique("asked")
+        kept = unique("kept")
+        with rest_client(mailman_core) as client:
+            for asking in (address, kept):
+                response = client.post(
+                    "/members",
+                    json={"list_id": mailman_list, "subscriber": asking, "display_name": "Zoé"},
+                )
+                assert response.status_code == 202, response.text
+        answer = backend.remove(address)
+        assert answer == (
+            f"mailman: not a member of {mailman_list}; 1 pending request(s) discarded; "
+            "address and its user deleted"
+        )
+        with rest_client(mailman_core) as client:
+            left = client.get(f"/lists/{mailman_list}/requests").json()["entries"]
+            assert client.get(f"/addresses/{address}").status_code == 404
+        assert [entry["email"] for entry in left] == [kept]
+
     def test_remove_of_an_unknown_address_succeeds(self, backend: MailmanBackend) -> None:
         answer = backend.remove(unique("nobody"))
         assert answer.endswith(

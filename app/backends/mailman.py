@@ -28,13 +28,15 @@ Endpoints:
   too), 404 when the list does not exist (permanent: a wrong `list_id` must not look like a
   done unsubscribe, which the per-member `DELETE .../member/{address}` 404 would). Mailman
   matches the lower-cased address there, so it is sent lower-cased.
-- remove (erasure) then forgets the person at Mailman as well, when nothing else there
-  uses the address: Mailman keeps no unsubscribed *members*, but a subscription through the
-  API creates an address record (the address as typed, the display name) and a user, which
-  outlive the membership. `GET /addresses/{address}/memberships`: a nonmember record of
-  this list (made by Mailman when the address wrote to the list while not a member) is
-  deleted (`DELETE /members/{member_id}`); any other membership left (on another list of
-  that Mailman, or as an owner or moderator) keeps them, as that list's business.
+- remove (erasure) then discards the person's subscription requests pending on this
+  list (as for an add, above: they hold the address and the name), and forgets the person
+  at Mailman as well, when nothing else there uses the address: Mailman keeps no
+  unsubscribed *members*, but a subscription through the API creates an address record
+  (the address as typed, the display name) and a user, which outlive the membership.
+  `GET /addresses/{address}/memberships`: a nonmember record of this list (made by
+  Mailman when the address wrote to the list while not a member) is deleted
+  (`DELETE /members/{member_id}`); any other membership left (on another list of that
+  Mailman, or as an owner or moderator) keeps them, as that list's business.
   Otherwise `GET /users/{address}`: a user holding no other address is deleted
   (`DELETE /users/{user_id}`, its address with it); else only the address is
   (`DELETE /addresses/{address}`). 404 at any of these steps means already gone.
@@ -164,9 +166,18 @@ class MailmanBackend:
 
     def remove(self, address: str) -> str:
         left = self._leave(address, what="mailman remove")
+        # A request the person left pending on this list holds the address and the name.
+        discarded = self._discard_requests(address)
         outcome = self._forget(address)
-        log.info("backend.mailman.removed address=%s left=%s", mask(address), left)
+        log.info(
+            "backend.mailman.removed address=%s left=%s discarded_requests=%d",
+            mask(address),
+            left,
+            discarded,
+        )
         done = f"left {self._list_id}" if left else f"not a member of {self._list_id}"
+        if discarded:
+            done += f"; {discarded} pending request(s) discarded"
         return f"mailman: {done}; {outcome}"
 
     def members(self, cursor: str | None = None) -> MembersPage:
