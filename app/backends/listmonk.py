@@ -211,7 +211,10 @@ class ListmonkBackend:
             )
             if response.status_code != 409:
                 created = _mapping(_data(response, "listmonk: create"), response)
-                if self._status_on_list(created) is None:
+                if not any(
+                    isinstance(entry, dict) and entry.get("id") == self._list_id
+                    for entry in created.get("lists") or []
+                ):
                     # listmonk leaves out the list ids it has no list for (or that the API
                     # user may not manage), and still creates the subscriber.
                     raise PermanentSyncError(
