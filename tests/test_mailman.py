@@ -452,6 +452,27 @@ class TestNoMailFromMailman:
         assert config["send_welcome_message"] is True
         assert config["send_goodbye_message"] is True
 
+    def test_owners_who_asked_for_membership_notices_hear_of_additions_only(
+        self, mailman_core: MailmanCore, http: httpx.Client
+    ) -> None:
+        list_id = create_list(mailman_core, config={"admin_notify_mchanges": True})
+        owner = unique("owner")
+        with rest_client(mailman_core) as client:
+            response = client.post(
+                "/members", json={"list_id": list_id, "subscriber": owner, "role": "owner"}
+            )
+            assert response.status_code == 201, response.text
+        address = unique("noticed")
+        backend = MailmanBackend(settings_for(mailman_core, list_id), http)
+        backend.add([member(address)])
+        backend.unsubscribe(address)
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+        # Mailman's own notice of a new member, which the owners turned on; none for the
+        # departure (the mass unsubscription sends no owner notice).
+        [notice] = mails_to(mailman_core, owner)
+        assert address in notice.get_body().get_content()
+
 
 class TestFailures:
     def test_a_wrong_password_is_permanent(

@@ -46,12 +46,14 @@ Endpoints:
   the other makes Mailman 3.3 answer 500. Every roster entry is a member, so
   `subscribed=True`: Mailman deletes a member who leaves.
 
-Mail from Mailman: none, for any change this adapter makes. The welcome is turned off per
-request; the mass unsubscription removes members without Mailman's goodbye (sent by the
-per-member `DELETE` whenever the list's `send_goodbye_message` is on, with no per-request
-override) and without its owner notice. So this adapter never changes the list's
-settings: `send_welcome_message` and `send_goodbye_message` stay as the list owners set
-them, for people who join or leave through Mailman itself.
+Mail from Mailman: none to the member, for any change this adapter makes. The welcome is
+turned off per request; the mass unsubscription removes members without Mailman's goodbye
+(sent by the per-member `DELETE` whenever the list's `send_goodbye_message` is on, with no
+per-request override) and without its owner notice. So this adapter never changes the
+list's settings: `send_welcome_message` and `send_goodbye_message` stay as the list owners
+set them, for people who join or leave through Mailman itself. The one mail left is the
+owners' own: with the list's `admin_notify_mchanges` on (off by default), Mailman tells
+its owners of each member this adapter adds, as of any other (no per-request override).
 
 Member variables: Mailman has no per-member custom variables, and its footer can only
 expand fixed placeholders (`$user_address`, `$user_name`, ... with personalized delivery),
