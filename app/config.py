@@ -183,6 +183,28 @@ class MailmanBackendSettings(BaseModel):
     # The list's id, e.g. bluehats.lists.example.org
     list_id: Annotated[str, Field(min_length=3, max_length=254)]
 
+    @field_validator("base_url")
+    @classmethod
+    def _api_version(cls, value: HttpUrl) -> HttpUrl:
+        # Without the version every call answers 404, which would read as a missing list.
+        if not re.search(r"/3\.\d+/?$", value.path or ""):
+            raise ValueError(
+                f"base_url must end with the REST API version, e.g. {str(value).rstrip('/')}"
+                "/3.1 (Mailman answers 404 to every call without it)"
+            )
+        return value
+
+    @field_validator("list_id")
+    @classmethod
+    def _list_id(cls, value: str) -> str:
+        # Mailman's POST /members takes the list id only (the other calls take either), so
+        # the posting address would pass a reconciliation and then fail every addition.
+        if "@" in value:
+            name, _, domain = value.partition("@")
+            raise ValueError(f"list_id is the list's id, not its posting address: {name}.{domain}")
+        # Mailman makes list ids lower-case and matches them exactly.
+        return value.lower()
+
 
 class ListmonkBackendSettings(BaseModel):
     """A listmonk list through its REST API (API user and token)."""

@@ -205,6 +205,20 @@ class TestAdd:
         assert stored is not None
         assert stored["lists"] == {LIST_ID: "confirmed", OTHER_LIST: "confirmed"}
 
+    def test_a_list_listmonk_does_not_have_is_a_permanent_error_not_a_member_added(
+        self, listmonk: FakeListmonk, http: httpx.Client
+    ) -> None:
+        wrong = ListmonkBackendSettings(
+            base_url=listmonk.url, username="sync-bot", api_token=API_TOKEN, list_id=99
+        )
+        # listmonk creates the subscriber with the list ids it knows: none here.
+        with pytest.raises(PermanentSyncError, match="without list 99") as caught:
+            ListmonkBackend(wrong, http).add([member()])
+        assert "is list_id right?" in str(caught.value)
+        stored = listmonk.subscriber("ada@example.org")
+        assert stored is not None
+        assert stored["lists"] == {}
+
 
 class TestUnsubscribe:
     def test_unsubscribes_from_our_list_only(

@@ -167,6 +167,24 @@ class TestAdd:
             "send_welcome_message": False,
         }
 
+    @pytest.mark.parametrize("policy", ["moderate", "confirm_then_moderate", "open"])
+    def test_a_list_that_moderates_or_confirms_subscriptions_gets_the_member_at_once(
+        self, mailman_core: MailmanCore, http: httpx.Client, policy: str
+    ) -> None:
+        # The default policy, confirm, is every other test's; here the list owners vet
+        # each subscription: this service's opt-in must neither be held nor mailed about.
+        list_id = create_list(mailman_core, config={"subscription_policy": policy})
+        address = unique("vetted")
+        MailmanBackend(settings_for(mailman_core, list_id), http).add(
+            [member(address, name="Élodie Théâtre")]
+        )
+        [entry] = roster(mailman_core, list_id)
+        assert (entry["email"], entry["display_name"]) == (address, "Élodie Théâtre")
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/lists/{list_id}/requests").json()["total_size"] == 0
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+
     def test_a_second_add_of_the_same_member_succeeds_and_keeps_one_member(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
     ) -> None:
@@ -175,6 +193,45 @@ class TestAdd:
         assert backend.add([member(address)]) == f"mailman: already a member of {mailman_list}"
         assert backend.add([member(address.lower())]).startswith("mailman: already a member")
         assert emails(mailman_core, mailman_list) == [address.lower()]
+
+    @pytest.mark.parametrize(
+        ("policy", "asked_with"),
+        [
+            ("confirm", {}),  # waits for the person's confirmation at Mailman
+            ("moderate", {"pre_verified": True, "pre_confirmed": True}),  # for a moderator
+        ],
+    )
+    def test_a_request_the_person_left_pending_at_mailman_gives_way_to_their_opt_in(
+        self,
+        mailman_core: MailmanCore,
+        http: httpx.Client,
+        policy: str,
+        asked_with: dict[str, bool],
+    ) -> None:
+        list_id = create_list(mailman_core, config={"subscription_policy": policy})
+        address = unique("asked-twice")
+        others = [unique("other") for _ in range(3)]
+        with rest_client(mailman_core) as client:
+            # Mailman's own form, the person first (in capitals), then other people.
+            for asking in (address.upper(), *others):
+                response = client.post(
+                    "/members", json={"list_id": list_id, "subscriber": asking, **asked_with}
+                )
+                assert response.status_code == 202, response.text
+        flush_outgoing_mail(mailman_core)
+        mailed_before = len(mails_to(mailman_core, address))
+
+        # Pages of 2 requests: the person's is found among the others.
+        backend = MailmanBackend(settings_for(mailman_core, list_id), http, page_size=2)
+        answer = backend.add([member(address)])
+
+        assert answer.endswith(", instead of 1 request(s) pending there")
+        assert emails(mailman_core, list_id) == [address]
+        with rest_client(mailman_core) as client:
+            left = client.get(f"/lists/{list_id}/requests").json()["entries"]
+        assert sorted(entry["email"] for entry in left) == sorted(others)
+        flush_outgoing_mail(mailman_core)
+        assert len(mails_to(mailman_core, address)) == mailed_before
 
     def test_mailman_takes_an_internationalized_domain_in_ascii_only(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
@@ -196,10 +253,30 @@ class TestAdd:
         assert backend.clear_suppression(address) is None
         with pytest.raises(PermanentSyncError, match="banned from") as caught:
             backend.add([member(address)])
+        assert f"by the list's ban list, set by its owners (GET /lists/{mailman_list}/bans" in str(
+            caught.value
+        )
         assert caught.value.response is not None
         assert "Membership is banned" in caught.value.response
         with rest_client(mailman_core) as client:
             assert client.get(f"/lists/{mailman_list}/bans/{address}").status_code == 200
+        assert emails(mailman_core, mailman_list) == []
+
+    def test_a_site_wide_ban_is_named_as_such(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Lifting it on the list would change nothing: the error must say where it is.
+        address = unique("banned-site")
+        pattern = f"^{address.split('@')[0]}-tagged@.*$"
+        with rest_client(mailman_core) as client:
+            assert client.post("/bans", json={"email": address}).is_success
+            assert client.post("/bans", json={"email": pattern}).is_success
+        for banned in (address, address.replace("@", "-tagged@").upper()):
+            with pytest.raises(PermanentSyncError, match="banned from") as caught:
+                backend.add([member(banned)])
+            assert "by the site-wide ban list, for every list of this Mailman (GET /bans" in str(
+                caught.value
+            )
         assert emails(mailman_core, mailman_list) == []
 
     def test_an_unknown_list_is_a_permanent_error_not_a_silent_success(
@@ -209,9 +286,12 @@ class TestAdd:
         with pytest.raises(PermanentSyncError, match=r"no list nolist\.example\.org"):
             backend.add([member(unique())])
         # The per-member DELETE would answer 404 here, as for "not a member": not this one.
-        with pytest.raises(PermanentSyncError, match="HTTP 404"):
+        named = r"HTTP 404: Mailman has no list nolist\.example\.org \(is list_id right\?\)"
+        with pytest.raises(PermanentSyncError, match=named):
             backend.unsubscribe(unique())
-        with pytest.raises(PermanentSyncError, match="HTTP 404"):
+        with pytest.raises(PermanentSyncError, match=named):
+            backend.remove(unique())
+        with pytest.raises(PermanentSyncError, match=named):
             backend.members()
 
 
@@ -259,6 +339,63 @@ class TestLeaving:
         assert answer.endswith("address kept: it has 1 other membership(s) at Mailman")
         assert emails(mailman_core, mailman_list) == []
         assert emails(mailman_core, other_list) == [address]
+
+    def test_remove_forgets_a_nonmember_record_of_this_list_not_of_another(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman makes a nonmember record when an address writes to a list it is not on
+        # (a reply to an old issue, after leaving): it holds the address at Mailman.
+        address = unique("wrote")
+        other_list = create_list(mailman_core)
+        backend.add([member(address)])
+        backend.unsubscribe(address)
+        for list_id in (mailman_list, other_list):
+            with rest_client(mailman_core) as client:
+                response = client.post(
+                    "/members",
+                    json={"list_id": list_id, "subscriber": address, "role": "nonmember"},
+                )
+            assert response.status_code == 201, response.text
+        answer = backend.remove(address)
+        assert answer.endswith("address kept: it has 1 other membership(s) at Mailman")
+        with rest_client(mailman_core) as client:
+            held = client.get(f"/addresses/{address}/memberships").json()["entries"]
+        assert [(entry["list_id"], entry["role"]) for entry in held] == [(other_list, "nonmember")]
+
+        # Without the other list's record, nothing is left of the address.
+        with rest_client(mailman_core) as client:
+            assert client.delete(held[0]["self_link"]).status_code == 204
+            response = client.post(
+                "/members",
+                json={"list_id": mailman_list, "subscriber": address, "role": "nonmember"},
+            )
+            assert response.status_code == 201, response.text
+        assert backend.remove(address).endswith("address and its user deleted")
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/addresses/{address}").status_code == 404
+
+    def test_remove_discards_a_request_the_person_left_pending_on_the_list(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Asked at Mailman's own form, never confirmed: Mailman holds the address and name.
+        address = unique("asked")
+        kept = unique("kept")
+        with rest_client(mailman_core) as client:
+            for asking in (address, kept):
+                response = client.post(
+                    "/members",
+                    json={"list_id": mailman_list, "subscriber": asking, "display_name": "Zoé"},
+                )
+                assert response.status_code == 202, response.text
+        answer = backend.remove(address)
+        assert answer == (
+            f"mailman: not a member of {mailman_list}; 1 pending request(s) discarded; "
+            "address and its user deleted"
+        )
+        with rest_client(mailman_core) as client:
+            left = client.get(f"/lists/{mailman_list}/requests").json()["entries"]
+            assert client.get(f"/addresses/{address}").status_code == 404
+        assert [entry["email"] for entry in left] == [kept]
 
     def test_remove_of_an_unknown_address_succeeds(self, backend: MailmanBackend) -> None:
         answer = backend.remove(unique("nobody"))
@@ -314,6 +451,27 @@ class TestNoMailFromMailman:
             config = client.get(f"/lists/{mailman_list}/config").json()
         assert config["send_welcome_message"] is True
         assert config["send_goodbye_message"] is True
+
+    def test_owners_who_asked_for_membership_notices_hear_of_additions_only(
+        self, mailman_core: MailmanCore, http: httpx.Client
+    ) -> None:
+        list_id = create_list(mailman_core, config={"admin_notify_mchanges": True})
+        owner = unique("owner")
+        with rest_client(mailman_core) as client:
+            response = client.post(
+                "/members", json={"list_id": list_id, "subscriber": owner, "role": "owner"}
+            )
+            assert response.status_code == 201, response.text
+        address = unique("noticed")
+        backend = MailmanBackend(settings_for(mailman_core, list_id), http)
+        backend.add([member(address)])
+        backend.unsubscribe(address)
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+        # Mailman's own notice of a new member, which the owners turned on; none for the
+        # departure (the mass unsubscription sends no owner notice).
+        [notice] = mails_to(mailman_core, owner)
+        assert address in notice.get_body().get_content()
 
 
 class TestFailures:

@@ -14,6 +14,7 @@ import pytest
 
 from app.config import (
     MIN_SECRET_KEY_LENGTH,
+    MailmanBackendSettings,
     Settings,
     SettingsError,
     SmtpMailerSettings,
@@ -375,6 +376,39 @@ class TestBadValues:
         ):
             assert f"  {variable}:" in message
 
+    @pytest.mark.parametrize(
+        ("field", "value", "reason"),
+        [
+            (
+                "list_id",
+                "bluehats@lists.example.org",
+                "list_id is the list's id, not its posting address: bluehats.lists.example.org",
+            ),
+            (
+                "base_url",
+                "https://lists.example.org",
+                "base_url must end with the REST API version, e.g. https://lists.example.org/3.1",
+            ),
+        ],
+    )
+    def test_a_mailman_list_given_as_mailman_would_refuse_it_fails_at_start(
+        self, monkeypatch: pytest.MonkeyPatch, field: str, value: str, reason: str
+    ) -> None:
+        backend = {
+            "kind": "mailman",
+            "base_url": "https://lists.example.org/3.1",
+            "username": "restadmin",
+            "password": "p",
+            "list_id": "bluehats.lists.example.org",
+        }
+        backend[field] = value
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "B", "backend": backend})
+        )
+        message = settings_error()
+        assert "NEWSLETTER_LISTS" in message
+        assert reason in message
+
 
 class TestGoodValues:
     @pytest.mark.parametrize(
@@ -397,6 +431,23 @@ class TestGoodValues:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", value)
         assert load_settings().resend_interval == expected
+
+    def test_a_mailman_list_id_in_capitals_is_taken_as_mailman_holds_it(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        backend = {
+            "kind": "mailman",
+            "base_url": "https://lists.example.org/mailman-rest/3.1/",
+            "username": "restadmin",
+            "password": "p",
+            "list_id": "BlueHats.Lists.Example.org",
+        }
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "B", "backend": backend})
+        )
+        [declared] = load_settings().lists
+        assert isinstance(declared.backend, MailmanBackendSettings)
+        assert declared.backend.list_id == "bluehats.lists.example.org"
 
     @pytest.mark.parametrize(
         "variable", ["NEWSLETTER_RECONCILE_INTERVAL", "NEWSLETTER_RETENTION_INTERVAL"]

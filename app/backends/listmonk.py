@@ -19,6 +19,9 @@ Endpoints (https://listmonk.app/docs/apis/subscribers/):
 - add: `POST /api/subscribers` `{email, name, status: "enabled", lists: [list_id],
   attribs, preconfirm_subscriptions: true}`: this service already ran the double opt-in,
   so listmonk marks the subscription confirmed and sends no opt-in mail of its own.
+  listmonk drops the list ids it has no list for (or that the API user may not manage)
+  and still creates the subscriber: an answer without our list is a permanent error (a
+  wrong `list_id`), not a member added.
   409 means the address exists (a concurrent add): it is looked up again and updated.
 - existing subscriber: `PUT /api/subscribers/lists` `{ids, action: "add",
   target_list_ids: [list_id], status: "confirmed"}` (skipped when already confirmed),
@@ -208,6 +211,18 @@ class ListmonkBackend:
             )
             if response.status_code != 409:
                 created = _mapping(_data(response, "listmonk: create"), response)
+                if not any(
+                    isinstance(entry, dict) and entry.get("id") == self._list_id
+                    for entry in created.get("lists") or []
+                ):
+                    # listmonk leaves out the list ids it has no list for (or that the API
+                    # user may not manage), and still creates the subscriber.
+                    raise PermanentSyncError(
+                        f"listmonk: create: the subscriber was created without list "
+                        f"{self._list_id}: listmonk has no such list, or the API user may "
+                        "not manage it (is list_id right?)",
+                        response=excerpt(response),
+                    )
                 log.info("backend.listmonk.created address=%s", mask(member.email))
                 return f"listmonk: subscriber {created.get('id')} created on list {self._list_id}"
             # Added meanwhile by someone else: update that one.

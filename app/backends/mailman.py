@@ -12,10 +12,14 @@ Endpoints:
   pre_approved: true, send_welcome_message: false}` -> 201. This service already ran the
   double opt-in, so the pre_* flags skip Mailman's own confirmation and moderation, and
   `send_welcome_message: false` overrides the list's welcome for this request only. 409
-  "Member already subscribed" is a success; 409 "Subscription request already pending" (a
-  request made at Mailman itself, waiting there) and 400 "Membership is banned" are
-  permanent, each with its own message. A 202 would mean Mailman held the request (and
-  may have mailed a confirmation): never expected with these flags, reported as permanent.
+  "Member already subscribed" is a success. 409 "Subscription request already pending" is
+  a request the person made at Mailman itself (its own form), waiting there for their
+  confirmation or a moderator: it is found (`GET /lists/{list_id}/requests?count=&page=`,
+  `type` subscription, `email`), discarded (`POST .../requests/{token} {"action":
+  "discard"}` -> 204, no mail), and the add made again, since the person confirmed here.
+  400 "Membership is banned" is permanent, with its own message. A 202 would mean Mailman
+  held the request (and may have mailed a confirmation): never expected with these flags,
+  reported as permanent.
   There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
   `max_batch` is 1.
 - unsubscribe and remove: `DELETE /lists/{list_id}/roster/member {"emails": [address]}`,
@@ -24,12 +28,16 @@ Endpoints:
   too), 404 when the list does not exist (permanent: a wrong `list_id` must not look like a
   done unsubscribe, which the per-member `DELETE .../member/{address}` 404 would). Mailman
   matches the lower-cased address there, so it is sent lower-cased.
-- remove (erasure) then forgets the person at Mailman as well, when nothing else there
-  uses the address: Mailman keeps no unsubscribed *members*, but a subscription through the
-  API creates an address record (the address as typed, the display name) and a user, which
-  outlive the membership. `GET /addresses/{address}/memberships`: any membership left (on
-  another list of that Mailman, or as an owner or moderator) keeps them, as that list's
-  business. Otherwise `GET /users/{address}`: a user holding no other address is deleted
+- remove (erasure) then discards the person's subscription requests pending on this
+  list (as for an add, above: they hold the address and the name), and forgets the person
+  at Mailman as well, when nothing else there uses the address: Mailman keeps no
+  unsubscribed *members*, but a subscription through the API creates an address record
+  (the address as typed, the display name) and a user, which outlive the membership.
+  `GET /addresses/{address}/memberships`: a nonmember record of this list (made by
+  Mailman when the address wrote to the list while not a member) is deleted
+  (`DELETE /members/{member_id}`); any other membership left (on another list of that
+  Mailman, or as an owner or moderator) keeps them, as that list's business.
+  Otherwise `GET /users/{address}`: a user holding no other address is deleted
   (`DELETE /users/{user_id}`, its address with it); else only the address is
   (`DELETE /addresses/{address}`). 404 at any of these steps means already gone.
 - members: `GET /lists/{list_id}/roster/member?count=100&page=N&fields=email&fields=
@@ -38,12 +46,14 @@ Endpoints:
   the other makes Mailman 3.3 answer 500. Every roster entry is a member, so
   `subscribed=True`: Mailman deletes a member who leaves.
 
-Mail from Mailman: none, for any change this adapter makes. The welcome is turned off per
-request; the mass unsubscription removes members without Mailman's goodbye (sent by the
-per-member `DELETE` whenever the list's `send_goodbye_message` is on, with no per-request
-override) and without its owner notice. So this adapter never changes the list's
-settings: `send_welcome_message` and `send_goodbye_message` stay as the list owners set
-them, for people who join or leave through Mailman itself.
+Mail from Mailman: none to the member, for any change this adapter makes. The welcome is
+turned off per request; the mass unsubscription removes members without Mailman's goodbye
+(sent by the per-member `DELETE` whenever the list's `send_goodbye_message` is on, with no
+per-request override) and without its owner notice. So this adapter never changes the
+list's settings: `send_welcome_message` and `send_goodbye_message` stay as the list owners
+set them, for people who join or leave through Mailman itself. The one mail left is the
+owners' own: with the list's `admin_notify_mchanges` on (off by default), Mailman tells
+its owners of each member this adapter adds, as of any other (no per-request override).
 
 Member variables: Mailman has no per-member custom variables, and its footer can only
 expand fixed placeholders (`$user_address`, `$user_name`, ... with personalized delivery),
@@ -63,7 +73,9 @@ Bans: `clear_suppression` returns None. Mailman's nearest thing to a suppression
 ban list (`GET /lists/{list_id}/bans`, and `/bans` for the whole site), which list owners
 set; it is moderation, not a member's own earlier opt-out, so a fresh opt-in here does not
 lift it. The add of a banned address fails as a permanent error naming the ban, for an
-operator to lift it in Mailman (`DELETE /lists/{list_id}/bans/{address}`) and retry.
+operator to lift it in Mailman and retry; the error says which ban list holds it (the
+list's, `/lists/{list_id}/bans`, or the site-wide one, `/bans`, which Mailman also applies
+to every list; either holds addresses or `^patterns`).
 """
 
 from __future__ import annotations
@@ -81,6 +93,7 @@ from app.backends.base import (
     MembersPage,
     PermanentSyncError,
     RemoteMember,
+    SyncError,
 )
 from app.backends.http import excerpt, send
 from app.config import MailmanBackendSettings
@@ -155,9 +168,18 @@ class MailmanBackend:
 
     def remove(self, address: str) -> str:
         left = self._leave(address, what="mailman remove")
+        # A request the person left pending on this list holds the address and the name.
+        discarded = self._discard_requests(address)
         outcome = self._forget(address)
-        log.info("backend.mailman.removed address=%s left=%s", mask(address), left)
+        log.info(
+            "backend.mailman.removed address=%s left=%s discarded_requests=%d",
+            mask(address),
+            left,
+            discarded,
+        )
         done = f"left {self._list_id}" if left else f"not a member of {self._list_id}"
+        if discarded:
+            done += f"; {discarded} pending request(s) discarded"
         return f"mailman: {done}; {outcome}"
 
     def members(self, cursor: str | None = None) -> MembersPage:
@@ -166,9 +188,9 @@ class MailmanBackend:
         except ValueError as e:
             raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}") from e
         what = "mailman list members"
-        response = self._call(
+        response = self._call_list(
             "GET",
-            f"{self._list_path}/roster/member",
+            "/roster/member",
             what=what,
             params=[
                 ("count", self._page_size),
@@ -217,10 +239,25 @@ class MailmanBackend:
         response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
         status = response.status_code
         description = _description(response)
+        discarded = 0
+        if status == 409 and description == REQUEST_PENDING:
+            # The person asked at Mailman too (its own form) and that request waits there
+            # for their confirmation or a moderator; they confirmed here: this add stands
+            # for it.
+            discarded = self._discard_requests(member.email)
+            if discarded:
+                response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
+                status = response.status_code
+                description = _description(response)
         if status == 201:
             member_id = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
-            log.info("backend.mailman.added address=%s", mask(member.email))
-            return f"mailman: member {member_id} added to {self._list_id}"
+            log.info(
+                "backend.mailman.added address=%s discarded_requests=%d",
+                mask(member.email),
+                discarded,
+            )
+            instead = f", instead of {discarded} request(s) pending there" if discarded else ""
+            return f"mailman: member {member_id} added to {self._list_id}{instead}"
         if status == 409 and description == ALREADY_SUBSCRIBED:
             return f"mailman: already a member of {self._list_id}"
         if status == 409 and description == REQUEST_PENDING:
@@ -231,8 +268,8 @@ class MailmanBackend:
             )
         if status == 400 and description == BANNED:
             raise PermanentSyncError(
-                f"{what}: the address is banned from {self._list_id} (Mailman's ban list, "
-                "set by the list owners); lift the ban in Mailman if this opt-in should stand",
+                f"{what}: the address is banned from {self._list_id} by {self._ban(member)}; "
+                "lift the ban in Mailman if this opt-in should stand",
                 response=excerpt(response),
             )
         if status == 400 and description == NO_SUCH_LIST:
@@ -250,13 +287,68 @@ class MailmanBackend:
             f"{what}: HTTP {status}: {description}", response=excerpt(response)
         )
 
+    def _discard_requests(self, address: str) -> int:
+        """Discard the list's pending subscription requests for `address` (silently, as
+        Mailman's discard does); how many there were."""
+        wanted = address.lower()
+        what = "mailman pending requests"
+        tokens: list[str] = []
+        page = 1
+        while True:
+            response = self._call_list(
+                "GET",
+                "/requests",
+                what=what,
+                params={"count": self._page_size, "page": page},
+            )
+            body = _json(response, what)
+            entries = body.get("entries") or []
+            tokens += [
+                entry["token"]
+                for entry in entries
+                if isinstance(entry, dict)
+                and entry.get("type") == "subscription"
+                and str(entry.get("email", "")).lower() == wanted
+                and isinstance(entry.get("token"), str)
+            ]
+            if not entries or page * self._page_size >= int(body.get("total_size") or 0):
+                break
+            page += 1
+        for token in tokens:
+            self._call(
+                "POST",
+                f"{self._list_path}/requests/{_segment(token)}",
+                what="mailman discard pending request",
+                ok=(404,),
+                json={"action": "discard"},
+            )
+        return len(tokens)
+
+    def _ban(self, member: Member) -> str:
+        """Which ban list refuses the member: the site's (every list, lifted at `/bans`)
+        or the list's own, either by the address or by a `^pattern` matching it."""
+        email = member.email.lower()
+        try:
+            site = self._call(
+                "GET", f"/bans/{_segment(email)}", what="mailman ban lookup", ok=(404,)
+            )
+        except SyncError:
+            return "the list's or the site's ban list"
+        if site.status_code == 404:
+            return (
+                f"the list's ban list, set by its owners (GET {self._list_path}/bans: the "
+                "address, or a ^pattern matching it)"
+            )
+        return (
+            "the site-wide ban list, for every list of this Mailman (GET /bans: the "
+            "address, or a ^pattern matching it)"
+        )
+
     def _leave(self, address: str, *, what: str) -> bool:
         """Take the address off the list, silently; true if it was a member."""
         # Mailman compares with the address it stores, lower-cased.
         wanted = address.lower()
-        response = self._call(
-            "DELETE", f"{self._list_path}/roster/member", what=what, json={"emails": [wanted]}
-        )
+        response = self._call_list("DELETE", "/roster/member", what=what, json={"emails": [wanted]})
         body = _json(response, what)
         left = body.get(wanted)
         if not isinstance(left, bool):
@@ -276,8 +368,26 @@ class MailmanBackend:
         )
         if response.status_code == 404:
             return "address not known to Mailman"
-        others = int(_json(response, "mailman erase: memberships").get("total_size") or 0)
-        if others:
+        memberships = _json(response, "mailman erase: memberships")
+        # A nonmember record of this list is this list's data about the person (Mailman
+        # makes one when the address writes to the list while not a member): it goes too.
+        nonmember = [
+            entry["member_id"]
+            for entry in memberships.get("entries") or []
+            if isinstance(entry, dict)
+            and entry.get("list_id") == self._list_id
+            and entry.get("role") == "nonmember"
+            and isinstance(entry.get("member_id"), str)
+        ]
+        for member_id in nonmember:
+            self._call(
+                "DELETE",
+                f"/members/{_segment(member_id)}",
+                what="mailman erase: nonmember record",
+                ok=(404,),
+            )
+        others = int(memberships.get("total_size") or 0) - len(nonmember)
+        if others > 0:
             return f"address kept: it has {others} other membership(s) at Mailman"
         response = self._call("GET", f"/users/{email}", what="mailman erase: user", ok=(404,))
         if response.status_code != 404:
@@ -293,6 +403,16 @@ class MailmanBackend:
                     return "address and its user deleted"
         self._call("DELETE", f"/addresses/{email}", what="mailman erase: address", ok=(404,))
         return "address deleted"
+
+    def _call_list(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        """A call under the list's own resource, where 404 means the list is not there."""
+        response = self._call(method, self._list_path + path, what=what, ok=(404,), **kwargs)
+        if response.status_code == 404:
+            raise PermanentSyncError(
+                f"{what}: HTTP 404: Mailman has no list {self._list_id} (is list_id right?)",
+                response=excerpt(response),
+            )
+        return response
 
     def _call(
         self, method: str, path: str, *, what: str, ok: Sequence[int] = (), **kwargs: Any
