@@ -359,6 +359,14 @@ class SmtpMailerSettings(BaseModel):
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
 
+    @field_validator("ca_file", mode="before")
+    @classmethod
+    def _ca_file_given(cls, value: object) -> object:
+        # An empty value read as the current directory: ". cannot be read (Is a directory)".
+        if value == "":
+            raise ValueError("is empty: give the path of the CA's PEM file, or leave it unset")
+        return value
+
     @field_validator("ca_file")
     @classmethod
     def _readable_certificate(cls, value: Path | None) -> Path | None:
@@ -378,6 +386,11 @@ class SmtpMailerSettings(BaseModel):
         # smtplib writes AUTH's user name and password in ASCII only: any other letter
         # failed at every send, not here. The message never shows the value.
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text == "":
+            # Taken as given, every send tried to log in with it and was retried for ever.
+            raise ValueError(
+                "is empty: give the relay's user name and password, or leave both unset"
+            )
         if text is not None and not text.isascii():
             raise ValueError(
                 "has letters beyond ASCII, which smtplib cannot send to the SMTP server "
@@ -540,6 +553,18 @@ class Settings(BaseSettings):
             key = value.get_secret_value()
             if len(key) < MIN_SECRET_KEY_LENGTH:
                 raise ValueError(f"{'is empty' if not key else 'is too short'}; {_KEY_RULE}")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_given(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token was taken as a token no scraper can send (`Bearer ` has none): every
+        # scrape got 401, from loopback too.
+        if value is not None and not value.get_secret_value():
+            raise ValueError(
+                "is empty: give the token Prometheus sends (Authorization: Bearer), or leave "
+                "it unset to serve /metrics without one to loopback and private networks"
+            )
         return value
 
     @field_validator("database_url")

@@ -195,6 +195,38 @@ class TestBadValues:
         message = settings_error()
         assert f"NEWSLETTER_MAILER__CA_FILE: Value error, {path} {reason}" in message
 
+    @pytest.mark.parametrize(
+        ("variables", "named", "reason"),
+        [
+            # Taken as a token no scraper can send: every scrape got 401, loopback's too.
+            ({"NEWSLETTER_METRICS_TOKEN": ""}, "NEWSLETTER_METRICS_TOKEN", "or leave it unset"),
+            # Taken as credentials: every send tried to log in with them, retried for ever.
+            (
+                {"NEWSLETTER_MAILER__USERNAME": "", "NEWSLETTER_MAILER__PASSWORD": ""},
+                "NEWSLETTER_MAILER__USERNAME",
+                "or leave both unset",
+            ),
+            (
+                {"NEWSLETTER_MAILER__USERNAME": "bluehats", "NEWSLETTER_MAILER__PASSWORD": ""},
+                "NEWSLETTER_MAILER__PASSWORD",
+                "or leave both unset",
+            ),
+            # Read as the current directory: ". cannot be read (Is a directory)".
+            ({"NEWSLETTER_MAILER__CA_FILE": ""}, "NEWSLETTER_MAILER__CA_FILE", "or leave it unset"),
+        ],
+    )
+    def test_an_empty_optional_secret_or_path_is_refused_pointing_at_unset(
+        self, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str, reason: str
+    ) -> None:
+        # An environment file's template line left blank (`NEWSLETTER_METRICS_TOKEN=`).
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        message = settings_error()
+        assert f"{named}: Value error, is empty: " in message
+        assert reason in message
+
     def test_a_duration_that_is_not_one_names_the_variable(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
