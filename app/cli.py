@@ -132,6 +132,7 @@ def serve(
     import uvicorn
 
     settings = _settings()
+    _can_listen(host, port, option="--port")
     _schema_at_head(settings)
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
@@ -167,6 +168,28 @@ def serve(
         # the lifespan stops the worker, which finishes its jobs in hand and gives back the rest.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout.total_seconds())),
     )
+
+
+def _can_listen(host: str, port: int, *, option: str) -> None:
+    """Exit 2 with one line when nothing can listen on host:port (a port another server
+    holds, an unknown host). Left to uvicorn, a port in use was one log line among others
+    and exit code 3, after the in-process worker had started and sent mails; to the worker's
+    metrics server, a traceback."""
+    import socket
+
+    try:
+        [(family, _, _, _, address), *_] = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the servers bind: a port whose last connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        typer.echo(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; give another {option}", err=True
+        )
+        raise typer.Exit(EXIT_USAGE) from e
 
 
 def _elsewhere_on_this_host(settings: Settings, *, port: int) -> bool:
@@ -219,6 +242,8 @@ def worker(
 
     settings = _settings()
     log = logging.getLogger("app.worker")
+    if metrics_port is not None:
+        _can_listen(metrics_host, metrics_port, option="--metrics-port")
     engine = db.make_engine(settings.database_url)
     migrations.require_head(engine)
     lists.sync_declared(engine, declared=settings.lists)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,31 @@ class TestKeyNames:
             names = {row.name for row in session.exec(select(ApiKey)).all()}
         assert names == {"dashboard", longest}
         assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
+
+
+class TestPortTaken:
+    """A port another server holds: one line naming it and the option, exit 2, before
+    anything starts (uvicorn's own failure came after the in-process worker had sent mails,
+    with exit code 3; the worker's metrics server's was a traceback)."""
+
+    @pytest.mark.parametrize(
+        ("args", "option"),
+        [(("serve", "--port"), "--port"), (("worker", "--metrics-port"), "--metrics-port")],
+    )
+    def test_a_port_in_use_is_bad_input_naming_the_option(
+        self, database_url: str, tmp_path: Path, args: tuple[str, str], option: str
+    ) -> None:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            result = run(database_url, tmp_path, *args, str(port))
+        assert result.returncode == cli.EXIT_USAGE == 2
+        line = last_line(result)
+        assert line == (
+            f"cannot listen on 127.0.0.1:{port}: Address already in use; give another {option}"
+        )
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 class TestWorkerMetricsPort:
