@@ -1327,7 +1327,8 @@ def lists_create(
     thank_you_url: Annotated[str | None, typer.Option()] = None,
     landing_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Create a list in the database (its backend is `none` unless the settings declare it)."""
+    """Create a list in the database, without a backend until the settings declare one for it:
+    meanwhile its sync jobs wait as failed jobs (`newsletter jobs retry --all` then)."""
     from app import lists
     from app.models import utcnow
     from app.schemas import ListCreate
