@@ -605,7 +605,10 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
 # Exit codes: 0 done; 1 refused (unknown list or subscriber, already confirmed, erased
 # address, declined); 2 bad input (address, evidence, missing --yes without a terminal).
 
-subscriber_cli = typer.Typer(no_args_is_help=True, help="Add or unsubscribe one subscriber.")
+subscriber_cli = typer.Typer(
+    no_args_is_help=True,
+    help="A list's subscribers: search, show, add, unsubscribe, proof of consent.",
+)
 cli.add_typer(subscriber_cli, name="subscriber")
 people_cli = typer.Typer(
     no_args_is_help=True, help="Data protection: what is held about an address; erasure."
