@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Annotated, Any
@@ -616,8 +616,10 @@ people_cli = typer.Typer(
 cli.add_typer(people_cli, name="people")
 
 
-def _parsed(model: Any, data: dict[str, Any]) -> Any:
-    """`data` validated by the API's own input model; exit 2 with its messages if invalid."""
+def _parsed(model: Any, data: dict[str, Any], *, options: Mapping[str, str]) -> Any:
+    """`data` validated by the API's own input model; exit 2 with its messages if invalid,
+    each named by what the operator typed (`options`: a field's option or argument), not
+    by the API's field (`evidence.source: Field required` for a missing `--source`)."""
     from pydantic import ValidationError
 
     try:
@@ -625,6 +627,7 @@ def _parsed(model: Any, data: dict[str, Any]) -> Any:
     except ValidationError as e:
         for error in e.errors():
             where = ".".join(str(part) for part in error["loc"])
+            where = options.get(where, where)
             message = str(error["msg"]).removeprefix("Value error, ")
             typer.echo(f"{where}: {message}" if where else message, err=True)
         raise typer.Exit(2) from e
@@ -722,6 +725,14 @@ def subscriber_add(
             "locale": locale,
             "evidence": evidence if confirmed or evidence else None,
         },
+        options={
+            "email": "EMAIL",
+            "locale": "--locale",
+            "evidence.source": "--source",
+            "evidence.note": "--note",
+            "evidence.consented_at": "--consented-at",
+            "evidence.consent_version": "--consent-version",
+        },
     )
     proof = None
     if body.evidence is not None:
@@ -753,7 +764,7 @@ def subscriber_unsubscribe(
     from app.models import utcnow
     from app.schemas import OperatorUnsubscribeRequest
 
-    body = _parsed(OperatorUnsubscribeRequest, {"reason": reason})
+    body = _parsed(OperatorUnsubscribeRequest, {"reason": reason}, options={"reason": "--reason"})
     settings = _settings()
     row = _audited_run(
         settings, action="subscriber.unsubscribe", target=f"{list_slug}:{email}",
@@ -1315,6 +1326,17 @@ def lists_show() -> None:
         )
 
 
+# The options of `lists create` and `lists update`, by the API's fields they fill.
+_LIST_OPTIONS = {
+    "name": "--name",
+    "default_locale": "--default-locale",
+    "consent_version": "--consent-version",
+    "confirm_ttl_seconds": "--confirm-ttl-hours",
+    "thank_you_url": "--thank-you-url",
+    "landing_url": "--landing-url",
+}
+
+
 @lists_cli.command("create")
 def lists_create(
     slug: Annotated[str, typer.Argument(help="Lowercase letters, digits and dashes.")],
@@ -1343,6 +1365,7 @@ def lists_create(
             "consent_version": consent_version, "confirm_ttl_seconds": confirm_ttl_hours * 3600,
             "thank_you_url": thank_you_url, "landing_url": landing_url,
         },
+        options={**_LIST_OPTIONS, "slug": "SLUG"},
     )  # fmt: skip
     settings = _settings()
     _audited_run(
@@ -1389,7 +1412,7 @@ def lists_update(
         raise typer.Exit(2)
     from app.schemas import ListUpdate
 
-    valid = _parsed(ListUpdate, changes).changes()
+    valid = _parsed(ListUpdate, changes, options=_LIST_OPTIONS).changes()
     settings = _settings()
     _audited_run(
         settings, action="list.update", target=slug, work=lists.update, slug=slug,
@@ -1441,7 +1464,11 @@ def block_add(
     from app.schemas import BlockCreate
 
     chosen, normalized = _block_value(value, kind)
-    body = _parsed(BlockCreate, {"kind": chosen.value, "value": value, "reason": reason})
+    body = _parsed(
+        BlockCreate,
+        {"kind": chosen.value, "value": value, "reason": reason},
+        options={"value": "VALUE", "reason": "--reason"},
+    )
     settings = _settings()
     _audited_run(
         settings, action="block.add", target=f"{chosen.value}:{normalized}",

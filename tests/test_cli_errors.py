@@ -231,6 +231,53 @@ class TestKeyNames:
         assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
 
 
+class TestBadInputNamesTheOption:
+    """A value the API's model refuses is named by the option the operator typed, not by
+    the API's field (`evidence.source: Field required` for a missing --source)."""
+
+    @pytest.mark.parametrize(
+        ("args", "expected"),
+        [
+            (
+                ("subscriber", "add", "ada@example.org", "--list", "bluehats", "--confirmed",
+                 "--source", "paper form", "--consented-at", "2025-10-01"),
+                ["--note: Field required"],
+            ),
+            (
+                ("subscriber", "add", "ada@example.org", "--list", "bluehats", "--confirmed",
+                 "--source", "", "--note", "box 3", "--consented-at", "2025-13-01"),
+                ["--source: String should have at least 1 character",
+                 "--consented-at: Input should be a valid date or datetime, month value is "
+                 "outside expected range of 1-12"],
+            ),
+            (
+                ("subscriber", "unsubscribe", "ada@example.org", "--list", "bluehats",
+                 "--reason", ""),
+                ["--reason: String should have at least 1 character"],
+            ),
+            (
+                ("lists", "create", "events", "--name", "Events", "--default-locale", "de"),
+                ["--default-locale: Input should be 'fr' or 'en'"],
+            ),
+            (
+                ("lists", "update", "events", "--thank-you-url", "merci"),
+                ["--thank-you-url: Input should be a valid URL, relative URL without a base"],
+            ),
+            (
+                ("block", "add", "spam.example", "--reason", ""),
+                ["--reason: String should have at least 1 character"],
+            ),
+        ],
+    )  # fmt: skip
+    def test_each_refused_value_is_named_by_its_option(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...], expected: list[str]
+    ) -> None:
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == cli.EXIT_USAGE == 2
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == expected
+
+
 class TestPortTaken:
     """A port another server holds: one line naming it and the option, exit 2, before
     anything starts (uvicorn's own failure came after the in-process worker had sent mails,
