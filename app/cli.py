@@ -125,15 +125,15 @@ def _settings() -> Settings:
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve the API (with the outbox worker inside unless NEWSLETTER_RUN_WORKER=false)."""
     import uvicorn
 
     settings = _settings()
-    _can_listen(host, port, option="--port")
     _schema_at_head(settings)
+    _can_listen(host, port, option="--port")
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
         "serve.starting url=http://%s:%d database=%s workers=%d",
@@ -228,7 +228,9 @@ def _schema_at_head(settings: Settings) -> None:
 def worker(
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve Prometheus metrics (attempts, outbox, ...) on this port."),
+        typer.Option(
+            min=1, max=65535, help="Serve Prometheus metrics (attempts, outbox, ...) on this port."
+        ),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the metrics port.")] = "127.0.0.1",
 ) -> None:

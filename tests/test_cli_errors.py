@@ -302,6 +302,23 @@ class TestPortTaken:
         )
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("serve", "--port", "99999"),
+            ("serve", "--workers", "0"),
+            ("worker", "--metrics-port", "70000"),
+        ],
+    )
+    def test_a_port_or_process_count_out_of_range_is_bad_input(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        # `--port 99999` served on port 34463 (99999 - 65536) with a start line saying 99999.
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == 2
+        assert f"Invalid value for '{args[1]}'" in result.stderr
+        assert "Input should be " in result.stderr
+
 
 class TestWorkerMetricsPort:
     def test_the_metrics_token_is_required_as_on_the_api(
