@@ -46,7 +46,15 @@ def normalize(kind: BlockKind, raw: str) -> str:
     if not domain or "@" in domain:
         raise addresses.InvalidAddress("A domain entry is a domain name, such as example.org.")
     # The address parser normalizes domains (IDNA, case) exactly as it does subscribers'.
-    return addresses.parse(f"postmaster@{domain}", new=False).key.partition("@")[2]
+    try:
+        return addresses.parse(f"postmaster@{domain}", new=False).key.partition("@")[2]
+    except addresses.InvalidAddress as e:
+        # Its reasons speak of an address ("The part after the @-sign ..."): an operator who
+        # typed a domain is told about the domain.
+        reason = str(e).replace("The part after the @-sign", "The domain")
+        if "@" in reason:
+            reason = "A domain entry is a domain name, such as example.org."
+        raise addresses.InvalidAddress(reason) from e
 
 
 def _domains_of(email_key: str) -> list[str]:

@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Annotated, Any
@@ -125,14 +125,15 @@ def _settings() -> Settings:
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve the API (with the outbox worker inside unless NEWSLETTER_RUN_WORKER=false)."""
     import uvicorn
 
     settings = _settings()
     _schema_at_head(settings)
+    _can_listen(host, port, option="--port")
     # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
     logging.getLogger("app.cli").info(
         "serve.starting url=http://%s:%d database=%s workers=%d",
@@ -167,6 +168,28 @@ def serve(
         # the lifespan stops the worker, which finishes its jobs in hand and gives back the rest.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout.total_seconds())),
     )
+
+
+def _can_listen(host: str, port: int, *, option: str) -> None:
+    """Exit 2 with one line when nothing can listen on host:port (a port another server
+    holds, an unknown host). Left to uvicorn, a port in use was one log line among others
+    and exit code 3, after the in-process worker had started and sent mails; to the worker's
+    metrics server, a traceback."""
+    import socket
+
+    try:
+        [(family, _, _, _, address), *_] = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the servers bind: a port whose last connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        typer.echo(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; give another {option}", err=True
+        )
+        raise typer.Exit(EXIT_USAGE) from e
 
 
 def _elsewhere_on_this_host(settings: Settings, *, port: int) -> bool:
@@ -205,7 +228,9 @@ def _schema_at_head(settings: Settings) -> None:
 def worker(
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve Prometheus metrics (attempts, outbox, ...) on this port."),
+        typer.Option(
+            min=1, max=65535, help="Serve Prometheus metrics (attempts, outbox, ...) on this port."
+        ),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the metrics port.")] = "127.0.0.1",
 ) -> None:
@@ -219,6 +244,8 @@ def worker(
 
     settings = _settings()
     log = logging.getLogger("app.worker")
+    if metrics_port is not None:
+        _can_listen(metrics_host, metrics_port, option="--metrics-port")
     engine = db.make_engine(settings.database_url)
     migrations.require_head(engine)
     lists.sync_declared(engine, declared=settings.lists)
@@ -583,7 +610,10 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
 # Exit codes: 0 done; 1 refused (unknown list or subscriber, already confirmed, erased
 # address, declined); 2 bad input (address, evidence, missing --yes without a terminal).
 
-subscriber_cli = typer.Typer(no_args_is_help=True, help="Add or unsubscribe one subscriber.")
+subscriber_cli = typer.Typer(
+    no_args_is_help=True,
+    help="A list's subscribers: search, show, add, unsubscribe, proof of consent.",
+)
 cli.add_typer(subscriber_cli, name="subscriber")
 people_cli = typer.Typer(
     no_args_is_help=True, help="Data protection: what is held about an address; erasure."
@@ -591,8 +621,10 @@ people_cli = typer.Typer(
 cli.add_typer(people_cli, name="people")
 
 
-def _parsed(model: Any, data: dict[str, Any]) -> Any:
-    """`data` validated by the API's own input model; exit 2 with its messages if invalid."""
+def _parsed(model: Any, data: dict[str, Any], *, options: Mapping[str, str]) -> Any:
+    """`data` validated by the API's own input model; exit 2 with its messages if invalid,
+    each named by what the operator typed (`options`: a field's option or argument), not
+    by the API's field (`evidence.source: Field required` for a missing `--source`)."""
     from pydantic import ValidationError
 
     try:
@@ -600,6 +632,7 @@ def _parsed(model: Any, data: dict[str, Any]) -> Any:
     except ValidationError as e:
         for error in e.errors():
             where = ".".join(str(part) for part in error["loc"])
+            where = options.get(where, where)
             message = str(error["msg"]).removeprefix("Value error, ")
             typer.echo(f"{where}: {message}" if where else message, err=True)
         raise typer.Exit(2) from e
@@ -697,6 +730,14 @@ def subscriber_add(
             "locale": locale,
             "evidence": evidence if confirmed or evidence else None,
         },
+        options={
+            "email": "EMAIL",
+            "locale": "--locale",
+            "evidence.source": "--source",
+            "evidence.note": "--note",
+            "evidence.consented_at": "--consented-at",
+            "evidence.consent_version": "--consent-version",
+        },
     )
     proof = None
     if body.evidence is not None:
@@ -728,7 +769,7 @@ def subscriber_unsubscribe(
     from app.models import utcnow
     from app.schemas import OperatorUnsubscribeRequest
 
-    body = _parsed(OperatorUnsubscribeRequest, {"reason": reason})
+    body = _parsed(OperatorUnsubscribeRequest, {"reason": reason}, options={"reason": "--reason"})
     settings = _settings()
     row = _audited_run(
         settings, action="subscriber.unsubscribe", target=f"{list_slug}:{email}",
@@ -1293,6 +1334,17 @@ def lists_show() -> None:
         )
 
 
+# The options of `lists create` and `lists update`, by the API's fields they fill.
+_LIST_OPTIONS = {
+    "name": "--name",
+    "default_locale": "--default-locale",
+    "consent_version": "--consent-version",
+    "confirm_ttl_seconds": "--confirm-ttl-hours",
+    "thank_you_url": "--thank-you-url",
+    "landing_url": "--landing-url",
+}
+
+
 @lists_cli.command("create")
 def lists_create(
     slug: Annotated[str, typer.Argument(help="Lowercase letters, digits and dashes.")],
@@ -1308,7 +1360,8 @@ def lists_create(
     thank_you_url: Annotated[str | None, typer.Option()] = None,
     landing_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Create a list in the database (its backend is `none` unless the settings declare it)."""
+    """Create a list in the database, without a backend until the settings declare one for it:
+    meanwhile its sync jobs wait as failed jobs (`newsletter jobs retry --all` then)."""
     from app import lists
     from app.models import utcnow
     from app.schemas import ListCreate
@@ -1320,6 +1373,7 @@ def lists_create(
             "consent_version": consent_version, "confirm_ttl_seconds": confirm_ttl_hours * 3600,
             "thank_you_url": thank_you_url, "landing_url": landing_url,
         },
+        options={**_LIST_OPTIONS, "slug": "SLUG"},
     )  # fmt: skip
     settings = _settings()
     _audited_run(
@@ -1366,7 +1420,7 @@ def lists_update(
         raise typer.Exit(2)
     from app.schemas import ListUpdate
 
-    valid = _parsed(ListUpdate, changes).changes()
+    valid = _parsed(ListUpdate, changes, options=_LIST_OPTIONS).changes()
     settings = _settings()
     _audited_run(
         settings, action="list.update", target=slug, work=lists.update, slug=slug,
@@ -1418,7 +1472,11 @@ def block_add(
     from app.schemas import BlockCreate
 
     chosen, normalized = _block_value(value, kind)
-    body = _parsed(BlockCreate, {"kind": chosen.value, "value": value, "reason": reason})
+    body = _parsed(
+        BlockCreate,
+        {"kind": chosen.value, "value": value, "reason": reason},
+        options={"value": "VALUE", "reason": "--reason"},
+    )
     settings = _settings()
     _audited_run(
         settings, action="block.add", target=f"{chosen.value}:{normalized}",

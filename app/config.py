@@ -62,7 +62,29 @@ def _parse_duration(value: object) -> object:
             if abs(seconds) > MAX_DURATION.total_seconds():
                 raise ValueError(_TOO_LONG)
             return timedelta(seconds=seconds)
+        # Left to pydantic, `off` or `2 hours` read "invalid digit in duration".
+        if _is_off(value):
+            raise ValueError(f"cannot be off; {_DURATION_FORMS}")
+        if ":" not in value and not value.strip().lstrip("-").upper().startswith("P"):
+            raise ValueError(f"{value!r} is not a duration; {_DURATION_FORMS}")
     return value
+
+
+_DURATION_FORMS = "give seconds (90) or a number with its unit: 90s, 5m, 48h, 7d"
+
+
+def _seconds(value: object) -> object:
+    """A number of seconds (`30`, `2.5`), or a duration as above (`30s`, `2m`)."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match[1]) * _UNIT_SECONDS[match[2] or "s"]
+    return value
+
+
+# The settings in seconds (timeouts, the worker's pauses) take the durations' units too:
+# `NEWSLETTER_MAILER__TIMEOUT=30s` was refused as "not a valid number".
+Seconds = BeforeValidator(_seconds)
 
 
 _TOO_LONG = f"durations may not exceed {MAX_DURATION.days}d (100 years)"
@@ -384,12 +406,20 @@ class SmtpMailerSettings(BaseModel):
     security: SmtpSecurity = SmtpSecurity.STARTTLS
     username: str | None = None
     password: SecretStr | None = None
-    timeout: Annotated[float, Field(gt=0)] = 30.0
+    timeout: Annotated[float, Seconds, Field(gt=0)] = 30.0
     # A private CA's certificate (PEM) for a relay whose certificate the system does not trust.
     ca_file: Path | None = None
     # The name given in EHLO. Unset: the machine's, when it is fully qualified, else the
     # public URL's host (app/mailer.py, `helo_name`).
     helo_name: Annotated[str | None, Field(max_length=253, pattern=HELO_NAME_PATTERN)] = None
+
+    @field_validator("ca_file", mode="before")
+    @classmethod
+    def _ca_file_given(cls, value: object) -> object:
+        # An empty value read as the current directory: ". cannot be read (Is a directory)".
+        if value == "":
+            raise ValueError("is empty: give the path of the CA's PEM file, or leave it unset")
+        return value
 
     @field_validator("ca_file")
     @classmethod
@@ -410,6 +440,11 @@ class SmtpMailerSettings(BaseModel):
         # smtplib writes AUTH's user name and password in ASCII only: any other letter
         # failed at every send, not here. The message never shows the value.
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text == "":
+            # Taken as given, every send tried to log in with it and was retried for ever.
+            raise ValueError(
+                "is empty: give the relay's user name and password, or leave both unset"
+            )
         if text is not None and not text.isascii():
             raise ValueError(
                 "has letters beyond ASCII, which smtplib cannot send to the SMTP server "
@@ -526,12 +561,12 @@ class Settings(BaseSettings):
     # How long a challenge from GET /v1/challenge may be used.
     proof_of_work_ttl: Duration = timedelta(minutes=10)
 
-    worker_poll_interval: Annotated[float, Field(gt=0)] = 1.0
+    worker_poll_interval: Annotated[float, Seconds, Field(gt=0)] = 1.0
     # The worker inside `serve` only: while the process is busy with requests, each round
     # waits for a pause in them, at most this long (seconds; 0: never waits). A burst of
     # subscriptions is answered first and its mails follow; under endless load mail still
     # goes out, a round at least this often.
-    worker_give_way: Annotated[float, Field(ge=0, le=60)] = 2.0
+    worker_give_way: Annotated[float, Seconds, Field(ge=0, le=60)] = 2.0
     worker_batch_size: Annotated[int, Field(ge=1, le=1000)] = 20
     worker_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     job_lease: Duration = timedelta(minutes=5)
@@ -540,8 +575,8 @@ class Settings(BaseSettings):
     sync_batch_size: Annotated[int, Field(ge=1, le=10000)] = 1000
     # Timeouts of calls to the mailing-list backends (seconds): the connection's, and the
     # whole call's (each read within it, and each page of a paged read as a whole).
-    backend_connect_timeout: Annotated[float, Field(gt=0)] = 5.0
-    backend_timeout: Annotated[float, Field(gt=0)] = 30.0
+    backend_connect_timeout: Annotated[float, Seconds, Field(gt=0)] = 5.0
+    backend_timeout: Annotated[float, Seconds, Field(gt=0)] = 30.0
     # Compare each list with its backend and fix differences this often (off when unset).
     reconcile_interval: DurationOrOff = None
     retry_base_delay: Duration = timedelta(seconds=30)
@@ -578,6 +613,18 @@ class Settings(BaseSettings):
             key = value.get_secret_value()
             if len(key) < MIN_SECRET_KEY_LENGTH:
                 raise ValueError(f"{'is empty' if not key else 'is too short'}; {_KEY_RULE}")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_given(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token was taken as a token no scraper can send (`Bearer ` has none): every
+        # scrape got 401, from loopback too.
+        if value is not None and not value.get_secret_value():
+            raise ValueError(
+                "is empty: give the token Prometheus sends (Authorization: Bearer), or leave "
+                "it unset to serve /metrics without one to loopback and private networks"
+            )
         return value
 
     @field_validator("database_url")

@@ -73,9 +73,12 @@ def record(
     ).all()
     for locale, text in sorted(stored):
         if locale in texts and text != texts[locale]:
+            # An operator who only renamed the list is told why that changed the wording.
+            renamed = mailing_list.name in texts[locale] and mailing_list.name not in text
             raise errors.ConsentWordingChanged(
                 f"The consent wording of list {mailing_list.slug!r} in {locale!r} "
-                f"changed while its consent_version stayed {mailing_list.consent_version!r}. "
+                f"changed while its consent_version stayed {mailing_list.consent_version!r}"
+                f"{' (it names the list, whose name changed)' if renamed else ''}. "
                 "Give the new wording a new consent_version: the consent ledger refers to "
                 "the version, and the text recorded for it must stay what people were shown."
             )

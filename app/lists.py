@@ -124,8 +124,9 @@ def sync_from_settings(session: Session, *, declared: list[ListSettings], now: d
 # A list declared in the settings belongs to the settings: `sync_from_settings` rewrites it
 # at every start, so the API refuses to change it (409) rather than accept a change that
 # the next restart would undo. A list created through the API lives in the database only;
-# its backend is `none` (nothing is pushed anywhere) until the settings declare a list
-# with its slug, which then takes it over at the next start.
+# it has no backend (nothing is pushed anywhere: its sync jobs wait as dead letters, to be
+# retried) until the settings declare a list with its slug, which then takes it over at
+# the next start.
 
 EDITABLE = frozenset(
     {

@@ -476,8 +476,9 @@ CONFIRM_TTL_BOUNDS = {"ge": 3600, "le": 30 * 24 * 3600}
 
 
 class ListCreate(BaseModel):
-    """A list created through the API: stored in the database only, backend `none` until
-    the settings declare a list with this slug (the settings then take it over)."""
+    """A list created through the API: stored in the database only, without a backend until
+    the settings declare a list with this slug (the settings then take it over); meanwhile
+    its sync jobs wait as failed jobs, to be retried then."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import blocklist, db, privacy
+from app import addresses, blocklist, db, privacy
 from app.models import (
     AuditEvent,
     BlockedEntry,
@@ -381,6 +381,24 @@ class TestCommandLine:
             ("block.remove", "error:not_found"),
         ]
         assert all(a.actor.startswith("cli:") for a in _audit(engine, "block.add"))
+
+
+class TestDomainEntries:
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            ("notanything", "The domain is not valid. It should have a period."),
+            ("a b.example", "The domain contains invalid characters: SPACE."),
+            # email-validator's reason names the @-sign in a way no rewording fixes.
+            ("-bad.example", "A domain entry is a domain name, such as example.org."),
+        ],
+    )
+    def test_an_invalid_domain_is_explained_as_a_domain_not_an_address(
+        self, value: str, reason: str
+    ) -> None:
+        with pytest.raises(addresses.InvalidAddress) as raised:
+            blocklist.normalize(BlockKind.DOMAIN, value)
+        assert str(raised.value) == reason
 
 
 class TestOneTransaction:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,95 @@ class TestKeyNames:
             names = {row.name for row in session.exec(select(ApiKey)).all()}
         assert names == {"dashboard", longest}
         assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
+
+
+class TestBadInputNamesTheOption:
+    """A value the API's model refuses is named by the option the operator typed, not by
+    the API's field (`evidence.source: Field required` for a missing --source)."""
+
+    @pytest.mark.parametrize(
+        ("args", "expected"),
+        [
+            (
+                ("subscriber", "add", "ada@example.org", "--list", "bluehats", "--confirmed",
+                 "--source", "paper form", "--consented-at", "2025-10-01"),
+                ["--note: Field required"],
+            ),
+            (
+                ("subscriber", "add", "ada@example.org", "--list", "bluehats", "--confirmed",
+                 "--source", "", "--note", "box 3", "--consented-at", "2025-13-01"),
+                ["--source: String should have at least 1 character",
+                 "--consented-at: Input should be a valid date or datetime, month value is "
+                 "outside expected range of 1-12"],
+            ),
+            (
+                ("subscriber", "unsubscribe", "ada@example.org", "--list", "bluehats",
+                 "--reason", ""),
+                ["--reason: String should have at least 1 character"],
+            ),
+            (
+                ("lists", "create", "events", "--name", "Events", "--default-locale", "de"),
+                ["--default-locale: Input should be 'fr' or 'en'"],
+            ),
+            (
+                ("lists", "update", "events", "--thank-you-url", "merci"),
+                ["--thank-you-url: Input should be a valid URL, relative URL without a base"],
+            ),
+            (
+                ("block", "add", "spam.example", "--reason", ""),
+                ["--reason: String should have at least 1 character"],
+            ),
+        ],
+    )  # fmt: skip
+    def test_each_refused_value_is_named_by_its_option(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...], expected: list[str]
+    ) -> None:
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == cli.EXIT_USAGE == 2
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == expected
+
+
+class TestPortTaken:
+    """A port another server holds: one line naming it and the option, exit 2, before
+    anything starts (uvicorn's own failure came after the in-process worker had sent mails,
+    with exit code 3; the worker's metrics server's was a traceback)."""
+
+    @pytest.mark.parametrize(
+        ("args", "option"),
+        [(("serve", "--port"), "--port"), (("worker", "--metrics-port"), "--metrics-port")],
+    )
+    def test_a_port_in_use_is_bad_input_naming_the_option(
+        self, database_url: str, tmp_path: Path, args: tuple[str, str], option: str
+    ) -> None:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            result = run(database_url, tmp_path, *args, str(port))
+        assert result.returncode == cli.EXIT_USAGE == 2
+        line = last_line(result)
+        assert line == (
+            f"cannot listen on 127.0.0.1:{port}: Address already in use; give another {option}"
+        )
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("serve", "--port", "99999"),
+            ("serve", "--workers", "0"),
+            ("worker", "--metrics-port", "70000"),
+        ],
+    )
+    def test_a_port_or_process_count_out_of_range_is_bad_input(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        # `--port 99999` served on port 34463 (99999 - 65536) with a start line saying 99999.
+        result = run(database_url, tmp_path, *args)
+        assert result.returncode == 2
+        assert f"Invalid value for '{args[1]}'" in result.stderr
+        assert "Input should be " in result.stderr
 
 
 class TestWorkerMetricsPort:

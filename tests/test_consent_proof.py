@@ -318,6 +318,11 @@ class TestWordingVersions:
         # The wording names the list: a new name under the same version is refused.
         assert renamed.status_code == 409
         assert renamed.json()["error"] == "consent_wording_changed"
+        # Told why, as the operator only changed the name.
+        assert (
+            "consent_version stayed '1' (it names the list, whose name changed). Give"
+            in renamed.json()["detail"]
+        )
         bumped = client.patch(
             "/v1/admin/lists/infolettre",
             json={"name": "Lettre", "consent_version": "2"},

@@ -196,13 +196,55 @@ class TestBadValues:
         message = settings_error()
         assert f"NEWSLETTER_MAILER__CA_FILE: Value error, {path} {reason}" in message
 
+    @pytest.mark.parametrize(
+        ("variables", "named", "reason"),
+        [
+            # Taken as a token no scraper can send: every scrape got 401, loopback's too.
+            ({"NEWSLETTER_METRICS_TOKEN": ""}, "NEWSLETTER_METRICS_TOKEN", "or leave it unset"),
+            # Taken as credentials: every send tried to log in with them, retried for ever.
+            (
+                {"NEWSLETTER_MAILER__USERNAME": "", "NEWSLETTER_MAILER__PASSWORD": ""},
+                "NEWSLETTER_MAILER__USERNAME",
+                "or leave both unset",
+            ),
+            (
+                {"NEWSLETTER_MAILER__USERNAME": "bluehats", "NEWSLETTER_MAILER__PASSWORD": ""},
+                "NEWSLETTER_MAILER__PASSWORD",
+                "or leave both unset",
+            ),
+            # Read as the current directory: ". cannot be read (Is a directory)".
+            ({"NEWSLETTER_MAILER__CA_FILE": ""}, "NEWSLETTER_MAILER__CA_FILE", "or leave it unset"),
+        ],
+    )
+    def test_an_empty_optional_secret_or_path_is_refused_pointing_at_unset(
+        self, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str, reason: str
+    ) -> None:
+        # An environment file's template line left blank (`NEWSLETTER_METRICS_TOKEN=`).
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        message = settings_error()
+        assert f"{named}: Value error, is empty: " in message
+        assert reason in message
+
     def test_a_duration_that_is_not_one_names_the_variable(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "soon")
+        monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "2 hours")
         message = settings_error()
-        assert "NEWSLETTER_RESEND_INTERVAL:" in message
-        assert "timedelta" in message
+        # Not pydantic's "Input should be a valid timedelta, invalid digit in duration".
+        assert (
+            "NEWSLETTER_RESEND_INTERVAL: Value error, '2 hours' is not a duration; give seconds "
+            "(90) or a number with its unit: 90s, 5m, 48h, 7d"
+        ) in message
+
+    def test_off_for_a_duration_that_cannot_be_off_says_so(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "off")
+        message = settings_error()
+        assert "NEWSLETTER_RESEND_INTERVAL: Value error, cannot be off; give seconds" in message
 
     def test_an_unknown_mailer_kind_lists_the_known_ones(
         self, monkeypatch: pytest.MonkeyPatch
@@ -411,6 +453,25 @@ class TestBadValues:
 
 
 class TestGoodValues:
+    def test_settings_in_seconds_take_the_durations_units(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The README's durations (`30s`, `1m`) were refused here as "not a valid number".
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__TIMEOUT", "30s")
+        monkeypatch.setenv("NEWSLETTER_BACKEND_TIMEOUT", "1m")
+        monkeypatch.setenv("NEWSLETTER_BACKEND_CONNECT_TIMEOUT", "2.5")
+        monkeypatch.setenv("NEWSLETTER_WORKER_POLL_INTERVAL", "500")
+        monkeypatch.setenv("NEWSLETTER_WORKER_GIVE_WAY", "0s")
+        settings = load_settings()
+        assert isinstance(settings.mailer, SmtpMailerSettings)
+        assert settings.mailer.timeout == 30.0
+        assert settings.backend_timeout == 60.0
+        assert settings.backend_connect_timeout == 2.5
+        assert settings.worker_poll_interval == 500.0
+        assert settings.worker_give_way == 0.0
+
     @pytest.mark.parametrize(
         ("value", "expected"),
         [

@@ -83,8 +83,9 @@ def _address(raw: str, *, where: tuple[str, ...], new: bool) -> addresses.Addres
 async def create_list(
     body: ListCreate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
 ) -> ListOut:
-    """Create a list, stored in the database only (backend `none` until the settings
-    declare a list with this slug, which then takes it over at the next start)."""
+    """Create a list, stored in the database only (without a backend until the settings
+    declare a list with this slug, which then takes it over at the next start; meanwhile
+    its sync jobs wait as failed jobs, to be retried then)."""
     row = await audited(
         database, who, action="list.create", target=body.slug,
         work=lists.create, slug=body.slug, name=body.name,
