@@ -268,6 +268,32 @@ class TestFillTime:
         assert response.status_code == 303
         assert stored(database_url) == []
 
+    def test_a_visitor_who_corrects_a_typo_at_once_is_not_dropped_as_too_fast(
+        self, client: TestClient, database_url: str, smtp: SmtpSink
+    ) -> None:
+        # The site's form (no stamp) with a mistyped address: the page comes back, and the
+        # visitor fixes it within the fill time. That post must not be dropped as a robot's
+        # while the page says "check your inbox".
+        before = formguard.rejection_counts().get("too_fast", 0)
+        refused = post_form(
+            client, {"email": "camille@exemple", "organisation": "DINUM", "website": ""}, **HTML
+        )
+        assert refused.status_code == 422
+        response = post_form(
+            client,
+            {
+                "email": "camille@example.org",
+                "organisation": "DINUM",
+                "website": "",
+                "form_stamp": stamp_in(refused.text),
+            },
+            **HTML,
+        )
+        assert response.status_code == 303
+        assert [row.email for row in stored(database_url)] == ["camille@example.org"]
+        assert formguard.rejection_counts().get("too_fast", 0) == before
+        smtp.mail_to("camille@example.org", link="confirm")
+
     def test_json_callers_have_no_form_defences(
         self, client: TestClient, database_url: str
     ) -> None:
