@@ -706,6 +706,34 @@ class TestErrorPages:
             assert '<a class="fr-link" href="/v1/lists/bluehats?lang=fr">' in page.text
             assert "Recevoir un nouveau lien" in page.text
 
+    @pytest.mark.parametrize(
+        ("posted_to", "query", "form_page"),
+        [
+            (SUBSCRIBE, "", "/v1/lists/bluehats"),
+            (SUBSCRIBE, "?lang=en", "/v1/lists/bluehats?lang=en"),
+            ("/v1/lists/bluehats/unsubscriptions", "", "/v1/lists/bluehats/unsubscribe"),
+        ],
+    )
+    def test_a_browser_opening_the_url_a_form_posted_to_is_sent_to_the_form(
+        self, client: TestClient, posted_to: str, query: str, form_page: str
+    ) -> None:
+        # After a form came back with errors, the address bar shows where it posted; Enter
+        # there, a restored tab or a bookmark GETs it. Not a dead end saying "try again".
+        response = client.get(posted_to + query, headers=HTML, follow_redirects=False)
+        assert response.status_code == 303
+        assert response.headers["location"] == f"http://testserver{form_page}"
+        page = client.get(response.headers["location"], headers=HTML)
+        assert page.status_code == 200
+        assert 'name="email"' in page.text
+
+    def test_an_api_client_still_gets_405_at_the_url_a_form_posts_to(
+        self, client: TestClient
+    ) -> None:
+        response = client.get(SUBSCRIBE, headers={"accept": "application/json"})
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+        assert response.json()["error"] == "method_not_allowed"
+
 
 class TestStylesheet:
     def test_the_built_in_stylesheet_by_default_and_a_csp_that_allows_only_it(
