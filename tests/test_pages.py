@@ -707,6 +707,31 @@ class TestErrorPages:
             assert "Recevoir un nouveau lien" in page.text
 
     @pytest.mark.parametrize(
+        ("posted_to", "language", "form_page", "link"),
+        [
+            (SUBSCRIBE, "fr", "/v1/lists/bluehats?lang=fr", "Aller au formulaire"),
+            (
+                "/v1/lists/bluehats/unsubscriptions",
+                "en",
+                "/v1/lists/bluehats/unsubscribe?lang=en",
+                "Go to the form",
+            ),
+        ],
+    )
+    def test_a_form_post_refused_before_it_is_read_leads_to_the_form_in_the_same_language(
+        self, client: TestClient, posted_to: str, language: str, form_page: str, link: str
+    ) -> None:
+        # The site's form on an origin not listed (www. forgotten): the page tells the
+        # visitor to use the newsletter's own form, and must say where it is.
+        response = client.post(
+            posted_to,
+            data={"email": "site@example.org", "organisation": "DINUM"},
+            headers={**HTML, "accept-language": language, "origin": "https://www.code.gouv.fr"},
+        )
+        assert response.status_code == 403
+        assert f'<a class="fr-link" href="{form_page}">{link}</a>' in response.text
+
+    @pytest.mark.parametrize(
         ("posted_to", "query", "form_page"),
         [
             (SUBSCRIBE, "", "/v1/lists/bluehats"),

@@ -138,8 +138,21 @@ def _answer(
             is_error=True,
             unsubscribe_url=unsubscribe_url,
             ask_url=ask_url,
+            form_url=_form_page_after_post(request, code=code, locale=locale),
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _form_page_after_post(request: Request, *, code: str, locale: Locale) -> str | None:
+    """The page of the form whose post was refused (another site's origin, too many
+    requests, a proof of work...), in the error page's language: the way to try again."""
+    match = FORM_POSTS.match(request.url.path)
+    if match is None or request.method != "POST" or code == "list_not_found":
+        return None
+    path = f"/v1/lists/{quote(match[1], safe='')}"
+    if match[2] == "unsubscriptions":
+        path += "/unsubscribe"
+    return f"{path}?lang={locale.value}"
 
 
 def _form_page_of_post_url(request: Request) -> str | None:
