@@ -114,7 +114,7 @@ class TestTheHostedPage:
         html = page.text
         assert '<html lang="fr">' in html
         assert "<title>S&#39;inscrire à Gazette BlueHats - Gazette BlueHats</title>" in html
-        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in html
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions?lang=fr"' in html
         assert 'type="email"' in input_tag(html, "email")
         assert 'autocomplete="email"' in input_tag(html, "email")
         assert '<label class="fr-label" for="field-organisation">Votre administration' in html
@@ -730,6 +730,32 @@ class TestErrorPages:
         )
         assert response.status_code == 403
         assert f'<a class="fr-link" href="{form_page}">{link}</a>' in response.text
+
+    @pytest.mark.parametrize(
+        ("page_url", "title"),
+        [
+            (PAGE + "?lang=en", "<title>Error - JavaScript needed - "),
+            ("/v1/lists/bluehats/unsubscribe?lang=en", "<title>Error - JavaScript needed - "),
+            (PAGE, "<title>Erreur - JavaScript nécessaire - "),
+        ],
+    )
+    def test_a_page_refusing_the_hosted_form_s_post_is_in_the_form_s_language(
+        self, database_url: str, smtp: SmtpSink, page_url: str, title: str
+    ) -> None:
+        # A visitor whose browser asks for French reads the form in English (the switch);
+        # the post is refused before its fields are read (here, no proof of work: no
+        # JavaScript). The answer is in the language the visitor was reading.
+        with app_client(database_url, smtp, proof_of_work_bits=4) as client:
+            html = client.get(page_url, headers=HTML).text
+            action = re.search(r'<form method="post" action="([^"]+)"', html)
+            assert action
+            response = client.post(
+                action[1],
+                data={"email": "camille@example.org", "form_stamp": stamp()},
+                headers=HTML,
+            )
+        assert response.status_code == 400
+        assert title in response.text
 
     @pytest.mark.parametrize(
         ("posted_to", "query", "form_page"),

@@ -68,7 +68,7 @@ class TestThePage:
         html = page.text
         assert '<html lang="fr">' in html
         assert "<title>Se désinscrire de Gazette BlueHats - Gazette BlueHats</title>" in html
-        assert 'action="http://testserver/v1/lists/bluehats/unsubscriptions"' in html
+        assert 'action="http://testserver/v1/lists/bluehats/unsubscriptions?lang=fr"' in html
         email = input_tag(html, "email")
         assert 'type="email"' in email
         assert 'autocomplete="email"' in email

@@ -117,7 +117,9 @@ def _answer(
             ask_url = f"/v1/lists/{ask_slug}?lang={locale.value}"
         elif ask_slug is not None:
             form = pages.Form(
-                action=settings.public_link(f"/v1/lists/{ask_slug}/subscriptions"),
+                action=settings.public_link(
+                    f"/v1/lists/{ask_slug}/subscriptions?lang={locale.value}"
+                ),
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),

@@ -428,7 +428,11 @@ def _subscribe_page(
         mailing_list=mailing_list,
         list_settings=declared,
         t=chrome.t,
-        action=settings.public_link(f"/v1/lists/{mailing_list.slug}/subscriptions"),
+        # The page's language in the URL too: a page answering the post before its body is
+        # read (too many requests, another site's origin...) is then in the same language.
+        action=settings.public_link(
+            f"/v1/lists/{mailing_list.slug}/subscriptions?lang={locale.value}"
+        ),
         stamp=_page_stamp(settings, correction=bool(errors)),
         values=values,
         errors=errors,
@@ -592,7 +596,10 @@ def _unsubscribe_request_page(
     form = unsubscribe_form.form_view(
         mailing_list=mailing_list,
         t=chrome.t,
-        action=settings.public_link(f"/v1/lists/{mailing_list.slug}/unsubscriptions"),
+        # In the page's language, as the subscription page's (see `_subscribe_page`).
+        action=settings.public_link(
+            f"/v1/lists/{mailing_list.slug}/unsubscriptions?lang={locale.value}"
+        ),
         stamp=_page_stamp(settings, correction=error is not None),
         value=value,
         error=error,
