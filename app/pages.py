@@ -136,6 +136,7 @@ def render(
     is_error: bool = False,
     unsubscribe_url: str | None = None,
     ask_url: str | None = None,
+    form_url: str | None = None,
 ) -> HTMLResponse:
     """A page with a title, a paragraph and at most one form or a way on."""
     return _render(
@@ -150,6 +151,7 @@ def render(
         subscribe_url=subscribe_url,
         unsubscribe_url=unsubscribe_url,
         ask_url=ask_url,
+        form_url=form_url,
     )
 
 

@@ -309,7 +309,7 @@ class TestLinks:
         assert page.status_code == 404
         assert page.headers["content-type"].startswith("text/html")
         # Its text says "ask for a new one": with one list, the page lets the visitor do it.
-        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in page.text
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions?lang=fr"' in page.text
         assert 'name="email"' in page.text
 
     @pytest.mark.parametrize(
@@ -348,7 +348,7 @@ class TestLinks:
         assert response.json()["error"] == "token_expired"
         page = client.get(link)
         assert page.status_code == 410
-        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in page.text
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions?lang=fr"' in page.text
         assert subscription(settings.database_url, "late@example.org").status == "pending"
 
     def test_a_spent_or_expired_link_s_page_speaks_the_subscriber_s_language(

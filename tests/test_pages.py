@@ -114,7 +114,7 @@ class TestTheHostedPage:
         html = page.text
         assert '<html lang="fr">' in html
         assert "<title>S&#39;inscrire à Gazette BlueHats - Gazette BlueHats</title>" in html
-        assert 'action="http://testserver/v1/lists/bluehats/subscriptions"' in html
+        assert 'action="http://testserver/v1/lists/bluehats/subscriptions?lang=fr"' in html
         assert 'type="email"' in input_tag(html, "email")
         assert 'autocomplete="email"' in input_tag(html, "email")
         assert '<label class="fr-label" for="field-organisation">Votre administration' in html
@@ -267,6 +267,32 @@ class TestFillTime:
         )
         assert response.status_code == 303
         assert stored(database_url) == []
+
+    def test_a_visitor_who_corrects_a_typo_at_once_is_not_dropped_as_too_fast(
+        self, client: TestClient, database_url: str, smtp: SmtpSink
+    ) -> None:
+        # The site's form (no stamp) with a mistyped address: the page comes back, and the
+        # visitor fixes it within the fill time. That post must not be dropped as a robot's
+        # while the page says "check your inbox".
+        before = formguard.rejection_counts().get("too_fast", 0)
+        refused = post_form(
+            client, {"email": "camille@exemple", "organisation": "DINUM", "website": ""}, **HTML
+        )
+        assert refused.status_code == 422
+        response = post_form(
+            client,
+            {
+                "email": "camille@example.org",
+                "organisation": "DINUM",
+                "website": "",
+                "form_stamp": stamp_in(refused.text),
+            },
+            **HTML,
+        )
+        assert response.status_code == 303
+        assert [row.email for row in stored(database_url)] == ["camille@example.org"]
+        assert formguard.rejection_counts().get("too_fast", 0) == before
+        smtp.mail_to("camille@example.org", link="confirm")
 
     def test_json_callers_have_no_form_defences(
         self, client: TestClient, database_url: str
@@ -679,6 +705,85 @@ class TestErrorPages:
             assert 'name="email"' not in page.text
             assert '<a class="fr-link" href="/v1/lists/bluehats?lang=fr">' in page.text
             assert "Recevoir un nouveau lien" in page.text
+
+    @pytest.mark.parametrize(
+        ("posted_to", "language", "form_page", "link"),
+        [
+            (SUBSCRIBE, "fr", "/v1/lists/bluehats?lang=fr", "Aller au formulaire"),
+            (
+                "/v1/lists/bluehats/unsubscriptions",
+                "en",
+                "/v1/lists/bluehats/unsubscribe?lang=en",
+                "Go to the form",
+            ),
+        ],
+    )
+    def test_a_form_post_refused_before_it_is_read_leads_to_the_form_in_the_same_language(
+        self, client: TestClient, posted_to: str, language: str, form_page: str, link: str
+    ) -> None:
+        # The site's form on an origin not listed (www. forgotten): the page tells the
+        # visitor to use the newsletter's own form, and must say where it is.
+        response = client.post(
+            posted_to,
+            data={"email": "site@example.org", "organisation": "DINUM"},
+            headers={**HTML, "accept-language": language, "origin": "https://www.code.gouv.fr"},
+        )
+        assert response.status_code == 403
+        assert f'<a class="fr-link" href="{form_page}">{link}</a>' in response.text
+
+    @pytest.mark.parametrize(
+        ("page_url", "title"),
+        [
+            (PAGE + "?lang=en", "<title>Error - JavaScript needed - "),
+            ("/v1/lists/bluehats/unsubscribe?lang=en", "<title>Error - JavaScript needed - "),
+            (PAGE, "<title>Erreur - JavaScript nécessaire - "),
+        ],
+    )
+    def test_a_page_refusing_the_hosted_form_s_post_is_in_the_form_s_language(
+        self, database_url: str, smtp: SmtpSink, page_url: str, title: str
+    ) -> None:
+        # A visitor whose browser asks for French reads the form in English (the switch);
+        # the post is refused before its fields are read (here, no proof of work: no
+        # JavaScript). The answer is in the language the visitor was reading.
+        with app_client(database_url, smtp, proof_of_work_bits=4) as client:
+            html = client.get(page_url, headers=HTML).text
+            action = re.search(r'<form method="post" action="([^"]+)"', html)
+            assert action
+            response = client.post(
+                action[1],
+                data={"email": "camille@example.org", "form_stamp": stamp()},
+                headers=HTML,
+            )
+        assert response.status_code == 400
+        assert title in response.text
+
+    @pytest.mark.parametrize(
+        ("posted_to", "query", "form_page"),
+        [
+            (SUBSCRIBE, "", "/v1/lists/bluehats"),
+            (SUBSCRIBE, "?lang=en", "/v1/lists/bluehats?lang=en"),
+            ("/v1/lists/bluehats/unsubscriptions", "", "/v1/lists/bluehats/unsubscribe"),
+        ],
+    )
+    def test_a_browser_opening_the_url_a_form_posted_to_is_sent_to_the_form(
+        self, client: TestClient, posted_to: str, query: str, form_page: str
+    ) -> None:
+        # After a form came back with errors, the address bar shows where it posted; Enter
+        # there, a restored tab or a bookmark GETs it. Not a dead end saying "try again".
+        response = client.get(posted_to + query, headers=HTML, follow_redirects=False)
+        assert response.status_code == 303
+        assert response.headers["location"] == f"http://testserver{form_page}"
+        page = client.get(response.headers["location"], headers=HTML)
+        assert page.status_code == 200
+        assert 'name="email"' in page.text
+
+    def test_an_api_client_still_gets_405_at_the_url_a_form_posts_to(
+        self, client: TestClient
+    ) -> None:
+        response = client.get(SUBSCRIBE, headers={"accept": "application/json"})
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+        assert response.json()["error"] == "method_not_allowed"
 
 
 class TestStylesheet:

@@ -68,7 +68,7 @@ class TestThePage:
         html = page.text
         assert '<html lang="fr">' in html
         assert "<title>Se désinscrire de Gazette BlueHats - Gazette BlueHats</title>" in html
-        assert 'action="http://testserver/v1/lists/bluehats/unsubscriptions"' in html
+        assert 'action="http://testserver/v1/lists/bluehats/unsubscriptions?lang=fr"' in html
         email = input_tag(html, "email")
         assert 'type="email"' in email
         assert 'autocomplete="email"' in email
@@ -282,6 +282,16 @@ class TestRobots:
         response = post_form(client, {"email": MEMBER, "form_stamp": fresh})
         assert response.status_code == 303
         assert count_rows(database_url, "consent_event") == events
+
+    def test_an_address_corrected_at_once_is_not_dropped_as_too_fast(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        confirm_member(client, smtp)
+        refused = post_form(client, {"email": "camille@exemple", "form_stamp": stamp()}, **HTML)
+        assert refused.status_code == 422
+        response = post_form(client, {"email": MEMBER, "form_stamp": stamp_in(refused.text)})
+        assert response.status_code == 303
+        smtp.mail_to(MEMBER, link="unsubscribe")
 
     def test_a_post_without_stamp_is_dropped_when_the_list_requires_one(
         self, database_url: str, smtp: SmtpSink

@@ -7,12 +7,13 @@ import math
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,9 @@ PAGE_PREFIXES = ("/v1/confirm/", "/v1/unsubscribe/")
 PAGE_PATHS = re.compile(
     r"^/v1/lists/[^/]+(/(thanks|confirmed|unsubscribed|unsubscribe|unsubscribe/sent))?/?$"
 )
+# Where the forms post. A browser lands on one by GET when its address bar shows it after
+# a form came back with errors (reloaded by Enter, a restored tab, a bookmark).
+FORM_POSTS = re.compile(r"^/v1/lists/([^/]+)/(subscriptions|unsubscriptions)/?$")
 UNSUBSCRIBE_LINKS = "/v1/unsubscribe/"
 CONFIRM_LINKS = "/v1/confirm/"
 HTTP_CODES = {
@@ -113,7 +117,9 @@ def _answer(
             ask_url = f"/v1/lists/{ask_slug}?lang={locale.value}"
         elif ask_slug is not None:
             form = pages.Form(
-                action=settings.public_link(f"/v1/lists/{ask_slug}/subscriptions"),
+                action=settings.public_link(
+                    f"/v1/lists/{ask_slug}/subscriptions?lang={locale.value}"
+                ),
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),
@@ -134,8 +140,39 @@ def _answer(
             is_error=True,
             unsubscribe_url=unsubscribe_url,
             ask_url=ask_url,
+            form_url=_form_page_after_post(request, code=code, locale=locale),
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _form_page_after_post(request: Request, *, code: str, locale: Locale) -> str | None:
+    """The page of the form whose post was refused (another site's origin, too many
+    requests, a proof of work...), in the error page's language: the way to try again."""
+    match = FORM_POSTS.match(request.url.path)
+    if match is None or request.method != "POST" or code == "list_not_found":
+        return None
+    path = f"/v1/lists/{quote(match[1], safe='')}"
+    if match[2] == "unsubscriptions":
+        path += "/unsubscribe"
+    return f"{path}?lang={locale.value}"
+
+
+def _form_page_of_post_url(request: Request) -> str | None:
+    """The form's own page for a browser that GETs the URL its post went to: the page that
+    posts there, in the language asked for, instead of a dead end that says "try again"."""
+    match = FORM_POSTS.match(request.url.path)
+    if match is None or request.method not in ("GET", "HEAD"):
+        return None
+    if not wants_html(request, default=False):
+        return None
+    settings: Settings = request.app.state.settings
+    path = f"/v1/lists/{quote(match[1], safe='')}"
+    if match[2] == "unsubscriptions":
+        path += "/unsubscribe"
+    lang = parse_locale(request.query_params.get("lang"))
+    if lang is not None:
+        path += f"?lang={lang.value}"
+    return settings.public_link(path)
 
 
 def _has_required_fields(settings: Settings, slug: str) -> bool:
@@ -280,6 +317,9 @@ def install(app: FastAPI) -> None:
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         if exc.status_code == 405:
+            page = _form_page_of_post_url(request)
+            if page is not None:
+                return RedirectResponse(page, status_code=303)
             response.headers["Allow"] = _allowed_methods(request)
         return response
 

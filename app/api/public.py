@@ -394,6 +394,18 @@ def _thanks_redirect(settings: Settings, mailing_list: MailingList, locale: Loca
     return RedirectResponse(target, status_code=303)
 
 
+def _page_stamp(settings: Settings, *, correction: bool) -> str:
+    """The fill-time stamp of a served form. A form sent back for correction comes after
+    a post that passed the robot screen: the visitor has filled it once already, and one
+    who fixes a typo at once must not be dropped as too fast (told to check a mailbox that
+    gets nothing). Its stamp is dated a fill time back, so the correction posts at once;
+    a robot gains nothing by it, as it needed a valid stamp (or none) to get here."""
+    now = utcnow()
+    if correction:
+        now -= settings.form_min_fill_time
+    return formguard.issue(key=settings.token_key(), now=now)
+
+
 def _subscribe_page(
     request: Request,
     settings: Settings,
@@ -416,9 +428,12 @@ def _subscribe_page(
         mailing_list=mailing_list,
         list_settings=declared,
         t=chrome.t,
-        action=settings.public_link(f"/v1/lists/{mailing_list.slug}/subscriptions"),
-        # A fresh stamp: the visitor's correction is a new fill of the form.
-        stamp=formguard.issue(key=settings.token_key(), now=utcnow()),
+        # The page's language in the URL too: a page answering the post before its body is
+        # read (too many requests, another site's origin...) is then in the same language.
+        action=settings.public_link(
+            f"/v1/lists/{mailing_list.slug}/subscriptions?lang={locale.value}"
+        ),
+        stamp=_page_stamp(settings, correction=bool(errors)),
         values=values,
         errors=errors,
     )
@@ -581,9 +596,11 @@ def _unsubscribe_request_page(
     form = unsubscribe_form.form_view(
         mailing_list=mailing_list,
         t=chrome.t,
-        action=settings.public_link(f"/v1/lists/{mailing_list.slug}/unsubscriptions"),
-        # A fresh stamp: the visitor's correction is a new fill of the form.
-        stamp=formguard.issue(key=settings.token_key(), now=utcnow()),
+        # In the page's language, as the subscription page's (see `_subscribe_page`).
+        action=settings.public_link(
+            f"/v1/lists/{mailing_list.slug}/unsubscriptions?lang={locale.value}"
+        ),
+        stamp=_page_stamp(settings, correction=error is not None),
         value=value,
         error=error,
     )
