@@ -113,18 +113,20 @@ class _RecordingSmtpHandler(socketserver.StreamRequestHandler):
     """An SMTP server that accepts everything and keeps each command line as it came."""
 
     server: _RecordingSmtpServer
+    greeting = b"220 recorder ESMTP\r\n"
 
     def handle(self) -> None:
-        self.wfile.write(b"220 recorder ESMTP\r\n")
+        self.wfile.write(self.greeting)
         in_data = False
-        for raw in self.rfile:
+        while raw := self._next_line():
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if in_data:
                 if line == ".":
                     in_data = False
+                    self._accepted()
                     self.wfile.write(b"250 queued\r\n")
                 continue
-            self.server.lines.append(line)
+            self._command(line)
             verb = line[:4].upper()
             if verb == "DATA":
                 in_data = True
@@ -135,41 +137,37 @@ class _RecordingSmtpHandler(socketserver.StreamRequestHandler):
             else:
                 self.wfile.write(b"250 ok\r\n")
 
+    def _next_line(self) -> bytes:
+        """The client's next line; empty when it is gone."""
+        return self.rfile.readline()
 
-class _HangingUpSmtpHandler(socketserver.StreamRequestHandler):
+    def _command(self, line: str) -> None:
+        self.server.lines.append(line)
+
+    def _accepted(self) -> None:
+        """A message received in full."""
+
+
+class _HangingUpSmtpHandler(_RecordingSmtpHandler):
     """An SMTP server that hangs up on a client idle for 0.2 s as Postfix and Exim do:
-    `421 4.4.2 ... timeout exceeded` first, then the connection closed."""
+    `421 4.4.2 ... timeout exceeded` first, then the connection closed. It keeps which
+    connection (the client's port) carried each message accepted."""
 
-    server: _RecordingSmtpServer
+    greeting = b"220 hanging-up ESMTP\r\n"
+    timeout = 0.2  # socketserver sets it on the connection
 
-    def handle(self) -> None:
-        self.connection.settimeout(0.2)
-        self.wfile.write(b"220 hanging-up ESMTP\r\n")
-        in_data = False
-        while True:
-            try:
-                raw = self.rfile.readline()
-            except TimeoutError:
-                self.wfile.write(b"421 4.4.2 hanging-up Error: timeout exceeded\r\n")
-                return
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if in_data:
-                if line == ".":
-                    in_data = False
-                    self.server.lines.append(f"accepted on {self.client_address[1]}")
-                    self.wfile.write(b"250 queued\r\n")
-                continue
-            verb = line[:4].upper()
-            if verb == "DATA":
-                in_data = True
-                self.wfile.write(b"354 go on\r\n")
-            elif verb == "QUIT":
-                self.wfile.write(b"221 bye\r\n")
-                return
-            else:
-                self.wfile.write(b"250 ok\r\n")
+    def _next_line(self) -> bytes:
+        try:
+            return self.rfile.readline()
+        except TimeoutError:
+            self.wfile.write(b"421 4.4.2 hanging-up Error: timeout exceeded\r\n")
+            return b""
+
+    def _command(self, line: str) -> None:
+        pass
+
+    def _accepted(self) -> None:
+        self.server.lines.append(f"accepted on {self.client_address[1]}")
 
 
 def _serve(certificate: tuple[Path, Path], **options: Any) -> tuple[SmtpSink, Controller]:
