@@ -50,9 +50,10 @@ def test_make_run_on_another_port_serves_pages_whose_forms_and_links_use_it(
         try:
             page = wait_until(lambda: _page(port, make), timeout=60)
             assert make.poll() is None, (tmp_path / "log").read_text()
-            # The hosted form posts back to this server, not to the default port's.
+            # The hosted form posts back to this server, not to the default port's (in the
+            # page's language, the list's own here).
             [action] = re.findall(r'<form method="post" action="([^"]+)"', page.text)
-            assert action == f"http://127.0.0.1:{port}/v1/lists/bluehats/subscriptions"
+            assert action == f"http://127.0.0.1:{port}/v1/lists/bluehats/subscriptions?lang=fr"
             assert "public_url_elsewhere" not in (tmp_path / "log").read_text()
         finally:
             os.killpg(make.pid, signal.SIGTERM)
