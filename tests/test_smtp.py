@@ -170,6 +170,21 @@ class _HangingUpSmtpHandler(_RecordingSmtpHandler):
         self.server.lines.append(f"accepted on {self.client_address[1]}")
 
 
+@contextlib.contextmanager
+def _recording(
+    handler: type[socketserver.BaseRequestHandler] = _RecordingSmtpHandler,
+) -> Iterator[_RecordingSmtpServer]:
+    """A recording SMTP server on loopback for the block's time (its `lines` kept after)."""
+    server = _RecordingSmtpServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _serve(certificate: tuple[Path, Path], **options: Any) -> tuple[SmtpSink, Controller]:
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -207,10 +222,7 @@ def implicit_tls_server(certificate: tuple[Path, Path]) -> Iterator[SmtpSink]:
 
 def _recorded(mail: OutgoingMail, *, public_host: str | None = None, **settings: Any) -> list[str]:
     """The command lines an SMTP server without extensions got for `mail`."""
-    server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _recording() as server:
         mailer = make_mailer(
             SmtpMailerSettings(
                 host="127.0.0.1",
@@ -222,9 +234,6 @@ def _recorded(mail: OutgoingMail, *, public_host: str | None = None, **settings:
             public_host=public_host,
         )
         assert "accepted" in mailer.send(mail)
-    finally:
-        server.shutdown()
-        server.server_close()
     return server.lines
 
 
@@ -502,10 +511,7 @@ class TestSmtpMailer:
         # The recording server announces no SMTPUTF8: the mail can never go through that
         # relay, so it is not retried for hours; nothing of it reaches the server.
         address = addresses.parse("chloé@exämple.fr", new=True).email
-        server = _RecordingSmtpServer(("127.0.0.1", 0), _RecordingSmtpHandler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with _recording() as server:
             mailer = SmtpMailer(
                 SmtpMailerSettings(
                     host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
@@ -513,9 +519,6 @@ class TestSmtpMailer:
             )
             with pytest.raises(PermanentMailError, match="SMTPUTF8"):
                 mailer.send(_mail(to=address))
-        finally:
-            server.shutdown()
-            server.server_close()
         assert not [line for line in server.lines if line[:4].upper() in ("MAIL", "RCPT", "DATA")]
 
 
@@ -597,10 +600,7 @@ class TestConnectionReuse:
     def test_a_connection_the_server_hung_up_with_421_is_replaced(self) -> None:
         # smtplib returns the 421 that a relay sends before hanging up on an idle client;
         # the next mail of the batch then failed on the closed connection.
-        server = _RecordingSmtpServer(("127.0.0.1", 0), _HangingUpSmtpHandler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with _recording(_HangingUpSmtpHandler) as server:
             mailer = SmtpMailer(
                 SmtpMailerSettings(
                     host="127.0.0.1", port=server.server_address[1], security="none", timeout=5
@@ -610,9 +610,6 @@ class TestConnectionReuse:
                 assert "accepted" in mailer.send(_mail())
                 time.sleep(0.6)
                 assert "accepted" in mailer.send(_mail())
-        finally:
-            server.shutdown()
-            server.server_close()
         first, second = server.lines
         assert first != second  # each on its own connection
 

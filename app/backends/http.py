@@ -141,16 +141,17 @@ class _DeadlineStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        return _DeadlineStream(
-            _bounded(
-                lambda t: self._stream.start_tls(ssl_context, server_hostname, t),
-                timeout,
-                httpcore.ConnectTimeout,
-            )
-        )
+        return _opened(lambda t: self._stream.start_tls(ssl_context, server_hostname, t), timeout)
 
     def get_extra_info(self, info: str) -> Any:
         return self._stream.get_extra_info(info)
+
+
+def _opened(
+    open_stream: Callable[[float | None], httpcore.NetworkStream], timeout: float | None
+) -> _DeadlineStream:
+    """A connection (or its TLS layer) opened within the call's deadline, and held to it."""
+    return _DeadlineStream(_bounded(open_stream, timeout, httpcore.ConnectTimeout))
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):
@@ -165,12 +166,9 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
-        return _DeadlineStream(
-            _bounded(
-                lambda t: self._backend.connect_tcp(host, port, t, local_address, socket_options),
-                timeout,
-                httpcore.ConnectTimeout,
-            )
+        return _opened(
+            lambda t: self._backend.connect_tcp(host, port, t, local_address, socket_options),
+            timeout,
         )
 
     def connect_unix_socket(
@@ -179,12 +177,8 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         timeout: float | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
-        return _DeadlineStream(
-            _bounded(
-                lambda t: self._backend.connect_unix_socket(path, t, socket_options),
-                timeout,
-                httpcore.ConnectTimeout,
-            )
+        return _opened(
+            lambda t: self._backend.connect_unix_socket(path, t, socket_options), timeout
         )
 
     def sleep(self, seconds: float) -> None:
