@@ -787,9 +787,12 @@ class RawConnection:
             await self.close()
             return type(e).__name__
 
-    async def _exchange(self, method: str, path: str, body: bytes | None, headers: str) -> str:
+    async def open(self) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def _exchange(self, method: str, path: str, body: bytes | None, headers: str) -> str:
+        await self.open()
         assert self.reader is not None
         head = f"{method} {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
         head += "user-agent: newsletter-bench\r\naccept: application/json\r\n" + headers
@@ -893,6 +896,21 @@ async def _drive(
     return latencies, statuses, time.perf_counter() - start, exhausted
 
 
+# The pause between two connections' openings. Opened all at once, a server of several
+# processes sharing one listening socket often saw every connection taken by the process
+# that woke first (asyncio accepts all that wait): healthz measured on one process of two.
+CONNECT_GAP_S = 0.005
+
+
+async def _open_apart(connections: list[RawConnection]) -> None:
+    """Open the connections one after another, so that each wakes every server process
+    and any of them may take it."""
+    for connection in connections:
+        with contextlib.suppress(OSError):
+            await connection.open()
+        await asyncio.sleep(CONNECT_GAP_S)
+
+
 def _runner() -> asyncio.Runner:
     try:
         import uvloop
@@ -919,6 +937,7 @@ def load(
     ]:
         connections = [RawConnection(LOOPBACK, port) for _ in range(concurrency)]
         try:
+            await _open_apart(connections)
             if warmup > 0:
                 await _drive(connections, make, duration=warmup)
             server_before = tree_cpus(server_pid) if server_pid else {}
