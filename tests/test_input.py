@@ -332,6 +332,39 @@ class TestSubscribeValidation:
         assert "'fr'" in detail
         assert "'en'" in detail
 
+    def test_a_language_tag_with_a_region_is_read_as_its_language(
+        self, client: TestClient, smtp: SmtpSink, subtests: pytest.Subtests
+    ) -> None:
+        # Sites write their page's tag (`<html lang="fr-FR">`) into the form's locale; the
+        # list is French, so an English mail shows the tag was read, not ignored.
+        for tag in ("en-GB", "en_US", "EN"):
+            email = f"{tag.lower().replace('_', '-')}@example.org"
+            with subtests.test(f"json {tag}"):
+                response = client.post(SUBSCRIBE, json={"email": email, "locale": tag})
+                assert response.status_code == 202, response.text
+                mail = smtp.mail_to(email, link="confirm")
+                assert mail["Subject"] == "Confirm your subscription to Gazette BlueHats"
+            with subtests.test(f"form {tag}"):
+                form_email = f"form-{email}"
+                response = client.post(
+                    SUBSCRIBE,
+                    content=urlencode({"email": form_email, "locale": tag}),
+                    headers={**FORM_TYPE, "accept": "text/html"},
+                    follow_redirects=False,
+                )
+                assert response.status_code == 303, response.text
+                assert response.headers["location"].endswith("/thanks?lang=en")
+                mail = smtp.mail_to(form_email, link="confirm")
+                assert mail["Subject"] == "Confirm your subscription to Gazette BlueHats"
+
+    def test_a_tag_of_a_language_not_spoken_is_still_422(
+        self, client: TestClient, empty_database: str
+    ) -> None:
+        for tag in ("de-DE", "fr-", "french", " fr"):
+            response = client.post(SUBSCRIBE, json={"email": "new@example.org", "locale": tag})
+            assert error_of(response, 422, "validation_error").startswith("locale:"), tag
+        assert stored_rows(empty_database) == dict.fromkeys(STORED, 0)
+
     def test_too_many_attributes_is_422(self, client: TestClient, empty_database: str) -> None:
         attributes = {f"a{i}": "x" for i in range(21)}
         response = client.post(
