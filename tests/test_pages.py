@@ -732,6 +732,28 @@ class TestErrorPages:
         assert f'<a class="fr-link" href="{form_page}">{link}</a>' in response.text
 
     @pytest.mark.parametrize(
+        ("language", "title", "text"),
+        [
+            ("fr", "<title>Erreur - Formulaire non accepté - ", "Signalez-le au site"),
+            ("en", "<title>Error - Form not accepted - ", "Tell the site where you filled"),
+        ],
+    )
+    def test_a_form_post_with_a_value_the_visitor_cannot_fix_gets_a_page_in_its_language(
+        self, client: TestClient, database_url: str, language: str, title: str, text: str
+    ) -> None:
+        # The site's form sends a language the service does not speak in a hidden field:
+        # nothing on the page to correct. The visitor reads what happened in the page's
+        # language; the site's developer, the field and why.
+        fields = {"email": "site@example.org", "organisation": "DINUM", "locale": "de"}
+        response = post_form(client, fields, **{**HTML, "accept-language": language})
+        assert response.status_code == 422
+        assert f'<html lang="{language}">' in response.text
+        assert title in response.text
+        assert text in response.text
+        assert "locale: Input should be &#39;fr&#39; or &#39;en&#39;" in response.text
+        assert stored(database_url) == []
+
+    @pytest.mark.parametrize(
         ("page_url", "title"),
         [
             (PAGE + "?lang=en", "<title>Error - JavaScript needed - "),
