@@ -202,6 +202,9 @@ class PublicCors:
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "Accept", "Accept-Language"],
+            # A page's script reads a 429's Retry-After (README, rate limits) and the
+            # request id to quote when reporting a problem; others stay hidden from it.
+            expose_headers=["Retry-After", "X-Request-ID"],
             allow_credentials=False,
             max_age=3600,
         )

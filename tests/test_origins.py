@@ -235,6 +235,24 @@ class TestCors:
         assert other.status_code == 200
         assert "access-control-allow-origin" not in other.headers
 
+    def test_an_allowed_site_s_script_may_read_when_to_try_again(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        # A page's fetch() sees only the CORS-safelisted headers unless the answer exposes
+        # others: a 429's Retry-After (and the request id to quote when asking for help).
+        settings = make_settings(
+            database_url, smtp_port=smtp.port, allowed_origins=SITE, rate_limit_per_ip="1/minute"
+        )
+        with TestClient(create_app(settings)) as client:
+            for status in (202, 429):
+                response = client.post(
+                    SUBSCRIBE, json={"email": "busy@example.org"}, headers={"origin": SITE}
+                )
+                assert response.status_code == status, response.text
+                exposed = response.headers["access-control-expose-headers"].lower().split(", ")
+                assert {"retry-after", "x-request-id"} <= set(exposed)
+            assert response.headers["retry-after"]
+
     def test_the_answer_varies_by_origin_with_or_without_one(self, site_client: TestClient) -> None:
         # A cache must not serve a server's answer (no Origin, so no allow header) to a
         # page that sent one, nor the other way round.
