@@ -122,7 +122,7 @@ class InvalidBody(DomainError):
 class UnsupportedMediaType(DomainError):
     status_code = 415
     code = "unsupported_media_type"
-    message = "Send application/json or application/x-www-form-urlencoded."
+    message = "Send application/json, application/x-www-form-urlencoded or multipart/form-data."
 
 
 class NotCsv(UnsupportedMediaType):

@@ -754,6 +754,27 @@ class TestErrorPages:
         assert stored(database_url) == []
 
     @pytest.mark.parametrize(
+        ("posted_to", "language", "title", "text"),
+        [
+            (SUBSCRIBE, "fr", "Formulaire illisible", "Signalez-le au site"),
+            ("/v1/lists/bluehats/unsubscriptions", "en", "Form could not be read", "Tell the site"),
+        ],
+    )
+    def test_a_site_form_in_a_format_not_read_gets_a_page_that_says_trying_again_is_vain(
+        self, client: TestClient, posted_to: str, language: str, title: str, text: str
+    ) -> None:
+        # `<form enctype="text/plain">` on the site: "try again in a moment" would send
+        # the visitor round in circles; the site has to change its form.
+        response = client.post(
+            posted_to,
+            content=b"email=site@example.org\r\n",
+            headers={**HTML, "accept-language": language, "content-type": "text/plain"},
+        )
+        assert response.status_code == 415
+        assert f"<title>{'Erreur' if language == 'fr' else 'Error'} - {title} - " in response.text
+        assert text in response.text
+
+    @pytest.mark.parametrize(
         ("page_url", "title"),
         [
             (PAGE + "?lang=en", "<title>Error - JavaScript needed - "),
