@@ -526,6 +526,12 @@ class TestAddressValidation:
             ("camille@example.org.", "camille@example.org"),
             ("mailto:camille@example.org", "camille@example.org"),
             ("camille @example.org", "camille@example.org"),
+            # Typed with an input method in full-width mode, wholly or in part.
+            ("\uff43\uff41\uff4d\uff49\uff4c\uff4c\uff45@example.org", "camille@example.org"),
+            (
+                "\uff43\uff41\uff4d\uff49\uff4c\uff4c\uff45\uff20\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45\uff0e\uff4f\uff52\uff47",
+                "camille@example.org",
+            ),
         ],
     )
     def test_an_address_pasted_with_something_around_it_is_named_on_the_page_and_not_stored(
