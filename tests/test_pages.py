@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -730,6 +731,22 @@ class TestErrorPages:
         )
         assert response.status_code == 403
         assert f'<a class="fr-link" href="{form_page}">{link}</a>' in response.text
+
+    def test_the_readme_s_site_form_gets_its_error_pages_in_the_site_page_s_language(
+        self, client: TestClient
+    ) -> None:
+        # The README's form is on a French page (its action's `?lang=fr`); a visitor whose
+        # browser prefers English, on a site not allowed, reads the refusal in French.
+        readme = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+        [action] = re.findall(r'```html\n<form method="post" action="([^"]+)"', readme)
+        response = client.post(
+            action.removeprefix("https://newsletter.code.gouv.fr"),
+            data={"email": "site@example.org", "organisation": "DINUM", "locale": "fr"},
+            headers={**HTML, "accept-language": "en-GB,en", "origin": "https://other.example"},
+        )
+        assert response.status_code == 403
+        assert '<html lang="fr">' in response.text
+        assert "<title>Erreur - Formulaire envoyé depuis un autre site - " in response.text
 
     @pytest.mark.parametrize(
         ("language", "title", "text"),
