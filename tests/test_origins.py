@@ -224,6 +224,26 @@ class TestCors:
         response = self.preflight(site_client, SUBSCRIBE, STRANGER)
         assert response.status_code == 400
         assert "access-control-allow-origin" not in response.headers
+        # In the one error shape, saying what was refused (the site's developer reads it
+        # in the browser's network panel).
+        assert response.json()["error"] == "cors_refused"
+        assert "(refused: origin)" in response.json()["detail"]
+
+    def test_a_preflight_asking_for_a_header_not_allowed_says_which_are(
+        self, site_client: TestClient
+    ) -> None:
+        response = site_client.options(
+            SUBSCRIBE,
+            headers={
+                "origin": SITE,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type, x-api-key",
+            },
+        )
+        assert response.status_code == 400
+        assert set(response.json()) == {"error", "detail"}
+        assert "(refused: headers)" in response.json()["detail"]
+        assert "Content-Type, Accept and Accept-Language" in response.json()["detail"]
 
     def test_an_allowed_site_may_read_the_answer(self, site_client: TestClient) -> None:
         response = site_client.post(
