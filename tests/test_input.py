@@ -234,6 +234,28 @@ class TestContentTypes:
                 assert response.status_code == 400, response.text
                 endpoint.assert_nothing_stored()
 
+    def test_a_multipart_form_that_is_not_utf8_is_400_as_an_url_encoded_one_is(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        # A page served in windows-1252 without accept-charset="UTF-8" posts its fields in
+        # that encoding: read as Latin-1, its apostrophe (0x92) became a control character.
+        body = (
+            b"--b\r\n"
+            b'Content-Disposition: form-data; name="email"\r\n\r\n'
+            + endpoint.email.encode()
+            + b"\r\n--b\r\n"
+            b'Content-Disposition: form-data; name="organisation"\r\n\r\n'
+            b"Pr\xe9fecture de l\x92H\xe9rault\r\n--b--\r\n"
+        )
+        response = client.post(
+            endpoint.path,
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=b"},
+            follow_redirects=False,
+        )
+        assert "UTF-8" in error_of(response, 400, "invalid_body")
+        endpoint.assert_nothing_stored()
+
     def test_json_with_a_charset_parameter_is_read(
         self, client: TestClient, settings: Settings
     ) -> None:
