@@ -230,6 +230,11 @@ class WebhookSignatureInvalid(WebhookRejected):
     message = "The webhook signature does not verify."
 
 
+class WebhookMalformed(WebhookRejected):
+    code = "webhook_malformed"
+    message = "The body is not a Mailgun event: its event-data must be a JSON object."
+
+
 class WebhookStale(WebhookRejected):
     code = "webhook_stale"
     message = "The webhook timestamp is too old or too far in the future."

@@ -24,6 +24,7 @@ EVENT_ACCEPTED = Accepted(detail="Event received.")
     response_model=Accepted,
     responses=errors.responses(
         errors.WebhookSignatureInvalid,
+        errors.WebhookMalformed,
         errors.WebhookStale,
         errors.WebhookReplayed,
         errors.InvalidBody,
