@@ -109,11 +109,28 @@ def _general(raw: str, new: bool) -> Address:
     except EmailNotValidError as e:
         raise InvalidAddress(str(e)) from e
     _refuse_a_long_local_part(validated.local_part)
+    if new:
+        _refuse_compatibility_characters(validated.local_part)
     if new and _mixes_confusable_scripts(validated.normalized):
         raise InvalidAddress(
             "The address mixes Latin letters with Cyrillic or Greek ones that look alike."
         )
     return Address(email=validated.normalized, key=validated.normalized.casefold())
+
+
+def _refuse_compatibility_characters(local: str) -> None:
+    """Refuse, before the @-sign, a character that stands for another (NFKC): a full-width
+    j (U+FF4A) for j, as an input method in full-width mode types it, the ligature fi
+    (U+FB01), a superscript 2. Most mail systems hold no such mailbox, so the confirmation
+    would never arrive, and it looks like the ordinary address. (After the @-sign, IDNA
+    maps them to the ordinary letters already.)"""
+    for char in local:
+        if unicodedata.normalize("NFKC", char) != char:
+            name = unicodedata.name(char, f"U+{ord(char):04X}")
+            raise InvalidAddress(
+                f"The part before the @-sign contains {name}: type the address with "
+                "ordinary characters."
+            )
 
 
 def _refuse_a_long_local_part(local: str) -> None:
@@ -255,7 +272,8 @@ def suggestion(raw: str) -> str | None:
     """
     if len(raw) > _SUGGEST_AT_MOST:
         return None
-    match = _WRAPPED.match(raw.strip().rstrip(",;"))
+    # Typed in full-width characters, @-sign and dots included: the ordinary ones meant.
+    match = _WRAPPED.match(unicodedata.normalize("NFKC", raw).strip().rstrip(",;"))
     if match is None:
         return None
     candidate = match["bracketed"] if match["bracketed"] is not None else match["bare"]

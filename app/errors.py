@@ -122,7 +122,7 @@ class InvalidBody(DomainError):
 class UnsupportedMediaType(DomainError):
     status_code = 415
     code = "unsupported_media_type"
-    message = "Send application/json or application/x-www-form-urlencoded."
+    message = "Send application/json, application/x-www-form-urlencoded or multipart/form-data."
 
 
 class NotCsv(UnsupportedMediaType):
@@ -228,6 +228,11 @@ class WebhookRejected(DomainError):
 class WebhookSignatureInvalid(WebhookRejected):
     code = "webhook_signature_invalid"
     message = "The webhook signature does not verify."
+
+
+class WebhookMalformed(WebhookRejected):
+    code = "webhook_malformed"
+    message = "The body is not a Mailgun event: its event-data must be a JSON object."
 
 
 class WebhookStale(WebhookRejected):

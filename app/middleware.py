@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -202,6 +202,9 @@ class PublicCors:
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "Accept", "Accept-Language"],
+            # A page's script reads a 429's Retry-After (README, rate limits) and the
+            # request id to quote when reporting a problem; others stay hidden from it.
+            expose_headers=["Retry-After", "X-Request-ID"],
             allow_credentials=False,
             max_age=3600,
         )
@@ -211,6 +214,10 @@ class PublicCors:
             await self.app(scope, receive, send)
             return
         if any(name == b"origin" for name, _ in scope["headers"]):
+            headers = Headers(scope=scope)
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await self._preflight(headers)(scope, receive, send)
+                return
             await self.cors(scope, receive, send)
             return
 
@@ -222,6 +229,31 @@ class PublicCors:
             await send(message)
 
         await self.app(scope, receive, send_varying)
+
+    def _preflight(self, headers: Headers) -> Response:
+        """CORSMiddleware's answer to a preflight; a refusal in the one error shape, saying
+        what a site's script may send, rather than its bare `Disallowed CORS origin`."""
+        response = self.cors.preflight_response(request_headers=headers)
+        if response.status_code == 200:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        kept = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        return JSONResponse(
+            {
+                "error": "cors_refused",
+                "detail": (
+                    f"A page's script may not send this request (refused: {refused}). Allowed: "
+                    "the origins in NEWSLETTER_ALLOWED_ORIGINS, GET and POST, the headers "
+                    "Content-Type, Accept and Accept-Language."
+                ),
+            },
+            status_code=response.status_code,
+            headers=kept,
+        )
 
 
 def vary_on_origin(message: Message) -> None:

@@ -137,6 +137,25 @@ def clean_attributes(value: dict[str, Any]) -> dict[str, str]:
     return value
 
 
+# A language tag with a region (`fr-FR`, `fr_CA`, `en-GB`, as sites and browsers write
+# them): its primary subtag. Case aside, nothing else is changed, so `de-DE` or `fr\r\n`
+# are still refused (422) with the languages the service speaks.
+_REGION_TAG = re.compile(r"([A-Za-z]{2})(?:[-_][A-Za-z0-9]{1,8})*")
+_LANGUAGES = frozenset(locale.value for locale in Locale)
+
+
+def _language_of(value: object) -> object:
+    if isinstance(value, str):
+        match = _REGION_TAG.fullmatch(value)
+        if match is not None and match[1].lower() in _LANGUAGES:
+            return match[1].lower()
+    return value
+
+
+# The mails' language in a subscription request: `fr` or `en`, or a tag of either.
+RequestLocale = Annotated[Locale | None, BeforeValidator(_language_of)]
+
+
 # A solved challenge from GET /v1/challenge, when the service asks for proof of work.
 PowChallenge = Annotated[str | None, Field(default=None, max_length=200)]
 PowNonce = Annotated[str | None, Field(default=None, max_length=64)]
@@ -150,7 +169,7 @@ class SubscriptionRequest(BaseModel):
     email: EmailField
     pow_challenge: PowChallenge = None
     pow_nonce: PowNonce = None
-    locale: Locale | None = None
+    locale: RequestLocale = None
     attributes: Attributes
 
     @field_validator("email")

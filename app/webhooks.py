@@ -102,6 +102,9 @@ def verify_mailgun(
     try:
         call = MailgunWebhook.model_validate(payload)
     except ValidationError as e:
+        if all(error["loc"][:1] == ("event-data",) for error in e.errors()):
+            # Signed or not, a body to be told apart from one without a signature.
+            raise errors.WebhookMalformed() from e
         raise errors.WebhookSignatureInvalid("The body carries no Mailgun signature.") from e
     signature = call.signature
     event_data = call.event_data

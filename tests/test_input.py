@@ -24,6 +24,7 @@ UNSUBSCRIBE = "/v1/lists/bluehats/unsubscriptions"
 STORED = ("subscription", "consent_event", "outbox_job")
 JSON_TYPE = {"content-type": "application/json"}
 FORM_TYPE = {"content-type": "application/x-www-form-urlencoded"}
+MULTIPART = "multipart/form-data"
 WANTS_JSON = {"accept": "application/json"}
 MEMBER = "member@example.org"
 
@@ -167,7 +168,9 @@ class TestContentTypes:
                 headers = {"content-type": content_type}
                 response = client.post(endpoint.path, content=body, headers=headers)
                 detail = error_of(response, 415, "unsupported_media_type")
-                assert "application/json" in detail
+                # Every type the route reads, multipart forms (a form's enctype) included.
+                for kind in ("application/json", "application/x-www-form-urlencoded", MULTIPART):
+                    assert kind in detail
                 endpoint.assert_nothing_stored()
         with subtests.test("no content type"):
             response = client.post(endpoint.path, content=body)
@@ -230,6 +233,28 @@ class TestContentTypes:
                     response = client.post(endpoint.path, files=files, follow_redirects=False)
                 assert response.status_code == 400, response.text
                 endpoint.assert_nothing_stored()
+
+    def test_a_multipart_form_that_is_not_utf8_is_400_as_an_url_encoded_one_is(
+        self, client: TestClient, endpoint: Endpoint
+    ) -> None:
+        # A page served in windows-1252 without accept-charset="UTF-8" posts its fields in
+        # that encoding: read as Latin-1, its apostrophe (0x92) became a control character.
+        body = (
+            b"--b\r\n"
+            b'Content-Disposition: form-data; name="email"\r\n\r\n'
+            + endpoint.email.encode()
+            + b"\r\n--b\r\n"
+            b'Content-Disposition: form-data; name="organisation"\r\n\r\n'
+            b"Pr\xe9fecture de l\x92H\xe9rault\r\n--b--\r\n"
+        )
+        response = client.post(
+            endpoint.path,
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=b"},
+            follow_redirects=False,
+        )
+        assert "UTF-8" in error_of(response, 400, "invalid_body")
+        endpoint.assert_nothing_stored()
 
     def test_json_with_a_charset_parameter_is_read(
         self, client: TestClient, settings: Settings
@@ -331,6 +356,39 @@ class TestSubscribeValidation:
         assert detail.startswith("locale:")
         assert "'fr'" in detail
         assert "'en'" in detail
+
+    def test_a_language_tag_with_a_region_is_read_as_its_language(
+        self, client: TestClient, smtp: SmtpSink, subtests: pytest.Subtests
+    ) -> None:
+        # Sites write their page's tag (`<html lang="fr-FR">`) into the form's locale; the
+        # list is French, so an English mail shows the tag was read, not ignored.
+        for tag in ("en-GB", "en_US", "EN"):
+            email = f"{tag.lower().replace('_', '-')}@example.org"
+            with subtests.test(f"json {tag}"):
+                response = client.post(SUBSCRIBE, json={"email": email, "locale": tag})
+                assert response.status_code == 202, response.text
+                mail = smtp.mail_to(email, link="confirm")
+                assert mail["Subject"] == "Confirm your subscription to Gazette BlueHats"
+            with subtests.test(f"form {tag}"):
+                form_email = f"form-{email}"
+                response = client.post(
+                    SUBSCRIBE,
+                    content=urlencode({"email": form_email, "locale": tag}),
+                    headers={**FORM_TYPE, "accept": "text/html"},
+                    follow_redirects=False,
+                )
+                assert response.status_code == 303, response.text
+                assert response.headers["location"].endswith("/thanks?lang=en")
+                mail = smtp.mail_to(form_email, link="confirm")
+                assert mail["Subject"] == "Confirm your subscription to Gazette BlueHats"
+
+    def test_a_tag_of_a_language_not_spoken_is_still_422(
+        self, client: TestClient, empty_database: str
+    ) -> None:
+        for tag in ("de-DE", "fr-", "french", " fr"):
+            response = client.post(SUBSCRIBE, json={"email": "new@example.org", "locale": tag})
+            assert error_of(response, 422, "validation_error").startswith("locale:"), tag
+        assert stored_rows(empty_database) == dict.fromkeys(STORED, 0)
 
     def test_too_many_attributes_is_422(self, client: TestClient, empty_database: str) -> None:
         attributes = {f"a{i}": "x" for i in range(21)}
@@ -490,6 +548,12 @@ class TestAddressValidation:
             ("camille@example.org.", "camille@example.org"),
             ("mailto:camille@example.org", "camille@example.org"),
             ("camille @example.org", "camille@example.org"),
+            # Typed with an input method in full-width mode, wholly or in part.
+            ("\uff43\uff41\uff4d\uff49\uff4c\uff4c\uff45@example.org", "camille@example.org"),
+            (
+                "\uff43\uff41\uff4d\uff49\uff4c\uff4c\uff45\uff20\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45\uff0e\uff4f\uff52\uff47",
+                "camille@example.org",
+            ),
         ],
     )
     def test_an_address_pasted_with_something_around_it_is_named_on_the_page_and_not_stored(

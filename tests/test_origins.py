@@ -224,6 +224,26 @@ class TestCors:
         response = self.preflight(site_client, SUBSCRIBE, STRANGER)
         assert response.status_code == 400
         assert "access-control-allow-origin" not in response.headers
+        # In the one error shape, saying what was refused (the site's developer reads it
+        # in the browser's network panel).
+        assert response.json()["error"] == "cors_refused"
+        assert "(refused: origin)" in response.json()["detail"]
+
+    def test_a_preflight_asking_for_a_header_not_allowed_says_which_are(
+        self, site_client: TestClient
+    ) -> None:
+        response = site_client.options(
+            SUBSCRIBE,
+            headers={
+                "origin": SITE,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type, x-api-key",
+            },
+        )
+        assert response.status_code == 400
+        assert set(response.json()) == {"error", "detail"}
+        assert "(refused: headers)" in response.json()["detail"]
+        assert "Content-Type, Accept and Accept-Language" in response.json()["detail"]
 
     def test_an_allowed_site_may_read_the_answer(self, site_client: TestClient) -> None:
         response = site_client.post(
@@ -234,6 +254,24 @@ class TestCors:
         other = site_client.get("/v1/challenge", headers={"origin": STRANGER})
         assert other.status_code == 200
         assert "access-control-allow-origin" not in other.headers
+
+    def test_an_allowed_site_s_script_may_read_when_to_try_again(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        # A page's fetch() sees only the CORS-safelisted headers unless the answer exposes
+        # others: a 429's Retry-After (and the request id to quote when asking for help).
+        settings = make_settings(
+            database_url, smtp_port=smtp.port, allowed_origins=SITE, rate_limit_per_ip="1/minute"
+        )
+        with TestClient(create_app(settings)) as client:
+            for status in (202, 429):
+                response = client.post(
+                    SUBSCRIBE, json={"email": "busy@example.org"}, headers={"origin": SITE}
+                )
+                assert response.status_code == status, response.text
+                exposed = response.headers["access-control-expose-headers"].lower().split(", ")
+                assert {"retry-after", "x-request-id"} <= set(exposed)
+            assert response.headers["retry-after"]
 
     def test_the_answer_varies_by_origin_with_or_without_one(self, site_client: TestClient) -> None:
         # A cache must not serve a server's answer (no Origin, so no allow header) to a

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -730,6 +731,65 @@ class TestErrorPages:
         )
         assert response.status_code == 403
         assert f'<a class="fr-link" href="{form_page}">{link}</a>' in response.text
+
+    def test_the_readme_s_site_form_gets_its_error_pages_in_the_site_page_s_language(
+        self, client: TestClient
+    ) -> None:
+        # The README's form is on a French page (its action's `?lang=fr`); a visitor whose
+        # browser prefers English, on a site not allowed, reads the refusal in French.
+        readme = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+        [action] = re.findall(r'```html\n<form method="post" action="([^"]+)"', readme)
+        response = client.post(
+            action.removeprefix("https://newsletter.code.gouv.fr"),
+            data={"email": "site@example.org", "organisation": "DINUM", "locale": "fr"},
+            headers={**HTML, "accept-language": "en-GB,en", "origin": "https://other.example"},
+        )
+        assert response.status_code == 403
+        assert '<html lang="fr">' in response.text
+        assert "<title>Erreur - Formulaire envoyé depuis un autre site - " in response.text
+
+    @pytest.mark.parametrize(
+        ("language", "title", "text"),
+        [
+            ("fr", "<title>Erreur - Formulaire non accepté - ", "Signalez-le au site"),
+            ("en", "<title>Error - Form not accepted - ", "Tell the site where you filled"),
+        ],
+    )
+    def test_a_form_post_with_a_value_the_visitor_cannot_fix_gets_a_page_in_its_language(
+        self, client: TestClient, database_url: str, language: str, title: str, text: str
+    ) -> None:
+        # The site's form sends a language the service does not speak in a hidden field:
+        # nothing on the page to correct. The visitor reads what happened in the page's
+        # language; the site's developer, the field and why.
+        fields = {"email": "site@example.org", "organisation": "DINUM", "locale": "de"}
+        response = post_form(client, fields, **{**HTML, "accept-language": language})
+        assert response.status_code == 422
+        assert f'<html lang="{language}">' in response.text
+        assert title in response.text
+        assert text in response.text
+        assert "locale: Input should be &#39;fr&#39; or &#39;en&#39;" in response.text
+        assert stored(database_url) == []
+
+    @pytest.mark.parametrize(
+        ("posted_to", "language", "title", "text"),
+        [
+            (SUBSCRIBE, "fr", "Formulaire illisible", "Signalez-le au site"),
+            ("/v1/lists/bluehats/unsubscriptions", "en", "Form could not be read", "Tell the site"),
+        ],
+    )
+    def test_a_site_form_in_a_format_not_read_gets_a_page_that_says_trying_again_is_vain(
+        self, client: TestClient, posted_to: str, language: str, title: str, text: str
+    ) -> None:
+        # `<form enctype="text/plain">` on the site: "try again in a moment" would send
+        # the visitor round in circles; the site has to change its form.
+        response = client.post(
+            posted_to,
+            content=b"email=site@example.org\r\n",
+            headers={**HTML, "accept-language": language, "content-type": "text/plain"},
+        )
+        assert response.status_code == 415
+        assert f"<title>{'Erreur' if language == 'fr' else 'Error'} - {title} - " in response.text
+        assert text in response.text
 
     @pytest.mark.parametrize(
         ("page_url", "title"),

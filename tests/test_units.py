@@ -71,6 +71,32 @@ class TestAddresses:
         assert stored.key == raw.casefold()
 
     @pytest.mark.parametrize(
+        ("raw", "named"),
+        [
+            # An input method left in full-width mode; a ligature; a superscript.
+            ("\uff4a\uff4f@example.org", "FULLWIDTH LATIN SMALL LETTER J"),
+            ("cam\uff49lle@example.org", "FULLWIDTH LATIN SMALL LETTER I"),
+            ("\ufb01n@example.org", "LATIN SMALL LIGATURE FI"),
+            ("jo\u00b2@example.org", "SUPERSCRIPT TWO"),
+        ],
+    )
+    def test_a_character_standing_for_another_is_refused_as_new_and_found_as_stored(
+        self, raw: str, named: str
+    ) -> None:
+        # No mailbox of that name at most providers: the confirmation would never come.
+        with pytest.raises(addresses.InvalidAddress, match=named):
+            addresses.parse(raw, new=True)
+        assert addresses.parse(raw, new=False).email == raw
+
+    def test_other_scripts_and_accents_are_not_compatibility_characters(self) -> None:
+        for raw in (
+            "jos\u00e9@example.org",
+            "\u7528\u6237@example.org",
+            "\uc9c0\ubbfc@example.org",
+        ):
+            assert addresses.parse(raw, new=True).email == raw
+
+    @pytest.mark.parametrize(
         ("raw", "email"),
         [
             ("Jean.Dupont+BlueHats@Exemple.GOUV.fr", "Jean.Dupont+BlueHats@exemple.gouv.fr"),

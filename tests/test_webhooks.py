@@ -254,6 +254,19 @@ class TestRejected:
         self._assert_refused(post(client, body), "webhook_signature_invalid")
         assert stored_rows(settings.database_url) == before
 
+    @pytest.mark.parametrize("event_data", [[1, 2], "unsubscribed", None])
+    def test_a_signed_call_whose_event_is_not_an_object_says_so(
+        self, client: TestClient, settings: Settings, event_data: object
+    ) -> None:
+        # Not "no signature": the signature block is there; what is wrong is the event.
+        before = stored_rows(settings.database_url)
+        body = webhook(SIGNING_KEY, event("unsubscribed", "someone@example.org"))
+        body["event-data"] = event_data
+        response = post(client, body)
+        self._assert_refused(response, "webhook_malformed")
+        assert "event-data" in response.json()["detail"]
+        assert stored_rows(settings.database_url) == before
+
     # Well past the 300 s window: the timestamp is truncated to whole seconds, and the
     # request takes time to arrive, so 301 s could land within it.
     @pytest.mark.parametrize("offset", [-330, 330], ids=["stale", "from-the-future"])

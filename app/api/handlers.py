@@ -94,7 +94,9 @@ def _answer(
         )
         t = chrome.t
         key = f"error.{code}"
-        text = t(key) if key in t else t("error.generic")
+        # A payload refused (422) says why in English, for the site's developer; the visitor
+        # reads what it means in the page's language around it.
+        text = t(key, detail=detail) if key in t else t("error.generic")
         title_key = f"error.title.{code}"
         title = t(title_key) if title_key in t else t("error.title")
         form = None
@@ -129,8 +131,6 @@ def _answer(
                     formguard.STAMP_FIELD: formguard.issue(key=settings.token_key(), now=utcnow()),
                 },
             )
-        if status == 422:
-            text = detail
         return pages.render(
             chrome=chrome,
             title=title,

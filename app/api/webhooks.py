@@ -24,10 +24,11 @@ EVENT_ACCEPTED = Accepted(detail="Event received.")
     response_model=Accepted,
     responses=errors.responses(
         errors.WebhookSignatureInvalid,
+        errors.WebhookMalformed,
         errors.WebhookStale,
         errors.WebhookReplayed,
         errors.InvalidBody,
-        errors.UnsupportedMediaType,
+        errors.NotJson,
         errors.PayloadTooLarge,
     ),
     openapi_extra={
@@ -44,7 +45,7 @@ async def mailgun_webhook(
 ) -> Response:
     """Receive a signed Mailgun event: unsubscribes, complaints and hard bounces apply."""
     if media_type(request) != JSON:
-        raise errors.UnsupportedMediaType("Send the Mailgun event as application/json.")
+        raise errors.NotJson("Send the Mailgun event as application/json.")
     try:
         payload = json.loads(await request.body())
     except RecursionError as e:
