@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from app.config import Locale, Settings, SettingsError, load_settings
+from app.config import DEFAULT_CONSENT_VERSION, Locale, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, ProgressColumn
@@ -1350,7 +1350,9 @@ def lists_create(
     slug: Annotated[str, typer.Argument(help="Lowercase letters, digits and dashes.")],
     name: Annotated[str, typer.Option(help="The name shown in mails and pages.")],
     default_locale: Annotated[str, typer.Option(help="fr or en.")] = "fr",
-    consent_version: Annotated[str, typer.Option(help="Consent wording version.")] = "1",
+    consent_version: Annotated[
+        str, typer.Option(help="Consent wording version.")
+    ] = DEFAULT_CONSENT_VERSION,
     confirm_ttl_hours: Annotated[
         int,
         typer.Option(
