@@ -7,6 +7,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -268,14 +269,22 @@ def _aware(value: Any) -> datetime | None:
 # Jobs -------------------------------------------------------------------------------------
 
 
+class FailedJobState(StrEnum):
+    """The states a failed job can be in: dead (out of attempts) or pending (waiting for
+    its next attempt)."""
+
+    DEAD = JobState.DEAD.value
+    PENDING = JobState.PENDING.value
+
+
 def failed_jobs(
-    session: Session, *, state: JobState | None, kind: JobKind | None, limit: int
+    session: Session, *, state: FailedJobState | None, kind: JobKind | None, limit: int
 ) -> list[OutboxJob]:
     """Dead jobs, and pending ones that have failed at least once (retrying)."""
     query = select(OutboxJob)
-    if state == JobState.DEAD:
+    if state == FailedJobState.DEAD:
         query = query.where(OutboxJob.state == JobState.DEAD)
-    elif state == JobState.PENDING:
+    elif state == FailedJobState.PENDING:
         query = query.where(
             OutboxJob.state == JobState.PENDING, col(OutboxJob.last_error).is_not(None)
         )

@@ -1249,13 +1249,13 @@ def jobs_failed(
 ) -> None:
     """Failed jobs with their last error, newest first; exit 0 when there are none, 3 if any."""
     from app import admin
-    from app.models import JobKind, JobState
+    from app.models import JobKind
 
     settings = _settings()
     rows = _read(
         settings,
         admin.failed_jobs,
-        state=_choice(state, option="--state", allowed=JobState) if state else None,
+        state=_choice(state, option="--state", allowed=admin.FailedJobState) if state else None,
         kind=_choice(kind, option="--kind", allowed=JobKind) if kind else None,
         limit=limit,
     )

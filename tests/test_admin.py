@@ -331,6 +331,11 @@ class TestDeadJobs:
             )
         jobs = client.get("/v1/admin/jobs", params={"state": "dead"}, headers=read_key).json()
         assert [job["last_error"] for job in jobs] == ["HTTP 400 from the backend"]
+        # A job running or done has not failed: asking for those listed every failed job.
+        for state in ("running", "done"):
+            refused = client.get("/v1/admin/jobs", params={"state": state}, headers=read_key)
+            assert refused.status_code == 422
+            assert refused.json()["detail"] == "query.state: Input should be 'dead' or 'pending'"
         job_id = jobs[0]["id"]
         retried = client.post(f"/v1/admin/jobs/{job_id}/retry", headers=write_key)
         assert retried.json() == {"retried": 1}

@@ -267,6 +267,8 @@ class TestBadInputNamesTheOption:
                 ("block", "add", "spam.example", "--reason", ""),
                 ["--reason: String should have at least 1 character"],
             ),
+            # A job running or done has not failed: listing "failed jobs done" listed them all.
+            (("jobs", "failed", "--state", "done"), ["--state must be one of dead, pending"]),
         ],
     )  # fmt: skip
     def test_each_refused_value_is_named_by_its_option(

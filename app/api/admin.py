@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import admin, apikeys, audit, errors, lists, outbox
 from app.api.deps import Database, DatabaseDep, SettingsDep, known_query
-from app.models import JobKind, JobState, SubscriptionStatus, utcnow
+from app.models import JobKind, SubscriptionStatus, utcnow
 from app.schemas import (
     MAX_ROW_ID,
     AttemptOut,
@@ -270,7 +270,9 @@ async def list_stats(
 async def list_failed_jobs(
     database: DatabaseDep,
     who: CallerDep,
-    state: Annotated[JobState | None, Query(description="dead, or pending (retrying)")] = None,
+    state: Annotated[
+        admin.FailedJobState | None, Query(description="dead, or pending (retrying)")
+    ] = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> list[JobOut]:
