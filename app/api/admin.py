@@ -312,17 +312,27 @@ async def retry_job(
     operation_id="admin_reconcile_list",
     status_code=202,
     response_model=JobOut,
-    responses=errors.responses(errors.ListNotFound),
+    responses=errors.responses(errors.ListNotFound, errors.ListWithoutBackend),
 )
-async def reconcile_list(slug: UrlText, database: DatabaseDep, who: WriterDep) -> JobOut:
+async def reconcile_list(
+    slug: UrlText, database: DatabaseDep, settings: SettingsDep, who: WriterDep
+) -> JobOut:
     """Compare the list with its backend and fix differences, in the worker, soon.
 
     The answer is the reconciliation job; its outcome (counts of what was fixed) shows in
-    `GET /v1/admin/jobs` when it fails, and in the audit log of the request.
+    `GET /v1/admin/jobs` when it fails, and in the audit log of the request. A list without
+    a backend is refused (409): against none, every confirmed member would count as missing.
     """
+    declared = settings.list_settings(slug)
 
     def work(session: Any) -> JobOut:
         lists.get(session, slug=slug)
+        if declared is None or declared.backend.kind == "none":
+            raise errors.ListWithoutBackend(
+                f"List {slug!r} has no mailing-list backend (its backend kind is none, or the "
+                "settings do not declare it): there is no member list to compare with. "
+                "Declare its backend in NEWSLETTER_LISTS first."
+            )
         job = outbox.request_reconcile(session, list_slug=slug, now=utcnow())
         return JobOut.model_validate(job, from_attributes=True)
 
