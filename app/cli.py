@@ -1575,7 +1575,7 @@ def subscriber_proof(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
 ) -> None:
     """Print a subscriber's proof of consent: ledger events and the exact wording shown."""
-    from app import consent, errors
+    from app import consent, errors, lists
     from app.api.admin_data import proof_out
     from app.models import utcnow
 
@@ -1583,6 +1583,7 @@ def subscriber_proof(
     if who.isdigit():
 
         def work(session: Any) -> Any:
+            lists.get(session, slug=list_slug)  # an unknown list is bad input, as by address
             item = consent.proof_by_id(session, subscription_id=int(who))
             if item.list_slug != list_slug:
                 raise errors.NotFound(f"Subscriber {who} is not on the list {list_slug!r}.")
