@@ -481,12 +481,19 @@ class TestImportRefusesTheFile:
         assert response.status_code == 400
         assert response.json()["error"] == "invalid_csv"
         assert response.json()["detail"].startswith("Line 3 is not UTF-8 (byte 0xe9")
-        utf16 = _import(client, write_key, (HEADER + _row("a@example.org")).encode("utf-16"))
-        assert utf16.status_code == 400
-        assert "UTF-16" in utf16.json()["detail"]
+        unix = HEADER + _row("a@example.org")
+        # Also with Windows line ends, as a spreadsheet's "Unicode text" has them: its \r\0\n
+        # was taken for lines ending with a carriage return alone.
+        for text in (unix, unix.replace("\n", "\r\n")):
+            utf16 = _import(client, write_key, text.encode("utf-16"))
+            assert utf16.status_code == 400
+            assert utf16.json()["detail"] == (
+                'The file is UTF-16, not UTF-8: save the file as UTF-8 ("CSV UTF-8" in a '
+                "spreadsheet)."
+            )
         assert count_rows(database_url, "subscription") == 0
         outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
-        assert outcomes == ["error:invalid_csv", "error:invalid_csv"]
+        assert outcomes == ["error:invalid_csv"] * 3
 
     def test_a_file_whose_lines_end_with_a_carriage_return_alone_is_refused_saying_so(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
