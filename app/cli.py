@@ -925,6 +925,18 @@ def import_file(
     if note is not None and len(note) > transfer.MAX_NOTE:
         typer.echo(f"--note is longer than {transfer.MAX_NOTE} characters", err=True)
         raise typer.Exit(2)
+    if note is not None:
+        from pydantic import TypeAdapter, ValidationError
+
+        from app.schemas import UrlNote
+
+        # As the API's import takes it: line breaks, but no escape sequence into the ledger.
+        try:
+            TypeAdapter(UrlNote).validate_python(note)
+        except ValidationError as e:
+            message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+            typer.echo(f"--note: {message}", err=True)
+            raise typer.Exit(2) from e
     settings = _settings()
     engine = db.make_engine(settings.database_url)
     detail: dict[str, Any] = {"mode": chosen.value, "dry_run": dry_run, "file": file.name}

@@ -1009,6 +1009,12 @@ class TestCommandLine:
             (("import", "--list", "bluehats", str(unreadable)), 2, "is not UTF-8"),
             (("import", "--list", "nope", str(good)), 2, "no list 'nope'"),
             (("import", "--list", "bluehats", str(good), "--mode", "maybe"), 2, "--mode"),
+            # The API refuses such a note (422); it went into the ledger from the CLI.
+            (
+                ("import", "--list", "bluehats", str(good), "--note", "a\x1b[31mb"),
+                2,
+                "--note: must not contain control characters other than line breaks\n",
+            ),
             (("import", "--list", "bluehats", str(tmp_path / "missing.csv")), 2, "missing.csv"),
             (("import", str(good)), 2, "--list"),
             (("export", "--list", "nope"), 2, "no list 'nope'"),
