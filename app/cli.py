@@ -1289,7 +1289,10 @@ def jobs_retry(
     from app import admin
     from app.models import utcnow
 
-    if bool(job_id) == every:
+    if job_id and every:
+        typer.echo("give --id N (one or more) or --all, not both", err=True)
+        raise typer.Exit(2)
+    if not job_id and not every:
         typer.echo("give --id N (one or more) or --all", err=True)
         raise typer.Exit(2)
     settings = _settings()

@@ -269,6 +269,9 @@ class TestBadInputNamesTheOption:
             ),
             # A job running or done has not failed: listing "failed jobs done" listed them all.
             (("jobs", "failed", "--state", "done"), ["--state must be one of dead, pending"]),
+            # Both: it asked for one of them, as if neither had been given.
+            (("jobs", "retry", "--all", "--id", "3"),
+             ["give --id N (one or more) or --all, not both"]),
         ],
     )  # fmt: skip
     def test_each_refused_value_is_named_by_its_option(
