@@ -192,6 +192,13 @@ def stats(
     by_month: bool,
     now: datetime,
 ) -> Stats:
+    """Raises BadRequest for a window that ends before it starts (`since` and `until`
+    swapped), which would otherwise read as a list without activity."""
+    if since >= until:
+        raise errors.BadRequest(
+            f"since ({since.isoformat()}) is not before until ({until.isoformat()}): the "
+            "period is empty; give since before until."
+        )
     mailing_list = lists.get(session, slug=list_slug)
     by_status = {
         str(status): int(count)

@@ -303,6 +303,18 @@ class TestStatsAndJobs:
             "/v1/admin/lists/bluehats/stats", params={"by": "month"}, headers=read_key
         ).json()
         assert monthly["series"][today[:7]]["subscribe_requested"] == 3
+        # The dates swapped: an empty period, which read as a list without activity.
+        swapped = client.get(
+            "/v1/admin/lists/bluehats/stats",
+            params={"since": "2026-12-01T00:00:00Z", "until": "2026-11-01T00:00:00Z"},
+            headers=read_key,
+        )
+        assert swapped.status_code == 400
+        assert swapped.json() == {
+            "error": "bad_request",
+            "detail": "since (2026-12-01T00:00:00+00:00) is not before until "
+            "(2026-11-01T00:00:00+00:00): the period is empty; give since before until.",
+        }
 
 
 class TestDeadJobs:

@@ -235,7 +235,7 @@ def subscriber_detail(record: admin.SubscriberRecord) -> SubscriberDetail:
     "/lists/{slug}/stats",
     operation_id="admin_list_stats",
     response_model=StatsOut,
-    responses=errors.responses(errors.ListNotFound),
+    responses=errors.responses(errors.ListNotFound, errors.BadRequest),
 )
 async def list_stats(
     slug: UrlText,
