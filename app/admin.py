@@ -7,6 +7,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -191,6 +192,13 @@ def stats(
     by_month: bool,
     now: datetime,
 ) -> Stats:
+    """Raises BadRequest for a window that ends before it starts (`since` and `until`
+    swapped), which would otherwise read as a list without activity."""
+    if since >= until:
+        raise errors.BadRequest(
+            f"since ({since.isoformat()}) is not before until ({until.isoformat()}): the "
+            "period is empty; give since before until."
+        )
     mailing_list = lists.get(session, slug=list_slug)
     by_status = {
         str(status): int(count)
@@ -268,14 +276,22 @@ def _aware(value: Any) -> datetime | None:
 # Jobs -------------------------------------------------------------------------------------
 
 
+class FailedJobState(StrEnum):
+    """The states a failed job can be in: dead (out of attempts) or pending (waiting for
+    its next attempt)."""
+
+    DEAD = JobState.DEAD.value
+    PENDING = JobState.PENDING.value
+
+
 def failed_jobs(
-    session: Session, *, state: JobState | None, kind: JobKind | None, limit: int
+    session: Session, *, state: FailedJobState | None, kind: JobKind | None, limit: int
 ) -> list[OutboxJob]:
     """Dead jobs, and pending ones that have failed at least once (retrying)."""
     query = select(OutboxJob)
-    if state == JobState.DEAD:
+    if state == FailedJobState.DEAD:
         query = query.where(OutboxJob.state == JobState.DEAD)
-    elif state == JobState.PENDING:
+    elif state == FailedJobState.PENDING:
         query = query.where(
             OutboxJob.state == JobState.PENDING, col(OutboxJob.last_error).is_not(None)
         )

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from app.config import Locale, Settings, SettingsError, load_settings
+from app.config import DEFAULT_CONSENT_VERSION, Locale, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, ProgressColumn
@@ -925,6 +925,18 @@ def import_file(
     if note is not None and len(note) > transfer.MAX_NOTE:
         typer.echo(f"--note is longer than {transfer.MAX_NOTE} characters", err=True)
         raise typer.Exit(2)
+    if note is not None:
+        from pydantic import TypeAdapter, ValidationError
+
+        from app.schemas import UrlNote
+
+        # As the API's import takes it: line breaks, but no escape sequence into the ledger.
+        try:
+            TypeAdapter(UrlNote).validate_python(note)
+        except ValidationError as e:
+            message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+            typer.echo(f"--note: {message}", err=True)
+            raise typer.Exit(2) from e
     settings = _settings()
     engine = db.make_engine(settings.database_url)
     detail: dict[str, Any] = {"mode": chosen.value, "dry_run": dry_run, "file": file.name}
@@ -1249,13 +1261,13 @@ def jobs_failed(
 ) -> None:
     """Failed jobs with their last error, newest first; exit 0 when there are none, 3 if any."""
     from app import admin
-    from app.models import JobKind, JobState
+    from app.models import JobKind
 
     settings = _settings()
     rows = _read(
         settings,
         admin.failed_jobs,
-        state=_choice(state, option="--state", allowed=JobState) if state else None,
+        state=_choice(state, option="--state", allowed=admin.FailedJobState) if state else None,
         kind=_choice(kind, option="--kind", allowed=JobKind) if kind else None,
         limit=limit,
     )
@@ -1277,7 +1289,10 @@ def jobs_retry(
     from app import admin
     from app.models import utcnow
 
-    if bool(job_id) == every:
+    if job_id and every:
+        typer.echo("give --id N (one or more) or --all, not both", err=True)
+        raise typer.Exit(2)
+    if not job_id and not every:
         typer.echo("give --id N (one or more) or --all", err=True)
         raise typer.Exit(2)
     settings = _settings()
@@ -1350,7 +1365,9 @@ def lists_create(
     slug: Annotated[str, typer.Argument(help="Lowercase letters, digits and dashes.")],
     name: Annotated[str, typer.Option(help="The name shown in mails and pages.")],
     default_locale: Annotated[str, typer.Option(help="fr or en.")] = "fr",
-    consent_version: Annotated[str, typer.Option(help="Consent wording version.")] = "1",
+    consent_version: Annotated[
+        str, typer.Option(help="Consent wording version.")
+    ] = DEFAULT_CONSENT_VERSION,
     confirm_ttl_hours: Annotated[
         int,
         typer.Option(
@@ -1573,7 +1590,7 @@ def subscriber_proof(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
 ) -> None:
     """Print a subscriber's proof of consent: ledger events and the exact wording shown."""
-    from app import consent, errors
+    from app import consent, errors, lists
     from app.api.admin_data import proof_out
     from app.models import utcnow
 
@@ -1581,6 +1598,7 @@ def subscriber_proof(
     if who.isdigit():
 
         def work(session: Any) -> Any:
+            lists.get(session, slug=list_slug)  # an unknown list is bad input, as by address
             item = consent.proof_by_id(session, subscription_id=int(who))
             if item.list_slug != list_slug:
                 raise errors.NotFound(f"Subscriber {who} is not on the list {list_slug!r}.")

@@ -312,6 +312,11 @@ def catalogue_keys(locale: Locale) -> frozenset[str]:
     return frozenset(json.loads(path.read_text("utf-8")))
 
 
+# The consent wording version of a list that does not name one, whether declared in the
+# settings or created through the API or the CLI.
+DEFAULT_CONSENT_VERSION = "2026-11"
+
+
 class ListSettings(BaseModel):
     """A mailing list as declared by the operators; stored in the database at start."""
 
@@ -320,7 +325,7 @@ class ListSettings(BaseModel):
     slug: Annotated[str, Field(pattern=SLUG_PATTERN)]
     name: Annotated[str, Field(min_length=1, max_length=200)]
     default_locale: Locale = Locale.FR
-    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = "2026-11"
+    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = DEFAULT_CONSENT_VERSION
     # The consent wording shown beside the form, per language; the catalogue's
     # `consent.text` where a language is missing. Change `consent_version` with it.
     consent_text: dict[Locale, Annotated[str, Field(min_length=1, max_length=4000)]] = Field(

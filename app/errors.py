@@ -99,6 +99,14 @@ class AddressBlocked(Conflict):
     message = "This address (or its domain) is on the block-list: it cannot be added."
 
 
+class ListWithoutBackend(Conflict):
+    code = "list_without_backend"
+    message = (
+        "This list has no mailing-list backend (its backend kind is none, or the settings do "
+        "not declare it): there is no member list to compare with."
+    )
+
+
 class ConsentWordingChanged(Conflict):
     code = "consent_wording_changed"
     message = (

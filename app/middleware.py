@@ -53,7 +53,7 @@ class BodyLimit:
         limit = self._limit(scope["path"])
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await self._refuse(send)
+            await self._refuse(send, limit)
             return
         seen = 0
 
@@ -63,15 +63,13 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise errors.PayloadTooLarge()
+                    raise errors.PayloadTooLarge(_over(limit))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": errors.PayloadTooLarge.code, "detail": errors.PayloadTooLarge.message}
-        ).encode()
+    async def _refuse(self, send: Send, limit: int) -> None:
+        body = json.dumps({"error": errors.PayloadTooLarge.code, "detail": _over(limit)}).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -84,6 +82,11 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _over(limit: int) -> str:
+    # The limit, so that an operator knows how much to split a CSV import into.
+    return f"The request body is larger than {limit} bytes, the most this route takes."
 
 
 class SecurityHeaders:

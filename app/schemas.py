@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from app import addresses, models
-from app.config import SLUG_PATTERN, Locale
+from app.config import DEFAULT_CONSENT_VERSION, SLUG_PATTERN, Locale
 from app.readiness import WorkerState
 
 MAX_ATTRIBUTES = 20
@@ -506,7 +506,7 @@ class ListCreate(BaseModel):
     default_locale: Locale = Locale.FR
     consent_version: Annotated[
         str, Field(min_length=1, max_length=64, json_schema_extra=ONE_LINE)
-    ] = "2026-11"
+    ] = DEFAULT_CONSENT_VERSION
     confirm_ttl_seconds: Annotated[int, Field(**CONFIRM_TTL_BOUNDS)] = 48 * 3600
     thank_you_url: HttpUrl | None = None
     landing_url: HttpUrl | None = None

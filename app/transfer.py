@@ -209,6 +209,9 @@ def _lines(source: IO[bytes]) -> Iterator[str]:
         if not raw:
             return
         number += 1
+        # Before the line ends: UTF-16's end of line is \r\0\n, which looks like a lone \r.
+        if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise errors.InvalidCsv(f"The file is UTF-16, not UTF-8: {_SAVE_AS_UTF8}")
         if number == 1 and b"\r" in raw.rstrip(b"\r\n"):
             raise errors.InvalidCsv(_CR_ONLY)
         if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
@@ -221,13 +224,13 @@ def _lines(source: IO[bytes]) -> Iterator[str]:
             raise errors.InvalidCsv(_encoding_error(number, raw, e)) from e
 
 
+_SAVE_AS_UTF8 = 'save the file as UTF-8 ("CSV UTF-8" in a spreadsheet).'
+
+
 def _encoding_error(number: int, raw: bytes, error: UnicodeDecodeError) -> str:
-    advice = 'save the file as UTF-8 ("CSV UTF-8" in a spreadsheet).'
-    if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return f"The file is UTF-16, not UTF-8: {advice}"
     return (
         f"Line {number} is not UTF-8 (byte 0x{raw[error.start]:02x} at position "
-        f"{error.start + 1}; Latin-1 or Windows-1252?): {advice}"
+        f"{error.start + 1}; Latin-1 or Windows-1252?): {_SAVE_AS_UTF8}"
     )
 
 

@@ -7,6 +7,7 @@ import base64
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,7 +30,8 @@ from app.models import (
     utcnow,
 )
 from app.schemas import MAX_ROW_ID
-from tests.conftest import SECRET, SmtpSink, link_in, wait_until
+from tests.conftest import SECRET, SmtpSink, link_in, make_settings, wait_until
+from tests.fake_listmonk import FakeListmonk
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 
@@ -301,6 +303,18 @@ class TestStatsAndJobs:
             "/v1/admin/lists/bluehats/stats", params={"by": "month"}, headers=read_key
         ).json()
         assert monthly["series"][today[:7]]["subscribe_requested"] == 3
+        # The dates swapped: an empty period, which read as a list without activity.
+        swapped = client.get(
+            "/v1/admin/lists/bluehats/stats",
+            params={"since": "2026-12-01T00:00:00Z", "until": "2026-11-01T00:00:00Z"},
+            headers=read_key,
+        )
+        assert swapped.status_code == 400
+        assert swapped.json() == {
+            "error": "bad_request",
+            "detail": "since (2026-12-01T00:00:00+00:00) is not before until "
+            "(2026-11-01T00:00:00+00:00): the period is empty; give since before until.",
+        }
 
 
 class TestDeadJobs:
@@ -331,6 +345,11 @@ class TestDeadJobs:
             )
         jobs = client.get("/v1/admin/jobs", params={"state": "dead"}, headers=read_key).json()
         assert [job["last_error"] for job in jobs] == ["HTTP 400 from the backend"]
+        # A job running or done has not failed: asking for those listed every failed job.
+        for state in ("running", "done"):
+            refused = client.get("/v1/admin/jobs", params={"state": state}, headers=read_key)
+            assert refused.status_code == 422
+            assert refused.json()["detail"] == "query.state: Input should be 'dead' or 'pending'"
         job_id = jobs[0]["id"]
         retried = client.post(f"/v1/admin/jobs/{job_id}/retry", headers=write_key)
         assert retried.json() == {"retried": 1}
@@ -429,19 +448,74 @@ class TestDatesWithoutZone:
 
 
 class TestReconcileRequest:
+    @pytest.fixture
+    def listmonk(self) -> Iterator[FakeListmonk]:
+        with FakeListmonk() as fake:
+            yield fake
+
+    @pytest.fixture
+    def settings(self, database_url: str, smtp: SmtpSink, listmonk: FakeListmonk) -> Settings:
+        backend = {
+            "kind": "listmonk", "base_url": listmonk.url, "username": listmonk.username,
+            "api_token": listmonk.token, "list_id": 3,
+        }  # fmt: skip
+        return make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[
+                {"slug": "bluehats", "name": "Gazette BlueHats", "backend": backend},
+                {"slug": "local", "name": "Local"},
+            ],
+        )
+
     def test_an_operator_triggers_a_reconciliation_the_worker_runs(
         self,
         client: TestClient,
         engine: sa.Engine,
         write_key: dict[str, str],
+        listmonk: FakeListmonk,
     ) -> None:
+        # Added in listmonk's admin, without consent recorded here.
+        listmonk.seed("stranger@example.org", lists={3: "confirmed"})
         first = client.post("/v1/admin/lists/bluehats/reconcile", headers=write_key)
         assert first.status_code == 202
         assert first.json()["kind"] == "reconcile"
         assert client.post("/v1/admin/lists/nope/reconcile", headers=write_key).status_code == 404
-        # The in-process worker runs it against the list's backend (none here).
+        # The in-process worker runs it against the list's backend, and applies the fix.
         job_id = first.json()["id"]
         wait_until(lambda: _state(engine, job_id) == "done")
+        wait_until(
+            lambda: (
+                (listmonk.subscriber("stranger@example.org") or {})["lists"].get(3)
+                == "unsubscribed"
+            )
+        )
+
+    def test_a_list_without_a_backend_is_refused_rather_than_all_its_members_missing(
+        self,
+        client: TestClient,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+    ) -> None:
+        made = client.post(
+            "/v1/admin/lists", json={"slug": "made-here", "name": "Made here"}, headers=write_key
+        )
+        assert made.status_code == 201, made.text
+        # Declared with backend kind none, and created through the API (no backend at all).
+        for slug in ("local", "made-here"):
+            refused = client.post(f"/v1/admin/lists/{slug}/reconcile", headers=write_key)
+            assert refused.status_code == 409
+            assert refused.json() == {
+                "error": "list_without_backend",
+                "detail": f"List {slug!r} has no mailing-list backend (its backend kind is "
+                "none, or the settings do not declare it): there is no member list to "
+                "compare with. Declare its backend in NEWSLETTER_LISTS first.",
+            }
+        with Session(engine) as session:
+            assert (
+                session.exec(select(OutboxJob).where(OutboxJob.kind == JobKind.RECONCILE)).all()
+                == []
+            )
 
 
 def _state(engine: sa.Engine, job_id: int) -> str | None:

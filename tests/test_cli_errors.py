@@ -267,6 +267,14 @@ class TestBadInputNamesTheOption:
                 ("block", "add", "spam.example", "--reason", ""),
                 ["--reason: String should have at least 1 character"],
             ),
+            # A job running or done has not failed: listing "failed jobs done" listed them all.
+            (("jobs", "failed", "--state", "done"), ["--state must be one of dead, pending"]),
+            (("stats", "--list", "bluehats", "--since", "2026-12-01", "--until", "2026-11-01"),
+             ["since (2026-12-01T00:00:00+00:00) is not before until (2026-11-01T00:00:00+00:00):"
+              " the period is empty; give since before until."]),
+            # Both: it asked for one of them, as if neither had been given.
+            (("jobs", "retry", "--all", "--id", "3"),
+             ["give --id N (one or more) or --all, not both"]),
         ],
     )  # fmt: skip
     def test_each_refused_value_is_named_by_its_option(

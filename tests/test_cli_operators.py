@@ -128,3 +128,23 @@ class TestOperatorCommands:
         with Session(engine) as session:
             actions = {e.action for e in session.exec(select(AuditEvent)).all()}
         assert {"subscriber.read", "job.retry_all", "list.create", "list.update"} <= actions
+
+    def test_a_list_created_without_a_consent_version_has_the_apis_default(
+        self,
+        client: TestClient,
+        write_key: dict[str, str],
+        database_url: str,
+        tmp_path: Path,
+    ) -> None:
+        by_api = client.post(
+            "/v1/admin/lists", json={"slug": "by-api", "name": "By API"}, headers=write_key
+        )
+        assert by_api.status_code == 201, by_api.text
+        by_cli = run(database_url, tmp_path, "lists", "create", "by-cli", "--name", "By CLI")
+        assert by_cli.returncode == 0, by_cli.stderr
+        shown = {
+            line.split("\t")[0]: line.split("\t")[3]
+            for line in run(database_url, tmp_path, "lists", "show").stdout.splitlines()
+        }
+        # The same as a list the settings declare without one.
+        assert shown["by-cli"] == shown["by-api"] == shown["bluehats"] == "2026-11"

@@ -371,11 +371,26 @@ class TestCommandLine:
         assert [e["action"] for e in proof["ledger"]] == ["subscribe_requested", "confirmed"]
         assert proof["wordings"][0]["text"] == CATALOGUE_EN
         assert cli("nobody@example.org", "--list", "bluehats").returncode == 1
-        assert cli(str(subscriber), "--list", "other").returncode == 1
+        # A list that exists, without this subscriber: refused (1); one that does not exist
+        # is bad input (2), by id as by address.
+        made = client.post(
+            "/v1/admin/lists",
+            json={"slug": "other", "name": "Other"},
+            headers=_key(engine, KeyScope.WRITE),
+        )
+        assert made.status_code == 201, made.text
+        elsewhere = cli(str(subscriber), "--list", "other")
+        assert (elsewhere.returncode, elsewhere.stderr) == (
+            1,
+            f"Subscriber {subscriber} is not on the list 'other'.\n",
+        )
+        for who in (str(subscriber), "ada@example.org"):
+            unknown = cli(who, "--list", "nope")
+            assert (unknown.returncode, unknown.stderr) == (2, "No mailing list has this name.\n")
         assert cli("not an address", "--list", "bluehats").returncode == 2
         with Session(engine) as session:
             actors = session.exec(
                 select(AuditEvent.actor).where(AuditEvent.action == "subscriber.consent_proof")
             ).all()
-        assert len(actors) == 4
+        assert len(actors) == 6
         assert all(actor.startswith("cli:") for actor in actors)

@@ -276,7 +276,10 @@ class TestBodyLimit:
         response = client.post(endpoint.path, json={"email": endpoint.email, "pad": padding})
         assert int(response.request.headers["content-length"]) > settings.max_body_bytes
         detail = error_of(response, 413, "payload_too_large")
-        assert "too large" in detail
+        assert detail == (
+            f"The request body is larger than {settings.max_body_bytes} bytes, the most this "
+            "route takes."
+        )
         endpoint.assert_nothing_stored()
 
     def test_a_streamed_body_over_the_limit_without_content_length_is_413(

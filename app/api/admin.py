@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import admin, apikeys, audit, errors, lists, outbox
 from app.api.deps import Database, DatabaseDep, SettingsDep, known_query
-from app.models import JobKind, JobState, SubscriptionStatus, utcnow
+from app.models import JobKind, SubscriptionStatus, utcnow
 from app.schemas import (
     MAX_ROW_ID,
     AttemptOut,
@@ -235,7 +235,7 @@ def subscriber_detail(record: admin.SubscriberRecord) -> SubscriberDetail:
     "/lists/{slug}/stats",
     operation_id="admin_list_stats",
     response_model=StatsOut,
-    responses=errors.responses(errors.ListNotFound),
+    responses=errors.responses(errors.ListNotFound, errors.BadRequest),
 )
 async def list_stats(
     slug: UrlText,
@@ -270,7 +270,9 @@ async def list_stats(
 async def list_failed_jobs(
     database: DatabaseDep,
     who: CallerDep,
-    state: Annotated[JobState | None, Query(description="dead, or pending (retrying)")] = None,
+    state: Annotated[
+        admin.FailedJobState | None, Query(description="dead, or pending (retrying)")
+    ] = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 100,
 ) -> list[JobOut]:
@@ -310,17 +312,27 @@ async def retry_job(
     operation_id="admin_reconcile_list",
     status_code=202,
     response_model=JobOut,
-    responses=errors.responses(errors.ListNotFound),
+    responses=errors.responses(errors.ListNotFound, errors.ListWithoutBackend),
 )
-async def reconcile_list(slug: UrlText, database: DatabaseDep, who: WriterDep) -> JobOut:
+async def reconcile_list(
+    slug: UrlText, database: DatabaseDep, settings: SettingsDep, who: WriterDep
+) -> JobOut:
     """Compare the list with its backend and fix differences, in the worker, soon.
 
     The answer is the reconciliation job; its outcome (counts of what was fixed) shows in
-    `GET /v1/admin/jobs` when it fails, and in the audit log of the request.
+    `GET /v1/admin/jobs` when it fails, and in the audit log of the request. A list without
+    a backend is refused (409): against none, every confirmed member would count as missing.
     """
+    declared = settings.list_settings(slug)
 
     def work(session: Any) -> JobOut:
         lists.get(session, slug=slug)
+        if declared is None or declared.backend.kind == "none":
+            raise errors.ListWithoutBackend(
+                f"List {slug!r} has no mailing-list backend (its backend kind is none, or the "
+                "settings do not declare it): there is no member list to compare with. "
+                "Declare its backend in NEWSLETTER_LISTS first."
+            )
         job = outbox.request_reconcile(session, list_slug=slug, now=utcnow())
         return JobOut.model_validate(job, from_attributes=True)
 
