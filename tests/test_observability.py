@@ -554,6 +554,62 @@ class TestFormRejections:
 
 
 class TestUnexpectedErrors:
+    def test_a_client_hanging_up_mid_body_is_no_error_and_no_500(
+        self, database_url: str, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        app = create_app(make_settings(database_url, smtp_port=smtp.port))
+        sent: list[dict[str, Any]] = []
+
+        async def hang_up(state: dict[str, Any]) -> None:
+            # Half a form, then the connection closes, as uvicorn tells it to the app.
+            messages: list[dict[str, Any]] = [
+                {"type": "http.request", "body": b"email=camille%40exa", "more_body": True},
+                {"type": "http.disconnect"},
+            ]
+
+            async def receive() -> dict[str, Any]:
+                return messages.pop(0)
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": SUBSCRIBE,
+                "raw_path": SUBSCRIBE.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [
+                    (b"host", b"testserver"),
+                    (b"content-type", b"application/x-www-form-urlencoded"),
+                    (b"content-length", b"40"),
+                ],
+                "client": ("127.0.0.1", 50000),
+                "server": ("testserver", 80),
+                "state": state,
+            }
+            await app(scope, receive, send)
+
+        with TestClient(app) as client, caplog.at_level(logging.INFO):
+            client.portal.call(hang_up, dict(client.app_state))
+            metrics = scrape(client)
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+        failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert failures == []
+        assert "request.client_disconnected path=/v1/lists/bluehats/subscriptions" in [
+            r.getMessage() for r in caplog.records
+        ]
+        route = labels(method="POST", route="/v1/lists/{slug}/subscriptions", status="499")
+        assert metrics[("newsletter_http_requests_total", route)] == 1
+        assert not any(
+            name == "newsletter_http_requests_total" and ("status", "500") in key
+            for name, key in metrics
+        )
+
     def test_a_500_keeps_the_request_id_the_headers_and_the_error_shape(
         self, database_url: str, smtp: SmtpSink
     ) -> None:
