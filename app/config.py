@@ -7,6 +7,7 @@ lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -142,6 +143,28 @@ def _list_from_text(value: object) -> object:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def _network(value: object) -> object:
+    """A proxy's network as written, refused with the network meant when its host bits are
+    set (`10.0.0.1/8`), which the bare "not a valid network" left to guess."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            ipaddress.ip_network(value.strip())
+        except ValueError:
+            try:
+                network = ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                return value
+            address = value.strip().partition("/")[0]
+            raise ValueError(
+                f"{value.strip()} has host bits set: write {network} for the whole network, "
+                f"or {address} for one proxy"
+            ) from None
+    return value
+
+
+ProxyNetwork = Annotated[IPvAnyNetwork, BeforeValidator(_network)]
 
 
 class Locale(StrEnum):
@@ -547,7 +570,7 @@ class Settings(BaseSettings):
     # All such mails together; over it subscriptions are still taken, their mails delayed.
     mail_budget: RateLimit = "1000/hour"
     # Peers whose X-Forwarded-For is believed (IPs or CIDRs): the reverse proxies in front.
-    trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode, BeforeValidator(_list_from_text)] = (
+    trusted_proxies: Annotated[list[ProxyNetwork], NoDecode, BeforeValidator(_list_from_text)] = (
         Field(default_factory=list)
     )
     # Web origins (`scheme://host[:port]`) whose pages may post the public forms and call

@@ -184,6 +184,17 @@ class TestClientAddress:
                 with pytest.raises(ValueError, match=name.removeprefix("NEWSLETTER_").lower()):
                     Settings()
 
+    def test_a_proxy_network_with_host_bits_set_names_the_network_meant(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.1/8")
+        with pytest.raises(ValueError, match="trusted_proxies") as refused:
+            Settings()
+        assert (
+            "10.0.0.1/8 has host bits set: write 10.0.0.0/8 for the whole network, "
+            "or 10.0.0.1 for one proxy"
+        ) in str(refused.value)
+
 
 class TestMailCannon:
     def test_1000_signups_for_one_victim_from_1000_ips_send_at_most_the_address_budget(
