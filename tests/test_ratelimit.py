@@ -494,3 +494,28 @@ class TestCountersUnreachable:
         failures = [r.message for r in caplog.records if "ratelimit.storage_failed" in r.message]
         assert any("check=client" in m for m in failures)
         assert any("check=mail" in m for m in failures)
+
+    def test_an_outage_under_load_is_one_line_per_check_with_the_requests_let_through(
+        self, database_url: str, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        settings = limited_settings(
+            database_url, smtp, redis_url=f"redis://127.0.0.1:{free_port()}/0"
+        )
+        caplog.set_level(logging.ERROR, logger="app.ratelimit")
+        with TestClient(create_app(settings)) as client:
+            for i in range(10):
+                answer = client.post(SUBSCRIBE, json={"email": f"outage{i}@example.org"})
+                assert answer.status_code == 202
+            smtp.wait_for(10)
+            failures = [r.message for r in caplog.records if "storage_failed" in r.message]
+            assert len(failures) == 2
+            assert failures[0].startswith("ratelimit.storage_failed check=client unchecked=1 ")
+            assert failures[1].startswith("ratelimit.storage_failed check=mail unchecked=1 ")
+            limiter = client.app.state.rate_limiter
+            # The next line, once its interval has passed, counts those let through since.
+            limiter._client_failures.every = 0
+            assert client.post(SUBSCRIBE, json={"email": "outage10@example.org"}).is_success
+        last = [r.message for r in caplog.records if "storage_failed" in r.message][-2:]
+        assert any(
+            m.startswith("ratelimit.storage_failed check=client unchecked=10 ") for m in last
+        )
