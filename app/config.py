@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import limits
 from pydantic import (
@@ -678,7 +679,16 @@ class Settings(BaseSettings):
                 "redis_url must start with redis://, rediss:// or unix:// "
                 f"(got {value.split(':', 1)[0]!r})"
             )
-        return value
+        # redis-py reads a path that is not a number as no path at all: database 0, shared
+        # with whatever else uses it, without a word.
+        database = urlsplit(value).path.strip("/") if value and "://" in value else ""
+        if not value or value.startswith("unix://") or database == "" or database.isdigit():
+            return value
+        raise ValueError(
+            f"the database after the host must be a number, as in redis://host:6379/0 "
+            f"(got {database!r}); name this instance's keys with "
+            "NEWSLETTER_RATE_LIMIT_KEY_PREFIX"
+        )
 
     @field_validator("allowed_origins")
     @classmethod

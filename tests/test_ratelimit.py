@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
 from app.api.deps import forwarded_client
-from app.config import Settings
+from app.config import Settings, SettingsError, load_settings
 from app.db import make_engine
 from app.main import create_app
 from app.models import ConsentEvent, OutboxJob, Token, utcnow
@@ -183,6 +183,21 @@ class TestClientAddress:
                 env.setenv(name, value)
                 with pytest.raises(ValueError, match=name.removeprefix("NEWSLETTER_").lower()):
                     Settings()
+
+    def test_a_redis_url_whose_database_is_not_a_number_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_REDIS_URL", "redis://:s3cret@127.0.0.1:6379/newsletter")
+        with pytest.raises(SettingsError) as refused:
+            load_settings()
+        assert str(refused.value) == (
+            "invalid settings:\n  NEWSLETTER_REDIS_URL: Value error, the database after the "
+            "host must be a number, as in redis://host:6379/0 (got 'newsletter'); name this "
+            "instance's keys with NEWSLETTER_RATE_LIMIT_KEY_PREFIX"
+        )
+        for accepted in ["redis://127.0.0.1:6379/9", "redis://127.0.0.1:6379", "unix:///r.sock"]:
+            monkeypatch.setenv("NEWSLETTER_REDIS_URL", accepted)
+            assert Settings().redis_url == accepted
 
     def test_a_proxy_network_with_host_bits_set_names_the_network_meant(
         self, monkeypatch: pytest.MonkeyPatch
