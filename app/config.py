@@ -437,6 +437,22 @@ class SmtpMailerSettings(BaseModel):
     # public URL's host (app/mailer.py, `helo_name`).
     helo_name: Annotated[str | None, Field(max_length=253, pattern=HELO_NAME_PATTERN)] = None
 
+    @field_validator("host")
+    @classmethod
+    def _host_alone(cls, value: str) -> str:
+        # `smtp.example.gouv.fr:587` or `smtp://...` was looked up in DNS as a name, and every
+        # send failed with "Name or service not known", retried for hours.
+        if ":" in value or "/" in value or any(c.isspace() for c in value):
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a host name nor an IP address: give the host alone "
+                    "(smtp.example.gouv.fr), the port in NEWSLETTER_MAILER__PORT and TLS in "
+                    "NEWSLETTER_MAILER__SECURITY"
+                ) from None
+        return value
+
     @field_validator("ca_file", mode="before")
     @classmethod
     def _ca_file_given(cls, value: object) -> object:

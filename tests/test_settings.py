@@ -295,6 +295,31 @@ class TestBadValues:
         message = settings_error()
         assert "NEWSLETTER_MAILER__HOST: Field required" in message
 
+    @pytest.mark.parametrize(
+        "host", ["smtp.example.org:587", "smtp://smtp.example.org", "smtp.example.org 587"]
+    )
+    def test_an_smtp_host_with_a_port_or_a_scheme_names_the_variables_to_use(
+        self, monkeypatch: pytest.MonkeyPatch, host: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
+        message = settings_error()
+        assert (
+            f"NEWSLETTER_MAILER__HOST: Value error, {host!r} is not a host name nor an IP "
+            "address: give the host alone (smtp.example.gouv.fr), the port in "
+            "NEWSLETTER_MAILER__PORT and TLS in NEWSLETTER_MAILER__SECURITY"
+        ) in message
+
+    @pytest.mark.parametrize("host", ["smtp.example.org", "127.0.0.1", "::1"])
+    def test_an_smtp_host_name_or_address_is_taken(
+        self, monkeypatch: pytest.MonkeyPatch, host: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
+        mailer = Settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.host == host
+
     def test_an_smtp_port_out_of_range_names_the_port_variable(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
