@@ -945,10 +945,28 @@ def load_settings() -> Settings:
         raise SettingsError(_message(problems)) from e
     if problems:
         raise SettingsError(_message(problems))
+    if (
+        settings.secret_key is None
+        and not settings.database_url.startswith("sqlite:")
+        and "secret_key_file" not in settings.model_fields_set
+        and not settings.secret_key_file.exists()
+    ):
+        # The embedded default makes its key where it runs. On PostgreSQL each replica,
+        # worker and container did so too, each its own: the links one signed did not open
+        # at the others ("This link is not valid"), without a word at start. A key file
+        # named in the settings is where the operator keeps the key, made there if need be.
+        raise SettingsError(_message([("NEWSLETTER_SECRET_KEY", _KEY_SHARED)]))
     if settings.secret_key is None and settings.secret_key_file.exists():
         # Read now, so that a bad key file stops the start rather than the first request.
         settings.token_key()
     return settings
+
+
+_KEY_SHARED = (
+    "is not set: on PostgreSQL every API replica, worker and command must sign the links "
+    "with the same key, or a link mailed by one does not open at another; give them all the "
+    "same NEWSLETTER_SECRET_KEY (or NEWSLETTER_SECRET_KEY_FILE, a file they all read)"
+)
 
 
 def _message(problems: list[tuple[str, str]]) -> str:

@@ -621,6 +621,7 @@ class TestGoodValues:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "postgresql://postgres@127.0.0.1/news")
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY", "k" * MIN_SECRET_KEY_LENGTH)
         assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
 
 
@@ -657,6 +658,30 @@ class TestSecretKey:
         assert len(first) >= MIN_SECRET_KEY_LENGTH
         assert (tmp_path / "var" / "secret.key").read_text().encode() == first
         assert load_settings().token_key() == first
+
+    def test_on_postgresql_a_key_is_required_rather_than_one_made_per_process(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_DATABASE_URL", "postgresql+psycopg://newsletter@127.0.0.1:5432/newsletter"
+        )
+        message = settings_error()
+        assert message == (
+            "invalid settings:\n  NEWSLETTER_SECRET_KEY: is not set: on PostgreSQL every API "
+            "replica, worker and command must sign the links with the same key, or a link "
+            "mailed by one does not open at another; give them all the same "
+            "NEWSLETTER_SECRET_KEY (or NEWSLETTER_SECRET_KEY_FILE, a file they all read)"
+        )
+        assert not (tmp_path / "var" / "secret.key").exists()
+        # A key file named in the settings is where the operator keeps the key.
+        shared = tmp_path / "shared.key"
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY_FILE", str(shared))
+        assert load_settings().token_key() == shared.read_text().encode()
+        # The default one, once there (made by an earlier release), is read as before.
+        monkeypatch.delenv("NEWSLETTER_SECRET_KEY_FILE")
+        (tmp_path / "var").mkdir()
+        (tmp_path / "var" / "secret.key").write_text("s" * MIN_SECRET_KEY_LENGTH)
+        assert load_settings().token_key() == b"s" * MIN_SECRET_KEY_LENGTH
 
     @pytest.mark.parametrize(
         ("content", "reason"), [("", "is empty"), ("short\n", "holds a key too short")]
