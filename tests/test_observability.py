@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import admin, apikeys, db, heartbeat, logs, outbox
+from app.config import FileMailerSettings
 from app.mailer import make_mailer
 from app.main import create_app
 from app.models import JobKind, KeyScope, utcnow
@@ -551,6 +552,42 @@ class TestFormRejections:
             assert answer.status_code == 303
             after = scrape(client)
             assert after[key] == before + 1
+
+
+class TestDevelopmentMailerInADeployment:
+    @pytest.mark.parametrize(
+        ("url", "warned"),
+        [
+            ("postgresql+psycopg://newsletter@127.0.0.1:5432/newsletter", True),
+            ("sqlite:///x", False),
+        ],
+    )
+    def test_a_worker_on_postgresql_with_the_file_mailer_warns_at_start(
+        self,
+        database_url: str,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+        url: str,
+        warned: bool,
+    ) -> None:
+        settings = make_settings(
+            database_url, smtp_port=1, mailer=FileMailerSettings(directory=tmp_path / "mail")
+        ).model_copy(update={"database_url": url})
+        engine = db.make_engine(database_url)
+        worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+        worker.request_stop()
+        with caplog.at_level(logging.INFO, logger="app.worker"):
+            worker.run()
+        engine.dispose()
+        warnings = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("worker.dev")
+        ]
+        expected = (
+            f"worker.development_mailer directory={tmp_path / 'mail'}: mails are written "
+            "there, not sent, and their links logged; set NEWSLETTER_MAILER__KIND=smtp "
+            "(docs/production.md §6)"
+        )
+        assert warnings == ([expected] if warned else [])
 
 
 class TestUnexpectedErrors:
