@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -508,6 +509,31 @@ class TestLogHygiene:
     )
     def test_a_request_id_is_kept_only_when_sane(self, given: str, kept: bool) -> None:
         assert (logs.accept_request_id(given) == given) is kept
+
+    def test_a_librarys_warning_is_one_json_line_too(self) -> None:
+        stream = io.StringIO()
+        root = logging.getLogger()
+        saved = (list(root.handlers), root.level)
+        handler = logs.configure(level="INFO", fmt="json", stream=stream)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn("a library's complaint about c@example.org", UserWarning, 1)
+        finally:
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+            for old in saved[0]:
+                root.addHandler(old)
+            root.setLevel(saved[1])
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1
+        entry = json.loads(lines[0])
+        assert (entry["level"], entry["logger"], entry["event"]) == (
+            "WARNING",
+            "py.warnings",
+            "py.warnings",
+        )
+        assert "UserWarning: a library's complaint about c*****@example.org" in entry["message"]
 
     def test_text_lines_carry_the_request_id_from_inside_the_thread_pool(
         self, database_url: str, smtp: SmtpSink
