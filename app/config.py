@@ -39,6 +39,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -932,7 +933,7 @@ def load_settings() -> Settings:
     except ValidationError as e:
         # A misspelt nested name is also pydantic's "extra input": named once, with its hint.
         problems += [
-            (name, error["msg"])
+            _problem(name, error)
             for error in e.errors()
             if (name := _variable(error["loc"])) not in named
         ]
@@ -967,6 +968,17 @@ _KEY_SHARED = (
     "with the same key, or a link mailed by one does not open at another; give them all the "
     "same NEWSLETTER_SECRET_KEY (or NEWSLETTER_SECRET_KEY_FILE, a file they all read)"
 )
+
+
+def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
+    """A variable and what is wrong with it. An unknown `kind` (of the mailer, of a list's
+    backend) is said of the kind itself, not as pydantic's "Input tag ... found using
+    _mailer_kind()", which named the mailer and a function of ours."""
+    if error["type"] == "union_tag_invalid":
+        context = error.get("ctx", {})
+        kind = f"{name}__KIND" if "[" not in name else f"{name}.kind"
+        return kind, f"{context.get('tag')!r} is not one of {context.get('expected_tags')}"
+    return name, error["msg"]
 
 
 def _message(problems: list[tuple[str, str]]) -> str:

@@ -251,10 +251,22 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "sendgrid")
         message = settings_error()
-        assert "NEWSLETTER_MAILER:" in message
-        assert "'sendgrid'" in message
-        assert "'file'" in message
-        assert "'smtp'" in message
+        assert message == (
+            "invalid settings:\n  NEWSLETTER_MAILER__KIND: 'sendgrid' is not one of 'file', 'smtp'"
+        )
+
+    def test_an_unknown_backend_kind_names_the_kind_in_the_list(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "BlueHats", "backend": {"kind": "mailchimp"}}),
+        )
+        message = settings_error()
+        assert message == (
+            "invalid settings:\n  NEWSLETTER_LISTS[0].backend.kind: 'mailchimp' is not one of "
+            "'none', 'mailgun', 'mailman', 'listmonk'"
+        )
 
     def test_an_smtp_username_without_a_password_is_refused(
         self, monkeypatch: pytest.MonkeyPatch
