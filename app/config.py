@@ -671,10 +671,13 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, value: str) -> str:
+        # `postgres://`, as libpq and many hosting platforms write it, is the same URL.
+        if value.startswith("postgres:"):
+            value = "postgresql:" + value.removeprefix("postgres:")
         if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError(
-                "database_url must start with sqlite:/// or postgresql+psycopg:// "
-                f"(got {value.split(':', 1)[0]!r})"
+                "database_url must start with sqlite:///, postgresql:// or "
+                f"postgresql+psycopg:// (got {value.split(':', 1)[0]!r})"
             )
         if value.startswith("postgresql:"):
             value = "postgresql+psycopg:" + value.removeprefix("postgresql:")

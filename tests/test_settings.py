@@ -635,6 +635,8 @@ class TestGoodValues:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "postgresql://postgres@127.0.0.1/news")
         monkeypatch.setenv("NEWSLETTER_SECRET_KEY", "k" * MIN_SECRET_KEY_LENGTH)
         assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
+        monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "postgres://postgres@127.0.0.1/news")
+        assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
 
 
 class TestSecretKey:
