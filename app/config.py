@@ -7,6 +7,7 @@ lists are given as JSON (`NEWSLETTER_LISTS='[{"slug": "bluehats", ...}]'`).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import limits
 from pydantic import (
@@ -37,6 +39,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -142,6 +145,28 @@ def _list_from_text(value: object) -> object:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def _network(value: object) -> object:
+    """A proxy's network as written, refused with the network meant when its host bits are
+    set (`10.0.0.1/8`), which the bare "not a valid network" left to guess."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            ipaddress.ip_network(value.strip())
+        except ValueError:
+            try:
+                network = ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                return value
+            address = value.strip().partition("/")[0]
+            raise ValueError(
+                f"{value.strip()} has host bits set: write {network} for the whole network, "
+                f"or {address} for one proxy"
+            ) from None
+    return value
+
+
+ProxyNetwork = Annotated[IPvAnyNetwork, BeforeValidator(_network)]
 
 
 class Locale(StrEnum):
@@ -418,6 +443,22 @@ class SmtpMailerSettings(BaseModel):
     # public URL's host (app/mailer.py, `helo_name`).
     helo_name: Annotated[str | None, Field(max_length=253, pattern=HELO_NAME_PATTERN)] = None
 
+    @field_validator("host")
+    @classmethod
+    def _host_alone(cls, value: str) -> str:
+        # `smtp.example.gouv.fr:587` or `smtp://...` was looked up in DNS as a name, and every
+        # send failed with "Name or service not known", retried for hours.
+        if ":" in value or "/" in value or any(c.isspace() for c in value):
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a host name nor an IP address: give the host alone "
+                    "(smtp.example.gouv.fr), the port in NEWSLETTER_MAILER__PORT and TLS in "
+                    "NEWSLETTER_MAILER__SECURITY"
+                ) from None
+        return value
+
     @field_validator("ca_file", mode="before")
     @classmethod
     def _ca_file_given(cls, value: object) -> object:
@@ -552,7 +593,7 @@ class Settings(BaseSettings):
     # All such mails together; over it subscriptions are still taken, their mails delayed.
     mail_budget: RateLimit = "1000/hour"
     # Peers whose X-Forwarded-For is believed (IPs or CIDRs): the reverse proxies in front.
-    trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode, BeforeValidator(_list_from_text)] = (
+    trusted_proxies: Annotated[list[ProxyNetwork], NoDecode, BeforeValidator(_list_from_text)] = (
         Field(default_factory=list)
     )
     # Web origins (`scheme://host[:port]`) whose pages may post the public forms and call
@@ -635,10 +676,13 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, value: str) -> str:
+        # `postgres://`, as libpq and many hosting platforms write it, is the same URL.
+        if value.startswith("postgres:"):
+            value = "postgresql:" + value.removeprefix("postgres:")
         if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError(
-                "database_url must start with sqlite:/// or postgresql+psycopg:// "
-                f"(got {value.split(':', 1)[0]!r})"
+                "database_url must start with sqlite:///, postgresql:// or "
+                f"postgresql+psycopg:// (got {value.split(':', 1)[0]!r})"
             )
         if value.startswith("postgresql:"):
             value = "postgresql+psycopg:" + value.removeprefix("postgresql:")
@@ -660,7 +704,16 @@ class Settings(BaseSettings):
                 "redis_url must start with redis://, rediss:// or unix:// "
                 f"(got {value.split(':', 1)[0]!r})"
             )
-        return value
+        # redis-py reads a path that is not a number as no path at all: database 0, shared
+        # with whatever else uses it, without a word.
+        database = urlsplit(value).path.strip("/") if value and "://" in value else ""
+        if not value or value.startswith("unix://") or database == "" or database.isdigit():
+            return value
+        raise ValueError(
+            f"the database after the host must be a number, as in redis://host:6379/0 "
+            f"(got {database!r}); name this instance's keys with "
+            "NEWSLETTER_RATE_LIMIT_KEY_PREFIX"
+        )
 
     @field_validator("allowed_origins")
     @classmethod
@@ -888,7 +941,7 @@ def load_settings() -> Settings:
     except ValidationError as e:
         # A misspelt nested name is also pydantic's "extra input": named once, with its hint.
         problems += [
-            (name, error["msg"])
+            _problem(name, error)
             for error in e.errors()
             if (name := _variable(error["loc"])) not in named
         ]
@@ -901,10 +954,39 @@ def load_settings() -> Settings:
         raise SettingsError(_message(problems)) from e
     if problems:
         raise SettingsError(_message(problems))
+    if (
+        settings.secret_key is None
+        and not settings.database_url.startswith("sqlite:")
+        and "secret_key_file" not in settings.model_fields_set
+        and not settings.secret_key_file.exists()
+    ):
+        # The embedded default makes its key where it runs. On PostgreSQL each replica,
+        # worker and container did so too, each its own: the links one signed did not open
+        # at the others ("This link is not valid"), without a word at start. A key file
+        # named in the settings is where the operator keeps the key, made there if need be.
+        raise SettingsError(_message([("NEWSLETTER_SECRET_KEY", _KEY_SHARED)]))
     if settings.secret_key is None and settings.secret_key_file.exists():
         # Read now, so that a bad key file stops the start rather than the first request.
         settings.token_key()
     return settings
+
+
+_KEY_SHARED = (
+    "is not set: on PostgreSQL every API replica, worker and command must sign the links "
+    "with the same key, or a link mailed by one does not open at another; give them all the "
+    "same NEWSLETTER_SECRET_KEY (or NEWSLETTER_SECRET_KEY_FILE, a file they all read)"
+)
+
+
+def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
+    """A variable and what is wrong with it. An unknown `kind` (of the mailer, of a list's
+    backend) is said of the kind itself, not as pydantic's "Input tag ... found using
+    _mailer_kind()", which named the mailer and a function of ours."""
+    if error["type"] == "union_tag_invalid":
+        context = error.get("ctx", {})
+        kind = f"{name}__KIND" if "[" not in name else f"{name}.kind"
+        return kind, f"{context.get('tag')!r} is not one of {context.get('expected_tags')}"
+    return name, error["msg"]
 
 
 def _message(problems: list[tuple[str, str]]) -> str:

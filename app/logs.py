@@ -200,5 +200,8 @@ def configure(*, level: str, fmt: str, stream: TextIO | None = None) -> logging.
     migration_log = logging.getLogger("alembic.runtime.migration")
     if not any(isinstance(f, QuietMigrationContext) for f in migration_log.filters):
         migration_log.addFilter(QuietMigrationContext())
+    # A library's warning (warnings.warn) went to stderr as two lines of plain text, which a
+    # collector reading one JSON object per line could not parse; now a line of its logger.
+    logging.captureWarnings(True)
     install_redaction()
     return handler

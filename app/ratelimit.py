@@ -14,8 +14,9 @@ The first check is async (redis.asyncio), so the event loop never waits on Redis
 is sync (redis-py), because it runs inside the request's one thread-pool call that holds the
 database transaction, and only when a mail is certain to go otherwise.
 
-When the counters cannot be reached, requests go through and an error is logged: a Redis
-outage must not stop sign-ups, and the resend interval still bounds the mails per address.
+When the counters cannot be reached, requests go through and an error is logged (once per
+few seconds and check, with the count of requests let through unchecked): a Redis outage
+must not stop sign-ups, and the resend interval still bounds the mails per address.
 
 Keys (after the prefix): `ip/<ip or IPv6 /64>`, `address/<HMAC of the address's inbox>` (no
 address in clear in Redis; `mailbox_key`), `domain/<domain>`, `mail-budget`.
@@ -29,6 +30,7 @@ import ipaddress
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -93,6 +95,31 @@ def mailbox_key(address: addresses.Address) -> str:
     return f"{local}@{domain}"
 
 
+class FailureLog:
+    """`ratelimit.storage_failed` for one check, at most once per `every` seconds, with the
+    count of requests let through unchecked since the last line: during an outage under load
+    every request wrote its own ERROR line (two for a sign-up). Called from the event loop
+    and from the thread pool, hence the lock."""
+
+    def __init__(self, check: str, every: float = 5.0) -> None:
+        self.check = check
+        self.every = every
+        self._count = 0
+        self._reported_at = -math.inf
+        self._lock = threading.Lock()
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._reported_at < self.every:
+                return
+            count, self._count, self._reported_at = self._count, 0, now
+        log.error(
+            "ratelimit.storage_failed check=%s unchecked=%d error=%r", self.check, count, error
+        )
+
+
 class RateLimiter:
     """The service's rate limits over one counter storage (see the module docstring)."""
 
@@ -118,6 +145,8 @@ class RateLimiter:
         self._on_mail_budget_exceeded = on_mail_budget_exceeded
         # Told the scope ("ip", "address", "domain") of each refusal, for the metrics.
         self._on_refused = on_refused
+        self._client_failures = FailureLog("client")
+        self._mail_failures = FailureLog("mail")
         self._pool: redis.ConnectionPool | None = None
         self._async_pool: redis.asyncio.ConnectionPool | None = None
         sync_storage: limits.storage.Storage
@@ -195,7 +224,7 @@ class RateLimiter:
                     self._refused("ip")
                     raise errors.RateLimited(retry_after=retry_after)
         except StorageError as e:
-            log.error("ratelimit.storage_failed check=client error=%r", e.storage_error)
+            self._client_failures.failed(e.storage_error)
 
     def allow_mail(self, address: addresses.Address) -> MailPermit:
         """May `address` be mailed now? Consumes the budgets (a `subscriptions.MailBudget`).
@@ -213,7 +242,7 @@ class RateLimiter:
                 return MailPermit(send=False, reason="domain_rate_limit")
             return self._within_budget()
         except StorageError as e:
-            log.error("ratelimit.storage_failed check=mail error=%r", e.storage_error)
+            self._mail_failures.failed(e.storage_error)
             return SEND_NOW
 
     def _refused(self, scope: str) -> None:

@@ -257,6 +257,15 @@ class Worker:
 
     def run(self) -> None:
         log.info("worker.started name=%s", self.name)
+        mailer = self.settings.mailer
+        if mailer.kind == "file" and not self.settings.database_url.startswith("sqlite:"):
+            # NEWSLETTER_MAILER__KIND left out in a deployment: nobody got a mail, and the
+            # links went to the log, without a word.
+            log.warning(
+                "worker.development_mailer directory=%s: mails are written there, not sent, "
+                "and their links logged; set NEWSLETTER_MAILER__KIND=smtp (docs/production.md §6)",
+                mailer.directory,
+            )
         try:
             self.schedule_reconciliations()
         except Exception:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import admin, apikeys, db, heartbeat, logs, outbox
+from app.config import FileMailerSettings
 from app.mailer import make_mailer
 from app.main import create_app
 from app.models import JobKind, KeyScope, utcnow
@@ -508,6 +510,31 @@ class TestLogHygiene:
     def test_a_request_id_is_kept_only_when_sane(self, given: str, kept: bool) -> None:
         assert (logs.accept_request_id(given) == given) is kept
 
+    def test_a_librarys_warning_is_one_json_line_too(self) -> None:
+        stream = io.StringIO()
+        root = logging.getLogger()
+        saved = (list(root.handlers), root.level)
+        handler = logs.configure(level="INFO", fmt="json", stream=stream)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn("a library's complaint about c@example.org", UserWarning, 1)
+        finally:
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+            for old in saved[0]:
+                root.addHandler(old)
+            root.setLevel(saved[1])
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1
+        entry = json.loads(lines[0])
+        assert (entry["level"], entry["logger"], entry["event"]) == (
+            "WARNING",
+            "py.warnings",
+            "py.warnings",
+        )
+        assert "UserWarning: a library's complaint about c*****@example.org" in entry["message"]
+
     def test_text_lines_carry_the_request_id_from_inside_the_thread_pool(
         self, database_url: str, smtp: SmtpSink
     ) -> None:
@@ -553,7 +580,99 @@ class TestFormRejections:
             assert after[key] == before + 1
 
 
+class TestDevelopmentMailerInADeployment:
+    @pytest.mark.parametrize(
+        ("url", "warned"),
+        [
+            ("postgresql+psycopg://newsletter@127.0.0.1:5432/newsletter", True),
+            ("sqlite:///x", False),
+        ],
+    )
+    def test_a_worker_on_postgresql_with_the_file_mailer_warns_at_start(
+        self,
+        database_url: str,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+        url: str,
+        warned: bool,
+    ) -> None:
+        settings = make_settings(
+            database_url, smtp_port=1, mailer=FileMailerSettings(directory=tmp_path / "mail")
+        ).model_copy(update={"database_url": url})
+        engine = db.make_engine(database_url)
+        worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+        worker.request_stop()
+        with caplog.at_level(logging.INFO, logger="app.worker"):
+            worker.run()
+        engine.dispose()
+        warnings = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("worker.dev")
+        ]
+        expected = (
+            f"worker.development_mailer directory={tmp_path / 'mail'}: mails are written "
+            "there, not sent, and their links logged; set NEWSLETTER_MAILER__KIND=smtp "
+            "(docs/production.md §6)"
+        )
+        assert warnings == ([expected] if warned else [])
+
+
 class TestUnexpectedErrors:
+    def test_a_client_hanging_up_mid_body_is_no_error_and_no_500(
+        self, database_url: str, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        app = create_app(make_settings(database_url, smtp_port=smtp.port))
+        sent: list[dict[str, Any]] = []
+
+        async def hang_up(state: dict[str, Any]) -> None:
+            # Half a form, then the connection closes, as uvicorn tells it to the app.
+            messages: list[dict[str, Any]] = [
+                {"type": "http.request", "body": b"email=camille%40exa", "more_body": True},
+                {"type": "http.disconnect"},
+            ]
+
+            async def receive() -> dict[str, Any]:
+                return messages.pop(0)
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": SUBSCRIBE,
+                "raw_path": SUBSCRIBE.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [
+                    (b"host", b"testserver"),
+                    (b"content-type", b"application/x-www-form-urlencoded"),
+                    (b"content-length", b"40"),
+                ],
+                "client": ("127.0.0.1", 50000),
+                "server": ("testserver", 80),
+                "state": state,
+            }
+            await app(scope, receive, send)
+
+        with TestClient(app) as client, caplog.at_level(logging.INFO):
+            client.portal.call(hang_up, dict(client.app_state))
+            metrics = scrape(client)
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+        failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert failures == []
+        assert "request.client_disconnected path=/v1/lists/bluehats/subscriptions" in [
+            r.getMessage() for r in caplog.records
+        ]
+        route = labels(method="POST", route="/v1/lists/{slug}/subscriptions", status="499")
+        assert metrics[("newsletter_http_requests_total", route)] == 1
+        assert not any(
+            name == "newsletter_http_requests_total" and ("status", "500") in key
+            for name, key in metrics
+        )
+
     def test_a_500_keeps_the_request_id_the_headers_and_the_error_shape(
         self, database_url: str, smtp: SmtpSink
     ) -> None:

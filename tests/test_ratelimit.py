@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
 from app.api.deps import forwarded_client
-from app.config import Settings
+from app.config import Settings, SettingsError, load_settings
 from app.db import make_engine
 from app.main import create_app
 from app.models import ConsentEvent, OutboxJob, Token, utcnow
@@ -183,6 +183,32 @@ class TestClientAddress:
                 env.setenv(name, value)
                 with pytest.raises(ValueError, match=name.removeprefix("NEWSLETTER_").lower()):
                     Settings()
+
+    def test_a_redis_url_whose_database_is_not_a_number_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_REDIS_URL", "redis://:s3cret@127.0.0.1:6379/newsletter")
+        with pytest.raises(SettingsError) as refused:
+            load_settings()
+        assert str(refused.value) == (
+            "invalid settings:\n  NEWSLETTER_REDIS_URL: Value error, the database after the "
+            "host must be a number, as in redis://host:6379/0 (got 'newsletter'); name this "
+            "instance's keys with NEWSLETTER_RATE_LIMIT_KEY_PREFIX"
+        )
+        for accepted in ["redis://127.0.0.1:6379/9", "redis://127.0.0.1:6379", "unix:///r.sock"]:
+            monkeypatch.setenv("NEWSLETTER_REDIS_URL", accepted)
+            assert Settings().redis_url == accepted
+
+    def test_a_proxy_network_with_host_bits_set_names_the_network_meant(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.1/8")
+        with pytest.raises(ValueError, match="trusted_proxies") as refused:
+            Settings()
+        assert (
+            "10.0.0.1/8 has host bits set: write 10.0.0.0/8 for the whole network, "
+            "or 10.0.0.1 for one proxy"
+        ) in str(refused.value)
 
 
 class TestMailCannon:
@@ -483,3 +509,28 @@ class TestCountersUnreachable:
         failures = [r.message for r in caplog.records if "ratelimit.storage_failed" in r.message]
         assert any("check=client" in m for m in failures)
         assert any("check=mail" in m for m in failures)
+
+    def test_an_outage_under_load_is_one_line_per_check_with_the_requests_let_through(
+        self, database_url: str, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        settings = limited_settings(
+            database_url, smtp, redis_url=f"redis://127.0.0.1:{free_port()}/0"
+        )
+        caplog.set_level(logging.ERROR, logger="app.ratelimit")
+        with TestClient(create_app(settings)) as client:
+            for i in range(10):
+                answer = client.post(SUBSCRIBE, json={"email": f"outage{i}@example.org"})
+                assert answer.status_code == 202
+            smtp.wait_for(10)
+            failures = [r.message for r in caplog.records if "storage_failed" in r.message]
+            assert len(failures) == 2
+            assert failures[0].startswith("ratelimit.storage_failed check=client unchecked=1 ")
+            assert failures[1].startswith("ratelimit.storage_failed check=mail unchecked=1 ")
+            limiter = client.app.state.rate_limiter
+            # The next line, once its interval has passed, counts those let through since.
+            limiter._client_failures.every = 0
+            assert client.post(SUBSCRIBE, json={"email": "outage10@example.org"}).is_success
+        last = [r.message for r in caplog.records if "storage_failed" in r.message][-2:]
+        assert any(
+            m.startswith("ratelimit.storage_failed check=client unchecked=10 ") for m in last
+        )

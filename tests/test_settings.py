@@ -251,10 +251,22 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "sendgrid")
         message = settings_error()
-        assert "NEWSLETTER_MAILER:" in message
-        assert "'sendgrid'" in message
-        assert "'file'" in message
-        assert "'smtp'" in message
+        assert message == (
+            "invalid settings:\n  NEWSLETTER_MAILER__KIND: 'sendgrid' is not one of 'file', 'smtp'"
+        )
+
+    def test_an_unknown_backend_kind_names_the_kind_in_the_list(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "BlueHats", "backend": {"kind": "mailchimp"}}),
+        )
+        message = settings_error()
+        assert message == (
+            "invalid settings:\n  NEWSLETTER_LISTS[0].backend.kind: 'mailchimp' is not one of "
+            "'none', 'mailgun', 'mailman', 'listmonk'"
+        )
 
     def test_an_smtp_username_without_a_password_is_refused(
         self, monkeypatch: pytest.MonkeyPatch
@@ -294,6 +306,31 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
         message = settings_error()
         assert "NEWSLETTER_MAILER__HOST: Field required" in message
+
+    @pytest.mark.parametrize(
+        "host", ["smtp.example.org:587", "smtp://smtp.example.org", "smtp.example.org 587"]
+    )
+    def test_an_smtp_host_with_a_port_or_a_scheme_names_the_variables_to_use(
+        self, monkeypatch: pytest.MonkeyPatch, host: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
+        message = settings_error()
+        assert (
+            f"NEWSLETTER_MAILER__HOST: Value error, {host!r} is not a host name nor an IP "
+            "address: give the host alone (smtp.example.gouv.fr), the port in "
+            "NEWSLETTER_MAILER__PORT and TLS in NEWSLETTER_MAILER__SECURITY"
+        ) in message
+
+    @pytest.mark.parametrize("host", ["smtp.example.org", "127.0.0.1", "::1"])
+    def test_an_smtp_host_name_or_address_is_taken(
+        self, monkeypatch: pytest.MonkeyPatch, host: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
+        mailer = Settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.host == host
 
     def test_an_smtp_port_out_of_range_names_the_port_variable(
         self, monkeypatch: pytest.MonkeyPatch
@@ -596,6 +633,9 @@ class TestGoodValues:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "postgresql://postgres@127.0.0.1/news")
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY", "k" * MIN_SECRET_KEY_LENGTH)
+        assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
+        monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "postgres://postgres@127.0.0.1/news")
         assert load_settings().database_url == "postgresql+psycopg://postgres@127.0.0.1/news"
 
 
@@ -632,6 +672,30 @@ class TestSecretKey:
         assert len(first) >= MIN_SECRET_KEY_LENGTH
         assert (tmp_path / "var" / "secret.key").read_text().encode() == first
         assert load_settings().token_key() == first
+
+    def test_on_postgresql_a_key_is_required_rather_than_one_made_per_process(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_DATABASE_URL", "postgresql+psycopg://newsletter@127.0.0.1:5432/newsletter"
+        )
+        message = settings_error()
+        assert message == (
+            "invalid settings:\n  NEWSLETTER_SECRET_KEY: is not set: on PostgreSQL every API "
+            "replica, worker and command must sign the links with the same key, or a link "
+            "mailed by one does not open at another; give them all the same "
+            "NEWSLETTER_SECRET_KEY (or NEWSLETTER_SECRET_KEY_FILE, a file they all read)"
+        )
+        assert not (tmp_path / "var" / "secret.key").exists()
+        # A key file named in the settings is where the operator keeps the key.
+        shared = tmp_path / "shared.key"
+        monkeypatch.setenv("NEWSLETTER_SECRET_KEY_FILE", str(shared))
+        assert load_settings().token_key() == shared.read_text().encode()
+        # The default one, once there (made by an earlier release), is read as before.
+        monkeypatch.delenv("NEWSLETTER_SECRET_KEY_FILE")
+        (tmp_path / "var").mkdir()
+        (tmp_path / "var" / "secret.key").write_text("s" * MIN_SECRET_KEY_LENGTH)
+        assert load_settings().token_key() == b"s" * MIN_SECRET_KEY_LENGTH
 
     @pytest.mark.parametrize(
         ("content", "reason"), [("", "is empty"), ("short\n", "holds a key too short")]

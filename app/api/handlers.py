@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +37,8 @@ PAGE_PATHS = re.compile(
 FORM_POSTS = re.compile(r"^/v1/lists/([^/]+)/(subscriptions|unsubscriptions)/?$")
 UNSUBSCRIBE_LINKS = "/v1/unsubscribe/"
 CONFIRM_LINKS = "/v1/confirm/"
+# nginx's status for a request whose client closed the connection before the answer.
+CLIENT_CLOSED_REQUEST = 499
 HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -368,6 +371,18 @@ class UnexpectedErrors:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:
+            # The client hung up before its body was read (a closed tab, a lost mobile
+            # connection, an interrupted import): nobody to answer, and no fault of ours. It
+            # was an ERROR with a traceback and a 500 in the metrics, which alerts on 5xx.
+            log.info(
+                "request.client_disconnected path=%s",
+                logs.mask_addresses(logs.redact(Request(scope).url.path)),
+            )
+            if not started:
+                # Never delivered (the server drops what is sent to a closed connection); it
+                # puts nginx's 499, "client closed request", in the metrics.
+                await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)
         except Exception:
             if started:
                 # Half an answer is out: nothing to do but let the server close it.
