@@ -1170,7 +1170,7 @@ def subscriber_search(
     cursor: Annotated[str | None, typer.Option(help="Next page, as printed.")] = None,
 ) -> None:
     """One page of a list's subscribers, tab-separated; the next page's cursor on stderr."""
-    from app import admin
+    from app import admin, errors
     from app.models import SubscriptionStatus
 
     settings = _settings()
@@ -1178,17 +1178,22 @@ def subscriber_search(
     language = None
     if locale is not None:
         language = _choice(locale.strip().lower(), option="--locale", allowed=Locale)
-    rows, next_cursor = _read(
-        settings,
-        admin.search_subscribers,
-        list_slug=list_slug,
-        where=admin.SubscriberFilter(
+    try:
+        where = admin.SubscriberFilter(
             status=chosen,
             prefix=prefix,
             locale=language,
             created_after=_when(created_after, option="--created-after"),
             created_before=_when(created_before, option="--created-before"),
-        ),
+        )
+    except errors.BadRequest as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+    rows, next_cursor = _read(
+        settings,
+        admin.search_subscribers,
+        list_slug=list_slug,
+        where=where,
         cursor=cursor,
         limit=limit,
     )
