@@ -1322,7 +1322,8 @@ def audit_search(
     actor: Annotated[str | None, typer.Option(help="Key name or cli:<user>.")] = None,
     action: Annotated[str | None, typer.Option(help="e.g. subscriber.read")] = None,
     target: Annotated[str | None, typer.Option(help="Exact target.")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO date.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO date (from, included).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date (to, excluded).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """The audit log, newest first, tab-separated."""
@@ -1331,7 +1332,7 @@ def audit_search(
     settings = _settings()
     rows = _read(
         settings, audit.search, actor=actor, action=action, target=target,
-        since=_when(since, option="--since"), limit=limit,
+        since=_when(since, option="--since"), until=_when(until, option="--until"), limit=limit,
     )  # fmt: skip
     for row in rows:
         typer.echo(
