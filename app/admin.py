@@ -68,6 +68,18 @@ class SubscriberFilter:
     confirmed_after: datetime | None = None
     confirmed_before: datetime | None = None
 
+    def __post_init__(self) -> None:
+        # Bounds that cannot both hold would find nobody, which reads as "no subscriber":
+        # refused wherever a filter is made (the API's query, the CLI's options).
+        errors.check_period(
+            self.created_after, self.created_before,
+            start_name="created_after", end_name="created_before",
+        )  # fmt: skip
+        errors.check_period(
+            self.confirmed_after, self.confirmed_before,
+            start_name="confirmed_after", end_name="confirmed_before",
+        )  # fmt: skip
+
     def given(self) -> dict[str, Any]:
         """The filters set, as the audit log keeps them (times in ISO 8601)."""
         return {
@@ -194,11 +206,7 @@ def stats(
 ) -> Stats:
     """Raises BadRequest for a window that ends before it starts (`since` and `until`
     swapped), which would otherwise read as a list without activity."""
-    if since >= until:
-        raise errors.BadRequest(
-            f"since ({since.isoformat()}) is not before until ({until.isoformat()}): the "
-            "period is empty; give since before until."
-        )
+    errors.check_period(since, until, start_name="since", end_name="until")
     mailing_list = lists.get(session, slug=list_slug)
     by_status = {
         str(status): int(count)

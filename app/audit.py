@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from app import errors
 from app.models import AuditEvent
 
 
@@ -43,7 +44,9 @@ def search(
     before_id: int | None = None,
     limit: int = 100,
 ) -> list[AuditEvent]:
-    """Newest first; `before_id` pages backwards (keyset)."""
+    """Newest first; `before_id` pages backwards (keyset). BadRequest for `since` not
+    before `until`."""
+    errors.check_period(since, until, start_name="since", end_name="until")
     query = select(AuditEvent)
     if actor is not None:
         query = query.where(AuditEvent.actor == actor)

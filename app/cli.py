@@ -1170,7 +1170,7 @@ def subscriber_search(
     cursor: Annotated[str | None, typer.Option(help="Next page, as printed.")] = None,
 ) -> None:
     """One page of a list's subscribers, tab-separated; the next page's cursor on stderr."""
-    from app import admin
+    from app import admin, errors
     from app.models import SubscriptionStatus
 
     settings = _settings()
@@ -1178,17 +1178,22 @@ def subscriber_search(
     language = None
     if locale is not None:
         language = _choice(locale.strip().lower(), option="--locale", allowed=Locale)
-    rows, next_cursor = _read(
-        settings,
-        admin.search_subscribers,
-        list_slug=list_slug,
-        where=admin.SubscriberFilter(
+    try:
+        where = admin.SubscriberFilter(
             status=chosen,
             prefix=prefix,
             locale=language,
             created_after=_when(created_after, option="--created-after"),
             created_before=_when(created_before, option="--created-before"),
-        ),
+        )
+    except errors.BadRequest as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+    rows, next_cursor = _read(
+        settings,
+        admin.search_subscribers,
+        list_slug=list_slug,
+        where=where,
         cursor=cursor,
         limit=limit,
     )
@@ -1317,7 +1322,8 @@ def audit_search(
     actor: Annotated[str | None, typer.Option(help="Key name or cli:<user>.")] = None,
     action: Annotated[str | None, typer.Option(help="e.g. subscriber.read")] = None,
     target: Annotated[str | None, typer.Option(help="Exact target.")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO date.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO date (from, included).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date (to, excluded).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """The audit log, newest first, tab-separated."""
@@ -1326,7 +1332,7 @@ def audit_search(
     settings = _settings()
     rows = _read(
         settings, audit.search, actor=actor, action=action, target=target,
-        since=_when(since, option="--since"), limit=limit,
+        since=_when(since, option="--since"), until=_when(until, option="--until"), limit=limit,
     )  # fmt: skip
     for row in rows:
         typer.echo(

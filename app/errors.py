@@ -6,6 +6,7 @@ Every error answer has the shape `{"error": code, "detail": message}`; the handl
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
@@ -119,6 +120,19 @@ class BadRequest(DomainError):
     status_code = 400
     code = "bad_request"
     message = "The request is not valid."
+
+
+def check_period(
+    start: datetime | None, end: datetime | None, *, start_name: str, end_name: str
+) -> None:
+    """Raises BadRequest for a period that ends before it starts, or where it starts: every
+    period here holds `start <= t < end`, so it can hold nothing, and its empty answer would
+    read as "no activity" or "nobody". A bound left out leaves the period open."""
+    if start is not None and end is not None and start >= end:
+        raise BadRequest(
+            f"{start_name} ({start.isoformat()}) is not before {end_name} ({end.isoformat()}):"
+            f" the period is empty; give {start_name} before {end_name}."
+        )
 
 
 class InvalidBody(DomainError):

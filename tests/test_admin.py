@@ -447,6 +447,44 @@ class TestDatesWithoutZone:
         assert len(page.json()["items"]) == 1
 
 
+class TestPeriodsThatHoldNothing:
+    """A range whose start is not before its end found nothing, which read as "nobody
+    subscribed then" or "nobody did anything": refused as the stats refuse it. Every bound
+    pair is `start <= t < end`, so a range that starts where it ends holds nothing either."""
+
+    @pytest.mark.parametrize(
+        ("path", "start", "end"),
+        [
+            ("/v1/admin/audit", "since", "until"),
+            ("/v1/admin/lists/bluehats/subscribers", "created_after", "created_before"),
+            ("/v1/admin/lists/bluehats/subscribers", "confirmed_after", "confirmed_before"),
+            ("/v1/admin/lists/bluehats/export", "created_after", "created_before"),
+            ("/v1/admin/lists/bluehats/export", "confirmed_after", "confirmed_before"),
+        ],
+    )
+    def test_a_range_ending_before_or_where_it_starts_is_400_naming_both(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str],
+        path: str, start: str, end: str,
+    ) -> None:  # fmt: skip
+        _subscriptions(engine, 2)
+        for begin, finish in (("2026-12-01T00:00:00Z", "2026-11-01T00:00:00Z"),
+                              ("2026-11-01T00:00:00Z", "2026-11-01T00:00:00Z")):  # fmt: skip
+            response = client.get(path, params={start: begin, end: finish}, headers=read_key)
+            assert response.status_code == 400, (path, response.text)
+            assert response.json() == {
+                "error": "bad_request",
+                "detail": f"{start} ({begin[:-1]}+00:00) is not before {end} ({finish[:-1]}"
+                f"+00:00): the period is empty; give {start} before {end}.",
+            }
+        # A range that holds time still answers.
+        fine = client.get(
+            path,
+            params={start: "2000-01-01T00:00:00Z", end: "2100-01-01T00:00:00Z"},
+            headers=read_key,
+        )
+        assert fine.status_code == 200, (path, fine.text)
+
+
 class TestReconcileRequest:
     @pytest.fixture
     def listmonk(self) -> Iterator[FakeListmonk]:

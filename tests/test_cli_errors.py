@@ -272,6 +272,15 @@ class TestBadInputNamesTheOption:
             (("stats", "--list", "bluehats", "--since", "2026-12-01", "--until", "2026-11-01"),
              ["since (2026-12-01T00:00:00+00:00) is not before until (2026-11-01T00:00:00+00:00):"
               " the period is empty; give since before until."]),
+            (("audit", "--since", "2026-12-01", "--until", "2026-11-01"),
+             ["since (2026-12-01T00:00:00+00:00) is not before until (2026-11-01T00:00:00+00:00):"
+              " the period is empty; give since before until."]),
+            # The same mistake in a search found nobody, which read as "no subscriber".
+            (("subscriber", "search", "--list", "bluehats", "--created-after", "2026-12-01",
+              "--created-before", "2026-12-01"),
+             ["created_after (2026-12-01T00:00:00+00:00) is not before created_before"
+              " (2026-12-01T00:00:00+00:00): the period is empty; give created_after before"
+              " created_before."]),
             # Both: it asked for one of them, as if neither had been given.
             (("jobs", "retry", "--all", "--id", "3"),
              ["give --id N (one or more) or --all, not both"]),

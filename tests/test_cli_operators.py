@@ -125,6 +125,13 @@ class TestOperatorCommands:
 
         log = run(database_url, tmp_path, "audit", "--action", "job.retry_all")
         assert "\tjob.retry_all\t" in log.stdout
+        # --until bounds the log as the API's `until` does: nothing before 2000.
+        old = run(database_url, tmp_path, "audit", "--until", "2000-01-01")
+        assert (old.returncode, old.stdout) == (0, "")
+        recent = run(
+            database_url, tmp_path, "audit", "--since", "2000-01-01", "--until", "2100-01-01"
+        )
+        assert "\tjob.retry_all\t" in recent.stdout
         with Session(engine) as session:
             actions = {e.action for e in session.exec(select(AuditEvent)).all()}
         assert {"subscriber.read", "job.retry_all", "list.create", "list.update"} <= actions

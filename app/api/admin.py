@@ -349,7 +349,12 @@ async def retry_all_jobs(database: DatabaseDep, who: WriterDep) -> RetryResult:
     return RetryResult(retried=len(retried))
 
 
-@router.get("/audit", operation_id="admin_search_audit", response_model=list[AuditOut])
+@router.get(
+    "/audit",
+    operation_id="admin_search_audit",
+    response_model=list[AuditOut],
+    responses=errors.responses(errors.BadRequest),
+)
 async def search_audit(
     database: DatabaseDep,
     actor: UrlText | None = None,

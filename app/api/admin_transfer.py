@@ -214,7 +214,7 @@ def _page_bytes(
                 "application/x-ndjson": {"schema": {"type": "string"}},
             },
         },
-        **errors.responses(errors.ListNotFound),
+        **errors.responses(errors.ListNotFound, errors.BadRequest),
     },
 )
 async def export_subscribers(
