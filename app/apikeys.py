@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -11,6 +12,8 @@ from sqlmodel import Session, col, select
 
 from app import errors
 from app.models import ApiKey, KeyScope
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "nlk_"
 # A key's last use is written at most this often (not on every request).
@@ -72,16 +75,24 @@ def revoke(session: Session, *, name: str, now: datetime) -> ApiKey:
 
 
 def authenticate(session: Session, *, key: str | None, now: datetime) -> Caller:
-    """The caller behind a bearer key; Unauthorized for a missing, unknown or revoked key."""
-    if not key or not key.startswith(KEY_PREFIX) or len(key) > 100:
+    """The caller behind a bearer key; Unauthorized for a missing, unknown or revoked key.
+
+    A key sent but refused is logged (never the key itself): a revoked key still in use, by
+    its name, tells operators where a leaked or forgotten key still runs, and a stream of
+    unknown keys shows someone guessing. A request without a key is the access line's 401.
+    """
+    if not key:
+        raise errors.Unauthorized()
+    if not key.startswith(KEY_PREFIX) or len(key) > 100:
+        log.warning("apikey.refused reason=malformed")
         raise errors.Unauthorized()
     wanted = _hash(key)
     row = session.exec(select(ApiKey).where(ApiKey.key_hash == wanted)).first()
-    if (
-        row is None
-        or row.revoked_at is not None
-        or not secrets.compare_digest(row.key_hash, wanted)
-    ):
+    if row is None or not secrets.compare_digest(row.key_hash, wanted):
+        log.warning("apikey.refused reason=unknown")
+        raise errors.Unauthorized()
+    if row.revoked_at is not None:
+        log.warning("apikey.refused reason=revoked name=%s", row.name)
         raise errors.Unauthorized()
     if row.last_used_at is None or now - row.last_used_at >= TOUCH_EVERY:
         row.last_used_at = now

@@ -649,7 +649,13 @@ def _address(raw: str, *, new: bool) -> Any:
 
 
 def _audited_run(
-    settings: Settings, *, action: str, target: str | None, work: Any, **kwargs: Any
+    settings: Settings,
+    *,
+    action: str,
+    target: str | None,
+    work: Any,
+    audit_detail: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Run `work` in one transaction and record it in the audit log as `cli:<user>`; a
     refusal is recorded too, printed, and ends the command (exit code 1, or 2 for bad
@@ -666,14 +672,15 @@ def _audited_run(
                 result = work(session, **kwargs)
                 audit.record(
                     session, actor=actor, action=action, target=target, outcome="ok",
-                    now=utcnow(),
+                    now=utcnow(), detail=audit_detail,
                 )  # fmt: skip
                 return result
         except errors.DomainError as e:
             with db.session_scope(engine) as session:
                 audit.record(
                     session, actor=actor, action=action, target=target,
-                    outcome=f"error:{e.code}", now=utcnow(), detail={"detail": e.detail},
+                    outcome=f"error:{e.code}", now=utcnow(),
+                    detail={**(audit_detail or {}), "detail": e.detail},
                 )  # fmt: skip
             typer.echo(e.detail, err=True)
             raise typer.Exit(_refusal_code(e)) from e
@@ -1400,7 +1407,9 @@ def lists_create(
     )  # fmt: skip
     settings = _settings()
     _audited_run(
-        settings, action="list.create", target=slug, work=lists.create, slug=body.slug,
+        settings, action="list.create", target=slug,
+        audit_detail={"settings": body.model_dump(mode="json", exclude={"slug"})},
+        work=lists.create, slug=body.slug,
         name=body.name, default_locale=body.default_locale.value,
         consent_version=body.consent_version, confirm_ttl_seconds=body.confirm_ttl_seconds,
         thank_you_url=str(body.thank_you_url) if body.thank_you_url else None,
@@ -1446,8 +1455,8 @@ def lists_update(
     valid = _parsed(ListUpdate, changes, options=_LIST_OPTIONS).changes()
     settings = _settings()
     _audited_run(
-        settings, action="list.update", target=slug, work=lists.update, slug=slug,
-        changes=valid, declared=settings.lists, now=utcnow(),
+        settings, action="list.update", target=slug, audit_detail={"changes": valid},
+        work=lists.update, slug=slug, changes=valid, declared=settings.lists, now=utcnow(),
     )  # fmt: skip
     typer.echo(f"list {slug!r} updated")
 

@@ -202,6 +202,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         form_targets=_form_targets(settings),
         style_origins=_style_origins(settings),
         scripts=settings.proof_of_work_bits > 0,
+        https=settings.public_url.scheme == "https",
     )
     app.add_middleware(PublicCors, origins=settings.form_origins())
     app.add_middleware(RequestMetrics, metrics=metrics, router=app)

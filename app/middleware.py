@@ -91,7 +91,13 @@ def _over(limit: int) -> str:
 
 class SecurityHeaders:
     """Headers for every answer; pages under /v1 also get a strict CSP and no caching
-    (their URLs carry tokens; `strict-origin` keeps those out of other sites' logs)."""
+    (their URLs carry tokens; `strict-origin` keeps those out of other sites' logs).
+
+    `https`: the service is published over HTTPS (`NEWSLETTER_PUBLIC_URL`), so browsers are
+    told to come back over HTTPS only (HSTS): a link typed or followed as `http://` would
+    otherwise cross the network in clear first, token included, where anyone on the way
+    can read it or answer in the service's place. Browsers ignore the header over HTTP.
+    """
 
     def __init__(
         self,
@@ -100,8 +106,11 @@ class SecurityHeaders:
         form_targets: list[str],
         style_origins: list[str] | None = None,
         scripts: bool = False,
+        https: bool = False,
     ) -> None:
         self.app = app
+        # A year, as commonly required to be preloaded; subdomains are not ours to bind.
+        self.hsts = "max-age=31536000" if https else None
         actions = " ".join(["'self'", *form_targets])
         # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
         styles = " ".join(["'self'", *(style_origins or [])])
@@ -129,6 +138,8 @@ class SecurityHeaders:
                 # post, which the origin check must refuse (see app/origins.py).
                 headers.setdefault("referrer-policy", "strict-origin")
                 headers.setdefault("x-frame-options", "DENY")
+                if self.hsts is not None:
+                    headers.setdefault("strict-transport-security", self.hsts)
                 if on_v1:
                     headers.setdefault("content-security-policy", self.csp)
                     headers.setdefault("cache-control", "no-store")

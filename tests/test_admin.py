@@ -104,6 +104,25 @@ class TestKeys:
                 # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
                 assert response.headers["www-authenticate"] == "Bearer"
 
+    def test_a_refused_key_is_logged_and_a_revoked_one_by_its_name(
+        self, client: TestClient, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        revoked = _key(engine, "leaked-in-ci", KeyScope.WRITE)
+        with db.session_scope(engine) as session:
+            apikeys.revoke(session, name="leaked-in-ci", now=utcnow())
+        caplog.set_level("WARNING", logger="app.apikeys")
+        for key in (revoked, "nlk_not-a-key", "key-mailgun-0123", None):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            assert client.get("/v1/admin/lists", headers=headers).status_code == 401
+        lines = [r.getMessage() for r in caplog.records if r.name == "app.apikeys"]
+        assert lines == [
+            "apikey.refused reason=revoked name=leaked-in-ci",
+            "apikey.refused reason=unknown",
+            "apikey.refused reason=malformed",
+        ]
+        # Never the key, nor any part of what was sent as one.
+        assert not any("not-a-key" in line or "mailgun" in line for line in caplog.messages)
+
     def test_a_read_key_cannot_change_anything(
         self, client: TestClient, read_key: dict[str, str]
     ) -> None:

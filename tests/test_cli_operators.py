@@ -135,6 +135,14 @@ class TestOperatorCommands:
         with Session(engine) as session:
             actions = {e.action for e in session.exec(select(AuditEvent)).all()}
         assert {"subscriber.read", "job.retry_all", "list.create", "list.update"} <= actions
+        with Session(engine) as session:
+            updates = session.exec(
+                select(AuditEvent).where(AuditEvent.action == "list.update")
+            ).all()
+        assert [e.detail for e in updates] == [
+            {"changes": {"consent_version": "2027-01"}},
+            {"changes": {"name": "x"}, "detail": updates[1].detail["detail"]},
+        ]
 
     def test_a_list_created_without_a_consent_version_has_the_apis_default(
         self,

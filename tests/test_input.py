@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import LiveServer, SmtpSink, count_rows, link_in
+from tests.conftest import LiveServer, SmtpSink, count_rows, link_in, make_settings
 
 SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
 UNSUBSCRIBE = "/v1/lists/bluehats/unsubscriptions"
@@ -755,6 +755,21 @@ class TestSecurityHeaders:
         }
         for name, response in pages.items():
             self._assert_page_headers(name, response)
+
+    def test_a_service_published_over_https_tells_browsers_to_keep_to_https(
+        self, database_url: str, smtp: SmtpSink, client: TestClient
+    ) -> None:
+        # A link typed or followed as http:// would cross the network in clear, token
+        # included, before any redirect to HTTPS could help.
+        settings = make_settings(
+            database_url, smtp_port=smtp.port, public_url="https://newsletter.example.org"
+        )
+        with TestClient(create_app(settings), base_url="https://newsletter.example.org") as tls:
+            for path in ("/v1/lists/bluehats", "/v1/confirm/unknown", "/healthz", "/nowhere"):
+                response = tls.get(path)
+                assert response.headers["strict-transport-security"] == "max-age=31536000", path
+        # Published over plain HTTP (a laptop's `make run`): no promise it could not keep.
+        assert "strict-transport-security" not in client.get("/v1/lists/bluehats").headers
 
     def test_json_answers_under_v1_are_not_cached_or_sniffed(
         self, client: TestClient, empty_database: str

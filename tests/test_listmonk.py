@@ -9,6 +9,7 @@ import pytest
 
 from app.backends import make_backend, make_client
 from app.backends.base import Member, PermanentSyncError, RetryableSyncError
+from app.backends.http import excerpt
 from app.backends.listmonk import ListmonkBackend
 from app.config import ListmonkBackendSettings
 from tests.conftest import free_port
@@ -215,9 +216,29 @@ class TestAdd:
         with pytest.raises(PermanentSyncError, match="without list 99") as caught:
             ListmonkBackend(wrong, http).add([member()])
         assert "is list_id right?" in str(caught.value)
+        # The answer kept for the attempt log echoes the member's attributes: never the
+        # token of its unsubscribe link, which a read key would otherwise see.
+        kept = caught.value.response
+        assert kept is not None
+        assert "news.example.org/v1/unsubscribe/<redacted>" in kept
+        assert "tok-ada" not in kept
         stored = listmonk.subscriber("ada@example.org")
         assert stored is not None
         assert stored["lists"] == {}
+
+    def test_an_answer_kept_for_the_attempt_log_holds_no_link_token(self) -> None:
+        # JSON may write `/` as `\/`; a token cut at the end of the excerpt goes too.
+        escaped = (
+            '{"vars": {"unsubscribe_url": '
+            '"https:\\/\\/n.example.org\\/v1\\/unsubscribe\\/S3cr-t_"}}'
+        )
+        kept = excerpt(httpx.Response(400, text=escaped))
+        assert kept == (
+            '400 {"vars": {"unsubscribe_url": '
+            '"https:\\/\\/n.example.org\\/v1\\/unsubscribe\\/<redacted>"}}'
+        )
+        cut = excerpt(httpx.Response(500, text="x" * 470 + "/v1/confirm/" + "T" * 43))
+        assert cut == "500 " + "x" * 470 + "/v1/confirm/<redacted>"
 
 
 class TestUnsubscribe:

@@ -351,6 +351,20 @@ OPERATIONS: dict[str, Callable[[MailgunBackend], object]] = {
 
 
 class TestFailures:
+    def test_an_answer_without_a_message_is_kept_without_the_members_link_token(self) -> None:
+        # Mailgun answers an added member with it, vars included; without a `message` the
+        # body is what the attempt log keeps, which a read key reads.
+        answer = {"member": {"address": "ada@example.org", "vars": member("ada").variables()}}
+
+        def mailgun(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, json=answer)
+
+        with httpx.Client(transport=httpx.MockTransport(mailgun)) as http:
+            made = make_backend(backend_settings("http://127.0.0.1:9"), http)
+            kept = made.add([member("ada@example.org")])
+        assert "/v1/unsubscribe/<redacted>" in kept
+        assert "tok-ada" not in kept
+
     @pytest.mark.parametrize("operation", OPERATIONS)
     def test_503_is_retryable(
         self, backend: MailgunBackend, fake: FakeMailgun, operation: str

@@ -304,6 +304,18 @@ class TestMetrics:
             stranger = client.get("/metrics", headers={"x-forwarded-for": "93.184.216.34"})
             assert stranger.status_code == 403
             scrape(client, **{"x-forwarded-for": "10.9.9.9"})
+        # Relayed by a proxy that is not listed (nginx on this host, NEWSLETTER_TRUSTED_PROXIES
+        # forgotten): its peer address is the proxy's, not the scraper's, who may be anyone.
+        for listed in ([], ["10.0.0.1"]):
+            unlisted = create_app(
+                make_settings(database_url, smtp_port=smtp.port, trusted_proxies=listed)
+            )
+            with TestClient(unlisted, client=("127.0.0.1", 4711)) as client:
+                for header in ("x-forwarded-for", "forwarded", "x-real-ip"):
+                    relayed = client.get("/metrics", headers={header: "93.184.216.34"})
+                    assert relayed.status_code == 403, (listed, header)
+                    assert "NEWSLETTER_TRUSTED_PROXIES" in relayed.json()["detail"]
+                scrape(client)
 
 
 def _person_path(email: str) -> str:

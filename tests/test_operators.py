@@ -133,12 +133,26 @@ class TestLists:
         assert subscribed.status_code == 202
         [event] = _ledger(engine, "ada@example.org")
         assert event.consent_version == "2026-12"
-        actions = [(a.action, a.target, a.outcome) for a in _audit(engine)]
+        entries = _audit(engine)
+        actions = [(a.action, a.target, a.outcome) for a in entries]
         assert actions == [
             ("list.create", "bluehats-events", "ok"),
             ("list.update", "bluehats-events", "ok"),
             ("list.update", "bluehats-events", "ok"),
         ]
+        # Where a list's pages send its visitors is in the log, with who set it.
+        assert entries[0].detail["settings"]["name"] == "Événements BlueHats"
+        assert entries[0].detail["settings"]["thank_you_url"] is None
+        assert entries[1].detail == {
+            "changes": {
+                "name": "BlueHats events",
+                "default_locale": "en",
+                "confirm_ttl_seconds": 7200,
+                "thank_you_url": "https://code.gouv.fr/merci",
+                "consent_version": "2026-12",
+            }
+        }
+        assert entries[2].detail == {"changes": {"thank_you_url": None}}
 
     def test_a_list_declared_in_the_settings_is_read_only_through_the_api(
         self, client: TestClient, write_key: dict[str, str]

@@ -88,6 +88,7 @@ async def create_list(
     its sync jobs wait as failed jobs, to be retried then)."""
     row = await audited(
         database, who, action="list.create", target=body.slug,
+        audit_detail={"settings": body.model_dump(mode="json", exclude={"slug"})},
         work=lists.create, slug=body.slug, name=body.name,
         default_locale=body.default_locale.value, consent_version=body.consent_version,
         confirm_ttl_seconds=body.confirm_ttl_seconds,
@@ -112,9 +113,11 @@ async def update_list(
 ) -> ListOut:
     """Change a list created through the API; a list declared in the settings is changed
     there (409 here: the settings are applied again at every start)."""
+    changes = body.changes()
+    # What was set, so that the log shows who pointed a list's pages elsewhere, and where.
     row = await audited(
-        database, who, action="list.update", target=slug,
-        work=lists.update, slug=slug, changes=body.changes(), declared=settings.lists,
+        database, who, action="list.update", target=slug, audit_detail={"changes": changes},
+        work=lists.update, slug=slug, changes=changes, declared=settings.lists,
         now=utcnow(),
     )  # fmt: skip
     return list_out(row, settings)

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from app import errors, readiness
 from app.api.deps import SettingsDep, client_ip
+from app.config import Settings
 from app.errors import ErrorBody
 from app.metrics import UNAUTHORIZED_DETAIL, Metrics, private_scraper, scrape_allowed
 from app.models import utcnow
@@ -31,8 +32,23 @@ class MetricsUnauthorized(errors.Unauthorized):
 class MetricsForbidden(errors.Forbidden):
     message = (
         "Without NEWSLETTER_METRICS_TOKEN, metrics are served to loopback and private "
-        "networks only."
+        "networks only (through a reverse proxy, one listed in NEWSLETTER_TRUSTED_PROXIES)."
     )
+
+
+# Headers a reverse proxy adds to the requests it relays.
+_RELAY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def _private_scraper(request: Request, settings: Settings) -> bool:
+    """Whether the scraper is on loopback or a private network. A request relayed by a
+    proxy that NEWSLETTER_TRUSTED_PROXIES does not list has that proxy as its client (nginx
+    on the same host: 127.0.0.1), whoever sent it from wherever: it is not taken as local."""
+    client = client_ip(request, settings)
+    peer = request.client.host if request.client is not None else None
+    if client == peer and any(name in request.headers for name in _RELAY_HEADERS):
+        return False
+    return private_scraper(client)
 
 
 @router.get("/healthz", operation_id="healthz", response_model=Health)
@@ -95,7 +111,7 @@ def metrics(
     given = credentials.credentials if credentials is not None else None
     if not scrape_allowed(given, token=settings.metrics_token):
         raise MetricsUnauthorized()
-    if settings.metrics_token is None and not private_scraper(client_ip(request, settings)):
+    if settings.metrics_token is None and not _private_scraper(request, settings):
         raise MetricsForbidden()
     registry: Metrics = request.app.state.metrics
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

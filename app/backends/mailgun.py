@@ -53,7 +53,7 @@ from app.backends.base import (
     PermanentSyncError,
     RemoteMember,
 )
-from app.backends.http import excerpt, send
+from app.backends.http import clean, excerpt, send
 from app.config import MailgunBackendSettings, MailgunRegion
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,10 @@ def _message(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200]
+        return clean(response.text, limit=200)
     message = body.get("message") if isinstance(body, dict) else None
-    return message[:200] if isinstance(message, str) else response.text[:200]
+    # The body otherwise: a member's answer holds its vars, its unsubscribe link among them.
+    return message[:200] if isinstance(message, str) else clean(response.text, limit=200)
 
 
 def _is_json(response: httpx.Response) -> bool:
