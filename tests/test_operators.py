@@ -437,6 +437,34 @@ class TestOperatorUnsubscribe:
         )
         assert client.post(url, json=reason, headers=read_key).status_code == 403
 
+    def test_an_address_with_a_slash_is_found_read_unsubscribed_and_erased(
+        self, client: TestClient, write_key: dict[str, str], read_key: dict[str, str]
+    ) -> None:
+        # `/` is a character a mailbox name may hold; sent as %2F, the server reads it as a
+        # path separator, and every route naming the address answered a bare 404.
+        address = "team/ops@example.org"
+        assert _add(client, write_key, address).status_code == 200
+        quoted = quote(address, safe="")
+        record = client.get(f"/v1/admin/lists/bluehats/subscribers/{quoted}", headers=read_key)
+        assert record.status_code == 200, record.text
+        assert record.json()["email"] == address
+        person = client.get(f"/v1/admin/people/{quoted}", headers=read_key)
+        assert person.status_code == 200, person.text
+        left = client.post(
+            f"/v1/admin/lists/bluehats/subscribers/{quoted}/unsubscribe",
+            json={"reason": "asked"},
+            headers=write_key,
+        )
+        assert left.status_code == 200, left.text
+        assert left.json()["status"] == "unsubscribed"
+        erased = client.delete(f"/v1/admin/people/{quoted}", headers=write_key)
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["subscriptions"] == 1
+        gone = client.get(f"/v1/admin/lists/bluehats/subscribers/{quoted}", headers=read_key)
+        assert gone.status_code == 404
+        assert gone.json()["error"] == "not_found"
+        assert gone.json()["detail"] != "Not Found"
+
 
 # Access -----------------------------------------------------------------------------------
 

@@ -399,9 +399,12 @@ class TestLongRound:
         )
         mailgun.fake.stall(seconds=0.6, times=6)
         workers = [in_process_worker(engine, settings, name=name) for name in ("one", "two")]
-        for worker in workers:
-            worker.start()
         try:
+            # The second starts once the first holds the round: started together, their
+            # claims could split the jobs between them (SKIP LOCKED), which is no takeover.
+            workers[0].start()
+            wait_until(lambda: all(job.leased_by == "one" for job in sync_jobs(engine)))
+            workers[1].start()
             wait_until(lambda: unfinished(engine) == 0, timeout=20)
         finally:
             for worker in workers:

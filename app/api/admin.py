@@ -190,8 +190,10 @@ async def search_subscribers(
     return SubscriberPage(items=[subscriber_out(row) for row in rows], next_cursor=next_cursor)
 
 
+# `{email:path}` here and in admin_privacy.py: a mailbox name may hold `/`, which the server
+# reads as a separator once its %2F is decoded; a plain segment answered such an address 404.
 @router.get(
-    "/lists/{slug}/subscribers/{email}",
+    "/lists/{slug}/subscribers/{email:path}",
     operation_id="admin_get_subscriber",
     response_model=SubscriberDetail,
     responses=errors.responses(errors.ListNotFound, errors.NotFound),
