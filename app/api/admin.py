@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from app import admin, apikeys, audit, errors, lists, outbox
 from app.api.deps import Database, DatabaseDep, SettingsDep, known_query
@@ -190,10 +191,19 @@ async def search_subscribers(
     return SubscriberPage(items=[subscriber_out(row) for row in rows], next_cursor=next_cursor)
 
 
-# `{email:path}` here and in admin_privacy.py: a mailbox name may hold `/`, which the server
-# reads as a separator once its %2F is decoded; a plain segment answered such an address 404.
+class _Mailbox(StringConvertor):
+    """An address in a path. A mailbox name may hold `/`, which the server reads as a
+    separator once its %2F is decoded (a plain segment answered such an address 404); it
+    ends before a final `/unsubscribe`, that action's route (admin_privacy.py)."""
+
+    regex = "(?:(?!/unsubscribe$).)+"
+
+
+register_url_convertor("mailbox", _Mailbox())
+
+
 @router.get(
-    "/lists/{slug}/subscribers/{email:path}",
+    "/lists/{slug}/subscribers/{email:mailbox}",
     operation_id="admin_get_subscriber",
     response_model=SubscriberDetail,
     responses=errors.responses(errors.ListNotFound, errors.NotFound),

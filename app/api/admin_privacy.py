@@ -168,7 +168,7 @@ async def add_subscriber(
 
 
 @router.post(
-    "/lists/{slug}/subscribers/{email:path}/unsubscribe",
+    "/lists/{slug}/subscribers/{email:mailbox}/unsubscribe",
     operation_id="admin_unsubscribe_subscriber",
     response_model=SubscriberOut,
     dependencies=[Depends(json_body)],
@@ -195,7 +195,7 @@ async def unsubscribe_subscriber(
 # People (data protection) -----------------------------------------------------------------
 
 
-@router.get("/people/{email:path}", operation_id="admin_get_person", response_model=PersonOut)
+@router.get("/people/{email:mailbox}", operation_id="admin_get_person", response_model=PersonOut)
 async def get_person(
     email: EmailPath, database: DatabaseDep, settings: SettingsDep, who: CallerDep
 ) -> PersonOut:
@@ -230,7 +230,7 @@ def person_out(record: operators.PersonRecord) -> PersonOut:
 
 
 @router.delete(
-    "/people/{email:path}",
+    "/people/{email:mailbox}",
     operation_id="admin_erase_person",
     response_model=ErasureOut,
 )
