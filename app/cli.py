@@ -160,6 +160,8 @@ def serve(
         port=port,
         workers=workers,
         proxy_headers=False,
+        # uvicorn's HTTP/1.1 with deadlines on clients that send slowly or not at all.
+        http="app.httpserver:DeadlineHttp",
         # No WebSocket route: no WebSocket library loaded.
         ws="none",
         log_level=settings.log_level.lower(),

@@ -649,6 +649,10 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout: Duration = timedelta(seconds=60)
     # On SIGTERM, requests in flight get this long to finish before they are cut.
     shutdown_timeout: Duration = timedelta(seconds=20)
+    # `newsletter serve`: a client gets this long to send a request's headers (from the
+    # connection's opening or the request's first byte), and may pause its body no longer
+    # than this; a slower one is cut (app/httpserver.py).
+    client_timeout: Duration = timedelta(seconds=30)
 
     @field_validator("secret_key")
     @classmethod
@@ -733,7 +737,13 @@ class Settings(BaseSettings):
 
     # Zero is refused where it would make a loop without pause (a lease taken back at once,
     # a heartbeat stale at once) or a check that lets nothing through.
-    @field_validator("job_lease", "worker_heartbeat_timeout", "form_max_age", "proof_of_work_ttl")
+    @field_validator(
+        "job_lease",
+        "worker_heartbeat_timeout",
+        "form_max_age",
+        "proof_of_work_ttl",
+        "client_timeout",
+    )
     @classmethod
     def _positive(cls, value: timedelta, info: ValidationInfo) -> timedelta:
         if value <= timedelta(0):

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from app import db, errors, lists, logs, migrations, ratelimit, runtime
+from app import db, errors, httpserver, lists, logs, migrations, ratelimit, runtime
 from app.api import admin as admin_api
 from app.api import (
     admin_data,
@@ -73,6 +73,7 @@ def serve_app() -> FastAPI:
     """`newsletter serve`'s factory: each uvicorn process sets up its logging, then the app."""
     settings = load_settings()
     logs.configure(level=settings.log_level, fmt=settings.log_format)
+    httpserver.DeadlineHttp.configure(timeout=settings.client_timeout.total_seconds())
     return create_app(settings, settle=True)
 
 

@@ -112,6 +112,8 @@ class TestBadValues:
             ("NEWSLETTER_WORKER_HEARTBEAT_TIMEOUT", "0s"),
             ("NEWSLETTER_FORM_MAX_AGE", "0"),
             ("NEWSLETTER_PROOF_OF_WORK_TTL", "0m"),
+            # Every request would be cut before its first byte.
+            ("NEWSLETTER_CLIENT_TIMEOUT", "0"),
         ],
     )
     def test_a_duration_that_must_be_positive_is_refused_at_zero_or_less(

@@ -1,0 +1,110 @@
+"""The HTTP connections of `newsletter serve`: uvicorn's, with a deadline on slow clients.
+
+uvicorn waits for a request for as long as its client keeps the connection open: a
+connection that sends nothing, or half a request line, or a body one byte a minute, holds
+its socket and its memory for good, and enough of them (slowloris) take every file
+descriptor the process has. Its only timer is the keep-alive one, between two requests.
+
+Here each connection also has the read deadlines a reverse proxy gives (nginx's
+`client_header_timeout` and `client_body_timeout`), both `NEWSLETTER_CLIENT_TIMEOUT`:
+- a request's line and headers must arrive within it, counted from the connection's
+  opening or from the request's first byte; otherwise `408` and the connection is closed;
+- the body may pause no longer than it between two reads; otherwise the connection is
+  closed, and the request (waiting for the rest) ends as a client that hung up (`499`).
+While the app is not reading (uvicorn stops reading when the body waiting for it grows
+large), the body's deadline waits too: the client is not the slow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 16\r\n"
+    b"connection: close\r\n"
+    b"\r\n"
+    b"Request Timeout\n"
+)
+
+
+class DeadlineHttp(HttpToolsProtocol):
+    # Set by `configure` in each serving process, from the settings, before it serves.
+    timeout: float = 30.0
+
+    @classmethod
+    def configure(cls, *, timeout: float) -> None:
+        cls.timeout = timeout
+
+    _deadline: asyncio.TimerHandle | None = None
+    _reading_body = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # The first byte of a request on a kept-alive connection (a new connection's
+        # deadline already runs from its opening).
+        if self._deadline is None:
+            self._arm(self._headers_late)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        # Headers without a body end the message at once (on_message_complete follows).
+        self._reading_body = True
+        self._arm(self._body_late)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._reading_body:
+            self._arm(self._body_late)
+
+    def on_message_complete(self) -> None:
+        self._reading_body = False
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self, late: object) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.timeout, late)  # type: ignore[arg-type]
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        log.info("http.request_timeout phase=headers")
+        self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or not self._reading_body:
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered without the rest of the body (a refusal): uvicorn closes after it.
+            return
+        if self.flow is not None and self.flow.read_paused:
+            # The app has not taken what came: wait for it, not for the client.
+            self._arm(self._body_late)
+            return
+        log.info("http.request_timeout phase=body")
+        self.transport.close()

@@ -1,0 +1,148 @@
+"""Slow clients: `newsletter serve` gives a request's headers and each pause of its body a
+deadline (NEWSLETTER_CLIENT_TIMEOUT, app/httpserver.py), so connections that send slowly or
+not at all cannot hold the server's sockets for good."""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import SmtpSink, wait_until
+from tests.processes import ServeProcess, service_env
+
+TIMEOUT = 2.0
+SUBSCRIBE = b"POST /v1/lists/bluehats/subscriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+@pytest.fixture
+def server(database_url: str, smtp: SmtpSink, tmp_path: Path) -> Iterator[ServeProcess]:
+    env = service_env(database_url, smtp_port=smtp.port, CLIENT_TIMEOUT=str(TIMEOUT))
+    server = ServeProcess(env=env, cwd=tmp_path, log=tmp_path / "serve.log")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def _connect(server: ServeProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection."""
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    return answer
+
+
+def _one_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a body of Content-Length) off a kept-alive connection."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def _subscriptions(database_url: str) -> list[str]:
+    engine = sa.create_engine(database_url)
+    with engine.connect() as connection:
+        emails = connection.execute(sa.text("SELECT email FROM subscription")).scalars().all()
+    engine.dispose()
+    return [str(email) for email in emails]
+
+
+def _headers(body: bytes) -> bytes:
+    return (
+        SUBSCRIBE
+        + b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
+
+
+class TestHeaders:
+    def test_a_connection_that_sends_nothing_is_answered_408_and_closed(
+        self, server: ServeProcess
+    ) -> None:
+        started = time.monotonic()  # the deadline runs from the connection's opening
+        sock = _connect(server)
+        answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 5
+        assert "http.request_timeout phase=headers" in server.log_text()
+
+    def test_headers_trickled_a_line_at_a_time_are_cut_at_the_deadline_not_kept_alive(
+        self, server: ServeProcess
+    ) -> None:
+        # Each line comes well within the deadline; the headers as a whole never do.
+        sock = _connect(server)
+        sock.sendall(SUBSCRIBE)
+        started = time.monotonic()
+        lines = 0
+        while not select.select([sock], [], [], TIMEOUT / 4)[0]:
+            lines += 1
+            assert lines < 100, "the headers were never cut"
+            sock.sendall(b"X-Slow: %d\r\n" % lines)
+        answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert time.monotonic() - started < TIMEOUT + 5
+        assert lines >= 3  # the lines kept coming, and were cut all the same
+
+    def test_a_kept_alive_connection_has_the_deadline_again_for_its_next_request(
+        self, server: ServeProcess
+    ) -> None:
+        sock = _connect(server)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _one_response(sock).startswith(b"HTTP/1.1 200 ")
+        # Half a request line, then nothing.
+        sock.sendall(b"GET /heal")
+        answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+class TestBody:
+    def test_a_body_that_stops_ends_the_request_and_stores_nothing(
+        self, server: ServeProcess, database_url: str
+    ) -> None:
+        body = json.dumps({"email": "slow@example.org"}).encode()
+        started = time.monotonic()
+        sock = _connect(server)
+        sock.sendall(_headers(body) + body[:5])
+        answer = _until_closed(sock)
+        assert answer == b""  # cut, not answered: the request never arrived whole
+        assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 5
+        wait_until(lambda: "request.client_disconnected" in server.log_text())
+        assert "http.request_timeout phase=body" in server.log_text()
+        assert _subscriptions(database_url) == []
+
+    def test_a_body_that_keeps_coming_is_served_however_long_it_takes_in_all(
+        self, server: ServeProcess, database_url: str
+    ) -> None:
+        # Each pause is within the deadline; the whole takes three times it.
+        body = json.dumps({"email": "patient@example.org", "locale": "fr"}).encode()
+        sock = _connect(server)
+        sock.sendall(_headers(body))
+        pieces = [body[i : i + 6] for i in range(0, len(body), 6)]
+        pause = 3 * TIMEOUT / len(pieces)
+        assert pause < TIMEOUT / 2
+        for piece in pieces:
+            time.sleep(pause)
+            sock.sendall(piece)
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        assert _subscriptions(database_url) == ["patient@example.org"]
