@@ -306,6 +306,22 @@ def migrate(
 
 
 @cli.command()
+def check() -> None:
+    """Reach what the settings name (database, Redis, mail relay, each list's backend),
+    sending nothing; exit 0 if all answered, 3 if not."""
+    from app import preflight
+
+    settings = _settings()
+    failed = 0
+    for outcome in preflight.run(settings):
+        typer.echo(f"{'ok' if outcome.ok else 'FAILED':<7}{outcome.part}: {outcome.detail}")
+        failed += not outcome.ok
+    if failed:
+        typer.echo(f"{failed} of the checks failed", err=True)
+        raise typer.Exit(3)
+
+
+@cli.command()
 def openapi(
     output: Annotated[Path | None, typer.Option(help="Write to this file.")] = None,
 ) -> None:

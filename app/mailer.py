@@ -19,6 +19,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -72,6 +73,11 @@ class Mailer(Protocol):
         """Sends inside the block may share what costs to set up (an SMTP connection)."""
         ...
 
+    def check(self) -> str:
+        """Reach what the sends need, sending nothing; say what was reached, or raise
+        MailError saying what failed (`newsletter check`)."""
+        ...
+
 
 # The messages' policy (app.mails.POLICY), with headers written in UTF-8.
 _SMTPUTF8 = email.policy.default.clone(refold_source="none", utf8=True)
@@ -116,6 +122,15 @@ class FileMailer:
 
     def batch(self) -> AbstractContextManager[None]:
         return nullcontext()
+
+    def check(self) -> str:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as e:
+            raise RetryableMailError(f"cannot write mail files in {self.directory}: {e}") from e
+        return f"development mailer: mails are written to {self.directory}, not sent"
 
 
 class _Deadline:
@@ -312,6 +327,30 @@ class SmtpMailer:
                         f"{type(e).__name__}: {e}"
                     ) from e
                 raise
+
+    def check(self) -> str:
+        s = self.settings
+        where = f"{s.host}:{s.port} ({s.security.value})"
+        with _Deadline(s.timeout) as deadline:
+            try:
+                client = self._open(deadline)
+                _goodbye(client)
+            except smtplib.SMTPAuthenticationError as e:
+                reply = e.smtp_error
+                text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+                raise RetryableMailError(
+                    f"{where}: login refused: {e.smtp_code} {text} "
+                    "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+                ) from e
+            except smtplib.SMTPNotSupportedError as e:
+                raise RetryableMailError(
+                    f"{where}: the relay does not offer what is configured: {e}"
+                ) from e
+            except (smtplib.SMTPException, OSError) as e:
+                late = " (past NEWSLETTER_MAILER__TIMEOUT)" if deadline.expired else ""
+                raise RetryableMailError(f"{where}: {type(e).__name__}: {e}{late}") from e
+        login = f", logged in as {s.username}" if s.username is not None else ", no login"
+        return f"{where}: the relay answered{login}; nothing was sent"
 
     def send(self, mail: OutgoingMail) -> str:
         s = self.settings

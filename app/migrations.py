@@ -128,19 +128,32 @@ def _script_revision(path: Path) -> tuple[str, set[str]] | None:
 
 
 @cache
+def _scripts() -> dict[str, set[str]]:
+    """Each migration script's revision, and the revisions it follows."""
+    scripts: dict[str, set[str]] = {}
+    for path in VERSIONS_DIR.glob("*.py"):
+        read = _script_revision(path)
+        if read is not None:
+            scripts[read[0]] = read[1]
+    return scripts
+
+
+def known(revision: str) -> bool:
+    """Whether this release has a migration script of that revision (a database at one it
+    does not know was migrated by a later release)."""
+    return revision in _scripts()
+
+
+@cache
 def head_revision() -> str | None:
     """The latest revision among the migration scripts (read once: they ship with the code).
 
     The one revision no script names as its `down_revision`; with several heads (or none),
     alembic's own answer, which says what is wrong.
     """
-    revisions: set[str] = set()
-    followed: set[str] = set()
-    for path in VERSIONS_DIR.glob("*.py"):
-        read = _script_revision(path)
-        if read is not None:
-            revisions.add(read[0])
-            followed |= read[1]
+    scripts = _scripts()
+    revisions = set(scripts)
+    followed = set().union(*scripts.values())
     heads = revisions - followed
     if len(heads) == 1:
         return heads.pop()

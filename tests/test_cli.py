@@ -18,7 +18,7 @@ from app.config import Settings
 from app.mailer import make_mailer
 from app.models import ConsentEvent, Subscription
 from app.worker import Worker
-from tests.conftest import SECRET
+from tests.conftest import SECRET, SmtpSink, free_port
 from tests.fake_listmonk import FakeListmonk, Seen
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -48,7 +48,7 @@ def _lists(listmonk: FakeListmonk) -> list[dict[str, object]]:
 
 
 def newsletter(
-    *args: str, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    *args: str, database_url: str, listmonk: FakeListmonk, tmp_path: Path, **settings: str
 ) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
     env.update(
@@ -57,6 +57,7 @@ def newsletter(
         NEWSLETTER_LISTS=json.dumps(_lists(listmonk)),
         NEWSLETTER_LOG_LEVEL="WARNING",
     )
+    env.update({f"NEWSLETTER_{name}": value for name, value in settings.items()})
     return subprocess.run(
         [NEWSLETTER, *args],
         env=env,
@@ -230,3 +231,74 @@ class TestTakingOverAList:
         )  # fmt: skip
         assert result.returncode == 1
         assert "the backend failed" in result.stderr
+
+
+class TestCheck:
+    """`newsletter check`: each thing the settings name is reached once, nothing is sent."""
+
+    def test_everything_reachable_is_ok_and_nothing_is_sent_or_changed(
+        self, database_url: str, listmonk: FakeListmonk, smtp: SmtpSink, tmp_path: Path
+    ) -> None:
+        result = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            MAILER__KIND="smtp", MAILER__HOST="127.0.0.1", MAILER__PORT=str(smtp.port),
+            MAILER__SECURITY="none", REDIS_URL="redis://127.0.0.1:6379/0",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert [line.split(":", 1)[0] for line in lines] == [
+            "ok     database",
+            "ok     redis",
+            "ok     mail relay",
+            "ok     list bluehats",
+        ]
+        assert "schema at " in lines[0]
+        assert "this release's" in lines[0]
+        assert lines[1].endswith("127.0.0.1:6379: answered PING")
+        assert lines[2].endswith(f"127.0.0.1:{smtp.port} (none): the relay answered, no login; "
+                                 "nothing was sent")  # fmt: skip
+        assert lines[3] == "ok     list bluehats: listmonk: read 0 members on the first page"
+        assert smtp.messages == []
+        assert {seen.method for seen in listmonk.requests} == {"GET"}
+
+    def test_each_failure_is_said_and_the_rest_still_checked(
+        self, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        listmonk.permissions = set()  # the API user lost its rights: listmonk answers 403
+        nobody = free_port()
+        result = newsletter(
+            "check",
+            database_url=f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{nobody}/newsletter",
+            listmonk=listmonk, tmp_path=tmp_path,
+            MAILER__KIND="smtp", MAILER__HOST="127.0.0.1", MAILER__PORT=str(nobody),
+            MAILER__SECURITY="none", REDIS_URL=f"redis://127.0.0.1:{nobody}/0",
+        )  # fmt: skip
+        assert result.returncode == 3, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert [line.split(":", 1)[0] for line in lines] == [
+            "FAILED database",
+            "FAILED redis",
+            "FAILED mail relay",
+            "FAILED list bluehats",
+        ]
+        assert f"postgres:***@127.0.0.1:{nobody}/newsletter: unreachable" in lines[0]
+        assert "hunter2" not in result.stdout + result.stderr
+        assert f"127.0.0.1:{nobody}: ConnectionError" in lines[1]
+        assert f"127.0.0.1:{nobody} (none): ConnectionRefusedError" in lines[2]
+        assert "listmonk: " in lines[3]
+        assert "403" in lines[3]
+        assert result.stderr.strip().endswith("4 of the checks failed")
+
+    def test_an_sqlite_file_not_there_is_left_uncreated(
+        self, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        database = tmp_path / "var" / "newsletter.db"
+        result = newsletter(
+            "check",
+            database_url=f"sqlite:///{database}", listmonk=listmonk, tmp_path=tmp_path,
+            MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"sqlite:///{database}: not there yet, made at start" in result.stdout
+        assert not database.exists()

@@ -20,8 +20,9 @@ from pydantic import SecretStr
 
 from app import addresses
 from app import mailer as mailer_module
-from app.config import Locale, SmtpMailerSettings
+from app.config import FileMailerSettings, Locale, SmtpMailerSettings
 from app.mailer import (
+    FileMailer,
     OutgoingMail,
     PermanentMailError,
     RetryableMailError,
@@ -682,3 +683,66 @@ class TestDeadline:
             server.close()
         assert elapsed < 1.6
         assert server.delivered == ["camille@example.org"]
+
+
+class TestCheck:
+    """`newsletter check`'s reach of the relay: the whole way to a login, and no mail."""
+
+    def _mailer(self, sink: SmtpSink, **settings: Any) -> SmtpMailer:
+        return SmtpMailer(
+            SmtpMailerSettings(
+                **{
+                    "host": "127.0.0.1",
+                    "port": sink.port,
+                    "security": "starttls",
+                    "username": USER,
+                    "password": PASSWORD,
+                    "timeout": 5,
+                    **settings,
+                }
+            )
+        )
+
+    def test_a_relay_that_takes_the_login_is_reached_and_sent_nothing(
+        self, tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        answer = self._mailer(tls_server, ca_file=certificate[0]).check()
+        assert answer == (
+            f"127.0.0.1:{tls_server.port} (starttls): the relay answered, logged in as "
+            f"{USER}; nothing was sent"
+        )
+        assert tls_server.messages == []
+
+    def test_a_refused_login_is_said_with_the_relay_s_answer_and_the_settings(
+        self, tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        mailer = self._mailer(tls_server, ca_file=certificate[0], password="wrong")
+        with pytest.raises(
+            RetryableMailError,
+            match=r"\(starttls\): login refused: 535 .*\(NEWSLETTER_MAILER__USERNAME, "
+            r"NEWSLETTER_MAILER__PASSWORD\)",
+        ):
+            mailer.check()
+
+    def test_an_untrusted_certificate_is_said(self, tls_server: SmtpSink) -> None:
+        with pytest.raises(RetryableMailError, match="CERTIFICATE_VERIFY_FAILED"):
+            self._mailer(tls_server).check()
+
+    def test_starttls_a_relay_does_not_offer_is_said(self, smtp: SmtpSink) -> None:
+        with pytest.raises(RetryableMailError, match="does not offer what is configured"):
+            self._mailer(smtp, username=None, password=None).check()
+
+    def test_a_relay_that_is_not_there_is_said(self) -> None:
+        port = free_port()
+        with pytest.raises(RetryableMailError, match=rf"127.0.0.1:{port} .*ConnectionRefused"):
+            self._mailer(SmtpSink(host="127.0.0.1", port=port), security="none").check()
+
+    def test_the_development_mailer_checks_its_folder(self, tmp_path: Path) -> None:
+        folder = tmp_path / "mail"
+        mailer = FileMailer(FileMailerSettings(directory=folder))
+        assert mailer.check() == f"development mailer: mails are written to {folder}, not sent"
+        assert list(folder.iterdir()) == []
+        blocked = tmp_path / "a-file"
+        blocked.write_text("")
+        with pytest.raises(RetryableMailError, match="cannot write mail files in"):
+            FileMailer(FileMailerSettings(directory=blocked / "mail")).check()
