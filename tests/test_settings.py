@@ -279,6 +279,47 @@ class TestBadValues:
         # The union's tag is no variable anyone could set.
         assert "NEWSLETTER_MAILER__SMTP" not in message
 
+    def test_a_password_that_would_go_in_clear_to_a_distant_relay_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # smtplib logged in without TLS as readily as with it.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__SECURITY", "none")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", "s3cret-pass")
+        message = settings_error()
+        assert (
+            "NEWSLETTER_MAILER: Value error, NEWSLETTER_MAILER__SECURITY=none would send the "
+            "SMTP user name and password in clear to smtp.example.org: use starttls or ssl, or"
+        ) in message
+        assert "NEWSLETTER_MAILER__ALLOW_CLEARTEXT_AUTH=true" in message
+        assert "s3cret-pass" not in message
+
+    @pytest.mark.parametrize(
+        ("host", "allow"),
+        [
+            ("127.0.0.1", None),
+            ("::1", None),
+            ("localhost", None),
+            ("relay.localhost", None),
+            ("smtp.example.org", "true"),
+        ],
+    )
+    def test_a_password_in_clear_is_taken_to_loopback_or_when_allowed(
+        self, monkeypatch: pytest.MonkeyPatch, host: str, allow: str | None
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
+        monkeypatch.setenv("NEWSLETTER_MAILER__SECURITY", "none")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", "s3cret-pass")
+        if allow is not None:
+            monkeypatch.setenv("NEWSLETTER_MAILER__ALLOW_CLEARTEXT_AUTH", allow)
+        mailer = load_settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.username == "bluehats"
+
     @pytest.mark.parametrize(
         ("variable", "username", "password"),
         [
