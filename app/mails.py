@@ -236,7 +236,7 @@ def compose(
     message.set_raw("Auto-Submitted", "auto-generated")
     message.set_raw("X-Auto-Response-Suppress", "All")
     if unsubscribe_link is not None:
-        # RFC 8058 one-click unsubscribe for mails to confirmed subscribers.
+        # RFC 2369 unsubscribe link, and RFC 8058 one-click, for mails to confirmed subscribers.
         # The URL as it is, on one line (RFC 2369): the header class would write a value
         # over 78 characters with no space to fold at as RFC 2047 words, which no client
         # reads as a URL. A line may have up to 998 (RFC 5322 2.1.1).
@@ -244,7 +244,10 @@ def compose(
         if not value.isascii() or len(value.splitlines()) > 1 or len(value) > _MAX_LINE:
             raise ValueError(f"not a URL for List-Unsubscribe: {unsubscribe_link!r}")
         message.set_raw("List-Unsubscribe", value)
-        message.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+        if unsubscribe_link[:8].lower() == "https://":
+            # RFC 8058 3.1: one-click needs an HTTPS URI in List-Unsubscribe. Over http
+            # (a development URL) the link stays for clients to show, without the claim.
+            message.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
     parts = [_text_part("plain", text), _text_part("html", html)]
     message.set_raw("MIME-Version", "1.0")
     boundary = _boundary(*(str(part.get_payload()) for part in parts))

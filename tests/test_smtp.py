@@ -556,6 +556,53 @@ class TestSender:
         assert message["Message-ID"] == "<1.test@code.gouv.fr>"
 
 
+def _received(sink: SmtpSink, mail: OutgoingMail) -> bytes:
+    """The bytes of `mail` as the real SMTP server `sink` received them (dot-unstuffed)."""
+    mailer = SmtpMailer(
+        SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+    )
+    assert "accepted" in mailer.send(mail)
+    sink.wait_for(1)
+    content: bytes = sink.envelopes[-1].original_content
+    return content
+
+
+def _header_lines(raw: bytes) -> list[bytes]:
+    return raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+class TestWhatReceiversGet:
+    """Each mail as a relay and a mail client read it: the bytes the SMTP server got."""
+
+    def _unsubscribe_mail(self, link: str) -> OutgoingMail:
+        return compose(
+            MailKind.UNSUBSCRIBE,
+            locale=Locale.FR,
+            list_name="Gazette BlueHats",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.test",
+            link=link,
+            unsubscribe_link=link,
+        )
+
+    def test_an_https_unsubscribe_link_offers_one_click(self, smtp: SmtpSink) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/abc"
+        lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
+        assert f"List-Unsubscribe: <{link}>".encode() in lines
+        assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in lines
+
+    def test_an_http_unsubscribe_link_is_given_without_claiming_one_click(
+        self, smtp: SmtpSink
+    ) -> None:
+        # RFC 8058 3.1: List-Unsubscribe-Post needs an HTTPS URI in List-Unsubscribe; a
+        # development URL (`make run`) claimed one-click over plain http.
+        link = "http://127.0.0.1:8000/v1/unsubscribe/abc"
+        lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
+        assert f"List-Unsubscribe: <{link}>".encode() in lines
+        assert not [line for line in lines if line.lower().startswith(b"list-unsubscribe-post")]
+
+
 class TestConnectionReuse:
     def _mailer(self, sink: SmtpSink) -> SmtpMailer:
         return SmtpMailer(
