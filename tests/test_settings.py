@@ -484,6 +484,26 @@ class TestBadValues:
         assert "NEWSLETTER_MAIL_FROM: Value error, " in message
         assert reason in message
 
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [
+            # No space to fold at: a From line of 1,200 characters, which a relay refuses
+            # (`500 Line too long`) or breaks.
+            ("B" * 1200, "makes a From header line of 1201 characters, more than the 998"),
+            # Folded, the quotes were lost and the commas read as 41 addresses.
+            ('"' + "DINUM," * 16 + '"', "does not read back as one name once folded"),
+        ],
+    )
+    def test_a_sender_name_a_from_header_cannot_carry_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, name: str, reason: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAIL_FROM", f"{name} <bluehats@code.gouv.fr>")
+        message = settings_error()
+        assert "NEWSLETTER_MAIL_FROM: Value error, the name in " in message
+        assert reason in message
+        assert "use a shorter name, with spaces between its words" in message
+        assert name not in message  # shown cut, with its length
+
     def test_every_bad_variable_is_named_at_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "mongodb://127.0.0.1/x")
         monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "-1m")

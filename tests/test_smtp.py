@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -601,6 +602,18 @@ class TestWhatReceiversGet:
         lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
         assert f"List-Unsubscribe: <{link}>".encode() in lines
         assert not [line for line in lines if line.lower().startswith(b"list-unsubscribe-post")]
+
+    def test_a_long_sender_name_arrives_folded_and_whole(self, smtp: SmtpSink) -> None:
+        name = "Lettre d'information de la Direction interministérielle du numérique " * 5
+        name = name.strip()
+        raw = _received(smtp, _mail(mail_from=f"{name} <bluehats@code.gouv.fr>"))
+        lines = _header_lines(raw)
+        assert max(map(len, lines)) <= 78
+        from_value = raw.partition(b"\r\nTo:")[0].removeprefix(b"From:").decode("ascii")
+        # Read as mail clients do (RFC 2047 6.2: words split inside a word join again).
+        assert str(make_header(decode_header(from_value))).strip() == (
+            f"{name} <bluehats@code.gouv.fr>"
+        )
 
 
 class TestConnectionReuse:
