@@ -342,6 +342,10 @@ def catalogue_keys(locale: Locale) -> frozenset[str]:
 DEFAULT_CONSENT_VERSION = "2026-11"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class ListSettings(BaseModel):
     """A mailing list as declared by the operators; stored in the database at start."""
 
@@ -372,6 +376,15 @@ class ListSettings(BaseModel):
     # Refuse (silently, as a bot) form posts without the hosted page's signed timestamp.
     require_form_stamp: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _one_line_name(cls, value: str) -> str:
+        # As the API's: the name goes into the mails' Subject, where a NUL or an escape
+        # was written as it is (RFC 5322 allows no control character in a header).
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters (line breaks, NUL, ...)")
+        return value
+
     @field_validator("fields")
     @classmethod
     def _unique_fields(cls, value: list[FormField]) -> list[FormField]:
@@ -395,6 +408,13 @@ class ListSettings(BaseModel):
             unknown = sorted(set(overrides) - catalogue_keys(locale))
             if unknown:
                 raise ValueError(f"unknown {locale.value} string keys: {', '.join(unknown)}")
+            for key, text in overrides.items():
+                # Line breaks are the catalogue's own (paragraphs of a mail's text).
+                if _TEXT_CONTROL.search(text):
+                    raise ValueError(
+                        f"{locale.value} string {key}: must not contain control characters "
+                        "other than line breaks and tabs (NUL, escape, ...)"
+                    )
         return value
 
     @field_validator("confirm_ttl")

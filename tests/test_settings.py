@@ -14,6 +14,7 @@ import pytest
 
 from app.config import (
     MIN_SECRET_KEY_LENGTH,
+    Locale,
     MailmanBackendSettings,
     Settings,
     SettingsError,
@@ -503,6 +504,46 @@ class TestBadValues:
         assert reason in message
         assert "use a shorter name, with spaces between its words" in message
         assert name not in message  # shown cut, with its length
+
+    def test_a_list_name_with_a_control_character_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # It went as it was into the mails' Subject; the API refused it already.
+        monkeypatch.setenv("NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "Blue\x1bHats"}))
+        message = settings_error()
+        assert "NEWSLETTER_LISTS[0].name: Value error, must not contain control characters" in (
+            message
+        )
+
+    def test_a_list_string_with_a_control_character_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists(
+                {
+                    "slug": "bluehats",
+                    "name": "Gazette BlueHats",
+                    "strings": {"fr": {"mail.confirm.subject": "Confirmez\x00 {list}"}},
+                }
+            ),
+        )
+        message = settings_error()
+        assert "fr string mail.confirm.subject: must not contain control characters" in message
+
+    def test_a_list_string_keeps_its_line_breaks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        intro = "Bonjour,\n\nvous avez demandé {list}\tà l'adresse {email}."
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists(
+                {
+                    "slug": "bluehats",
+                    "name": "Gazette BlueHats",
+                    "strings": {"fr": {"mail.confirm.intro": intro}},
+                }
+            ),
+        )
+        assert load_settings().lists[0].strings[Locale.FR]["mail.confirm.intro"] == intro
 
     def test_every_bad_variable_is_named_at_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "mongodb://127.0.0.1/x")

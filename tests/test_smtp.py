@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socketserver
 import ssl
 import subprocess
@@ -602,6 +603,28 @@ class TestWhatReceiversGet:
         lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
         assert f"List-Unsubscribe: <{link}>".encode() in lines
         assert not [line for line in lines if line.lower().startswith(b"list-unsubscribe-post")]
+
+    @pytest.mark.parametrize("kind", list(MailKind))
+    def test_control_characters_in_a_stored_list_name_reach_no_header_nor_7bit_part(
+        self, smtp: SmtpSink, kind: MailKind
+    ) -> None:
+        # A name stored before the settings refused them (NUL, escape, DEL, C1): written as
+        # they were in the Subject, which RFC 5322 forbids and relays may refuse.
+        mail = compose(
+            kind,
+            locale=Locale.EN,
+            list_name="Gazette\x00Blue\x1bHats\x7f\x9b!",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.test",
+            link="https://newsletter.code.gouv.fr/v1/unsubscribe/abc",
+        )
+        raw = _received(smtp, mail)
+        assert re.findall(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", raw) == []
+        assert b"\n" not in raw.replace(b"\r\n", b"")  # no bare LF
+        assert b"\r" not in raw.replace(b"\r\n", b"")  # no bare CR
+        [message] = smtp.messages
+        assert "Gazette Blue Hats !" in message["Subject"]
 
     def test_a_long_sender_name_arrives_folded_and_whole(self, smtp: SmtpSink) -> None:
         name = "Lettre d'information de la Direction interministérielle du numérique " * 5
