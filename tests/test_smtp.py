@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from pathlib import Path
@@ -603,6 +604,41 @@ class TestWhatReceiversGet:
         lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
         assert f"List-Unsubscribe: <{link}>".encode() in lines
         assert not [line for line in lines if line.lower().startswith(b"list-unsubscribe-post")]
+
+    @pytest.mark.parametrize("kind", list(MailKind))
+    def test_each_mail_is_a_well_formed_transactional_mail(
+        self, smtp: SmtpSink, kind: MailKind
+    ) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/" + "v41Iis0Bbq-eeyuGIGg_" * 3
+        mail = compose(
+            kind,
+            locale=Locale.FR,
+            list_name="Lettre d'information « L'été à la DINUM » — numéro spécial",
+            to="camille@example.org",
+            mail_from="L'équipe BlueHats <bluehats@code.gouv.fr>",
+            message_key="7.20261130.newsletter",
+            link=link,
+        )
+        raw = _received(smtp, mail)
+        assert raw.isascii()
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert max(map(len, raw.split(b"\r\n"))) <= 78
+        [message] = smtp.messages
+        assert message["Message-ID"] == "<7.20261130.newsletter@code.gouv.fr>"
+        assert abs(message["Date"].datetime - datetime.now(UTC)) < timedelta(minutes=1)
+        assert message["Auto-Submitted"] == "auto-generated"
+        assert message["MIME-Version"] == "1.0"
+        assert message.get_content_type() == "multipart/alternative"
+        parts = list(message.iter_parts())
+        # Plain text first: the last part is the one a client prefers (RFC 2046 5.1.4).
+        assert [part.get_content_type() for part in parts] == ["text/plain", "text/html"]
+        for part in parts:
+            assert part.get_content_charset() == "utf-8"
+            assert part["Content-Transfer-Encoding"] in ("7bit", "quoted-printable")
+            assert "été à la DINUM" in part.get_content()
+        assert message["Subject"].endswith(
+            "Lettre d'information « L'été à la DINUM » — numéro spécial"
+        )
 
     @pytest.mark.parametrize("kind", list(MailKind))
     def test_control_characters_in_a_stored_list_name_reach_no_header_nor_7bit_part(
