@@ -213,7 +213,15 @@ def sender(value: str) -> Sender:
     """
     if len(value.splitlines()) > 1 or any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise InvalidAddress("it contains a line break or a control character")
-    header = email.policy.default.header_factory("From", value)
+    try:
+        header = email.policy.default.header_factory("From", value)
+    except ValueError as e:
+        # The parser decodes RFC 2047 words in a name: `=?utf-8?q?a=0D=0ABcc:...?=` holds
+        # a line break, which `Address` refuses ("address parts cannot contain CR or LF").
+        raise InvalidAddress(
+            f"{value!r} holds a line break in an RFC 2047 word (=?...?=): write the name as "
+            "plain text"
+        ) from e
     if (
         any(not isinstance(defect, _TOLERATED) for defect in header.defects)
         or len(header.groups) != 1

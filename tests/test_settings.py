@@ -474,6 +474,10 @@ class TestBadValues:
             ("BlueHats <bluehats@code>", "'bluehats@code' is not a valid address"),
             ("BlueHats <bluehats@exämple.fr>", "ASCII form: bluehats@xn--exmple-cua.fr"),
             ("BlueHats <bluéhats@code.gouv.fr>", "letters beyond ASCII before the @-sign"),
+            (
+                "=?utf-8?q?Blue=0D=0ABcc:_x@example.org?= <bluehats@code.gouv.fr>",
+                "holds a line break in an RFC 2047 word (=?...?=): write the name as plain text",
+            ),
             ("", "is not one address"),
         ],
     )
