@@ -13,6 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from email import errors
+from email.headerregistry import BaseHeader
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from email_validator.rfc_constants import (
@@ -212,7 +213,15 @@ def sender(value: str) -> Sender:
     """
     if len(value.splitlines()) > 1 or any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise InvalidAddress("it contains a line break or a control character")
-    header = email.policy.default.header_factory("From", value)
+    try:
+        header = email.policy.default.header_factory("From", value)
+    except ValueError as e:
+        # The parser decodes RFC 2047 words in a name: `=?utf-8?q?a=0D=0ABcc:...?=` holds
+        # a line break, which `Address` refuses ("address parts cannot contain CR or LF").
+        raise InvalidAddress(
+            f"{value!r} holds a line break in an RFC 2047 word (=?...?=): write the name as "
+            "plain text"
+        ) from e
     if (
         any(not isinstance(defect, _TOLERATED) for defect in header.defects)
         or len(header.groups) != 1
@@ -246,7 +255,45 @@ def sender(value: str) -> Sender:
             f"{addr_spec!r} has letters beyond ASCII before the @-sign, which a relay without "
             "SMTPUTF8 refuses and a From header cannot carry: use an ASCII address"
         )
+    _carried(value, header, mailbox.display_name, addr_spec)
     return Sender(display_name=mailbox.display_name, addr_spec=addr_spec)
+
+
+# RFC 5322 2.1.1: a line of a message is at most 998 characters, its end aside.
+_MAX_LINE = 998
+
+
+def _carried(value: str, header: BaseHeader, name: str, addr_spec: str) -> None:
+    """Refuse a From whose name the mails cannot carry as written: folded as they write it
+    (`app.mails`), a name with no space to fold at made a line over 998 characters, which
+    relays refuse (`500 Line too long`) or break, and a quoted name of more than a line
+    without spaces lost its quotes, its commas then reading as as many addresses."""
+    folded = header.fold(policy=email.policy.default)
+    longest = max(len(line) for line in folded.splitlines())
+    if longest > _MAX_LINE:
+        raise InvalidAddress(
+            f"the name in {_shown(value)} makes a From header line of {longest} characters, "
+            f"more than the {_MAX_LINE} a mail may carry: use a shorter name, with spaces "
+            "between its words"
+        )
+    unfolded = re.sub(r"\r?\n(?=[ \t])", "", folded.partition(":")[2]).strip()
+    read = email.policy.default.header_factory("From", unfolded)
+    mailboxes = [(_unspaced(m.display_name), m.addr_spec) for m in read.addresses]
+    if mailboxes != [(_unspaced(name), addr_spec)]:
+        raise InvalidAddress(
+            f"the name in {_shown(value)} does not read back as one name once folded to the "
+            "lines of a From header: use a shorter name, with spaces between its words"
+        )
+
+
+def _unspaced(text: str) -> str:
+    # A name folded inside a word as two RFC 2047 words reads back with a space between
+    # them from Python's parser (mail clients join them, RFC 2047 6.2).
+    return "".join(text.split())
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
 
 
 def mask(email: str) -> str:

@@ -342,6 +342,10 @@ def catalogue_keys(locale: Locale) -> frozenset[str]:
 DEFAULT_CONSENT_VERSION = "2026-11"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class ListSettings(BaseModel):
     """A mailing list as declared by the operators; stored in the database at start."""
 
@@ -372,6 +376,15 @@ class ListSettings(BaseModel):
     # Refuse (silently, as a bot) form posts without the hosted page's signed timestamp.
     require_form_stamp: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _one_line_name(cls, value: str) -> str:
+        # As the API's: the name goes into the mails' Subject, where a NUL or an escape
+        # was written as it is (RFC 5322 allows no control character in a header).
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters (line breaks, NUL, ...)")
+        return value
+
     @field_validator("fields")
     @classmethod
     def _unique_fields(cls, value: list[FormField]) -> list[FormField]:
@@ -395,6 +408,13 @@ class ListSettings(BaseModel):
             unknown = sorted(set(overrides) - catalogue_keys(locale))
             if unknown:
                 raise ValueError(f"unknown {locale.value} string keys: {', '.join(unknown)}")
+            for key, text in overrides.items():
+                # Line breaks are the catalogue's own (paragraphs of a mail's text).
+                if _TEXT_CONTROL.search(text):
+                    raise ValueError(
+                        f"{locale.value} string {key}: must not contain control characters "
+                        "other than line breaks and tabs (NUL, escape, ...)"
+                    )
         return value
 
     @field_validator("confirm_ttl")
@@ -425,6 +445,17 @@ class SmtpSecurity(StrEnum):
     SSL = "ssl"
 
 
+def _loopback(host: str) -> bool:
+    """`localhost` (RFC 6761: it and its subdomains are this machine) or a loopback address."""
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class SmtpMailerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -442,6 +473,10 @@ class SmtpMailerSettings(BaseModel):
     # The name given in EHLO. Unset: the machine's, when it is fully qualified, else the
     # public URL's host (app/mailer.py, `helo_name`).
     helo_name: Annotated[str | None, Field(max_length=253, pattern=HELO_NAME_PATTERN)] = None
+    # With `security: none`, AUTH sends the user name and password in clear (AUTH PLAIN is
+    # base64, not encryption): allowed to a loopback host, elsewhere only when this says the
+    # network to the relay is trusted.
+    allow_cleartext_auth: bool = False
 
     @field_validator("host")
     @classmethod
@@ -502,6 +537,23 @@ class SmtpMailerSettings(BaseModel):
     def _credentials_go_together(self) -> SmtpMailerSettings:
         if (self.username is None) != (self.password is None):
             raise ValueError("SMTP username and password must be given together")
+        return self
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> SmtpMailerSettings:
+        # smtplib logs in over a connection without TLS as readily as over one with it:
+        # anyone on the path read the relay's password, once per connection.
+        if (
+            self.security == SmtpSecurity.NONE
+            and self.username is not None
+            and not self.allow_cleartext_auth
+            and not _loopback(self.host)
+        ):
+            raise ValueError(
+                f"NEWSLETTER_MAILER__SECURITY=none would send the SMTP user name and password "
+                f"in clear to {self.host}: use starttls or ssl, or, if the network to the relay "
+                "is trusted, set NEWSLETTER_MAILER__ALLOW_CLEARTEXT_AUTH=true"
+            )
         return self
 
     @model_validator(mode="after")

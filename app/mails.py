@@ -1,9 +1,9 @@
 """The mails this service sends, rendered from templates in the subscriber's language.
 
 Nothing a visitor typed reaches a header except the validated address; the subject is
-built from the list's name with line breaks removed. CR/LF is refused in any header value
-besides: by `email.message` in the values it parses, by `_fixed` in those parsed once, and
-the address is written as it is only without them.
+built from the list's name with line breaks and control characters removed. CR/LF is
+refused in any header value besides: by `email.message` in the values it parses, by
+`_fixed` in those parsed once, and the address is written as it is only without them.
 
 The worker builds one mail after another, often inside the API's process, and `email`'s
 modern API spends most of a mail's CPU parsing and folding headers and encoding parts. So
@@ -109,7 +109,11 @@ def _text_part(subtype: str, body: str) -> EmailMessage:
     data = b"\n".join(lines) + b"\n"  # as `set_content`: one newline at the end
     part = EmailMessage(policy=POLICY)
     part["Content-Type"] = _fixed("Content-Type", f'text/{subtype}; charset="utf-8"')
-    if data.isascii() and max(map(len, lines), default=0) <= _LINE_LENGTH:
+    if (
+        data.isascii()
+        and max(map(len, lines), default=0) <= _LINE_LENGTH
+        and not _NOT_7BIT.search(data)
+    ):
         cte = "7bit"
         payload = data.decode("ascii")
     else:
@@ -169,8 +173,16 @@ def _boundary(*parts: str) -> str:
             return boundary
 
 
+# Line breaks and other white space, and control characters (C0, DEL, C1): none may be in
+# a header (RFC 5322 2.2), where the folder writes them as they are. The settings and the
+# API refuse them in a list's name and wording; a name stored before they did is mended.
+_NOT_ONE_LINE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]+")
+# What a 7bit part may not hold besides its line ends (RFC 2045 2.7): NUL, other controls.
+_NOT_7BIT = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    return _NOT_ONE_LINE.sub(" ", text).strip()
 
 
 def compose(
@@ -236,7 +248,7 @@ def compose(
     message.set_raw("Auto-Submitted", "auto-generated")
     message.set_raw("X-Auto-Response-Suppress", "All")
     if unsubscribe_link is not None:
-        # RFC 8058 one-click unsubscribe for mails to confirmed subscribers.
+        # RFC 2369 unsubscribe link, and RFC 8058 one-click, for mails to confirmed subscribers.
         # The URL as it is, on one line (RFC 2369): the header class would write a value
         # over 78 characters with no space to fold at as RFC 2047 words, which no client
         # reads as a URL. A line may have up to 998 (RFC 5322 2.1.1).
@@ -244,7 +256,10 @@ def compose(
         if not value.isascii() or len(value.splitlines()) > 1 or len(value) > _MAX_LINE:
             raise ValueError(f"not a URL for List-Unsubscribe: {unsubscribe_link!r}")
         message.set_raw("List-Unsubscribe", value)
-        message.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+        if unsubscribe_link[:8].lower() == "https://":
+            # RFC 8058 3.1: one-click needs an HTTPS URI in List-Unsubscribe. Over http
+            # (a development URL) the link stays for clients to show, without the claim.
+            message.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
     parts = [_text_part("plain", text), _text_part("html", html)]
     message.set_raw("MIME-Version", "1.0")
     boundary = _boundary(*(str(part.get_payload()) for part in parts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,11 +43,20 @@ def subscribe(client: TestClient, email: str, **extra: Any) -> None:
     assert response.status_code == 202, response.text
 
 
+@pytest.fixture
+def https_client(database_url: str, smtp: SmtpSink) -> Iterator[TestClient]:
+    """The service published over HTTPS, as in production: RFC 8058 one-click needs it."""
+    settings = make_settings(database_url, smtp_port=smtp.port, public_url="https://testserver")
+    with TestClient(create_app(settings), base_url="https://testserver") as test_client:
+        yield test_client
+
+
 class TestDoubleOptIn:
     def test_subscribe_confirm_and_one_click_unsubscribe(
-        self, client: TestClient, smtp: SmtpSink, settings: Settings
+        self, https_client: TestClient, smtp: SmtpSink, database_url: str
     ) -> None:
-        url = settings.database_url
+        client = https_client
+        url = database_url
         subscribe(client, "Camille.Martin+news@Example.org")
 
         [mail] = smtp.wait_for(1)
@@ -80,7 +90,7 @@ class TestDoubleOptIn:
         [_, unsubscribe_mail] = smtp.wait_for(2)
         assert unsubscribe_mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         one_click_url = unsubscribe_mail["List-Unsubscribe"].strip("<>")
-        one_click_path = one_click_url.removeprefix("http://testserver")
+        one_click_path = one_click_url.removeprefix("https://testserver")
         assert one_click_path == link_in(unsubscribe_mail, "unsubscribe")
 
         # What a mail provider sends for a one-click unsubscribe: no cookies, form body.

@@ -14,6 +14,7 @@ import pytest
 
 from app.config import (
     MIN_SECRET_KEY_LENGTH,
+    Locale,
     MailmanBackendSettings,
     Settings,
     SettingsError,
@@ -281,6 +282,47 @@ class TestBadValues:
         # The union's tag is no variable anyone could set.
         assert "NEWSLETTER_MAILER__SMTP" not in message
 
+    def test_a_password_that_would_go_in_clear_to_a_distant_relay_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # smtplib logged in without TLS as readily as with it.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
+        monkeypatch.setenv("NEWSLETTER_MAILER__SECURITY", "none")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", "s3cret-pass")
+        message = settings_error()
+        assert (
+            "NEWSLETTER_MAILER: Value error, NEWSLETTER_MAILER__SECURITY=none would send the "
+            "SMTP user name and password in clear to smtp.example.org: use starttls or ssl, or"
+        ) in message
+        assert "NEWSLETTER_MAILER__ALLOW_CLEARTEXT_AUTH=true" in message
+        assert "s3cret-pass" not in message
+
+    @pytest.mark.parametrize(
+        ("host", "allow"),
+        [
+            ("127.0.0.1", None),
+            ("::1", None),
+            ("localhost", None),
+            ("relay.localhost", None),
+            ("smtp.example.org", "true"),
+        ],
+    )
+    def test_a_password_in_clear_is_taken_to_loopback_or_when_allowed(
+        self, monkeypatch: pytest.MonkeyPatch, host: str, allow: str | None
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
+        monkeypatch.setenv("NEWSLETTER_MAILER__SECURITY", "none")
+        monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
+        monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", "s3cret-pass")
+        if allow is not None:
+            monkeypatch.setenv("NEWSLETTER_MAILER__ALLOW_CLEARTEXT_AUTH", allow)
+        mailer = load_settings().mailer
+        assert isinstance(mailer, SmtpMailerSettings)
+        assert mailer.username == "bluehats"
+
     @pytest.mark.parametrize(
         ("variable", "username", "password"),
         [
@@ -434,6 +476,10 @@ class TestBadValues:
             ("BlueHats <bluehats@code>", "'bluehats@code' is not a valid address"),
             ("BlueHats <bluehats@exämple.fr>", "ASCII form: bluehats@xn--exmple-cua.fr"),
             ("BlueHats <bluéhats@code.gouv.fr>", "letters beyond ASCII before the @-sign"),
+            (
+                "=?utf-8?q?Blue=0D=0ABcc:_x@example.org?= <bluehats@code.gouv.fr>",
+                "holds a line break in an RFC 2047 word (=?...?=): write the name as plain text",
+            ),
             ("", "is not one address"),
         ],
     )
@@ -444,6 +490,66 @@ class TestBadValues:
         message = settings_error()
         assert "NEWSLETTER_MAIL_FROM: Value error, " in message
         assert reason in message
+
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [
+            # No space to fold at: a From line of 1,200 characters, which a relay refuses
+            # (`500 Line too long`) or breaks.
+            ("B" * 1200, "makes a From header line of 1201 characters, more than the 998"),
+            # Folded, the quotes were lost and the commas read as 41 addresses.
+            ('"' + "DINUM," * 16 + '"', "does not read back as one name once folded"),
+        ],
+    )
+    def test_a_sender_name_a_from_header_cannot_carry_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, name: str, reason: str
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_MAIL_FROM", f"{name} <bluehats@code.gouv.fr>")
+        message = settings_error()
+        assert "NEWSLETTER_MAIL_FROM: Value error, the name in " in message
+        assert reason in message
+        assert "use a shorter name, with spaces between its words" in message
+        assert name not in message  # shown cut, with its length
+
+    def test_a_list_name_with_a_control_character_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # It went as it was into the mails' Subject; the API refused it already.
+        monkeypatch.setenv("NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "Blue\x1bHats"}))
+        message = settings_error()
+        assert "NEWSLETTER_LISTS[0].name: Value error, must not contain control characters" in (
+            message
+        )
+
+    def test_a_list_string_with_a_control_character_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists(
+                {
+                    "slug": "bluehats",
+                    "name": "Gazette BlueHats",
+                    "strings": {"fr": {"mail.confirm.subject": "Confirmez\x00 {list}"}},
+                }
+            ),
+        )
+        message = settings_error()
+        assert "fr string mail.confirm.subject: must not contain control characters" in message
+
+    def test_a_list_string_keeps_its_line_breaks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        intro = "Bonjour,\n\nvous avez demandé {list}\tà l'adresse {email}."
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists(
+                {
+                    "slug": "bluehats",
+                    "name": "Gazette BlueHats",
+                    "strings": {"fr": {"mail.confirm.intro": intro}},
+                }
+            ),
+        )
+        assert load_settings().lists[0].strings[Locale.FR]["mail.confirm.intro"] == intro
 
     def test_every_bad_variable_is_named_at_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("NEWSLETTER_DATABASE_URL", "mongodb://127.0.0.1/x")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socketserver
 import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -555,6 +558,122 @@ class TestSender:
             (name, "bluehats@code.gouv.fr")
         ]
         assert message["Message-ID"] == "<1.test@code.gouv.fr>"
+
+
+def _received(sink: SmtpSink, mail: OutgoingMail) -> bytes:
+    """The bytes of `mail` as the real SMTP server `sink` received them (dot-unstuffed)."""
+    mailer = SmtpMailer(
+        SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+    )
+    assert "accepted" in mailer.send(mail)
+    sink.wait_for(1)
+    content: bytes = sink.envelopes[-1].original_content
+    return content
+
+
+def _header_lines(raw: bytes) -> list[bytes]:
+    return raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+class TestWhatReceiversGet:
+    """Each mail as a relay and a mail client read it: the bytes the SMTP server got."""
+
+    def _unsubscribe_mail(self, link: str) -> OutgoingMail:
+        return compose(
+            MailKind.UNSUBSCRIBE,
+            locale=Locale.FR,
+            list_name="Gazette BlueHats",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.test",
+            link=link,
+            unsubscribe_link=link,
+        )
+
+    def test_an_https_unsubscribe_link_offers_one_click(self, smtp: SmtpSink) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/abc"
+        lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
+        assert f"List-Unsubscribe: <{link}>".encode() in lines
+        assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in lines
+
+    def test_an_http_unsubscribe_link_is_given_without_claiming_one_click(
+        self, smtp: SmtpSink
+    ) -> None:
+        # RFC 8058 3.1: List-Unsubscribe-Post needs an HTTPS URI in List-Unsubscribe; a
+        # development URL (`make run`) claimed one-click over plain http.
+        link = "http://127.0.0.1:8000/v1/unsubscribe/abc"
+        lines = _header_lines(_received(smtp, self._unsubscribe_mail(link)))
+        assert f"List-Unsubscribe: <{link}>".encode() in lines
+        assert not [line for line in lines if line.lower().startswith(b"list-unsubscribe-post")]
+
+    @pytest.mark.parametrize("kind", list(MailKind))
+    def test_each_mail_is_a_well_formed_transactional_mail(
+        self, smtp: SmtpSink, kind: MailKind
+    ) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/" + "v41Iis0Bbq-eeyuGIGg_" * 3
+        mail = compose(
+            kind,
+            locale=Locale.FR,
+            list_name="Lettre d'information « L'été à la DINUM » — numéro spécial",
+            to="camille@example.org",
+            mail_from="L'équipe BlueHats <bluehats@code.gouv.fr>",
+            message_key="7.20261130.newsletter",
+            link=link,
+        )
+        raw = _received(smtp, mail)
+        assert raw.isascii()
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert max(map(len, raw.split(b"\r\n"))) <= 78
+        [message] = smtp.messages
+        assert message["Message-ID"] == "<7.20261130.newsletter@code.gouv.fr>"
+        assert abs(message["Date"].datetime - datetime.now(UTC)) < timedelta(minutes=1)
+        assert message["Auto-Submitted"] == "auto-generated"
+        assert message["MIME-Version"] == "1.0"
+        assert message.get_content_type() == "multipart/alternative"
+        parts = list(message.iter_parts())
+        # Plain text first: the last part is the one a client prefers (RFC 2046 5.1.4).
+        assert [part.get_content_type() for part in parts] == ["text/plain", "text/html"]
+        for part in parts:
+            assert part.get_content_charset() == "utf-8"
+            assert part["Content-Transfer-Encoding"] in ("7bit", "quoted-printable")
+            assert "été à la DINUM" in part.get_content()
+        assert message["Subject"].endswith(
+            "Lettre d'information « L'été à la DINUM » — numéro spécial"
+        )
+
+    @pytest.mark.parametrize("kind", list(MailKind))
+    def test_control_characters_in_a_stored_list_name_reach_no_header_nor_7bit_part(
+        self, smtp: SmtpSink, kind: MailKind
+    ) -> None:
+        # A name stored before the settings refused them (NUL, escape, DEL, C1): written as
+        # they were in the Subject, which RFC 5322 forbids and relays may refuse.
+        mail = compose(
+            kind,
+            locale=Locale.EN,
+            list_name="Gazette\x00Blue\x1bHats\x7f\x9b!",
+            to="camille@example.org",
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.test",
+            link="https://newsletter.code.gouv.fr/v1/unsubscribe/abc",
+        )
+        raw = _received(smtp, mail)
+        assert re.findall(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", raw) == []
+        assert b"\n" not in raw.replace(b"\r\n", b"")  # no bare LF
+        assert b"\r" not in raw.replace(b"\r\n", b"")  # no bare CR
+        [message] = smtp.messages
+        assert "Gazette Blue Hats !" in message["Subject"]
+
+    def test_a_long_sender_name_arrives_folded_and_whole(self, smtp: SmtpSink) -> None:
+        name = "Lettre d'information de la Direction interministérielle du numérique " * 5
+        name = name.strip()
+        raw = _received(smtp, _mail(mail_from=f"{name} <bluehats@code.gouv.fr>"))
+        lines = _header_lines(raw)
+        assert max(map(len, lines)) <= 78
+        from_value = raw.partition(b"\r\nTo:")[0].removeprefix(b"From:").decode("ascii")
+        # Read as mail clients do (RFC 2047 6.2: words split inside a word join again).
+        assert str(make_header(decode_header(from_value))).strip() == (
+            f"{name} <bluehats@code.gouv.fr>"
+        )
 
 
 class TestConnectionReuse:

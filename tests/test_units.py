@@ -496,6 +496,13 @@ class TestMails:
         read = email.message_from_bytes(b"\n".join(raw), policy=email.policy.default)
         assert read["List-Unsubscribe"] == f"<{link}>"
 
+    def test_a_text_part_with_a_control_character_is_not_7bit(self) -> None:
+        # RFC 2045 2.7: 7bit data holds no NUL nor other controls besides its line ends.
+        part = mails._text_part("plain", "Hello\x00,\nsee\x1b you.")
+        assert part["Content-Transfer-Encoding"] == "quoted-printable"
+        assert "Hello=00," in str(part.get_payload())
+        assert part.get_content() == "Hello\x00,\nsee\x1b you.\n"
+
     def test_the_file_mailer_writes_what_smtp_would_send(self, tmp_path: Path) -> None:
         mail = _compose(to="josé@exämple.fr")
         FileMailer(FileMailerSettings(directory=tmp_path)).send(mail)
