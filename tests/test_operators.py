@@ -466,6 +466,53 @@ class TestOperatorUnsubscribe:
         assert gone.json()["detail"] != "Not Found"
 
 
+class TestFindingAnInternationalizedDomain:
+    """An operator types a domain as a mail program shows it: in Unicode (`café.fr`) or in
+    its ASCII form (`xn--caf-dma.fr`); either finds the subscriber."""
+
+    def test_the_search_and_the_record_take_either_spelling_of_the_domain(
+        self, client: TestClient, write_key: dict[str, str], read_key: dict[str, str]
+    ) -> None:
+        assert _add(client, write_key, "jean@café.fr").status_code == 200
+        assert _add(client, write_key, "anne@xn--strae-oqa.de").status_code == 200
+        search = "/v1/admin/lists/bluehats/subscribers"
+        for prefix, found in (
+            ("jean@xn--caf-dma.fr", "jean@café.fr"),
+            ("JEAN@XN--CAF-DMA", "jean@café.fr"),
+            ("jean@café", "jean@café.fr"),
+            ("anne@xn--strae-oqa.de", "anne@straße.de"),
+            ("anne@straße", "anne@straße.de"),
+        ):
+            page = client.get(search, params={"prefix": prefix}, headers=read_key)
+            assert page.status_code == 200, page.text
+            assert [item["email"] for item in page.json()["items"]] == [found], prefix
+        # Typed half-way, an ASCII label finds nothing, as any other unfinished domain.
+        half = client.get(search, params={"prefix": "jean@xn--caf-d"}, headers=read_key)
+        assert half.json()["items"] == []
+        for typed in ("jean@xn--caf-dma.fr", "Jean@CAFÉ.fr"):
+            record = client.get(f"{search}/{quote(typed, safe='')}", headers=read_key)
+            assert record.status_code == 200, (typed, record.text)
+            assert record.json()["email"] == "jean@café.fr"
+
+    def test_the_command_line_search_and_show_take_either_spelling(
+        self,
+        client: TestClient,
+        write_key: dict[str, str],
+        run_cli: Callable[..., CompletedProcess[str]],
+    ) -> None:
+        assert _add(client, write_key, "jean@café.fr").status_code == 200
+        found = run_cli("subscriber", "search", "--list", "bluehats", "--prefix", "jean@xn--caf")
+        assert found.returncode == 0, found.stderr
+        assert found.stdout == ""  # an unfinished label is no domain yet
+        found = run_cli(
+            "subscriber", "search", "--list", "bluehats", "--prefix", "jean@xn--caf-dma.fr"
+        )
+        assert found.stdout.startswith("jean@café.fr\tconfirmed\t"), found
+        shown = run_cli("subscriber", "show", "jean@xn--caf-dma.fr", "--list", "bluehats")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["subscription"]["email"] == "jean@café.fr"
+
+
 # Access -----------------------------------------------------------------------------------
 
 
