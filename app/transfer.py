@@ -14,14 +14,15 @@ short (a database outage) keeps its committed batches; running the file again co
 
 Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
 list's), attributes (a JSON object of strings, the API's limits), consent_source,
-consent_date (ISO date or date-time, not in the future) and consent_version (the wording
-the person agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
+consent_date (ISO date or date-time, neither in the future nor before 1990: an earlier one
+is a spreadsheet's empty date or a typo) and consent_version (the wording the person
+agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
 separated (as the header shows, or a first line `sep=;` as Excel writes it), UTF-8 with or
-without a BOM. An export's cell that a
-spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; a
-cell so written is read back without it. The CSV export imports as it is, into another
-list or another instance of the service: its confirmed rows, with the event that
-confirmed each one as its evidence (`EXPORT_COLUMNS`); a row of another status is refused.
+without a BOM. An export's cell that a spreadsheet would run as a formula (`=...`,
+`+...`, `-...`) is written after a `'`; a cell so written is read back without it. The CSV
+export imports as it is, into another list or another instance of the service: its
+confirmed rows, with the event that confirmed each one as its evidence (`EXPORT_COLUMNS`);
+a row of another status is refused.
 
     mode=confirmed  consent_source + consent_date required per row; the subscription is
                     created confirmed, with an "imported" ledger event (source "import")
@@ -346,6 +347,9 @@ def _consent_date(value: str, *, now: datetime) -> str | None:
         future = parsed > (now + EARLIEST_ZONE).date()
     if future:
         raise _RowInvalid(f"consent_date {value} is in the future.")
+    early = schemas.too_early_for_consent(parsed.date() if isinstance(parsed, datetime) else parsed)
+    if early is not None:
+        raise _RowInvalid(f"consent_date {early}.")
     return parsed.isoformat()
 
 

@@ -310,6 +310,9 @@ class TestAddSubscriber:
             ({"evidence": EVIDENCE | {"note": " "}}, "evidence.note"),
             ({"evidence": {"source": "x", "note": "y"}}, "evidence.consented_at"),
             ({"evidence": EVIDENCE | {"consented_at": "2999-01-01"}}, "must not be in the"),
+            # An empty date in a spreadsheet, or a typo: no proof of a consent given then.
+            ({"evidence": EVIDENCE | {"consented_at": "0001-01-01"}}, "is before 1990-01-01"),
+            ({"evidence": EVIDENCE | {"consented_at": "1970-01-01"}}, "is before 1990-01-01"),
             ({"evidence": EVIDENCE | {"consented_at": "yesterday"}}, "evidence.consented_at"),
             ({"mode": "invite"}, "evidence goes with mode confirmed"),
             ({"mode": "import"}, "mode"),

@@ -305,7 +305,7 @@ class TestImportConfirmed:
             HEADER
             + _row("early@example.org", consent_date="0001-01-01T00:00:00+14:00")
             + _row("late@example.org", consent_date="9999-12-31T23:59:59-14:00")
-            + _row("fine@example.org", consent_date="0001-01-01T00:00:00-14:00")
+            + _row("fine@example.org", consent_date="2025-01-01T00:00:00-14:00")
         )
         response = _import(client, write_key, body, mode="confirmed")
         assert response.status_code == 200, response.text
@@ -314,6 +314,33 @@ class TestImportConfirmed:
         assert [error["line"] for error in report["errors"]] == [2, 3]
         assert "out of range once in UTC" in report["errors"][0]["error"]
         assert "out of range once in UTC" in report["errors"][1]["error"]
+
+    def test_a_consent_date_before_1990_is_a_row_error(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # A spreadsheet's empty date (.NET's, Excel's, Unix's zero) or a typo: as proof, it
+        # would date a consent nobody gave then.
+        body = (
+            HEADER
+            + _row("year-one@example.org", consent_date="0001-01-01")
+            + _row("excel-zero@example.org", consent_date="1899-12-30")
+            + _row("epoch@example.org", consent_date="1970-01-01T00:00:00Z")
+            + _row("typo@example.org", consent_date="0205-03-12")
+            + _row("fine@example.org", consent_date="1990-01-01")
+        )
+        report = _import(client, write_key, body, mode="confirmed").json()
+        assert (report["read"], report["created"], report["invalid"]) == (5, 1, 4)
+        assert [(error["line"], error["error"]) for error in report["errors"]] == [
+            (
+                line,
+                f"consent_date {day} is before 1990-01-01, which no consent here can be (an "
+                "empty date in a spreadsheet reads as 1900-01-01 or 0001-01-01).",
+            )
+            for line, day in (
+                (2, "0001-01-01"), (3, "1899-12-30"), (4, "1970-01-01"), (5, "0205-03-12")
+            )
+        ]  # fmt: skip
+        assert set(_subscriptions(engine)) == {"fine@example.org"}
 
     def test_a_duplicate_row_is_reported_and_only_its_first_line_imported(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
@@ -980,6 +1007,18 @@ class TestCommandLine:
             ]
             assert all(e.actor.startswith("cli:") for e in entries)
             assert entries[1].detail["note"] == "meetup"
+
+    def test_a_consent_date_before_1990_is_a_row_error_in_the_report(
+        self, run: Any, tmp_path: Path, database_url: str
+    ) -> None:
+        dated = tmp_path / "dated.csv"
+        dated.write_text(HEADER + _row("old@example.org", consent_date="0001-01-01"))
+        result = run("import", "--list", "bluehats", str(dated))
+        assert result.returncode == 1, result.stderr
+        assert "line 2 o***@example.org: consent_date 0001-01-01 is before 1990-01-01" in (
+            result.stdout
+        )
+        assert count_rows(database_url, "subscription") == 0
 
     def test_a_file_read_from_a_pipe_is_imported(self, run: Any, database_url: str) -> None:
         # `... | newsletter import --list bluehats /dev/stdin`: the import reads a file twice.
