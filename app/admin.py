@@ -30,6 +30,8 @@ from app.models import (
 )
 
 MAX_PAGE = 500
+# The longest search prefix: an address's longest.
+MAX_PREFIX = 254
 
 
 # Cursors ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -1019,6 +1020,68 @@ class TestCommandLine:
             result.stdout
         )
         assert count_rows(database_url, "subscription") == 0
+
+    def test_the_export_takes_the_searchs_filters(
+        self, run: Any, tmp_path: Path, engine: sa.Engine
+    ) -> None:
+        people = tmp_path / "people.csv"
+        people.write_text(
+            HEADER + _row("ann@example.org") + _row("bob@example.org", locale="en")
+            + _row("carl@example.org")
+        )  # fmt: skip
+        assert run("import", "--list", "bluehats", str(people)).returncode == 0
+        with engine.begin() as connection:
+            for email, day in (("ann", "01-10"), ("bob", "02-10"), ("carl", "03-10")):
+                connection.execute(
+                    sa.update(Subscription)
+                    .where(col(Subscription.email) == f"{email}@example.org")
+                    .values(
+                        created_at=datetime.fromisoformat(f"2025-{day}T09:00:00+00:00"),
+                        confirmed_at=datetime.fromisoformat(f"2025-{day}T10:00:00+00:00"),
+                    )
+                )
+
+        def exported(*filters: str) -> list[str]:
+            result = run("export", "--list", "bluehats", "--format", "jsonl", *filters)
+            assert result.returncode == 0, (filters, result.stderr)
+            return [json.loads(line)["email"] for line in result.stdout.splitlines()]
+
+        assert exported("--confirmed-after", "2025-02-01") == [
+            "bob@example.org",
+            "carl@example.org",
+        ]
+        assert exported(
+            "--confirmed-after", "2025-02-10T10:00:00Z", "--confirmed-before", "2025-03-01"
+        ) == ["bob@example.org"]
+        assert exported("--created-before", "2025-02-10T09:00:01+00:00") == [
+            "ann@example.org", "bob@example.org"
+        ]  # fmt: skip
+        assert exported("--created-after", "2025-03-01", "--status", "confirmed") == [
+            "carl@example.org"
+        ]
+        assert exported("--locale", "EN") == ["bob@example.org"]
+        assert exported("--prefix", "CARL@") == ["carl@example.org"]
+        # Refused as the API refuses them (400, 422): exit 2, nothing written, nor audited.
+        for filters, message in (
+            (("--confirmed-after", "2025-03-01", "--confirmed-before", "2025-02-01"),
+             "confirmed_after (2025-03-01T00:00:00+00:00) is not before confirmed_before"),
+            (("--created-after", "2025-02-01", "--created-before", "2025-02-01"),
+             "the period is empty"),
+            (("--confirmed-before", "last week"), "--confirmed-before: not an ISO date"),
+            (("--locale", "de"), "--locale must be one of fr, en"),
+            (("--prefix", "ann\x1b[31m"), "--prefix: must not contain control characters"),
+            (("--prefix", "a" * 255), "--prefix is longer than 254 characters"),
+        ):  # fmt: skip
+            refused = run("export", "--list", "bluehats", *filters)
+            assert refused.returncode == 2, (filters, refused.stderr)
+            assert message in refused.stderr, (filters, refused.stderr)
+            assert refused.stdout == ""
+        exports = _audit(engine, "subscribers.export")
+        assert len(exports) == 6
+        assert exports[1].detail["filters"] == {
+            "confirmed_after": "2025-02-10T10:00:00+00:00",
+            "confirmed_before": "2025-03-01T00:00:00+00:00",
+        }
 
     def test_a_file_read_from_a_pipe_is_imported(self, run: Any, database_url: str) -> None:
         # `... | newsletter import --list bluehats /dev/stdin`: the import reads a file twice.
