@@ -340,7 +340,9 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
     return backends.make_backend(declared.backend, client), client
 
 
-def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
+def _read_members(
+    backend: Any, *, label: str, names: dict[str, str] | None = None
+) -> dict[str, tuple[str, bool]]:
     from rich.progress import SpinnerColumn, TextColumn
 
     from app import sync
@@ -356,7 +358,7 @@ def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
             progress.update(task, description=f"reading members from {label}: {seen}")
 
         try:
-            return sync.read_backend(backend, progress=advance)
+            return sync.read_backend(backend, progress=advance, names=names)
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
             raise typer.Exit(1) from e
@@ -455,7 +457,8 @@ def import_backend(
     engine = db.make_engine(settings.database_url)
     try:
         lists.sync_declared(engine, declared=settings.lists)
-        remote = _read_members(backend, label=list_slug)
+        names: dict[str, str] = {}
+        remote = _read_members(backend, label=list_slug, names=names)
         with db.session_scope(engine) as session:
             report = sync.import_members(
                 session,
@@ -464,6 +467,7 @@ def import_backend(
                 backend_kind=declared.backend.kind,
                 key=settings.token_key(),
                 now=utcnow(),
+                names=names,
             )
             if dry_run:
                 session.rollback()
