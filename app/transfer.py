@@ -18,11 +18,11 @@ consent_date (ISO date or date-time, neither in the future nor before 1990: an e
 is a spreadsheet's empty date or a typo) and consent_version (the wording the person
 agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
 separated (as the header shows, or a first line `sep=;` as Excel writes it), UTF-8 with or
-without a BOM. An export's cell that a spreadsheet would run as a formula (`=...`,
-`+...`, `-...`) is written after a `'`; a cell so written is read back without it. The CSV
-export imports as it is, into another list or another instance of the service: its
-confirmed rows, with the event that confirmed each one as its evidence (`EXPORT_COLUMNS`);
-a row of another status is refused.
+without a BOM; empty columns after the header's last name are left out. An export's cell
+that a spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`;
+a cell so written is read back without it. The CSV export imports as it is, into another
+list or another instance of the service: its confirmed rows, with the event that confirmed
+each one as its evidence (`EXPORT_COLUMNS`); a row of another status is refused.
 
     mode=confirmed  consent_source + consent_date required per row; the subscription is
                     created confirmed, with an "imported" ledger event (source "import")
@@ -245,6 +245,10 @@ def _delimiter(header: str) -> str:
 
 def _columns(header: list[str]) -> list[str]:
     names = [name.strip().lower() for name in header]
+    # Empty cells after the last name: a spreadsheet writes them for columns once used or
+    # formatted (`email;name;;`), and on every line after it.
+    while names and not names[-1]:
+        names.pop()
     for position, name in enumerate(names, 1):
         if not name:
             raise errors.InvalidCsv(f"Column {position} of the header has no name. {_COLUMNS_HELP}")
@@ -517,6 +521,10 @@ def import_csv(
 
     for line, fields in records:
         report.read += 1
+        # Empty cells past the header's last column (a spreadsheet's trailing separators)
+        # hold nothing to lose.
+        if len(fields) > len(columns) and not any(cell.strip() for cell in fields[len(columns) :]):
+            fields = fields[: len(columns)]
         values = dict(zip(columns, fields, strict=False))
         if len(fields) != len(columns):
             report.refuse(

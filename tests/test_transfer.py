@@ -451,7 +451,8 @@ class TestImportRefusesTheFile:
                 "Unknown column(s) in the header: 'phone'",
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
-            (b"email,\na@example.org,\n", "Column 2 of the header has no name"),
+            # Between two names (after the last one, a spreadsheet's trailing separator).
+            (b"email,,name\na@example.org,,A\n", "Column 2 of the header has no name"),
             (
                 b'{"email": "a@example.org", "name": "A, B", "status": "confirmed"}\n',
                 "The file holds JSON lines (an export with format jsonl?), not CSV",
@@ -547,6 +548,32 @@ class TestImportRefusesTheFile:
         assert result.status_code == 200, result.text
         assert result.json()["created"] == 1
         assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Hélène Durand"}
+
+    def test_a_spreadsheet_s_empty_columns_after_the_last_one_are_left_out(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # A spreadsheet writes a separator for each column once used or formatted, header
+        # included; the whole file was refused ("Column 5 of the header has no name").
+        body = (
+            "Email;Name;Consent_Source;Consent_Date;;\r\n"
+            "helene@example.org;Hélène Durand;Formulaire papier;2025-03-12;;\r\n"
+            "jean@example.org;Jean;Formulaire papier;2025-03-12\r\n"
+            "lea@example.org;Léa;Formulaire papier;2025-03-12;;;\r\n"
+            "max@example.org;Max;Formulaire papier;2025-03-12;;oui\r\n"
+            ";;;;;\r\n"
+        ).encode()
+        result = _import(client, write_key, body)
+        assert result.status_code == 200, result.text
+        report = result.json()
+        assert (report["read"], report["created"], report["invalid"]) == (4, 3, 1)
+        # A value there is no empty cell: nothing says which column it belongs to.
+        assert report["errors"] == [
+            {"line": 5, "email": "m***@example.org", "error": "The row has 6 fields, the header 4."}
+        ]
+        assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Hélène Durand"}
+        assert set(_subscriptions(engine)) == {
+            "helene@example.org", "jean@example.org", "lea@example.org"
+        }  # fmt: skip
 
     def test_excel_s_separator_line_names_the_separator_and_lines_keep_their_numbers(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
