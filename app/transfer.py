@@ -12,8 +12,9 @@ is safe, and running the same file twice adds nothing: an address already on the
 `unchanged`, whatever its state (an import never undoes an unsubscription). An import cut
 short (a database outage) keeps its committed batches; running the file again completes it.
 
-Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
-list's), attributes (a JSON object of strings, the API's limits), consent_source,
+Columns: email (required; `Name <address>` gives the name too), name (kept as the
+attribute `name`), locale (fr, en; else the list's), attributes (a JSON object of
+strings, the API's limits), consent_source,
 consent_date (ISO date or date-time, neither in the future nor before 1990: an earlier one
 is a spreadsheet's empty date or a typo) and consent_version (the wording the person
 agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
@@ -394,10 +395,24 @@ def _exported_evidence(values: dict[str, str]) -> tuple[str, str]:
     return source, when if when.strip() else event_at
 
 
+# `Camille Dupont <camille@example.org>` (or the name in double quotes): a mail program's
+# address book, a list of members pasted into a spreadsheet, Mailman's mass subscription.
+_NAMED_ADDRESS = re.compile(
+    r'\s*(?:"(?P<quoted>[^"]*)"|(?P<name>[^"<>]*?))\s*<(?P<address>[^<>]*)>\s*'
+)
+
+
 def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) -> ImportRow:
     raw_email = _cell(values, "email")
     if not raw_email:
         raise _RowInvalid("email is empty.")
+    display_name = None
+    named = _NAMED_ADDRESS.fullmatch(raw_email)
+    if named is not None:
+        raw_email = named["address"].strip()
+        display_name = (named["quoted"] or named["name"] or "").strip() or None
+        if not raw_email:
+            raise _RowInvalid("email is empty between its angle brackets.")
     try:
         address = addresses.parse(raw_email, new=True)
     except addresses.InvalidAddress as e:
@@ -415,6 +430,11 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
             "with status=confirmed to leave the others out)."
         )
     name = _text(_cell(values, "name"), name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
+    if display_name is not None:
+        from_email = _text(display_name, name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
+        if name is not None and name != from_email:
+            raise _RowInvalid("name is given twice, differently (column and email cell).")
+        name = from_email
     attributes = _attributes(values.get("attributes", ""), name)
     source_text, date_text = _exported_evidence(values)
     consent_source = _text(source_text, name="consent_source", limit=MAX_CONSENT_SOURCE)

@@ -343,6 +343,32 @@ class TestImportConfirmed:
         ]  # fmt: skip
         assert set(_subscriptions(engine)) == {"fine@example.org"}
 
+    def test_a_name_around_the_address_is_kept_as_the_name(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # As a mail program's address book, or a members list pasted from one, writes them.
+        body = (
+            HEADER
+            + _row("Camille Dupont <camille@example.org>")  # line 2
+            + _row('"Durand, Hélène" <helene@example.org>')  # 3
+            + _row("<nobody@example.org>")  # 4
+            + _row("Zoé <zoe@example.org>", name="Zoé")  # 5
+            + _row("Zoé <zoe2@example.org>", name="Zoë")  # 6
+            + _row("Bad <>")  # 7
+        )
+        report = _import(client, write_key, body).json()
+        assert (report["read"], report["created"], report["invalid"]) == (6, 4, 2)
+        assert [(error["line"], error["error"]) for error in report["errors"]] == [
+            (6, "name is given twice, differently (column and email cell)."),
+            (7, "email is empty between its angle brackets."),
+        ]
+        assert {email: row.attributes for email, row in _subscriptions(engine).items()} == {
+            "camille@example.org": {"name": "Camille Dupont"},
+            "helene@example.org": {"name": "Durand, Hélène"},
+            "nobody@example.org": {},
+            "zoe@example.org": {"name": "Zoé"},
+        }
+
     def test_a_duplicate_row_is_reported_and_only_its_first_line_imported(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
