@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -358,9 +359,9 @@ class TestImportConfirmed:
         )
         report = _import(client, write_key, body).json()
         assert (report["read"], report["created"], report["invalid"]) == (6, 4, 2)
-        assert [(error["line"], error["error"]) for error in report["errors"]] == [
-            (6, "name is given twice, differently (column and email cell)."),
-            (7, "email is empty between its angle brackets."),
+        assert [(error["line"], error["email"], error["error"]) for error in report["errors"]] == [
+            (6, "z***@example.org", "name is given twice, differently (column and email cell)."),
+            (7, "", "email is empty between its angle brackets."),
         ]
         assert {email: row.attributes for email, row in _subscriptions(engine).items()} == {
             "camille@example.org": {"name": "Camille Dupont"},
@@ -368,6 +369,17 @@ class TestImportConfirmed:
             "nobody@example.org": {},
             "zoe@example.org": {"name": "Zoé"},
         }
+
+    def test_an_email_cell_of_spaces_is_read_in_linear_time(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        # Read as a possible `Name <address>`: two parts that could both take the spaces
+        # made it quadratic, seconds for a line a file may hold thousands of.
+        body = HEADER + _row("a" + " " * 60_000 + "b@example.org")
+        started = time.monotonic()
+        report = _import(client, write_key, body).json()
+        assert time.monotonic() - started < 1.5
+        assert report["invalid"] == 1
 
     def test_a_duplicate_row_is_reported_and_only_its_first_line_imported(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
