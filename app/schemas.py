@@ -144,7 +144,7 @@ _REGION_TAG = re.compile(r"([A-Za-z]{2})(?:[-_][A-Za-z0-9]{1,8})*")
 _LANGUAGES = frozenset(locale.value for locale in Locale)
 
 
-def _language_of(value: object) -> object:
+def language_of(value: object) -> object:
     if isinstance(value, str):
         match = _REGION_TAG.fullmatch(value)
         if match is not None and match[1].lower() in _LANGUAGES:
@@ -153,7 +153,7 @@ def _language_of(value: object) -> object:
 
 
 # The mails' language in a subscription request: `fr` or `en`, or a tag of either.
-RequestLocale = Annotated[Locale | None, BeforeValidator(_language_of)]
+RequestLocale = Annotated[Locale | None, BeforeValidator(language_of)]
 
 
 # A solved challenge from GET /v1/challenge, when the service asks for proof of work.

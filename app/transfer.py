@@ -13,8 +13,8 @@ is safe, and running the same file twice adds nothing: an address already on the
 short (a database outage) keeps its committed batches; running the file again completes it.
 
 Columns: email (required; `Name <address>` gives the name too), name (kept as the
-attribute `name`), locale (fr, en; else the list's), attributes (a JSON object of
-strings, the API's limits), consent_source,
+attribute `name`), locale (fr, en, or a tag of either such as fr-FR; else the list's),
+attributes (a JSON object of strings, the API's limits), consent_source,
 consent_date (ISO date or date-time, neither in the future nor before 1990: an earlier one
 is a spreadsheet's empty date or a typo) and consent_version (the wording the person
 agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
@@ -422,7 +422,9 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
         raise _RowInvalid(f"email is not a valid address: {e}") from e
     locale_text = values.get("locale", "").strip().lower()
     try:
-        locale = Locale(locale_text) if locale_text else None
+        # A tag with a region (`fr-FR`, `fr_CA`), as other tools write it, as the sign-up
+        # takes it.
+        locale = Locale(str(schemas.language_of(locale_text))) if locale_text else None
     except ValueError as e:
         known = ", ".join(item.value for item in Locale)
         raise _RowInvalid(f"locale {locale_text[:20]!r} is not one of {known}.") from e

@@ -344,6 +344,25 @@ class TestImportConfirmed:
         ]  # fmt: skip
         assert set(_subscriptions(engine)) == {"fine@example.org"}
 
+    def test_a_locale_with_a_region_is_its_language_as_the_sign_up_takes_it(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            HEADER
+            + _row("ann@example.org", locale="fr-FR")
+            + _row("bob@example.org", locale="en_GB")
+            + _row("cy@example.org", locale=" EN ")
+            + _row("dora@example.org", locale="de-DE")
+        )
+        report = _import(client, write_key, body).json()
+        assert (report["created"], report["invalid"]) == (3, 1)
+        assert [(error["line"], error["error"]) for error in report["errors"]] == [
+            (5, "locale 'de-de' is not one of fr, en.")
+        ]
+        assert {email: row.locale for email, row in _subscriptions(engine).items()} == {
+            "ann@example.org": "fr", "bob@example.org": "en", "cy@example.org": "en"
+        }  # fmt: skip
+
     def test_a_name_around_the_address_is_kept_as_the_name(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
