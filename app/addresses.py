@@ -7,6 +7,7 @@ A `+tag` is never stripped: it is part of the address.
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import functools
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from email import errors
 from email.headerregistry import BaseHeader
 
+import idna
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from email_validator.rfc_constants import (
     ATEXT,
@@ -86,6 +88,25 @@ def _parse(raw: str, new: bool) -> Address:
     if len(raw) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
     return _plain(raw) or _general(raw, new)
+
+
+def key_prefixes(prefix: str) -> set[str]:
+    """The start of an address an operator typed, in the forms a stored `key` may start
+    with: Unicode NFC and case-folded, as keys are, and with the domain's ASCII labels
+    (`xn--caf-dma`) written in Unicode (`café`), the form keys hold them in. A label that
+    is no valid A-label (typed half-way) is left as typed."""
+    typed = unicodedata.normalize("NFC", prefix).casefold()
+    local, at, domain = typed.rpartition("@")
+    if not at or "xn--" not in domain:
+        return {typed}
+    labels = []
+    for label in domain.split("."):
+        if label.startswith("xn--"):
+            with contextlib.suppress(idna.IDNAError, UnicodeError):
+                label = idna.decode(label)
+        labels.append(label)
+    unicode_domain = unicodedata.normalize("NFC", ".".join(labels)).casefold()
+    return {typed, f"{local}@{unicode_domain}"}
 
 
 @functools.lru_cache(maxsize=256)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlmodel import Session, col, func, select
 
-from app import errors, lists, outbox
+from app import addresses, errors, lists, outbox
 from app.config import Locale
 from app.models import (
     MAX_ROW_ID,
@@ -29,6 +30,8 @@ from app.models import (
 )
 
 MAX_PAGE = 500
+# The longest search prefix: an address's longest.
+MAX_PREFIX = 254
 
 
 # Cursors ----------------------------------------------------------------------------------
@@ -98,8 +101,15 @@ def subscriber_query(list_id: int, where: SubscriberFilter) -> Any:
     if where.status is not None:
         query = query.where(Subscription.status == where.status)
     if where.prefix:
-        pattern = _escape_like(where.prefix.casefold()) + "%"
-        query = query.where(col(Subscription.email_key).like(pattern, escape="\\"))
+        # As typed, or with its domain in ASCII (`xn--`): keys hold the domain in Unicode.
+        query = query.where(
+            sa.or_(
+                *(
+                    col(Subscription.email_key).like(_escape_like(start) + "%", escape="\\")
+                    for start in sorted(addresses.key_prefixes(where.prefix))
+                )
+            )
+        )
     if where.locale is not None:
         query = query.where(Subscription.locale == where.locale.value)
     if where.created_after is not None:
@@ -138,9 +148,14 @@ def search_subscribers(
 
 def find_subscriber(session: Session, *, list_slug: str, email: str) -> Subscription:
     mailing_list = lists.get(session, slug=list_slug)
+    # The key as stored: a domain typed in ASCII (`xn--`) or in capitals is the same one.
+    try:
+        key = addresses.parse(email, new=False).key
+    except addresses.InvalidAddress:
+        key = unicodedata.normalize("NFC", email).casefold()
     row = session.exec(
         select(Subscription).where(
-            Subscription.list_id == mailing_list.id, Subscription.email_key == email.casefold()
+            Subscription.list_id == mailing_list.id, Subscription.email_key == key
         )
     ).first()
     if row is None:

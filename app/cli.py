@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DATABASE_UNREACHABLE = 4
 EXIT_SCHEMA_NOT_AT_HEAD = 5
-# The admin API's limits (app.admin.MAX_PAGE, app.schemas.MAX_ROW_ID and
+# The admin API's limits (app.admin.MAX_PAGE and MAX_PREFIX, app.schemas.MAX_ROW_ID and
 # CONFIRM_TTL_BOUNDS; a test holds them equal), written out: importing those modules would
 # slow every command's start.
 MAX_PAGE = 500
+MAX_PREFIX = 254
 MAX_ROW_ID = 2**31 - 1
 CONFIRM_TTL_HOURS = (1, 30 * 24)
 
@@ -357,7 +358,9 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
     return backends.make_backend(declared.backend, client), client
 
 
-def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
+def _read_members(
+    backend: Any, *, label: str, names: dict[str, str] | None = None
+) -> dict[str, tuple[str, bool]]:
     from rich.progress import SpinnerColumn, TextColumn
 
     from app import sync
@@ -373,7 +376,7 @@ def _read_members(backend: Any, *, label: str) -> dict[str, tuple[str, bool]]:
             progress.update(task, description=f"reading members from {label}: {seen}")
 
         try:
-            return sync.read_backend(backend, progress=advance)
+            return sync.read_backend(backend, progress=advance, names=names)
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
             raise typer.Exit(1) from e
@@ -472,7 +475,8 @@ def import_backend(
     engine = db.make_engine(settings.database_url)
     try:
         lists.sync_declared(engine, declared=settings.lists)
-        remote = _read_members(backend, label=list_slug)
+        names: dict[str, str] = {}
+        remote = _read_members(backend, label=list_slug, names=names)
         with db.session_scope(engine) as session:
             report = sync.import_members(
                 session,
@@ -481,6 +485,7 @@ def import_backend(
                 backend_kind=declared.backend.kind,
                 key=settings.token_key(),
                 now=utcnow(),
+                names=names,
             )
             if dry_run:
                 session.rollback()
@@ -1028,28 +1033,109 @@ def import_file(
         raise typer.Exit(1)
 
 
+# The filters of the search and the export, as the admin API's query names them.
+_StatusOption = Annotated[str | None, typer.Option(help="pending, confirmed, ...")]
+_PrefixOption = Annotated[
+    str | None,
+    typer.Option(help="Start of the address (a domain in Unicode or in ASCII, xn--...)."),
+]
+_LocaleOption = Annotated[str | None, typer.Option(help="fr or en.")]
+_CreatedAfterOption = Annotated[
+    str | None, typer.Option(help="Created at or after (ISO date or date-time, UTC by default).")
+]
+_CreatedBeforeOption = Annotated[
+    str | None, typer.Option(help="Created before (ISO date or date-time, UTC by default).")
+]
+_ConfirmedAfterOption = Annotated[
+    str | None,
+    typer.Option(help="Confirmed at or after (ISO date or date-time, UTC by default)."),
+]
+_ConfirmedBeforeOption = Annotated[
+    str | None, typer.Option(help="Confirmed before (ISO date or date-time, UTC by default).")
+]
+
+
+def _subscriber_filter(
+    *,
+    status: str | None,
+    prefix: str | None,
+    locale: str | None,
+    created_after: str | None,
+    created_before: str | None,
+    confirmed_after: str | None,
+    confirmed_before: str | None,
+) -> Any:
+    """The search's and the export's filters, checked as the admin API checks its query
+    (`subscriber_filter`); exit 2 for one it would refuse."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from app import admin, errors
+    from app.models import SubscriptionStatus
+    from app.schemas import UrlText
+
+    chosen = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
+    language = None
+    if locale is not None:
+        language = _choice(locale.strip().lower(), option="--locale", allowed=Locale)
+    if prefix is not None:
+        if len(prefix) > MAX_PREFIX:
+            typer.echo(f"--prefix is longer than {MAX_PREFIX} characters", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        try:
+            TypeAdapter(UrlText).validate_python(prefix)
+        except ValidationError as e:
+            message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+            typer.echo(f"--prefix: {message}", err=True)
+            raise typer.Exit(EXIT_USAGE) from e
+    try:
+        return admin.SubscriberFilter(
+            status=chosen,
+            prefix=prefix or None,
+            locale=language,
+            created_after=_when(created_after, option="--created-after"),
+            created_before=_when(created_before, option="--created-before"),
+            confirmed_after=_when(confirmed_after, option="--confirmed-after"),
+            confirmed_before=_when(confirmed_before, option="--confirmed-before"),
+        )
+    except errors.BadRequest as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+
+
 @cli.command("export")
 def export_file(
     list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
     export_format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
-    status: Annotated[
-        str | None, typer.Option(help="Only this status (pending, confirmed, ...).")
-    ] = None,
+    status: _StatusOption = None,
+    prefix: _PrefixOption = None,
+    locale: _LocaleOption = None,
+    created_after: _CreatedAfterOption = None,
+    created_before: _CreatedBeforeOption = None,
+    confirmed_after: _ConfirmedAfterOption = None,
+    confirmed_before: _ConfirmedBeforeOption = None,
     output: Annotated[
         Path | None, typer.Option(help="Write to this file (default: standard output).")
     ] = None,
 ) -> None:
-    """Export a list's subscribers with their consent fields, as CSV or JSON lines."""
+    """Export a list's subscribers with their consent fields, as CSV or JSON lines, with
+    the same filters as the search."""
     import functools
     import os
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    from app import admin, db, transfer
-    from app.models import SubscriptionStatus
+    from app import db, transfer
 
     chosen = _choice(export_format, option="--format", allowed=transfer.ExportFormat)
-    wanted = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
+    where = _subscriber_filter(
+        status=status,
+        prefix=prefix,
+        locale=locale,
+        created_after=created_after,
+        created_before=created_before,
+        confirmed_after=confirmed_after,
+        confirmed_before=confirmed_before,
+    )
     settings = _settings()
     # A file appears under its name only once complete: a script never reads half an export.
     # A pipe or a device (`--output /dev/stdout`, a shell's `>(gzip > f.gz)`) is written as
@@ -1061,8 +1147,7 @@ def export_file(
     # records it as done.
     sink = sys.stdout.buffer if output is None else _open_output(output, partial)
     engine = db.make_engine(settings.database_url)
-    where = admin.SubscriberFilter(status=wanted)
-    detail = {"format": chosen.value, "filters": {"status": wanted.value} if wanted else {}}
+    detail = {"format": chosen.value, "filters": where.given()}
     try:
         list_id = _known_list(settings, engine, list_slug)
         with db.session_scope(engine) as session:
@@ -1186,42 +1271,36 @@ def _json_out(value: Any) -> None:
 @subscriber_cli.command("search")
 def subscriber_search(
     list_slug: Annotated[str, typer.Option("--list", help="The list's slug.")],
-    status: Annotated[str | None, typer.Option(help="pending, confirmed, ...")] = None,
-    prefix: Annotated[str | None, typer.Option(help="Start of the address.")] = None,
-    locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
-    created_after: Annotated[str | None, typer.Option(help="ISO date.")] = None,
-    created_before: Annotated[str | None, typer.Option(help="ISO date.")] = None,
+    status: _StatusOption = None,
+    prefix: _PrefixOption = None,
+    locale: _LocaleOption = None,
+    created_after: _CreatedAfterOption = None,
+    created_before: _CreatedBeforeOption = None,
+    confirmed_after: _ConfirmedAfterOption = None,
+    confirmed_before: _ConfirmedBeforeOption = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="Rows per page.")] = 100,
     cursor: Annotated[str | None, typer.Option(help="Next page, as printed.")] = None,
 ) -> None:
     """One page of a list's subscribers, tab-separated; the next page's cursor on stderr."""
-    from app import admin, errors
-    from app.models import SubscriptionStatus
+    from app import admin
 
-    settings = _settings()
-    chosen = _choice(status, option="--status", allowed=SubscriptionStatus) if status else None
-    language = None
-    if locale is not None:
-        language = _choice(locale.strip().lower(), option="--locale", allowed=Locale)
-    try:
-        where = admin.SubscriberFilter(
-            status=chosen,
-            prefix=prefix,
-            locale=language,
-            created_after=_when(created_after, option="--created-after"),
-            created_before=_when(created_before, option="--created-before"),
-        )
-    except errors.BadRequest as e:
-        typer.echo(e.detail, err=True)
-        raise typer.Exit(EXIT_USAGE) from e
-    rows, next_cursor = _read(
-        settings,
-        admin.search_subscribers,
-        list_slug=list_slug,
-        where=where,
-        cursor=cursor,
-        limit=limit,
+    where = _subscriber_filter(
+        status=status,
+        prefix=prefix,
+        locale=locale,
+        created_after=created_after,
+        created_before=created_before,
+        confirmed_after=confirmed_after,
+        confirmed_before=confirmed_before,
     )
+    settings = _settings()
+    # A read of personal data, audited with its filters as the API's search is.
+    rows, next_cursor = _audited_run(
+        settings, action="subscribers.search", target=list_slug,
+        audit_detail={"filters": where.given(), "cursor": cursor is not None},
+        work=admin.search_subscribers, list_slug=list_slug, where=where, cursor=cursor,
+        limit=limit,
+    )  # fmt: skip
     for row in rows:
         confirmed = row.confirmed_at.isoformat() if row.confirmed_at else ""
         typer.echo(f"{row.email}\t{row.status}\t{row.locale}\t{confirmed}")

@@ -375,15 +375,28 @@ def _attempts(session: Session, jobs: list[OutboxJob]) -> list[DeliveryAttempt]:
     )
 
 
-def _audit_mentioning(session: Session, *, key: str) -> list[AuditEvent]:
-    """Audit events whose target or detail names the address (any case)."""
-    if key.isascii():
+def _spellings(address: addresses.Address, rows: Collection[Subscription]) -> set[str]:
+    """The ways an operator may have typed the address: its key, as asked, as stored. They
+    differ beyond case where case folding changes letters (`straße` has the key
+    `strasse`), which a case-insensitive match does not bridge."""
+    return {address.key, address.email, *(row.email for row in rows)}
+
+
+def _audit_mentioning(session: Session, *, spellings: set[str]) -> list[AuditEvent]:
+    """Audit events whose target or detail names the address (any case, any spelling)."""
+    if all(spelling.isascii() for spelling in spellings):
         # SQL's lower() folds ASCII everywhere; a non-ASCII address is looked for below.
-        pattern = key.lower()
+        patterns = {spelling.lower() for spelling in spellings}
         query = select(AuditEvent).where(
             sa.or_(
-                func.lower(AuditEvent.target).contains(pattern, autoescape=True),
-                func.lower(sa.cast(AuditEvent.detail, sa.Text)).contains(pattern, autoescape=True),
+                *(
+                    column.contains(pattern, autoescape=True)
+                    for pattern in sorted(patterns)
+                    for column in (
+                        func.lower(AuditEvent.target),
+                        func.lower(sa.cast(AuditEvent.detail, sa.Text)),
+                    )
+                )
             )
         )
     else:
@@ -392,8 +405,11 @@ def _audit_mentioning(session: Session, *, key: str) -> list[AuditEvent]:
     return [
         row
         for row in rows
-        if privacy.mentions(row.target, address=key)
-        or privacy.mentions(str(row.detail), address=key)
+        if any(
+            privacy.mentions(row.target, address=spelling)
+            or privacy.mentions(str(row.detail), address=spelling)
+            for spelling in spellings
+        )
     ]
 
 
@@ -426,7 +442,7 @@ def person_record(session: Session, *, address: addresses.Address, key: bytes) -
         address_jobs=jobs,
         address_attempts=_attempts(session, jobs),
         erased_events=[(slugs[event.list_id], event) for event in erased_events],
-        audit=_audit_mentioning(session, key=address.key),
+        audit=_audit_mentioning(session, spellings=_spellings(address, rows)),
     )
 
 
@@ -471,6 +487,8 @@ def erase(
             select(Subscription).where(Subscription.email_key == address.key).with_for_update()
         ).all()
     )
+    # How the address may be written in the audit log, the stored spellings included.
+    spellings = _spellings(address, rows)
     # Jobs of the erased subscriptions still running: the removal waits for their lease
     # (an addition in flight must not land after it), then scrubs them.
     running: list[OutboxJob] = []
@@ -520,7 +538,7 @@ def erase(
             session, list_id=list_id, address=spelling[list_id], running=running, now=now
         )
         report.backend_removals.append(slug)
-    report.audit_events = _scrub_audit(session, key=address.key)
+    report.audit_events = _scrub_audit(session, spellings=spellings)
     report.already_erased = not _tombstone(session, hashed=hashed, now=now)
     session.flush()
     return report
@@ -595,11 +613,14 @@ def _enqueue_removal(
     )
 
 
-def _scrub_audit(session: Session, *, key: str) -> int:
-    events = _audit_mentioning(session, key=key)
+def _scrub_audit(session: Session, *, spellings: set[str]) -> int:
+    events = _audit_mentioning(session, spellings=spellings)
     for event in events:
-        event.target = privacy.scrub_text(event.target, address=key)
-        event.detail = privacy.scrub_json(dict(event.detail), address=key)
+        target, detail = event.target, dict(event.detail)
+        for spelling in sorted(spellings):
+            target = privacy.scrub_text(target, address=spelling)
+            detail = privacy.scrub_json(detail, address=spelling)
+        event.target, event.detail = target, detail
         session.add(event)
     return len(events)
 

@@ -144,7 +144,7 @@ _REGION_TAG = re.compile(r"([A-Za-z]{2})(?:[-_][A-Za-z0-9]{1,8})*")
 _LANGUAGES = frozenset(locale.value for locale in Locale)
 
 
-def _language_of(value: object) -> object:
+def language_of(value: object) -> object:
     if isinstance(value, str):
         match = _REGION_TAG.fullmatch(value)
         if match is not None and match[1].lower() in _LANGUAGES:
@@ -153,7 +153,7 @@ def _language_of(value: object) -> object:
 
 
 # The mails' language in a subscription request: `fr` or `en`, or a tag of either.
-RequestLocale = Annotated[Locale | None, BeforeValidator(_language_of)]
+RequestLocale = Annotated[Locale | None, BeforeValidator(language_of)]
 
 
 # A solved challenge from GET /v1/challenge, when the service asks for proof of work.
@@ -369,9 +369,28 @@ UrlNote = Annotated[
 ]
 
 
-def _not_in_the_future(value: date) -> date:
+# No consent to a list of this service is older than the web: an earlier date is a
+# spreadsheet's empty one (0001-01-01, 1899-12-30, 1900-01-01, 1904-01-01, 1970-01-01) or a
+# typo, and would stand as proof of a consent nobody gave then.
+EARLIEST_CONSENT_DATE = date(1990, 1, 1)
+
+
+def too_early_for_consent(value: date) -> str | None:
+    """Why `value` cannot be the date of a consent, or None."""
+    if value < EARLIEST_CONSENT_DATE:
+        return (
+            f"{value.isoformat()} is before {EARLIEST_CONSENT_DATE.isoformat()}, which no "
+            "consent here can be (an empty date in a spreadsheet reads as 1900-01-01 or "
+            "0001-01-01)"
+        )
+    return None
+
+
+def _plausible_consent_date(value: date) -> date:
     if value > datetime.now(UTC).date():
         raise ValueError("the date of the consent must not be in the future")
+    if (reason := too_early_for_consent(value)) is not None:
+        raise ValueError(f"the date of the consent: {reason}")
     return value
 
 
@@ -399,7 +418,8 @@ class ConsentEvidence(BaseModel):
         ),
     ]
     consented_at: Annotated[
-        date, Field(description="Date of the original consent; not in the future.")
+        date,
+        Field(description="Date of the original consent; not in the future, nor before 1990."),
     ]
     consent_version: Annotated[
         str | None,
@@ -424,7 +444,7 @@ class ConsentEvidence(BaseModel):
     @field_validator("consented_at")
     @classmethod
     def _past(cls, value: date) -> date:
-        return _not_in_the_future(value)
+        return _plausible_consent_date(value)
 
 
 class AddSubscriberRequest(BaseModel):

@@ -551,14 +551,18 @@ def remote_key(address: str) -> str | None:
 
 
 def read_backend(
-    backend: ListBackend, *, progress: Callable[[int], None] | None = None
+    backend: ListBackend,
+    *,
+    progress: Callable[[int], None] | None = None,
+    names: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, bool]]:
     """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
 
     An address not valid here is keyed by its case-folded form (`compare` reports it
     apart). Two spellings of one address (a domain in Unicode and in ASCII, say) are one
     member: a subscribed one is kept over an unsubscribed one, so no subscription there is
-    hidden.
+    hidden. `names`, when given, gets each member's display name where the backend holds
+    one (Mailgun's `name`, Mailman's `display_name`, listmonk's `name`), by identity.
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
@@ -568,6 +572,12 @@ def read_backend(
             key = remote_key(member.email) or member.email.casefold()
             if key not in seen or (member.subscribed and not seen[key][1]):
                 seen[key] = (member.email, member.subscribed)
+            if (
+                names is not None
+                and member.name
+                and (key not in names or seen[key][0] == member.email)
+            ):
+                names[key] = member.name
         if progress is not None:
             progress(len(page.members))
         if page.next_cursor is None or not page.members:
@@ -716,6 +726,7 @@ def import_members(
     backend_kind: str,
     key: bytes,
     now: datetime,
+    names: dict[str, str] | None = None,
 ) -> ImportReport:
     """Record the backend's members as they are: subscribed -> confirmed, else unsubscribed.
 
@@ -723,7 +734,9 @@ def import_members(
     list can move to this service without asking its members to opt in again. Addresses
     already known here are left as they are. Confirmed imports get a sync job, which gives
     the backend each member's personal unsubscribe URL. An address erased here (`key`
-    finds its tombstone) or on the block-list is not taken over.
+    finds its tombstone) or on the block-list is not taken over. A member's display name
+    (`names`, from `read_backend`) is kept as the attribute `name`, as a CSV import keeps
+    its `name` column, and goes back to the backend with each sync.
     """
     from app import privacy  # which imports this module
 
@@ -769,6 +782,7 @@ def import_members(
             email_key=parsed.key,
             status=status,
             locale=mailing_list.default_locale,
+            attributes=_imported_name(parsed, (names or {}).get(parsed.key)),
             consent_version=outside_version,
             created_at=now,
             updated_at=now,
@@ -806,6 +820,22 @@ def import_members(
         delay=IMPORT_HOLD,
     )
     return report
+
+
+def _imported_name(address: addresses.Address, name: str | None) -> dict[str, str]:
+    """`{"name": ...}` for a member's display name, within the API's limits for an
+    attribute; nothing for none, for one that is only the address's local part (listmonk
+    requires a name, and writes that one when none is given), or one the API would refuse
+    (a control character in it)."""
+    from app import schemas  # which imports modules importing this one
+
+    name = (name or "").strip()[: schemas.MAX_ATTRIBUTE_LENGTH].strip()
+    if not name or name == address.email.rpartition("@")[0]:
+        return {}
+    try:
+        return schemas.clean_attributes({"name": name})
+    except ValueError:
+        return {}
 
 
 def settle_import(

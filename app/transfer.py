@@ -12,16 +12,18 @@ is safe, and running the same file twice adds nothing: an address already on the
 `unchanged`, whatever its state (an import never undoes an unsubscription). An import cut
 short (a database outage) keeps its committed batches; running the file again completes it.
 
-Columns: email (required), name (kept as the attribute `name`), locale (fr, en; else the
-list's), attributes (a JSON object of strings, the API's limits), consent_source,
-consent_date (ISO date or date-time, not in the future) and consent_version (the wording
-the person agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
+Columns: email (required; `Name <address>` gives the name too), name (kept as the
+attribute `name`), locale (fr, en, or a tag of either such as fr-FR; else the list's),
+attributes (a JSON object of strings, the API's limits), consent_source,
+consent_date (ISO date or date-time, neither in the future nor before 1990: an earlier one
+is a spreadsheet's empty date or a typo) and consent_version (the wording the person
+agreed to, when not the list's current one: confirmed rows only). Comma, semicolon or tab
 separated (as the header shows, or a first line `sep=;` as Excel writes it), UTF-8 with or
-without a BOM. An export's cell that a
-spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`; a
-cell so written is read back without it. The CSV export imports as it is, into another
-list or another instance of the service: its confirmed rows, with the event that
-confirmed each one as its evidence (`EXPORT_COLUMNS`); a row of another status is refused.
+without a BOM; empty columns after the header's last name are left out. An export's cell
+that a spreadsheet would run as a formula (`=...`, `+...`, `-...`) is written after a `'`;
+a cell so written is read back without it. The CSV export imports as it is, into another
+list or another instance of the service: its confirmed rows, with the event that confirmed
+each one as its evidence (`EXPORT_COLUMNS`); a row of another status is refused.
 
     mode=confirmed  consent_source + consent_date required per row; the subscription is
                     created confirmed, with an "imported" ledger event (source "import")
@@ -187,6 +189,9 @@ class _RowInvalid(ValueError):
 def _masked(email: str) -> str:
     # A control character shows as `?`: the report is printed, and a terminal would run
     # the file's escape sequences (clear the screen, retitle the window...).
+    named = _NAMED_ADDRESS.fullmatch(email.strip())
+    if named is not None:
+        email = named["address"]
     email = _CONTROL.sub("?", email.strip()[: addresses.MAX_ADDRESS_LENGTH])
     if "@" not in email:
         return f"{email[:1]}***" if email else ""
@@ -244,6 +249,10 @@ def _delimiter(header: str) -> str:
 
 def _columns(header: list[str]) -> list[str]:
     names = [name.strip().lower() for name in header]
+    # Empty cells after the last name: a spreadsheet writes them for columns once used or
+    # formatted (`email;name;;`), and on every line after it.
+    while names and not names[-1]:
+        names.pop()
     for position, name in enumerate(names, 1):
         if not name:
             raise errors.InvalidCsv(f"Column {position} of the header has no name. {_COLUMNS_HELP}")
@@ -346,6 +355,9 @@ def _consent_date(value: str, *, now: datetime) -> str | None:
         future = parsed > (now + EARLIEST_ZONE).date()
     if future:
         raise _RowInvalid(f"consent_date {value} is in the future.")
+    early = schemas.too_early_for_consent(parsed.date() if isinstance(parsed, datetime) else parsed)
+    if early is not None:
+        raise _RowInvalid(f"consent_date {early}.")
     return parsed.isoformat()
 
 
@@ -386,17 +398,33 @@ def _exported_evidence(values: dict[str, str]) -> tuple[str, str]:
     return source, when if when.strip() else event_at
 
 
+# `Camille Dupont <camille@example.org>` (or the name in double quotes): a mail program's
+# address book, a list of members pasted into a spreadsheet, Mailman's mass subscription.
+# Matched on the stripped cell, with no two parts that could both take a space: a cell of
+# 64 KiB of spaces is read in linear time, not quadratic.
+_NAMED_ADDRESS = re.compile(r'(?:"(?P<quoted>[^"]*)"\s*|(?P<name>[^"<>]*))<(?P<address>[^<>]*)>')
+
+
 def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) -> ImportRow:
     raw_email = _cell(values, "email")
     if not raw_email:
         raise _RowInvalid("email is empty.")
+    display_name = None
+    named = _NAMED_ADDRESS.fullmatch(raw_email)
+    if named is not None:
+        raw_email = named["address"].strip()
+        display_name = (named["quoted"] or named["name"] or "").strip() or None
+        if not raw_email:
+            raise _RowInvalid("email is empty between its angle brackets.")
     try:
         address = addresses.parse(raw_email, new=True)
     except addresses.InvalidAddress as e:
         raise _RowInvalid(f"email is not a valid address: {e}") from e
     locale_text = values.get("locale", "").strip().lower()
     try:
-        locale = Locale(locale_text) if locale_text else None
+        # A tag with a region (`fr-FR`, `fr_CA`), as other tools write it, as the sign-up
+        # takes it.
+        locale = Locale(str(schemas.language_of(locale_text))) if locale_text else None
     except ValueError as e:
         known = ", ".join(item.value for item in Locale)
         raise _RowInvalid(f"locale {locale_text[:20]!r} is not one of {known}.") from e
@@ -407,6 +435,11 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
             "with status=confirmed to leave the others out)."
         )
     name = _text(_cell(values, "name"), name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
+    if display_name is not None:
+        from_email = _text(display_name, name="name", limit=schemas.MAX_ATTRIBUTE_LENGTH)
+        if name is not None and name != from_email:
+            raise _RowInvalid("name is given twice, differently (column and email cell).")
+        name = from_email
     attributes = _attributes(values.get("attributes", ""), name)
     source_text, date_text = _exported_evidence(values)
     consent_source = _text(source_text, name="consent_source", limit=MAX_CONSENT_SOURCE)
@@ -513,6 +546,10 @@ def import_csv(
 
     for line, fields in records:
         report.read += 1
+        # Empty cells past the header's last column (a spreadsheet's trailing separators)
+        # hold nothing to lose.
+        if len(fields) > len(columns) and not any(cell.strip() for cell in fields[len(columns) :]):
+            fields = fields[: len(columns)]
         values = dict(zip(columns, fields, strict=False))
         if len(fields) != len(columns):
             report.refuse(

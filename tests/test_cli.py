@@ -160,6 +160,33 @@ class TestTakingOverAList:
         assert again.returncode == 0, again.stdout + again.stderr
         assert "in sync" in again.stdout
 
+    def test_the_import_keeps_each_members_name_and_the_sync_gives_it_back(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", name="Ada Lovelace", lists={LIST: "confirmed"})
+        # listmonk requires a name: its admin writes the local part when none is typed.
+        listmonk.seed("bob@example.org", lists={LIST: "confirmed"})
+        listmonk.seed("cy@example.org", name="Cy Ng", lists={LIST: "unsubscribed"})
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with Session(engine) as session:
+            attributes = {
+                row.email: row.attributes for row in session.exec(select(Subscription)).all()
+            }
+        assert attributes == {
+            "ada@example.org": {"name": "Ada Lovelace"},
+            "bob@example.org": {},
+            "cy@example.org": {"name": "Cy Ng"},
+        }
+        _run_worker(engine, database_url, listmonk)
+        ada = listmonk.subscriber("ada@example.org")
+        assert ada is not None
+        assert ada["name"] == "Ada Lovelace"
+        assert "/v1/unsubscribe/" in ada["attribs"]["unsubscribe_url"]
+
     def test_a_member_who_unsubscribes_at_listmonk_during_the_import_stays_unsubscribed(
         self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
     ) -> None:

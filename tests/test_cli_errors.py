@@ -138,7 +138,11 @@ class TestListWithoutBackend:
 
 class TestLimits:
     def test_the_cli_takes_the_admin_apis_limits(self) -> None:
-        assert (cli.MAX_PAGE, cli.MAX_ROW_ID) == (admin.MAX_PAGE, MAX_ROW_ID)
+        assert (cli.MAX_PAGE, cli.MAX_PREFIX, cli.MAX_ROW_ID) == (
+            admin.MAX_PAGE,
+            admin.MAX_PREFIX,
+            MAX_ROW_ID,
+        )
         hours = tuple(seconds // 3600 for seconds in CONFIRM_TTL_BOUNDS.values())
         assert hours == cli.CONFIRM_TTL_HOURS
 

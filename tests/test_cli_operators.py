@@ -6,14 +6,15 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app import db
-from app.models import AuditEvent, JobKind, JobState, OutboxJob, utcnow
+from app.models import AuditEvent, JobKind, JobState, OutboxJob, Subscription, utcnow
 from tests.conftest import SECRET, SmtpSink, link_in
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -143,6 +144,65 @@ class TestOperatorCommands:
             {"changes": {"consent_version": "2027-01"}},
             {"changes": {"name": "x"}, "detail": updates[1].detail["detail"]},
         ]
+
+    def test_the_search_takes_the_apis_confirmed_after_and_before_and_is_audited(
+        self,
+        client: TestClient,
+        smtp: SmtpSink,
+        database_url: str,
+        engine: sa.Engine,
+        tmp_path: Path,
+    ) -> None:
+        for email in ("ada@example.org", "bob@example.org", "cy@example.org"):
+            client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
+            client.post(link_in(smtp.mail_to(email, link="confirm"), "confirm"))
+        with engine.begin() as connection:
+            for email, confirmed_at in (
+                ("ada@example.org", "2025-01-10T10:00:00+00:00"),
+                ("bob@example.org", "2025-02-10T10:00:00+00:00"),
+                ("cy@example.org", "2025-03-10T10:00:00+00:00"),
+            ):
+                connection.execute(
+                    sa.update(Subscription)
+                    .where(col(Subscription.email) == email)
+                    .values(confirmed_at=datetime.fromisoformat(confirmed_at))
+                )
+
+        def found(*filters: str) -> list[str]:
+            result = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                         *filters)  # fmt: skip
+            assert result.returncode == 0, (filters, result.stderr)
+            return [line.split("\t")[0] for line in result.stdout.splitlines()]
+
+        assert found("--confirmed-after", "2025-02-10T10:00:00Z") == [
+            "bob@example.org", "cy@example.org"
+        ]  # fmt: skip
+        assert found("--confirmed-before", "2025-02-10T10:00:00Z") == ["ada@example.org"]
+        assert found("--confirmed-after", "2025-02-01", "--confirmed-before", "2025-03-01") == [
+            "bob@example.org"
+        ]
+        swapped = run(database_url, tmp_path, "subscriber", "search", "--list", "bluehats",
+                      "--confirmed-after", "2025-03-01",
+                      "--confirmed-before", "2025-02-01")  # fmt: skip
+        assert swapped.returncode == 2
+        assert "is not before confirmed_before" in swapped.stderr
+        # A read of personal data, audited with its filters as the API's search is.
+        with Session(engine) as session:
+            searches = session.exec(
+                select(AuditEvent)
+                .where(AuditEvent.action == "subscribers.search")
+                .order_by(col(AuditEvent.id))
+            ).all()
+        assert [(e.actor[:4], e.target, e.outcome) for e in searches] == [
+            ("cli:", "bluehats", "ok")
+        ] * 3
+        assert searches[2].detail == {
+            "filters": {
+                "confirmed_after": "2025-02-01T00:00:00+00:00",
+                "confirmed_before": "2025-03-01T00:00:00+00:00",
+            },
+            "cursor": False,
+        }
 
     def test_a_list_created_without_a_consent_version_has_the_apis_default(
         self,

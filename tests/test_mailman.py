@@ -98,7 +98,9 @@ def emails(core: MailmanCore, list_id: str) -> list[str]:
     return [entry["email"] for entry in roster(core, list_id)]
 
 
-def subscribe_directly(core: MailmanCore, list_id: str, address: str) -> None:
+def subscribe_directly(
+    core: MailmanCore, list_id: str, address: str, *, display_name: str | None = None
+) -> None:
     with rest_client(core) as client:
         response = client.post(
             "/members",
@@ -109,6 +111,7 @@ def subscribe_directly(core: MailmanCore, list_id: str, address: str) -> None:
                 "pre_confirmed": True,
                 "pre_approved": True,
                 "send_welcome_message": False,
+                **({"display_name": display_name} if display_name else {}),
             },
         )
     assert response.status_code == 201, response.text
@@ -695,6 +698,30 @@ def newsletter(
 
 
 class TestTakingOverAList:
+    def test_a_members_display_name_is_kept_as_its_name(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        subscribe_directly(
+            mailman_core, mailman_list, "ada@example.org", display_name="Ada Lovelace"
+        )
+        subscribe_directly(mailman_core, mailman_list, "bob@example.org")
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, backend=settings_for(mailman_core, mailman_list),
+            tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with Session(engine) as session:
+            attributes = {
+                row.email: row.attributes for row in session.exec(select(Subscription)).all()
+            }
+        assert attributes == {"ada@example.org": {"name": "Ada Lovelace"}, "bob@example.org": {}}
+
     def test_a_member_held_with_an_ascii_domain_is_imported_and_kept(
         self,
         database_url: str,

@@ -310,6 +310,9 @@ class TestAddSubscriber:
             ({"evidence": EVIDENCE | {"note": " "}}, "evidence.note"),
             ({"evidence": {"source": "x", "note": "y"}}, "evidence.consented_at"),
             ({"evidence": EVIDENCE | {"consented_at": "2999-01-01"}}, "must not be in the"),
+            # An empty date in a spreadsheet, or a typo: no proof of a consent given then.
+            ({"evidence": EVIDENCE | {"consented_at": "0001-01-01"}}, "is before 1990-01-01"),
+            ({"evidence": EVIDENCE | {"consented_at": "1970-01-01"}}, "is before 1990-01-01"),
             ({"evidence": EVIDENCE | {"consented_at": "yesterday"}}, "evidence.consented_at"),
             ({"mode": "invite"}, "evidence goes with mode confirmed"),
             ({"mode": "import"}, "mode"),
@@ -464,6 +467,53 @@ class TestOperatorUnsubscribe:
         assert gone.status_code == 404
         assert gone.json()["error"] == "not_found"
         assert gone.json()["detail"] != "Not Found"
+
+
+class TestFindingAnInternationalizedDomain:
+    """An operator types a domain as a mail program shows it: in Unicode (`café.fr`) or in
+    its ASCII form (`xn--caf-dma.fr`); either finds the subscriber."""
+
+    def test_the_search_and_the_record_take_either_spelling_of_the_domain(
+        self, client: TestClient, write_key: dict[str, str], read_key: dict[str, str]
+    ) -> None:
+        assert _add(client, write_key, "jean@café.fr").status_code == 200
+        assert _add(client, write_key, "anne@xn--strae-oqa.de").status_code == 200
+        search = "/v1/admin/lists/bluehats/subscribers"
+        for prefix, found in (
+            ("jean@xn--caf-dma.fr", "jean@café.fr"),
+            ("JEAN@XN--CAF-DMA", "jean@café.fr"),
+            ("jean@café", "jean@café.fr"),
+            ("anne@xn--strae-oqa.de", "anne@straße.de"),
+            ("anne@straße", "anne@straße.de"),
+        ):
+            page = client.get(search, params={"prefix": prefix}, headers=read_key)
+            assert page.status_code == 200, page.text
+            assert [item["email"] for item in page.json()["items"]] == [found], prefix
+        # Typed half-way, an ASCII label finds nothing, as any other unfinished domain.
+        half = client.get(search, params={"prefix": "jean@xn--caf-d"}, headers=read_key)
+        assert half.json()["items"] == []
+        for typed in ("jean@xn--caf-dma.fr", "Jean@CAFÉ.fr"):
+            record = client.get(f"{search}/{quote(typed, safe='')}", headers=read_key)
+            assert record.status_code == 200, (typed, record.text)
+            assert record.json()["email"] == "jean@café.fr"
+
+    def test_the_command_line_search_and_show_take_either_spelling(
+        self,
+        client: TestClient,
+        write_key: dict[str, str],
+        run_cli: Callable[..., CompletedProcess[str]],
+    ) -> None:
+        assert _add(client, write_key, "jean@café.fr").status_code == 200
+        found = run_cli("subscriber", "search", "--list", "bluehats", "--prefix", "jean@xn--caf")
+        assert found.returncode == 0, found.stderr
+        assert found.stdout == ""  # an unfinished label is no domain yet
+        found = run_cli(
+            "subscriber", "search", "--list", "bluehats", "--prefix", "jean@xn--caf-dma.fr"
+        )
+        assert found.stdout.startswith("jean@café.fr\tconfirmed\t"), found
+        shown = run_cli("subscriber", "show", "jean@xn--caf-dma.fr", "--list", "bluehats")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["subscription"]["email"] == "jean@café.fr"
 
 
 # Access -----------------------------------------------------------------------------------
@@ -806,6 +856,26 @@ class TestErasure:
         # Each removal keeps what it was about as the tombstone's hash, whatever its spelling.
         hashes = {job.payload.get("address_hash") for job in _jobs(engine)} - {None}
         assert hashes == {erased["address_hash"]}
+
+    def test_an_address_whose_case_folding_changes_it_leaves_no_trace_in_the_audit_log(
+        self, client: TestClient, write_key: dict[str, str], read_key: dict[str, str],
+        engine: sa.Engine,
+    ) -> None:  # fmt: skip
+        # `ß` folds to `ss`: the address's key is `anne@strasse.de`, which an audit event
+        # naming `anne@straße.de` (an operator's read, as typed) does not spell.
+        address = "anne@straße.de"
+        assert _add(client, write_key, address).status_code == 200
+        for typed in (address, "Anne@STRASSE.de", "anne@xn--strae-oqa.de"):
+            read = client.get(
+                f"/v1/admin/lists/bluehats/subscribers/{quote(typed, safe='')}", headers=read_key
+            )
+            assert read.status_code == 200, (typed, read.text)
+        erased = client.delete(f"/v1/admin/people/{quote(address, safe='')}", headers=write_key)
+        assert erased.status_code == 200, erased.text
+        # Only the removal job waiting for the worker holds it (it scrubs itself once run).
+        left = {(table, column) for table, column, _ in holding(engine, address)}
+        assert left == {("outbox_job", "payload"), ("outbox_job", "dedupe_key")}
+        assert holding(engine, "anne@xn--strae-oqa.de") == []
 
     def test_a_fix_running_in_the_backends_spelling_during_the_erasure_is_scrubbed_after_it(
         self, two_lists: Settings, smtp: SmtpSink, engine: sa.Engine

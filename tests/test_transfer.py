@@ -16,7 +16,9 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +307,7 @@ class TestImportConfirmed:
             HEADER
             + _row("early@example.org", consent_date="0001-01-01T00:00:00+14:00")
             + _row("late@example.org", consent_date="9999-12-31T23:59:59-14:00")
-            + _row("fine@example.org", consent_date="0001-01-01T00:00:00-14:00")
+            + _row("fine@example.org", consent_date="2025-01-01T00:00:00-14:00")
         )
         response = _import(client, write_key, body, mode="confirmed")
         assert response.status_code == 200, response.text
@@ -314,6 +316,89 @@ class TestImportConfirmed:
         assert [error["line"] for error in report["errors"]] == [2, 3]
         assert "out of range once in UTC" in report["errors"][0]["error"]
         assert "out of range once in UTC" in report["errors"][1]["error"]
+
+    def test_a_consent_date_before_1990_is_a_row_error(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # A spreadsheet's empty date (.NET's, Excel's, Unix's zero) or a typo: as proof, it
+        # would date a consent nobody gave then.
+        body = (
+            HEADER
+            + _row("year-one@example.org", consent_date="0001-01-01")
+            + _row("excel-zero@example.org", consent_date="1899-12-30")
+            + _row("epoch@example.org", consent_date="1970-01-01T00:00:00Z")
+            + _row("typo@example.org", consent_date="0205-03-12")
+            + _row("fine@example.org", consent_date="1990-01-01")
+        )
+        report = _import(client, write_key, body, mode="confirmed").json()
+        assert (report["read"], report["created"], report["invalid"]) == (5, 1, 4)
+        assert [(error["line"], error["error"]) for error in report["errors"]] == [
+            (
+                line,
+                f"consent_date {day} is before 1990-01-01, which no consent here can be (an "
+                "empty date in a spreadsheet reads as 1900-01-01 or 0001-01-01).",
+            )
+            for line, day in (
+                (2, "0001-01-01"), (3, "1899-12-30"), (4, "1970-01-01"), (5, "0205-03-12")
+            )
+        ]  # fmt: skip
+        assert set(_subscriptions(engine)) == {"fine@example.org"}
+
+    def test_a_locale_with_a_region_is_its_language_as_the_sign_up_takes_it(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            HEADER
+            + _row("ann@example.org", locale="fr-FR")
+            + _row("bob@example.org", locale="en_GB")
+            + _row("cy@example.org", locale=" EN ")
+            + _row("dora@example.org", locale="de-DE")
+        )
+        report = _import(client, write_key, body).json()
+        assert (report["created"], report["invalid"]) == (3, 1)
+        assert [(error["line"], error["error"]) for error in report["errors"]] == [
+            (5, "locale 'de-de' is not one of fr, en.")
+        ]
+        assert {email: row.locale for email, row in _subscriptions(engine).items()} == {
+            "ann@example.org": "fr", "bob@example.org": "en", "cy@example.org": "en"
+        }  # fmt: skip
+
+    def test_a_name_around_the_address_is_kept_as_the_name(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # As a mail program's address book, or a members list pasted from one, writes them.
+        body = (
+            HEADER
+            + _row("Camille Dupont <camille@example.org>")  # line 2
+            + _row('"Durand, Hélène" <helene@example.org>')  # 3
+            + _row("<nobody@example.org>")  # 4
+            + _row("Zoé <zoe@example.org>", name="Zoé")  # 5
+            + _row("Zoé <zoe2@example.org>", name="Zoë")  # 6
+            + _row("Bad <>")  # 7
+        )
+        report = _import(client, write_key, body).json()
+        assert (report["read"], report["created"], report["invalid"]) == (6, 4, 2)
+        assert [(error["line"], error["email"], error["error"]) for error in report["errors"]] == [
+            (6, "z***@example.org", "name is given twice, differently (column and email cell)."),
+            (7, "", "email is empty between its angle brackets."),
+        ]
+        assert {email: row.attributes for email, row in _subscriptions(engine).items()} == {
+            "camille@example.org": {"name": "Camille Dupont"},
+            "helene@example.org": {"name": "Durand, Hélène"},
+            "nobody@example.org": {},
+            "zoe@example.org": {"name": "Zoé"},
+        }
+
+    def test_an_email_cell_of_spaces_is_read_in_linear_time(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        # Read as a possible `Name <address>`: two parts that could both take the spaces
+        # made it quadratic, seconds for a line a file may hold thousands of.
+        body = HEADER + _row("a" + " " * 60_000 + "b@example.org")
+        started = time.monotonic()
+        report = _import(client, write_key, body).json()
+        assert time.monotonic() - started < 1.5
+        assert report["invalid"] == 1
 
     def test_a_duplicate_row_is_reported_and_only_its_first_line_imported(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
@@ -423,7 +508,8 @@ class TestImportRefusesTheFile:
                 "Unknown column(s) in the header: 'phone'",
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
-            (b"email,\na@example.org,\n", "Column 2 of the header has no name"),
+            # Between two names (after the last one, a spreadsheet's trailing separator).
+            (b"email,,name\na@example.org,,A\n", "Column 2 of the header has no name"),
             (
                 b'{"email": "a@example.org", "name": "A, B", "status": "confirmed"}\n',
                 "The file holds JSON lines (an export with format jsonl?), not CSV",
@@ -519,6 +605,32 @@ class TestImportRefusesTheFile:
         assert result.status_code == 200, result.text
         assert result.json()["created"] == 1
         assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Hélène Durand"}
+
+    def test_a_spreadsheet_s_empty_columns_after_the_last_one_are_left_out(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # A spreadsheet writes a separator for each column once used or formatted, header
+        # included; the whole file was refused ("Column 5 of the header has no name").
+        body = (
+            "Email;Name;Consent_Source;Consent_Date;;\r\n"
+            "helene@example.org;Hélène Durand;Formulaire papier;2025-03-12;;\r\n"
+            "jean@example.org;Jean;Formulaire papier;2025-03-12\r\n"
+            "lea@example.org;Léa;Formulaire papier;2025-03-12;;;\r\n"
+            "max@example.org;Max;Formulaire papier;2025-03-12;;oui\r\n"
+            ";;;;;\r\n"
+        ).encode()
+        result = _import(client, write_key, body)
+        assert result.status_code == 200, result.text
+        report = result.json()
+        assert (report["read"], report["created"], report["invalid"]) == (4, 3, 1)
+        # A value there is no empty cell: nothing says which column it belongs to.
+        assert report["errors"] == [
+            {"line": 5, "email": "m***@example.org", "error": "The row has 6 fields, the header 4."}
+        ]
+        assert _subscriptions(engine)["helene@example.org"].attributes == {"name": "Hélène Durand"}
+        assert set(_subscriptions(engine)) == {
+            "helene@example.org", "jean@example.org", "lea@example.org"
+        }  # fmt: skip
 
     def test_excel_s_separator_line_names_the_separator_and_lines_keep_their_numbers(
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
@@ -980,6 +1092,80 @@ class TestCommandLine:
             ]
             assert all(e.actor.startswith("cli:") for e in entries)
             assert entries[1].detail["note"] == "meetup"
+
+    def test_a_consent_date_before_1990_is_a_row_error_in_the_report(
+        self, run: Any, tmp_path: Path, database_url: str
+    ) -> None:
+        dated = tmp_path / "dated.csv"
+        dated.write_text(HEADER + _row("old@example.org", consent_date="0001-01-01"))
+        result = run("import", "--list", "bluehats", str(dated))
+        assert result.returncode == 1, result.stderr
+        assert "line 2 o***@example.org: consent_date 0001-01-01 is before 1990-01-01" in (
+            result.stdout
+        )
+        assert count_rows(database_url, "subscription") == 0
+
+    def test_the_export_takes_the_searchs_filters(
+        self, run: Any, tmp_path: Path, engine: sa.Engine
+    ) -> None:
+        people = tmp_path / "people.csv"
+        people.write_text(
+            HEADER + _row("ann@example.org") + _row("bob@example.org", locale="en")
+            + _row("carl@example.org")
+        )  # fmt: skip
+        assert run("import", "--list", "bluehats", str(people)).returncode == 0
+        with engine.begin() as connection:
+            for email, day in (("ann", "01-10"), ("bob", "02-10"), ("carl", "03-10")):
+                connection.execute(
+                    sa.update(Subscription)
+                    .where(col(Subscription.email) == f"{email}@example.org")
+                    .values(
+                        created_at=datetime.fromisoformat(f"2025-{day}T09:00:00+00:00"),
+                        confirmed_at=datetime.fromisoformat(f"2025-{day}T10:00:00+00:00"),
+                    )
+                )
+
+        def exported(*filters: str) -> list[str]:
+            result = run("export", "--list", "bluehats", "--format", "jsonl", *filters)
+            assert result.returncode == 0, (filters, result.stderr)
+            return [json.loads(line)["email"] for line in result.stdout.splitlines()]
+
+        assert exported("--confirmed-after", "2025-02-01") == [
+            "bob@example.org",
+            "carl@example.org",
+        ]
+        assert exported(
+            "--confirmed-after", "2025-02-10T10:00:00Z", "--confirmed-before", "2025-03-01"
+        ) == ["bob@example.org"]
+        assert exported("--created-before", "2025-02-10T09:00:01+00:00") == [
+            "ann@example.org", "bob@example.org"
+        ]  # fmt: skip
+        assert exported("--created-after", "2025-03-01", "--status", "confirmed") == [
+            "carl@example.org"
+        ]
+        assert exported("--locale", "EN") == ["bob@example.org"]
+        assert exported("--prefix", "CARL@") == ["carl@example.org"]
+        # Refused as the API refuses them (400, 422): exit 2, nothing written, nor audited.
+        for filters, message in (
+            (("--confirmed-after", "2025-03-01", "--confirmed-before", "2025-02-01"),
+             "confirmed_after (2025-03-01T00:00:00+00:00) is not before confirmed_before"),
+            (("--created-after", "2025-02-01", "--created-before", "2025-02-01"),
+             "the period is empty"),
+            (("--confirmed-before", "last week"), "--confirmed-before: not an ISO date"),
+            (("--locale", "de"), "--locale must be one of fr, en"),
+            (("--prefix", "ann\x1b[31m"), "--prefix: must not contain control characters"),
+            (("--prefix", "a" * 255), "--prefix is longer than 254 characters"),
+        ):  # fmt: skip
+            refused = run("export", "--list", "bluehats", *filters)
+            assert refused.returncode == 2, (filters, refused.stderr)
+            assert message in refused.stderr, (filters, refused.stderr)
+            assert refused.stdout == ""
+        exports = _audit(engine, "subscribers.export")
+        assert len(exports) == 6
+        assert exports[1].detail["filters"] == {
+            "confirmed_after": "2025-02-10T10:00:00+00:00",
+            "confirmed_before": "2025-03-01T00:00:00+00:00",
+        }
 
     def test_a_file_read_from_a_pipe_is_imported(self, run: Any, database_url: str) -> None:
         # `... | newsletter import --list bluehats /dev/stdin`: the import reads a file twice.

@@ -143,7 +143,7 @@ def subscriber_out(row: Any) -> SubscriberOut:
 
 def subscriber_filter(
     status: SubscriptionStatus | None = None,
-    prefix: Annotated[UrlText | None, Query(max_length=254)] = None,
+    prefix: Annotated[UrlText | None, Query(max_length=admin.MAX_PREFIX)] = None,
     locale: LocaleQuery | None = None,
     created_after: DateTimeQuery | None = None,
     created_before: DateTimeQuery | None = None,

@@ -91,9 +91,9 @@ def _transaction(database: Database) -> transfer.Transaction:
                 "The CSV file, UTF-8 (a BOM is fine), comma- or semicolon-separated, a header "
                 "line first. Columns: email (required), name, locale (fr, en), attributes "
                 "(a JSON object of strings), consent_source, consent_date (ISO date or "
-                "date-time), consent_version (the wording agreed to, when not the list's "
-                "current one; confirmed rows only). Up to NEWSLETTER_MAX_IMPORT_BYTES (50 MB "
-                "by default)."
+                "date-time; not in the future, nor before 1990), consent_version (the "
+                "wording agreed to, when not the list's current one; confirmed rows only). "
+                "Up to NEWSLETTER_MAX_IMPORT_BYTES (50 MB by default)."
             ),
             "content": {"text/csv": {"schema": {"type": "string"}, "example": _CSV_EXAMPLE}},
         }
