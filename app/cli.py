@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator, Mapping
@@ -1098,7 +1099,9 @@ def _subscriber_filter(
             confirmed_before=_when(confirmed_before, option="--confirmed-before"),
         )
     except errors.BadRequest as e:
-        typer.echo(e.detail, err=True)
+        # The check names the API's parameters; here they are options.
+        detail = re.sub(r"\b(created|confirmed)_(after|before)\b", r"--\1-\2", e.detail)
+        typer.echo(detail, err=True)
         raise typer.Exit(EXIT_USAGE) from e
 
 

@@ -282,9 +282,9 @@ class TestBadInputNamesTheOption:
             # The same mistake in a search found nobody, which read as "no subscriber".
             (("subscriber", "search", "--list", "bluehats", "--created-after", "2026-12-01",
               "--created-before", "2026-12-01"),
-             ["created_after (2026-12-01T00:00:00+00:00) is not before created_before"
-              " (2026-12-01T00:00:00+00:00): the period is empty; give created_after before"
-              " created_before."]),
+             ["--created-after (2026-12-01T00:00:00+00:00) is not before --created-before"
+              " (2026-12-01T00:00:00+00:00): the period is empty; give --created-after before"
+              " --created-before."]),
             # Both: it asked for one of them, as if neither had been given.
             (("jobs", "retry", "--all", "--id", "3"),
              ["give --id N (one or more) or --all, not both"]),

@@ -185,7 +185,10 @@ class TestOperatorCommands:
                       "--confirmed-after", "2025-03-01",
                       "--confirmed-before", "2025-02-01")  # fmt: skip
         assert swapped.returncode == 2
-        assert "is not before confirmed_before" in swapped.stderr
+        # In the options' names, as the operator typed them.
+        assert "--confirmed-after (2025-03-01T00:00:00+00:00) is not before --confirmed-before" in (
+            swapped.stderr
+        )
         # A read of personal data, audited with its filters as the API's search is.
         with Session(engine) as session:
             searches = session.exec(

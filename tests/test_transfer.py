@@ -1148,7 +1148,7 @@ class TestCommandLine:
         # Refused as the API refuses them (400, 422): exit 2, nothing written, nor audited.
         for filters, message in (
             (("--confirmed-after", "2025-03-01", "--confirmed-before", "2025-02-01"),
-             "confirmed_after (2025-03-01T00:00:00+00:00) is not before confirmed_before"),
+             "--confirmed-after (2025-03-01T00:00:00+00:00) is not before --confirmed-before"),
             (("--created-after", "2025-02-01", "--created-before", "2025-02-01"),
              "the period is empty"),
             (("--confirmed-before", "last week"), "--confirmed-before: not an ISO date"),
