@@ -277,10 +277,35 @@ class TestAdd:
     ) -> None:
         # Why the sync layer sends `addresses.deliverable` forms: Mailman refuses the other.
         unicode_form, ascii_form = unique_idn()
-        with pytest.raises(PermanentSyncError, match="HTTP 400"):
+        with pytest.raises(PermanentSyncError, match="HTTP 400") as caught:
             backend.add([member(unicode_form)])
+        assert "its address check takes no 'ä' after it" in str(caught.value)
         backend.add([member(ascii_form)])
         assert emails(mailman_core, mailman_list) == [ascii_form]
+
+    @pytest.mark.parametrize(
+        ("local", "named"), [("jöhn", "'ö'"), ("ÉLODIE.Straße", "'Éß'"), ("a^b|c", "'^|'")]
+    )
+    def test_an_address_mailman_refuses_is_a_permanent_error_naming_why(
+        self,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        backend: MailmanBackend,
+        local: str,
+        named: str,
+    ) -> None:
+        # Valid here (RFC 6531, RFC 5322 atext), refused by Mailman's narrower check.
+        address = f"{local}-{uuid.uuid4().hex[:6]}@example.com"
+        with pytest.raises(PermanentSyncError) as caught:
+            backend.add([member(address)])
+        assert str(caught.value).startswith(
+            "mailman add member: HTTP 400: Mailman refuses this address: its address check "
+            f"takes no "
+            f"{named} before the @-sign"
+        )
+        assert caught.value.response is not None
+        assert 'Invalid Parameter \\"subscriber\\"' in caught.value.response
+        assert emails(mailman_core, mailman_list) == []
 
     def test_a_banned_address_stays_banned_and_is_a_permanent_error(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend

@@ -17,7 +17,10 @@ Endpoints:
   confirmation or a moderator: it is found (`GET /lists/{list_id}/requests?count=&page=`,
   `type` subscription, `email`), discarded (`POST .../requests/{token} {"action":
   "discard"}` -> 204, no mail), and the add made again, since the person confirmed here.
-  400 "Membership is banned" is permanent, with its own message. A 202 would mean Mailman
+  400 "Membership is banned" is permanent, with its own message. So is 400 "Invalid
+  Parameter \"subscriber\"": Mailman's address check is narrower than this service's; it
+  takes no `^` or `|`, nor any letter beyond ASCII, before the @-sign (`jöhn@...`), and
+  the error names the character. A 202 would mean Mailman
   held the request (and may have mailed a confirmation): never expected with these flags,
   reported as permanent.
   There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
@@ -118,6 +121,11 @@ ALREADY_SUBSCRIBED = "Member already subscribed"
 REQUEST_PENDING = "Subscription request already pending"
 BANNED = "Membership is banned"
 NO_SUCH_LIST = "No such list"
+INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
+# What Mailman's address check (mailman.email.validate) takes before the @-sign: RFC 5322's
+# atext less `^` and `|`, and no letter beyond ASCII (RFC 6531), which this service takes.
+_MAILMAN_LOCAL = re.compile(r"[-0-9a-z!#$%&'*+./=?@_`{}~]", re.IGNORECASE)
+_MAILMAN_DOMAIN = re.compile(r"[-0-9a-z.]", re.IGNORECASE)
 
 
 def _segment(value: str) -> str:
@@ -299,6 +307,23 @@ class MailmanBackend:
         if status == 400 and description == NO_SUCH_LIST:
             raise PermanentSyncError(
                 f"{what}: Mailman has no list {self._list_id} (is list_id right?)",
+                response=excerpt(response),
+            )
+        if status == 400 and description.startswith(INVALID_SUBSCRIBER):
+            local, _, domain = member.email.rpartition("@")
+            refused = [
+                f"{''.join(dict.fromkeys(chars))!r} {where}"
+                for chars, where in (
+                    (_MAILMAN_LOCAL.sub("", local), "before the @-sign"),
+                    (_MAILMAN_DOMAIN.sub("", domain), "after it"),
+                )
+                if chars
+            ]
+            raise PermanentSyncError(
+                f"{what}: HTTP 400: Mailman refuses this address: its address check takes no "
+                f"{' nor '.join(refused) or 'such address'} (only ASCII letters, digits and "
+                "-!#$%&'*+./=?_`{}~ before the @-sign, and a domain in ASCII), so the list "
+                "cannot hold this member",
                 response=excerpt(response),
             )
         if status == 202:
