@@ -794,6 +794,29 @@ class TestThroughTheService:
         assert emails(mailman_core, mailman_list) == []
         assert known_addresses(mailman_core, address) == []
 
+    def test_a_list_deleted_at_mailman_dead_letters_the_sync_at_once_saying_so(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+    ) -> None:
+        list_id = create_list(mailman_core)
+        with rest_client(mailman_core) as client:
+            assert client.delete(f"/lists/{list_id}").status_code == 204
+        settings = service_settings(
+            database_url, smtp, settings_for(mailman_core, list_id), job_max_attempts=100
+        )
+        with TestClient(create_app(settings)) as client:
+            subscribe_and_confirm(client, smtp, unique("orphan"))
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+        [job] = sync_jobs(engine)
+        assert job.attempts == 1
+        assert f"Mailman has no list {list_id} (is list_id right?)" in (job.last_error or "")
+
     def test_a_mailman_outage_is_retried_and_the_member_arrives_once(
         self,
         database_url: str,
@@ -924,3 +947,35 @@ class TestTakingOverAList:
         )  # fmt: skip
         assert again.returncode == 0, again.stdout + again.stderr
         assert "in sync" in again.stdout
+
+    def test_a_member_who_left_at_mailman_is_reported_never_added_back(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("left-there")
+        subscribe_directly(mailman_core, mailman_list, address)
+        backend = settings_for(mailman_core, mailman_list)
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        jobs = len(sync_jobs(engine))
+        # The member leaves through Mailman itself (its List-Unsubscribe, Postorius).
+        with rest_client(mailman_core) as client:
+            assert client.delete(f"/lists/{mailman_list}/member/{address}").status_code == 204
+
+        for apply in ((), ("--apply",)):
+            report = newsletter(
+                "reconcile", "--list", "bluehats", "--json", *apply,
+                database_url=database_url, backend=backend, tmp_path=tmp_path,
+            )  # fmt: skip
+            assert report.returncode == (0 if apply else 3), report.stdout + report.stderr
+            found = json.loads(report.stdout)
+            assert (found["absent_there"], found["missing"]) == ([address], [])
+        assert len(sync_jobs(engine)) == jobs
+        assert emails(mailman_core, mailman_list) == []
