@@ -7,12 +7,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import smtplib
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -30,11 +32,12 @@ from app.backends.mailman import MailmanBackend  # noqa: E402
 from app.config import MailmanBackendSettings, Settings  # noqa: E402
 from app.mailer import make_mailer  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import DeliveryAttempt, JobKind, JobState, OutboxJob, Subscription  # noqa: E402
+from app.models import DeliveryAttempt, JobKind, JobState, KeyScope, OutboxJob, Subscription  # noqa: E402
 from app.worker import Worker  # noqa: E402
 from tests.conftest import (  # noqa: E402
     SECRET,
     SmtpSink,
+    api_key_headers,
     free_port,
     link_in,
     make_settings,
@@ -115,6 +118,42 @@ def subscribe_directly(
             },
         )
     assert response.status_code == 201, response.text
+
+
+def known_addresses(core: MailmanCore, address: str) -> list[str]:
+    """The address records Mailman holds for `address`, read from the whole collection:
+    `GET /addresses/{address}` cannot name one with a `/`."""
+    found: list[str] = []
+    page = 1
+    with rest_client(core) as client:
+        while True:
+            response = client.get("/addresses", params={"count": 500, "page": page})
+            response.raise_for_status()
+            entries = response.json().get("entries", [])
+            found += [e["email"] for e in entries if e["email"] == address.lower()]
+            if not entries:
+                return found
+            page += 1
+
+
+def post_to_list(core: MailmanCore, list_id: str, sender: str) -> None:
+    """Mail the list from `sender` through Mailman's LMTP, as a post; return once Mailman
+    has made its nonmember record of the sender (a bare address, without a user)."""
+    with rest_client(core) as client:
+        posting = client.get(f"/lists/{list_id}").json()["fqdn_listname"]
+    message = (
+        f"From: {sender}\r\nTo: {posting}\r\nSubject: a question\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@example.com>\r\n\r\nHello.\r\n"
+    )
+    with smtplib.LMTP("127.0.0.1", core.lmtp_port) as lmtp:
+        lmtp.sendmail(sender, [posting], message)
+
+    def recorded() -> bool:
+        with rest_client(core) as client:
+            found = client.get("/members/find", params={"subscriber": sender, "list_id": list_id})
+        return bool(found.json().get("total_size"))
+
+    wait_until(recorded, timeout=SYNC_TIMEOUT)
 
 
 @pytest.fixture
@@ -241,10 +280,35 @@ class TestAdd:
     ) -> None:
         # Why the sync layer sends `addresses.deliverable` forms: Mailman refuses the other.
         unicode_form, ascii_form = unique_idn()
-        with pytest.raises(PermanentSyncError, match="HTTP 400"):
+        with pytest.raises(PermanentSyncError, match="HTTP 400") as caught:
             backend.add([member(unicode_form)])
+        assert "its address check takes no 'ä' after it" in str(caught.value)
         backend.add([member(ascii_form)])
         assert emails(mailman_core, mailman_list) == [ascii_form]
+
+    @pytest.mark.parametrize(
+        ("local", "named"), [("jöhn", "'ö'"), ("ÉLODIE.Straße", "'Éß'"), ("a^b|c", "'^|'")]
+    )
+    def test_an_address_mailman_refuses_is_a_permanent_error_naming_why(
+        self,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        backend: MailmanBackend,
+        local: str,
+        named: str,
+    ) -> None:
+        # Valid here (RFC 6531, RFC 5322 atext), refused by Mailman's narrower check.
+        address = f"{local}-{uuid.uuid4().hex[:6]}@example.com"
+        with pytest.raises(PermanentSyncError) as caught:
+            backend.add([member(address)])
+        assert str(caught.value).startswith(
+            "mailman add member: HTTP 400: Mailman refuses this address: its address check "
+            f"takes no "
+            f"{named} before the @-sign"
+        )
+        assert caught.value.response is not None
+        assert 'Invalid Parameter \\"subscriber\\"' in caught.value.response
+        assert emails(mailman_core, mailman_list) == []
 
     def test_a_banned_address_stays_banned_and_is_a_permanent_error(
         self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
@@ -405,6 +469,87 @@ class TestLeaving:
         assert answer.endswith(
             "not a member of " + backend._list_id + "; address not known to Mailman"
         )
+
+
+class TestAnAddressWithASlash:
+    """`team/ops@example.org` is a valid address, but no URL path of Mailman's REST API can
+    name it: Falcon decodes `%2F` before routing, so `/addresses/team%2Fops@...` is
+    `/addresses/team/ops@...`, a 404. Every call takes it in a query or a body."""
+
+    def test_add_unsubscribe_and_reading_the_roster_reach_the_member(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = f"team/ops-{uuid.uuid4().hex[:6]}@example.com"
+        assert backend.add([member(address)]).startswith("mailman: member ")
+        assert backend.add([member(address)]).startswith("mailman: already a member")
+        assert list(sync.read_backend(backend).values()) == [(address, True)]
+        assert backend.unsubscribe(address) == f"mailman: left {mailman_list}"
+        assert emails(mailman_core, mailman_list) == []
+        assert backend.unsubscribe(address).startswith("mailman: not a member")
+
+    def test_erasure_forgets_the_address_and_its_user(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = f"Team/Erase-{uuid.uuid4().hex[:6]}@example.com"
+        backend.add([member(address)])
+        answer = backend.remove(address)
+        assert answer == f"mailman: left {mailman_list}; address and its user deleted"
+        assert emails(mailman_core, mailman_list) == []
+        assert known_addresses(mailman_core, address) == []
+        with rest_client(mailman_core) as client:
+            users = client.get("/users/find", params={"q": address}).json()
+        assert users["total_size"] == 0
+        assert backend.remove(address).endswith("; address not known to Mailman")
+
+    def test_erasure_keeps_an_address_another_list_still_uses(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = f"team/shared-{uuid.uuid4().hex[:6]}@example.com"
+        other_list = create_list(mailman_core)
+        backend.add([member(address)])
+        subscribe_directly(mailman_core, other_list, address)
+        answer = backend.remove(address)
+        assert answer.endswith("address kept: it has 1 other membership(s) at Mailman")
+        assert emails(mailman_core, other_list) == [address]
+
+    def test_erasure_forgets_the_bare_address_a_post_to_the_list_left(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # A post from a non-member makes a nonmember record of an address without a user.
+        address = f"team/wrote-{uuid.uuid4().hex[:6]}@example.com"
+        post_to_list(mailman_core, mailman_list, address)
+        answer = backend.remove(address)
+        assert answer == f"mailman: not a member of {mailman_list}; address deleted"
+        assert known_addresses(mailman_core, address) == []
+        with rest_client(mailman_core) as client:
+            found = client.get("/members/find", params={"subscriber": address}).json()
+        assert found["total_size"] == 0
+
+    def test_erasure_of_one_of_a_users_several_addresses_is_a_permanent_error(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman can delete such an address only by naming it in a path: an operator must.
+        address = f"team/linked-{uuid.uuid4().hex[:6]}@example.com"
+        backend.add([member(address)])
+        with rest_client(mailman_core) as client:
+            user_id = client.get("/users/find", params={"q": address}).json()["entries"][0][
+                "user_id"
+            ]
+            linked = client.post(f"/users/{user_id}/addresses", json={"email": unique("main")})
+            assert linked.status_code == 201, linked.text
+        with pytest.raises(PermanentSyncError, match="one of several of a Mailman user"):
+            backend.remove(address)
+        assert emails(mailman_core, mailman_list) == []
+        assert known_addresses(mailman_core, address) == [address]
+
+    def test_a_site_wide_ban_is_named_as_such(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = f"team/banned-{uuid.uuid4().hex[:6]}@example.com"
+        with rest_client(mailman_core) as client:
+            assert client.post("/bans", json={"email": address}).is_success
+        with pytest.raises(PermanentSyncError, match="by the site-wide ban list"):
+            backend.add([member(address)])
 
 
 class TestMembers:
@@ -617,6 +762,64 @@ class TestThroughTheService:
             )
         assert sync_attempts(engine) == ["success", "success"]
 
+    def test_an_address_with_a_slash_is_subscribed_reconciled_and_erased(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = f"team/ops-{uuid.uuid4().hex[:6]}@example.com"
+        backend = settings_for(mailman_core, mailman_list)
+        settings = service_settings(database_url, smtp, backend)
+        with TestClient(create_app(settings)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+            report = newsletter(
+                "reconcile", "--list", "bluehats",
+                database_url=database_url, backend=backend, tmp_path=tmp_path,
+            )  # fmt: skip
+            assert report.returncode == 0, report.stdout + report.stderr
+            assert "in sync" in report.stdout
+
+            writer = api_key_headers(engine, "operator", KeyScope.WRITE)
+            erased = client.delete(f"/v1/admin/people/{quote(address)}", headers=writer)
+            assert erased.status_code == 200, erased.text
+            # The erasure's removal; the jobs naming the address went with the erasure.
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE],
+                timeout=SYNC_TIMEOUT,
+            )
+        assert emails(mailman_core, mailman_list) == []
+        assert known_addresses(mailman_core, address) == []
+
+    def test_a_list_deleted_at_mailman_dead_letters_the_sync_at_once_saying_so(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+    ) -> None:
+        list_id = create_list(mailman_core)
+        with rest_client(mailman_core) as client:
+            assert client.delete(f"/lists/{list_id}").status_code == 204
+        settings = service_settings(
+            database_url, smtp, settings_for(mailman_core, list_id), job_max_attempts=100
+        )
+        with TestClient(create_app(settings)) as client:
+            subscribe_and_confirm(client, smtp, unique("orphan"))
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+        [job] = sync_jobs(engine)
+        assert job.attempts == 1
+        assert f"Mailman has no list {list_id} (is list_id right?)" in (job.last_error or "")
+
     def test_a_mailman_outage_is_retried_and_the_member_arrives_once(
         self,
         database_url: str,
@@ -771,3 +974,35 @@ class TestTakingOverAList:
         )  # fmt: skip
         assert again.returncode == 0, again.stdout + again.stderr
         assert "in sync" in again.stdout
+
+    def test_a_member_who_left_at_mailman_is_reported_never_added_back(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("left-there")
+        subscribe_directly(mailman_core, mailman_list, address)
+        backend = settings_for(mailman_core, mailman_list)
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        jobs = len(sync_jobs(engine))
+        # The member leaves through Mailman itself (its List-Unsubscribe, Postorius).
+        with rest_client(mailman_core) as client:
+            assert client.delete(f"/lists/{mailman_list}/member/{address}").status_code == 204
+
+        for apply in ((), ("--apply",)):
+            report = newsletter(
+                "reconcile", "--list", "bluehats", "--json", *apply,
+                database_url=database_url, backend=backend, tmp_path=tmp_path,
+            )  # fmt: skip
+            assert report.returncode == (0 if apply else 3), report.stdout + report.stderr
+            found = json.loads(report.stdout)
+            assert (found["absent_there"], found["missing"]) == ([address], [])
+        assert len(sync_jobs(engine)) == jobs
+        assert emails(mailman_core, mailman_list) == []

@@ -17,7 +17,10 @@ Endpoints:
   confirmation or a moderator: it is found (`GET /lists/{list_id}/requests?count=&page=`,
   `type` subscription, `email`), discarded (`POST .../requests/{token} {"action":
   "discard"}` -> 204, no mail), and the add made again, since the person confirmed here.
-  400 "Membership is banned" is permanent, with its own message. A 202 would mean Mailman
+  400 "Membership is banned" is permanent, with its own message. So is 400 "Invalid
+  Parameter \"subscriber\"": Mailman's address check is narrower than this service's; it
+  takes no `^` or `|`, nor any letter beyond ASCII, before the @-sign (`jöhn@...`), and
+  the error names the character. A 202 would mean Mailman
   held the request (and may have mailed a confirmation): never expected with these flags,
   reported as permanent.
   There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
@@ -33,13 +36,23 @@ Endpoints:
   at Mailman as well, when nothing else there uses the address: Mailman keeps no
   unsubscribed *members*, but a subscription through the API creates an address record
   (the address as typed, the display name) and a user, which outlive the membership.
-  `GET /addresses/{address}/memberships`: a nonmember record of this list (made by
-  Mailman when the address wrote to the list while not a member) is deleted
+  `GET /members/find?subscriber={address}` (its memberships, on any list, in any role;
+  only exact matches are kept, as a `*` there is a wildcard): a nonmember record of this
+  list (made by Mailman when the address wrote to the list while not a member) is deleted
   (`DELETE /members/{member_id}`); any other membership left (on another list of that
   Mailman, or as an owner or moderator) keeps them, as that list's business.
-  Otherwise `GET /users/{address}`: a user holding no other address is deleted
-  (`DELETE /users/{user_id}`, its address with it); else only the address is
-  (`DELETE /addresses/{address}`). 404 at any of these steps means already gone.
+  Otherwise the user holding the address (`GET /users/{address}`), if it holds no other
+  address, is deleted (`DELETE /users/{user_id}`, its address with it); else only the
+  address is (`DELETE /addresses/{address}`). 404 at any of these steps means already gone.
+  An address with a `/` before the @ (`team/ops@example.org`) cannot be named in a path:
+  Mailman's REST router (Falcon) decodes `%2F` before it splits the path, so every such
+  path answers 404. For it the user is found by `GET /users/find?q={address}` (a
+  substring search, its users' addresses then compared), and an address without a user
+  (Mailman makes one bare for a post from a non-member) is deleted through a user made for
+  it (`POST /users {"email": address}` links the address it finds; `DELETE /users/{id}`).
+  The one case left, such an address among several of one user, which only
+  `DELETE /addresses/{address}` could take alone, is a permanent error for an operator.
+  Add, unsubscribe and the roster take addresses in bodies and answers only.
 - members: `GET /lists/{list_id}/roster/member?count=100&page=N&fields=email&fields=
   display_name`, page from 1, ordered by address; the cursor is the next page number, and
   a page past the end has no `entries`. `count` and `page` always go together: one without
@@ -66,8 +79,8 @@ which posts the address to `POST /v1/lists/{slug}/unsubscriptions` and so mails 
 member a personal one-click link.
 Mailman itself adds `List-Unsubscribe: <mailto:LIST-leave@...>` to every post, and a
 member who leaves that way (or through Postorius) is simply gone from the roster: this
-service is not told, and a reconciliation reports that member as *missing* and, applied,
-adds it back. With a Mailman list, read reconciliation reports before applying them.
+service is not told, and a reconciliation reports that member as *absent_there*
+(`keeps_unsubscribed` is False): never added back without an operator.
 
 Bans: `clear_suppression` returns None. Mailman's nearest thing to a suppression is its
 ban list (`GET /lists/{list_id}/bans`, and `/bans` for the whole site), which list owners
@@ -75,12 +88,15 @@ set; it is moderation, not a member's own earlier opt-out, so a fresh opt-in her
 lift it. The add of a banned address fails as a permanent error naming the ban, for an
 operator to lift it in Mailman and retry; the error says which ban list holds it (the
 list's, `/lists/{list_id}/bans`, or the site-wide one, `/bans`, which Mailman also applies
-to every list; either holds addresses or `^patterns`).
+to every list; either holds addresses or `^patterns`). The site-wide list is read whole
+(`GET /bans?count=&page=`) and matched as Mailman matches it, since `GET /bans/{address}`
+cannot name an address with a `/`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -105,11 +121,27 @@ ALREADY_SUBSCRIBED = "Member already subscribed"
 REQUEST_PENDING = "Subscription request already pending"
 BANNED = "Membership is banned"
 NO_SUCH_LIST = "No such list"
+INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
+# What Mailman's address check (mailman.email.validate) takes before the @-sign: RFC 5322's
+# atext less `^` and `|`, and no letter beyond ASCII (RFC 6531), which this service takes.
+_MAILMAN_LOCAL = re.compile(r"[-0-9a-z!#$%&'*+./=?@_`{}~]", re.IGNORECASE)
+_MAILMAN_DOMAIN = re.compile(r"[-0-9a-z.]", re.IGNORECASE)
 
 
 def _segment(value: str) -> str:
     """A value as one path segment: `+`, `/`, `%` and non-ASCII percent-encoded."""
     return quote(value, safe="@")
+
+
+def _banned_by(banned: str, email: str) -> bool:
+    """Whether a ban list's entry (an address, or a `^pattern`) holds `email`, lower-cased,
+    as Mailman's ban manager decides it."""
+    if not banned.startswith("^"):
+        return banned.lower() == email
+    try:
+        return re.match(banned, email, re.IGNORECASE) is not None
+    except re.error:
+        return False
 
 
 def _description(response: httpx.Response) -> str:
@@ -277,6 +309,23 @@ class MailmanBackend:
                 f"{what}: Mailman has no list {self._list_id} (is list_id right?)",
                 response=excerpt(response),
             )
+        if status == 400 and description.startswith(INVALID_SUBSCRIBER):
+            local, _, domain = member.email.rpartition("@")
+            refused = [
+                f"{''.join(dict.fromkeys(chars))!r} {where}"
+                for chars, where in (
+                    (_MAILMAN_LOCAL.sub("", local), "before the @-sign"),
+                    (_MAILMAN_DOMAIN.sub("", domain), "after it"),
+                )
+                if chars
+            ]
+            raise PermanentSyncError(
+                f"{what}: HTTP 400: Mailman refuses this address: its address check takes no "
+                f"{' nor '.join(refused) or 'such address'} (only ASCII letters, digits and "
+                "-!#$%&'*+./=?_`{}~ before the @-sign, and a domain in ASCII), so the list "
+                "cannot hold this member",
+                response=excerpt(response),
+            )
         if status == 202:
             raise PermanentSyncError(
                 f"{what}: Mailman held the subscription for confirmation or approval "
@@ -327,14 +376,11 @@ class MailmanBackend:
     def _ban(self, member: Member) -> str:
         """Which ban list refuses the member: the site's (every list, lifted at `/bans`)
         or the list's own, either by the address or by a `^pattern` matching it."""
-        email = member.email.lower()
         try:
-            site = self._call(
-                "GET", f"/bans/{_segment(email)}", what="mailman ban lookup", ok=(404,)
-            )
+            site = self._site_bans(member.email.lower())
         except SyncError:
             return "the list's or the site's ban list"
-        if site.status_code == 404:
+        if not site:
             return (
                 f"the list's ban list, set by its owners (GET {self._list_path}/bans: the "
                 "address, or a ^pattern matching it)"
@@ -343,6 +389,26 @@ class MailmanBackend:
             "the site-wide ban list, for every list of this Mailman (GET /bans: the "
             "address, or a ^pattern matching it)"
         )
+
+    def _site_bans(self, email: str) -> bool:
+        """Whether the site-wide ban list holds `email`, matched as Mailman matches it (the
+        address, or a `^pattern` by `re.match`, ignoring case). Read whole rather than
+        asked of `GET /bans/{address}`, which cannot name an address with a `/`."""
+        what = "mailman ban lookup"
+        page = 1
+        while True:
+            response = self._call(
+                "GET", "/bans", what=what, params={"count": self._page_size, "page": page}
+            )
+            body = _json(response, what)
+            entries = body.get("entries") or []
+            for entry in entries:
+                banned = entry.get("email") if isinstance(entry, dict) else None
+                if isinstance(banned, str) and _banned_by(banned, email):
+                    return True
+            if not entries or page * self._page_size >= int(body.get("total_size") or 0):
+                return False
+            page += 1
 
     def _leave(self, address: str, *, what: str) -> bool:
         """Take the address off the list, silently; true if it was a member."""
@@ -359,23 +425,21 @@ class MailmanBackend:
 
     def _forget(self, address: str) -> str:
         """Delete Mailman's address record (and its user) when nothing else there uses it."""
-        email = _segment(address.lower())
-        response = self._call(
-            "GET",
-            f"/addresses/{email}/memberships",
-            what="mailman erase: memberships",
-            ok=(404,),
-        )
-        if response.status_code == 404:
-            return "address not known to Mailman"
-        memberships = _json(response, "mailman erase: memberships")
+        wanted = address.lower()
+        what = "mailman erase: memberships"
+        response = self._call("GET", "/members/find", what=what, params={"subscriber": wanted})
+        # `subscriber` is matched as a pattern where it holds a `*`: exact matches only.
+        memberships = [
+            entry
+            for entry in _json(response, what).get("entries") or []
+            if isinstance(entry, dict) and str(entry.get("email", "")).lower() == wanted
+        ]
         # A nonmember record of this list is this list's data about the person (Mailman
         # makes one when the address writes to the list while not a member): it goes too.
         nonmember = [
             entry["member_id"]
-            for entry in memberships.get("entries") or []
-            if isinstance(entry, dict)
-            and entry.get("list_id") == self._list_id
+            for entry in memberships
+            if entry.get("list_id") == self._list_id
             and entry.get("role") == "nonmember"
             and isinstance(entry.get("member_id"), str)
         ]
@@ -386,23 +450,75 @@ class MailmanBackend:
                 what="mailman erase: nonmember record",
                 ok=(404,),
             )
-        others = int(memberships.get("total_size") or 0) - len(nonmember)
+        others = len(memberships) - len(nonmember)
         if others > 0:
             return f"address kept: it has {others} other membership(s) at Mailman"
-        response = self._call("GET", f"/users/{email}", what="mailman erase: user", ok=(404,))
-        if response.status_code != 404:
-            user_id = _json(response, "mailman erase: user").get("user_id")
-            if isinstance(user_id, str) and user_id:
-                user_path = f"/users/{_segment(user_id)}"
-                listed = self._call(
-                    "GET", f"{user_path}/addresses", what="mailman erase: user's addresses"
-                )
-                count = int(_json(listed, "mailman erase: user's addresses").get("total_size") or 0)
-                if count <= 1:
-                    self._call("DELETE", user_path, what="mailman erase: user", ok=(404,))
-                    return "address and its user deleted"
-        self._call("DELETE", f"/addresses/{email}", what="mailman erase: address", ok=(404,))
-        return "address deleted"
+        user_id, addresses = self._user_of(wanted)
+        if user_id is not None and addresses <= 1:
+            self._call(
+                "DELETE", f"/users/{_segment(user_id)}", what="mailman erase: user", ok=(404,)
+            )
+            return "address and its user deleted"
+        if "/" not in wanted:
+            response = self._call(
+                "DELETE", f"/addresses/{_segment(wanted)}", what="mailman erase: address", ok=(404,)
+            )
+            if response.status_code == 404:
+                return "address not known to Mailman"
+            return "address deleted"
+        # No path names this address: `/addresses/{address}` cannot delete it.
+        if user_id is not None:
+            raise PermanentSyncError(
+                "mailman erase: the address is one of several of a Mailman user, and "
+                "Mailman's REST API cannot delete an address with a '/' alone (no URL path "
+                "names it): delete it at Mailman (Postorius, or `mailman shell`)"
+            )
+        # No user holds the address, if Mailman has it at all (a nonmember record made by
+        # a post has none): a user made for it (`POST /users` links an address it finds)
+        # takes it along when deleted, and an address Mailman did not have is made and
+        # deleted with it.
+        response = self._call(
+            "POST", "/users", what="mailman erase: user for the address", json={"email": wanted}
+        )
+        made = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
+        if not made:
+            raise PermanentSyncError(
+                "mailman erase: user for the address: no Location", response=excerpt(response)
+            )
+        self._call("DELETE", f"/users/{_segment(made)}", what="mailman erase: user", ok=(404,))
+        return "address deleted" if memberships else "address not known to Mailman"
+
+    def _user_of(self, email: str) -> tuple[str | None, int]:
+        """The id of the Mailman user holding `email` (None if none) and how many addresses
+        it holds."""
+        what = "mailman erase: user"
+        if "/" not in email:
+            response = self._call("GET", f"/users/{_segment(email)}", what=what, ok=(404,))
+            found = [] if response.status_code == 404 else [_json(response, what)]
+        else:
+            # No path names it; `q` matches a substring of any address or name.
+            response = self._call("GET", "/users/find", what=what, params={"q": email})
+            found = _json(response, what).get("entries") or []
+        for entry in found:
+            user_id = entry.get("user_id") if isinstance(entry, dict) else None
+            if not isinstance(user_id, str) or not user_id:
+                continue
+            listed = self._call(
+                "GET",
+                f"/users/{_segment(user_id)}/addresses",
+                what="mailman erase: user's addresses",
+                ok=(404,),
+            )
+            if listed.status_code == 404:
+                continue
+            held = [
+                str(address.get("email", "")).lower()
+                for address in _json(listed, "mailman erase: user's addresses").get("entries") or []
+                if isinstance(address, dict)
+            ]
+            if email in held:
+                return user_id, len(held)
+        return None, 0
 
     def _call_list(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
         """A call under the list's own resource, where 404 means the list is not there."""
