@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from app import formguard
+from app import consent, formguard
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
@@ -409,6 +409,49 @@ class TestCustomFields:
         engine.dispose()
         assert (event.source, event.consent_version) == ("form", "2026-11")
         assert event.detail["consent_version_shown"] == "2026-11"
+
+    def test_a_consent_version_no_page_of_ours_shows_is_not_recorded_and_the_proof_works(
+        self, client: TestClient, database_url: str, subtests: pytest.Subtests
+    ) -> None:
+        cases = {"nul": "\x00", "escape": "2026-11\x1b[2J", "too-long": "v" * 65}
+        for n, (name, value) in enumerate(cases.items()):
+            with subtests.test(name):
+                email = f"camille{n}@example.org"
+                response = post_form(
+                    client,
+                    {
+                        "email": email,
+                        "organisation": "DINUM",
+                        "consent_version": value,
+                        "form_stamp": stamp(),
+                    },
+                )
+                assert response.status_code == 303
+                engine = make_engine(database_url)
+                with Session(engine) as session:
+                    [row] = [row for row in stored(database_url) if row.email == email]
+                    [event] = session.exec(
+                        select(ConsentEvent).where(ConsentEvent.subscription_id == row.id)
+                    ).all()
+                    assert "consent_version_shown" not in event.detail
+                    assert event.consent_version == "2026-11"
+                    proof = consent.proof_by_address(session, list_slug="bluehats", email_key=email)
+                    assert list(proof.wordings) == ["2026-11"]
+                engine.dispose()
+        with subtests.test("recorded-before"):
+            # A NUL recorded before the form's value was checked: the proof is still given.
+            engine = make_engine(database_url)
+            with Session(engine) as session:
+                event = session.exec(select(ConsentEvent)).first()
+                assert event is not None
+                event.detail = {"consent_version_shown": "\x00"}
+                session.add(event)
+                session.commit()
+                subscription = session.get(Subscription, event.subscription_id)
+                assert subscription is not None
+                proof = consent.proof(session, subscription=subscription)
+                assert list(proof.wordings) == ["2026-11"]
+            engine.dispose()
 
     def test_bad_input_brings_the_form_back_with_values_kept_and_errors_tied_to_fields(
         self, client: TestClient, database_url: str
