@@ -76,6 +76,7 @@ def _answer(
     detail: str,
     list_slug: str | None = None,
     stored_locale: str | None = None,
+    text_key: str | None = None,
 ) -> Response:
     if wants_html(request, default=_is_page(request)):
         settings = request.app.state.settings
@@ -96,7 +97,7 @@ def _answer(
             switch_path=_switch_path(request, list_slug),
         )
         t = chrome.t
-        key = f"error.{code}"
+        key = text_key or f"error.{code}"
         # A payload refused (422) says why in English, for the site's developer; the visitor
         # reads what it means in the page's language around it.
         text = t(key, detail=detail) if key in t else t("error.generic")
@@ -298,6 +299,7 @@ def install(app: FastAPI) -> None:
             detail=exc.detail,
             list_slug=exc.list_slug,
             stored_locale=exc.locale,
+            text_key=exc.text_key,
         )
         response.headers.update(exc.headers)
         return response
