@@ -125,6 +125,21 @@ class TestUnreadableBodies:
                 assert "must be a JSON object" in detail
                 endpoint.assert_nothing_stored()
 
+    def test_json_naming_a_field_twice_is_400_whichever_comes_first(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        bodies = {
+            "good-last": f'{{"email": "not an address", "email": "{endpoint.email}"}}',
+            "good-first": f'{{"email": "{endpoint.email}", "email": "not an address"}}',
+            "nested": f'{{"email": "{endpoint.email}", "attributes": {{"a": "x", "a": "y"}}}}',
+        }
+        for kind, body in bodies.items():
+            with subtests.test(kind):
+                response = client.post(endpoint.path, content=body, headers=JSON_TYPE)
+                detail = error_of(response, 400, "invalid_body")
+                assert "more than once" in detail
+                endpoint.assert_nothing_stored()
+
     def test_json_nested_thousands_deep_is_400_not_a_crash(
         self, client: TestClient, endpoint: Endpoint
     ) -> None:

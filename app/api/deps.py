@@ -292,6 +292,20 @@ async def _multipart_fields(request: Request) -> dict[str, str]:
     return fields
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are each given once: `{"email": "a@...", "email": "b@..."}`
+    has no one meaning (RFC 8259 §4; Python keeps the last, a proxy or a filter in front
+    may read the first), so it is refused rather than guessed."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise errors.InvalidBody(f"The body names {name[:40]!r} more than once.")
+            seen.add(name)
+    return value
+
+
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
@@ -300,7 +314,7 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     data: object
     if kind == JSON:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_object)
         except RecursionError as e:
             # `[[[[...` a few thousand deep fits under the body limit and exhausts the stack.
             raise errors.InvalidBody("The body is nested too deeply.") from e
