@@ -523,6 +523,22 @@ class TestAddressValidation:
                 assert detail == "email: Field required"
                 endpoint.assert_nothing_stored()
 
+    def test_an_empty_or_blank_email_is_422_saying_it_is_empty(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        cases = {
+            "json-empty": (JSON_TYPE, b'{"email": ""}'),
+            "json-spaces": (JSON_TYPE, b'{"email": "   "}'),
+            "form-empty": (FORM_TYPE, b"email="),
+            "form-spaces": (FORM_TYPE, b"email=+++"),
+        }
+        for name, (headers, body) in cases.items():
+            with subtests.test(name):
+                response = client.post(endpoint.path, content=body, headers=headers)
+                detail = error_of(response, 422, "validation_error")
+                assert detail == "email: The address is empty."
+                endpoint.assert_nothing_stored()
+
     def test_an_email_that_is_not_an_address_is_422(
         self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
     ) -> None:
