@@ -716,6 +716,8 @@ class TestMethods:
             ("/v1/lists/bluehats", "GET, HEAD"),
             ("/v1/admin/blocks", "GET, HEAD, POST"),
             ("/v1/admin/blocks/1", "DELETE"),
+            # A mounted app's own 405.
+            ("/static/style.css", "GET, HEAD"),
         ],
     )
     def test_a_method_not_allowed_names_the_allowed_ones(

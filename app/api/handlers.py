@@ -15,7 +15,8 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Match
+from starlette.routing import Match, Mount
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, formguard, logs, pages
@@ -225,10 +226,20 @@ def _allowed_methods(request: Request) -> str:
     route's, while e.g. GET and POST /v1/confirm/{token} are two routes. Asked of the
     router's own matching, whatever shape its routes take (included routers...)."""
     methods: set[str] = set()
+    # From the application's routes, as they saw the path: a mounted app (/static) has
+    # moved its own prefix into the scope's root path, where no route would match it.
+    root_path = request.scope.get("app_root_path", request.scope.get("root_path", ""))
     for method in _METHODS:
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
-            methods.add(method)
+        scope = {**request.scope, "method": method, "root_path": root_path}
+        for route in request.app.router.routes:
+            if route.matches(scope)[0] != Match.FULL:
+                continue
+            if isinstance(route, Mount):
+                # A mount matches whatever the method; the static files answer GET alone.
+                if isinstance(route.app, StaticFiles) and method == "GET":
+                    methods.add(method)
+            else:
+                methods.add(method)
     if "GET" in methods:
         methods.add("HEAD")
     return ", ".join(sorted(methods))
