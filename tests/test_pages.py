@@ -730,6 +730,30 @@ class TestErrorPages:
         # A POST cannot be replayed by a link: the switch leads to the list's form.
         assert 'href="/v1/lists/bluehats?lang=en"' in page.text
 
+    def test_without_a_browser_preference_error_pages_speak_the_list_s_language(
+        self, database_url: str, smtp: SmtpSink, subtests: pytest.Subtests
+    ) -> None:
+        english = list_settings(default_locale="en")
+        with app_client(
+            database_url, smtp, lists=[english], rate_limit_per_ip="2/minute"
+        ) as client:
+            wants_page = {"accept": "text/html"}
+            with subtests.test("a value the form may not hold"):
+                page = post_form(
+                    client, {"email": "camille@example.org", "locale": "de"}, **wants_page
+                )
+                assert page.status_code == 422
+                assert '<html lang="en">' in page.text
+            with subtests.test("a link not found"):
+                page = client.get("/v1/confirm/abc", headers=wants_page)
+                assert page.status_code == 404
+                assert '<html lang="en">' in page.text
+            with subtests.test("refused before the body is read"):
+                post_form(client, {"email": "camille@example.org"})
+                page = post_form(client, {"email": "camille@example.org"}, **wants_page)
+                assert page.status_code == 429
+                assert '<html lang="en">' in page.text
+
     def test_a_dead_link_of_a_list_with_required_fields_leads_to_its_page_not_to_a_bare_form(
         self, client: TestClient, smtp: SmtpSink, database_url: str
     ) -> None:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import request_locale, wants_html
-from app.config import Locale, Settings
+from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
 from app.models import utcnow
 
@@ -87,8 +87,7 @@ def _answer(
         if stored_locale is not None:
             locale = parse_locale(request.query_params.get("lang")) or Locale(stored_locale)
         else:
-            default = declared.default_locale if declared else Locale.FR
-            locale = request_locale(request, default=default)
+            locale = request_locale(request, default=_default_locale(request, settings, declared))
         chrome = views.chrome(
             request,
             settings,
@@ -148,6 +147,21 @@ def _answer(
             form_url=_form_page_after_post(request, code=code, locale=locale),
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+# A path under a list's own: its pages, and where its forms post.
+LIST_PATH = re.compile(r"^/v1/lists/([^/]+)")
+
+
+def _default_locale(request: Request, settings: Settings, declared: ListSettings | None) -> Locale:
+    """An error page's language when its visitor states none (no `?lang=`, no
+    `Accept-Language`): its list's, told by the error, else by the path (a form post refused
+    before its body is read), else the only list's (a link not found); French otherwise."""
+    if declared is None:
+        match = LIST_PATH.match(request.url.path)
+        slug = match[1] if match else _only_list(settings)
+        declared = settings.list_settings(slug) if slug else None
+    return declared.default_locale if declared else Locale.FR
 
 
 def _form_page_after_post(request: Request, *, code: str, locale: Locale) -> str | None:
