@@ -282,6 +282,22 @@ class TestContentTypes:
         assert response.status_code == 202
         assert count_rows(settings.database_url, "subscription") == 1
 
+    def test_a_body_behind_a_utf8_byte_order_mark_is_read_as_a_form_and_as_json(
+        self, client: TestClient, settings: Settings, subtests: pytest.Subtests
+    ) -> None:
+        bom = b"\xef\xbb\xbf"
+        bodies = {
+            "form": (FORM_TYPE, bom + b"email=bom-form%40example.org"),
+            "json": (JSON_TYPE, bom + b'{"email": "bom-json@example.org"}'),
+        }
+        for n, (kind, (headers, body)) in enumerate(bodies.items(), start=1):
+            with subtests.test(kind):
+                response = client.post(
+                    SUBSCRIBE, content=body, headers=headers, follow_redirects=False
+                )
+                assert response.status_code in (202, 303), response.text
+                assert count_rows(settings.database_url, "subscription") == n
+
 
 class TestBodyLimit:
     def test_a_body_over_the_limit_with_content_length_is_413(

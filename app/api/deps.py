@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import json
 import re
@@ -175,7 +176,10 @@ def parse_form(raw: bytes) -> dict[str, str]:
     """An url-encoded form body; the first value of a repeated field wins."""
     try:
         pairs = parse_qsl(
-            raw.decode("utf-8"),
+            # A byte order mark in front (a body written to a file by Windows tools, sent by
+            # `curl --data @file`) would be read into the first field's name, so that
+            # `email` was "missing"; JSON's reader skips it too.
+            raw.removeprefix(codecs.BOM_UTF8).decode("utf-8"),
             keep_blank_values=True,
             max_num_fields=MAX_FORM_FIELDS,
             errors="strict",
