@@ -754,6 +754,21 @@ class TestErrorPages:
                 assert page.status_code == 429
                 assert '<html lang="en">' in page.text
 
+    def test_a_form_post_too_large_gets_a_page_that_says_so_and_leads_back_to_the_form(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        fields = {"email": "camille@example.org", "organisation": "x" * 20_000}
+        page = client.post(f"{SUBSCRIBE}?lang=en", data=fields, headers={"accept": "text/html"})
+        assert page.status_code == 413
+        assert page.headers["content-type"].startswith("text/html")
+        assert "<title>Error - Form too long - " in page.text
+        assert "shorten what you typed" in page.text
+        assert 'href="/v1/lists/bluehats?lang=en"' in page.text
+        assert stored(database_url) == []
+        answer = client.post(SUBSCRIBE, data=fields)
+        assert answer.status_code == 413
+        assert answer.json()["error"] == "payload_too_large"
+
     def test_a_dead_link_of_a_list_with_required_fields_leads_to_its_page_not_to_a_bare_form(
         self, client: TestClient, smtp: SmtpSink, database_url: str
     ) -> None:

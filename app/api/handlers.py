@@ -164,6 +164,12 @@ def _default_locale(request: Request, settings: Settings, declared: ListSettings
     return declared.default_locale if declared else Locale.FR
 
 
+def body_too_large(scope: Scope, detail: str) -> Response:
+    """The answer of the body cap (app.middleware.BodyLimit) to a body announced too large:
+    as any error's, a page for a browser, whose form post would otherwise end on JSON."""
+    return _answer(Request(scope), status=413, code=errors.PayloadTooLarge.code, detail=detail)
+
+
 def _form_page_after_post(request: Request, *, code: str, locale: Locale) -> str | None:
     """The page of the form whose post was refused (another site's origin, too many
     requests, a proof of work...), in the error page's language: the way to try again."""
