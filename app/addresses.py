@@ -85,6 +85,9 @@ def _parse(raw: str, new: bool) -> Address:
         raise InvalidAddress("The address contains control characters.")
     # Spaces around the address are not part of it, nor of its length.
     raw = raw.strip()
+    if not raw:
+        # email-validator would say it "must have an @-sign": true, but not the news.
+        raise InvalidAddress("The address is empty.")
     if len(raw) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"The address is longer than {MAX_ADDRESS_LENGTH} characters.")
     return _plain(raw) or _general(raw, new)

@@ -147,7 +147,9 @@ def proof(session: Session, *, subscription: Subscription) -> Proof:
 
 def _shown_version(event: ConsentEvent) -> str | None:
     shown = event.detail.get("consent_version_shown")
-    return shown if isinstance(shown, str) else None
+    # A NUL cannot be looked up on PostgreSQL (a query's text holds none); such a value,
+    # recorded from a hand-made form post, names no version anyway.
+    return shown if isinstance(shown, str) and "\x00" not in shown else None
 
 
 def proof_by_id(session: Session, *, subscription_id: int) -> Proof:

@@ -23,6 +23,8 @@ class DomainError(Exception):
     message: ClassVar[str] = "The request could not be processed."
     # Response headers the answer carries, documented in the OpenAPI document.
     documented_headers: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The page's text in the catalogues, when not `error.<code>`.
+    text_key: ClassVar[str | None] = None
 
     def __init__(
         self, detail: str | None = None, *, list_slug: str | None = None, locale: str | None = None
@@ -58,6 +60,18 @@ class TokenUsed(DomainError):
     status_code = 409
     code = "token_used"
     message = "This link has already been used."
+
+
+class TokenUsedNotSubscribed(TokenUsed):
+    """A confirm link used before, of an address not subscribed now (it left since, or
+    asked again and has a newer link): `TokenUsed`'s page, which reassures one who has
+    just confirmed that nothing more is to be done, would tell this one they are."""
+
+    message = (
+        "This link has already been used, and this address is not subscribed at present: "
+        "ask for a new link to subscribe again."
+    )
+    text_key = "error.token_used_not_subscribed"
 
 
 class Unauthorized(DomainError):

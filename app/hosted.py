@@ -7,6 +7,7 @@ back with the values kept and each error tied to its input.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +20,10 @@ from app.models import MailingList
 from app.schemas import SubscriptionRequest
 
 EMAIL = "email"
+CONSENT_VERSION = "consent_version"
+# A list's consent version, as the settings take one (`ListSettings.consent_version`).
+MAX_CONSENT_VERSION = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -116,9 +121,20 @@ def form_view(
         inputs=inputs,
         hidden={
             "locale": locale.value,
-            "consent_version": mailing_list.consent_version,
+            CONSENT_VERSION: mailing_list.consent_version,
             formguard.STAMP_FIELD: stamp,
         },
         honeypot_name=formguard.HONEYPOT_FIELD,
         unsubscribe_url=f"/v1/lists/{mailing_list.slug}/unsubscribe?lang={locale.value}",
     )
+
+
+def shown_consent_version(form: Mapping[str, str]) -> str | None:
+    """The consent version a post's page showed (its hidden field), for the ledger; None
+    when the value cannot be a version (over 64 characters, or a control character): no
+    page of ours wrote it. A NUL recorded there made the subscriber's proof of consent fail
+    on PostgreSQL, which refuses a NUL in the text of a query."""
+    value = form.get(CONSENT_VERSION, "")
+    if not value or len(value) > MAX_CONSENT_VERSION or _CONTROL.search(value):
+        return None
+    return value

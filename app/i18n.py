@@ -67,13 +67,16 @@ def preferred(accept_language: str | None) -> Locale | None:
         return None
     best: tuple[float, Locale] | None = None
     for position, part in enumerate(accept_language.split(",")[:20]):
-        tag, _, params = part.strip().partition(";")
-        quality = 1.0
-        if params.strip().startswith("q="):
-            weight = qvalue(params.strip()[2:])
-            if weight is None:
-                continue
-            quality = weight
+        tag, *params = part.strip().split(";")
+        quality: float | None = 1.0
+        for param in params:
+            # The weight's name in any case, with spaces around `=` (RFC 9110 §12.4.2).
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                quality = qvalue(value)
+                break
+        if quality is None:
+            continue
         primary = tag.strip().split("-")[0].lower()
         try:
             locale = Locale(primary)

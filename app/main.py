@@ -197,6 +197,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         by_prefix={"/v1/webhooks/": max(settings.max_body_bytes, 1024 * 1024)},
         # A CSV import is streamed to a temporary file, up to its own cap.
         by_pattern={admin_transfer.IMPORT_PATH_PATTERN: settings.max_import_bytes},
+        refusal=handlers.body_too_large,
     )
     app.add_middleware(
         SecurityHeaders,

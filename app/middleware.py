@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -27,9 +28,13 @@ class BodyLimit:
         max_bytes: int,
         by_prefix: dict[str, int] | None = None,
         by_pattern: dict[str, int] | None = None,
+        refusal: Callable[[Scope, str], Response] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # The answer to a body announced too large, given its detail: the application's
+        # own (a page for a browser's form post); plain JSON without one.
+        self.refusal = refusal
         # Larger caps for some paths (a backend's webhook events exceed a form's size;
         # `by_pattern`, regular expressions matching the whole path: a CSV import).
         self.by_prefix = by_prefix or {}
@@ -53,6 +58,12 @@ class BodyLimit:
         limit = self._limit(scope["path"])
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            if self.refusal is not None:
+                response = self.refusal(scope, _over(limit))
+                # The body is left unread: the connection cannot carry another request.
+                response.headers["connection"] = "close"
+                await response(scope, receive, send)
+                return
             await self._refuse(send, limit)
             return
         seen = 0

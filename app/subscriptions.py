@@ -733,16 +733,25 @@ def _lookup(session: Session, *, secret: str, purpose: TokenPurpose, now: dateti
         ).first()
         if token is not None:
             target = _target(session, subscription_id=token.subscription_id)
-            raise type(e)(
-                list_slug=target.mailing_list.slug, locale=target.subscription.locale
-            ) from e
+            error: type[errors.DomainError] = type(e)
+            if (
+                isinstance(e, errors.TokenUsed)
+                and purpose == TokenPurpose.CONFIRM
+                and target.subscription.status != SubscriptionStatus.CONFIRMED
+            ):
+                error = errors.TokenUsedNotSubscribed
+            slug, locale = target.mailing_list.slug, target.subscription.locale
+            raise error(list_slug=slug, locale=locale) from e
         raise
 
 
-def _spent(session: Session, *, list_id: int, locale: str) -> errors.TokenUsed:
+def _spent(
+    session: Session, *, list_id: int, locale: str, subscribed: bool = True
+) -> errors.TokenUsed:
     """A link already used, from the list and language of its subscription."""
     mailing_list = lists.get_shared_by_id(session, list_id=list_id)
-    return errors.TokenUsed(list_slug=mailing_list.slug, locale=locale)
+    error = errors.TokenUsed if subscribed else errors.TokenUsedNotSubscribed
+    return error(list_slug=mailing_list.slug, locale=locale)
 
 
 _GONE = (
@@ -803,7 +812,7 @@ def confirm(
     row = _LOCK.execute(session, {"subscription_id": subscription_id}).first()
     assert row is not None
     if row.status not in (SubscriptionStatus.PENDING, SubscriptionStatus.CONFIRMED):
-        raise _spent(session, list_id=row.list_id, locale=row.locale)
+        raise _spent(session, list_id=row.list_id, locale=row.locale, subscribed=False)
     # Used by a press that came first (it held the lock): this one confirms nothing. Else
     # the subscription's other confirmation links are retired with it.
     if not tokens.use(

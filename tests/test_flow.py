@@ -410,6 +410,39 @@ class TestLinks:
         assert again.status_code == 409
         assert reassurance in html.unescape(again.text)
 
+    @pytest.mark.parametrize(
+        ("language", "told"),
+        [
+            ("fr", "cette adresse n'est pas inscrite à ce jour"),
+            ("en", "this address is not subscribed at present"),
+        ],
+    )
+    def test_the_confirm_link_used_again_after_leaving_says_the_address_is_not_subscribed(
+        self, client: TestClient, smtp: SmtpSink, language: str, told: str
+    ) -> None:
+        subscribe(client, "left@example.org", locale=language)
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        assert client.post(link, headers={"accept": "application/json"}).status_code == 200
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "left@example.org"})
+        client.post(link_in(smtp.wait_for(2)[1], "unsubscribe"), data={})
+        # The old confirmation mail opened again: "it is recorded, nothing more to do" would
+        # tell someone who left that they are subscribed.
+        page = client.get(link)
+        assert page.status_code == 409
+        text = html.unescape(page.text)
+        assert told in text
+        assert "elle est enregistrée" not in text
+        assert "it is recorded" not in text
+        # The way back in is on the page.
+        assert 'name="email"' in page.text
+        answer = client.post(link, headers={"accept": "application/json"})
+        assert answer.status_code == 409
+        assert answer.json() == {
+            "error": "token_used",
+            "detail": "This link has already been used, and this address is not subscribed "
+            "at present: ask for a new link to subscribe again.",
+        }
+
     def test_an_unsubscribe_link_works_twice(self, client: TestClient, smtp: SmtpSink) -> None:
         subscribe(client, "twice@example.org")
         client.post(link_in(smtp.wait_for(1)[0], "confirm"))

@@ -125,6 +125,21 @@ class TestUnreadableBodies:
                 assert "must be a JSON object" in detail
                 endpoint.assert_nothing_stored()
 
+    def test_json_naming_a_field_twice_is_400_whichever_comes_first(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        bodies = {
+            "good-last": f'{{"email": "not an address", "email": "{endpoint.email}"}}',
+            "good-first": f'{{"email": "{endpoint.email}", "email": "not an address"}}',
+            "nested": f'{{"email": "{endpoint.email}", "attributes": {{"a": "x", "a": "y"}}}}',
+        }
+        for kind, body in bodies.items():
+            with subtests.test(kind):
+                response = client.post(endpoint.path, content=body, headers=JSON_TYPE)
+                detail = error_of(response, 400, "invalid_body")
+                assert "more than once" in detail
+                endpoint.assert_nothing_stored()
+
     def test_json_nested_thousands_deep_is_400_not_a_crash(
         self, client: TestClient, endpoint: Endpoint
     ) -> None:
@@ -266,6 +281,22 @@ class TestContentTypes:
         )
         assert response.status_code == 202
         assert count_rows(settings.database_url, "subscription") == 1
+
+    def test_a_body_behind_a_utf8_byte_order_mark_is_read_as_a_form_and_as_json(
+        self, client: TestClient, settings: Settings, subtests: pytest.Subtests
+    ) -> None:
+        bom = b"\xef\xbb\xbf"
+        bodies = {
+            "form": (FORM_TYPE, bom + b"email=bom-form%40example.org"),
+            "json": (JSON_TYPE, bom + b'{"email": "bom-json@example.org"}'),
+        }
+        for n, (kind, (headers, body)) in enumerate(bodies.items(), start=1):
+            with subtests.test(kind):
+                response = client.post(
+                    SUBSCRIBE, content=body, headers=headers, follow_redirects=False
+                )
+                assert response.status_code in (202, 303), response.text
+                assert count_rows(settings.database_url, "subscription") == n
 
 
 class TestBodyLimit:
@@ -508,6 +539,22 @@ class TestAddressValidation:
                 assert detail == "email: Field required"
                 endpoint.assert_nothing_stored()
 
+    def test_an_empty_or_blank_email_is_422_saying_it_is_empty(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        cases = {
+            "json-empty": (JSON_TYPE, b'{"email": ""}'),
+            "json-spaces": (JSON_TYPE, b'{"email": "   "}'),
+            "form-empty": (FORM_TYPE, b"email="),
+            "form-spaces": (FORM_TYPE, b"email=+++"),
+        }
+        for name, (headers, body) in cases.items():
+            with subtests.test(name):
+                response = client.post(endpoint.path, content=body, headers=headers)
+                detail = error_of(response, 422, "validation_error")
+                assert detail == "email: The address is empty."
+                endpoint.assert_nothing_stored()
+
     def test_an_email_that_is_not_an_address_is_422(
         self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
     ) -> None:
@@ -685,6 +732,8 @@ class TestMethods:
             ("/v1/lists/bluehats", "GET, HEAD"),
             ("/v1/admin/blocks", "GET, HEAD, POST"),
             ("/v1/admin/blocks/1", "DELETE"),
+            # A mounted app's own 405.
+            ("/static/style.css", "GET, HEAD"),
         ],
     )
     def test_a_method_not_allowed_names_the_allowed_ones(

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from app import formguard
+from app import consent, formguard
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
@@ -410,6 +410,49 @@ class TestCustomFields:
         assert (event.source, event.consent_version) == ("form", "2026-11")
         assert event.detail["consent_version_shown"] == "2026-11"
 
+    def test_a_consent_version_no_page_of_ours_shows_is_not_recorded_and_the_proof_works(
+        self, client: TestClient, database_url: str, subtests: pytest.Subtests
+    ) -> None:
+        cases = {"nul": "\x00", "escape": "2026-11\x1b[2J", "too-long": "v" * 65}
+        for n, (name, value) in enumerate(cases.items()):
+            with subtests.test(name):
+                email = f"camille{n}@example.org"
+                response = post_form(
+                    client,
+                    {
+                        "email": email,
+                        "organisation": "DINUM",
+                        "consent_version": value,
+                        "form_stamp": stamp(),
+                    },
+                )
+                assert response.status_code == 303
+                engine = make_engine(database_url)
+                with Session(engine) as session:
+                    [row] = [row for row in stored(database_url) if row.email == email]
+                    [event] = session.exec(
+                        select(ConsentEvent).where(ConsentEvent.subscription_id == row.id)
+                    ).all()
+                    assert "consent_version_shown" not in event.detail
+                    assert event.consent_version == "2026-11"
+                    proof = consent.proof_by_address(session, list_slug="bluehats", email_key=email)
+                    assert list(proof.wordings) == ["2026-11"]
+                engine.dispose()
+        with subtests.test("recorded-before"):
+            # A NUL recorded before the form's value was checked: the proof is still given.
+            engine = make_engine(database_url)
+            with Session(engine) as session:
+                event = session.exec(select(ConsentEvent)).first()
+                assert event is not None
+                event.detail = {"consent_version_shown": "\x00"}
+                session.add(event)
+                session.commit()
+                subscription = session.get(Subscription, event.subscription_id)
+                assert subscription is not None
+                proof = consent.proof(session, subscription=subscription)
+                assert list(proof.wordings) == ["2026-11"]
+            engine.dispose()
+
     def test_bad_input_brings_the_form_back_with_values_kept_and_errors_tied_to_fields(
         self, client: TestClient, database_url: str
     ) -> None:
@@ -686,6 +729,45 @@ class TestErrorPages:
         assert "Trop de demandes sont venues de votre réseau" in page.text
         # A POST cannot be replayed by a link: the switch leads to the list's form.
         assert 'href="/v1/lists/bluehats?lang=en"' in page.text
+
+    def test_without_a_browser_preference_error_pages_speak_the_list_s_language(
+        self, database_url: str, smtp: SmtpSink, subtests: pytest.Subtests
+    ) -> None:
+        english = list_settings(default_locale="en")
+        with app_client(
+            database_url, smtp, lists=[english], rate_limit_per_ip="2/minute"
+        ) as client:
+            wants_page = {"accept": "text/html"}
+            with subtests.test("a value the form may not hold"):
+                page = post_form(
+                    client, {"email": "camille@example.org", "locale": "de"}, **wants_page
+                )
+                assert page.status_code == 422
+                assert '<html lang="en">' in page.text
+            with subtests.test("a link not found"):
+                page = client.get("/v1/confirm/abc", headers=wants_page)
+                assert page.status_code == 404
+                assert '<html lang="en">' in page.text
+            with subtests.test("refused before the body is read"):
+                post_form(client, {"email": "camille@example.org"})
+                page = post_form(client, {"email": "camille@example.org"}, **wants_page)
+                assert page.status_code == 429
+                assert '<html lang="en">' in page.text
+
+    def test_a_form_post_too_large_gets_a_page_that_says_so_and_leads_back_to_the_form(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        fields = {"email": "camille@example.org", "organisation": "x" * 20_000}
+        page = client.post(f"{SUBSCRIBE}?lang=en", data=fields, headers={"accept": "text/html"})
+        assert page.status_code == 413
+        assert page.headers["content-type"].startswith("text/html")
+        assert "<title>Error - Form too long - " in page.text
+        assert "shorten what you typed" in page.text
+        assert 'href="/v1/lists/bluehats?lang=en"' in page.text
+        assert stored(database_url) == []
+        answer = client.post(SUBSCRIBE, data=fields)
+        assert answer.status_code == 413
+        assert answer.json()["error"] == "payload_too_large"
 
     def test_a_dead_link_of_a_list_with_required_fields_leads_to_its_page_not_to_a_bare_form(
         self, client: TestClient, smtp: SmtpSink, database_url: str

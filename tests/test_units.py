@@ -232,6 +232,11 @@ class TestLanguages:
             ("fr;q=0.9,en;q=1_0", Locale.FR),
             ("fr;q=0.9,en;q=2", Locale.FR),
             ("fr;q=0.5,en;q=1.000", Locale.EN),
+            # The weight's name in capitals, or after another parameter: still its weight.
+            ("en;Q=0,fr;q=0.1", Locale.FR),
+            ("en; q = 0, fr;q=0.1", Locale.FR),
+            ("fr;q=0.1,en;x=1;q=0.5", Locale.EN),
+            ("en;x=1;q=0,fr;q=0.1", Locale.FR),
         ],
     )
     def test_accept_language_picks_the_best_supported_language(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import json
 import re
@@ -175,7 +176,10 @@ def parse_form(raw: bytes) -> dict[str, str]:
     """An url-encoded form body; the first value of a repeated field wins."""
     try:
         pairs = parse_qsl(
-            raw.decode("utf-8"),
+            # A byte order mark in front (a body written to a file by Windows tools, sent by
+            # `curl --data @file`) would be read into the first field's name, so that
+            # `email` was "missing"; JSON's reader skips it too.
+            raw.removeprefix(codecs.BOM_UTF8).decode("utf-8"),
             keep_blank_values=True,
             max_num_fields=MAX_FORM_FIELDS,
             errors="strict",
@@ -292,6 +296,20 @@ async def _multipart_fields(request: Request) -> dict[str, str]:
     return fields
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are each given once: `{"email": "a@...", "email": "b@..."}`
+    has no one meaning (RFC 8259 §4; Python keeps the last, a proxy or a filter in front
+    may read the first), so it is refused rather than guessed."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise errors.InvalidBody(f"The body names {name[:40]!r} more than once.")
+            seen.add(name)
+    return value
+
+
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
@@ -300,7 +318,7 @@ async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     data: object
     if kind == JSON:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_object)
         except RecursionError as e:
             # `[[[[...` a few thousand deep fits under the body limit and exhausts the stack.
             raise errors.InvalidBody("The body is nested too deeply.") from e

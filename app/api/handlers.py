@@ -15,13 +15,14 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Match
+from starlette.routing import Match, Mount
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import request_locale, wants_html
-from app.config import Locale, Settings
+from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
 from app.models import utcnow
 
@@ -76,6 +77,7 @@ def _answer(
     detail: str,
     list_slug: str | None = None,
     stored_locale: str | None = None,
+    text_key: str | None = None,
 ) -> Response:
     if wants_html(request, default=_is_page(request)):
         settings = request.app.state.settings
@@ -85,8 +87,7 @@ def _answer(
         if stored_locale is not None:
             locale = parse_locale(request.query_params.get("lang")) or Locale(stored_locale)
         else:
-            default = declared.default_locale if declared else Locale.FR
-            locale = request_locale(request, default=default)
+            locale = request_locale(request, default=_default_locale(request, settings, declared))
         chrome = views.chrome(
             request,
             settings,
@@ -96,7 +97,7 @@ def _answer(
             switch_path=_switch_path(request, list_slug),
         )
         t = chrome.t
-        key = f"error.{code}"
+        key = text_key or f"error.{code}"
         # A payload refused (422) says why in English, for the site's developer; the visitor
         # reads what it means in the page's language around it.
         text = t(key, detail=detail) if key in t else t("error.generic")
@@ -146,6 +147,27 @@ def _answer(
             form_url=_form_page_after_post(request, code=code, locale=locale),
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+# A path under a list's own: its pages, and where its forms post.
+LIST_PATH = re.compile(r"^/v1/lists/([^/]+)")
+
+
+def _default_locale(request: Request, settings: Settings, declared: ListSettings | None) -> Locale:
+    """An error page's language when its visitor states none (no `?lang=`, no
+    `Accept-Language`): its list's, told by the error, else by the path (a form post refused
+    before its body is read), else the only list's (a link not found); French otherwise."""
+    if declared is None:
+        match = LIST_PATH.match(request.url.path)
+        slug = match[1] if match else _only_list(settings)
+        declared = settings.list_settings(slug) if slug else None
+    return declared.default_locale if declared else Locale.FR
+
+
+def body_too_large(scope: Scope, detail: str) -> Response:
+    """The answer of the body cap (app.middleware.BodyLimit) to a body announced too large:
+    as any error's, a page for a browser, whose form post would otherwise end on JSON."""
+    return _answer(Request(scope), status=413, code=errors.PayloadTooLarge.code, detail=detail)
 
 
 def _form_page_after_post(request: Request, *, code: str, locale: Locale) -> str | None:
@@ -224,10 +246,20 @@ def _allowed_methods(request: Request) -> str:
     route's, while e.g. GET and POST /v1/confirm/{token} are two routes. Asked of the
     router's own matching, whatever shape its routes take (included routers...)."""
     methods: set[str] = set()
+    # From the application's routes, as they saw the path: a mounted app (/static) has
+    # moved its own prefix into the scope's root path, where no route would match it.
+    root_path = request.scope.get("app_root_path", request.scope.get("root_path", ""))
     for method in _METHODS:
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
-            methods.add(method)
+        scope = {**request.scope, "method": method, "root_path": root_path}
+        for route in request.app.router.routes:
+            if route.matches(scope)[0] != Match.FULL:
+                continue
+            if isinstance(route, Mount):
+                # A mount matches whatever the method; the static files answer GET alone.
+                if isinstance(route.app, StaticFiles) and method == "GET":
+                    methods.add(method)
+            else:
+                methods.add(method)
     if "GET" in methods:
         methods.add("HEAD")
     return ", ".join(sorted(methods))
@@ -298,6 +330,7 @@ def install(app: FastAPI) -> None:
             detail=exc.detail,
             list_slug=exc.list_slug,
             stored_locale=exc.locale,
+            text_key=exc.text_key,
         )
         response.headers.update(exc.headers)
         return response

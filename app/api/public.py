@@ -325,7 +325,7 @@ async def subscribe(slug: str, request: Request) -> Response:
         slug,
         post.request,
         source="form",
-        shown_consent_version=form.get("consent_version") or None,
+        shown_consent_version=hosted.shown_consent_version(form),
     )
     return _thanks_redirect(settings, mailing_list, post.request.locale or locale)
 
