@@ -10,7 +10,9 @@ Here each connection also has the read deadlines a reverse proxy gives (nginx's
 - a request's line and headers must arrive within it, counted from the connection's
   opening or from the request's first byte; otherwise `408` and the connection is closed;
 - the body may pause no longer than it between two reads; otherwise the connection is
-  closed, and the request (waiting for the rest) ends as a client that hung up (`499`).
+  closed, and the request (waiting for the rest) ends as a client that hung up (`499`);
+  a body still coming after its request was answered (a 404 before it was read) is cut
+  alike.
 While the app is not reading (uvicorn stops reading when the body waiting for it grows
 large), the body's deadline waits too: the client is not the slow one.
 """
@@ -90,6 +92,12 @@ class DeadlineHttp(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The start of a pipelined request, read while the one before is still being
+            # answered (uvicorn reads no further meanwhile): that answer comes first.
+            self._arm(self._headers_late)
+            return
         log.info("http.request_timeout phase=headers")
         self.transport.write(_REQUEST_TIMEOUT)
         self.transport.close()
@@ -100,7 +108,11 @@ class DeadlineHttp(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_complete:
-            # Answered without the rest of the body (a refusal): uvicorn closes after it.
+            # Answered before the whole body came (a 404, a refusal), and the rest stopped
+            # coming: the connection cannot carry another request before it ends. uvicorn's
+            # keep-alive timer was cancelled by the body's last bytes.
+            log.info("http.request_timeout phase=body_after_answer")
+            self.transport.close()
             return
         if self.flow is not None and self.flow.read_paused:
             # The app has not taken what came: wait for it, not for the client.

@@ -4,18 +4,23 @@ not at all cannot hold the server's sockets for good."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import uvicorn
 
-from tests.conftest import SmtpSink, wait_until
+from app.httpserver import DeadlineHttp
+from tests.conftest import SmtpSink, free_port, wait_until
 from tests.processes import ServeProcess, service_env
 
 TIMEOUT = 2.0
@@ -146,3 +151,62 @@ class TestBody:
         sock.close()
         assert answer.startswith(b"HTTP/1.1 202 "), answer
         assert _subscriptions(database_url) == ["patient@example.org"]
+
+
+class TestAnsweredEarly:
+    def test_a_body_still_coming_after_its_answer_is_cut_at_the_deadline(
+        self, server: ServeProcess
+    ) -> None:
+        # A route that does not exist answers before reading the body, and keeps the
+        # connection alive for the rest of it.
+        sock = _connect(server)
+        sock.sendall(
+            b"POST /v1/nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        answer = _one_response(sock)
+        assert answer.startswith(b"HTTP/1.1 404 "), answer
+        assert b"connection: close" not in answer.lower()
+        sock.sendall(b" ")  # one more byte of the body, then nothing
+        started = time.monotonic()
+        assert _until_closed(sock) == b""
+        assert time.monotonic() - started < TIMEOUT + 5
+        assert "http.request_timeout phase=body_after_answer" in server.log_text()
+
+
+async def _slow_first(scope: Any, receive: Any, send: Any) -> None:
+    """Answers /slow after longer than the deadline, anything else at once, with its path."""
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.5 * TIMEOUT)
+    body = scope["path"].encode()
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class TestPipelining:
+    def test_a_request_sent_behind_another_waits_for_its_answer_not_the_deadline(self) -> None:
+        # Browsers and nginx do not pipeline, but a client may: the second request's first
+        # bytes come while the first is still being answered, and uvicorn reads no further.
+        port = free_port()
+        config = uvicorn.Config(
+            _slow_first, host="127.0.0.1", port=port, http=DeadlineHttp, lifespan="off",
+            log_level="warning",
+        )  # fmt: skip
+        server = uvicorn.Server(config)
+        before = DeadlineHttp.timeout
+        DeadlineHttp.configure(timeout=TIMEOUT)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: server.started, timeout=10)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTT")
+            first = _one_response(sock)
+            sock.close()
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            DeadlineHttp.configure(timeout=before)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        assert first.endswith(b"\r\n\r\n/slow")
