@@ -91,13 +91,10 @@ def _database_problem(error: Exception) -> tuple[str, int] | None:
 
 
 def _unreachable(database_url: str, error: Any) -> str:
-    import sqlalchemy as sa
+    from app import db
 
-    url = sa.engine.make_url(database_url)
-    reason = " ".join(str(error.orig).split())
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
-    return f"database unreachable at {url.render_as_string(hide_password=True)}: {reason}"
+    where, reason = db.unreachable(database_url, error)
+    return f"database unreachable at {where}: {reason}"
 
 
 def _progress(*columns: ProgressColumn | str) -> Progress:

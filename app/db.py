@@ -510,6 +510,16 @@ def ping(engine: Engine) -> None:
         connection.exec_driver_sql("SELECT 1")
 
 
+def unreachable(database_url: str, error: sa_exc.DBAPIError) -> tuple[str, str]:
+    """Where a database did not answer, and why, to show an operator: the URL and the
+    driver's reason on one line each, its password masked in both."""
+    url = sa.engine.make_url(database_url)
+    reason = " ".join(str(error.orig).split())
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return url.render_as_string(hide_password=True), reason
+
+
 class Prepared:
     """A Core statement compiled once per dialect and run on the driver's own cursor.
 

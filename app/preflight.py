@@ -6,7 +6,8 @@ Nothing is sent, and nothing is written but what a start writes anyway:
   is left uncreated);
 - Redis, when the rate-limit counters live there: PING;
 - the mail relay: connected to, TLS and login as configured, then QUIT with no mail (the
-  development mailer: its folder is writable);
+  development mailer: its folder, made if need be as the first mail would, takes a file,
+  removed at once);
 - each list's backend: its first page of members read, the call `reconcile` starts with,
   which needs the address, the credentials and the list to be right.
 """
@@ -55,9 +56,7 @@ def database(settings: Settings) -> Outcome:
         db.ping(engine)
         current = migrations.current_revision(engine)
     except sa.exc.DBAPIError as e:
-        reason = " ".join(str(e.orig).split())
-        if url.password:
-            reason = reason.replace(str(url.password), "***")
+        where, reason = db.unreachable(settings.database_url, e)
         return Outcome("database", False, f"{where}: unreachable: {reason}")
     finally:
         engine.dispose()

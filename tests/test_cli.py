@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from app.config import Settings
 from app.mailer import make_mailer
 from app.models import ConsentEvent, Subscription
 from app.worker import Worker
-from tests.conftest import SECRET, SmtpSink, free_port
+from tests.conftest import SECRET, SmtpSink
 from tests.fake_listmonk import FakeListmonk, Seen
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -293,14 +294,17 @@ class TestCheck:
         self, listmonk: FakeListmonk, tmp_path: Path
     ) -> None:
         listmonk.permissions = set()  # the API user lost its rights: listmonk answers 403
-        nobody = free_port()
-        result = newsletter(
-            "check",
-            database_url=f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{nobody}/newsletter",
-            listmonk=listmonk, tmp_path=tmp_path,
-            MAILER__KIND="smtp", MAILER__HOST="127.0.0.1", MAILER__PORT=str(nobody),
-            MAILER__SECURITY="none", REDIS_URL=f"redis://127.0.0.1:{nobody}/0",
-        )  # fmt: skip
+        # A port held, never listened on: refused, and no other process can take it.
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            nobody = holder.getsockname()[1]
+            result = newsletter(
+                "check",
+                database_url=f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{nobody}/newsletter",
+                listmonk=listmonk, tmp_path=tmp_path,
+                MAILER__KIND="smtp", MAILER__HOST="127.0.0.1", MAILER__PORT=str(nobody),
+                MAILER__SECURITY="none", REDIS_URL=f"redis://127.0.0.1:{nobody}/0",
+            )  # fmt: skip
         assert result.returncode == 3, result.stdout + result.stderr
         lines = result.stdout.splitlines()
         assert [line.split(":", 1)[0] for line in lines] == [
