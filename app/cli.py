@@ -954,17 +954,10 @@ def import_file(
         typer.echo(f"--note is longer than {transfer.MAX_NOTE} characters", err=True)
         raise typer.Exit(2)
     if note is not None:
-        from pydantic import TypeAdapter, ValidationError
-
         from app.schemas import UrlNote
 
         # As the API's import takes it: line breaks, but no escape sequence into the ledger.
-        try:
-            TypeAdapter(UrlNote).validate_python(note)
-        except ValidationError as e:
-            message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
-            typer.echo(f"--note: {message}", err=True)
-            raise typer.Exit(2) from e
+        _as_the_api_takes(note, UrlNote, option="--note")
     settings = _settings()
     engine = db.make_engine(settings.database_url)
     detail: dict[str, Any] = {"mode": chosen.value, "dry_run": dry_run, "file": file.name}
@@ -1053,6 +1046,19 @@ _ConfirmedBeforeOption = Annotated[
 ]
 
 
+def _as_the_api_takes(value: str, kind: Any, *, option: str) -> None:
+    """Exit 2, saying why, for a value the admin API would refuse as `kind` (a type of
+    app.schemas)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        TypeAdapter(kind).validate_python(value)
+    except ValidationError as e:
+        message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        typer.echo(f"{option}: {message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+
+
 def _subscriber_filter(
     *,
     status: str | None,
@@ -1065,8 +1071,6 @@ def _subscriber_filter(
 ) -> Any:
     """The search's and the export's filters, checked as the admin API checks its query
     (`subscriber_filter`); exit 2 for one it would refuse."""
-    from pydantic import TypeAdapter, ValidationError
-
     from app import admin, errors
     from app.models import SubscriptionStatus
     from app.schemas import UrlText
@@ -1079,12 +1083,7 @@ def _subscriber_filter(
         if len(prefix) > MAX_PREFIX:
             typer.echo(f"--prefix is longer than {MAX_PREFIX} characters", err=True)
             raise typer.Exit(EXIT_USAGE)
-        try:
-            TypeAdapter(UrlText).validate_python(prefix)
-        except ValidationError as e:
-            message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
-            typer.echo(f"--prefix: {message}", err=True)
-            raise typer.Exit(EXIT_USAGE) from e
+        _as_the_api_takes(prefix, UrlText, option="--prefix")
     try:
         return admin.SubscriberFilter(
             status=chosen,

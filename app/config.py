@@ -340,6 +340,8 @@ def catalogue_keys(locale: Locale) -> frozenset[str]:
 # The consent wording version of a list that does not name one, whether declared in the
 # settings or created through the API or the CLI.
 DEFAULT_CONSENT_VERSION = "2026-11"
+# The longest consent version: the ledger's column (app/models.py) holds 64 characters.
+MAX_CONSENT_VERSION = 64
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -354,7 +356,9 @@ class ListSettings(BaseModel):
     slug: Annotated[str, Field(pattern=SLUG_PATTERN)]
     name: Annotated[str, Field(min_length=1, max_length=200)]
     default_locale: Locale = Locale.FR
-    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = DEFAULT_CONSENT_VERSION
+    consent_version: Annotated[str, Field(min_length=1, max_length=MAX_CONSENT_VERSION)] = (
+        DEFAULT_CONSENT_VERSION
+    )
     # The consent wording shown beside the form, per language; the catalogue's
     # `consent.text` where a language is missing. Change `consent_version` with it.
     consent_text: dict[Locale, Annotated[str, Field(min_length=1, max_length=4000)]] = Field(

@@ -7,23 +7,19 @@ back with the values kept and each error tied to its input.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from app import consent, formguard, forms, pages, proofofwork
-from app.config import ListSettings, Locale
+from app.config import MAX_CONSENT_VERSION, ListSettings, Locale
 from app.i18n import Translator
 from app.models import MailingList
-from app.schemas import SubscriptionRequest
+from app.schemas import SubscriptionRequest, has_control_characters
 
 EMAIL = "email"
 CONSENT_VERSION = "consent_version"
-# A list's consent version, as the settings take one (`ListSettings.consent_version`).
-MAX_CONSENT_VERSION = 64
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -135,6 +131,6 @@ def shown_consent_version(form: Mapping[str, str]) -> str | None:
     page of ours wrote it. A NUL recorded there made the subscriber's proof of consent fail
     on PostgreSQL, which refuses a NUL in the text of a query."""
     value = form.get(CONSENT_VERSION, "")
-    if not value or len(value) > MAX_CONSENT_VERSION or _CONTROL.search(value):
+    if not value or len(value) > MAX_CONSENT_VERSION or has_control_characters(value):
         return None
     return value

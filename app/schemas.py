@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from app import addresses, models
-from app.config import DEFAULT_CONSENT_VERSION, SLUG_PATTERN, Locale
+from app.config import DEFAULT_CONSENT_VERSION, MAX_CONSENT_VERSION, SLUG_PATTERN, Locale
 from app.readiness import WorkerState
 
 MAX_ATTRIBUTES = 20
@@ -36,8 +36,13 @@ ONE_LINE = {"pattern": r"^[^\x00-\x1f\x7f]*$"}
 ONE_LINE_NOT_BLANK = {"pattern": r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"}
 
 
+def has_control_characters(value: str) -> bool:
+    """Whether `value` holds a line break, NUL or another control character."""
+    return _CONTROL.search(value) is not None
+
+
 def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
+    if has_control_characters(value):
         raise ValueError("must not contain control characters (line breaks, NUL, ...)")
     return value
 
@@ -425,7 +430,7 @@ class ConsentEvidence(BaseModel):
         str | None,
         Field(
             min_length=1,
-            max_length=64,
+            max_length=MAX_CONSENT_VERSION,
             description="The consent wording shown then; the list's current one when unset.",
             json_schema_extra=ONE_LINE_NOT_BLANK,
         ),
@@ -525,7 +530,7 @@ class ListCreate(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE)]
     default_locale: Locale = Locale.FR
     consent_version: Annotated[
-        str, Field(min_length=1, max_length=64, json_schema_extra=ONE_LINE)
+        str, Field(min_length=1, max_length=MAX_CONSENT_VERSION, json_schema_extra=ONE_LINE)
     ] = DEFAULT_CONSENT_VERSION
     confirm_ttl_seconds: Annotated[int, Field(**CONFIRM_TTL_BOUNDS)] = 48 * 3600
     thank_you_url: HttpUrl | None = None
@@ -564,7 +569,8 @@ class ListUpdate(BaseModel):
     )
     default_locale: Locale | None = None
     consent_version: Annotated[
-        str | None, Field(min_length=1, max_length=64, json_schema_extra=ONE_LINE)
+        str | None,
+        Field(min_length=1, max_length=MAX_CONSENT_VERSION, json_schema_extra=ONE_LINE),
     ] = None
     confirm_ttl_seconds: Annotated[int | None, Field(**CONFIRM_TTL_BOUNDS)] = None
     thank_you_url: HttpUrl | None = None
