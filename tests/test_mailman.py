@@ -5,6 +5,7 @@ unsubscribe by link, the member leaves it; and Mailman itself mails nobody."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import smtplib
@@ -1006,3 +1007,97 @@ class TestTakingOverAList:
             assert (found["absent_there"], found["missing"]) == ([address], [])
         assert len(sync_jobs(engine)) == jobs
         assert emails(mailman_core, mailman_list) == []
+
+
+class TestAnAddressMailmanRefusesAtSignUp:
+    """Mailman's address check is narrower than this service's: such an address is refused
+    when it is given for a Mailman list, not confirmed and then never mailed (its sync could
+    only fail). No core is needed: nothing reaches the backend before a confirmation."""
+
+    @pytest.fixture
+    def client(self, database_url: str, smtp: SmtpSink) -> Iterator[TestClient]:
+        mailman = MailmanBackendSettings(
+            base_url=f"http://127.0.0.1:{free_port()}/3.1",
+            username="restadmin",
+            password="restpass",
+            list_id="bluehats.lists.example.org",
+        )
+        settings = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[
+                {"slug": "bluehats", "name": "Gazette BlueHats", "backend": mailman},
+                {"slug": "plain", "name": "Sans serveur de listes"},
+            ],
+        )
+        with TestClient(create_app(settings)) as test_client:
+            yield test_client
+
+    @staticmethod
+    def stored(engine: sa.Engine) -> list[str]:
+        with Session(engine) as session:
+            return list(session.exec(select(Subscription.email)).all())
+
+    @pytest.mark.parametrize(
+        ("local", "named"), [("jöhn", "ö"), ("ÉLODIE.Straße", "Éß"), ("a^b|c", "^|")]
+    )
+    def test_an_api_caller_gets_a_422_naming_the_characters_and_nothing_is_mailed(
+        self, client: TestClient, engine: sa.Engine, smtp: SmtpSink, local: str, named: str
+    ) -> None:
+        response = client.post(
+            "/v1/lists/bluehats/subscriptions", json={"email": f"{local}@example.org"}
+        )
+        assert response.status_code == 422, response.text
+        assert response.json() == {
+            "error": "validation_error",
+            "detail": f"email: this list's mailing-list server takes no {named!r} before the "
+            "@-sign; use another address",
+        }
+        assert self.stored(engine) == []
+        # A list without Mailman takes the same address.
+        taken = client.post("/v1/lists/plain/subscriptions", json={"email": f"{local}@example.org"})
+        assert taken.status_code == 202, taken.text
+        smtp.wait_for(1)
+        assert [m["To"] for m in smtp.messages] == [f"{local}@example.org"]
+
+    def test_an_address_mailman_takes_is_accepted(
+        self, client: TestClient, engine: sa.Engine
+    ) -> None:
+        # ASCII atext, and an internationalized domain: Mailman gets it in ASCII.
+        for address in ("o'brien+news@example.org", "jo@exämple.org"):
+            response = client.post("/v1/lists/bluehats/subscriptions", json={"email": address})
+            assert response.status_code == 202, response.text
+        assert sorted(self.stored(engine)) == ["jo@exämple.org", "o'brien+news@example.org"]
+
+    @pytest.mark.parametrize(
+        ("lang", "said"),
+        [
+            ("fr", "Cette liste ne peut pas recevoir d'adresse contenant « ö » avant le @"),
+            ("en", "This list cannot take an address with “ö” before the @"),
+        ],
+    )
+    def test_the_form_comes_back_with_the_reason_beside_the_address(
+        self, client: TestClient, engine: sa.Engine, lang: str, said: str
+    ) -> None:
+        response = client.post(
+            "/v1/lists/bluehats/subscriptions",
+            data={"email": "jöhn@example.org", "locale": lang},
+            headers={"accept": "text/html,application/xhtml+xml"},
+            follow_redirects=False,
+        )
+        assert response.status_code == 422
+        assert response.headers["content-type"].startswith("text/html")
+        assert f'<html lang="{lang}">' in response.text
+        assert 'value="jöhn@example.org"' in response.text
+        assert 'aria-invalid="true"' in response.text
+        assert 'id="field-email-error"' in response.text
+        assert said in html.unescape(response.text)
+        assert self.stored(engine) == []
+        # A form post that does not ask for HTML gets the API's answer.
+        plain = client.post(
+            "/v1/lists/bluehats/subscriptions",
+            data={"email": "jöhn@example.org"},
+            follow_redirects=False,
+        )
+        assert plain.status_code == 422
+        assert "takes no 'ö' before the @-sign" in plain.json()["detail"]

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from app import (
     addresses,
+    backends,
     errors,
     formguard,
     forms,
@@ -287,6 +288,7 @@ async def subscribe(slug: str, request: Request) -> Response:
             attributes = forms.trimmed(body.attributes, declared.fields)
             _refuse_bad_fields(forms.check(attributes, declared.fields))
             body = body.model_copy(update={"attributes": attributes})
+            _refuse_what_the_list_cannot_hold(body.email, declared)
         await _require_proof_of_work(body, settings, database, slug=slug)
         await _subscribe(request, database, settings, limiter, slug, body, source="api")
         return _accepted(SUBSCRIBE_ACCEPTED_BODY)
@@ -316,6 +318,18 @@ async def subscribe(slug: str, request: Request) -> Response:
             )
         _refuse_bad_fields(post.problems)
     assert post.request is not None
+    refused = backends.refused_characters(declared.backend, post.request.email)
+    if refused and wants_html(request, default=False):
+        return _subscribe_page(
+            request,
+            settings,
+            mailing_list,
+            declared,
+            locale=locale,
+            values=form,
+            errors={hosted.EMAIL: t("form.error.email_refused_by_list", characters=refused)},
+        )
+    _refuse_what_the_list_cannot_hold(post.request.email, declared)
     await _require_proof_of_work(post.request, settings, database, slug=slug)
     await _subscribe(
         request,
@@ -356,6 +370,24 @@ def _refuse_bad_fields(problems: list[forms.FieldProblem]) -> None:
                     "type": f"field_{problem.problem.value}",
                 }
                 for problem in problems
+            ]
+        )
+
+
+def _refuse_what_the_list_cannot_hold(email: str, declared: ListSettings) -> None:
+    """422 for an address the list's backend would refuse (Mailman takes fewer than this
+    service does): said now rather than after a confirmation that could never be mailed."""
+    refused = backends.refused_characters(declared.backend, email)
+    if refused:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "email"),
+                    "msg": f"this list's mailing-list server takes no {refused!r} before the "
+                    "@-sign; use another address",
+                    "type": "address_refused_by_list",
+                    "input": email,
+                }
             ]
         )
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from app.backends.base import ListBackend
+from app.addresses import deliverable
+from app.backends.base import ListBackend, mailman_refuses
 from app.config import BackendSettings
 
 if TYPE_CHECKING:
@@ -50,6 +51,19 @@ _FACTORIES: dict[str, Callable[[Any, httpx.Client], ListBackend]] = {
     "mailgun": _mailgun,
     "mailman": _mailman,
 }
+
+
+def refused_characters(settings: BackendSettings, email: str) -> str:
+    """The characters before the @-sign of `email` that the list's backend cannot hold, each
+    once ('' when it can hold the address).
+
+    Checked when an address is taken for a list, so nobody confirms an address that the
+    list would never mail: its sync could only fail. Only Mailman's check is narrower than
+    this service's; the domain reaches it in ASCII (`deliverable`), which it takes.
+    """
+    if settings.kind != "mailman":
+        return ""
+    return mailman_refuses(deliverable(email))[0]
 
 
 def make_backend(settings: BackendSettings, client: httpx.Client) -> ListBackend:

@@ -22,9 +22,26 @@ template can put it in the `List-Unsubscribe` header (RFC 8058).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+# What Mailman 3's address check (mailman.email.validate) takes before the @-sign: RFC
+# 5322's atext less `^` and `|`, and no letter beyond ASCII (RFC 6531), which this service
+# takes; after it, a domain in ASCII.
+_MAILMAN_LOCAL = re.compile(r"[-0-9a-z!#$%&'*+./=?@_`{}~]", re.IGNORECASE)
+_MAILMAN_DOMAIN = re.compile(r"[-0-9a-z.]", re.IGNORECASE)
+
+
+def mailman_refuses(email: str) -> tuple[str, str]:
+    """The characters of `email` Mailman's address check does not take, each once: those
+    before the @-sign, and those after it ('' and '' when Mailman takes the address)."""
+    local, _, domain = email.rpartition("@")
+    return (
+        "".join(dict.fromkeys(_MAILMAN_LOCAL.sub("", local))),
+        "".join(dict.fromkeys(_MAILMAN_DOMAIN.sub("", domain))),
+    )
 
 
 class SyncError(Exception):

@@ -110,6 +110,7 @@ from app.backends.base import (
     PermanentSyncError,
     RemoteMember,
     SyncError,
+    mailman_refuses,
 )
 from app.backends.http import excerpt, send
 from app.config import MailmanBackendSettings
@@ -122,10 +123,6 @@ REQUEST_PENDING = "Subscription request already pending"
 BANNED = "Membership is banned"
 NO_SUCH_LIST = "No such list"
 INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
-# What Mailman's address check (mailman.email.validate) takes before the @-sign: RFC 5322's
-# atext less `^` and `|`, and no letter beyond ASCII (RFC 6531), which this service takes.
-_MAILMAN_LOCAL = re.compile(r"[-0-9a-z!#$%&'*+./=?@_`{}~]", re.IGNORECASE)
-_MAILMAN_DOMAIN = re.compile(r"[-0-9a-z.]", re.IGNORECASE)
 
 
 def _segment(value: str) -> str:
@@ -310,12 +307,10 @@ class MailmanBackend:
                 response=excerpt(response),
             )
         if status == 400 and description.startswith(INVALID_SUBSCRIBER):
-            local, _, domain = member.email.rpartition("@")
             refused = [
-                f"{''.join(dict.fromkeys(chars))!r} {where}"
-                for chars, where in (
-                    (_MAILMAN_LOCAL.sub("", local), "before the @-sign"),
-                    (_MAILMAN_DOMAIN.sub("", domain), "after it"),
+                f"{chars!r} {where}"
+                for chars, where in zip(
+                    mailman_refuses(member.email), ("before the @-sign", "after it"), strict=True
                 )
                 if chars
             ]
