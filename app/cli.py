@@ -736,7 +736,7 @@ def subscriber_add(
     ] = None,
 ) -> None:
     """Invite an address (the double opt-in mail), or add it as confirmed with evidence."""
-    from app import operators
+    from app import backends, operators
     from app.models import utcnow
     from app.schemas import AddSubscriberRequest
 
@@ -776,9 +776,14 @@ def subscriber_add(
             consent_version=body.evidence.consent_version,
         )
     settings = _settings()
+    address = _address(email, new=True)
+    refusal = backends.refusal(settings.backend_of(list_slug), address.email)
+    if refusal is not None:
+        typer.echo(f"{email}: {refusal}", err=True)
+        raise typer.Exit(2)
     row = _audited_run(
         settings, action=f"subscriber.add.{body.mode}", target=f"{list_slug}:{email}",
-        work=operators.add_subscriber, list_slug=list_slug, address=_address(email, new=True),
+        work=operators.add_subscriber, list_slug=list_slug, address=address,
         mode=operators.AddMode(body.mode), locale=body.locale, attributes={}, proof=proof,
         actor=_cli_actor(), key=settings.token_key(), now=utcnow(),
         resend_interval=settings.resend_interval,
@@ -985,6 +990,7 @@ def import_file(
                     resend_interval=settings.resend_interval,
                     now=utcnow(),
                     progress=lambda done: progress.update(task, completed=done),
+                    backend=settings.backend_of(list_slug),
                 )
             except errors.DomainError as e:
                 _record(

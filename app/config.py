@@ -898,6 +898,11 @@ class Settings(BaseSettings):
     def list_settings(self, slug: str) -> ListSettings | None:
         return next((item for item in self.lists if item.slug == slug), None)
 
+    def backend_of(self, slug: str) -> BackendSettings | None:
+        """The declared list's backend; None for a list the settings do not declare."""
+        declared = self.list_settings(slug)
+        return declared.backend if declared is not None else None
+
     def token_key(self) -> bytes:
         """The key for link tokens: configured, or kept in a local file for the embedded mode."""
         if self.secret_key is not None:

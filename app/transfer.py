@@ -61,6 +61,7 @@ from sqlmodel import Session, SQLModel, col, func, select
 from app import (
     addresses,
     admin,
+    backends,
     blocklist,
     db,
     errors,
@@ -70,7 +71,7 @@ from app import (
     schemas,
     subscriptions,
 )
-from app.config import Locale
+from app.config import BackendSettings, Locale
 from app.models import (
     ConsentAction,
     ConsentEvent,
@@ -504,12 +505,14 @@ def import_csv(
     now: datetime,
     progress: Callable[[int], None] | None = None,
     batch_size: int = BATCH_SIZE,
+    backend: BackendSettings | None = None,
 ) -> ImportReport:
     """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
 
     Raises ListNotFound, or InvalidCsv for a file that cannot be read at all, before
     anything is written. `progress` gets the bytes read so far after each batch. A dry run
-    reads the database to count what would happen, and writes nothing.
+    reads the database to count what would happen, and writes nothing. An address the
+    list's `backend` cannot hold is a row error.
     """
     if note is not None and len(note) > MAX_NOTE:
         raise errors.BadRequest(f"The note is longer than {MAX_NOTE} characters.")
@@ -562,6 +565,10 @@ def import_csv(
             row = _row(values, line=line, mode=mode, now=now)
         except _RowInvalid as e:
             report.refuse(line=line, email=values.get("email", ""), error=str(e))
+            continue
+        refusal = backends.refusal(backend, row.address.email)
+        if refusal is not None:
+            report.refuse(line=line, email=row.address.email, error=f"email is refused: {refusal}.")
             continue
         seen = first_line.setdefault(row.address.key, line)
         if seen != line:

@@ -1101,3 +1101,90 @@ class TestAnAddressMailmanRefusesAtSignUp:
         )
         assert plain.status_code == 422
         assert "takes no 'ö' before the @-sign" in plain.json()["detail"]
+
+    def test_an_operator_cannot_add_it_to_the_list(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        evidence = {"source": "paper form", "note": "no. 7", "consented_at": "2025-06-01"}
+        for mode, extra in (("invite", {}), ("confirmed", {"evidence": evidence})):
+            response = client.post(
+                "/v1/admin/lists/bluehats/subscribers",
+                json={"email": "jöhn@example.org", "mode": mode, **extra},
+                headers=write_key,
+            )
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"] == (
+                "email: this list's mailing-list server takes no 'ö' before the @-sign; "
+                "use another address"
+            )
+        assert self.stored(engine) == []
+
+    def test_an_import_refuses_its_row_and_takes_the_others(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = (
+            "email,consent_source,consent_date\n"
+            "ada@example.org,paper form,2025-03-12\n"
+            "jöhn@example.org,paper form,2025-03-12\n"
+        )
+        response = client.post(
+            "/v1/admin/lists/bluehats/import",
+            content=body.encode(),
+            headers={**write_key, "content-type": "text/csv"},
+        )
+        assert response.status_code == 200, response.text
+        report = response.json()
+        assert [(error["line"], error["error"]) for error in report["errors"]] == [
+            (
+                3,
+                "email is refused: this list's mailing-list server takes no 'ö' before the "
+                "@-sign; use another address.",
+            )
+        ]
+        assert self.stored(engine) == ["ada@example.org"]
+
+    def test_the_command_line_refuses_it_too(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        lists = [
+            {
+                "slug": "bluehats",
+                "name": "Gazette BlueHats",
+                "backend": {
+                    "kind": "mailman",
+                    "base_url": f"http://127.0.0.1:{free_port()}/3.1",
+                    "username": "restadmin",
+                    "password": "restpass",
+                    "list_id": "bluehats.lists.example.org",
+                },
+            }
+        ]
+        env = {
+            **os.environ,
+            "NEWSLETTER_DATABASE_URL": database_url,
+            "NEWSLETTER_SECRET_KEY": SECRET,
+            "NEWSLETTER_LOG_LEVEL": "WARNING",
+            "NEWSLETTER_LISTS": json.dumps(lists),
+        }
+        newsletter = str(Path(sys.executable).with_name("newsletter"))
+        added = subprocess.run(
+            [newsletter, "subscriber", "add", "jöhn@example.org", "--list", "bluehats"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert added.returncode == 2, added.stderr
+        assert added.stderr.strip() == (
+            "jöhn@example.org: this list's mailing-list server takes no 'ö' before the "
+            "@-sign; use another address"
+        )
+        (tmp_path / "members.csv").write_text(
+            "email,consent_source,consent_date\n"
+            "ada@example.org,paper form,2025-03-12\n"
+            "jöhn@example.org,paper form,2025-03-12\n",
+            encoding="utf-8",
+        )
+        imported = subprocess.run(
+            [newsletter, "import", "members.csv", "--list", "bluehats"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert "takes no 'ö' before the @-sign" in imported.stdout + imported.stderr
+        assert self.stored(engine) == ["ada@example.org"]

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.exceptions import RequestValidationError
 
-from app import addresses, errors, lists, operators, privacy
+from app import addresses, backends, errors, lists, operators, privacy
 from app.api.admin import (
     AUTH_ERRORS,
     CallerDep,
@@ -156,10 +156,15 @@ async def add_subscriber(
             consented_at=body.evidence.consented_at,
             consent_version=body.evidence.consent_version,
         )
+    address = _address(body.email, where=("body", "email"), new=True)
+    refusal = backends.refusal(settings.backend_of(slug), address.email)
+    if refusal is not None:
+        raise RequestValidationError(
+            [{"loc": ("body", "email"), "msg": refusal, "type": "value_error"}]
+        )
     row = await audited(
         database, who, action=f"subscriber.add.{body.mode}", target=f"{slug}:{body.email}",
-        work=operators.add_subscriber, list_slug=slug,
-        address=_address(body.email, where=("body", "email"), new=True),
+        work=operators.add_subscriber, list_slug=slug, address=address,
         mode=operators.AddMode(body.mode), locale=body.locale, attributes=body.attributes,
         proof=proof, actor=who.name, key=settings.token_key(), now=utcnow(),
         resend_interval=settings.resend_interval,

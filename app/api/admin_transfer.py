@@ -146,6 +146,7 @@ async def import_subscribers(
                     key=settings.token_key(),
                     resend_interval=settings.resend_interval,
                     now=utcnow(),
+                    backend=settings.backend_of(slug),
                 )
             )
     except errors.DomainError as e:

@@ -377,14 +377,13 @@ def _refuse_bad_fields(problems: list[forms.FieldProblem]) -> None:
 def _refuse_what_the_list_cannot_hold(email: str, declared: ListSettings) -> None:
     """422 for an address the list's backend would refuse (Mailman takes fewer than this
     service does): said now rather than after a confirmation that could never be mailed."""
-    refused = backends.refused_characters(declared.backend, email)
-    if refused:
+    refusal = backends.refusal(declared.backend, email)
+    if refusal is not None:
         raise RequestValidationError(
             [
                 {
                     "loc": ("body", "email"),
-                    "msg": f"this list's mailing-list server takes no {refused!r} before the "
-                    "@-sign; use another address",
+                    "msg": refusal,
                     "type": "address_refused_by_list",
                     "input": email,
                 }

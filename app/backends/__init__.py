@@ -66,6 +66,17 @@ def refused_characters(settings: BackendSettings, email: str) -> str:
     return mailman_refuses(deliverable(email))[0]
 
 
+def refusal(settings: BackendSettings | None, email: str) -> str | None:
+    """Why the list whose backend is `settings` cannot take `email`, or None when it can."""
+    refused = refused_characters(settings, email) if settings is not None else ""
+    if not refused:
+        return None
+    return (
+        f"this list's mailing-list server takes no {refused!r} before the @-sign; "
+        "use another address"
+    )
+
+
 def make_backend(settings: BackendSettings, client: httpx.Client) -> ListBackend:
     return _FACTORIES[settings.kind](settings, client)
 
