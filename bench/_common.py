@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -330,6 +330,20 @@ def reset_postgres(url: str) -> None:
         connection.execute("CREATE SCHEMA public")
 
 
+def postgres_backends(url: str) -> list[int]:
+    """The pids of the PostgreSQL server processes serving the database of `url` (one per
+    connection of the service and of its worker), for their CPU time. Read over a
+    connection of its own, left out."""
+    import psycopg
+
+    with psycopg.connect(postgres_conninfo(url), autocommit=True, connect_timeout=10) as c:
+        rows = c.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [int(pid) for (pid,) in rows]
+
+
 def postgres_setting(url: str, name: str) -> str:
     import psycopg
 
@@ -516,6 +530,10 @@ def _is_worker(pid: int) -> bool:
 def tree_cpus(pid: int) -> dict[int, float]:
     """CPU seconds of the process and of each of its descendants, by pid."""
     return {p: process_cpu(p) for p in process_tree(pid)}
+
+
+def _cpus(pids: Iterable[int]) -> dict[int, float]:
+    return {pid: process_cpu(pid) for pid in pids}
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -846,6 +864,10 @@ class LoadResult:
     machine_busy_cores: float
     # The factory ran dry before the end of the window (a pool of tokens).
     exhausted: bool = False
+    # CPU seconds per wall second of the other processes `load` was asked to watch, by
+    # name: the PostgreSQL server processes of the service's connections ("database"), a
+    # separate outbox worker ("worker").
+    others_cpu_cores: dict[str, float] = field(default_factory=dict)
     # The cores of each of uvicorn's worker processes (not their idle supervisor nor
     # multiprocessing's resource tracker), busiest first; empty for a server of one
     # process. The kernel hands the clients' connections to whichever worker accepts
@@ -858,11 +880,22 @@ class LoadResult:
             return ""
         return f" ({' + '.join(f'{c:.2f}' for c in self.server_cores_by_process)} by process)"
 
+    def cpu_ms_per_answer(self) -> dict[str, float]:
+        """Milliseconds of CPU each 2xx answer cost: the server's ("api"), and each watched
+        process group's. What a machine of any size needs per request, whatever waited."""
+        if not self.ok:
+            return {}
+        per = {"api": self.server_cpu_cores, **self.others_cpu_cores}
+        return {name: round(cores * 1000 / self.ok_per_s, 3) for name, cores in per.items()}
+
     def summary(self) -> str:
         return (
             f"{self.ok_per_s:8.1f} ok/s  p50 {self.p50_ms:7.2f} ms  p99 {self.p99_ms:7.2f} ms  "
             f"errors {self.errors}  server {self.server_cpu_cores:.2f} cores{self.split()}  "
-            f"loadgen {self.loadgen_cpu_cores:.2f} cores"
+            + "".join(
+                f"{name} {cores:.2f} cores  " for name, cores in self.others_cpu_cores.items()
+            )
+            + f"loadgen {self.loadgen_cpu_cores:.2f} cores"
         )
 
 
@@ -928,18 +961,23 @@ def load(
     warmup: float,
     server_pid: int | None = None,
     keep: list[float] | None = None,
+    others: dict[str, Callable[[], list[int]]] | None = None,
 ) -> LoadResult:
     """`concurrency` closed-loop clients for `warmup` seconds, then `duration` measured;
-    `keep` receives every measured latency (seconds), to pool several windows."""
+    `keep` receives every measured latency (seconds), to pool several windows. `others`
+    names groups of processes (a function giving their pids) whose CPU over the window is
+    reported beside the server's."""
+    watched = others or {}
 
     async def both() -> tuple[
-        list[float], Counter[str], float, bool, dict[int, float], float, float
+        list[float], Counter[str], float, bool, dict[int, float], float, float, dict[str, float]
     ]:
         connections = [RawConnection(LOOPBACK, port) for _ in range(concurrency)]
         try:
             await _open_apart(connections)
             if warmup > 0:
                 await _drive(connections, make, duration=warmup)
+            others_before = {name: _cpus(pids()) for name, pids in watched.items()}
             server_before = tree_cpus(server_pid) if server_pid else {}
             own_cpu = time.process_time()
             busy = machine_busy()
@@ -949,16 +987,26 @@ def load(
             server_after = tree_cpus(server_pid) if server_pid else {}
             own_cpu = time.process_time() - own_cpu
             busy = machine_busy() - busy
+            # A process that started in the window counts from zero.
+            others_cpu = {
+                name: sum(
+                    seconds - others_before[name].get(pid, 0.0)
+                    for pid, seconds in _cpus(pids()).items()
+                )
+                for name, pids in watched.items()
+            }
         finally:
             for connection in connections:
                 await connection.close()
         server_cpu = {
             pid: seconds - server_before.get(pid, 0.0) for pid, seconds in server_after.items()
         }
-        return latencies, statuses, elapsed, exhausted, server_cpu, own_cpu, busy
+        return latencies, statuses, elapsed, exhausted, server_cpu, own_cpu, busy, others_cpu
 
     with _runner() as runner:
-        latencies, statuses, elapsed, exhausted, by_process, own_cpu, busy = runner.run(both())
+        (latencies, statuses, elapsed, exhausted, by_process, own_cpu, busy, others_cpu) = (
+            runner.run(both())
+        )
     server_cpu = sum(by_process.values())
     latencies.sort()
     if keep is not None:
@@ -981,6 +1029,7 @@ def load(
         loadgen_cpu_cores=round(own_cpu / elapsed, 2),
         machine_busy_cores=round(busy / elapsed, 2),
         exhausted=exhausted,
+        others_cpu_cores={name: round(cpu / elapsed, 3) for name, cpu in others_cpu.items()},
         server_cores_by_process=sorted(
             (
                 round(seconds / elapsed, 2)

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +121,17 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
                 database_url=url, workdir=workdir, server=server, extra_env=options.extra_env
             )
             if apart
-            else contextlib.nullcontext(),
+            else contextlib.nullcontext() as worker,
         ):
             print(f"   ready after {server.ready_after_s:.2f} s at {server.base_url}", flush=True)
             run_id = uuid.uuid4().hex[:8]
+
+            # The CPU of the rest of the service, beside the API process's own.
+            others: dict[str, Callable[[], list[int]]] = {}
+            if database == "postgresql":
+                others["database"] = functools.partial(_common.postgres_backends, url)
+            if worker is not None:
+                others["worker"] = functools.partial(_common.process_tree, worker.pid)
 
             def measure(name: str, make: RequestFactory) -> LoadResult:
                 result = _common.load(
@@ -132,6 +141,7 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
                     duration=options.duration,
                     warmup=options.warmup,
                     server_pid=server.process.pid,
+                    others=others,
                 )
                 print(f"   {name:<10}{result.summary()}", flush=True)
                 results[name] = result
@@ -177,6 +187,15 @@ def _cores(result: LoadResult) -> str:
     return "; cores " + " + ".join(f"{c:.2f}" for c in result.server_cores_by_process)
 
 
+_CPU_NAMES = {"api": "API", "database": "PostgreSQL", "worker": "worker"}
+
+
+def _cpu(result: LoadResult) -> str:
+    """ "API 1.10 + PostgreSQL 0.42 ms": the CPU each answer cost, by process group."""
+    parts = result.cpu_ms_per_answer()
+    return " + ".join(f"{_CPU_NAMES[name]} {ms:.2f}" for name, ms in parts.items()) + " ms"
+
+
 def _rows(run: dict[str, Any]) -> list[Row]:
     label = run["label"]
     results: dict[str, LoadResult] = run["results"]
@@ -190,7 +209,8 @@ def _rows(run: dict[str, Any]) -> list[Row]:
             + _cores(health),
             reference="(the reference)",
             detail={"server_cpu_cores": health.server_cpu_cores, **vars(health)},
-        )
+        ),
+        Row("healthz", label, "CPU per answer", _cpu(health), reference="(the reference)"),
     ]
     for name in ("subscribe", "confirm"):
         result = results[name]
@@ -220,6 +240,20 @@ def _rows(run: dict[str, Any]) -> list[Row]:
                 reference=f"healthz {health.p50_ms:.1f} / {health.p99_ms:.1f} ms",
                 target=f"p99 < {SQLITE_P99_TARGET_MS:.0f} ms" if sqlite else "",
                 met=result.p99_ms < SQLITE_P99_TARGET_MS if sqlite else None,
+            )
+        )
+        # What one answer costs in CPU, whatever waited: healthz's API CPU over this one's
+        # is the share of healthz's rate one API process could reach with cores to spare.
+        api_ms = result.cpu_ms_per_answer().get("api")
+        health_ms = health.cpu_ms_per_answer().get("api")
+        rows.append(
+            Row(
+                name,
+                label,
+                "CPU per answer",
+                _cpu(result),
+                reference=f"healthz API {health_ms:.2f} ms" if health_ms else "",
+                ratio=_common.pct(health_ms / api_ms) if api_ms and health_ms else "",
             )
         )
     return rows

@@ -149,3 +149,56 @@ def test_each_child_process_has_its_own_cpu_figure(common: ModuleType) -> None:
         server_cores_by_process=[1.05, 0.0],
     )
     assert result.split() == " (1.05 + 0.00 by process)"
+
+
+def test_watched_processes_have_their_cpu_per_answer_beside_the_servers(
+    common: ModuleType,
+) -> None:
+    """The database's (and a separate worker's) CPU over a load window, per 2xx answer:
+    a process that burns CPU only during the window is counted, one that sleeps is not."""
+    # 0.25 s of CPU once told to start, then asleep: done well within the window even on
+    # a busy machine.
+    spin = (
+        "import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.25\n"
+        "while time.process_time() < end: pass\ntime.sleep(60)"
+    )
+    busy = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = False
+
+    def spinning() -> list[int]:
+        # Asked for its pids at the window's start: it starts burning only then.
+        nonlocal started
+        if not started:
+            assert busy.stdin is not None
+            busy.stdin.write("go\n")
+            busy.stdin.flush()
+            started = True
+        return [busy.pid]
+
+    try:
+        with common.static_server() as (port, pid):
+            result = common.load(
+                port,
+                lambda: ("GET", "/healthz", None, ""),
+                concurrency=4,
+                duration=4.0,
+                warmup=0,
+                server_pid=pid,
+                others={"database": spinning, "worker": lambda: [idle.pid]},
+            )
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
+    # Its CPU before the window (starting Python) is left out, the window's counted.
+    burnt = result.others_cpu_cores["database"] * result.elapsed_s
+    assert 0.24 <= burnt < 0.4
+    assert result.others_cpu_cores["worker"] < 0.01
+    per_answer = result.cpu_ms_per_answer()
+    assert set(per_answer) == {"api", "database", "worker"}
+    assert per_answer["database"] == pytest.approx(
+        result.others_cpu_cores["database"] * 1000 / result.ok_per_s, abs=0.001
+    )
+    assert "database" in result.summary()
