@@ -378,6 +378,24 @@ class TestFailures:
         # The next call goes through.
         OPERATIONS[operation](backend)
 
+    @pytest.mark.parametrize("operation", OPERATIONS)
+    def test_a_body_not_in_the_encoding_its_headers_name_is_retryable(
+        self, backend: MailgunBackend, fake: FakeMailgun, operation: str
+    ) -> None:
+        # httpx's DecodingError is no TransportError: it left the adapter as it was, and
+        # the worker's round failed whole, every job of it left leased.
+        fake.answer_oddly(
+            status=200,
+            body=b"this is not gzip",
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        with pytest.raises(RetryableSyncError) as caught:
+            OPERATIONS[operation](backend)
+        assert isinstance(caught.value.__cause__, httpx.DecodingError)
+        assert "DecodingError" in str(caught.value)
+        # The next call goes through.
+        OPERATIONS[operation](backend)
+
     def test_429_with_retry_after_says_when_to_come_back(
         self, backend: MailgunBackend, fake: FakeMailgun
     ) -> None:

@@ -547,6 +547,40 @@ class TestRateLimited:
         assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [(JobState.DONE, 2)] * 3
 
 
+class TestGarbledAnswer:
+    def test_a_body_not_in_its_named_encoding_is_retried_and_the_round_recorded(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        # httpx's DecodingError used to leave the adapter: the round failed whole, its
+        # jobs stayed leased with no attempt on record, and came back at lease end only.
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, retry_base_delay="0.05s", retry_max_delay="0.1s"
+        )
+        emails = ["g1@example.org", "g2@example.org"]
+        subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+        mailgun.fake.answer_oddly(
+            status=200,
+            body=b"not gzip at all",
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        worker = in_process_worker(engine, settings, name="garbled")
+
+        assert worker.run_once() == 2
+        assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [
+            (JobState.PENDING, 1)
+        ] * 2
+        garbled = attempts(engine)
+        assert [a.outcome for a in garbled] == [AttemptOutcome.RETRY] * 2
+        assert all(
+            a.error is not None and a.error.startswith("mailgun bulk add: DecodingError: ")
+            for a in garbled
+        )
+
+        drain(worker, engine)
+        assert mailgun.held() == dict.fromkeys(emails, True)
+        assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [(JobState.DONE, 2)] * 2
+
+
 class TestRefused:
     def test_a_400_for_one_address_kills_its_job_only(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path

@@ -104,6 +104,10 @@ def send(
         raise RetryableSyncError(f"{what}: timed out ({type(e).__name__})") from e
     except httpx.TransportError as e:
         raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
+    except httpx.DecodingError as e:
+        # A body not in the encoding its headers name (`Content-Encoding: gzip` over plain
+        # bytes, from a proxy, say): no TransportError, yet no answer to read either.
+        raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
     finally:
         _call.deadline = None
     if response.is_success or response.status_code in ok:
