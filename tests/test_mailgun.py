@@ -379,6 +379,36 @@ class TestFailures:
         OPERATIONS[operation](backend)
 
     @pytest.mark.parametrize("operation", OPERATIONS)
+    @pytest.mark.parametrize(
+        ("body", "content_type"),
+        [
+            # A proxy's or a login page's answer in front of the API.
+            (b"<html><body><h1>Welcome</h1></body></html>", "text/html"),
+            # Mailgun's answer cut short.
+            (b'{"member": {"address": "x@example.org", "na', "application/json"),
+        ],
+        ids=["html", "truncated json"],
+    )
+    def test_a_200_that_is_not_mailguns_json_is_not_taken_for_done(
+        self,
+        backend: MailgunBackend,
+        fake: FakeMailgun,
+        operation: str,
+        body: bytes,
+        content_type: str,
+    ) -> None:
+        # Mailgun answers every call with a JSON object: a 200 without one did nothing
+        # that can be told, and a job taking it for done would hold a member as added (or
+        # gone) that Mailgun never saw.
+        fake.answer_oddly(status=200, body=body, headers={"content-type": content_type})
+        with pytest.raises(PermanentSyncError) as caught:
+            OPERATIONS[operation](backend)
+        said = str(caught.value)
+        assert "not Mailgun's JSON" in said or said == "mailgun list members: unexpected answer"
+        assert caught.value.response == "200 " + body.decode()
+        assert fake.members_of(LIST) == []
+
+    @pytest.mark.parametrize("operation", OPERATIONS)
     def test_a_body_not_in_the_encoding_its_headers_name_is_retryable(
         self, backend: MailgunBackend, fake: FakeMailgun, operation: str
     ) -> None:
