@@ -709,7 +709,11 @@ class Worker:
             base_delay=s.retry_base_delay,
             max_delay=s.retry_max_delay,
             response=response,
-            retry_after=timedelta(seconds=retry_after) if retry_after else None,
+            retry_after=(
+                outbox.retry_after_delay(retry_after, max_delay=s.retry_max_delay)
+                if retry_after
+                else None
+            ),
         )
         self.metrics.attempt(job.kind, "dead" if state == JobState.DEAD else "retry")
         return state
