@@ -413,6 +413,13 @@ def _run_in_order(
     return results
 
 
+# The refusals of a bulk call that may be about one of its members (an address refused:
+# 400 or 422; a body too large: 413), found by adding them one by one. Any other (401 a
+# revoked key, 403, 404 no such list, a redirect, an answer that could not be read) is
+# about the call: each member's own call would get it again, a thousand calls a round.
+MEMBER_REFUSALS = frozenset({400, 413, 422})
+
+
 def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Result]) -> None:
     cleared: dict[int, str] = {}
     pending = []
@@ -432,8 +439,9 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
     try:
         response = backend.add(members)
     except PermanentSyncError as e:
-        if len(pending) == 1:
-            results[pending[0].job.id] = Result(error=e, cleared=cleared.get(pending[0].job.id))
+        if len(pending) == 1 or e.status not in MEMBER_REFUSALS:
+            for item in pending:
+                results[item.job.id] = Result(error=e, cleared=cleared.get(item.job.id))
             return
         # One bad address must not dead-letter its whole batch: find it one by one.
         log.warning(

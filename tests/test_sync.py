@@ -82,7 +82,9 @@ class MemoryBackend:
         self._maybe_fail()
         refused = [m.email for m in members if m.email in self.refuse]
         if refused:
-            raise PermanentSyncError(f"400 invalid address {refused[0]}", response="400 bad")
+            raise PermanentSyncError(
+                f"400 invalid address {refused[0]}", response="400 bad", status=400
+            )
         for m in members:
             self.held[m.email.casefold()] = (m.email, True, m.variables())
         return f"added {len(members)}"

@@ -591,6 +591,27 @@ class TestRetryAfterTooFar:
         assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [(JobState.DONE, 2)] * 2
 
 
+class TestCredentialsRevoked:
+    def test_a_refused_key_costs_one_call_per_round_not_one_per_member(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        settings = worker_settings(database_url, mailgun, tmp_path)
+        emails = [f"k{n}@example.org" for n in range(20)]
+        subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+        # The key is revoked at Mailgun: every call gets 401.
+        mailgun.fake.api_key = "key-revoked"
+        worker = in_process_worker(engine, settings, name="revoked")
+
+        assert worker.run_once() == 20
+        # A refusal of the call itself (not of one of its members) is not retried one
+        # member at a time: that was 20 more calls with a key Mailgun refuses.
+        assert mailgun.calls() == [("POST", BULK)]
+        jobs = sync_jobs(engine)
+        assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+        }
+
+
 class TestGarbledAnswer:
     def test_a_body_not_in_its_named_encoding_is_retried_and_the_round_recorded(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path

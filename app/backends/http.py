@@ -115,9 +115,12 @@ def send(
     status = response.status_code
     if status in RETRYABLE_4XX or status >= 500:
         raise RetryableSyncError(
-            f"{what}: HTTP {status}", response=excerpt(response), retry_after=retry_after(response)
+            f"{what}: HTTP {status}",
+            response=excerpt(response),
+            retry_after=retry_after(response),
+            status=status,
         )
-    raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response))
+    raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response), status=status)
 
 
 def _bounded(
