@@ -36,6 +36,7 @@ from app.models import (
     JobKind,
     JobState,
     MailingList,
+    OutboxJob,
     Subscription,
     SubscriptionStatus,
     Token,
@@ -599,24 +600,36 @@ def compare(
     list_slug: str,
     remote: dict[str, tuple[str, bool]],
     keeps_unsubscribed: bool = True,
+    read_since: datetime | None = None,
 ) -> Report:
     """The differences between this list and its backend (see `Report`).
 
     `keeps_unsubscribed` is the backend's: where it is False, a confirmed member absent
     there goes to `absent_there` rather than `missing`, as they may have left there.
+
+    A confirmation the backend cannot show yet is no difference: one whose sync job is
+    not finished, or made since the read began (`read_since`; its sync may have run
+    after the page holding the member was read). The backend's state of that address is
+    older than the opt-in: someone who left and came back would be recorded as gone
+    again (`unsubscribed_there`), their new consent undone.
     """
     mailing_list = lists.get(session, slug=list_slug)
-    here = {
-        row.email_key: row.status
-        for row in session.exec(
-            select(Subscription).where(Subscription.list_id == mailing_list.id)
-        ).all()
-    }
+    rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
+    here = {row.email_key: row.status for row in rows}
+    on_the_way = _syncs_under_way(session, list_id=mailing_list.id)
+    if read_since is not None:
+        on_the_way |= {
+            row.email_key
+            for row in rows
+            if row.confirmed_at is not None and row.confirmed_at >= read_since
+        }
     report = Report(list_slug=list_slug, backend_members=len(remote))
     for key, status in here.items():
         if status != SubscriptionStatus.CONFIRMED:
             continue
         report.confirmed_here += 1
+        if key in on_the_way:
+            continue
         there = remote.get(key)
         if there is None:
             (report.missing if keeps_unsubscribed else report.absent_there).append(key)
@@ -634,6 +647,20 @@ def compare(
     ):
         part.sort()
     return report
+
+
+def _syncs_under_way(session: Session, *, list_id: int | None) -> set[str]:
+    """The `email_key`s of the list's subscriptions with a sync job not finished."""
+    query = (
+        select(Subscription.email_key)
+        .join(OutboxJob, col(OutboxJob.subscription_id) == col(Subscription.id))
+        .where(
+            Subscription.list_id == list_id,
+            col(OutboxJob.kind) == JobKind.SYNC,
+            col(OutboxJob.state).in_([JobState.PENDING, JobState.RUNNING]),
+        )
+    )
+    return set(session.exec(query).all())
 
 
 def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> None:

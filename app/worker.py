@@ -556,6 +556,7 @@ class Worker:
                     list_slug=slug,
                     remote=remote,
                     keeps_unsubscribed=backend.keeps_unsubscribed,
+                    read_since=started_at,
                 )
                 if not report.in_sync:
                     sync.apply(session, report=report, key=self._key, now=self.now())

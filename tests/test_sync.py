@@ -423,6 +423,47 @@ class TestReconcileAndImport:
             again = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
         assert again.in_sync, again.as_dict()
 
+    def test_reconcile_leaves_a_new_opt_in_whose_sync_has_not_reached_the_backend(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, "back@example.org")
+            _drain(worker)
+            # They leave at the backend (its link in a newsletter), and it is recorded here.
+            email, _, variables = backend.held["back@example.org"]
+            backend.held["back@example.org"] = (email, False, variables)
+            with db.session_scope(engine) as session:
+                subscriptions.apply_backend_event(
+                    session,
+                    list_slug="bluehats",
+                    address=addresses.parse("back@example.org", new=False),
+                    event="unsubscribed",
+                    evidence=subscriptions.Evidence(source="backend"),
+                    now=utcnow(),
+                )
+            _drain(worker)
+            # Then come back and confirm again: their sync is queued, not yet run.
+            _confirm(client, worker, smtp, "back@example.org")
+        assert backend.held["back@example.org"][1] is False
+
+        # A reconciliation reads the backend meanwhile: it still holds the old opt-out.
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.unsubscribed_there == []
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+
+        # The newer opt-in stands, and reaches the backend.
+        with Session(engine) as session:
+            row = session.exec(
+                select(Subscription).where(Subscription.email_key == "back@example.org")
+            ).one()
+            assert row.status == "confirmed"
+        _drain(worker)
+        assert backend.held["back@example.org"][1] is True
+
     def test_reconcile_removes_an_erased_address_the_backend_still_holds(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
