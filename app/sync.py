@@ -575,6 +575,9 @@ def read_backend(
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
+    # A cursor given twice would be read for ever (a cache in front of the API that
+    # ignores the query string answers every page with the first one).
+    cursors: set[str] = set()
     while True:
         page = backend.members(cursor)
         for member in page.members:
@@ -591,6 +594,14 @@ def read_backend(
             progress(len(page.members))
         if page.next_cursor is None or not page.members:
             return seen
+        if page.next_cursor in cursors:
+            # The cursor may name a member (Mailgun's pivot): not in the message.
+            raise PermanentSyncError(
+                f"list members: the backend's paging does not advance: after "
+                f"{len(cursors) + 1} pages it named a next page it had named before "
+                "(a cache in front of its API?)"
+            )
+        cursors.add(page.next_cursor)
         cursor = page.next_cursor
 
 

@@ -296,6 +296,30 @@ class TestMembers:
         assert calls[3].query["address"] == "p249@example.org"
         assert all(c.method == "GET" and c.auth == ("api", FakeMailgun.api_key) for c in calls)
 
+    def test_a_read_whose_paging_does_not_advance_stops_with_a_permanent_error(
+        self, backend: MailgunBackend, fake: FakeMailgun
+    ) -> None:
+        # A cache in front of the API that ignores the query string: the first page, with
+        # the same `paging.next`, for every page asked. The read went on for ever (the
+        # worker's reconciliation renewing its lease at every page).
+        first = {
+            "items": [{"address": "a@example.org", "name": "", "subscribed": True, "vars": {}}],
+            "paging": {
+                "next": f"https://api.eu.mailgun.net/v3/lists/{LIST}/members/pages"
+                "?page=next&address=a%40example.org&limit=100"
+            },
+        }
+        fake.answer_oddly(
+            body=json.dumps(first).encode(),
+            headers={"content-type": "application/json"},
+            times=50,
+        )
+        with pytest.raises(PermanentSyncError) as caught:
+            read_backend(backend)
+        assert "paging does not advance" in str(caught.value)
+        assert "a@example.org" not in str(caught.value)
+        assert len(fake.seen()) == 2
+
     def test_an_empty_list_is_one_page(self, backend: MailgunBackend) -> None:
         page = backend.members()
         assert page.members == []
