@@ -432,6 +432,23 @@ class TestFailures:
         assert caught.value.response == "200 " + body.decode()
         assert fake.members_of(LIST) == []
 
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    def test_a_redirect_is_not_followed_and_says_where_it_led(
+        self, backend: MailgunBackend, fake: FakeMailgun, status: int
+    ) -> None:
+        # http:// to https://, or to another host: the API key would go along; the
+        # operator is to fix base_url, and needs to know what it should be.
+        elsewhere = f"https://127.0.0.1:{free_port()}/v3/lists/{LIST}/members"
+        fake.answer_oddly(status=status, body=b"", headers={"location": elsewhere})
+        with pytest.raises(PermanentSyncError) as caught:
+            backend.add([member("moved@example.org")])
+        assert str(caught.value) == (
+            f"mailgun add member: HTTP {status}, redirected to {elsewhere}: redirects are "
+            "not followed (is base_url right?)"
+        )
+        assert caught.value.status == status
+        assert len(fake.seen()) == 1
+
     @pytest.mark.parametrize("operation", OPERATIONS)
     def test_a_body_not_in_the_encoding_its_headers_name_is_retryable(
         self, backend: MailgunBackend, fake: FakeMailgun, operation: str

@@ -120,7 +120,16 @@ def send(
             retry_after=retry_after(response),
             status=status,
         )
-    raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response), status=status)
+    message = f"{what}: HTTP {status}"
+    location = response.headers.get("location")
+    if response.is_redirect and location:
+        # Not followed (`make_client`): the credentials would go along, to another host
+        # or over plain HTTP. Where it led tells the operator what base_url should be.
+        message += (
+            f", redirected to {clean(location, limit=200)}: redirects are not followed "
+            "(is base_url right?)"
+        )
+    raise PermanentSyncError(message, response=excerpt(response), status=status)
 
 
 def _bounded(
