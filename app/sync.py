@@ -28,7 +28,13 @@ import sqlalchemy as sa
 from sqlmodel import Session, SQLModel, col, select
 
 from app import addresses, blocklist, lists, logs, outbox, tokens
-from app.backends.base import ListBackend, Member, PermanentSyncError, SyncError
+from app.backends.base import (
+    ListBackend,
+    Member,
+    PermanentSyncError,
+    RetryableSyncError,
+    SyncError,
+)
 from app.config import Settings
 from app.models import (
     ConsentAction,
@@ -365,11 +371,7 @@ def execute(
                 continue
             if should_stop():
                 return results
-            call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
-            try:
-                results[item.job.id] = Result(response=call(item.address))
-            except SyncError as e:
-                results[item.job.id] = Result(error=e)
+            results[item.job.id] = _leave(backend, item)
     return results
 
 
@@ -406,12 +408,27 @@ def _run_in_order(
         if item.action == Action.ADD:
             _add(backend, [item], results)
             continue
-        call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
-        try:
-            results[item.job.id] = Result(response=call(item.address))
-        except SyncError as e:
-            results[item.job.id] = Result(error=e)
+        results[item.job.id] = _leave(backend, item)
     return results
+
+
+def _leave(backend: ListBackend, item: Planned) -> Result:
+    call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
+    try:
+        return Result(response=call(item.address))
+    except SyncError as e:
+        return Result(error=e)
+    except Exception as e:
+        return Result(error=_crashed(e))
+
+
+def _crashed(e: Exception) -> RetryableSyncError:
+    """What an adapter raised that it never should (a bug, an exception it let through),
+    as its jobs' failure: they are retried, and dead-lettered in the end. Left to go up,
+    it failed the whole round: no outcome recorded, every job of it left leased and taken
+    again at each lease's end, never dead-lettered."""
+    log.exception("sync.crashed error=%s", type(e).__name__, exc_info=e)
+    return RetryableSyncError(f"internal error: {type(e).__name__}")
 
 
 # The refusals of a bulk call that may be about one of its members (an address refused:
@@ -430,6 +447,9 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
                 found = backend.clear_suppression(item.address)
             except SyncError as e:
                 results[item.job.id] = Result(error=e)
+                continue
+            except Exception as e:
+                results[item.job.id] = Result(error=_crashed(e))
                 continue
             if found:
                 cleared[item.job.id] = found
@@ -459,6 +479,11 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
     except SyncError as e:
         for item in pending:
             results[item.job.id] = Result(error=e, cleared=cleared.get(item.job.id))
+        return
+    except Exception as e:
+        crashed = _crashed(e)
+        for item in pending:
+            results[item.job.id] = Result(error=crashed, cleared=cleared.get(item.job.id))
         return
     for item in pending:
         results[item.job.id] = Result(response=response, cleared=cleared.get(item.job.id))

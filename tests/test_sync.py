@@ -353,6 +353,34 @@ class TestSyncJobs:
             )
 
 
+class TestAdapterCrash:
+    @pytest.mark.parametrize("max_batch", [1000, 1], ids=["bulk", "one at a time"])
+    def test_an_exception_out_of_an_adapter_fails_its_jobs_not_the_round(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine, max_batch: int
+    ) -> None:
+        # An adapter is to raise SyncError only; one that raises anything else (a bug, an
+        # httpx exception it let through) failed the whole round: no outcome recorded,
+        # every job left leased, and taken again at each lease's end, never dead-lettered.
+        settings = _app_without_worker(database_url, smtp, job_max_attempts=2)
+        backend = MemoryBackend(max_batch=max_batch, fail_next=[ValueError("a bug")])
+        worker = _mail_worker(settings, engine, backend)
+        ids = _confirmed_rows(engine, count=3)
+
+        worker.run_once()
+
+        jobs = {job.payload["subscription_id"]: job for job in _jobs(engine)}
+        # Bulk: the one call carried all three; one at a time: the first address's only.
+        crashed = ids if max_batch > 1 else ids[:1]
+        for subscription_id in ids:
+            job = jobs[subscription_id]
+            if subscription_id in crashed:
+                assert (job.state, job.attempts) == (JobState.PENDING, 1)
+                assert job.last_error == "internal error: ValueError"
+            else:
+                assert (job.state, job.attempts) == (JobState.DONE, 1)
+        assert len(backend.held) == 3 - len(crashed)
+
+
 def _confirmed_rows(engine: sa.Engine, *, count: int) -> list[int]:
     """Confirmed subscriptions with their sync jobs, as confirmations leave them."""
     from app import lists, outbox
