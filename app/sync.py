@@ -604,7 +604,12 @@ def read_backend(
     # ignores the query string answers every page with the first one).
     cursors: set[str] = set()
     while True:
-        page = backend.members(cursor)
+        try:
+            page = backend.members(cursor)
+        except SyncError:
+            raise
+        except Exception as e:
+            raise _crashed(e) from e
         for member in page.members:
             key = remote_key(member.email) or member.email.casefold()
             if key not in seen or (member.subscribed and not seen[key][1]):

@@ -1251,6 +1251,38 @@ class TestScheduledReconcile:
         assert [job.state for job in scheduled] == [JobState.PENDING]
         assert scheduled[0].next_attempt_at > utcnow() + timedelta(hours=1, minutes=30)
 
+    def test_a_read_that_raises_what_no_adapter_should_is_a_failure_on_record(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Left to go up, the exception failed the round and left the job leased, taken
+        # again at each lease's end and never dead-lettered; the schedule stopped with it.
+        settings = _app_without_worker(
+            database_url, smtp, reconcile_interval="1h", job_max_attempts=1
+        )
+        backend = CrashingPageBackend(page_size=1)
+        backend.held = {
+            "a@example.org": ("a@example.org", True, {}),
+            "b@example.org": ("b@example.org", True, {}),
+        }
+        worker = _mail_worker(settings, engine, backend)
+        worker.schedule_reconciliations()
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+        _drain(worker)
+        failed, *scheduled = _jobs(engine, JobKind.RECONCILE)
+        assert failed.state == JobState.DEAD
+        assert failed.last_error == "internal error: KeyError"
+        assert [job.state for job in scheduled] == [JobState.PENDING]
+
+
+@dataclass
+class CrashingPageBackend(MemoryBackend):
+    """Its second page of members raises what an adapter never should (a bug)."""
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        if cursor:
+            raise KeyError("entries")
+        return super().members(cursor)
+
 
 @dataclass
 class GarbledPageBackend(MemoryBackend):
