@@ -648,11 +648,11 @@ def compare(
     `keeps_unsubscribed` is the backend's: where it is False, a confirmed member absent
     there goes to `absent_there` rather than `missing`, as they may have left there.
 
-    A confirmation the backend cannot show yet is no difference: one whose sync job is
-    not finished, or made since the read began (`read_since`; its sync may have run
-    after the page holding the member was read). The backend's state of that address is
-    older than the opt-in: someone who left and came back would be recorded as gone
-    again (`unsubscribed_there`), their new consent undone.
+    A confirmation the backend cannot show yet, one whose sync job is not finished or made
+    since the read began (`read_since`: its sync may have run after the page holding the
+    member was read), is never `unsubscribed_there`: the backend's opt-out is older than
+    the opt-in, and someone who left and came back would be recorded as gone again, their
+    new consent undone. It is `missing` (to be added, as its sync does).
     """
     mailing_list = lists.get(session, slug=list_slug)
     rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
@@ -669,13 +669,11 @@ def compare(
         if status != SubscriptionStatus.CONFIRMED:
             continue
         report.confirmed_here += 1
-        if key in on_the_way:
-            continue
         there = remote.get(key)
         if there is None:
             (report.missing if keeps_unsubscribed else report.absent_there).append(key)
         elif not there[1]:
-            report.unsubscribed_there.append(key)
+            (report.missing if key in on_the_way else report.unsubscribed_there).append(key)
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
             (report.extra if remote_key(address) is not None else report.invalid).append(address)

@@ -481,6 +481,8 @@ class TestReconcileAndImport:
         with db.session_scope(engine) as session:
             report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
             assert report.unsubscribed_there == []
+            # Missing there, as it is, until its sync adds it.
+            assert report.missing == ["back@example.org"]
             sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
 
         # The newer opt-in stands, and reaches the backend.
