@@ -395,6 +395,7 @@ def reconcile(
     engine = db.make_engine(settings.database_url)
     try:
         lists.sync_declared(engine, declared=settings.lists)
+        read_since = utcnow()
         remote = _read_members(backend, label=list_slug)
         with db.session_scope(engine) as session:
             report = sync.compare(
@@ -402,6 +403,7 @@ def reconcile(
                 list_slug=list_slug,
                 remote=remote,
                 keeps_unsubscribed=backend.keeps_unsubscribed,
+                read_since=read_since,
             )
             if apply and not report.in_sync:
                 sync.apply(session, report=report, key=settings.token_key(), now=utcnow())

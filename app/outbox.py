@@ -536,6 +536,20 @@ def backoff(*, attempt: int, base: timedelta, cap: timedelta) -> timedelta:
     return timedelta(seconds=random.uniform(floor, ceiling))
 
 
+# The longest wait a backend's Retry-After obtains when it asks for more than the longest
+# backoff: a day's quota is waited for, a date years away is not (the job would sleep out
+# of sight, as good as lost).
+RETRY_AFTER_LIMIT = timedelta(days=1)
+
+
+def retry_after_delay(seconds: float, *, max_delay: timedelta) -> timedelta:
+    """The wait a backend's Retry-After (`seconds`, any float) obtains: as asked, up to
+    the longer of `max_delay` and `RETRY_AFTER_LIMIT`."""
+    limit = max(max_delay, RETRY_AFTER_LIMIT)
+    # Compared as seconds: a timedelta of a Retry-After with enough digits overflows.
+    return limit if seconds >= limit.total_seconds() else timedelta(seconds=max(0.0, seconds))
+
+
 def fail(
     session: Session,
     *,
@@ -577,7 +591,8 @@ def fail(
         held.state = JobState.PENDING
         delay = backoff(attempt=job.attempt, base=base_delay, cap=max_delay)
         if retry_after is not None:
-            # The backend said when to come back (429 / 503 Retry-After): not before.
+            # The backend said when to come back (429 / 503 Retry-After): not before
+            # (`retry_after_delay` bounds it).
             delay = max(delay, retry_after)
         held.next_attempt_at = now + delay
     return JobState(held.state)

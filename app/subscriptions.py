@@ -1002,6 +1002,11 @@ BACKEND_EVENTS = {
 }
 
 
+# How far a backend's clock may be from ours: an event reported within this of a
+# confirmation is taken as after it (leaving and confirming anew takes a mail's round trip).
+BACKEND_CLOCK_SKEW = timedelta(seconds=2)
+
+
 def apply_backend_event(
     session: Session,
     *,
@@ -1011,12 +1016,17 @@ def apply_backend_event(
     evidence: Evidence,
     now: datetime,
     detail: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
 ) -> bool:
     """Record what the backend reports (an unsubscribe there, a complaint, a hard bounce).
 
     A confirmed (or unsubscribed) subscription takes the reported state, so it is not sent
     to again and a complaint is not undone by a later sync; the ledger keeps the report.
     Returns False when this service does not know the address on that list.
+
+    `occurred_at`, when the backend says when it happened: an event older than the
+    subscription's confirmation (delivered late, or retried) is about a subscription the
+    person has since renewed, and leaves it confirmed; the ledger keeps the report.
     """
     new_status = BACKEND_EVENTS[event]
     mailing_list = lists.get(session, slug=list_slug)
@@ -1025,7 +1035,18 @@ def apply_backend_event(
     if subscription is None:
         return False
     previous = SubscriptionStatus(subscription.status)
-    if previous in (SubscriptionStatus.CONFIRMED, SubscriptionStatus.UNSUBSCRIBED) and (
+    if (
+        previous == SubscriptionStatus.CONFIRMED
+        and occurred_at is not None
+        and subscription.confirmed_at is not None
+        and occurred_at < subscription.confirmed_at - BACKEND_CLOCK_SKEW
+    ):
+        detail = {
+            **(detail or {}),
+            "note": "predates the confirmation, which stands",
+            "occurred_at": occurred_at.isoformat(),
+        }
+    elif previous in (SubscriptionStatus.CONFIRMED, SubscriptionStatus.UNSUBSCRIBED) and (
         previous != new_status
     ):
         subscription.status = new_status

@@ -28,7 +28,13 @@ import sqlalchemy as sa
 from sqlmodel import Session, SQLModel, col, select
 
 from app import addresses, blocklist, lists, logs, outbox, tokens
-from app.backends.base import ListBackend, Member, PermanentSyncError, SyncError
+from app.backends.base import (
+    ListBackend,
+    Member,
+    PermanentSyncError,
+    RetryableSyncError,
+    SyncError,
+)
 from app.config import Settings
 from app.models import (
     ConsentAction,
@@ -36,6 +42,7 @@ from app.models import (
     JobKind,
     JobState,
     MailingList,
+    OutboxJob,
     Subscription,
     SubscriptionStatus,
     Token,
@@ -364,11 +371,7 @@ def execute(
                 continue
             if should_stop():
                 return results
-            call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
-            try:
-                results[item.job.id] = Result(response=call(item.address))
-            except SyncError as e:
-                results[item.job.id] = Result(error=e)
+            results[item.job.id] = _leave(backend, item)
     return results
 
 
@@ -405,12 +408,34 @@ def _run_in_order(
         if item.action == Action.ADD:
             _add(backend, [item], results)
             continue
-        call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
-        try:
-            results[item.job.id] = Result(response=call(item.address))
-        except SyncError as e:
-            results[item.job.id] = Result(error=e)
+        results[item.job.id] = _leave(backend, item)
     return results
+
+
+def _leave(backend: ListBackend, item: Planned) -> Result:
+    call = backend.unsubscribe if item.action == Action.UNSUBSCRIBE else backend.remove
+    try:
+        return Result(response=call(item.address))
+    except SyncError as e:
+        return Result(error=e)
+    except Exception as e:
+        return Result(error=_crashed(e))
+
+
+def _crashed(e: Exception) -> RetryableSyncError:
+    """What an adapter raised that it never should (a bug, an exception it let through),
+    as its jobs' failure: they are retried, and dead-lettered in the end. Left to go up,
+    it failed the whole round: no outcome recorded, every job of it left leased and taken
+    again at each lease's end, never dead-lettered."""
+    log.exception("sync.crashed error=%s", type(e).__name__, exc_info=e)
+    return RetryableSyncError(f"internal error: {type(e).__name__}")
+
+
+# The refusals of a bulk call that may be about one of its members (an address refused:
+# 400 or 422; a body too large: 413), found by adding them one by one. Any other (401 a
+# revoked key, 403, 404 no such list, a redirect, an answer that could not be read) is
+# about the call: each member's own call would get it again, a thousand calls a round.
+MEMBER_REFUSALS = frozenset({400, 413, 422})
 
 
 def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Result]) -> None:
@@ -423,6 +448,9 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
             except SyncError as e:
                 results[item.job.id] = Result(error=e)
                 continue
+            except Exception as e:
+                results[item.job.id] = Result(error=_crashed(e))
+                continue
             if found:
                 cleared[item.job.id] = found
         pending.append(item)
@@ -432,8 +460,9 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
     try:
         response = backend.add(members)
     except PermanentSyncError as e:
-        if len(pending) == 1:
-            results[pending[0].job.id] = Result(error=e, cleared=cleared.get(pending[0].job.id))
+        if len(pending) == 1 or e.status not in MEMBER_REFUSALS:
+            for item in pending:
+                results[item.job.id] = Result(error=e, cleared=cleared.get(item.job.id))
             return
         # One bad address must not dead-letter its whole batch: find it one by one.
         log.warning(
@@ -450,6 +479,11 @@ def _add(backend: ListBackend, chunk: Sequence[Planned], results: dict[int, Resu
     except SyncError as e:
         for item in pending:
             results[item.job.id] = Result(error=e, cleared=cleared.get(item.job.id))
+        return
+    except Exception as e:
+        crashed = _crashed(e)
+        for item in pending:
+            results[item.job.id] = Result(error=crashed, cleared=cleared.get(item.job.id))
         return
     for item in pending:
         results[item.job.id] = Result(response=response, cleared=cleared.get(item.job.id))
@@ -566,8 +600,16 @@ def read_backend(
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
+    # A cursor given twice would be read for ever (a cache in front of the API that
+    # ignores the query string answers every page with the first one).
+    cursors: set[str] = set()
     while True:
-        page = backend.members(cursor)
+        try:
+            page = backend.members(cursor)
+        except SyncError:
+            raise
+        except Exception as e:
+            raise _crashed(e) from e
         for member in page.members:
             key = remote_key(member.email) or member.email.casefold()
             if key not in seen or (member.subscribed and not seen[key][1]):
@@ -582,6 +624,14 @@ def read_backend(
             progress(len(page.members))
         if page.next_cursor is None or not page.members:
             return seen
+        if page.next_cursor in cursors:
+            # The cursor may name a member (Mailgun's pivot): not in the message.
+            raise PermanentSyncError(
+                f"list members: the backend's paging does not advance: after "
+                f"{len(cursors) + 1} pages it named a next page it had named before "
+                "(a cache in front of its API?)"
+            )
+        cursors.add(page.next_cursor)
         cursor = page.next_cursor
 
 
@@ -591,19 +641,29 @@ def compare(
     list_slug: str,
     remote: dict[str, tuple[str, bool]],
     keeps_unsubscribed: bool = True,
+    read_since: datetime | None = None,
 ) -> Report:
     """The differences between this list and its backend (see `Report`).
 
     `keeps_unsubscribed` is the backend's: where it is False, a confirmed member absent
     there goes to `absent_there` rather than `missing`, as they may have left there.
+
+    A confirmation the backend cannot show yet, one whose sync job is not finished or made
+    since the read began (`read_since`: its sync may have run after the page holding the
+    member was read), is never `unsubscribed_there`: the backend's opt-out is older than
+    the opt-in, and someone who left and came back would be recorded as gone again, their
+    new consent undone. It is `missing` (to be added, as its sync does).
     """
     mailing_list = lists.get(session, slug=list_slug)
-    here = {
-        row.email_key: row.status
-        for row in session.exec(
-            select(Subscription).where(Subscription.list_id == mailing_list.id)
-        ).all()
-    }
+    rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
+    here = {row.email_key: row.status for row in rows}
+    on_the_way = _syncs_under_way(session, list_id=mailing_list.id)
+    if read_since is not None:
+        on_the_way |= {
+            row.email_key
+            for row in rows
+            if row.confirmed_at is not None and row.confirmed_at >= read_since
+        }
     report = Report(list_slug=list_slug, backend_members=len(remote))
     for key, status in here.items():
         if status != SubscriptionStatus.CONFIRMED:
@@ -613,7 +673,7 @@ def compare(
         if there is None:
             (report.missing if keeps_unsubscribed else report.absent_there).append(key)
         elif not there[1]:
-            report.unsubscribed_there.append(key)
+            (report.missing if key in on_the_way else report.unsubscribed_there).append(key)
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
             (report.extra if remote_key(address) is not None else report.invalid).append(address)
@@ -626,6 +686,20 @@ def compare(
     ):
         part.sort()
     return report
+
+
+def _syncs_under_way(session: Session, *, list_id: int | None) -> set[str]:
+    """The `email_key`s of the list's subscriptions with a sync job not finished."""
+    query = (
+        select(Subscription.email_key)
+        .join(OutboxJob, col(OutboxJob.subscription_id) == col(Subscription.id))
+        .where(
+            Subscription.list_id == list_id,
+            col(OutboxJob.kind) == JobKind.SYNC,
+            col(OutboxJob.state).in_([JobState.PENDING, JobState.RUNNING]),
+        )
+    )
+    return set(session.exec(query).all())
 
 
 def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> None:

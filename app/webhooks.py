@@ -22,7 +22,7 @@ import hmac
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,6 +53,8 @@ class BackendEvent:
     address: addresses.Address | None = None
     list_slugs: tuple[str, ...] = ()
     detail: dict[str, Any] = field(default_factory=dict)
+    # When the event happened, as the backend says (not when it was delivered).
+    occurred_at: datetime | None = None
 
 
 def _mailgun_lists(lists: Sequence[ListSettings]) -> list[tuple[ListSettings, str]]:
@@ -77,6 +79,18 @@ def _list_address(event_data: dict[str, Any]) -> str | None:
     if isinstance(value, dict):
         value = value.get("address")
     return value.casefold() if isinstance(value, str) and value else None
+
+
+def _occurred_at(event_data: dict[str, Any]) -> datetime | None:
+    """The event's own time (`event-data.timestamp`, seconds since the epoch, as a float),
+    None when absent or not a time."""
+    value = event_data.get("timestamp")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return datetime.fromtimestamp(float(value), tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _mailgun_event(event_data: dict[str, Any]) -> str | None:
@@ -160,6 +174,7 @@ def verify_mailgun(
         address=address,
         list_slugs=tuple(item.slug for item in verified),
         detail=detail,
+        occurred_at=_occurred_at(event_data),
     )
 
 
@@ -208,6 +223,7 @@ def record(
             evidence=evidence,
             now=now,
             detail=event.detail,
+            occurred_at=event.occurred_at,
         )
     log.info(
         "webhook.applied backend=%s event=%s lists=%s known=%d",

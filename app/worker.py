@@ -556,6 +556,7 @@ class Worker:
                     list_slug=slug,
                     remote=remote,
                     keeps_unsubscribed=backend.keeps_unsubscribed,
+                    read_since=started_at,
                 )
                 if not report.in_sync:
                     sync.apply(session, report=report, key=self._key, now=self.now())
@@ -709,7 +710,11 @@ class Worker:
             base_delay=s.retry_base_delay,
             max_delay=s.retry_max_delay,
             response=response,
-            retry_after=timedelta(seconds=retry_after) if retry_after else None,
+            retry_after=(
+                outbox.retry_after_delay(retry_after, max_delay=s.retry_max_delay)
+                if retry_after
+                else None
+            ),
         )
         self.metrics.attempt(job.kind, "dead" if state == JobState.DEAD else "retry")
         return state

@@ -37,7 +37,9 @@ What it follows, and where Mailgun documents it:
 Every request is recorded (method, path as sent and decoded, query, Basic credentials,
 form fields) so tests assert what the server saw. Faults can be injected: N answers with
 a 5xx, a 429 with Retry-After, a 400 for a given address, a slow answer, an answer
-trickled in small pieces (each within any read timeout).
+trickled in small pieces (each within any read timeout), and any answer a proxy or a
+server on a bad day may give instead of Mailgun's (`answer_oddly`: an HTML page with a
+200, a JSON body cut short, a body not in the encoding its headers name).
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class Fault:
     times: int
     retry_after: str | None = None
     delay: float = 0.0
+    # An answer sent as it is (status, these bytes, these headers) instead of Mailgun's.
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class BadRequest(Exception):
@@ -187,6 +192,21 @@ class FakeMailgun:
         with self.lock:
             self.faults.append(Fault(status=429, times=times, retry_after=retry_after))
 
+    def answer_oddly(
+        self,
+        *,
+        status: int = 200,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+    ) -> None:
+        """Answer the next `times` requests with `status` and these raw bytes and headers,
+        the request itself left undone."""
+        with self.lock:
+            self.faults.append(
+                Fault(status=status, times=times, body=body, headers=dict(headers or {}))
+            )
+
     def stall(self, *, seconds: float, times: int = 1) -> None:
         """Answer the next `times` requests (normally) only after `seconds`."""
         with self.lock:
@@ -263,6 +283,7 @@ class FakeMailgun:
             exception_handlers={
                 BadRequest: _bad_request,  # type: ignore[dict-item]
                 _Refused: _refused,  # type: ignore[dict-item]
+                _Odd: _odd,  # type: ignore[dict-item]
             },
         )
 
@@ -288,6 +309,8 @@ class FakeMailgun:
         fault = self._next_fault()
         if fault is not None and fault.delay:
             await asyncio.sleep(fault.delay)
+        elif fault is not None and fault.body is not None:
+            raise _Odd(fault)
         elif fault is not None:
             raise _Refused(
                 fault.status,
@@ -572,6 +595,18 @@ class _Refused(Exception):
 class _Unauthorized(_Refused):
     def __init__(self) -> None:
         super().__init__(401, "Forbidden")
+
+
+class _Odd(Exception):
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(fault.status)
+        self.fault = fault
+
+
+async def _odd(request: Request, exc: _Odd) -> Response:
+    # Sent as given: no content type or encoding is added or checked.
+    assert exc.fault.body is not None
+    return Response(exc.fault.body, status_code=exc.fault.status, headers=exc.fault.headers)
 
 
 async def _bad_request(request: Request, exc: BadRequest) -> Response:

@@ -369,6 +369,47 @@ class TestFailures:
         assert len(listmonk.subscribers) == 1
         assert len(listmonk.seen("POST")) == 3
 
+    @pytest.mark.parametrize(
+        ("operation", "method", "path"),
+        [
+            ("unsubscribe", "PUT", "/api/subscribers/lists"),
+            ("remove", "DELETE", "/api/subscribers/{id}"),
+            ("add", "PUT", "/api/subscribers/lists"),
+            ("add", "PUT", "/api/subscribers/{id}"),
+        ],
+        ids=["unsubscribe", "remove", "confirm on the list", "update"],
+    )
+    def test_a_write_answered_200_with_a_page_is_not_taken_for_done(
+        self,
+        listmonk: FakeListmonk,
+        backend: ListmonkBackend,
+        operation: str,
+        method: str,
+        path: str,
+    ) -> None:
+        # A proxy in front of listmonk that answers writes with a page of its own (a WAF's
+        # challenge, a login page): listmonk saw nothing, and the job must not be done.
+        lists = {LIST_ID: "unsubscribed" if operation == "add" else "confirmed"}
+        subscriber_id = listmonk.seed("ada@example.org", lists=lists)
+        listmonk.fail(
+            method,
+            path.format(id=subscriber_id),
+            200,
+            text="<html><body>Please wait...</body></html>",
+            headers={"content-type": "text/html"},
+        )
+        call = {
+            "unsubscribe": lambda: backend.unsubscribe("ada@example.org"),
+            "remove": lambda: backend.remove("ada@example.org"),
+            "add": lambda: backend.add([member()]),
+        }[operation]
+
+        with pytest.raises(PermanentSyncError) as caught:
+            call()
+
+        assert "not JSON" in str(caught.value)
+        assert caught.value.response == "200 <html><body>Please wait...</body></html>"
+
     def test_429_carries_retry_after(
         self, listmonk: FakeListmonk, backend: ListmonkBackend
     ) -> None:

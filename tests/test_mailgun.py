@@ -296,6 +296,30 @@ class TestMembers:
         assert calls[3].query["address"] == "p249@example.org"
         assert all(c.method == "GET" and c.auth == ("api", FakeMailgun.api_key) for c in calls)
 
+    def test_a_read_whose_paging_does_not_advance_stops_with_a_permanent_error(
+        self, backend: MailgunBackend, fake: FakeMailgun
+    ) -> None:
+        # A cache in front of the API that ignores the query string: the first page, with
+        # the same `paging.next`, for every page asked. The read went on for ever (the
+        # worker's reconciliation renewing its lease at every page).
+        first = {
+            "items": [{"address": "a@example.org", "name": "", "subscribed": True, "vars": {}}],
+            "paging": {
+                "next": f"https://api.eu.mailgun.net/v3/lists/{LIST}/members/pages"
+                "?page=next&address=a%40example.org&limit=100"
+            },
+        }
+        fake.answer_oddly(
+            body=json.dumps(first).encode(),
+            headers={"content-type": "application/json"},
+            times=50,
+        )
+        with pytest.raises(PermanentSyncError) as caught:
+            read_backend(backend)
+        assert "paging does not advance" in str(caught.value)
+        assert "a@example.org" not in str(caught.value)
+        assert len(fake.seen()) == 2
+
     def test_an_empty_list_is_one_page(self, backend: MailgunBackend) -> None:
         page = backend.members()
         assert page.members == []
@@ -375,6 +399,71 @@ class TestFailures:
         assert caught.value.response is not None
         assert caught.value.response.startswith("503 ")
         assert caught.value.retry_after is None
+        # The next call goes through.
+        OPERATIONS[operation](backend)
+
+    @pytest.mark.parametrize("operation", OPERATIONS)
+    @pytest.mark.parametrize(
+        ("body", "content_type"),
+        [
+            # A proxy's or a login page's answer in front of the API.
+            (b"<html><body><h1>Welcome</h1></body></html>", "text/html"),
+            # Mailgun's answer cut short.
+            (b'{"member": {"address": "x@example.org", "na', "application/json"),
+        ],
+        ids=["html", "truncated json"],
+    )
+    def test_a_200_that_is_not_mailguns_json_is_not_taken_for_done(
+        self,
+        backend: MailgunBackend,
+        fake: FakeMailgun,
+        operation: str,
+        body: bytes,
+        content_type: str,
+    ) -> None:
+        # Mailgun answers every call with a JSON object: a 200 without one did nothing
+        # that can be told, and a job taking it for done would hold a member as added (or
+        # gone) that Mailgun never saw.
+        fake.answer_oddly(status=200, body=body, headers={"content-type": content_type})
+        with pytest.raises(PermanentSyncError) as caught:
+            OPERATIONS[operation](backend)
+        said = str(caught.value)
+        assert "not Mailgun's JSON" in said or said == "mailgun list members: unexpected answer"
+        assert caught.value.response == "200 " + body.decode()
+        assert fake.members_of(LIST) == []
+
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    def test_a_redirect_is_not_followed_and_says_where_it_led(
+        self, backend: MailgunBackend, fake: FakeMailgun, status: int
+    ) -> None:
+        # http:// to https://, or to another host: the API key would go along; the
+        # operator is to fix base_url, and needs to know what it should be.
+        elsewhere = f"https://127.0.0.1:{free_port()}/v3/lists/{LIST}/members"
+        fake.answer_oddly(status=status, body=b"", headers={"location": elsewhere})
+        with pytest.raises(PermanentSyncError) as caught:
+            backend.add([member("moved@example.org")])
+        assert str(caught.value) == (
+            f"mailgun add member: HTTP {status}, redirected to {elsewhere}: redirects are "
+            "not followed (is base_url right?)"
+        )
+        assert caught.value.status == status
+        assert len(fake.seen()) == 1
+
+    @pytest.mark.parametrize("operation", OPERATIONS)
+    def test_a_body_not_in_the_encoding_its_headers_name_is_retryable(
+        self, backend: MailgunBackend, fake: FakeMailgun, operation: str
+    ) -> None:
+        # httpx's DecodingError is no TransportError: it left the adapter as it was, and
+        # the worker's round failed whole, every job of it left leased.
+        fake.answer_oddly(
+            status=200,
+            body=b"this is not gzip",
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        with pytest.raises(RetryableSyncError) as caught:
+            OPERATIONS[operation](backend)
+        assert isinstance(caught.value.__cause__, httpx.DecodingError)
+        assert "DecodingError" in str(caught.value)
         # The next call goes through.
         OPERATIONS[operation](backend)
 

@@ -160,6 +160,24 @@ class TestBackoff:
         assert mean_seconds(30) == pytest.approx(30.5, abs=5)
 
 
+class TestRetryAfter:
+    @pytest.mark.parametrize(
+        ("seconds", "max_delay", "waited"),
+        [
+            (120.0, CAP, timedelta(seconds=120)),  # past the backoff's cap: as asked
+            (0.0, CAP, timedelta(0)),
+            (-5.0, CAP, timedelta(0)),
+            (86_400.0 * 30, CAP, timedelta(days=1)),  # a month: a day
+            (1e14, CAP, timedelta(days=1)),  # no OverflowError
+            (86_400.0 * 3, timedelta(days=2), timedelta(days=2)),  # a longer cap is the limit
+        ],
+    )
+    def test_a_backends_wait_is_honoured_up_to_a_day_or_the_cap(
+        self, seconds: float, max_delay: timedelta, waited: timedelta
+    ) -> None:
+        assert outbox.retry_after_delay(seconds, max_delay=max_delay) == waited
+
+
 class TestClaim:
     def test_claim_leases_due_jobs_and_counts_the_attempt(self, engine: sa.Engine) -> None:
         [job_id] = enqueue_jobs(engine, 1)

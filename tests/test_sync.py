@@ -82,7 +82,9 @@ class MemoryBackend:
         self._maybe_fail()
         refused = [m.email for m in members if m.email in self.refuse]
         if refused:
-            raise PermanentSyncError(f"400 invalid address {refused[0]}", response="400 bad")
+            raise PermanentSyncError(
+                f"400 invalid address {refused[0]}", response="400 bad", status=400
+            )
         for m in members:
             self.held[m.email.casefold()] = (m.email, True, m.variables())
         return f"added {len(members)}"
@@ -351,6 +353,34 @@ class TestSyncJobs:
             )
 
 
+class TestAdapterCrash:
+    @pytest.mark.parametrize("max_batch", [1000, 1], ids=["bulk", "one at a time"])
+    def test_an_exception_out_of_an_adapter_fails_its_jobs_not_the_round(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine, max_batch: int
+    ) -> None:
+        # An adapter is to raise SyncError only; one that raises anything else (a bug, an
+        # httpx exception it let through) failed the whole round: no outcome recorded,
+        # every job left leased, and taken again at each lease's end, never dead-lettered.
+        settings = _app_without_worker(database_url, smtp, job_max_attempts=2)
+        backend = MemoryBackend(max_batch=max_batch, fail_next=[ValueError("a bug")])
+        worker = _mail_worker(settings, engine, backend)
+        ids = _confirmed_rows(engine, count=3)
+
+        worker.run_once()
+
+        jobs = {job.payload["subscription_id"]: job for job in _jobs(engine)}
+        # Bulk: the one call carried all three; one at a time: the first address's only.
+        crashed = ids if max_batch > 1 else ids[:1]
+        for subscription_id in ids:
+            job = jobs[subscription_id]
+            if subscription_id in crashed:
+                assert (job.state, job.attempts) == (JobState.PENDING, 1)
+                assert job.last_error == "internal error: ValueError"
+            else:
+                assert (job.state, job.attempts) == (JobState.DONE, 1)
+        assert len(backend.held) == 3 - len(crashed)
+
+
 def _confirmed_rows(engine: sa.Engine, *, count: int) -> list[int]:
     """Confirmed subscriptions with their sync jobs, as confirmations leave them."""
     from app import lists, outbox
@@ -420,6 +450,49 @@ class TestReconcileAndImport:
         with db.session_scope(engine) as session:
             again = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
         assert again.in_sync, again.as_dict()
+
+    def test_reconcile_leaves_a_new_opt_in_whose_sync_has_not_reached_the_backend(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        worker = _mail_worker(settings, engine, backend)
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, "back@example.org")
+            _drain(worker)
+            # They leave at the backend (its link in a newsletter), and it is recorded here.
+            email, _, variables = backend.held["back@example.org"]
+            backend.held["back@example.org"] = (email, False, variables)
+            with db.session_scope(engine) as session:
+                subscriptions.apply_backend_event(
+                    session,
+                    list_slug="bluehats",
+                    address=addresses.parse("back@example.org", new=False),
+                    event="unsubscribed",
+                    evidence=subscriptions.Evidence(source="backend"),
+                    now=utcnow(),
+                )
+            _drain(worker)
+            # Then come back and confirm again: their sync is queued, not yet run.
+            _confirm(client, worker, smtp, "back@example.org")
+        assert backend.held["back@example.org"][1] is False
+
+        # A reconciliation reads the backend meanwhile: it still holds the old opt-out.
+        with db.session_scope(engine) as session:
+            report = sync.compare(session, list_slug="bluehats", remote=sync.read_backend(backend))
+            assert report.unsubscribed_there == []
+            # Missing there, as it is, until its sync adds it.
+            assert report.missing == ["back@example.org"]
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+
+        # The newer opt-in stands, and reaches the backend.
+        with Session(engine) as session:
+            row = session.exec(
+                select(Subscription).where(Subscription.email_key == "back@example.org")
+            ).one()
+            assert row.status == "confirmed"
+        _drain(worker)
+        assert backend.held["back@example.org"][1] is True
 
     def test_reconcile_removes_an_erased_address_the_backend_still_holds(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
@@ -1179,6 +1252,38 @@ class TestScheduledReconcile:
         assert "unexpected answer" in (failed.last_error or "")
         assert [job.state for job in scheduled] == [JobState.PENDING]
         assert scheduled[0].next_attempt_at > utcnow() + timedelta(hours=1, minutes=30)
+
+    def test_a_read_that_raises_what_no_adapter_should_is_a_failure_on_record(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Left to go up, the exception failed the round and left the job leased, taken
+        # again at each lease's end and never dead-lettered; the schedule stopped with it.
+        settings = _app_without_worker(
+            database_url, smtp, reconcile_interval="1h", job_max_attempts=1
+        )
+        backend = CrashingPageBackend(page_size=1)
+        backend.held = {
+            "a@example.org": ("a@example.org", True, {}),
+            "b@example.org": ("b@example.org", True, {}),
+        }
+        worker = _mail_worker(settings, engine, backend)
+        worker.schedule_reconciliations()
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+        _drain(worker)
+        failed, *scheduled = _jobs(engine, JobKind.RECONCILE)
+        assert failed.state == JobState.DEAD
+        assert failed.last_error == "internal error: KeyError"
+        assert [job.state for job in scheduled] == [JobState.PENDING]
+
+
+@dataclass
+class CrashingPageBackend(MemoryBackend):
+    """Its second page of members raises what an adapter never should (a bug)."""
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        if cursor:
+            raise KeyError("entries")
+        return super().members(cursor)
 
 
 @dataclass

@@ -547,6 +547,105 @@ class TestRateLimited:
         assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [(JobState.DONE, 2)] * 3
 
 
+class TestRetryAfterTooFar:
+    @pytest.mark.parametrize(
+        "retry_after",
+        [
+            # A date decades away: the job slept until then, out of sight.
+            "Wed, 21 Oct 2099 07:28:00 GMT",
+            # Past what a date can hold: the round failed with an OverflowError.
+            "99999999999999",
+        ],
+        ids=["http-date", "delta-seconds"],
+    )
+    def test_a_wait_of_more_than_a_day_is_cut_to_a_day(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        mailgun: Mailgun,
+        tmp_path: Path,
+        retry_after: str,
+    ) -> None:
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, retry_base_delay="1s", retry_max_delay="60s"
+        )
+        emails = ["far1@example.org", "far2@example.org"]
+        subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+        mailgun.fake.throttle(retry_after=retry_after)
+        clock = Clock()
+        worker = in_process_worker(engine, settings, name="patient", now=clock)
+
+        assert worker.run_once() == 2
+        jobs = sync_jobs(engine)
+        assert [(job.state, job.attempts) for job in jobs] == [(JobState.PENDING, 1)] * 2
+        assert [a.outcome for a in attempts(engine)] == [AttemptOutcome.RETRY] * 2
+        # Honoured past the longest backoff (a day's quota is waited for), but no further:
+        # the job comes due again, and is dead-lettered in the end if the backend never
+        # answers otherwise.
+        for job in jobs:
+            assert job.next_attempt_at == clock.at + timedelta(days=1)
+
+        clock.advance(timedelta(days=1))
+        drain(worker, engine)
+        assert mailgun.held() == dict.fromkeys(emails, True)
+        assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [(JobState.DONE, 2)] * 2
+
+
+class TestCredentialsRevoked:
+    def test_a_refused_key_costs_one_call_per_round_not_one_per_member(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        settings = worker_settings(database_url, mailgun, tmp_path)
+        emails = [f"k{n}@example.org" for n in range(20)]
+        subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+        # The key is revoked at Mailgun: every call gets 401.
+        mailgun.fake.api_key = "key-revoked"
+        worker = in_process_worker(engine, settings, name="revoked")
+
+        assert worker.run_once() == 20
+        # A refusal of the call itself (not of one of its members) is not retried one
+        # member at a time: that was 20 more calls with a key Mailgun refuses.
+        assert mailgun.calls() == [("POST", BULK)]
+        jobs = sync_jobs(engine)
+        assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+        }
+
+
+class TestGarbledAnswer:
+    def test_a_body_not_in_its_named_encoding_is_retried_and_the_round_recorded(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        # httpx's DecodingError used to leave the adapter: the round failed whole, its
+        # jobs stayed leased with no attempt on record, and came back at lease end only.
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, retry_base_delay="0.05s", retry_max_delay="0.1s"
+        )
+        emails = ["g1@example.org", "g2@example.org"]
+        subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+        mailgun.fake.answer_oddly(
+            status=200,
+            body=b"not gzip at all",
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        worker = in_process_worker(engine, settings, name="garbled")
+
+        assert worker.run_once() == 2
+        assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [
+            (JobState.PENDING, 1)
+        ] * 2
+        garbled = attempts(engine)
+        assert [a.outcome for a in garbled] == [AttemptOutcome.RETRY] * 2
+        assert all(
+            a.error is not None and a.error.startswith("mailgun bulk add: DecodingError: ")
+            for a in garbled
+        )
+
+        drain(worker, engine)
+        assert mailgun.held() == dict.fromkeys(emails, True)
+        assert [(job.state, job.attempts) for job in sync_jobs(engine)] == [(JobState.DONE, 2)] * 2
+
+
 class TestRefused:
     def test_a_400_for_one_address_kills_its_job_only(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path

@@ -79,10 +79,12 @@ def backend_events(url: str) -> list[ConsentEvent]:
     return rows
 
 
-def confirmed(client: TestClient, smtp: SmtpSink, email: str) -> None:
-    """Subscribe and confirm through the API, with the mail the real SMTP server received."""
+def confirmed(client: TestClient, smtp: SmtpSink, email: str, *, after: int = 0) -> None:
+    """Subscribe and confirm through the API, with the mail the real SMTP server received
+    (once it holds more than `after` mails)."""
     response = client.post("/v1/lists/bluehats/subscriptions", json={"email": email})
     assert response.status_code == 202
+    smtp.wait_for(after + 1)
     link = link_in(smtp.mail_to(email, link="confirm"), "confirm")
     assert client.post(link, headers={"accept": "application/json"}).json() == {
         "status": "confirmed",
@@ -205,6 +207,36 @@ class TestAcceptedEvents:
         assert [member.address for member in fake.members_of(LIST_ADDRESS)] == [
             "jo@xn--exmple-cua.org"
         ]
+
+    @pytest.mark.parametrize("kind", ["unsubscribed", "complained", "failed"])
+    def test_an_event_older_than_the_latest_confirmation_does_not_undo_it(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings, kind: str
+    ) -> None:
+        url = settings.database_url
+        confirmed(client, smtp, "again@example.org")
+        post(client, webhook(SIGNING_KEY, event("unsubscribed", "again@example.org")))
+        assert status_of(url, "again@example.org") == "unsubscribed"
+        # They come back and confirm again (with the new mail's link)...
+        mails = len(smtp.messages)
+        confirmed(client, smtp, "again@example.org", after=mails)
+        # ...then Mailgun delivers, late (its own lag, or a retry), an event that happened
+        # a minute before that confirmation.
+        data = event(kind, "again@example.org", severity="permanent", timestamp=time.time() - 60)
+        assert post(client, webhook(SIGNING_KEY, data)).json() == ACCEPTED
+
+        assert status_of(url, "again@example.org") == "confirmed"
+        late = backend_events(url)[-1]
+        assert late.status_after == "confirmed"
+        assert late.detail["previous_status"] == "confirmed"
+        assert "predates" in late.detail["note"]
+
+    def test_an_event_after_the_confirmation_applies(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "later@example.org")
+        data = event("unsubscribed", "later@example.org", timestamp=time.time() + 1)
+        assert post(client, webhook(SIGNING_KEY, data)).json() == ACCEPTED
+        assert status_of(settings.database_url, "later@example.org") == "unsubscribed"
 
     def test_an_event_naming_no_list_applies_to_the_list_whose_key_signs_it(
         self, client: TestClient, smtp: SmtpSink, settings: Settings

@@ -48,13 +48,21 @@ class SyncError(Exception):
     retryable: bool = True
 
     def __init__(
-        self, message: str, *, response: str | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        response: str | None = None,
+        retry_after: float | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         # What the backend answered, truncated, for the attempt log.
         self.response = response
         # Seconds the backend asked us to wait (429 / 503 Retry-After).
         self.retry_after = retry_after
+        # The HTTP status of a refused call; None where no status says it (a timeout, an
+        # answer that could not be read).
+        self.status = status
 
 
 class RetryableSyncError(SyncError):

@@ -104,6 +104,10 @@ def send(
         raise RetryableSyncError(f"{what}: timed out ({type(e).__name__})") from e
     except httpx.TransportError as e:
         raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
+    except httpx.DecodingError as e:
+        # A body not in the encoding its headers name (`Content-Encoding: gzip` over plain
+        # bytes, from a proxy, say): no TransportError, yet no answer to read either.
+        raise RetryableSyncError(f"{what}: {type(e).__name__}: {e}") from e
     finally:
         _call.deadline = None
     if response.is_success or response.status_code in ok:
@@ -111,9 +115,21 @@ def send(
     status = response.status_code
     if status in RETRYABLE_4XX or status >= 500:
         raise RetryableSyncError(
-            f"{what}: HTTP {status}", response=excerpt(response), retry_after=retry_after(response)
+            f"{what}: HTTP {status}",
+            response=excerpt(response),
+            retry_after=retry_after(response),
+            status=status,
         )
-    raise PermanentSyncError(f"{what}: HTTP {status}", response=excerpt(response))
+    message = f"{what}: HTTP {status}"
+    location = response.headers.get("location")
+    if response.is_redirect and location:
+        # Not followed (`make_client`): the credentials would go along, to another host
+        # or over plain HTTP. Where it led tells the operator what base_url should be.
+        message += (
+            f", redirected to {clean(location, limit=200)}: redirects are not followed "
+            "(is base_url right?)"
+        )
+    raise PermanentSyncError(message, response=excerpt(response), status=status)
 
 
 def _bounded(

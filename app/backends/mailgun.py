@@ -33,6 +33,9 @@ done, but only a JSON 404: Mailgun answers a bare 404 for a path it does not kno
 means a wrong `base_url`, not a missing member. The suppressions (domain-wide, outside the
 list) are cleared only on a fresh opt-in, and 404 there means nothing to clear.
 
+Every answer of Mailgun's is a JSON object: a 2xx without one (a proxy's page, an answer
+cut short) is a permanent error, never taken for a change made.
+
 Bulk calls of more than 100 members are applied by Mailgun asynchronously: a 200 means
 accepted, and a member Mailgun refuses later shows up only in its events.
 """
@@ -73,12 +76,23 @@ def _segment(value: str) -> str:
     return quote(value, safe="@")
 
 
-def _message(response: httpx.Response) -> str:
+def _message(response: httpx.Response, *, what: str) -> str:
+    """Mailgun's `message` in a successful answer, else its body (cleaned).
+
+    Mailgun answers every call with a JSON object: a 2xx without one (a proxy's or a login
+    page, an answer cut short) says nothing of what was done, and must not be taken for a
+    member added or gone."""
     try:
         body = response.json()
     except ValueError:
-        return clean(response.text, limit=200)
-    message = body.get("message") if isinstance(body, dict) else None
+        body = None
+    if not isinstance(body, dict):
+        raise PermanentSyncError(
+            f"mailgun {what}: HTTP {response.status_code} but not Mailgun's JSON (a proxy's "
+            "page, or an answer cut short? is base_url right?)",
+            response=excerpt(response),
+        )
+    message = body.get("message")
     # The body otherwise: a member's answer holds its vars, its unsubscribe link among them.
     return message[:200] if isinstance(message, str) else clean(response.text, limit=200)
 
@@ -140,7 +154,7 @@ class MailgunBackend:
         if member.name:
             form["name"] = member.name
         response = self._call("POST", f"{self.list_path}/members", what="add member", data=form)
-        return f"mailgun: {_message(response)}"
+        return f"mailgun: {_message(response, what='add member')}"
 
     def _add_bulk(self, members: Sequence[Member]) -> str:
         entries = []
@@ -155,7 +169,7 @@ class MailgunBackend:
             entries.append(entry)
         form = {"members": json.dumps(entries, ensure_ascii=False), "upsert": "yes"}
         response = self._call("POST", f"{self.list_path}/members.json", what="bulk add", data=form)
-        return f"mailgun: {len(members)} member(s): {_message(response)}"
+        return f"mailgun: {len(members)} member(s): {_message(response, what='bulk add')}"
 
     # Leaving ------------------------------------------------------------------------------
 
@@ -195,7 +209,7 @@ class MailgunBackend:
         )
         if self._not_a_member(response, what="unsubscribe"):
             return "mailgun: not a member, nothing to unsubscribe"
-        return f"mailgun: {_message(response)}"
+        return f"mailgun: {_message(response, what='unsubscribe')}"
 
     def remove(self, address: str) -> str:
         response = self._call(
@@ -206,7 +220,7 @@ class MailgunBackend:
         )
         if self._not_a_member(response, what="remove member"):
             return "mailgun: not a member, nothing to remove"
-        return f"mailgun: {_message(response)}"
+        return f"mailgun: {_message(response, what='remove member')}"
 
     # Reading ------------------------------------------------------------------------------
 
@@ -257,6 +271,7 @@ class MailgunBackend:
                 ok=(404,),
             )
             if not self._absent_is_done(response, what=f"clear {table}"):
+                _message(response, what=f"clear {table}")
                 cleared.append(table)
         if not cleared:
             return None
