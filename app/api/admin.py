@@ -37,7 +37,14 @@ from app.schemas import (
 
 T = TypeVar("T")
 
-_bearer = HTTPBearer(auto_error=False, description="An API key made with `newsletter keys create`.")
+# Named apart from the metrics token's scheme (app/api/health.py): under one default name
+# ("HTTPBearer") the document kept one description, and told that the admin API took
+# NEWSLETTER_METRICS_TOKEN.
+_bearer = HTTPBearer(
+    scheme_name="ApiKey",
+    auto_error=False,
+    description="An API key made with `newsletter keys create`.",
+)
 
 
 async def caller(

@@ -22,7 +22,11 @@ from app.schemas import Health, Readiness
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
-_bearer = HTTPBearer(auto_error=False, description="NEWSLETTER_METRICS_TOKEN, when it is set.")
+_bearer = HTTPBearer(
+    scheme_name="MetricsToken",
+    auto_error=False,
+    description="NEWSLETTER_METRICS_TOKEN, when it is set.",
+)
 
 
 class MetricsUnauthorized(errors.Unauthorized):
