@@ -373,8 +373,12 @@ def private_scraper(client: str | None) -> bool:
         address = ipaddress.ip_address(client)
     except ValueError:
         return True
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.teredo is not None:
+            # A tunnel to any host on the Internet, which `is_private` counts in (2001::/23).
+            return False
     return address.is_private or address.is_loopback
 
 
