@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import warnings
+import wsgiref.util
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,12 +16,15 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from app import admin, apikeys, db, heartbeat, logs, outbox
 from app.config import FileMailerSettings
 from app.mailer import make_mailer
 from app.main import create_app
+from app.metrics import exposition_app
 from app.models import JobKind, KeyScope, utcnow
 from app.worker import Worker
 from tests.conftest import SmtpSink, link_in, make_settings, wait_until
@@ -319,6 +323,35 @@ class TestMetrics:
                     assert relayed.status_code == 403, (listed, header)
                     assert "NEWSLETTER_TRUSTED_PROXIES" in relayed.json()["detail"]
                 scrape(client)
+
+    def test_a_worker_s_metrics_port_without_a_token_answers_as_the_api_s(self) -> None:
+        """`newsletter worker --metrics-port P --metrics-host 0.0.0.0` (a container's port,
+        for Prometheus) showed the subscription counts to anyone reaching it."""
+        registry = CollectorRegistry()
+        Gauge("newsletter_subscriptions", "test", registry=registry).set(1)
+
+        def get(peer: str, token: str | None = None, **headers: str) -> tuple[str, bytes]:
+            environ: dict[str, Any] = {"REMOTE_ADDR": peer, "PATH_INFO": "/metrics"}
+            environ.update({f"HTTP_{k.upper()}": v for k, v in headers.items()})
+            wsgiref.util.setup_testing_defaults(environ)
+            seen: list[str] = []
+            app = exposition_app(registry, token=SecretStr(token) if token else None)
+            body = b"".join(app(environ, lambda status, _headers: seen.append(status)))
+            return seen[0], body
+
+        for peer in ("127.0.0.1", "::1", "10.1.2.3", "fd00::5", "::ffff:172.17.0.2"):
+            assert get(peer) == ("200 OK", get("127.0.0.1")[1]), peer
+        for peer in ("93.184.216.34", "2a00:1450::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2"):
+            status, body = get(peer)
+            assert status == "403 Forbidden", peer
+            assert json.loads(body)["error"] == "forbidden"
+            assert b"newsletter_subscriptions" not in body
+        # A proxy on this host relays a stranger's scrape.
+        assert get("127.0.0.1", X_FORWARDED_FOR="93.184.216.34")[0] == "403 Forbidden"
+        # With the token, from anywhere.
+        scraped = get("93.184.216.34", "scrape-me", AUTHORIZATION="Bearer scrape-me")
+        assert scraped[0] == "200 OK"
+        assert get("127.0.0.1", "scrape-me")[0] == "401 Unauthorized"
 
 
 def _person_path(email: str) -> str:
