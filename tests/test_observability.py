@@ -482,6 +482,15 @@ class TestLogHygiene:
             ("GET /v1/admin/lists/x/subscribers?limit=5&prefix=camille", "&prefix=c*****"),
             ("GET /v1/admin/lists/x/export?prefix=%C3%A9lo HTTP/1.1", "?prefix=%C3%A9***** HTTP"),
             ("admin.note to=camille@exa", "to=c*****@exa"),
+            # A `/` before the @-sign (sent as %2F, decoded in the path): all of it masked.
+            (
+                '"GET /v1/admin/people/bob/camille%40example.org HTTP/1.1" 200',
+                '"GET /v1/admin/people/b*****@example.org HTTP/1.1" 200',
+            ),
+            (
+                "POST /v1/admin/lists/x/subscribers/bob/camille@example.org/unsubscribe",
+                "/v1/admin/lists/x/subscribers/b*****@example.org/unsubscribe",
+            ),
         ],
     )
     def test_addresses_are_masked_wherever_they_appear(self, text: str, expected: str) -> None:
