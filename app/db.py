@@ -510,14 +510,26 @@ def ping(engine: Engine) -> None:
         connection.exec_driver_sql("SELECT 1")
 
 
+# Secrets libpq also takes in a URL's query string (`postgresql://u@host/db?password=...`).
+SECRET_QUERY_PARAMETERS = ("password", "sslpassword")
+
+
 def unreachable(database_url: str, error: sa_exc.DBAPIError) -> tuple[str, str]:
     """Where a database did not answer, and why, to show an operator: the URL and the
-    driver's reason on one line each, its password masked in both."""
+    driver's reason on one line each, its password masked in both, whether it is written
+    before the host or in the query string."""
     url = sa.engine.make_url(database_url)
     reason = " ".join(str(error.orig).split())
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
-    return url.render_as_string(hide_password=True), reason
+    hidden = {name: url.query[name] for name in SECRET_QUERY_PARAMETERS if name in url.query}
+    secrets = [str(url.password)] if url.password else []
+    for value in hidden.values():
+        secrets.extend([value] if isinstance(value, str) else value)
+    for secret in secrets:
+        if secret:
+            reason = reason.replace(secret, "***")
+    shown = url.update_query_dict(dict.fromkeys(hidden, "***")).render_as_string(hide_password=True)
+    # The query's mask comes back percent-encoded.
+    return shown.replace("=%2A%2A%2A", "=***"), reason
 
 
 class Prepared:

@@ -46,6 +46,13 @@ _ADDRESS = re.compile(
     r"[^\s@<>()\[\],;:\"'/=?&]*(?:@|%40)"
     rf"((?:[\w-]|%{_HEX}{{2}})*(?:\.(?:[\w-]|%{_HEX}{{2}})+)*)"
 )
+# An address in an admin path, from the segment's start: a `/` is valid before the @-sign
+# (`dept/jean@example.org`, decoded from `%2F` before uvicorn's line quotes the path again),
+# where `_ADDRESS` takes it for the path's and would mask only what follows it.
+_ADDRESS_IN_PATH = re.compile(
+    r"(/v1/admin/(?:people|lists/[^/\s\"?]+/subscribers)/)"
+    rf"(%{_HEX}{{2}}(?:%[89ABab]{_HEX})*|[^\s\"?@%])[^\s\"?@]*?(?=@|%40)"
+)
 # The admin search's prefix is the start of an address, with or without its @.
 _PREFIX = re.compile(rf"([?&]prefix=)(%{_HEX}{{2}}(?:%[89ABab]{_HEX})*|[^&\s\"#%])[^&\s\"#]*")
 # What a client may send as X-Request-ID: a proxy's UUID or trace id, nothing to inject.
@@ -66,6 +73,8 @@ def mask_addresses(text: str) -> str:
         text = _PREFIX.sub(r"\1\2*****", text)
     if "@" not in text and "%40" not in text:
         return text
+    if "/v1/admin/" in text:
+        text = _ADDRESS_IN_PATH.sub(r"\1\2*****", text)
     return _ADDRESS.sub(r"\1*****@\2", text)
 
 

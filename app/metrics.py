@@ -373,8 +373,12 @@ def private_scraper(client: str | None) -> bool:
         address = ipaddress.ip_address(client)
     except ValueError:
         return True
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.teredo is not None:
+            # A tunnel to any host on the Internet, which `is_private` counts in (2001::/23).
+            return False
     return address.is_private or address.is_loopback
 
 
@@ -397,28 +401,53 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not logged (one every 15 s)."""
 
 
-def serve(
-    registry: CollectorRegistry, *, host: str, port: int, token: SecretStr | None
-) -> WSGIServer:
-    """The registry on http://host:port/ in a daemon thread (the worker's metrics port):
-    prometheus_client's WSGI app, behind the API's check of NEWSLETTER_METRICS_TOKEN
-    (401 without it or with another). Returns the server (`shutdown()` stops it)."""
+# Headers a reverse proxy adds to the requests it relays.
+RELAY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+# The worker's port has no NEWSLETTER_TRUSTED_PROXIES to find the client behind a proxy.
+WORKER_FORBIDDEN_DETAIL = (
+    "Without NEWSLETTER_METRICS_TOKEN, a worker's metrics port answers loopback and private "
+    "networks only, and no request relayed by a proxy."
+)
+
+
+def _answer(start_response: Any, status: str, body: bytes, *extra: tuple[str, str]) -> list[bytes]:
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    start_response(status, [*headers, *extra])
+    return [body]
+
+
+def exposition_app(registry: CollectorRegistry, *, token: SecretStr | None) -> Any:
+    """The worker's metrics port as a WSGI app: prometheus_client's, behind the API's rules
+    for /metrics. With NEWSLETTER_METRICS_TOKEN, 401 without it or with another; without it,
+    403 to a scraper outside loopback and private networks (the subscription counts tell a
+    stranger whether a sign-up's address was new), and to one a proxy relayed."""
     metrics_app = make_wsgi_app(registry)
-    refusal = json.dumps({"error": "unauthorized", "detail": UNAUTHORIZED_DETAIL}).encode()
+    unauthorized = json.dumps({"error": "unauthorized", "detail": UNAUTHORIZED_DETAIL}).encode()
+    forbidden = json.dumps({"error": "forbidden", "detail": WORKER_FORBIDDEN_DETAIL}).encode()
+    relayed = ["HTTP_" + name.upper().replace("-", "_") for name in RELAY_HEADERS]
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         credentials = bearer_credentials(environ.get("HTTP_AUTHORIZATION"))
         if not scrape_allowed(credentials, token=token):
-            start_response(
-                "401 Unauthorized",
-                [
-                    ("Content-Type", "application/json"),
-                    ("Content-Length", str(len(refusal))),
-                    ("WWW-Authenticate", "Bearer"),
-                ],
+            return _answer(
+                start_response, "401 Unauthorized", unauthorized, ("WWW-Authenticate", "Bearer")
             )
-            return [refusal]
+        if token is None and (
+            not private_scraper(environ.get("REMOTE_ADDR"))
+            or any(name in environ for name in relayed)
+        ):
+            return _answer(start_response, "403 Forbidden", forbidden)
         return metrics_app(environ, start_response)
+
+    return app
+
+
+def serve(
+    registry: CollectorRegistry, *, host: str, port: int, token: SecretStr | None
+) -> WSGIServer:
+    """The registry on http://host:port/ in a daemon thread (the worker's metrics port), as
+    `exposition_app` answers. Returns the server (`shutdown()` stops it)."""
+    app = exposition_app(registry, token=token)
 
     # An IPv6 address (--metrics-host ::) needs an IPv6 socket.
     family, _, _, _, address = socket.getaddrinfo(

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from urllib.parse import quote
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders, State
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Match
@@ -100,6 +100,17 @@ def _over(limit: int) -> str:
     return f"The request body is larger than {limit} bytes, the most this route takes."
 
 
+# The request state's list of origins a page's form may also lead to (`allow_form_target`).
+FORM_TARGETS = "form_targets"
+
+
+def allow_form_target(state: State, origin: str) -> None:
+    """Let this answer's page send its form on to `origin` (CSP form-action, which browsers
+    also apply to the redirect that answers the post): a list's thank-you page on its site,
+    for a list the settings do not declare, whose origin the fixed policy cannot hold."""
+    setattr(state, FORM_TARGETS, [*getattr(state, FORM_TARGETS, ()), origin])
+
+
 class SecurityHeaders:
     """Headers for every answer; pages under /v1 also get a strict CSP and no caching
     (their URLs carry tokens; `strict-origin` keeps those out of other sites' logs).
@@ -122,23 +133,39 @@ class SecurityHeaders:
         self.app = app
         # A year, as commonly required to be preloaded; subdomains are not ours to bind.
         self.hsts = "max-age=31536000" if https else None
-        actions = " ".join(["'self'", *form_targets])
+        self.form_targets = form_targets
         # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
         styles = " ".join(["'self'", *(style_origins or [])])
         fonts = f"font-src {' '.join(style_origins)}; " if style_origins else ""
         # Our own script file only (the proof-of-work solver, when it is asked for), which
         # fetches its challenge from this origin; never an inline script.
         script = "script-src 'self'; connect-src 'self'; " if scripts else ""
-        self.csp = (
+        self._before_actions = (
             f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}{script}"
-            f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
         )
+        self.csp = self._policy(form_targets)
+
+    def _policy(self, form_targets: list[str]) -> str:
+        actions = " ".join(["'self'", *form_targets])
+        return (
+            f"{self._before_actions}form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
+        )
+
+    def _csp(self, scope: Scope) -> str:
+        extra = [
+            origin
+            for origin in scope.get("state", {}).get(FORM_TARGETS, ())
+            if origin not in self.form_targets
+        ]
+        return self._policy([*self.form_targets, *extra]) if extra else self.csp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         on_v1 = scope["path"].startswith("/v1/")
+        # Where the route's `allow_form_target` writes (request.state), for `_csp` to read.
+        scope.setdefault("state", {})
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -152,7 +179,7 @@ class SecurityHeaders:
                 if self.hsts is not None:
                     headers.setdefault("strict-transport-security", self.hsts)
                 if on_v1:
-                    headers.setdefault("content-security-policy", self.csp)
+                    headers.setdefault("content-security-policy", self._csp(scope))
                     headers.setdefault("cache-control", "no-store")
             await send(message)
 

@@ -16,7 +16,11 @@ database transaction, and only when a mail is certain to go otherwise.
 
 When the counters cannot be reached, requests go through and an error is logged (once per
 few seconds and check, with the count of requests let through unchecked): a Redis outage
-must not stop sign-ups, and the resend interval still bounds the mails per address.
+must not stop sign-ups, and the resend interval still bounds the mails per address. After a
+failure a check leaves the counters alone for those few seconds: a Redis that does not
+answer costs a request `REDIS_TIMEOUT` per check, and the mail check waits inside the
+group commit (app/writer.py), so every sign-up and confirmation waited in turn for each one
+before it (ten together: eleven seconds).
 
 Keys (after the prefix): `ip/<ip or IPv6 /64>`, `address/<HMAC of the address's inbox>` (no
 address in clear in Redis; `mailbox_key`), `domain/<domain>`, `mail-budget`.
@@ -98,20 +102,31 @@ def mailbox_key(address: addresses.Address) -> str:
 class FailureLog:
     """`ratelimit.storage_failed` for one check, at most once per `every` seconds, with the
     count of requests let through unchecked since the last line: during an outage under load
-    every request wrote its own ERROR line (two for a sign-up). Called from the event loop
-    and from the thread pool, hence the lock."""
+    every request wrote its own ERROR line (two for a sign-up). For `every` seconds after a
+    failure, `skipping` lets requests through without asking the counters (see the module
+    docstring). Called from the event loop and from the thread pool, hence the lock."""
 
     def __init__(self, check: str, every: float = 5.0) -> None:
         self.check = check
         self.every = every
         self._count = 0
         self._reported_at = -math.inf
+        self._failed_at = -math.inf
         self._lock = threading.Lock()
+
+    def skipping(self) -> bool:
+        """True (and the request counted as let through) shortly after a failure."""
+        with self._lock:
+            if time.monotonic() - self._failed_at >= self.every:
+                return False
+            self._count += 1
+            return True
 
     def failed(self, error: Exception) -> None:
         with self._lock:
             self._count += 1
             now = time.monotonic()
+            self._failed_at = now
             if now - self._reported_at < self.every:
                 return
             count, self._count, self._reported_at = self._count, 0, now
@@ -212,7 +227,7 @@ class RateLimiter:
 
     async def check_client(self, ip: str | None) -> None:
         """Count one request from `ip`; `errors.RateLimited` once it is over its limit."""
-        if not self.per_ip:
+        if not self.per_ip or self._client_failures.skipping():
             return
         who = client_key(ip)
         try:
@@ -232,6 +247,8 @@ class RateLimiter:
         Asked in order, each only if the one before allowed the mail, so that a flood at one
         address does not use up its domain's budget, nor a flood at one domain the global one.
         """
+        if self._mail_failures.skipping():
+            return SEND_NOW
         try:
             if not self._hit_all(self.per_address, "address", self._address_id(address)):
                 self._refused("address")

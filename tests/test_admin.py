@@ -104,6 +104,23 @@ class TestKeys:
                 # RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
                 assert response.headers["www-authenticate"] == "Bearer"
 
+    def test_a_body_is_not_read_before_the_key_is_checked(
+        self, client: TestClient, read_key: dict[str, str]
+    ) -> None:
+        # FastAPI parses a JSON body before the dependencies that check the key.
+        unreadable = b'{"name": '
+        as_json = {"content-type": "application/json"}
+        writes = [(m, p) for m, p in _admin_operations(client) if m != "GET"]
+        for method, path in writes:
+            response = client.request(method, path, content=unreadable, headers=as_json)
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+        # With a key, what is wrong with the body is said.
+        headers = {**read_key, **as_json}
+        refused = client.post("/v1/admin/blocks", content=unreadable, headers=headers)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "invalid_body"
+
     def test_a_refused_key_is_logged_and_a_revoked_one_by_its_name(
         self, client: TestClient, engine: sa.Engine, caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -71,6 +71,21 @@ class TestDatabaseProblems:
         assert "refused" in line
         assert "s3cret-pw" not in result.stderr
 
+    @pytest.mark.parametrize("args", [("migrate",), ("check",)])
+    def test_a_password_in_the_url_s_query_string_is_masked_too(
+        self, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        # libpq takes any connection parameter in the query string, the password too.
+        url = (
+            f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/newsletter"
+            "?sslmode=disable&password=s3cret-pw&sslpassword=s3cret-key-pw"
+        )
+        result = run(url, tmp_path, *args)
+        assert "s3cret" not in result.stdout + result.stderr
+        assert "/newsletter?password=***&sslmode=disable&sslpassword=***: " in (
+            result.stdout + result.stderr
+        )
+
     @pytest.mark.parametrize("args", [("worker",), ("keys", "list"), ("serve", "--port", "1")])
     def test_an_empty_database_asks_for_newsletter_migrate(
         self, tmp_path: Path, args: tuple[str, ...]

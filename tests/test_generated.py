@@ -33,6 +33,22 @@ def test_every_operation_has_a_stable_id_and_a_description() -> None:
             assert operation.get("description") or operation.get("summary"), (method, path)
 
 
+def test_the_admin_api_and_the_metrics_name_their_own_credentials() -> None:
+    document = create_app(Settings()).openapi()
+    schemes = document["components"]["securitySchemes"]
+
+    def described(path: str, method: str) -> set[str]:
+        names = {name for option in document["paths"][path][method]["security"] for name in option}
+        return {schemes[name]["description"] for name in names}
+
+    admin_key = "An API key made with `newsletter keys create`."
+    for path, operations in document["paths"].items():
+        if path.startswith("/v1/admin/"):
+            for method in operations:
+                assert described(path, method) == {admin_key}, (method, path)
+    assert described("/metrics", "get") == {"NEWSLETTER_METRICS_TOKEN, when it is set."}
+
+
 class TestMigrations:
     def _url(self, tmp_path: Path) -> str:
         return POSTGRES_URL or f"sqlite:///{tmp_path / 'roundtrip.db'}"

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import warnings
+import wsgiref.util
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,12 +16,15 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from app import admin, apikeys, db, heartbeat, logs, outbox
 from app.config import FileMailerSettings
 from app.mailer import make_mailer
 from app.main import create_app
+from app.metrics import exposition_app
 from app.models import JobKind, KeyScope, utcnow
 from app.worker import Worker
 from tests.conftest import SmtpSink, link_in, make_settings, wait_until
@@ -293,7 +297,10 @@ class TestMetrics:
         for peer in ("127.0.0.1", "::1", "10.1.2.3", "192.168.0.9", "fd00::5", "::ffff:172.17.0.2"):
             with TestClient(app, client=(peer, 4711)) as client:
                 scrape(client)
-        for peer in ("93.184.216.34", "2a00:1450::1", "::ffff:93.184.216.34"):
+        # A Teredo client (2001:0::/32) is anywhere on the Internet, though Python's
+        # ipaddress counts it private, with the rest of 2001::/23.
+        teredo = "2001:0:4136:e378:8000:63bf:3fff:fdd2"
+        for peer in ("93.184.216.34", "2a00:1450::1", "::ffff:93.184.216.34", teredo):
             with TestClient(app, client=(peer, 4711)) as client:
                 refused = client.get("/metrics")
                 assert refused.status_code == 403
@@ -316,6 +323,35 @@ class TestMetrics:
                     assert relayed.status_code == 403, (listed, header)
                     assert "NEWSLETTER_TRUSTED_PROXIES" in relayed.json()["detail"]
                 scrape(client)
+
+    def test_a_worker_s_metrics_port_without_a_token_answers_as_the_api_s(self) -> None:
+        """`newsletter worker --metrics-port P --metrics-host 0.0.0.0` (a container's port,
+        for Prometheus) showed the subscription counts to anyone reaching it."""
+        registry = CollectorRegistry()
+        Gauge("newsletter_subscriptions", "test", registry=registry).set(1)
+
+        def get(peer: str, token: str | None = None, **headers: str) -> tuple[str, bytes]:
+            environ: dict[str, Any] = {"REMOTE_ADDR": peer, "PATH_INFO": "/metrics"}
+            environ.update({f"HTTP_{k.upper()}": v for k, v in headers.items()})
+            wsgiref.util.setup_testing_defaults(environ)
+            seen: list[str] = []
+            app = exposition_app(registry, token=SecretStr(token) if token else None)
+            body = b"".join(app(environ, lambda status, _headers: seen.append(status)))
+            return seen[0], body
+
+        for peer in ("127.0.0.1", "::1", "10.1.2.3", "fd00::5", "::ffff:172.17.0.2"):
+            assert get(peer) == ("200 OK", get("127.0.0.1")[1]), peer
+        for peer in ("93.184.216.34", "2a00:1450::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2"):
+            status, body = get(peer)
+            assert status == "403 Forbidden", peer
+            assert json.loads(body)["error"] == "forbidden"
+            assert b"newsletter_subscriptions" not in body
+        # A proxy on this host relays a stranger's scrape.
+        assert get("127.0.0.1", X_FORWARDED_FOR="93.184.216.34")[0] == "403 Forbidden"
+        # With the token, from anywhere.
+        scraped = get("93.184.216.34", "scrape-me", AUTHORIZATION="Bearer scrape-me")
+        assert scraped[0] == "200 OK"
+        assert get("127.0.0.1", "scrape-me")[0] == "401 Unauthorized"
 
 
 def _person_path(email: str) -> str:
@@ -446,6 +482,15 @@ class TestLogHygiene:
             ("GET /v1/admin/lists/x/subscribers?limit=5&prefix=camille", "&prefix=c*****"),
             ("GET /v1/admin/lists/x/export?prefix=%C3%A9lo HTTP/1.1", "?prefix=%C3%A9***** HTTP"),
             ("admin.note to=camille@exa", "to=c*****@exa"),
+            # A `/` before the @-sign (sent as %2F, decoded in the path): all of it masked.
+            (
+                '"GET /v1/admin/people/bob/camille%40example.org HTTP/1.1" 200',
+                '"GET /v1/admin/people/b*****@example.org HTTP/1.1" 200',
+            ),
+            (
+                "POST /v1/admin/lists/x/subscribers/bob/camille@example.org/unsubscribe",
+                "/v1/admin/lists/x/subscribers/b*****@example.org/unsubscribe",
+            ),
         ],
     )
     def test_addresses_are_masked_wherever_they_appear(self, text: str, expected: str) -> None:

@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from app import consent, formguard
+from app import apikeys, consent, db, formguard
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
-from app.models import ConsentEvent, Subscription, utcnow
+from app.models import ConsentEvent, KeyScope, Subscription, utcnow
 from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
 from tests.fake_listmonk import FakeListmonk
 from tests.fake_mailgun import FakeMailgun
@@ -367,6 +367,40 @@ class TestTheSitesForm:
         # Not the generic "try again in a moment": the same form fails the same way.
         assert f"<title>{title} - " in response.text
         assert stored(database_url) == []
+
+    def test_a_list_made_through_the_api_may_send_its_form_on_to_its_thank_you_page(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        # Browsers apply form-action to the redirect that answers a form's post too: one to
+        # an origin the page's policy leaves out is blocked, after the sign-up was taken.
+        engine = make_engine(database_url)
+        with db.session_scope(engine) as session:
+            _, key = apikeys.create(session, name="ops", scope=KeyScope.WRITE, now=utcnow())
+        engine.dispose()
+        created = client.post(
+            "/v1/admin/lists",
+            headers={"authorization": f"Bearer {key}"},
+            json={"slug": "events", "name": "Events", "thank_you_url": "https://events.gouv.fr/ok"},
+        )
+        assert created.status_code == 201
+        page = client.get("/v1/lists/events", headers=HTML)
+        corrected = client.post(
+            "/v1/lists/events/subscriptions", data={"email": "not an address"}, headers=HTML
+        )
+        assert corrected.status_code == 422
+        for answer in (page, corrected):
+            csp = answer.headers["content-security-policy"]
+            assert "form-action 'self' https://events.gouv.fr;" in csp
+        taken = client.post(
+            "/v1/lists/events/subscriptions",
+            data={"email": "events@example.org"},
+            headers=HTML,
+            follow_redirects=False,
+        )
+        assert taken.status_code == 303
+        assert taken.headers["location"] == "https://events.gouv.fr/ok"
+        # Other lists' pages keep to their own.
+        assert "events.gouv.fr" not in client.get(PAGE).headers["content-security-policy"]
 
 
 class TestCustomFields:

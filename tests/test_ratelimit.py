@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,7 +33,7 @@ from app.config import Settings, SettingsError, load_settings
 from app.db import make_engine
 from app.main import create_app
 from app.models import ConsentEvent, OutboxJob, Token, utcnow
-from app.ratelimit import client_key
+from app.ratelimit import REDIS_TIMEOUT, client_key
 from tests.conftest import (
     LiveServer,
     SmtpSink,
@@ -509,6 +511,32 @@ class TestCountersUnreachable:
         failures = [r.message for r in caplog.records if "ratelimit.storage_failed" in r.message]
         assert any("check=client" in m for m in failures)
         assert any("check=mail" in m for m in failures)
+
+    def test_a_redis_that_does_not_answer_holds_up_one_request_not_every_one(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        # A port whose connections the kernel takes and nobody answers, as behind a network
+        # path that drops packets or a stuck server: each call waits for REDIS_TIMEOUT.
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        port = silent.getsockname()[1]
+        settings = limited_settings(database_url, smtp, redis_url=f"redis://127.0.0.1:{port}/0")
+        try:
+            with TestClient(create_app(settings)) as client:
+                first = client.post(SUBSCRIBE, json={"email": "silent0@example.org"})
+                assert first.status_code == 202
+                started = time.monotonic()
+                for i in range(1, 6):
+                    answer = client.post(SUBSCRIBE, json={"email": f"silent{i}@example.org"})
+                    assert answer.status_code == 202
+                elapsed = time.monotonic() - started
+                smtp.wait_for(6)
+        finally:
+            silent.close()
+        # Each of them waited for its client check and its mail check, in the group commit
+        # where the others wait for it: 10 s.
+        assert elapsed < 2 * REDIS_TIMEOUT
 
     def test_an_outage_under_load_is_one_line_per_check_with_the_requests_let_through(
         self, database_url: str, smtp: SmtpSink, caplog: pytest.LogCaptureFixture

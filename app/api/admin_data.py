@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import PlainTextResponse, Response
 
 from app import addresses, blocklist, consent, errors
-from app.api.admin import AUTH_ERRORS, CallerDep, WriterDep, audited, caller
+from app.api.admin import AUTH_ERRORS, CallerDep, KeyFirst, WriterDep, audited, caller
 from app.api.deps import DatabaseDep, json_body, known_query, prefers
 from app.models import BlockedEntry, BlockKind, utcnow
 from app.schemas import (
@@ -31,6 +31,7 @@ router = APIRouter(
     tags=["admin"],
     dependencies=[Depends(caller), Depends(known_query)],
     responses=AUTH_ERRORS,
+    route_class=KeyFirst,
 )
 
 

@@ -19,6 +19,7 @@ from app import addresses, backends, errors, lists, operators, privacy
 from app.api.admin import (
     AUTH_ERRORS,
     CallerDep,
+    KeyFirst,
     WriterDep,
     audited,
     caller,
@@ -50,6 +51,7 @@ router = APIRouter(
     tags=["admin"],
     dependencies=[Depends(caller), Depends(known_query)],
     responses=AUTH_ERRORS,
+    route_class=KeyFirst,
 )
 
 EmailPath = Annotated[

@@ -23,7 +23,14 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import admin, apikeys, audit, db, errors, lists, transfer
-from app.api.admin import AUTH_ERRORS, CallerDep, SubscriberFilterDep, WriterDep, caller
+from app.api.admin import (
+    AUTH_ERRORS,
+    CallerDep,
+    KeyFirst,
+    SubscriberFilterDep,
+    WriterDep,
+    caller,
+)
 from app.api.deps import Database, DatabaseDep, SettingsDep, known_query, media_type
 from app.models import utcnow
 from app.schemas import ImportResult, ImportRowError, UrlNote, UrlText
@@ -33,6 +40,7 @@ router = APIRouter(
     tags=["admin"],
     dependencies=[Depends(caller), Depends(known_query)],
     responses=AUTH_ERRORS,
+    route_class=KeyFirst,
 )
 
 # The import's path, for the body limit (`NEWSLETTER_MAX_IMPORT_BYTES` instead of the

@@ -15,14 +15,24 @@ from app import errors, readiness
 from app.api.deps import SettingsDep, client_ip
 from app.config import Settings
 from app.errors import ErrorBody
-from app.metrics import UNAUTHORIZED_DETAIL, Metrics, private_scraper, scrape_allowed
+from app.metrics import (
+    RELAY_HEADERS,
+    UNAUTHORIZED_DETAIL,
+    Metrics,
+    private_scraper,
+    scrape_allowed,
+)
 from app.models import utcnow
 from app.schemas import Health, Readiness
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
-_bearer = HTTPBearer(auto_error=False, description="NEWSLETTER_METRICS_TOKEN, when it is set.")
+_bearer = HTTPBearer(
+    scheme_name="MetricsToken",
+    auto_error=False,
+    description="NEWSLETTER_METRICS_TOKEN, when it is set.",
+)
 
 
 class MetricsUnauthorized(errors.Unauthorized):
@@ -36,17 +46,13 @@ class MetricsForbidden(errors.Forbidden):
     )
 
 
-# Headers a reverse proxy adds to the requests it relays.
-_RELAY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
-
-
 def _private_scraper(request: Request, settings: Settings) -> bool:
     """Whether the scraper is on loopback or a private network. A request relayed by a
     proxy that NEWSLETTER_TRUSTED_PROXIES does not list has that proxy as its client (nginx
     on the same host: 127.0.0.1), whoever sent it from wherever: it is not taken as local."""
     client = client_ip(request, settings)
     peer = request.client.host if request.client is not None else None
-    if client == peer and any(name in request.headers for name in _RELAY_HEADERS):
+    if client == peer and any(name in request.headers for name in RELAY_HEADERS):
         return False
     return private_scraper(client)
 

@@ -6,7 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +21,7 @@ from app import (
     forms,
     hosted,
     lists,
+    middleware,
     origins,
     pages,
     proofofwork,
@@ -468,6 +469,11 @@ def _subscribe_page(
         values=values,
         errors=errors,
     )
+    if mailing_list.thank_you_url:
+        # Where the form's post is answered to (`_thanks_redirect`): a list created through
+        # the admin API is not among the settings' lists the fixed policy allows.
+        parts = urlsplit(mailing_list.thank_you_url)
+        middleware.allow_form_target(request.state, f"{parts.scheme}://{parts.netloc}")
     return pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
 
 
