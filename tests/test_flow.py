@@ -452,6 +452,51 @@ class TestLinks:
         assert client.post(link, headers=accept).json()["status"] == "unsubscribed"
         assert client.post(link, headers=accept).json()["status"] == "unsubscribed"
 
+    @pytest.mark.parametrize(
+        "pasted",
+        [
+            pytest.param("{link}.", id="full-stop"),
+            pytest.param("{link})", id="closing-parenthesis"),
+            pytest.param("{link}%3E", id="angle-bracket"),
+            pytest.param("{link}%C2%BB", id="guillemet"),
+            pytest.param("{link}%22", id="quote"),
+            pytest.param("{link}.%20Merci%20!", id="next-sentence"),
+            pytest.param("{head}%20{tail}", id="cut-in-two-by-a-space"),
+        ],
+    )
+    def test_a_link_pasted_with_what_surrounded_it_still_works(
+        self, client: TestClient, smtp: SmtpSink, database_url: str, pasted: str
+    ) -> None:
+        """A link copied from a sentence (`... : <link>.`), or cut in two by a mail client
+        and pasted back with a space, was "not valid": a token holds none of those."""
+        subscribe(client, "pasted@example.org")
+        confirm = link_in(smtp.wait_for(1)[0], "confirm")
+        cut = len(confirm) - 20
+        url = pasted.format(link=confirm, head=confirm[:cut], tail=confirm[cut:])
+
+        page = client.get(url, headers=BROWSER)
+        assert page.status_code == 200, page.text
+        # The button posts to the link as it was sent.
+        assert f'action="http://testserver{confirm}"' in page.text
+        confirmed = client.post(url, headers={"accept": "application/json"})
+        assert confirmed.json() == {"status": "confirmed", "list": "bluehats"}
+
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "pasted@example.org"})
+        leave = link_in(smtp.wait_for(2)[1], "unsubscribe")
+        cut = len(leave) - 20
+        url = pasted.format(link=leave, head=leave[:cut], tail=leave[cut:])
+        page = client.get(url, headers=BROWSER)
+        assert f'action="http://testserver{leave}"' in page.text
+        left = client.post(url, headers={"accept": "application/json"})
+        assert left.json() == {"status": "unsubscribed", "list": "bluehats"}
+        assert subscription(database_url, "pasted@example.org").status == "unsubscribed"
+
+    def test_a_link_cut_short_is_still_not_valid(self, client: TestClient, smtp: SmtpSink) -> None:
+        subscribe(client, "cut@example.org")
+        confirm = link_in(smtp.wait_for(1)[0], "confirm")
+        for url in (confirm[:-1], confirm[:-1] + ".", confirm + "x"):
+            assert client.get(url, headers={"accept": "application/json"}).status_code == 404
+
 
 class TestMails:
     def test_language_follows_accept_language_then_the_list_default(

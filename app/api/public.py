@@ -25,6 +25,7 @@ from app import (
     pages,
     proofofwork,
     subscriptions,
+    tokens,
     unsubscribe_form,
 )
 from app.api import views
@@ -800,13 +801,14 @@ async def confirm_page(
     token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Show the confirmation button. Changes nothing: mail scanners follow links."""
-    target = await database.run(subscriptions.confirmation_target, secret=token, now=utcnow())
+    secret = tokens.from_link(token)
+    target = await database.run(subscriptions.confirmation_target, secret=secret, now=utcnow())
     return _page(
         request,
         settings,
         target,
         page="confirm",
-        form_action=settings.public_link(f"/v1/confirm/{token}"),
+        form_action=settings.public_link(f"/v1/confirm/{secret}"),
     )
 
 
@@ -822,7 +824,7 @@ async def confirm(token: str, request: Request) -> Response:
     settings = services.settings
     target = await services.database.write(
         subscriptions.confirm,
-        secret=token,
+        secret=tokens.from_link(token),
         evidence=evidence(request, settings, source="link"),
         key=settings.token_key(),
         now=utcnow(),
@@ -840,13 +842,14 @@ async def unsubscribe_page(
     token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Show the unsubscribe button. Changes nothing: mail scanners follow links."""
-    target = await database.run(subscriptions.unsubscription_target, secret=token, now=utcnow())
+    secret = tokens.from_link(token)
+    target = await database.run(subscriptions.unsubscription_target, secret=secret, now=utcnow())
     return _page(
         request,
         settings,
         target,
         page="unsubscribe",
-        form_action=settings.public_link(f"/v1/unsubscribe/{token}"),
+        form_action=settings.public_link(f"/v1/unsubscribe/{secret}"),
     )
 
 
@@ -866,7 +869,7 @@ async def unsubscribe(token: str, request: Request) -> Response:
     settings = services.settings
     target = await services.database.write(
         subscriptions.unsubscribe,
-        secret=token,
+        secret=tokens.from_link(token),
         evidence=evidence(request, settings, source="one_click" if is_one_click else "link"),
         now=utcnow(),
         # A mail client's one-click POST is not a person waiting for a goodbye mail.
