@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -100,9 +101,39 @@ def _over(limit: int) -> str:
     return f"The request body is larger than {limit} bytes, the most this route takes."
 
 
+@dataclass(frozen=True, slots=True)
+class PagePolicy:
+    """The pages' Content-Security-Policy: our own stylesheet (or the DSFR's, from its
+    origin), our own script when the proof of work asks for one, and forms that post here
+    and may lead on (a redirect after the post, which browsers check too) to `form_targets`,
+    the site's thank-you pages."""
+
+    form_targets: tuple[str, ...] = ()
+    style_origins: tuple[str, ...] = ()
+    scripts: bool = False
+
+    def header(self, *, also_form_targets: Iterable[str] = ()) -> str:
+        """The policy; `also_form_targets`: origins a page's form leads to besides those
+        the settings name (the thank-you page of a list created through the API)."""
+        targets = [*self.form_targets]
+        targets += [origin for origin in also_form_targets if origin not in targets]
+        actions = " ".join(["'self'", *targets])
+        # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
+        styles = " ".join(["'self'", *self.style_origins])
+        fonts = f"font-src {' '.join(self.style_origins)}; " if self.style_origins else ""
+        # Our own script file only (the proof-of-work solver, when it is asked for), which
+        # fetches its challenge from this origin; never an inline script.
+        script = "script-src 'self'; connect-src 'self'; " if self.scripts else ""
+        return (
+            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}{script}"
+            f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
+        )
+
+
 class SecurityHeaders:
-    """Headers for every answer; pages under /v1 also get a strict CSP and no caching
-    (their URLs carry tokens; `strict-origin` keeps those out of other sites' logs).
+    """Headers for every answer; pages under /v1 also get a strict CSP (`PagePolicy`; a
+    page that sets its own keeps it) and no caching (their URLs carry tokens;
+    `strict-origin` keeps those out of other sites' logs).
 
     `https`: the service is published over HTTPS (`NEWSLETTER_PUBLIC_URL`), so browsers are
     told to come back over HTTPS only (HSTS): a link typed or followed as `http://` would
@@ -110,29 +141,11 @@ class SecurityHeaders:
     can read it or answer in the service's place. Browsers ignore the header over HTTP.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        form_targets: list[str],
-        style_origins: list[str] | None = None,
-        scripts: bool = False,
-        https: bool = False,
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, policy: PagePolicy, https: bool = False) -> None:
         self.app = app
         # A year, as commonly required to be preloaded; subdomains are not ours to bind.
         self.hsts = "max-age=31536000" if https else None
-        actions = " ".join(["'self'", *form_targets])
-        # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
-        styles = " ".join(["'self'", *(style_origins or [])])
-        fonts = f"font-src {' '.join(style_origins)}; " if style_origins else ""
-        # Our own script file only (the proof-of-work solver, when it is asked for), which
-        # fetches its challenge from this origin; never an inline script.
-        script = "script-src 'self'; connect-src 'self'; " if scripts else ""
-        self.csp = (
-            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}{script}"
-            f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
-        )
+        self.csp = policy.header()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -20,8 +20,16 @@ from app import consent, formguard
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
-from app.models import ConsentEvent, Subscription, utcnow
-from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
+from app.models import ConsentEvent, KeyScope, Subscription, utcnow
+from tests.conftest import (
+    SECRET,
+    SmtpSink,
+    api_key_headers,
+    count_rows,
+    link_in,
+    make_settings,
+    wait_until,
+)
 from tests.fake_listmonk import FakeListmonk
 from tests.fake_mailgun import FakeMailgun
 
@@ -340,6 +348,33 @@ class TestTheSitesForm:
             smtp.mail_to("site@example.org", link="confirm")
         [row] = stored(database_url)
         assert row.attributes == {"organisation": "DINUM"}
+
+    def test_the_page_of_a_list_created_through_the_api_may_lead_to_its_thank_you_page(
+        self, client: TestClient, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        """Its thank-you page is not in the settings, whose origins every page's CSP names:
+        the list's own page adds it, or the browser refuses the post's redirect there."""
+        key = api_key_headers(engine, "operator", KeyScope.WRITE)
+        created = client.post(
+            "/v1/admin/lists",
+            json={"slug": "events", "name": "Events", "thank_you_url": "https://events.example/ok"},
+            headers=key,
+        )
+        assert created.status_code == 201, created.text
+        csp = client.get("/v1/lists/events").headers["content-security-policy"]
+        assert "form-action 'self' https://events.example;" in csp
+        # Only there: another list's page does not lead there.
+        assert "events.example" not in client.get(PAGE).headers["content-security-policy"]
+
+        # Its dead link's page (whose CSP does not know that page) leads to the list's own
+        # page rather than posting a form of its own.
+        client.post("/v1/lists/events/subscriptions", json={"email": "late@example.org"})
+        link = link_in(smtp.mail_to("late@example.org", link="confirm"), "confirm")
+        client.post(link)
+        page = client.get(link, headers=HTML)
+        assert page.status_code == 409
+        assert 'name="email"' not in page.text
+        assert '<a class="fr-link" href="/v1/lists/events?lang=fr">' in page.text
 
     @pytest.mark.parametrize(
         ("language", "title"),

@@ -30,10 +30,11 @@ from app.api import docs  # noqa: E402
 from app.config import MailmanBackendSettings  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import Subscription, Token, utcnow  # noqa: E402
+from app.models import KeyScope, Subscription, Token, utcnow  # noqa: E402
 from tests.conftest import (  # noqa: E402
     LiveServer,
     SmtpSink,
+    api_key_headers,
     free_port,
     link_in,
     make_settings,
@@ -178,11 +179,12 @@ def status_of(database_url: str, email: str) -> str | None:
 
 
 def expire_tokens(database_url: str) -> None:
+    """Every link expired, its mail sent a year ago (as long before as the link's life)."""
+    year_ago = utcnow().replace(year=utcnow().year - 1)
     engine = make_engine(database_url)
     with engine.begin() as connection:
-        connection.execute(
-            sa.update(Token).values(expires_at=utcnow().replace(year=utcnow().year - 1))
-        )
+        connection.execute(sa.update(Token).values(expires_at=year_ago))
+        connection.execute(sa.update(Subscription).values(last_mail_at=year_ago))
     engine.dispose()
 
 
@@ -556,5 +558,55 @@ def test_the_api_docs_run_swagger_ui_only_from_the_files_their_hashes_name(
             path.wait_for()
             page.screenshot(path=str(screenshots / "api-docs.png"))
             assert errors == []
+    finally:
+        context.close()
+
+
+def test_a_list_created_through_the_api_leads_its_visitors_to_its_thank_you_page(
+    browser: Browser, database_url: str, smtp: SmtpSink
+) -> None:
+    """The pages' CSP (`form-action`) named the thank-you pages of the settings' lists only:
+    on the page of a list created through the admin API, Chrome refused to follow the
+    post's redirect to the site, and the visitor stayed on the form, the request taken."""
+    site = SitePage(b"<!DOCTYPE html><title>Merci</title><h1>Merci</h1>", content_type="text/html")
+    server, base_url = serve(database_url, smtp)
+    context = browser.new_context(locale="fr-FR")
+    refused: list[str] = []
+    try:
+        with site as origin, server:
+            engine = make_engine(database_url)
+            key = api_key_headers(engine, "operator", KeyScope.WRITE)
+            engine.dispose()
+            created = httpx.post(
+                f"{base_url}/v1/admin/lists",
+                json={"slug": "events", "name": "Événements", "thank_you_url": f"{origin}/merci"},
+                headers=key,
+                trust_env=False,
+            )
+            assert created.status_code == 201, created.text
+            page = context.new_page()
+            page.on("console", lambda m: refused.append(m.text) if m.type == "error" else None)
+            page.goto(f"{base_url}/v1/lists/events")
+            page.fill("#field-email", "events@example.org")
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            assert page.url == f"{origin}/merci", refused
+            smtp.mail_to("events@example.org", link="confirm")
+
+            # Its expired link's way to a new one leads there too, through the list's page.
+            answer = httpx.post(
+                f"{base_url}/v1/lists/events/subscriptions",
+                json={"email": "late@example.org"},
+                trust_env=False,
+            )
+            assert answer.status_code == 202
+            mail = smtp.mail_to("late@example.org", link="confirm")
+            expire_tokens(database_url)
+            page.goto(mail_link(mail, link_in(mail, "confirm")))
+            page.click(f'main a:has-text("{TEXT["fr"]["new_link"]}")')
+            page.fill("#field-email", "late@example.org")
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            assert page.url == f"{origin}/merci", refused
     finally:
         context.close()

@@ -117,9 +117,7 @@ def _answer(
             leave_slug = list_slug or _only_list(settings)
             if leave_slug is not None:
                 unsubscribe_url = f"/v1/lists/{leave_slug}/unsubscribe?lang={locale.value}"
-        elif ask_slug is not None and _has_required_fields(settings, ask_slug):
-            # An address alone would come back with "fill in ...": the list's own page asks
-            # for every field it requires.
+        elif ask_slug is not None and _asks_on_its_own_page(settings, ask_slug):
             ask_url = f"/v1/lists/{ask_slug}?lang={locale.value}"
         elif ask_slug is not None:
             form = pages.Form(
@@ -200,9 +198,14 @@ def _form_page_of_post_url(request: Request) -> str | None:
     return settings.public_link(path)
 
 
-def _has_required_fields(settings: Settings, slug: str) -> bool:
+def _asks_on_its_own_page(settings: Settings, slug: str) -> bool:
+    """A new link is asked for on the list's own page, not with the error page's form of
+    an address alone, when the list requires fields (an address alone would come back with
+    "fill in ..."), or when the settings do not declare it (created through the API): its
+    thank-you page, where that form's post leads, is then unknown here and so to the page's
+    CSP, and the browser would refuse to go there; the list's own page allows it."""
     declared = settings.list_settings(slug)
-    return declared is not None and any(field.required for field in declared.fields)
+    return declared is None or any(field.required for field in declared.fields)
 
 
 def _only_list(settings: Settings) -> str | None:

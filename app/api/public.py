@@ -469,7 +469,8 @@ def _subscribe_page(
         values=values,
         errors=errors,
     )
-    return pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
+    page = pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
+    return views.lead_form_to(page, request, url=mailing_list.thank_you_url)
 
 
 @router.get(

@@ -5,11 +5,12 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi import Request
+from starlette.responses import Response
 
-from app import pages
+from app import origins, pages
 from app.config import ListSettings, Locale, Settings
 from app.i18n import for_list
-from app.middleware import on_this_host
+from app.middleware import PagePolicy, on_this_host
 
 
 def list_settings(settings: Settings, *, slug: str, name: str) -> ListSettings:
@@ -44,3 +45,15 @@ def chrome(
         stylesheet_url=str(stylesheet) if stylesheet else None,
         proof_of_work=settings.proof_of_work_bits > 0,
     )
+
+
+def lead_form_to(response: Response, request: Request, *, url: str | None) -> Response:
+    """A page whose form's post leads on to `url` (a list's thank-you page): its CSP lets
+    the browser follow there. The settings' lists are in every page's policy already; a
+    list created through the API is not, and Chrome stopped its visitors on the form, the
+    post taken but its redirect refused (`form-action`)."""
+    target = origins.normalize(url) if url else None
+    policy: PagePolicy = request.app.state.page_policy
+    if target is not None and target not in policy.form_targets:
+        response.headers["content-security-policy"] = policy.header(also_form_targets=[target])
+    return response
