@@ -610,3 +610,33 @@ def test_a_list_created_through_the_api_leads_its_visitors_to_its_thank_you_page
             assert page.url == f"{origin}/merci", refused
     finally:
         context.close()
+
+
+def test_the_new_link_form_of_a_dead_link_takes_an_address_beyond_ascii(
+    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+) -> None:
+    """The form of an expired link's page let the browser check the address: Chrome refused
+    `josé@...` (which the service takes) in its own language, and no new link could be had."""
+    server, base_url = serve(database_url, smtp, fields=[])
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            answer = httpx.post(
+                f"{base_url}/v1/lists/bluehats/subscriptions",
+                json={"email": "josé@exemple.fr"},
+                trust_env=False,
+            )
+            assert answer.status_code == 202
+            mail = smtp.mail_to("josé@exemple.fr", link="confirm")
+            expire_tokens(database_url)
+            visit = Visit(context.new_page(), axe=axe_source, shots=screenshots, lang="fr")
+            page = visit.page
+            page.goto(mail_link(mail, link_in(mail, "confirm")))
+            visit.check("expired-link-address-form")
+            page.fill("main input[type=email]", "josé@exemple.fr")
+            with page.expect_navigation():
+                page.click(f'button:has-text("{TEXT["fr"]["new_link"]}")')
+            assert page.url.endswith("/v1/lists/bluehats/thanks?lang=fr"), page.url
+            assert len(smtp.wait_for(2)) == 2
+    finally:
+        context.close()
