@@ -640,3 +640,40 @@ def test_the_new_link_form_of_a_dead_link_takes_an_address_beyond_ascii(
             assert len(smtp.wait_for(2)) == 2
     finally:
         context.close()
+
+
+def width_overflow(page: Page) -> int:
+    """How far the page reaches past the window's side (0: it scrolls down only)."""
+    return int(
+        page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    )
+
+
+def test_the_pages_fit_a_320_px_screen_whatever_the_length_of_a_word(
+    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+) -> None:
+    """A 320 px wide screen (a small phone, or 1280 px zoomed to 400 %) scrolls one way only
+    (WCAG 1.4.10): an address shown back in an error, or a list's long name, that ran off
+    the side made the whole page scroll sideways."""
+    name = "Lettre-d'information-de-la-direction-interministérielle-du-numérique"
+    server, base_url = serve(database_url, smtp, name=name)
+    context = browser.new_context(
+        bypass_csp=True, locale="fr-FR", viewport={"width": 320, "height": 640}
+    )
+    long_address = f"{'camille.dupont-martin' * 3}@{'administration' * 4}.gouv.fr"
+    try:
+        with server:
+            visit = Visit(
+                context.new_page(), axe=axe_source, shots=screenshots, lang="fr", prefix="320px-"
+            )
+            page = visit.page
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            visit.check("subscribe")
+            assert width_overflow(page) == 0
+            page.fill("#field-email", f"Camille <{long_address}>")
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            assert long_address in page.locator("#field-email-error").inner_text()
+            visit.check("subscribe-errors")
+            assert width_overflow(page) == 0
+    finally:
+        context.close()
