@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -477,7 +478,7 @@ class TestLinks:
         page = client.get(url, headers=BROWSER)
         assert page.status_code == 200, page.text
         # The button posts to the link as it was sent.
-        assert f'action="http://testserver{confirm}"' in page.text
+        assert f'action="http://testserver{confirm}?lang=fr"' in page.text
         confirmed = client.post(url, headers={"accept": "application/json"})
         assert confirmed.json() == {"status": "confirmed", "list": "bluehats"}
 
@@ -486,10 +487,36 @@ class TestLinks:
         cut = len(leave) - 20
         url = pasted.format(link=leave, head=leave[:cut], tail=leave[cut:])
         page = client.get(url, headers=BROWSER)
-        assert f'action="http://testserver{leave}"' in page.text
+        assert f'action="http://testserver{leave}?lang=fr"' in page.text
         left = client.post(url, headers={"accept": "application/json"})
         assert left.json() == {"status": "unsubscribed", "list": "bluehats"}
         assert subscription(database_url, "pasted@example.org").status == "unsubscribed"
+
+    def test_the_button_answers_in_the_language_the_visitor_switched_its_page_to(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        """The page of a French subscriber's link, switched to English: the button's answer
+        came back in French, the language stored with the subscription."""
+
+        def press_the_button_in_english(link: str) -> str:
+            french = client.get(link, headers=BROWSER)
+            switch = re.search(r'fr-translate__language" href="([^"]+)"', french.text)
+            assert switch is not None
+            english = client.get(html.unescape(switch[1]), headers=BROWSER)
+            assert '<html lang="en">' in english.text
+            action = re.search(r'<form method="post" action="([^"]+)"', english.text)
+            assert action is not None
+            answer = client.post(html.unescape(action[1]), headers=BROWSER)
+            assert answer.status_code == 200
+            assert '<html lang="en">' in answer.text
+            return answer.text
+
+        subscribe(client, "switch@example.org")
+        confirm = link_in(smtp.wait_for(1)[0], "confirm")
+        assert "<h1>Subscription confirmed</h1>" in press_the_button_in_english(confirm)
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "switch@example.org"})
+        leave = link_in(smtp.wait_for(2)[1], "unsubscribe")
+        assert "<h1>You are unsubscribed</h1>" in press_the_button_in_english(leave)
 
     def test_a_link_cut_short_is_still_not_valid(self, client: TestClient, smtp: SmtpSink) -> None:
         subscribe(client, "cut@example.org")

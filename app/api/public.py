@@ -770,7 +770,10 @@ def _page(
     if form_action is not None:
         declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
         t = for_list(locale, declared)
-        form = pages.Form(action=form_action, button=t(f"page.{page}.button"))
+        # The button's answer in the page's language: one who switched the page to the
+        # other language read the result in the subscriber's stored one.
+        action = pages.with_lang(form_action, "", locale)
+        form = pages.Form(action=action, button=t(f"page.{page}.button"))
     # After the button's POST, the other language is the result's own page, not the link.
     switch_path = None if form else f"/v1/lists/{mailing_list.slug}/{page}"
     return _list_page(
