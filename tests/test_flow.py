@@ -411,6 +411,23 @@ class TestLinks:
         assert again.status_code == 409
         assert reassurance in html.unescape(again.text)
 
+    def test_the_button_pressed_twice_says_so_and_its_switch_says_it_in_the_other_language(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        """A double click, or the answer reloaded: "already used", whose language switch led
+        to the subscription form instead of the same words in the other language."""
+        subscribe(client, "twice-pressed@example.org")
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        assert client.post(link, headers=BROWSER).status_code == 200
+        second = client.post(link, headers=BROWSER)
+        assert second.status_code == 409
+        switch = re.search(r'fr-translate__language" href="([^"]+)"', second.text)
+        assert switch is not None
+        assert html.unescape(switch[1]) == f"{link}?lang=en"
+        english = client.get(html.unescape(switch[1]), headers=BROWSER)
+        assert english.status_code == 409
+        assert "nothing more to do" in english.text
+
     @pytest.mark.parametrize(
         ("language", "told"),
         [

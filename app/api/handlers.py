@@ -57,9 +57,14 @@ def _is_page(request: Request) -> bool:
 
 def _switch_path(request: Request, list_slug: str | None) -> str | None:
     """Where the error page's language switch leads: the same URL for a GET; after a POST,
-    the list's form (a POST cannot be replayed by a link), or the link's page."""
+    the link's page, which answers the same by GET (a link already used, expired...), or
+    the list's form (a POST cannot be replayed by a link)."""
     if request.method in ("GET", "HEAD"):
         return None
+    if request.url.path.startswith(PAGE_PREFIXES):
+        # Not the list's form: one who pressed the button twice, or reloaded its answer,
+        # read "already used" and switched to read it in the other language.
+        return request.url.path
     if list_slug is not None:
         return f"/v1/lists/{list_slug}"
     match = re.match(r"^/v1/lists/([^/]+)/(unsubscriptions)?", request.url.path)
