@@ -687,6 +687,28 @@ class TestStrings:
                 lists=[list_settings(strings={"fr": {"page.subscribe.titel": "x"}})],
             )
 
+    def test_a_wording_in_paragraphs_is_shown_in_paragraphs(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        """Line breaks in an operator's wording (which the mails keep) ran together into one
+        paragraph on the page: the consent text the visitor agrees to, as written."""
+        reworded = list_settings(
+            consent_text={
+                "fr": "J'accepte de recevoir {list}.\n\nMes droits : accès, rectification.\n"
+                "Contact : <dpo@example.org>"
+            },
+            strings={"fr": {"page.thanks.text": "Merci !\r\n\r\nOuvrez le message reçu."}},
+        )
+        with app_client(database_url, smtp, lists=[reworded]) as client:
+            page = client.get(PAGE, headers=HTML).text
+            thanks = client.get(PAGE + "/thanks", headers=HTML).text
+        assert (
+            '<div class="fr-text" id="consent-text"><p>J&#39;accepte de recevoir Gazette '
+            "BlueHats.</p><p>Mes droits : accès, rectification.<br>\n"
+            "Contact : &lt;dpo@example.org&gt;</p></div>"
+        ) in page
+        assert "<p>Merci !</p><p>Ouvrez le message reçu.</p>" in thanks
+
 
 class TestLanguage:
     def test_accept_language_chooses_and_the_switch_leads_to_the_other_language(
