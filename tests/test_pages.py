@@ -162,6 +162,25 @@ class TestTheHostedPage:
         as_json = client.get("/v1/lists/nope", headers={"accept": "application/json"})
         assert as_json.json()["error"] == "list_not_found"
 
+    def test_a_list_s_page_typed_with_capitals_leads_to_the_list_s_page(
+        self, client: TestClient
+    ) -> None:
+        """`/v1/lists/BlueHats`, as the newsletter's name is written on a poster, was "no
+        such list": every list's name in its address is in lowercase."""
+        for typed, meant in (
+            ("/v1/lists/BlueHats", "/v1/lists/bluehats"),
+            ("/v1/lists/BLUEHATS/unsubscribe?lang=en", "/v1/lists/bluehats/unsubscribe?lang=en"),
+            ("/v1/lists/Nope", "/v1/lists/nope"),
+        ):
+            answer = client.get(typed, headers=HTML, follow_redirects=False)
+            assert answer.status_code == 308, typed
+            assert answer.headers["location"] == meant
+        assert client.get("/v1/lists/BlueHats", headers=HTML).status_code == 200
+        assert client.get("/v1/lists/Nope", headers=HTML).status_code == 404
+        # A form posting to it is not sent elsewhere: its post is an API call.
+        posted = client.post("/v1/lists/BlueHats/subscriptions", json={"email": "a@example.org"})
+        assert posted.status_code == 404
+
 
 class TestHoneypot:
     def test_a_filled_honeypot_is_answered_as_a_success_and_dropped(

@@ -24,6 +24,7 @@ from app.api import views
 from app.api.deps import request_locale, wants_html
 from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
+from app.middleware import relative_location
 from app.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,21 @@ def _form_page_of_post_url(request: Request) -> str | None:
     return settings.public_link(path)
 
 
+def _lowercase_list_page(request: Request) -> str | None:
+    """A list's page asked for with capitals in its name (`/v1/lists/BlueHats`, typed from
+    a poster or a slide): the same page under the list's name as it is, in lowercase (as
+    every list's is), rather than "no such list"."""
+    path = request.url.path
+    match = LIST_PATH.match(path)
+    if request.method not in ("GET", "HEAD") or not PAGE_PATHS.match(path) or match is None:
+        return None
+    slug = match[1]
+    if slug == slug.lower():
+        return None
+    lowered = f"/v1/lists/{slug.lower()}{path[match.end() :]}"
+    return relative_location(lowered, request.scope.get("query_string", b""))
+
+
 def _asks_on_its_own_page(settings: Settings, slug: str) -> bool:
     """A new link is asked for on the list's own page, not with the error page's form of
     an address alone, when the list requires fields (an address alone would come back with
@@ -331,6 +347,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(errors.DomainError)
     async def _domain(request: Request, exc: errors.DomainError) -> Response:
+        if isinstance(exc, errors.ListNotFound):
+            lowercase = _lowercase_list_page(request)
+            if lowercase is not None:
+                return RedirectResponse(lowercase, status_code=308)
         response = _answer(
             request,
             status=exc.status_code,

@@ -115,6 +115,15 @@ def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
 
 
 FORM_TYPES = (FORM, MULTIPART)
+# A list's pages: unknown list, or its name typed with capitals (app.api.handlers).
+LIST_PAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    308: {
+        "description": "The list's name was written with capitals: the same page under its "
+        "name in lowercase, as every list's is.",
+        "headers": {"Location": {"schema": {"type": "string"}}},
+    },
+    **errors.responses(errors.ListNotFound, html=True),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +487,7 @@ def _subscribe_page(
     operation_id="subscription_page",
     responses={
         **_html_and_json("The hosted subscription form (HTML, works without JavaScript)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def subscription_page(
@@ -496,7 +505,7 @@ async def subscription_page(
     operation_id="subscription_thanks_page",
     responses={
         **_html_and_json("The 'check your inbox' page."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def thanks_page(
@@ -512,7 +521,7 @@ async def thanks_page(
     operation_id="subscription_confirmed_page",
     responses={
         **_html_and_json("The 'subscription confirmed' page (the result page's other language)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def confirmed_page(
@@ -528,7 +537,7 @@ async def confirmed_page(
     operation_id="unsubscribed_page",
     responses={
         **_html_and_json("The 'you are unsubscribed' page (the result page's other language)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def unsubscribed_page(
@@ -580,7 +589,7 @@ def _list_page(
     operation_id="unsubscribe_request_page",
     responses={
         **_html_and_json("The page to ask for an unsubscribe link by address (HTML)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def unsubscribe_request_page(
@@ -597,7 +606,7 @@ async def unsubscribe_request_page(
     operation_id="unsubscribe_sent_page",
     responses={
         **_html_and_json("The 'check your inbox' page after asking for an unsubscribe link."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def unsubscribe_sent_page(
