@@ -79,6 +79,15 @@ class Form:
 
 
 @dataclass(frozen=True, slots=True)
+class ListLinks:
+    """A way on to one of several lists' pages, when a page cannot tell which list."""
+
+    label: str
+    # (list name, URL of its page)
+    links: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class InputView:
     """One input of the hosted form, with what the visitor typed and what is wrong with it."""
 
@@ -153,6 +162,7 @@ def render(
     unsubscribe_url: str | None = None,
     ask_url: str | None = None,
     form_url: str | None = None,
+    list_links: ListLinks | None = None,
 ) -> HTMLResponse:
     """A page with a title, a paragraph and at most one form or a way on."""
     return _render(
@@ -168,6 +178,7 @@ def render(
         unsubscribe_url=unsubscribe_url,
         ask_url=ask_url,
         form_url=form_url,
+        list_links=list_links,
     )
 
 

@@ -792,6 +792,21 @@ class TestLanguage:
 
 
 class TestErrorPages:
+    def test_with_several_lists_a_confirm_link_not_found_leads_to_each_list_s_page(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        """A link cut short does not say its list. With one list, its page offers the new
+        link it speaks of; with several, it offered nothing (tests/test_unsubscribe_page.py:
+        the same for an unsubscribe link)."""
+        lists = [list_settings(), list_settings(slug="news", name="Actualités")]
+        with app_client(database_url, smtp, lists=lists) as client:
+            page = client.get("/v1/confirm/" + "A" * 30, headers=HTML)
+        assert page.status_code == 404
+        label = "Recevoir un nouveau lien pour l&#39;une de ces lettres :"
+        assert f'<p id="list-links">{label}</p>' in page.text
+        assert '<li><a class="fr-link" href="/v1/lists/bluehats?lang=fr">' in page.text
+        assert '<li><a class="fr-link" href="/v1/lists/news?lang=fr">Actualités</a>' in page.text
+
     def test_too_many_posts_get_a_page_that_says_so_with_retry_after(
         self, database_url: str, smtp: SmtpSink
     ) -> None:

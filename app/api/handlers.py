@@ -112,17 +112,31 @@ def _answer(
         form = None
         ask_url = None
         unsubscribe_url = None
+        list_links = None
         # A confirm link not found does not say its list (cut short by a mail client,
-        # mistyped): with one list, the page can still offer the new link its text speaks of.
+        # mistyped): with one list, the page can still offer the new link its text speaks of;
+        # with several, the way to each list's.
         ask_slug = list_slug
-        if ask_slug is None and code == "token_not_found":
-            ask_slug = _only_list(settings) if request.url.path.startswith(CONFIRM_LINKS) else None
+        lost = code == "token_not_found" and list_slug is None
+        if lost and request.url.path.startswith(CONFIRM_LINKS):
+            ask_slug = _only_list(settings)
+            if ask_slug is None:
+                list_links = pages.ListLinks(
+                    label=t("page.ask_again.choose"),
+                    links=_lists_pages(settings, "", locale),
+                )
         if request.url.path.startswith(UNSUBSCRIBE_LINKS):
             # Someone who wants to leave, with a link that does not work: the way on is the
             # list's page to ask for a new unsubscribe link, not a subscription form.
             leave_slug = list_slug or _only_list(settings)
             if leave_slug is not None:
                 unsubscribe_url = f"/v1/lists/{leave_slug}/unsubscribe?lang={locale.value}"
+            else:
+                # Which list the link was for is not known: the page of each.
+                list_links = pages.ListLinks(
+                    label=t("page.unsubscribe_request.choose"),
+                    links=_lists_pages(settings, "/unsubscribe", locale),
+                )
         elif ask_slug is not None and _asks_on_its_own_page(settings, ask_slug):
             ask_url = f"/v1/lists/{ask_slug}?lang={locale.value}"
         elif ask_slug is not None:
@@ -149,6 +163,7 @@ def _answer(
             unsubscribe_url=unsubscribe_url,
             ask_url=ask_url,
             form_url=_form_page_after_post(request, code=code, locale=locale),
+            list_links=list_links,
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
@@ -227,6 +242,13 @@ def _asks_on_its_own_page(settings: Settings, slug: str) -> bool:
     CSP, and the browser would refuse to go there; the list's own page allows it."""
     declared = settings.list_settings(slug)
     return declared is None or any(field.required for field in declared.fields)
+
+
+def _lists_pages(settings: Settings, page: str, locale: Locale) -> list[tuple[str, str]]:
+    """Each declared list's name and its page `page` ("": the subscription page)."""
+    return [
+        (item.name, f"/v1/lists/{item.slug}{page}?lang={locale.value}") for item in settings.lists
+    ]
 
 
 def _only_list(settings: Settings) -> str | None:
