@@ -322,6 +322,42 @@ class TestFillTime:
         assert formguard.rejection_counts().get("too_fast", 0) == before
         smtp.mail_to("camille@example.org", link="confirm")
 
+    def test_one_who_asks_again_from_a_dead_link_s_page_at_once_is_not_dropped_as_too_fast(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        """The expired link's page: one field the browser fills in, one button, pressed
+        within the fill time, and the page said "check your inbox" while nothing came. A
+        link of a real mail shows the visitor filled the list's form before."""
+        with app_client(database_url, smtp, resend_interval="0s") as client:
+            client.post(SUBSCRIBE, json={"email": "late@example.org"})
+            link = link_in(smtp.mail_to("late@example.org", link="confirm"), "confirm")
+            engine = make_engine(database_url)
+            with engine.begin() as connection:
+                connection.execute(sa.text("UPDATE token SET expires_at = :now"), {"now": utcnow()})
+            engine.dispose()
+            before = formguard.rejection_counts().get("too_fast", 0)
+            expired = client.get(link, headers=HTML)
+            assert expired.status_code == 410
+            again = post_form(
+                client,
+                {"email": "late@example.org", "form_stamp": stamp_in(expired.text)},
+                **HTML,
+            )
+            assert again.status_code == 303
+            assert formguard.rejection_counts().get("too_fast", 0) == before
+            assert len(smtp.wait_for(2)) == 2
+
+            # A made-up link's page is anyone's: its form keeps the fill time.
+            unknown = client.get("/v1/confirm/" + "A" * 43, headers=HTML)
+            assert unknown.status_code == 404
+            dropped = post_form(
+                client,
+                {"email": "robot@example.org", "form_stamp": stamp_in(unknown.text)},
+                **HTML,
+            )
+            assert dropped.status_code == 303
+            assert formguard.rejection_counts().get("too_fast", 0) == before + 1
+
     def test_json_callers_have_no_form_defences(
         self, client: TestClient, database_url: str
     ) -> None:

@@ -25,7 +25,6 @@ from app.api.deps import request_locale, wants_html
 from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
 from app.middleware import relative_location
-from app.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +146,14 @@ def _answer(
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),
-                # Stamped like the hosted form, so a list that requires stamps takes it.
+                # Stamped like the hosted form, so a list that requires stamps takes it; as
+                # filled before when the link was a real one (its list is known): its
+                # visitor asks again with the address the browser fills in, at once.
                 hidden={
                     "locale": locale.value,
-                    formguard.STAMP_FIELD: formguard.issue(key=settings.token_key(), now=utcnow()),
+                    formguard.STAMP_FIELD: views.page_stamp(
+                        settings, filled_before=list_slug is not None
+                    ),
                 },
             )
         return pages.render(

@@ -435,18 +435,6 @@ def _thanks_redirect(settings: Settings, mailing_list: MailingList, locale: Loca
     return RedirectResponse(target, status_code=303)
 
 
-def _page_stamp(settings: Settings, *, correction: bool) -> str:
-    """The fill-time stamp of a served form. A form sent back for correction comes after
-    a post that passed the robot screen: the visitor has filled it once already, and one
-    who fixes a typo at once must not be dropped as too fast (told to check a mailbox that
-    gets nothing). Its stamp is dated a fill time back, so the correction posts at once;
-    a robot gains nothing by it, as it needed a valid stamp (or none) to get here."""
-    now = utcnow()
-    if correction:
-        now -= settings.form_min_fill_time
-    return formguard.issue(key=settings.token_key(), now=now)
-
-
 def _subscribe_page(
     request: Request,
     settings: Settings,
@@ -474,7 +462,7 @@ def _subscribe_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/subscriptions?lang={locale.value}"
         ),
-        stamp=_page_stamp(settings, correction=bool(errors)),
+        stamp=views.page_stamp(settings, filled_before=bool(errors)),
         values=values,
         errors=errors,
     )
@@ -642,7 +630,7 @@ def _unsubscribe_request_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/unsubscriptions?lang={locale.value}"
         ),
-        stamp=_page_stamp(settings, correction=error is not None),
+        stamp=views.page_stamp(settings, filled_before=error is not None),
         value=value,
         error=error,
     )
