@@ -32,6 +32,7 @@ from app.metrics import Metrics, RequestMetrics
 from app.middleware import (
     BodyLimit,
     HeadAsGet,
+    PagePolicy,
     PublicCors,
     RequestId,
     SecurityHeaders,
@@ -164,6 +165,13 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
     )
     app.router.default = SlashRedirect(app.router.routes, fallback=app.router.default)
     app.state.settings = settings
+    # The pages' CSP; a page whose form leads elsewhere too adds to it (app.api.views).
+    policy = PagePolicy(
+        form_targets=tuple(_form_targets(settings)),
+        style_origins=tuple(_style_origins(settings)),
+        scripts=settings.proof_of_work_bits > 0,
+    )
+    app.state.page_policy = policy
     app.state.metrics = metrics
     app.state.engine = None
     app.state.worker = None
@@ -199,13 +207,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         by_pattern={admin_transfer.IMPORT_PATH_PATTERN: settings.max_import_bytes},
         refusal=handlers.body_too_large,
     )
-    app.add_middleware(
-        SecurityHeaders,
-        form_targets=_form_targets(settings),
-        style_origins=_style_origins(settings),
-        scripts=settings.proof_of_work_bits > 0,
-        https=settings.public_url.scheme == "https",
-    )
+    app.add_middleware(SecurityHeaders, policy=policy, https=settings.public_url.scheme == "https")
     app.add_middleware(PublicCors, origins=settings.form_origins())
     app.add_middleware(RequestMetrics, metrics=metrics, router=app)
     app.add_middleware(HeadAsGet)

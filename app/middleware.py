@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from urllib.parse import quote
 
-from starlette.datastructures import Headers, MutableHeaders, State
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Match
@@ -100,20 +101,39 @@ def _over(limit: int) -> str:
     return f"The request body is larger than {limit} bytes, the most this route takes."
 
 
-# The request state's list of origins a page's form may also lead to (`allow_form_target`).
-FORM_TARGETS = "form_targets"
+@dataclass(frozen=True, slots=True)
+class PagePolicy:
+    """The pages' Content-Security-Policy: our own stylesheet (or the DSFR's, from its
+    origin), our own script when the proof of work asks for one, and forms that post here
+    and may lead on (a redirect after the post, which browsers check too) to `form_targets`,
+    the site's thank-you pages."""
 
+    form_targets: tuple[str, ...] = ()
+    style_origins: tuple[str, ...] = ()
+    scripts: bool = False
 
-def allow_form_target(state: State, origin: str) -> None:
-    """Let this answer's page send its form on to `origin` (CSP form-action, which browsers
-    also apply to the redirect that answers the post): a list's thank-you page on its site,
-    for a list the settings do not declare, whose origin the fixed policy cannot hold."""
-    setattr(state, FORM_TARGETS, [*getattr(state, FORM_TARGETS, ()), origin])
+    def header(self, *, also_form_targets: Iterable[str] = ()) -> str:
+        """The policy; `also_form_targets`: origins a page's form leads to besides those
+        the settings name (the thank-you page of a list created through the API)."""
+        targets = [*self.form_targets]
+        targets += [origin for origin in also_form_targets if origin not in targets]
+        actions = " ".join(["'self'", *targets])
+        # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
+        styles = " ".join(["'self'", *self.style_origins])
+        fonts = f"font-src {' '.join(self.style_origins)}; " if self.style_origins else ""
+        # Our own script file only (the proof-of-work solver, when it is asked for), which
+        # fetches its challenge from this origin; never an inline script.
+        script = "script-src 'self'; connect-src 'self'; " if self.scripts else ""
+        return (
+            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}{script}"
+            f"form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
+        )
 
 
 class SecurityHeaders:
-    """Headers for every answer; pages under /v1 also get a strict CSP and no caching
-    (their URLs carry tokens; `strict-origin` keeps those out of other sites' logs).
+    """Headers for every answer; pages under /v1 also get a strict CSP (`PagePolicy`; a
+    page that sets its own keeps it) and no caching (their URLs carry tokens;
+    `strict-origin` keeps those out of other sites' logs).
 
     `https`: the service is published over HTTPS (`NEWSLETTER_PUBLIC_URL`), so browsers are
     told to come back over HTTPS only (HSTS): a link typed or followed as `http://` would
@@ -121,51 +141,17 @@ class SecurityHeaders:
     can read it or answer in the service's place. Browsers ignore the header over HTTP.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        form_targets: list[str],
-        style_origins: list[str] | None = None,
-        scripts: bool = False,
-        https: bool = False,
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, policy: PagePolicy, https: bool = False) -> None:
         self.app = app
         # A year, as commonly required to be preloaded; subdomains are not ours to bind.
         self.hsts = "max-age=31536000" if https else None
-        self.form_targets = form_targets
-        # A stylesheet from elsewhere (the DSFR) brings its fonts and icons from there too.
-        styles = " ".join(["'self'", *(style_origins or [])])
-        fonts = f"font-src {' '.join(style_origins)}; " if style_origins else ""
-        # Our own script file only (the proof-of-work solver, when it is asked for), which
-        # fetches its challenge from this origin; never an inline script.
-        script = "script-src 'self'; connect-src 'self'; " if scripts else ""
-        self._before_actions = (
-            f"default-src 'none'; style-src {styles}; img-src {styles} data:; {fonts}{script}"
-        )
-        self.csp = self._policy(form_targets)
-
-    def _policy(self, form_targets: list[str]) -> str:
-        actions = " ".join(["'self'", *form_targets])
-        return (
-            f"{self._before_actions}form-action {actions}; frame-ancestors 'none'; base-uri 'none'"
-        )
-
-    def _csp(self, scope: Scope) -> str:
-        extra = [
-            origin
-            for origin in scope.get("state", {}).get(FORM_TARGETS, ())
-            if origin not in self.form_targets
-        ]
-        return self._policy([*self.form_targets, *extra]) if extra else self.csp
+        self.csp = policy.header()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         on_v1 = scope["path"].startswith("/v1/")
-        # Where the route's `allow_form_target` writes (request.state), for `_csp` to read.
-        scope.setdefault("state", {})
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -179,7 +165,7 @@ class SecurityHeaders:
                 if self.hsts is not None:
                     headers.setdefault("strict-transport-security", self.hsts)
                 if on_v1:
-                    headers.setdefault("content-security-policy", self._csp(scope))
+                    headers.setdefault("content-security-policy", self.csp)
                     headers.setdefault("cache-control", "no-store")
             await send(message)
 

@@ -7,11 +7,13 @@ when `dsfr_stylesheet_url` is set; otherwise the built-in /static/style.css give
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 import jinja2
+from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
 from app.config import FieldType, Locale
@@ -22,6 +24,20 @@ _env = jinja2.Environment(
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def paragraphs(text: str) -> Markup:
+    """A text in paragraphs as the page shows it: a blank line between two, a line break
+    kept within one. An operator's wording (a list's consent text, a reworded string) may
+    hold them, as the mails show them; in one `<p>` they ran together."""
+    return Markup("").join(
+        Markup("<p>{}</p>").format(Markup("<br>\n").join(part.strip().splitlines()))
+        for part in _BLANK_LINES.split(text.strip())
+    )
+
+
+_env.filters["paragraphs"] = paragraphs
 
 
 def other_locale(locale: Locale) -> Locale:
@@ -60,6 +76,15 @@ class Form:
     ask_email: bool = False
     email_label: str = ""
     hidden: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ListLinks:
+    """A way on to one of several lists' pages, when a page cannot tell which list."""
+
+    label: str
+    # (list name, URL of its page)
+    links: list[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +162,7 @@ def render(
     unsubscribe_url: str | None = None,
     ask_url: str | None = None,
     form_url: str | None = None,
+    list_links: ListLinks | None = None,
 ) -> HTMLResponse:
     """A page with a title, a paragraph and at most one form or a way on."""
     return _render(
@@ -152,6 +178,7 @@ def render(
         unsubscribe_url=unsubscribe_url,
         ask_url=ask_url,
         form_url=form_url,
+        list_links=list_links,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -24,11 +25,26 @@ from app.models import Subscription, Token, TokenPurpose
 
 # Longest token we accept in a URL; anything longer is not ours.
 MAX_TOKEN_LENGTH = 64
+# A secret's characters (base64url, unpadded): the token of a link is their first run.
+_SECRET_CHARACTERS = re.compile(r"[A-Za-z0-9_-]*")
+_SPACES = re.compile(r"\s+")
 
 
 def _secret(key: bytes, token_id: str) -> str:
     digest = hmac.new(key, token_id.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def from_link(text: str) -> str:
+    """The secret in a link's last segment as a visitor's browser sent it. A link copied
+    with what followed it in the text (`...eE.`, `...eE)`, `...eE>`, `...eE»`, a quote, the
+    next sentence) or cut in two by a mail client and pasted back with a space between its
+    halves was "not valid": no secret holds a space or any of those characters, so spaces
+    are taken out and the secret ends where its characters do."""
+    # Bounded: a secret that long is refused by `lookup` anyway.
+    joined = _SPACES.sub("", text[: 4 * MAX_TOKEN_LENGTH])
+    match = _SECRET_CHARACTERS.match(joined)
+    return match[0] if match else ""
 
 
 def hash_of(secret: str) -> str:

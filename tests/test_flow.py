@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -410,6 +411,23 @@ class TestLinks:
         assert again.status_code == 409
         assert reassurance in html.unescape(again.text)
 
+    def test_the_button_pressed_twice_says_so_and_its_switch_says_it_in_the_other_language(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        """A double click, or the answer reloaded: "already used", whose language switch led
+        to the subscription form instead of the same words in the other language."""
+        subscribe(client, "twice-pressed@example.org")
+        link = link_in(smtp.wait_for(1)[0], "confirm")
+        assert client.post(link, headers=BROWSER).status_code == 200
+        second = client.post(link, headers=BROWSER)
+        assert second.status_code == 409
+        switch = re.search(r'fr-translate__language" href="([^"]+)"', second.text)
+        assert switch is not None
+        assert html.unescape(switch[1]) == f"{link}?lang=en"
+        english = client.get(html.unescape(switch[1]), headers=BROWSER)
+        assert english.status_code == 409
+        assert "nothing more to do" in english.text
+
     @pytest.mark.parametrize(
         ("language", "told"),
         [
@@ -451,6 +469,77 @@ class TestLinks:
         accept = {"accept": "application/json"}
         assert client.post(link, headers=accept).json()["status"] == "unsubscribed"
         assert client.post(link, headers=accept).json()["status"] == "unsubscribed"
+
+    @pytest.mark.parametrize(
+        "pasted",
+        [
+            pytest.param("{link}.", id="full-stop"),
+            pytest.param("{link})", id="closing-parenthesis"),
+            pytest.param("{link}%3E", id="angle-bracket"),
+            pytest.param("{link}%C2%BB", id="guillemet"),
+            pytest.param("{link}%22", id="quote"),
+            pytest.param("{link}.%20Merci%20!", id="next-sentence"),
+            pytest.param("{head}%20{tail}", id="cut-in-two-by-a-space"),
+        ],
+    )
+    def test_a_link_pasted_with_what_surrounded_it_still_works(
+        self, client: TestClient, smtp: SmtpSink, database_url: str, pasted: str
+    ) -> None:
+        """A link copied from a sentence (`... : <link>.`), or cut in two by a mail client
+        and pasted back with a space, was "not valid": a token holds none of those."""
+        subscribe(client, "pasted@example.org")
+        confirm = link_in(smtp.wait_for(1)[0], "confirm")
+        cut = len(confirm) - 20
+        url = pasted.format(link=confirm, head=confirm[:cut], tail=confirm[cut:])
+
+        page = client.get(url, headers=BROWSER)
+        assert page.status_code == 200, page.text
+        # The button posts to the link as it was sent.
+        assert f'action="http://testserver{confirm}?lang=fr"' in page.text
+        confirmed = client.post(url, headers={"accept": "application/json"})
+        assert confirmed.json() == {"status": "confirmed", "list": "bluehats"}
+
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "pasted@example.org"})
+        leave = link_in(smtp.wait_for(2)[1], "unsubscribe")
+        cut = len(leave) - 20
+        url = pasted.format(link=leave, head=leave[:cut], tail=leave[cut:])
+        page = client.get(url, headers=BROWSER)
+        assert f'action="http://testserver{leave}?lang=fr"' in page.text
+        left = client.post(url, headers={"accept": "application/json"})
+        assert left.json() == {"status": "unsubscribed", "list": "bluehats"}
+        assert subscription(database_url, "pasted@example.org").status == "unsubscribed"
+
+    def test_the_button_answers_in_the_language_the_visitor_switched_its_page_to(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        """The page of a French subscriber's link, switched to English: the button's answer
+        came back in French, the language stored with the subscription."""
+
+        def press_the_button_in_english(link: str) -> str:
+            french = client.get(link, headers=BROWSER)
+            switch = re.search(r'fr-translate__language" href="([^"]+)"', french.text)
+            assert switch is not None
+            english = client.get(html.unescape(switch[1]), headers=BROWSER)
+            assert '<html lang="en">' in english.text
+            action = re.search(r'<form method="post" action="([^"]+)"', english.text)
+            assert action is not None
+            answer = client.post(html.unescape(action[1]), headers=BROWSER)
+            assert answer.status_code == 200
+            assert '<html lang="en">' in answer.text
+            return answer.text
+
+        subscribe(client, "switch@example.org")
+        confirm = link_in(smtp.wait_for(1)[0], "confirm")
+        assert "<h1>Subscription confirmed</h1>" in press_the_button_in_english(confirm)
+        client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "switch@example.org"})
+        leave = link_in(smtp.wait_for(2)[1], "unsubscribe")
+        assert "<h1>You are unsubscribed</h1>" in press_the_button_in_english(leave)
+
+    def test_a_link_cut_short_is_still_not_valid(self, client: TestClient, smtp: SmtpSink) -> None:
+        subscribe(client, "cut@example.org")
+        confirm = link_in(smtp.wait_for(1)[0], "confirm")
+        for url in (confirm[:-1], confirm[:-1] + ".", confirm + "x"):
+            assert client.get(url, headers={"accept": "application/json"}).status_code == 404
 
 
 class TestMails:

@@ -16,12 +16,20 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from app import apikeys, consent, db, formguard
+from app import consent, formguard
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
 from app.models import ConsentEvent, KeyScope, Subscription, utcnow
-from tests.conftest import SECRET, SmtpSink, count_rows, link_in, make_settings, wait_until
+from tests.conftest import (
+    SECRET,
+    SmtpSink,
+    api_key_headers,
+    count_rows,
+    link_in,
+    make_settings,
+    wait_until,
+)
 from tests.fake_listmonk import FakeListmonk
 from tests.fake_mailgun import FakeMailgun
 
@@ -153,6 +161,25 @@ class TestTheHostedPage:
         assert "This mailing list does not exist." in page.text
         as_json = client.get("/v1/lists/nope", headers={"accept": "application/json"})
         assert as_json.json()["error"] == "list_not_found"
+
+    def test_a_list_s_page_typed_with_capitals_leads_to_the_list_s_page(
+        self, client: TestClient
+    ) -> None:
+        """`/v1/lists/BlueHats`, as the newsletter's name is written on a poster, was "no
+        such list": every list's name in its address is in lowercase."""
+        for typed, meant in (
+            ("/v1/lists/BlueHats", "/v1/lists/bluehats"),
+            ("/v1/lists/BLUEHATS/unsubscribe?lang=en", "/v1/lists/bluehats/unsubscribe?lang=en"),
+            ("/v1/lists/Nope", "/v1/lists/nope"),
+        ):
+            answer = client.get(typed, headers=HTML, follow_redirects=False)
+            assert answer.status_code == 308, typed
+            assert answer.headers["location"] == meant
+        assert client.get("/v1/lists/BlueHats", headers=HTML).status_code == 200
+        assert client.get("/v1/lists/Nope", headers=HTML).status_code == 404
+        # A form posting to it is not sent elsewhere: its post is an API call.
+        posted = client.post("/v1/lists/BlueHats/subscriptions", json={"email": "a@example.org"})
+        assert posted.status_code == 404
 
 
 class TestHoneypot:
@@ -295,6 +322,42 @@ class TestFillTime:
         assert formguard.rejection_counts().get("too_fast", 0) == before
         smtp.mail_to("camille@example.org", link="confirm")
 
+    def test_one_who_asks_again_from_a_dead_link_s_page_at_once_is_not_dropped_as_too_fast(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        """The expired link's page: one field the browser fills in, one button, pressed
+        within the fill time, and the page said "check your inbox" while nothing came. A
+        link of a real mail shows the visitor filled the list's form before."""
+        with app_client(database_url, smtp, resend_interval="0s") as client:
+            client.post(SUBSCRIBE, json={"email": "late@example.org"})
+            link = link_in(smtp.mail_to("late@example.org", link="confirm"), "confirm")
+            engine = make_engine(database_url)
+            with engine.begin() as connection:
+                connection.execute(sa.text("UPDATE token SET expires_at = :now"), {"now": utcnow()})
+            engine.dispose()
+            before = formguard.rejection_counts().get("too_fast", 0)
+            expired = client.get(link, headers=HTML)
+            assert expired.status_code == 410
+            again = post_form(
+                client,
+                {"email": "late@example.org", "form_stamp": stamp_in(expired.text)},
+                **HTML,
+            )
+            assert again.status_code == 303
+            assert formguard.rejection_counts().get("too_fast", 0) == before
+            assert len(smtp.wait_for(2)) == 2
+
+            # A made-up link's page is anyone's: its form keeps the fill time.
+            unknown = client.get("/v1/confirm/" + "A" * 43, headers=HTML)
+            assert unknown.status_code == 404
+            dropped = post_form(
+                client,
+                {"email": "robot@example.org", "form_stamp": stamp_in(unknown.text)},
+                **HTML,
+            )
+            assert dropped.status_code == 303
+            assert formguard.rejection_counts().get("too_fast", 0) == before + 1
+
     def test_json_callers_have_no_form_defences(
         self, client: TestClient, database_url: str
     ) -> None:
@@ -341,6 +404,48 @@ class TestTheSitesForm:
         [row] = stored(database_url)
         assert row.attributes == {"organisation": "DINUM"}
 
+    def test_the_page_of_a_list_created_through_the_api_may_lead_to_its_thank_you_page(
+        self, client: TestClient, engine: sa.Engine, smtp: SmtpSink
+    ) -> None:
+        """Its thank-you page is not in the settings, whose origins every page's CSP names:
+        the list's own page adds it, or the browser refuses the post's redirect there."""
+        key = api_key_headers(engine, "operator", KeyScope.WRITE)
+        created = client.post(
+            "/v1/admin/lists",
+            json={"slug": "events", "name": "Events", "thank_you_url": "https://events.example/ok"},
+            headers=key,
+        )
+        assert created.status_code == 201, created.text
+        page = client.get("/v1/lists/events", headers=HTML)
+        # The form sent back for correction too.
+        corrected = client.post(
+            "/v1/lists/events/subscriptions", data={"email": "not an address"}, headers=HTML
+        )
+        assert corrected.status_code == 422
+        for answer in (page, corrected):
+            csp = answer.headers["content-security-policy"]
+            assert "form-action 'self' https://events.example;" in csp
+        taken = client.post(
+            "/v1/lists/events/subscriptions",
+            data={"email": "events@example.org"},
+            headers=HTML,
+            follow_redirects=False,
+        )
+        assert taken.status_code == 303
+        assert taken.headers["location"] == "https://events.example/ok"
+        # Only there: another list's page does not lead there.
+        assert "events.example" not in client.get(PAGE).headers["content-security-policy"]
+
+        # Its dead link's page (whose CSP does not know that page) leads to the list's own
+        # page rather than posting a form of its own.
+        client.post("/v1/lists/events/subscriptions", json={"email": "late@example.org"})
+        link = link_in(smtp.mail_to("late@example.org", link="confirm"), "confirm")
+        client.post(link)
+        page = client.get(link, headers=HTML)
+        assert page.status_code == 409
+        assert 'name="email"' not in page.text
+        assert '<a class="fr-link" href="/v1/lists/events?lang=fr">' in page.text
+
     @pytest.mark.parametrize(
         ("language", "title"),
         [("fr", "Erreur - Formulaire illisible"), ("en", "Error - Form could not be read")],
@@ -367,40 +472,6 @@ class TestTheSitesForm:
         # Not the generic "try again in a moment": the same form fails the same way.
         assert f"<title>{title} - " in response.text
         assert stored(database_url) == []
-
-    def test_a_list_made_through_the_api_may_send_its_form_on_to_its_thank_you_page(
-        self, client: TestClient, database_url: str
-    ) -> None:
-        # Browsers apply form-action to the redirect that answers a form's post too: one to
-        # an origin the page's policy leaves out is blocked, after the sign-up was taken.
-        engine = make_engine(database_url)
-        with db.session_scope(engine) as session:
-            _, key = apikeys.create(session, name="ops", scope=KeyScope.WRITE, now=utcnow())
-        engine.dispose()
-        created = client.post(
-            "/v1/admin/lists",
-            headers={"authorization": f"Bearer {key}"},
-            json={"slug": "events", "name": "Events", "thank_you_url": "https://events.gouv.fr/ok"},
-        )
-        assert created.status_code == 201
-        page = client.get("/v1/lists/events", headers=HTML)
-        corrected = client.post(
-            "/v1/lists/events/subscriptions", data={"email": "not an address"}, headers=HTML
-        )
-        assert corrected.status_code == 422
-        for answer in (page, corrected):
-            csp = answer.headers["content-security-policy"]
-            assert "form-action 'self' https://events.gouv.fr;" in csp
-        taken = client.post(
-            "/v1/lists/events/subscriptions",
-            data={"email": "events@example.org"},
-            headers=HTML,
-            follow_redirects=False,
-        )
-        assert taken.status_code == 303
-        assert taken.headers["location"] == "https://events.gouv.fr/ok"
-        # Other lists' pages keep to their own.
-        assert "events.gouv.fr" not in client.get(PAGE).headers["content-security-policy"]
 
 
 class TestCustomFields:
@@ -686,6 +757,28 @@ class TestStrings:
                 lists=[list_settings(strings={"fr": {"page.subscribe.titel": "x"}})],
             )
 
+    def test_a_wording_in_paragraphs_is_shown_in_paragraphs(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        """Line breaks in an operator's wording (which the mails keep) ran together into one
+        paragraph on the page: the consent text the visitor agrees to, as written."""
+        reworded = list_settings(
+            consent_text={
+                "fr": "J'accepte de recevoir {list}.\n\nMes droits : accès, rectification.\n"
+                "Contact : <dpo@example.org>"
+            },
+            strings={"fr": {"page.thanks.text": "Merci !\r\n\r\nOuvrez le message reçu."}},
+        )
+        with app_client(database_url, smtp, lists=[reworded]) as client:
+            page = client.get(PAGE, headers=HTML).text
+            thanks = client.get(PAGE + "/thanks", headers=HTML).text
+        assert (
+            '<div class="fr-text" id="consent-text"><p>J&#39;accepte de recevoir Gazette '
+            "BlueHats.</p><p>Mes droits : accès, rectification.<br>\n"
+            "Contact : &lt;dpo@example.org&gt;</p></div>"
+        ) in page
+        assert "<p>Merci !</p><p>Ouvrez le message reçu.</p>" in thanks
+
 
 class TestLanguage:
     def test_accept_language_chooses_and_the_switch_leads_to_the_other_language(
@@ -750,6 +843,21 @@ class TestLanguage:
 
 
 class TestErrorPages:
+    def test_with_several_lists_a_confirm_link_not_found_leads_to_each_list_s_page(
+        self, database_url: str, smtp: SmtpSink
+    ) -> None:
+        """A link cut short does not say its list. With one list, its page offers the new
+        link it speaks of; with several, it offered nothing (tests/test_unsubscribe_page.py:
+        the same for an unsubscribe link)."""
+        lists = [list_settings(), list_settings(slug="news", name="Actualités")]
+        with app_client(database_url, smtp, lists=lists) as client:
+            page = client.get("/v1/confirm/" + "A" * 30, headers=HTML)
+        assert page.status_code == 404
+        label = "Recevoir un nouveau lien pour l&#39;une de ces lettres :"
+        assert f'<p id="list-links">{label}</p>' in page.text
+        assert '<li><a class="fr-link" href="/v1/lists/bluehats?lang=fr">' in page.text
+        assert '<li><a class="fr-link" href="/v1/lists/news?lang=fr">Actualités</a>' in page.text
+
     def test_too_many_posts_get_a_page_that_says_so_with_retry_after(
         self, database_url: str, smtp: SmtpSink
     ) -> None:

@@ -30,10 +30,11 @@ from app.api import docs  # noqa: E402
 from app.config import MailmanBackendSettings  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import Subscription, Token, utcnow  # noqa: E402
+from app.models import KeyScope, Subscription, Token, utcnow  # noqa: E402
 from tests.conftest import (  # noqa: E402
     LiveServer,
     SmtpSink,
+    api_key_headers,
     free_port,
     link_in,
     make_settings,
@@ -178,11 +179,12 @@ def status_of(database_url: str, email: str) -> str | None:
 
 
 def expire_tokens(database_url: str) -> None:
+    """Every link expired, its mail sent a year ago (as long before as the link's life)."""
+    year_ago = utcnow().replace(year=utcnow().year - 1)
     engine = make_engine(database_url)
     with engine.begin() as connection:
-        connection.execute(
-            sa.update(Token).values(expires_at=utcnow().replace(year=utcnow().year - 1))
-        )
+        connection.execute(sa.update(Token).values(expires_at=year_ago))
+        connection.execute(sa.update(Subscription).values(last_mail_at=year_ago))
     engine.dispose()
 
 
@@ -556,5 +558,122 @@ def test_the_api_docs_run_swagger_ui_only_from_the_files_their_hashes_name(
             path.wait_for()
             page.screenshot(path=str(screenshots / "api-docs.png"))
             assert errors == []
+    finally:
+        context.close()
+
+
+def test_a_list_created_through_the_api_leads_its_visitors_to_its_thank_you_page(
+    browser: Browser, database_url: str, smtp: SmtpSink
+) -> None:
+    """The pages' CSP (`form-action`) named the thank-you pages of the settings' lists only:
+    on the page of a list created through the admin API, Chrome refused to follow the
+    post's redirect to the site, and the visitor stayed on the form, the request taken."""
+    site = SitePage(b"<!DOCTYPE html><title>Merci</title><h1>Merci</h1>", content_type="text/html")
+    server, base_url = serve(database_url, smtp)
+    context = browser.new_context(locale="fr-FR")
+    refused: list[str] = []
+    try:
+        with site as origin, server:
+            engine = make_engine(database_url)
+            key = api_key_headers(engine, "operator", KeyScope.WRITE)
+            engine.dispose()
+            created = httpx.post(
+                f"{base_url}/v1/admin/lists",
+                json={"slug": "events", "name": "Événements", "thank_you_url": f"{origin}/merci"},
+                headers=key,
+                trust_env=False,
+            )
+            assert created.status_code == 201, created.text
+            page = context.new_page()
+            page.on("console", lambda m: refused.append(m.text) if m.type == "error" else None)
+            page.goto(f"{base_url}/v1/lists/events")
+            page.fill("#field-email", "events@example.org")
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            assert page.url == f"{origin}/merci", refused
+            smtp.mail_to("events@example.org", link="confirm")
+
+            # Its expired link's way to a new one leads there too, through the list's page.
+            answer = httpx.post(
+                f"{base_url}/v1/lists/events/subscriptions",
+                json={"email": "late@example.org"},
+                trust_env=False,
+            )
+            assert answer.status_code == 202
+            mail = smtp.mail_to("late@example.org", link="confirm")
+            expire_tokens(database_url)
+            page.goto(mail_link(mail, link_in(mail, "confirm")))
+            page.click(f'main a:has-text("{TEXT["fr"]["new_link"]}")')
+            page.fill("#field-email", "late@example.org")
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            assert page.url == f"{origin}/merci", refused
+    finally:
+        context.close()
+
+
+def test_the_new_link_form_of_a_dead_link_takes_an_address_beyond_ascii(
+    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+) -> None:
+    """The form of an expired link's page let the browser check the address: Chrome refused
+    `josé@...` (which the service takes) in its own language, and no new link could be had."""
+    server, base_url = serve(database_url, smtp, fields=[])
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            answer = httpx.post(
+                f"{base_url}/v1/lists/bluehats/subscriptions",
+                json={"email": "josé@exemple.fr"},
+                trust_env=False,
+            )
+            assert answer.status_code == 202
+            mail = smtp.mail_to("josé@exemple.fr", link="confirm")
+            expire_tokens(database_url)
+            visit = Visit(context.new_page(), axe=axe_source, shots=screenshots, lang="fr")
+            page = visit.page
+            page.goto(mail_link(mail, link_in(mail, "confirm")))
+            visit.check("expired-link-address-form")
+            page.fill("main input[type=email]", "josé@exemple.fr")
+            with page.expect_navigation():
+                page.click(f'button:has-text("{TEXT["fr"]["new_link"]}")')
+            assert page.url.endswith("/v1/lists/bluehats/thanks?lang=fr"), page.url
+            assert len(smtp.wait_for(2)) == 2
+    finally:
+        context.close()
+
+
+def width_overflow(page: Page) -> int:
+    """How far the page reaches past the window's side (0: it scrolls down only)."""
+    return int(
+        page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    )
+
+
+def test_the_pages_fit_a_320_px_screen_whatever_the_length_of_a_word(
+    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+) -> None:
+    """A 320 px wide screen (a small phone, or 1280 px zoomed to 400 %) scrolls one way only
+    (WCAG 1.4.10): an address shown back in an error, or a list's long name, that ran off
+    the side made the whole page scroll sideways."""
+    name = "Lettre-d'information-de-la-direction-interministérielle-du-numérique"
+    server, base_url = serve(database_url, smtp, name=name)
+    context = browser.new_context(
+        bypass_csp=True, locale="fr-FR", viewport={"width": 320, "height": 640}
+    )
+    long_address = f"{'camille.dupont-martin' * 3}@{'administration' * 4}.gouv.fr"
+    try:
+        with server:
+            visit = Visit(
+                context.new_page(), axe=axe_source, shots=screenshots, lang="fr", prefix="320px-"
+            )
+            page = visit.page
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            visit.check("subscribe")
+            assert width_overflow(page) == 0
+            page.fill("#field-email", f"Camille <{long_address}>")
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            assert long_address in page.locator("#field-email-error").inner_text()
+            visit.check("subscribe-errors")
+            assert width_overflow(page) == 0
     finally:
         context.close()

@@ -329,14 +329,20 @@ class TestLinksToIt:
         as_json = client.get("/v1/unsubscribe/" + "A" * 43, headers={"accept": "application/json"})
         assert as_json.json()["error"] == "token_not_found"
 
-    def test_an_unknown_link_leads_nowhere_when_its_list_cannot_be_told(
+    def test_an_unknown_link_leads_to_each_list_s_page_when_its_list_cannot_be_told(
         self, database_url: str, smtp: SmtpSink
     ) -> None:
+        """It led nowhere: one who wants to leave, with a link cut short, was stuck."""
         two = [list_settings(), list_settings(slug="other", name="Other")]
         with app_client(database_url, smtp, lists=two) as client:
             page = client.get("/v1/unsubscribe/" + "A" * 43, headers=HTML)
         assert page.status_code == 404
-        assert "/unsubscribe?" not in main_of(page.text)
+        main = main_of(page.text)
+        assert "Demander un nouveau lien de désinscription pour l&#39;une de ces lettres :" in main
+        assert '<a class="fr-link" href="/v1/lists/bluehats/unsubscribe?lang=fr">' in main
+        assert '<a class="fr-link" href="/v1/lists/other/unsubscribe?lang=fr">Other</a>' in main
+        # Never a subscription form: the visitor wants to leave.
+        assert 'name="email"' not in main
 
     def test_an_expired_unsubscribe_link_leads_to_it_and_offers_no_subscription(
         self, client: TestClient, smtp: SmtpSink, database_url: str

@@ -24,7 +24,7 @@ from app.api import views
 from app.api.deps import request_locale, wants_html
 from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
-from app.models import utcnow
+from app.middleware import relative_location
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,14 @@ def _is_page(request: Request) -> bool:
 
 def _switch_path(request: Request, list_slug: str | None) -> str | None:
     """Where the error page's language switch leads: the same URL for a GET; after a POST,
-    the list's form (a POST cannot be replayed by a link), or the link's page."""
+    the link's page, which answers the same by GET (a link already used, expired...), or
+    the list's form (a POST cannot be replayed by a link)."""
     if request.method in ("GET", "HEAD"):
         return None
+    if request.url.path.startswith(PAGE_PREFIXES):
+        # Not the list's form: one who pressed the button twice, or reloaded its answer,
+        # read "already used" and switched to read it in the other language.
+        return request.url.path
     if list_slug is not None:
         return f"/v1/lists/{list_slug}"
     match = re.match(r"^/v1/lists/([^/]+)/(unsubscriptions)?", request.url.path)
@@ -106,20 +111,32 @@ def _answer(
         form = None
         ask_url = None
         unsubscribe_url = None
+        list_links = None
         # A confirm link not found does not say its list (cut short by a mail client,
-        # mistyped): with one list, the page can still offer the new link its text speaks of.
+        # mistyped): with one list, the page can still offer the new link its text speaks of;
+        # with several, the way to each list's.
         ask_slug = list_slug
-        if ask_slug is None and code == "token_not_found":
-            ask_slug = _only_list(settings) if request.url.path.startswith(CONFIRM_LINKS) else None
+        lost = code == "token_not_found" and list_slug is None
+        if lost and request.url.path.startswith(CONFIRM_LINKS):
+            ask_slug = _only_list(settings)
+            if ask_slug is None:
+                list_links = pages.ListLinks(
+                    label=t("page.ask_again.choose"),
+                    links=_lists_pages(settings, "", locale),
+                )
         if request.url.path.startswith(UNSUBSCRIBE_LINKS):
             # Someone who wants to leave, with a link that does not work: the way on is the
             # list's page to ask for a new unsubscribe link, not a subscription form.
             leave_slug = list_slug or _only_list(settings)
             if leave_slug is not None:
                 unsubscribe_url = f"/v1/lists/{leave_slug}/unsubscribe?lang={locale.value}"
-        elif ask_slug is not None and _has_required_fields(settings, ask_slug):
-            # An address alone would come back with "fill in ...": the list's own page asks
-            # for every field it requires.
+            else:
+                # Which list the link was for is not known: the page of each.
+                list_links = pages.ListLinks(
+                    label=t("page.unsubscribe_request.choose"),
+                    links=_lists_pages(settings, "/unsubscribe", locale),
+                )
+        elif ask_slug is not None and _asks_on_its_own_page(settings, ask_slug):
             ask_url = f"/v1/lists/{ask_slug}?lang={locale.value}"
         elif ask_slug is not None:
             form = pages.Form(
@@ -129,10 +146,14 @@ def _answer(
                 button=t("page.ask_again.button"),
                 ask_email=True,
                 email_label=t("page.ask_again.label"),
-                # Stamped like the hosted form, so a list that requires stamps takes it.
+                # Stamped like the hosted form, so a list that requires stamps takes it; as
+                # filled before when the link was a real one (its list is known): its
+                # visitor asks again with the address the browser fills in, at once.
                 hidden={
                     "locale": locale.value,
-                    formguard.STAMP_FIELD: formguard.issue(key=settings.token_key(), now=utcnow()),
+                    formguard.STAMP_FIELD: views.page_stamp(
+                        settings, filled_before=list_slug is not None
+                    ),
                 },
             )
         return pages.render(
@@ -145,6 +166,7 @@ def _answer(
             unsubscribe_url=unsubscribe_url,
             ask_url=ask_url,
             form_url=_form_page_after_post(request, code=code, locale=locale),
+            list_links=list_links,
         )
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
@@ -200,9 +222,36 @@ def _form_page_of_post_url(request: Request) -> str | None:
     return settings.public_link(path)
 
 
-def _has_required_fields(settings: Settings, slug: str) -> bool:
+def _lowercase_list_page(request: Request) -> str | None:
+    """A list's page asked for with capitals in its name (`/v1/lists/BlueHats`, typed from
+    a poster or a slide): the same page under the list's name as it is, in lowercase (as
+    every list's is), rather than "no such list"."""
+    path = request.url.path
+    match = LIST_PATH.match(path)
+    if request.method not in ("GET", "HEAD") or not PAGE_PATHS.match(path) or match is None:
+        return None
+    slug = match[1]
+    if slug == slug.lower():
+        return None
+    lowered = f"/v1/lists/{slug.lower()}{path[match.end() :]}"
+    return relative_location(lowered, request.scope.get("query_string", b""))
+
+
+def _asks_on_its_own_page(settings: Settings, slug: str) -> bool:
+    """A new link is asked for on the list's own page, not with the error page's form of
+    an address alone, when the list requires fields (an address alone would come back with
+    "fill in ..."), or when the settings do not declare it (created through the API): its
+    thank-you page, where that form's post leads, is then unknown here and so to the page's
+    CSP, and the browser would refuse to go there; the list's own page allows it."""
     declared = settings.list_settings(slug)
-    return declared is not None and any(field.required for field in declared.fields)
+    return declared is None or any(field.required for field in declared.fields)
+
+
+def _lists_pages(settings: Settings, page: str, locale: Locale) -> list[tuple[str, str]]:
+    """Each declared list's name and its page `page` ("": the subscription page)."""
+    return [
+        (item.name, f"/v1/lists/{item.slug}{page}?lang={locale.value}") for item in settings.lists
+    ]
 
 
 def _only_list(settings: Settings) -> str | None:
@@ -323,6 +372,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(errors.DomainError)
     async def _domain(request: Request, exc: errors.DomainError) -> Response:
+        if isinstance(exc, errors.ListNotFound):
+            lowercase = _lowercase_list_page(request)
+            if lowercase is not None:
+                return RedirectResponse(lowercase, status_code=308)
         response = _answer(
             request,
             status=exc.status_code,

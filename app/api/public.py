@@ -6,7 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,11 +21,11 @@ from app import (
     forms,
     hosted,
     lists,
-    middleware,
     origins,
     pages,
     proofofwork,
     subscriptions,
+    tokens,
     unsubscribe_form,
 )
 from app.api import views
@@ -115,6 +115,15 @@ def _html_and_json(description: str) -> dict[int | str, dict[str, Any]]:
 
 
 FORM_TYPES = (FORM, MULTIPART)
+# A list's pages: unknown list, or its name typed with capitals (app.api.handlers).
+LIST_PAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    308: {
+        "description": "The list's name was written with capitals: the same page under its "
+        "name in lowercase, as every list's is.",
+        "headers": {"Location": {"schema": {"type": "string"}}},
+    },
+    **errors.responses(errors.ListNotFound, html=True),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,18 +435,6 @@ def _thanks_redirect(settings: Settings, mailing_list: MailingList, locale: Loca
     return RedirectResponse(target, status_code=303)
 
 
-def _page_stamp(settings: Settings, *, correction: bool) -> str:
-    """The fill-time stamp of a served form. A form sent back for correction comes after
-    a post that passed the robot screen: the visitor has filled it once already, and one
-    who fixes a typo at once must not be dropped as too fast (told to check a mailbox that
-    gets nothing). Its stamp is dated a fill time back, so the correction posts at once;
-    a robot gains nothing by it, as it needed a valid stamp (or none) to get here."""
-    now = utcnow()
-    if correction:
-        now -= settings.form_min_fill_time
-    return formguard.issue(key=settings.token_key(), now=now)
-
-
 def _subscribe_page(
     request: Request,
     settings: Settings,
@@ -465,16 +462,12 @@ def _subscribe_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/subscriptions?lang={locale.value}"
         ),
-        stamp=_page_stamp(settings, correction=bool(errors)),
+        stamp=views.page_stamp(settings, filled_before=bool(errors)),
         values=values,
         errors=errors,
     )
-    if mailing_list.thank_you_url:
-        # Where the form's post is answered to (`_thanks_redirect`): a list created through
-        # the admin API is not among the settings' lists the fixed policy allows.
-        parts = urlsplit(mailing_list.thank_you_url)
-        middleware.allow_form_target(request.state, f"{parts.scheme}://{parts.netloc}")
-    return pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
+    page = pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
+    return views.lead_form_to(page, request, url=mailing_list.thank_you_url)
 
 
 @router.get(
@@ -482,7 +475,7 @@ def _subscribe_page(
     operation_id="subscription_page",
     responses={
         **_html_and_json("The hosted subscription form (HTML, works without JavaScript)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def subscription_page(
@@ -500,7 +493,7 @@ async def subscription_page(
     operation_id="subscription_thanks_page",
     responses={
         **_html_and_json("The 'check your inbox' page."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def thanks_page(
@@ -516,7 +509,7 @@ async def thanks_page(
     operation_id="subscription_confirmed_page",
     responses={
         **_html_and_json("The 'subscription confirmed' page (the result page's other language)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def confirmed_page(
@@ -532,7 +525,7 @@ async def confirmed_page(
     operation_id="unsubscribed_page",
     responses={
         **_html_and_json("The 'you are unsubscribed' page (the result page's other language)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def unsubscribed_page(
@@ -584,7 +577,7 @@ def _list_page(
     operation_id="unsubscribe_request_page",
     responses={
         **_html_and_json("The page to ask for an unsubscribe link by address (HTML)."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def unsubscribe_request_page(
@@ -601,7 +594,7 @@ async def unsubscribe_request_page(
     operation_id="unsubscribe_sent_page",
     responses={
         **_html_and_json("The 'check your inbox' page after asking for an unsubscribe link."),
-        **errors.responses(errors.ListNotFound, html=True),
+        **LIST_PAGE_ERRORS,
     },
 )
 async def unsubscribe_sent_page(
@@ -637,7 +630,7 @@ def _unsubscribe_request_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/unsubscriptions?lang={locale.value}"
         ),
-        stamp=_page_stamp(settings, correction=error is not None),
+        stamp=views.page_stamp(settings, filled_before=error is not None),
         value=value,
         error=error,
     )
@@ -774,7 +767,10 @@ def _page(
     if form_action is not None:
         declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
         t = for_list(locale, declared)
-        form = pages.Form(action=form_action, button=t(f"page.{page}.button"))
+        # The button's answer in the page's language: one who switched the page to the
+        # other language read the result in the subscriber's stored one.
+        action = pages.with_lang(form_action, "", locale)
+        form = pages.Form(action=action, button=t(f"page.{page}.button"))
     # After the button's POST, the other language is the result's own page, not the link.
     switch_path = None if form else f"/v1/lists/{mailing_list.slug}/{page}"
     return _list_page(
@@ -806,13 +802,14 @@ async def confirm_page(
     token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Show the confirmation button. Changes nothing: mail scanners follow links."""
-    target = await database.run(subscriptions.confirmation_target, secret=token, now=utcnow())
+    secret = tokens.from_link(token)
+    target = await database.run(subscriptions.confirmation_target, secret=secret, now=utcnow())
     return _page(
         request,
         settings,
         target,
         page="confirm",
-        form_action=settings.public_link(f"/v1/confirm/{token}"),
+        form_action=settings.public_link(f"/v1/confirm/{secret}"),
     )
 
 
@@ -828,7 +825,7 @@ async def confirm(token: str, request: Request) -> Response:
     settings = services.settings
     target = await services.database.write(
         subscriptions.confirm,
-        secret=token,
+        secret=tokens.from_link(token),
         evidence=evidence(request, settings, source="link"),
         key=settings.token_key(),
         now=utcnow(),
@@ -846,13 +843,14 @@ async def unsubscribe_page(
     token: str, request: Request, database: DatabaseDep, settings: SettingsDep
 ) -> Response:
     """Show the unsubscribe button. Changes nothing: mail scanners follow links."""
-    target = await database.run(subscriptions.unsubscription_target, secret=token, now=utcnow())
+    secret = tokens.from_link(token)
+    target = await database.run(subscriptions.unsubscription_target, secret=secret, now=utcnow())
     return _page(
         request,
         settings,
         target,
         page="unsubscribe",
-        form_action=settings.public_link(f"/v1/unsubscribe/{token}"),
+        form_action=settings.public_link(f"/v1/unsubscribe/{secret}"),
     )
 
 
@@ -872,7 +870,7 @@ async def unsubscribe(token: str, request: Request) -> Response:
     settings = services.settings
     target = await services.database.write(
         subscriptions.unsubscribe,
-        secret=token,
+        secret=tokens.from_link(token),
         evidence=evidence(request, settings, source="one_click" if is_one_click else "link"),
         now=utcnow(),
         # A mail client's one-click POST is not a person waiting for a goodbye mail.

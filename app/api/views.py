@@ -5,11 +5,13 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi import Request
+from starlette.responses import Response
 
-from app import pages
+from app import formguard, origins, pages
 from app.config import ListSettings, Locale, Settings
 from app.i18n import for_list
-from app.middleware import on_this_host
+from app.middleware import PagePolicy, on_this_host
+from app.models import utcnow
 
 
 def list_settings(settings: Settings, *, slug: str, name: str) -> ListSettings:
@@ -44,3 +46,29 @@ def chrome(
         stylesheet_url=str(stylesheet) if stylesheet else None,
         proof_of_work=settings.proof_of_work_bits > 0,
     )
+
+
+def lead_form_to(response: Response, request: Request, *, url: str | None) -> Response:
+    """A page whose form's post leads on to `url` (a list's thank-you page): its CSP lets
+    the browser follow there. The settings' lists are in every page's policy already; a
+    list created through the API is not, and Chrome stopped its visitors on the form, the
+    post taken but its redirect refused (`form-action`)."""
+    target = origins.normalize(url) if url else None
+    policy: PagePolicy = request.app.state.page_policy
+    if target is not None and target not in policy.form_targets:
+        response.headers["content-security-policy"] = policy.header(also_form_targets=[target])
+    return response
+
+
+def page_stamp(settings: Settings, *, filled_before: bool) -> str:
+    """The fill-time stamp of a served form. `filled_before`: the visitor has filled this
+    list's form once already, as a post that passed the robot screen shows (a form sent
+    back for correction), or a link of its mail (the form of an expired or used link's page
+    to ask for a new one). One who fixes a typo, or asks again, at once (an address the
+    browser fills in) must not be dropped as too fast, told to check a mailbox that gets
+    nothing: the stamp is dated a fill time back. A robot gains nothing by it, as it needed
+    a valid stamp (or none), or a link of a real mail, to get here."""
+    now = utcnow()
+    if filled_before:
+        now -= settings.form_min_fill_time
+    return formguard.issue(key=settings.token_key(), now=now)
