@@ -137,7 +137,10 @@ def backends(settings: Settings) -> Iterator[Outcome]:
                 page = backends.make_backend(declared.backend, client).members()
             except SyncError as e:
                 answer = f" ({e.response})" if e.response else ""
-                yield Outcome(part, False, f"{kind}: {e}{answer}")
+                # The backends' messages mostly name themselves ("listmonk: list members:
+                # ..."), which read "listmonk: listmonk: ..." here.
+                said = str(e) if str(e).startswith(kind) else f"{kind}: {e}"
+                yield Outcome(part, False, f"{said}{answer}")
                 continue
             more = ", more follow" if page.next_cursor is not None else ""
             yield Outcome(

@@ -345,14 +345,16 @@ class TestWorkerMetricsPort:
     def test_the_metrics_token_is_required_as_on_the_api(
         self, database_url: str, engine: sa.Engine, tmp_path: Path
     ) -> None:
-        port = free_port()
-        env = service_env(database_url, smtp_port=free_port(), METRICS_TOKEN="scrape-me")
+        port, smtp_port = free_port(), free_port()
+        env = service_env(database_url, smtp_port=smtp_port, METRICS_TOKEN="scrape-me")
         worker = Process(
             ["worker", "--metrics-port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "log"
         )
         try:
             url = f"http://127.0.0.1:{port}/metrics"
             worker.wait_for_log("worker.metrics_listening")
+            # Its start says where the mails and the syncs go.
+            worker.wait_for_log(f"mailer=smtp:127.0.0.1:{smtp_port} lists=bluehats:none")
             anonymous = wait_until(lambda: _get(url))
             assert anonymous.status_code == 401
             assert anonymous.json()["error"] == "unauthorized"
