@@ -47,6 +47,10 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # typer's own click Context, private to it
         try:
             return super().invoke(ctx)
+        except SettingsError as e:
+            # Found after the start (the key file made at first use): as at the start.
+            typer.echo(str(e), err=True)
+            raise typer.Exit(EXIT_USAGE) from None
         except Exception as e:
             problem = _database_problem(e)
             if problem is None:
@@ -56,7 +60,16 @@ class _Commands(TyperGroup):
             raise typer.Exit(code) from None
 
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_Commands)
+# A bug's traceback shows no local variables: typer's default showed them in earlier
+# releases that pyproject allows (0.12 on), and a command's locals hold the settings, whose
+# database URL carries its password in clear.
+cli = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help=__doc__,
+    cls=_Commands,
+    pretty_exceptions_show_locals=False,
+)
 
 
 def _database_problem(error: Exception) -> tuple[str, int] | None:
@@ -131,17 +144,32 @@ def serve(
     import uvicorn
 
     settings = _settings()
+    # The key file of the embedded default, made now if need be (SettingsError if it
+    # cannot be), rather than by the app's start inside uvicorn, which printed a traceback.
+    settings.token_key()
     _schema_at_head(settings)
-    _can_listen(host, port, option="--port")
-    # A log line (JSON when asked), and the database by kind only: its URL may hold a password.
+    _can_listen(host, port, option="--port", host_option="--host")
+    # A log line (JSON when asked), and the database by kind only, named as `app.started`
+    # names it: its URL may hold a password.
     logging.getLogger("app.cli").info(
-        "serve.starting url=http://%s:%d database=%s workers=%d",
-        host,
+        "serve.starting url=http://%s:%d database=%s workers=%d public_url=%s",
+        f"[{host}]" if ":" in host else host,
         port,
-        settings.database_url.split(":", 1)[0],
+        "sqlite" if settings.is_sqlite else "postgresql",
         workers,
+        settings.public_link(""),
     )
-    if _elsewhere_on_this_host(settings, port=port):
+    if _loopback_for_others(settings, host=host):
+        # The Dockerfile's `serve --host 0.0.0.0`, NEWSLETTER_PUBLIC_URL left out: every
+        # confirm link mailed led to the subscriber's own machine, without a word.
+        logging.getLogger("app.cli").warning(
+            "serve.public_url_loopback public_url=%s host=%s: the mails' links and the pages' "
+            "forms lead to this machine's loopback, which no visitor reaches; set "
+            "NEWSLETTER_PUBLIC_URL to the address visitors use",
+            settings.public_link(""),
+            host,
+        )
+    elif _elsewhere_on_this_host(settings, port=port):
         # `newsletter serve --port 8001` in development, the default public URL left as is:
         # the pages would post their forms to, and the mails link to, another server.
         logging.getLogger("app.cli").warning(
@@ -171,11 +199,12 @@ def serve(
     )
 
 
-def _can_listen(host: str, port: int, *, option: str) -> None:
+def _can_listen(host: str, port: int, *, option: str, host_option: str) -> None:
     """Exit 2 with one line when nothing can listen on host:port (a port another server
     holds, an unknown host). Left to uvicorn, a port in use was one log line among others
     and exit code 3, after the in-process worker had started and sent mails; to the worker's
     metrics server, a traceback."""
+    import errno
     import socket
 
     try:
@@ -187,17 +216,31 @@ def _can_listen(host: str, port: int, *, option: str) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
     except OSError as e:
+        # A host that is not this machine's (no such name, an address of another machine)
+        # is the host's fault; a port taken or reserved, the port's.
+        wrong = option
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            wrong = host_option
         typer.echo(
-            f"cannot listen on {host}:{port}: {e.strerror or e}; give another {option}", err=True
+            f"cannot listen on {host}:{port}: {e.strerror or e}; give another {wrong}", err=True
         )
         raise typer.Exit(EXIT_USAGE) from e
+
+
+def _loopback(host: str | None) -> bool:
+    return host in ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
 def _elsewhere_on_this_host(settings: Settings, *, port: int) -> bool:
     """The public URL names this machine (loopback) but another port than the one served."""
     url = settings.public_url
-    loopback = url.host in ("127.0.0.1", "localhost", "[::1]", "::1")
-    return loopback and url.port != port
+    return _loopback(url.host) and url.port != port
+
+
+def _loopback_for_others(settings: Settings, *, host: str) -> bool:
+    """The server listens for other machines (`0.0.0.0`, a network address) while the
+    public URL, the base of every link mailed, names the loopback."""
+    return _loopback(settings.public_url.host) and not _loopback(host)
 
 
 def _schema_at_head(settings: Settings) -> None:
@@ -220,9 +263,18 @@ def _schema_at_head(settings: Settings) -> None:
     finally:
         engine.dispose()
     if pending:
-        done = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], check=False)
+        # Its one line on stdout ("database at 0009") is logged here as an event: printed as
+        # it was, it was the one line of a JSON log (NEWSLETTER_LOG_FORMAT=json) that was
+        # not JSON. Its log lines and its errors go to stderr as they are.
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "migrate"], check=False, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         if done.returncode != 0:
             raise typer.Exit(done.returncode)
+        logging.getLogger("app.cli").info(
+            "serve.migrated revision=%s", done.stdout.strip().removeprefix("database at ")
+        )
 
 
 @cli.command()
@@ -246,9 +298,12 @@ def worker(
     settings = _settings()
     log = logging.getLogger("app.worker")
     if metrics_port is not None:
-        _can_listen(metrics_host, metrics_port, option="--metrics-port")
+        _can_listen(
+            metrics_host, metrics_port, option="--metrics-port", host_option="--metrics-host"
+        )
     engine = db.make_engine(settings.database_url)
     migrations.require_head(engine)
+    settings.token_key()  # as `serve`: a key file that cannot be made stops it here
     lists.sync_declared(engine, declared=settings.lists)
     metrics = Metrics()
     if metrics_port is not None:
@@ -288,8 +343,9 @@ def worker(
 def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
-    """Bring the database schema to a revision: the latest by default, or an older one
-    (downgrade). Exit 2 for a revision it cannot go to."""
+    """Bring the schema to a revision: the latest by default, or an older one (downgrade).
+
+    Exit 2 for a revision it cannot go to."""
     from app import db, migrations
 
     settings = _settings()
@@ -306,8 +362,9 @@ def migrate(
 
 @cli.command()
 def check() -> None:
-    """Reach what the settings name (database, Redis, mail relay, each list's backend),
-    sending nothing; exit 0 if all answered, 3 if not."""
+    """Reach the database, Redis, the mail relay and each list's backend; send nothing.
+
+    A line each, ok or FAILED; exit 0 if all answered, 3 if not."""
     from app import preflight
 
     settings = _settings()
@@ -327,12 +384,22 @@ def openapi(
     """Print (or write) the OpenAPI document generated from the app."""
     from app.main import create_app
 
-    document = json.dumps(create_app(Settings()).openapi(), indent=2, ensure_ascii=False) + "\n"
+    # Checked as every command's: built with Settings() alone, a bad value ended in a
+    # traceback that printed it, a too-short NEWSLETTER_SECRET_KEY included.
+    settings = _settings()
+    document = json.dumps(create_app(settings).openapi(), indent=2, ensure_ascii=False) + "\n"
     if output is None:
         typer.echo(document, nl=False)
-    else:
+        return
+    if output.is_dir():
+        typer.echo(f"cannot write {output}: it is a directory", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    try:
         output.write_text(document, encoding="utf-8")
-        typer.echo(f"wrote {output}", err=True)
+    except OSError as e:
+        typer.echo(f"cannot write {output}: {e.strerror or e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+    typer.echo(f"wrote {output}", err=True)
 
 
 def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
@@ -678,11 +745,13 @@ def _audited_run(
     target: str | None,
     work: Any,
     audit_detail: dict[str, Any] | None = None,
+    about_list: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Run `work` in one transaction and record it in the audit log as `cli:<user>`; a
     refusal is recorded too, printed, and ends the command (exit code 1, or 2 for bad
-    input: `_refusal_code`)."""
+    input: `_refusal_code`). `about_list`: the list the command names (`list_slug` among
+    the arguments by default), named with the known ones when there is no such list."""
     from app import audit, db, errors, lists
     from app.models import utcnow
 
@@ -705,10 +774,34 @@ def _audited_run(
                     outcome=f"error:{e.code}", now=utcnow(),
                     detail={**(audit_detail or {}), "detail": e.detail},
                 )  # fmt: skip
-            typer.echo(e.detail, err=True)
-            raise typer.Exit(_refusal_code(e)) from e
+            _refuse(e, engine, settings, about_list=about_list or kwargs.get("list_slug"))
     finally:
         engine.dispose()
+
+
+def _refuse(error: Any, engine: Any, settings: Settings, *, about_list: str | None) -> None:
+    """Print a refusal and end the command with its code. An unknown list is named, with
+    the lists there are (`no list 'nesletter' (known: bluehats)`): the API's "No mailing
+    list has this name." left the operator to find which of the command's names was wrong
+    and what to type instead."""
+    from app import errors
+
+    if isinstance(error, errors.ListNotFound) and about_list is not None:
+        typer.echo(_no_such_list(engine, settings, about_list), err=True)
+    else:
+        typer.echo(error.detail, err=True)
+    raise typer.Exit(_refusal_code(error)) from error
+
+
+def _no_such_list(engine: Any, settings: Settings, slug: str) -> str:
+    """The lists declared in the settings and those created through the API or the CLI
+    (the refused command's transaction, which stored the declared ones, was rolled back)."""
+    from app import admin, db
+
+    with db.session_scope(engine) as session:
+        created = {item.slug for item in admin.all_lists(session)}
+    known = ", ".join(sorted(created | {item.slug for item in settings.lists}))
+    return f"no list {slug!r} (known: {known})"
 
 
 @subscriber_cli.command("add")
@@ -834,8 +927,9 @@ def people_erase(
     email: Annotated[str, typer.Argument(help="The address.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Erase an address from every list (the backends are told through the sync); prints
-    what was done as JSON. Erasing again is harmless."""
+    """Erase an address from every list; the backends are told through the sync.
+
+    Prints what was done as JSON. Erasing again is harmless."""
     import dataclasses
 
     from app import operators, privacy
@@ -1124,8 +1218,9 @@ def export_file(
         Path | None, typer.Option(help="Write to this file (default: standard output).")
     ] = None,
 ) -> None:
-    """Export a list's subscribers with their consent fields, as CSV or JSON lines, with
-    the same filters as the search."""
+    """Export a list's subscribers with their consent fields, as CSV or JSON lines.
+
+    The filters are the search's."""
     import functools
     import os
 
@@ -1234,17 +1329,23 @@ def _refusal_code(error: Exception) -> int:
     return 2 if isinstance(error, bad_input) else 1
 
 
-def _read(settings: Settings, work: Any, **kwargs: Any) -> Any:
-    """Run a read in one transaction; a refusal prints its reason and exits (1 or 2)."""
-    from app import db, errors
+def _read(settings: Settings, work: Any, *, of_lists: bool = False, **kwargs: Any) -> Any:
+    """Run a read in one transaction; a refusal prints its reason and exits (1 or 2).
+    `of_lists` (implied by a `list_slug`): the lists declared in the settings are brought
+    into the database first, as `serve` and the other commands do, so that a read made
+    between `newsletter migrate` and the first start finds them ("No mailing list has this
+    name." for the list in NEWSLETTER_LISTS, and `lists show` printed nothing)."""
+    from app import db, errors, lists
+    from app.models import utcnow
 
     engine = db.make_engine(settings.database_url)
     try:
         with db.session_scope(engine) as session:
+            if of_lists or "list_slug" in kwargs:
+                lists.sync_from_settings(session, declared=settings.lists, now=utcnow())
             return work(session, **kwargs)
     except errors.DomainError as e:
-        typer.echo(e.detail, err=True)
-        raise typer.Exit(_refusal_code(e)) from e
+        _refuse(e, engine, settings, about_list=kwargs.get("list_slug"))
     finally:
         engine.dispose()
 
@@ -1372,7 +1473,7 @@ def stats(
 @jobs_cli.command("failed")
 def jobs_failed(
     state: Annotated[str | None, typer.Option(help="dead, or pending (retrying).")] = None,
-    kind: Annotated[str | None, typer.Option(help="mail, sync or reconcile.")] = None,
+    kind: Annotated[str | None, typer.Option(help="mail, sync, reconcile or retention.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE, help="At most this many.")] = 100,
 ) -> None:
     """Failed jobs with their last error, newest first; exit 0 when there are none, 3 if any."""
@@ -1458,7 +1559,7 @@ def lists_show() -> None:
     from app import admin
 
     settings = _settings()
-    for row in _read(settings, admin.all_lists):
+    for row in _read(settings, admin.all_lists, of_lists=True):
         declared = settings.list_settings(row.slug)
         backend = declared.backend.kind if declared else "none"
         typer.echo(
@@ -1477,6 +1578,13 @@ _LIST_OPTIONS = {
 }
 
 
+_THANK_YOU_HELP = (
+    "Where a form post is sent once taken (https://...); the hosted 'check your inbox' page "
+    "when unset."
+)
+_LANDING_HELP = "Where the confirmed and unsubscribed pages lead back to (https://...)."
+
+
 @lists_cli.command("create")
 def lists_create(
     slug: Annotated[str, typer.Argument(help="Lowercase letters, digits and dashes.")],
@@ -1491,11 +1599,12 @@ def lists_create(
             min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1], help="Confirmation link lifetime."
         ),
     ] = 48,
-    thank_you_url: Annotated[str | None, typer.Option()] = None,
-    landing_url: Annotated[str | None, typer.Option()] = None,
+    thank_you_url: Annotated[str | None, typer.Option(help=_THANK_YOU_HELP)] = None,
+    landing_url: Annotated[str | None, typer.Option(help=_LANDING_HELP)] = None,
 ) -> None:
-    """Create a list in the database, without a backend until the settings declare one for it:
-    meanwhile its sync jobs wait as failed jobs (`newsletter jobs retry --all` then)."""
+    """Create a list in the database, without a backend until the settings declare one.
+
+    Meanwhile its sync jobs wait as failed jobs (`newsletter jobs retry --all` then)."""
     from app import lists
     from app.models import utcnow
     from app.schemas import ListCreate
@@ -1526,14 +1635,20 @@ def lists_create(
 @lists_cli.command("update")
 def lists_update(
     slug: Annotated[str, typer.Argument(help="A list created through the API or CLI.")],
-    name: Annotated[str | None, typer.Option()] = None,
-    default_locale: Annotated[str | None, typer.Option()] = None,
-    consent_version: Annotated[str | None, typer.Option()] = None,
-    confirm_ttl_hours: Annotated[
-        int | None, typer.Option(min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1])
+    name: Annotated[str | None, typer.Option(help="The name shown in mails and pages.")] = None,
+    default_locale: Annotated[str | None, typer.Option(help="fr or en.")] = None,
+    consent_version: Annotated[
+        str | None,
+        typer.Option(help="Consent wording version: a new one whenever the wording changes."),
     ] = None,
-    thank_you_url: Annotated[str | None, typer.Option()] = None,
-    landing_url: Annotated[str | None, typer.Option()] = None,
+    confirm_ttl_hours: Annotated[
+        int | None,
+        typer.Option(
+            min=CONFIRM_TTL_HOURS[0], max=CONFIRM_TTL_HOURS[1], help="Confirmation link lifetime."
+        ),
+    ] = None,
+    thank_you_url: Annotated[str | None, typer.Option(help=_THANK_YOU_HELP)] = None,
+    landing_url: Annotated[str | None, typer.Option(help=_LANDING_HELP)] = None,
 ) -> None:
     """Change a list created through the API (lists in the settings change there)."""
     from app import lists
@@ -1561,6 +1676,7 @@ def lists_update(
     _audited_run(
         settings, action="list.update", target=slug, audit_detail={"changes": valid},
         work=lists.update, slug=slug, changes=valid, declared=settings.lists, now=utcnow(),
+        about_list=slug,
     )  # fmt: skip
     typer.echo(f"list {slug!r} updated")
 
@@ -1730,8 +1846,9 @@ def subscriber_proof(
             return consent.proof_by_address(session, list_slug=list_slug, email_key=address.key)
 
     item = _audited_run(
-        settings, action="subscriber.consent_proof", target=f"{list_slug}:{who}", work=work
-    )
+        settings, action="subscriber.consent_proof", target=f"{list_slug}:{who}", work=work,
+        about_list=list_slug,
+    )  # fmt: skip
     now = utcnow()
     if as_json:
         typer.echo(proof_out(item, generated_at=now).model_dump_json(indent=2))

@@ -125,7 +125,14 @@ def _parsed_rate_limit(value: str | None) -> str | None:
     """Fail at start on a limit `limits` cannot read ("10/minute", "3 per day;20/week")."""
     if value is None:
         return None
-    items = limits.parse_many(value)
+    try:
+        items = limits.parse_many(value)
+    except ValueError:
+        # `limits` said "couldn't parse rate limit string", leaving the syntax to guess.
+        raise ValueError(
+            f"{value!r} is not a rate limit: write a count per period, as 20/minute, 3/day "
+            "or 200/hour (several joined by ';'), or off"
+        ) from None
     if any(item.amount < 1 for item in items):
         raise ValueError("a rate limit must allow at least 1 (use 'off' to turn it off)")
     return value
@@ -149,7 +156,16 @@ def _list_from_text(value: object) -> object:
 
 def _network(value: object) -> object:
     """A proxy's network as written, refused with the network meant when its host bits are
-    set (`10.0.0.1/8`), which the bare "not a valid network" left to guess."""
+    set (`10.0.0.1/8`), which the bare "not a valid network" left to guess, and a proxy
+    named by its host name (`nginx`), which is not looked up."""
+    if isinstance(value, str) and "/" not in value:
+        try:
+            ipaddress.ip_address(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"{value.strip()!r} is not an IP address: give each proxy as the service sees "
+                "it connect, by address (10.0.0.7) or network (10.0.0.0/8), not by name"
+            ) from None
     if isinstance(value, str) and "/" in value:
         try:
             ipaddress.ip_network(value.strip())
@@ -913,9 +929,17 @@ class Settings(BaseSettings):
 @cache
 def _key_from_file(path: Path) -> bytes:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Created readable by the owner only, before the key is written into it.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Created readable by the owner only, before the key is written into it.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            # A folder of another user's, a path mistyped: a traceback at start, before.
+            raise SettingsError(
+                f"invalid settings:\n  NEWSLETTER_SECRET_KEY_FILE: {path} does not exist and "
+                f"cannot be made ({e.strerror}: {e.filename}); make it, or give "
+                "NEWSLETTER_SECRET_KEY"
+            ) from e
         with os.fdopen(fd, "w") as file:
             file.write(secrets.token_urlsafe(48))
     return _read_key_file(path).encode()
@@ -944,6 +968,7 @@ class SettingsError(Exception):
 
 # The tags pydantic puts in an error's location for the mailer union: no variable has them.
 _MAILER_KINDS = frozenset({"file", "smtp"})
+_BACKEND_KINDS = frozenset({"none", "mailgun", "mailman", "listmonk"})
 
 
 def _variable(loc: tuple[int | str, ...]) -> str:
@@ -954,6 +979,13 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     field, *rest = loc
     if field == "mailer" and rest and rest[0] in _MAILER_KINDS:
         rest = rest[1:]
+    # Likewise a backend's kind: `NEWSLETTER_LISTS[0].backend.api_key`, as the JSON has it,
+    # not `.backend.mailgun.api_key`.
+    rest = [
+        part
+        for index, part in enumerate(rest)
+        if not (index and rest[index - 1] == "backend" and part in _BACKEND_KINDS)
+    ]
     name = f"NEWSLETTER_{str(field).upper()}"
     if any(isinstance(part, int) for part in rest):
         # Inside a JSON list: name the variable, then the place in its value.
@@ -1052,12 +1084,71 @@ _KEY_SHARED = (
 def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
     """A variable and what is wrong with it. An unknown `kind` (of the mailer, of a list's
     backend) is said of the kind itself, not as pydantic's "Input tag ... found using
-    _mailer_kind()", which named the mailer and a function of ours."""
-    if error["type"] == "union_tag_invalid":
+    _mailer_kind()", which named the mailer and a function of ours. pydantic's words are
+    kept where they say what to fix, and completed where they do not: "Extra inputs are not
+    permitted" for a misspelt key, "unable to interpret input" for a boolean, "relative URL
+    without a base" for a URL without its scheme. Only a boolean's value is repeated: any
+    other may be a secret."""
+    kind = error["type"]
+    if kind == "union_tag_invalid":
         context = error.get("ctx", {})
-        kind = f"{name}__KIND" if "[" not in name else f"{name}.kind"
-        return kind, f"{context.get('tag')!r} is not one of {context.get('expected_tags')}"
-    return name, error["msg"]
+        where = f"{name}__KIND" if "[" not in name else f"{name}.kind"
+        return where, f"{context.get('tag')!r} is not one of {context.get('expected_tags')}"
+    if kind == "extra_forbidden":
+        return name, _unknown_key(error["loc"])
+    if kind == "bool_parsing" and isinstance(error.get("input"), str):
+        return name, f"{error['input']!r} is not a boolean: write true or false"
+    if kind == "url_parsing":
+        return name, (
+            f"{error['msg']}: give the whole URL with its scheme, e.g. https://example.gouv.fr"
+        )
+    # "Value error, ..." is pydantic's prefix for our validators' own messages.
+    return name, str(error["msg"]).removeprefix("Value error, ")
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """Why a key is refused: not one of its model's (said with the closest one and the
+    model's keys), or one of another kind's (`NEWSLETTER_MAILER__DIRECTORY` left set when
+    the mailer became smtp), rather than pydantic's "Extra inputs are not permitted"."""
+    *path, key = loc
+    models: list[type[BaseModel]] = [Settings]
+    kinds: list[type[BaseModel]] = []
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of a list: the list's model still
+        tagged = [model for model in models if _kind_of(model) == part]
+        if tagged:
+            kinds, models = models, tagged  # the tag of a union's kind (smtp, mailgun)
+            continue
+        owned = [model.model_fields[part] for model in models if part in model.model_fields]
+        models = [model for info in owned for model in _models_in(_element(info.annotation))]
+    if len(models) != 1:
+        return "no such setting"
+    [model] = models
+    kind = _kind_of(model)
+    others = [_kind_of(other) for other in kinds if str(key) in other.model_fields]
+    if kind is not None and others:
+        return (
+            f"only for kind {' or '.join(map(str, others))}, and the kind is {kind}: remove "
+            "it, or change the kind"
+        )
+    names = [name for name in model.model_fields if name != "kind"]
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"no such setting ({hint}those here: {', '.join(names)})"
+
+
+def _element(annotation: object) -> object:
+    """A list's element type (`list[FormField]` -> FormField), or the annotation itself."""
+    if get_origin(annotation) is list:
+        return get_args(annotation)[0]
+    return annotation
+
+
+def _kind_of(model: type[BaseModel]) -> str | None:
+    """The `kind` a model of a tagged union stands for (`smtp`, `mailgun`), if any."""
+    field = model.model_fields.get("kind")
+    return field.default if field is not None and isinstance(field.default, str) else None
 
 
 def _message(problems: list[tuple[str, str]]) -> str:

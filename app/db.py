@@ -7,7 +7,9 @@ and rolls back on error; domain code only flushes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -61,7 +63,10 @@ LOCK_POLL_S = 0.0005
 def _sqlite_engine(url: str) -> Engine:
     database = sa.engine.make_url(url).database
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # A folder that cannot be made (a path mistyped, a folder of another user's) fails
+        # the first connection, which an operator is shown (`unreachable`), not a traceback.
+        with contextlib.suppress(OSError):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         url,
         # The driver's own transaction handling is off; we begin explicitly below. Its
@@ -527,6 +532,13 @@ def unreachable(database_url: str, error: sa_exc.DBAPIError) -> tuple[str, str]:
     for secret in secrets:
         if secret:
             reason = reason.replace(secret, "***")
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        # SQLite says "unable to open database file" whatever the cause.
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            reason += f" (its folder {folder} does not exist and could not be made)"
+        elif not os.access(folder, os.W_OK):
+            reason += f" (its folder {folder} is not writable by this user)"
     shown = url.update_query_dict(dict.fromkeys(hidden, "***")).render_as_string(hide_password=True)
     # The query's mask comes back percent-encoded.
     return shown.replace("=%2A%2A%2A", "=***"), reason

@@ -109,15 +109,20 @@ class FileMailer:
             path.write_bytes(_as_sent(mail))
         except OSError as e:
             raise RetryableMailError(f"cannot write mail file: {e}") from e
-        # Development only: the link is what a developer needs to go on.
-        log.info(
-            "mail.written path=%s subject=%r link=%s",
-            path,
-            str(mail.message["Subject"]),
-            mail.link,
-            # The one line allowed to show a link's token (see app.logs).
-            extra={"shows_link": True},
-        )
+        # Development only: the link is what a developer needs to go on. A mail without
+        # one (the goodbye) was logged with `link=None`.
+        subject = str(mail.message["Subject"])
+        if mail.link is None:
+            log.info("mail.written path=%s subject=%r", path, subject)
+        else:
+            log.info(
+                "mail.written path=%s subject=%r link=%s",
+                path,
+                subject,
+                mail.link,
+                # The one line allowed to show a link's token (see app.logs).
+                extra={"shows_link": True},
+            )
         return f"written to {path}"
 
     def batch(self) -> AbstractContextManager[None]:

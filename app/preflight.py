@@ -3,7 +3,7 @@ on it. A wrong relay password or list address otherwise shows only later, as fai
 
 Nothing is sent, and nothing is written but what a start writes anyway:
 - the database: connected to, and its schema's revision read (an SQLite file not there yet
-  is left uncreated);
+  is left uncreated; its folder is made, as the start would, and must be writable);
 - Redis, when the rate-limit counters live there: PING;
 - the mail relay: connected to, TLS and login as configured, then QUIT with no mail (the
   development mailer: its folder, made if need be as the first mail would, takes a file,
@@ -14,6 +14,7 @@ Nothing is sent, and nothing is written but what a start writes anyway:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,18 @@ def database(settings: Settings) -> Outcome:
     where = url.render_as_string(hide_password=True)
     file = url.database if url.get_backend_name() == "sqlite" else None
     if file and file != ":memory:" and not Path(file).exists():
+        folder = Path(file).parent
+        try:
+            # As the start does before it makes the file.
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return Outcome(
+                "database", False, f"{where}: its folder {folder} cannot be made: {e.strerror}"
+            )
+        if not os.access(folder, os.W_OK):
+            return Outcome(
+                "database", False, f"{where}: its folder {folder} is not writable by this user"
+            )
         if settings.auto_migrate:
             return Outcome("database", True, f"{where}: not there yet, made at start")
         return Outcome(
@@ -124,7 +137,10 @@ def backends(settings: Settings) -> Iterator[Outcome]:
                 page = backends.make_backend(declared.backend, client).members()
             except SyncError as e:
                 answer = f" ({e.response})" if e.response else ""
-                yield Outcome(part, False, f"{kind}: {e}{answer}")
+                # The backends' messages mostly name themselves ("listmonk: list members:
+                # ..."), which read "listmonk: listmonk: ..." here.
+                said = str(e) if str(e).startswith(kind) else f"{kind}: {e}"
+                yield Outcome(part, False, f"{said}{answer}")
                 continue
             more = ", more follow" if page.next_cursor is not None else ""
             yield Outcome(

@@ -256,8 +256,14 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
-        log.info("worker.started name=%s", self.name)
         mailer = self.settings.mailer
+        # Where the mails and the syncs go, which an external worker's log said nowhere.
+        log.info(
+            "worker.started name=%s mailer=%s lists=%s",
+            self.name,
+            f"smtp:{mailer.host}:{mailer.port}" if mailer.kind == "smtp" else "file",
+            ",".join(f"{item.slug}:{item.backend.kind}" for item in self.settings.lists),
+        )
         if mailer.kind == "file" and not self.settings.database_url.startswith("sqlite:"):
             # NEWSLETTER_MAILER__KIND left out in a deployment: nobody got a mail, and the
             # links went to the log, without a word.

@@ -317,7 +317,7 @@ class TestCheck:
         assert "hunter2" not in result.stdout + result.stderr
         assert f"127.0.0.1:{nobody}: ConnectionError" in lines[1]
         assert f"127.0.0.1:{nobody} (none): ConnectionRefusedError" in lines[2]
-        assert "listmonk: " in lines[3]
+        assert lines[3].startswith("FAILED list bluehats: listmonk: list members: ")
         assert "403" in lines[3]
         assert result.stderr.strip().endswith("4 of the checks failed")
 

@@ -223,7 +223,7 @@ class TestLimits:
         assert last_line(searched) == "The cursor is not one this service handed out."
         # As the list's name: `stats` on a list that does not exist.
         unknown = run(database_url, tmp_path, "stats", "--list", "nope")
-        assert (unknown.returncode, last_line(unknown)) == (2, "No mailing list has this name.")
+        assert (unknown.returncode, last_line(unknown)) == (2, "no list 'nope' (known: bluehats)")
 
 
 class TestKeyNames:
@@ -360,14 +360,16 @@ class TestWorkerMetricsPort:
     def test_the_metrics_token_is_required_as_on_the_api(
         self, database_url: str, engine: sa.Engine, tmp_path: Path
     ) -> None:
-        port = free_port()
-        env = service_env(database_url, smtp_port=free_port(), METRICS_TOKEN="scrape-me")
+        port, smtp_port = free_port(), free_port()
+        env = service_env(database_url, smtp_port=smtp_port, METRICS_TOKEN="scrape-me")
         worker = Process(
             ["worker", "--metrics-port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "log"
         )
         try:
             url = f"http://127.0.0.1:{port}/metrics"
             worker.wait_for_log("worker.metrics_listening")
+            # Its start says where the mails and the syncs go.
+            worker.wait_for_log(f"mailer=smtp:127.0.0.1:{smtp_port} lists=bluehats:none")
             anonymous = wait_until(lambda: _get(url))
             assert anonymous.status_code == 401
             assert anonymous.json()["error"] == "unauthorized"
@@ -393,3 +395,125 @@ def test_a_database_url_without_password_is_shown_whole(tmp_path: Path) -> None:
     result = run(url, tmp_path, "lists", "show")
     assert result.returncode == 4
     assert last_line(result).startswith(f"database unreachable at {url}: ")
+
+
+class TestUnknownList:
+    """A list name that is not one: every command names it and the lists there are, as
+    `import` and `export` did ("No mailing list has this name." elsewhere)."""
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("subscriber", "search", "--list", "nope"),
+            ("subscriber", "show", "ada@example.org", "--list", "nope"),
+            ("subscriber", "add", "ada@example.org", "--list", "nope"),
+            ("subscriber", "unsubscribe", "ada@example.org", "--list", "nope", "--reason", "r"),
+            ("subscriber", "proof", "1", "--list", "nope"),
+            ("stats", "--list", "nope"),
+            ("export", "--list", "nope"),
+            ("lists", "update", "nope", "--name", "N"),
+        ],
+    )
+    def test_it_is_named_with_the_known_lists(
+        self, database_url: str, tmp_path: Path, args: tuple[str, ...]
+    ) -> None:
+        result = run(database_url, tmp_path, *args)
+        assert (result.returncode, last_line(result)) == (2, "no list 'nope' (known: bluehats)")
+
+    def test_reads_before_the_first_start_know_the_declared_lists(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        # `newsletter migrate`, then the operator's first commands, before any `serve`: the
+        # list of NEWSLETTER_LISTS was "not a list" to `stats`, and `lists show` was empty.
+        shown = run(database_url, tmp_path, "lists", "show")
+        assert (shown.returncode, shown.stdout) == (
+            0,
+            "bluehats\tGazette BlueHats\tfr\t2026-11\tnone\n",
+        )
+        stats = run(database_url, tmp_path, "stats", "--list", "bluehats")
+        assert stats.returncode == 0, stats.stderr
+        assert '"list_slug": "bluehats"' in stats.stdout
+
+
+class TestOpenapi:
+    def test_bad_settings_are_named_without_their_value(self, tmp_path: Path) -> None:
+        # Built from Settings() alone, the document's command printed pydantic's traceback,
+        # the refused key's value in it.
+        result = run(
+            f"sqlite:///{tmp_path / 'x.db'}", tmp_path, "openapi", SECRET_KEY="short-key-VALUE"
+        )
+        assert result.returncode == 2
+        assert last_line(result).startswith("  NEWSLETTER_SECRET_KEY: is too short; ")
+        assert "short-key-VALUE" not in result.stderr + result.stdout
+
+    @pytest.mark.parametrize(
+        ("where", "reason"),
+        [("missing/openapi.json", "No such file or directory"), (".", "it is a directory")],
+    )
+    def test_a_file_that_cannot_be_written_is_bad_input(
+        self, tmp_path: Path, where: str, reason: str
+    ) -> None:
+        output = tmp_path / where
+        result = run(f"sqlite:///{tmp_path / 'x.db'}", tmp_path, "openapi", "--output", str(output))
+        assert (result.returncode, last_line(result)) == (2, f"cannot write {output}: {reason}")
+
+
+class TestFilesThatCannotBeMade:
+    """A path under a regular file: nothing can be made there, as root too."""
+
+    def test_a_key_file_stops_serve_and_the_commands_with_a_settings_error(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "keys" / "secret.key"
+        for args in (
+            ("serve", "--port", str(free_port())),
+            ("people", "erase", "a@b.org", "--yes"),
+        ):
+            result = _run_without_key(database_url, tmp_path, path, *args)
+            assert result.returncode == 2, result.stderr
+            assert last_line(result) == (
+                f"  NEWSLETTER_SECRET_KEY_FILE: {path} does not exist and cannot be made (Not a "
+                f"directory: {path.parent}); make it, or give NEWSLETTER_SECRET_KEY"
+            )
+
+    def test_an_sqlite_file_whose_folder_cannot_be_made(self, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("x")
+        url = f"sqlite:///{tmp_path / 'file' / 'db' / 'newsletter.db'}"
+        checked = run(url, tmp_path, "check", AUTO_MIGRATE="true")
+        assert checked.returncode == 3
+        assert checked.stdout.splitlines()[0] == (
+            f"FAILED database: {url}: its folder {tmp_path / 'file' / 'db'} cannot be made: "
+            "Not a directory"
+        )
+        shown = run(url, tmp_path, "lists", "show")
+        assert (shown.returncode, last_line(shown)) == (
+            4,
+            f"database unreachable at {url}: unable to open database file (its folder "
+            f"{tmp_path / 'file' / 'db'} does not exist and could not be made)",
+        )
+
+
+def _run_without_key(
+    database_url: str, tmp_path: Path, key_file: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY_FILE=str(key_file),
+        NEWSLETTER_LOG_LEVEL="WARNING",
+        NEWSLETTER_AUTO_MIGRATE="false",
+    )
+    return subprocess.run(
+        [NEWSLETTER, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_a_host_that_is_not_this_machine_s_names_the_host_option(
+    database_url: str, tmp_path: Path
+) -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: binding to it fails, nothing is sent.
+    result = run(database_url, tmp_path, "serve", "--host", "192.0.2.1", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert last_line(result).endswith("Cannot assign requested address; give another --host")

@@ -386,7 +386,10 @@ class TestCommandLine:
         )
         for who in (str(subscriber), "ada@example.org"):
             unknown = cli(who, "--list", "nope")
-            assert (unknown.returncode, unknown.stderr) == (2, "No mailing list has this name.\n")
+            assert (unknown.returncode, unknown.stderr) == (
+                2,
+                "no list 'nope' (known: bluehats, other)\n",
+            )
         assert cli("not an address", "--list", "bluehats").returncode == 2
         with Session(engine) as session:
             actors = session.exec(

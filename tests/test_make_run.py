@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from app.migrations import head_revision
 from tests.conftest import free_port, wait_until
 from tests.processes import Process
 
@@ -86,3 +88,40 @@ def test_serve_on_another_port_than_the_public_url_s_warns_that_forms_lead_there
         f"WARNING app.cli serve.public_url_elsewhere public_url=http://127.0.0.1:8000 "
         f"port={port}: the pages' forms and the mails' links lead there" in serve.log_text()
     )
+
+
+def test_serve_for_other_machines_with_a_loopback_public_url_warns_and_logs_json_only(
+    tmp_path: Path,
+) -> None:
+    # The Dockerfile's command (`--host 0.0.0.0`) with NEWSLETTER_PUBLIC_URL left out, on a
+    # database its start migrates, logging JSON: every confirm link would have led to the
+    # visitor's own machine without a word, and the migration's "database at 0009" was the
+    # one line of the log that was not JSON.
+    port = free_port()
+    env = _env(tmp_path, f"sqlite:///{tmp_path / 'fresh.db'}", NEWSLETTER_LOG_FORMAT="json")
+    serve = Process(
+        ["serve", "--host", "0.0.0.0", "--port", str(port)],  # noqa: S104
+        env=env,
+        cwd=tmp_path,
+        log=tmp_path / "log",
+    )
+    try:
+        serve.wait_for_log("Uvicorn running", timeout=60)
+    finally:
+        serve.terminate()
+        serve.wait()
+    lines = [json.loads(line) for line in serve.log_text().splitlines()]
+    events = {line["event"]: line for line in lines}
+    assert events["serve.migrated"]["message"] == f"serve.migrated revision={head_revision()}"
+    assert events["serve.starting"]["message"] == (
+        f"serve.starting url=http://0.0.0.0:{port} database=sqlite workers=1 "
+        "public_url=http://127.0.0.1:8000"
+    )
+    warning = events["serve.public_url_loopback"]
+    assert warning["level"] == "WARNING"
+    assert warning["message"] == (
+        "serve.public_url_loopback public_url=http://127.0.0.1:8000 host=0.0.0.0: the mails' "
+        "links and the pages' forms lead to this machine's loopback, which no visitor "
+        "reaches; set NEWSLETTER_PUBLIC_URL to the address visitors use"
+    )
+    assert "serve.public_url_elsewhere" not in events

@@ -193,7 +193,7 @@ class TestClientAddress:
         with pytest.raises(SettingsError) as refused:
             load_settings()
         assert str(refused.value) == (
-            "invalid settings:\n  NEWSLETTER_REDIS_URL: Value error, the database after the "
+            "invalid settings:\n  NEWSLETTER_REDIS_URL: the database after the "
             "host must be a number, as in redis://host:6379/0 (got 'newsletter'); name this "
             "instance's keys with NEWSLETTER_RATE_LIMIT_KEY_PREFIX"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -73,7 +74,7 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv(variable, value)
         message = settings_error()
-        assert f"{variable}: Value error, durations must not be negative" in message
+        assert f"{variable}: durations must not be negative" in message
 
     @pytest.mark.parametrize(
         ("variable", "value"),
@@ -92,7 +93,7 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv(variable, value)
         message = settings_error()
-        assert f"{variable}: Value error, durations may not exceed 36500d" in message
+        assert f"{variable}: durations may not exceed 36500d" in message
 
     def test_a_lists_confirm_ttl_beyond_a_century_is_refused(
         self, monkeypatch: pytest.MonkeyPatch
@@ -102,7 +103,7 @@ class TestBadValues:
             lists({"slug": "bluehats", "name": "A", "confirm_ttl": "99999999999d"}),
         )
         message = settings_error()
-        assert "NEWSLETTER_LISTS[0].confirm_ttl: Value error, durations may not exceed" in message
+        assert "NEWSLETTER_LISTS[0].confirm_ttl: durations may not exceed" in message
 
     @pytest.mark.parametrize(
         ("variable", "value"),
@@ -123,7 +124,7 @@ class TestBadValues:
         monkeypatch.setenv(variable, value)
         message = settings_error()
         field = variable.removeprefix("NEWSLETTER_").lower()
-        assert f"{variable}: Value error, {field} must be positive" in message
+        assert f"{variable}: {field} must be positive" in message
 
     @pytest.mark.parametrize(
         "variable", ["NEWSLETTER_RECONCILE_INTERVAL", "NEWSLETTER_RETENTION_INTERVAL"]
@@ -135,7 +136,7 @@ class TestBadValues:
         # At 0 a worker ran 500 reconciliations in ten seconds.
         monkeypatch.setenv(variable, value)
         message = settings_error()
-        assert f"{variable}: Value error, " in message
+        assert f"{variable}: " in message
         assert "must be positive (use 'off' to turn it off)" in message
 
     def test_a_retry_base_delay_above_the_max_delay_names_both(
@@ -197,7 +198,7 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
         monkeypatch.setenv("NEWSLETTER_MAILER__CA_FILE", str(path))
         message = settings_error()
-        assert f"NEWSLETTER_MAILER__CA_FILE: Value error, {path} {reason}" in message
+        assert f"NEWSLETTER_MAILER__CA_FILE: {path} {reason}" in message
 
     @pytest.mark.parametrize(
         ("variables", "named", "reason"),
@@ -228,7 +229,7 @@ class TestBadValues:
         for name, value in variables.items():
             monkeypatch.setenv(name, value)
         message = settings_error()
-        assert f"{named}: Value error, is empty: " in message
+        assert f"{named}: is empty: " in message
         assert reason in message
 
     def test_a_duration_that_is_not_one_names_the_variable(
@@ -238,7 +239,7 @@ class TestBadValues:
         message = settings_error()
         # Not pydantic's "Input should be a valid timedelta, invalid digit in duration".
         assert (
-            "NEWSLETTER_RESEND_INTERVAL: Value error, '2 hours' is not a duration; give seconds "
+            "NEWSLETTER_RESEND_INTERVAL: '2 hours' is not a duration; give seconds "
             "(90) or a number with its unit: 90s, 5m, 48h, 7d"
         ) in message
 
@@ -247,7 +248,7 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_RESEND_INTERVAL", "off")
         message = settings_error()
-        assert "NEWSLETTER_RESEND_INTERVAL: Value error, cannot be off; give seconds" in message
+        assert "NEWSLETTER_RESEND_INTERVAL: cannot be off; give seconds" in message
 
     def test_an_unknown_mailer_kind_lists_the_known_ones(
         self, monkeypatch: pytest.MonkeyPatch
@@ -278,7 +279,7 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.org")
         monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", "bluehats")
         message = settings_error()
-        assert "NEWSLETTER_MAILER: Value error, SMTP username and password" in message
+        assert "NEWSLETTER_MAILER: SMTP username and password" in message
         # The union's tag is no variable anyone could set.
         assert "NEWSLETTER_MAILER__SMTP" not in message
 
@@ -293,7 +294,7 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", "s3cret-pass")
         message = settings_error()
         assert (
-            "NEWSLETTER_MAILER: Value error, NEWSLETTER_MAILER__SECURITY=none would send the "
+            "NEWSLETTER_MAILER: NEWSLETTER_MAILER__SECURITY=none would send the "
             "SMTP user name and password in clear to smtp.example.org: use starttls or ssl, or"
         ) in message
         assert "NEWSLETTER_MAILER__ALLOW_CLEARTEXT_AUTH=true" in message
@@ -339,7 +340,7 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_MAILER__USERNAME", username)
         monkeypatch.setenv("NEWSLETTER_MAILER__PASSWORD", password)
         message = settings_error()
-        assert f"{variable}: Value error, has letters beyond ASCII" in message
+        assert f"{variable}: has letters beyond ASCII" in message
         assert message.count("\n  ") == 1  # the one variable
         assert password not in message
         assert username not in message
@@ -361,7 +362,7 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_MAILER__HOST", host)
         message = settings_error()
         assert (
-            f"NEWSLETTER_MAILER__HOST: Value error, {host!r} is not a host name nor an IP "
+            f"NEWSLETTER_MAILER__HOST: {host!r} is not a host name nor an IP "
             "address: give the host alone (smtp.example.gouv.fr), the port in "
             "NEWSLETTER_MAILER__PORT and TLS in NEWSLETTER_MAILER__SECURITY"
         ) in message
@@ -409,7 +410,7 @@ class TestBadValues:
             lists({"slug": "bluehats", "name": "A"}, {"slug": "bluehats", "name": "B"}),
         )
         message = settings_error()
-        assert "NEWSLETTER_LISTS: Value error, list slugs must be unique" in message
+        assert "NEWSLETTER_LISTS: list slugs must be unique" in message
         assert "repeated: bluehats" in message
 
     @pytest.mark.parametrize("slug", ["Blue Hats", "bluehats/", "-bluehats", "", "a" * 64])
@@ -431,9 +432,7 @@ class TestBadValues:
             "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "A", "confirm_ttl": "-1h"})
         )
         message = settings_error()
-        assert "NEWSLETTER_LISTS[0].confirm_ttl: Value error, confirm_ttl must be positive" in (
-            message
-        )
+        assert "NEWSLETTER_LISTS[0].confirm_ttl: confirm_ttl must be positive" in (message)
 
     def test_a_consent_text_among_a_lists_strings_points_at_consent_text(
         self, monkeypatch: pytest.MonkeyPatch
@@ -444,7 +443,7 @@ class TestBadValues:
             "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "A", "strings": strings})
         )
         message = settings_error()
-        assert "NEWSLETTER_LISTS[0].strings: Value error, en string key consent.text" in message
+        assert "NEWSLETTER_LISTS[0].strings: en string key consent.text" in message
         assert "consent_text" in message.partition("consent.text")[2]
 
     def test_lists_that_are_not_json_name_the_variable(
@@ -462,7 +461,7 @@ class TestBadValues:
             "NEWSLETTER_MAIL_FROM", "Gazette BlueHats, DINUM <bluehats@code.gouv.fr>"
         )
         message = settings_error()
-        assert "NEWSLETTER_MAIL_FROM: Value error, " in message
+        assert "NEWSLETTER_MAIL_FROM: " in message
         assert 'as in "Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>' in message
 
     @pytest.mark.parametrize(
@@ -488,7 +487,7 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_MAIL_FROM", value)
         message = settings_error()
-        assert "NEWSLETTER_MAIL_FROM: Value error, " in message
+        assert "NEWSLETTER_MAIL_FROM: " in message
         assert reason in message
 
     @pytest.mark.parametrize(
@@ -506,7 +505,7 @@ class TestBadValues:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_MAIL_FROM", f"{name} <bluehats@code.gouv.fr>")
         message = settings_error()
-        assert "NEWSLETTER_MAIL_FROM: Value error, the name in " in message
+        assert "NEWSLETTER_MAIL_FROM: the name in " in message
         assert reason in message
         assert "use a shorter name, with spaces between its words" in message
         assert name not in message  # shown cut, with its length
@@ -517,9 +516,7 @@ class TestBadValues:
         # It went as it was into the mails' Subject; the API refused it already.
         monkeypatch.setenv("NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "Blue\x1bHats"}))
         message = settings_error()
-        assert "NEWSLETTER_LISTS[0].name: Value error, must not contain control characters" in (
-            message
-        )
+        assert "NEWSLETTER_LISTS[0].name: must not contain control characters" in (message)
 
     def test_a_list_string_with_a_control_character_is_refused(
         self, monkeypatch: pytest.MonkeyPatch
@@ -762,7 +759,7 @@ class TestSecretKey:
     ) -> None:
         monkeypatch.setenv("NEWSLETTER_SECRET_KEY", value)
         message = settings_error()
-        assert f"NEWSLETTER_SECRET_KEY: Value error, {reason}; " in message
+        assert f"NEWSLETTER_SECRET_KEY: {reason}; " in message
         assert f"at least {MIN_SECRET_KEY_LENGTH} characters" in message
         assert "token_urlsafe(48)" in message
         if value:
@@ -866,7 +863,7 @@ class TestUnknownVariables:
         monkeypatch.setenv("NEWSLETTER_JOB_LEASE", "0")
         message = settings_error()
         assert "  NEWSLETTER_LOG_LEVL: no such setting" in message
-        assert "  NEWSLETTER_JOB_LEASE: Value error, job_lease must be positive" in message
+        assert "  NEWSLETTER_JOB_LEASE: job_lease must be positive" in message
 
     def test_every_setting_is_read_from_its_own_name_in_any_case(
         self, monkeypatch: pytest.MonkeyPatch
@@ -898,6 +895,33 @@ class TestUnknownVariables:
             and not any(other.startswith(f"{name}__") for other in known)
         ]
         assert missing == []
+
+    def test_each_default_in_the_readme_table_is_the_setting_s_default(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Given as its value, the default the README shows makes the same setting as leaving
+        # the variable out. Rows whose default is said in words ("unset", "none") are left
+        # to the reader; most are values.
+        table = README.read_text().partition("## Settings")[2].partition("\n## ")[0]
+        rows = [line for line in table.splitlines() if line.startswith("| `NEWSLETTER_")]
+        defaults = Settings()
+        checked = []
+        for row in rows:
+            names_cell, default_cell, _ = row.strip("|").split(" | ", 2)
+            names = re.findall(r"`(NEWSLETTER_[A-Z_]+)`", names_cell)
+            values = [value.strip() for value in default_cell.split(",")]
+            if len(names) != len(values) or any("__" in name for name in names):
+                continue
+            for name, written in zip(names, values, strict=True):
+                value = re.fullmatch(r"`([^`]*)`(?: \(.*\))?|(\d+(?:\.\d+)?)", written)
+                if value is None:
+                    continue
+                field = name.removeprefix("NEWSLETTER_").lower()
+                monkeypatch.setenv(name, value[1] if value[1] is not None else value[2])
+                assert getattr(Settings(), field) == getattr(defaults, field), row
+                monkeypatch.delenv(name)
+                checked.append(name)
+        assert len(checked) >= 40, checked
 
 
 class TestCommandLine:
@@ -954,3 +978,120 @@ class TestCommandLine:
         assert '"Gazette BlueHats, DINUM" <bluehats@code.gouv.fr>' in result.stderr
         assert "Traceback" not in result.stderr
         assert list(tmp_path.iterdir()) == []
+
+
+class TestMessagesSayWhatToFix:
+    """pydantic's own words completed where they left the operator to guess: a key of
+    another kind, a misspelt key, a boolean, a URL without its scheme, a proxy by name, a
+    rate limit's syntax; and no "Value error, " before our own messages."""
+
+    def test_a_mailer_key_of_another_kind_says_so(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The file mailer's folder, left set when the mailer became smtp.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.gouv.fr")
+        monkeypatch.setenv("NEWSLETTER_MAILER__DIRECTORY", "var/mail")
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_MAILER__DIRECTORY: only for kind file, and the kind "
+            "is smtp: remove it, or change the kind"
+        )
+
+    def test_a_backend_s_keys_are_named_as_its_json_has_them(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        backend = {"kind": "mailgun", "list_address": "l@mg.example.org", "regoin": "eu"}
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "backend": backend})
+        )
+        message = settings_error()
+        # Not `.backend.mailgun.api_key`: no such key is written in the JSON.
+        assert "  NEWSLETTER_LISTS[0].backend.api_key: Field required" in message
+        assert (
+            "  NEWSLETTER_LISTS[0].backend.regoin: no such setting (did you mean region? those "
+            "here: list_address, api_key, region, base_url, webhook_signing_key, "
+            "clear_suppressions)"
+        ) in message
+
+    def test_a_key_of_another_backend_kind_says_so(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend = {
+            "kind": "listmonk", "base_url": "https://listmonk.example.org", "username": "api",
+            "api_token": "t", "list_id": 3, "list_address": "l@example.org",
+        }  # fmt: skip
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "backend": backend})
+        )
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LISTS[0].backend.list_address: only for kind "
+            "mailgun, and the kind is listmonk: remove it, or change the kind"
+        )
+
+    def test_a_misspelt_key_of_a_list_or_of_its_fields_gets_the_closest(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        field = {"name": "organisation", "lable": {"fr": "Administration"}}
+        declared = {"slug": "b", "name": "B", "thanks_url": "https://x.org", "fields": [field]}
+        monkeypatch.setenv("NEWSLETTER_LISTS", lists(declared))
+        message = settings_error()
+        assert (
+            "  NEWSLETTER_LISTS[0].thanks_url: no such setting (did you mean thank_you_url? "
+            in (message)
+        )
+        assert "  NEWSLETTER_LISTS[0].fields[0].lable: no such setting (did you mean label? " in (
+            message
+        )
+
+    def test_a_boolean_that_is_not_one_is_shown_with_the_two_words(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RUN_WORKER", "flase")
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_RUN_WORKER: 'flase' is not a boolean: write true "
+            "or false"
+        )
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            ("NEWSLETTER_PUBLIC_URL", "newsletter.code.gouv.fr"),
+            ("NEWSLETTER_DSFR_STYLESHEET_URL", "code.gouv.fr/dsfr.min.css"),
+        ],
+    )
+    def test_a_url_without_its_scheme_asks_for_the_whole_url(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+    ) -> None:
+        monkeypatch.setenv(variable, value)
+        assert settings_error() == (
+            f"invalid settings:\n  {variable}: Input should be a valid URL, relative URL without "
+            "a base: give the whole URL with its scheme, e.g. https://example.gouv.fr"
+        )
+
+    def test_a_proxy_named_by_its_host_name_is_refused_saying_why(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_TRUSTED_PROXIES", "10.0.0.7, nginx")
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_TRUSTED_PROXIES[1]: 'nginx' is not an IP address: "
+            "give each proxy as the service sees it connect, by address (10.0.0.7) or network "
+            "(10.0.0.0/8), not by name"
+        )
+
+    def test_a_rate_limit_that_cannot_be_read_shows_the_syntax(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NEWSLETTER_RATE_LIMIT_PER_IP", "20 a minute")
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_RATE_LIMIT_PER_IP: '20 a minute' is not a rate "
+            "limit: write a count per period, as 20/minute, 3/day or 200/hour (several joined "
+            "by ';'), or off"
+        )
+
+    def test_a_key_file_that_cannot_be_made_is_a_settings_error(self, tmp_path: Path) -> None:
+        # A regular file where its folder should be: no folder can be made there, as root too.
+        (tmp_path / "not-a-folder").write_text("x")
+        path = tmp_path / "not-a-folder" / "secret.key"
+        settings = Settings(secret_key_file=path)
+        with pytest.raises(SettingsError) as refused:
+            settings.token_key()
+        assert str(refused.value) == (
+            f"invalid settings:\n  NEWSLETTER_SECRET_KEY_FILE: {path} does not exist and cannot "
+            f"be made (File exists: {path.parent}); make it, or give NEWSLETTER_SECRET_KEY"
+        )
