@@ -3,10 +3,11 @@ the app served by uvicorn on loopback with a real SMTP server: subscribe on the 
 confirm from the mail, ask for an unsubscribe link on the list's page and unsubscribe from
 the mail, in French and in English, and with a real Mailman 3 core as the backend. Every
 page is checked by axe-core (no serious or critical violation) and photographed under
-artifacts/screenshots/."""
+artifacts/screenshots/, and its markup by the Nu Html Checker."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -48,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 E2E_DIR = ROOT / "tests" / "e2e"
 AXE_JS = E2E_DIR / "node_modules" / "axe-core" / "axe.min.js"
 SWAGGER_UI_DIST = E2E_DIR / "node_modules" / "swagger-ui-dist"
+# The Nu Html Checker (the W3C's validator), run by the system's Java.
+VNU_JAR = E2E_DIR / "node_modules" / "vnu-jar" / "build" / "dist" / "vnu.jar"
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 FIELDS = [
@@ -98,8 +101,9 @@ TEXT = {
 
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
-    """axe-core and Swagger UI from the npm registry, as tests/e2e/package-lock.json pins."""
-    if not (AXE_JS.exists() and (SWAGGER_UI_DIST / "package.json").exists()):
+    """axe-core, Swagger UI and the Nu Html Checker from the npm registry, as
+    tests/e2e/package-lock.json pins."""
+    if not (AXE_JS.exists() and (SWAGGER_UI_DIST / "package.json").exists() and VNU_JAR.exists()):
         npm = shutil.which("npm")
         assert npm, "npm is needed to install axe-core (tests/e2e/package.json)"
         subprocess.run(
@@ -677,3 +681,97 @@ def test_the_pages_fit_a_320_px_screen_whatever_the_length_of_a_word(
             assert width_overflow(page) == 0
     finally:
         context.close()
+
+
+def test_every_page_is_valid_html(
+    node_modules: Path, database_url: str, smtp: SmtpSink, tmp_path: Path
+) -> None:
+    """The Nu Html Checker finds no error in any page as served, in both languages: the
+    forms, their errors, the links' pages and answers, the error pages."""
+    java = shutil.which("java")
+    assert java, "the Nu Html Checker runs on Java (apt-get install default-jre-headless)"
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    settings = make_settings(
+        database_url,
+        smtp_port=smtp.port,
+        public_url=base_url,
+        form_min_fill_time="0s",
+        resend_interval="0s",
+        lists=[
+            {"slug": "bluehats", "name": "Gazette BlueHats", "fields": FIELDS},
+            {"slug": "news", "name": "Actualités", "consent_text": {"fr": "Oui.\n\nVraiment."}},
+        ],
+    )
+    served: dict[str, str] = {}
+    with (
+        LiveServer(create_app(settings), port=port),
+        httpx.Client(base_url=base_url, trust_env=False) as client,
+    ):
+        for lang in ("fr", "en"):
+            html = {"accept": "text/html", "accept-language": lang}
+
+            def keep(name: str, answer: httpx.Response, status: int, lang: str = lang) -> None:
+                assert answer.status_code == status, (name, lang, answer.text[:300])
+                served[f"{name}-{lang}"] = answer.text
+
+            def get(path: str, html: dict[str, str] = html) -> httpx.Response:
+                return client.get(path, headers=html)
+
+            def post(path: str, html: dict[str, str] = html, **kwargs: Any) -> httpx.Response:
+                return client.post(path, headers=html, **kwargs)
+
+            for page in ("", "/thanks", "/confirmed", "/unsubscribed", "/unsubscribe"):
+                keep(f"bluehats{page.replace('/', '-')}", get(f"/v1/lists/bluehats{page}"), 200)
+            keep("news", get("/v1/lists/news"), 200)
+            keep("sent", get("/v1/lists/bluehats/unsubscribe/sent"), 200)
+            keep(
+                "subscribe-errors",
+                post("/v1/lists/bluehats/subscriptions", data={"email": "Camille <c@example.org>"}),
+                422,
+            )
+            keep(
+                "unsubscribe-errors",
+                post("/v1/lists/bluehats/unsubscriptions", data={"email": "nope"}),
+                422,
+            )
+            keep(
+                "origin-refused",
+                client.post(
+                    "/v1/lists/news/subscriptions",
+                    data={"email": "c@example.org"},
+                    headers={**html, "origin": "https://elsewhere.example"},
+                ),
+                403,
+            )
+            email = f"valid-{lang}@example.org"
+            post("/v1/lists/news/subscriptions", json={"email": email, "locale": lang})
+            confirm = link_in(smtp.mail_to(email, link="confirm"), "confirm")
+            keep("confirm", get(confirm), 200)
+            keep("confirmed-answer", post(confirm), 200)
+            # The used link's page asks for an address itself (the list requires no field).
+            keep("used-link", post(confirm), 409)
+            post("/v1/lists/news/unsubscriptions", json={"email": email})
+            leave = link_in(smtp.mail_to(email, link="unsubscribe"), "unsubscribe")
+            keep("unsubscribe", get(leave), 200)
+            keep("unsubscribed-answer", post(leave), 200)
+            # Several lists: the page of a link cut short leads to each one's.
+            keep("unknown-confirm-link", get("/v1/confirm/" + "A" * 30), 404)
+            keep("unknown-unsubscribe-link", get("/v1/unsubscribe/" + "A" * 30), 404)
+            keep("unknown-list", get("/v1/lists/nope"), 404)
+            keep("not-found", get("/nowhere"), 404)
+    for name, text in served.items():
+        (tmp_path / f"{name}.html").write_text(text, "utf-8")
+    pages = sorted(str(path) for path in tmp_path.glob("*.html"))
+    checked = subprocess.run(
+        [java, "-jar", str(VNU_JAR), "--errors-only", "--format", "json", "--stdout", *pages],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    errors = [
+        f"{Path(message.get('url', '?')).name}:{message.get('lastLine')}: {message['message']}"
+        for message in json.loads(checked.stdout)["messages"]
+    ]
+    assert errors == [], errors
+    assert len(pages) == len(served) == 38
