@@ -310,18 +310,17 @@ async def subscribe(slug: str, request: Request) -> Response:
     if not _passes_robot_screen(form, settings, declared, slug=slug):
         return _thanks_redirect(settings, mailing_list, locale)
     t = for_list(locale, declared)
+
+    def again(errors: dict[str, str]) -> Response:
+        """The form back, with what was typed and why it was refused."""
+        return _subscribe_page(
+            request, settings, mailing_list, declared, locale=locale, values=form, errors=errors
+        )
+
     post = hosted.read_post(form, list_settings=declared, t=t)
     if post.request is None:
         if post.errors and wants_html(request, default=False):
-            return _subscribe_page(
-                request,
-                settings,
-                mailing_list,
-                declared,
-                locale=locale,
-                values=form,
-                errors=post.errors,
-            )
+            return again(post.errors)
         if post.invalid is not None:
             raise RequestValidationError(
                 post.invalid.errors(include_url=False, include_context=False)
@@ -330,15 +329,7 @@ async def subscribe(slug: str, request: Request) -> Response:
     assert post.request is not None
     refused = backends.refused_characters(declared.backend, post.request.email)
     if refused and wants_html(request, default=False):
-        return _subscribe_page(
-            request,
-            settings,
-            mailing_list,
-            declared,
-            locale=locale,
-            values=form,
-            errors={hosted.EMAIL: t("form.error.email_refused_by_list", characters=refused)},
-        )
+        return again({hosted.EMAIL: t("form.error.email_refused_by_list", characters=refused)})
     _refuse_what_the_list_cannot_hold(post.request.email, declared)
     await _require_proof_of_work(post.request, settings, database, slug=slug)
     await _subscribe(
