@@ -147,6 +147,18 @@ def _SmtpFor(settings: Settings) -> Any:
     return make_mailer(settings.mailer)
 
 
+def _reconcile_an_hour_on(settings: Settings, engine: sa.Engine, backend: MemoryBackend) -> None:
+    """A backend holding two members, read by the scheduled reconciliation an hour on."""
+    backend.held = {
+        "a@example.org": ("a@example.org", True, {}),
+        "b@example.org": ("b@example.org", True, {}),
+    }
+    worker = _mail_worker(settings, engine, backend)
+    worker.schedule_reconciliations()
+    worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+    _drain(worker)
+
+
 def _drain(worker: Worker, rounds: int = 20) -> None:
     for _ in range(rounds):
         if worker.run_once() == 0:
@@ -1239,14 +1251,7 @@ class TestScheduledReconcile:
     ) -> None:
         settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
         backend = GarbledPageBackend(page_size=1)
-        backend.held = {
-            "a@example.org": ("a@example.org", True, {}),
-            "b@example.org": ("b@example.org", True, {}),
-        }
-        worker = _mail_worker(settings, engine, backend)
-        worker.schedule_reconciliations()
-        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
-        _drain(worker)
+        _reconcile_an_hour_on(settings, engine, backend)
         failed, *scheduled = _jobs(engine, JobKind.RECONCILE)
         assert failed.state == JobState.DEAD
         assert "unexpected answer" in (failed.last_error or "")
@@ -1262,14 +1267,7 @@ class TestScheduledReconcile:
             database_url, smtp, reconcile_interval="1h", job_max_attempts=1
         )
         backend = CrashingPageBackend(page_size=1)
-        backend.held = {
-            "a@example.org": ("a@example.org", True, {}),
-            "b@example.org": ("b@example.org", True, {}),
-        }
-        worker = _mail_worker(settings, engine, backend)
-        worker.schedule_reconciliations()
-        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
-        _drain(worker)
+        _reconcile_an_hour_on(settings, engine, backend)
         failed, *scheduled = _jobs(engine, JobKind.RECONCILE)
         assert failed.state == JobState.DEAD
         assert failed.last_error == "internal error: KeyError"

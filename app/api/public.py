@@ -328,9 +328,10 @@ async def subscribe(slug: str, request: Request) -> Response:
         _refuse_bad_fields(post.problems)
     assert post.request is not None
     refused = backends.refused_characters(declared.backend, post.request.email)
-    if refused and wants_html(request, default=False):
-        return again({hosted.EMAIL: t("form.error.email_refused_by_list", characters=refused)})
-    _refuse_what_the_list_cannot_hold(post.request.email, declared)
+    if refused:
+        if wants_html(request, default=False):
+            return again({hosted.EMAIL: t("form.error.email_refused_by_list", characters=refused)})
+        _refuse_what_the_list_cannot_hold(post.request.email, declared)
     await _require_proof_of_work(post.request, settings, database, slug=slug)
     await _subscribe(
         request,
