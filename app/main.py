@@ -172,6 +172,8 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         scripts=settings.proof_of_work_bits > 0,
     )
     app.state.page_policy = policy
+    # The pages after a link's button, each rendered once (app.api.public._result_page).
+    app.state.result_pages = {}
     app.state.metrics = metrics
     app.state.engine = None
     app.state.worker = None

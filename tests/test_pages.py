@@ -842,6 +842,74 @@ class TestLanguage:
             assert switch[1] == "/%2F" + path[2:] + "?lang=en"
 
 
+class TestResultPages:
+    """The page after a link's button is the same for everyone on a list in one language,
+    and is rendered once: what it shows must still follow the list and the language."""
+
+    def _confirm(
+        self, client: TestClient, smtp: SmtpSink, slug: str, address: str, locale: str
+    ) -> str:
+        body: dict[str, Any] = {"email": address, "locale": locale}
+        if slug == "bluehats":  # its declared fields ask for one
+            body["attributes"] = {"organisation": "DINUM"}
+        sent = client.post(f"/v1/lists/{slug}/subscriptions", json=body)
+        assert sent.status_code == 202, sent.text
+        link = link_in(smtp.mail_to(address, link="confirm"), "confirm")
+        done = client.post(link, headers={"accept": "text/html"})
+        assert done.status_code == 200, done.text
+        return done.text
+
+    def test_a_list_changed_through_the_api_shows_its_new_name_and_way_on(
+        self, client: TestClient, smtp: SmtpSink, write_key: dict[str, str]
+    ) -> None:
+        made = client.post(
+            "/v1/admin/lists",
+            json={"slug": "made-here", "name": "Made here", "landing_url": "https://a.example/"},
+            headers=write_key,
+        )
+        assert made.status_code == 201, made.text
+        first = self._confirm(client, smtp, "made-here", "one@example.org", "en")
+        assert "Made here" in first
+        assert 'href="https://a.example/"' in first
+
+        changed = client.patch(
+            "/v1/admin/lists/made-here",
+            json={
+                "name": "Renamed here",
+                "landing_url": "https://b.example/",
+                "consent_version": "renamed",
+            },
+            headers=write_key,
+        )
+        assert changed.status_code == 200, changed.text
+        second = self._confirm(client, smtp, "made-here", "two@example.org", "en")
+        assert "Renamed here" in second
+        assert 'href="https://b.example/"' in second
+        assert "Made here" not in second
+        assert "a.example" not in second
+
+    def test_each_language_and_each_result_has_its_own_page(
+        self, client: TestClient, smtp: SmtpSink
+    ) -> None:
+        english = self._confirm(client, smtp, "bluehats", "en@example.org", "en")
+        french = self._confirm(client, smtp, "bluehats", "fr@example.org", "fr")
+        assert '<html lang="en">' in english
+        assert "<h1>Subscription confirmed</h1>" in english
+        assert '<html lang="fr">' in french
+        assert "<h1>Inscription confirmée</h1>" in french
+        again = self._confirm(client, smtp, "bluehats", "en2@example.org", "en")
+        assert again == english
+
+        asked = client.post("/v1/lists/bluehats/unsubscriptions", json={"email": "en@example.org"})
+        assert asked.status_code == 202
+        link = link_in(smtp.mail_to("en@example.org", link="unsubscribe"), "unsubscribe")
+        left = client.post(link, headers={"accept": "text/html"})
+        assert left.status_code == 200
+        assert '<html lang="en">' in left.text
+        assert "Subscription confirmed" not in left.text
+        assert 'href="/v1/lists/bluehats/unsubscribed?lang=fr"' in left.text
+
+
 class TestErrorPages:
     def test_with_several_lists_a_confirm_link_not_found_leads_to_each_list_s_page(
         self, database_url: str, smtp: SmtpSink

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from app import (
     addresses,
@@ -755,25 +755,40 @@ def _page(
         return _result(target)
     mailing_list = target.mailing_list
     locale = _page_locale(request, target.subscription.locale)
-    form = None
-    if form_action is not None:
-        declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
-        t = for_list(locale, declared)
-        # The button's answer in the page's language: one who switched the page to the
-        # other language read the result in the subscriber's stored one.
-        action = pages.with_lang(form_action, "", locale)
-        form = pages.Form(action=action, button=t(f"page.{page}.button"))
-    # After the button's POST, the other language is the result's own page, not the link.
-    switch_path = None if form else f"/v1/lists/{mailing_list.slug}/{page}"
-    return _list_page(
-        request,
-        settings,
-        mailing_list,
-        page=page,
-        locale=locale,
-        form=form,
-        switch_path=switch_path,
-    )
+    if form_action is None:
+        return _result_page(request, settings, mailing_list, page=page, locale=locale)
+    declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
+    t = for_list(locale, declared)
+    # The button's answer in the page's language: one who switched the page to the other
+    # language read the result in the subscriber's stored one.
+    action = pages.with_lang(form_action, "", locale)
+    form = pages.Form(action=action, button=t(f"page.{page}.button"))
+    return _list_page(request, settings, mailing_list, page=page, locale=locale, form=form)
+
+
+# A button's result page is the same for everyone on a list in one language: each is
+# rendered once (a confirmation's Jinja page cost about a tenth of its CPU). By everything
+# the page shows of the list, so one renamed through the admin API gets a fresh page.
+_RESULT_PAGES_KEPT = 256
+
+
+def _result_page(
+    request: Request, settings: Settings, mailing_list: MailingList, *, page: str, locale: Locale
+) -> Response:
+    """The page after a link's button (confirmed, unsubscribed). Its other language is the
+    list's own page of that result, not the link's."""
+    key = (page, locale, mailing_list.slug, mailing_list.name, mailing_list.landing_url)
+    kept: dict[tuple[str | None, ...], bytes] = request.app.state.result_pages
+    body = kept.get(key)
+    if body is None:
+        switch_path = f"/v1/lists/{mailing_list.slug}/{page}"
+        rendered = _list_page(
+            request, settings, mailing_list, page=page, locale=locale, switch_path=switch_path
+        )
+        if len(kept) >= _RESULT_PAGES_KEPT:
+            kept.clear()
+        body = kept[key] = bytes(rendered.body)
+    return HTMLResponse(body)
 
 
 TOKEN_ERRORS = errors.responses(
