@@ -174,8 +174,9 @@ def enqueue_new_syncs(
     """
     if not subscription_ids:
         return
-    session.execute(
-        sa.insert(OutboxJob),
+    session.flush()  # as the ORM's own statements would
+    _INSERT_LATER.execute_many(
+        session,
         [
             {
                 "kind": JobKind.SYNC.value,

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -712,6 +713,36 @@ def _invite(
     session.flush()
 
 
+_CONFIRMED_KEYS = [
+    "list_id",
+    "email",
+    "email_key",
+    "status",
+    "locale",
+    "attributes",
+    "consent_version",
+    "created_at",
+    "updated_at",
+    "confirmed_at",
+    "unsubscribed_at",
+    "last_mail_at",
+]
+
+
+@functools.cache
+def _insert_confirmed_on_postgresql() -> db.Prepared:
+    # Made on first use: a process on SQLite does not load PostgreSQL's dialect.
+    from sqlalchemy.dialects.postgresql import insert
+
+    table = SQLModel.metadata.tables["subscription"]
+    return db.Prepared(
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+        .returning(table.c.id, table.c.email_key),
+        insert_keys=_CONFIRMED_KEYS,
+    )
+
+
 def _insert_confirmed(
     session: Session,
     *,
@@ -727,31 +758,38 @@ def _insert_confirmed(
     """
     if not rows:
         return 0
-    insert = db.dialect_insert(session)
-    table = SQLModel.metadata.tables["subscription"]
-    # Several rows a statement ("insertmanyvalues"); RETURNING says which were new.
-    inserted = session.execute(
-        insert(table)
-        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
-        .returning(table.c.id, table.c.email_key),
-        [
-            {
-                "list_id": mailing_list.id,
-                "email": row.address.email,
-                "email_key": row.address.key,
-                "status": SubscriptionStatus.CONFIRMED.value,
-                "locale": row.locale.value if row.locale else mailing_list.default_locale,
-                "attributes": row.attributes,
-                "consent_version": row.consent_version or mailing_list.consent_version,
-                "created_at": now,
-                "updated_at": now,
-                "confirmed_at": now,
-                "unsubscribed_at": None,
-                "last_mail_at": None,
-            }
-            for row in rows
-        ],
-    ).all()
+    values = [
+        {
+            "list_id": mailing_list.id,
+            "email": row.address.email,
+            "email_key": row.address.key,
+            "status": SubscriptionStatus.CONFIRMED.value,
+            "locale": row.locale.value if row.locale else mailing_list.default_locale,
+            "attributes": row.attributes,
+            "consent_version": row.consent_version or mailing_list.consent_version,
+            "created_at": now,
+            "updated_at": now,
+            "confirmed_at": now,
+            "unsubscribed_at": None,
+            "last_mail_at": None,
+        }
+        for row in rows
+    ]
+    # RETURNING says which were new.
+    inserted: Sequence[Any]
+    if session.get_bind().dialect.name == "postgresql":
+        inserted = _insert_confirmed_on_postgresql().execute_many_returning(session, values)
+    else:
+        # Several rows a statement ("insertmanyvalues"): sqlite3 returns no rows from
+        # `executemany`.
+        insert = db.dialect_insert(session)
+        table = SQLModel.metadata.tables["subscription"]
+        inserted = session.execute(
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+            .returning(table.c.id, table.c.email_key),
+            values,
+        ).all()
     ids = {email_key: row_id for row_id, email_key in inserted}
     if not ids:
         return 0
@@ -781,7 +819,7 @@ def _insert_confirmed(
                 "address_hash": None,
             }
         )
-    session.execute(sa.insert(SQLModel.metadata.tables["consent_event"]), events)
+    subscriptions.record_many(session, events)
     outbox.enqueue_new_syncs(
         session, subscription_ids=list(ids.values()), list_id=mailing_list.id, now=now
     )

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from app import addresses, db, errors, lists, subscriptions, tokens
+from app import addresses, db, errors, lists, subscriptions, tokens, transfer
 from app.models import (
     BlockedEntry,
     BlockKind,
@@ -58,6 +58,11 @@ def _subscribe(session: Session, *, email: str, interval: timedelta = timedelta(
         resend_interval=interval,
     )
     return email
+
+
+def _subscribe_now(engine: sa.Engine, email: str) -> None:
+    with db.session_scope(engine) as session:
+        _subscribe(session, email=email)
 
 
 def _subscribe_then_refuse(session: Session, *, email: str) -> str:
@@ -439,3 +444,56 @@ def test_a_row_refused_at_the_commit_fails_its_own_request_and_the_others_are_st
             assert len(_tokens(session, subscription, TokenPurpose.CONFIRM)) == 1
         assert session.exec(select(sa.func.count()).select_from(Token)).one() == 2
         assert session.exec(select(sa.func.count()).select_from(ConsentEvent)).one() == 2
+
+
+class TestImportedRowsInOnePipeline:
+    """An import's batch writes its subscriptions, ledger events and sync jobs as one short
+    statement run for each row (app/transfer.py), not one statement holding every row."""
+
+    def _rows(self, *emails: str) -> list[transfer.ImportRow]:
+        return [
+            transfer.ImportRow(
+                line=line,
+                address=addresses.parse(email, new=True),
+                locale=None,
+                attributes={"org": f"org {line}"},
+                consent_source="Paper form",
+                consent_date="2025-03-12",
+            )
+            for line, email in enumerate(emails, start=2)
+        ]
+
+    def test_only_new_addresses_are_created_each_with_its_event_and_job(
+        self, engine: sa.Engine
+    ) -> None:
+        _subscribe_now(engine, "there@example.org")
+        with db.session_scope(engine) as session:
+            info = transfer._list_info(session, slug="bluehats")
+            rows = self._rows("first@example.org", "there@example.org", "second@example.org")
+            created = transfer._insert_confirmed(
+                session, rows=rows, mailing_list=info, operator="op", note=None, now=utcnow()
+            )
+        # The address already there (signed up meanwhile) is left as it is.
+        assert created == 2
+        with Session(engine) as session:
+            made = {
+                s.email: s
+                for s in session.exec(
+                    select(Subscription).where(Subscription.status == "confirmed")
+                )
+            }
+            assert sorted(made) == ["first@example.org", "second@example.org"]
+            assert made["second@example.org"].attributes == {"org": "org 4"}
+            for subscription in made.values():
+                [event] = session.exec(
+                    select(ConsentEvent).where(ConsentEvent.subscription_id == subscription.id)
+                ).all()
+                assert (event.action, event.detail["operator"]) == ("imported", "op")
+                [job] = session.exec(
+                    select(OutboxJob).where(OutboxJob.subscription_id == subscription.id)
+                ).all()
+                assert (job.kind, job.state) == (JobKind.SYNC, JobState.PENDING)
+            pending = session.exec(
+                select(Subscription).where(Subscription.email == "there@example.org")
+            ).one()
+            assert pending.status == "pending"
