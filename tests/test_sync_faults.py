@@ -8,6 +8,7 @@ request where the order matters, and what it holds at the end.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import os
@@ -27,7 +28,12 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from app import db, lists, outbox
-from app.config import FileMailerSettings, ListSettings, MailgunBackendSettings, Settings
+from app.config import (
+    FileMailerSettings,
+    ListSettings,
+    MailgunBackendSettings,
+    Settings,
+)
 from app.mailer import make_mailer
 from app.models import (
     AttemptOutcome,
@@ -379,6 +385,83 @@ class TestTrickledAnswer:
         assert retried.started_at >= trickled.finished_at
         assert mailgun.calls() == [("POST", ONE)] * 2
         assert mailgun.held() == {"patient@example.org": True}
+
+
+class Flood:
+    """ASGI wrapper: the next `times` requests get a 200 JSON answer of `size` bytes, sent
+    in pieces while the client reads; `sent` counts the bytes that went out."""
+
+    def __init__(self, app: Any, *, size: int, times: int = 1) -> None:
+        self.app, self.size, self.times = app, size, times
+        self.sent = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.times <= 0:
+            await self.app(scope, receive, send)
+            return
+        self.times -= 1
+        piece = b" " * 65536
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"message": "', "more_body": True})
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        while self.sent < self.size and not gone.is_set():
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            self.sent += len(piece)
+            await asyncio.sleep(0)
+        watcher.cancel()
+        await send({"type": "http.response.body", "body": b'"}', "more_body": False})
+
+
+class TestHugeAnswer:
+    def test_an_answer_past_the_cap_is_abandoned_and_on_record(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        # A proxy before Mailgun (or a broken one) answers a page with no end: the worker
+        # read it all into memory, for as long as the call's deadline let it.
+        fake = FakeMailgun()
+        fake.create_list(LIST)
+        flood = Flood(fake.app(), size=512 * 1024 * 1024)
+        with LiveServer(flood) as base_url:
+            mailgun = Mailgun(fake=fake, base_url=base_url, arrivals=Arrivals(fake.app()))
+            settings = worker_settings(
+                database_url,
+                mailgun,
+                tmp_path,
+                backend_timeout=20,
+                job_lease="60s",
+                retry_base_delay="0.05s",
+                retry_max_delay="0.1s",
+            )
+            subscriptions_with_sync_jobs(engine, settings, [Row("big@example.org")])
+            worker = in_process_worker(engine, settings, name="capped")
+            started = time.monotonic()
+            assert worker.run_once() == 1
+            assert time.monotonic() - started < 10
+            [job] = sync_jobs(engine)
+            assert (job.state, job.attempts) == (JobState.DEAD, 1)
+            assert job.last_error == (
+                "mailgun add member: HTTP 200 with an answer over 4 MiB, not read further (no "
+                "backend answers that much: a proxy's page? is base_url right?)"
+            )
+            [attempt] = attempts(engine)
+            assert attempt.outcome == AttemptOutcome.DEAD
+            assert (attempt.response or "").startswith('200 {"message": ')
+            # The worker stopped reading at the cap: what went out is that, and what the
+            # sockets' buffers held, far from the whole.
+            assert flood.sent < 64 * 1024 * 1024
 
 
 class TestLongRound:
