@@ -30,6 +30,7 @@ from sqlmodel import col, select
 from app import db, lists, outbox
 from app.config import (
     FileMailerSettings,
+    ListmonkBackendSettings,
     ListSettings,
     MailgunBackendSettings,
     Settings,
@@ -47,6 +48,7 @@ from app.models import (
 )
 from app.worker import Worker
 from tests.conftest import SECRET, LiveServer, free_port, make_settings, wait_until
+from tests.fake_listmonk import FakeListmonk
 from tests.fake_mailgun import FakeMailgun, SeenRequest, StoredMember
 
 NEWSLETTER = Path(sysconfig.get_path("scripts")) / "newsletter"
@@ -692,6 +694,70 @@ class TestCredentialsRevoked:
         jobs = sync_jobs(engine)
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
             (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+        }
+
+    def test_departures_after_a_refused_key_are_not_called_either(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        settings = worker_settings(database_url, mailgun, tmp_path)
+        joined = [f"k{n}@example.org" for n in range(5)]
+        left = [f"gone{n}@example.org" for n in range(5)]
+        subscriptions_with_sync_jobs(
+            engine,
+            settings,
+            [Row(e) for e in joined] + [Row(e, status="unsubscribed") for e in left],
+        )
+        mailgun.fake.api_key = "key-revoked"
+        worker = in_process_worker(engine, settings, name="revoked")
+
+        assert worker.run_once() == 10
+        # Mailgun has no bulk unsubscribe: each departure was one more call with a key
+        # Mailgun had just refused.
+        assert mailgun.calls() == [("POST", BULK)]
+        assert {(job.state, job.attempts, job.last_error) for job in sync_jobs(engine)} == {
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+        }
+        assert {a.response for a in attempts(engine)} == {"401 Forbidden"}
+
+    def test_a_revoked_listmonk_token_costs_a_few_calls_per_round_not_one_per_job(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        with FakeListmonk() as listmonk:
+            settings = make_settings(
+                database_url,
+                smtp_port=free_port(),
+                lists=[
+                    ListSettings(
+                        slug="bluehats",
+                        name="Gazette BlueHats",
+                        backend=ListmonkBackendSettings(
+                            base_url=listmonk.url,
+                            username=listmonk.username,
+                            api_token="tok-revoked",
+                            list_id=3,
+                        ),
+                    )
+                ],
+                mailer=FileMailerSettings(directory=tmp_path / "mail"),
+                worker_concurrency=2,
+                backend_timeout=5,
+            )
+            emails = [f"l{n}@example.org" for n in range(20)]
+            subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+            worker = in_process_worker(engine, settings, name="revoked")
+
+            assert worker.run_once() == 20
+            worker.stop()
+            # listmonk has no bulk call: one lookup per job, each answered 403, was 20
+            # calls. Now the calls already under way when the first refusal came, at most
+            # one per thread of the pool.
+            assert 1 <= len(listmonk.calls()) <= settings.worker_concurrency
+        jobs = sync_jobs(engine)
+        assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
+            (JobState.DEAD, 1, "listmonk: find: HTTP 403")
+        }
+        assert {a.response for a in attempts(engine)} == {
+            '403 {"message":"invalid API credentials"}'
         }
 
 
