@@ -201,6 +201,17 @@ class NoneBackendSettings(BaseModel):
     kind: Literal["none"] = "none"
 
 
+def _without_credentials(value: HttpUrl | None, *, instead: str) -> HttpUrl | None:
+    """A backend's URL holds no `user:password@`: the HTTP client's debug log and its
+    errors print the URL, the credentials with it. The message shows no part of it."""
+    if value is not None and (value.username or value.password):
+        raise ValueError(
+            f"base_url holds a user name or password (user:password@): remove them from it "
+            f"and give the credentials in {instead}, which are kept out of logs"
+        )
+    return value
+
+
 class MailgunRegion(StrEnum):
     EU = "eu"
     US = "us"
@@ -222,6 +233,11 @@ class MailgunBackendSettings(BaseModel):
     webhook_signing_key: SecretStr | None = None
     # On a new opt-in, clear the address from Mailgun's unsubscribes and bounces lists.
     clear_suppressions: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: HttpUrl | None) -> HttpUrl | None:
+        return _without_credentials(value, instead="api_key")
 
     @model_validator(mode="after")
     def _one_host(self) -> MailgunBackendSettings:
@@ -249,6 +265,7 @@ class MailmanBackendSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _api_version(cls, value: HttpUrl) -> HttpUrl:
+        _without_credentials(value, instead="username and password")
         # Without the version every call answers 404, which would read as a missing list.
         if not re.search(r"/3\.\d+/?$", value.path or ""):
             raise ValueError(
@@ -279,6 +296,12 @@ class ListmonkBackendSettings(BaseModel):
     username: Annotated[str, Field(min_length=1)]
     api_token: SecretStr
     list_id: Annotated[int, Field(ge=1)]
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: HttpUrl) -> HttpUrl:
+        _without_credentials(value, instead="username and api_token")
+        return value
 
 
 def _backend_kind(value: object) -> str | None:

@@ -538,6 +538,8 @@ def erase(
             session, list_id=list_id, address=spelling[list_id], running=running, now=now
         )
         report.backend_removals.append(slug)
+    # Other people's jobs may quote the address too: a bulk call's answer lands on each.
+    report.jobs_scrubbed += privacy.scrub_mentions(session, spellings=spellings)
     report.audit_events = _scrub_audit(session, spellings=spellings)
     report.already_erased = not _tombstone(session, hashed=hashed, now=now)
     session.flush()

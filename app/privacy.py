@@ -6,9 +6,10 @@ enough to recover the address from the database alone. The key is the service's 
 (`Settings.token_key()`).
 
 Free text that may quote the address (backend answers, errors, audit targets) is scrubbed:
-every spelling of it becomes `[erased]`. The backend removal job is the one place the
-address stays in clear after an erasure, until the worker has run it
-(`scrub_after_removal`).
+every spelling of it becomes `[erased]`, in other people's records too: a backend's answer
+to a bulk call, or a proxy's error page, may quote any member of the call, and lands on
+every job of it (`scrub_mentions`). The backend removal job is the one place the address
+stays in clear after an erasure, until the worker has run it (`scrub_after_removal`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from app import addresses, sync
 from app.models import DeliveryAttempt, ErasedAddress, JobState, OutboxJob
@@ -63,10 +65,7 @@ _AFTER = r"(?![\w-]|\.[\w-])"
 
 
 def _pattern(address: str) -> re.Pattern[str]:
-    # Backends echo an address as typed, lowercased, or URL-encoded in a path, and as they
-    # got it: an internationalized domain in ASCII.
-    spellings = {address, addresses.deliverable(address)}
-    forms = {form for spelling in spellings for form in _encoded(spelling)}
+    forms = _forms(address)
     alternatives = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
     return re.compile(f"{_BEFORE}(?:{alternatives}){_AFTER}", re.IGNORECASE)
 
@@ -117,6 +116,62 @@ def scrub_job(session: Session, *, job: OutboxJob, address: str, address_hash: s
         session.add(attempt)
 
 
+def _forms(address: str) -> set[str]:
+    # Backends echo an address as typed, lowercased, or URL-encoded in a path, and as they
+    # got it: an internationalized domain in ASCII.
+    spellings = {address, addresses.deliverable(address)}
+    return {form for spelling in spellings for form in _encoded(spelling)}
+
+
+def _mentioning(column: Any, forms: set[str]) -> Any:
+    """An SQL condition that holds for every text of `column` that may quote one of
+    `forms`, in any case: a cheap filter before `mentions`, which decides. SQL's lower()
+    folds ASCII everywhere (not more on SQLite), so a form beyond ASCII is also looked for
+    as written and lowercased."""
+    patterns = {form.lower() for form in forms if form.isascii()}
+    exact = {variant for form in forms if not form.isascii() for variant in (form, form.lower())}
+    return sa.or_(
+        *(func.lower(column).contains(pattern, autoescape=True) for pattern in sorted(patterns)),
+        *(column.contains(pattern, autoescape=True) for pattern in sorted(exact)),
+    )
+
+
+def scrub_mentions(session: Session, *, spellings: Collection[str]) -> int:
+    """Scrub the address from the errors and answers of every job and attempt, whoever
+    they were about; how many jobs that touched. Payloads are left to the callers: only
+    the jobs about the address carry it there."""
+    forms = {form for spelling in spellings for form in _forms(spelling)}
+    touched: set[int] = set()
+    for attempt in session.exec(
+        select(DeliveryAttempt).where(
+            sa.or_(
+                _mentioning(col(DeliveryAttempt.error), forms),
+                _mentioning(col(DeliveryAttempt.response), forms),
+            )
+        )
+    ).all():
+        error, response = attempt.error, attempt.response
+        for spelling in spellings:
+            error = scrub_text(error, address=spelling)
+            response = scrub_text(response, address=spelling)
+        if (error, response) != (attempt.error, attempt.response):
+            attempt.error, attempt.response = error, response
+            session.add(attempt)
+            touched.add(attempt.job_id)
+    for job in session.exec(
+        select(OutboxJob).where(_mentioning(col(OutboxJob.last_error), forms))
+    ).all():
+        error = job.last_error
+        for spelling in spellings:
+            error = scrub_text(error, address=spelling)
+        if error != job.last_error:
+            job.last_error = error
+            session.add(job)
+            assert job.id is not None
+            touched.add(job.id)
+    return len(touched)
+
+
 def scrub_after_removal(session: Session, *, job_id: int, key: bytes) -> int:
     """Once the backend has removed an erased address, the queue forgets it too.
 
@@ -148,4 +203,6 @@ def scrub_after_removal(session: Session, *, job_id: int, key: bytes) -> int:
     ).all()
     for other in [job, *others]:
         scrub_job(session, job=other, address=address, address_hash=hashed)
+    # Answers that landed since the erasure, on other people's jobs (a bulk call's).
+    scrub_mentions(session, spellings={address})
     return 1 + len(others)

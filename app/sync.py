@@ -22,7 +22,7 @@ from concurrent.futures import CancelledError, Executor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel, col, select
@@ -31,6 +31,7 @@ from app import addresses, blocklist, lists, logs, outbox, tokens
 from app.backends.base import (
     ListBackend,
     Member,
+    MembersPage,
     PermanentSyncError,
     RetryableSyncError,
     SyncError,
@@ -50,6 +51,8 @@ from app.models import (
 )
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class Action(StrEnum):
@@ -351,13 +354,14 @@ def execute(
             by_list.setdefault(item.list_slug, []).append(item)
 
     for slug, items in by_list.items():
-        backend = backend_for(slug)
-        if backend is None:
+        found = backend_for(slug)
+        if found is None:
             for item in items:
                 results[item.job.id] = Result(
                     error=PermanentSyncError(f"list {slug!r} has no backend in the settings")
                 )
             continue
+        backend = _StopsAtRefusedCredentials(found)
         if pool is not None and backend.max_batch == 1:
             _execute_concurrently(backend, items, results, pool=pool, should_stop=should_stop)
             continue
@@ -373,6 +377,56 @@ def execute(
                 return results
             results[item.job.id] = _leave(backend, item)
     return results
+
+
+# The backend refusing our credentials (a revoked key or token, a removed permission): every
+# other call of the round would get the same answer.
+CREDENTIALS_REFUSED = frozenset({401, 403})
+
+
+class _StopsAtRefusedCredentials:
+    """A backend for one round: once it has refused the credentials, the round's other
+    calls to it fail with that same error without being made (a backend without bulk calls
+    cost one refused call per job, a thousand a round). Their jobs go the way the refused
+    call's went; the next round asks again. Calls already under way in other threads end
+    as they end."""
+
+    def __init__(self, backend: ListBackend) -> None:
+        self._backend = backend
+        self.max_batch = backend.max_batch
+        self.keeps_unsubscribed = backend.keeps_unsubscribed
+        self._refused: SyncError | None = None
+
+    def _call(self, call: Callable[[], _T]) -> _T:
+        refused = self._refused
+        if refused is not None:
+            raise type(refused)(
+                str(refused),
+                response=refused.response,
+                retry_after=refused.retry_after,
+                status=refused.status,
+            )
+        try:
+            return call()
+        except SyncError as e:
+            if e.status in CREDENTIALS_REFUSED:
+                self._refused = e
+            raise
+
+    def add(self, members: Sequence[Member]) -> str:
+        return self._call(lambda: self._backend.add(members))
+
+    def unsubscribe(self, address: str) -> str:
+        return self._call(lambda: self._backend.unsubscribe(address))
+
+    def remove(self, address: str) -> str:
+        return self._call(lambda: self._backend.remove(address))
+
+    def members(self, cursor: str | None = None) -> MembersPage:
+        return self._call(lambda: self._backend.members(cursor))
+
+    def clear_suppression(self, address: str) -> str | None:
+        return self._call(lambda: self._backend.clear_suppression(address))
 
 
 def _execute_concurrently(

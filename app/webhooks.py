@@ -4,14 +4,23 @@ Mailgun (https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/sec
 posts `{"signature": {"timestamp", "token", "signature"}, "event-data": {...}}` where
 `signature` is the hex HMAC-SHA256 of `timestamp + token` under the webhook signing key.
 A call is accepted when the signature verifies with the key of a Mailgun list, its
-timestamp is within `TOLERANCE` of our clock, and its token was never seen (its SHA-256
-is kept in `webhook_nonce`; the unique constraint turns a replay into a refusal).
+timestamp is at most `MAX_AGE` old and at most `MAX_AHEAD` ahead of our clock, and its
+token was never seen (its SHA-256 is kept in `webhook_nonce` for `NONCE_KEEP`, longer than
+a timestamp passes; the unique constraint turns a replay into a refusal).
+
+The age allowed is Mailgun's retry schedule, not a few minutes: Mailgun retries a call
+answered other than 200 or 406 for 8 hours (5, 10 and 15 minutes, 1, 2 and 4 hours later:
+https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/webhook-retries), and
+a retry carries the signature block of the first attempt (Mailgun's pages do not say;
+Hookdeck's Mailgun reference and integrators observe it). With a 5-minute window every
+retry after our 5xx (a database outage, a restart) was refused as stale with a 406, which
+stops Mailgun's retries: the unsubscribe was lost. Replays stay refused by the token.
 
 Only events that change a subscription reach the state machine: `unsubscribed`,
 `complained` and `failed` with severity `permanent` (a hard bounce). Deliveries, opens,
 clicks and temporary failures (and events about lists not held here) are verified and
 acknowledged; their token is spent all the same, as the signature does not cover the event:
-a signature left unspent could be sent again, within the tolerance, with an unsubscribe in
+a signature left unspent could be sent again, within `MAX_AGE`, with an unsubscribe in
 place of a delivery.
 """
 
@@ -37,10 +46,13 @@ from app.schemas import MailgunWebhook
 log = logging.getLogger(__name__)
 
 MAILGUN = "mailgun"
-# How far a call's timestamp may be from our clock, either way.
-TOLERANCE = timedelta(minutes=5)
-# Tokens are kept well past the window in which their timestamp would still pass.
-NONCE_KEEP = timedelta(hours=1)
+# How old a call's timestamp may be: Mailgun's 8 hours of retries, and an hour for its
+# queue and our clocks.
+MAX_AGE = timedelta(hours=9)
+# How far ahead of our clock it may be (clocks that drift).
+MAX_AHEAD = timedelta(minutes=5)
+# Tokens are kept past the time in which their timestamp would still pass.
+NONCE_KEEP = MAX_AGE + MAX_AHEAD + timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +159,7 @@ def verify_mailgun(
         sent_at = datetime.fromtimestamp(int(signature.timestamp), tz=now.tzinfo)
     except (ValueError, OverflowError, OSError) as e:
         raise errors.WebhookStale() from e
-    if abs(now - sent_at) > TOLERANCE:
+    if now - sent_at > MAX_AGE or sent_at - now > MAX_AHEAD:
         raise errors.WebhookStale()
 
     event = _mailgun_event(event_data)

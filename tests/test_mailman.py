@@ -22,6 +22,10 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
 
 # Before the import below, so tests.mailman gets assertion rewriting like a plugin should.
 pytest.register_assert_rewrite("tests.mailman")
@@ -37,6 +41,7 @@ from app.models import DeliveryAttempt, JobKind, JobState, KeyScope, OutboxJob, 
 from app.worker import Worker  # noqa: E402
 from tests.conftest import (  # noqa: E402
     SECRET,
+    LiveServer,
     SmtpSink,
     api_key_headers,
     free_port,
@@ -650,6 +655,103 @@ class TestFailures:
             backend.remove(unique())
         with pytest.raises(RetryableSyncError):
             backend.members()
+
+
+class PagingProxy:
+    """A reverse proxy before the real core that answers chosen calls, once each, with its
+    own `200` HTML page (maintenance, a login wall) instead of passing them on."""
+
+    def __init__(self, core: MailmanCore) -> None:
+        upstream = httpx.URL(core.base_url)
+        self.upstream = f"{upstream.scheme}://{upstream.host}:{upstream.port}"
+        self.intercept: list[tuple[str, str]] = []
+        self.paged: list[tuple[str, str]] = []
+        self.app = Starlette(
+            routes=[
+                Route("/{path:path}", self._endpoint, methods=["GET", "POST", "PATCH", "DELETE"])
+            ]
+        )
+
+    async def _endpoint(self, request: Request) -> Response:
+        call = (request.method, request.url.path)
+        for method, prefix in self.intercept:
+            if method == call[0] and call[1].startswith(prefix):
+                self.intercept.remove((method, prefix))
+                self.paged.append(call)
+                return HTMLResponse("<html><body>Back soon</body></html>", status_code=200)
+        async with httpx.AsyncClient(base_url=self.upstream, timeout=10) as client:
+            answer = await client.request(
+                request.method,
+                request.url.path,
+                params=request.query_params.multi_items(),
+                content=await request.body(),
+                headers={
+                    name: value
+                    for name, value in request.headers.items()
+                    if name in ("authorization", "content-type")
+                },
+            )
+        headers = {
+            name: value
+            for name, value in answer.headers.items()
+            if name in ("content-type", "location")
+        }
+        return Response(answer.content, status_code=answer.status_code, headers=headers)
+
+
+class TestAProxysPageIsNoChangeMade:
+    """Mailman answers its writes 201 or 204 without a body: a `200` page was taken for a
+    member added, a user deleted."""
+
+    @pytest.fixture
+    def proxy(self, mailman_core: MailmanCore) -> Iterator[tuple[PagingProxy, str]]:
+        proxy = PagingProxy(mailman_core)
+        with LiveServer(proxy.app) as url:
+            yield proxy, f"{url}/3.1"
+
+    def test_an_add_answered_200_is_retried_and_then_made(
+        self,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        http: httpx.Client,
+        proxy: tuple[PagingProxy, str],
+    ) -> None:
+        paging, url = proxy
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list, base_url=url), http)
+        address = unique()
+        paging.intercept.append(("POST", "/3.1/members"))
+        with pytest.raises(RetryableSyncError) as caught:
+            backend.add([member(address)])
+        assert str(caught.value) == (
+            "mailman add member: HTTP 200 where Mailman answers 201 or 202: not Mailman's "
+            "answer (a proxy's page? is base_url right?)"
+        )
+        assert caught.value.response == "200 <html><body>Back soon</body></html>"
+        assert emails(mailman_core, mailman_list) == []
+        assert backend.add([member(address)]).startswith("mailman: member ")
+        assert emails(mailman_core, mailman_list) == [address]
+
+    def test_an_erasure_whose_deletion_is_answered_200_is_retried_until_mailman_forgot(
+        self,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        http: httpx.Client,
+        proxy: tuple[PagingProxy, str],
+    ) -> None:
+        paging, url = proxy
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list, base_url=url), http)
+        address = unique("erase")
+        backend.add([member(address)])
+        paging.intercept.append(("DELETE", "/3.1/users/"))
+        with pytest.raises(RetryableSyncError, match="HTTP 200 where Mailman answers 204"):
+            backend.remove(address)
+        assert [method for method, _ in paging.paged] == ["DELETE"]
+        # Mailman still holds the address: the erasure is not done.
+        assert known_addresses(mailman_core, address) == [address]
+        assert backend.remove(address) == (
+            f"mailman: not a member of {mailman_list}; address and its user deleted"
+        )
+        assert known_addresses(mailman_core, address) == []
 
 
 # The whole service ----------------------------------------------------------------------

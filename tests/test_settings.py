@@ -593,6 +593,45 @@ class TestBadValues:
         assert "NEWSLETTER_LISTS" in message
         assert reason in message
 
+    @pytest.mark.parametrize(
+        ("backend", "instead"),
+        [
+            (
+                {"kind": "mailgun", "list_address": "news@mg.example.org", "api_key": "k"},
+                "api_key",
+            ),
+            (
+                {
+                    "kind": "mailman",
+                    "username": "restadmin",
+                    "password": "p",
+                    "list_id": "bluehats.lists.example.org",
+                },
+                "username and password",
+            ),
+            (
+                {"kind": "listmonk", "username": "sync-bot", "api_token": "t", "list_id": 3},
+                "username and api_token",
+            ),
+        ],
+    )
+    def test_credentials_in_a_backend_url_are_refused_without_repeating_them(
+        self, monkeypatch: pytest.MonkeyPatch, backend: dict[str, object], instead: str
+    ) -> None:
+        # They went along in the URL the HTTP client logs at DEBUG and its errors print.
+        backend["base_url"] = "https://bot:s3cr3t-pw@lists.example.org/3.1"
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "B", "backend": backend})
+        )
+        message = settings_error()
+        assert (
+            "  NEWSLETTER_LISTS[0].backend.base_url: base_url holds a user name or password "
+            "(user:password@): remove them from it and give the credentials in "
+            f"{instead}, which are kept out of logs"
+        ) in message
+        assert "s3cr3t" not in message
+        assert "bot:" not in message
+
 
 class TestGoodValues:
     def test_settings_in_seconds_take_the_durations_units(

@@ -8,6 +8,7 @@ request where the order matters, and what it holds at the end.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import os
@@ -27,7 +28,13 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from app import db, lists, outbox
-from app.config import FileMailerSettings, ListSettings, MailgunBackendSettings, Settings
+from app.config import (
+    FileMailerSettings,
+    ListmonkBackendSettings,
+    ListSettings,
+    MailgunBackendSettings,
+    Settings,
+)
 from app.mailer import make_mailer
 from app.models import (
     AttemptOutcome,
@@ -41,6 +48,7 @@ from app.models import (
 )
 from app.worker import Worker
 from tests.conftest import SECRET, LiveServer, free_port, make_settings, wait_until
+from tests.fake_listmonk import FakeListmonk
 from tests.fake_mailgun import FakeMailgun, SeenRequest, StoredMember
 
 NEWSLETTER = Path(sysconfig.get_path("scripts")) / "newsletter"
@@ -381,6 +389,83 @@ class TestTrickledAnswer:
         assert mailgun.held() == {"patient@example.org": True}
 
 
+class Flood:
+    """ASGI wrapper: the next `times` requests get a 200 JSON answer of `size` bytes, sent
+    in pieces while the client reads; `sent` counts the bytes that went out."""
+
+    def __init__(self, app: Any, *, size: int, times: int = 1) -> None:
+        self.app, self.size, self.times = app, size, times
+        self.sent = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.times <= 0:
+            await self.app(scope, receive, send)
+            return
+        self.times -= 1
+        piece = b" " * 65536
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"message": "', "more_body": True})
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        while self.sent < self.size and not gone.is_set():
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            self.sent += len(piece)
+            await asyncio.sleep(0)
+        watcher.cancel()
+        await send({"type": "http.response.body", "body": b'"}', "more_body": False})
+
+
+class TestHugeAnswer:
+    def test_an_answer_past_the_cap_is_abandoned_and_on_record(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        # A proxy before Mailgun (or a broken one) answers a page with no end: the worker
+        # read it all into memory, for as long as the call's deadline let it.
+        fake = FakeMailgun()
+        fake.create_list(LIST)
+        flood = Flood(fake.app(), size=512 * 1024 * 1024)
+        with LiveServer(flood) as base_url:
+            mailgun = Mailgun(fake=fake, base_url=base_url, arrivals=Arrivals(fake.app()))
+            settings = worker_settings(
+                database_url,
+                mailgun,
+                tmp_path,
+                backend_timeout=20,
+                job_lease="60s",
+                retry_base_delay="0.05s",
+                retry_max_delay="0.1s",
+            )
+            subscriptions_with_sync_jobs(engine, settings, [Row("big@example.org")])
+            worker = in_process_worker(engine, settings, name="capped")
+            started = time.monotonic()
+            assert worker.run_once() == 1
+            assert time.monotonic() - started < 10
+            [job] = sync_jobs(engine)
+            assert (job.state, job.attempts) == (JobState.DEAD, 1)
+            assert job.last_error == (
+                "mailgun add member: HTTP 200 with an answer over 4 MiB, not read further (no "
+                "backend answers that much: a proxy's page? is base_url right?)"
+            )
+            [attempt] = attempts(engine)
+            assert attempt.outcome == AttemptOutcome.DEAD
+            assert (attempt.response or "").startswith('200 {"message": ')
+            # The worker stopped reading at the cap: what went out is that, and what the
+            # sockets' buffers held, far from the whole.
+            assert flood.sent < 64 * 1024 * 1024
+
+
 class TestLongRound:
     def test_a_round_outlasting_its_lease_keeps_it_and_each_call_is_made_once(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
@@ -609,6 +694,70 @@ class TestCredentialsRevoked:
         jobs = sync_jobs(engine)
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
             (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+        }
+
+    def test_departures_after_a_refused_key_are_not_called_either(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        settings = worker_settings(database_url, mailgun, tmp_path)
+        joined = [f"k{n}@example.org" for n in range(5)]
+        left = [f"gone{n}@example.org" for n in range(5)]
+        subscriptions_with_sync_jobs(
+            engine,
+            settings,
+            [Row(e) for e in joined] + [Row(e, status="unsubscribed") for e in left],
+        )
+        mailgun.fake.api_key = "key-revoked"
+        worker = in_process_worker(engine, settings, name="revoked")
+
+        assert worker.run_once() == 10
+        # Mailgun has no bulk unsubscribe: each departure was one more call with a key
+        # Mailgun had just refused.
+        assert mailgun.calls() == [("POST", BULK)]
+        assert {(job.state, job.attempts, job.last_error) for job in sync_jobs(engine)} == {
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+        }
+        assert {a.response for a in attempts(engine)} == {"401 Forbidden"}
+
+    def test_a_revoked_listmonk_token_costs_a_few_calls_per_round_not_one_per_job(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        with FakeListmonk() as listmonk:
+            settings = make_settings(
+                database_url,
+                smtp_port=free_port(),
+                lists=[
+                    ListSettings(
+                        slug="bluehats",
+                        name="Gazette BlueHats",
+                        backend=ListmonkBackendSettings(
+                            base_url=listmonk.url,
+                            username=listmonk.username,
+                            api_token="tok-revoked",
+                            list_id=3,
+                        ),
+                    )
+                ],
+                mailer=FileMailerSettings(directory=tmp_path / "mail"),
+                worker_concurrency=2,
+                backend_timeout=5,
+            )
+            emails = [f"l{n}@example.org" for n in range(20)]
+            subscriptions_with_sync_jobs(engine, settings, [Row(e) for e in emails])
+            worker = in_process_worker(engine, settings, name="revoked")
+
+            assert worker.run_once() == 20
+            worker.stop()
+            # listmonk has no bulk call: one lookup per job, each answered 403, was 20
+            # calls. Now the calls already under way when the first refusal came, at most
+            # one per thread of the pool.
+            assert 1 <= len(listmonk.calls()) <= settings.worker_concurrency
+        jobs = sync_jobs(engine)
+        assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
+            (JobState.DEAD, 1, "listmonk: find: HTTP 403")
+        }
+        assert {a.response for a in attempts(engine)} == {
+            '403 {"message":"invalid API credentials"}'
         }
 
 

@@ -7,7 +7,9 @@ A call has a deadline as a whole, the client's read timeout (NEWSLETTER_BACKEND_
 httpx's timeouts bound each read, so a server answering a byte at a time held a call for
 as long as it liked, past the job's lease. The clients of `app.backends.make_client` cut
 each connect, read and write to what is left of the deadline of the call under way in
-their thread (`hold_to_deadlines`), and `send` sets that deadline.
+their thread (`hold_to_deadlines`), and `send` sets that deadline. It also has a size: the
+answer is streamed and read up to MAX_ANSWER_BYTES, past which the call fails (retryable
+after a 5xx, 408, 425 or 429, permanent otherwise) with the start of the answer on record.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ import httpx
 from app.backends.base import PermanentSyncError, RetryableSyncError
 
 RESPONSE_LIMIT = 500
+
+# The most of an answer a call reads, decoded: a backend's largest answer is a page of 100
+# members with their variables (some 100 KB at Mailgun or listmonk); a proxy's or a broken
+# backend's endless body stops here instead of filling the worker's memory.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 _T = TypeVar("_T")
 
@@ -93,8 +100,14 @@ def send(
     seconds = client.timeout.read
     _call.deadline = None if seconds is None else time.monotonic() + seconds
     _call.expired = False
+    auth = kwargs.pop("auth", httpx.USE_CLIENT_DEFAULT)
     try:
-        response = client.request(method, url, **kwargs)
+        request = client.build_request(method, url, **kwargs)
+        streamed = client.send(request, auth=auth, stream=True)
+        try:
+            response = _read_capped(streamed, what=what)
+        finally:
+            streamed.close()
     except httpx.TimeoutException as e:
         if _call.expired:
             raise RetryableSyncError(
@@ -130,6 +143,42 @@ def send(
             "(is base_url right?)"
         )
     raise PermanentSyncError(message, response=excerpt(response), status=status)
+
+
+def _read_capped(response: httpx.Response, *, what: str) -> httpx.Response:
+    """The answer read whole, when it holds no more than MAX_ANSWER_BYTES once decoded;
+    else the call fails there, with the start of the answer on record."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            status = response.status_code
+            start = b"".join(chunks)[:RESPONSE_LIMIT].decode(
+                response.encoding or "utf-8", "replace"
+            )
+            error = (
+                RetryableSyncError
+                if status in RETRYABLE_4XX or status >= 500
+                else PermanentSyncError
+            )
+            raise error(
+                f"{what}: HTTP {status} with an answer over {MAX_ANSWER_BYTES // (1024 * 1024)} "
+                "MiB, not read further (no backend answers that much: a proxy's page? is "
+                "base_url right?)",
+                response=f"{status} {clean(start, limit=RESPONSE_LIMIT)}",
+                status=status,
+            )
+    # The body as read, decoded: the headers that described its transfer go.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
+    )
 
 
 def _bounded(

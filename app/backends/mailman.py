@@ -5,7 +5,11 @@ rest.html): HTTP Basic with the core's `[webservice] admin_user` / `admin_pass`,
 call; `base_url` is the REST root with the API version, e.g. http://127.0.0.1:8001/3.1.
 Bad credentials answer 401. A 201 has an empty body and the new resource in `Location`;
 failures are JSON `{"title": ..., "description": ...}`. Observed against Mailman 3.3.10
-(tests/mailman.py runs that core for the tests).
+(tests/mailman.py runs that core for the tests). Each call expects Mailman's one success
+status (reads and the roster's mass unsubscription 200 with JSON, `POST /members` 201 or
+202, `POST /users` 201, deletions and the discard of a request 204 without a body): any
+other 2xx is not Mailman's answer (a proxy's `200` page, a login wall) and must not pass
+for a change made; it is a retryable error, on record with the page it got.
 
 Endpoints:
 - add: `POST /members {list_id, subscriber, display_name, pre_verified, pre_confirmed,
@@ -97,7 +101,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -109,6 +113,7 @@ from app.backends.base import (
     MembersPage,
     PermanentSyncError,
     RemoteMember,
+    RetryableSyncError,
     SyncError,
     mailman_refuses,
 )
@@ -265,7 +270,9 @@ class MailmanBackend:
         }
         if member.name:
             body["display_name"] = member.name
-        response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
+        response = self._call(
+            "POST", "/members", what=what, ok=(400, 409), expect=(201, 202), json=body
+        )
         status = response.status_code
         description = _description(response)
         discarded = 0
@@ -275,7 +282,9 @@ class MailmanBackend:
             # for it.
             discarded = self._discard_requests(member.email)
             if discarded:
-                response = self._call("POST", "/members", what=what, ok=(400, 409), json=body)
+                response = self._call(
+                    "POST", "/members", what=what, ok=(400, 409), expect=(201, 202), json=body
+                )
                 status = response.status_code
                 description = _description(response)
         if status == 201:
@@ -364,6 +373,7 @@ class MailmanBackend:
                 f"{self._list_path}/requests/{_segment(token)}",
                 what="mailman discard pending request",
                 ok=(404,),
+                expect=(204,),
                 json={"action": "discard"},
             )
         return len(tokens)
@@ -444,6 +454,7 @@ class MailmanBackend:
                 f"/members/{_segment(member_id)}",
                 what="mailman erase: nonmember record",
                 ok=(404,),
+                expect=(204,),
             )
         others = len(memberships) - len(nonmember)
         if others > 0:
@@ -451,12 +462,20 @@ class MailmanBackend:
         user_id, addresses = self._user_of(wanted)
         if user_id is not None and addresses <= 1:
             self._call(
-                "DELETE", f"/users/{_segment(user_id)}", what="mailman erase: user", ok=(404,)
+                "DELETE",
+                f"/users/{_segment(user_id)}",
+                what="mailman erase: user",
+                ok=(404,),
+                expect=(204,),
             )
             return "address and its user deleted"
         if "/" not in wanted:
             response = self._call(
-                "DELETE", f"/addresses/{_segment(wanted)}", what="mailman erase: address", ok=(404,)
+                "DELETE",
+                f"/addresses/{_segment(wanted)}",
+                what="mailman erase: address",
+                ok=(404,),
+                expect=(204,),
             )
             if response.status_code == 404:
                 return "address not known to Mailman"
@@ -473,14 +492,24 @@ class MailmanBackend:
         # takes it along when deleted, and an address Mailman did not have is made and
         # deleted with it.
         response = self._call(
-            "POST", "/users", what="mailman erase: user for the address", json={"email": wanted}
+            "POST",
+            "/users",
+            what="mailman erase: user for the address",
+            expect=(201,),
+            json={"email": wanted},
         )
         made = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
         if not made:
             raise PermanentSyncError(
                 "mailman erase: user for the address: no Location", response=excerpt(response)
             )
-        self._call("DELETE", f"/users/{_segment(made)}", what="mailman erase: user", ok=(404,))
+        self._call(
+            "DELETE",
+            f"/users/{_segment(made)}",
+            what="mailman erase: user",
+            ok=(404,),
+            expect=(204,),
+        )
         return "address deleted" if memberships else "address not known to Mailman"
 
     def _user_of(self, email: str) -> tuple[str | None, int]:
@@ -526,8 +555,28 @@ class MailmanBackend:
         return response
 
     def _call(
-        self, method: str, path: str, *, what: str, ok: Sequence[int] = (), **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        ok: Sequence[int] = (),
+        expect: Collection[int] = (200,),
+        **kwargs: Any,
     ) -> httpx.Response:
-        return send(
+        """One call; a success other than the `expect`ed one (Mailman's writes answer 201
+        or 204 without a body, so a proxy's 200 page would pass for a change made) is a
+        retryable error, on record with what came instead."""
+        response = send(
             self._client, method, self._api + path, what=what, ok=ok, auth=self._auth, **kwargs
         )
+        status = response.status_code
+        if response.is_success and status not in expect:
+            expected = " or ".join(str(code) for code in sorted(expect))
+            raise RetryableSyncError(
+                f"{what}: HTTP {status} where Mailman answers {expected}: not Mailman's "
+                "answer (a proxy's page? is base_url right?)",
+                response=excerpt(response),
+                status=status,
+            )
+        return response
