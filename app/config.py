@@ -419,13 +419,28 @@ class ListSettings(BaseModel):
     # Refuse (silently, as a bot) form posts without the hosted page's signed timestamp.
     require_form_stamp: bool = False
 
-    @field_validator("name")
+    @field_validator("name", "consent_version")
     @classmethod
-    def _one_line_name(cls, value: str) -> str:
-        # As the API's: the name goes into the mails' Subject, where a NUL or an escape
-        # was written as it is (RFC 5322 allows no control character in a header).
+    def _one_line(cls, value: str) -> str:
+        # As the API's. The name goes into the mails' Subject, where a NUL or an escape was
+        # written as it is (RFC 5322 allows no control character in a header); the version
+        # into the form, whose post's version is not recorded when it holds one
+        # (hosted.shown_consent_version), and into the ledger.
         if _CONTROL.search(value):
             raise ValueError("must not contain control characters (line breaks, NUL, ...)")
+        return value
+
+    @field_validator("consent_text")
+    @classmethod
+    def _printable_consent_text(cls, value: dict[Locale, str]) -> dict[Locale, str]:
+        # Stored at start as the proof's wording (PostgreSQL refuses a NUL in a text) and
+        # shown on the form; its paragraphs' line breaks are its own.
+        for locale, text in value.items():
+            if _TEXT_CONTROL.search(text):
+                raise ValueError(
+                    f"{locale.value}: must not contain control characters other than line "
+                    "breaks and tabs (NUL, escape, ...)"
+                )
         return value
 
     @field_validator("fields")

@@ -519,6 +519,16 @@ def ping(engine: Engine) -> None:
 SECRET_QUERY_PARAMETERS = ("password", "sslpassword")
 
 
+def shown_url(database_url: str) -> str:
+    """The database's URL to show an operator: its password masked, whether it is written
+    before the host or in the query string."""
+    url = sa.engine.make_url(database_url)
+    hidden = [name for name in SECRET_QUERY_PARAMETERS if name in url.query]
+    shown = url.update_query_dict(dict.fromkeys(hidden, "***")).render_as_string(hide_password=True)
+    # The query's mask comes back percent-encoded.
+    return shown.replace("=%2A%2A%2A", "=***")
+
+
 def unreachable(database_url: str, error: sa_exc.DBAPIError) -> tuple[str, str]:
     """Where a database did not answer, and why, to show an operator: the URL and the
     driver's reason on one line each, its password masked in both, whether it is written
@@ -539,9 +549,7 @@ def unreachable(database_url: str, error: sa_exc.DBAPIError) -> tuple[str, str]:
             reason += f" (its folder {folder} does not exist and could not be made)"
         elif not os.access(folder, os.W_OK):
             reason += f" (its folder {folder} is not writable by this user)"
-    shown = url.update_query_dict(dict.fromkeys(hidden, "***")).render_as_string(hide_password=True)
-    # The query's mask comes back percent-encoded.
-    return shown.replace("=%2A%2A%2A", "=***"), reason
+    return shown_url(database_url), reason
 
 
 class Prepared:

@@ -42,7 +42,7 @@ def run(settings: Settings) -> Iterator[Outcome]:
 
 def database(settings: Settings) -> Outcome:
     url = sa.engine.make_url(settings.database_url)
-    where = url.render_as_string(hide_password=True)
+    where = db.shown_url(settings.database_url)
     file = url.database if url.get_backend_name() == "sqlite" else None
     if file and file != ":memory:" and not Path(file).exists():
         folder = Path(file).parent

@@ -1014,6 +1014,18 @@ BACKEND_EVENTS = {
 BACKEND_CLOCK_SKEW = timedelta(seconds=2)
 
 
+def _left_before(session: Session, *, subscription_id: int) -> bool:
+    """Whether the subscription was ever gone (unsubscribed, bounced, complained): only
+    then is its confirmation a renewal, after which an older event is about the past."""
+    query = sa.select(
+        sa.exists().where(
+            _EVENTS.c.subscription_id == subscription_id,
+            _EVENTS.c.status_after.in_(_GONE),
+        )
+    )
+    return bool(session.execute(query).scalar())
+
+
 def apply_backend_event(
     session: Session,
     *,
@@ -1032,8 +1044,11 @@ def apply_backend_event(
     Returns False when this service does not know the address on that list.
 
     `occurred_at`, when the backend says when it happened: an event older than the
-    subscription's confirmation (delivered late, or retried) is about a subscription the
-    person has since renewed, and leaves it confirmed; the ledger keeps the report.
+    subscription's confirmation (delivered late, or retried), where the person left before
+    and confirmed again since, is about the subscription they have since renewed, and
+    leaves it confirmed; the ledger keeps the report. A subscription that never left (a
+    member taken over from the backend, or added by an operator, confirmed at that time)
+    has no earlier one: the event is about it, however late it comes.
     """
     new_status = BACKEND_EVENTS[event]
     mailing_list = lists.get(session, slug=list_slug)
@@ -1047,6 +1062,7 @@ def apply_backend_event(
         and occurred_at is not None
         and subscription.confirmed_at is not None
         and occurred_at < subscription.confirmed_at - BACKEND_CLOCK_SKEW
+        and _left_before(session, subscription_id=_id(subscription))
     ):
         detail = {
             **(detail or {}),

@@ -290,6 +290,24 @@ class TestCheck:
         assert smtp.messages == []
         assert {seen.method for seen in listmonk.requests} == {"GET"}
 
+    def test_a_password_in_the_url_s_query_string_is_masked_when_the_database_answers(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        if not database_url.startswith("postgresql"):
+            pytest.skip("a password in the URL is PostgreSQL's (libpq takes it in the query)")
+        # This server trusts loopback: the password is sent, and not needed.
+        separator = "&" if "?" in database_url else "?"
+        with_password = f"{database_url}{separator}password=s3cret-pw&sslpassword=s3cret-key-pw"
+        result = newsletter(
+            "check", database_url=with_password, listmonk=listmonk, tmp_path=tmp_path
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        [database] = [line for line in result.stdout.splitlines() if "database:" in line]
+        assert database.startswith("ok     database: postgresql+psycopg://")
+        assert "password=***" in database
+        assert "sslpassword=***" in database
+        assert "s3cret" not in result.stdout + result.stderr
+
     def test_each_failure_is_said_and_the_rest_still_checked(
         self, listmonk: FakeListmonk, tmp_path: Path
     ) -> None:

@@ -1171,6 +1171,24 @@ class TestAnAddressMailmanRefusesAtSignUp:
             assert response.status_code == 202, response.text
         assert sorted(self.stored(engine)) == ["jo@exämple.org", "o'brien+news@example.org"]
 
+    def test_an_address_with_spaces_around_it_is_accepted(
+        self, client: TestClient, engine: sa.Engine
+    ) -> None:
+        # Pasted with a space before it: the space is no part of the address, as every
+        # other list takes it, and Mailman never sees it.
+        response = client.post(
+            "/v1/lists/bluehats/subscriptions", json={"email": " ada@example.org"}
+        )
+        assert response.status_code == 202, response.text
+        form = client.post(
+            "/v1/lists/bluehats/subscriptions",
+            data={"email": "  jo@exämple.org ", "locale": "fr"},
+            headers={"accept": "text/html,application/xhtml+xml"},
+            follow_redirects=False,
+        )
+        assert form.status_code == 303, form.text
+        assert sorted(self.stored(engine)) == ["ada@example.org", "jo@exämple.org"]
+
     @pytest.mark.parametrize(
         ("lang", "said"),
         [

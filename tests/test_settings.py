@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import certifi
 import pytest
@@ -517,6 +518,34 @@ class TestBadValues:
         monkeypatch.setenv("NEWSLETTER_LISTS", lists({"slug": "bluehats", "name": "Blue\x1bHats"}))
         message = settings_error()
         assert "NEWSLETTER_LISTS[0].name: must not contain control characters" in (message)
+
+    @pytest.mark.parametrize(
+        ("declared", "said"),
+        [
+            # Shown in the form's hidden field: the post's version read back with its line
+            # break is no version, and the ledger recorded none for each sign-up.
+            (
+                {"consent_version": "2026-11\n"},
+                "NEWSLETTER_LISTS[0].consent_version: must not contain control characters",
+            ),
+            # Stored at start as the proof's wording: PostgreSQL refuses a NUL in a text.
+            (
+                {"consent_text": {"fr": "J'accepte\x00 de recevoir la lettre."}},
+                "NEWSLETTER_LISTS[0].consent_text: fr: must not contain control characters "
+                "other than line breaks and tabs",
+            ),
+        ],
+        ids=["consent_version", "consent_text"],
+    )
+    def test_a_list_consent_wording_with_a_control_character_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, declared: dict[str, Any], said: str
+    ) -> None:
+        # As the API refuses them for a list it creates.
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS",
+            lists({"slug": "bluehats", "name": "Gazette BlueHats", **declared}),
+        )
+        assert said in settings_error()
 
     def test_a_list_string_with_a_control_character_is_refused(
         self, monkeypatch: pytest.MonkeyPatch

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+from app import db, sync
 from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
@@ -230,6 +231,32 @@ class TestAcceptedEvents:
         assert late.status_after == "confirmed"
         assert late.detail["previous_status"] == "confirmed"
         assert "predates" in late.detail["note"]
+
+    def test_an_event_older_than_a_taken_over_membership_still_applies(
+        self, client: TestClient, settings: Settings
+    ) -> None:
+        url = settings.database_url
+        engine = make_engine(url)
+        # `newsletter import-backend`: Mailgun's members read (reader subscribed there)...
+        read = {"reader@example.org": ("reader@example.org", True)}
+        # ...the reader leaves at Mailgun while the rest of the list is read...
+        left_at = time.time() - 60
+        # ...and the import is written: a confirmation dated now, which no opt-in renewed.
+        with db.session_scope(engine) as session:
+            sync.import_members(
+                session,
+                list_slug="bluehats",
+                remote=read,
+                backend_kind="mailgun",
+                key=settings.token_key(),
+                now=utcnow(),
+            )
+        engine.dispose()
+        assert status_of(url, "reader@example.org") == "confirmed"
+        # Mailgun's event comes late (retried after an outage here): the same membership.
+        data = event("unsubscribed", "reader@example.org", timestamp=left_at)
+        assert post(client, webhook(SIGNING_KEY, data)).json() == ACCEPTED
+        assert status_of(url, "reader@example.org") == "unsubscribed"
 
     def test_an_event_after_the_confirmation_applies(
         self, client: TestClient, smtp: SmtpSink, settings: Settings

@@ -379,7 +379,7 @@ def _refuse_bad_fields(problems: list[forms.FieldProblem]) -> None:
 def _refuse_what_the_list_cannot_hold(email: str, declared: ListSettings) -> None:
     """422 for an address the list's backend would refuse (Mailman takes fewer than this
     service does): said now rather than after a confirmation that could never be mailed."""
-    refusal = backends.refusal(declared.backend, email)
+    refusal = backends.refusal(declared.backend, _stored(email))
     if refusal is not None:
         raise RequestValidationError(
             [
@@ -391,6 +391,12 @@ def _refuse_what_the_list_cannot_hold(email: str, declared: ListSettings) -> Non
                 }
             ]
         )
+
+
+def _stored(email: str) -> str:
+    """A valid address as typed, as it is stored and reaches the backend: without the spaces
+    around it, which a backend's check would otherwise count as characters of the address."""
+    return addresses.parse(email, new=True).email
 
 
 async def _subscribe(
