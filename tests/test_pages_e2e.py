@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +40,7 @@ from tests.conftest import (  # noqa: E402
     LiveServer,
     SmtpSink,
     api_key_headers,
+    count_rows,
     free_port,
     link_in,
     make_settings,
@@ -452,6 +454,82 @@ def test_a_visitor_who_presses_at_once_is_asked_to_press_again_and_gets_the_mail
             assert mail["Content-Language"] == lang
             assert status_of(database_url, email) == "pending"
             assert len(smtp.messages) == 1
+    finally:
+        context.close()
+
+
+def test_back_from_the_thank_you_page_and_a_second_press_end_in_one_subscription(
+    browser: Browser, database_url: str, smtp: SmtpSink
+) -> None:
+    """Back from the thank-you page fetched the form anew, its stamp too fresh for the
+    press that followed at once: the visitor was asked to press yet again."""
+    email = "twice@example.org"
+    server, base_url = serve(database_url, smtp, min_fill_time="1s")
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            page = context.new_page()
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            page.fill("#field-email", email)
+            page.fill("#field-organisation", "DINUM")
+            time.sleep(1.2)
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=fr")
+            smtp.mail_to(email, link="confirm")
+
+            page.go_back()
+            assert page.input_value("#field-email") == email
+            with page.expect_navigation():
+                page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            assert page.url.endswith("/v1/lists/bluehats/thanks?lang=fr"), page.url
+            assert page.locator("h1").inner_text() == TEXT["fr"]["thanks"]
+            assert status_of(database_url, email) == "pending"
+            # The second request is in the ledger; one confirmation mail for both.
+            wait_until(lambda: count_rows(database_url, "consent_event") == 2)
+            assert count_rows(database_url, "outbox_job") == 1
+            assert len(smtp.messages) == 1
+    finally:
+        context.close()
+
+
+def test_back_to_a_form_sent_back_with_an_error_is_no_dead_end(
+    browser: Browser, database_url: str, smtp: SmtpSink
+) -> None:
+    """A typo, the form back with its error, the address corrected, the thank-you page;
+    then Back: Chrome stopped on "Confirm Form Resubmission" (ERR_CACHE_MISS), as the form
+    sent back was not to be kept even for the history."""
+    email = "typo@example.org"
+    server, base_url = serve(database_url, smtp)
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            page = context.new_page()
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            page.fill("#field-email", "typo@exemple")
+            page.fill("#field-organisation", "DINUM")
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            assert page.title().startswith(TEXT["fr"]["error"])
+            # Reload posts the same again: the same error, nothing taken.
+            page.reload()
+            assert page.get_attribute("#field-email", "aria-invalid") == "true"
+            assert status_of(database_url, email) is None
+
+            page.fill("#field-email", email)
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=fr")
+            mail = smtp.mail_to(email, link="confirm")
+            assert mail["Content-Language"] == "fr"
+
+            page.go_back()
+            assert page.url.endswith("/v1/lists/bluehats/subscriptions?lang=fr")
+            assert page.locator("#field-email").count() == 1
+            page.fill("#field-email", email)
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=fr")
+            assert status_of(database_url, email) == "pending"
+            wait_until(lambda: count_rows(database_url, "consent_event") == 2)
+            assert count_rows(database_url, "outbox_job") == 1
+            assert [message["To"] for message in smtp.messages] == [email]
     finally:
         context.close()
 

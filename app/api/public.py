@@ -478,6 +478,7 @@ def _subscribe_page(
         notice=notice,
     )
     page = pages.render_subscribe(chrome=chrome, form=form, status_code=422 if sent_back else 200)
+    views.kept_for_back(page)
     return views.lead_form_to(page, request, url=mailing_list.thank_you_url)
 
 
@@ -645,9 +646,10 @@ def _unsubscribe_request_page(
         value=value,
         error=error,
     )
-    return pages.render_unsubscribe_request(
+    page = pages.render_unsubscribe_request(
         chrome=chrome, form=form, status_code=422 if error else 200
     )
+    return views.kept_for_back(page)
 
 
 def _unsubscribe_sent_redirect(
