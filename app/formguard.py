@@ -1,4 +1,5 @@
-"""Bot defences of the subscription form: a honeypot field and a minimum fill time.
+"""Bot defences of the hosted forms (subscribe, ask for an unsubscribe link): a honeypot
+field and a minimum fill time.
 
 The hosted page carries a stamp, `<unix milliseconds>.<HMAC-SHA256(key, "form-stamp:" ms)>`
 truncated to 32 hex digits. A post whose honeypot field, hidden from people, holds anything,

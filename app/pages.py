@@ -145,6 +145,8 @@ class UnsubscribeRequestForm:
     email: InputView
     hidden: dict[str, str]
     honeypot_name: str
+    # Why a post with nothing wrong in it came back: press again (app/formguard.py).
+    notice: str | None = None
 
     @property
     def errors(self) -> list[InputView]:

@@ -303,7 +303,7 @@ class TestFillTime:
         }
         first = post_form(client, fields, **HTML)
         assert first.status_code == 422
-        assert "Votre demande d&#39;inscription n&#39;est pas encore envoyée" in first.text
+        assert "Votre demande n&#39;est pas encore envoyée" in first.text
         assert "appuyez de nouveau sur le bouton « M&#39;inscrire »" in first.text
         assert 'value="Camille.Quick@example.org"' in input_tag(first.text, "email")
         assert 'value="DINUM"' in input_tag(first.text, "organisation")
@@ -336,7 +336,7 @@ class TestFillTime:
         assert first.status_code == 422
         assert '<html lang="en">' in first.text
         assert (
-            "Your subscription has not been sent yet. Check your email address, then press "
+            "Your request has not been sent yet. Check your email address, then press "
             "the “Subscribe” button again." in first.text
         )
         assert 'value="sleepy@example.org"' in input_tag(first.text, "email")

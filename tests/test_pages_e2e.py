@@ -873,6 +873,14 @@ def test_every_page_is_valid_html(
                 422,
             )
             keep(
+                "unsubscribe-press-again",
+                post(
+                    "/v1/lists/bluehats/unsubscriptions",
+                    data={"email": "c@example.org", "form_stamp": stale},
+                ),
+                422,
+            )
+            keep(
                 "unsubscribe-errors",
                 post("/v1/lists/bluehats/unsubscriptions", data={"email": "nope"}),
                 422,
@@ -916,4 +924,4 @@ def test_every_page_is_valid_html(
         for message in json.loads(checked.stdout)["messages"]
     ]
     assert errors == [], errors
-    assert len(pages) == len(served) == 40
+    assert len(pages) == len(served) == 42

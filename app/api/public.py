@@ -625,7 +625,11 @@ def _unsubscribe_request_page(
     locale: Locale,
     value: str = "",
     error: str | None = None,
+    notice: str | None = None,
 ) -> Response:
+    """The page to ask for an unsubscribe link; sent back (422) with the address's error,
+    or with a notice to press again (as the subscription form, `_subscribe_page`)."""
+    sent_back = error is not None or notice is not None
     declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
     chrome = views.chrome(
         request,
@@ -642,12 +646,13 @@ def _unsubscribe_request_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/unsubscriptions?lang={locale.value}"
         ),
-        stamp=views.page_stamp(settings, filled_before=error is not None),
+        stamp=views.page_stamp(settings, filled_before=sent_back),
         value=value,
         error=error,
+        notice=notice,
     )
     page = pages.render_unsubscribe_request(
-        chrome=chrome, form=form, status_code=422 if error else 200
+        chrome=chrome, form=form, status_code=422 if sent_back else 200
     )
     return views.kept_for_back(page)
 
@@ -684,8 +689,9 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state.
 
     A form post goes on (303) to the list's 'check your inbox' page; one that a robot made
-    (honeypot filled, stamp too recent, too old or forged) gets the same and is dropped. A
-    browser's form post with a bad address gets the page back (422).
+    (honeypot filled, stamp forged) gets the same and is dropped. A browser's form post
+    with a bad address, or sent sooner or later than the page's stamp allows, gets the page
+    back (422) and nothing is done until it is sent again.
     """
     services = await screen_client(request)
     submission = await unsubscription_submission(request)
@@ -704,9 +710,20 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
     locale = parse_locale(form.get("locale")) or request_locale(
         request, default=Locale(mailing_list.default_locale)
     )
-    if _robot_screen(form, settings, declared, slug=slug) != formguard.Verdict.ACCEPTED:
+    verdict = _robot_screen(form, settings, declared, slug=slug)
+    t = for_list(locale, declared)
+    if verdict in formguard.SENT_BACK and wants_html(request, default=False):
+        return _unsubscribe_request_page(
+            request,
+            settings,
+            mailing_list,
+            locale=locale,
+            value=form.get(unsubscribe_form.EMAIL, ""),
+            notice=t("form.notice.send_again", button=t("page.unsubscribe_request.button")),
+        )
+    if verdict != formguard.Verdict.ACCEPTED:
         return _unsubscribe_sent_redirect(settings, mailing_list, locale)
-    post = unsubscribe_form.read_post(form, t=for_list(locale, declared))
+    post = unsubscribe_form.read_post(form, t=t)
     if post.request is None:
         if post.error is not None and wants_html(request, default=False):
             return _unsubscribe_request_page(
