@@ -785,32 +785,79 @@ def width_overflow(page: Page) -> int:
     )
 
 
+@pytest.mark.parametrize("lang", ["fr", "en"])
 def test_the_pages_fit_a_320_px_screen_whatever_the_length_of_a_word(
-    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+    lang: str,
+    browser: Browser,
+    axe_source: str,
+    screenshots: Path,
+    database_url: str,
+    smtp: SmtpSink,
 ) -> None:
     """A 320 px wide screen (a small phone, or 1280 px zoomed to 400 %) scrolls one way only
     (WCAG 1.4.10): an address shown back in an error, or a list's long name, that ran off
-    the side made the whole page scroll sideways."""
+    the side made the whole page scroll sideways. Both forms, as served, sent back to press
+    again, sent back with an error, and the pages they lead to."""
+    text = TEXT[lang]
     name = "Lettre-d'information-de-la-direction-interministérielle-du-numérique"
-    server, base_url = serve(database_url, smtp, name=name)
+    server, base_url = serve(database_url, smtp, name=name, min_fill_time="3s")
     context = browser.new_context(
-        bypass_csp=True, locale="fr-FR", viewport={"width": 320, "height": 640}
+        bypass_csp=True,
+        locale={"fr": "fr-FR", "en": "en-GB"}[lang],
+        viewport={"width": 320, "height": 640},
     )
     long_address = f"{'camille.dupont-martin' * 3}@{'administration' * 4}.gouv.fr"
     try:
         with server:
             visit = Visit(
-                context.new_page(), axe=axe_source, shots=screenshots, lang="fr", prefix="320px-"
+                context.new_page(), axe=axe_source, shots=screenshots, lang=lang, prefix="320px-"
             )
             page = visit.page
+
+            def fits(name: str) -> None:
+                visit.check(name)
+                assert width_overflow(page) == 0, name
+
             page.goto(f"{base_url}/v1/lists/bluehats")
-            visit.check("subscribe")
-            assert width_overflow(page) == 0
+            fits("subscribe")
+            page.fill("#field-email", long_address)
+            page.fill("#field-organisation", "Direction-interministérielle-du-numérique" * 2)
+            page.click(f'button:has-text("{text["subscribe"]}")')
+            assert page.locator("#notice").count() == 1
+            fits("subscribe-press-again")
             page.fill("#field-email", f"Camille <{long_address}>")
-            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.click(f'button:has-text("{text["subscribe"]}")')
             assert long_address in page.locator("#field-email-error").inner_text()
-            visit.check("subscribe-errors")
-            assert width_overflow(page) == 0
+            fits("subscribe-errors")
+            page.fill("#field-email", long_address)
+            page.click(f'button:has-text("{text["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=*")
+            fits("thanks")
+
+            mail = smtp.mail_to(long_address, link="confirm")
+            page.goto(mail_link(mail, link_in(mail, "confirm")))
+            fits("confirm")
+            page.click(f'button:has-text("{text["confirm"]}")')
+            fits("confirmed")
+
+            page.goto(f"{base_url}/v1/lists/bluehats/unsubscribe")
+            fits("unsubscribe-request")
+            page.fill("#field-email", f"Camille <{long_address}>")
+            page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+            assert page.locator("#notice").count() == 1
+            fits("unsubscribe-request-press-again")
+            page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+            assert long_address in page.locator("#field-email-error").inner_text()
+            fits("unsubscribe-request-errors")
+            page.fill("#field-email", long_address)
+            page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/unsubscribe/sent?lang=*")
+            fits("unsubscribe-sent")
+            mail = smtp.mail_to(long_address, link="unsubscribe")
+            page.goto(mail_link(mail, link_in(mail, "unsubscribe")))
+            fits("unsubscribe")
+            page.click(f'button:has-text("{text["unsubscribe"]}")')
+            fits("unsubscribed")
     finally:
         context.close()
 
