@@ -680,7 +680,8 @@ class Settings(BaseSettings):
     store_ip: bool = True
     store_user_agent: bool = True
     # Hosted-page form defences: a post sooner than this after the page was served, or
-    # later than the max age, is answered as a success and dropped (a bot, or a replay).
+    # later than the max age, is not taken; a browser gets the form back to press again
+    # (app/formguard.py).
     form_min_fill_time: Duration = timedelta(seconds=3)
     form_max_age: Duration = timedelta(days=1)
     # The French State design system's stylesheet (DSFR), e.g. a copy on the site's origin;

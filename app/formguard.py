@@ -1,13 +1,21 @@
-"""Bot defences of the subscription form: a honeypot field and a minimum fill time.
+"""Bot defences of the hosted forms (subscribe, ask for an unsubscribe link): a honeypot
+field and a minimum fill time.
 
 The hosted page carries a stamp, `<unix milliseconds>.<HMAC-SHA256(key, "form-stamp:" ms)>`
-truncated to 32 hex digits: a post whose stamp is younger than the minimum fill time, older
-than the maximum age, or forged is a bot's (or a replay); so is a post whose honeypot field,
-hidden from people, holds anything. Such a post gets the same answer as a success and
-nothing is stored or mailed: a bot learns nothing to adapt to.
+truncated to 32 hex digits. A post whose honeypot field, hidden from people, holds anything,
+or whose stamp is forged, is a robot's: it gets the same answer as a success and nothing is
+stored or mailed, so a robot learns nothing to adapt to.
+
+A post with an empty honeypot and a stamp of ours that is only younger than the minimum fill
+time or older than the maximum age may be a person's (`SENT_BACK`): a browser that fills the
+address in and a press at once, a tab left open overnight. Nothing is stored or mailed for
+it either, but the form comes back with what was typed, a notice to press again and a stamp
+that passes then; answered as a success, that person was told to check a mailbox that got
+nothing. A robot gains a second post for it, as it would by waiting.
 
 The site's own static form cannot carry a stamp, so a post without one passes unless the
-list sets `require_form_stamp`. `rejections` counts what was dropped, by reason, for metrics.
+list sets `require_form_stamp`. `rejections` counts the posts refused, by reason, for
+metrics.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ class Verdict(StrEnum):
     TOO_FAST = "too_fast"
     TOO_OLD = "too_old"
     FORGED = "forged"
+
+
+# Refusals a person's post may meet: the form comes back to be sent again (module docstring).
+SENT_BACK = frozenset({Verdict.TOO_FAST, Verdict.TOO_OLD})
 
 
 _lock = threading.Lock()
@@ -111,8 +123,8 @@ def screen(
     max_age: timedelta,
     require_stamp: bool,
     list_slug: str,
-) -> bool:
-    """True when a form post passes; a robot's is counted and logged here (no address)."""
+) -> Verdict:
+    """The verdict on a form post; a refused one is counted and logged here (no address)."""
     verdict = check(
         honeypot=form.get(HONEYPOT_FIELD),
         stamp=form.get(STAMP_FIELD),
@@ -124,12 +136,11 @@ def screen(
     )
     if verdict != Verdict.ACCEPTED:
         record_rejection(verdict, list_slug=list_slug)
-        return False
-    return True
+    return verdict
 
 
 def record_rejection(verdict: Verdict, *, list_slug: str) -> None:
-    """Count and log a dropped post (never its address: the log is not the ledger)."""
+    """Count and log a refused post (never its address: the log is not the ledger)."""
     with _lock:
         rejections[verdict] += 1
     log.info("formguard.rejected list=%s reason=%s", list_slug, verdict.value)

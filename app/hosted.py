@@ -77,8 +77,10 @@ def form_view(
     stamp: str,
     values: Mapping[str, str] | None = None,
     errors: Mapping[str, str] | None = None,
+    notice: str | None = None,
 ) -> pages.SubscribeForm:
-    """The form as the page shows it; after a bad post, with its values and errors."""
+    """The form as the page shows it; after a post sent back, with its values and its
+    errors or a notice."""
     values = values or {}
     errors = errors or {}
     locale: Locale = t.locale
@@ -122,6 +124,7 @@ def form_view(
         },
         honeypot_name=formguard.HONEYPOT_FIELD,
         unsubscribe_url=f"/v1/lists/{mailing_list.slug}/unsubscribe?lang={locale.value}",
+        notice=notice,
     )
 
 

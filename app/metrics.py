@@ -131,7 +131,7 @@ class Metrics:
 
 
 class FormGuardCollector(Collector):
-    """Form posts dropped as a robot's (app/formguard.py counts them for the process)."""
+    """Form posts refused by the robot screen (app/formguard.py counts them for the process)."""
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -139,7 +139,8 @@ class FormGuardCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "newsletter_form_rejections",
-            "Form posts answered as a success but dropped as a robot's, by reason.",
+            "Form posts refused by the robot screen, by reason: too_fast and too_old get "
+            "the form back to send again, the others a success's answer.",
             labels=["reason"],
         )
         counts = formguard.rejection_counts()

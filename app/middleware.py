@@ -133,7 +133,8 @@ class PagePolicy:
 class SecurityHeaders:
     """Headers for every answer; pages under /v1 also get a strict CSP (`PagePolicy`; a
     page that sets its own keeps it) and no caching (their URLs carry tokens;
-    `strict-origin` keeps those out of other sites' logs).
+    `strict-origin` keeps those out of other sites' logs), but for the forms that a
+    browser may show again on Back (`app.api.views.kept_for_back`).
 
     `https`: the service is published over HTTPS (`NEWSLETTER_PUBLIC_URL`), so browsers are
     told to come back over HTTPS only (HSTS): a link typed or followed as `http://` would

@@ -128,6 +128,8 @@ class SubscribeForm:
     honeypot_name: str
     # The list's page to ask for an unsubscribe link ("Already subscribed? Unsubscribe").
     unsubscribe_url: str = ""
+    # Why a post with nothing wrong in it came back: press again (app/formguard.py).
+    notice: str | None = None
 
     @property
     def errors(self) -> list[InputView]:
@@ -143,6 +145,8 @@ class UnsubscribeRequestForm:
     email: InputView
     hidden: dict[str, str]
     honeypot_name: str
+    # Why a post with nothing wrong in it came back: press again (app/formguard.py).
+    notice: str | None = None
 
     @property
     def errors(self) -> list[InputView]:

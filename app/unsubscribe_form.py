@@ -59,8 +59,10 @@ def form_view(
     stamp: str,
     value: str = "",
     error: str | None = None,
+    notice: str | None = None,
 ) -> pages.UnsubscribeRequestForm:
-    """The form as the page shows it; after a bad post, with the address and its error."""
+    """The form as the page shows it; after a post sent back, with the address and its
+    error or a notice."""
     return pages.UnsubscribeRequestForm(
         action=action,
         list_name=mailing_list.name,
@@ -76,4 +78,5 @@ def form_view(
         ),
         hidden={"locale": t.locale.value, formguard.STAMP_FIELD: stamp},
         honeypot_name=formguard.HONEYPOT_FIELD,
+        notice=notice,
     )

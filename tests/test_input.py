@@ -805,6 +805,30 @@ class TestSecurityHeaders:
         for name, response in pages.items():
             self._assert_page_headers(name, response)
 
+    def test_the_forms_may_be_shown_again_on_back_but_are_never_kept_by_a_proxy(
+        self, client: TestClient
+    ) -> None:
+        """A form sent back after a post was `no-store`: Back to it from the next page was
+        a "Confirm Form Resubmission" dead end in Chrome. None of them holds a token."""
+        html = {"accept": "text/html"}
+        pages = {
+            "subscription form": client.get("/v1/lists/bluehats", headers=html),
+            "form sent back": client.post(SUBSCRIBE, data={"email": "typo@exemple"}, headers=html),
+            "unsubscribe form": client.get("/v1/lists/bluehats/unsubscribe", headers=html),
+            "unsubscribe form sent back": client.post(
+                "/v1/lists/bluehats/unsubscriptions", data={"email": "nope"}, headers=html
+            ),
+        }
+        statuses = {name: response.status_code for name, response in pages.items()}
+        assert statuses == {
+            "subscription form": 200,
+            "form sent back": 422,
+            "unsubscribe form": 200,
+            "unsubscribe form sent back": 422,
+        }
+        for name, response in pages.items():
+            assert response.headers["cache-control"] == "private, no-cache", name
+
     def test_a_service_published_over_https_tells_browsers_to_keep_to_https(
         self, database_url: str, smtp: SmtpSink, client: TestClient
     ) -> None:

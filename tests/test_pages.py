@@ -224,13 +224,14 @@ class TestHoneypot:
 
 class TestFillTime:
     @pytest.mark.parametrize(
-        ("case", "make_stamp", "reason"),
+        ("case", "make_stamp", "reason", "accept"),
         [
-            ("too-fast", lambda: stamp(age=timedelta(seconds=1)), "too_fast"),
-            ("too-old", lambda: stamp(age=timedelta(days=1, seconds=5)), "too_old"),
-            ("other-key", lambda: stamp(key="another-key"), "forged"),
-            ("edited-time", lambda: edited(stamp()), "forged"),
-            ("garbage", lambda: "yesterday", "forged"),
+            ("other-key", lambda: stamp(key="another-key"), "forged", "text/html"),
+            ("edited-time", lambda: edited(stamp()), "forged", "text/html"),
+            ("garbage", lambda: "yesterday", "forged", "text/html"),
+            # A stamped post that does not ask for a page is a script's, not a browser's.
+            ("script-too-fast", lambda: stamp(age=timedelta(seconds=1)), "too_fast", "*/*"),
+            ("script-too-old", lambda: stamp(age=timedelta(days=2)), "too_old", "*/*"),
         ],
     )
     def test_a_bad_stamp_is_answered_as_a_success_and_dropped(
@@ -240,12 +241,13 @@ class TestFillTime:
         case: str,
         make_stamp: Any,
         reason: str,
+        accept: str,
     ) -> None:
         before = formguard.rejection_counts().get(reason, 0)
         response = post_form(
             client,
             {"email": f"{case}@example.org", "organisation": "X", "form_stamp": make_stamp()},
-            accept="text/html",
+            accept=accept,
         )
         assert response.status_code == 303
         assert response.headers["location"].endswith("/v1/lists/bluehats/thanks?lang=fr")
@@ -285,16 +287,69 @@ class TestFillTime:
             assert stamped.status_code == 303
             assert [row.email for row in stored(database_url)] == ["site@example.org"]
 
-    def test_the_page_served_now_is_too_fresh_to_post_at_once(
-        self, client: TestClient, database_url: str
+    def test_a_press_at_once_gets_the_form_back_and_the_second_press_subscribes(
+        self, client: TestClient, database_url: str, smtp: SmtpSink
     ) -> None:
-        html = client.get(PAGE).text
-        response = post_form(
-            client,
-            {"email": "quick@example.org", "organisation": "X", "form_stamp": stamp_in(html)},
-        )
-        assert response.status_code == 303
+        """The browser fills the address in and the visitor presses at once: that post was
+        answered "check your inbox" and dropped, and no mail ever came."""
+        before = formguard.rejection_counts().get("too_fast", 0)
+        html = client.get(PAGE, headers=HTML).text
+        fields = {
+            "email": "Camille.Quick@example.org",
+            "organisation": "DINUM",
+            "website": "",
+            "locale": "fr",
+            "form_stamp": stamp_in(html),
+        }
+        first = post_form(client, fields, **HTML)
+        assert first.status_code == 422
+        assert "Votre demande n&#39;est pas encore envoyée" in first.text
+        assert "appuyez de nouveau sur le bouton « M&#39;inscrire »" in first.text
+        assert 'value="Camille.Quick@example.org"' in input_tag(first.text, "email")
+        assert 'value="DINUM"' in input_tag(first.text, "organisation")
+        assert 'aria-invalid="true"' not in first.text
         assert stored(database_url) == []
+        assert count_rows(database_url, "outbox_job") == 0
+        assert count_rows(database_url, "consent_event") == 0
+        assert smtp.messages == []
+        assert formguard.rejection_counts()["too_fast"] == before + 1
+
+        second = post_form(client, {**fields, "form_stamp": stamp_in(first.text)}, **HTML)
+        assert second.status_code == 303
+        assert second.headers["location"] == "http://testserver/v1/lists/bluehats/thanks?lang=fr"
+        assert [row.email for row in stored(database_url)] == ["Camille.Quick@example.org"]
+        smtp.mail_to("Camille.Quick@example.org", link="confirm")
+        assert formguard.rejection_counts()["too_fast"] == before + 1
+
+    def test_a_page_left_open_overnight_comes_back_in_its_language_to_send_again(
+        self, client: TestClient, database_url: str, smtp: SmtpSink
+    ) -> None:
+        before = formguard.rejection_counts().get("too_old", 0)
+        fields = {
+            "email": "sleepy@example.org",
+            "organisation": "DINUM",
+            "website": "",
+            "locale": "en",
+            "form_stamp": stamp(age=timedelta(days=1, hours=2)),
+        }
+        first = post_form(client, fields, **HTML)
+        assert first.status_code == 422
+        assert '<html lang="en">' in first.text
+        assert (
+            "Your request has not been sent yet. Check your email address, then press "
+            "the “Subscribe” button again." in first.text
+        )
+        assert 'value="sleepy@example.org"' in input_tag(first.text, "email")
+        assert stored(database_url) == []
+        assert count_rows(database_url, "outbox_job") == 0
+        assert formguard.rejection_counts()["too_old"] == before + 1
+
+        second = post_form(client, {**fields, "form_stamp": stamp_in(first.text)}, **HTML)
+        assert second.status_code == 303
+        assert second.headers["location"].endswith("/v1/lists/bluehats/thanks?lang=en")
+        message = smtp.mail_to("sleepy@example.org", link="confirm")
+        assert message["Content-Language"] == "en"
+        assert len(smtp.messages) == 1
 
     def test_a_visitor_who_corrects_a_typo_at_once_is_not_dropped_as_too_fast(
         self, client: TestClient, database_url: str, smtp: SmtpSink
@@ -350,13 +405,15 @@ class TestFillTime:
             # A made-up link's page is anyone's: its form keeps the fill time.
             unknown = client.get("/v1/confirm/" + "A" * 43, headers=HTML)
             assert unknown.status_code == 404
-            dropped = post_form(
+            sent_back = post_form(
                 client,
                 {"email": "robot@example.org", "form_stamp": stamp_in(unknown.text)},
                 **HTML,
             )
-            assert dropped.status_code == 303
+            assert sent_back.status_code == 422
+            assert "pas encore envoyée" in sent_back.text
             assert formguard.rejection_counts().get("too_fast", 0) == before + 1
+            assert "robot@example.org" not in [row.email for row in stored(database_url)]
 
     def test_json_callers_have_no_form_defences(
         self, client: TestClient, database_url: str

@@ -12,7 +12,9 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,15 +29,18 @@ pytest.register_assert_rewrite("tests.mailman")
 from playwright.sync_api import Browser, Page, Route, sync_playwright  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
+from app import formguard  # noqa: E402
 from app.api import docs  # noqa: E402
 from app.config import MailmanBackendSettings  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import KeyScope, Subscription, Token, utcnow  # noqa: E402
 from tests.conftest import (  # noqa: E402
+    SECRET,
     LiveServer,
     SmtpSink,
     api_key_headers,
+    count_rows,
     free_port,
     link_in,
     make_settings,
@@ -78,6 +83,7 @@ TEXT = {
         "new_unsubscribe_link": "Demander un nouveau lien de désinscription",
         "new_link": "Recevoir un nouveau lien",
         "error": "Erreur - ",
+        "press_again": "puis appuyez de nouveau sur le bouton « M'inscrire »",
         "switch": "English",
     },
     "en": {
@@ -94,6 +100,7 @@ TEXT = {
         "new_unsubscribe_link": "Ask for a new unsubscribe link",
         "new_link": "Send me a new link",
         "error": "Error - ",
+        "press_again": "then press the “Subscribe” button again",
         "switch": "Français",
     },
 }
@@ -192,7 +199,9 @@ def expire_tokens(database_url: str) -> None:
     engine.dispose()
 
 
-def serve(database_url: str, smtp: SmtpSink, **list_overrides: Any) -> tuple[LiveServer, str]:
+def serve(
+    database_url: str, smtp: SmtpSink, *, min_fill_time: str = "0s", **list_overrides: Any
+) -> tuple[LiveServer, str]:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     settings = make_settings(
@@ -200,7 +209,7 @@ def serve(database_url: str, smtp: SmtpSink, **list_overrides: Any) -> tuple[Liv
         smtp_port=smtp.port,
         public_url=base_url,
         # A browser fills the form in milliseconds; the fill time has its own tests.
-        form_min_fill_time="0s",
+        form_min_fill_time=min_fill_time,
         lists=[
             {"slug": "bluehats", "name": "Gazette BlueHats", "fields": FIELDS, **list_overrides}
         ],
@@ -398,6 +407,129 @@ def test_the_language_switch_leads_to_the_same_page_in_the_other_language(
             # The keyboard reaches the skip link first, and it leads to the content.
             page.keyboard.press("Tab")
             assert page.evaluate("document.activeElement.getAttribute('href')") == "#content"
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("lang", ["fr", "en"])
+def test_a_visitor_who_presses_at_once_is_asked_to_press_again_and_gets_the_mail(
+    lang: str,
+    browser: Browser,
+    axe_source: str,
+    screenshots: Path,
+    database_url: str,
+    smtp: SmtpSink,
+) -> None:
+    """The browser fills the address in, the visitor presses at once: the post came before
+    the form's fill time and was dropped as a robot's behind a "check your inbox" page,
+    and no mail ever came."""
+    text = TEXT[lang]
+    email = f"prompt-{lang}@example.org"
+    server, base_url = serve(database_url, smtp, min_fill_time="3s")
+    locale = {"fr": "fr-FR", "en": "en-GB"}[lang]
+    context = browser.new_context(bypass_csp=True, locale=locale)
+    try:
+        with server:
+            visit = Visit(
+                context.new_page(), axe=axe_source, shots=screenshots, lang=lang, prefix="at-once-"
+            )
+            page = visit.page
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            page.fill("#field-email", email)
+            page.fill("#field-organisation", "DINUM")
+            page.click(f'button:has-text("{text["subscribe"]}")')
+            page.wait_for_load_state()
+            assert "/thanks" not in page.url
+            assert text["press_again"] in page.locator("#notice").inner_text()
+            assert page.evaluate("document.activeElement.id") == "notice"
+            assert page.input_value("#field-email") == email
+            assert page.input_value("#field-organisation") == "DINUM"
+            visit.check("subscribe-press-again")
+            assert status_of(database_url, email) is None
+
+            page.click(f'button:has-text("{text["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=*")
+            assert page.locator("h1").inner_text() == text["thanks"]
+            mail = smtp.mail_to(email, link="confirm")
+            assert mail["Content-Language"] == lang
+            assert status_of(database_url, email) == "pending"
+            assert len(smtp.messages) == 1
+    finally:
+        context.close()
+
+
+def test_back_from_the_thank_you_page_and_a_second_press_end_in_one_subscription(
+    browser: Browser, database_url: str, smtp: SmtpSink
+) -> None:
+    """Back from the thank-you page fetched the form anew, its stamp too fresh for the
+    press that followed at once: the visitor was asked to press yet again."""
+    email = "twice@example.org"
+    server, base_url = serve(database_url, smtp, min_fill_time="1s")
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            page = context.new_page()
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            page.fill("#field-email", email)
+            page.fill("#field-organisation", "DINUM")
+            time.sleep(1.2)
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=fr")
+            smtp.mail_to(email, link="confirm")
+
+            page.go_back()
+            assert page.input_value("#field-email") == email
+            with page.expect_navigation():
+                page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            assert page.url.endswith("/v1/lists/bluehats/thanks?lang=fr"), page.url
+            assert page.locator("h1").inner_text() == TEXT["fr"]["thanks"]
+            assert status_of(database_url, email) == "pending"
+            # The second request is in the ledger; one confirmation mail for both.
+            wait_until(lambda: count_rows(database_url, "consent_event") == 2)
+            assert count_rows(database_url, "outbox_job") == 1
+            assert len(smtp.messages) == 1
+    finally:
+        context.close()
+
+
+def test_back_to_a_form_sent_back_with_an_error_is_no_dead_end(
+    browser: Browser, database_url: str, smtp: SmtpSink
+) -> None:
+    """A typo, the form back with its error, the address corrected, the thank-you page;
+    then Back: Chrome stopped on "Confirm Form Resubmission" (ERR_CACHE_MISS), as the form
+    sent back was not to be kept even for the history."""
+    email = "typo@example.org"
+    server, base_url = serve(database_url, smtp)
+    context = browser.new_context(bypass_csp=True, locale="fr-FR")
+    try:
+        with server:
+            page = context.new_page()
+            page.goto(f"{base_url}/v1/lists/bluehats")
+            page.fill("#field-email", "typo@exemple")
+            page.fill("#field-organisation", "DINUM")
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            assert page.title().startswith(TEXT["fr"]["error"])
+            # Reload posts the same again: the same error, nothing taken.
+            page.reload()
+            assert page.get_attribute("#field-email", "aria-invalid") == "true"
+            assert status_of(database_url, email) is None
+
+            page.fill("#field-email", email)
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=fr")
+            mail = smtp.mail_to(email, link="confirm")
+            assert mail["Content-Language"] == "fr"
+
+            page.go_back()
+            assert page.url.endswith("/v1/lists/bluehats/subscriptions?lang=fr")
+            assert page.locator("#field-email").count() == 1
+            page.fill("#field-email", email)
+            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=fr")
+            assert status_of(database_url, email) == "pending"
+            wait_until(lambda: count_rows(database_url, "consent_event") == 2)
+            assert count_rows(database_url, "outbox_job") == 1
+            assert [message["To"] for message in smtp.messages] == [email]
     finally:
         context.close()
 
@@ -653,32 +785,79 @@ def width_overflow(page: Page) -> int:
     )
 
 
+@pytest.mark.parametrize("lang", ["fr", "en"])
 def test_the_pages_fit_a_320_px_screen_whatever_the_length_of_a_word(
-    browser: Browser, axe_source: str, screenshots: Path, database_url: str, smtp: SmtpSink
+    lang: str,
+    browser: Browser,
+    axe_source: str,
+    screenshots: Path,
+    database_url: str,
+    smtp: SmtpSink,
 ) -> None:
     """A 320 px wide screen (a small phone, or 1280 px zoomed to 400 %) scrolls one way only
     (WCAG 1.4.10): an address shown back in an error, or a list's long name, that ran off
-    the side made the whole page scroll sideways."""
+    the side made the whole page scroll sideways. Both forms, as served, sent back to press
+    again, sent back with an error, and the pages they lead to."""
+    text = TEXT[lang]
     name = "Lettre-d'information-de-la-direction-interministérielle-du-numérique"
-    server, base_url = serve(database_url, smtp, name=name)
+    server, base_url = serve(database_url, smtp, name=name, min_fill_time="3s")
     context = browser.new_context(
-        bypass_csp=True, locale="fr-FR", viewport={"width": 320, "height": 640}
+        bypass_csp=True,
+        locale={"fr": "fr-FR", "en": "en-GB"}[lang],
+        viewport={"width": 320, "height": 640},
     )
     long_address = f"{'camille.dupont-martin' * 3}@{'administration' * 4}.gouv.fr"
     try:
         with server:
             visit = Visit(
-                context.new_page(), axe=axe_source, shots=screenshots, lang="fr", prefix="320px-"
+                context.new_page(), axe=axe_source, shots=screenshots, lang=lang, prefix="320px-"
             )
             page = visit.page
+
+            def fits(name: str) -> None:
+                visit.check(name)
+                assert width_overflow(page) == 0, name
+
             page.goto(f"{base_url}/v1/lists/bluehats")
-            visit.check("subscribe")
-            assert width_overflow(page) == 0
+            fits("subscribe")
+            page.fill("#field-email", long_address)
+            page.fill("#field-organisation", "Direction-interministérielle-du-numérique" * 2)
+            page.click(f'button:has-text("{text["subscribe"]}")')
+            assert page.locator("#notice").count() == 1
+            fits("subscribe-press-again")
             page.fill("#field-email", f"Camille <{long_address}>")
-            page.click(f'button:has-text("{TEXT["fr"]["subscribe"]}")')
+            page.click(f'button:has-text("{text["subscribe"]}")')
             assert long_address in page.locator("#field-email-error").inner_text()
-            visit.check("subscribe-errors")
-            assert width_overflow(page) == 0
+            fits("subscribe-errors")
+            page.fill("#field-email", long_address)
+            page.click(f'button:has-text("{text["subscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/thanks?lang=*")
+            fits("thanks")
+
+            mail = smtp.mail_to(long_address, link="confirm")
+            page.goto(mail_link(mail, link_in(mail, "confirm")))
+            fits("confirm")
+            page.click(f'button:has-text("{text["confirm"]}")')
+            fits("confirmed")
+
+            page.goto(f"{base_url}/v1/lists/bluehats/unsubscribe")
+            fits("unsubscribe-request")
+            page.fill("#field-email", f"Camille <{long_address}>")
+            page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+            assert page.locator("#notice").count() == 1
+            fits("unsubscribe-request-press-again")
+            page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+            assert long_address in page.locator("#field-email-error").inner_text()
+            fits("unsubscribe-request-errors")
+            page.fill("#field-email", long_address)
+            page.click(f'button:has-text("{text["ask_unsubscribe"]}")')
+            page.wait_for_url("**/v1/lists/bluehats/unsubscribe/sent?lang=*")
+            fits("unsubscribe-sent")
+            mail = smtp.mail_to(long_address, link="unsubscribe")
+            page.goto(mail_link(mail, link_in(mail, "unsubscribe")))
+            fits("unsubscribe")
+            page.click(f'button:has-text("{text["unsubscribe"]}")')
+            fits("unsubscribed")
     finally:
         context.close()
 
@@ -730,6 +909,24 @@ def test_every_page_is_valid_html(
                 post("/v1/lists/bluehats/subscriptions", data={"email": "Camille <c@example.org>"}),
                 422,
             )
+            # A page left open longer than the stamp's age: the form again, to press again.
+            stale = formguard.issue(key=SECRET.encode(), now=utcnow() - timedelta(days=2))
+            keep(
+                "subscribe-press-again",
+                post(
+                    "/v1/lists/bluehats/subscriptions",
+                    data={"email": "c@example.org", "form_stamp": stale},
+                ),
+                422,
+            )
+            keep(
+                "unsubscribe-press-again",
+                post(
+                    "/v1/lists/bluehats/unsubscriptions",
+                    data={"email": "c@example.org", "form_stamp": stale},
+                ),
+                422,
+            )
             keep(
                 "unsubscribe-errors",
                 post("/v1/lists/bluehats/unsubscriptions", data={"email": "nope"}),
@@ -774,4 +971,4 @@ def test_every_page_is_valid_html(
         for message in json.loads(checked.stdout)["messages"]
     ]
     assert errors == [], errors
-    assert len(pages) == len(served) == 38
+    assert len(pages) == len(served) == 42

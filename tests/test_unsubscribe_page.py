@@ -273,7 +273,7 @@ class TestRobots:
         bad = post_form(client, {"email": "x", "website": "y", "form_stamp": stamp()}, **HTML)
         assert (bad.status_code, bad.headers["location"]) == (303, f"{SENT}?lang=fr")
 
-    def test_a_page_posted_at_once_is_dropped(
+    def test_a_page_posted_at_once_by_a_script_is_dropped(
         self, client: TestClient, smtp: SmtpSink, database_url: str
     ) -> None:
         confirm_member(client, smtp)
@@ -282,6 +282,52 @@ class TestRobots:
         response = post_form(client, {"email": MEMBER, "form_stamp": fresh})
         assert response.status_code == 303
         assert count_rows(database_url, "consent_event") == events
+
+    def test_a_press_at_once_gets_the_page_back_and_the_second_press_mails_the_link(
+        self, client: TestClient, smtp: SmtpSink, database_url: str
+    ) -> None:
+        """The browser fills the address in and the visitor presses at once: the page said
+        "check your inbox" and no unsubscribe link ever came."""
+        confirm_member(client, smtp)
+        events = count_rows(database_url, "consent_event")
+        before = formguard.rejection_counts().get("too_fast", 0)
+        fresh = stamp_in(client.get(PAGE, headers=HTML).text)
+        first = post_form(client, {"email": MEMBER, "locale": "fr", "form_stamp": fresh}, **HTML)
+        assert first.status_code == 422
+        assert (
+            "Votre demande n&#39;est pas encore envoyée. Vérifiez votre adresse électronique, "
+            "puis appuyez de nouveau sur le bouton « Recevoir un lien de désinscription »."
+            in first.text
+        )
+        assert f'value="{MEMBER}"' in input_tag(first.text, "email")
+        assert 'aria-invalid="true"' not in first.text
+        assert count_rows(database_url, "consent_event") == events
+        assert unsubscribe_mails(smtp, MEMBER) == 0
+        assert formguard.rejection_counts()["too_fast"] == before + 1
+
+        second = post_form(
+            client,
+            {"email": MEMBER, "locale": "fr", "form_stamp": stamp_in(first.text)},
+            **HTML,
+        )
+        assert (second.status_code, second.headers["location"]) == (303, f"{SENT}?lang=fr")
+        smtp.mail_to(MEMBER, link="unsubscribe")
+
+    def test_a_page_left_open_overnight_comes_back_in_english_to_press_again(
+        self, client: TestClient, smtp: SmtpSink, database_url: str
+    ) -> None:
+        confirm_member(client, smtp)
+        events = count_rows(database_url, "consent_event")
+        old = stamp(age=timedelta(days=1, minutes=1))
+        fields = {"email": MEMBER, "locale": "en", "form_stamp": old}
+        first = post_form(client, fields, **HTML)
+        assert first.status_code == 422
+        assert '<html lang="en">' in first.text
+        assert "Your request has not been sent yet." in first.text
+        assert count_rows(database_url, "consent_event") == events
+        second = post_form(client, {**fields, "form_stamp": stamp_in(first.text)}, **HTML)
+        assert (second.status_code, second.headers["location"]) == (303, f"{SENT}?lang=en")
+        smtp.mail_to(MEMBER, link="unsubscribe")
 
     def test_an_address_corrected_at_once_is_not_dropped_as_too_fast(
         self, client: TestClient, smtp: SmtpSink

@@ -283,8 +283,9 @@ async def subscribe(slug: str, request: Request) -> Response:
 
     The answer is the same whatever the address's state, so nobody can learn from it who
     is subscribed; the mail tells the truth instead. A form post that a robot made (its
-    honeypot filled, its page's stamp too recent, too old or forged) gets the same answer
-    and is dropped. A browser's form post with bad input gets the form back (422).
+    honeypot filled, its page's stamp forged) gets the same answer and is dropped. A
+    browser's form post with bad input, or sent sooner or later than the page's stamp
+    allows, gets the form back (422) and nothing is done until it is sent again.
     """
     services = await screen_client(request)
     submission = await subscription_submission(request)
@@ -307,15 +308,28 @@ async def subscribe(slug: str, request: Request) -> Response:
     mailing_list = await database.run(lists.get, slug=slug)
     declared = views.list_settings(settings, slug=slug, name=mailing_list.name)
     locale = parse_locale(form.get("locale")) or accepted or Locale(mailing_list.default_locale)
-    if not _passes_robot_screen(form, settings, declared, slug=slug):
-        return _thanks_redirect(settings, mailing_list, locale)
+    verdict = _robot_screen(form, settings, declared, slug=slug)
     t = for_list(locale, declared)
 
-    def again(errors: dict[str, str]) -> Response:
+    def again(errors: dict[str, str], *, notice: str | None = None) -> Response:
         """The form back, with what was typed and why it was refused."""
         return _subscribe_page(
-            request, settings, mailing_list, declared, locale=locale, values=form, errors=errors
+            request,
+            settings,
+            mailing_list,
+            declared,
+            locale=locale,
+            values=form,
+            errors=errors,
+            notice=notice,
         )
+
+    if verdict in formguard.SENT_BACK and wants_html(request, default=False):
+        # Maybe a person's, pressed at once or after a night: the form again, not a
+        # "check your inbox" for a mail that never leaves.
+        return again({}, notice=t("form.notice.send_again", button=t("page.subscribe.button")))
+    if verdict != formguard.Verdict.ACCEPTED:
+        return _thanks_redirect(settings, mailing_list, locale)
 
     post = hosted.read_post(form, list_settings=declared, t=t)
     if post.request is None:
@@ -346,9 +360,9 @@ async def subscribe(slug: str, request: Request) -> Response:
     return _thanks_redirect(settings, mailing_list, post.request.locale or locale)
 
 
-def _passes_robot_screen(
+def _robot_screen(
     form: dict[str, str], settings: Settings, declared: ListSettings, *, slug: str
-) -> bool:
+) -> formguard.Verdict:
     """The form's honeypot and fill-time stamp (app/formguard.py), with this list's rules."""
     return formguard.screen(
         form,
@@ -442,7 +456,11 @@ def _subscribe_page(
     locale: Locale,
     values: dict[str, str] | None = None,
     errors: dict[str, str] | None = None,
+    notice: str | None = None,
 ) -> Response:
+    """The subscription form; sent back (422) with field errors, or with a notice to press
+    again for a post that came too soon or too late after the page (app/formguard.py)."""
+    sent_back = bool(errors) or notice is not None
     chrome = views.chrome(
         request,
         settings,
@@ -460,11 +478,13 @@ def _subscribe_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/subscriptions?lang={locale.value}"
         ),
-        stamp=views.page_stamp(settings, filled_before=bool(errors)),
+        stamp=views.page_stamp(settings, filled_before=sent_back),
         values=values,
         errors=errors,
+        notice=notice,
     )
-    page = pages.render_subscribe(chrome=chrome, form=form, status_code=422 if errors else 200)
+    page = pages.render_subscribe(chrome=chrome, form=form, status_code=422 if sent_back else 200)
+    views.kept_for_back(page)
     return views.lead_form_to(page, request, url=mailing_list.thank_you_url)
 
 
@@ -611,7 +631,11 @@ def _unsubscribe_request_page(
     locale: Locale,
     value: str = "",
     error: str | None = None,
+    notice: str | None = None,
 ) -> Response:
+    """The page to ask for an unsubscribe link; sent back (422) with the address's error,
+    or with a notice to press again (as the subscription form, `_subscribe_page`)."""
+    sent_back = error is not None or notice is not None
     declared = views.list_settings(settings, slug=mailing_list.slug, name=mailing_list.name)
     chrome = views.chrome(
         request,
@@ -628,13 +652,15 @@ def _unsubscribe_request_page(
         action=settings.public_link(
             f"/v1/lists/{mailing_list.slug}/unsubscriptions?lang={locale.value}"
         ),
-        stamp=views.page_stamp(settings, filled_before=error is not None),
+        stamp=views.page_stamp(settings, filled_before=sent_back),
         value=value,
         error=error,
+        notice=notice,
     )
-    return pages.render_unsubscribe_request(
-        chrome=chrome, form=form, status_code=422 if error else 200
+    page = pages.render_unsubscribe_request(
+        chrome=chrome, form=form, status_code=422 if sent_back else 200
     )
+    return views.kept_for_back(page)
 
 
 def _unsubscribe_sent_redirect(
@@ -669,8 +695,9 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
     """Ask for an unsubscribe link by address; same answer whatever the address's state.
 
     A form post goes on (303) to the list's 'check your inbox' page; one that a robot made
-    (honeypot filled, stamp too recent, too old or forged) gets the same and is dropped. A
-    browser's form post with a bad address gets the page back (422).
+    (honeypot filled, stamp forged) gets the same and is dropped. A browser's form post
+    with a bad address, or sent sooner or later than the page's stamp allows, gets the page
+    back (422) and nothing is done until it is sent again.
     """
     services = await screen_client(request)
     submission = await unsubscription_submission(request)
@@ -689,9 +716,20 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
     locale = parse_locale(form.get("locale")) or request_locale(
         request, default=Locale(mailing_list.default_locale)
     )
-    if not _passes_robot_screen(form, settings, declared, slug=slug):
+    verdict = _robot_screen(form, settings, declared, slug=slug)
+    t = for_list(locale, declared)
+    if verdict in formguard.SENT_BACK and wants_html(request, default=False):
+        return _unsubscribe_request_page(
+            request,
+            settings,
+            mailing_list,
+            locale=locale,
+            value=form.get(unsubscribe_form.EMAIL, ""),
+            notice=t("form.notice.send_again", button=t("page.unsubscribe_request.button")),
+        )
+    if verdict != formguard.Verdict.ACCEPTED:
         return _unsubscribe_sent_redirect(settings, mailing_list, locale)
-    post = unsubscribe_form.read_post(form, t=for_list(locale, declared))
+    post = unsubscribe_form.read_post(form, t=t)
     if post.request is None:
         if post.error is not None and wants_html(request, default=False):
             return _unsubscribe_request_page(

@@ -72,3 +72,15 @@ def page_stamp(settings: Settings, *, filled_before: bool) -> str:
     if filled_before:
         now -= settings.form_min_fill_time
     return formguard.issue(key=settings.token_key(), now=now)
+
+
+def kept_for_back(response: Response) -> Response:
+    """A form page (the list's form, or that form sent back after a post) that the browser
+    may show again from its own cache when its visitor comes back to it with Back. Under the
+    pages' `no-store` Chrome could not: one who corrected a typo, went on to the thank-you
+    page and pressed Back met "Confirm Form Resubmission" (ERR_CACHE_MISS), a dead end; and
+    the form reached by Back was a new one whose stamp was too fresh for a press at once.
+    `no-cache` still has every other load ask the server, and `private` keeps it out of
+    shared caches (it holds what was typed); neither its URL nor its page holds a token."""
+    response.headers["cache-control"] = "private, no-cache"
+    return response
