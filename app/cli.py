@@ -957,7 +957,7 @@ def people_erase(
 #
 # Exit codes: 0 done (every row imported or already there); 1 some rows refused; 2 bad
 # usage (unknown list, option or file) or a file that cannot be read (not UTF-8, a bad
-# header: nothing written then).
+# header, no row under the header: nothing written then).
 
 
 def _known_list(settings: Settings, engine: Any, slug: str) -> int:

@@ -680,6 +680,54 @@ class TestImportRefusesTheFile:
         assert (entry.target, entry.outcome) == ("nope", "error:list_not_found")
 
 
+class TestAFileWithoutRows:
+    """A header and nothing under it is most often the wrong file (an export whose filters
+    matched nobody, the template instead of the filled-in copy): refused, saying so, and
+    told apart from a file that cannot be read by its code."""
+
+    EXPECTED = (
+        "The file holds no rows: its header (email, name, locale, attributes, consent_source, "
+        "consent_date) is followed by no subscriber, so nothing was imported. Is it the right "
+        "file?"
+    )
+
+    @pytest.mark.parametrize(
+        "body", [HEADER, HEADER + "\n\n", HEADER.replace("\n", "\r\n") + ",,,,,\r\n"]
+    )
+    def test_the_api_answers_400_empty_csv_and_audits_it(
+        self,
+        client: TestClient,
+        database_url: str,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+        body: str,
+    ) -> None:
+        for params in ({}, {"dry_run": "true"}, {"mode": "invite"}):
+            response = _import(client, write_key, body, **params)
+            assert response.status_code == 400, params
+            assert response.json() == {"error": "empty_csv", "detail": self.EXPECTED}
+        assert count_rows(database_url, "subscription") == 0
+        outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
+        assert outcomes == ["error:empty_csv"] * 3
+
+    def test_the_command_exits_2_with_the_same_words(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        empty = tmp_path / "empty.csv"
+        empty.write_text(HEADER)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        env.update(NEWSLETTER_DATABASE_URL=database_url, NEWSLETTER_SECRET_KEY=SECRET)
+        for extra in ((), ("--dry-run",), ("--json",)):
+            result = subprocess.run(
+                [NEWSLETTER, "import", "--list", "bluehats", str(empty), *extra], env=env,
+                cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert (result.returncode, result.stdout) == (2, ""), extra
+            assert result.stderr == self.EXPECTED + "\n"
+        outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
+        assert outcomes == ["error:empty_csv"] * 3
+
+
 class TestLargeFiles:
     def test_a_10_mb_file_is_imported(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine

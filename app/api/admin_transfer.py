@@ -89,6 +89,7 @@ def _transaction(database: Database) -> transfer.Transaction:
     responses=errors.responses(
         errors.ListNotFound,
         errors.InvalidCsv,
+        errors.EmptyCsv,
         errors.PayloadTooLarge,
         errors.NotCsv,
     ),
