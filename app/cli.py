@@ -697,8 +697,9 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
 
 # Operators: subscribers and people (data protection) ---------------------------------------
 #
-# Exit codes: 0 done; 1 refused (unknown list or subscriber, already confirmed, erased
-# address, declined); 2 bad input (address, evidence, missing --yes without a terminal).
+# Exit codes: 0 done; 1 refused or not found (an address not on the list, or of which
+# nothing is held; already confirmed, erased address, declined); 2 bad input (unknown
+# list, address, evidence, missing --yes without a terminal).
 
 subscriber_cli = typer.Typer(
     no_args_is_help=True,
@@ -909,7 +910,10 @@ def subscriber_unsubscribe(
 
 @people_cli.command("show")
 def people_show(email: Annotated[str, typer.Argument(help="The address.")]) -> None:
-    """Print everything held about an address, across lists, as JSON."""
+    """Print everything held about an address, across lists, as JSON.
+
+    Exit 1 when that is nothing (no subscription, job or erasure), as the other commands
+    do for an address they do not find; the record is printed all the same."""
     from app import operators
     from app.api.admin_privacy import person_out
 
@@ -920,6 +924,13 @@ def people_show(email: Annotated[str, typer.Argument(help="The address.")]) -> N
         address=address, key=settings.token_key(),
     )  # fmt: skip
     typer.echo(person_out(record).model_dump_json(indent=2))
+    if record.nothing_held:
+        typer.echo(
+            f"nothing held about {record.email_key}: no subscription on any list, no job, "
+            "no erasure",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 @people_cli.command("erase")
