@@ -483,6 +483,33 @@ class TestDatesWithoutZone:
         assert len(page.json()["items"]) == 1
 
 
+class TestAZoneTypedInAUrl:
+    """`?created_after=2026-11-30T10:00:00+01:00` typed as is (curl, a browser's address
+    bar): a query's `+` reads as a space, and the offset arrived as ` 01:00`."""
+
+    @pytest.mark.parametrize(
+        ("path", "name"),
+        [
+            ("/v1/admin/lists/bluehats/subscribers", "created_after"),
+            ("/v1/admin/lists/bluehats/subscribers", "confirmed_before"),
+            ("/v1/admin/lists/bluehats/export", "created_after"),
+            ("/v1/admin/lists/bluehats/stats", "since"),
+            ("/v1/admin/audit", "since"),
+        ],
+    )
+    def test_the_plus_of_an_offset_is_read_as_a_plus(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str], path: str, name: str
+    ) -> None:
+        _subscriptions(engine, 1)
+        for typed, encoded in (
+            ("2000-01-01T10:00:00+01:00", "2000-01-01T10%3A00%3A00%2B01%3A00"),
+            ("2000-01-01 10:00+0130", "2000-01-01%2010%3A00%2B0130"),
+        ):
+            as_typed = client.get(f"{path}?{name}={typed}", headers=read_key)
+            assert as_typed.status_code == 200, (typed, as_typed.text)
+            assert as_typed.text == client.get(f"{path}?{name}={encoded}", headers=read_key).text
+
+
 class TestPeriodsThatHoldNothing:
     """A range whose start is not before its end found nothing, which read as "nobody
     subscribed then" or "nobody did anything": refused as the stats refuse it. Every bound
