@@ -407,6 +407,49 @@ class TestDeadJobs:
         )
 
 
+class TestARouteThatTakesNoBody:
+    """`POST /v1/admin/jobs/retry` retries every failed job; a body sent with it (as if it
+    chose the jobs: `{"ids": [12]}`) was ignored, and every job went back in the queue."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"run_worker": False})
+
+    def test_a_body_is_refused_and_nothing_is_retried(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        with db.session_scope(engine) as session:
+            dead = [
+                OutboxJob(
+                    kind=JobKind.SYNC,
+                    payload={},
+                    state=JobState.DEAD,
+                    attempts=10,
+                    next_attempt_at=utcnow(),
+                    last_error="HTTP 400 from the backend",
+                )
+                for _ in range(2)
+            ]
+            session.add_all(dead)
+            session.flush()
+            first = dead[0].id
+        for path in ("/v1/admin/jobs/retry", f"/v1/admin/jobs/{first}/retry"):
+            refused = client.post(path, json={"ids": [first]}, headers=write_key)
+            assert refused.status_code == 422, (path, refused.text)
+            assert refused.json() == {
+                "error": "validation_error",
+                "detail": "this route takes no body: send none",
+            }
+        with Session(engine) as session:
+            states = session.exec(select(OutboxJob.state)).all()
+        assert states == ["dead", "dead"]
+        refused = client.post("/v1/admin/lists/bluehats/reconcile", json={}, headers=write_key)
+        assert refused.status_code == 422, refused.text
+        # Without a body, as ever.
+        retried = client.post("/v1/admin/jobs/retry", headers=write_key)
+        assert retried.json() == {"retried": 2}
+
+
 class TestKeysCommand:
     def test_create_list_and_revoke_from_the_command_line(
         self, client: TestClient, database_url: str, settings: Settings, tmp_path: Path
