@@ -659,6 +659,24 @@ class TestImportRefusesTheFile:
             "detail": "Send the file as text/csv.",
         }
 
+    def test_a_form_upload_is_415_saying_how_to_send_the_file(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        # `curl -F file=@subscribers.csv`, a browser's file field: the file inside a form.
+        response = client.post(
+            IMPORT,
+            files={"file": ("subscribers.csv", HEADER + _row("ann@example.org"), "text/csv")},
+            headers=write_key,
+        )
+        assert response.status_code == 415
+        assert response.json() == {
+            "error": "unsupported_media_type",
+            "detail": "Send the file itself as the body, as text/csv, not inside a form "
+            "(multipart/form-data): curl --data-binary @subscribers.csv -H 'Content-Type: "
+            "text/csv' ...",
+        }
+        assert count_rows(database_url, "subscription") == 0
+
     def test_unknown_list_is_404_and_a_read_key_is_403(
         self,
         client: TestClient,
