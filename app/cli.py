@@ -1381,6 +1381,18 @@ def _when(value: str | None, *, option: str) -> Any:
         raise typer.Exit(2) from e
 
 
+def _period(since: Any, until: Any) -> None:
+    """Exit 2 for a period that holds nothing, named by the options (the check in the
+    domain names the API's `since` and `until`)."""
+    from app import errors
+
+    try:
+        errors.check_period(since, until, start_name="--since", end_name="--until")
+    except errors.BadRequest as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+
+
 def _json_out(value: Any) -> None:
     from pydantic import TypeAdapter
 
@@ -1469,12 +1481,15 @@ def stats(
         raise typer.Exit(2)
     settings = _settings()
     now = utcnow()
+    start = _when(since, option="--since") or now - timedelta(days=30)
+    end = _when(until, option="--until") or now + timedelta(seconds=1)
+    _period(start, end)
     result = _read(
         settings,
         admin.stats,
         list_slug=list_slug,
-        since=_when(since, option="--since") or now - timedelta(days=30),
-        until=_when(until, option="--until") or now + timedelta(seconds=1),
+        since=start,
+        until=end,
         by_month=by == "month",
         now=now,
     )
@@ -1553,9 +1568,11 @@ def audit_search(
     from app import audit
 
     settings = _settings()
+    start, end = _when(since, option="--since"), _when(until, option="--until")
+    _period(start, end)
     rows = _read(
         settings, audit.search, actor=actor, action=action, target=target,
-        since=_when(since, option="--since"), until=_when(until, option="--until"), limit=limit,
+        since=start, until=end, limit=limit,
     )  # fmt: skip
     for row in rows:
         typer.echo(

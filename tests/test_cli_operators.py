@@ -292,3 +292,19 @@ class TestAnAddressNotFound:
             result = run(database_url, tmp_path, *args)
             assert result.returncode == 2, (args, result.stdout, result.stderr)
             assert result.stderr.count("\n") == 1, (args, result.stderr)
+
+
+class TestAnEmptyPeriodNamesTheOptions:
+    def test_stats_and_audit_name_since_and_until_as_typed(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        # As the search names --created-after: the API's parameter names left the operator
+        # to guess which option was meant.
+        for command in (("stats", "--list", "bluehats"), ("audit",)):
+            result = run(database_url, tmp_path, *command, "--since", "2026-12-01",
+                         "--until", "2026-11-01T00:00:00+00:00")  # fmt: skip
+            assert (result.returncode, result.stdout) == (2, ""), command
+            assert result.stderr == (
+                "--since (2026-12-01T00:00:00+00:00) is not before --until "
+                "(2026-11-01T00:00:00+00:00): the period is empty; give --since before --until.\n"
+            ), command
