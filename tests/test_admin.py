@@ -4,6 +4,7 @@ full record, stats, the failed-job queue, and the audit log."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -551,6 +552,42 @@ class TestAZoneTypedInAUrl:
             as_typed = client.get(f"{path}?{name}={typed}", headers=read_key)
             assert as_typed.status_code == 200, (typed, as_typed.text)
             assert as_typed.text == client.get(f"{path}?{name}={encoded}", headers=read_key).text
+
+
+class TestATagTypedInAUrl:
+    def test_a_prefix_s_plus_typed_as_is_finds_the_tagged_address(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        # `?prefix=camille+news@` typed as is (curl, an address bar): a query's `+` reads as
+        # a space, and no address holds one: the search found nobody.
+        with db.session_scope(engine) as session:
+            mailing_list = lists.get(session, slug="bluehats")
+            for email in ("camille+news@example.org", "camille@example.org"):
+                session.add(
+                    Subscription(
+                        list_id=mailing_list.id,
+                        email=email,
+                        email_key=email,
+                        status="confirmed",
+                        locale="fr",
+                        consent_version="2026-11",
+                        created_at=utcnow(),
+                        confirmed_at=utcnow(),
+                    )
+                )
+        path = "/v1/admin/lists/bluehats/subscribers"
+        for typed in ("camille+news@", "camille+", "Camille+News@example.org"):
+            page = client.get(f"{path}?prefix={typed}", headers=read_key)
+            assert page.status_code == 200, page.text
+            assert [item["email"] for item in page.json()["items"]] == [
+                "camille+news@example.org"
+            ], typed
+        exported = client.get(
+            "/v1/admin/lists/bluehats/export?format=jsonl&prefix=camille+news@", headers=read_key
+        )
+        assert [json.loads(line)["email"] for line in exported.text.splitlines()] == [
+            "camille+news@example.org"
+        ]
 
 
 class TestPeriodsThatHoldNothing:

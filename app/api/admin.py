@@ -189,6 +189,10 @@ def subscriber_filter(
     confirmed_before: DateTimeQuery | None = None,
 ) -> admin.SubscriberFilter:
     """The filters the search and the export share, from the query."""
+    if prefix is not None:
+        # No address holds a space: one here is the `+` of a tag typed in the URL as is
+        # (`?prefix=camille+news@`), which a query string reads as a space.
+        prefix = prefix.replace(" ", "+")
     return admin.SubscriberFilter(
         status=status,
         prefix=prefix,
