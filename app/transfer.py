@@ -208,6 +208,15 @@ _CR_ONLY = (
 )
 
 
+# The spreadsheet itself rather than a CSV saved from it: .xlsx and .ods are ZIP files,
+# .xls an OLE2 compound file. Their bytes read as "not UTF-8", a wrong lead.
+_WORKBOOK_SIGNATURES = (b"PK\x03\x04", bytes.fromhex("D0CF11E0A1B11AE1"))
+_WORKBOOK = (
+    "The file is a spreadsheet workbook (.xlsx, .ods or .xls), not CSV: save it as "
+    '"CSV UTF-8" from the spreadsheet and import that file.'
+)
+
+
 def _lines(source: IO[bytes]) -> Iterator[str]:
     """The file's physical lines, decoded; a precise error at the first line not UTF-8."""
     number = 0
@@ -216,6 +225,8 @@ def _lines(source: IO[bytes]) -> Iterator[str]:
         if not raw:
             return
         number += 1
+        if number == 1 and raw.startswith(_WORKBOOK_SIGNATURES):
+            raise errors.InvalidCsv(_WORKBOOK)
         # Before the line ends: UTF-16's end of line is \r\0\n, which looks like a lone \r.
         if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             raise errors.InvalidCsv(f"The file is UTF-16, not UTF-8: {_SAVE_AS_UTF8}")

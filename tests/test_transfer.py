@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -580,6 +581,26 @@ class TestImportRefusesTheFile:
         assert count_rows(database_url, "subscription") == 0
         outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
         assert outcomes == ["error:invalid_csv"] * 3
+
+    def test_a_spreadsheet_workbook_is_refused_saying_to_save_it_as_csv(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        # The workbook itself (.xlsx and .ods are ZIP files, .xls an OLE2 one): it was
+        # refused as "not UTF-8 (... Latin-1 or Windows-1252?)", a wrong lead.
+        workbook = io.BytesIO()
+        with zipfile.ZipFile(workbook, "w") as archive:
+            archive.writestr("[Content_Types].xml", "<Types/>")
+            archive.writestr("xl/workbook.xml", "<workbook/>")
+        legacy = bytes.fromhex("D0CF11E0A1B11AE1") + bytes(504)
+        for body in (workbook.getvalue(), legacy):
+            response = _import(client, write_key, body)
+            assert response.status_code == 400
+            assert response.json() == {
+                "error": "invalid_csv",
+                "detail": "The file is a spreadsheet workbook (.xlsx, .ods or .xls), not CSV: "
+                'save it as "CSV UTF-8" from the spreadsheet and import that file.',
+            }
+        assert count_rows(database_url, "subscription") == 0
 
     def test_a_file_whose_lines_end_with_a_carriage_return_alone_is_refused_saying_so(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
