@@ -348,6 +348,11 @@ def _text(value: str, *, name: str, limit: int) -> str | None:
         return None
     if len(value) > limit:
         raise _RowInvalid(f"{name} is longer than {limit} characters.")
+    if "\n" in value or "\r" in value:
+        raise _RowInvalid(
+            f"{name} is written on several lines (a line break inside the cell): put it on "
+            "one line."
+        )
     if _CONTROL.search(value):
         raise _RowInvalid(f"{name} contains control characters.")
     return value

@@ -288,7 +288,10 @@ class TestImportConfirmed:
             6: "must be lowercase letters",
             7: "is not an ISO date",
             8: "is in the future",
-            9: "name contains control characters",
+            # A cell written on two lines (Alt+Enter in a spreadsheet): said as such, where
+            # "control characters" sent the operator looking for invisible ones.
+            9: "name is written on several lines (a line break inside the cell): put it on "
+            "one line.",
             11: "The row has 2 fields, the header 6",
             12: "email is empty",
             13: "must be a string",
