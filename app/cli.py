@@ -697,8 +697,9 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
 
 # Operators: subscribers and people (data protection) ---------------------------------------
 #
-# Exit codes: 0 done; 1 refused (unknown list or subscriber, already confirmed, erased
-# address, declined); 2 bad input (address, evidence, missing --yes without a terminal).
+# Exit codes: 0 done; 1 refused or not found (an address not on the list, or of which
+# nothing is held; already confirmed, erased address, declined); 2 bad input (unknown
+# list, address, evidence, missing --yes without a terminal).
 
 subscriber_cli = typer.Typer(
     no_args_is_help=True,
@@ -909,7 +910,10 @@ def subscriber_unsubscribe(
 
 @people_cli.command("show")
 def people_show(email: Annotated[str, typer.Argument(help="The address.")]) -> None:
-    """Print everything held about an address, across lists, as JSON."""
+    """Print everything held about an address, across lists, as JSON.
+
+    Exit 1 when that is nothing (no subscription, job or erasure), as the other commands
+    do for an address they do not find; the record is printed all the same."""
     from app import operators
     from app.api.admin_privacy import person_out
 
@@ -920,6 +924,13 @@ def people_show(email: Annotated[str, typer.Argument(help="The address.")]) -> N
         address=address, key=settings.token_key(),
     )  # fmt: skip
     typer.echo(person_out(record).model_dump_json(indent=2))
+    if record.nothing_held:
+        typer.echo(
+            f"nothing held about {record.email_key}: no subscription on any list, no job, "
+            "no erasure",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 @people_cli.command("erase")
@@ -957,7 +968,7 @@ def people_erase(
 #
 # Exit codes: 0 done (every row imported or already there); 1 some rows refused; 2 bad
 # usage (unknown list, option or file) or a file that cannot be read (not UTF-8, a bad
-# header: nothing written then).
+# header, no row under the header: nothing written then).
 
 
 def _known_list(settings: Settings, engine: Any, slug: str) -> int:
@@ -1370,6 +1381,18 @@ def _when(value: str | None, *, option: str) -> Any:
         raise typer.Exit(2) from e
 
 
+def _period(since: Any, until: Any) -> None:
+    """Exit 2 for a period that holds nothing, named by the options (the check in the
+    domain names the API's `since` and `until`)."""
+    from app import errors
+
+    try:
+        errors.check_period(since, until, start_name="--since", end_name="--until")
+    except errors.BadRequest as e:
+        typer.echo(e.detail, err=True)
+        raise typer.Exit(EXIT_USAGE) from e
+
+
 def _json_out(value: Any) -> None:
     from pydantic import TypeAdapter
 
@@ -1458,12 +1481,15 @@ def stats(
         raise typer.Exit(2)
     settings = _settings()
     now = utcnow()
+    start = _when(since, option="--since") or now - timedelta(days=30)
+    end = _when(until, option="--until") or now + timedelta(seconds=1)
+    _period(start, end)
     result = _read(
         settings,
         admin.stats,
         list_slug=list_slug,
-        since=_when(since, option="--since") or now - timedelta(days=30),
-        until=_when(until, option="--until") or now + timedelta(seconds=1),
+        since=start,
+        until=end,
         by_month=by == "month",
         now=now,
     )
@@ -1542,9 +1568,11 @@ def audit_search(
     from app import audit
 
     settings = _settings()
+    start, end = _when(since, option="--since"), _when(until, option="--until")
+    _period(start, end)
     rows = _read(
         settings, audit.search, actor=actor, action=action, target=target,
-        since=_when(since, option="--since"), until=_when(until, option="--until"), limit=limit,
+        since=start, until=end, limit=limit,
     )  # fmt: skip
     for row in rows:
         typer.echo(

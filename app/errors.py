@@ -177,6 +177,15 @@ class InvalidCsv(DomainError):
     message = "The CSV file could not be read."
 
 
+class EmptyCsv(InvalidCsv):
+    """A header and no row under it: most often the wrong file (the template, an export
+    whose filters matched nobody). Its own code, so that a script importing a daily file
+    can tell "nothing today" from a file that cannot be read."""
+
+    code = "empty_csv"
+    message = "The file holds no rows, only its header: nothing was imported."
+
+
 class PayloadTooLarge(DomainError):
     status_code = 413
     code = "payload_too_large"

@@ -343,6 +343,12 @@ class PersonRecord:
     # Audit events whose target names the address.
     audit: list[AuditEvent]
 
+    @property
+    def nothing_held(self) -> bool:
+        """No subscription, job, erasure or ledger event: an address the service does not
+        know (the audit log may still name it, from earlier look-ups)."""
+        return not (self.erased or self.subscriptions or self.address_jobs or self.erased_events)
+
 
 def _slugs(session: Session) -> dict[int, str]:
     return {_id(row): row.slug for row in session.exec(select(MailingList)).all()}

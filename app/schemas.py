@@ -70,11 +70,22 @@ MAX_ROW_ID = models.MAX_ROW_ID
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 
+# A time followed by ` 01:00`: the `+01:00` of a URL typed as is (curl, an address bar),
+# whose `+` the query string reads as a space. Nothing else puts a space there.
+_PLUS_READ_AS_SPACE = re.compile(
+    r"^(.*[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?) (\d{2}(?::?\d{2})?)$", re.IGNORECASE
+)
+
+
 def _date_time_text(value: object) -> object:
     # pydantic would also read `0.5` or `2026-11-28` as a datetime; the document promises
     # (and operators write) a date and time.
     if isinstance(value, str) and not _DATE_TIME.match(value.strip()):
         raise ValueError("give a date and time in ISO 8601, e.g. 2026-11-28T10:00:00Z")
+    if isinstance(value, str):
+        typed = _PLUS_READ_AS_SPACE.fullmatch(value.strip())
+        if typed is not None:
+            return f"{typed[1]}+{typed[2]}"
     return value
 
 

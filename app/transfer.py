@@ -3,14 +3,15 @@
 Used by the admin API and the CLI alike. Neither direction holds the data in memory.
 
 Import reads the file twice, line by line. The first pass checks what makes the whole file
-unusable (not UTF-8, malformed CSV, a bad header), so that such a file writes nothing. The
-second validates each row and writes valid rows in batches of `BATCH_SIZE`, each batch in a
-transaction of its own taken from the caller's `transaction()` factory (the boundary still
-owns the commit): a big file neither holds SQLite's write lock for its whole length nor
-rolls back every row for one failure. Rows are independent, so committing batch by batch
-is safe, and running the same file twice adds nothing: an address already on the list is
-`unchanged`, whatever its state (an import never undoes an unsubscription). An import cut
-short (a database outage) keeps its committed batches; running the file again completes it.
+unusable (not UTF-8, malformed CSV, a bad header, no row under the header), so that such
+a file writes nothing. The second validates each row and writes valid rows in batches of
+`BATCH_SIZE`, each batch in a transaction of its own taken from the caller's
+`transaction()` factory (the boundary still owns the commit): a big file neither holds
+SQLite's write lock for its whole length nor rolls back every row for one failure. Rows
+are independent, so committing batch by batch is safe, and running the same file twice adds
+nothing: an address already on the list is `unchanged`, whatever its state (an import
+never undoes an unsubscription). An import cut short (a database outage) keeps its
+committed batches; running the file again completes it.
 
 Columns: email (required; `Name <address>` gives the name too), name (kept as the
 attribute `name`), locale (fr, en, or a tag of either such as fr-FR; else the list's),
@@ -208,6 +209,15 @@ _CR_ONLY = (
 )
 
 
+# The spreadsheet itself rather than a CSV saved from it: .xlsx and .ods are ZIP files,
+# .xls an OLE2 compound file. Their bytes read as "not UTF-8", a wrong lead.
+_WORKBOOK_SIGNATURES = (b"PK\x03\x04", bytes.fromhex("D0CF11E0A1B11AE1"))
+_WORKBOOK = (
+    "The file is a spreadsheet workbook (.xlsx, .ods or .xls), not CSV: save it as "
+    '"CSV UTF-8" from the spreadsheet and import that file.'
+)
+
+
 def _lines(source: IO[bytes]) -> Iterator[str]:
     """The file's physical lines, decoded; a precise error at the first line not UTF-8."""
     number = 0
@@ -216,6 +226,8 @@ def _lines(source: IO[bytes]) -> Iterator[str]:
         if not raw:
             return
         number += 1
+        if number == 1 and raw.startswith(_WORKBOOK_SIGNATURES):
+            raise errors.InvalidCsv(_WORKBOOK)
         # Before the line ends: UTF-16's end of line is \r\0\n, which looks like a lone \r.
         if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             raise errors.InvalidCsv(f"The file is UTF-16, not UTF-8: {_SAVE_AS_UTF8}")
@@ -318,9 +330,17 @@ def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str
 
 
 def check_file(source: IO[bytes]) -> int:
-    """Read the whole file once for what would make it unusable; the number of records."""
-    _, records = _records(source)
-    return sum(1 for _ in records)
+    """Read the whole file once for what would make it unusable; the number of records.
+    EmptyCsv for a header with no record under it (blank lines and rows of empty cells
+    are no records)."""
+    columns, records = _records(source)
+    count = sum(1 for _ in records)
+    if count == 0:
+        raise errors.EmptyCsv(
+            f"The file holds no rows: its header ({', '.join(columns)}) is followed by no "
+            "subscriber, so nothing was imported. Is it the right file?"
+        )
+    return count
 
 
 def _text(value: str, *, name: str, limit: int) -> str | None:
@@ -329,6 +349,11 @@ def _text(value: str, *, name: str, limit: int) -> str | None:
         return None
     if len(value) > limit:
         raise _RowInvalid(f"{name} is longer than {limit} characters.")
+    if "\n" in value or "\r" in value:
+        raise _RowInvalid(
+            f"{name} is written on several lines (a line break inside the cell): put it on "
+            "one line."
+        )
     if _CONTROL.search(value):
         raise _RowInvalid(f"{name} contains control characters.")
     return value
@@ -510,10 +535,10 @@ def import_csv(
 ) -> ImportReport:
     """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
 
-    Raises ListNotFound, or InvalidCsv for a file that cannot be read at all, before
-    anything is written. `progress` gets the bytes read so far after each batch. A dry run
-    reads the database to count what would happen, and writes nothing. An address the
-    list's `backend` cannot hold is a row error.
+    Raises ListNotFound, or InvalidCsv for a file that cannot be read at all (EmptyCsv for
+    one with no row), before anything is written. `progress` gets the bytes read so far
+    after each batch. A dry run reads the database to count what would happen, and writes
+    nothing. An address the list's `backend` cannot hold is a row error.
     """
     if note is not None and len(note) > MAX_NOTE:
         raise errors.BadRequest(f"The note is longer than {MAX_NOTE} characters.")

@@ -4,6 +4,7 @@ full record, stats, the failed-job queue, and the audit log."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -407,6 +408,49 @@ class TestDeadJobs:
         )
 
 
+class TestARouteThatTakesNoBody:
+    """`POST /v1/admin/jobs/retry` retries every failed job; a body sent with it (as if it
+    chose the jobs: `{"ids": [12]}`) was ignored, and every job went back in the queue."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"run_worker": False})
+
+    def test_a_body_is_refused_and_nothing_is_retried(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        with db.session_scope(engine) as session:
+            dead = [
+                OutboxJob(
+                    kind=JobKind.SYNC,
+                    payload={},
+                    state=JobState.DEAD,
+                    attempts=10,
+                    next_attempt_at=utcnow(),
+                    last_error="HTTP 400 from the backend",
+                )
+                for _ in range(2)
+            ]
+            session.add_all(dead)
+            session.flush()
+            first = dead[0].id
+        for path in ("/v1/admin/jobs/retry", f"/v1/admin/jobs/{first}/retry"):
+            refused = client.post(path, json={"ids": [first]}, headers=write_key)
+            assert refused.status_code == 422, (path, refused.text)
+            assert refused.json() == {
+                "error": "validation_error",
+                "detail": "this route takes no body: send none",
+            }
+        with Session(engine) as session:
+            states = session.exec(select(OutboxJob.state)).all()
+        assert states == ["dead", "dead"]
+        refused = client.post("/v1/admin/lists/bluehats/reconcile", json={}, headers=write_key)
+        assert refused.status_code == 422, refused.text
+        # Without a body, as ever.
+        retried = client.post("/v1/admin/jobs/retry", headers=write_key)
+        assert retried.json() == {"retried": 2}
+
+
 class TestKeysCommand:
     def test_create_list_and_revoke_from_the_command_line(
         self, client: TestClient, database_url: str, settings: Settings, tmp_path: Path
@@ -481,6 +525,69 @@ class TestDatesWithoutZone:
         )
         assert page.status_code == 200
         assert len(page.json()["items"]) == 1
+
+
+class TestAZoneTypedInAUrl:
+    """`?created_after=2026-11-30T10:00:00+01:00` typed as is (curl, a browser's address
+    bar): a query's `+` reads as a space, and the offset arrived as ` 01:00`."""
+
+    @pytest.mark.parametrize(
+        ("path", "name"),
+        [
+            ("/v1/admin/lists/bluehats/subscribers", "created_after"),
+            ("/v1/admin/lists/bluehats/subscribers", "confirmed_before"),
+            ("/v1/admin/lists/bluehats/export", "created_after"),
+            ("/v1/admin/lists/bluehats/stats", "since"),
+            ("/v1/admin/audit", "since"),
+        ],
+    )
+    def test_the_plus_of_an_offset_is_read_as_a_plus(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str], path: str, name: str
+    ) -> None:
+        _subscriptions(engine, 1)
+        for typed, encoded in (
+            ("2000-01-01T10:00:00+01:00", "2000-01-01T10%3A00%3A00%2B01%3A00"),
+            ("2000-01-01 10:00+0130", "2000-01-01%2010%3A00%2B0130"),
+        ):
+            as_typed = client.get(f"{path}?{name}={typed}", headers=read_key)
+            assert as_typed.status_code == 200, (typed, as_typed.text)
+            assert as_typed.text == client.get(f"{path}?{name}={encoded}", headers=read_key).text
+
+
+class TestATagTypedInAUrl:
+    def test_a_prefix_s_plus_typed_as_is_finds_the_tagged_address(
+        self, client: TestClient, engine: sa.Engine, read_key: dict[str, str]
+    ) -> None:
+        # `?prefix=camille+news@` typed as is (curl, an address bar): a query's `+` reads as
+        # a space, and no address holds one: the search found nobody.
+        with db.session_scope(engine) as session:
+            mailing_list = lists.get(session, slug="bluehats")
+            for email in ("camille+news@example.org", "camille@example.org"):
+                session.add(
+                    Subscription(
+                        list_id=mailing_list.id,
+                        email=email,
+                        email_key=email,
+                        status="confirmed",
+                        locale="fr",
+                        consent_version="2026-11",
+                        created_at=utcnow(),
+                        confirmed_at=utcnow(),
+                    )
+                )
+        path = "/v1/admin/lists/bluehats/subscribers"
+        for typed in ("camille+news@", "camille+", "Camille+News@example.org"):
+            page = client.get(f"{path}?prefix={typed}", headers=read_key)
+            assert page.status_code == 200, page.text
+            assert [item["email"] for item in page.json()["items"]] == [
+                "camille+news@example.org"
+            ], typed
+        exported = client.get(
+            "/v1/admin/lists/bluehats/export?format=jsonl&prefix=camille+news@", headers=read_key
+        )
+        assert [json.loads(line)["email"] for line in exported.text.splitlines()] == [
+            "camille+news@example.org"
+        ]
 
 
 class TestPeriodsThatHoldNothing:

@@ -289,11 +289,11 @@ class TestBadInputNamesTheOption:
             # A job running or done has not failed: listing "failed jobs done" listed them all.
             (("jobs", "failed", "--state", "done"), ["--state must be one of dead, pending"]),
             (("stats", "--list", "bluehats", "--since", "2026-12-01", "--until", "2026-11-01"),
-             ["since (2026-12-01T00:00:00+00:00) is not before until (2026-11-01T00:00:00+00:00):"
-              " the period is empty; give since before until."]),
+             ["--since (2026-12-01T00:00:00+00:00) is not before --until (2026-11-01T00:00:00"
+              "+00:00): the period is empty; give --since before --until."]),
             (("audit", "--since", "2026-12-01", "--until", "2026-11-01"),
-             ["since (2026-12-01T00:00:00+00:00) is not before until (2026-11-01T00:00:00+00:00):"
-              " the period is empty; give since before until."]),
+             ["--since (2026-12-01T00:00:00+00:00) is not before --until (2026-11-01T00:00:00"
+              "+00:00): the period is empty; give --since before --until."]),
             # The same mistake in a search found nobody, which read as "no subscriber".
             (("subscriber", "search", "--list", "bluehats", "--created-after", "2026-12-01",
               "--created-before", "2026-12-01"),

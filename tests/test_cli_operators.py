@@ -226,3 +226,85 @@ class TestOperatorCommands:
         }
         # The same as a list the settings declare without one.
         assert shown["by-cli"] == shown["by-api"] == shown["bluehats"] == "2026-11"
+
+
+class TestAnAddressNotFound:
+    """Every command that looks an address up exits 1 when it finds nothing there (one line
+    on stderr), 2 when the address or the list is not valid input, 0 when it found it."""
+
+    def test_each_command_exits_1_for_an_address_it_does_not_hold(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        cases = [
+            ("subscriber", "show", "nobody@example.org", "--list", "bluehats"),
+            ("subscriber", "proof", "nobody@example.org", "--list", "bluehats"),
+            (
+                "subscriber",
+                "unsubscribe",
+                "nobody@example.org",
+                "--list",
+                "bluehats",
+                "--reason",
+                "x",
+            ),
+            ("people", "show", "nobody@example.org"),
+            ("block", "remove", "nobody@example.org"),
+        ]
+        for args in cases:
+            result = run(database_url, tmp_path, *args)
+            assert result.returncode == 1, (args, result.stdout, result.stderr)
+            assert result.stderr.count("\n") == 1, (args, result.stderr)
+
+    def test_people_show_prints_what_it_holds_and_says_when_that_is_nothing(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        unknown = run(database_url, tmp_path, "people", "show", "Nobody@Example.org")
+        assert unknown.returncode == 1
+        assert unknown.stderr == (
+            "nothing held about nobody@example.org: no subscription on any list, no job, "
+            "no erasure\n"
+        )
+        # The answer to an access request all the same, with the audit log's mentions.
+        assert json.loads(unknown.stdout)["subscriptions"] == []
+
+        added = run(database_url, tmp_path, "subscriber", "add", "ada@example.org",
+                    "--list", "bluehats")  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        held = run(database_url, tmp_path, "people", "show", "ADA@example.org")
+        assert (held.returncode, held.stderr) == (0, "")
+        assert [s["list"] for s in json.loads(held.stdout)["subscriptions"]] == ["bluehats"]
+
+        erased = run(database_url, tmp_path, "people", "erase", "ada@example.org", "--yes")
+        assert erased.returncode == 0, erased.stderr
+        # An erased address is held as its tombstone and its hashed ledger.
+        after = run(database_url, tmp_path, "people", "show", "ada@example.org")
+        assert (after.returncode, after.stderr) == (0, "")
+        assert json.loads(after.stdout)["erased"] is True
+
+    def test_bad_input_exits_2(self, database_url: str, tmp_path: Path) -> None:
+        cases = [
+            ("subscriber", "show", "nobody@example.org", "--list", "nope"),
+            ("subscriber", "proof", "nobody@example.org", "--list", "nope"),
+            ("people", "show", "nobody@"),
+            ("people", "erase", "nobody@", "--yes"),
+        ]
+        for args in cases:
+            result = run(database_url, tmp_path, *args)
+            assert result.returncode == 2, (args, result.stdout, result.stderr)
+            assert result.stderr.count("\n") == 1, (args, result.stderr)
+
+
+class TestAnEmptyPeriodNamesTheOptions:
+    def test_stats_and_audit_name_since_and_until_as_typed(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        # As the search names --created-after: the API's parameter names left the operator
+        # to guess which option was meant.
+        for command in (("stats", "--list", "bluehats"), ("audit",)):
+            result = run(database_url, tmp_path, *command, "--since", "2026-12-01",
+                         "--until", "2026-11-01T00:00:00+00:00")  # fmt: skip
+            assert (result.returncode, result.stdout) == (2, ""), command
+            assert result.stderr == (
+                "--since (2026-12-01T00:00:00+00:00) is not before --until "
+                "(2026-11-01T00:00:00+00:00): the period is empty; give --since before --until.\n"
+            ), command

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -287,7 +288,10 @@ class TestImportConfirmed:
             6: "must be lowercase letters",
             7: "is not an ISO date",
             8: "is in the future",
-            9: "name contains control characters",
+            # A cell written on two lines (Alt+Enter in a spreadsheet): said as such, where
+            # "control characters" sent the operator looking for invisible ones.
+            9: "name is written on several lines (a line break inside the cell): put it on "
+            "one line.",
             11: "The row has 2 fields, the header 6",
             12: "email is empty",
             13: "must be a string",
@@ -581,6 +585,26 @@ class TestImportRefusesTheFile:
         outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
         assert outcomes == ["error:invalid_csv"] * 3
 
+    def test_a_spreadsheet_workbook_is_refused_saying_to_save_it_as_csv(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        # The workbook itself (.xlsx and .ods are ZIP files, .xls an OLE2 one): it was
+        # refused as "not UTF-8 (... Latin-1 or Windows-1252?)", a wrong lead.
+        workbook = io.BytesIO()
+        with zipfile.ZipFile(workbook, "w") as archive:
+            archive.writestr("[Content_Types].xml", "<Types/>")
+            archive.writestr("xl/workbook.xml", "<workbook/>")
+        legacy = bytes.fromhex("D0CF11E0A1B11AE1") + bytes(504)
+        for body in (workbook.getvalue(), legacy):
+            response = _import(client, write_key, body)
+            assert response.status_code == 400
+            assert response.json() == {
+                "error": "invalid_csv",
+                "detail": "The file is a spreadsheet workbook (.xlsx, .ods or .xls), not CSV: "
+                'save it as "CSV UTF-8" from the spreadsheet and import that file.',
+            }
+        assert count_rows(database_url, "subscription") == 0
+
     def test_a_file_whose_lines_end_with_a_carriage_return_alone_is_refused_saying_so(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
     ) -> None:
@@ -659,6 +683,24 @@ class TestImportRefusesTheFile:
             "detail": "Send the file as text/csv.",
         }
 
+    def test_a_form_upload_is_415_saying_how_to_send_the_file(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        # `curl -F file=@subscribers.csv`, a browser's file field: the file inside a form.
+        response = client.post(
+            IMPORT,
+            files={"file": ("subscribers.csv", HEADER + _row("ann@example.org"), "text/csv")},
+            headers=write_key,
+        )
+        assert response.status_code == 415
+        assert response.json() == {
+            "error": "unsupported_media_type",
+            "detail": "Send the file itself as the body, as text/csv, not inside a form "
+            "(multipart/form-data): curl --data-binary @subscribers.csv -H 'Content-Type: "
+            "text/csv' ...",
+        }
+        assert count_rows(database_url, "subscription") == 0
+
     def test_unknown_list_is_404_and_a_read_key_is_403(
         self,
         client: TestClient,
@@ -678,6 +720,54 @@ class TestImportRefusesTheFile:
         assert _import(client, {}, body).status_code == 401
         [entry] = _audit(engine, "subscribers.import")
         assert (entry.target, entry.outcome) == ("nope", "error:list_not_found")
+
+
+class TestAFileWithoutRows:
+    """A header and nothing under it is most often the wrong file (an export whose filters
+    matched nobody, the template instead of the filled-in copy): refused, saying so, and
+    told apart from a file that cannot be read by its code."""
+
+    EXPECTED = (
+        "The file holds no rows: its header (email, name, locale, attributes, consent_source, "
+        "consent_date) is followed by no subscriber, so nothing was imported. Is it the right "
+        "file?"
+    )
+
+    @pytest.mark.parametrize(
+        "body", [HEADER, HEADER + "\n\n", HEADER.replace("\n", "\r\n") + ",,,,,\r\n"]
+    )
+    def test_the_api_answers_400_empty_csv_and_audits_it(
+        self,
+        client: TestClient,
+        database_url: str,
+        engine: sa.Engine,
+        write_key: dict[str, str],
+        body: str,
+    ) -> None:
+        for params in ({}, {"dry_run": "true"}, {"mode": "invite"}):
+            response = _import(client, write_key, body, **params)
+            assert response.status_code == 400, params
+            assert response.json() == {"error": "empty_csv", "detail": self.EXPECTED}
+        assert count_rows(database_url, "subscription") == 0
+        outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
+        assert outcomes == ["error:empty_csv"] * 3
+
+    def test_the_command_exits_2_with_the_same_words(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        empty = tmp_path / "empty.csv"
+        empty.write_text(HEADER)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        env.update(NEWSLETTER_DATABASE_URL=database_url, NEWSLETTER_SECRET_KEY=SECRET)
+        for extra in ((), ("--dry-run",), ("--json",)):
+            result = subprocess.run(
+                [NEWSLETTER, "import", "--list", "bluehats", str(empty), *extra], env=env,
+                cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert (result.returncode, result.stdout) == (2, ""), extra
+            assert result.stderr == self.EXPECTED + "\n"
+        outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
+        assert outcomes == ["error:empty_csv"] * 3
 
 
 class TestLargeFiles:

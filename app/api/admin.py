@@ -17,7 +17,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.responses import Response
 
 from app import admin, apikeys, audit, errors, lists, outbox
-from app.api.deps import Database, DatabaseDep, SettingsDep, known_query
+from app.api.deps import Database, DatabaseDep, SettingsDep, known_query, no_body
 from app.models import JobKind, SubscriptionStatus, utcnow
 from app.schemas import (
     MAX_ROW_ID,
@@ -189,6 +189,10 @@ def subscriber_filter(
     confirmed_before: DateTimeQuery | None = None,
 ) -> admin.SubscriberFilter:
     """The filters the search and the export share, from the query."""
+    if prefix is not None:
+        # No address holds a space: one here is the `+` of a tag typed in the URL as is
+        # (`?prefix=camille+news@`), which a query string reads as a space.
+        prefix = prefix.replace(" ", "+")
     return admin.SubscriberFilter(
         status=status,
         prefix=prefix,
@@ -342,6 +346,7 @@ async def list_failed_jobs(
     operation_id="admin_retry_job",
     response_model=RetryResult,
     responses=errors.responses(errors.NotFound),
+    dependencies=[Depends(no_body)],
 )
 async def retry_job(
     job_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)], database: DatabaseDep, who: WriterDep
@@ -363,6 +368,7 @@ async def retry_job(
     status_code=202,
     response_model=JobOut,
     responses=errors.responses(errors.ListNotFound, errors.ListWithoutBackend),
+    dependencies=[Depends(no_body)],
 )
 async def reconcile_list(
     slug: UrlText, database: DatabaseDep, settings: SettingsDep, who: WriterDep
@@ -389,7 +395,12 @@ async def reconcile_list(
     return await audited(database, who, action="list.reconcile", target=slug, work=work)
 
 
-@router.post("/jobs/retry", operation_id="admin_retry_all_jobs", response_model=RetryResult)
+@router.post(
+    "/jobs/retry",
+    operation_id="admin_retry_all_jobs",
+    response_model=RetryResult,
+    dependencies=[Depends(no_body)],
+)
 async def retry_all_jobs(database: DatabaseDep, who: WriterDep) -> RetryResult:
     """Put every failed job back in the queue now."""
     retried = await audited(

@@ -31,7 +31,14 @@ from app.api.admin import (
     WriterDep,
     caller,
 )
-from app.api.deps import Database, DatabaseDep, SettingsDep, known_query, media_type
+from app.api.deps import (
+    MULTIPART,
+    Database,
+    DatabaseDep,
+    SettingsDep,
+    known_query,
+    media_type,
+)
 from app.models import utcnow
 from app.schemas import ImportResult, ImportRowError, UrlNote, UrlText
 
@@ -49,6 +56,13 @@ IMPORT_PATH_PATTERN = r"/v1/admin/lists/[^/]+/import"
 # An upload up to this size stays in memory; a larger one goes to a temporary file.
 SPOOL_IN_MEMORY = 1024 * 1024
 CSV_MEDIA_TYPES = ("text/csv", "application/csv")
+
+# `curl -F file=@...` or a browser's file field: the file inside a form, which the import
+# (reading the body twice, streamed to a spool) does not unpack.
+_FORM_UPLOAD = (
+    "Send the file itself as the body, as text/csv, not inside a form (multipart/form-data): "
+    "curl --data-binary @subscribers.csv -H 'Content-Type: text/csv' ..."
+)
 
 _CSV_EXAMPLE = (
     "email,name,locale,consent_source,consent_date\n"
@@ -89,6 +103,7 @@ def _transaction(database: Database) -> transfer.Transaction:
     responses=errors.responses(
         errors.ListNotFound,
         errors.InvalidCsv,
+        errors.EmptyCsv,
         errors.PayloadTooLarge,
         errors.NotCsv,
     ),
@@ -96,8 +111,9 @@ def _transaction(database: Database) -> transfer.Transaction:
         "requestBody": {
             "required": True,
             "description": (
-                "The CSV file, UTF-8 (a BOM is fine), comma- or semicolon-separated, a header "
-                "line first. Columns: email (required), name, locale (fr, en), attributes "
+                "The CSV file itself as the body (not a form upload), UTF-8 (a BOM is fine), "
+                "comma- or semicolon-separated, a header line first, at least one row under "
+                "it. Columns: email (required), name, locale (fr, en), attributes "
                 "(a JSON object of strings), consent_source, consent_date (ISO date or "
                 "date-time; not in the future, nor before 1990), consent_version (the "
                 "wording agreed to, when not the list's current one; confirmed rows only). "
@@ -130,7 +146,10 @@ async def import_subscribers(
     an address already on the list is left as it is, so running a file twice is harmless."""
     detail: dict[str, Any] = {"mode": mode.value, "dry_run": dry_run}
     try:
-        if media_type(request) not in CSV_MEDIA_TYPES:
+        kind = media_type(request)
+        if kind == MULTIPART:
+            raise errors.NotCsv(_FORM_UPLOAD)
+        if kind not in CSV_MEDIA_TYPES:
             raise errors.NotCsv()
         await database.run(lists.get, slug=slug)
         # The body is streamed to a spooled file (memory up to SPOOL_IN_MEMORY, then disk),

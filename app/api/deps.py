@@ -245,6 +245,22 @@ def known_query(request: Request) -> None:
         )
 
 
+async def no_body(request: Request) -> None:
+    """422 for a body sent to a route that takes none (the admin API's actions on a job or a
+    list). FastAPI ignores one: `POST /v1/admin/jobs/retry` with `{"ids": [12]}`, as if it
+    chose the jobs, put every failed job back in the queue."""
+    if await request.body():
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body",),
+                    "msg": "this route takes no body: send none",
+                    "type": "extra_forbidden",
+                }
+            ]
+        )
+
+
 async def json_body(request: Request) -> None:
     """415 for a body that is not JSON in UTF-8, on a route whose body FastAPI reads as JSON.
 
