@@ -464,7 +464,8 @@ def _new_row(
     }
 
 
-_NEW_KEYS = [
+# The columns `_new_row` gives (an import's confirmed rows add theirs: app/transfer.py).
+NEW_ROW_KEYS = [
     "list_id",
     "email",
     "email_key",
@@ -493,7 +494,7 @@ def _insert_if_new(session: Session, row: dict[str, Any]) -> _Fields | None:
             db.dialect_insert(session)(_SUBSCRIPTIONS)
             .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
             .returning(_SUBSCRIPTIONS.c.id),
-            insert_keys=_NEW_KEYS,
+            insert_keys=NEW_ROW_KEYS,
         )
     new_id = statement.execute(session, row).scalar()
     if new_id is None:

@@ -738,20 +738,7 @@ def _invite(
     session.flush()
 
 
-_CONFIRMED_KEYS = [
-    "list_id",
-    "email",
-    "email_key",
-    "status",
-    "locale",
-    "attributes",
-    "consent_version",
-    "created_at",
-    "updated_at",
-    "confirmed_at",
-    "unsubscribed_at",
-    "last_mail_at",
-]
+_CONFIRMED_KEYS = [*subscriptions.NEW_ROW_KEYS, "confirmed_at", "unsubscribed_at"]
 
 
 @functools.cache

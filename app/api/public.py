@@ -718,28 +718,28 @@ async def request_unsubscribe(slug: str, request: Request) -> Response:
     )
     verdict = _robot_screen(form, settings, declared, slug=slug)
     t = for_list(locale, declared)
-    if verdict in formguard.SENT_BACK and wants_html(request, default=False):
+
+    def again(**message: str) -> Response:
+        """The page back with what was typed, and the `error` or `notice` why."""
         return _unsubscribe_request_page(
             request,
             settings,
             mailing_list,
             locale=locale,
             value=form.get(unsubscribe_form.EMAIL, ""),
-            notice=t("form.notice.send_again", button=t("page.unsubscribe_request.button")),
+            **message,
+        )
+
+    if verdict in formguard.SENT_BACK and wants_html(request, default=False):
+        return again(
+            notice=t("form.notice.send_again", button=t("page.unsubscribe_request.button"))
         )
     if verdict != formguard.Verdict.ACCEPTED:
         return _unsubscribe_sent_redirect(settings, mailing_list, locale)
     post = unsubscribe_form.read_post(form, t=t)
     if post.request is None:
         if post.error is not None and wants_html(request, default=False):
-            return _unsubscribe_request_page(
-                request,
-                settings,
-                mailing_list,
-                locale=locale,
-                value=form.get(unsubscribe_form.EMAIL, ""),
-                error=post.error,
-            )
+            return again(error=post.error)
         assert post.invalid is not None
         raise RequestValidationError(post.invalid.errors(include_url=False, include_context=False))
     await _require_proof_of_work(post.request, settings, database, slug=slug)
