@@ -451,6 +451,59 @@ class TestARouteThatTakesNoBody:
         assert retried.json() == {"retried": 2}
 
 
+class TestABodyNamingAFieldTwice:
+    """`{"name": "A", "name": "B"}` has no one meaning (a proxy or a script may read the
+    first, FastAPI took the last): refused, as on the public routes."""
+
+    @pytest.mark.parametrize("first", ["Gazette A", "Gazette B"])
+    def test_a_list_change_naming_a_field_twice_is_400_and_changes_nothing(
+        self, client: TestClient, write_key: dict[str, str], first: str
+    ) -> None:
+        made = client.post(
+            "/v1/admin/lists", json={"slug": "made-here", "name": "Made here"}, headers=write_key
+        )
+        assert made.status_code == 201, made.text
+        other = "Gazette A" if first == "Gazette B" else "Gazette B"
+        body = f'{{"name": "{first}", "consent_version": "2", "name": "{other}"}}'
+        refused = client.patch(
+            "/v1/admin/lists/made-here",
+            content=body,
+            headers={**write_key, "content-type": "application/json"},
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json() == {
+            "error": "invalid_body",
+            "detail": "The body names 'name' more than once.",
+        }
+        shown = client.get("/v1/admin/lists/made-here", headers=write_key).json()
+        assert shown["name"] == "Made here"
+
+    def test_a_new_list_naming_its_slug_twice_is_not_made(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        body = '{"slug": "first-one", "name": "Twice", "slug": "second-one"}'
+        refused = client.post(
+            "/v1/admin/lists",
+            content=body,
+            headers={**write_key, "content-type": "application/json"},
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "invalid_body"
+        for slug in ("first-one", "second-one"):
+            assert client.get(f"/v1/admin/lists/{slug}", headers=write_key).status_code == 404
+
+    def test_a_body_that_is_not_json_is_still_said_so(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        refused = client.post(
+            "/v1/admin/lists",
+            content='{"slug": "x",',
+            headers={**write_key, "content-type": "application/json"},
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "invalid_body"
+
+
 class TestKeysCommand:
     def test_create_list_and_revoke_from_the_command_line(
         self, client: TestClient, database_url: str, settings: Settings, tmp_path: Path
