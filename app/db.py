@@ -592,15 +592,7 @@ class Prepared:
 
     def execute_many(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
         """The statement once per row, in one call to the driver (a pipeline on PostgreSQL)."""
-        connection = session.connection()
-        compiled = self._compiled(connection.dialect)
-        values = [compiled.parameters(params) for params in rows]
-        cursor = connection.connection.cursor()
-        try:
-            with self._driver_errors(connection, cursor, compiled.sql, values):
-                cursor.executemany(compiled.sql, values)
-        finally:
-            cursor.close()
+        self._many(session, rows, returning=False)
 
     def execute_many_returning(
         self, session: Session, rows: Sequence[Mapping[str, Any]]
@@ -609,15 +601,23 @@ class Prepared:
         returned (named tuples), in order, from one pipeline of one short statement.
         SQLAlchemy's way, one statement with a thousand rows of values, cost psycopg more
         CPU in parsing that statement anew each time than the rows themselves."""
+        assert session.get_bind().dialect.name == "postgresql", "sqlite3 drops these rows"
+        return self._many(session, rows, returning=True)
+
+    def _many(
+        self, session: Session, rows: Sequence[Mapping[str, Any]], *, returning: bool
+    ) -> list[Any]:
         connection = session.connection()
-        assert connection.dialect.name == "postgresql", "sqlite3 drops RETURNING rows here"
         compiled = self._compiled(connection.dialect)
         values = [compiled.parameters(params) for params in rows]
-        # psycopg's own `executemany(returning=True)`, beyond the DB-API.
+        # psycopg's `executemany(returning=True)` is its own, beyond the DB-API.
         cursor: Any = connection.connection.cursor()
         returned: list[Any] = []
         try:
             with self._driver_errors(connection, cursor, compiled.sql, values):
+                if not returning:
+                    cursor.executemany(compiled.sql, values)
+                    return returned
                 cursor.executemany(compiled.sql, values, returning=True)
                 while True:
                     returned.extend(compiled.row(raw) for raw in cursor.fetchall())

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import functools
 import io
 import itertools
 import json
@@ -741,18 +740,22 @@ def _invite(
 _CONFIRMED_KEYS = [*subscriptions.NEW_ROW_KEYS, "confirmed_at", "unsubscribed_at"]
 
 
-@functools.cache
-def _insert_confirmed_on_postgresql() -> db.Prepared:
-    # Made on first use: a process on SQLite does not load PostgreSQL's dialect.
-    from sqlalchemy.dialects.postgresql import insert
+# By dialect, made on first use (db.dialect_insert imports only the dialect in use).
+_INSERT_CONFIRMED: dict[str, db.Prepared] = {}
 
-    table = SQLModel.metadata.tables["subscription"]
-    return db.Prepared(
-        insert(table)
-        .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
-        .returning(table.c.id, table.c.email_key),
-        insert_keys=_CONFIRMED_KEYS,
-    )
+
+def _insert_confirmed_statement(session: Session) -> db.Prepared:
+    dialect = session.get_bind().dialect.name
+    statement = _INSERT_CONFIRMED.get(dialect)
+    if statement is None:
+        table = SQLModel.metadata.tables["subscription"]
+        statement = _INSERT_CONFIRMED[dialect] = db.Prepared(
+            db.dialect_insert(session)(table)
+            .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
+            .returning(table.c.id, table.c.email_key),
+            insert_keys=_CONFIRMED_KEYS,
+        )
+    return statement
 
 
 def _insert_confirmed(
@@ -788,20 +791,15 @@ def _insert_confirmed(
         for row in rows
     ]
     # RETURNING says which were new.
+    statement = _insert_confirmed_statement(session)
     inserted: Sequence[Any]
     if session.get_bind().dialect.name == "postgresql":
-        inserted = _insert_confirmed_on_postgresql().execute_many_returning(session, values)
+        inserted = statement.execute_many_returning(session, values)
     else:
-        # Several rows a statement ("insertmanyvalues"): sqlite3 returns no rows from
-        # `executemany`.
-        insert = db.dialect_insert(session)
-        table = SQLModel.metadata.tables["subscription"]
-        inserted = session.execute(
-            insert(table)
-            .on_conflict_do_nothing(index_elements=["list_id", "email_key"])
-            .returning(table.c.id, table.c.email_key),
-            values,
-        ).all()
+        # sqlite3's `executemany` returns no RETURNING rows: SQLAlchemy's several rows a
+        # statement ("insertmanyvalues") instead.
+        assert isinstance(statement.statement, sa.Insert)
+        inserted = session.execute(statement.statement, values).all()
     ids = {email_key: row_id for row_id, email_key in inserted}
     if not ids:
         return 0
