@@ -136,6 +136,12 @@ def _mentioning(column: Any, forms: set[str]) -> Any:
     )
 
 
+def _scrub_each(text: str | None, spellings: Collection[str]) -> str | None:
+    for spelling in spellings:
+        text = scrub_text(text, address=spelling)
+    return text
+
+
 def scrub_mentions(session: Session, *, spellings: Collection[str]) -> int:
     """Scrub the address from the errors and answers of every job and attempt, whoever
     they were about; how many jobs that touched. Payloads are left to the callers: only
@@ -150,10 +156,8 @@ def scrub_mentions(session: Session, *, spellings: Collection[str]) -> int:
             )
         )
     ).all():
-        error, response = attempt.error, attempt.response
-        for spelling in spellings:
-            error = scrub_text(error, address=spelling)
-            response = scrub_text(response, address=spelling)
+        error = _scrub_each(attempt.error, spellings)
+        response = _scrub_each(attempt.response, spellings)
         if (error, response) != (attempt.error, attempt.response):
             attempt.error, attempt.response = error, response
             session.add(attempt)
@@ -161,9 +165,7 @@ def scrub_mentions(session: Session, *, spellings: Collection[str]) -> int:
     for job in session.exec(
         select(OutboxJob).where(_mentioning(col(OutboxJob.last_error), forms))
     ).all():
-        error = job.last_error
-        for spelling in spellings:
-            error = scrub_text(error, address=spelling)
+        error = _scrub_each(job.last_error, spellings)
         if error != job.last_error:
             job.last_error = error
             session.add(job)
