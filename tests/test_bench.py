@@ -202,3 +202,40 @@ def test_watched_processes_have_their_cpu_per_answer_beside_the_servers(
         result.others_cpu_cores["database"] * 1000 / result.ok_per_s, abs=0.001
     )
     assert "database" in result.summary()
+
+
+class TestWaitForMails:
+    """Between the sign-ups and the confirmations, the sign-ups' mails are waited for, so
+    the confirm window does not pay for them; a mail never written fails the run."""
+
+    @pytest.fixture
+    def subscribe(self, common: ModuleType) -> ModuleType:
+        import subscribe  # bench/, on the path while `common` is
+
+        return subscribe
+
+    class _Server:
+        def __init__(self, written: list[int]) -> None:
+            self.counts = iter(written)
+            self.last = 0
+
+        def mails_written(self) -> int:
+            self.last = next(self.counts, self.last)
+            return self.last
+
+    def test_the_mails_left_after_the_sign_ups_are_counted_and_timed(
+        self, subscribe: ModuleType
+    ) -> None:
+        drain = subscribe._wait_for_mails(self._Server([40, 70, 100]), 100)
+
+        assert drain["expected"] == 100
+        assert drain["left"] == 60
+        assert drain["seconds"] > 0
+
+    def test_a_mail_never_written_fails_the_run(
+        self, subscribe: ModuleType, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(subscribe, "MAIL_DEADLINE_S", 0.3)
+
+        with pytest.raises(RuntimeError, match="1 of 100 confirmation mails not written"):
+            subscribe._wait_for_mails(self._Server([99]), 100)
