@@ -21,14 +21,16 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Protocol
 
+from app import logs
 from app.config import FileMailerSettings, MailerSettings, SmtpMailerSettings, SmtpSecurity
 
 log = logging.getLogger(__name__)
@@ -210,6 +212,21 @@ class _Client(smtplib.SMTP):
         return self._implicit_tls.wrap_socket(sock, server_hostname=host)
 
 
+# After the relay refused the login, no send of the mailer logs in again for this long
+# (seconds); the sends meanwhile fail at once, retryable, saying why and until when. Each
+# mail of the queue tried the refused password (smtplib tries every mechanism the relay
+# offers): hundreds of refused logins a minute, which relays answer by locking the account
+# or banning the client's address (Microsoft 365's lockout, fail2ban on Postfix).
+LOGIN_HOLD_OFF = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class _RefusedLogin:
+    reply: str
+    # When a send may try to log in again (time.monotonic()).
+    until: float
+
+
 class SmtpMailer:
     """One SMTP transaction per mail. Inside `batch()` a connection serves several mails
     one after the other (RSET between them), sparing the connection, the TLS handshake,
@@ -217,11 +234,20 @@ class SmtpMailer:
 
     waits_on_network = True
 
-    def __init__(self, settings: SmtpMailerSettings, *, public_host: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: SmtpMailerSettings,
+        *,
+        public_host: str | None = None,
+        login_hold_off: float = LOGIN_HOLD_OFF,
+    ) -> None:
         self.settings = settings
         self.helo_name = settings.helo_name or helo_name(socket.getfqdn(), public_host)
+        self.login_hold_off = login_hold_off
         # Connections between two sends of a batch, for any thread to take; None outside.
         self._idle: list[smtplib.SMTP] | None = None
+        # The relay's refusal of the last login, until a login goes through.
+        self._refused: _RefusedLogin | None = None
         self._lock = threading.Lock()
 
     def _tls(self) -> ssl.SSLContext:
@@ -308,11 +334,56 @@ class SmtpMailer:
                 return
         _goodbye(client)
 
+    def _may_log_in(self) -> None:
+        """Raise while a refused login holds off the next; past it, let this send alone
+        try again (the others wait for another term)."""
+        with self._lock:
+            refused = self._refused
+            if refused is None:
+                return
+            now = time.monotonic()
+            if now >= refused.until:
+                self._refused = _RefusedLogin(refused.reply, until=now + self.login_hold_off)
+                return
+        s = self.settings
+        retry_at = datetime.now(UTC) + timedelta(seconds=refused.until - now)
+        raise RetryableMailError(
+            f"SMTP login refused by {s.host}:{s.port}: {refused.reply}; no new login before "
+            f"{retry_at:%H:%M:%S} UTC, not to have the account locked "
+            "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD; a restart tries at once)"
+        )
+
+    def _log_in_anew(self, deadline: _Deadline) -> smtplib.SMTP:
+        """A new connection, logged in as configured, unless a refused login holds off."""
+        if self.settings.username is None:
+            return self._open(deadline)
+        self._may_log_in()
+        try:
+            client = self._open(deadline)
+        except smtplib.SMTPAuthenticationError as e:
+            reply = _reply(e.smtp_code, e.smtp_error)
+            with self._lock:
+                self._refused = _RefusedLogin(reply, until=time.monotonic() + self.login_hold_off)
+            s = self.settings
+            log.error(
+                "mailer.login_refused relay=%s:%s reply=%s: no new login for %gs "
+                "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)",
+                s.host,
+                s.port,
+                # The relay's answer may name the account.
+                logs.mask_addresses(reply),
+                self.login_hold_off,
+            )
+            raise
+        with self._lock:
+            self._refused = None
+        return client
+
     def _deliver(self, mail: OutgoingMail) -> None:
         s = self.settings
         with _Deadline(s.timeout) as deadline:
             try:
-                client = self._take(deadline) or self._open(deadline)
+                client = self._take(deadline) or self._log_in_anew(deadline)
                 try:
                     client.send_message(
                         mail.message,
@@ -374,6 +445,12 @@ class SmtpMailer:
             if replies and all(code >= 500 for code, _ in replies):
                 raise PermanentMailError(f"recipient refused: {summary}") from e
             raise RetryableMailError(f"recipient deferred: {summary}") from e
+        except smtplib.SMTPAuthenticationError as e:
+            raise RetryableMailError(
+                f"SMTP login refused by {s.host}:{s.port}: {_reply(e.smtp_code, e.smtp_error)}; "
+                f"no new login for {self.login_hold_off:g}s "
+                "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+            ) from e
         except smtplib.SMTPDataError as e:
             if e.smtp_code >= 500:
                 raise PermanentMailError(f"message refused: {e.smtp_code} {e.smtp_error!r}") from e
@@ -395,6 +472,11 @@ def _refuses_the_client(code: int, text: bytes) -> bool:
     Every mail gets it until the operator fixes the settings or the relay: retryable, as a
     wrong password, not each mail dead at its first attempt."""
     return code == 530 or (code >= 500 and text.lstrip().startswith(b"5.7."))
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    """`535 5.7.8 Authentication credentials invalid`: a reply as the relay wrote it."""
+    return f"{code} {text.decode(errors='replace') if isinstance(text, bytes) else text}"
 
 
 def _goodbye(client: smtplib.SMTP) -> None:

@@ -336,9 +336,65 @@ class TestSmtpMailer:
                 timeout=5,
             )
         )
-        with pytest.raises(RetryableMailError, match="SMTPAuthenticationError"):
+        with pytest.raises(RetryableMailError, match=r"login refused by 127\.0\.0\.1:\d+: 535 "):
             mailer.send(_mail())
         assert tls_server.messages == []
+
+    def test_a_refused_login_holds_off_the_next_logins_and_says_until_when(self) -> None:
+        # Each queued mail logged in again with the refused password (smtplib tries each
+        # mechanism): hundreds of refused logins a minute, for which relays lock the account.
+        attempts: list[str] = []
+        password = ["relay-password-before-the-change"]
+
+        def authenticator(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            attempts.append(mechanism)
+            ok = isinstance(data, LoginPassword) and data.password == password[0].encode()
+            return AuthResult(success=ok, handled=False)
+
+        sink = SmtpSink(host="127.0.0.1", port=free_port())
+        controller = Controller(
+            sink,
+            hostname=sink.host,
+            port=sink.port,
+            authenticator=authenticator,
+            auth_require_tls=False,
+        )
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1",
+                    port=sink.port,
+                    security="none",
+                    username=USER,
+                    password=PASSWORD,
+                    timeout=5,
+                ),
+                login_hold_off=0.5,
+            )
+            with pytest.raises(RetryableMailError, match=r"login refused by .*: 535 5\.7\.8 "):
+                mailer.send(_mail())
+            refused = len(attempts)
+            assert refused >= 1
+            for _ in range(5):
+                with pytest.raises(
+                    RetryableMailError,
+                    match=r"535 5\.7\.8 .*; no new login before \d\d:\d\d:\d\d UTC.*"
+                    r"NEWSLETTER_MAILER__PASSWORD",
+                ):
+                    mailer.send(_mail())
+            assert len(attempts) == refused  # the relay heard nothing of those
+            # The relay's account fixed meanwhile: past the hold-off, a send logs in again,
+            # and the next ones go at once.
+            password[0] = PASSWORD
+            time.sleep(0.6)
+            mailer.send(_mail())
+            mailer.send(_mail())
+            assert len(sink.wait_for(2)) == 2
+        finally:
+            controller.stop()
 
     def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
         self, tls_server: SmtpSink, certificate: tuple[Path, Path]
