@@ -462,7 +462,11 @@ class SmtpMailer:
                 raise PermanentMailError(f"server cannot carry this mail: {e}") from e
             raise RetryableMailError(f"server does not support what is configured: {e}") from e
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise RetryableMailError(f"{type(e).__name__}: {e}") from e
+            # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
+            # 111] Connection refused` alone, in a job's record, did not say which server.
+            raise RetryableMailError(
+                f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: {e}"
+            ) from e
 
 
 def _refuses_the_client(code: int, text: bytes) -> bool:

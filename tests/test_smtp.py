@@ -465,6 +465,41 @@ class TestSmtpMailer:
         with pytest.raises(RetryableMailError):
             mailer.send(_mail())
 
+    def test_a_failure_s_record_names_the_relay(self) -> None:
+        # `ConnectionRefusedError: [Errno 111] Connection refused` alone, in a job's record,
+        # did not say which server.
+        nobody = free_port()
+        down = SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=nobody, security="none", timeout=2)
+        )
+        with pytest.raises(
+            RetryableMailError,
+            match=rf"^127\.0\.0\.1:{nobody} \(none\): ConnectionRefusedError: ",
+        ):
+            down.send(_mail())
+
+        class Closing(SmtpSink):
+            async def handle_MAIL(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                return "421 4.3.2 System shutting down"
+
+        sink = Closing(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            closing = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPSenderRefused: "
+                r"\(421, b'4\.3\.2 System shutting down'",
+            ):
+                closing.send(_mail())
+        finally:
+            controller.stop()
+
     def test_a_refused_recipient_is_permanent(self) -> None:
         with (
             _refusing_at_rcpt("550 5.1.1 No such user") as (_sink, mailer),
