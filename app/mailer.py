@@ -4,7 +4,8 @@
      +-- RetryableMailError   server down, timeout (of a read, or the whole send's
      |                        deadline), 4xx, authentication trouble (including
      |                        credentials smtplib cannot send, and a relay refusing every
-     |                        recipient to this client: 530, 5.7.x): try later
+     |                        recipient or message of this client or sender: 530,
+     |                        5.7.x): try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -452,6 +453,17 @@ class SmtpMailer:
                 "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
             ) from e
         except smtplib.SMTPDataError as e:
+            if _refuses_the_client(e.smtp_code, e.smtp_error):
+                # As at RCPT: Microsoft 365's `550 5.7.60 SMTP; Client does not have
+                # permissions to send as this sender` comes at the end of the data, for
+                # every mail until NEWSLETTER_MAIL_FROM or the account is fixed; each
+                # confirmation was dead at its first attempt.
+                raise RetryableMailError(
+                    "the relay does not take mail from this client or sender as configured: "
+                    f"{_reply(e.smtp_code, e.smtp_error)} (NEWSLETTER_MAIL_FROM, "
+                    "NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD, or the relay's "
+                    "policy)"
+                ) from e
             if e.smtp_code >= 500:
                 raise PermanentMailError(f"message refused: {e.smtp_code} {e.smtp_error!r}") from e
             raise RetryableMailError(f"message deferred: {e.smtp_code} {e.smtp_error!r}") from e
@@ -469,12 +481,15 @@ class SmtpMailer:
             ) from e
 
 
-def _refuses_the_client(code: int, text: bytes) -> bool:
-    """A refusal of RCPT that is about the client, not the recipient: authentication
-    required (530, RFC 4954), or a security or policy refusal (enhanced status 5.7.x, RFC
-    3463), as Postfix's `554 5.7.1 <...>: Relay access denied` to a client it does not know.
-    Every mail gets it until the operator fixes the settings or the relay: retryable, as a
-    wrong password, not each mail dead at its first attempt."""
+def _refuses_the_client(code: int, text: bytes | str) -> bool:
+    """A refusal of RCPT or of the data that is about the client or its sender, not the
+    recipient nor the message: authentication required (530, RFC 4954), or a security or
+    policy refusal (enhanced status 5.7.x, RFC 3463), as Postfix's `554 5.7.1 <...>: Relay
+    access denied` to a client it does not know. Every mail gets it until the operator
+    fixes the settings or the relay: retryable, as a wrong password, not each mail dead at
+    its first attempt."""
+    if isinstance(text, str):
+        text = text.encode(errors="replace")
     return code == 530 or (code >= 500 and text.lstrip().startswith(b"5.7."))
 
 

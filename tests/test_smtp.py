@@ -514,6 +514,17 @@ class TestSmtpMailer:
             ("MAIL", "550 5.7.1 Sender address rejected", RetryableMailError, "550"),
             ("DATA", "451 4.3.0 Try again later", RetryableMailError, "message deferred: 451"),
             ("DATA", "554 5.6.0 Message rejected", PermanentMailError, "message refused: 554"),
+            # This client or its sender, for every mail until the settings are fixed
+            # (Microsoft 365's answer to a sender the account may not send as).
+            (
+                "DATA",
+                "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+                RetryableMailError,
+                r"does not take mail from this client or sender as configured: 550 5\.7\.60 "
+                r"SMTP; Client does not have permissions to send as this sender "
+                r"\(NEWSLETTER_MAIL_FROM",
+            ),
+            ("DATA", "530 Authentication required", RetryableMailError, "as configured: 530"),
             # A connection closed mid-session, before the mail was taken.
             ("RCPT", None, RetryableMailError, "SMTPServerDisconnected"),
             ("DATA", None, RetryableMailError, "SMTPServerDisconnected"),
