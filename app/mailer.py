@@ -436,7 +436,7 @@ class SmtpMailer:
             return f"accepted by {s.host}:{s.port}"
         except smtplib.SMTPRecipientsRefused as e:
             replies = list(e.recipients.values())
-            summary = "; ".join(f"{code} {text!r}" for code, text in replies)
+            summary = "; ".join(_reply(code, text) for code, text in replies)
             if any(_refuses_the_client(code, text) for code, text in replies):
                 raise RetryableMailError(
                     f"the relay does not take mail from this client as configured: {summary} "
@@ -465,8 +465,12 @@ class SmtpMailer:
                     "policy)"
                 ) from e
             if e.smtp_code >= 500:
-                raise PermanentMailError(f"message refused: {e.smtp_code} {e.smtp_error!r}") from e
-            raise RetryableMailError(f"message deferred: {e.smtp_code} {e.smtp_error!r}") from e
+                raise PermanentMailError(
+                    f"message refused: {_reply(e.smtp_code, e.smtp_error)}"
+                ) from e
+            raise RetryableMailError(
+                f"message deferred: {_reply(e.smtp_code, e.smtp_error)}"
+            ) from e
         except smtplib.SMTPNotSupportedError as e:
             # An internationalized address to a server without SMTPUTF8 will never go
             # through; a missing AUTH or STARTTLS is the relay's settings, fixable later.
@@ -476,8 +480,11 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
             # 111] Connection refused` alone, in a job's record, did not say which server.
+            said = str(e)
+            if isinstance(e, smtplib.SMTPResponseException):  # the relay's answer, as written
+                said = _reply(e.smtp_code, e.smtp_error)
             raise RetryableMailError(
-                f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: {e}"
+                f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: {said}"
             ) from e
 
 
@@ -494,8 +501,14 @@ def _refuses_the_client(code: int, text: bytes | str) -> bool:
 
 
 def _reply(code: int, text: bytes | str) -> str:
-    """`535 5.7.8 Authentication credentials invalid`: a reply as the relay wrote it."""
-    return f"{code} {text.decode(errors='replace') if isinstance(text, bytes) else text}"
+    """`535 5.7.8 Authentication credentials invalid`: a reply as the relay wrote it, in
+    its letters. smtplib gives bytes, whose repr wrote `j\\xc3\\xa9r\\xc3\\xb4me@...` in
+    a job's record, where an erasure looks for the address as `jérôme@...`. The lines of
+    a multiline reply (Gmail's `550-5.1.1 ...`) are joined: a record's error, and the log
+    line quoting it, stay on one line."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return f"{code} {' '.join(text.splitlines())}"
 
 
 def _goodbye(client: smtplib.SMTP) -> None:

@@ -21,7 +21,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from pydantic import SecretStr
 
-from app import addresses
+from app import addresses, logs, privacy
 from app import mailer as mailer_module
 from app.config import FileMailerSettings, Locale, SmtpMailerSettings
 from app.mailer import (
@@ -494,11 +494,45 @@ class TestSmtpMailer:
             with pytest.raises(
                 RetryableMailError,
                 match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPSenderRefused: "
-                r"\(421, b'4\.3\.2 System shutting down'",
+                r"421 4\.3\.2 System shutting down$",
             ):
                 closing.send(_mail())
         finally:
             controller.stop()
+
+    @pytest.mark.parametrize("step", ["RCPT", "DATA"])
+    def test_a_refusal_quoting_an_address_beyond_ascii_is_recorded_in_its_letters(
+        self, step: str
+    ) -> None:
+        # smtplib's replies are bytes, whose repr wrote `j\xc3\xa9r\xc3\xb4me@...` in the
+        # job's record: an erasure of the address looked for `jérôme@...` and left it there.
+        address = "jérôme@example.org"
+        # On two lines, as Gmail's: the record keeps one.
+        refusal = f"550-5.1.1 <{address}>: Recipient address rejected:\r\n550 5.1.1 User unknown"
+
+        async def refuse(self: SmtpSink, server: Any, session: Any, envelope: Any, *_: Any) -> str:
+            return refusal
+
+        sink = type("Refusing", (SmtpSink,), {f"handle_{step}": refuse})(
+            host="127.0.0.1", port=free_port()
+        )
+        controller = Controller(sink, hostname=sink.host, port=sink.port, enable_SMTPUTF8=True)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(PermanentMailError) as refused:
+                mailer.send(_mail(to=address))
+        finally:
+            controller.stop()
+        record = str(refused.value)
+        assert f"550 5.1.1 <{address}>: Recipient address rejected: 5.1.1 User unknown" in record
+        assert "\n" not in record
+        assert privacy.scrub_text(record, address=address) == record.replace(
+            address, privacy.ERASED
+        )
+        assert "j*****@example.org" in logs.mask_addresses(record)
 
     def test_a_refused_recipient_is_permanent(self) -> None:
         with (
