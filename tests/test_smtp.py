@@ -799,6 +799,45 @@ class TestWhatReceiversGet:
         [message] = smtp.messages
         assert "Gazette Blue Hats !" in message["Subject"]
 
+    @pytest.mark.parametrize(
+        "name",
+        [
+            # 200 characters, the most the settings and the API take: words, and one run
+            # without a space that the folder must cut.
+            ("Lettre d'information de l'équipe BlueHats « L'été » " * 5)[:200].strip(),
+            ("Lettre-d'information-de-l'équipe-BlueHats-" * 5)[:200],
+        ],
+    )
+    @pytest.mark.parametrize("to", ["camille@example.org", "jérôme@example.org"])
+    @pytest.mark.parametrize("locale", list(Locale))
+    def test_a_list_name_of_the_longest_allowed_arrives_folded_and_whole(
+        self, smtp: SmtpSink, name: str, to: str, locale: Locale
+    ) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/" + "v41Iis0Bbq-eeyuGIGg_" * 3
+        mail = compose(
+            MailKind.UNSUBSCRIBE,
+            locale=locale,
+            list_name=name,
+            to=to,
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.test",
+            link=link,
+            unsubscribe_link=link,
+        )
+        raw = _received(smtp, mail)  # with SMTPUTF8 (UTF-8 headers) to jérôme
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert max(map(len, raw.split(b"\r\n"))) <= 998
+        lines = _header_lines(raw)
+        # The link alone is not folded (RFC 2369: a URL on its line).
+        assert f"List-Unsubscribe: <{link}>".encode() in lines
+        assert max(len(line) for line in lines if not line.startswith(b"List-Unsubscribe:")) <= 78
+        [message] = smtp.messages
+        assert message.defects == []
+        assert str(message["Subject"]).endswith(name)
+        assert message["To"] == to
+        for part in message.iter_parts():
+            assert part.get_content_charset() == "utf-8"
+
     def test_a_long_sender_name_arrives_folded_and_whole(self, smtp: SmtpSink) -> None:
         name = "Lettre d'information de la Direction interministérielle du numérique " * 5
         name = name.strip()
