@@ -200,6 +200,8 @@ class _Client(smtplib.SMTP):
         super().__init__(timeout=timeout, local_hostname=helo_name)
         self._deadline = deadline
         self._implicit_tls = tls
+        # The connection was made (whatever came of the greeting).
+        self.reached = False
 
     # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
@@ -208,6 +210,7 @@ class _Client(smtplib.SMTP):
         self._host = host
         sock = socket.create_connection((host, port), timeout, self.source_address)
         self._deadline.watch(sock)
+        self.reached = True
         if self._implicit_tls is None:
             return sock
         return self._implicit_tls.wrap_socket(sock, server_hostname=host)
@@ -262,7 +265,20 @@ class SmtpMailer:
             timeout=s.timeout, deadline=deadline, tls=implicit_tls, helo_name=self.helo_name
         )
         try:
-            code, greeting = client.connect(s.host, s.port)
+            try:
+                code, greeting = client.connect(s.host, s.port)
+            except (smtplib.SMTPException, OSError) as e:
+                waited = deadline.expired or isinstance(e.__context__ or e, TimeoutError)
+                if client.reached and waited and s.security != SmtpSecurity.SSL:
+                    # A port of implicit TLS (465) waits for the client's TLS handshake and
+                    # says nothing: each send waited its whole timeout, and its record said
+                    # it was slow, not why.
+                    raise smtplib.SMTPServerDisconnected(
+                        "no greeting from the relay in time: a port that takes TLS from the "
+                        "first byte (RFC 8314, usually 465) needs "
+                        "NEWSLETTER_MAILER__SECURITY=ssl"
+                    ) from e
+                raise
             if code != 220:
                 raise smtplib.SMTPConnectError(code, greeting)
             if s.security == SmtpSecurity.STARTTLS:

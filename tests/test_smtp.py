@@ -418,6 +418,29 @@ class TestSmtpMailer:
         assert isinstance(raised.value.__cause__, UnicodeEncodeError)
         assert tls_server.messages == []
 
+    def test_starttls_to_a_port_of_implicit_tls_says_to_set_ssl(
+        self, implicit_tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        # NEWSLETTER_MAILER__PORT=465 alone, STARTTLS by default: the relay waits for the
+        # TLS handshake and says nothing, and each send waited its whole timeout to be
+        # recorded as too slow, with nothing of why.
+        settings = SmtpMailerSettings(
+            host="127.0.0.1",
+            port=implicit_tls_server.port,
+            security="starttls",
+            username=USER,
+            password=PASSWORD,
+            ca_file=certificate[0],
+            timeout=0.5,
+        )
+        hint = r"no greeting .* TLS from the first byte .*NEWSLETTER_MAILER__SECURITY=ssl"
+        # Said whether the read's timeout or the send's deadline came first.
+        with pytest.raises(RetryableMailError, match=hint):
+            SmtpMailer(settings).send(_mail())
+        with pytest.raises(RetryableMailError, match=rf"\(starttls\): .*{hint}"):
+            SmtpMailer(settings).check()
+        assert implicit_tls_server.messages == []
+
     def test_an_untrusted_certificate_is_refused(self, tls_server: SmtpSink) -> None:
         mailer = SmtpMailer(
             SmtpMailerSettings(
