@@ -274,8 +274,8 @@ class SmtpMailer:
                     # says nothing: each send waited its whole timeout, and its record said
                     # it was slow, not why.
                     raise smtplib.SMTPServerDisconnected(
-                        "no greeting from the relay in time: a port that takes TLS from the "
-                        "first byte (RFC 8314, usually 465) needs "
+                        "no greeting from the relay within NEWSLETTER_MAILER__TIMEOUT: if this "
+                        "port takes TLS from the first byte (RFC 8314, usually 465), set "
                         "NEWSLETTER_MAILER__SECURITY=ssl"
                     ) from e
                 raise
