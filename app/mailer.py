@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from app import logs
 from app.config import FileMailerSettings, MailerSettings, SmtpMailerSettings, SmtpSecurity
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +205,14 @@ class _Client(smtplib.SMTP):
         self._implicit_tls = tls
         # The connection was made (whatever came of the greeting).
         self.reached = False
+        # The mail's data went out whole, its final dot included (reset for each mail).
+        self.mail_sent = False
+
+    # smtplib writes every command, and a mail's data, with it.
+    def send(self, s: ReadableBuffer | str) -> None:
+        super().send(s)
+        if isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
+            self.mail_sent = True
 
     # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
@@ -249,7 +260,7 @@ class SmtpMailer:
         self.helo_name = settings.helo_name or helo_name(socket.getfqdn(), public_host)
         self.login_hold_off = login_hold_off
         # Connections between two sends of a batch, for any thread to take; None outside.
-        self._idle: list[smtplib.SMTP] | None = None
+        self._idle: list[_Client] | None = None
         # The relay's refusal of the last login, until a login goes through.
         self._refused: _RefusedLogin | None = None
         self._lock = threading.Lock()
@@ -258,7 +269,7 @@ class SmtpMailer:
         ca_file = self.settings.ca_file
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
-    def _connect(self, deadline: _Deadline) -> smtplib.SMTP:
+    def _connect(self, deadline: _Deadline) -> _Client:
         s = self.settings
         implicit_tls = self._tls() if s.security == SmtpSecurity.SSL else None
         client = _Client(
@@ -288,7 +299,7 @@ class SmtpMailer:
             raise
         return client
 
-    def _open(self, deadline: _Deadline) -> smtplib.SMTP:
+    def _open(self, deadline: _Deadline) -> _Client:
         s = self.settings
         client = self._connect(deadline)
         if s.username is not None and s.password is not None:
@@ -323,7 +334,7 @@ class SmtpMailer:
                     deadline.watch(client.sock)
                     _goodbye(client)
 
-    def _take(self, deadline: _Deadline) -> smtplib.SMTP | None:
+    def _take(self, deadline: _Deadline) -> _Client | None:
         """A connection kept from an earlier send that still answers, if any."""
         while True:
             with self._lock:
@@ -344,7 +355,7 @@ class SmtpMailer:
                 pass
             client.close()
 
-    def _keep(self, client: smtplib.SMTP) -> None:
+    def _keep(self, client: _Client) -> None:
         with self._lock:
             if self._idle is not None:
                 self._idle.append(client)
@@ -370,7 +381,7 @@ class SmtpMailer:
             "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD; a restart tries at once)"
         )
 
-    def _log_in_anew(self, deadline: _Deadline) -> smtplib.SMTP:
+    def _log_in_anew(self, deadline: _Deadline) -> _Client:
         """A new connection, logged in as configured, unless a refused login holds off."""
         if self.settings.username is None:
             return self._open(deadline)
@@ -399,8 +410,10 @@ class SmtpMailer:
     def _deliver(self, mail: OutgoingMail) -> None:
         s = self.settings
         with _Deadline(s.timeout) as deadline:
+            client: _Client | None = None
             try:
                 client = self._take(deadline) or self._log_in_anew(deadline)
+                client.mail_sent = False
                 try:
                     client.send_message(
                         mail.message,
@@ -412,12 +425,32 @@ class SmtpMailer:
                     raise
                 self._keep(client)
             except (smtplib.SMTPException, OSError) as e:
+                # The whole mail went out and no answer came back: the relay may have taken
+                # it, and the retry may deliver it a second time. Said in the record, as the
+                # remedy is the timeout (RFC 5321 4.5.3.2.6 gives the answer 10 minutes).
+                unanswered = (
+                    client is not None
+                    and client.mail_sent
+                    and not isinstance(e, smtplib.SMTPResponseException)
+                )
+                maybe_taken = (
+                    "; the relay had the whole mail and may have taken it: the retry may "
+                    "deliver it twice (a relay slow to answer the end of a mail needs a "
+                    "longer NEWSLETTER_MAILER__TIMEOUT)"
+                    if unanswered
+                    else ""
+                )
                 if deadline.expired:
                     # Whatever the cut connection made smtplib say: the server was too slow.
                     raise RetryableMailError(
                         f"SMTP send abandoned at its deadline: {s.host}:{s.port} took more "
                         f"than {s.timeout:g}s in all (NEWSLETTER_MAILER__TIMEOUT); "
-                        f"{type(e).__name__}: {e}"
+                        f"{type(e).__name__}: {e}{maybe_taken}"
+                    ) from e
+                if unanswered:
+                    raise RetryableMailError(
+                        f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: "
+                        f"{e}{maybe_taken}"
                     ) from e
                 raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socketserver
@@ -965,6 +966,40 @@ class TestDeadline:
         return SmtpMailer(
             SmtpMailerSettings(host="127.0.0.1", port=server.port, security="none", timeout=1)
         )
+
+    @pytest.mark.parametrize(
+        ("step", "maybe_taken"),
+        [
+            # The whole mail went out, the relay's answer to it did not come: it may have
+            # taken the mail, and the retry may deliver it twice. The record says so.
+            ("DATA", True),
+            # Cut before the data: nothing of the mail was taken.
+            ("RCPT", False),
+        ],
+    )
+    def test_a_cut_after_the_whole_mail_says_the_relay_may_have_taken_it(
+        self, step: str, maybe_taken: bool
+    ) -> None:
+        async def slow(self: SmtpSink, server: Any, session: Any, envelope: Any, *_: Any) -> str:
+            await asyncio.sleep(3)
+            return "451 4.3.0 too late"
+
+        sink = type("Slow", (SmtpSink,), {f"handle_{step}": slow})(
+            host="127.0.0.1", port=free_port()
+        )
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=0.5)
+            )
+            with pytest.raises(RetryableMailError) as cut:
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        said = str(cut.value)
+        assert said.startswith(("SMTP send abandoned at its deadline", "127.0.0.1:"))
+        assert ("the relay had the whole mail and may have taken it" in said) is maybe_taken
 
     def test_a_greeting_trickled_a_byte_at_a_time_is_abandoned_at_the_deadline(self) -> None:
         # 33 bytes, one every 0.2 s: the greeting alone would take 6.6 s.
