@@ -4,7 +4,8 @@
      +-- RetryableMailError   server down, timeout (of a read, or the whole send's
      |                        deadline), 4xx, authentication trouble (including
      |                        credentials smtplib cannot send, and a relay refusing every
-     |                        recipient to this client: 530, 5.7.x): try later
+     |                        recipient or message of this client or sender: 530,
+     |                        5.7.x): try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -21,15 +22,20 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from app import logs
 from app.config import FileMailerSettings, MailerSettings, SmtpMailerSettings, SmtpSecurity
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +203,16 @@ class _Client(smtplib.SMTP):
         super().__init__(timeout=timeout, local_hostname=helo_name)
         self._deadline = deadline
         self._implicit_tls = tls
+        # The connection was made (whatever came of the greeting).
+        self.reached = False
+        # The mail's data went out whole, its final dot included (reset for each mail).
+        self.mail_sent = False
+
+    # smtplib writes every command, and a mail's data, with it.
+    def send(self, s: ReadableBuffer | str) -> None:
+        super().send(s)
+        if isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
+            self.mail_sent = True
 
     # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
@@ -205,9 +221,25 @@ class _Client(smtplib.SMTP):
         self._host = host
         sock = socket.create_connection((host, port), timeout, self.source_address)
         self._deadline.watch(sock)
+        self.reached = True
         if self._implicit_tls is None:
             return sock
         return self._implicit_tls.wrap_socket(sock, server_hostname=host)
+
+
+# After the relay refused the login, no send of the mailer logs in again for this long
+# (seconds); the sends meanwhile fail at once, retryable, saying why and until when. Each
+# mail of the queue tried the refused password (smtplib tries every mechanism the relay
+# offers): hundreds of refused logins a minute, which relays answer by locking the account
+# or banning the client's address (Microsoft 365's lockout, fail2ban on Postfix).
+LOGIN_HOLD_OFF = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class _RefusedLogin:
+    reply: str
+    # When a send may try to log in again (time.monotonic()).
+    until: float
 
 
 class SmtpMailer:
@@ -217,25 +249,47 @@ class SmtpMailer:
 
     waits_on_network = True
 
-    def __init__(self, settings: SmtpMailerSettings, *, public_host: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: SmtpMailerSettings,
+        *,
+        public_host: str | None = None,
+        login_hold_off: float = LOGIN_HOLD_OFF,
+    ) -> None:
         self.settings = settings
         self.helo_name = settings.helo_name or helo_name(socket.getfqdn(), public_host)
+        self.login_hold_off = login_hold_off
         # Connections between two sends of a batch, for any thread to take; None outside.
-        self._idle: list[smtplib.SMTP] | None = None
+        self._idle: list[_Client] | None = None
+        # The relay's refusal of the last login, until a login goes through.
+        self._refused: _RefusedLogin | None = None
         self._lock = threading.Lock()
 
     def _tls(self) -> ssl.SSLContext:
         ca_file = self.settings.ca_file
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
-    def _connect(self, deadline: _Deadline) -> smtplib.SMTP:
+    def _connect(self, deadline: _Deadline) -> _Client:
         s = self.settings
         implicit_tls = self._tls() if s.security == SmtpSecurity.SSL else None
         client = _Client(
             timeout=s.timeout, deadline=deadline, tls=implicit_tls, helo_name=self.helo_name
         )
         try:
-            code, greeting = client.connect(s.host, s.port)
+            try:
+                code, greeting = client.connect(s.host, s.port)
+            except (smtplib.SMTPException, OSError) as e:
+                waited = deadline.expired or isinstance(e.__context__ or e, TimeoutError)
+                if client.reached and waited and s.security != SmtpSecurity.SSL:
+                    # A port of implicit TLS (465) waits for the client's TLS handshake and
+                    # says nothing: each send waited its whole timeout, and its record said
+                    # it was slow, not why.
+                    raise smtplib.SMTPServerDisconnected(
+                        "no greeting from the relay within NEWSLETTER_MAILER__TIMEOUT: if this "
+                        "port takes TLS from the first byte (RFC 8314, usually 465), set "
+                        "NEWSLETTER_MAILER__SECURITY=ssl"
+                    ) from e
+                raise
             if code != 220:
                 raise smtplib.SMTPConnectError(code, greeting)
             if s.security == SmtpSecurity.STARTTLS:
@@ -245,7 +299,7 @@ class SmtpMailer:
             raise
         return client
 
-    def _open(self, deadline: _Deadline) -> smtplib.SMTP:
+    def _open(self, deadline: _Deadline) -> _Client:
         s = self.settings
         client = self._connect(deadline)
         if s.username is not None and s.password is not None:
@@ -280,7 +334,7 @@ class SmtpMailer:
                     deadline.watch(client.sock)
                     _goodbye(client)
 
-    def _take(self, deadline: _Deadline) -> smtplib.SMTP | None:
+    def _take(self, deadline: _Deadline) -> _Client | None:
         """A connection kept from an earlier send that still answers, if any."""
         while True:
             with self._lock:
@@ -301,18 +355,65 @@ class SmtpMailer:
                 pass
             client.close()
 
-    def _keep(self, client: smtplib.SMTP) -> None:
+    def _keep(self, client: _Client) -> None:
         with self._lock:
             if self._idle is not None:
                 self._idle.append(client)
                 return
         _goodbye(client)
 
+    def _may_log_in(self) -> None:
+        """Raise while a refused login holds off the next; past it, let this send alone
+        try again (the others wait for another term)."""
+        with self._lock:
+            refused = self._refused
+            if refused is None:
+                return
+            now = time.monotonic()
+            if now >= refused.until:
+                self._refused = _RefusedLogin(refused.reply, until=now + self.login_hold_off)
+                return
+        s = self.settings
+        retry_at = datetime.now(UTC) + timedelta(seconds=refused.until - now)
+        raise RetryableMailError(
+            f"SMTP login refused by {s.host}:{s.port}: {refused.reply}; no new login before "
+            f"{retry_at:%H:%M:%S} UTC, not to have the account locked "
+            "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD; a restart tries at once)"
+        )
+
+    def _log_in_anew(self, deadline: _Deadline) -> _Client:
+        """A new connection, logged in as configured, unless a refused login holds off."""
+        if self.settings.username is None:
+            return self._open(deadline)
+        self._may_log_in()
+        try:
+            client = self._open(deadline)
+        except smtplib.SMTPAuthenticationError as e:
+            reply = _reply(e.smtp_code, e.smtp_error)
+            with self._lock:
+                self._refused = _RefusedLogin(reply, until=time.monotonic() + self.login_hold_off)
+            s = self.settings
+            log.error(
+                "mailer.login_refused relay=%s:%s reply=%s: no new login for %gs "
+                "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)",
+                s.host,
+                s.port,
+                # The relay's answer may name the account.
+                logs.mask_addresses(reply),
+                self.login_hold_off,
+            )
+            raise
+        with self._lock:
+            self._refused = None
+        return client
+
     def _deliver(self, mail: OutgoingMail) -> None:
         s = self.settings
         with _Deadline(s.timeout) as deadline:
+            client: _Client | None = None
             try:
-                client = self._take(deadline) or self._open(deadline)
+                client = self._take(deadline) or self._log_in_anew(deadline)
+                client.mail_sent = False
                 try:
                     client.send_message(
                         mail.message,
@@ -324,12 +425,32 @@ class SmtpMailer:
                     raise
                 self._keep(client)
             except (smtplib.SMTPException, OSError) as e:
+                # The whole mail went out and no answer came back: the relay may have taken
+                # it, and the retry may deliver it a second time. Said in the record, as the
+                # remedy is the timeout (RFC 5321 4.5.3.2.6 gives the answer 10 minutes).
+                unanswered = (
+                    client is not None
+                    and client.mail_sent
+                    and not isinstance(e, smtplib.SMTPResponseException)
+                )
+                maybe_taken = (
+                    "; the relay had the whole mail and may have taken it: the retry may "
+                    "deliver it twice (a relay slow to answer the end of a mail needs a "
+                    "longer NEWSLETTER_MAILER__TIMEOUT)"
+                    if unanswered
+                    else ""
+                )
                 if deadline.expired:
                     # Whatever the cut connection made smtplib say: the server was too slow.
                     raise RetryableMailError(
                         f"SMTP send abandoned at its deadline: {s.host}:{s.port} took more "
                         f"than {s.timeout:g}s in all (NEWSLETTER_MAILER__TIMEOUT); "
-                        f"{type(e).__name__}: {e}"
+                        f"{type(e).__name__}: {e}{maybe_taken}"
+                    ) from e
+                if unanswered:
+                    raise RetryableMailError(
+                        f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: "
+                        f"{e}{maybe_taken}"
                     ) from e
                 raise
 
@@ -364,7 +485,7 @@ class SmtpMailer:
             return f"accepted by {s.host}:{s.port}"
         except smtplib.SMTPRecipientsRefused as e:
             replies = list(e.recipients.values())
-            summary = "; ".join(f"{code} {text!r}" for code, text in replies)
+            summary = "; ".join(_reply(code, text) for code, text in replies)
             if any(_refuses_the_client(code, text) for code, text in replies):
                 raise RetryableMailError(
                     f"the relay does not take mail from this client as configured: {summary} "
@@ -374,10 +495,31 @@ class SmtpMailer:
             if replies and all(code >= 500 for code, _ in replies):
                 raise PermanentMailError(f"recipient refused: {summary}") from e
             raise RetryableMailError(f"recipient deferred: {summary}") from e
+        except smtplib.SMTPAuthenticationError as e:
+            raise RetryableMailError(
+                f"SMTP login refused by {s.host}:{s.port}: {_reply(e.smtp_code, e.smtp_error)}; "
+                f"no new login for {self.login_hold_off:g}s "
+                "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+            ) from e
         except smtplib.SMTPDataError as e:
+            if _refuses_the_client(e.smtp_code, e.smtp_error):
+                # As at RCPT: Microsoft 365's `550 5.7.60 SMTP; Client does not have
+                # permissions to send as this sender` comes at the end of the data, for
+                # every mail until NEWSLETTER_MAIL_FROM or the account is fixed; each
+                # confirmation was dead at its first attempt.
+                raise RetryableMailError(
+                    "the relay does not take mail from this client or sender as configured: "
+                    f"{_reply(e.smtp_code, e.smtp_error)} (NEWSLETTER_MAIL_FROM, "
+                    "NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD, or the relay's "
+                    "policy)"
+                ) from e
             if e.smtp_code >= 500:
-                raise PermanentMailError(f"message refused: {e.smtp_code} {e.smtp_error!r}") from e
-            raise RetryableMailError(f"message deferred: {e.smtp_code} {e.smtp_error!r}") from e
+                raise PermanentMailError(
+                    f"message refused: {_reply(e.smtp_code, e.smtp_error)}"
+                ) from e
+            raise RetryableMailError(
+                f"message deferred: {_reply(e.smtp_code, e.smtp_error)}"
+            ) from e
         except smtplib.SMTPNotSupportedError as e:
             # An internationalized address to a server without SMTPUTF8 will never go
             # through; a missing AUTH or STARTTLS is the relay's settings, fixable later.
@@ -385,16 +527,37 @@ class SmtpMailer:
                 raise PermanentMailError(f"server cannot carry this mail: {e}") from e
             raise RetryableMailError(f"server does not support what is configured: {e}") from e
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise RetryableMailError(f"{type(e).__name__}: {e}") from e
+            # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
+            # 111] Connection refused` alone, in a job's record, did not say which server.
+            said = str(e)
+            if isinstance(e, smtplib.SMTPResponseException):  # the relay's answer, as written
+                said = _reply(e.smtp_code, e.smtp_error)
+            raise RetryableMailError(
+                f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: {said}"
+            ) from e
 
 
-def _refuses_the_client(code: int, text: bytes) -> bool:
-    """A refusal of RCPT that is about the client, not the recipient: authentication
-    required (530, RFC 4954), or a security or policy refusal (enhanced status 5.7.x, RFC
-    3463), as Postfix's `554 5.7.1 <...>: Relay access denied` to a client it does not know.
-    Every mail gets it until the operator fixes the settings or the relay: retryable, as a
-    wrong password, not each mail dead at its first attempt."""
+def _refuses_the_client(code: int, text: bytes | str) -> bool:
+    """A refusal of RCPT or of the data that is about the client or its sender, not the
+    recipient nor the message: authentication required (530, RFC 4954), or a security or
+    policy refusal (enhanced status 5.7.x, RFC 3463), as Postfix's `554 5.7.1 <...>: Relay
+    access denied` to a client it does not know. Every mail gets it until the operator
+    fixes the settings or the relay: retryable, as a wrong password, not each mail dead at
+    its first attempt."""
+    if isinstance(text, str):
+        text = text.encode(errors="replace")
     return code == 530 or (code >= 500 and text.lstrip().startswith(b"5.7."))
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    """`535 5.7.8 Authentication credentials invalid`: a reply as the relay wrote it, in
+    its letters. smtplib gives bytes, whose repr wrote `j\\xc3\\xa9r\\xc3\\xb4me@...` in
+    a job's record, where an erasure looks for the address as `jérôme@...`. The lines of
+    a multiline reply (Gmail's `550-5.1.1 ...`) are joined: a record's error, and the log
+    line quoting it, stay on one line."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return f"{code} {' '.join(text.splitlines())}"
 
 
 def _goodbye(client: smtplib.SMTP) -> None:

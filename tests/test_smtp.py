@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socketserver
@@ -21,7 +22,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from pydantic import SecretStr
 
-from app import addresses
+from app import addresses, logs, privacy
 from app import mailer as mailer_module
 from app.config import FileMailerSettings, Locale, SmtpMailerSettings
 from app.mailer import (
@@ -336,9 +337,65 @@ class TestSmtpMailer:
                 timeout=5,
             )
         )
-        with pytest.raises(RetryableMailError, match="SMTPAuthenticationError"):
+        with pytest.raises(RetryableMailError, match=r"login refused by 127\.0\.0\.1:\d+: 535 "):
             mailer.send(_mail())
         assert tls_server.messages == []
+
+    def test_a_refused_login_holds_off_the_next_logins_and_says_until_when(self) -> None:
+        # Each queued mail logged in again with the refused password (smtplib tries each
+        # mechanism): hundreds of refused logins a minute, for which relays lock the account.
+        attempts: list[str] = []
+        password = ["relay-password-before-the-change"]
+
+        def authenticator(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            attempts.append(mechanism)
+            ok = isinstance(data, LoginPassword) and data.password == password[0].encode()
+            return AuthResult(success=ok, handled=False)
+
+        sink = SmtpSink(host="127.0.0.1", port=free_port())
+        controller = Controller(
+            sink,
+            hostname=sink.host,
+            port=sink.port,
+            authenticator=authenticator,
+            auth_require_tls=False,
+        )
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1",
+                    port=sink.port,
+                    security="none",
+                    username=USER,
+                    password=PASSWORD,
+                    timeout=5,
+                ),
+                login_hold_off=0.5,
+            )
+            with pytest.raises(RetryableMailError, match=r"login refused by .*: 535 5\.7\.8 "):
+                mailer.send(_mail())
+            refused = len(attempts)
+            assert refused >= 1
+            for _ in range(5):
+                with pytest.raises(
+                    RetryableMailError,
+                    match=r"535 5\.7\.8 .*; no new login before \d\d:\d\d:\d\d UTC.*"
+                    r"NEWSLETTER_MAILER__PASSWORD",
+                ):
+                    mailer.send(_mail())
+            assert len(attempts) == refused  # the relay heard nothing of those
+            # The relay's account fixed meanwhile: past the hold-off, a send logs in again,
+            # and the next ones go at once.
+            password[0] = PASSWORD
+            time.sleep(0.6)
+            mailer.send(_mail())
+            mailer.send(_mail())
+            assert len(sink.wait_for(2)) == 2
+        finally:
+            controller.stop()
 
     def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
         self, tls_server: SmtpSink, certificate: tuple[Path, Path]
@@ -361,6 +418,29 @@ class TestSmtpMailer:
         assert "s3cr" not in str(raised.value)
         assert isinstance(raised.value.__cause__, UnicodeEncodeError)
         assert tls_server.messages == []
+
+    def test_starttls_to_a_port_of_implicit_tls_says_to_set_ssl(
+        self, implicit_tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        # NEWSLETTER_MAILER__PORT=465 alone, STARTTLS by default: the relay waits for the
+        # TLS handshake and says nothing, and each send waited its whole timeout to be
+        # recorded as too slow, with nothing of why.
+        settings = SmtpMailerSettings(
+            host="127.0.0.1",
+            port=implicit_tls_server.port,
+            security="starttls",
+            username=USER,
+            password=PASSWORD,
+            ca_file=certificate[0],
+            timeout=0.5,
+        )
+        hint = r"no greeting .* TLS from the first byte .*NEWSLETTER_MAILER__SECURITY=ssl"
+        # Said whether the read's timeout or the send's deadline came first.
+        with pytest.raises(RetryableMailError, match=hint):
+            SmtpMailer(settings).send(_mail())
+        with pytest.raises(RetryableMailError, match=rf"\(starttls\): .*{hint}"):
+            SmtpMailer(settings).check()
+        assert implicit_tls_server.messages == []
 
     def test_an_untrusted_certificate_is_refused(self, tls_server: SmtpSink) -> None:
         mailer = SmtpMailer(
@@ -409,6 +489,75 @@ class TestSmtpMailer:
         with pytest.raises(RetryableMailError):
             mailer.send(_mail())
 
+    def test_a_failure_s_record_names_the_relay(self) -> None:
+        # `ConnectionRefusedError: [Errno 111] Connection refused` alone, in a job's record,
+        # did not say which server.
+        nobody = free_port()
+        down = SmtpMailer(
+            SmtpMailerSettings(host="127.0.0.1", port=nobody, security="none", timeout=2)
+        )
+        with pytest.raises(
+            RetryableMailError,
+            match=rf"^127\.0\.0\.1:{nobody} \(none\): ConnectionRefusedError: ",
+        ):
+            down.send(_mail())
+
+        class Closing(SmtpSink):
+            async def handle_MAIL(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                return "421 4.3.2 System shutting down"
+
+        sink = Closing(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            closing = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPSenderRefused: "
+                r"421 4\.3\.2 System shutting down$",
+            ):
+                closing.send(_mail())
+        finally:
+            controller.stop()
+
+    @pytest.mark.parametrize("step", ["RCPT", "DATA"])
+    def test_a_refusal_quoting_an_address_beyond_ascii_is_recorded_in_its_letters(
+        self, step: str
+    ) -> None:
+        # smtplib's replies are bytes, whose repr wrote `j\xc3\xa9r\xc3\xb4me@...` in the
+        # job's record: an erasure of the address looked for `jérôme@...` and left it there.
+        address = "jérôme@example.org"
+        # On two lines, as Gmail's: the record keeps one.
+        refusal = f"550-5.1.1 <{address}>: Recipient address rejected:\r\n550 5.1.1 User unknown"
+
+        async def refuse(self: SmtpSink, server: Any, session: Any, envelope: Any, *_: Any) -> str:
+            return refusal
+
+        sink = type("Refusing", (SmtpSink,), {f"handle_{step}": refuse})(
+            host="127.0.0.1", port=free_port()
+        )
+        controller = Controller(sink, hostname=sink.host, port=sink.port, enable_SMTPUTF8=True)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(PermanentMailError) as refused:
+                mailer.send(_mail(to=address))
+        finally:
+            controller.stop()
+        record = str(refused.value)
+        assert f"550 5.1.1 <{address}>: Recipient address rejected: 5.1.1 User unknown" in record
+        assert "\n" not in record
+        assert privacy.scrub_text(record, address=address) == record.replace(
+            address, privacy.ERASED
+        )
+        assert "j*****@example.org" in logs.mask_addresses(record)
+
     def test_a_refused_recipient_is_permanent(self) -> None:
         with (
             _refusing_at_rcpt("550 5.1.1 No such user") as (_sink, mailer),
@@ -423,6 +572,17 @@ class TestSmtpMailer:
             ("MAIL", "550 5.7.1 Sender address rejected", RetryableMailError, "550"),
             ("DATA", "451 4.3.0 Try again later", RetryableMailError, "message deferred: 451"),
             ("DATA", "554 5.6.0 Message rejected", PermanentMailError, "message refused: 554"),
+            # This client or its sender, for every mail until the settings are fixed
+            # (Microsoft 365's answer to a sender the account may not send as).
+            (
+                "DATA",
+                "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+                RetryableMailError,
+                r"does not take mail from this client or sender as configured: 550 5\.7\.60 "
+                r"SMTP; Client does not have permissions to send as this sender "
+                r"\(NEWSLETTER_MAIL_FROM",
+            ),
+            ("DATA", "530 Authentication required", RetryableMailError, "as configured: 530"),
             # A connection closed mid-session, before the mail was taken.
             ("RCPT", None, RetryableMailError, "SMTPServerDisconnected"),
             ("DATA", None, RetryableMailError, "SMTPServerDisconnected"),
@@ -663,6 +823,45 @@ class TestWhatReceiversGet:
         [message] = smtp.messages
         assert "Gazette Blue Hats !" in message["Subject"]
 
+    @pytest.mark.parametrize(
+        "name",
+        [
+            # 200 characters, the most the settings and the API take: words, and one run
+            # without a space that the folder must cut.
+            ("Lettre d'information de l'équipe BlueHats « L'été » " * 5)[:200].strip(),
+            ("Lettre-d'information-de-l'équipe-BlueHats-" * 5)[:200],
+        ],
+    )
+    @pytest.mark.parametrize("to", ["camille@example.org", "jérôme@example.org"])
+    @pytest.mark.parametrize("locale", list(Locale))
+    def test_a_list_name_of_the_longest_allowed_arrives_folded_and_whole(
+        self, smtp: SmtpSink, name: str, to: str, locale: Locale
+    ) -> None:
+        link = "https://newsletter.code.gouv.fr/v1/unsubscribe/" + "v41Iis0Bbq-eeyuGIGg_" * 3
+        mail = compose(
+            MailKind.UNSUBSCRIBE,
+            locale=locale,
+            list_name=name,
+            to=to,
+            mail_from="BlueHats <bluehats@code.gouv.fr>",
+            message_key="1.test",
+            link=link,
+            unsubscribe_link=link,
+        )
+        raw = _received(smtp, mail)  # with SMTPUTF8 (UTF-8 headers) to jérôme
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert max(map(len, raw.split(b"\r\n"))) <= 998
+        lines = _header_lines(raw)
+        # The link alone is not folded (RFC 2369: a URL on its line).
+        assert f"List-Unsubscribe: <{link}>".encode() in lines
+        assert max(len(line) for line in lines if not line.startswith(b"List-Unsubscribe:")) <= 78
+        [message] = smtp.messages
+        assert message.defects == []
+        assert str(message["Subject"]).endswith(name)
+        assert message["To"] == to
+        for part in message.iter_parts():
+            assert part.get_content_charset() == "utf-8"
+
     def test_a_long_sender_name_arrives_folded_and_whole(self, smtp: SmtpSink) -> None:
         name = "Lettre d'information de la Direction interministérielle du numérique " * 5
         name = name.strip()
@@ -767,6 +966,40 @@ class TestDeadline:
         return SmtpMailer(
             SmtpMailerSettings(host="127.0.0.1", port=server.port, security="none", timeout=1)
         )
+
+    @pytest.mark.parametrize(
+        ("step", "maybe_taken"),
+        [
+            # The whole mail went out, the relay's answer to it did not come: it may have
+            # taken the mail, and the retry may deliver it twice. The record says so.
+            ("DATA", True),
+            # Cut before the data: nothing of the mail was taken.
+            ("RCPT", False),
+        ],
+    )
+    def test_a_cut_after_the_whole_mail_says_the_relay_may_have_taken_it(
+        self, step: str, maybe_taken: bool
+    ) -> None:
+        async def slow(self: SmtpSink, server: Any, session: Any, envelope: Any, *_: Any) -> str:
+            await asyncio.sleep(3)
+            return "451 4.3.0 too late"
+
+        sink = type("Slow", (SmtpSink,), {f"handle_{step}": slow})(
+            host="127.0.0.1", port=free_port()
+        )
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=0.5)
+            )
+            with pytest.raises(RetryableMailError) as cut:
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        said = str(cut.value)
+        assert said.startswith(("SMTP send abandoned at its deadline", "127.0.0.1:"))
+        assert ("the relay had the whole mail and may have taken it" in said) is maybe_taken
 
     def test_a_greeting_trickled_a_byte_at_a_time_is_abandoned_at_the_deadline(self) -> None:
         # 33 bytes, one every 0.2 s: the greeting alone would take 6.6 s.

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from fastapi.testclient import TestClient
 from sqlmodel import col, select
 
@@ -482,6 +483,59 @@ class TestSmtpRefuses:
         assert all(row.error and "451" in row.error for row in rows)
         assert sink.rcpt_count == 3
         assert sink.messages == []
+
+    def test_a_refused_login_is_not_tried_again_for_each_mail_of_the_queue(
+        self, database_url: str, engine: sa.Engine
+    ) -> None:
+        # Each mail logged in with the refused password, hundreds of refused logins a
+        # minute: relays lock the account or ban the client for that.
+        logins: list[str] = []
+
+        def refuse(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+            logins.append(mechanism)
+            return AuthResult(success=False, handled=False)
+
+        emails = [f"reader{i}@example.org" for i in range(30)]
+        queue_confirmations(database_url, emails)
+        sink = SmtpSink(host="127.0.0.1", port=free_port())
+        controller = Controller(
+            sink,
+            hostname=sink.host,
+            port=sink.port,
+            authenticator=refuse,
+            auth_require_tls=False,
+        )
+        controller.start()
+        try:
+            mailer = SmtpMailerSettings(
+                host="127.0.0.1",
+                port=sink.port,
+                security="none",
+                username="relay-user",
+                password="wrong",
+                timeout=5,
+            )
+            settings = make_settings(
+                database_url,
+                smtp_port=sink.port,
+                mailer=mailer,
+                retry_base_delay="0.05s",
+                retry_max_delay="0.1s",
+            )
+            with running(worker_for(engine, settings, name="worker-a")):
+                wait_until(lambda: all(job.attempts >= 3 for job in jobs(engine)))
+        finally:
+            controller.stop()
+        # The sends of the first round that logged in side by side, each trying the
+        # mechanisms the relay offers (PLAIN, LOGIN); none after.
+        assert 1 <= len(logins) <= 2 * settings.worker_concurrency
+        assert sink.messages == []
+        for job in jobs(engine):
+            assert job.state == JobState.PENDING
+            assert job.last_error is not None
+            assert "login refused by 127.0.0.1" in job.last_error
+            assert "535 5.7.8 Authentication credentials invalid" in job.last_error
+            assert "NEWSLETTER_MAILER__PASSWORD" in job.last_error
 
 
 class TestGracefulStop:
