@@ -9,6 +9,7 @@ fields, filters, pages, and formulas kept out of spreadsheets.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -682,6 +683,23 @@ class TestImportRefusesTheFile:
             "error": "unsupported_media_type",
             "detail": "Send the file as text/csv.",
         }
+
+    def test_a_compressed_file_is_415_naming_identity(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        # A large export gzipped for the trip: read as sent, it was a file of nonsense.
+        response = client.post(
+            IMPORT,
+            content=gzip.compress((HEADER + _row("ann@example.org")).encode()),
+            headers={**write_key, "content-type": "text/csv", "content-encoding": "gzip"},
+        )
+        assert response.status_code == 415, response.text
+        assert response.json() == {
+            "error": "unsupported_media_type",
+            "detail": "Send the body uncompressed, without a Content-Encoding (identity only).",
+        }
+        assert response.headers["accept-encoding"] == "identity"
+        assert count_rows(database_url, "subscription") == 0
 
     def test_a_form_upload_is_415_saying_how_to_send_the_file(
         self, client: TestClient, database_url: str, write_key: dict[str, str]

@@ -213,6 +213,18 @@ def refuse_other_charsets(request: Request) -> None:
         raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
 
 
+def refuse_compressed(request: Request) -> None:
+    """415, with `Accept-Encoding: identity`, for a body sent with a content coding.
+
+    Bodies are read as they come: a gzipped one would be "not valid JSON" (or an unreadable
+    form, or a CSV file of nonsense), and one labelled `gzip` but sent plain would be taken
+    whatever its label says.
+    """
+    codings = ",".join(request.headers.getlist("content-encoding"))
+    if any(coding.strip().lower() not in ("", "identity") for coding in codings.split(",")):
+        raise errors.CompressedBody()
+
+
 def _query_names(dependant: Dependant) -> set[str]:
     names = {field.alias for field in dependant.query_params}
     for sub in dependant.dependencies:
@@ -274,6 +286,7 @@ async def json_body(request: Request) -> None:
     kind = media_type(request)
     if kind != JSON and not (kind.startswith("application/") and kind.endswith("+json")):
         raise errors.NotJson()
+    refuse_compressed(request)
     refuse_other_charsets(request)
     # A name given twice is refused, as on the public routes (`_object`): FastAPI would
     # take the last one.
@@ -288,6 +301,7 @@ async def json_body(request: Request) -> None:
 async def read_form(request: Request) -> dict[str, str]:
     """A form post's fields, url-encoded or multipart (a form with
     `enctype="multipart/form-data"`), read as `read_payload` reads one (UTF-8 only)."""
+    refuse_compressed(request)
     refuse_other_charsets(request)
     if media_type(request) == MULTIPART:
         return await _multipart_fields(request)
@@ -339,6 +353,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
+    refuse_compressed(request)
     refuse_other_charsets(request)
     raw = await request.body()
     data: object

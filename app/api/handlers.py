@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, formguard, logs, pages
 from app.api import views
-from app.api.deps import request_locale, wants_html
+from app.api.deps import refuse_compressed, request_locale, wants_html
 from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
 from app.middleware import relative_location
@@ -346,11 +346,16 @@ def document_error_shape(openapi: dict[str, Any]) -> dict[str, Any]:
     return openapi
 
 
-def _unreadable_body(exc: HTTPException) -> errors.InvalidBody | None:
+def _unreadable_body(request: Request, exc: HTTPException) -> errors.DomainError | None:
     """FastAPI's bare 400 ("There was an error parsing the body") for a JSON body it could
     not decode, worded as the public routes word theirs."""
     if exc.status_code != 400:
         return None
+    try:
+        # FastAPI reads the body before the route's dependencies (`json_body`) can say so.
+        refuse_compressed(request)
+    except errors.CompressedBody as e:
+        return e
     if isinstance(exc.__cause__, RecursionError):
         return errors.InvalidBody("The body is nested too deeply.")
     if isinstance(exc.__cause__, ValueError):
@@ -398,7 +403,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
-        unreadable = _unreadable_body(exc)
+        unreadable = _unreadable_body(request, exc)
         if unreadable is not None:
             return await _domain(request, unreadable)
         code = HTTP_CODES.get(exc.status_code, "http_error")
