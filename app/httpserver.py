@@ -26,20 +26,41 @@ address. The request is read again without that ask, its body with it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app import errors
+
 log = logging.getLogger(__name__)
 
-_REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"content-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 16\r\n"
-    b"connection: close\r\n"
-    b"\r\n"
-    b"Request Timeout\n"
+
+def _closing_answer(status: bytes, code: str, detail: str) -> bytes:
+    """A whole answer in the service's error shape, for a request the app never sees; the
+    connection closes after it."""
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+        b"connection: close\r\n"
+        b"\r\n" + body
+    )
+
+
+_REQUEST_TIMEOUT = _closing_answer(
+    b"408 Request Timeout",
+    "request_timeout",
+    "The request's headers did not arrive in time; the connection is closed.",
+)
+# uvicorn's answer was a line of plain text ("Invalid HTTP request received.").
+_NOT_HTTP = _closing_answer(
+    b"400 Bad Request",
+    errors.BadRequest.code,
+    "The request could not be read as HTTP/1.1 (its request line, a header or the framing "
+    "of its body); the connection is closed.",
 )
 
 
@@ -71,6 +92,19 @@ class DeadlineHttp(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:  # pragma: no cover - every upgrade not made is refused above
                 self._unsupported_upgrade_warning()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's message is for its log, which has it; the client gets the usual shape.
+        self._close_with(_NOT_HTTP)
+
+    def _close_with(self, answer: bytes) -> None:
+        """Send `answer` with uvicorn's own headers (`date`, `server`), and close."""
+        status, _, rest = answer.partition(b"\r\n")
+        defaults = [
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        ]
+        self.transport.write(b"\r\n".join([status, b"".join(defaults) + rest]))
+        self.transport.close()
 
     def _read_again_without_upgrade(self, rest: bytes) -> None:
         """Parse the request again from its headers, without `upgrade` among the connection
@@ -152,8 +186,7 @@ class DeadlineHttp(HttpToolsProtocol):
             self._arm(self._headers_late)
             return
         log.info("http.request_timeout phase=headers")
-        self.transport.write(_REQUEST_TIMEOUT)
-        self.transport.close()
+        self._close_with(_REQUEST_TIMEOUT)
 
     def _body_late(self) -> None:
         self._deadline = None

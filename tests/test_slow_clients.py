@@ -65,6 +65,17 @@ def _one_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def _assert_error_shape(answer: bytes, code: str) -> None:
+    """An answer made below the app is in its error shape all the same."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\ncontent-type: application/json\r\n" in head, answer
+    assert b"\r\ndate: " in head, answer
+    error = json.loads(body)
+    assert set(error) == {"error", "detail"}, error
+    assert error["error"] == code, error
+    assert error["detail"], error
+
+
 def _subscriptions(database_url: str) -> list[str]:
     engine = sa.create_engine(database_url)
     with engine.connect() as connection:
@@ -90,6 +101,7 @@ class TestHeaders:
         sock = _connect(server)
         answer = _until_closed(sock)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
+        _assert_error_shape(answer, "request_timeout")
         # Not before the deadline, give or take the event loop's clock: uvloop's timers
         # count from a millisecond clock read once per loop turn, so one fires up to a
         # millisecond early (seen: after 1.9998 s of a 2 s deadline).
@@ -319,3 +331,34 @@ class TestUpgradeAsked:
         sock = socket.create_connection(("127.0.0.1", echo_server), timeout=10)
         sock.sendall(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
         assert _until_closed(sock).startswith(b"HTTP/1.1 400 ")
+
+
+class TestNotHttp:
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            pytest.param(b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", id="unknown-method"),
+            pytest.param(
+                b"GET /v1/lists/bl\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", id="raw-utf8-path"
+            ),
+            pytest.param(
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x01b\r\n\r\n", id="control-header"
+            ),
+            pytest.param(
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n",
+                id="bad-chunk",
+            ),
+            pytest.param(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                id="two-lengths",
+            ),
+        ],
+    )
+    def test_a_request_that_is_not_http_gets_the_error_shape(
+        self, echo_server: int, request_bytes: bytes
+    ) -> None:
+        sock = socket.create_connection(("127.0.0.1", echo_server), timeout=10)
+        sock.sendall(request_bytes)
+        answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        _assert_error_shape(answer, "bad_request")
