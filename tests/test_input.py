@@ -925,6 +925,24 @@ class TestAdminBodies:
                 assert message in error_of(response, 400, "invalid_body")
         assert client.get(self.BLOCKS, headers=write_key).json() == []
 
+    def test_no_body_or_json_that_is_not_an_object_is_400_as_on_the_public_routes(
+        self, client: TestClient, write_key: dict[str, str], subtests: pytest.Subtests
+    ) -> None:
+        # FastAPI said 422 "Field required" naming no field, or "Input should be a valid
+        # dictionary": a payload's validation, of a body that has no fields at all.
+        bodies = {
+            "no body": (b"", {}, "The body is empty: send a JSON object."),
+            "null": (b"null", JSON_TYPE, "The body must be a JSON object."),
+            "array": (b"[" + self.BLOCK + b"]", JSON_TYPE, "The body must be a JSON object."),
+            "string": (b'"spam"', JSON_TYPE, "The body must be a JSON object."),
+            "number": (b"1", JSON_TYPE, "The body must be a JSON object."),
+        }
+        for kind, (body, headers, message) in bodies.items():
+            with subtests.test(kind):
+                response = client.post(self.BLOCKS, content=body, headers={**write_key, **headers})
+                assert error_of(response, 400, "invalid_body") == message
+        assert client.get(self.BLOCKS, headers=write_key).json() == []
+
     def test_a_body_in_another_content_type_is_415(
         self, client: TestClient, write_key: dict[str, str], subtests: pytest.Subtests
     ) -> None:

@@ -346,6 +346,22 @@ def document_error_shape(openapi: dict[str, Any]) -> dict[str, Any]:
     return openapi
 
 
+def _no_object(exc: RequestValidationError) -> errors.InvalidBody | None:
+    """FastAPI's 422 for a JSON body route (the admin routes) given no body ("Field
+    required", naming no field) or JSON that is not an object ("Input should be a valid
+    dictionary"): a body with no fields to validate, answered as the public routes do.
+    Alone: beside a bad path or query parameter, the 422 names each."""
+    found = exc.errors()
+    if len(found) != 1 or tuple(found[0].get("loc", ())) != ("body",):
+        return None
+    kind = found[0].get("type")
+    if kind == "missing":
+        return errors.InvalidBody("The body is empty: send a JSON object.")
+    if kind in ("model_attributes_type", "dict_type", "model_type"):
+        return errors.InvalidBody("The body must be a JSON object.")
+    return None
+
+
 def _unreadable_body(request: Request, exc: HTTPException) -> errors.DomainError | None:
     """FastAPI's bare 400 ("There was an error parsing the body") for a JSON body it could
     not decode, worded as the public routes word theirs."""
@@ -399,6 +415,9 @@ def install(app: FastAPI) -> None:
             # FastAPI's own parsing of a JSON body (the admin routes): unreadable, as the
             # public routes answer it, and not a field's validation.
             return await _domain(request, errors.InvalidBody("The body is not valid JSON."))
+        unreadable = _no_object(exc)
+        if unreadable is not None:
+            return await _domain(request, unreadable)
         return _answer(request, status=422, code="validation_error", detail=_validation_detail(exc))
 
     @app.exception_handler(HTTPException)
