@@ -549,6 +549,26 @@ class TestImportRefusesTheFile:
         assert exported.status_code == 422
         assert exported.json()["detail"].startswith("query.state: not a parameter")
 
+    def test_a_filter_given_twice_is_refused_not_half_applied(
+        self, client: TestClient, database_url: str, read_key: dict[str, str]
+    ) -> None:
+        # FastAPI kept the last: "the confirmed and the pending" exported the pending alone.
+        exported = client.get(
+            f"{EXPORT}?status=confirmed&status=pending&format=csv", headers=read_key
+        )
+        assert exported.status_code == 422, exported.text
+        assert exported.json() == {
+            "error": "validation_error",
+            "detail": "query.status: given 2 times: it takes one value (ask once per value)",
+        }
+        listed = client.get(
+            "/v1/admin/lists/bluehats/subscribers?limit=1&limit=50", headers=read_key
+        )
+        assert listed.status_code == 422, listed.text
+        assert listed.json()["detail"].startswith("query.limit: given 2 times")
+        once = client.get(f"{EXPORT}?status=confirmed&format=csv", headers=read_key)
+        assert once.status_code == 200, once.text
+
     def test_malformed_csv_writes_nothing_even_before_the_bad_line(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
     ) -> None:
