@@ -76,6 +76,9 @@ class DeadlineHttp(HttpToolsProtocol):
     _reading_body = False
     # The request's headers ask for a switch of protocols that will not be made.
     _upgrade_refused = False
+    # Its headers are being read again: should they still ask (a Connection option this
+    # rewrite missed), uvicorn's own handling, not another reading.
+    _rereading = False
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's own, but for a switch of protocols it does not make.
@@ -119,6 +122,7 @@ class DeadlineHttp(HttpToolsProtocol):
                     continue
             head.append(name + b": " + value + b"\r\n")
         self._upgrade_refused = False
+        self._rereading = True
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.data_received(b"".join(head) + b"\r\n" + rest)
@@ -140,8 +144,10 @@ class DeadlineHttp(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        rereading, self._rereading = self._rereading, False
         if (
-            self.parser.should_upgrade()
+            not rereading
+            and self.parser.should_upgrade()
             and not self._should_upgrade()
             # CONNECT's tunnel is not a switch that can be left out: uvicorn's answer.
             and self.parser.get_method() != b"CONNECT"
