@@ -428,7 +428,10 @@ class ListSettings(BaseModel):
         # (hosted.shown_consent_version), and into the ledger.
         if _CONTROL.search(value):
             raise ValueError("must not contain control characters (line breaks, NUL, ...)")
-        return value
+        # A name shown blank on the pages and in the Subject, a version that tells nothing.
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
 
     @field_validator("consent_text")
     @classmethod

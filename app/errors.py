@@ -169,6 +169,25 @@ class NotJson(UnsupportedMediaType):
     message = "Send the body as application/json."
 
 
+class CompressedBody(UnsupportedMediaType):
+    """A body with a content coding (`Content-Encoding: gzip`): bodies are read as sent, so
+    a compressed one would be refused as unreadable JSON, CSV or form, and one labelled
+    compressed but sent plain taken for what its label denies."""
+
+    message = "Send the body uncompressed, without a Content-Encoding (identity only)."
+    # RFC 9110 §15.5.16: a 415 for a content coding names those that would be accepted.
+    documented_headers: ClassVar[dict[str, dict[str, Any]]] = {
+        "Accept-Encoding": {
+            "description": "The content codings a request body may have: `identity` (none).",
+            "schema": {"type": "string"},
+        }
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers["Accept-Encoding"] = "identity"
+
+
 class InvalidCsv(DomainError):
     """A file the import cannot read at all (encoding, CSV syntax, header); nothing is written."""
 

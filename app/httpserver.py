@@ -15,24 +15,52 @@ Here each connection also has the read deadlines a reverse proxy gives (nginx's
   alike.
 While the app is not reading (uvicorn stops reading when the body waiting for it grows
 large), the body's deadline waits too: the client is not the slow one.
+
+A request that asks to switch protocols (`Connection: Upgrade` with `Upgrade: h2c`, which
+`curl --http2` adds to every request over http://) is served as HTTP/1.1, as RFC 9110 §7.8
+lets a server do. httptools ends such a message at its headers and leaves its body as
+bytes of the other protocol, which uvicorn drops: a sign-up reached the app without its
+address. The request is read again without that ask, its body with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app import errors
 
 log = logging.getLogger(__name__)
 
-_REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"content-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 16\r\n"
-    b"connection: close\r\n"
-    b"\r\n"
-    b"Request Timeout\n"
+
+def _closing_answer(status: bytes, code: str, detail: str) -> bytes:
+    """A whole answer in the service's error shape, for a request the app never sees; the
+    connection closes after it."""
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+        b"connection: close\r\n"
+        b"\r\n" + body
+    )
+
+
+_REQUEST_TIMEOUT = _closing_answer(
+    b"408 Request Timeout",
+    "request_timeout",
+    "The request's headers did not arrive in time; the connection is closed.",
+)
+# uvicorn's answer was a line of plain text ("Invalid HTTP request received.").
+_NOT_HTTP = _closing_answer(
+    b"400 Bad Request",
+    errors.BadRequest.code,
+    "The request could not be read as HTTP/1.1 (its request line, a header or the framing "
+    "of its body); the connection is closed.",
 )
 
 
@@ -46,6 +74,58 @@ class DeadlineHttp(HttpToolsProtocol):
 
     _deadline: asyncio.TimerHandle | None = None
     _reading_body = False
+    # The request's headers ask for a switch of protocols that will not be made.
+    _upgrade_refused = False
+    # Its headers are being read again: should they still ask (a Connection option this
+    # rewrite missed), uvicorn's own handling, not another reading.
+    _rereading = False
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's own, but for a switch of protocols it does not make.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._upgrade_refused:
+                self._read_again_without_upgrade(data[upgrade.args[0] :])
+            elif self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:  # pragma: no cover - every upgrade not made is refused above
+                self._unsupported_upgrade_warning()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's message is for its log, which has it; the client gets the usual shape.
+        self._close_with(_NOT_HTTP)
+
+    def _close_with(self, answer: bytes) -> None:
+        """Send `answer` with uvicorn's own headers (`date`, `server`), and close."""
+        status, _, rest = answer.partition(b"\r\n")
+        defaults = [
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        ]
+        self.transport.write(b"\r\n".join([status, b"".join(defaults) + rest]))
+        self.transport.close()
+
+    def _read_again_without_upgrade(self, rest: bytes) -> None:
+        """Parse the request again from its headers, without `upgrade` among the connection
+        options, so that what follows them is read as its body (and the next requests)."""
+        version = self.parser.get_http_version().encode("ascii")
+        head = [self.parser.get_method() + b" " + self.url + b" HTTP/" + version + b"\r\n"]
+        for name, value in self.headers:
+            if name == b"connection":
+                options = [o.strip() for o in value.split(b",")]
+                value = b", ".join(o for o in options if o and o.lower() != b"upgrade")
+                if not value:
+                    continue
+            head.append(name + b": " + value + b"\r\n")
+        self._upgrade_refused = False
+        self._rereading = True
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.data_received(b"".join(head) + b"\r\n" + rest)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -64,6 +144,17 @@ class DeadlineHttp(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        rereading, self._rereading = self._rereading, False
+        if (
+            not rereading
+            and self.parser.should_upgrade()
+            and not self._should_upgrade()
+            # CONNECT's tunnel is not a switch that can be left out: uvicorn's answer.
+            and self.parser.get_method() != b"CONNECT"
+        ):
+            # Read again (`data_received`) before the app is called.
+            self._upgrade_refused = True
+            return
         super().on_headers_complete()
         # Headers without a body end the message at once (on_message_complete follows).
         self._reading_body = True
@@ -75,6 +166,8 @@ class DeadlineHttp(HttpToolsProtocol):
             self._arm(self._body_late)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_refused:
+            return  # the message, body and all, is read again
         self._reading_body = False
         self._disarm()
         super().on_message_complete()
@@ -99,8 +192,7 @@ class DeadlineHttp(HttpToolsProtocol):
             self._arm(self._headers_late)
             return
         log.info("http.request_timeout phase=headers")
-        self.transport.write(_REQUEST_TIMEOUT)
-        self.transport.close()
+        self._close_with(_REQUEST_TIMEOUT)
 
     def _body_late(self) -> None:
         self._deadline = None

@@ -47,6 +47,15 @@ def _no_control_characters(value: str) -> str:
     return value
 
 
+def _one_line_not_blank(value: str) -> str:
+    """A name or a version shown to people and kept in the ledger: one line, something
+    visible in it, without the spaces around it."""
+    value = _no_control_characters(value).strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
 def _valid_email(value: str, *, new: bool) -> str:
     try:
         addresses.parse(value, new=new)
@@ -538,10 +547,11 @@ class ListCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slug: Annotated[str, Field(pattern=SLUG_PATTERN, examples=["bluehats-events"])]
-    name: Annotated[str, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE)]
+    name: Annotated[str, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE_NOT_BLANK)]
     default_locale: Locale = Locale.FR
     consent_version: Annotated[
-        str, Field(min_length=1, max_length=MAX_CONSENT_VERSION, json_schema_extra=ONE_LINE)
+        str,
+        Field(min_length=1, max_length=MAX_CONSENT_VERSION, json_schema_extra=ONE_LINE_NOT_BLANK),
     ] = DEFAULT_CONSENT_VERSION
     confirm_ttl_seconds: Annotated[int, Field(**CONFIRM_TTL_BOUNDS)] = 48 * 3600
     thank_you_url: HttpUrl | None = None
@@ -550,7 +560,7 @@ class ListCreate(BaseModel):
     @field_validator("name", "consent_version")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        return _no_control_characters(value)
+        return _one_line_not_blank(value)
 
 
 # A list's fields that may change but not be removed (null).
@@ -575,13 +585,13 @@ class ListUpdate(BaseModel):
         json_schema_extra=lambda schema: _not_nullable(schema, KEPT_LIST_FIELDS),
     )
 
-    name: Annotated[str | None, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE)] = (
-        None
-    )
+    name: Annotated[
+        str | None, Field(min_length=1, max_length=200, json_schema_extra=ONE_LINE_NOT_BLANK)
+    ] = None
     default_locale: Locale | None = None
     consent_version: Annotated[
         str | None,
-        Field(min_length=1, max_length=MAX_CONSENT_VERSION, json_schema_extra=ONE_LINE),
+        Field(min_length=1, max_length=MAX_CONSENT_VERSION, json_schema_extra=ONE_LINE_NOT_BLANK),
     ] = None
     confirm_ttl_seconds: Annotated[int | None, Field(**CONFIRM_TTL_BOUNDS)] = None
     thank_you_url: HttpUrl | None = None
@@ -590,7 +600,7 @@ class ListUpdate(BaseModel):
     @field_validator("name", "consent_version")
     @classmethod
     def _one_line(cls, value: str | None) -> str | None:
-        return _no_control_characters(value) if value is not None else None
+        return _one_line_not_blank(value) if value is not None else None
 
     @model_validator(mode="after")
     def _required_stay_set(self) -> ListUpdate:

@@ -879,3 +879,37 @@ class TestInputTheDatabaseWouldRefuse:
             path, params={"note": "box 3\nshelf 2", "dry_run": "true"}, content=csv, headers=headers
         )
         assert kept.status_code == 200, kept.text
+
+
+class TestListNames:
+    """A list's name goes into its pages' titles and its mails' Subject, its consent version
+    into the ledger as the proof's wording: neither may be blank."""
+
+    @pytest.mark.parametrize("field", ["name", "consent_version"])
+    @pytest.mark.parametrize("value", [" ", "\u00a0", "   \u3000"])
+    def test_a_blank_name_or_version_is_422_on_create_and_on_change(
+        self, client: TestClient, write_key: dict[str, str], field: str, value: str
+    ) -> None:
+        created = client.post(
+            "/v1/admin/lists",
+            json={"slug": "made-here", "name": "Made here", field: value},
+            headers=write_key,
+        )
+        assert created.status_code == 422, created.text
+        assert created.json()["detail"] == f"{field}: must not be blank"
+        assert client.get("/v1/admin/lists/made-here", headers=write_key).status_code == 404
+        changed = client.patch("/v1/admin/lists/bluehats", json={field: value}, headers=write_key)
+        assert changed.status_code == 422, changed.text
+        assert changed.json()["detail"] == f"{field}: must not be blank"
+        assert client.get("/v1/admin/lists/bluehats", headers=write_key).json()[field].strip()
+
+    def test_spaces_around_a_name_are_left_out(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        created = client.post(
+            "/v1/admin/lists",
+            json={"slug": "made-here", "name": "  Made here ", "consent_version": " v2 "},
+            headers=write_key,
+        )
+        assert created.status_code == 201, created.text
+        assert (created.json()["name"], created.json()["consent_version"]) == ("Made here", "v2")

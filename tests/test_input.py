@@ -7,6 +7,7 @@ the one case where a valid request would record an event and queue a mail.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -270,6 +271,53 @@ class TestContentTypes:
         )
         assert "UTF-8" in error_of(response, 400, "invalid_body")
         endpoint.assert_nothing_stored()
+
+    def test_a_compressed_body_is_415_naming_identity(
+        self, client: TestClient, endpoint: Endpoint, subtests: pytest.Subtests
+    ) -> None:
+        # Bodies are read as sent: gzipped JSON was "not valid JSON", and a body labelled
+        # `br` but sent plain was taken, its label ignored.
+        plain = f'{{"email": "{endpoint.email}"}}'.encode()
+        form = urlencode({"email": endpoint.email}).encode()
+        bodies = {
+            "gzipped json": (JSON_TYPE, gzip.compress(plain), "gzip"),
+            "gzipped form": (FORM_TYPE, gzip.compress(form), "gzip"),
+            "plain json labelled br": (JSON_TYPE, plain, "br"),
+            "plain form labelled gzip after identity": (FORM_TYPE, form, "identity, gzip"),
+        }
+        for name, (headers, body, coding) in bodies.items():
+            with subtests.test(name):
+                response = client.post(
+                    endpoint.path,
+                    content=body,
+                    headers={**headers, "content-encoding": coding},
+                    follow_redirects=False,
+                )
+                detail = error_of(response, 415, "unsupported_media_type")
+                assert "Content-Encoding" in detail
+                assert response.headers["accept-encoding"] == "identity"
+                endpoint.assert_nothing_stored()
+        with subtests.test("multipart, gzipped"):
+            response = client.post(
+                endpoint.path,
+                content=gzip.compress(
+                    b'--b\r\nContent-Disposition: form-data; name="email"\r\n\r\n'
+                    + endpoint.email.encode()
+                    + b"\r\n--b--\r\n"
+                ),
+                headers={
+                    "content-type": "multipart/form-data; boundary=b",
+                    "content-encoding": "gzip",
+                },
+                follow_redirects=False,
+            )
+            error_of(response, 415, "unsupported_media_type")
+            endpoint.assert_nothing_stored()
+        with subtests.test("identity"):
+            response = client.post(
+                endpoint.path, content=plain, headers={**JSON_TYPE, "content-encoding": "Identity"}
+            )
+            assert response.status_code == 202, response.text
 
     def test_json_with_a_charset_parameter_is_read(
         self, client: TestClient, settings: Settings
@@ -877,6 +925,24 @@ class TestAdminBodies:
                 assert message in error_of(response, 400, "invalid_body")
         assert client.get(self.BLOCKS, headers=write_key).json() == []
 
+    def test_no_body_or_json_that_is_not_an_object_is_400_as_on_the_public_routes(
+        self, client: TestClient, write_key: dict[str, str], subtests: pytest.Subtests
+    ) -> None:
+        # FastAPI said 422 "Field required" naming no field, or "Input should be a valid
+        # dictionary": a payload's validation, of a body that has no fields at all.
+        bodies = {
+            "no body": (b"", {}, "The body is empty: send a JSON object."),
+            "null": (b"null", JSON_TYPE, "The body must be a JSON object."),
+            "array": (b"[" + self.BLOCK + b"]", JSON_TYPE, "The body must be a JSON object."),
+            "string": (b'"spam"', JSON_TYPE, "The body must be a JSON object."),
+            "number": (b"1", JSON_TYPE, "The body must be a JSON object."),
+        }
+        for kind, (body, headers, message) in bodies.items():
+            with subtests.test(kind):
+                response = client.post(self.BLOCKS, content=body, headers={**write_key, **headers})
+                assert error_of(response, 400, "invalid_body") == message
+        assert client.get(self.BLOCKS, headers=write_key).json() == []
+
     def test_a_body_in_another_content_type_is_415(
         self, client: TestClient, write_key: dict[str, str], subtests: pytest.Subtests
     ) -> None:
@@ -896,6 +962,15 @@ class TestAdminBodies:
         assert client.get(self.BLOCKS, headers=write_key).json() == []
         response = client.post(self.BLOCKS, content=self.BLOCK, headers={**write_key, **JSON_TYPE})
         assert response.status_code == 201, response.text
+
+    def test_a_compressed_body_is_415_naming_identity(
+        self, client: TestClient, write_key: dict[str, str]
+    ) -> None:
+        headers = {**write_key, **JSON_TYPE, "content-encoding": "gzip"}
+        response = client.post(self.BLOCKS, content=gzip.compress(self.BLOCK), headers=headers)
+        assert "Content-Encoding" in error_of(response, 415, "unsupported_media_type")
+        assert response.headers["accept-encoding"] == "identity"
+        assert client.get(self.BLOCKS, headers=write_key).json() == []
 
     def test_every_admin_route_with_a_json_body_documents_the_415(self, client: TestClient) -> None:
         document = client.get("/openapi.json").json()

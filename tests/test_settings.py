@@ -519,6 +519,15 @@ class TestBadValues:
         message = settings_error()
         assert "NEWSLETTER_LISTS[0].name: must not contain control characters" in (message)
 
+    @pytest.mark.parametrize("field", ["name", "consent_version"])
+    def test_a_blank_list_name_or_consent_version_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, field: str
+    ) -> None:
+        # As the API refuses them: a Subject naming no list, a proof citing no wording.
+        declared = {"slug": "bluehats", "name": "BlueHats", field: " "}
+        monkeypatch.setenv("NEWSLETTER_LISTS", lists(declared))
+        assert f"NEWSLETTER_LISTS[0].{field}: must not be blank" in settings_error()
+
     @pytest.mark.parametrize(
         ("declared", "said"),
         [

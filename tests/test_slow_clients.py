@@ -1,6 +1,7 @@
 """Slow clients: `newsletter serve` gives a request's headers and each pause of its body a
 deadline (NEWSLETTER_CLIENT_TIMEOUT, app/httpserver.py), so connections that send slowly or
-not at all cannot hold the server's sockets for good."""
+not at all cannot hold the server's sockets for good. And a request asking to switch to
+another protocol is served as HTTP/1.1, body and all."""
 
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ def _one_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def _assert_error_shape(answer: bytes, code: str) -> None:
+    """An answer made below the app is in its error shape all the same."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\ncontent-type: application/json\r\n" in head, answer
+    assert b"\r\ndate: " in head, answer
+    error = json.loads(body)
+    assert set(error) == {"error", "detail"}, error
+    assert error["error"] == code, error
+    assert error["detail"], error
+
+
 def _subscriptions(database_url: str) -> list[str]:
     engine = sa.create_engine(database_url)
     with engine.connect() as connection:
@@ -89,6 +101,7 @@ class TestHeaders:
         sock = _connect(server)
         answer = _until_closed(sock)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
+        _assert_error_shape(answer, "request_timeout")
         # Not before the deadline, give or take the event loop's clock: uvloop's timers
         # count from a millisecond clock read once per loop turn, so one fires up to a
         # millisecond early (seen: after 1.9998 s of a 2 s deadline).
@@ -215,3 +228,137 @@ class TestPipelining:
             DeadlineHttp.configure(timeout=before)
         assert first.startswith(b"HTTP/1.1 200 "), first
         assert first.endswith(b"\r\n\r\n/slow")
+
+
+# What `curl --http2` adds to a request over http://.
+H2C_ASK = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+async def _echo(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the request's body, and the Connection and Upgrade headers it saw."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    seen = dict(scope["headers"])
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-seen-connection", seen.get(b"connection", b"-")),
+        (b"x-seen-upgrade", seen.get(b"upgrade", b"-")),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    port = free_port()
+    config = uvicorn.Config(
+        _echo, host="127.0.0.1", port=port, http=DeadlineHttp, ws="none", lifespan="off",
+        log_level="warning",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    before = DeadlineHttp.timeout
+    DeadlineHttp.configure(timeout=TIMEOUT)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=10)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        DeadlineHttp.configure(timeout=before)
+
+
+class TestUpgradeAsked:
+    """A request asking to switch protocols (`Upgrade: h2c`, as `curl --http2` sends over
+    http://) is served as HTTP/1.1 with its body: the switch is not made (RFC 9110 §7.8)."""
+
+    def test_a_sign_up_asking_for_h2c_is_taken_with_its_address(
+        self, server: ServeProcess, database_url: str
+    ) -> None:
+        body = json.dumps({"email": "h2c@example.org"}).encode()
+        sock = _connect(server)
+        sock.sendall(
+            SUBSCRIBE
+            + H2C_ASK
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        answer = _one_response(sock)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        # The connection goes on carrying HTTP/1.1 requests.
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _one_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.close()
+        assert _subscriptions(database_url) == ["h2c@example.org"]
+
+    def test_the_body_is_read_whether_it_comes_with_the_headers_later_or_chunked(
+        self, echo_server: int
+    ) -> None:
+        head = b"POST /echo HTTP/1.1\r\nHost: x\r\n" + H2C_ASK
+        sends = {
+            "with the headers": [head + b"Content-Length: 5\r\n\r\nhello"],
+            "later, in pieces": [head + b"Content-Length: 5\r\n\r\nhe", b"l", b"lo"],
+            "headers in pieces": [head[:20], head[20:] + b"Content-Length: 5\r\n", b"\r\nhello"],
+            "chunked": [
+                head + b"Transfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"
+            ],
+        }
+        for name, pieces in sends.items():
+            sock = socket.create_connection(("127.0.0.1", echo_server), timeout=10)
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.05)
+            answer = _one_response(sock)
+            assert answer.startswith(b"HTTP/1.1 200 "), (name, answer)
+            assert answer.endswith(b"\r\n\r\nhello"), (name, answer)
+            # What the app sees: no switch asked of it, the other connection options kept.
+            assert b"x-seen-connection: HTTP2-Settings\r\n" in answer, (name, answer)
+            sock.sendall(b"POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nnext")
+            assert _one_response(sock).endswith(b"\r\n\r\nnext"), name
+            sock.close()
+
+    def test_a_connect_is_answered_as_before(self, echo_server: int) -> None:
+        # CONNECT asks for a tunnel, not a switch that can be left out: uvicorn's answer.
+        sock = socket.create_connection(("127.0.0.1", echo_server), timeout=10)
+        sock.sendall(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
+        assert _until_closed(sock).startswith(b"HTTP/1.1 400 ")
+
+
+class TestNotHttp:
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            pytest.param(b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", id="unknown-method"),
+            pytest.param(
+                b"GET /v1/lists/bl\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", id="raw-utf8-path"
+            ),
+            pytest.param(
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x01b\r\n\r\n", id="control-header"
+            ),
+            pytest.param(
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n",
+                id="bad-chunk",
+            ),
+            pytest.param(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                id="two-lengths",
+            ),
+        ],
+    )
+    def test_a_request_that_is_not_http_gets_the_error_shape(
+        self, echo_server: int, request_bytes: bytes
+    ) -> None:
+        sock = socket.create_connection(("127.0.0.1", echo_server), timeout=10)
+        sock.sendall(request_bytes)
+        answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        _assert_error_shape(answer, "bad_request")

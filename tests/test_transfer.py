@@ -9,6 +9,7 @@ fields, filters, pages, and formulas kept out of spreadsheets.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -548,6 +549,26 @@ class TestImportRefusesTheFile:
         assert exported.status_code == 422
         assert exported.json()["detail"].startswith("query.state: not a parameter")
 
+    def test_a_filter_given_twice_is_refused_not_half_applied(
+        self, client: TestClient, database_url: str, read_key: dict[str, str]
+    ) -> None:
+        # FastAPI kept the last: "the confirmed and the pending" exported the pending alone.
+        exported = client.get(
+            f"{EXPORT}?status=confirmed&status=pending&format=csv", headers=read_key
+        )
+        assert exported.status_code == 422, exported.text
+        assert exported.json() == {
+            "error": "validation_error",
+            "detail": "query.status: given 2 times: it takes one value (ask once per value)",
+        }
+        listed = client.get(
+            "/v1/admin/lists/bluehats/subscribers?limit=1&limit=50", headers=read_key
+        )
+        assert listed.status_code == 422, listed.text
+        assert listed.json()["detail"].startswith("query.limit: given 2 times")
+        once = client.get(f"{EXPORT}?status=confirmed&format=csv", headers=read_key)
+        assert once.status_code == 200, once.text
+
     def test_malformed_csv_writes_nothing_even_before_the_bad_line(
         self, client: TestClient, database_url: str, write_key: dict[str, str]
     ) -> None:
@@ -682,6 +703,23 @@ class TestImportRefusesTheFile:
             "error": "unsupported_media_type",
             "detail": "Send the file as text/csv.",
         }
+
+    def test_a_compressed_file_is_415_naming_identity(
+        self, client: TestClient, database_url: str, write_key: dict[str, str]
+    ) -> None:
+        # A large export gzipped for the trip: read as sent, it was a file of nonsense.
+        response = client.post(
+            IMPORT,
+            content=gzip.compress((HEADER + _row("ann@example.org")).encode()),
+            headers={**write_key, "content-type": "text/csv", "content-encoding": "gzip"},
+        )
+        assert response.status_code == 415, response.text
+        assert response.json() == {
+            "error": "unsupported_media_type",
+            "detail": "Send the body uncompressed, without a Content-Encoding (identity only).",
+        }
+        assert response.headers["accept-encoding"] == "identity"
+        assert count_rows(database_url, "subscription") == 0
 
     def test_a_form_upload_is_415_saying_how_to_send_the_file(
         self, client: TestClient, database_url: str, write_key: dict[str, str]

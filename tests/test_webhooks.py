@@ -4,6 +4,8 @@ stale or replayed gets 406 and changes nothing. The list's backend is the fake M
 
 from __future__ import annotations
 
+import gzip
+import json
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -432,6 +434,21 @@ class TestRejected:
         assert response.json()["error"] == "invalid_body"
         form = client.post("/v1/webhooks/mailgun", data={"signature": "x"})
         assert form.status_code == 415
+
+    def test_a_compressed_event_is_415_and_changes_nothing(
+        self, client: TestClient, smtp: SmtpSink, settings: Settings
+    ) -> None:
+        confirmed(client, smtp, "a@example.org")
+        body = json.dumps(webhook(SIGNING_KEY, event("unsubscribed", "a@example.org")))
+        response = client.post(
+            "/v1/webhooks/mailgun",
+            content=gzip.compress(body.encode()),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        assert response.status_code == 415, response.text
+        assert response.json()["error"] == "unsupported_media_type"
+        assert response.headers["accept-encoding"] == "identity"
+        assert status_of(settings.database_url, "a@example.org") == "confirmed"
 
 
 class TestIgnored:

@@ -52,7 +52,7 @@ async def list_blocks(database: DatabaseDep, kind: BlockKind | None = None) -> l
     status_code=201,
     response_model=BlockOut,
     dependencies=[Depends(json_body)],
-    responses=errors.responses(errors.Conflict, errors.NotJson),
+    responses=errors.responses(errors.Conflict, errors.NotJson, errors.CompressedBody),
 )
 async def add_block(body: BlockCreate, database: DatabaseDep, who: WriterDep) -> BlockOut:
     """Block an address or a domain (and its subdomains): public requests for it get the

@@ -80,7 +80,7 @@ def _address(raw: str, *, where: tuple[str, ...], new: bool) -> addresses.Addres
     status_code=201,
     response_model=ListOut,
     dependencies=[Depends(json_body)],
-    responses=errors.responses(errors.Conflict, errors.NotJson),
+    responses=errors.responses(errors.Conflict, errors.NotJson, errors.CompressedBody),
 )
 async def create_list(
     body: ListCreate, database: DatabaseDep, settings: SettingsDep, who: WriterDep
@@ -107,7 +107,11 @@ async def create_list(
     response_model=ListOut,
     dependencies=[Depends(json_body)],
     responses=errors.responses(
-        errors.ListNotFound, errors.Conflict, errors.ConsentWordingChanged, errors.NotJson
+        errors.ListNotFound,
+        errors.Conflict,
+        errors.ConsentWordingChanged,
+        errors.NotJson,
+        errors.CompressedBody,
     ),
 )
 async def update_list(
@@ -139,6 +143,7 @@ async def update_list(
         errors.AddressBlocked,
         errors.BadRequest,
         errors.NotJson,
+        errors.CompressedBody,
     ),
 )
 async def add_subscriber(
@@ -179,7 +184,9 @@ async def add_subscriber(
     operation_id="admin_unsubscribe_subscriber",
     response_model=SubscriberOut,
     dependencies=[Depends(json_body)],
-    responses=errors.responses(errors.ListNotFound, errors.NotFound, errors.NotJson),
+    responses=errors.responses(
+        errors.ListNotFound, errors.NotFound, errors.NotJson, errors.CompressedBody
+    ),
 )
 async def unsubscribe_subscriber(
     slug: UrlText,

@@ -38,6 +38,7 @@ from app.api.deps import (
     SettingsDep,
     known_query,
     media_type,
+    refuse_compressed,
 )
 from app.models import utcnow
 from app.schemas import ImportResult, ImportRowError, UrlNote, UrlText
@@ -106,6 +107,7 @@ def _transaction(database: Database) -> transfer.Transaction:
         errors.EmptyCsv,
         errors.PayloadTooLarge,
         errors.NotCsv,
+        errors.CompressedBody,
     ),
     openapi_extra={
         "requestBody": {
@@ -151,6 +153,7 @@ async def import_subscribers(
             raise errors.NotCsv(_FORM_UPLOAD)
         if kind not in CSV_MEDIA_TYPES:
             raise errors.NotCsv()
+        refuse_compressed(request)
         await database.run(lists.get, slug=slug)
         # The body is streamed to a spooled file (memory up to SPOOL_IN_MEMORY, then disk),
         # never held whole: the import reads it twice, line by line. The body limit

@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 from urllib.parse import parse_qsl
 
 from fastapi import Depends, Request
@@ -213,24 +213,65 @@ def refuse_other_charsets(request: Request) -> None:
         raise errors.UnsupportedMediaType("Send the body in UTF-8 (or without a charset).")
 
 
-def _query_names(dependant: Dependant) -> set[str]:
-    names = {field.alias for field in dependant.query_params}
+def refuse_compressed(request: Request) -> None:
+    """415, with `Accept-Encoding: identity`, for a body sent with a content coding.
+
+    Bodies are read as they come: a gzipped one would be "not valid JSON" (or an unreadable
+    form, or a CSV file of nonsense), and one labelled `gzip` but sent plain would be taken
+    whatever its label says.
+    """
+    codings = ",".join(request.headers.getlist("content-encoding"))
+    if any(coding.strip().lower() not in ("", "identity") for coding in codings.split(",")):
+        raise errors.CompressedBody()
+
+
+def _takes_several(annotation: Any) -> bool:
+    """Whether a query parameter so typed takes several values (`list[str] | None`)."""
+    if get_origin(annotation) in (list, set, frozenset, tuple):
+        return True
+    return any(_takes_several(argument) for argument in get_args(annotation))
+
+
+def _query_names(dependant: Dependant) -> dict[str, bool]:
+    """Each query parameter the route takes, and whether it takes several values."""
+    names = {
+        field.alias: _takes_several(field.field_info.annotation) for field in dependant.query_params
+    }
     for sub in dependant.dependencies:
         names |= _query_names(sub)
     return names
 
 
 def known_query(request: Request) -> None:
-    """422 for a query parameter the route does not take (the admin routes).
+    """422 for a query parameter the route does not take (the admin routes), or given more
+    than once where it takes one value.
 
     FastAPI ignores one: a misspelt filter (`?state=confirmed` for `status`) would go
-    unnoticed, and an export of the confirmed subscribers hold every one.
+    unnoticed, and an export of the confirmed subscribers hold every one. It keeps the last
+    of a repeated one: `?status=confirmed&status=pending` exported the pending alone.
     """
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
     known = _query_names(route.dependant)
-    unknown = sorted(set(request.query_params) - known)
+    repeated = sorted(
+        name
+        for name, takes_several in known.items()
+        if not takes_several and len(request.query_params.getlist(name)) > 1
+    )
+    if repeated:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"given {len(request.query_params.getlist(name))} times: it takes "
+                    "one value (ask once per value)",
+                    "type": "extra_forbidden",
+                }
+                for name in repeated
+            ]
+        )
+    unknown = sorted(set(request.query_params) - set(known))
     if unknown:
         takes = ", ".join(sorted(known)) or "none"
         raise RequestValidationError(
@@ -274,6 +315,7 @@ async def json_body(request: Request) -> None:
     kind = media_type(request)
     if kind != JSON and not (kind.startswith("application/") and kind.endswith("+json")):
         raise errors.NotJson()
+    refuse_compressed(request)
     refuse_other_charsets(request)
     # A name given twice is refused, as on the public routes (`_object`): FastAPI would
     # take the last one.
@@ -288,6 +330,7 @@ async def json_body(request: Request) -> None:
 async def read_form(request: Request) -> dict[str, str]:
     """A form post's fields, url-encoded or multipart (a form with
     `enctype="multipart/form-data"`), read as `read_payload` reads one (UTF-8 only)."""
+    refuse_compressed(request)
     refuse_other_charsets(request)
     if media_type(request) == MULTIPART:
         return await _multipart_fields(request)
@@ -339,6 +382,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 async def read_payload(request: Request, model: type[ModelT]) -> ModelT:
     """Parse a JSON or form body into `model`, with clear errors for anything else."""
     kind = media_type(request)
+    refuse_compressed(request)
     refuse_other_charsets(request)
     raw = await request.body()
     data: object

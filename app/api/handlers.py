@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, formguard, logs, pages
 from app.api import views
-from app.api.deps import request_locale, wants_html
+from app.api.deps import refuse_compressed, request_locale, wants_html
 from app.config import ListSettings, Locale, Settings
 from app.i18n import parse_locale
 from app.middleware import relative_location
@@ -346,11 +346,32 @@ def document_error_shape(openapi: dict[str, Any]) -> dict[str, Any]:
     return openapi
 
 
-def _unreadable_body(exc: HTTPException) -> errors.InvalidBody | None:
+def _no_object(exc: RequestValidationError) -> errors.InvalidBody | None:
+    """FastAPI's 422 for a JSON body route (the admin routes) given no body ("Field
+    required", naming no field) or JSON that is not an object ("Input should be a valid
+    dictionary"): a body with no fields to validate, answered as the public routes do.
+    Alone: beside a bad path or query parameter, the 422 names each."""
+    found = exc.errors()
+    if len(found) != 1 or tuple(found[0].get("loc", ())) != ("body",):
+        return None
+    kind = found[0].get("type")
+    if kind == "missing":
+        return errors.InvalidBody("The body is empty: send a JSON object.")
+    if kind in ("model_attributes_type", "dict_type", "model_type"):
+        return errors.InvalidBody("The body must be a JSON object.")
+    return None
+
+
+def _unreadable_body(request: Request, exc: HTTPException) -> errors.DomainError | None:
     """FastAPI's bare 400 ("There was an error parsing the body") for a JSON body it could
     not decode, worded as the public routes word theirs."""
     if exc.status_code != 400:
         return None
+    try:
+        # FastAPI reads the body before the route's dependencies (`json_body`) can say so.
+        refuse_compressed(request)
+    except errors.CompressedBody as e:
+        return e
     if isinstance(exc.__cause__, RecursionError):
         return errors.InvalidBody("The body is nested too deeply.")
     if isinstance(exc.__cause__, ValueError):
@@ -394,11 +415,14 @@ def install(app: FastAPI) -> None:
             # FastAPI's own parsing of a JSON body (the admin routes): unreadable, as the
             # public routes answer it, and not a field's validation.
             return await _domain(request, errors.InvalidBody("The body is not valid JSON."))
+        unreadable = _no_object(exc)
+        if unreadable is not None:
+            return await _domain(request, unreadable)
         return _answer(request, status=422, code="validation_error", detail=_validation_detail(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
-        unreadable = _unreadable_body(exc)
+        unreadable = _unreadable_body(request, exc)
         if unreadable is not None:
             return await _domain(request, unreadable)
         code = HTTP_CODES.get(exc.status_code, "http_error")

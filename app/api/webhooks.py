@@ -8,7 +8,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app import errors, webhooks
-from app.api.deps import JSON, DatabaseDep, SettingsDep, evidence, inline_refs, media_type
+from app.api.deps import (
+    JSON,
+    DatabaseDep,
+    SettingsDep,
+    evidence,
+    inline_refs,
+    media_type,
+    refuse_compressed,
+)
 from app.models import utcnow
 from app.schemas import Accepted, MailgunWebhook
 
@@ -29,6 +37,7 @@ EVENT_ACCEPTED = Accepted(detail="Event received.")
         errors.WebhookReplayed,
         errors.InvalidBody,
         errors.NotJson,
+        errors.CompressedBody,
         errors.PayloadTooLarge,
     ),
     openapi_extra={
@@ -46,6 +55,7 @@ async def mailgun_webhook(
     """Receive a signed Mailgun event: unsubscribes, complaints and hard bounces apply."""
     if media_type(request) != JSON:
         raise errors.NotJson("Send the Mailgun event as application/json.")
+    refuse_compressed(request)
     try:
         payload = json.loads(await request.body())
     except RecursionError as e:
