@@ -234,14 +234,17 @@ class SmtpMailer:
         client = _Client(
             timeout=s.timeout, deadline=deadline, tls=implicit_tls, helo_name=self.helo_name
         )
+        greeted = False
         try:
             code, greeting = client.connect(s.host, s.port)
+            greeted = True
             if code != 220:
                 raise smtplib.SMTPConnectError(code, greeting)
             if s.security == SmtpSecurity.STARTTLS:
                 client.starttls(context=self._tls())
-        except BaseException:
+        except BaseException as e:
             client.close()
+            _note_security(e, s.security, greeted=greeted)
             raise
         return client
 
@@ -328,8 +331,7 @@ class SmtpMailer:
                     # Whatever the cut connection made smtplib say: the server was too slow.
                     raise RetryableMailError(
                         f"SMTP send abandoned at its deadline: {s.host}:{s.port} took more "
-                        f"than {s.timeout:g}s in all (NEWSLETTER_MAILER__TIMEOUT); "
-                        f"{type(e).__name__}: {e}"
+                        f"than {s.timeout:g}s in all (NEWSLETTER_MAILER__TIMEOUT); {_said(e)}"
                     ) from e
                 raise
 
@@ -353,7 +355,7 @@ class SmtpMailer:
                 ) from e
             except (smtplib.SMTPException, OSError) as e:
                 late = " (past NEWSLETTER_MAILER__TIMEOUT)" if deadline.expired else ""
-                raise RetryableMailError(f"{where}: {type(e).__name__}: {e}{late}") from e
+                raise RetryableMailError(f"{where}: {_said(e)}{late}") from e
         login = f", logged in as {s.username}" if s.username is not None else ", no login"
         return f"{where}: the relay answered{login}; nothing was sent"
 
@@ -385,7 +387,40 @@ class SmtpMailer:
                 raise PermanentMailError(f"server cannot carry this mail: {e}") from e
             raise RetryableMailError(f"server does not support what is configured: {e}") from e
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise RetryableMailError(f"{type(e).__name__}: {e}") from e
+            raise RetryableMailError(_said(e)) from e
+
+
+def _note_security(e: BaseException, security: SmtpSecurity, *, greeted: bool) -> None:
+    """Note on a failure to reach the relay the setting that most often causes it. Each
+    alone says little: an `ssl` mailer at a relay's plain port gets `WRONG_VERSION_NUMBER`,
+    a `starttls` or `none` one at its TLS port (465) no greeting until the timeout, as the
+    relay waits for a TLS handshake in silence."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        e.add_note(
+            "the relay's certificate is not trusted for this host: one signed by a private CA "
+            "needs NEWSLETTER_MAILER__CA_FILE, and NEWSLETTER_MAILER__HOST must be a name the "
+            "certificate holds"
+        )
+    elif isinstance(e, ssl.SSLError) and security == SmtpSecurity.SSL:
+        e.add_note(
+            "the relay did not answer in TLS: NEWSLETTER_MAILER__SECURITY=ssl is for a port "
+            "that speaks TLS from the first byte (465); a port such as 587 or 25 takes starttls"
+        )
+    elif (
+        isinstance(e, smtplib.SMTPServerDisconnected)
+        and not greeted
+        and security != SmtpSecurity.SSL
+    ):
+        e.add_note(
+            "no greeting from the relay: a port that speaks TLS from the first byte (465) "
+            "takes NEWSLETTER_MAILER__SECURITY=ssl"
+        )
+
+
+def _said(e: BaseException) -> str:
+    """A failure as the operator reads it: what it is, and the notes on what to change."""
+    notes = "".join(f" ({note})" for note in getattr(e, "__notes__", ()))
+    return f"{type(e).__name__}: {e}{notes}"
 
 
 def _refuses_the_client(code: int, text: bytes) -> bool:
