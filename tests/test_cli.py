@@ -335,8 +335,10 @@ class TestCheck:
         assert "hunter2" not in result.stdout + result.stderr
         assert f"127.0.0.1:{nobody}: ConnectionError" in lines[1]
         assert f"127.0.0.1:{nobody} (none): ConnectionRefusedError" in lines[2]
-        assert lines[3].startswith("FAILED list bluehats: listmonk: list members: ")
-        assert "403" in lines[3]
+        assert lines[3].startswith(
+            "FAILED list bluehats: listmonk: list members: HTTP 403: check the backend's "
+            "username and api_token, and the API user's permissions ("
+        )
         assert result.stderr.strip().endswith("4 of the checks failed")
 
     def test_an_sqlite_file_not_there_is_left_uncreated(

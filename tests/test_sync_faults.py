@@ -693,7 +693,7 @@ class TestCredentialsRevoked:
         assert mailgun.calls() == [("POST", BULK)]
         jobs = sync_jobs(engine)
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
-            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401: check the backend's api_key")
         }
 
     def test_departures_after_a_refused_key_are_not_called_either(
@@ -715,7 +715,7 @@ class TestCredentialsRevoked:
         # Mailgun had just refused.
         assert mailgun.calls() == [("POST", BULK)]
         assert {(job.state, job.attempts, job.last_error) for job in sync_jobs(engine)} == {
-            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401: check the backend's api_key")
         }
         assert {a.response for a in attempts(engine)} == {"401 Forbidden"}
 
@@ -754,7 +754,12 @@ class TestCredentialsRevoked:
             assert 1 <= len(listmonk.calls()) <= settings.worker_concurrency
         jobs = sync_jobs(engine)
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
-            (JobState.DEAD, 1, "listmonk: find: HTTP 403")
+            (
+                JobState.DEAD,
+                1,
+                "listmonk: find: HTTP 403: check the backend's username and api_token, and the "
+                "API user's permissions",
+            )
         }
         assert {a.response for a in attempts(engine)} == {
             '403 {"message":"invalid API credentials"}'
