@@ -362,7 +362,7 @@ def migrate(
 
 @cli.command()
 def check() -> None:
-    """Reach the database, Redis, the mail relay and each list's backend; send nothing.
+    """Reach the database, key file, Redis, mail relay and each list's backend; send nothing.
 
     A line each, ok or FAILED; exit 0 if all answered, 3 if not."""
     from app import preflight

@@ -4,6 +4,9 @@ on it. A wrong relay password or list address otherwise shows only later, as fai
 Nothing is sent, and nothing is written but what a start writes anyway:
 - the database: connected to, and its schema's revision read (an SQLite file not there yet
   is left uncreated; its folder is made, as the start would, and must be writable);
+- the secret key: given, or its file (NEWSLETTER_SECRET_KEY_FILE) read, or, not there yet,
+  left unmade (a check run by another user would own it) with its folder made as the start
+  would, and writable: a file the start cannot make stops it;
 - Redis, when the rate-limit counters live there: PING;
 - the mail relay: connected to, TLS and login as configured, then QUIT with no mail (the
   development mailer: its folder, made if need be as the first mail would, takes a file,
@@ -35,6 +38,7 @@ class Outcome:
 def run(settings: Settings) -> Iterator[Outcome]:
     """The outcomes one after the other, each as soon as it is known."""
     yield database(settings)
+    yield secret_key(settings)
     yield redis(settings)
     yield mailer(settings)
     yield from backends(settings)
@@ -90,6 +94,34 @@ def database(settings: Settings) -> Outcome:
         False,
         f"{where}: {at}, this release needs {head}: run `newsletter migrate`",
     )
+
+
+def secret_key(settings: Settings) -> Outcome:
+    if settings.secret_key is not None:
+        return Outcome("secret key", True, "given in NEWSLETTER_SECRET_KEY")
+    path = settings.secret_key_file.resolve()
+    where = f"{path} (NEWSLETTER_SECRET_KEY_FILE)"
+    if path.exists():
+        # Read, and held to the key's rule, as the settings were loaded.
+        return Outcome("secret key", True, f"{where}: read")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return Outcome(
+            "secret key",
+            False,
+            f"{where}: not there, and its folder {folder} cannot be made: "
+            f"{e.strerror}; make the file, or give NEWSLETTER_SECRET_KEY",
+        )
+    if not os.access(folder, os.W_OK):
+        return Outcome(
+            "secret key",
+            False,
+            f"{where}: not there, and its folder {folder} is not writable "
+            "by this user; make the file, or give NEWSLETTER_SECRET_KEY",
+        )
+    return Outcome("secret key", True, f"{where}: not there yet, made at start")
 
 
 def redis(settings: Settings) -> Outcome:
