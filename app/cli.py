@@ -408,7 +408,16 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
     declared = settings.list_settings(slug)
     if declared is None:
         known = ", ".join(item.slug for item in settings.lists)
-        typer.echo(f"no list {slug!r} in the settings (known: {known})", err=True)
+        if _created_here(settings, slug):
+            # `lists show` names it: "no list in the settings" read as a typo in its name.
+            typer.echo(
+                f"list {slug!r} has no mailing-list backend: it was created through the API "
+                "or the CLI, and NEWSLETTER_LISTS declares none for it (declared there: "
+                f"{known}); declare its backend there first",
+                err=True,
+            )
+        else:
+            typer.echo(f"no list {slug!r} in the settings (known: {known})", err=True)
         raise typer.Exit(2)
     if declared.backend.kind == "none":
         typer.echo(
@@ -421,6 +430,18 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
         connect_timeout=settings.backend_connect_timeout, timeout=settings.backend_timeout
     )
     return backends.make_backend(declared.backend, client), client
+
+
+def _created_here(settings: Settings, slug: str) -> bool:
+    """Whether the database holds a list of this name (created through the API or CLI)."""
+    from app import admin, db
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            return any(item.slug == slug for item in admin.all_lists(session))
+    finally:
+        engine.dispose()
 
 
 def _read_members(

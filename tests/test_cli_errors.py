@@ -150,6 +150,31 @@ class TestListWithoutBackend:
         )
         assert result.stdout == ""
 
+    @pytest.mark.parametrize("command", ["reconcile", "import-backend"])
+    def test_a_list_created_here_is_said_to_need_its_backend_declared(
+        self, database_url: str, tmp_path: Path, command: str
+    ) -> None:
+        created = run(database_url, tmp_path, "lists", "create", "etalab", "--name", "Etalab")
+        assert created.returncode == 0, created.stderr
+        # `lists show` names it; "no list 'etalab' in the settings" read as a misspelt name.
+        result = run(database_url, tmp_path, command, "--list", "etalab")
+        assert result.returncode == 2
+        assert last_line(result) == (
+            "list 'etalab' has no mailing-list backend: it was created through the API or the "
+            "CLI, and NEWSLETTER_LISTS declares none for it (declared there: bluehats); "
+            "declare its backend there first"
+        )
+        assert result.stdout == ""
+
+    def test_a_list_nowhere_is_named_with_the_declared_ones(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        result = run(database_url, tmp_path, "reconcile", "--list", "etalab")
+        assert (result.returncode, last_line(result)) == (
+            2,
+            "no list 'etalab' in the settings (known: bluehats)",
+        )
+
 
 class TestLimits:
     def test_the_cli_takes_the_admin_apis_limits(self) -> None:
