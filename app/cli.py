@@ -19,7 +19,15 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from app.config import DEFAULT_CONSENT_VERSION, Locale, Settings, SettingsError, load_settings
+from app.config import (
+    DEFAULT_CONSENT_VERSION,
+    SLUG_RULE,
+    Locale,
+    Settings,
+    SettingsError,
+    load_settings,
+    refused_slug,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, ProgressColumn
@@ -746,6 +754,8 @@ def _parsed(model: Any, data: dict[str, Any], *, options: Mapping[str, str]) -> 
             where = ".".join(str(part) for part in error["loc"])
             where = options.get(where, where)
             message = str(error["msg"]).removeprefix("Value error, ")
+            if refused_slug(error):
+                message = SLUG_RULE
             typer.echo(f"{where}: {message}" if where else message, err=True)
         raise typer.Exit(2) from e
 

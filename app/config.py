@@ -191,6 +191,16 @@ class Locale(StrEnum):
 
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+# The pattern in words, for whoever typed a name it refuses (`BlueHats`, `blue hats`).
+SLUG_RULE = (
+    "a list's name is lowercase letters, digits and dashes, starting with a letter or a "
+    "digit, at most 63 of them (as bluehats or gazette-bluehats)"
+)
+
+
+def refused_slug(error: ErrorDetails) -> bool:
+    """Whether a validation error is a list's name that SLUG_PATTERN refuses."""
+    return error["type"] == "string_pattern_mismatch" and error["loc"][-1:] == ("slug",)
 
 
 class NoneBackendSettings(BaseModel):
@@ -1141,6 +1151,11 @@ def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
         return name, (
             f"{error['msg']}: give the whole URL with its scheme, e.g. https://example.gouv.fr"
         )
+    if refused_slug(error):
+        return name, SLUG_RULE
+    if kind == "list_type" and isinstance(error.get("input"), dict):
+        # NEWSLETTER_LISTS='{"slug": "bluehats", ...}': one list, written without its array.
+        return name, "one JSON object where a JSON array is expected: put it in [ ], even alone"
     # "Value error, ..." is pydantic's prefix for our validators' own messages.
     return name, str(error["msg"]).removeprefix("Value error, ")
 

@@ -303,6 +303,12 @@ class TestBadInputNamesTheOption:
                 ("lists", "create", "events", "--name", "Events", "--default-locale", "de"),
                 ["--default-locale: Input should be 'fr' or 'en'"],
             ),
+            # The pattern itself ('^[a-z0-9][a-z0-9-]{0,62}$') was the message.
+            (
+                ("lists", "create", "Events", "--name", "Events"),
+                ["SLUG: a list's name is lowercase letters, digits and dashes, starting with a "
+                 "letter or a digit, at most 63 of them (as bluehats or gazette-bluehats)"],
+            ),
             (
                 ("lists", "update", "events", "--thank-you-url", "merci"),
                 ["--thank-you-url: Input should be a valid URL, relative URL without a base"],

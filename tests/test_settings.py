@@ -422,9 +422,12 @@ class TestBadValues:
             "NEWSLETTER_LISTS",
             lists({"slug": "bluehats", "name": "A"}, {"slug": slug, "name": "B"}),
         )
-        message = settings_error()
-        assert "NEWSLETTER_LISTS[1].slug:" in message
-        assert "pattern" in message
+        # Not pydantic's "String should match pattern '^[a-z0-9][a-z0-9-]{0,62}$'".
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LISTS[1].slug: a list's name is lowercase letters, "
+            "digits and dashes, starting with a letter or a digit, at most 63 of them (as "
+            "bluehats or gazette-bluehats)"
+        )
 
     def test_a_list_with_a_negative_confirm_ttl_is_refused(
         self, monkeypatch: pytest.MonkeyPatch
@@ -1090,6 +1093,16 @@ class TestMessagesSayWhatToFix:
         assert settings_error() == (
             "invalid settings:\n  NEWSLETTER_LISTS[0].backend.list_address: only for kind "
             "mailgun, and the kind is listmonk: remove it, or change the kind"
+        )
+
+    def test_one_list_written_without_its_array_says_to_put_it_in_one(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # pydantic said "Input should be a valid list" of a value that held one list.
+        monkeypatch.setenv("NEWSLETTER_LISTS", json.dumps({"slug": "bluehats", "name": "B"}))
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LISTS: one JSON object where a JSON array is "
+            "expected: put it in [ ], even alone"
         )
 
     def test_a_misspelt_key_of_a_list_or_of_its_fields_gets_the_closest(
