@@ -21,12 +21,11 @@ from typer.core import TyperGroup
 
 from app.config import (
     DEFAULT_CONSENT_VERSION,
-    SLUG_RULE,
     Locale,
     Settings,
     SettingsError,
     load_settings,
-    refused_slug,
+    pattern_rule,
 )
 
 if TYPE_CHECKING:
@@ -754,8 +753,7 @@ def _parsed(model: Any, data: dict[str, Any], *, options: Mapping[str, str]) -> 
             where = ".".join(str(part) for part in error["loc"])
             where = options.get(where, where)
             message = str(error["msg"]).removeprefix("Value error, ")
-            if refused_slug(error):
-                message = SLUG_RULE
+            message = pattern_rule(error) or message
             typer.echo(f"{where}: {message}" if where else message, err=True)
         raise typer.Exit(2) from e
 

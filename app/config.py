@@ -191,16 +191,35 @@ class Locale(StrEnum):
 
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-# The pattern in words, for whoever typed a name it refuses (`BlueHats`, `blue hats`).
-SLUG_RULE = (
-    "a list's name is lowercase letters, digits and dashes, starting with a letter or a "
-    "digit, at most 63 of them (as bluehats or gazette-bluehats)"
-)
+# The patterns in words, by the key they check, for whoever typed a value one refuses
+# (`BlueHats`, a list's name for its address): the pattern itself was the message.
+PATTERN_RULES = {
+    "slug": (
+        "a list's name is lowercase letters, digits and dashes, starting with a letter or a "
+        "digit, at most 63 of them (as bluehats or gazette-bluehats)"
+    ),
+    "list_address": "the list's address, as bluehats@mail.codegouv.fr",
+    # A form field's name (a list's own name has no pattern).
+    "name": (
+        "a field's name is lowercase letters, digits and underscores, starting with a letter, "
+        "at most 63 of them (as organisation or job_title)"
+    ),
+    "autocomplete": "an HTML autocomplete token, lowercase letters and dashes (as organization)",
+    "helo_name": (
+        "a host name, of letters, digits, dashes and dots (as newsletter.code.gouv.fr), or "
+        "an address literal (as [192.0.2.7])"
+    ),
+    "rate_limit_key_prefix": (
+        "letters, digits and _ . : - only, at most 64 of them (as newsletter-staging)"
+    ),
+}
 
 
-def refused_slug(error: ErrorDetails) -> bool:
-    """Whether a validation error is a list's name that SLUG_PATTERN refuses."""
-    return error["type"] == "string_pattern_mismatch" and error["loc"][-1:] == ("slug",)
+def pattern_rule(error: ErrorDetails) -> str | None:
+    """A value refused by its key's pattern, said in words; None for any other error."""
+    if error["type"] != "string_pattern_mismatch" or not error["loc"]:
+        return None
+    return PATTERN_RULES.get(str(error["loc"][-1]))
 
 
 class NoneBackendSettings(BaseModel):
@@ -1151,8 +1170,8 @@ def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
         return name, (
             f"{error['msg']}: give the whole URL with its scheme, e.g. https://example.gouv.fr"
         )
-    if refused_slug(error):
-        return name, SLUG_RULE
+    if (rule := pattern_rule(error)) is not None:
+        return name, rule
     if kind == "list_type" and isinstance(error.get("input"), dict):
         # NEWSLETTER_LISTS='{"slug": "bluehats", ...}': one list, written without its array.
         return name, "one JSON object where a JSON array is expected: put it in [ ], even alone"

@@ -1095,6 +1095,43 @@ class TestMessagesSayWhatToFix:
             "mailgun, and the kind is listmonk: remove it, or change the kind"
         )
 
+    @pytest.mark.parametrize(
+        ("variable", "value", "problem"),
+        [
+            # The list's name where its address goes.
+            ("NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "backend": {
+                "kind": "mailgun", "list_address": "bluehats", "api_key": "k",
+                "webhook_signing_key": "s"}}),
+             "NEWSLETTER_LISTS[0].backend.list_address: the list's address, as "
+             "bluehats@mail.codegouv.fr"),
+            ("NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "fields": [
+                {"name": "Organisation", "label": {"fr": "Administration"}}]}),
+             "NEWSLETTER_LISTS[0].fields[0].name: a field's name is lowercase letters, digits "
+             "and underscores, starting with a letter, at most 63 of them (as organisation or "
+             "job_title)"),
+            ("NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "fields": [
+                {"name": "organisation", "label": {"fr": "A"}, "autocomplete": "Organization"}]}),
+             "NEWSLETTER_LISTS[0].fields[0].autocomplete: an HTML autocomplete token, lowercase "
+             "letters and dashes (as organization)"),
+            ("NEWSLETTER_MAILER__HELO_NAME", "newsletter code",
+             "NEWSLETTER_MAILER__HELO_NAME: a host name, of letters, digits, dashes and dots (as "
+             "newsletter.code.gouv.fr), or an address literal (as [192.0.2.7])"),
+            ("NEWSLETTER_RATE_LIMIT_KEY_PREFIX", "newsletter staging",
+             "NEWSLETTER_RATE_LIMIT_KEY_PREFIX: letters, digits and _ . : - only, at most 64 of "
+             "them (as newsletter-staging)"),
+        ],
+    )  # fmt: skip
+    def test_a_value_its_pattern_refuses_is_said_in_words(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+    ) -> None:
+        # pydantic gave the regular expression: '^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}...' for the
+        # EHLO name.
+        if variable == "NEWSLETTER_MAILER__HELO_NAME":
+            monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+            monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.gouv.fr")
+        monkeypatch.setenv(variable, value)
+        assert settings_error() == f"invalid settings:\n  {problem}"
+
     def test_one_list_written_without_its_array_says_to_put_it_in_one(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
