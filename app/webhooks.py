@@ -135,6 +135,15 @@ def verify_mailgun(
     signature = call.signature
     event_data = call.event_data
     candidates = _mailgun_lists(lists)
+    if not candidates and any(isinstance(item.backend, MailgunBackendSettings) for item in lists):
+        # Mailgun's webhooks pointed here before the key was set: a 406 "signature does not
+        # verify" would have lost each event, and said nothing of the setting.
+        log.warning(
+            "webhook.not_configured backend=mailgun: no Mailgun list has its "
+            "webhook_signing_key in NEWSLETTER_LISTS (Mailgun: Sending > Webhooks, HTTP "
+            "webhook signing key); the call is answered 503 and Mailgun retries it"
+        )
+        raise errors.WebhookNotConfigured()
     named = _list_address(event_data)
     targets = [
         (item, key)
