@@ -21,6 +21,7 @@ from app.models import ConsentEvent, Subscription
 from app.worker import Worker
 from tests.conftest import SECRET, SmtpSink
 from tests.fake_listmonk import FakeListmonk, Seen
+from tests.fake_mailgun import FakeMailgun
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 LIST = 3
@@ -391,6 +392,29 @@ class TestCheck:
         )
         # Made by the check, it would be the key of whoever ran it, unreadable by the service.
         assert not key_file.exists()
+
+    def test_a_mailgun_list_without_its_webhook_signing_key_is_said(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        # Its webhooks get 503 until the key is set: found before they are pointed here.
+        fake = FakeMailgun()
+        fake.create_list("bluehats@mail.codegouv.fr")
+        backend = {
+            "kind": "mailgun", "list_address": "bluehats@mail.codegouv.fr",
+            "api_key": FakeMailgun.api_key,
+        }  # fmt: skip
+        with fake.serve() as url:
+            declared = [{"slug": "bluehats", "name": "B", "backend": {**backend, "base_url": url}}]
+            result = newsletter(
+                "check",
+                database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+                LISTS=json.dumps(declared), MAILER__DIRECTORY=str(tmp_path / "mail"),
+            )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines()[-1] == (
+            "ok     list bluehats: mailgun: read 0 members on the first page; no "
+            "webhook_signing_key: Mailgun's webhooks get 503 until it is set"
+        )
 
     def test_an_sqlite_file_not_there_is_left_uncreated(
         self, listmonk: FakeListmonk, tmp_path: Path
