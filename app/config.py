@@ -1157,6 +1157,19 @@ def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
     permitted" for a misspelt key, "unable to interpret input" for a boolean, "relative URL
     without a base" for a URL without its scheme. Only a boolean's value is repeated: any
     other may be a secret."""
+    name, problem = _problem_itself(name, error)
+    value = error.get("input")
+    if isinstance(value, str) and re.search(r"\s#", value):
+        # `NEWSLETTER_MAILER__PORT=587  # default` in an environment file: systemd and
+        # Docker keep the comment as part of the value (docs/production.md).
+        problem += (
+            " (the value holds ' #': a comment after a value is part of it in an environment "
+            "file; put the comment on a line of its own)"
+        )
+    return name, problem
+
+
+def _problem_itself(name: str, error: ErrorDetails) -> tuple[str, str]:
     kind = error["type"]
     if kind == "union_tag_invalid":
         context = error.get("ctx", {})

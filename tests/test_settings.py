@@ -1132,6 +1132,31 @@ class TestMessagesSayWhatToFix:
         monkeypatch.setenv(variable, value)
         assert settings_error() == f"invalid settings:\n  {problem}"
 
+    @pytest.mark.parametrize(
+        ("variable", "value", "problem"),
+        [
+            ("NEWSLETTER_MAILER__PORT", "587  # default",
+             "Input should be a valid integer, unable to parse string as an integer"),
+            ("NEWSLETTER_MAILER__SECURITY", "starttls # default",
+             "Input should be 'none', 'starttls' or 'ssl'"),
+            ("NEWSLETTER_JOB_LEASE", "5m # lease",
+             "'5m # lease' is not a duration; give seconds (90) or a number with its unit: 90s, "
+             "5m, 48h, 7d"),
+        ],
+    )  # fmt: skip
+    def test_a_comment_after_a_value_is_said_to_be_part_of_it(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+    ) -> None:
+        # systemd's and Docker's environment files keep it (docs/production.md), where a
+        # shell would drop it: the refusal said nothing of the comment.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.gouv.fr")
+        monkeypatch.setenv(variable, value)
+        assert settings_error() == (
+            f"invalid settings:\n  {variable}: {problem} (the value holds ' #': a comment after "
+            "a value is part of it in an environment file; put the comment on a line of its own)"
+        )
+
     def test_one_list_written_without_its_array_says_to_put_it_in_one(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
