@@ -266,7 +266,15 @@ class MailgunBackendSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _no_credentials(cls, value: HttpUrl | None) -> HttpUrl | None:
-        return _without_credentials(value, instead="api_key")
+        _without_credentials(value, instead="api_key")
+        # Mailgun's pages write each call's URL with its version (https://api.eu.mailgun.net
+        # /v3/lists/...); a base_url copied with it made every call /v3/v3/..., a 404.
+        if value is not None and re.search(r"/v\d+/?$", value.path or ""):
+            root = re.sub(r"/v\d+/?$", "", str(value))
+            raise ValueError(
+                f"base_url is the API's root, without the version the calls add: {root}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_host(self) -> MailgunBackendSettings:
@@ -330,6 +338,11 @@ class ListmonkBackendSettings(BaseModel):
     @classmethod
     def _no_credentials(cls, value: HttpUrl) -> HttpUrl:
         _without_credentials(value, instead="username and api_token")
+        # The calls add /api/...: a base_url copied from listmonk's API pages with it made
+        # every call /api/api/..., a 404.
+        if re.search(r"/api/?$", value.path or ""):
+            root = re.sub(r"/api/?$", "", str(value))
+            raise ValueError(f"base_url is listmonk's root, without the /api the calls add: {root}")
         return value
 
 

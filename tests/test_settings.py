@@ -1157,6 +1157,31 @@ class TestMessagesSayWhatToFix:
             "a value is part of it in an environment file; put the comment on a line of its own)"
         )
 
+    @pytest.mark.parametrize(
+        ("backend", "problem"),
+        [
+            # As Mailgun's pages write each call: https://api.eu.mailgun.net/v3/lists/...
+            ({"kind": "mailgun", "list_address": "l@mg.example.org", "api_key": "k",
+              "base_url": "https://api.eu.mailgun.net/v3"},
+             "base_url is the API's root, without the version the calls add: "
+             "https://api.eu.mailgun.net"),
+            ({"kind": "listmonk", "username": "api", "api_token": "t", "list_id": 3,
+              "base_url": "https://news.example.org/listmonk/api/"},
+             "base_url is listmonk's root, without the /api the calls add: "
+             "https://news.example.org/listmonk"),
+        ],
+    )  # fmt: skip
+    def test_a_backend_url_with_the_path_its_calls_add_says_so(
+        self, monkeypatch: pytest.MonkeyPatch, backend: dict[str, object], problem: str
+    ) -> None:
+        # Every call went to /v3/v3/... or /api/api/...: a 404 that named no setting.
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "backend": backend})
+        )
+        assert settings_error() == (
+            f"invalid settings:\n  NEWSLETTER_LISTS[0].backend.base_url: {problem}"
+        )
+
     def test_one_list_written_without_its_array_says_to_put_it_in_one(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
