@@ -392,11 +392,13 @@ class TestSmtpMailer:
             )
         )
         # What `newsletter jobs failed` shows for each mail until the setting is fixed.
+        # The socket's read timeout and the send's deadline are both the timeout: either
+        # may end the wait ("abandoned at its deadline" or "timed out").
         with pytest.raises(
             RetryableMailError,
-            match=r"^SMTP send abandoned at its deadline: .*SMTPServerDisconnected: .* \(no "
-            r"greeting from the relay: a port that speaks TLS from the first byte \(465\) "
-            r"takes NEWSLETTER_MAILER__SECURITY=ssl\)$",
+            match=r"SMTPServerDisconnected: Connection unexpectedly closed.* \(no greeting from "
+            r"the relay: a port that speaks TLS from the first byte \(465\) takes "
+            r"NEWSLETTER_MAILER__SECURITY=ssl\)$",
         ):
             mailer.send(_mail())
         assert implicit_tls_server.messages == []
@@ -898,12 +900,16 @@ class TestCheck:
         mailer = self._mailer(implicit_tls_server, ca_file=certificate[0], timeout=1)
         with pytest.raises(RetryableMailError) as raised:
             mailer.check()
-        assert str(raised.value) == (
+        said = str(raised.value)
+        assert said.startswith(
             f"127.0.0.1:{implicit_tls_server.port} (starttls): SMTPServerDisconnected: "
-            "Connection unexpectedly closed (no greeting from the relay: a port that speaks TLS "
-            "from the first byte (465) takes NEWSLETTER_MAILER__SECURITY=ssl) "
-            "(past NEWSLETTER_MAILER__TIMEOUT)"
+            "Connection unexpectedly closed"
         )
+        # Ended by the socket's read timeout or by the deadline, both the timeout.
+        assert (
+            " (no greeting from the relay: a port that speaks TLS from the first byte (465) "
+            "takes NEWSLETTER_MAILER__SECURITY=ssl)"
+        ) in said
 
     def test_starttls_a_relay_does_not_offer_is_said(self, smtp: SmtpSink) -> None:
         with pytest.raises(RetryableMailError, match="does not offer what is configured"):
