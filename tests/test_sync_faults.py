@@ -678,7 +678,12 @@ class TestRetryAfterTooFar:
 
 class TestCredentialsRevoked:
     def test_a_refused_key_costs_one_call_per_round_not_one_per_member(
-        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        mailgun: Mailgun,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         settings = worker_settings(database_url, mailgun, tmp_path)
         emails = [f"k{n}@example.org" for n in range(20)]
@@ -695,6 +700,12 @@ class TestCredentialsRevoked:
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
             (JobState.DEAD, 1, "mailgun bulk add: HTTP 401: check the backend's api_key")
         }
+        # The reason in the worker's log too, once for the round's twenty jobs: it said
+        # only "sync.round ... failed=20", at INFO.
+        assert [
+            record.getMessage() for record in caplog.records if record.levelname == "WARNING"
+        ] == ["sync.failed jobs=20 state=dead error=mailgun bulk add: HTTP 401: check the "
+              "backend's api_key"]  # fmt: skip
 
     def test_departures_after_a_refused_key_are_not_called_either(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
