@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from app import admin, apikeys, cli, migrations
-from app.models import ApiKey
+from app.models import ApiKey, utcnow
 from app.schemas import CONFIRM_TTL_BOUNDS, MAX_ROW_ID
 from tests.conftest import SECRET, free_port, wait_until
 from tests.processes import Process, service_env
@@ -273,6 +273,24 @@ class TestKeyNames:
             names = {row.name for row in session.exec(select(ApiKey)).all()}
         assert names == {"dashboard", longest}
         assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
+
+    def test_the_name_of_a_revoked_key_is_said_to_be_taken_by_it(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        assert run(database_url, tmp_path, "keys", "create", "--name", "ops").returncode == 0
+        assert run(database_url, tmp_path, "keys", "revoke", "ops").returncode == 0
+        # "A key named 'ops' already exists." where `keys list` shows it revoked.
+        again = run(database_url, tmp_path, "keys", "create", "--name", "ops")
+        assert (again.returncode, last_line(again)) == (
+            1,
+            f"A key named 'ops' existed: it was revoked on {utcnow():%Y-%m-%d}, and its name "
+            "stays its own (the audit log names keys by it); give the new key another name.",
+        )
+        live = run(database_url, tmp_path, "keys", "create", "--name", "ops-2")
+        assert live.returncode == 0
+        assert last_line(run(database_url, tmp_path, "keys", "create", "--name", "ops-2")) == (
+            "A key named 'ops-2' already exists."
+        )
 
 
 class TestBadInputNamesTheOption:
