@@ -447,6 +447,36 @@ class TestRejected:
             assert post(client, body).json() == ACCEPTED
         assert status_of(database_url, "reader@example.org") == "unsubscribed"
 
+    def test_an_event_about_a_list_whose_key_is_not_set_is_refused_for_mailgun_to_retry(
+        self, database_url: str, smtp: SmtpSink, mailgun_url: str
+    ) -> None:
+        # The account's key was set on another list only: verified with it, the event was
+        # taken for one about a list not held here, acknowledged and dropped.
+        events = {
+            "slug": "events",
+            "name": "Events",
+            "backend": {**mailgun_list(mailgun_url)["backend"], "list_address": "ev@mg.org"},
+        }
+        keyless = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[mailgun_list(mailgun_url, webhook_signing_key=None), events],
+        )
+        with TestClient(create_app(keyless)) as client:
+            confirmed(client, smtp, "reader@example.org")
+            refused = post(
+                client, webhook(SIGNING_KEY, event("unsubscribed", "reader@example.org"))
+            )
+        assert (refused.status_code, refused.json()) == (
+            503,
+            {
+                "error": "webhook_not_configured",
+                "detail": "The Mailgun list 'bluehats' has no webhook_signing_key here "
+                "(NEWSLETTER_LISTS), so the call cannot be verified; Mailgun retries it.",
+            },
+        )
+        assert status_of(database_url, "reader@example.org") == "confirmed"
+
     def test_a_body_that_is_not_json_is_400(self, client: TestClient) -> None:
         response = client.post(
             "/v1/webhooks/mailgun",
