@@ -305,9 +305,14 @@ class MailmanBackendSettings(BaseModel):
         _without_credentials(value, instead="username and password")
         # Without the version every call answers 404, which would read as a missing list.
         if not re.search(r"/3\.\d+/?$", value.path or ""):
+            # A URL copied from a call (`.../3.1/lists/<id>`) is cut after its version,
+            # rather than given the version once more at its end.
+            url = str(value)
+            version = re.search(r"^(\w+://[^/]+(?:/[^/]+)*?/3\.\d+)/", url)
+            root = version[1] if version else url.rstrip("/") + "/3.1"
             raise ValueError(
-                f"base_url must end with the REST API version, e.g. {str(value).rstrip('/')}"
-                "/3.1 (Mailman answers 404 to every call without it)"
+                f"base_url must end with the REST API version, e.g. {root} (Mailman answers "
+                "404 to every call without it)"
             )
         return value
 

@@ -605,6 +605,13 @@ class TestBadValues:
                 "https://lists.example.org",
                 "base_url must end with the REST API version, e.g. https://lists.example.org/3.1",
             ),
+            # A call's URL: cut after its version, not given the version again at its end
+            # (".../3.1/lists/bluehats.lists.example.org/3.1").
+            (
+                "base_url",
+                "https://lists.example.org/3.1/lists/bluehats.lists.example.org",
+                "base_url must end with the REST API version, e.g. https://lists.example.org/3.1 ",
+            ),
         ],
     )
     def test_a_mailman_list_given_as_mailman_would_refuse_it_fails_at_start(
