@@ -812,6 +812,15 @@ class Settings(BaseSettings):
     # than this; a slower one is cut (app/httpserver.py).
     client_timeout: Duration = timedelta(seconds=30)
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # `debug`, `Info`, `JSON`: there is no other reading of them, and logging tools
+        # take either case.
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
+
     @field_validator("secret_key")
     @classmethod
     def _strong_secret_key(cls, value: SecretStr | None) -> SecretStr | None:

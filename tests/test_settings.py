@@ -673,6 +673,26 @@ class TestBadValues:
 
 
 class TestGoodValues:
+    @pytest.mark.parametrize(
+        ("level", "fmt", "expected"),
+        [("debug", "JSON", ("DEBUG", "json")), ("Warning", "Text", ("WARNING", "text"))],
+    )
+    def test_the_log_level_and_format_are_taken_in_any_case(
+        self, monkeypatch: pytest.MonkeyPatch, level: str, fmt: str, expected: tuple[str, str]
+    ) -> None:
+        # `NEWSLETTER_LOG_LEVEL=debug` stopped the start: "Input should be 'DEBUG', ...".
+        monkeypatch.setenv("NEWSLETTER_LOG_LEVEL", level)
+        monkeypatch.setenv("NEWSLETTER_LOG_FORMAT", fmt)
+        settings = load_settings()
+        assert (settings.log_level, settings.log_format) == expected
+
+    def test_a_log_level_of_no_case_is_still_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("NEWSLETTER_LOG_LEVEL", "verbose")
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LOG_LEVEL: Input should be 'DEBUG', 'INFO', "
+            "'WARNING' or 'ERROR'"
+        )
+
     def test_settings_in_seconds_take_the_durations_units(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
