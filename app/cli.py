@@ -375,6 +375,10 @@ def check() -> None:
     from app import preflight
 
     settings = _settings()
+    if settings.log_level != "DEBUG":
+        # Each backend's read logged its request at INFO between the report's lines; the
+        # line says what answered. DEBUG keeps them.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     failed = 0
     for outcome in preflight.run(settings):
         typer.echo(f"{'ok' if outcome.ok else 'FAILED':<7}{outcome.part}: {outcome.detail}")

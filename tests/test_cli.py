@@ -393,6 +393,28 @@ class TestCheck:
         # Made by the check, it would be the key of whoever ran it, unreadable by the service.
         assert not key_file.exists()
 
+    def test_the_report_is_not_interleaved_with_the_http_client_s_log(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        # At INFO, httpx's "HTTP Request: GET http://.../api/subscribers?..." came between
+        # the report's lines in a terminal.
+        result = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            LOG_LEVEL="INFO", MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines()[-1] == (
+            "ok     list bluehats: listmonk: read 0 members on the first page"
+        )
+        assert "HTTP Request" not in result.stderr
+        debug = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            LOG_LEVEL="DEBUG", MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert "HTTP Request: GET" in debug.stderr
+
     def test_a_mailgun_list_without_its_webhook_signing_key_is_said(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
     ) -> None:
