@@ -51,7 +51,16 @@ def clean_name(raw: str) -> str:
 
 def create(session: Session, *, name: str, scope: KeyScope, now: datetime) -> tuple[ApiKey, str]:
     """A new key; the clear key is returned once and never stored."""
-    if session.exec(select(ApiKey).where(ApiKey.name == name)).first() is not None:
+    existing = session.exec(select(ApiKey).where(ApiKey.name == name)).first()
+    if existing is not None and existing.revoked_at is not None:
+        # A revoked key keeps its name, so that the audit log's lines about it stay its own:
+        # "already exists" sent the operator who had just revoked it looking for a live one.
+        raise errors.Conflict(
+            f"A key named {name!r} existed: it was revoked on "
+            f"{existing.revoked_at:%Y-%m-%d}, and its name stays its own (the audit log names "
+            "keys by it); give the new key another name."
+        )
+    if existing is not None:
         raise errors.Conflict(f"A key named {name!r} already exists.")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name, scope=scope, key_hash=_hash(key), prefix=key[:10], created_at=now)

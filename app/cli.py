@@ -19,7 +19,14 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from app.config import DEFAULT_CONSENT_VERSION, Locale, Settings, SettingsError, load_settings
+from app.config import (
+    DEFAULT_CONSENT_VERSION,
+    Locale,
+    Settings,
+    SettingsError,
+    load_settings,
+    pattern_rule,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, ProgressColumn
@@ -362,12 +369,16 @@ def migrate(
 
 @cli.command()
 def check() -> None:
-    """Reach the database, Redis, the mail relay and each list's backend; send nothing.
+    """Reach the database, key file, Redis, mail relay and each list's backend; send nothing.
 
     A line each, ok or FAILED; exit 0 if all answered, 3 if not."""
     from app import preflight
 
     settings = _settings()
+    if settings.log_level != "DEBUG":
+        # Each backend's read logged its request at INFO between the report's lines; the
+        # line says what answered. DEBUG keeps them.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     failed = 0
     for outcome in preflight.run(settings):
         typer.echo(f"{'ok' if outcome.ok else 'FAILED':<7}{outcome.part}: {outcome.detail}")
@@ -408,7 +419,16 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
     declared = settings.list_settings(slug)
     if declared is None:
         known = ", ".join(item.slug for item in settings.lists)
-        typer.echo(f"no list {slug!r} in the settings (known: {known})", err=True)
+        if _created_here(settings, slug):
+            # `lists show` names it: "no list in the settings" read as a typo in its name.
+            typer.echo(
+                f"list {slug!r} has no mailing-list backend: it was created through the API "
+                "or the CLI, and NEWSLETTER_LISTS declares none for it (declared there: "
+                f"{known}); declare its backend there first",
+                err=True,
+            )
+        else:
+            typer.echo(f"no list {slug!r} in the settings (known: {known})", err=True)
         raise typer.Exit(2)
     if declared.backend.kind == "none":
         typer.echo(
@@ -421,6 +441,18 @@ def _backend_for(settings: Settings, slug: str) -> tuple[Any, Any]:
         connect_timeout=settings.backend_connect_timeout, timeout=settings.backend_timeout
     )
     return backends.make_backend(declared.backend, client), client
+
+
+def _created_here(settings: Settings, slug: str) -> bool:
+    """Whether the database holds a list of this name (created through the API or CLI)."""
+    from app import admin, db
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.session_scope(engine) as session:
+            return any(item.slug == slug for item in admin.all_lists(session))
+    finally:
+        engine.dispose()
 
 
 def _read_members(
@@ -725,6 +757,7 @@ def _parsed(model: Any, data: dict[str, Any], *, options: Mapping[str, str]) -> 
             where = ".".join(str(part) for part in error["loc"])
             where = options.get(where, where)
             message = str(error["msg"]).removeprefix("Value error, ")
+            message = pattern_rule(error) or message
             typer.echo(f"{where}: {message}" if where else message, err=True)
         raise typer.Exit(2) from e
 

@@ -191,6 +191,35 @@ class Locale(StrEnum):
 
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+# The patterns in words, by the key they check, for whoever typed a value one refuses
+# (`BlueHats`, a list's name for its address): the pattern itself was the message.
+PATTERN_RULES = {
+    "slug": (
+        "a list's name is lowercase letters, digits and dashes, starting with a letter or a "
+        "digit, at most 63 of them (as bluehats or gazette-bluehats)"
+    ),
+    "list_address": "the list's address, as bluehats@mail.codegouv.fr",
+    # A form field's name (a list's own name has no pattern).
+    "name": (
+        "a field's name is lowercase letters, digits and underscores, starting with a letter, "
+        "at most 63 of them (as organisation or job_title)"
+    ),
+    "autocomplete": "an HTML autocomplete token, lowercase letters and dashes (as organization)",
+    "helo_name": (
+        "a host name, of letters, digits, dashes and dots (as newsletter.code.gouv.fr), or "
+        "an address literal (as [192.0.2.7])"
+    ),
+    "rate_limit_key_prefix": (
+        "letters, digits and _ . : - only, at most 64 of them (as newsletter-staging)"
+    ),
+}
+
+
+def pattern_rule(error: ErrorDetails) -> str | None:
+    """A value refused by its key's pattern, said in words; None for any other error."""
+    if error["type"] != "string_pattern_mismatch" or not error["loc"]:
+        return None
+    return PATTERN_RULES.get(str(error["loc"][-1]))
 
 
 class NoneBackendSettings(BaseModel):
@@ -237,7 +266,15 @@ class MailgunBackendSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _no_credentials(cls, value: HttpUrl | None) -> HttpUrl | None:
-        return _without_credentials(value, instead="api_key")
+        _without_credentials(value, instead="api_key")
+        # Mailgun's pages write each call's URL with its version (https://api.eu.mailgun.net
+        # /v3/lists/...); a base_url copied with it made every call /v3/v3/..., a 404.
+        if value is not None and re.search(r"/v\d+/?$", value.path or ""):
+            root = re.sub(r"/v\d+/?$", "", str(value))
+            raise ValueError(
+                f"base_url is the API's root, without the version the calls add: {root}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_host(self) -> MailgunBackendSettings:
@@ -268,9 +305,14 @@ class MailmanBackendSettings(BaseModel):
         _without_credentials(value, instead="username and password")
         # Without the version every call answers 404, which would read as a missing list.
         if not re.search(r"/3\.\d+/?$", value.path or ""):
+            # A URL copied from a call (`.../3.1/lists/<id>`) is cut after its version,
+            # rather than given the version once more at its end.
+            url = str(value)
+            version = re.search(r"^(\w+://[^/]+(?:/[^/]+)*?/3\.\d+)/", url)
+            root = version[1] if version else url.rstrip("/") + "/3.1"
             raise ValueError(
-                f"base_url must end with the REST API version, e.g. {str(value).rstrip('/')}"
-                "/3.1 (Mailman answers 404 to every call without it)"
+                f"base_url must end with the REST API version, e.g. {root} (Mailman answers "
+                "404 to every call without it)"
             )
         return value
 
@@ -301,6 +343,11 @@ class ListmonkBackendSettings(BaseModel):
     @classmethod
     def _no_credentials(cls, value: HttpUrl) -> HttpUrl:
         _without_credentials(value, instead="username and api_token")
+        # The calls add /api/...: a base_url copied from listmonk's API pages with it made
+        # every call /api/api/..., a 404.
+        if re.search(r"/api/?$", value.path or ""):
+            root = re.sub(r"/api/?$", "", str(value))
+            raise ValueError(f"base_url is listmonk's root, without the /api the calls add: {root}")
         return value
 
 
@@ -768,6 +815,15 @@ class Settings(BaseSettings):
     # than this; a slower one is cut (app/httpserver.py).
     client_timeout: Duration = timedelta(seconds=30)
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # `debug`, `Info`, `JSON`: there is no other reading of them, and logging tools
+        # take either case.
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
+
     @field_validator("secret_key")
     @classmethod
     def _strong_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -1131,6 +1187,19 @@ def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
     permitted" for a misspelt key, "unable to interpret input" for a boolean, "relative URL
     without a base" for a URL without its scheme. Only a boolean's value is repeated: any
     other may be a secret."""
+    name, problem = _problem_itself(name, error)
+    value = error.get("input")
+    if isinstance(value, str) and re.search(r"\s#", value):
+        # `NEWSLETTER_MAILER__PORT=587  # default` in an environment file: systemd and
+        # Docker keep the comment as part of the value (docs/production.md).
+        problem += (
+            " (the value holds ' #': a comment after a value is part of it in an environment "
+            "file; put the comment on a line of its own)"
+        )
+    return name, problem
+
+
+def _problem_itself(name: str, error: ErrorDetails) -> tuple[str, str]:
     kind = error["type"]
     if kind == "union_tag_invalid":
         context = error.get("ctx", {})
@@ -1144,6 +1213,11 @@ def _problem(name: str, error: ErrorDetails) -> tuple[str, str]:
         return name, (
             f"{error['msg']}: give the whole URL with its scheme, e.g. https://example.gouv.fr"
         )
+    if (rule := pattern_rule(error)) is not None:
+        return name, rule
+    if kind == "list_type" and isinstance(error.get("input"), dict):
+        # NEWSLETTER_LISTS='{"slug": "bluehats", ...}': one list, written without its array.
+        return name, "one JSON object where a JSON array is expected: put it in [ ], even alone"
     # "Value error, ..." is pydantic's prefix for our validators' own messages.
     return name, str(error["msg"]).removeprefix("Value error, ")
 

@@ -309,6 +309,19 @@ class WebhookReplayed(WebhookRejected):
     message = "This webhook call was already received."
 
 
+class WebhookNotConfigured(DomainError):
+    """A Mailgun list is declared, none with its webhook signing key: no call can be checked.
+    Not a 406, after which Mailgun drops the event (an unsubscribe lost): it retries this
+    answer for 8 hours, and its retries verify once the key is set."""
+
+    status_code = 503
+    code = "webhook_not_configured"
+    message = (
+        "No Mailgun list here has its webhook_signing_key (NEWSLETTER_LISTS), so the call "
+        "cannot be verified; Mailgun retries it."
+    )
+
+
 def responses(*errors: type[DomainError], html: bool = False) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entry documenting these errors in the OpenAPI document.
 

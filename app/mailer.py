@@ -294,8 +294,9 @@ class SmtpMailer:
                 raise smtplib.SMTPConnectError(code, greeting)
             if s.security == SmtpSecurity.STARTTLS:
                 client.starttls(context=self._tls())
-        except BaseException:
+        except BaseException as e:
             client.close()
+            _note_security(e, s.security)
             raise
         return client
 
@@ -445,12 +446,11 @@ class SmtpMailer:
                     raise RetryableMailError(
                         f"SMTP send abandoned at its deadline: {s.host}:{s.port} took more "
                         f"than {s.timeout:g}s in all (NEWSLETTER_MAILER__TIMEOUT); "
-                        f"{type(e).__name__}: {e}{maybe_taken}"
+                        f"{_said(e)}{maybe_taken}"
                     ) from e
                 if unanswered:
                     raise RetryableMailError(
-                        f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: "
-                        f"{e}{maybe_taken}"
+                        f"{s.host}:{s.port} ({s.security.value}): {_said(e)}{maybe_taken}"
                     ) from e
                 raise
 
@@ -474,7 +474,7 @@ class SmtpMailer:
                 ) from e
             except (smtplib.SMTPException, OSError) as e:
                 late = " (past NEWSLETTER_MAILER__TIMEOUT)" if deadline.expired else ""
-                raise RetryableMailError(f"{where}: {type(e).__name__}: {e}{late}") from e
+                raise RetryableMailError(f"{where}: {_said(e)}{late}") from e
         login = f", logged in as {s.username}" if s.username is not None else ", no login"
         return f"{where}: the relay answered{login}; nothing was sent"
 
@@ -529,12 +529,36 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
             # 111] Connection refused` alone, in a job's record, did not say which server.
-            said = str(e)
-            if isinstance(e, smtplib.SMTPResponseException):  # the relay's answer, as written
-                said = _reply(e.smtp_code, e.smtp_error)
-            raise RetryableMailError(
-                f"{s.host}:{s.port} ({s.security.value}): {type(e).__name__}: {said}"
-            ) from e
+            raise RetryableMailError(f"{s.host}:{s.port} ({s.security.value}): {_said(e)}") from e
+
+
+def _note_security(e: BaseException, security: SmtpSecurity) -> None:
+    """Note on a failure to reach the relay the setting that most often causes it: an
+    `ssl` mailer at a relay's plain port gets only `WRONG_VERSION_NUMBER`, an untrusted
+    certificate only `CERTIFICATE_VERIFY_FAILED`. (A `starttls` or `none` one at a port
+    of implicit TLS gets no greeting: `_connect` says so.)"""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        e.add_note(
+            "the relay's certificate is not trusted for this host: one signed by a private CA "
+            "needs NEWSLETTER_MAILER__CA_FILE, and NEWSLETTER_MAILER__HOST must be a name the "
+            "certificate holds"
+        )
+    elif isinstance(e, ssl.SSLError) and security == SmtpSecurity.SSL:
+        e.add_note(
+            "the relay did not answer in TLS: NEWSLETTER_MAILER__SECURITY=ssl is for a port "
+            "that speaks TLS from the first byte (465); a port such as 587 or 25 takes starttls"
+        )
+
+
+def _said(e: BaseException) -> str:
+    """A failure as the operator reads it: what it is (a relay's answer as it wrote it,
+    `_reply`), and the notes on what to change."""
+    if isinstance(e, smtplib.SMTPResponseException):
+        text = _reply(e.smtp_code, e.smtp_error)
+    else:
+        text = str(e)
+    notes = "".join(f" ({note})" for note in getattr(e, "__notes__", ()))
+    return f"{type(e).__name__}: {text}{notes}"
 
 
 def _refuses_the_client(code: int, text: bytes | str) -> bool:

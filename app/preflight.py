@@ -4,12 +4,16 @@ on it. A wrong relay password or list address otherwise shows only later, as fai
 Nothing is sent, and nothing is written but what a start writes anyway:
 - the database: connected to, and its schema's revision read (an SQLite file not there yet
   is left uncreated; its folder is made, as the start would, and must be writable);
+- the secret key: given, or its file (NEWSLETTER_SECRET_KEY_FILE) read, or, not there yet,
+  left unmade (a check run by another user would own it) with its folder made as the start
+  would, and writable: a file the start cannot make stops it;
 - Redis, when the rate-limit counters live there: PING;
 - the mail relay: connected to, TLS and login as configured, then QUIT with no mail (the
   development mailer: its folder, made if need be as the first mail would, takes a file,
   removed at once);
 - each list's backend: its first page of members read, the call `reconcile` starts with,
-  which needs the address, the credentials and the list to be right.
+  which needs the address, the credentials and the list to be right; a Mailgun list without
+  its webhook signing key is said, as its webhooks are refused until it is set.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from app import db, migrations
-from app.config import Settings
+from app.config import MailgunBackendSettings, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,7 @@ class Outcome:
 def run(settings: Settings) -> Iterator[Outcome]:
     """The outcomes one after the other, each as soon as it is known."""
     yield database(settings)
+    yield secret_key(settings)
     yield redis(settings)
     yield mailer(settings)
     yield from backends(settings)
@@ -92,6 +97,34 @@ def database(settings: Settings) -> Outcome:
     )
 
 
+def secret_key(settings: Settings) -> Outcome:
+    if settings.secret_key is not None:
+        return Outcome("secret key", True, "given in NEWSLETTER_SECRET_KEY")
+    path = settings.secret_key_file.resolve()
+    where = f"{path} (NEWSLETTER_SECRET_KEY_FILE)"
+    if path.exists():
+        # Read, and held to the key's rule, as the settings were loaded.
+        return Outcome("secret key", True, f"{where}: read")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return Outcome(
+            "secret key",
+            False,
+            f"{where}: not there, and its folder {folder} cannot be made: "
+            f"{e.strerror}; make the file, or give NEWSLETTER_SECRET_KEY",
+        )
+    if not os.access(folder, os.W_OK):
+        return Outcome(
+            "secret key",
+            False,
+            f"{where}: not there, and its folder {folder} is not writable "
+            "by this user; make the file, or give NEWSLETTER_SECRET_KEY",
+        )
+    return Outcome("secret key", True, f"{where}: not there yet, made at start")
+
+
 def redis(settings: Settings) -> Outcome:
     if settings.redis_url is None:
         return Outcome("redis", True, "not set: each process keeps its own rate-limit counters")
@@ -143,6 +176,11 @@ def backends(settings: Settings) -> Iterator[Outcome]:
                 yield Outcome(part, False, f"{said}{answer}")
                 continue
             more = ", more follow" if page.next_cursor is not None else ""
+            if isinstance(declared.backend, MailgunBackendSettings) and (
+                declared.backend.webhook_signing_key is None
+            ):
+                # Not a failure: the webhooks may be switched later (docs/production.md §10).
+                more += "; no webhook_signing_key: Mailgun's webhooks get 503 until it is set"
             yield Outcome(
                 part, True, f"{kind}: read {len(page.members)} members on the first page{more}"
             )

@@ -273,6 +273,12 @@ def _columns(header: list[str]) -> list[str]:
     if repeated:
         raise errors.InvalidCsv(f"The header repeats {', '.join(repeated)}.")
     unknown = [name for name in names if name not in COLUMNS + EXPORT_COLUMNS]
+    if "email" not in names and any("@" in name for name in unknown):
+        # A bare list of addresses, one a line: its first address read as a column's name.
+        raise errors.InvalidCsv(
+            "The first line holds an address, not the columns' names: put a header line "
+            f"first (email, alone for a list of addresses). {_COLUMNS_HELP}"
+        )
     if unknown:
         shown = ", ".join(repr(name[:40]) for name in unknown[:10])
         raise errors.InvalidCsv(f"Unknown column(s) in the header: {shown}. {_COLUMNS_HELP}")

@@ -135,6 +135,15 @@ def verify_mailgun(
     signature = call.signature
     event_data = call.event_data
     candidates = _mailgun_lists(lists)
+    if not candidates and any(isinstance(item.backend, MailgunBackendSettings) for item in lists):
+        # Mailgun's webhooks pointed here before the key was set: a 406 "signature does not
+        # verify" would have lost each event, and said nothing of the setting.
+        log.warning(
+            "webhook.not_configured backend=mailgun: no Mailgun list has its "
+            "webhook_signing_key in NEWSLETTER_LISTS (Mailgun: Sending > Webhooks, HTTP "
+            "webhook signing key); the call is answered 503 and Mailgun retries it"
+        )
+        raise errors.WebhookNotConfigured()
     named = _list_address(event_data)
     targets = [
         (item, key)
@@ -143,6 +152,27 @@ def verify_mailgun(
         and isinstance(item.backend, MailgunBackendSettings)
         and item.backend.list_address.casefold() == named
     ]
+    keyless = [
+        item
+        for item in lists
+        if named is not None
+        and isinstance(item.backend, MailgunBackendSettings)
+        and item.backend.list_address.casefold() == named
+        and not item.backend.webhook_signing_key
+    ]
+    if keyless and not targets:
+        # About a list held here whose key is not set, while another list's is: verified
+        # with that one, it was taken for an event about a list not held here, and dropped.
+        slug = keyless[0].slug
+        log.warning(
+            "webhook.not_configured backend=mailgun list=%s: its webhook_signing_key is not "
+            "in NEWSLETTER_LISTS; the call is answered 503 and Mailgun retries it",
+            slug,
+        )
+        raise errors.WebhookNotConfigured(
+            f"The Mailgun list {slug!r} has no webhook_signing_key here (NEWSLETTER_LISTS), so "
+            "the call cannot be verified; Mailgun retries it."
+        )
     verified = [
         item
         for item, key in (targets or candidates)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -459,12 +459,15 @@ class Worker:
                 if finished.job.payload.get("action") == sync.Action.REMOVE:
                     # An erased address leaves the queue once the backend has it gone.
                     privacy.scrub_after_removal(session, job_id=finished.job.id, key=self._key)
+            # Said once per error and outcome, not per job: a refused key fails a whole
+            # bulk call's thousand jobs with one answer.
+            failures: Counter[tuple[JobState, str]] = Counter()
             for job in claimed:
                 result = results.get(job.id)
                 if result is None or result.error is None:
                     continue
                 error = result.error
-                self._record_failure(
+                state = self._record_failure(
                     session,
                     job,
                     error=str(error),
@@ -474,8 +477,19 @@ class Worker:
                     retry_after=error.retry_after,
                     now=now,
                 )
+                failures[(state, str(error))] += 1
             sync.record_cleared(session, planned=planned, results=results, now=now)
             outbox.postpone(session, until=postponed, worker=self.name, now=now)
+        # As a mail's failure (`job.failed`): the reason in the log, at WARNING, not only
+        # in `newsletter jobs failed`.
+        for (state, message), count in failures.items():
+            log.warning(
+                "sync.failed jobs=%d state=%s error=%s",
+                count,
+                state,
+                # A backend's refusal may quote the address.
+                logs.mask_addresses(message),
+            )
         failed = sum(1 for result in results.values() if result.error is not None)
         log.info(
             "sync.round jobs=%d done=%d failed=%d waiting=%d",

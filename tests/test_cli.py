@@ -21,6 +21,7 @@ from app.models import ConsentEvent, Subscription
 from app.worker import Worker
 from tests.conftest import SECRET, SmtpSink
 from tests.fake_listmonk import FakeListmonk, Seen
+from tests.fake_mailgun import FakeMailgun
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 LIST = 3
@@ -49,7 +50,12 @@ def _lists(listmonk: FakeListmonk) -> list[dict[str, object]]:
 
 
 def newsletter(
-    *args: str, database_url: str, listmonk: FakeListmonk, tmp_path: Path, **settings: str
+    *args: str,
+    database_url: str,
+    listmonk: FakeListmonk,
+    tmp_path: Path,
+    unset: tuple[str, ...] = (),
+    **settings: str,
 ) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
     env.update(
@@ -59,6 +65,8 @@ def newsletter(
         NEWSLETTER_LOG_LEVEL="WARNING",
     )
     env.update({f"NEWSLETTER_{name}": value for name, value in settings.items()})
+    for name in unset:
+        del env[f"NEWSLETTER_{name}"]
     return subprocess.run(
         [NEWSLETTER, *args],
         env=env,
@@ -277,16 +285,18 @@ class TestCheck:
         lines = result.stdout.splitlines()
         assert [line.split(":", 1)[0] for line in lines] == [
             "ok     database",
+            "ok     secret key",
             "ok     redis",
             "ok     mail relay",
             "ok     list bluehats",
         ]
         assert "schema at " in lines[0]
         assert "this release's" in lines[0]
-        assert lines[1].endswith("127.0.0.1:6379: answered PING")
-        assert lines[2].endswith(f"127.0.0.1:{smtp.port} (none): the relay answered, no login; "
+        assert lines[1] == "ok     secret key: given in NEWSLETTER_SECRET_KEY"
+        assert lines[2].endswith("127.0.0.1:6379: answered PING")
+        assert lines[3].endswith(f"127.0.0.1:{smtp.port} (none): the relay answered, no login; "
                                  "nothing was sent")  # fmt: skip
-        assert lines[3] == "ok     list bluehats: listmonk: read 0 members on the first page"
+        assert lines[4] == "ok     list bluehats: listmonk: read 0 members on the first page"
         assert smtp.messages == []
         assert {seen.method for seen in listmonk.requests} == {"GET"}
 
@@ -327,17 +337,106 @@ class TestCheck:
         lines = result.stdout.splitlines()
         assert [line.split(":", 1)[0] for line in lines] == [
             "FAILED database",
+            "ok     secret key",
             "FAILED redis",
             "FAILED mail relay",
             "FAILED list bluehats",
         ]
         assert f"postgres:***@127.0.0.1:{nobody}/newsletter: unreachable" in lines[0]
         assert "hunter2" not in result.stdout + result.stderr
-        assert f"127.0.0.1:{nobody}: ConnectionError" in lines[1]
-        assert f"127.0.0.1:{nobody} (none): ConnectionRefusedError" in lines[2]
-        assert lines[3].startswith("FAILED list bluehats: listmonk: list members: ")
-        assert "403" in lines[3]
+        assert f"127.0.0.1:{nobody}: ConnectionError" in lines[2]
+        assert f"127.0.0.1:{nobody} (none): ConnectionRefusedError" in lines[3]
+        assert lines[4].startswith(
+            "FAILED list bluehats: listmonk: list members: HTTP 403: check the backend's "
+            "username and api_token, and the API user's permissions ("
+        )
         assert result.stderr.strip().endswith("4 of the checks failed")
+
+    def test_a_key_file_the_start_cannot_make_is_said(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        # `serve` and `worker` stop at once on it (exit 2), where the check said all was well.
+        blocked = tmp_path / "a-file"
+        blocked.write_text("")
+        key_file = blocked / "secret.key"
+        result = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            unset=("SECRET_KEY",), SECRET_KEY_FILE=str(key_file),
+            MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert result.returncode == 3, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[1] == (
+            f"FAILED secret key: {key_file} (NEWSLETTER_SECRET_KEY_FILE): not there, and its "
+            f"folder {blocked} cannot be made: File exists; make the file, or give "
+            "NEWSLETTER_SECRET_KEY"
+        )
+        assert [line.split(" ", 1)[0] for line in lines] == ["ok", "FAILED", "ok", "ok", "ok"]
+        assert result.stderr.strip().endswith("1 of the checks failed")
+
+    def test_a_key_file_not_there_yet_is_left_for_the_start_to_make(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        key_file = tmp_path / "keys" / "secret.key"
+        result = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            unset=("SECRET_KEY",), SECRET_KEY_FILE=str(key_file),
+            MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines()[1] == (
+            f"ok     secret key: {key_file} (NEWSLETTER_SECRET_KEY_FILE): not there yet, made "
+            "at start"
+        )
+        # Made by the check, it would be the key of whoever ran it, unreadable by the service.
+        assert not key_file.exists()
+
+    def test_the_report_is_not_interleaved_with_the_http_client_s_log(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        # At INFO, httpx's "HTTP Request: GET http://.../api/subscribers?..." came between
+        # the report's lines in a terminal.
+        result = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            LOG_LEVEL="INFO", MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines()[-1] == (
+            "ok     list bluehats: listmonk: read 0 members on the first page"
+        )
+        assert "HTTP Request" not in result.stderr
+        debug = newsletter(
+            "check",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            LOG_LEVEL="DEBUG", MAILER__DIRECTORY=str(tmp_path / "mail"),
+        )  # fmt: skip
+        assert "HTTP Request: GET" in debug.stderr
+
+    def test_a_mailgun_list_without_its_webhook_signing_key_is_said(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        # Its webhooks get 503 until the key is set: found before they are pointed here.
+        fake = FakeMailgun()
+        fake.create_list("bluehats@mail.codegouv.fr")
+        backend = {
+            "kind": "mailgun", "list_address": "bluehats@mail.codegouv.fr",
+            "api_key": FakeMailgun.api_key,
+        }  # fmt: skip
+        with fake.serve() as url:
+            declared = [{"slug": "bluehats", "name": "B", "backend": {**backend, "base_url": url}}]
+            result = newsletter(
+                "check",
+                database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+                LISTS=json.dumps(declared), MAILER__DIRECTORY=str(tmp_path / "mail"),
+            )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines()[-1] == (
+            "ok     list bluehats: mailgun: read 0 members on the first page; no "
+            "webhook_signing_key: Mailgun's webhooks get 503 until it is set"
+        )
 
     def test_an_sqlite_file_not_there_is_left_uncreated(
         self, listmonk: FakeListmonk, tmp_path: Path

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from app import admin, apikeys, cli, migrations
-from app.models import ApiKey
+from app.models import ApiKey, utcnow
 from app.schemas import CONFIRM_TTL_BOUNDS, MAX_ROW_ID
 from tests.conftest import SECRET, free_port, wait_until
 from tests.processes import Process, service_env
@@ -150,6 +150,31 @@ class TestListWithoutBackend:
         )
         assert result.stdout == ""
 
+    @pytest.mark.parametrize("command", ["reconcile", "import-backend"])
+    def test_a_list_created_here_is_said_to_need_its_backend_declared(
+        self, database_url: str, tmp_path: Path, command: str
+    ) -> None:
+        created = run(database_url, tmp_path, "lists", "create", "etalab", "--name", "Etalab")
+        assert created.returncode == 0, created.stderr
+        # `lists show` names it; "no list 'etalab' in the settings" read as a misspelt name.
+        result = run(database_url, tmp_path, command, "--list", "etalab")
+        assert result.returncode == 2
+        assert last_line(result) == (
+            "list 'etalab' has no mailing-list backend: it was created through the API or the "
+            "CLI, and NEWSLETTER_LISTS declares none for it (declared there: bluehats); "
+            "declare its backend there first"
+        )
+        assert result.stdout == ""
+
+    def test_a_list_nowhere_is_named_with_the_declared_ones(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        result = run(database_url, tmp_path, "reconcile", "--list", "etalab")
+        assert (result.returncode, last_line(result)) == (
+            2,
+            "no list 'etalab' in the settings (known: bluehats)",
+        )
+
 
 class TestLimits:
     def test_the_cli_takes_the_admin_apis_limits(self) -> None:
@@ -249,6 +274,24 @@ class TestKeyNames:
         assert names == {"dashboard", longest}
         assert ApiKey.__table__.c.name.type.length == apikeys.MAX_NAME  # type: ignore[attr-defined]
 
+    def test_the_name_of_a_revoked_key_is_said_to_be_taken_by_it(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        assert run(database_url, tmp_path, "keys", "create", "--name", "ops").returncode == 0
+        assert run(database_url, tmp_path, "keys", "revoke", "ops").returncode == 0
+        # "A key named 'ops' already exists." where `keys list` shows it revoked.
+        again = run(database_url, tmp_path, "keys", "create", "--name", "ops")
+        assert (again.returncode, last_line(again)) == (
+            1,
+            f"A key named 'ops' existed: it was revoked on {utcnow():%Y-%m-%d}, and its name "
+            "stays its own (the audit log names keys by it); give the new key another name.",
+        )
+        live = run(database_url, tmp_path, "keys", "create", "--name", "ops-2")
+        assert live.returncode == 0
+        assert last_line(run(database_url, tmp_path, "keys", "create", "--name", "ops-2")) == (
+            "A key named 'ops-2' already exists."
+        )
+
 
 class TestBadInputNamesTheOption:
     """A value the API's model refuses is named by the option the operator typed, not by
@@ -277,6 +320,12 @@ class TestBadInputNamesTheOption:
             (
                 ("lists", "create", "events", "--name", "Events", "--default-locale", "de"),
                 ["--default-locale: Input should be 'fr' or 'en'"],
+            ),
+            # The pattern itself ('^[a-z0-9][a-z0-9-]{0,62}$') was the message.
+            (
+                ("lists", "create", "Events", "--name", "Events"),
+                ["SLUG: a list's name is lowercase letters, digits and dashes, starting with a "
+                 "letter or a digit, at most 63 of them (as bluehats or gazette-bluehats)"],
             ),
             (
                 ("lists", "update", "events", "--thank-you-url", "merci"),

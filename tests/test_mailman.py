@@ -635,6 +635,10 @@ class TestFailures:
         backend = MailmanBackend(settings_for(mailman_core, mailman_list, password="wrong"), http)
         with pytest.raises(PermanentSyncError, match="HTTP 401") as caught:
             backend.add([member(unique())])
+        # What `newsletter check` and `newsletter jobs failed` show: the settings to fix.
+        assert str(caught.value) == (
+            "mailman add member: HTTP 401: check the backend's username and password"
+        )
         assert "REST API authorization failed" in (caught.value.response or "")
         with pytest.raises(PermanentSyncError, match="HTTP 401"):
             backend.unsubscribe(unique())

@@ -176,6 +176,18 @@ class TestLists:
         duplicate = client.post("/v1/admin/lists", json=body, headers=write_key)
         assert duplicate.status_code == 409
         assert "already exists" in duplicate.json()["detail"]
+        # In words, not as the pattern '^[a-z0-9][a-z0-9-]{0,62}$'.
+        capitals = client.post(
+            "/v1/admin/lists", json={"slug": "Drafts", "name": "x"}, headers=write_key
+        )
+        assert (capitals.status_code, capitals.json()) == (
+            422,
+            {
+                "error": "validation_error",
+                "detail": "slug: a list's name is lowercase letters, digits and dashes, starting "
+                "with a letter or a digit, at most 63 of them (as bluehats or gazette-bluehats)",
+            },
+        )
         for bad in (
             {"slug": "Not A Slug", "name": "x"},
             {"slug": "ok", "name": ""},

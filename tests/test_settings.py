@@ -422,9 +422,12 @@ class TestBadValues:
             "NEWSLETTER_LISTS",
             lists({"slug": "bluehats", "name": "A"}, {"slug": slug, "name": "B"}),
         )
-        message = settings_error()
-        assert "NEWSLETTER_LISTS[1].slug:" in message
-        assert "pattern" in message
+        # Not pydantic's "String should match pattern '^[a-z0-9][a-z0-9-]{0,62}$'".
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LISTS[1].slug: a list's name is lowercase letters, "
+            "digits and dashes, starting with a letter or a digit, at most 63 of them (as "
+            "bluehats or gazette-bluehats)"
+        )
 
     def test_a_list_with_a_negative_confirm_ttl_is_refused(
         self, monkeypatch: pytest.MonkeyPatch
@@ -611,6 +614,13 @@ class TestBadValues:
                 "https://lists.example.org",
                 "base_url must end with the REST API version, e.g. https://lists.example.org/3.1",
             ),
+            # A call's URL: cut after its version, not given the version again at its end
+            # (".../3.1/lists/bluehats.lists.example.org/3.1").
+            (
+                "base_url",
+                "https://lists.example.org/3.1/lists/bluehats.lists.example.org",
+                "base_url must end with the REST API version, e.g. https://lists.example.org/3.1 ",
+            ),
         ],
     )
     def test_a_mailman_list_given_as_mailman_would_refuse_it_fails_at_start(
@@ -672,6 +682,26 @@ class TestBadValues:
 
 
 class TestGoodValues:
+    @pytest.mark.parametrize(
+        ("level", "fmt", "expected"),
+        [("debug", "JSON", ("DEBUG", "json")), ("Warning", "Text", ("WARNING", "text"))],
+    )
+    def test_the_log_level_and_format_are_taken_in_any_case(
+        self, monkeypatch: pytest.MonkeyPatch, level: str, fmt: str, expected: tuple[str, str]
+    ) -> None:
+        # `NEWSLETTER_LOG_LEVEL=debug` stopped the start: "Input should be 'DEBUG', ...".
+        monkeypatch.setenv("NEWSLETTER_LOG_LEVEL", level)
+        monkeypatch.setenv("NEWSLETTER_LOG_FORMAT", fmt)
+        settings = load_settings()
+        assert (settings.log_level, settings.log_format) == expected
+
+    def test_a_log_level_of_no_case_is_still_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("NEWSLETTER_LOG_LEVEL", "verbose")
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LOG_LEVEL: Input should be 'DEBUG', 'INFO', "
+            "'WARNING' or 'ERROR'"
+        )
+
     def test_settings_in_seconds_take_the_durations_units(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -1099,6 +1129,103 @@ class TestMessagesSayWhatToFix:
         assert settings_error() == (
             "invalid settings:\n  NEWSLETTER_LISTS[0].backend.list_address: only for kind "
             "mailgun, and the kind is listmonk: remove it, or change the kind"
+        )
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "problem"),
+        [
+            # The list's name where its address goes.
+            ("NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "backend": {
+                "kind": "mailgun", "list_address": "bluehats", "api_key": "k",
+                "webhook_signing_key": "s"}}),
+             "NEWSLETTER_LISTS[0].backend.list_address: the list's address, as "
+             "bluehats@mail.codegouv.fr"),
+            ("NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "fields": [
+                {"name": "Organisation", "label": {"fr": "Administration"}}]}),
+             "NEWSLETTER_LISTS[0].fields[0].name: a field's name is lowercase letters, digits "
+             "and underscores, starting with a letter, at most 63 of them (as organisation or "
+             "job_title)"),
+            ("NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "fields": [
+                {"name": "organisation", "label": {"fr": "A"}, "autocomplete": "Organization"}]}),
+             "NEWSLETTER_LISTS[0].fields[0].autocomplete: an HTML autocomplete token, lowercase "
+             "letters and dashes (as organization)"),
+            ("NEWSLETTER_MAILER__HELO_NAME", "newsletter code",
+             "NEWSLETTER_MAILER__HELO_NAME: a host name, of letters, digits, dashes and dots (as "
+             "newsletter.code.gouv.fr), or an address literal (as [192.0.2.7])"),
+            ("NEWSLETTER_RATE_LIMIT_KEY_PREFIX", "newsletter staging",
+             "NEWSLETTER_RATE_LIMIT_KEY_PREFIX: letters, digits and _ . : - only, at most 64 of "
+             "them (as newsletter-staging)"),
+        ],
+    )  # fmt: skip
+    def test_a_value_its_pattern_refuses_is_said_in_words(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+    ) -> None:
+        # pydantic gave the regular expression: '^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}...' for the
+        # EHLO name.
+        if variable == "NEWSLETTER_MAILER__HELO_NAME":
+            monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+            monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.gouv.fr")
+        monkeypatch.setenv(variable, value)
+        assert settings_error() == f"invalid settings:\n  {problem}"
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "problem"),
+        [
+            ("NEWSLETTER_MAILER__PORT", "587  # default",
+             "Input should be a valid integer, unable to parse string as an integer"),
+            ("NEWSLETTER_MAILER__SECURITY", "starttls # default",
+             "Input should be 'none', 'starttls' or 'ssl'"),
+            ("NEWSLETTER_JOB_LEASE", "5m # lease",
+             "'5m # lease' is not a duration; give seconds (90) or a number with its unit: 90s, "
+             "5m, 48h, 7d"),
+        ],
+    )  # fmt: skip
+    def test_a_comment_after_a_value_is_said_to_be_part_of_it(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+    ) -> None:
+        # systemd's and Docker's environment files keep it (docs/production.md), where a
+        # shell would drop it: the refusal said nothing of the comment.
+        monkeypatch.setenv("NEWSLETTER_MAILER__KIND", "smtp")
+        monkeypatch.setenv("NEWSLETTER_MAILER__HOST", "smtp.example.gouv.fr")
+        monkeypatch.setenv(variable, value)
+        assert settings_error() == (
+            f"invalid settings:\n  {variable}: {problem} (the value holds ' #': a comment after "
+            "a value is part of it in an environment file; put the comment on a line of its own)"
+        )
+
+    @pytest.mark.parametrize(
+        ("backend", "problem"),
+        [
+            # As Mailgun's pages write each call: https://api.eu.mailgun.net/v3/lists/...
+            ({"kind": "mailgun", "list_address": "l@mg.example.org", "api_key": "k",
+              "base_url": "https://api.eu.mailgun.net/v3"},
+             "base_url is the API's root, without the version the calls add: "
+             "https://api.eu.mailgun.net"),
+            ({"kind": "listmonk", "username": "api", "api_token": "t", "list_id": 3,
+              "base_url": "https://news.example.org/listmonk/api/"},
+             "base_url is listmonk's root, without the /api the calls add: "
+             "https://news.example.org/listmonk"),
+        ],
+    )  # fmt: skip
+    def test_a_backend_url_with_the_path_its_calls_add_says_so(
+        self, monkeypatch: pytest.MonkeyPatch, backend: dict[str, object], problem: str
+    ) -> None:
+        # Every call went to /v3/v3/... or /api/api/...: a 404 that named no setting.
+        monkeypatch.setenv(
+            "NEWSLETTER_LISTS", lists({"slug": "b", "name": "B", "backend": backend})
+        )
+        assert settings_error() == (
+            f"invalid settings:\n  NEWSLETTER_LISTS[0].backend.base_url: {problem}"
+        )
+
+    def test_one_list_written_without_its_array_says_to_put_it_in_one(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # pydantic said "Input should be a valid list" of a value that held one list.
+        monkeypatch.setenv("NEWSLETTER_LISTS", json.dumps({"slug": "bluehats", "name": "B"}))
+        assert settings_error() == (
+            "invalid settings:\n  NEWSLETTER_LISTS: one JSON object where a JSON array is "
+            "expected: put it in [ ], even alone"
         )
 
     def test_a_misspelt_key_of_a_list_or_of_its_fields_gets_the_closest(

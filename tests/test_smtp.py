@@ -1077,8 +1077,43 @@ class TestCheck:
             mailer.check()
 
     def test_an_untrusted_certificate_is_said(self, tls_server: SmtpSink) -> None:
-        with pytest.raises(RetryableMailError, match="CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(
+            RetryableMailError,
+            match=r"CERTIFICATE_VERIFY_FAILED.* \(the relay's certificate is not trusted for "
+            r"this host: one signed by a private CA needs NEWSLETTER_MAILER__CA_FILE",
+        ):
             self._mailer(tls_server).check()
+
+    def test_ssl_at_a_relay_s_plain_port_says_to_take_starttls(
+        self, tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        # The relay greets in plain text (STARTTLS, port 587), where the mailer expects a
+        # TLS handshake: OpenSSL's WRONG_VERSION_NUMBER alone told the operator nothing.
+        mailer = self._mailer(tls_server, security="ssl", ca_file=certificate[0])
+        with pytest.raises(RetryableMailError) as raised:
+            mailer.check()
+        assert str(raised.value).startswith(f"127.0.0.1:{tls_server.port} (ssl): SSLError: ")
+        assert str(raised.value).endswith(
+            " (the relay did not answer in TLS: NEWSLETTER_MAILER__SECURITY=ssl is for a port "
+            "that speaks TLS from the first byte (465); a port such as 587 or 25 takes starttls)"
+        )
+        assert tls_server.messages == []
+
+    def test_starttls_at_a_relay_s_tls_port_says_to_take_ssl(
+        self, implicit_tls_server: SmtpSink, certificate: tuple[Path, Path]
+    ) -> None:
+        # The relay waits in silence for a TLS handshake (port 465) that a starttls mailer
+        # never starts: the connection closed at the timeout, and nothing said why.
+        mailer = self._mailer(implicit_tls_server, ca_file=certificate[0], timeout=1)
+        with pytest.raises(RetryableMailError) as raised:
+            mailer.check()
+        said = str(raised.value)
+        # Ended by the socket's read timeout or by the deadline, both the timeout.
+        assert said.startswith(
+            f"127.0.0.1:{implicit_tls_server.port} (starttls): SMTPServerDisconnected: "
+            "no greeting from the relay within NEWSLETTER_MAILER__TIMEOUT: if this port takes "
+            "TLS from the first byte (RFC 8314, usually 465), set NEWSLETTER_MAILER__SECURITY=ssl"
+        )
 
     def test_starttls_a_relay_does_not_offer_is_said(self, smtp: SmtpSink) -> None:
         with pytest.raises(RetryableMailError, match="does not offer what is configured"):

@@ -678,7 +678,12 @@ class TestRetryAfterTooFar:
 
 class TestCredentialsRevoked:
     def test_a_refused_key_costs_one_call_per_round_not_one_per_member(
-        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        mailgun: Mailgun,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         settings = worker_settings(database_url, mailgun, tmp_path)
         emails = [f"k{n}@example.org" for n in range(20)]
@@ -693,8 +698,14 @@ class TestCredentialsRevoked:
         assert mailgun.calls() == [("POST", BULK)]
         jobs = sync_jobs(engine)
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
-            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401: check the backend's api_key")
         }
+        # The reason in the worker's log too, once for the round's twenty jobs: it said
+        # only "sync.round ... failed=20", at INFO.
+        assert [
+            record.getMessage() for record in caplog.records if record.levelname == "WARNING"
+        ] == ["sync.failed jobs=20 state=dead error=mailgun bulk add: HTTP 401: check the "
+              "backend's api_key"]  # fmt: skip
 
     def test_departures_after_a_refused_key_are_not_called_either(
         self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
@@ -715,7 +726,7 @@ class TestCredentialsRevoked:
         # Mailgun had just refused.
         assert mailgun.calls() == [("POST", BULK)]
         assert {(job.state, job.attempts, job.last_error) for job in sync_jobs(engine)} == {
-            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401")
+            (JobState.DEAD, 1, "mailgun bulk add: HTTP 401: check the backend's api_key")
         }
         assert {a.response for a in attempts(engine)} == {"401 Forbidden"}
 
@@ -754,7 +765,12 @@ class TestCredentialsRevoked:
             assert 1 <= len(listmonk.calls()) <= settings.worker_concurrency
         jobs = sync_jobs(engine)
         assert {(job.state, job.attempts, job.last_error) for job in jobs} == {
-            (JobState.DEAD, 1, "listmonk: find: HTTP 403")
+            (
+                JobState.DEAD,
+                1,
+                "listmonk: find: HTTP 403: check the backend's username and api_token, and the "
+                "API user's permissions",
+            )
         }
         assert {a.response for a in attempts(engine)} == {
             '403 {"message":"invalid API credentials"}'

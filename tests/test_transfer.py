@@ -513,6 +513,12 @@ class TestImportRefusesTheFile:
                 "Unknown column(s) in the header: 'phone'",
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
+            # A bare list of addresses: "Unknown column(s) in the header: 'a@example.org'".
+            (
+                b"a@example.org\nb@example.org\n",
+                "The first line holds an address, not the columns' names: put a header line "
+                "first (email, alone for a list of addresses).",
+            ),
             # Between two names (after the last one, a spreadsheet's trailing separator).
             (b"email,,name\na@example.org,,A\n", "Column 2 of the header has no name"),
             (

@@ -412,17 +412,72 @@ class TestRejected:
         assert status_of(settings.database_url, "reader@example.org") == "confirmed"
         assert backend_events(settings.database_url) == []
 
-    def test_without_a_signing_key_every_call_is_406(
-        self, database_url: str, smtp: SmtpSink, mailgun_url: str
+    def test_without_a_signing_key_a_call_is_refused_for_mailgun_to_retry_once_it_is_set(
+        self,
+        database_url: str,
+        smtp: SmtpSink,
+        mailgun_url: str,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
-        settings = make_settings(
+        # The webhooks pointed here before the key was set. A 406 "signature does not
+        # verify" made Mailgun drop each event (an unsubscribe lost) and named no setting.
+        keyless = make_settings(
             database_url,
             smtp_port=smtp.port,
             lists=[mailgun_list(mailgun_url, webhook_signing_key=None)],
         )
-        with TestClient(create_app(settings)) as client:
-            body = webhook(SIGNING_KEY, event("unsubscribed", "a@example.org"))
-            self._assert_refused(post(client, body), "webhook_signature_invalid")
+        body = webhook(SIGNING_KEY, event("unsubscribed", "reader@example.org"))
+        with TestClient(create_app(keyless)) as client:
+            confirmed(client, smtp, "reader@example.org")
+            before = stored_rows(database_url)
+            refused = post(client, body)
+        assert (refused.status_code, refused.json()) == (
+            503,
+            {
+                "error": "webhook_not_configured",
+                "detail": "No Mailgun list here has its webhook_signing_key (NEWSLETTER_LISTS), "
+                "so the call cannot be verified; Mailgun retries it.",
+            },
+        )
+        assert "webhook.not_configured backend=mailgun" in caplog.text
+        assert stored_rows(database_url) == before
+        assert status_of(database_url, "reader@example.org") == "confirmed"
+
+        # Mailgun's retry, with the first attempt's signature, once the key is set.
+        keyed = make_settings(database_url, smtp_port=smtp.port, lists=[mailgun_list(mailgun_url)])
+        with TestClient(create_app(keyed)) as client:
+            assert post(client, body).json() == ACCEPTED
+        assert status_of(database_url, "reader@example.org") == "unsubscribed"
+
+    def test_an_event_about_a_list_whose_key_is_not_set_is_refused_for_mailgun_to_retry(
+        self, database_url: str, smtp: SmtpSink, mailgun_url: str
+    ) -> None:
+        # The account's key was set on another list only: verified with it, the event was
+        # taken for one about a list not held here, acknowledged and dropped.
+        events = {
+            "slug": "events",
+            "name": "Events",
+            "backend": {**mailgun_list(mailgun_url)["backend"], "list_address": "ev@mg.org"},
+        }
+        keyless = make_settings(
+            database_url,
+            smtp_port=smtp.port,
+            lists=[mailgun_list(mailgun_url, webhook_signing_key=None), events],
+        )
+        with TestClient(create_app(keyless)) as client:
+            confirmed(client, smtp, "reader@example.org")
+            refused = post(
+                client, webhook(SIGNING_KEY, event("unsubscribed", "reader@example.org"))
+            )
+        assert (refused.status_code, refused.json()) == (
+            503,
+            {
+                "error": "webhook_not_configured",
+                "detail": "The Mailgun list 'bluehats' has no webhook_signing_key here "
+                "(NEWSLETTER_LISTS), so the call cannot be verified; Mailgun retries it.",
+            },
+        )
+        assert status_of(database_url, "reader@example.org") == "confirmed"
 
     def test_a_body_that_is_not_json_is_400(self, client: TestClient) -> None:
         response = client.post(

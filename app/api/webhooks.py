@@ -35,6 +35,9 @@ EVENT_ACCEPTED = Accepted(detail="Event received.")
         errors.WebhookMalformed,
         errors.WebhookStale,
         errors.WebhookReplayed,
+        # The router's 503 (the database away) is this route's too, beside this one.
+        errors.DatabaseUnavailable,
+        errors.WebhookNotConfigured,
         errors.InvalidBody,
         errors.NotJson,
         errors.CompressedBody,

@@ -90,12 +90,15 @@ def send(
     *,
     what: str,
     ok: Sequence[int] = (),
+    refused: tuple[int, str] | None = None,
     **kwargs: Any,
 ) -> httpx.Response:
     """Make one call; success (2xx, or a status in `ok`) returns the response.
 
     `ok` lists statuses that mean "already done" for this call (409 on add, 404 on
     remove); every other failure becomes a RetryableSyncError or a PermanentSyncError.
+    `refused` is the status with which the backend refuses the credentials, and the
+    settings to check then: Mailgun's 401 says "Forbidden" and nothing of the API key.
     """
     seconds = client.timeout.read
     _call.deadline = None if seconds is None else time.monotonic() + seconds
@@ -134,6 +137,8 @@ def send(
             status=status,
         )
     message = f"{what}: HTTP {status}"
+    if refused is not None and status == refused[0]:
+        message += f": check {refused[1]}"
     location = response.headers.get("location")
     if response.is_redirect and location:
         # Not followed (`make_client`): the credentials would go along, to another host

@@ -340,6 +340,8 @@ class ListmonkBackend:
             self._api + path,
             what=what,
             ok=ok,
+            # listmonk answers 403 to a missing permission too: its message says which.
+            refused=(403, "the backend's username and api_token, and the API user's permissions"),
             headers=self._headers,
             **kwargs,
         )

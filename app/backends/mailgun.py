@@ -127,6 +127,7 @@ class MailgunBackend:
             self.base + path,
             what=f"mailgun {what}",
             ok=ok,
+            refused=(401, "the backend's api_key"),
             auth=self.auth,
             **kwargs,
         )

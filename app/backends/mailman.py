@@ -568,7 +568,14 @@ class MailmanBackend:
         or 204 without a body, so a proxy's 200 page would pass for a change made) is a
         retryable error, on record with what came instead."""
         response = send(
-            self._client, method, self._api + path, what=what, ok=ok, auth=self._auth, **kwargs
+            self._client,
+            method,
+            self._api + path,
+            what=what,
+            ok=ok,
+            refused=(401, "the backend's username and password"),
+            auth=self._auth,
+            **kwargs,
         )
         status = response.status_code
         if response.is_success and status not in expect:
