@@ -24,8 +24,8 @@ from app.config import (
     Locale,
     Settings,
     SettingsError,
+    error_message,
     load_settings,
-    pattern_rule,
 )
 
 if TYPE_CHECKING:
@@ -756,8 +756,7 @@ def _parsed(model: Any, data: dict[str, Any], *, options: Mapping[str, str]) -> 
         for error in e.errors():
             where = ".".join(str(part) for part in error["loc"])
             where = options.get(where, where)
-            message = str(error["msg"]).removeprefix("Value error, ")
-            message = pattern_rule(error) or message
+            message = error_message(error)
             typer.echo(f"{where}: {message}" if where else message, err=True)
         raise typer.Exit(2) from e
 
@@ -1200,7 +1199,7 @@ def _as_the_api_takes(value: str, kind: Any, *, option: str) -> None:
     try:
         TypeAdapter(kind).validate_python(value)
     except ValidationError as e:
-        message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        message = error_message(e.errors()[0])
         typer.echo(f"{option}: {message}", err=True)
         raise typer.Exit(EXIT_USAGE) from e
 

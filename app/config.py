@@ -222,6 +222,16 @@ def pattern_rule(error: ErrorDetails) -> str | None:
     return PATTERN_RULES.get(str(error["loc"][-1]))
 
 
+def error_message(error: ErrorDetails) -> str:
+    """What a validation error says to whoever typed the value: a pattern's rule in words
+    (`pattern_rule`), else pydantic's message without the prefix it gives our validators'
+    own ("Value error, ...")."""
+    rule = pattern_rule(error)
+    if rule is not None:
+        return rule
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
 class NoneBackendSettings(BaseModel):
     """No mailing-list backend: sync jobs only log (development)."""
 
@@ -1213,13 +1223,10 @@ def _problem_itself(name: str, error: ErrorDetails) -> tuple[str, str]:
         return name, (
             f"{error['msg']}: give the whole URL with its scheme, e.g. https://example.gouv.fr"
         )
-    if (rule := pattern_rule(error)) is not None:
-        return name, rule
     if kind == "list_type" and isinstance(error.get("input"), dict):
         # NEWSLETTER_LISTS='{"slug": "bluehats", ...}': one list, written without its array.
         return name, "one JSON object where a JSON array is expected: put it in [ ], even alone"
-    # "Value error, ..." is pydantic's prefix for our validators' own messages.
-    return name, str(error["msg"]).removeprefix("Value error, ")
+    return name, error_message(error)
 
 
 def _unknown_key(loc: tuple[int | str, ...]) -> str:

@@ -265,6 +265,12 @@ class SmtpMailer:
         self._refused: _RefusedLogin | None = None
         self._lock = threading.Lock()
 
+    @property
+    def _where(self) -> str:
+        """The relay as every record of a failure names it: `host:port (security)`."""
+        s = self.settings
+        return f"{s.host}:{s.port} ({s.security.value})"
+
     def _tls(self) -> ssl.SSLContext:
         ca_file = self.settings.ca_file
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
@@ -449,23 +455,19 @@ class SmtpMailer:
                         f"{_said(e)}{maybe_taken}"
                     ) from e
                 if unanswered:
-                    raise RetryableMailError(
-                        f"{s.host}:{s.port} ({s.security.value}): {_said(e)}{maybe_taken}"
-                    ) from e
+                    raise RetryableMailError(f"{self._where}: {_said(e)}{maybe_taken}") from e
                 raise
 
     def check(self) -> str:
         s = self.settings
-        where = f"{s.host}:{s.port} ({s.security.value})"
+        where = self._where
         with _Deadline(s.timeout) as deadline:
             try:
                 client = self._open(deadline)
                 _goodbye(client)
             except smtplib.SMTPAuthenticationError as e:
-                reply = e.smtp_error
-                text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
                 raise RetryableMailError(
-                    f"{where}: login refused: {e.smtp_code} {text} "
+                    f"{where}: login refused: {_reply(e.smtp_code, e.smtp_error)} "
                     "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
                 ) from e
             except smtplib.SMTPNotSupportedError as e:
@@ -529,7 +531,7 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
             # 111] Connection refused` alone, in a job's record, did not say which server.
-            raise RetryableMailError(f"{s.host}:{s.port} ({s.security.value}): {_said(e)}") from e
+            raise RetryableMailError(f"{self._where}: {_said(e)}") from e
 
 
 def _note_security(e: BaseException, security: SmtpSecurity) -> None:

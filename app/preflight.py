@@ -50,18 +50,9 @@ def database(settings: Settings) -> Outcome:
     where = db.shown_url(settings.database_url)
     file = url.database if url.get_backend_name() == "sqlite" else None
     if file and file != ":memory:" and not Path(file).exists():
-        folder = Path(file).parent
-        try:
-            # As the start does before it makes the file.
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return Outcome(
-                "database", False, f"{where}: its folder {folder} cannot be made: {e.strerror}"
-            )
-        if not os.access(folder, os.W_OK):
-            return Outcome(
-                "database", False, f"{where}: its folder {folder} is not writable by this user"
-            )
+        problem = _folder_problem(Path(file).parent)
+        if problem is not None:
+            return Outcome("database", False, f"{where}: {problem}")
         if settings.auto_migrate:
             return Outcome("database", True, f"{where}: not there yet, made at start")
         return Outcome(
@@ -105,24 +96,26 @@ def secret_key(settings: Settings) -> Outcome:
     if path.exists():
         # Read, and held to the key's rule, as the settings were loaded.
         return Outcome("secret key", True, f"{where}: read")
-    folder = path.parent
+    problem = _folder_problem(path.parent)
+    if problem is not None:
+        return Outcome(
+            "secret key",
+            False,
+            f"{where}: not there, and {problem}; make the file, or give NEWSLETTER_SECRET_KEY",
+        )
+    return Outcome("secret key", True, f"{where}: not there yet, made at start")
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Make the folder of a file the start makes, as the start does before it makes the
+    file; what stops that file being made there, if anything."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return Outcome(
-            "secret key",
-            False,
-            f"{where}: not there, and its folder {folder} cannot be made: "
-            f"{e.strerror}; make the file, or give NEWSLETTER_SECRET_KEY",
-        )
+        return f"its folder {folder} cannot be made: {e.strerror}"
     if not os.access(folder, os.W_OK):
-        return Outcome(
-            "secret key",
-            False,
-            f"{where}: not there, and its folder {folder} is not writable "
-            "by this user; make the file, or give NEWSLETTER_SECRET_KEY",
-        )
-    return Outcome("secret key", True, f"{where}: not there yet, made at start")
+        return f"its folder {folder} is not writable by this user"
+    return None
 
 
 def redis(settings: Settings) -> Outcome:

@@ -145,25 +145,19 @@ def verify_mailgun(
         )
         raise errors.WebhookNotConfigured()
     named = _list_address(event_data)
-    targets = [
-        (item, key)
-        for item, key in candidates
-        if named is not None
-        and isinstance(item.backend, MailgunBackendSettings)
-        and item.backend.list_address.casefold() == named
-    ]
-    keyless = [
+    # The lists held here that the event names, and those of them with their keys.
+    about = [
         item
         for item in lists
         if named is not None
         and isinstance(item.backend, MailgunBackendSettings)
         and item.backend.list_address.casefold() == named
-        and not item.backend.webhook_signing_key
     ]
-    if keyless and not targets:
+    targets = _mailgun_lists(about)
+    if about and not targets:
         # About a list held here whose key is not set, while another list's is: verified
         # with that one, it was taken for an event about a list not held here, and dropped.
-        slug = keyless[0].slug
+        slug = about[0].slug
         log.warning(
             "webhook.not_configured backend=mailgun list=%s: its webhook_signing_key is not "
             "in NEWSLETTER_LISTS; the call is answered 503 and Mailgun retries it",

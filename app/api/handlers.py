@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import refuse_compressed, request_locale, wants_html
-from app.config import ListSettings, Locale, Settings, pattern_rule
+from app.config import ListSettings, Locale, Settings, error_message
 from app.i18n import parse_locale
 from app.middleware import relative_location
 
@@ -263,8 +263,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
     messages = []
     for error in exc.errors()[:5]:
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        message = pattern_rule(error) or message
+        message = error_message(error)
         messages.append(f"{where}: {message}" if where else message)
     return "; ".join(messages) or "The request is not valid."
 
