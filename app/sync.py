@@ -42,11 +42,9 @@ from app.models import (
     ConsentEvent,
     JobKind,
     JobState,
-    MailingList,
     OutboxJob,
     Subscription,
     SubscriptionStatus,
-    Token,
     TokenPurpose,
 )
 
@@ -208,6 +206,25 @@ def _older_unfinished(
     return waits
 
 
+_subscriptions = SQLModel.metadata.tables["subscription"]
+_tokens = SQLModel.metadata.tables["token"]
+_lists = SQLModel.metadata.tables["mailing_list"]
+_PLAN_SUBSCRIPTIONS = sa.select(
+    _subscriptions.c.id,
+    _subscriptions.c.list_id,
+    _subscriptions.c.email,
+    _subscriptions.c.status,
+    _subscriptions.c.locale,
+    _subscriptions.c.attributes,
+).where(_subscriptions.c.id.in_(sa.bindparam("ids", expanding=True)))
+_LIST_SLUGS = sa.select(_lists.c.id, _lists.c.slug)
+_UNSUBSCRIBE_TOKENS = sa.select(_tokens.c.subscription_id, _tokens.c.id).where(
+    _tokens.c.subscription_id.in_(sa.bindparam("ids", expanding=True)),
+    _tokens.c.purpose == TokenPurpose.UNSUBSCRIBE.value,
+    _tokens.c.used_at.is_(None),
+)
+
+
 def plan(
     session: Session, jobs: Sequence[outbox.ClaimedJob], *, settings: Settings, key: bytes
 ) -> list[Planned]:
@@ -216,19 +233,17 @@ def plan(
     subscription_ids = [
         job.payload["subscription_id"] for job in jobs if "subscription_id" in job.payload
     ]
-    rows = session.exec(
-        select(Subscription).where(col(Subscription.id).in_(subscription_ids))
-    ).all()
-    by_id = {row.id: row for row in rows}
-    slugs = {row.id: row.slug for row in session.exec(select(MailingList)).all()}
+    connection = session.connection()
+    # Rows, not entities: the plan reads six columns and writes none back, and loading
+    # whole entities into the identity map cost a third of the plan's time.
+    by_id: dict[int, Any] = {
+        row.id: row for row in connection.execute(_PLAN_SUBSCRIPTIONS, {"ids": subscription_ids})
+    }
+    slugs: dict[int, str] = {row.id: row.slug for row in connection.execute(_LIST_SLUGS)}
     unsubscribe_tokens: dict[int, uuid.UUID] = {}
-    for subscription_id, token_id in session.exec(
-        select(Token.subscription_id, Token.id).where(
-            col(Token.subscription_id).in_(subscription_ids),
-            col(Token.purpose) == TokenPurpose.UNSUBSCRIBE,
-            col(Token.used_at).is_(None),
-        )
-    ).all():
+    for subscription_id, token_id in connection.execute(
+        _UNSUBSCRIBE_TOKENS, {"ids": subscription_ids}
+    ):
         unsubscribe_tokens.setdefault(subscription_id, token_id)
     # Confirmed subscribers without an unsubscribe link yet (imported ones): one each, all
     # in one statement.
@@ -238,9 +253,9 @@ def plan(
         if (
             subscription is not None
             and subscription.status == SubscriptionStatus.CONFIRMED
-            and _id(subscription) not in unsubscribe_tokens
+            and subscription.id not in unsubscribe_tokens
         ):
-            lacking[_id(subscription)] = job.created_at
+            lacking[subscription.id] = job.created_at
     unsubscribe_tokens |= tokens.insert_many(
         session, created=lacking, purpose=TokenPurpose.UNSUBSCRIBE, key=key
     )
@@ -276,7 +291,7 @@ def plan(
                 list_id=subscription.list_id, address=subscription.email
             )
         if status == SubscriptionStatus.CONFIRMED:
-            secret = tokens.secret_for_id(unsubscribe_tokens[_id(subscription)], key=key)
+            secret = tokens.secret_for_id(unsubscribe_tokens[subscription.id], key=key)
             link = settings.public_link(f"/v1/unsubscribe/{secret}")
             attributes = {name: str(value) for name, value in subscription.attributes.items()}
             member = Member(
