@@ -37,6 +37,8 @@ MAX_LOCAL_PART_OCTETS = LOCAL_PART_MAX_LENGTH  # 64
 # Alphabets whose letters imitate one another (Latin a, Cyrillic U+0430, Greek U+03B1...).
 _CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
 _WORD = re.compile(r"[^\W\d_]+")
+# C0 controls and DEL: no address holds one, and a header or a log line must not get one.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 # The everyday address: ASCII, a dot-atom before the @-sign, two or more host-name labels
 # after it. email-validator's grammar, from its own constants.
 _PLAIN = re.compile(
@@ -81,7 +83,7 @@ def parse(raw: str, *, new: bool) -> Address:
 # second read is a look-up among the last few hundred addresses read.
 @functools.lru_cache(maxsize=256)
 def _parse(raw: str, new: bool) -> Address:
-    if any(ord(char) < 32 or ord(char) == 127 for char in raw):
+    if _CONTROL.search(raw):
         raise InvalidAddress("The address contains control characters.")
     # Spaces around the address are not part of it, nor of its length.
     raw = raw.strip()

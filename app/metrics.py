@@ -118,8 +118,8 @@ class Metrics:
         are rarely in flight when this is asked). The in-process worker gives way then."""
         return self.in_flight > 0 and time.monotonic() - self.last_request_at < within
 
-    def attempt(self, kind: str, outcome: str) -> None:
-        self.outbox_attempts.labels(kind=kind, outcome=outcome).inc()
+    def attempt(self, kind: str, outcome: str, count: int = 1) -> None:
+        self.outbox_attempts.labels(kind=kind, outcome=outcome).inc(count)
 
     def limited(self, scope: str) -> None:
         self.rate_limited.labels(scope=scope).inc()

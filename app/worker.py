@@ -454,8 +454,9 @@ class Worker:
             # One statement per table for the whole round: the write lock (one writer on
             # SQLite) is held for a moment, not for a statement per job.
             outbox.finish_many(session, finished=done, worker=self.name)
+            if done:
+                self.metrics.attempt(JobKind.SYNC, "success", len(done))
             for finished in done:
-                self.metrics.attempt(JobKind.SYNC, "success")
                 if finished.job.payload.get("action") == sync.Action.REMOVE:
                     # An erased address leaves the queue once the backend has it gone.
                     privacy.scrub_after_removal(session, job_id=finished.job.id, key=self._key)
