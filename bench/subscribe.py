@@ -20,7 +20,9 @@ Between the two windows, the confirmation mails of those sign-ups are waited for
 worker gives way to requests, so under load it mails after the window, and a confirm window
 started at once would pay for the sign-ups' mails. The wait is timed (`drain`: the worker's
 mail rate once the requests stop) and checked: a sign-up whose mail is never written fails
-the run.
+the run. After the confirm window, likewise, the confirmations' sync jobs (to the list's
+backend, `none` here) are waited for, timed and checked (`sync_drain`): the figures show
+what each window left to the worker.
 
 Targets printed beside the figures: each rate >= 60 % of healthz's; p99 < 50 ms on SQLite.
 
@@ -50,8 +52,9 @@ RATE_TARGET = 0.60
 SQLITE_P99_TARGET_MS = 50.0
 # Confirm may run faster than subscribe: links enough for this multiple of subscribe's rate.
 CONFIRM_HEADROOM = 1.5
-# The sign-ups' confirmation mails are all written within this, or the run fails.
-MAIL_DEADLINE_S = 600.0
+# The sign-ups' confirmation mails, and the confirmations' sync jobs, are all done within
+# this once their window ends, or the run fails.
+DRAIN_DEADLINE_S = 600.0
 
 
 def _subscribe_factory(run_id: str, limit: int | None = None) -> RequestFactory:
@@ -107,27 +110,68 @@ def _confirm_factory(secrets: list[str]) -> RequestFactory:
     return confirm
 
 
-def _wait_for_mails(server: _common.Server, expected: int) -> dict[str, float]:
-    """Wait until every sign-up's confirmation mail is written (one per link); the mails
-    left when the requests stopped and how fast the worker wrote them."""
+def _drained(
+    remaining: Callable[[], int], *, total: int, label: str, what: str, verb: str
+) -> dict[str, float]:
+    """Wait until `remaining()` (the `what` of `total` not yet done) is zero; how many were
+    left when the requests stopped and how fast the worker did them. Any still left after
+    DRAIN_DEADLINE_S fail the run."""
     started = time.monotonic()
-    left = expected - server.mails_written()
-    deadline = started + MAIL_DEADLINE_S
-    while (written := server.mails_written()) < expected:
+    left = remaining()
+    deadline = started + DRAIN_DEADLINE_S
+    while (now_left := remaining()) > 0:
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"{expected - written:,} of {expected:,} confirmation mails not written "
-                f"after {MAIL_DEADLINE_S:.0f} s"
+                f"{now_left:,} of {total:,} {what} not {verb} after {DRAIN_DEADLINE_S:.0f} s"
             )
         time.sleep(0.1)
     seconds = time.monotonic() - started
     rate = left / seconds if left > 0 and seconds > 0 else 0.0
     print(
-        f"   mails     {max(left, 0):,} of {expected:,} confirmation mails still to write after "
-        f"the sign-ups; written in {seconds:.1f} s ({rate:,.0f}/s)",
+        f"   {label:<9} {max(left, 0):,} of {total:,} {what} still to do after the "
+        f"window; {verb} in {seconds:.1f} s ({rate:,.0f}/s)",
         flush=True,
     )
-    return {"expected": expected, "left": max(left, 0), "seconds": round(seconds, 2)}
+    return {"expected": total, "left": max(left, 0), "seconds": round(seconds, 2)}
+
+
+def _wait_for_mails(server: _common.Server, expected: int) -> dict[str, float]:
+    """Every sign-up's confirmation mail written (one per link)."""
+    return _drained(
+        lambda: expected - server.mails_written(),
+        total=expected,
+        label="mails",
+        what="confirmation mails",
+        verb="written",
+    )
+
+
+def _sync_jobs(database_url: str, *, unfinished: bool) -> int:
+    """The sync jobs in the queue; with `unfinished`, those not yet done (pending, or
+    running under a lease)."""
+    import sqlalchemy as sa
+
+    query = "SELECT count(*) FROM outbox_job WHERE kind = 'sync'"
+    if unfinished:
+        query += " AND state IN ('pending', 'running')"
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(sa.text(query)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _wait_for_syncs(database_url: str) -> dict[str, float]:
+    """Every confirmation's sync job done: the worker gives way to requests, so under load
+    it syncs after the window, as it mails after the sign-ups'."""
+    return _drained(
+        functools.partial(_sync_jobs, database_url, unfinished=True),
+        total=_sync_jobs(database_url, unfinished=False),
+        label="syncs",
+        what="sync jobs",
+        verb="done",
+    )
 
 
 def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
@@ -198,6 +242,7 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
             confirmed = measure("confirm", _confirm_factory(links))
             if confirmed.exhausted:
                 print(f"   note: the {len(links)} links ran out before the end of the window")
+            sync_drain = _wait_for_syncs(url)
             mails = server.mails_written()
             if server.process.poll() is not None:
                 raise RuntimeError(f"the server died during the run:\n{server.log_tail()}")
@@ -210,6 +255,7 @@ def _run_setup(options: argparse.Namespace, setup: str) -> dict[str, Any]:
         "links_prepared": len(links),
         "mails_written": mails,
         "drain": drain,
+        "sync_drain": sync_drain,
         "results": results,
     }
 
@@ -290,15 +336,18 @@ def _rows(run: dict[str, Any]) -> list[Row]:
                 ratio=_common.pct(health_ms / api_ms) if api_ms and health_ms else "",
             )
         )
-        drain = run.get("drain")
-        if name == "subscribe" and drain:
+        drain, figure, verb = {
+            "subscribe": (run.get("drain"), "mails after the window", "written"),
+            "confirm": (run.get("sync_drain"), "syncs after the window", "done"),
+        }[name]
+        if drain:
             rate = drain["left"] / drain["seconds"] if drain["left"] and drain["seconds"] else 0
             rows.append(
                 Row(
                     name,
                     label,
-                    "mails after the window",
-                    f"{drain['left']:,} of {drain['expected']:,} written in "
+                    figure,
+                    f"{drain['left']:,} of {drain['expected']:,} {verb} in "
                     f"{drain['seconds']:.1f} s ({rate:,.0f}/s)",
                 )
             )

@@ -6,12 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.models import JobKind, JobState, OutboxJob, utcnow
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -235,7 +240,76 @@ class TestWaitForMails:
     def test_a_mail_never_written_fails_the_run(
         self, subscribe: ModuleType, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(subscribe, "MAIL_DEADLINE_S", 0.3)
+        monkeypatch.setattr(subscribe, "DRAIN_DEADLINE_S", 0.3)
 
         with pytest.raises(RuntimeError, match="1 of 100 confirmation mails not written"):
             subscribe._wait_for_mails(self._Server([99]), 100)
+
+
+class TestWaitForSyncs:
+    """After the confirmations, their sync jobs are waited for likewise: the window's rate
+    comes with what it left to the worker, and a sync never done fails the run."""
+
+    @pytest.fixture
+    def subscribe(self, common: ModuleType) -> ModuleType:
+        import subscribe  # bench/, on the path while `common` is
+
+        return subscribe
+
+    @staticmethod
+    def _queue(engine: sa.Engine, *states: tuple[JobKind, JobState]) -> None:
+        now = utcnow()
+        with db.session_scope(engine) as session:
+            for kind, state in states:
+                session.add(
+                    OutboxJob(
+                        kind=kind,
+                        payload={},
+                        state=state,
+                        next_attempt_at=now,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+
+    def test_the_sync_jobs_left_after_the_confirmations_are_counted_and_timed(
+        self, subscribe: ModuleType, engine: sa.Engine, database_url: str
+    ) -> None:
+        self._queue(
+            engine,
+            (JobKind.SYNC, JobState.DONE),
+            (JobKind.SYNC, JobState.PENDING),
+            (JobKind.SYNC, JobState.RUNNING),
+            (JobKind.MAIL, JobState.PENDING),  # a mail is not a sync
+        )
+
+        def finish() -> None:
+            time.sleep(0.3)
+            with engine.begin() as connection:
+                connection.execute(
+                    sa.text("UPDATE outbox_job SET state = 'done' WHERE kind = 'sync'")
+                )
+
+        worker = threading.Thread(target=finish)
+        worker.start()
+        try:
+            drain = subscribe._wait_for_syncs(database_url)
+        finally:
+            worker.join()
+
+        assert drain["expected"] == 3
+        assert drain["left"] == 2
+        assert drain["seconds"] >= 0.3
+
+    def test_a_sync_never_done_fails_the_run(
+        self,
+        subscribe: ModuleType,
+        engine: sa.Engine,
+        database_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(subscribe, "DRAIN_DEADLINE_S", 0.3)
+        self._queue(engine, (JobKind.SYNC, JobState.DONE), (JobKind.SYNC, JobState.PENDING))
+
+        with pytest.raises(RuntimeError, match="1 of 2 sync jobs not done"):
+            subscribe._wait_for_syncs(database_url)
