@@ -559,6 +559,63 @@ class TestReconcileAndImport:
         _drain(worker)
         assert "bulk-0001@example.org" not in backend.held
 
+    def test_a_member_whose_addition_was_given_up_on_is_added_not_left_for_an_operator(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Mailman down for longer than the retries last: the confirmation's sync is dead.
+        settings = _app_without_worker(database_url, smtp, job_max_attempts=1)
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        backend.fail_next = [RetryableSyncError("ConnectError: connection refused")]
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DEAD]
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+            # Never there since the opt-in: its absence is no departure made there.
+            assert (report.missing, report.absent_there) == (["bulk-0000@example.org"], [])
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        _drain(worker)
+        assert backend.held["bulk-0000@example.org"][1] is True
+
+    def test_a_member_who_reached_the_backend_once_and_is_gone_is_still_left_to_check(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, job_max_attempts=1)
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DONE]
+        # A later sync of the same member (a change of name, say) fails for good: it was
+        # at the backend all the same, and its absence now is a departure made there.
+        with db.session_scope(engine) as session:
+            [row] = session.exec(select(Subscription)).all()
+            outbox.enqueue_sync(
+                session,
+                subscription_id=row.id or 0,
+                list_id=row.list_id,
+                now=utcnow(),
+                fresh_opt_in=False,
+            )
+        backend.fail_next = [PermanentSyncError("400 refused", response="400")]
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DONE, JobState.DEAD]
+        backend.held = {}
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+        assert (report.missing, report.absent_there) == ([], ["bulk-0000@example.org"])
+
     def test_import_keeps_each_members_state_with_its_provenance(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
