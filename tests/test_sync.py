@@ -1293,6 +1293,36 @@ class TestScheduledReconcile:
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
 
+    def test_a_member_gone_from_mailman_is_on_record_for_an_operator(
+        self,
+        database_url: str,
+        smtp: SmtpSink,
+        engine: sa.Engine,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # Left through Mailman's own List-Unsubscribe, or removed by a list owner: the
+        # scheduled run can fix nothing there, so it must say so, not look in sync.
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        _drain(worker)
+        backend.held.pop("bulk-0000@example.org")
+        worker.schedule_reconciliations()
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+        with caplog.at_level("INFO", logger="app.worker"):
+            _drain(worker)
+        done = _jobs(engine, JobKind.RECONCILE)[0]
+        assert done.state == JobState.DONE
+        with Session(engine) as session:
+            [attempt] = session.exec(
+                select(DeliveryAttempt).where(DeliveryAttempt.job_id == done.id)
+            ).all()
+        assert "absent there 1" in (attempt.response or "")
+        [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "absent_there=1" in warning.getMessage()
+        assert "newsletter reconcile --list bluehats" in warning.getMessage()
+
     def test_a_list_without_a_backend_is_not_scheduled(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
