@@ -701,15 +701,17 @@ def compare(
 
     `keeps_unsubscribed` is the backend's: where it is False, a confirmed member absent
     there goes to `absent_there` rather than `missing`, as they may have left there;
-    unless this service gave up putting them there since their latest confirmation (a
-    sync dead-lettered, none done since: an outage longer than the retries, credentials
-    refused), so that they never were there to leave: `missing`, added by the fixes.
+    unless they cannot be there yet (their sync under way, as below) or this service gave
+    up putting them there since their latest confirmation (a sync dead-lettered, none done
+    since: an outage longer than the retries, credentials refused): never there to leave,
+    they are `missing`, added by their sync or the fixes.
 
     A confirmation the backend cannot show yet, one whose sync job is not finished or made
     since the read began (`read_since`: its sync may have run after the page holding the
     member was read), is never `unsubscribed_there`: the backend's opt-out is older than
     the opt-in, and someone who left and came back would be recorded as gone again, their
-    new consent undone. It is `missing` (to be added, as its sync does).
+    new consent undone. It is `missing` (to be added, as its sync does), and so is such a
+    member absent from a backend that does not keep those who leave.
     """
     mailing_list = lists.get(session, slug=list_slug)
     rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
@@ -729,7 +731,7 @@ def compare(
         report.confirmed_here += 1
         there = remote.get(key)
         if there is None:
-            gone = not keeps_unsubscribed and key not in never_there
+            gone = not keeps_unsubscribed and key not in never_there and key not in on_the_way
             (report.absent_there if gone else report.missing).append(key)
         elif not there[1]:
             (report.missing if key in on_the_way else report.unsubscribed_there).append(key)

@@ -968,6 +968,45 @@ class TestThroughTheService:
         flush_outgoing_mail(mailman_core)
         assert mails_to(mailman_core, address) == []
 
+    def test_a_member_whose_sync_outlived_its_retries_is_added_by_reconciliation(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("outlasted")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+        # Mailman is back. The member never reached it: not one who left there.
+        backend = settings_for(mailman_core, mailman_list)
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json", "--apply",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stdout + report.stderr
+        found = json.loads(report.stdout)
+        assert (found["missing"], found["absent_there"]) == ([address], [])
+        with TestClient(create_app(service_settings(database_url, smtp, backend))):
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+
 
 # Taking over a list: the operator's commands, as operators run them -----------------------
 
@@ -1086,6 +1125,7 @@ class TestTakingOverAList:
         self,
         database_url: str,
         engine: sa.Engine,
+        smtp: SmtpSink,
         mailman_core: MailmanCore,
         mailman_list: str,
         tmp_path: Path,
@@ -1098,6 +1138,13 @@ class TestTakingOverAList:
             database_url=database_url, backend=backend, tmp_path=tmp_path,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
+        # The worker runs the import's sync (the member's link): the member is at Mailman
+        # by this service's doing, then leaves there.
+        with TestClient(create_app(service_settings(database_url, smtp, backend))):
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE],
+                timeout=SYNC_TIMEOUT,
+            )
         jobs = len(sync_jobs(engine))
         # The member leaves through Mailman itself (its List-Unsubscribe, Postorius).
         with rest_client(mailman_core) as client:

@@ -583,6 +583,28 @@ class TestReconcileAndImport:
         _drain(worker)
         assert backend.held["bulk-0000@example.org"][1] is True
 
+    def test_a_member_whose_addition_is_under_way_is_missing_not_gone(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Confirmed while Mailman was read (or while a retry waits): Mailman cannot show
+        # them yet, and an operator told they are gone would unsubscribe a new member.
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+            assert (report.missing, report.absent_there) == (["bulk-0000@example.org"], [])
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DONE]
+        assert backend.held["bulk-0000@example.org"][1] is True
+
     def test_a_member_who_reached_the_backend_once_and_is_gone_is_still_left_to_check(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
