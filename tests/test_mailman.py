@@ -660,6 +660,38 @@ class TestFailures:
         with pytest.raises(RetryableSyncError):
             backend.members()
 
+    def test_a_core_older_than_3_3_2_is_named_as_such(self) -> None:
+        # Mailman's validator refuses a parameter it does not know, on a read as on a
+        # write, as 3.3.10 does (observed: `fieldz` on the roster, `send_goodbye_message`
+        # on POST /members): `fields` came in 3.3.2, `send_welcome_message` in 3.3.1.
+        def old_core(request: httpx.Request) -> httpx.Response:
+            unknown = "fields" if request.method == "GET" else "send_welcome_message"
+            return httpx.Response(
+                400,
+                json={
+                    "title": "400 Bad Request",
+                    "description": f"Unexpected parameters: {unknown}",
+                },
+            )
+
+        settings = MailmanBackendSettings(
+            base_url="http://mailman.internal:8001/3.1",
+            username="restadmin",
+            password="p",
+            list_id="bluehats.example.org",
+        )
+        with httpx.Client(transport=httpx.MockTransport(old_core)) as client:
+            backend = MailmanBackend(settings, client)
+            for call, name in (
+                (backend.members, "fields"),
+                (lambda: backend.add([member(unique())]), "send_welcome_message"),
+            ):
+                with pytest.raises(PermanentSyncError) as caught:
+                    call()
+                assert f"Mailman does not know the parameter {name}" in str(caught.value)
+                assert "Mailman core 3.3.2 or later" in str(caught.value)
+                assert "GET /system/versions" in str(caught.value)
+
 
 class PagingProxy:
     """A reverse proxy before the real core that answers chosen calls, once each, with its
