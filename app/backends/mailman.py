@@ -12,7 +12,8 @@ other 2xx is not Mailman's answer (a proxy's `200` page, a login wall) and must 
 for a change made; it is a retryable error, on record with the page it got.
 Mailman's validator answers 400 "Unexpected parameters: ..." to a parameter it does not
 know, on reads too: `fields` (the roster) came in core 3.3.2, `send_welcome_message` in
-3.3.1, so an older core fails every call, with an error naming the version needed.
+3.3.1, so an older core fails the reads of the roster and the additions, with an error
+naming the version needed.
 
 Endpoints:
 - add: `POST /members {list_id, subscriber, display_name, pre_verified, pre_confirmed,
