@@ -324,6 +324,17 @@ class MailmanBackendSettings(BaseModel):
                 f"base_url must end with the REST API version, e.g. {root} (Mailman answers "
                 "404 to every call without it)"
             )
+        # API 3.0 writes users' and members' ids as numbers, which the adapter (written
+        # for 3.1's hex strings) would not take: an erasure found no user and left the
+        # person's name at Mailman.
+        version = re.search(r"/(3\.\d+)/?$", value.path or "")
+        if version and version[1] != "3.1":
+            root = re.sub(r"/3\.\d+/?$", "/3.1", str(value))
+            raise ValueError(
+                f"base_url must end with /3.1, the REST API version this service speaks, "
+                f"e.g. {root} (not {version[1]}: Mailman 3.3 answers 3.0 too, with ids as "
+                "numbers, which an erasure would not find)"
+            )
         return value
 
     @field_validator("list_id")

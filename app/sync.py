@@ -715,13 +715,18 @@ def compare(
     """The differences between this list and its backend (see `Report`).
 
     `keeps_unsubscribed` is the backend's: where it is False, a confirmed member absent
-    there goes to `absent_there` rather than `missing`, as they may have left there.
+    there goes to `absent_there` rather than `missing`, as they may have left there;
+    unless they cannot be there yet (their sync under way, as below) or this service gave
+    up putting them there since their latest confirmation (a sync dead-lettered, none done
+    since: an outage longer than the retries, credentials refused): never there to leave,
+    they are `missing`, added by their sync or the fixes.
 
     A confirmation the backend cannot show yet, one whose sync job is not finished or made
     since the read began (`read_since`: its sync may have run after the page holding the
     member was read), is never `unsubscribed_there`: the backend's opt-out is older than
     the opt-in, and someone who left and came back would be recorded as gone again, their
-    new consent undone. It is `missing` (to be added, as its sync does).
+    new consent undone. It is `missing` (to be added, as its sync does), and so is such a
+    member absent from a backend that does not keep those who leave.
     """
     mailing_list = lists.get(session, slug=list_slug)
     rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
@@ -734,13 +739,15 @@ def compare(
             if row.confirmed_at is not None and row.confirmed_at >= read_since
         }
     report = Report(list_slug=list_slug, backend_members=len(remote))
+    never_there = set() if keeps_unsubscribed else _given_up(session, list_id=mailing_list.id)
     for key, status in here.items():
         if status != SubscriptionStatus.CONFIRMED:
             continue
         report.confirmed_here += 1
         there = remote.get(key)
         if there is None:
-            (report.missing if keeps_unsubscribed else report.absent_there).append(key)
+            gone = not keeps_unsubscribed and key not in never_there and key not in on_the_way
+            (report.absent_there if gone else report.missing).append(key)
         elif not there[1]:
             (report.missing if key in on_the_way else report.unsubscribed_there).append(key)
     for key, (address, subscribed) in remote.items():
@@ -769,6 +776,31 @@ def _syncs_under_way(session: Session, *, list_id: int | None) -> set[str]:
         )
     )
     return set(session.exec(query).all())
+
+
+def _given_up(session: Session, *, list_id: int | None) -> set[str]:
+    """The `email_key`s of the list's confirmed subscriptions whose sync was dead-lettered
+    since their latest confirmation, and none done since: the backend never held them
+    since that opt-in."""
+    since = sa.and_(
+        col(OutboxJob.subscription_id) == col(Subscription.id),
+        col(OutboxJob.kind) == JobKind.SYNC,
+        col(OutboxJob.finished_at) >= col(Subscription.confirmed_at),
+    )
+    query = (
+        select(Subscription.email_key, OutboxJob.state)
+        .join(OutboxJob, since)
+        .where(
+            Subscription.list_id == list_id,
+            Subscription.status == SubscriptionStatus.CONFIRMED,
+            col(OutboxJob.state).in_([JobState.DONE, JobState.DEAD]),
+        )
+        .distinct()
+    )
+    states: dict[str, set[str]] = {}
+    for email_key, state in session.exec(query).all():
+        states.setdefault(email_key, set()).add(state)
+    return {email_key for email_key, seen in states.items() if seen == {JobState.DEAD}}
 
 
 def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> None:

@@ -591,6 +591,7 @@ class Worker:
                     response=(
                         f"missing {len(report.missing)}, extra {len(report.extra)}, "
                         f"unsubscribed there {len(report.unsubscribed_there)}, "
+                        f"absent there {len(report.absent_there)}, "
                         f"invalid {len(report.invalid)}"
                     ),
                 )
@@ -602,13 +603,26 @@ class Worker:
                         delay=self.settings.reconcile_interval,
                     )
             log.info(
-                "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d invalid=%d",
+                "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d "
+                "absent_there=%d invalid=%d",
                 slug,
                 len(report.missing),
                 len(report.extra),
                 len(report.unsubscribed_there),
+                len(report.absent_there),
                 len(report.invalid),
             )
+            if report.absent_there or report.invalid:
+                # Left as they are (a member gone from Mailman may have left through its own
+                # link): only an operator can settle them, and only this line tells them.
+                log.warning(
+                    "reconcile.to_check list=%s absent_there=%d invalid=%d: left as they "
+                    "are; `newsletter reconcile --list %s` names them",
+                    slug,
+                    len(report.absent_there),
+                    len(report.invalid),
+                    slug,
+                )
         return len(claimed)
 
     def _between_pages(self, job: outbox.ClaimedJob) -> Callable[[int], None]:

@@ -660,6 +660,38 @@ class TestFailures:
         with pytest.raises(RetryableSyncError):
             backend.members()
 
+    def test_a_core_older_than_3_3_2_is_named_as_such(self) -> None:
+        # Mailman's validator refuses a parameter it does not know, on a read as on a
+        # write, as 3.3.10 does (observed: `fieldz` on the roster, `send_goodbye_message`
+        # on POST /members): `fields` came in 3.3.2, `send_welcome_message` in 3.3.1.
+        def old_core(request: httpx.Request) -> httpx.Response:
+            unknown = "fields" if request.method == "GET" else "send_welcome_message"
+            return httpx.Response(
+                400,
+                json={
+                    "title": "400 Bad Request",
+                    "description": f"Unexpected parameters: {unknown}",
+                },
+            )
+
+        settings = MailmanBackendSettings(
+            base_url="http://mailman.internal:8001/3.1",
+            username="restadmin",
+            password="p",
+            list_id="bluehats.example.org",
+        )
+        with httpx.Client(transport=httpx.MockTransport(old_core)) as client:
+            backend = MailmanBackend(settings, client)
+            for call, name in (
+                (backend.members, "fields"),
+                (lambda: backend.add([member(unique())]), "send_welcome_message"),
+            ):
+                with pytest.raises(PermanentSyncError) as caught:
+                    call()
+                assert f"Mailman does not know the parameter {name}" in str(caught.value)
+                assert "Mailman core 3.3.2 or later" in str(caught.value)
+                assert "GET /system/versions" in str(caught.value)
+
 
 class PagingProxy:
     """A reverse proxy before the real core that answers chosen calls, once each, with its
@@ -968,6 +1000,45 @@ class TestThroughTheService:
         flush_outgoing_mail(mailman_core)
         assert mails_to(mailman_core, address) == []
 
+    def test_a_member_whose_sync_outlived_its_retries_is_added_by_reconciliation(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("outlasted")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+        # Mailman is back. The member never reached it: not one who left there.
+        backend = settings_for(mailman_core, mailman_list)
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json", "--apply",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stdout + report.stderr
+        found = json.loads(report.stdout)
+        assert (found["missing"], found["absent_there"]) == ([address], [])
+        with TestClient(create_app(service_settings(database_url, smtp, backend))):
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+        flush_outgoing_mail(mailman_core)
+        assert mails_to(mailman_core, address) == []
+
 
 # Taking over a list: the operator's commands, as operators run them -----------------------
 
@@ -1086,6 +1157,7 @@ class TestTakingOverAList:
         self,
         database_url: str,
         engine: sa.Engine,
+        smtp: SmtpSink,
         mailman_core: MailmanCore,
         mailman_list: str,
         tmp_path: Path,
@@ -1098,6 +1170,13 @@ class TestTakingOverAList:
             database_url=database_url, backend=backend, tmp_path=tmp_path,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
+        # The worker runs the import's sync (the member's link): the member is at Mailman
+        # by this service's doing, then leaves there.
+        with TestClient(create_app(service_settings(database_url, smtp, backend))):
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE],
+                timeout=SYNC_TIMEOUT,
+            )
         jobs = len(sync_jobs(engine))
         # The member leaves through Mailman itself (its List-Unsubscribe, Postorius).
         with rest_client(mailman_core) as client:

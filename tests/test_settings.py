@@ -621,6 +621,14 @@ class TestBadValues:
                 "https://lists.example.org/3.1/lists/bluehats.lists.example.org",
                 "base_url must end with the REST API version, e.g. https://lists.example.org/3.1 ",
             ),
+            # API 3.0 gives users' and members' ids as numbers: an erasure found no user
+            # there and left the person's name at Mailman.
+            (
+                "base_url",
+                "https://lists.example.org/3.0",
+                "base_url must end with /3.1, the REST API version this service speaks, "
+                "e.g. https://lists.example.org/3.1 (",
+            ),
         ],
     )
     def test_a_mailman_list_given_as_mailman_would_refuse_it_fails_at_start(

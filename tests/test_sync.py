@@ -559,6 +559,85 @@ class TestReconcileAndImport:
         _drain(worker)
         assert "bulk-0001@example.org" not in backend.held
 
+    def test_a_member_whose_addition_was_given_up_on_is_added_not_left_for_an_operator(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Mailman down for longer than the retries last: the confirmation's sync is dead.
+        settings = _app_without_worker(database_url, smtp, job_max_attempts=1)
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        backend.fail_next = [RetryableSyncError("ConnectError: connection refused")]
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DEAD]
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+            # Never there since the opt-in: its absence is no departure made there.
+            assert (report.missing, report.absent_there) == (["bulk-0000@example.org"], [])
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        _drain(worker)
+        assert backend.held["bulk-0000@example.org"][1] is True
+
+    def test_a_member_whose_addition_is_under_way_is_missing_not_gone(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Confirmed while Mailman was read (or while a retry waits): Mailman cannot show
+        # them yet, and an operator told they are gone would unsubscribe a new member.
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+            assert (report.missing, report.absent_there) == (["bulk-0000@example.org"], [])
+            sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DONE]
+        assert backend.held["bulk-0000@example.org"][1] is True
+
+    def test_a_member_who_reached_the_backend_once_and_is_gone_is_still_left_to_check(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings = _app_without_worker(database_url, smtp, job_max_attempts=1)
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DONE]
+        # A later sync of the same member (a change of name, say) fails for good: it was
+        # at the backend all the same, and its absence now is a departure made there.
+        with db.session_scope(engine) as session:
+            [row] = session.exec(select(Subscription)).all()
+            outbox.enqueue_sync(
+                session,
+                subscription_id=row.id or 0,
+                list_id=row.list_id,
+                now=utcnow(),
+                fresh_opt_in=False,
+            )
+        backend.fail_next = [PermanentSyncError("400 refused", response="400")]
+        _drain(worker)
+        assert [job.state for job in _jobs(engine)] == [JobState.DONE, JobState.DEAD]
+        backend.held = {}
+        with db.session_scope(engine) as session:
+            report = sync.compare(
+                session,
+                list_slug="bluehats",
+                remote=sync.read_backend(backend),
+                keeps_unsubscribed=False,
+            )
+        assert (report.missing, report.absent_there) == ([], ["bulk-0000@example.org"])
+
     def test_import_keeps_each_members_state_with_its_provenance(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine
     ) -> None:
@@ -1235,6 +1314,36 @@ class TestScheduledReconcile:
         reconciles = _jobs(engine, JobKind.RECONCILE)
         assert reconciles[0].state == JobState.DONE
         assert reconciles[-1].state == JobState.PENDING
+
+    def test_a_member_gone_from_mailman_is_on_record_for_an_operator(
+        self,
+        database_url: str,
+        smtp: SmtpSink,
+        engine: sa.Engine,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # Left through Mailman's own List-Unsubscribe, or removed by a list owner: the
+        # scheduled run can fix nothing there, so it must say so, not look in sync.
+        settings = _app_without_worker(database_url, smtp, reconcile_interval="1h")
+        backend = MemoryBackend(keeps_unsubscribed=False)
+        worker = _mail_worker(settings, engine, backend)
+        _confirmed_rows(engine, count=1)
+        _drain(worker)
+        backend.held.pop("bulk-0000@example.org")
+        worker.schedule_reconciliations()
+        worker.now = lambda: utcnow() + timedelta(hours=1, minutes=1)
+        with caplog.at_level("INFO", logger="app.worker"):
+            _drain(worker)
+        done = _jobs(engine, JobKind.RECONCILE)[0]
+        assert done.state == JobState.DONE
+        with Session(engine) as session:
+            [attempt] = session.exec(
+                select(DeliveryAttempt).where(DeliveryAttempt.job_id == done.id)
+            ).all()
+        assert "absent there 1" in (attempt.response or "")
+        [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "absent_there=1" in warning.getMessage()
+        assert "newsletter reconcile --list bluehats" in warning.getMessage()
 
     def test_a_list_without_a_backend_is_not_scheduled(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine

@@ -10,6 +10,10 @@ status (reads and the roster's mass unsubscription 200 with JSON, `POST /members
 202, `POST /users` 201, deletions and the discard of a request 204 without a body): any
 other 2xx is not Mailman's answer (a proxy's `200` page, a login wall) and must not pass
 for a change made; it is a retryable error, on record with the page it got.
+Mailman's validator answers 400 "Unexpected parameters: ..." to a parameter it does not
+know, on reads too: `fields` (the roster) came in core 3.3.2, `send_welcome_message` in
+3.3.1, so an older core fails the reads of the roster and the additions, with an error
+naming the version needed.
 
 Endpoints:
 - add: `POST /members {list_id, subscriber, display_name, pre_verified, pre_confirmed,
@@ -128,6 +132,8 @@ REQUEST_PENDING = "Subscription request already pending"
 BANNED = "Membership is banned"
 NO_SUCH_LIST = "No such list"
 INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
+# Mailman's validator, for a parameter it does not know (on reads as on writes).
+UNEXPECTED = "Unexpected parameters: "
 
 
 def _segment(value: str) -> str:
@@ -158,6 +164,18 @@ def _description(response: httpx.Response) -> str:
             if isinstance(value, str):
                 return value[:200]
     return response.text[:200]
+
+
+def _too_old(what: str, description: str, *, response: str | None) -> PermanentSyncError:
+    """A core that does not know a parameter this adapter sends: older than 3.3.2
+    (`fields` came in 3.3.2, `send_welcome_message` in 3.3.1)."""
+    unknown = description.removeprefix(UNEXPECTED).strip()
+    return PermanentSyncError(
+        f"{what}: HTTP 400: Mailman does not know the parameter {unknown}: this service "
+        "needs Mailman core 3.3.2 or later (GET /system/versions names the core's version)",
+        response=response,
+        status=400,
+    )
 
 
 def _json(response: httpx.Response, what: str) -> dict[str, Any]:
@@ -330,6 +348,8 @@ class MailmanBackend:
                 "cannot hold this member",
                 response=excerpt(response),
             )
+        if status == 400 and description.startswith(UNEXPECTED):
+            raise _too_old(what, description, response=excerpt(response))
         if status == 202:
             raise PermanentSyncError(
                 f"{what}: Mailman held the subscription for confirmation or approval "
@@ -567,16 +587,22 @@ class MailmanBackend:
         """One call; a success other than the `expect`ed one (Mailman's writes answer 201
         or 204 without a body, so a proxy's 200 page would pass for a change made) is a
         retryable error, on record with what came instead."""
-        response = send(
-            self._client,
-            method,
-            self._api + path,
-            what=what,
-            ok=ok,
-            refused=(401, "the backend's username and password"),
-            auth=self._auth,
-            **kwargs,
-        )
+        try:
+            response = send(
+                self._client,
+                method,
+                self._api + path,
+                what=what,
+                ok=ok,
+                refused=(401, "the backend's username and password"),
+                auth=self._auth,
+                **kwargs,
+            )
+        except PermanentSyncError as e:
+            said = re.search(r'"description":\s*"(Unexpected parameters: [^"]*)"', e.response or "")
+            if e.status == 400 and said:
+                raise _too_old(what, said[1], response=e.response) from e
+            raise
         status = response.status_code
         if response.is_success and status not in expect:
             expected = " or ".join(str(code) for code in sorted(expect))
