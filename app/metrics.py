@@ -175,7 +175,11 @@ class DatabaseCollector(Collector):
         try:
             families = self._read()
         except SQLAlchemyError as e:
-            log.warning("metrics.database_unreachable error=%s", type(e).__name__)
+            log.warning(
+                "metrics.database_unreachable error=%s %s",
+                type(e).__name__,
+                db.failure(self.engine, e),
+            )
             up.add_metric([], 0)
             yield up
             return

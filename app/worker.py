@@ -290,9 +290,10 @@ class Worker:
                 # again, less often, until it answers. Leased jobs come back at lease end.
                 if outage == 0:
                     log.warning(
-                        "worker.database_unavailable name=%s error=%s",
+                        "worker.database_unavailable name=%s error=%s %s",
                         self.name,
                         type(e.orig).__name__,
+                        db.failure(self.engine, e),
                     )
                 outage += 1
                 self._wake.wait(
