@@ -272,6 +272,23 @@ class TestMetrics:
         template = labels(method="POST", route="/v1/lists/{slug}/subscriptions", status="413")
         assert scrape(client)[("newsletter_http_requests_total", template)] == 1
 
+    def test_the_schema_and_static_files_are_counted_under_their_routes_not_unmatched(
+        self, client: TestClient
+    ) -> None:
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/static/style.css").status_code == 200
+        assert client.get("/static/no-such-file.css").status_code == 404
+        assert client.get("/no/such/page").status_code == 404
+        counted = scrape(client)
+        requests = "newsletter_http_requests_total"
+        assert counted[(requests, labels(method="GET", route="/openapi.json", status="200"))] == 1
+        static = "/static/{path}"
+        assert counted[(requests, labels(method="GET", route=static, status="200"))] == 1
+        assert counted[(requests, labels(method="GET", route=static, status="404"))] == 1
+        # `<unmatched>` is what no route took: a 404, never a page served.
+        assert counted[(requests, labels(method="GET", route="<unmatched>", status="404"))] == 1
+        assert (requests, labels(method="GET", route="<unmatched>", status="200")) not in counted
+
     def test_a_metrics_token_when_set_is_required(self, database_url: str, smtp: SmtpSink) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, metrics_token="scrape-me")
         with TestClient(create_app(settings)) as client:
