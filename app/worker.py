@@ -628,8 +628,9 @@ class Worker:
 
     def _between_pages(self, job: outbox.ClaimedJob) -> Callable[[int], None]:
         """Called after each page a reconciliation reads at the backend (a large list is
-        hundreds of pages, minutes): a stop breaks it off, the mails due go out meanwhile
-        (a confirmation would wait for the whole list), and its lease is kept."""
+        hundreds of pages, minutes): a stop breaks it off, the heartbeat is kept fresh, the
+        mails due go out meanwhile (a confirmation would wait for the whole list), and its
+        lease is kept."""
         renew_at = self._next_renewal(self.now())
         mailed_at = time.monotonic()
 
@@ -637,6 +638,9 @@ class Worker:
             nonlocal renew_at, mailed_at
             if self._stop.is_set():
                 raise _Stopping()
+            # Alive to readiness and `newsletter_workers_alive` through minutes of reading:
+            # the rounds' heartbeats wait for the reconciliation's end.
+            self.beat(force=False)
             if time.monotonic() - mailed_at > BATCH_REFRESH:
                 self._mail_round(self.settings.worker_batch_size)
                 mailed_at = time.monotonic()
