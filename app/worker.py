@@ -521,8 +521,9 @@ class Worker:
 
     def _keeping_leases(self, jobs: list[outbox.ClaimedJob]) -> Callable[[], bool]:
         """A sync round's `should_stop`, asked before each call (in the pool's threads too),
-        that also renews the round's leases from half their term: a round of calls one at a
-        time to a slow backend outlasted them, and another worker made the same calls."""
+        that also renews the round's leases from half their term (a round of calls one at a
+        time to a slow backend outlasted them, and another worker made the same calls) and
+        keeps the heartbeat fresh."""
         ids = [job.id for job in jobs]
         lock = threading.Lock()
         renew_at = self._next_renewal(self.now())
@@ -534,6 +535,9 @@ class Worker:
                 if now >= renew_at:
                     self._renew(ids, now)
                     renew_at = self._next_renewal(now)
+                # Alive to readiness through a long round, as through a long reconciliation
+                # (one thread at a time: each would write the same row).
+                self.beat(force=False)
             return self.stopping
 
         return should_stop
