@@ -552,6 +552,28 @@ def unreachable(database_url: str, error: sa_exc.DBAPIError) -> tuple[str, str]:
     return shown_url(database_url), reason
 
 
+def failure(engine: Engine, error: BaseException) -> str:
+    """A database failure as a log line says it: where, as whom and the driver's reason,
+    `database=<url without user> user=<name> reason=<text>`, the password masked. The
+    error's class alone (`OperationalError`) did not tell a refused connection from a
+    refused password or a full server. The user stands apart: in the URL, `user@host` read
+    as an address, which the log masks."""
+    url = engine.url.render_as_string(hide_password=False)
+    if isinstance(error, sa_exc.DBAPIError):
+        _, reason = unreachable(url, error)
+    else:
+        # The pool's own (a checkout that timed out): no driver, no password in it.
+        reason = " ".join(str(error).split())
+    given = engine.url
+    anonymous = sa.engine.URL.create(
+        given.drivername, host=given.host, port=given.port, database=given.database,
+        query=given.query,
+    )  # fmt: skip
+    where = shown_url(anonymous.render_as_string(hide_password=False))
+    user = f" user={given.username}" if given.username else ""
+    return f"database={where}{user} reason={reason}"
+
+
 class Prepared:
     """A Core statement compiled once per dialect and run on the driver's own cursor.
 

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db, formguard, heartbeat, outbox
@@ -175,7 +176,11 @@ class DatabaseCollector(Collector):
         try:
             families = self._read()
         except SQLAlchemyError as e:
-            log.warning("metrics.database_unreachable error=%s", type(e).__name__)
+            log.warning(
+                "metrics.database_unreachable error=%s %s",
+                type(e).__name__,
+                db.failure(self.engine, e),
+            )
             up.add_metric([], 0)
             yield up
             return
@@ -302,6 +307,16 @@ class RouteNames:
         path = getattr(route, "path", None)
         if isinstance(path, str):
             return path or "/"
+        # Starlette's own routes (the schema at /openapi.json) and mounts (/static) name no
+        # `route`, only the endpoint they chose: counted as `<unmatched>`, a page served
+        # passed for a 404.
+        endpoint = scope.get("endpoint")
+        if endpoint is not None:
+            for candidate in getattr(self.app, "routes", ()):
+                if isinstance(candidate, Mount) and candidate.app is endpoint:
+                    return f"{candidate.path}/{{path}}"
+                if getattr(candidate, "endpoint", None) is endpoint:
+                    return str(candidate.path)
         for pattern, template in self._documented():
             if pattern.fullmatch(scope["path"]):
                 return template

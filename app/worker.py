@@ -10,6 +10,7 @@ between a send and that write leaves its jobs leased: they are sent again once t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -182,6 +183,9 @@ class Worker:
         self._backends: dict[str, ListBackend] = dict(list_backends or {})
         # Attempts are counted in this process's registry (the API's, or `--metrics-port`).
         self.metrics = metrics or Metrics()
+        # Mails sent whose outcomes the database, gone meanwhile, did not take: written
+        # first when it answers again, before their leases end and another round sends them.
+        self._unwritten: list[_Attempt] = []
         self.started_at = now()
         # Written at most this often, after a round or a job: a heartbeat means progress.
         self._beat_every = settings.worker_heartbeat_timeout.total_seconds() / 4
@@ -219,6 +223,14 @@ class Worker:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._client is not None:
             self._client.close()
+        try:
+            # Sent while the database was away: a last try, or they go again at lease end.
+            self._record(self._unwritten)
+            self._unwritten = []
+        except OperationalError:
+            log.warning(
+                "worker.outcomes_not_written name=%s jobs=%d", self.name, len(self._unwritten)
+            )
         try:
             with db.session_scope(self.engine) as session:
                 heartbeat.forget(session, worker_id=self.name)
@@ -290,9 +302,10 @@ class Worker:
                 # again, less often, until it answers. Leased jobs come back at lease end.
                 if outage == 0:
                     log.warning(
-                        "worker.database_unavailable name=%s error=%s",
+                        "worker.database_unavailable name=%s error=%s %s",
                         self.name,
                         type(e.orig).__name__,
+                        db.failure(self.engine, e),
                     )
                 outage += 1
                 self._wake.wait(
@@ -332,6 +345,9 @@ class Worker:
         if pressed:
             mail_batch = min(mail_batch, PRESSED_MAIL_BATCH)
             sync_batch = min(sync_batch, PRESSED_SYNC_BATCH)
+        if self._unwritten:
+            self._record(self._unwritten)
+            self._unwritten = []
         return (
             self._mail_round(mail_batch)
             + self._sync_round(sync_batch)
@@ -379,7 +395,7 @@ class Worker:
         in_flight: set[Future[_Attempt]] = set()
         data: _MailData | None = None
         # An SMTP connection serves several mails of the batch.
-        with self.mailer.batch():
+        with self.mailer.batch(), self._kept_when_the_database_goes(batch):
             try:
                 while waiting and not self._stop.is_set():
                     if data is None or time.monotonic() - data.read_at > BATCH_REFRESH:
@@ -398,7 +414,7 @@ class Worker:
                     self._write_if_due(batch)
             finally:
                 # Even when the round fails (the database went away), no send is left
-                # running behind it; outcomes not written come back with their leases.
+                # running behind it; outcomes not written wait in `_unwritten`.
                 self._collect(in_flight, batch, keep=0)
             # On record before the batch's connections say goodbye, however slowly.
             self._write(batch)
@@ -506,8 +522,9 @@ class Worker:
 
     def _keeping_leases(self, jobs: list[outbox.ClaimedJob]) -> Callable[[], bool]:
         """A sync round's `should_stop`, asked before each call (in the pool's threads too),
-        that also renews the round's leases from half their term: a round of calls one at a
-        time to a slow backend outlasted them, and another worker made the same calls."""
+        that also renews the round's leases from half their term (a round of calls one at a
+        time to a slow backend outlasted them, and another worker made the same calls) and
+        keeps the heartbeat fresh."""
         ids = [job.id for job in jobs]
         lock = threading.Lock()
         renew_at = self._next_renewal(self.now())
@@ -519,6 +536,9 @@ class Worker:
                 if now >= renew_at:
                     self._renew(ids, now)
                     renew_at = self._next_renewal(now)
+                # Alive to readiness through a long round, as through a long reconciliation
+                # (one thread at a time: each would write the same row).
+                self.beat(force=False)
             return self.stopping
 
         return should_stop
@@ -627,8 +647,9 @@ class Worker:
 
     def _between_pages(self, job: outbox.ClaimedJob) -> Callable[[int], None]:
         """Called after each page a reconciliation reads at the backend (a large list is
-        hundreds of pages, minutes): a stop breaks it off, the mails due go out meanwhile
-        (a confirmation would wait for the whole list), and its lease is kept."""
+        hundreds of pages, minutes): a stop breaks it off, the heartbeat is kept fresh, the
+        mails due go out meanwhile (a confirmation would wait for the whole list), and its
+        lease is kept."""
         renew_at = self._next_renewal(self.now())
         mailed_at = time.monotonic()
 
@@ -636,6 +657,9 @@ class Worker:
             nonlocal renew_at, mailed_at
             if self._stop.is_set():
                 raise _Stopping()
+            # Alive to readiness and `newsletter_workers_alive` through minutes of reading:
+            # the rounds' heartbeats wait for the reconciliation's end.
+            self.beat(force=False)
             if time.monotonic() - mailed_at > BATCH_REFRESH:
                 self._mail_round(self.settings.worker_batch_size)
                 mailed_at = time.monotonic()
@@ -856,10 +880,25 @@ class Worker:
             for job in lost:
                 batch.waiting.remove(job)
 
+    @contextlib.contextmanager
+    def _kept_when_the_database_goes(self, batch: _Outcomes) -> Iterator[None]:
+        """The database went away during a round (writing its outcomes, renewing its
+        leases): the outcomes gathered are kept for `run_once` to write when it is back."""
+        try:
+            yield
+        except OperationalError:
+            self._unwritten.extend(batch.done)
+            batch.done = []
+            raise
+
     def _write(self, batch: _Outcomes) -> None:
         """Record the outcomes gathered so far, all in one transaction."""
-        done, batch.done = batch.done, []
+        self._record(batch.done)
+        batch.done = []
         batch.written_at = time.monotonic()
+
+    def _record(self, done: list[_Attempt]) -> None:
+        """Write these outcomes in one transaction; raises with nothing written."""
         if not done:
             return
         failed = [attempt for attempt in done if attempt.error is not None]

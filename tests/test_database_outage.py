@@ -15,12 +15,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import migrations
+from app import db, migrations
+from app.mailer import make_mailer
 from app.main import create_app
+from app.worker import Worker
 from tests.conftest import LiveServer, SmtpSink, make_settings, wait_until
-from tests.processes import PrivatePostgres
+from tests.processes import PrivatePostgres, start_holding_smtp
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +156,53 @@ def test_the_worker_survives_an_outage_and_sends_what_comes_after(
             app_worker = client.get("/readyz").json()["worker"]
     assert app_worker == "fresh"
     assert "b@example.org" not in _stored(postgres.url)
+
+
+def test_a_mail_sent_while_the_database_was_away_is_recorded_once_it_is_back_not_sent_again(
+    postgres: PrivatePostgres,
+) -> None:
+    """The worker knows the mail left: it writes so when the database answers again, within
+    the job's lease, rather than letting the lease run out and the job be sent again."""
+    sink, controller = start_holding_smtp()
+    engine = db.make_engine(postgres.url)
+    settings = make_settings(postgres.url, smtp_port=sink.port, job_lease="20s")
+    worker = Worker(engine=engine, settings=settings, mailer=make_mailer(settings.mailer))
+    try:
+        queuing = make_settings(postgres.url, smtp_port=sink.port, run_worker=False)
+        with TestClient(create_app(queuing)) as client:
+            answer = client.post(
+                "/v1/lists/bluehats/subscriptions", json={"email": "held@example.org"}
+            )
+            assert answer.status_code == 202
+        worker.start()
+        wait_until(lambda: sink.holding == 1, timeout=20)
+
+        postgres.stop()
+        sink.gate.set()  # the mail leaves; its outcome cannot be written
+        sink.wait_for(1)
+        wait_until(lambda: sink.holding == 0)
+        postgres.start()
+
+        # Well within the 20 s lease, at whose end the job would be taken and sent again.
+        wait_until(lambda: _held_job(postgres.url) == ("done", 1), timeout=10)
+        assert sink.recipients() == ["held@example.org"]
+    finally:
+        worker.stop(timeout=10)
+        engine.dispose()
+        controller.stop()
+
+
+def _held_job(url: str) -> tuple[str, int] | None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(
+                sa.text(
+                    "SELECT j.state, j.attempts FROM outbox_job j "
+                    "JOIN subscription s ON s.id = j.subscription_id "
+                    "WHERE s.email = 'held@example.org' AND j.kind = 'mail'"
+                )
+            ).one_or_none()
+    finally:
+        engine.dispose()
+    return (str(row[0]), int(row[1])) if row is not None else None

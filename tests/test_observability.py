@@ -27,7 +27,7 @@ from app.main import create_app
 from app.metrics import exposition_app
 from app.models import JobKind, KeyScope, utcnow
 from app.worker import Worker
-from tests.conftest import SmtpSink, link_in, make_settings, wait_until
+from tests.conftest import SmtpSink, free_port, link_in, make_settings, wait_until
 from tests.processes import HoldingSink, ServeProcess, service_env, start_holding_smtp
 
 SUBSCRIBE = "/v1/lists/bluehats/subscriptions"
@@ -271,6 +271,23 @@ class TestMetrics:
         assert client.post("/v1/lists/any-list/subscriptions", json=big).status_code == 413
         template = labels(method="POST", route="/v1/lists/{slug}/subscriptions", status="413")
         assert scrape(client)[("newsletter_http_requests_total", template)] == 1
+
+    def test_the_schema_and_static_files_are_counted_under_their_routes_not_unmatched(
+        self, client: TestClient
+    ) -> None:
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/static/style.css").status_code == 200
+        assert client.get("/static/no-such-file.css").status_code == 404
+        assert client.get("/no/such/page").status_code == 404
+        counted = scrape(client)
+        requests = "newsletter_http_requests_total"
+        assert counted[(requests, labels(method="GET", route="/openapi.json", status="200"))] == 1
+        static = "/static/{path}"
+        assert counted[(requests, labels(method="GET", route=static, status="200"))] == 1
+        assert counted[(requests, labels(method="GET", route=static, status="404"))] == 1
+        # `<unmatched>` is what no route took: a 404, never a page served.
+        assert counted[(requests, labels(method="GET", route="<unmatched>", status="404"))] == 1
+        assert (requests, labels(method="GET", route="<unmatched>", status="200")) not in counted
 
     def test_a_metrics_token_when_set_is_required(self, database_url: str, smtp: SmtpSink) -> None:
         settings = make_settings(database_url, smtp_port=smtp.port, metrics_token="scrape-me")
@@ -767,3 +784,84 @@ class TestUnexpectedErrors:
         assert ("request.failed path=/v1/lists/bluehats/boom", "bug-42") in seen
         route = labels(method="GET", route="/v1/lists/{slug}/boom", status="500")
         assert metrics[("newsletter_http_requests_total", route)] == 1
+
+
+class TestADatabaseThatDoesNotAnswer:
+    """The log lines of an outage say where the database is and what its driver said (a
+    refused connection, a refused password, a full server call for different fixes), with
+    the password masked; the client's answer says neither."""
+
+    @pytest.fixture
+    def dead_engine(self) -> Iterator[Any]:
+        engine = db.make_engine(self.url)
+        yield engine
+        engine.dispose()
+
+    @pytest.fixture(autouse=True)
+    def _nothing_listens(self) -> None:
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://newsletter:hunter2-pw@127.0.0.1:{self.port}/newsletter"
+
+    def _said(self, caplog: pytest.LogCaptureFixture, event: str) -> str:
+        """The line as the log shows it (its addresses masked)."""
+        [record] = [r for r in caplog.records if r.getMessage().startswith(event)]
+        line = logs.TextFormatter().format(record)
+        assert "hunter2-pw" not in line
+        return line
+
+    def test_readyz_logs_where_and_why_and_tells_the_prober_neither(
+        self, settings: Any, dead_engine: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with TestClient(create_app(settings)) as client:
+            own_engine = client.app.state.engine  # type: ignore[attr-defined]
+            client.app.state.engine = dead_engine  # type: ignore[attr-defined]
+            try:
+                with caplog.at_level(logging.WARNING, logger="app.api.health"):
+                    response = client.get("/readyz")
+            finally:
+                client.app.state.engine = own_engine  # type: ignore[attr-defined]
+        assert response.status_code == 503
+        assert str(self.port) not in response.text
+        assert "refused" not in response.text
+        line = self._said(caplog, "readiness.database_unreachable")
+        assert (
+            f"database=postgresql+psycopg://127.0.0.1:{self.port}/newsletter user=newsletter"
+            in line
+        )
+        assert "Connection refused" in line
+
+    def test_a_scrape_logs_where_and_why(
+        self, dead_engine: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        from prometheus_client import generate_latest
+
+        from app.metrics import Metrics
+
+        metrics = Metrics()
+        metrics.watch_database(dead_engine, heartbeat_timeout=timedelta(seconds=60))
+        with caplog.at_level(logging.WARNING, logger="app.metrics"):
+            text = generate_latest(metrics.registry).decode()
+        assert "newsletter_database_up 0.0" in text
+        line = self._said(caplog, "metrics.database_unreachable")
+        assert f"127.0.0.1:{self.port}" in line
+        assert "Connection refused" in line
+
+    def test_the_worker_logs_where_and_why(
+        self, dead_engine: Any, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        settings = make_settings(self.url, smtp_port=smtp.port)
+        worker = Worker(engine=dead_engine, settings=settings, mailer=make_mailer(settings.mailer))
+        with caplog.at_level(logging.WARNING, logger="app.worker"):
+            worker.start()
+            try:
+                wait_until(
+                    lambda: any(
+                        r.getMessage().startswith("worker.database_unavailable")
+                        for r in caplog.records
+                    )
+                )
+            finally:
+                worker.stop(timeout=10)
+        line = self._said(caplog, "worker.database_unavailable")
+        assert f"127.0.0.1:{self.port}" in line
+        assert "Connection refused" in line

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from app import addresses, blocklist, consent, db, operators, outbox, subscriptions, sync
+from app import addresses, blocklist, consent, db, heartbeat, operators, outbox, subscriptions, sync
 from app.backends.base import (
     Member,
     MembersPage,
@@ -1424,9 +1424,9 @@ class TestLongReconciliation:
     """A large list is hundreds of pages at the backend, minutes of reading."""
 
     def _reconciling(
-        self, database_url: str, smtp: SmtpSink, engine: sa.Engine, members: int
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine, members: int, **overrides: Any
     ) -> tuple[Settings, Worker, SlowPagesBackend]:
-        settings = _app_without_worker(database_url, smtp)
+        settings = _app_without_worker(database_url, smtp, **overrides)
         backend = SlowPagesBackend()
         for n in range(members):
             address = f"member{n:03}@example.org"
@@ -1460,6 +1460,30 @@ class TestLongReconciliation:
         # Mailed while the reconciliation went on, not after it.
         assert mailed_by_page[60] == 1
         assert min(page for page, mailed in mailed_by_page.items() if mailed) < 60
+
+    def test_the_worker_s_heartbeat_stays_fresh_while_it_reads_a_long_list(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # Stale, the API running the worker in-process answered /readyz 503 worker_stale
+        # (and newsletter_workers_alive fell to 0) for as long as the list was read.
+        settings, worker, backend = self._reconciling(
+            database_url, smtp, engine, 30, worker_heartbeat_timeout="1s"
+        )
+        backend.delay = 0.1
+        ages: list[float] = []
+
+        def on_page(_page: int) -> None:
+            with db.session_scope(engine) as session:
+                seen = heartbeat.last_seen(session, worker_id=worker.name)
+            assert seen is not None
+            ages.append((utcnow() - seen).total_seconds())
+
+        backend.on_page = on_page
+        with TestClient(create_app(settings)):  # the list, declared at start
+            worker.beat()  # as `start` does
+            worker.run_once()
+        assert backend.pages == 30
+        assert max(ages) < 1.0, ages
 
     def test_a_stop_breaks_a_reconciliation_off_and_gives_its_job_back(
         self, database_url: str, smtp: SmtpSink, engine: sa.Engine

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from app import db, lists, outbox
+from app import db, heartbeat, lists, outbox
 from app.config import (
     FileMailerSettings,
     ListmonkBackendSettings,
@@ -497,6 +497,38 @@ class TestLongRound:
         assert sorted(mailgun.calls()) == sorted(("PUT", f"{ONE}/{email}") for email in emails)
         assert {(job.state, job.attempts) for job in sync_jobs(engine)} == {(JobState.DONE, 1)}
         assert len({a.worker for a in attempts(engine)}) == 1
+
+    def test_the_worker_s_heartbeat_stays_fresh_through_a_long_round(
+        self, database_url: str, engine: sa.Engine, mailgun: Mailgun, tmp_path: Path
+    ) -> None:
+        # Stale, the API running the worker in-process answered /readyz 503 worker_stale
+        # (and newsletter_workers_alive fell to 0) until the round ended.
+        settings = worker_settings(
+            database_url, mailgun, tmp_path, backend_timeout=1, worker_heartbeat_timeout="1s"
+        )
+        emails = [f"slow{n}@example.org" for n in range(6)]
+        for address in emails:
+            mailgun.fake.lists[LIST][address] = StoredMember(
+                address=address, name="", vars={}, subscribed=True
+            )
+        subscriptions_with_sync_jobs(
+            engine, settings, [Row(e, status="unsubscribed") for e in emails]
+        )
+        mailgun.fake.stall(seconds=0.6, times=6)  # 3.6 s, one call at a time
+        worker = in_process_worker(engine, settings, name="slow-round")
+        ages: list[float] = []
+        try:
+            worker.start()
+            while unfinished(engine):
+                with db.session_scope(engine) as session:
+                    seen = heartbeat.last_seen(session, worker_id=worker.name)
+                assert seen is not None
+                ages.append((datetime.now(UTC) - seen).total_seconds())
+                time.sleep(0.1)
+        finally:
+            worker.stop(timeout=15)
+        assert len(ages) > 20
+        assert max(ages) < 1.0, ages
 
 
 class TestWorkerKilled:

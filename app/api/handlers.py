@@ -19,7 +19,7 @@ from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import errors, formguard, logs, pages
+from app import db, errors, formguard, logs, pages
 from app.api import views
 from app.api.deps import refuse_compressed, request_locale, wants_html
 from app.config import ListSettings, Locale, Settings, error_message
@@ -443,9 +443,13 @@ def install(app: FastAPI) -> None:
     async def _database_gone(request: Request, exc: sa_exc.DBAPIError) -> Response:
         # One line per few seconds, not one per refused request (a thousand a second).
         refused = outage_log.hit()
+        engine = request.app.state.engine
         if refused:
             log.warning(
-                "database.unavailable error=%s refused=%d", type(exc.orig).__name__, refused
+                "database.unavailable error=%s refused=%d %s",
+                type(exc.orig).__name__,
+                refused,
+                db.failure(engine, exc) if engine is not None else "",
             )
         return await _domain(request, errors.DatabaseUnavailable())
 

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import JSONResponse, Response
 
-from app import errors, readiness
+from app import db, errors, readiness
 from app.api.deps import SettingsDep, client_ip
 from app.config import Settings
 from app.errors import ErrorBody
@@ -81,7 +81,11 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
             now=utcnow(),
         )
     except SQLAlchemyError as e:
-        log.warning("readiness.database_unreachable error=%s", type(e).__name__)
+        log.warning(
+            "readiness.database_unreachable error=%s %s",
+            type(e).__name__,
+            db.failure(request.app.state.engine, e),
+        )
         return JSONResponse(
             {"error": "database_unavailable", "detail": "The database does not answer."},
             status_code=503,
