@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DATABASE_UNREACHABLE = 4
 EXIT_SCHEMA_NOT_AT_HEAD = 5
+# As a shell reports a command ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 # The admin API's limits (app.admin.MAX_PAGE and MAX_PREFIX, app.schemas.MAX_ROW_ID and
 # CONFIRM_TTL_BOUNDS; a test holds them equal), written out: importing those modules would
 # slow every command's start.
@@ -1056,6 +1058,18 @@ def _seekable(file: Path) -> Iterator[IO[bytes]]:
             yield copy
 
 
+def _import_cut_short(report: Any) -> str:
+    """What an import stopped midway wrote, and how to finish it."""
+    if report.dry_run or not report.applied_through:
+        return f"import into {report.list_slug} interrupted: nothing was written"
+    return (
+        f"import into {report.list_slug} interrupted: the rows up to line "
+        f"{report.applied_through} are imported ({report.created} created, "
+        f"{report.unchanged} unchanged), the rows after it are not. Run the same command "
+        "again to finish: the rows already imported are left as they are."
+    )
+
+
 @cli.command("import")
 def import_file(
     file: Annotated[
@@ -1116,6 +1130,8 @@ def import_file(
         ):  # fmt: skip
             size = os.fstat(source.fileno()).st_size
             task = progress.add_task(f"importing into {list_slug}", total=size)
+            # Filled as the import goes: a run cut short still tells what it wrote.
+            report = transfer.ImportReport(list_slug=list_slug, mode=chosen, dry_run=dry_run)
             try:
                 report = transfer.import_csv(
                     functools.partial(db.session_scope, engine),
@@ -1130,6 +1146,7 @@ def import_file(
                     now=utcnow(),
                     progress=lambda done: progress.update(task, completed=done),
                     backend=settings.backend_of(list_slug),
+                    report=report,
                 )
             except errors.DomainError as e:
                 _record(
@@ -1138,6 +1155,23 @@ def import_file(
                 )  # fmt: skip
                 typer.echo(e.detail, err=True)
                 raise typer.Exit(_refusal_code(e)) from e
+            except (KeyboardInterrupt, Exception) as e:
+                # Ctrl-C, the database gone: the batches committed stay. Say which rows are
+                # in, so that the list is not left half imported without a word.
+                progress.stop()
+                typer.echo(_import_cut_short(report), err=True)
+                with contextlib.suppress(Exception):  # the database may be what failed
+                    _record(
+                        engine, action="subscribers.import", target=list_slug,
+                        outcome="interrupted",
+                        detail={
+                            **detail, **report.counts(),
+                            "applied_through": report.applied_through, "note": note,
+                        },
+                    )  # fmt: skip
+                if isinstance(e, KeyboardInterrupt):
+                    raise typer.Exit(EXIT_INTERRUPTED) from None
+                raise
         _record(
             engine, action="subscribers.import", target=list_slug, outcome="ok",
             detail={**detail, **report.counts(), "note": note},

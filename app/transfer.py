@@ -153,6 +153,10 @@ class ImportReport:
     invalid: int = 0
     # The first MAX_ERRORS, in line order.
     errors: list[RowError] = field(default_factory=list)
+    # The last line of the last batch committed. A run cut short (Ctrl-C, the database
+    # gone) has written no row after it, and the counts above are those of the rows up to
+    # it (a batch that failed is taken out of them, as its transaction rolled back).
+    applied_through: int = 0
 
     def refuse(self, *, line: int, email: str, error: str) -> None:
         self.invalid += 1
@@ -537,6 +541,7 @@ def import_csv(
     progress: Callable[[int], None] | None = None,
     batch_size: int = BATCH_SIZE,
     backend: BackendSettings | None = None,
+    report: ImportReport | None = None,
 ) -> ImportReport:
     """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
 
@@ -544,6 +549,9 @@ def import_csv(
     one with no row), before anything is written. `progress` gets the bytes read so far
     after each batch. A dry run reads the database to count what would happen, and writes
     nothing. An address the list's `backend` cannot hold is a row error.
+
+    `report`, when given, is filled as the import goes: a caller whose run is cut short
+    still holds what was committed (its `applied_through`), to tell the operator.
     """
     if note is not None and len(note) > MAX_NOTE:
         raise errors.BadRequest(f"The note is longer than {MAX_NOTE} characters.")
@@ -553,31 +561,42 @@ def import_csv(
     check_file(source)
     source.seek(0)
     columns, records = _records(source)
-    report = ImportReport(list_slug=list_slug, mode=mode, dry_run=dry_run)
+    if report is None:
+        report = ImportReport(list_slug=list_slug, mode=mode, dry_run=dry_run)
     # The first line of each address seen: a second row for it is reported, not applied.
     # The one structure that grows with the file (about 100 bytes an address).
     first_line: dict[str, int] = {}
     batch: list[ImportRow] = []
 
-    def flush() -> None:
-        with transaction() as session:
-            _apply(
-                session,
-                rows=batch,
-                mailing_list=mailing_list,
-                mode=mode,
-                write=not dry_run,
-                report=report,
-                operator=operator,
-                note=note,
-                key=key,
-                resend_interval=resend_interval,
-                now=now,
-            )
+    def flush(last_line: int) -> None:
+        assert report is not None
+        before = (report.created, report.unchanged, report.invalid, len(report.errors))
+        try:
+            with transaction() as session:
+                _apply(
+                    session,
+                    rows=batch,
+                    mailing_list=mailing_list,
+                    mode=mode,
+                    write=not dry_run,
+                    report=report,
+                    operator=operator,
+                    note=note,
+                    key=key,
+                    resend_interval=resend_interval,
+                    now=now,
+                )
+        except BaseException:
+            # Rolled back: the counts stay those of what was committed.
+            report.created, report.unchanged, report.invalid, kept = before
+            del report.errors[kept:]
+            raise
+        report.applied_through = last_line
         batch.clear()
         if progress is not None:
             progress(source.tell())
 
+    line = 0
     for line, fields in records:
         report.read += 1
         # Empty cells past the header's last column (a spreadsheet's trailing separators)
@@ -611,11 +630,13 @@ def import_csv(
             continue
         batch.append(row)
         if len(batch) >= batch_size:
-            flush()
+            flush(line)
     if batch:
-        flush()
-    elif progress is not None:
-        progress(source.tell())
+        flush(line)
+    else:
+        report.applied_through = line
+        if progress is not None:
+            progress(source.tell())
     report.errors.sort(key=lambda item: item.line)
     return report
 
