@@ -508,6 +508,17 @@ def reconcile(
             )
             if apply and not report.in_sync:
                 sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        # As the admin API's reconcile: who compared, who had the fixes enqueued. Counts,
+        # no address.
+        counts = {
+            name: len(value) if isinstance(value, list) else value
+            for name, value in report.as_dict().items()
+            if name != "list"
+        }
+        _record(
+            engine, action="list.reconcile", target=list_slug, outcome="ok",
+            detail={"apply": apply, **counts},
+        )  # fmt: skip
     finally:
         client.close()
         engine.dispose()
@@ -590,11 +601,26 @@ def import_backend(
             )
             if dry_run:
                 session.rollback()
+
+        def audited(outcome: str) -> None:
+            # Who took the members over, and how many: counts, no address.
+            _record(
+                engine, action="list.import_backend", target=list_slug, outcome=outcome,
+                detail={
+                    "backend": declared.backend.kind, "dry_run": dry_run, "read": report.read,
+                    "confirmed": report.confirmed, "unsubscribed": report.unsubscribed,
+                    "already_known": report.already_known, "invalid": len(report.invalid),
+                    "erased": report.erased, "blocked": report.blocked,
+                    "departed": report.departed,
+                },
+            )  # fmt: skip
+
         if report.confirmed_addresses and not dry_run:
             # Who left the backend while it was read: recorded before any sync re-adds them.
             try:
                 again = _read_members(backend, label=list_slug)
             except typer.Exit:
+                audited("error:second_read")
                 typer.echo(
                     "the members are imported; their syncs start in "
                     f"{sync.IMPORT_HOLD.total_seconds() / 60:.0f} minutes: run `newsletter "
@@ -605,6 +631,7 @@ def import_backend(
                 raise
             with db.session_scope(engine) as session:
                 sync.settle_import(session, report=report, remote=again, now=utcnow())
+        audited("ok")
     finally:
         client.close()
         engine.dispose()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.config import Settings
 from app.mailer import make_mailer
-from app.models import ConsentEvent, Subscription
+from app.models import AuditEvent, ConsentEvent, Subscription
 from app.worker import Worker
 from tests.conftest import SECRET, SmtpSink
 from tests.fake_listmonk import FakeListmonk, Seen
@@ -168,6 +168,46 @@ class TestTakingOverAList:
         )  # fmt: skip
         assert again.returncode == 0, again.stdout + again.stderr
         assert "in sync" in again.stdout
+
+    def test_the_take_over_and_each_reconciliation_are_in_the_audit_log(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        listmonk.seed("bob@example.org", lists={LIST: "unsubscribed"})
+        for args in (
+            ("import-backend", "--list", "bluehats", "--dry-run"),
+            ("import-backend", "--list", "bluehats"),
+            ("reconcile", "--list", "bluehats"),
+        ):
+            done = newsletter(
+                *args, database_url=database_url, listmonk=listmonk, tmp_path=tmp_path
+            )
+            assert done.returncode == 0, done.stderr
+        listmonk.seed("stranger@example.org", lists={LIST: "confirmed"})
+        fix = newsletter(
+            "reconcile", "--list", "bluehats", "--apply",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert fix.returncode == 0, fix.stderr
+
+        with Session(engine) as session:
+            entries = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+        assert [(e.action, e.target, e.outcome) for e in entries] == [
+            ("list.import_backend", "bluehats", "ok"),
+            ("list.import_backend", "bluehats", "ok"),
+            ("list.reconcile", "bluehats", "ok"),
+            ("list.reconcile", "bluehats", "ok"),
+        ]
+        assert all(e.actor.startswith("cli:") for e in entries)
+        dry, taken = entries[0].detail, entries[1].detail
+        assert (dry["dry_run"], dry["confirmed"], dry["unsubscribed"]) == (True, 1, 1)
+        assert (taken["dry_run"], taken["read"], taken["backend"]) == (False, 2, "listmonk")
+        assert (taken["confirmed"], taken["unsubscribed"], taken["invalid"]) == (1, 1, 0)
+        compared, fixed = entries[2].detail, entries[3].detail
+        assert (compared["apply"], compared["in_sync"]) == (False, True)
+        assert (fixed["apply"], fixed["extra"], fixed["applied"]) == (True, 1, True)
+        # Counts only: the audit log keeps no address.
+        assert "@" not in json.dumps([e.detail for e in entries])
 
     def test_the_import_keeps_each_members_name_and_the_sync_gives_it_back(
         self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
