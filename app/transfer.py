@@ -277,6 +277,17 @@ def _columns(header: list[str]) -> list[str]:
     if repeated:
         raise errors.InvalidCsv(f"The header repeats {', '.join(repeated)}.")
     unknown = [name for name in names if name not in COLUMNS + EXPORT_COLUMNS]
+    for signature, where in _FOREIGN_EXPORTS:
+        if signature <= set(names):
+            # Renaming its columns would import every row as consenting, those who left
+            # included: the backend's own members are taken over with their state.
+            raise errors.InvalidCsv(
+                f"The header is that of {where}, whose rows carry each member's state at "
+                "that backend (those who left included): take the list's members over with "
+                "`newsletter import-backend --list <slug>` once the list names that backend, "
+                "which keeps each one subscribed or not. To import the file as it is, keep "
+                "only the subscribed members' rows under the columns below. " + _COLUMNS_HELP
+            )
     if "email" not in names and any("@" in name for name in unknown):
         # A bare list of addresses, one a line: its first address read as a column's name.
         raise errors.InvalidCsv(
@@ -289,6 +300,15 @@ def _columns(header: list[str]) -> list[str]:
     if "email" not in names:
         raise errors.InvalidCsv(f"The header has no email column. {_COLUMNS_HELP}")
     return names
+
+
+# Headers of member lists other tools write, which are not this import's: Mailgun's
+# (`address`, with `subscribed`), listmonk's subscriber export (`uuid`, its `status` being
+# the subscriber's, enabled or blocklisted, not a subscription's).
+_FOREIGN_EXPORTS = (
+    ({"address", "subscribed"}, "a Mailgun member list (address, subscribed)"),
+    ({"uuid", "email", "status"}, "a listmonk subscriber export (uuid, email, status)"),
+)
 
 
 # The line Excel writes first when asked to, naming the separator of the lines that follow.

@@ -515,6 +515,18 @@ class TestImportRefusesTheFile:
                 "Unknown column(s) in the header: 'phone'",
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
+            # Another tool's member list, whose rows include those who left there.
+            (
+                b"Address,Name,Subscribed,Vars\na@example.org,A,false,{}\n",
+                "The header is that of a Mailgun member list (address, subscribed), whose rows "
+                "carry each member's state at that backend (those who left included): take the "
+                "list's members over with `newsletter import-backend --list <slug>`",
+            ),
+            (
+                b"uuid,email,name,attributes,status,created_at,updated_at\n"
+                b'5e7c,a@example.org,A,"{}",enabled,2024-01-01,2024-01-01\n',
+                "The header is that of a listmonk subscriber export (uuid, email, status)",
+            ),
             # A bare list of addresses: "Unknown column(s) in the header: 'a@example.org'".
             (
                 b"a@example.org\nb@example.org\n",
