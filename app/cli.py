@@ -653,6 +653,11 @@ def import_backend(
         )
     for address in report.invalid[:20]:
         typer.echo(f"  invalid: {address!r}")
+    if len(report.invalid) > 20:
+        typer.echo(
+            f"  ... and {len(report.invalid) - 20} more invalid (`newsletter reconcile --list "
+            f"{list_slug} --json` lists them all, under invalid)"
+        )
 
 
 keys_cli = typer.Typer(no_args_is_help=True, help="Keys to the admin API.")

@@ -287,6 +287,23 @@ class TestTakingOverAList:
         assert "fixes enqueued" not in applied.stdout
         assert "1 left for an operator to check" in applied.stdout
 
+    def test_the_take_over_says_how_many_invalid_addresses_it_does_not_show(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        for n in range(23):
+            listmonk.seed(f"user{n:02}@localhost", lists={LIST: "confirmed"})
+        done = newsletter(
+            "import-backend", "--list", "bluehats", "--dry-run",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "23 invalid" in done.stdout
+        assert done.stdout.count("  invalid: ") == 20
+        assert (
+            "  ... and 3 more invalid (`newsletter reconcile --list bluehats --json` lists them "
+            "all, under invalid)"
+        ) in done.stdout
+
     def test_an_unknown_list_is_refused_with_exit_code_2(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
     ) -> None:
