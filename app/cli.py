@@ -1090,18 +1090,6 @@ def _seekable(file: Path) -> Iterator[IO[bytes]]:
             yield copy
 
 
-def _import_cut_short(report: Any) -> str:
-    """What an import stopped midway wrote, and how to finish it."""
-    if report.dry_run or not report.applied_through:
-        return f"import into {report.list_slug} interrupted: nothing was written"
-    return (
-        f"import into {report.list_slug} interrupted: the rows up to line "
-        f"{report.applied_through} are imported ({report.created} created, "
-        f"{report.unchanged} unchanged), the rows after it are not. Run the same command "
-        "again to finish: the rows already imported are left as they are."
-    )
-
-
 @cli.command("import")
 def import_file(
     file: Annotated[
@@ -1191,7 +1179,7 @@ def import_file(
                 # Ctrl-C, the database gone: the batches committed stay. Say which rows are
                 # in, so that the list is not left half imported without a word.
                 progress.stop()
-                typer.echo(_import_cut_short(report), err=True)
+                typer.echo(transfer.cut_short(report, again="Run the same command again"), err=True)
                 with contextlib.suppress(Exception):  # the database may be what failed
                     _record(
                         engine, action="subscribers.import", target=list_slug,

@@ -661,6 +661,19 @@ def import_csv(
     return report
 
 
+def cut_short(report: ImportReport, *, again: str) -> str:
+    """What an import stopped midway (Ctrl-C, the database gone) wrote, and how to finish
+    it: `again` names the way to run it again ("run the same command")."""
+    if report.dry_run or not report.applied_through:
+        return f"The import into {report.list_slug} was interrupted: nothing was written."
+    return (
+        f"The import into {report.list_slug} was interrupted: the rows up to line "
+        f"{report.applied_through} are imported ({report.created} created, "
+        f"{report.unchanged} unchanged), the rows after it are not. {again} to finish: "
+        "the rows already imported are left as they are."
+    )
+
+
 def _known(session: Session, *, list_id: int, keys: list[str]) -> set[str]:
     if not keys:
         return set()

@@ -950,6 +950,42 @@ class TestAnImportCutShort:
         )  # fmt: skip
         assert (again.created, again.unchanged, again.applied_through) == (1, 4, 6)
 
+    def test_the_api_answers_503_saying_which_rows_are_in(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = HEADER + "".join(_row(f"user{n:04}@example.org") for n in range(1500))
+        inserts = 0
+
+        def database_gone_at_second_batch(
+            connection: Any, cursor: Any, statement: str, *args: Any
+        ) -> None:
+            nonlocal inserts
+            if statement.lstrip().upper().startswith("INSERT INTO SUBSCRIPTION"):
+                inserts += 1
+                if inserts == 2:
+                    raise sa.exc.OperationalError(statement, {}, Exception("server closed"))
+
+        app_engine = client.app.state.engine  # type: ignore[attr-defined]
+        sa.event.listen(app_engine, "before_cursor_execute", database_gone_at_second_batch)
+        try:
+            response = _import(client, write_key, body)
+        finally:
+            sa.event.remove(app_engine, "before_cursor_execute", database_gone_at_second_batch)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json() == {
+            "error": "import_interrupted",
+            "detail": "The import into bluehats was interrupted: the rows up to line 1001 are "
+            "imported (1000 created, 0 unchanged), the rows after it are not. Send the same "
+            "file again to finish: the rows already imported are left as they are.",
+        }
+        assert len(_subscriptions(engine)) == 1000
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.outcome, entry.detail["applied_through"]) == ("interrupted", 1001)
+
+        again = _import(client, write_key, body).json()
+        assert (again["created"], again["unchanged"], again["invalid"]) == (500, 1000, 0)
+
     def test_ctrl_c_says_which_rows_are_in_and_is_audited(
         self, client: TestClient, database_url: str, engine: sa.Engine, tmp_path: Path
     ) -> None:
