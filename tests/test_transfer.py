@@ -954,15 +954,17 @@ class TestAnImportCutShort:
         self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
         body = HEADER + "".join(_row(f"user{n:04}@example.org") for n in range(1500))
-        inserts = 0
+        batches = 0
 
         def database_gone_at_second_batch(
             connection: Any, cursor: Any, statement: str, *args: Any
         ) -> None:
-            nonlocal inserts
-            if statement.lstrip().upper().startswith("INSERT INTO SUBSCRIPTION"):
-                inserts += 1
-                if inserts == 2:
+            # Each batch's first query: which of its addresses were erased (the inserts run
+            # on the driver's cursor, which SQLAlchemy's events do not see).
+            nonlocal batches
+            if "FROM erased_address" in statement:
+                batches += 1
+                if batches == 2:
                     raise sa.exc.OperationalError(statement, {}, Exception("server closed"))
 
         app_engine = client.app.state.engine  # type: ignore[attr-defined]
