@@ -619,15 +619,20 @@ def import_backend(
             # Who left the backend while it was read: recorded before any sync re-adds them.
             try:
                 again = _read_members(backend, label=list_slug)
-            except typer.Exit:
-                audited("error:second_read")
+            except (typer.Exit, KeyboardInterrupt) as e:
+                # The backend failed, or Ctrl-C: the members are in all the same.
+                stopped = isinstance(e, KeyboardInterrupt)
+                audited("interrupted" if stopped else "error:second_read")
                 typer.echo(
-                    "the members are imported; their syncs start in "
+                    f"the members are imported (read {report.read}: {report.confirmed} "
+                    f"confirmed, {report.unsubscribed} unsubscribed); their syncs start in "
                     f"{sync.IMPORT_HOLD.total_seconds() / 60:.0f} minutes: run `newsletter "
                     f"reconcile --list {list_slug} --apply` before, to record who left the "
                     "backend meanwhile",
                     err=True,
                 )
+                if stopped:
+                    raise typer.Exit(EXIT_INTERRUPTED) from None
                 raise
             with db.session_scope(engine) as session:
                 sync.settle_import(session, report=report, remote=again, now=utcnow())

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from app.config import Settings
 from app.mailer import make_mailer
 from app.models import AuditEvent, ConsentEvent, Subscription
 from app.worker import Worker
-from tests.conftest import SECRET, SmtpSink
+from tests.conftest import SECRET, SmtpSink, wait_until
 from tests.fake_listmonk import FakeListmonk, Seen
 from tests.fake_mailgun import FakeMailgun
 
@@ -303,6 +305,49 @@ class TestTakingOverAList:
             "  ... and 3 more invalid (`newsletter reconcile --list bluehats --json` lists them "
             "all, under invalid)"
         ) in done.stdout
+
+    def test_ctrl_c_during_the_second_read_says_the_members_are_in(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        reads = 0
+
+        def slow_second_read(fake: FakeListmonk, seen: Seen) -> None:
+            nonlocal reads
+            if seen.path == "/api/subscribers" and "list_id" in seen.query:
+                reads += 1
+                if reads == 2:
+                    time.sleep(3)
+
+        listmonk.after_request = slow_second_read
+        env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
+        env.update(
+            NEWSLETTER_DATABASE_URL=database_url,
+            NEWSLETTER_SECRET_KEY=SECRET,
+            NEWSLETTER_LISTS=json.dumps(_lists(listmonk)),
+            NEWSLETTER_LOG_LEVEL="WARNING",
+        )
+        running = subprocess.Popen(
+            [NEWSLETTER, "import-backend", "--list", "bluehats"], env=env, cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_until(lambda: reads == 2, timeout=30)
+            running.send_signal(signal.SIGINT)
+            _, stderr = running.communicate(timeout=30)
+        finally:
+            running.kill()
+        assert running.returncode == 130, stderr
+        assert (
+            "the members are imported (read 1: 1 confirmed, 0 unsubscribed); their syncs start "
+            "in 60 minutes: run `newsletter reconcile --list bluehats --apply` before"
+        ) in stderr
+        assert "Traceback" not in stderr
+        with Session(engine) as session:
+            [entry] = session.exec(select(AuditEvent)).all()
+        assert (entry.action, entry.outcome) == ("list.import_backend", "interrupted")
 
     def test_an_unknown_list_is_refused_with_exit_code_2(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
