@@ -458,8 +458,11 @@ def _created_here(settings: Settings, slug: str) -> bool:
 
 
 def _read_members(
-    backend: Any, *, label: str, names: dict[str, str] | None = None
+    backend: Any, *, label: str, names: dict[str, str] | None = None, again: bool = False
 ) -> dict[str, tuple[str, bool]]:
+    """The backend's members by identity (`sync.read_backend`). Two spellings of one address
+    there are one member here: said (but on a second read, `again`), so that the count
+    matches the backend's own."""
     from rich.progress import SpinnerColumn, TextColumn
 
     from app import sync
@@ -475,10 +478,18 @@ def _read_members(
             progress.update(task, description=f"reading members from {label}: {seen}")
 
         try:
-            return sync.read_backend(backend, progress=advance, names=names)
+            members = sync.read_backend(backend, progress=advance, names=names)
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
             raise typer.Exit(1) from e
+    if seen > len(members) and not again:
+        typer.echo(
+            f"{label}: {seen} members at the backend for {len(members)} addresses: a member "
+            "in another spelling of an address read already (its domain in Unicode and in "
+            "ASCII, say) counts once, subscribed if either spelling is",
+            err=True,
+        )
+    return members
 
 
 @cli.command()
@@ -618,7 +629,7 @@ def import_backend(
         if report.confirmed_addresses and not dry_run:
             # Who left the backend while it was read: recorded before any sync re-adds them.
             try:
-                again = _read_members(backend, label=list_slug)
+                again = _read_members(backend, label=list_slug, again=True)
             except (typer.Exit, KeyboardInterrupt) as e:
                 # The backend failed, or Ctrl-C: the members are in all the same.
                 stopped = isinstance(e, KeyboardInterrupt)

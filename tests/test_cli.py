@@ -349,6 +349,28 @@ class TestTakingOverAList:
             [entry] = session.exec(select(AuditEvent)).all()
         assert (entry.action, entry.outcome) == ("list.import_backend", "interrupted")
 
+    def test_two_spellings_of_one_address_there_are_counted_once_and_said(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("jo@xn--exmple-cua.org", lists={LIST: "unsubscribed"})
+        listmonk.seed("jo@exämple.org", lists={LIST: "confirmed"})
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        said = (
+            "bluehats: 3 members at the backend for 2 addresses: a member in another spelling "
+            "of an address read already (its domain in Unicode and in ASCII, say) counts once, "
+            "subscribed if either spelling is"
+        )
+        for command in ("import-backend", "reconcile"):
+            done = newsletter(
+                command, "--list", "bluehats",
+                database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert done.stderr.count(said) == 1, done.stderr
+        with Session(engine) as session:
+            rows = {row.email: row.status for row in session.exec(select(Subscription)).all()}
+        assert rows == {"jo@exämple.org": "confirmed", "ada@example.org": "confirmed"}
+
     def test_an_unknown_list_is_refused_with_exit_code_2(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
     ) -> None:
