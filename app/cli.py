@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DATABASE_UNREACHABLE = 4
 EXIT_SCHEMA_NOT_AT_HEAD = 5
+# As a shell reports a command ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 # The admin API's limits (app.admin.MAX_PAGE and MAX_PREFIX, app.schemas.MAX_ROW_ID and
 # CONFIRM_TTL_BOUNDS; a test holds them equal), written out: importing those modules would
 # slow every command's start.
@@ -456,8 +458,11 @@ def _created_here(settings: Settings, slug: str) -> bool:
 
 
 def _read_members(
-    backend: Any, *, label: str, names: dict[str, str] | None = None
+    backend: Any, *, label: str, names: dict[str, str] | None = None, again: bool = False
 ) -> dict[str, tuple[str, bool]]:
+    """The backend's members by identity (`sync.read_backend`). Two spellings of one address
+    there are one member here: said (but on a second read, `again`), so that the count
+    matches the backend's own."""
     from rich.progress import SpinnerColumn, TextColumn
 
     from app import sync
@@ -473,10 +478,18 @@ def _read_members(
             progress.update(task, description=f"reading members from {label}: {seen}")
 
         try:
-            return sync.read_backend(backend, progress=advance, names=names)
+            members = sync.read_backend(backend, progress=advance, names=names)
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
             raise typer.Exit(1) from e
+    if seen > len(members) and not again:
+        typer.echo(
+            f"{label}: {seen} members at the backend for {len(members)} addresses: a member "
+            "in another spelling of an address read already (its domain in Unicode and in "
+            "ASCII, say) counts once, subscribed if either spelling is",
+            err=True,
+        )
+    return members
 
 
 @cli.command()
@@ -506,6 +519,17 @@ def reconcile(
             )
             if apply and not report.in_sync:
                 sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+        # As the admin API's reconcile: who compared, who had the fixes enqueued. Counts,
+        # no address.
+        counts = {
+            name: len(value) if isinstance(value, list) else value
+            for name, value in report.as_dict().items()
+            if name != "list"
+        }
+        _record(
+            engine, action="list.reconcile", target=list_slug, outcome="ok",
+            detail={"apply": apply, **counts},
+        )  # fmt: skip
     finally:
         client.close()
         engine.dispose()
@@ -588,21 +612,42 @@ def import_backend(
             )
             if dry_run:
                 session.rollback()
+
+        def audited(outcome: str) -> None:
+            # Who took the members over, and how many: counts, no address.
+            _record(
+                engine, action="list.import_backend", target=list_slug, outcome=outcome,
+                detail={
+                    "backend": declared.backend.kind, "dry_run": dry_run, "read": report.read,
+                    "confirmed": report.confirmed, "unsubscribed": report.unsubscribed,
+                    "already_known": report.already_known, "invalid": len(report.invalid),
+                    "erased": report.erased, "blocked": report.blocked,
+                    "departed": report.departed,
+                },
+            )  # fmt: skip
+
         if report.confirmed_addresses and not dry_run:
             # Who left the backend while it was read: recorded before any sync re-adds them.
             try:
-                again = _read_members(backend, label=list_slug)
-            except typer.Exit:
+                again = _read_members(backend, label=list_slug, again=True)
+            except (typer.Exit, KeyboardInterrupt) as e:
+                # The backend failed, or Ctrl-C: the members are in all the same.
+                stopped = isinstance(e, KeyboardInterrupt)
+                audited("interrupted" if stopped else "error:second_read")
                 typer.echo(
-                    "the members are imported; their syncs start in "
+                    f"the members are imported (read {report.read}: {report.confirmed} "
+                    f"confirmed, {report.unsubscribed} unsubscribed); their syncs start in "
                     f"{sync.IMPORT_HOLD.total_seconds() / 60:.0f} minutes: run `newsletter "
                     f"reconcile --list {list_slug} --apply` before, to record who left the "
                     "backend meanwhile",
                     err=True,
                 )
+                if stopped:
+                    raise typer.Exit(EXIT_INTERRUPTED) from None
                 raise
             with db.session_scope(engine) as session:
                 sync.settle_import(session, report=report, remote=again, now=utcnow())
+        audited("ok")
     finally:
         client.close()
         engine.dispose()
@@ -624,6 +669,11 @@ def import_backend(
         )
     for address in report.invalid[:20]:
         typer.echo(f"  invalid: {address!r}")
+    if len(report.invalid) > 20:
+        typer.echo(
+            f"  ... and {len(report.invalid) - 20} more invalid (`newsletter reconcile --list "
+            f"{list_slug} --json` lists them all, under invalid)"
+        )
 
 
 keys_cli = typer.Typer(no_args_is_help=True, help="Keys to the admin API.")
@@ -1116,6 +1166,8 @@ def import_file(
         ):  # fmt: skip
             size = os.fstat(source.fileno()).st_size
             task = progress.add_task(f"importing into {list_slug}", total=size)
+            # Filled as the import goes: a run cut short still tells what it wrote.
+            report = transfer.ImportReport(list_slug=list_slug, mode=chosen, dry_run=dry_run)
             try:
                 report = transfer.import_csv(
                     functools.partial(db.session_scope, engine),
@@ -1130,6 +1182,7 @@ def import_file(
                     now=utcnow(),
                     progress=lambda done: progress.update(task, completed=done),
                     backend=settings.backend_of(list_slug),
+                    report=report,
                 )
             except errors.DomainError as e:
                 _record(
@@ -1138,6 +1191,23 @@ def import_file(
                 )  # fmt: skip
                 typer.echo(e.detail, err=True)
                 raise typer.Exit(_refusal_code(e)) from e
+            except (KeyboardInterrupt, Exception) as e:
+                # Ctrl-C, the database gone: the batches committed stay. Say which rows are
+                # in, so that the list is not left half imported without a word.
+                progress.stop()
+                typer.echo(transfer.cut_short(report, again="Run the same command again"), err=True)
+                with contextlib.suppress(Exception):  # the database may be what failed
+                    _record(
+                        engine, action="subscribers.import", target=list_slug,
+                        outcome="interrupted",
+                        detail={
+                            **detail, **report.counts(),
+                            "applied_through": report.applied_through, "note": note,
+                        },
+                    )  # fmt: skip
+                if isinstance(e, KeyboardInterrupt):
+                    raise typer.Exit(EXIT_INTERRUPTED) from None
+                raise
         _record(
             engine, action="subscribers.import", target=list_slug, outcome="ok",
             detail={**detail, **report.counts(), "note": note},

@@ -247,6 +247,23 @@ class DatabaseUnavailable(DomainError):
         self.headers["Retry-After"] = str(self.retry_after)
 
 
+class ImportInterrupted(DatabaseUnavailable):
+    """The database stopped answering midway through an import: the batches before were
+    committed. The detail says up to which line; the same file sent again finishes it."""
+
+    code = "import_interrupted"
+    message = (
+        "The database stopped answering during the import: the rows of the batches before "
+        "are imported, the others are not. Send the same file again to finish."
+    )
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__()
+        if detail is not None:
+            self.detail = detail
+            self.args = (detail,)
+
+
 class OriginNotAllowed(DomainError):
     """A browser form post from a page on a site that may not use this service's forms."""
 

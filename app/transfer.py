@@ -153,6 +153,10 @@ class ImportReport:
     invalid: int = 0
     # The first MAX_ERRORS, in line order.
     errors: list[RowError] = field(default_factory=list)
+    # The last line of the last batch committed. A run cut short (Ctrl-C, the database
+    # gone) has written no row after it, and the counts above are those of the rows up to
+    # it (a batch that failed is taken out of them, as its transaction rolled back).
+    applied_through: int = 0
 
     def refuse(self, *, line: int, email: str, error: str) -> None:
         self.invalid += 1
@@ -273,6 +277,17 @@ def _columns(header: list[str]) -> list[str]:
     if repeated:
         raise errors.InvalidCsv(f"The header repeats {', '.join(repeated)}.")
     unknown = [name for name in names if name not in COLUMNS + EXPORT_COLUMNS]
+    for signature, where in _FOREIGN_EXPORTS:
+        if signature <= set(names):
+            # Renaming its columns would import every row as consenting, those who left
+            # included: the backend's own members are taken over with their state.
+            raise errors.InvalidCsv(
+                f"The header is that of {where}, whose rows carry each member's state at "
+                "that backend (those who left included): take the list's members over with "
+                "`newsletter import-backend --list <slug>` once the list names that backend, "
+                "which keeps each one subscribed or not. To import the file as it is, keep "
+                "only the subscribed members' rows under the columns below. " + _COLUMNS_HELP
+            )
     if "email" not in names and any("@" in name for name in unknown):
         # A bare list of addresses, one a line: its first address read as a column's name.
         raise errors.InvalidCsv(
@@ -285,6 +300,15 @@ def _columns(header: list[str]) -> list[str]:
     if "email" not in names:
         raise errors.InvalidCsv(f"The header has no email column. {_COLUMNS_HELP}")
     return names
+
+
+# Headers of member lists other tools write, which are not this import's: Mailgun's
+# (`address`, with `subscribed`), listmonk's subscriber export (`uuid`, its `status` being
+# the subscriber's, enabled or blocklisted, not a subscription's).
+_FOREIGN_EXPORTS = (
+    ({"address", "subscribed"}, "a Mailgun member list (address, subscribed)"),
+    ({"uuid", "email", "status"}, "a listmonk subscriber export (uuid, email, status)"),
+)
 
 
 # The line Excel writes first when asked to, naming the separator of the lines that follow.
@@ -537,6 +561,7 @@ def import_csv(
     progress: Callable[[int], None] | None = None,
     batch_size: int = BATCH_SIZE,
     backend: BackendSettings | None = None,
+    report: ImportReport | None = None,
 ) -> ImportReport:
     """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
 
@@ -544,6 +569,9 @@ def import_csv(
     one with no row), before anything is written. `progress` gets the bytes read so far
     after each batch. A dry run reads the database to count what would happen, and writes
     nothing. An address the list's `backend` cannot hold is a row error.
+
+    `report`, when given, is filled as the import goes: a caller whose run is cut short
+    still holds what was committed (its `applied_through`), to tell the operator.
     """
     if note is not None and len(note) > MAX_NOTE:
         raise errors.BadRequest(f"The note is longer than {MAX_NOTE} characters.")
@@ -553,31 +581,42 @@ def import_csv(
     check_file(source)
     source.seek(0)
     columns, records = _records(source)
-    report = ImportReport(list_slug=list_slug, mode=mode, dry_run=dry_run)
+    if report is None:
+        report = ImportReport(list_slug=list_slug, mode=mode, dry_run=dry_run)
     # The first line of each address seen: a second row for it is reported, not applied.
     # The one structure that grows with the file (about 100 bytes an address).
     first_line: dict[str, int] = {}
     batch: list[ImportRow] = []
 
-    def flush() -> None:
-        with transaction() as session:
-            _apply(
-                session,
-                rows=batch,
-                mailing_list=mailing_list,
-                mode=mode,
-                write=not dry_run,
-                report=report,
-                operator=operator,
-                note=note,
-                key=key,
-                resend_interval=resend_interval,
-                now=now,
-            )
+    def flush(last_line: int) -> None:
+        assert report is not None
+        before = (report.created, report.unchanged, report.invalid, len(report.errors))
+        try:
+            with transaction() as session:
+                _apply(
+                    session,
+                    rows=batch,
+                    mailing_list=mailing_list,
+                    mode=mode,
+                    write=not dry_run,
+                    report=report,
+                    operator=operator,
+                    note=note,
+                    key=key,
+                    resend_interval=resend_interval,
+                    now=now,
+                )
+        except BaseException:
+            # Rolled back: the counts stay those of what was committed.
+            report.created, report.unchanged, report.invalid, kept = before
+            del report.errors[kept:]
+            raise
+        report.applied_through = last_line
         batch.clear()
         if progress is not None:
             progress(source.tell())
 
+    line = 0
     for line, fields in records:
         report.read += 1
         # Empty cells past the header's last column (a spreadsheet's trailing separators)
@@ -611,13 +650,28 @@ def import_csv(
             continue
         batch.append(row)
         if len(batch) >= batch_size:
-            flush()
+            flush(line)
     if batch:
-        flush()
-    elif progress is not None:
-        progress(source.tell())
+        flush(line)
+    else:
+        report.applied_through = line
+        if progress is not None:
+            progress(source.tell())
     report.errors.sort(key=lambda item: item.line)
     return report
+
+
+def cut_short(report: ImportReport, *, again: str) -> str:
+    """What an import stopped midway (Ctrl-C, the database gone) wrote, and how to finish
+    it: `again` names the way to run it again ("run the same command")."""
+    if report.dry_run or not report.applied_through:
+        return f"The import into {report.list_slug} was interrupted: nothing was written."
+    return (
+        f"The import into {report.list_slug} was interrupted: the rows up to line "
+        f"{report.applied_through} are imported ({report.created} created, "
+        f"{report.unchanged} unchanged), the rows after it are not. {again} to finish: "
+        "the rows already imported are left as they are."
+    )
 
 
 def _known(session: Session, *, list_id: int, keys: list[str]) -> set[str]:

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.config import Settings
 from app.mailer import make_mailer
-from app.models import ConsentEvent, Subscription
+from app.models import AuditEvent, ConsentEvent, Subscription
 from app.worker import Worker
-from tests.conftest import SECRET, SmtpSink
+from tests.conftest import SECRET, SmtpSink, wait_until
 from tests.fake_listmonk import FakeListmonk, Seen
 from tests.fake_mailgun import FakeMailgun
 
@@ -169,6 +171,46 @@ class TestTakingOverAList:
         assert again.returncode == 0, again.stdout + again.stderr
         assert "in sync" in again.stdout
 
+    def test_the_take_over_and_each_reconciliation_are_in_the_audit_log(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        listmonk.seed("bob@example.org", lists={LIST: "unsubscribed"})
+        for args in (
+            ("import-backend", "--list", "bluehats", "--dry-run"),
+            ("import-backend", "--list", "bluehats"),
+            ("reconcile", "--list", "bluehats"),
+        ):
+            done = newsletter(
+                *args, database_url=database_url, listmonk=listmonk, tmp_path=tmp_path
+            )
+            assert done.returncode == 0, done.stderr
+        listmonk.seed("stranger@example.org", lists={LIST: "confirmed"})
+        fix = newsletter(
+            "reconcile", "--list", "bluehats", "--apply",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert fix.returncode == 0, fix.stderr
+
+        with Session(engine) as session:
+            entries = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+        assert [(e.action, e.target, e.outcome) for e in entries] == [
+            ("list.import_backend", "bluehats", "ok"),
+            ("list.import_backend", "bluehats", "ok"),
+            ("list.reconcile", "bluehats", "ok"),
+            ("list.reconcile", "bluehats", "ok"),
+        ]
+        assert all(e.actor.startswith("cli:") for e in entries)
+        dry, taken = entries[0].detail, entries[1].detail
+        assert (dry["dry_run"], dry["confirmed"], dry["unsubscribed"]) == (True, 1, 1)
+        assert (taken["dry_run"], taken["read"], taken["backend"]) == (False, 2, "listmonk")
+        assert (taken["confirmed"], taken["unsubscribed"], taken["invalid"]) == (1, 1, 0)
+        compared, fixed = entries[2].detail, entries[3].detail
+        assert (compared["apply"], compared["in_sync"]) == (False, True)
+        assert (fixed["apply"], fixed["extra"], fixed["applied"]) == (True, 1, True)
+        # Counts only: the audit log keeps no address.
+        assert "@" not in json.dumps([e.detail for e in entries])
+
     def test_the_import_keeps_each_members_name_and_the_sync_gives_it_back(
         self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
     ) -> None:
@@ -246,6 +288,88 @@ class TestTakingOverAList:
         assert applied.returncode == 0, applied.stderr
         assert "fixes enqueued" not in applied.stdout
         assert "1 left for an operator to check" in applied.stdout
+
+    def test_the_take_over_says_how_many_invalid_addresses_it_does_not_show(
+        self, database_url: str, listmonk: FakeListmonk, tmp_path: Path
+    ) -> None:
+        for n in range(23):
+            listmonk.seed(f"user{n:02}@localhost", lists={LIST: "confirmed"})
+        done = newsletter(
+            "import-backend", "--list", "bluehats", "--dry-run",
+            database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "23 invalid" in done.stdout
+        assert done.stdout.count("  invalid: ") == 20
+        assert (
+            "  ... and 3 more invalid (`newsletter reconcile --list bluehats --json` lists them "
+            "all, under invalid)"
+        ) in done.stdout
+
+    def test_ctrl_c_during_the_second_read_says_the_members_are_in(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        reads = 0
+
+        def slow_second_read(fake: FakeListmonk, seen: Seen) -> None:
+            nonlocal reads
+            if seen.path == "/api/subscribers" and "list_id" in seen.query:
+                reads += 1
+                if reads == 2:
+                    time.sleep(3)
+
+        listmonk.after_request = slow_second_read
+        env = {key: value for key, value in os.environ.items() if not key.startswith("NEWSLETTER_")}
+        env.update(
+            NEWSLETTER_DATABASE_URL=database_url,
+            NEWSLETTER_SECRET_KEY=SECRET,
+            NEWSLETTER_LISTS=json.dumps(_lists(listmonk)),
+            NEWSLETTER_LOG_LEVEL="WARNING",
+        )
+        running = subprocess.Popen(
+            [NEWSLETTER, "import-backend", "--list", "bluehats"], env=env, cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_until(lambda: reads == 2, timeout=30)
+            running.send_signal(signal.SIGINT)
+            _, stderr = running.communicate(timeout=30)
+        finally:
+            running.kill()
+        assert running.returncode == 130, stderr
+        assert (
+            "the members are imported (read 1: 1 confirmed, 0 unsubscribed); their syncs start "
+            "in 60 minutes: run `newsletter reconcile --list bluehats --apply` before"
+        ) in stderr
+        assert "Traceback" not in stderr
+        with Session(engine) as session:
+            [entry] = session.exec(select(AuditEvent)).all()
+        assert (entry.action, entry.outcome) == ("list.import_backend", "interrupted")
+
+    def test_two_spellings_of_one_address_there_are_counted_once_and_said(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        listmonk.seed("jo@xn--exmple-cua.org", lists={LIST: "unsubscribed"})
+        listmonk.seed("jo@exämple.org", lists={LIST: "confirmed"})
+        listmonk.seed("ada@example.org", lists={LIST: "confirmed"})
+        said = (
+            "bluehats: 3 members at the backend for 2 addresses: a member in another spelling "
+            "of an address read already (its domain in Unicode and in ASCII, say) counts once, "
+            "subscribed if either spelling is"
+        )
+        for command in ("import-backend", "reconcile"):
+            done = newsletter(
+                command, "--list", "bluehats",
+                database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert done.stderr.count(said) == 1, done.stderr
+        with Session(engine) as session:
+            rows = {row.email: row.status for row in session.exec(select(Subscription)).all()}
+        assert rows == {"jo@exämple.org": "confirmed", "ada@example.org": "confirmed"}
 
     def test_an_unknown_list_is_refused_with_exit_code_2(
         self, database_url: str, listmonk: FakeListmonk, tmp_path: Path

@@ -8,11 +8,13 @@ fields, filters, pages, and formulas kept out of spreadsheets.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -513,6 +515,18 @@ class TestImportRefusesTheFile:
                 "Unknown column(s) in the header: 'phone'",
             ),
             (b"email,email\na@example.org,a@example.org\n", "repeats email"),
+            # Another tool's member list, whose rows include those who left there.
+            (
+                b"Address,Name,Subscribed,Vars\na@example.org,A,false,{}\n",
+                "The header is that of a Mailgun member list (address, subscribed), whose rows "
+                "carry each member's state at that backend (those who left included): take the "
+                "list's members over with `newsletter import-backend --list <slug>`",
+            ),
+            (
+                b"uuid,email,name,attributes,status,created_at,updated_at\n"
+                b'5e7c,a@example.org,A,"{}",enabled,2024-01-01,2024-01-01\n',
+                "The header is that of a listmonk subscriber export (uuid, email, status)",
+            ),
             # A bare list of addresses: "Unknown column(s) in the header: 'a@example.org'".
             (
                 b"a@example.org\nb@example.org\n",
@@ -892,6 +906,135 @@ def _confirmed_by_link(client: TestClient, smtp: SmtpSink, email: str) -> None:
 
 def _csv(response: httpx.Response) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(response.text)))
+
+
+class TestAnImportCutShort:
+    """A run stopped midway (Ctrl-C, the database gone) keeps its committed batches and
+    says which lines they reach; the same file run again completes it."""
+
+    def test_the_report_holds_the_committed_batches_and_their_last_line(
+        self, client: TestClient, engine: sa.Engine
+    ) -> None:
+        body = HEADER + "".join(_row(f"user{n}@example.org") for n in range(5))
+        calls = 0
+
+        @contextlib.contextmanager
+        def failing_third_batch() -> Iterator[Session]:
+            nonlocal calls
+            calls += 1
+            with db.session_scope(engine) as session:
+                yield session
+                # The list's look-up, two batches, then the database is gone.
+                if calls == 4:
+                    raise sa.exc.OperationalError("COMMIT", {}, Exception("server closed"))
+
+        report = transfer.ImportReport(
+            list_slug="bluehats", mode=transfer.ImportMode.CONFIRMED, dry_run=False
+        )
+        with pytest.raises(sa.exc.OperationalError):
+            transfer.import_csv(
+                failing_third_batch, source=io.BytesIO(body.encode()), list_slug="bluehats",
+                mode=transfer.ImportMode.CONFIRMED, dry_run=False, operator="test", note=None,
+                key=b"k" * 32, resend_interval=timedelta(minutes=5), now=utcnow(),
+                batch_size=2, report=report,
+            )  # fmt: skip
+        # Lines 2 and 3, then 4 and 5, are in; line 6's batch rolled back.
+        assert (report.applied_through, report.created, report.unchanged) == (5, 4, 0)
+        assert sorted(_subscriptions(engine)) == [f"user{n}@example.org" for n in range(4)]
+
+        again = transfer.import_csv(
+            lambda: db.session_scope(engine), source=io.BytesIO(body.encode()),
+            list_slug="bluehats", mode=transfer.ImportMode.CONFIRMED, dry_run=False,
+            operator="test", note=None, key=b"k" * 32, resend_interval=timedelta(minutes=5),
+            now=utcnow(), batch_size=2,
+        )  # fmt: skip
+        assert (again.created, again.unchanged, again.applied_through) == (1, 4, 6)
+
+    def test_the_api_answers_503_saying_which_rows_are_in(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        body = HEADER + "".join(_row(f"user{n:04}@example.org") for n in range(1500))
+        batches = 0
+
+        def database_gone_at_second_batch(
+            connection: Any, cursor: Any, statement: str, *args: Any
+        ) -> None:
+            # Each batch's first query: which of its addresses were erased (the inserts run
+            # on the driver's cursor, which SQLAlchemy's events do not see).
+            nonlocal batches
+            if "FROM erased_address" in statement:
+                batches += 1
+                if batches == 2:
+                    raise sa.exc.OperationalError(statement, {}, Exception("server closed"))
+
+        app_engine = client.app.state.engine  # type: ignore[attr-defined]
+        sa.event.listen(app_engine, "before_cursor_execute", database_gone_at_second_batch)
+        try:
+            response = _import(client, write_key, body)
+        finally:
+            sa.event.remove(app_engine, "before_cursor_execute", database_gone_at_second_batch)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json() == {
+            "error": "import_interrupted",
+            "detail": "The import into bluehats was interrupted: the rows up to line 1001 are "
+            "imported (1000 created, 0 unchanged), the rows after it are not. Send the same "
+            "file again to finish: the rows already imported are left as they are.",
+        }
+        assert len(_subscriptions(engine)) == 1000
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.outcome, entry.detail["applied_through"]) == ("interrupted", 1001)
+
+        again = _import(client, write_key, body).json()
+        assert (again["created"], again["unchanged"], again["invalid"]) == (500, 1000, 0)
+
+    def test_ctrl_c_says_which_rows_are_in_and_is_audited(
+        self, client: TestClient, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        rows = 60_000
+        big = tmp_path / "big.csv"
+        with big.open("w") as out:
+            out.write("email,consent_source,consent_date\n")
+            out.writelines(f"user{n}@example.org,Paper form,2025-03-12\n" for n in range(rows))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        env.update(
+            NEWSLETTER_DATABASE_URL=database_url,
+            NEWSLETTER_SECRET_KEY=SECRET,
+            NEWSLETTER_LOG_LEVEL="WARNING",
+        )
+        command = [NEWSLETTER, "import", "--list", "bluehats", str(big)]
+        running = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_until(lambda: count_rows(database_url, "subscription") > 0, timeout=60)
+            running.send_signal(signal.SIGINT)
+            _, stderr = running.communicate(timeout=60)
+        finally:
+            running.kill()
+        if running.returncode == 0:
+            pytest.skip("the import finished before it could be interrupted")
+        assert running.returncode == 130, stderr
+        created = count_rows(database_url, "subscription")
+        assert 0 < created < rows
+        # The batches committed reach the line said: a header, then one row a line.
+        assert (
+            f"the rows up to line {created + 1} are imported ({created} created, 0 unchanged)"
+            in stderr
+        )
+        assert "Run the same command again to finish" in stderr
+        assert "Traceback" not in stderr
+        [entry] = _audit(engine, "subscribers.import")
+        assert entry.outcome == "interrupted"
+        assert (entry.detail["created"], entry.detail["applied_through"]) == (created, created + 1)
+
+        finished = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert finished.returncode == 0, finished.stderr
+        assert f"created {rows - created}; unchanged {created}; invalid 0" in finished.stdout
 
 
 class TestExport:

@@ -12,6 +12,7 @@ the response streams; see each route.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy import exc as sa_exc
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -105,6 +107,8 @@ def _transaction(database: Database) -> transfer.Transaction:
         errors.ListNotFound,
         errors.InvalidCsv,
         errors.EmptyCsv,
+        errors.DatabaseUnavailable,
+        errors.ImportInterrupted,
         errors.PayloadTooLarge,
         errors.NotCsv,
         errors.CompressedBody,
@@ -147,6 +151,8 @@ async def import_subscribers(
     """Import subscribers from a CSV body (`text/csv`); rows are checked one by one, and
     an address already on the list is left as it is, so running a file twice is harmless."""
     detail: dict[str, Any] = {"mode": mode.value, "dry_run": dry_run}
+    # Filled as the import goes: one the database cuts short says what it wrote.
+    report = transfer.ImportReport(list_slug=slug, mode=mode, dry_run=dry_run)
     try:
         kind = media_type(request)
         if kind == MULTIPART:
@@ -163,22 +169,39 @@ async def import_subscribers(
                 await run_in_threadpool(spool.write, chunk)
             # One thread-pool call for the whole import, which opens one short transaction
             # per batch: other requests (and, on SQLite, other writers) get in between.
-            report = await run_in_threadpool(
-                functools.partial(
-                    transfer.import_csv,
-                    _transaction(database),
-                    source=spool,
-                    list_slug=slug,
-                    mode=mode,
-                    dry_run=dry_run,
-                    operator=who.name,
-                    note=note,
-                    key=settings.token_key(),
-                    resend_interval=settings.resend_interval,
-                    now=utcnow(),
-                    backend=settings.backend_of(slug),
-                )
+            call = functools.partial(
+                transfer.import_csv,
+                _transaction(database),
+                source=spool,
+                list_slug=slug,
+                mode=mode,
+                dry_run=dry_run,
+                operator=who.name,
+                note=note,
+                key=settings.token_key(),
+                resend_interval=settings.resend_interval,
+                now=utcnow(),
+                backend=settings.backend_of(slug),
+                report=report,
             )
+            try:
+                report = await run_in_threadpool(call)
+            except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+                if not report.applied_through or dry_run:
+                    raise  # nothing written: the usual 503
+                raise errors.ImportInterrupted(
+                    transfer.cut_short(report, again="Send the same file again")
+                ) from e
+    except errors.ImportInterrupted as e:
+        # The database that cut the import short may be back, or not: the answer says
+        # what was written either way.
+        with contextlib.suppress(sa_exc.OperationalError, sa_exc.InterfaceError):
+            await _audit(
+                database, who, action="subscribers.import", target=slug, outcome="interrupted",
+                detail={**report.counts(), "applied_through": report.applied_through,
+                        "note": note, "detail": e.detail},
+            )  # fmt: skip
+        raise
     except errors.DomainError as e:
         await _audit(
             database, who, action="subscribers.import", target=slug,
