@@ -564,6 +564,11 @@ def failure(engine: Engine, error: BaseException) -> str:
     else:
         # The pool's own (a checkout that timed out): no driver, no password in it.
         reason = " ".join(str(error).split())
+    return f"{shown_where(engine)} reason={reason}"
+
+
+def shown_where(engine: Engine) -> str:
+    """`database=<url without user> user=<name>` (see `failure`)."""
     given = engine.url
     anonymous = sa.engine.URL.create(
         given.drivername, host=given.host, port=given.port, database=given.database,
@@ -571,7 +576,7 @@ def failure(engine: Engine, error: BaseException) -> str:
     )  # fmt: skip
     where = shown_url(anonymous.render_as_string(hide_password=False))
     user = f" user={given.username}" if given.username else ""
-    return f"database={where}{user} reason={reason}"
+    return f"database={where}{user}"
 
 
 class Prepared:

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from app import db, errors, httpserver, lists, logs, migrations, ratelimit, runtime
+from app import db, errors, httpserver, lists, logs, migrations, ratelimit, readiness, runtime
 from app.api import admin as admin_api
 from app.api import (
     admin_data,
@@ -120,6 +120,8 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
         )
         app.state.engine = engine
         app.state.worker = worker
+        # Of this event loop: the check under way is awaited here.
+        app.state.readiness = readiness.Probe()
         database = Database(engine, on_outbox_commit=worker.wake if worker else None)
         app.state.database = database
         if worker is not None:
@@ -177,6 +179,7 @@ def create_app(settings: Settings | None = None, *, settle: bool = False) -> Fas
     app.state.metrics = metrics
     app.state.engine = None
     app.state.worker = None
+    app.state.readiness = None
     app.state.database = None
     app.state.rate_limiter = None
     handlers.install(app)

@@ -14,11 +14,14 @@ Which worker counts:
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
 
 from app import db, heartbeat, migrations
 
@@ -65,3 +68,39 @@ def check(
             "worker_stale", f"This process's outbox worker was last seen {when}.", state, age
         )
     return Report(None, "ready", state, age)
+
+
+# A readiness check that gets no answer from the database in this long answers 503: a
+# database that hangs (a frozen server, a connection cut without a word) is not ready.
+DEADLINE_S = 3.0
+
+
+class DatabaseSilent(Exception):
+    """The database did not answer a readiness check within `DEADLINE_S`."""
+
+
+class Probe:
+    """Readiness checks run one at a time in a process, each probe awaiting the one under
+    way for at most `DEADLINE_S`.
+
+    A check runs in a thread and the driver has no read timeout: against a database that
+    hangs, its thread waits as long as the database does. A probe per check would pile up
+    a thread each, every few seconds, until the thread pool that also answers `/healthz`
+    was full; and the orchestrator asking got no answer at all, not a 503.
+    """
+
+    def __init__(self) -> None:
+        self._under_way: asyncio.Future[Report] | None = None
+
+    async def check(self, work: Callable[[], Report]) -> Report:
+        """`work()`'s report, the one under way's if a check is under way; raises
+        DatabaseSilent after `DEADLINE_S`, and what `work` raised."""
+        under_way = self._under_way
+        if under_way is None or under_way.done():
+            under_way = self._under_way = asyncio.ensure_future(run_in_threadpool(work))
+            # Retrieved here when no probe waits any more (they gave up at the deadline).
+            under_way.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            return await asyncio.wait_for(asyncio.shield(under_way), timeout=DEADLINE_S)
+        except TimeoutError as e:
+            raise DatabaseSilent from e

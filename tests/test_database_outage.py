@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import db, migrations
+from app import db, migrations, readiness
 from app.mailer import make_mailer
 from app.main import create_app
 from app.worker import Worker
@@ -125,6 +126,30 @@ def test_a_database_restart_under_load_loses_no_acknowledged_subscription(
     refusals = [body for _, code, body in load.answers if code == 503]
     assert all(body is not None and body["error"] == "database_unavailable" for body in refusals)
     assert load.acknowledged() <= _stored(postgres.url)
+
+
+def test_a_database_that_hangs_is_not_ready_within_seconds_and_liveness_answers(
+    postgres: PrivatePostgres, smtp: SmtpSink
+) -> None:
+    """A server that hangs (stopped dead, its connections open and silent) answered no
+    readiness probe at all: each waited with a thread of the pool for as long as the server
+    hung. Now each probe answers 503 within the deadline, and one check at most waits."""
+    settings = make_settings(postgres.url, smtp_port=smtp.port, run_worker=False)
+    with (
+        LiveServer(create_app(settings)) as base_url,
+        httpx.Client(base_url=base_url, timeout=20) as probe,
+    ):
+        assert probe.get("/readyz").status_code == 200
+        with postgres.frozen():
+            for _ in range(3):
+                started = time.monotonic()
+                answer = probe.get("/readyz")
+                took = time.monotonic() - started
+                assert answer.status_code == 503
+                assert answer.json()["error"] == "database_unavailable"
+                assert took < readiness.DEADLINE_S + 2, took
+            assert probe.get("/healthz").status_code == 200
+        wait_until(lambda: probe.get("/readyz").status_code == 200, timeout=30)
 
 
 def test_the_worker_survives_an_outage_and_sends_what_comes_after(

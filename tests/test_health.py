@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from app import db, lists, migrations
+from app import db, lists, migrations, readiness
 from app.config import Settings
 from app.main import create_app
 from app.models import MailingList, utcnow
@@ -91,3 +93,42 @@ def test_a_list_created_by_another_process_meanwhile_is_taken_up_on_a_second_try
             select(MailingList).where(MailingList.slug == settings.lists[0].slug)
         ).all()
     assert [row.name for row in found] == [settings.lists[0].name]
+
+
+class TestReadinessProbe:
+    """Checks run one at a time (app.readiness.Probe): probes that come while one waits on
+    a silent database share it, and each answers at the deadline."""
+
+    def test_probes_during_a_silent_check_share_it_and_answer_at_the_deadline(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(readiness, "DEADLINE_S", 0.2)
+        answer = threading.Event()
+        calls: list[int] = []
+        ready = readiness.Report(None, "ready", readiness.WorkerState.FRESH, 1.0)
+
+        def work() -> readiness.Report:
+            calls.append(1)
+            answer.wait(10)
+            return ready
+
+        async def probes() -> tuple[list[object], int, object, object]:
+            probe = readiness.Probe()
+            silent = await asyncio.gather(
+                *(probe.check(work) for _ in range(3)), return_exceptions=True
+            )
+            # The check still waits: a later probe waits on it too, not on a new one.
+            silent += await asyncio.gather(probe.check(work), return_exceptions=True)
+            checks_while_silent = len(calls)
+            answer.set()
+            answered = await probe.check(work)  # the one under way, answered at last
+            after = await probe.check(work)  # a check of its own, now that it ended
+            return silent, checks_while_silent, answered, after
+
+        silent, checks_while_silent, answered, after = asyncio.run(probes())
+
+        assert [type(result) for result in silent] == [readiness.DatabaseSilent] * 4
+        assert checks_while_silent == 1
+        assert answered is ready
+        assert after is ready
+        assert len(calls) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Annotated
 
@@ -69,22 +70,41 @@ def healthz() -> Health:
     response_model=Readiness,
     responses={503: {"model": ErrorBody, "description": "Not ready to serve."}},
 )
-def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     """The database answers, its schema is at the latest migration, and the outbox worker
     is alive (this process's own; an external worker's state is reported, see README)."""
     worker = request.app.state.worker
+    engine = request.app.state.engine
+    probe: readiness.Probe = request.app.state.readiness
     try:
-        report = readiness.check(
-            request.app.state.engine,
-            own_worker=worker.name if worker is not None else None,
-            heartbeat_timeout=settings.worker_heartbeat_timeout,
-            now=utcnow(),
+        report = await probe.check(
+            functools.partial(
+                readiness.check,
+                engine,
+                own_worker=worker.name if worker is not None else None,
+                heartbeat_timeout=settings.worker_heartbeat_timeout,
+                now=utcnow(),
+            )
+        )
+    except readiness.DatabaseSilent:
+        log.warning(
+            "readiness.database_silent seconds=%g %s",
+            readiness.DEADLINE_S,
+            db.shown_where(engine),
+        )
+        return JSONResponse(
+            {
+                "error": "database_unavailable",
+                "detail": f"The database does not answer (nothing within "
+                f"{readiness.DEADLINE_S:g} s).",
+            },
+            status_code=503,
         )
     except SQLAlchemyError as e:
         log.warning(
             "readiness.database_unreachable error=%s %s",
             type(e).__name__,
-            db.failure(request.app.state.engine, e),
+            db.failure(engine, e),
         )
         return JSONResponse(
             {"error": "database_unavailable", "detail": "The database does not answer."},
