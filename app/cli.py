@@ -11,7 +11,8 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Annotated, Any
@@ -1081,6 +1082,34 @@ def _record(engine: Any, *, action: str, target: str, outcome: str, detail: dict
         )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _ctrl_c_between_steps() -> Iterator[Callable[[], None]]:
+    """Ctrl-C during a long command (an import, an export) stops it between two of its
+    steps (a batch, a page), each in a transaction of its own: the `check` this yields,
+    called between them, raises KeyboardInterrupt there. Raised anywhere else, it could
+    leave a transaction and this process's SQLite writer lock held, and the record of the
+    stop then waited for ever. A second Ctrl-C stops at once."""
+    pressed = threading.Event()
+
+    def on_ctrl_c(_signum: int, _frame: FrameType | None) -> None:
+        pressed.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def check() -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    except ValueError:  # not the main thread: Ctrl-C is not ours to take
+        yield lambda: None
+        return
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _choice(value: str, *, option: str, allowed: Any) -> Any:
     try:
         return allowed(value)
@@ -1163,11 +1192,17 @@ def import_file(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TimeRemainingColumn(),
             ) as progress,
+            _ctrl_c_between_steps() as stop_if_asked,
         ):  # fmt: skip
             size = os.fstat(source.fileno()).st_size
             task = progress.add_task(f"importing into {list_slug}", total=size)
             # Filled as the import goes: a run cut short still tells what it wrote.
             report = transfer.ImportReport(list_slug=list_slug, mode=chosen, dry_run=dry_run)
+
+            def advance(done: int) -> None:
+                progress.update(task, completed=done)
+                stop_if_asked()  # after a batch's commit: where Ctrl-C stops the import
+
             try:
                 report = transfer.import_csv(
                     functools.partial(db.session_scope, engine),
@@ -1180,7 +1215,7 @@ def import_file(
                     key=settings.token_key(),
                     resend_interval=settings.resend_interval,
                     now=utcnow(),
-                    progress=lambda done: progress.update(task, completed=done),
+                    progress=advance,
                     backend=settings.backend_of(list_slug),
                     report=report,
                 )
@@ -1371,20 +1406,46 @@ def export_file(
             engine, action="subscribers.export", target=list_slug, outcome="ok",
             detail={**detail, "rows": total},
         )  # fmt: skip
+        sent = 0
+
+        def advance(count: int) -> None:
+            nonlocal sent
+            sent += count
+            progress.advance(task, count)
+            stop_if_asked()  # between two pages, each read in a transaction of its own
+
         try:
-            with _progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()
-            ) as progress:
+            with (
+                _ctrl_c_between_steps() as stop_if_asked,
+                _progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()
+                ) as progress,
+                # Closed here, before the engine: a page left open held its session.
+                contextlib.closing(
+                    transfer.export_chunks(
+                        functools.partial(db.session_scope, engine),
+                        list_id=list_id,
+                        where=where,
+                        format=chosen,
+                        progress=advance,
+                    )
+                ) as chunks,
+            ):
                 task = progress.add_task(f"exporting {list_slug}", total=total)
-                for chunk in transfer.export_chunks(
-                    functools.partial(db.session_scope, engine),
-                    list_id=list_id,
-                    where=where,
-                    format=chosen,
-                    progress=lambda count: progress.advance(task, count),
-                ):
+                for chunk in chunks:
                     sink.write(chunk)
             sink.flush()
+        except KeyboardInterrupt:
+            # The log said `ok` for every row before the first was read (it must be there
+            # whatever happens next): it now says how far the export went.
+            where_to = f"{output} is not written" if output is not None else "output cut short"
+            typer.echo(f"export stopped: {sent} of {total} subscribers read; {where_to}", err=True)
+            with contextlib.suppress(Exception):
+                _record(
+                    engine, action="subscribers.export", target=list_slug,
+                    outcome="interrupted", detail={**detail, "rows": total, "read": sent},
+                )  # fmt: skip
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         finally:
             if output is not None:
                 sink.close()

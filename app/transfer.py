@@ -49,7 +49,7 @@ import io
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -1080,7 +1080,7 @@ def export_chunks(
     where: admin.SubscriberFilter,
     format: ExportFormat,
     progress: Callable[[int], None] | None = None,
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """The whole export as chunks of bytes, a page at a time, each page in a transaction
     of its own (for the CLI; the API runs the same pages from its event loop)."""
     yield header(format)

@@ -1037,6 +1037,59 @@ class TestAnImportCutShort:
         assert f"created {rows - created}; unchanged {created}; invalid 0" in finished.stdout
 
 
+class TestAnExportCutShort:
+    def test_ctrl_c_stops_it_between_pages_says_how_far_and_is_audited(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        """Ctrl-C during `newsletter export` ended it with no word, the log saying `ok`
+        for every row; once in a while it hung instead, recording that: the interrupt had
+        landed inside a page's transaction and left the writer lock held."""
+        rows = 60_000
+        big = tmp_path / "big.csv"
+        with big.open("w") as out:
+            out.write("email,consent_source,consent_date\n")
+            out.writelines(f"user{n}@example.org,Paper form,2025-03-12\n" for n in range(rows))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+        env.update(
+            NEWSLETTER_DATABASE_URL=database_url,
+            NEWSLETTER_SECRET_KEY=SECRET,
+            NEWSLETTER_LOG_LEVEL="WARNING",
+        )
+        imported = subprocess.run(
+            [NEWSLETTER, "import", "--list", "bluehats", "--mode", "confirmed", str(big)],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert imported.returncode == 0, imported.stderr
+        output = tmp_path / "out.csv"
+        partial = tmp_path / "out.csv.part"
+        running = subprocess.Popen(
+            [NEWSLETTER, "export", "--list", "bluehats", "--output", str(output)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=60)
+            running.send_signal(signal.SIGINT)
+            _, stderr = running.communicate(timeout=60)
+        finally:
+            running.kill()
+        if running.returncode == 0:
+            pytest.skip("the export finished before it could be interrupted")
+        assert running.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        assert "export stopped: " in stderr
+        assert f" of {rows} subscribers read; {output} is not written" in stderr
+        assert not output.exists()
+        assert not partial.exists()
+        entries = _audit(engine, "subscribers.export")
+        assert [entry.outcome for entry in entries] == ["ok", "interrupted"]
+        stopped = entries[1].detail
+        assert stopped["rows"] == rows
+        assert 0 < stopped["read"] < rows
+        assert f"export stopped: {stopped['read']} of {rows}" in stderr
+
+
 class TestExport:
     def test_csv_carries_the_consent_fields(
         self,
