@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -49,6 +50,30 @@ MAX_ROW_ID = 2**31 - 1
 CONFIRM_TTL_HOURS = (1, 30 * 24)
 
 
+def _stopped(message: str) -> None:
+    """What stops a command, one line on stderr; a line of the log where the log is JSON
+    (NEWSLETTER_LOG_FORMAT=json): a collector reading the stderr of `serve` or `worker`
+    takes one object a line, and a start refused was the one line it could not read."""
+    if _log_is_json():
+        logging.getLogger("app.cli").error("cli.stopped %s", message)
+    else:
+        typer.echo(message, err=True)
+
+
+def _log_is_json() -> bool:
+    """The log is JSON, or is to be, by the environment, the settings not yet read (or
+    refused for another of their values)."""
+    from app import logs
+
+    root = logging.getLogger()
+    if any(isinstance(handler.formatter, logs.JsonFormatter) for handler in root.handlers):
+        return True
+    if root.handlers or os.environ.get("NEWSLETTER_LOG_FORMAT", "").strip().lower() != "json":
+        return False
+    logs.configure(level="INFO", fmt="json", stream=sys.stderr)
+    return True
+
+
 class _Commands(TyperGroup):
     """Every command runs through here: a database that does not answer, or whose schema is
     not at head, ends it with one line on stderr and its exit code, not a traceback. Any
@@ -59,14 +84,14 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except SettingsError as e:
             # Found after the start (the key file made at first use): as at the start.
-            typer.echo(str(e), err=True)
+            _stopped(str(e))
             raise typer.Exit(EXIT_USAGE) from None
         except Exception as e:
             problem = _database_problem(e)
             if problem is None:
                 raise
             message, code = problem
-            typer.echo(message, err=True)
+            _stopped(message)
             raise typer.Exit(code) from None
 
 
@@ -136,7 +161,7 @@ def _settings() -> Settings:
     try:
         settings = load_settings()
     except SettingsError as e:
-        typer.echo(str(e), err=True)
+        _stopped(str(e))
         raise typer.Exit(EXIT_USAGE) from e
     from app import logs
 
@@ -231,9 +256,7 @@ def _can_listen(host: str, port: int, *, option: str, host_option: str) -> None:
         wrong = option
         if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
             wrong = host_option
-        typer.echo(
-            f"cannot listen on {host}:{port}: {e.strerror or e}; give another {wrong}", err=True
-        )
+        _stopped(f"cannot listen on {host}:{port}: {e.strerror or e}; give another {wrong}")
         raise typer.Exit(EXIT_USAGE) from e
 
 

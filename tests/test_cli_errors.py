@@ -4,6 +4,7 @@ documented exit code (README "Commands"), never a traceback. Run as operators ru
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -96,6 +97,41 @@ class TestDatabaseProblems:
             "database schema is at no revision (empty database), this release needs "
             f"{migrations.head_revision()}: run `newsletter migrate`"
         )
+
+
+class TestJsonLog:
+    """With NEWSLETTER_LOG_FORMAT=json, what stops `serve` or `worker` is a line of the log
+    like any other: a collector reading their stderr got the one line it could not parse."""
+
+    @pytest.mark.parametrize(
+        ("args", "settings", "said", "code"),
+        [
+            (("serve", "--port", "1"), {}, "database unreachable at ", 4),
+            (("worker",), {}, "database unreachable at ", 4),
+            (("worker",), {"WORKER_BATCH_SIZE": "0"}, "NEWSLETTER_WORKER_BATCH_SIZE: ", 2),
+        ],
+    )
+    def test_a_refused_start_is_a_json_line(
+        self,
+        tmp_path: Path,
+        args: tuple[str, ...],
+        settings: dict[str, str],
+        said: str,
+        code: int,
+    ) -> None:
+        url = UNREACHABLE.format(port=free_port())
+        result = run(url, tmp_path, *args, LOG_FORMAT="json", **settings)
+        assert result.returncode == code, result.stderr
+        lines = [json.loads(line) for line in result.stderr.splitlines()]
+        assert lines[-1]["level"] == "ERROR"
+        assert lines[-1]["event"] == "cli.stopped"
+        assert said in lines[-1]["message"]
+        assert "s3cret-pw" not in result.stderr
+
+    def test_a_refused_log_format_is_said_in_text(self, tmp_path: Path) -> None:
+        result = run("sqlite://", tmp_path, "worker", LOG_FORMAT="yaml")
+        assert result.returncode == 2
+        assert "NEWSLETTER_LOG_FORMAT: " in last_line(result)
 
 
 class TestMigrate:
