@@ -44,7 +44,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
-from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db, formguard, heartbeat, outbox
@@ -312,6 +311,9 @@ class RouteNames:
         # passed for a 404.
         endpoint = scope.get("endpoint")
         if endpoint is not None:
+            # Here, not at the top: the worker process imports this module, not the routing.
+            from starlette.routing import Mount
+
             for candidate in getattr(self.app, "routes", ()):
                 if isinstance(candidate, Mount) and candidate.app is endpoint:
                     return f"{candidate.path}/{{path}}"
