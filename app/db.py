@@ -203,6 +203,7 @@ class Checkpointer:
     def stop(self) -> None:
         """End the thread; the engine's connections opened from now on checkpoint again."""
         self._stopping.set()
+        _sqlite_writers[self.engine].wrote.set()  # out of an idle wait at once
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -228,18 +229,29 @@ class Checkpointer:
         connection = sqlite3.connect(
             self.path, timeout=LOCK_WAIT_S, isolation_level=None, check_same_thread=False
         )
-        pause = self.pause
+        wrote = _sqlite_writers[self.engine].wrote
+        idle = False
         try:
-            while not self._stopping.wait(pause):
+            while True:
+                if idle:
+                    # Nothing written since the last look: the next transaction of this
+                    # process wakes it (another process's commits, at the idle pause). A
+                    # writer that paused a moment, then wrote without pause, had the WAL
+                    # grow for a whole idle pause: thousands of pages.
+                    wrote.wait(self.idle_pause)
+                else:
+                    self._stopping.wait(self.pause)
+                if self._stopping.is_set():
+                    break
+                wrote.clear()
                 try:
                     self.checkpoint(connection)
-                    written = self.written_since_last_look(connection)
+                    idle = not self.written_since_last_look(connection)
                 except sqlite3.Error as e:
                     # The commits no longer checkpoint: keep trying, less often.
                     log.warning("sqlite.checkpoint_failed error=%s", e)
-                    pause = self.idle_pause
-                    continue
-                pause = self.pause if written else self.idle_pause
+                    self._stopping.wait(self.idle_pause)
+                    idle = False
         finally:
             connection.close()
 
@@ -463,12 +475,17 @@ class _WriterLock:
         self._lock = threading.Lock()
         self._no_checkpoint_waiting = threading.Event()
         self._no_checkpoint_waiting.set()
+        # Set after each transaction: wakes a checkpointer idling since its last look.
+        self.wrote = threading.Event()
 
     @contextmanager
     def for_writer(self) -> Iterator[None]:
         self._no_checkpoint_waiting.wait()
         with self._lock:
-            yield
+            try:
+                yield
+            finally:
+                self.wrote.set()
 
     @contextmanager
     def for_checkpoint(self) -> Iterator[None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,6 +124,26 @@ def test_a_wal_past_the_limit_is_copied_in_full_waiting_for_the_writer(
         assert done.restarted
         assert checkpointer.restarts == 1
         assert done.copied == done.wal_frames >= 150
+
+
+def test_writes_after_a_lull_wake_the_checkpointer_at_once(engine: sa.Engine, path: str) -> None:
+    """After a lull, the thread waited out its idle pause (checking for other processes'
+    commits) while this process's writes came back at full speed: the WAL grew for the
+    whole pause. Now a commit here wakes it."""
+    checkpointer = db.Checkpointer(engine, pause=0.005, idle_pause=5.0, restart_frames=300)
+    checkpointer.start()
+    largest = 0
+    try:
+        write(engine, 100)
+        time.sleep(0.2)  # looked at twice with nothing new: idle
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            write(engine, 50)
+            largest = max(largest, wal_pages(path))
+    finally:
+        checkpointer.stop()
+    assert checkpointer.restarts >= 1
+    assert largest < 4_000
 
 
 def test_under_steady_writes_the_wal_stays_small(engine: sa.Engine, path: str) -> None:
