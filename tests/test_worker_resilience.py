@@ -580,15 +580,17 @@ class TestLeases:
     """A batch slower than its lease (a server taking its time) keeps its jobs: another
     worker would otherwise take the ones not yet sent and send them too."""
 
-    def _slow_batch(self, database_url: str, sink: SmtpSink, count: int) -> Settings:
+    def _slow_batch(
+        self, database_url: str, sink: SmtpSink, count: int, *, lease: str = "2s"
+    ) -> Settings:
         queue_confirmations(database_url, [f"slow{n}@example.org" for n in range(count)])
-        # One batch of all the mails, one at a time: 0.4 s each, the lease 2 s.
+        # One batch of all the mails, one at a time, each as slow as the sink.
         mailer = SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=1)
         return make_settings(
             database_url,
             smtp_port=sink.port,
             mailer=mailer,
-            job_lease="2s",
+            job_lease=lease,
             worker_batch_size=count,
             worker_concurrency=1,
         )
@@ -596,16 +598,19 @@ class TestLeases:
     def test_a_batch_outlasting_its_lease_renews_it_and_each_mail_goes_once(
         self, database_url: str, engine: sa.Engine
     ) -> None:
-        sink = SlowSink(port=free_port(), delay=0.4)
-        settings = self._slow_batch(database_url, sink, 8)
+        # 16 mails at 0.5 s outlast the 6 s lease; renewed from its half, 3 s in, with
+        # seconds to spare for a machine busy with other work (a 2 s lease, renewed at 1 s
+        # between mails of 0.4 s, was lost on one so busy, and mails went twice).
+        sink = SlowSink(port=free_port(), delay=0.5)
+        settings = self._slow_batch(database_url, sink, 16, lease="6s")
         with serving(sink), running(worker_for(engine, settings, name="slow")):
             assert sink.data_started.wait(timeout=10)
             # Waits for work while the first one's batch runs past its 2 s lease.
             with running(worker_for(engine, settings, name="other")):
-                wait_until(lambda: all_in(engine, JobState.DONE, 8), timeout=30)
+                wait_until(lambda: all_in(engine, JobState.DONE, 16), timeout=30)
                 settle()
         sent = Counter(message["To"] for message in sink.messages)
-        assert sent == Counter(f"slow{n}@example.org" for n in range(8))
+        assert sent == Counter(f"slow{n}@example.org" for n in range(16))
         assert {(job.attempts, job.leased_by) for job in jobs(engine)} == {(1, None)}
         assert {row.worker for row in attempts(engine)} == {"slow"}
 
