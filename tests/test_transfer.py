@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,43 @@ def _written(url: str) -> dict[str, int]:
 
     wait_until(settled)
     return {table: count_rows(url, table) for table in WRITTEN_TABLES}
+
+
+def _big_file(folder: Path, rows: int) -> Path:
+    """A CSV of `rows` subscribers with their consent, for runs long enough to stop."""
+    big = folder / "big.csv"
+    with big.open("w") as out:
+        out.write("email,consent_source,consent_date\n")
+        out.writelines(f"user{n}@example.org,Paper form,2025-03-12\n" for n in range(rows))
+    return big
+
+
+def _cli_env(database_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATABASE_URL=database_url,
+        NEWSLETTER_SECRET_KEY=SECRET,
+        NEWSLETTER_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def _ctrl_c_once(
+    command: list[str], env: dict[str, str], *, when: Callable[[], bool]
+) -> tuple[int, str]:
+    """Run `command`, press Ctrl-C once `when()` holds; its exit code and stderr."""
+    running = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        wait_until(when, timeout=60)
+        running.send_signal(signal.SIGINT)
+        _, stderr = running.communicate(timeout=60)
+    finally:
+        running.kill()
+    return running.returncode, stderr
 
 
 def _audit(engine: sa.Engine, action: str) -> list[AuditEvent]:
@@ -992,31 +1029,15 @@ class TestAnImportCutShort:
         self, client: TestClient, database_url: str, engine: sa.Engine, tmp_path: Path
     ) -> None:
         rows = 60_000
-        big = tmp_path / "big.csv"
-        with big.open("w") as out:
-            out.write("email,consent_source,consent_date\n")
-            out.writelines(f"user{n}@example.org,Paper form,2025-03-12\n" for n in range(rows))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-        env.update(
-            NEWSLETTER_DATABASE_URL=database_url,
-            NEWSLETTER_SECRET_KEY=SECRET,
-            NEWSLETTER_LOG_LEVEL="WARNING",
-        )
+        big = _big_file(tmp_path, rows)
+        env = _cli_env(database_url)
         command = [NEWSLETTER, "import", "--list", "bluehats", str(big)]
-        running = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
-        try:
-            wait_until(lambda: count_rows(database_url, "subscription") > 0, timeout=60)
-            running.send_signal(signal.SIGINT)
-            _, stderr = running.communicate(timeout=60)
-        finally:
-            running.kill()
-        if running.returncode == 0:
+        returncode, stderr = _ctrl_c_once(
+            command, env, when=lambda: count_rows(database_url, "subscription") > 0
+        )
+        if returncode == 0:
             pytest.skip("the import finished before it could be interrupted")
-        assert running.returncode == 130, stderr
+        assert returncode == 130, stderr
         created = count_rows(database_url, "subscription")
         assert 0 < created < rows
         # The batches committed reach the line said: a header, then one row a line.
@@ -1041,20 +1062,11 @@ class TestAnExportCutShort:
     def test_ctrl_c_stops_it_between_pages_says_how_far_and_is_audited(
         self, database_url: str, engine: sa.Engine, tmp_path: Path
     ) -> None:
-        """Ctrl-C during `newsletter export` ended it with no word, the log saying `ok`
-        for every row; once in a while it hung instead, recording that: the interrupt had
-        landed inside a page's transaction and left the writer lock held."""
+        """Ctrl-C during `newsletter export` ended it with no word, the audit log saying
+        `ok` for every row."""
         rows = 60_000
-        big = tmp_path / "big.csv"
-        with big.open("w") as out:
-            out.write("email,consent_source,consent_date\n")
-            out.writelines(f"user{n}@example.org,Paper form,2025-03-12\n" for n in range(rows))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-        env.update(
-            NEWSLETTER_DATABASE_URL=database_url,
-            NEWSLETTER_SECRET_KEY=SECRET,
-            NEWSLETTER_LOG_LEVEL="WARNING",
-        )
+        big = _big_file(tmp_path, rows)
+        env = _cli_env(database_url)
         imported = subprocess.run(
             [NEWSLETTER, "import", "--list", "bluehats", "--mode", "confirmed", str(big)],
             env=env, capture_output=True, text=True, timeout=120, check=False,
@@ -1062,21 +1074,14 @@ class TestAnExportCutShort:
         assert imported.returncode == 0, imported.stderr
         output = tmp_path / "out.csv"
         partial = tmp_path / "out.csv.part"
-        running = subprocess.Popen(
+        returncode, stderr = _ctrl_c_once(
             [NEWSLETTER, "export", "--list", "bluehats", "--output", str(output)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            # Ctrl-C as a terminal sends it, whatever the test runner's own disposition.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
-        try:
-            wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=60)
-            running.send_signal(signal.SIGINT)
-            _, stderr = running.communicate(timeout=60)
-        finally:
-            running.kill()
-        if running.returncode == 0:
+            env,
+            when=lambda: partial.exists() and partial.stat().st_size > 0,
+        )
+        if returncode == 0:
             pytest.skip("the export finished before it could be interrupted")
-        assert running.returncode == 130, stderr
+        assert returncode == 130, stderr
         assert "Traceback" not in stderr
         assert "export stopped: " in stderr
         assert f" of {rows} subscribers read; {output} is not written" in stderr
