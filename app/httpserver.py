@@ -64,6 +64,10 @@ _NOT_HTTP = _closing_answer(
 )
 
 
+# How long a connection closed with an answer of ours reads what its client still sends.
+LINGER_S = 2.0
+
+
 class DeadlineHttp(HttpToolsProtocol):
     # Set by `configure` in each serving process, from the settings, before it serves.
     timeout: float = 30.0
@@ -79,8 +83,12 @@ class DeadlineHttp(HttpToolsProtocol):
     # Its headers are being read again: should they still ask (a Connection option this
     # rewrite missed), uvicorn's own handling, not another reading.
     _rereading = False
+    # Answered and half-closed (`_close_with`): what still comes is read and dropped.
+    _lingering = False
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         # uvicorn's own, but for a switch of protocols it does not make.
         self._unset_keepalive_if_required()
         try:
@@ -101,13 +109,24 @@ class DeadlineHttp(HttpToolsProtocol):
         self._close_with(_NOT_HTTP)
 
     def _close_with(self, answer: bytes) -> None:
-        """Send `answer` with uvicorn's own headers (`date`, `server`), and close."""
+        """Send `answer` with uvicorn's own headers (`date`, `server`), and close.
+
+        The close lingers (as nginx's `lingering_close`): the answer and then the end of
+        the stream are sent, and what the client still sends is read and dropped until it
+        closes, for `LINGER_S` at most. Closed at once, a socket holding bytes not read
+        (the next line of headers a slow client was sending) is reset, and a reset may
+        wipe out, at the client, the answer it has not read yet."""
         status, _, rest = answer.partition(b"\r\n")
         defaults = [
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         ]
         self.transport.write(b"\r\n".join([status, b"".join(defaults) + rest]))
-        self.transport.close()
+        if not self.transport.can_write_eof():  # TLS: no half-close
+            self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
 
     def _read_again_without_upgrade(self, rest: bytes) -> None:
         """Parse the request again from its headers, without `upgrade` among the connection
