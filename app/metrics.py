@@ -34,6 +34,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -150,6 +151,17 @@ class FormGuardCollector(Collector):
         yield family
 
 
+# A scrape whose database reads get no answer in this long says `newsletter_database_up 0`.
+READ_DEADLINE_S = 3.0
+
+
+def _settle_with(future: Future[list[Metric]], read: Callable[[], list[Metric]]) -> None:
+    try:
+        future.set_result(read())
+    except BaseException as e:  # handed to whoever waits on the future
+        future.set_exception(e)
+
+
 class DatabaseCollector(Collector):
     """Gauges read from the database when Prometheus scrapes (see the module docstring)."""
 
@@ -163,6 +175,9 @@ class DatabaseCollector(Collector):
         self.engine = engine
         self.heartbeat_timeout = heartbeat_timeout
         self.now = now
+        # The read under way, which a scrape that comes meanwhile waits on (`_read_in_time`).
+        self._under_way: Future[list[Metric]] | None = None
+        self._lock = threading.Lock()
 
     def describe(self) -> Iterable[Metric]:
         # Nothing: describing would run the queries when the collector is registered.
@@ -173,7 +188,7 @@ class DatabaseCollector(Collector):
             "newsletter_database_up", "1 when the scrape's database queries succeeded."
         )
         try:
-            families = self._read()
+            families = self._read_in_time()
         except SQLAlchemyError as e:
             log.warning(
                 "metrics.database_unreachable error=%s %s",
@@ -183,9 +198,34 @@ class DatabaseCollector(Collector):
             up.add_metric([], 0)
             yield up
             return
+        except TimeoutError:
+            log.warning(
+                "metrics.database_silent seconds=%g %s",
+                READ_DEADLINE_S,
+                db.shown_where(self.engine),
+            )
+            up.add_metric([], 0)
+            yield up
+            return
         up.add_metric([], 1)
         yield up
         yield from families
+
+    def _read_in_time(self) -> list[Metric]:
+        """`_read()`, in a thread of its own, waited for `READ_DEADLINE_S` at most; one
+        at a time, a scrape that comes meanwhile waiting on the one under way. The driver
+        has no read timeout: against a database that hangs, each scrape held a thread of
+        the pool that also answers `/healthz` for as long as it hung, one more every
+        scrape, until none was left."""
+        with self._lock:
+            under_way = self._under_way
+            if under_way is None or under_way.done():
+                under_way = self._under_way = Future()
+                threading.Thread(
+                    target=_settle_with, args=(under_way, self._read), daemon=True,
+                    name="metrics-database-read",
+                ).start()  # fmt: skip
+        return under_way.result(timeout=READ_DEADLINE_S)
 
     def _read(self) -> list[Metric]:
         now = self.now()

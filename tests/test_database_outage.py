@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import db, migrations, readiness
+from app import db, metrics, migrations, readiness
 from app.mailer import make_mailer
 from app.main import create_app
 from app.worker import Worker
@@ -150,6 +150,33 @@ def test_a_database_that_hangs_is_not_ready_within_seconds_and_liveness_answers(
                 assert took < readiness.DEADLINE_S + 2, took
             assert probe.get("/healthz").status_code == 200
         wait_until(lambda: probe.get("/readyz").status_code == 200, timeout=30)
+
+
+def test_a_scrape_of_a_database_that_hangs_answers_within_seconds(
+    postgres: PrivatePostgres, smtp: SmtpSink
+) -> None:
+    """As readiness: a scrape read the database's gauges with a thread of the pool for as
+    long as the server hung, one more thread every scrape. Now it answers at the deadline,
+    the database said down, and one read at most waits."""
+    settings = make_settings(postgres.url, smtp_port=smtp.port, run_worker=False)
+    with (
+        LiveServer(create_app(settings)) as base_url,
+        httpx.Client(base_url=base_url, timeout=20) as probe,
+    ):
+        assert _metric(probe.get("/metrics").text, "newsletter_database_up") == 1
+        with postgres.frozen():
+            for _ in range(3):
+                started = time.monotonic()
+                scrape = probe.get("/metrics")
+                took = time.monotonic() - started
+                assert scrape.status_code == 200
+                assert _metric(scrape.text, "newsletter_database_up") == 0
+                assert took < metrics.READ_DEADLINE_S + 2, took
+            assert probe.get("/healthz").status_code == 200
+        wait_until(
+            lambda: _metric(probe.get("/metrics").text, "newsletter_database_up") == 1,
+            timeout=30,
+        )
 
 
 def test_the_worker_survives_an_outage_and_sends_what_comes_after(
