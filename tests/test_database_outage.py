@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -128,28 +128,46 @@ def test_a_database_restart_under_load_loses_no_acknowledged_subscription(
     assert load.acknowledged() <= _stored(postgres.url)
 
 
-def test_a_database_that_hangs_is_not_ready_within_seconds_and_liveness_answers(
-    postgres: PrivatePostgres, smtp: SmtpSink
-) -> None:
-    """A server that hangs (stopped dead, its connections open and silent) answered no
-    readiness probe at all: each waited with a thread of the pool for as long as the server
-    hung. Now each probe answers 503 within the deadline, and one check at most waits."""
+def _asked_while_it_hangs(
+    postgres: PrivatePostgres,
+    smtp: SmtpSink,
+    path: str,
+    *,
+    up: Callable[[httpx.Response], bool],
+) -> list[tuple[httpx.Response, float]]:
+    """`path` asked three times while the server hangs (stopped dead, its connections open
+    and silent), each answer with the seconds it took. Before and after, `up` holds of
+    its answer; meanwhile `/healthz` answers 200."""
     settings = make_settings(postgres.url, smtp_port=smtp.port, run_worker=False)
     with (
         LiveServer(create_app(settings)) as base_url,
         httpx.Client(base_url=base_url, timeout=20) as probe,
     ):
-        assert probe.get("/readyz").status_code == 200
+        assert up(probe.get(path))
+        answers = []
         with postgres.frozen():
             for _ in range(3):
                 started = time.monotonic()
-                answer = probe.get("/readyz")
-                took = time.monotonic() - started
-                assert answer.status_code == 503
-                assert answer.json()["error"] == "database_unavailable"
-                assert took < readiness.DEADLINE_S + 2, took
+                answer = probe.get(path)
+                answers.append((answer, time.monotonic() - started))
             assert probe.get("/healthz").status_code == 200
-        wait_until(lambda: probe.get("/readyz").status_code == 200, timeout=30)
+        wait_until(lambda: up(probe.get(path)), timeout=30)
+    return answers
+
+
+def test_a_database_that_hangs_is_not_ready_within_seconds_and_liveness_answers(
+    postgres: PrivatePostgres, smtp: SmtpSink
+) -> None:
+    """A server that hangs answered no readiness probe at all: each waited with a thread
+    of the pool for as long as the server hung. Now each probe answers 503 within the
+    deadline, and one check at most waits."""
+    answers = _asked_while_it_hangs(
+        postgres, smtp, "/readyz", up=lambda answer: answer.status_code == 200
+    )
+    for answer, took in answers:
+        assert answer.status_code == 503
+        assert answer.json()["error"] == "database_unavailable"
+        assert took < readiness.DEADLINE_S + 2, took
 
 
 def test_a_scrape_of_a_database_that_hangs_answers_within_seconds(
@@ -158,25 +176,16 @@ def test_a_scrape_of_a_database_that_hangs_answers_within_seconds(
     """As readiness: a scrape read the database's gauges with a thread of the pool for as
     long as the server hung, one more thread every scrape. Now it answers at the deadline,
     the database said down, and one read at most waits."""
-    settings = make_settings(postgres.url, smtp_port=smtp.port, run_worker=False)
-    with (
-        LiveServer(create_app(settings)) as base_url,
-        httpx.Client(base_url=base_url, timeout=20) as probe,
-    ):
-        assert _metric(probe.get("/metrics").text, "newsletter_database_up") == 1
-        with postgres.frozen():
-            for _ in range(3):
-                started = time.monotonic()
-                scrape = probe.get("/metrics")
-                took = time.monotonic() - started
-                assert scrape.status_code == 200
-                assert _metric(scrape.text, "newsletter_database_up") == 0
-                assert took < metrics.READ_DEADLINE_S + 2, took
-            assert probe.get("/healthz").status_code == 200
-        wait_until(
-            lambda: _metric(probe.get("/metrics").text, "newsletter_database_up") == 1,
-            timeout=30,
-        )
+    answers = _asked_while_it_hangs(
+        postgres,
+        smtp,
+        "/metrics",
+        up=lambda scrape: _metric(scrape.text, "newsletter_database_up") == 1,
+    )
+    for scrape, took in answers:
+        assert scrape.status_code == 200
+        assert _metric(scrape.text, "newsletter_database_up") == 0
+        assert took < metrics.READ_DEADLINE_S + 2, took
 
 
 def test_the_worker_survives_an_outage_and_sends_what_comes_after(

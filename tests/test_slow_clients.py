@@ -6,6 +6,7 @@ another protocol is served as HTTP/1.1, body and all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import select
@@ -203,30 +204,39 @@ async def _slow_first(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+@contextlib.contextmanager
+def _deadline_server(app: Any, **config: Any) -> Iterator[int]:
+    """uvicorn serving `app` in a thread, with this service's HTTP protocol and the tests'
+    deadline; its port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, http=DeadlineHttp, lifespan="off",
+            log_level="warning", **config,
+        )
+    )  # fmt: skip
+    before = DeadlineHttp.timeout
+    DeadlineHttp.configure(timeout=TIMEOUT)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=10)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        DeadlineHttp.configure(timeout=before)
+
+
 class TestPipelining:
     def test_a_request_sent_behind_another_waits_for_its_answer_not_the_deadline(self) -> None:
         # Browsers and nginx do not pipeline, but a client may: the second request's first
         # bytes come while the first is still being answered, and uvicorn reads no further.
-        port = free_port()
-        config = uvicorn.Config(
-            _slow_first, host="127.0.0.1", port=port, http=DeadlineHttp, lifespan="off",
-            log_level="warning",
-        )  # fmt: skip
-        server = uvicorn.Server(config)
-        before = DeadlineHttp.timeout
-        DeadlineHttp.configure(timeout=TIMEOUT)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            wait_until(lambda: server.started, timeout=10)
+        with _deadline_server(_slow_first) as port:
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTT")
             first = _one_response(sock)
             sock.close()
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            DeadlineHttp.configure(timeout=before)
         assert first.startswith(b"HTTP/1.1 200 "), first
         assert first.endswith(b"\r\n\r\n/slow")
 
@@ -259,23 +269,8 @@ async def _echo(scope: Any, receive: Any, send: Any) -> None:
 
 @pytest.fixture
 def echo_server() -> Iterator[int]:
-    port = free_port()
-    config = uvicorn.Config(
-        _echo, host="127.0.0.1", port=port, http=DeadlineHttp, ws="none", lifespan="off",
-        log_level="warning",
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    before = DeadlineHttp.timeout
-    DeadlineHttp.configure(timeout=TIMEOUT)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=10)
+    with _deadline_server(_echo, ws="none") as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        DeadlineHttp.configure(timeout=before)
 
 
 class TestUpgradeAsked:
