@@ -58,6 +58,21 @@ def start_holding_smtp() -> tuple[HoldingSink, Controller]:
     return sink, controller
 
 
+def start_login_smtp(authenticator: Any) -> tuple[SmtpSink, Controller]:
+    """An SMTP server on loopback that asks for a login over plain text, and checks it with
+    `authenticator` (aiosmtpd's)."""
+    sink = SmtpSink(host="127.0.0.1", port=free_port())
+    controller = Controller(
+        sink,
+        hostname=sink.host,
+        port=sink.port,
+        authenticator=authenticator,
+        auth_require_tls=False,
+    )
+    controller.start()
+    return sink, controller
+
+
 def service_env(database_url: str, *, smtp_port: int, **settings: str) -> dict[str, str]:
     """The environment of a `newsletter` process: the test's database and SMTP server."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("NEWSLETTER_")}

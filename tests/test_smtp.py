@@ -36,6 +36,7 @@ from app.mailer import (
 )
 from app.mails import MailKind, compose
 from tests.conftest import PeerSink, SmtpSink, TricklingSmtp, free_port
+from tests.processes import start_login_smtp
 
 USER, PASSWORD = "relay-user", "relay-password"
 
@@ -354,15 +355,7 @@ class TestSmtpMailer:
             ok = isinstance(data, LoginPassword) and data.password == password[0].encode()
             return AuthResult(success=ok, handled=False)
 
-        sink = SmtpSink(host="127.0.0.1", port=free_port())
-        controller = Controller(
-            sink,
-            hostname=sink.host,
-            port=sink.port,
-            authenticator=authenticator,
-            auth_require_tls=False,
-        )
-        controller.start()
+        sink, controller = start_login_smtp(authenticator)
         try:
             mailer = SmtpMailer(
                 SmtpMailerSettings(

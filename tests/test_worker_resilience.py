@@ -53,6 +53,7 @@ from tests.conftest import (
     start_smtp,
     wait_until,
 )
+from tests.processes import start_login_smtp
 
 NEWSLETTER = Path(sysconfig.get_path("scripts")) / "newsletter"
 
@@ -497,15 +498,7 @@ class TestSmtpRefuses:
 
         emails = [f"reader{i}@example.org" for i in range(30)]
         queue_confirmations(database_url, emails)
-        sink = SmtpSink(host="127.0.0.1", port=free_port())
-        controller = Controller(
-            sink,
-            hostname=sink.host,
-            port=sink.port,
-            authenticator=refuse,
-            auth_require_tls=False,
-        )
-        controller.start()
+        sink, controller = start_login_smtp(refuse)
         try:
             mailer = SmtpMailerSettings(
                 host="127.0.0.1",
