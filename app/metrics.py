@@ -419,6 +419,25 @@ def scrape_allowed(credentials: str | None, *, token: SecretStr | None) -> bool:
     )
 
 
+# Where Prometheus runs: loopback, link-local, RFC 1918 and RFC 4193 (unique local) networks.
+# Not Python's `is_private`, which also counts the documentation and benchmarking ranges
+# (192.0.2.0/24, 198.18.0.0/15, 2001:db8::/32...) and Teredo (2001::/32), a tunnel to any
+# host on the Internet.
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
 def private_scraper(client: str | None) -> bool:
     """Whether a client (its IP as the rate limits see it) may scrape without a token: one on
     loopback or a private network, where Prometheus runs. The metrics tell a stranger what
@@ -431,13 +450,9 @@ def private_scraper(client: str | None) -> bool:
         address = ipaddress.ip_address(client)
     except ValueError:
         return True
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        elif address.teredo is not None:
-            # A tunnel to any host on the Internet, which `is_private` counts in (2001::/23).
-            return False
-    return address.is_private or address.is_loopback
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in PRIVATE_NETWORKS)
 
 
 def bearer_credentials(authorization: str | None) -> str | None:

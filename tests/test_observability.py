@@ -314,10 +314,12 @@ class TestMetrics:
         for peer in ("127.0.0.1", "::1", "10.1.2.3", "192.168.0.9", "fd00::5", "::ffff:172.17.0.2"):
             with TestClient(app, client=(peer, 4711)) as client:
                 scrape(client)
-        # A Teredo client (2001:0::/32) is anywhere on the Internet, though Python's
-        # ipaddress counts it private, with the rest of 2001::/23.
+        # A Teredo client (2001:0::/32) is anywhere on the Internet; the documentation and
+        # benchmarking ranges are no private network either, though Python's ipaddress
+        # counts them all private.
         teredo = "2001:0:4136:e378:8000:63bf:3fff:fdd2"
-        for peer in ("93.184.216.34", "2a00:1450::1", "::ffff:93.184.216.34", teredo):
+        not_private = ("203.0.113.7", "198.51.100.7", "192.0.2.7", "198.18.0.1", "2001:db8::7")
+        for peer in ("93.184.216.34", "2a00:1450::1", "::ffff:93.184.216.34", teredo, *not_private):
             with TestClient(app, client=(peer, 4711)) as client:
                 refused = client.get("/metrics")
                 assert refused.status_code == 403
