@@ -14,6 +14,7 @@ secret on any line.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -53,6 +54,9 @@ _ADDRESS_IN_PATH = re.compile(
     r"(/v1/admin/(?:people|lists/[^/\s\"?]+/subscribers)/)"
     rf"(%{_HEX}{{2}}(?:%[89ABab]{_HEX})*|[^\s\"?@%])[^\s\"?@]*?(?=@|%40)"
 )
+# A URL's user and password (`postgresql://newsletter:***@db/newsletter`), up to its @: the
+# database a start could not reach, a backend's address. Not a mail address to mask.
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^\s/?#@]*@)")
 # The admin search's prefix is the start of an address, with or without its @.
 _PREFIX = re.compile(rf"([?&]prefix=)(%{_HEX}{{2}}(?:%[89ABab]{_HEX})*|[^&\s\"#%])[^&\s\"#]*")
 # What a client may send as X-Request-ID: a proxy's UUID or trace id, nothing to inject.
@@ -75,7 +79,20 @@ def mask_addresses(text: str) -> str:
         return text
     if "/v1/admin/" in text:
         text = _ADDRESS_IN_PATH.sub(r"\1\2*****", text)
+    if "://" in text:
+        return _ADDRESS.sub(functools.partial(_mask_outside, _userinfo_spans(text)), text)
     return _ADDRESS.sub(r"\1*****@\2", text)
+
+
+def _userinfo_spans(text: str) -> list[tuple[int, int]]:
+    return [match.span(1) for match in _USERINFO.finditer(text)]
+
+
+def _mask_outside(spans: list[tuple[int, int]], match: re.Match[str]) -> str:
+    """An address masked, unless it is the user (and password) of a URL."""
+    if any(start <= match.start() < end for start, end in spans):
+        return match.group(0)
+    return f"{match.group(1)}*****@{match.group(2)}"
 
 
 def accept_request_id(value: str | None) -> str:

@@ -127,6 +127,9 @@ class TestJsonLog:
         assert lines[-1]["event"] == "cli.stopped"
         assert said in lines[-1]["message"]
         assert "s3cret-pw" not in result.stderr
+        if said.startswith("database"):
+            # The database's user as given, not masked as if it were a mail address.
+            assert "postgresql+psycopg://postgres:***@127.0.0.1:" in lines[-1]["message"]
 
     def test_a_refused_log_format_is_said_in_text(self, tmp_path: Path) -> None:
         result = run("sqlite://", tmp_path, "worker", LOG_FORMAT="yaml")

@@ -527,6 +527,9 @@ class TestLogHygiene:
             "GET /v1/admin/subscribers/12/consent-proof",
             "outbox.sent job=12 kind=mail attempt=1",
             "GET /v1/admin/audit?action=subscriber.read&target=bluehats",
+            # A URL's user is no mail address: the database a start could not reach.
+            "database unreachable at postgresql+psycopg://postgres@127.0.0.1:5999/test: refused",
+            "database unreachable at postgresql+psycopg://newsletter:***@db.internal/newsletter",
         ],
     )
     def test_lines_without_an_address_are_left_as_they_are(self, text: str) -> None:
