@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
@@ -28,6 +30,30 @@ def _set_revision(url: str, revision: str) -> None:
 class TestHealth:
     def test_healthz_answers_while_the_process_lives(self, client: TestClient) -> None:
         response = client.get("/healthz")
+        assert response.status_code == 200
+        assert response.json() == {"status": "ok"}
+
+    def test_healthz_answers_while_every_thread_of_the_pool_is_taken(
+        self, client: TestClient
+    ) -> None:
+        """Liveness is the event loop's own answer: a process whose pool threads all wait
+        (on a slow database, say) still serves, and is not restarted for it."""
+        release = threading.Event()
+
+        async def take_the_pool() -> None:
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            limiter.total_tokens = 1
+            await anyio.to_thread.run_sync(release.wait)
+
+        assert client.portal is not None
+        held = client.portal.start_task_soon(take_the_pool)
+        with ThreadPoolExecutor(1) as asking:
+            answer = asking.submit(client.get, "/healthz")
+            try:
+                response = answer.result(timeout=5)
+            finally:
+                release.set()
+                held.result(timeout=5)
         assert response.status_code == 200
         assert response.json() == {"status": "ok"}
 
