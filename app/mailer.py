@@ -5,7 +5,8 @@
      |                        deadline), 4xx, authentication trouble (including
      |                        credentials smtplib cannot send, and a relay refusing every
      |                        recipient or message of this client or sender: 530,
-     |                        5.7.x): try later
+     |                        5.7.x), 552 at RCPT (taken as 452, RFC 5321 4.5.3.1.10):
+     |                        try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -494,8 +495,11 @@ class SmtpMailer:
                     "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD, or the relay's "
                     "allowed clients)"
                 ) from e
-            if replies and all(code >= 500 for code, _ in replies):
+            if replies and all(code >= 500 and code != 552 for code, _ in replies):
                 raise PermanentMailError(f"recipient refused: {summary}") from e
+            # 4xx, or 552 (RFC 5321 4.5.3.1.10: too many recipients, or no room for now,
+            # which a client SHOULD take as 452; a full mailbox may be emptied): each
+            # confirmation to a full mailbox was dead at its first attempt.
             raise RetryableMailError(f"recipient deferred: {summary}") from e
         except smtplib.SMTPAuthenticationError as e:
             raise RetryableMailError(

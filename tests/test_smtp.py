@@ -559,6 +559,24 @@ class TestSmtpMailer:
             mailer.send(_mail())
 
     @pytest.mark.parametrize(
+        "reply",
+        [
+            # RFC 5321 4.5.3.1.10: too many recipients, or no room for now, at RCPT; a
+            # client SHOULD take it as 452. A full mailbox (RFC 3463 X.2.2) is a
+            # "persistent transient" failure: it may be emptied.
+            "552 5.5.3 Too many recipients",
+            "552 5.2.2 Mailbox full",
+        ],
+    )
+    def test_552_at_rcpt_is_taken_as_452_and_retried(self, reply: str) -> None:
+        with (
+            _refusing_at_rcpt(reply) as (sink, mailer),
+            pytest.raises(RetryableMailError, match=f"recipient deferred: {reply}"),
+        ):
+            mailer.send(_mail())
+        assert sink.messages == []
+
+    @pytest.mark.parametrize(
         ("step", "reply", "error", "said"),
         [
             # The sender: the settings or the relay's to fix, nothing of the recipient's.

@@ -37,6 +37,7 @@ from app.models import (
     BlockKind,
     DeliveryAttempt,
     JobState,
+    KeyScope,
     OutboxJob,
     Subscription,
     SubscriptionStatus,
@@ -48,6 +49,7 @@ from tests.conftest import (
     PeerSink,
     SmtpSink,
     TricklingSmtp,
+    api_key_headers,
     free_port,
     make_settings,
     start_smtp,
@@ -133,6 +135,27 @@ class RefusingSink(SmtpSink):
         with self.lock:
             self.rcpt_count += 1
         return self.reply
+
+
+class DeferringSink(SmtpSink):
+    """A real SMTP server answering the first `times` RCPT TO with `reply` (a greylisting
+    relay's 451 4.7.1), and accepting every one after."""
+
+    def __init__(self, *, port: int, reply: str, times: int = 1) -> None:
+        super().__init__(host="127.0.0.1", port=port)
+        self.reply = reply
+        self.times = times
+        self.rcpt_count = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        with self.lock:
+            self.rcpt_count += 1
+            if self.rcpt_count <= self.times:
+                return self.reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
 
 class SlowSink(SmtpSink):
@@ -484,6 +507,51 @@ class TestSmtpRefuses:
         assert all(row.error and "451" in row.error for row in rows)
         assert sink.rcpt_count == 3
         assert sink.messages == []
+
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            # Too many recipients or no room for now: RFC 5321 4.5.3.1.10 has the client
+            # take it as 452.
+            "552 5.2.2 Mailbox full",
+            # Greylisting (Postgrey, rspamd): the first try of a sender is put off.
+            "450 4.7.1 Greylisted, see https://postgrey.schweikert.ch/help/example.org.html",
+            "451 4.7.1 Please try again later",
+        ],
+    )
+    def test_a_recipient_deferred_once_is_delivered_at_the_next_attempt(
+        self, database_url: str, engine: sa.Engine, caplog: pytest.LogCaptureFixture, reply: str
+    ) -> None:
+        sink = DeferringSink(port=free_port(), reply=reply)
+        with serving(sink):
+            settings = make_settings(
+                database_url, smtp_port=sink.port, retry_base_delay="1s", retry_max_delay="1s"
+            )
+            with TestClient(create_app(settings)) as client:
+                read_key = api_key_headers(engine, "dashboard", KeyScope.READ)
+                subscribe(client, "camille@example.org")
+                wait_until(lambda: bool(attempts(engine)))
+                first = only_job(engine)
+                assert first.state == JobState.PENDING, first.last_error
+                # Between the two attempts, operators see it waiting, and why.
+                [waiting] = client.get(
+                    "/v1/admin/jobs", params={"state": "pending"}, headers=read_key
+                ).json()
+                assert waiting["attempts"] == 1
+                assert f"recipient deferred: {reply.split(', see')[0]}" in waiting["last_error"]
+                wait_until(lambda: all_in(engine, JobState.DONE, 1))
+                settle()
+        assert [message["To"] for message in sink.messages] == ["camille@example.org"]
+        assert sink.rcpt_count == 2
+        assert [(row.attempt, row.outcome) for row in attempts(engine)] == [
+            (1, AttemptOutcome.RETRY),
+            (2, AttemptOutcome.SUCCESS),
+        ]
+        assert only_job(engine).attempts == 2
+        [failed] = [r for r in caplog.records if r.getMessage().startswith("job.failed")]
+        assert failed.levelname == "WARNING"
+        assert "state=pending" in failed.getMessage()
+        assert "camille@example.org" not in caplog.text
 
     def test_a_refused_login_is_not_tried_again_for_each_mail_of_the_queue(
         self, database_url: str, engine: sa.Engine
