@@ -300,7 +300,20 @@ class SmtpMailer:
             if code != 220:
                 raise smtplib.SMTPConnectError(code, greeting)
             if s.security == SmtpSecurity.STARTTLS:
-                client.starttls(context=self._tls())
+                try:
+                    client.starttls(context=self._tls())
+                except OSError as e:
+                    if not isinstance(e, smtplib.SMTPException | ssl.SSLCertVerificationError):
+                        # The relay said yes to STARTTLS, then the handshake broke off: its
+                        # record read `ConnectionResetError: Connection reset by peer` or
+                        # `SSLEOFError`, and did not say where. (A relay refusing STARTTLS,
+                        # or a certificate not trusted, says so itself.)
+                        e.add_note(
+                            "the TLS handshake after STARTTLS failed: the relay broke it off, "
+                            "or offers no TLS version or cipher this service accepts (TLS 1.2 "
+                            "or later); nothing was sent in clear"
+                        )
+                    raise
         except BaseException as e:
             client.close()
             _note_security(e, s.security)

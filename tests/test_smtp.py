@@ -435,6 +435,55 @@ class TestSmtpMailer:
             SmtpMailer(settings).check()
         assert implicit_tls_server.messages == []
 
+    @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1 is deprecated:DeprecationWarning")
+    def test_a_failed_starttls_handshake_is_retryable_and_sends_nothing_in_clear(
+        self, certificate: tuple[Path, Path]
+    ) -> None:
+        # The relay offers STARTTLS and answers it with 220, then speaks only TLS 1.0,
+        # which the mailer's TLS (1.2 at least) refuses: the handshake fails.
+        cert, key = certificate
+        old_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        old_tls.load_cert_chain(cert, key)
+        old_tls.maximum_version = ssl.TLSVersion.TLSv1
+
+        class Watching(SmtpSink):
+            commands: list[str]
+
+            async def handle_MAIL(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                self.commands.append("MAIL")
+                return "250 OK"
+
+        sink = Watching(host="127.0.0.1", port=free_port())
+        sink.commands = []
+        controller = Controller(
+            sink, hostname=sink.host, port=sink.port, tls_context=old_tls, require_starttls=True
+        )
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1",
+                    port=sink.port,
+                    security="starttls",
+                    ca_file=cert,
+                    timeout=5,
+                )
+            )
+            # Which the mailer sees, a TLS alert or the connection reset, is a matter of
+            # timing: either way the record says where it broke.
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \(starttls\): .* \(the TLS handshake "
+                r"after STARTTLS failed: ",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.commands == []
+        assert sink.messages == []
+
     def test_an_untrusted_certificate_is_refused(self, tls_server: SmtpSink) -> None:
         mailer = SmtpMailer(
             SmtpMailerSettings(
@@ -594,6 +643,16 @@ class TestSmtpMailer:
                 r"\(NEWSLETTER_MAIL_FROM",
             ),
             ("DATA", "530 Authentication required", RetryableMailError, "as configured: 530"),
+            # Too big for the relay: the same mail would be refused again.
+            (
+                "DATA",
+                "552 5.3.4 Message size exceeds fixed limit",
+                PermanentMailError,
+                "message refused: 552",
+            ),
+            # A relay closing the session (RFC 5321 3.8): smtplib closes the connection.
+            ("RCPT", "421 4.7.0 Too many errors, closing", RetryableMailError, "deferred: 421"),
+            ("DATA", "421 4.3.2 System shutting down", RetryableMailError, "deferred: 421"),
             # A connection closed mid-session, before the mail was taken.
             ("RCPT", None, RetryableMailError, "SMTPServerDisconnected"),
             ("DATA", None, RetryableMailError, "SMTPServerDisconnected"),
