@@ -298,6 +298,10 @@ class SmtpMailer:
                     ) from e
                 raise
             if code != 220:
+                # A relay greeting with 554 goes on reading commands until QUIT (RFC 5321
+                # 3.1): the mailer says it, as to any relay, rather than hang up. One
+                # greeting with 421 has hung up already, and the QUIT fails quietly.
+                _goodbye(client)
                 raise smtplib.SMTPConnectError(code, greeting)
             if s.security == SmtpSecurity.STARTTLS:
                 try:

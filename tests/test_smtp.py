@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from pydantic import SecretStr
 
 from app import addresses, logs, privacy
@@ -104,6 +104,34 @@ def _refusing_at_rcpt(reply: str) -> Iterator[tuple[SmtpSink, SmtpMailer]]:
         )
     finally:
         controller.stop()
+
+
+class _GreetingSmtp(SMTP):
+    """aiosmtpd's server greeting with `banner` in place of its 220; after a 421 it hangs
+    up at once (RFC 5321 3.8), after a 554 it waits for QUIT (3.1)."""
+
+    banner = ""
+    _greeted = False
+
+    async def push(self, status: AnyStr) -> None:
+        if self._greeted:
+            await super().push(status)
+            return
+        self._greeted = True
+        await super().push(self.banner)
+        if self.banner.startswith("421") and self.transport is not None:
+            self.transport.close()
+
+
+class _GreetingController(Controller):
+    def __init__(self, handler: Any, *, banner: str, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self.banner = banner
+
+    def factory(self) -> SMTP:
+        server = _GreetingSmtp(self.handler, **self.SMTP_kwargs)
+        server.banner = self.banner
+        return server
 
 
 class _RecordingSmtpServer(socketserver.ThreadingTCPServer):
@@ -565,6 +593,43 @@ class TestSmtpMailer:
                 closing.send(_mail())
         finally:
             controller.stop()
+
+    @pytest.mark.parametrize(
+        "banner",
+        [
+            "421 4.3.2 relay.example.org Service not available, closing transmission channel",
+            # Postfix's client takes a 5xx greeting for a relay unable to serve for now
+            # (smtp_skip_5xx_greeting); ours is the only relay, its settings to fix.
+            "554 5.7.1 relay.example.org ESMTP not accepting mail from this client",
+        ],
+    )
+    def test_a_greeting_that_turns_the_mailer_away_is_retryable_and_said(self, banner: str) -> None:
+        class Counting(SmtpSink):
+            quits = 0
+
+            async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+                self.quits += 1
+                return "221 Bye"
+
+        sink = Counting(host="127.0.0.1", port=free_port())
+        controller = _GreetingController(sink, banner=banner, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPConnectError: "
+                rf"{re.escape(banner)}$",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+        if banner.startswith("554"):
+            # The relay waits for it (RFC 5321 3.1), answering 503 to anything else.
+            assert sink.quits == 1
 
     @pytest.mark.parametrize("step", ["RCPT", "DATA"])
     def test_a_refusal_quoting_an_address_beyond_ascii_is_recorded_in_its_letters(
