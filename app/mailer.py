@@ -303,6 +303,7 @@ class SmtpMailer:
                 # greeting with 421 has hung up already, and the QUIT fails quietly.
                 _goodbye(client)
                 raise smtplib.SMTPConnectError(code, greeting)
+            _hello(client)
             if s.security == SmtpSecurity.STARTTLS:
                 try:
                     client.starttls(context=self._tls())
@@ -318,6 +319,7 @@ class SmtpMailer:
                             "or later); nothing was sent in clear"
                         )
                     raise
+                _hello(client)
         except BaseException as e:
             client.close()
             _note_security(e, s.security)
@@ -553,6 +555,22 @@ class SmtpMailer:
             # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
             # 111] Connection refused` alone, in a job's record, did not say which server.
             raise RetryableMailError(f"{self._where}: {_said(e)}") from e
+
+
+def _hello(client: smtplib.SMTP) -> None:
+    """EHLO, and HELO where the relay does not know EHLO, as smtplib would before the first
+    command that needs it; but a relay putting the client off (Postfix's `421 4.7.0 ...
+    too many connections`, then the connection closed) gets no HELO: smtplib's, on the
+    closed connection, failed with `Connection unexpectedly closed`, and the relay's reason
+    reached no record."""
+    code, reply = client.ehlo()
+    if 200 <= code <= 299:
+        return
+    if 400 <= code <= 499:
+        raise smtplib.SMTPHeloError(code, reply)
+    code, reply = client.helo()
+    if not 200 <= code <= 299:
+        raise smtplib.SMTPHeloError(code, reply)
 
 
 def _note_security(e: BaseException, security: SmtpSecurity) -> None:

@@ -631,6 +631,76 @@ class TestSmtpMailer:
             # The relay waits for it (RFC 5321 3.1), answering 503 to anything else.
             assert sink.quits == 1
 
+    @pytest.mark.parametrize("security", ["none", "starttls"])
+    def test_a_relay_putting_the_mailer_off_at_ehlo_is_said_in_its_words(
+        self, certificate: tuple[Path, Path], security: str
+    ) -> None:
+        # Postfix's `421 4.7.0 ... Error: too many connections from ...` answers EHLO
+        # (with STARTTLS, the one after the handshake), then the relay hangs up. smtplib
+        # fell back to HELO on the closed connection, and the record said only
+        # `SMTPServerDisconnected: Connection unexpectedly closed`.
+        busy = "421 4.7.0 relay.example.org Error: too many connections from 127.0.0.1"
+        cert, key = certificate
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+
+        class Busy(SmtpSink):
+            async def handle_EHLO(
+                self, server: Any, session: Any, envelope: Any, hostname: str, responses: Any
+            ) -> Any:
+                if security == "starttls" and not session.ssl:
+                    return responses
+                # Hung up once the answer is written.
+                asyncio.get_running_loop().call_soon(server.transport.close)
+                return [busy]
+
+        sink = Busy(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port, tls_context=tls)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1", port=sink.port, security=security, ca_file=cert, timeout=5
+                )
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \({security}\): SMTPHeloError: "
+                rf"{re.escape(busy)}$",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+
+    def test_a_relay_that_does_not_know_ehlo_is_greeted_with_helo(self) -> None:
+        class Old(SmtpSink):
+            helos = 0
+
+            async def handle_EHLO(
+                self, server: Any, session: Any, envelope: Any, hostname: str, responses: Any
+            ) -> Any:
+                return ["502 5.5.2 Error: command not recognized"]
+
+            async def handle_HELO(
+                self, server: Any, session: Any, envelope: Any, hostname: str
+            ) -> str:
+                self.helos += 1
+                session.host_name = hostname
+                return "250 relay.example.org"
+
+        sink = Old(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            assert mailer.send(_mail()) == f"accepted by 127.0.0.1:{sink.port}"
+        finally:
+            controller.stop()
+        assert (sink.helos, len(sink.messages)) == (1, 1)
+
     @pytest.mark.parametrize("step", ["RCPT", "DATA"])
     def test_a_refusal_quoting_an_address_beyond_ascii_is_recorded_in_its_letters(
         self, step: str
