@@ -36,6 +36,8 @@ from app import logs
 from app.config import FileMailerSettings, MailerSettings, SmtpMailerSettings, SmtpSecurity
 
 if TYPE_CHECKING:
+    from smtplib import _AuthObject
+
     from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,27 @@ class _Client(smtplib.SMTP):
         super().send(s)
         if isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
             self.mail_sent = True
+
+    # smtplib's login tries each mechanism the relay offers, the next after each failure.
+    def auth(
+        self,
+        mechanism: str,
+        authobject: _AuthObject,
+        *,
+        initial_response_ok: bool = True,
+    ) -> tuple[int, bytes]:
+        try:
+            return super().auth(mechanism, authobject, initial_response_ok=initial_response_ok)
+        except smtplib.SMTPAuthenticationError as e:
+            if not 400 <= e.smtp_code <= 499:
+                raise
+            # The relay failed, not the login: `454 4.7.0 Temporary authentication failure`
+            # (RFC 4954, its directory down) was taken for a wrong password (held off,
+            # logged as refused), and after a `421` the next mechanism, on the connection
+            # closed, left only `Connection unexpectedly closed` in the record.
+            failed = smtplib.SMTPResponseException(e.smtp_code, e.smtp_error)
+            failed.add_note("in answer to AUTH: the relay fails for now; the login was not refused")
+            raise failed from e
 
     # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:

@@ -418,6 +418,57 @@ class TestSmtpMailer:
         finally:
             controller.stop()
 
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            # RFC 4954: the relay failed to check the login (its directory down); the
+            # client "SHOULD NOT prompt the user for another password".
+            "454 4.7.0 Temporary authentication failure",
+            # A relay shutting down, hanging up after its answer.
+            "421 4.3.2 Service shutting down",
+        ],
+    )
+    def test_a_relay_failing_at_auth_for_now_is_said_and_is_no_refused_login(
+        self, caplog: pytest.LogCaptureFixture, reply: str
+    ) -> None:
+        mechanisms: list[str] = []
+
+        def authenticator(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            mechanisms.append(mechanism)
+            if reply.startswith("421"):
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return AuthResult(success=False, handled=False, message=reply)
+
+        sink, controller = start_login_smtp(authenticator)
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1",
+                    port=sink.port,
+                    security="none",
+                    username=USER,
+                    password=PASSWORD,
+                    timeout=5,
+                )
+            )
+            for _ in range(2):
+                with pytest.raises(
+                    RetryableMailError,
+                    match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPResponseException: "
+                    rf"{re.escape(reply)} \(in answer to AUTH: the relay fails for now; the "
+                    r"login was not refused\)$",
+                ):
+                    mailer.send(_mail())
+        finally:
+            controller.stop()
+        # No other mechanism tried on a relay failing or gone, and no hold-off: the next
+        # send tries again, as after a relay down.
+        assert mechanisms == ["PLAIN", "PLAIN"]
+        assert "login_refused" not in caplog.text
+        assert sink.messages == []
+
     def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
         self, tls_server: SmtpSink, certificate: tuple[Path, Path]
     ) -> None:
