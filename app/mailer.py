@@ -230,13 +230,9 @@ class _Client(smtplib.SMTP):
         except smtplib.SMTPAuthenticationError as e:
             if not 400 <= e.smtp_code <= 499:
                 raise
-            # The relay failed, not the login: `454 4.7.0 Temporary authentication failure`
-            # (RFC 4954, its directory down) was taken for a wrong password (held off,
-            # logged as refused), and after a `421` the next mechanism, on the connection
-            # closed, left only `Connection unexpectedly closed` in the record.
-            failed = smtplib.SMTPResponseException(e.smtp_code, e.smtp_error)
-            failed.add_note("in answer to AUTH: the relay fails for now; the login was not refused")
-            raise failed from e
+            # No next mechanism: after a `421` it went on the closed connection, and the
+            # record said only `Connection unexpectedly closed`.
+            raise _LoginPutOff(e.smtp_code, e.smtp_error) from e
 
     # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
@@ -259,11 +255,20 @@ class _Client(smtplib.SMTP):
 LOGIN_HOLD_OFF = 300.0
 
 
+class _LoginPutOff(smtplib.SMTPResponseException):
+    """A 4xx in answer to AUTH: the relay fails for now, the login is not refused. RFC
+    4954's `454 4.7.0 Temporary authentication failure` (its directory down), Gmail's
+    `454 4.7.0 Too many login attempts, please try again later`, a `421`. Each was logged
+    and recorded as a refused login, pointing at the password."""
+
+
 @dataclass(frozen=True, slots=True)
 class _RefusedLogin:
     reply: str
     # When a send may try to log in again (time.monotonic()).
     until: float
+    # A 4xx (`_LoginPutOff`): the relay's trouble, not the password.
+    for_now: bool = False
 
 
 class SmtpMailer:
@@ -421,10 +426,18 @@ class SmtpMailer:
                 return
             now = time.monotonic()
             if now >= refused.until:
-                self._refused = _RefusedLogin(refused.reply, until=now + self.login_hold_off)
+                self._refused = _RefusedLogin(
+                    refused.reply, until=now + self.login_hold_off, for_now=refused.for_now
+                )
                 return
         s = self.settings
         retry_at = datetime.now(UTC) + timedelta(seconds=refused.until - now)
+        if refused.for_now:
+            raise RetryableMailError(
+                f"SMTP login put off by {s.host}:{s.port}: {refused.reply}; no new login "
+                f"before {retry_at:%H:%M:%S} UTC (the relay fails for now; the login was not "
+                "refused; a restart tries at once)"
+            )
         raise RetryableMailError(
             f"SMTP login refused by {s.host}:{s.port}: {refused.reply}; no new login before "
             f"{retry_at:%H:%M:%S} UTC, not to have the account locked "
@@ -449,6 +462,23 @@ class SmtpMailer:
                 s.host,
                 s.port,
                 # The relay's answer may name the account.
+                logs.mask_addresses(reply),
+                self.login_hold_off,
+            )
+            raise
+        except _LoginPutOff as e:
+            reply = _reply(e.smtp_code, e.smtp_error)
+            with self._lock:
+                self._refused = _RefusedLogin(
+                    reply, until=time.monotonic() + self.login_hold_off, for_now=True
+                )
+            s = self.settings
+            # Held off too: a relay that limits logins (Gmail's `Too many login attempts`)
+            # would get one from each waiting mail.
+            log.warning(
+                "mailer.login_put_off relay=%s:%s reply=%s: no new login for %gs",
+                s.host,
+                s.port,
                 logs.mask_addresses(reply),
                 self.login_hold_off,
             )
@@ -513,6 +543,11 @@ class SmtpMailer:
                     f"{where}: login refused: {_reply(e.smtp_code, e.smtp_error)} "
                     "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
                 ) from e
+            except _LoginPutOff as e:
+                raise RetryableMailError(
+                    f"{where}: login put off: {_reply(e.smtp_code, e.smtp_error)} (the relay "
+                    "fails for now; the login was not refused)"
+                ) from e
             except smtplib.SMTPNotSupportedError as e:
                 raise RetryableMailError(
                     f"{where}: the relay does not offer what is configured: {e}"
@@ -548,6 +583,12 @@ class SmtpMailer:
                 f"SMTP login refused by {s.host}:{s.port}: {_reply(e.smtp_code, e.smtp_error)}; "
                 f"no new login for {self.login_hold_off:g}s "
                 "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+            ) from e
+        except _LoginPutOff as e:
+            raise RetryableMailError(
+                f"SMTP login put off by {s.host}:{s.port}: {_reply(e.smtp_code, e.smtp_error)}; "
+                f"no new login for {self.login_hold_off:g}s (the relay fails for now; the "
+                "login was not refused)"
             ) from e
         except smtplib.SMTPDataError as e:
             if _refuses_the_client(e.smtp_code, e.smtp_error):

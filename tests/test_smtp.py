@@ -424,11 +424,13 @@ class TestSmtpMailer:
             # RFC 4954: the relay failed to check the login (its directory down); the
             # client "SHOULD NOT prompt the user for another password".
             "454 4.7.0 Temporary authentication failure",
+            # Gmail's, to a client that logs in too often.
+            "454 4.7.0 Too many login attempts, please try again later",
             # A relay shutting down, hanging up after its answer.
             "421 4.3.2 Service shutting down",
         ],
     )
-    def test_a_relay_failing_at_auth_for_now_is_said_and_is_no_refused_login(
+    def test_a_relay_failing_at_auth_for_now_holds_off_the_logins_but_blames_no_password(
         self, caplog: pytest.LogCaptureFixture, reply: str
     ) -> None:
         mechanisms: list[str] = []
@@ -442,6 +444,7 @@ class TestSmtpMailer:
             return AuthResult(success=False, handled=False, message=reply)
 
         sink, controller = start_login_smtp(authenticator)
+        relay = f"127\\.0\\.0\\.1:{sink.port}"
         try:
             mailer = SmtpMailer(
                 SmtpMailerSettings(
@@ -453,20 +456,26 @@ class TestSmtpMailer:
                     timeout=5,
                 )
             )
-            for _ in range(2):
-                with pytest.raises(
-                    RetryableMailError,
-                    match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPResponseException: "
-                    rf"{re.escape(reply)} \(in answer to AUTH: the relay fails for now; the "
-                    r"login was not refused\)$",
-                ):
-                    mailer.send(_mail())
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^SMTP login put off by {relay}: {re.escape(reply)}; no new login for "
+                r"300s \(the relay fails for now; the login was not refused\)$",
+            ):
+                mailer.send(_mail())
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^SMTP login put off by {relay}: {re.escape(reply)}; no new login "
+                r"before \d\d:\d\d:\d\d UTC \(the relay fails for now",
+            ):
+                mailer.send(_mail())
         finally:
             controller.stop()
-        # No other mechanism tried on a relay failing or gone, and no hold-off: the next
-        # send tries again, as after a relay down.
-        assert mechanisms == ["PLAIN", "PLAIN"]
+        # One mechanism, not the next on a relay failing or gone (after the 421, the
+        # record said only `Connection unexpectedly closed`); none during the hold-off.
+        assert mechanisms == ["PLAIN"]
         assert "login_refused" not in caplog.text
+        [put_off] = [r for r in caplog.records if r.getMessage().startswith("mailer.login_put_off")]
+        assert put_off.levelname == "WARNING"
         assert sink.messages == []
 
     def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
@@ -1331,6 +1340,23 @@ class TestCheck:
             r"NEWSLETTER_MAILER__PASSWORD\)",
         ):
             mailer.check()
+
+    def test_a_login_the_relay_puts_off_for_now_is_said_as_no_refusal(self) -> None:
+        def authenticator(*_: Any) -> AuthResult:
+            return AuthResult(
+                success=False, handled=False, message="454 4.7.0 Temporary authentication failure"
+            )
+
+        sink, controller = start_login_smtp(authenticator)
+        try:
+            with pytest.raises(
+                RetryableMailError,
+                match=r"\(none\): login put off: 454 4\.7\.0 Temporary authentication failure "
+                r"\(the relay fails for now; the login was not refused\)$",
+            ):
+                self._mailer(sink, security="none").check()
+        finally:
+            controller.stop()
 
     def test_an_untrusted_certificate_is_said(self, tls_server: SmtpSink) -> None:
         with pytest.raises(
