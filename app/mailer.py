@@ -258,7 +258,7 @@ LOGIN_HOLD_OFF = 300.0
 class _LoginPutOff(smtplib.SMTPResponseException):
     """A 4xx in answer to AUTH: the relay fails for now, the login is not refused. RFC
     4954's `454 4.7.0 Temporary authentication failure` (its directory down), Gmail's
-    `454 4.7.0 Too many login attempts, please try again later`, a `421`. Each was logged
+    `454 4.7.0 Too many login attempts, please try again later`, a `421`. A 454 was logged
     and recorded as a refused login, pointing at the password."""
 
 
