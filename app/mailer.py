@@ -5,7 +5,8 @@
      |                        deadline), 4xx, authentication trouble (including
      |                        credentials smtplib cannot send, and a relay refusing every
      |                        recipient or message of this client or sender: 530,
-     |                        5.7.x): try later
+     |                        5.7.x), 552 at RCPT (taken as 452, RFC 5321 4.5.3.1.10):
+     |                        try later
      +-- PermanentMailError   the server refused this recipient or this message (5xx): give up
 
 No smtplib or socket exception leaves this module.
@@ -35,6 +36,8 @@ from app import logs
 from app.config import FileMailerSettings, MailerSettings, SmtpMailerSettings, SmtpSecurity
 
 if TYPE_CHECKING:
+    from smtplib import _AuthObject
+
     from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
@@ -214,6 +217,23 @@ class _Client(smtplib.SMTP):
         if isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
             self.mail_sent = True
 
+    # smtplib's login tries each mechanism the relay offers, the next after each failure.
+    def auth(
+        self,
+        mechanism: str,
+        authobject: _AuthObject,
+        *,
+        initial_response_ok: bool = True,
+    ) -> tuple[int, bytes]:
+        try:
+            return super().auth(mechanism, authobject, initial_response_ok=initial_response_ok)
+        except smtplib.SMTPAuthenticationError as e:
+            if not 400 <= e.smtp_code <= 499:
+                raise
+            # No next mechanism: after a `421` it went on the closed connection, and the
+            # record said only `Connection unexpectedly closed`.
+            raise _LoginPutOff(e.smtp_code, e.smtp_error) from e
+
     # smtplib's hook for the connection (`SMTP_SSL` wraps it in TLS here, as this does).
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         # STARTTLS checks the certificate against it (smtplib sets it with a host given to
@@ -235,11 +255,20 @@ class _Client(smtplib.SMTP):
 LOGIN_HOLD_OFF = 300.0
 
 
+class _LoginPutOff(smtplib.SMTPResponseException):
+    """A 4xx in answer to AUTH: the relay fails for now, the login is not refused. RFC
+    4954's `454 4.7.0 Temporary authentication failure` (its directory down), Gmail's
+    `454 4.7.0 Too many login attempts, please try again later`, a `421`. A 454 was logged
+    and recorded as a refused login, pointing at the password."""
+
+
 @dataclass(frozen=True, slots=True)
 class _RefusedLogin:
     reply: str
     # When a send may try to log in again (time.monotonic()).
     until: float
+    # A 4xx (`_LoginPutOff`): the relay's trouble, not the password.
+    for_now: bool = False
 
 
 class SmtpMailer:
@@ -297,9 +326,28 @@ class SmtpMailer:
                     ) from e
                 raise
             if code != 220:
+                # A relay greeting with 554 goes on reading commands until QUIT (RFC 5321
+                # 3.1): the mailer says it, as to any relay, rather than hang up. One
+                # greeting with 421 has hung up already, and the QUIT fails quietly.
+                _goodbye(client)
                 raise smtplib.SMTPConnectError(code, greeting)
+            _hello(client)
             if s.security == SmtpSecurity.STARTTLS:
-                client.starttls(context=self._tls())
+                try:
+                    client.starttls(context=self._tls())
+                except OSError as e:
+                    if not isinstance(e, smtplib.SMTPException | ssl.SSLCertVerificationError):
+                        # The relay said yes to STARTTLS, then the handshake broke off: its
+                        # record read `ConnectionResetError: Connection reset by peer` or
+                        # `SSLEOFError`, and did not say where. (A relay refusing STARTTLS,
+                        # or a certificate not trusted, says so itself.)
+                        e.add_note(
+                            "the TLS handshake after STARTTLS failed: the relay broke it off, "
+                            "or offers no TLS version or cipher this service accepts (TLS 1.2 "
+                            "or later); nothing was sent in clear"
+                        )
+                    raise
+                _hello(client)
         except BaseException as e:
             client.close()
             _note_security(e, s.security)
@@ -378,10 +426,18 @@ class SmtpMailer:
                 return
             now = time.monotonic()
             if now >= refused.until:
-                self._refused = _RefusedLogin(refused.reply, until=now + self.login_hold_off)
+                self._refused = _RefusedLogin(
+                    refused.reply, until=now + self.login_hold_off, for_now=refused.for_now
+                )
                 return
         s = self.settings
         retry_at = datetime.now(UTC) + timedelta(seconds=refused.until - now)
+        if refused.for_now:
+            raise RetryableMailError(
+                f"SMTP login put off by {s.host}:{s.port}: {refused.reply}; no new login "
+                f"before {retry_at:%H:%M:%S} UTC (the relay fails for now; the login was not "
+                "refused; a restart tries at once)"
+            )
         raise RetryableMailError(
             f"SMTP login refused by {s.host}:{s.port}: {refused.reply}; no new login before "
             f"{retry_at:%H:%M:%S} UTC, not to have the account locked "
@@ -406,6 +462,23 @@ class SmtpMailer:
                 s.host,
                 s.port,
                 # The relay's answer may name the account.
+                logs.mask_addresses(reply),
+                self.login_hold_off,
+            )
+            raise
+        except _LoginPutOff as e:
+            reply = _reply(e.smtp_code, e.smtp_error)
+            with self._lock:
+                self._refused = _RefusedLogin(
+                    reply, until=time.monotonic() + self.login_hold_off, for_now=True
+                )
+            s = self.settings
+            # Held off too: a relay that limits logins (Gmail's `Too many login attempts`)
+            # would get one from each waiting mail.
+            log.warning(
+                "mailer.login_put_off relay=%s:%s reply=%s: no new login for %gs",
+                s.host,
+                s.port,
                 logs.mask_addresses(reply),
                 self.login_hold_off,
             )
@@ -470,6 +543,11 @@ class SmtpMailer:
                     f"{where}: login refused: {_reply(e.smtp_code, e.smtp_error)} "
                     "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
                 ) from e
+            except _LoginPutOff as e:
+                raise RetryableMailError(
+                    f"{where}: login put off: {_reply(e.smtp_code, e.smtp_error)} (the relay "
+                    "fails for now; the login was not refused)"
+                ) from e
             except smtplib.SMTPNotSupportedError as e:
                 raise RetryableMailError(
                     f"{where}: the relay does not offer what is configured: {e}"
@@ -494,14 +572,23 @@ class SmtpMailer:
                     "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD, or the relay's "
                     "allowed clients)"
                 ) from e
-            if replies and all(code >= 500 for code, _ in replies):
+            if replies and all(code >= 500 and code != 552 for code, _ in replies):
                 raise PermanentMailError(f"recipient refused: {summary}") from e
+            # 4xx, or 552 (RFC 5321 4.5.3.1.10: too many recipients, or no room for now,
+            # which a client SHOULD take as 452; a full mailbox may be emptied): each
+            # confirmation to a full mailbox was dead at its first attempt.
             raise RetryableMailError(f"recipient deferred: {summary}") from e
         except smtplib.SMTPAuthenticationError as e:
             raise RetryableMailError(
                 f"SMTP login refused by {s.host}:{s.port}: {_reply(e.smtp_code, e.smtp_error)}; "
                 f"no new login for {self.login_hold_off:g}s "
                 "(NEWSLETTER_MAILER__USERNAME, NEWSLETTER_MAILER__PASSWORD)"
+            ) from e
+        except _LoginPutOff as e:
+            raise RetryableMailError(
+                f"SMTP login put off by {s.host}:{s.port}: {_reply(e.smtp_code, e.smtp_error)}; "
+                f"no new login for {self.login_hold_off:g}s (the relay fails for now; the "
+                "login was not refused)"
             ) from e
         except smtplib.SMTPDataError as e:
             if _refuses_the_client(e.smtp_code, e.smtp_error):
@@ -532,6 +619,22 @@ class SmtpMailer:
             # The relay named, as `newsletter check` does: `ConnectionRefusedError: [Errno
             # 111] Connection refused` alone, in a job's record, did not say which server.
             raise RetryableMailError(f"{self._where}: {_said(e)}") from e
+
+
+def _hello(client: smtplib.SMTP) -> None:
+    """EHLO, and HELO where the relay does not know EHLO, as smtplib would before the first
+    command that needs it; but a relay putting the client off (Postfix's `421 4.7.0 ...
+    too many connections`, then the connection closed) gets no HELO: smtplib's, on the
+    closed connection, failed with `Connection unexpectedly closed`, and the relay's reason
+    reached no record."""
+    code, reply = client.ehlo()
+    if 200 <= code <= 299:
+        return
+    if 400 <= code <= 499:
+        raise smtplib.SMTPHeloError(code, reply)
+    code, reply = client.helo()
+    if not 200 <= code <= 299:
+        raise smtplib.SMTPHeloError(code, reply)
 
 
 def _note_security(e: BaseException, security: SmtpSecurity) -> None:

@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from pydantic import SecretStr
 
 from app import addresses, logs, privacy
@@ -104,6 +104,34 @@ def _refusing_at_rcpt(reply: str) -> Iterator[tuple[SmtpSink, SmtpMailer]]:
         )
     finally:
         controller.stop()
+
+
+class _GreetingSmtp(SMTP):
+    """aiosmtpd's server greeting with `banner` in place of its 220; after a 421 it hangs
+    up at once (RFC 5321 3.8), after a 554 it waits for QUIT (3.1)."""
+
+    banner = ""
+    _greeted = False
+
+    async def push(self, status: AnyStr) -> None:
+        if self._greeted:
+            await super().push(status)
+            return
+        self._greeted = True
+        await super().push(self.banner)
+        if self.banner.startswith("421") and self.transport is not None:
+            self.transport.close()
+
+
+class _GreetingController(Controller):
+    def __init__(self, handler: Any, *, banner: str, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self.banner = banner
+
+    def factory(self) -> SMTP:
+        server = _GreetingSmtp(self.handler, **self.SMTP_kwargs)
+        server.banner = self.banner
+        return server
 
 
 class _RecordingSmtpServer(socketserver.ThreadingTCPServer):
@@ -390,6 +418,66 @@ class TestSmtpMailer:
         finally:
             controller.stop()
 
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            # RFC 4954: the relay failed to check the login (its directory down); the
+            # client "SHOULD NOT prompt the user for another password".
+            "454 4.7.0 Temporary authentication failure",
+            # Gmail's, to a client that logs in too often.
+            "454 4.7.0 Too many login attempts, please try again later",
+            # A relay shutting down, hanging up after its answer.
+            "421 4.3.2 Service shutting down",
+        ],
+    )
+    def test_a_relay_failing_at_auth_for_now_holds_off_the_logins_but_blames_no_password(
+        self, caplog: pytest.LogCaptureFixture, reply: str
+    ) -> None:
+        mechanisms: list[str] = []
+
+        def authenticator(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            mechanisms.append(mechanism)
+            if reply.startswith("421"):
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return AuthResult(success=False, handled=False, message=reply)
+
+        sink, controller = start_login_smtp(authenticator)
+        relay = f"127\\.0\\.0\\.1:{sink.port}"
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1",
+                    port=sink.port,
+                    security="none",
+                    username=USER,
+                    password=PASSWORD,
+                    timeout=5,
+                )
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^SMTP login put off by {relay}: {re.escape(reply)}; no new login for "
+                r"300s \(the relay fails for now; the login was not refused\)$",
+            ):
+                mailer.send(_mail())
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^SMTP login put off by {relay}: {re.escape(reply)}; no new login "
+                r"before \d\d:\d\d:\d\d UTC \(the relay fails for now",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        # One mechanism, not the next on a relay failing or gone (after the 421, the
+        # record said only `Connection unexpectedly closed`); none during the hold-off.
+        assert mechanisms == ["PLAIN"]
+        assert "login_refused" not in caplog.text
+        [put_off] = [r for r in caplog.records if r.getMessage().startswith("mailer.login_put_off")]
+        assert put_off.levelname == "WARNING"
+        assert sink.messages == []
+
     def test_a_password_beyond_ascii_is_a_retryable_mail_error_not_a_crash(
         self, tls_server: SmtpSink, certificate: tuple[Path, Path]
     ) -> None:
@@ -434,6 +522,55 @@ class TestSmtpMailer:
         with pytest.raises(RetryableMailError, match=rf"\(starttls\): .*{hint}"):
             SmtpMailer(settings).check()
         assert implicit_tls_server.messages == []
+
+    @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1 is deprecated:DeprecationWarning")
+    def test_a_failed_starttls_handshake_is_retryable_and_sends_nothing_in_clear(
+        self, certificate: tuple[Path, Path]
+    ) -> None:
+        # The relay offers STARTTLS and answers it with 220, then speaks only TLS 1.0,
+        # which the mailer's TLS (1.2 at least) refuses: the handshake fails.
+        cert, key = certificate
+        old_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        old_tls.load_cert_chain(cert, key)
+        old_tls.maximum_version = ssl.TLSVersion.TLSv1
+
+        class Watching(SmtpSink):
+            commands: list[str]
+
+            async def handle_MAIL(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                self.commands.append("MAIL")
+                return "250 OK"
+
+        sink = Watching(host="127.0.0.1", port=free_port())
+        sink.commands = []
+        controller = Controller(
+            sink, hostname=sink.host, port=sink.port, tls_context=old_tls, require_starttls=True
+        )
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1",
+                    port=sink.port,
+                    security="starttls",
+                    ca_file=cert,
+                    timeout=5,
+                )
+            )
+            # Which the mailer sees, a TLS alert or the connection reset, is a matter of
+            # timing: either way the record says where it broke.
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \(starttls\): .* \(the TLS handshake "
+                r"after STARTTLS failed: ",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.commands == []
+        assert sink.messages == []
 
     def test_an_untrusted_certificate_is_refused(self, tls_server: SmtpSink) -> None:
         mailer = SmtpMailer(
@@ -517,6 +654,113 @@ class TestSmtpMailer:
         finally:
             controller.stop()
 
+    @pytest.mark.parametrize(
+        "banner",
+        [
+            "421 4.3.2 relay.example.org Service not available, closing transmission channel",
+            # Postfix's client takes a 5xx greeting for a relay unable to serve for now
+            # (smtp_skip_5xx_greeting); ours is the only relay, its settings to fix.
+            "554 5.7.1 relay.example.org ESMTP not accepting mail from this client",
+        ],
+    )
+    def test_a_greeting_that_turns_the_mailer_away_is_retryable_and_said(self, banner: str) -> None:
+        class Counting(SmtpSink):
+            quits = 0
+
+            async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+                self.quits += 1
+                return "221 Bye"
+
+        sink = Counting(host="127.0.0.1", port=free_port())
+        controller = _GreetingController(sink, banner=banner, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \(none\): SMTPConnectError: "
+                rf"{re.escape(banner)}$",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+        if banner.startswith("554"):
+            # The relay waits for it (RFC 5321 3.1), answering 503 to anything else.
+            assert sink.quits == 1
+
+    @pytest.mark.parametrize("security", ["none", "starttls"])
+    def test_a_relay_putting_the_mailer_off_at_ehlo_is_said_in_its_words(
+        self, certificate: tuple[Path, Path], security: str
+    ) -> None:
+        # Postfix's `421 4.7.0 ... Error: too many connections from ...` answers EHLO
+        # (with STARTTLS, the one after the handshake), then the relay hangs up. smtplib
+        # fell back to HELO on the closed connection, and the record said only
+        # `SMTPServerDisconnected: Connection unexpectedly closed`.
+        busy = "421 4.7.0 relay.example.org Error: too many connections from 127.0.0.1"
+        cert, key = certificate
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+
+        class Busy(SmtpSink):
+            async def handle_EHLO(
+                self, server: Any, session: Any, envelope: Any, hostname: str, responses: Any
+            ) -> Any:
+                if security == "starttls" and not session.ssl:
+                    return responses
+                # Hung up once the answer is written.
+                asyncio.get_running_loop().call_soon(server.transport.close)
+                return [busy]
+
+        sink = Busy(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port, tls_context=tls)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(
+                    host="127.0.0.1", port=sink.port, security=security, ca_file=cert, timeout=5
+                )
+            )
+            with pytest.raises(
+                RetryableMailError,
+                match=rf"^127\.0\.0\.1:{sink.port} \({security}\): SMTPHeloError: "
+                rf"{re.escape(busy)}$",
+            ):
+                mailer.send(_mail())
+        finally:
+            controller.stop()
+        assert sink.messages == []
+
+    def test_a_relay_that_does_not_know_ehlo_is_greeted_with_helo(self) -> None:
+        class Old(SmtpSink):
+            helos = 0
+
+            async def handle_EHLO(
+                self, server: Any, session: Any, envelope: Any, hostname: str, responses: Any
+            ) -> Any:
+                return ["502 5.5.2 Error: command not recognized"]
+
+            async def handle_HELO(
+                self, server: Any, session: Any, envelope: Any, hostname: str
+            ) -> str:
+                self.helos += 1
+                session.host_name = hostname
+                return "250 relay.example.org"
+
+        sink = Old(host="127.0.0.1", port=free_port())
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        controller.start()
+        try:
+            mailer = SmtpMailer(
+                SmtpMailerSettings(host="127.0.0.1", port=sink.port, security="none", timeout=5)
+            )
+            assert mailer.send(_mail()) == f"accepted by 127.0.0.1:{sink.port}"
+        finally:
+            controller.stop()
+        assert (sink.helos, len(sink.messages)) == (1, 1)
+
     @pytest.mark.parametrize("step", ["RCPT", "DATA"])
     def test_a_refusal_quoting_an_address_beyond_ascii_is_recorded_in_its_letters(
         self, step: str
@@ -559,6 +803,24 @@ class TestSmtpMailer:
             mailer.send(_mail())
 
     @pytest.mark.parametrize(
+        "reply",
+        [
+            # RFC 5321 4.5.3.1.10: too many recipients, or no room for now, at RCPT; a
+            # client SHOULD take it as 452. A full mailbox (RFC 3463 X.2.2) is a
+            # "persistent transient" failure: it may be emptied.
+            "552 5.5.3 Too many recipients",
+            "552 5.2.2 Mailbox full",
+        ],
+    )
+    def test_552_at_rcpt_is_taken_as_452_and_retried(self, reply: str) -> None:
+        with (
+            _refusing_at_rcpt(reply) as (sink, mailer),
+            pytest.raises(RetryableMailError, match=f"recipient deferred: {reply}"),
+        ):
+            mailer.send(_mail())
+        assert sink.messages == []
+
+    @pytest.mark.parametrize(
         ("step", "reply", "error", "said"),
         [
             # The sender: the settings or the relay's to fix, nothing of the recipient's.
@@ -576,6 +838,16 @@ class TestSmtpMailer:
                 r"\(NEWSLETTER_MAIL_FROM",
             ),
             ("DATA", "530 Authentication required", RetryableMailError, "as configured: 530"),
+            # Too big for the relay: the same mail would be refused again.
+            (
+                "DATA",
+                "552 5.3.4 Message size exceeds fixed limit",
+                PermanentMailError,
+                "message refused: 552",
+            ),
+            # A relay closing the session (RFC 5321 3.8): smtplib closes the connection.
+            ("RCPT", "421 4.7.0 Too many errors, closing", RetryableMailError, "deferred: 421"),
+            ("DATA", "421 4.3.2 System shutting down", RetryableMailError, "deferred: 421"),
             # A connection closed mid-session, before the mail was taken.
             ("RCPT", None, RetryableMailError, "SMTPServerDisconnected"),
             ("DATA", None, RetryableMailError, "SMTPServerDisconnected"),
@@ -1068,6 +1340,23 @@ class TestCheck:
             r"NEWSLETTER_MAILER__PASSWORD\)",
         ):
             mailer.check()
+
+    def test_a_login_the_relay_puts_off_for_now_is_said_as_no_refusal(self) -> None:
+        def authenticator(*_: Any) -> AuthResult:
+            return AuthResult(
+                success=False, handled=False, message="454 4.7.0 Temporary authentication failure"
+            )
+
+        sink, controller = start_login_smtp(authenticator)
+        try:
+            with pytest.raises(
+                RetryableMailError,
+                match=r"\(none\): login put off: 454 4\.7\.0 Temporary authentication failure "
+                r"\(the relay fails for now; the login was not refused\)$",
+            ):
+                self._mailer(sink, security="none").check()
+        finally:
+            controller.stop()
 
     def test_an_untrusted_certificate_is_said(self, tls_server: SmtpSink) -> None:
         with pytest.raises(

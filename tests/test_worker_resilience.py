@@ -37,6 +37,7 @@ from app.models import (
     BlockKind,
     DeliveryAttempt,
     JobState,
+    KeyScope,
     OutboxJob,
     Subscription,
     SubscriptionStatus,
@@ -48,6 +49,7 @@ from tests.conftest import (
     PeerSink,
     SmtpSink,
     TricklingSmtp,
+    api_key_headers,
     free_port,
     make_settings,
     start_smtp,
@@ -133,6 +135,40 @@ class RefusingSink(SmtpSink):
         with self.lock:
             self.rcpt_count += 1
         return self.reply
+
+
+class DeferringSink(SmtpSink):
+    """A real SMTP server answering the first `step` (RCPT, or the end of a mail's DATA)
+    with `reply` (a greylisting relay's 451 4.7.1), or with no answer but the connection
+    closed when `reply` is None; accepting every one after."""
+
+    def __init__(self, *, port: int, step: str, reply: str | None) -> None:
+        super().__init__(host="127.0.0.1", port=port)
+        self.step, self.reply = step, reply
+        self.counts = {"RCPT": 0, "DATA": 0}
+
+    def _first(self, step: str, server: Any) -> str | None:
+        with self.lock:
+            self.counts[step] += 1
+            if step != self.step or self.counts[step] > 1:
+                return None
+        if self.reply is None:
+            server.transport.close()
+            return "250 OK"  # never read
+        return self.reply
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if (reply := self._first("RCPT", server)) is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if (reply := self._first("DATA", server)) is not None:
+            return reply
+        return await super().handle_DATA(server, session, envelope)
 
 
 class SlowSink(SmtpSink):
@@ -484,6 +520,76 @@ class TestSmtpRefuses:
         assert all(row.error and "451" in row.error for row in rows)
         assert sink.rcpt_count == 3
         assert sink.messages == []
+
+    @pytest.mark.parametrize(
+        ("step", "reply", "said"),
+        [
+            # Too many recipients or no room for now: RFC 5321 4.5.3.1.10 has the client
+            # take it as 452.
+            ("RCPT", "552 5.2.2 Mailbox full", "recipient deferred: 552 5.2.2 Mailbox full"),
+            # Greylisting (Postgrey, rspamd): the first try of a sender is put off, at RCPT
+            # or at the end of the data.
+            (
+                "RCPT",
+                "450 4.7.1 Greylisted, see https://postgrey.schweikert.ch/help/example.org.html",
+                "recipient deferred: 450 4.7.1 Greylisted, see https://postgrey",
+            ),
+            (
+                "RCPT",
+                "451 4.7.1 Please try again later",
+                "recipient deferred: 451 4.7.1 Please try again later",
+            ),
+            ("DATA", "451 4.7.1 Try again later", "message deferred: 451 4.7.1 Try again later"),
+            # The whole mail sent, and the connection closed with no answer: it may have
+            # been taken, and the record says the retry may deliver it twice.
+            (
+                "DATA",
+                None,
+                "SMTPServerDisconnected: Connection unexpectedly closed; the relay had the "
+                "whole mail and may have taken it",
+            ),
+        ],
+    )
+    def test_a_mail_deferred_once_is_delivered_at_the_next_attempt(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        caplog: pytest.LogCaptureFixture,
+        step: str,
+        reply: str | None,
+        said: str,
+    ) -> None:
+        sink = DeferringSink(port=free_port(), step=step, reply=reply)
+        with serving(sink):
+            settings = make_settings(
+                database_url, smtp_port=sink.port, retry_base_delay="1s", retry_max_delay="1s"
+            )
+            with TestClient(create_app(settings)) as client:
+                read_key = api_key_headers(engine, "dashboard", KeyScope.READ)
+                subscribe(client, "camille@example.org")
+                wait_until(lambda: bool(attempts(engine)))
+                first = only_job(engine)
+                assert first.state == JobState.PENDING, first.last_error
+                # Between the two attempts, operators see it waiting, and why.
+                [waiting] = client.get(
+                    "/v1/admin/jobs", params={"state": "pending"}, headers=read_key
+                ).json()
+                assert waiting["attempts"] == 1
+                assert said in waiting["last_error"]
+                wait_until(lambda: all_in(engine, JobState.DONE, 1))
+                settle()
+        assert [message["To"] for message in sink.messages] == ["camille@example.org"]
+        assert sink.counts[step] == 2
+        assert [(row.attempt, row.outcome) for row in attempts(engine)] == [
+            (1, AttemptOutcome.RETRY),
+            (2, AttemptOutcome.SUCCESS),
+        ]
+        assert only_job(engine).attempts == 2
+        [failed] = [r for r in caplog.records if r.getMessage().startswith("job.failed")]
+        assert failed.levelname == "WARNING"
+        assert "state=pending" in failed.getMessage()
+        assert said in failed.getMessage()
+        assert "camille@example.org" not in caplog.text
 
     def test_a_refused_login_is_not_tried_again_for_each_mail_of_the_queue(
         self, database_url: str, engine: sa.Engine
