@@ -202,8 +202,14 @@ class TestAdd:
             MailmanBackend(settings_for(mailman_core, mailman_list), client).add(
                 [member(address, name=None)]
             )
-        [request] = seen
+        # The subscription, then the member's language (the member's own preference).
+        request, language = seen
         assert (request.method, request.url.path) == ("POST", "/3.1/members")
+        assert (language.method, json.loads(language.content)) == (
+            "PATCH",
+            {"preferred_language": "fr"},
+        )
+        assert language.url.path.endswith("/preferences")
         credentials = f"{mailman_core.admin_user}:{mailman_core.admin_password}".encode()
         assert request.headers["authorization"] == "Basic " + base64.b64encode(credentials).decode()
         assert json.loads(request.content) == {
@@ -366,6 +372,94 @@ class TestAdd:
             backend.remove(unique())
         with pytest.raises(PermanentSyncError, match=named):
             backend.members()
+
+
+def preferences(core: MailmanCore, list_id: str, address: str) -> dict[str, Any]:
+    """The member's own preferences at Mailman (not the list's or the address's)."""
+    with rest_client(core) as client:
+        found = client.get(
+            "/members/find", params={"list_id": list_id, "subscriber": address}
+        ).json()
+        [entry] = found["entries"]
+        answer: dict[str, Any] = client.get(f"/members/{entry['member_id']}/preferences").json()
+    return answer
+
+
+def member_in(email: str, locale: str, name: str | None = "Ada Lovelace") -> Member:
+    return Member(
+        email=email,
+        locale=locale,
+        unsubscribe_url="https://news.example.org/v1/unsubscribe/tok",
+        name=name,
+    )
+
+
+class TestTheMembersLanguageAndName:
+    """Mailman mails a member itself (a bounce notice, a password reminder, its digest's
+    wording) in the member's preferred language, else the list's; and names them by the
+    display name of their address record."""
+
+    def test_a_member_gets_their_own_language_not_the_lists(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/lists/{mailman_list}/config").json()["preferred_language"] == "en"
+        french, english = unique("fr"), unique("en")
+        backend.add([member_in(french, "fr")])
+        backend.add([member_in(english, "en")])
+        assert preferences(mailman_core, mailman_list, french)["preferred_language"] == "fr"
+        assert preferences(mailman_core, mailman_list, english)["preferred_language"] == "en"
+
+    def test_a_member_who_changed_language_has_it_changed_at_mailman(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        backend.add([member_in(address, "fr")])
+        assert backend.add([member_in(address, "en")]).startswith("mailman: already a member")
+        assert preferences(mailman_core, mailman_list, address)["preferred_language"] == "en"
+
+    def test_a_language_mailman_lacks_leaves_the_member_in_the_lists_language(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman takes only the languages enabled in its configuration; any other is
+        # refused ("Unexpected parameters: preferred_language"): the member is added all
+        # the same, and Mailman uses the list's language for them.
+        address = unique()
+        answer = backend.add([member_in(address, "tlh")])
+        assert answer.startswith("mailman: member ")
+        assert "tlh" in answer
+        assert emails(mailman_core, mailman_list) == [address]
+        assert "preferred_language" not in preferences(mailman_core, mailman_list, address)
+
+    def test_a_name_changed_on_subscribing_again_reaches_mailman(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        backend.add([member_in(address, "fr", name="Ada Lovelace")])
+        backend.add([member_in(address, "fr", name="Ada King")])
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada King"
+
+    def test_a_name_changed_after_leaving_reaches_mailman_when_coming_back(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman keeps the address record (and its name) after the member leaves; a new
+        # subscription of that address ignores the display_name it is given.
+        address = unique()
+        backend.add([member_in(address, "fr", name="Ada Lovelace")])
+        backend.unsubscribe(address)
+        backend.add([member_in(address, "fr", name="Ada King")])
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada King"
+
+    def test_no_name_given_keeps_the_name_mailman_has(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        subscribe_directly(mailman_core, mailman_list, address, display_name="Ada Lovelace")
+        backend.add([member_in(address, "fr", name=None)])
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada Lovelace"
 
 
 class TestLeaving:
@@ -872,6 +966,46 @@ class TestThroughTheService:
         assert mails_to(mailman_core, address) == []
         subjects = [str(m["Subject"]) for m in smtp.messages if m["To"] == address]
         assert len(subjects) == 3, subjects  # confirm, unsubscribe link, goodbye
+
+    def test_who_comes_back_under_a_new_name_has_it_and_their_language_at_mailman(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+    ) -> None:
+        address = unique("ada")
+        settings = service_settings(database_url, smtp, settings_for(mailman_core, mailman_list))
+
+        def subscribe(name: str) -> None:
+            asked = client.post(
+                "/v1/lists/bluehats/subscriptions",
+                json={"email": address, "locale": "fr", "attributes": {"name": name}},
+            )
+            assert asked.status_code == 202, asked.text
+            confirm = link_in(smtp.mail_to(address, link="confirm"), "confirm")
+            smtp.messages.clear()
+            client.post(confirm, headers={"accept": "application/json"})
+
+        with TestClient(create_app(settings)) as client:
+            subscribe("Ada Lovelace")
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": address})
+            leave = link_in(smtp.mail_to(address, link="unsubscribe"), "unsubscribe")
+            client.post(leave, headers={"accept": "application/json"})
+            wait_until(lambda: emails(mailman_core, mailman_list) == [], timeout=SYNC_TIMEOUT)
+            smtp.messages.clear()
+            subscribe("Ada King")
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada King"
+        # The list speaks English; this member asked in French.
+        assert preferences(mailman_core, mailman_list, address)["preferred_language"] == "fr"
 
     def test_an_internationalized_domain_reaches_the_roster_in_ascii(
         self,

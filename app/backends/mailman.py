@@ -33,6 +33,24 @@ Endpoints:
   reported as permanent.
   There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
   `max_batch` is 1.
+  Then, on 201 or 409 "already subscribed" (the member id from `Location`, or from
+  `GET /members/find?list_id=&subscriber=&role=member`):
+  - the member's language: `PATCH /members/{member_id}/preferences {"preferred_language":
+    locale}` -> 204. Mailman writes to a member itself (bounce and disabled-delivery
+    notices, password and digest wording) in the member's preferred language, else the
+    list's: a member-level preference, so this list only. A language this Mailman has not
+    enabled (`[language.xx] enabled: no`, or one it does not ship) answers 400
+    "Unexpected parameters: preferred_language" (its validator's language lookup raises
+    KeyError, which it reports as an unknown parameter): the member stays added, in the
+    list's language, the answer says so, the adapter asks no more for that language and
+    logs `backend.mailman.language_unavailable` once.
+  - the name: `PATCH /addresses/{address} {"display_name": name}` -> 204 when the person
+    gave one (on 409 only when it differs from the member's). Mailman sets an address's
+    name only when it creates the address record, which outlives a membership: without
+    this a person who left and came back, or renamed themselves here, kept the old name.
+    The record is Mailman's one per address, for all its lists: the person's latest name
+    given here is the one every list there shows. An address with a `/` cannot be named
+    in a path (below): its name stays as Mailman has it.
 - unsubscribe and remove: `DELETE /lists/{list_id}/roster/member {"emails": [address]}`,
   Mailman's mass unsubscription (rest/docs/membership.rst "Mass Unsubscriptions") -> 200
   `{address: true}` when a member left, `{address: false}` when it was not one (a success
@@ -79,12 +97,10 @@ its owners of each member this adapter adds, as of any other (no per-request ove
 Member variables: Mailman has no per-member custom variables, and its footer can only
 expand fixed placeholders (`$user_address`, `$user_name`, ... with personalized delivery),
 not this service's per-member token. So the personal `unsubscribe_url` does not reach
-Mailman; only the display name does (and only when Mailman creates the address: a later
-change of name is not sent, as the name belongs to Mailman's address record, shared by
-every list of that Mailman). The newsletter's way out is the list's footer, set by the list
-owners (template `list:member:regular:footer`): a link to the site's unsubscribe form,
-which posts the address to `POST /v1/lists/{slug}/unsubscriptions` and so mails the
-member a personal one-click link.
+Mailman; the display name and the language do (see add). The newsletter's way out is the
+list's footer, set by the list owners (template `list:member:regular:footer`): a link to
+the site's unsubscribe form, which posts the address to `POST /v1/lists/{slug}/
+unsubscriptions` and so mails the member a personal one-click link.
 Mailman itself adds `List-Unsubscribe: <mailto:LIST-leave@...>` to every post, and a
 member who leaves that way (or through Postorius) is simply gone from the roster: this
 service is not told, and a reconciliation reports that member as *absent_there*
@@ -206,6 +222,8 @@ class MailmanBackend:
         self._list_path = f"/lists/{_segment(settings.list_id)}"
         self._auth = httpx.BasicAuth(settings.username, settings.password.get_secret_value())
         self._page_size = page_size
+        # Languages this Mailman refused (not enabled there), not asked again.
+        self._unavailable: set[str] = set()
 
     # ListBackend --------------------------------------------------------------------------
 
@@ -307,15 +325,33 @@ class MailmanBackend:
                 description = _description(response)
         if status == 201:
             member_id = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
+            # A new membership of an address Mailman already had (the person left and
+            # came back, or is on another of its lists) keeps that address's old name.
+            self._rename(member, held=None)
+            language = self._set_language(member_id, member.locale)
             log.info(
-                "backend.mailman.added address=%s discarded_requests=%d",
+                "backend.mailman.added address=%s discarded_requests=%d language=%s",
                 mask(member.email),
                 discarded,
+                language,
             )
             instead = f", instead of {discarded} request(s) pending there" if discarded else ""
-            return f"mailman: member {member_id} added to {self._list_id}{instead}"
+            return (
+                f"mailman: member {member_id} added to {self._list_id}{instead}"
+                f"{self._updated(False, language, member.locale)}"
+            )
         if status == 409 and description == ALREADY_SUBSCRIBED:
-            return f"mailman: already a member of {self._list_id}"
+            found = self._membership(member.email)
+            if found is None:
+                # Gone again between the two calls: nothing to update.
+                return f"mailman: already a member of {self._list_id}"
+            member_id, held = found
+            renamed = self._rename(member, held=held)
+            language = self._set_language(member_id, member.locale)
+            return (
+                f"mailman: already a member of {self._list_id}"
+                f"{self._updated(renamed, language, member.locale)}"
+            )
         if status == 409 and description == REQUEST_PENDING:
             raise PermanentSyncError(
                 f"{what}: a subscription request made at Mailman is pending for this "
@@ -358,6 +394,88 @@ class MailmanBackend:
             )
         raise PermanentSyncError(
             f"{what}: HTTP {status}: {description}", response=excerpt(response)
+        )
+
+    @staticmethod
+    def _updated(renamed: bool, language: str, locale: str) -> str:
+        """What the answer says beyond the membership: a new name, a language Mailman
+        lacks (a language set is the rule, left unsaid)."""
+        said = "; display name updated" if renamed else ""
+        if language == "set":
+            return said
+        return f"{said}; language {locale} not enabled at Mailman: the list's language instead"
+
+    def _membership(self, address: str) -> tuple[str, str] | None:
+        """The member id and display name of `address`'s membership of the list."""
+        wanted = address.lower()
+        what = "mailman find member"
+        response = self._call(
+            "GET",
+            "/members/find",
+            what=what,
+            params={"list_id": self._list_id, "subscriber": wanted, "role": "member"},
+        )
+        for entry in _json(response, what).get("entries") or []:
+            # `subscriber` is matched as a pattern where it holds a `*`: exact matches only.
+            if (
+                isinstance(entry, dict)
+                and str(entry.get("email", "")).lower() == wanted
+                and isinstance(entry.get("member_id"), str)
+            ):
+                return entry["member_id"], str(entry.get("display_name") or "")
+        return None
+
+    def _rename(self, member: Member, *, held: str | None) -> bool:
+        """Give the address record the name the person gave here (`held`: the name Mailman
+        shows, None where unknown); whether it was sent."""
+        if not member.name or member.name == held or "/" in member.email:
+            # No name given: Mailman's stays. An address with a `/` cannot be named in a
+            # path (see the module's docstring): its name stays as Mailman has it.
+            return False
+        self._call(
+            "PATCH",
+            f"/addresses/{_segment(member.email.lower())}",
+            what="mailman update display name",
+            ok=(404,),
+            expect=(204,),
+            json={"display_name": member.name},
+        )
+        return True
+
+    def _set_language(self, member_id: str, locale: str) -> str:
+        """Set the member's preferred language at Mailman to this service's `locale`:
+        "set", or "unavailable" where Mailman does not have it enabled (the member then
+        gets the list's language from Mailman, as before)."""
+        # Mailman's codes are its `[language.xx]` sections: `fr`, `en`, `pt_BR`.
+        code = locale.replace("-", "_")
+        if code in self._unavailable:
+            return "unavailable"
+        what = "mailman set preferred language"
+        response = self._call(
+            "PATCH",
+            f"/members/{_segment(member_id)}/preferences",
+            what=what,
+            ok=(400,),
+            expect=(204,),
+            json={"preferred_language": code},
+        )
+        if response.status_code == 204:
+            return "set"
+        description = _description(response)
+        # Mailman's validator reports a language it has not enabled as it does a parameter
+        # it does not know (its language lookup raises KeyError): every Mailman 3 knows
+        # `preferred_language`, so here it names the language.
+        if description.startswith(UNEXPECTED) and "preferred_language" in description:
+            self._unavailable.add(code)
+            log.warning(
+                "backend.mailman.language_unavailable list=%s language=%s: members get the "
+                "list's language from Mailman",
+                self._list_id,
+                code,
+            )
+            return "unavailable"
+        raise PermanentSyncError(
+            f"{what}: HTTP 400: {description}", response=excerpt(response), status=400
         )
 
     def _discard_requests(self, address: str) -> int:
