@@ -615,6 +615,12 @@ class Report:
     # Subscribed at the backend, not a valid address here: left there as it is, for an
     # operator to check (it matches no subscription, so no consent can be shown for it).
     invalid: list[str] = field(default_factory=list)
+    # Confirmed here and a member there, but mailed nothing: the backend turned their
+    # delivery off (Mailman's bounce processing: `by_bounces`), address as held there ->
+    # why. Not a difference to fix (the backend may enable them again, or remove them
+    # after its warnings, which a later reconciliation reports as absent_there): counted
+    # and named for the operator, not unsubscribed, and not counted against `in_sync`.
+    delivery_disabled: dict[str, str] = field(default_factory=dict)
     applied: bool = False
 
     @property
@@ -637,6 +643,7 @@ class Report:
             "unsubscribed_there": self.unsubscribed_there,
             "absent_there": self.absent_there,
             "invalid": self.invalid,
+            "delivery_disabled": self.delivery_disabled,
             "in_sync": self.in_sync,
             "applied": self.applied,
         }
@@ -658,6 +665,7 @@ def read_backend(
     *,
     progress: Callable[[int], None] | None = None,
     names: dict[str, str] | None = None,
+    not_delivered: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, bool]]:
     """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
 
@@ -666,6 +674,9 @@ def read_backend(
     member: a subscribed one is kept over an unsubscribed one, so no subscription there is
     hidden. `names`, when given, gets each member's display name where the backend holds
     one (Mailgun's `name`, Mailman's `display_name`, listmonk's `name`), by identity.
+    `not_delivered`, when given, gets why the backend does not deliver to a subscribed
+    member it holds (`RemoteMember.delivery_off`: Mailman's bounce processing), by the
+    member's address as the backend holds it.
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
@@ -683,6 +694,8 @@ def read_backend(
             key = remote_key(member.email) or member.email.casefold()
             if key not in seen or (member.subscribed and not seen[key][1]):
                 seen[key] = (member.email, member.subscribed)
+            if not_delivered is not None and member.subscribed and member.delivery_off:
+                not_delivered[member.email] = member.delivery_off
             if (
                 names is not None
                 and member.name
@@ -711,6 +724,7 @@ def compare(
     remote: dict[str, tuple[str, bool]],
     keeps_unsubscribed: bool = True,
     read_since: datetime | None = None,
+    not_delivered: dict[str, str] | None = None,
 ) -> Report:
     """The differences between this list and its backend (see `Report`).
 
@@ -727,6 +741,9 @@ def compare(
     the opt-in, and someone who left and came back would be recorded as gone again, their
     new consent undone. It is `missing` (to be added, as its sync does), and so is such a
     member absent from a backend that does not keep those who leave.
+
+    `not_delivered` (from `read_backend`): a confirmed member held subscribed there whose
+    delivery is off goes to `delivery_disabled`, with why.
     """
     mailing_list = lists.get(session, slug=list_slug)
     rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
@@ -750,6 +767,8 @@ def compare(
             (report.absent_there if gone else report.missing).append(key)
         elif not there[1]:
             (report.missing if key in on_the_way else report.unsubscribed_there).append(key)
+        elif not_delivered and there[0] in not_delivered:
+            report.delivery_disabled[there[0]] = not_delivered[there[0]]
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
             (report.extra if remote_key(address) is not None else report.invalid).append(address)
@@ -761,6 +780,7 @@ def compare(
         report.invalid,
     ):
         part.sort()
+    report.delivery_disabled = dict(sorted(report.delivery_disabled.items()))
     return report
 
 

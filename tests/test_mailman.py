@@ -37,7 +37,15 @@ from app.backends.mailman import MailmanBackend  # noqa: E402
 from app.config import MailmanBackendSettings, Settings  # noqa: E402
 from app.mailer import make_mailer  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import DeliveryAttempt, JobKind, JobState, KeyScope, OutboxJob, Subscription  # noqa: E402
+from app.models import (  # noqa: E402
+    AuditEvent,
+    DeliveryAttempt,
+    JobKind,
+    JobState,
+    KeyScope,
+    OutboxJob,
+    Subscription,
+)
 from app.worker import Worker  # noqa: E402
 from tests.conftest import (  # noqa: E402
     SECRET,
@@ -124,6 +132,19 @@ def subscribe_directly(
             },
         )
     assert response.status_code == 201, response.text
+
+
+def disable(core: MailmanCore, list_id: str, address: str, status: str) -> None:
+    """Turn the member's delivery off at Mailman, as its bounce processing does
+    (`by_bounces`), or the member themselves (`by_user`)."""
+    with rest_client(core) as client:
+        [entry] = client.get(
+            "/members/find", params={"list_id": list_id, "subscriber": address}
+        ).json()["entries"]
+        done = client.patch(
+            f"/members/{entry['member_id']}/preferences", json={"delivery_status": status}
+        )
+    assert done.status_code == 204, done.text
 
 
 def known_addresses(core: MailmanCore, address: str) -> list[str]:
@@ -672,6 +693,23 @@ class TestMembers:
         remote = sync.read_backend(backend)
         assert sorted(email for email, _ in remote.values()) == added
         assert all(subscribed for _, subscribed in remote.values())
+
+    def test_a_member_whose_delivery_mailman_disabled_is_read_with_the_reason(
+        self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
+    ) -> None:
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list), http, page_size=2)
+        bouncing, paused, fine = unique("bouncing"), unique("paused"), unique("fine")
+        for address in (bouncing, paused, fine):
+            backend.add([member(address)])
+        disable(mailman_core, mailman_list, bouncing, "by_bounces")
+        disable(mailman_core, mailman_list, paused, "by_user")
+        not_delivered: dict[str, str] = {}
+        remote = sync.read_backend(backend, not_delivered=not_delivered)
+        # Still members, subscribed: Mailman keeps them, and may enable them again.
+        assert sorted(email for email, subscribed in remote.values() if subscribed) == sorted(
+            [bouncing, paused, fine]
+        )
+        assert not_delivered == {bouncing: "by_bounces", paused: "by_user"}
 
     def test_an_empty_list_is_one_empty_page(self, backend: MailmanBackend) -> None:
         page = backend.members()
@@ -1326,6 +1364,73 @@ class TestTakingOverAList:
             assert (found["absent_there"], found["missing"]) == ([address], [])
         assert len(sync_jobs(engine)) == jobs
         assert emails(mailman_core, mailman_list) == []
+
+    def test_a_member_whose_delivery_mailman_disabled_is_reported_and_kept(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        bouncing, fine = unique("bouncing"), unique("fine")
+        for address in (bouncing, fine):
+            subscribe_directly(mailman_core, mailman_list, address)
+        backend = settings_for(mailman_core, mailman_list)
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        disable(mailman_core, mailman_list, bouncing, "by_bounces")
+
+        # The operator's report: named with the reason, in sync all the same (exit 0).
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stdout + report.stderr
+        found = json.loads(report.stdout)
+        assert found["delivery_disabled"] == {bouncing: "by_bounces"}
+        assert (found["missing"], found["extra"], found["absent_there"]) == ([], [], [])
+        printed = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert "1 subscribed at the backend, delivery disabled there" in printed.stdout
+        assert f"{bouncing} (by_bounces)" in printed.stdout
+        # The audit log of those runs counts them, and keeps no address.
+        with Session(engine) as session:
+            audited = session.exec(
+                select(AuditEvent.detail).where(AuditEvent.action == "list.reconcile")
+            ).all()
+        assert [detail["delivery_disabled"] for detail in audited] == [1, 1]
+        assert "@" not in json.dumps(audited)
+
+        # The worker's reconciliation: counted and named, masked, in its log.
+        settings = service_settings(database_url, smtp, backend)
+        with caplog.at_level("INFO"), TestClient(create_app(settings)) as client:
+            asked = client.post(
+                "/v1/admin/lists/bluehats/reconcile",
+                headers=api_key_headers(engine, "ops", KeyScope.WRITE),
+            )
+            assert asked.status_code == 202, asked.text
+            wait_until(
+                lambda: any("reconcile.done" in r.getMessage() for r in caplog.records),
+                timeout=SYNC_TIMEOUT,
+            )
+        said = [r.getMessage() for r in caplog.records if "delivery_disabled" in r.getMessage()]
+        assert any("delivery_disabled=1" in line for line in said), said
+        masked = f"{bouncing[0]}***@example.com (by_bounces)"
+        assert any(masked in line for line in said), said
+        assert not any(bouncing in line for line in said), said
+        # Still a member at Mailman, still confirmed here.
+        assert sorted(emails(mailman_core, mailman_list)) == sorted([bouncing, fine])
+        with Session(engine) as session:
+            statuses = session.exec(select(Subscription.status)).all()
+        assert sorted(statuses) == ["confirmed", "confirmed"]
 
 
 class TestAnAddressMailmanRefusesAtSignUp:

@@ -84,6 +84,14 @@ Endpoints:
   a page past the end has no `entries`. `count` and `page` always go together: one without
   the other makes Mailman 3.3 answer 500. Every roster entry is a member, so
   `subscribed=True`: Mailman deletes a member who leaves.
+  Before the first page, the members whose delivery Mailman turned off (`GET /members/
+  find?list_id=&role=member&delivery_status={by_bounces,by_user,by_moderator,unknown}
+  &count=&page=`, one status at a time; the roster's entries do not carry it, it is a
+  member preference): Mailman's bounce processing disables a member whose mail bounces
+  (`by_bounces`) and keeps them on the roster, mailed nothing, until it removes them after
+  its warnings or someone enables them again. Such a member is read `subscribed` with
+  `delivery_off` saying why: a reconciliation reports them (`delivery_disabled`), and
+  changes nothing.
 
 Mail from Mailman: none to the member, for any change this adapter makes. The welcome is
 turned off per request; the mass unsubscription removes members without Mailman's goodbye
@@ -150,6 +158,8 @@ NO_SUCH_LIST = "No such list"
 INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
 # Mailman's validator, for a parameter it does not know (on reads as on writes).
 UNEXPECTED = "Unexpected parameters: "
+# A member's `delivery_status` other than `enabled`: kept on the roster, mailed nothing.
+DELIVERY_OFF = ("by_bounces", "by_user", "by_moderator", "unknown")
 
 
 def _segment(value: str) -> str:
@@ -224,6 +234,8 @@ class MailmanBackend:
         self._page_size = page_size
         # Languages this Mailman refused (not enabled there), not asked again.
         self._unavailable: set[str] = set()
+        # The roster's members not delivered to, read with its first page (`members`).
+        self._delivery_off: dict[str, str] = {}
 
     # ListBackend --------------------------------------------------------------------------
 
@@ -258,6 +270,9 @@ class MailmanBackend:
         except ValueError as e:
             raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}") from e
         what = "mailman list members"
+        if page == 1:
+            # Read once per pass over the roster, before its first page.
+            self._delivery_off = self._not_delivered()
         response = self._call_list(
             "GET",
             "/roster/member",
@@ -278,6 +293,7 @@ class MailmanBackend:
                     email=str(entry["email"]),
                     subscribed=True,
                     name=entry.get("display_name") or None,
+                    delivery_off=self._delivery_off.get(str(entry["email"]).lower()),
                 )
                 for entry in entries
             ]
@@ -287,6 +303,36 @@ class MailmanBackend:
             ) from e
         more = bool(members) and page * self._page_size < total
         return MembersPage(members=members, next_cursor=str(page + 1) if more else None)
+
+    def _not_delivered(self) -> dict[str, str]:
+        """The list's members whose delivery Mailman turned off, by lower-cased address:
+        why (`by_bounces`, `by_user`, `by_moderator`, `unknown`)."""
+        what = "mailman members not delivered to"
+        found: dict[str, str] = {}
+        for status in DELIVERY_OFF:
+            page = 1
+            while True:
+                response = self._call(
+                    "GET",
+                    "/members/find",
+                    what=what,
+                    params=[
+                        ("list_id", self._list_id),
+                        ("role", "member"),
+                        ("delivery_status", status),
+                        ("count", self._page_size),
+                        ("page", page),
+                    ],
+                )
+                body = _json(response, what)
+                entries = body.get("entries") or []
+                for entry in entries:
+                    if isinstance(entry, dict) and isinstance(entry.get("email"), str):
+                        found[entry["email"].lower()] = status
+                if not entries or page * self._page_size >= int(body.get("total_size") or 0):
+                    break
+                page += 1
+        return found
 
     def clear_suppression(self, address: str) -> str | None:
         # A ban is the list owners' decision, not an opt-out to forget: see the docstring.
