@@ -79,11 +79,21 @@ Endpoints:
   The one case left, such an address among several of one user, which only
   `DELETE /addresses/{address}` could take alone, is a permanent error for an operator.
   Add, unsubscribe and the roster take addresses in bodies and answers only.
-- members: `GET /lists/{list_id}/roster/member?count=100&page=N&fields=email&fields=
-  display_name`, page from 1, ordered by address; the cursor is the next page number, and
-  a page past the end has no `entries`. `count` and `page` always go together: one without
-  the other makes Mailman 3.3 answer 500. Every roster entry is a member, so
-  `subscribed=True`: Mailman deletes a member who leaves.
+- members: `GET /lists/{list_id}/roster/member?count=100&page=1&fields=email&fields=
+  display_name`, ordered by address, `total_size` the roster's size; a list larger than
+  that page is then read whole, `count={total_size + 100}&page=1` (cursor `whole`), again
+  with a larger count if it grew past it meanwhile (3 tries, then a retryable error).
+  Mailman has no stable paging (no cursor, no keyset, no `since`): `page=N` is an offset
+  into the roster as it is at each call (rest/helpers.py `_paginate` slices the list it
+  reads each time), so a member who leaves from a page already read shifts the next ones
+  and the member at the border is never read; a reconciliation reported them absent, and
+  an import missed them (then unsubscribed there by the next reconciliation, as a member
+  without consent here). One answer is one query, a snapshot. It costs Mailman less than
+  pages do (each page reads the whole roster to slice it), the answer is some 100 bytes a
+  member, and it must come within `backend_timeout`: 1,000 members read in 0.2 s here.
+  `count` and `page` always go together: one without the other makes Mailman 3.3 answer
+  500. Every roster entry is a member, so `subscribed=True`: Mailman deletes a member who
+  leaves.
   Before the first page, the members whose delivery Mailman turned off (`GET /members/
   find?list_id=&role=member&delivery_status={by_bounces,by_user,by_moderator,unknown}
   &count=&page=`, one status at a time; the roster's entries do not carry it, it is a
@@ -158,6 +168,11 @@ NO_SUCH_LIST = "No such list"
 INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
 # Mailman's validator, for a parameter it does not know (on reads as on writes).
 UNEXPECTED = "Unexpected parameters: "
+# The cursor of the roster's second read, the whole of it in one answer (see `members`).
+WHOLE_ROSTER = "whole"
+# Reads of the whole roster, each asking for more, before a roster that grows faster than
+# it is read is given up on for now (retried later).
+ROSTER_TRIES = 3
 # A member's `delivery_status` other than `enabled`: kept on the roster, mailed nothing.
 DELIVERY_OFF = ("by_bounces", "by_user", "by_moderator", "unknown")
 
@@ -204,6 +219,13 @@ def _too_old(what: str, description: str, *, response: str | None) -> PermanentS
     )
 
 
+def _total(body: dict[str, Any], what: str) -> int:
+    try:
+        return int(body.get("total_size") or 0)
+    except (TypeError, ValueError) as e:
+        raise PermanentSyncError(f"{what}: unexpected total_size {body.get('total_size')!r}") from e
+
+
 def _json(response: httpx.Response, what: str) -> dict[str, Any]:
     try:
         body = response.json()
@@ -236,6 +258,8 @@ class MailmanBackend:
         self._unavailable: set[str] = set()
         # The roster's members not delivered to, read with its first page (`members`).
         self._delivery_off: dict[str, str] = {}
+        # The roster's size as its latest read answered it.
+        self._last_total = 0
 
     # ListBackend --------------------------------------------------------------------------
 
@@ -265,29 +289,32 @@ class MailmanBackend:
         return f"mailman: {done}; {outcome}"
 
     def members(self, cursor: str | None = None) -> MembersPage:
-        try:
-            page = int(cursor) if cursor else 1
-        except ValueError as e:
-            raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}") from e
+        if cursor not in (None, WHOLE_ROSTER):
+            raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}")
         what = "mailman list members"
-        if page == 1:
+        if cursor is None:
             # Read once per pass over the roster, before its first page.
             self._delivery_off = self._not_delivered()
-        response = self._call_list(
-            "GET",
-            "/roster/member",
-            what=what,
-            params=[
-                ("count", self._page_size),
-                ("page", page),
-                ("fields", "email"),
-                ("fields", "display_name"),
-            ],
-        )
-        body = _json(response, what)
+            body = self._roster(count=self._page_size, what=what)
+        else:
+            # The whole roster in one answer: Mailman reads it in one query, a snapshot.
+            # Offset pages (`page=2, 3, ...`) shift when a member before them leaves
+            # meanwhile, and the member at the border is never read.
+            count = max(self._last_total, self._page_size) + self._page_size
+            for _ in range(ROSTER_TRIES):
+                body = self._roster(count=count, what=what)
+                total = _total(body, what)
+                if total <= count:
+                    break
+                # Grown past `count` since: again, with room for what came meanwhile.
+                count = total + self._page_size
+            else:
+                raise RetryableSyncError(
+                    f"{what}: the roster grew faster than it could be read whole "
+                    f"({ROSTER_TRIES} tries, {count} members asked for)"
+                )
         try:
             entries = body.get("entries") or []
-            total = int(body.get("total_size") or 0)
             members = [
                 RemoteMember(
                     email=str(entry["email"]),
@@ -298,11 +325,24 @@ class MailmanBackend:
                 for entry in entries
             ]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PermanentSyncError(
-                f"{what}: unexpected answer ({e})", response=excerpt(response)
-            ) from e
-        more = bool(members) and page * self._page_size < total
-        return MembersPage(members=members, next_cursor=str(page + 1) if more else None)
+            raise PermanentSyncError(f"{what}: unexpected answer ({e})") from e
+        self._last_total = _total(body, what)
+        more = cursor is None and bool(members) and self._last_total > len(members)
+        return MembersPage(members=members, next_cursor=WHOLE_ROSTER if more else None)
+
+    def _roster(self, *, count: int, what: str) -> dict[str, Any]:
+        response = self._call_list(
+            "GET",
+            "/roster/member",
+            what=what,
+            params=[
+                ("count", count),
+                ("page", 1),
+                ("fields", "email"),
+                ("fields", "display_name"),
+            ],
+        )
+        return _json(response, what)
 
     def _not_delivered(self) -> dict[str, str]:
         """The list's members whose delivery Mailman turned off, by lower-cased address:
