@@ -717,6 +717,47 @@ class TestMembers:
         assert removed == [added[0]]
         assert {email for email, _ in remote.values()} >= set(added[1:])
 
+    def test_a_roster_larger_than_one_answer_may_be_is_read_whole(self, http: httpx.Client) -> None:
+        # 40,000 members as Mailman lists them (each entry with its http_etag) are some
+        # 6 MB: past the 4 MiB an answer may hold (app.backends.http), which guards
+        # against a proxy's endless page, not against a large list. A stand-in for
+        # Mailman's roster, as the real core answers it (count, page, total_size).
+        size = 40_000
+        entries = [
+            {
+                "email": f"member-{n:05d}@example.org",
+                "display_name": f"Member Number {n:05d}",
+                "http_etag": f'"{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"',
+            }
+            for n in range(size)
+        ]
+
+        async def roster_page(request: Request) -> Response:
+            count, page = int(request.query_params["count"]), int(request.query_params["page"])
+            body: dict[str, Any] = {"start": (page - 1) * count, "total_size": size}
+            if chunk := entries[(page - 1) * count : page * count]:
+                body["entries"] = chunk
+            return Response(json.dumps(body), media_type="application/json")
+
+        async def find(request: Request) -> Response:
+            return Response('{"start": 0, "total_size": 0}', media_type="application/json")
+
+        stand_in = Starlette(
+            routes=[
+                Route("/3.1/lists/big.example.org/roster/member", roster_page),
+                Route("/3.1/members/find", find),
+            ]
+        )
+        with LiveServer(stand_in) as base_url:
+            settings = MailmanBackendSettings(
+                base_url=f"{base_url}/3.1",
+                username="restadmin",
+                password="restpass",
+                list_id="big.example.org",
+            )
+            remote = sync.read_backend(MailmanBackend(settings, http))
+        assert len(remote) == size
+
     def test_a_member_whose_delivery_mailman_disabled_is_read_with_the_reason(
         self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
     ) -> None:

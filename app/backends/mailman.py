@@ -89,8 +89,9 @@ Endpoints:
   and the member at the border is never read; a reconciliation reported them absent, and
   an import missed them (then unsubscribed there by the next reconciliation, as a member
   without consent here). One answer is one query, a snapshot. It costs Mailman less than
-  pages do (each page reads the whole roster to slice it), the answer is some 100 bytes a
-  member, and it must come within `backend_timeout`: 1,000 members read in 0.2 s here.
+  pages do (each page reads the whole roster to slice it); the answer, some 150 bytes a
+  member, may pass the 4 MiB a call reads otherwise (its cap is then 2 KiB a member asked
+  for), and must come within `backend_timeout`: 1,000 members read in 0.2 s here.
   `count` and `page` always go together: one without the other makes Mailman 3.3 answer
   500. Every roster entry is a member, so `subscribed=True`: Mailman deletes a member who
   leaves.
@@ -155,7 +156,7 @@ from app.backends.base import (
     SyncError,
     mailman_refuses,
 )
-from app.backends.http import excerpt, send
+from app.backends.http import MAX_ANSWER_BYTES, excerpt, send
 from app.config import MailmanBackendSettings
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,10 @@ INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
 UNEXPECTED = "Unexpected parameters: "
 # The cursor of the roster's second read, the whole of it in one answer (see `members`).
 WHOLE_ROSTER = "whole"
+# The most one roster entry takes in Mailman's answer (address, display name with its
+# characters escaped, http_etag): some 150 bytes in practice; the cap of a whole roster's
+# answer is this many per member asked for.
+MEMBER_BYTES = 2048
 # Reads of the whole roster, each asking for more, before a roster that grows faster than
 # it is read is given up on for now (retried later).
 ROSTER_TRIES = 3
@@ -335,6 +340,8 @@ class MailmanBackend:
             "GET",
             "/roster/member",
             what=what,
+            # A page's answer fits the usual cap; the whole roster's is sized by its count.
+            max_bytes=max(MAX_ANSWER_BYTES, count * MEMBER_BYTES),
             params=[
                 ("count", count),
                 ("page", 1),
