@@ -552,6 +552,14 @@ def reconcile(
             )
             if apply and not report.in_sync:
                 sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+            # Dead syncs whose work the backend shows done: put to rest, with --apply only.
+            rested = (
+                sync.settle_dead(
+                    session, report=report, remote=remote, worker=_cli_actor(), now=utcnow()
+                )
+                if apply
+                else 0
+            )
         # As the admin API's reconcile: who compared, who had the fixes enqueued. Counts,
         # no address.
         counts = {
@@ -561,15 +569,17 @@ def reconcile(
         }
         _record(
             engine, action="list.reconcile", target=list_slug, outcome="ok",
-            detail={"apply": apply, **counts},
+            detail={"apply": apply, **counts, "superseded": rested},
         )  # fmt: skip
     finally:
         client.close()
         engine.dispose()
     if as_json:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        typer.echo(json.dumps({**report.as_dict(), "superseded": rested}, indent=2))
     else:
         _print_report(report)
+        if rested:
+            typer.echo(f"  {rested} dead sync job(s) put to rest: the backend shows them done")
     if not report.in_sync and not apply:
         raise typer.Exit(3)
 

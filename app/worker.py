@@ -473,6 +473,15 @@ class Worker:
             outbox.finish_many(session, finished=done, worker=self.name)
             if done:
                 self.metrics.attempt(JobKind.SYNC, "success", len(done))
+                finished_ids = {finished.job.id for finished in done}
+                rested = sync.supersede_dead(
+                    session,
+                    done=[item for item in planned if item.job.id in finished_ids],
+                    worker=self.name,
+                    now=now,
+                )
+                if rested:
+                    log.info("sync.superseded count=%d: dead jobs whose work is done", rested)
             for finished in done:
                 if finished.job.payload.get("action") == sync.Action.REMOVE:
                     # An erased address leaves the queue once the backend has it gone.
@@ -606,6 +615,9 @@ class Worker:
                 )
                 if not report.in_sync:
                     sync.apply(session, report=report, key=self._key, now=self.now())
+                rested = sync.settle_dead(
+                    session, report=report, remote=remote, worker=self.name, now=self.now()
+                )
                 self.metrics.attempt(JobKind.RECONCILE, "success")
                 outbox.finish(
                     session,
@@ -618,7 +630,8 @@ class Worker:
                         f"unsubscribed there {len(report.unsubscribed_there)}, "
                         f"absent there {len(report.absent_there)}, "
                         f"invalid {len(report.invalid)}, "
-                        f"delivery disabled there {len(report.delivery_disabled)}"
+                        f"delivery disabled there {len(report.delivery_disabled)}, "
+                        f"dead jobs put to rest {rested}"
                     ),
                 )
                 if self.settings.reconcile_interval is not None:
@@ -630,7 +643,7 @@ class Worker:
                     )
             log.info(
                 "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d "
-                "absent_there=%d invalid=%d delivery_disabled=%d",
+                "absent_there=%d invalid=%d delivery_disabled=%d superseded=%d",
                 slug,
                 len(report.missing),
                 len(report.extra),
@@ -638,6 +651,7 @@ class Worker:
                 len(report.absent_there),
                 len(report.invalid),
                 len(report.delivery_disabled),
+                rested,
             )
             if report.delivery_disabled:
                 # Subscribed there and here, mailed nothing (bounces, mostly): left as they

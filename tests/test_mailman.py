@@ -1276,6 +1276,176 @@ class TestThroughTheService:
         assert mails_to(mailman_core, address) == []
 
 
+class TestADeadSyncRepairedSinceIsPutToRest:
+    """A sync that outlived its retries is a dead letter in `GET /v1/admin/jobs`, for an
+    operator to act on; once its work is done (a reconciliation's fix, or the backend shows
+    it done), it leaves that listing, its history kept: done, with its dead attempt and one
+    more, `superseded`, saying how."""
+
+    def failed_jobs(self, client: TestClient, engine: sa.Engine) -> list[dict[str, Any]]:
+        key = api_key_headers(engine, f"ops-{uuid.uuid4().hex[:6]}", KeyScope.READ)
+        listed = client.get("/v1/admin/jobs", headers=key)
+        assert listed.status_code == 200, listed.text
+        jobs: list[dict[str, Any]] = listed.json()
+        return jobs
+
+    def attempts(self, engine: sa.Engine, job_id: int) -> list[tuple[str, str | None]]:
+        with Session(engine) as session:
+            rows = session.exec(
+                select(DeliveryAttempt)
+                .where(DeliveryAttempt.job_id == job_id)
+                .order_by(col(DeliveryAttempt.id))
+            ).all()
+        return [(row.outcome, row.response) for row in rows]
+
+    def test_an_addition_made_by_a_reconciliations_fix(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("outlasted")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+            [dead] = self.failed_jobs(client, engine)
+        backend = settings_for(mailman_core, mailman_list)
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json", "--apply",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert json.loads(report.stdout)["missing"] == [address]
+        with TestClient(create_app(service_settings(database_url, smtp, backend))) as client:
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+            assert emails(mailman_core, mailman_list) == [address]
+            assert self.failed_jobs(client, engine) == []
+            stats = client.get(
+                "/v1/admin/lists/bluehats/stats",
+                headers=api_key_headers(engine, "ops2", KeyScope.READ),
+            )
+            assert stats.json()["dead_jobs"] == 0
+        [(died, _), (rested, how)] = self.attempts(engine, dead["id"])
+        assert (died, rested) == ("dead", "superseded")
+        assert str(how).startswith("superseded: job ")
+
+    def test_an_addition_made_at_mailman_meanwhile_is_sent_again_then_put_to_rest(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        address = unique("by-hand")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+            [dead] = self.failed_jobs(client, engine)
+        # A list owner added the member by hand: the roster is right, their language is not.
+        subscribe_directly(mailman_core, mailman_list, address)
+        backend = settings_for(mailman_core, mailman_list)
+        settings = service_settings(database_url, smtp, backend)
+        with caplog.at_level("INFO"), TestClient(create_app(settings)) as client:
+            asked = client.post(
+                "/v1/admin/lists/bluehats/reconcile",
+                headers=api_key_headers(engine, "ops-write", KeyScope.WRITE),
+            )
+            assert asked.status_code == 202, asked.text
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+            assert self.failed_jobs(client, engine) == []
+        assert preferences(mailman_core, mailman_list, address)["preferred_language"] == "fr"
+        [(died, _), (rested, how)] = self.attempts(engine, dead["id"])
+        assert (died, rested) == ("dead", "superseded")
+        assert str(how).startswith("superseded: job ")
+
+    def test_an_unsubscription_the_backend_shows_done(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("left-twice")
+        backend = settings_for(mailman_core, mailman_list)
+        with TestClient(create_app(service_settings(database_url, smtp, backend))) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": address})
+            leave = link_in(smtp.mail_to(address, link="unsubscribe"), "unsubscribe")
+            client.post(leave, headers={"accept": "application/json"})
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE, JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+            [dead] = self.failed_jobs(client, engine)
+        # The member leaves at Mailman too (its own List-Unsubscribe): nothing left to do.
+        with rest_client(mailman_core) as rest:
+            assert rest.delete(f"/lists/{mailman_list}/member/{address}").status_code == 204
+        looked = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        # A look changes nothing; --apply puts it to rest.
+        assert (json.loads(looked.stdout)["in_sync"], json.loads(looked.stdout)["superseded"]) == (
+            True,
+            0,
+        )
+        assert [job.state for job in sync_jobs(engine)] == [JobState.DONE, JobState.DEAD]
+        fixed = newsletter(
+            "reconcile", "--list", "bluehats", "--json", "--apply",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert json.loads(fixed.stdout)["superseded"] == 1, fixed.stdout + fixed.stderr
+        assert [job.state for job in sync_jobs(engine)] == [JobState.DONE, JobState.DONE]
+        [(died, _), (rested, how)] = self.attempts(engine, dead["id"])
+        assert (died, rested) == ("dead", "superseded")
+        assert "not subscribed at the backend" in str(how)
+        with TestClient(create_app(service_settings(database_url, smtp, backend))) as client:
+            assert self.failed_jobs(client, engine) == []
+
+
 # Taking over a list: the operator's commands, as operators run them -----------------------
 
 
