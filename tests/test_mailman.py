@@ -758,6 +758,37 @@ class TestMembers:
             remote = sync.read_backend(MailmanBackend(settings, http))
         assert len(remote) == size
 
+    def test_a_whole_roster_answered_short_is_an_error_not_fewer_members(
+        self, http: httpx.Client
+    ) -> None:
+        # A cache before the API that ignores `count` answers the whole roster's read with
+        # the first page: taken as the whole, the members after it would read as gone.
+        entries = [{"email": f"member-{n:03d}@example.org"} for n in range(250)]
+
+        async def roster_page(request: Request) -> Response:
+            body = {"start": 0, "total_size": len(entries), "entries": entries[:100]}
+            return Response(json.dumps(body), media_type="application/json")
+
+        async def find(request: Request) -> Response:
+            return Response('{"start": 0, "total_size": 0}', media_type="application/json")
+
+        stand_in = Starlette(
+            routes=[
+                Route("/3.1/lists/cached.example.org/roster/member", roster_page),
+                Route("/3.1/members/find", find),
+            ]
+        )
+        with LiveServer(stand_in) as base_url:
+            settings = MailmanBackendSettings(
+                base_url=f"{base_url}/3.1",
+                username="restadmin",
+                password="restpass",
+                list_id="cached.example.org",
+            )
+            with pytest.raises(RetryableSyncError) as caught:
+                sync.read_backend(MailmanBackend(settings, http))
+        assert "100 of its 250 members" in str(caught.value)
+
     def test_a_member_whose_delivery_mailman_disabled_is_read_with_the_reason(
         self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
     ) -> None:

@@ -332,6 +332,14 @@ class MailmanBackend:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PermanentSyncError(f"{what}: unexpected answer ({e})") from e
         self._last_total = _total(body, what)
+        if cursor == WHOLE_ROSTER and len(members) < self._last_total:
+            # Not Mailman's answer to `count` (a cache before the API that ignores it?):
+            # the members past it would read as gone.
+            raise RetryableSyncError(
+                f"{what}: the whole roster's answer holds {len(members)} of its "
+                f"{self._last_total} members (a cache in front of the API that ignores "
+                "`count`?)"
+            )
         more = cursor is None and bool(members) and self._last_total > len(members)
         return MembersPage(members=members, next_cursor=WHOLE_ROSTER if more else None)
 
@@ -548,11 +556,12 @@ class MailmanBackend:
             "PATCH",
             f"/members/{_segment(member_id)}/preferences",
             what=what,
-            ok=(400,),
+            ok=(400, 404),
             expect=(204,),
             json={"preferred_language": code},
         )
-        if response.status_code == 204:
+        if response.status_code in (204, 404):
+            # 404: the member left meanwhile (another job, Mailman's own link): no one to set.
             return "set"
         description = _description(response)
         # Mailman's validator reports a language it has not enabled as it does a parameter
