@@ -482,7 +482,12 @@ def _created_here(settings: Settings, slug: str) -> bool:
 
 
 def _read_members(
-    backend: Any, *, label: str, names: dict[str, str] | None = None, again: bool = False
+    backend: Any,
+    *,
+    label: str,
+    names: dict[str, str] | None = None,
+    again: bool = False,
+    not_delivered: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, bool]]:
     """The backend's members by identity (`sync.read_backend`). Two spellings of one address
     there are one member here: said (but on a second read, `again`), so that the count
@@ -502,7 +507,9 @@ def _read_members(
             progress.update(task, description=f"reading members from {label}: {seen}")
 
         try:
-            members = sync.read_backend(backend, progress=advance, names=names)
+            members = sync.read_backend(
+                backend, progress=advance, names=names, not_delivered=not_delivered
+            )
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
             raise typer.Exit(1) from e
@@ -532,7 +539,8 @@ def reconcile(
     try:
         lists.sync_declared(engine, declared=settings.lists)
         read_since = utcnow()
-        remote = _read_members(backend, label=list_slug)
+        not_delivered: dict[str, str] = {}
+        remote = _read_members(backend, label=list_slug, not_delivered=not_delivered)
         with db.session_scope(engine) as session:
             report = sync.compare(
                 session,
@@ -540,27 +548,38 @@ def reconcile(
                 remote=remote,
                 keeps_unsubscribed=backend.keeps_unsubscribed,
                 read_since=read_since,
+                not_delivered=not_delivered,
             )
             if apply and not report.in_sync:
                 sync.apply(session, report=report, key=settings.token_key(), now=utcnow())
+            # Dead syncs whose work the backend shows done: put to rest, with --apply only.
+            rested = (
+                sync.settle_dead(
+                    session, report=report, remote=remote, worker=_cli_actor(), now=utcnow()
+                )
+                if apply
+                else 0
+            )
         # As the admin API's reconcile: who compared, who had the fixes enqueued. Counts,
         # no address.
         counts = {
-            name: len(value) if isinstance(value, list) else value
+            name: len(value) if isinstance(value, list | dict) else value
             for name, value in report.as_dict().items()
             if name != "list"
         }
         _record(
             engine, action="list.reconcile", target=list_slug, outcome="ok",
-            detail={"apply": apply, **counts},
+            detail={"apply": apply, **counts, "superseded": rested},
         )  # fmt: skip
     finally:
         client.close()
         engine.dispose()
     if as_json:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        typer.echo(json.dumps({**report.as_dict(), "superseded": rested}, indent=2))
     else:
         _print_report(report)
+        if rested:
+            typer.echo(f"  {rested} dead sync job(s) put to rest: the backend shows them done")
     if not report.in_sync and not apply:
         raise typer.Exit(3)
 
@@ -591,6 +610,18 @@ def _print_report(report: Any) -> None:
             typer.echo(f"    {item}")
         if len(items) > 20:
             typer.echo(f"    ... and {len(items) - 20} more (--json for all)")
+    if report.delivery_disabled:
+        # Members there and here that the backend mails nothing: not a difference --apply
+        # fixes (the backend may enable them again), for an operator to know of.
+        disabled = list(report.delivery_disabled.items())
+        typer.echo(
+            f"  {len(disabled)} subscribed at the backend, delivery disabled there (its "
+            "bounce processing, or the member or a moderator: left as is)"
+        )
+        for address, why in disabled[:20]:
+            typer.echo(f"    {address} ({why})")
+        if len(disabled) > 20:
+            typer.echo(f"    ... and {len(disabled) - 20} more (--json for all)")
     # What --apply fixes; the rest is an operator's to check, at the backend.
     fixable = report.missing or report.extra or report.unsubscribed_there
     checks = len(report.absent_there) + len(report.invalid)

@@ -99,6 +99,8 @@ class AttemptOutcome(StrEnum):
     SUCCESS = "success"
     RETRY = "retry"
     DEAD = "dead"
+    # No call: a dead job whose work was done since (`outbox.supersede`), put to rest.
+    SUPERSEDED = "superseded"
 
 
 # Row ids are 32-bit integers on PostgreSQL (`INTEGER`): a larger one asked for (in a URL, in

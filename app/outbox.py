@@ -530,6 +530,41 @@ def finish_many(session: Session, *, finished: Sequence[Finished], worker: str) 
     )
 
 
+def supersede(session: Session, *, reasons: dict[int, str], worker: str, now: datetime) -> int:
+    """Put dead jobs to rest whose work is done since (`reasons`: job id -> how): each becomes
+    done, keeping its attempts, its last error and when it died, and gets one more attempt
+    row, outcome `superseded`, saying how. The failed jobs' listing and the dead count no
+    longer show it, `retry` no longer takes it, and retention and erasure treat it as any
+    finished job. Returns how many were still dead (another worker may have been first)."""
+    if not reasons:
+        return 0
+    connection = session.connection()
+    rows = connection.execute(
+        sa.update(_jobs)
+        .where(_jobs.c.id.in_(sorted(reasons)), _jobs.c.state == JobState.DEAD.value)
+        .values(state=JobState.DONE.value, updated_at=now)
+        .returning(_jobs.c.id, _jobs.c.attempts)
+    ).all()
+    if rows:
+        connection.execute(
+            sa.insert(_attempts),
+            [
+                {
+                    "job_id": row.id,
+                    "attempt": row.attempts,
+                    "worker": worker,
+                    "outcome": AttemptOutcome.SUPERSEDED.value,
+                    "error": None,
+                    "response": reasons[row.id][:ERROR_LIMIT],
+                    "started_at": now,
+                    "finished_at": now,
+                }
+                for row in rows
+            ],
+        )
+    return len(rows)
+
+
 def backoff(*, attempt: int, base: timedelta, cap: timedelta) -> timedelta:
     """Exponential backoff with full jitter: uniform in [base, min(cap, base * 2^(attempt-1))]."""
     ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** min(attempt - 1, 30))

@@ -615,6 +615,12 @@ class Report:
     # Subscribed at the backend, not a valid address here: left there as it is, for an
     # operator to check (it matches no subscription, so no consent can be shown for it).
     invalid: list[str] = field(default_factory=list)
+    # Confirmed here and a member there, but mailed nothing: the backend turned their
+    # delivery off (Mailman's bounce processing: `by_bounces`), address as held there ->
+    # why. Not a difference to fix (the backend may enable them again, or remove them
+    # after its warnings, which a later reconciliation reports as absent_there): counted
+    # and named for the operator, not unsubscribed, and not counted against `in_sync`.
+    delivery_disabled: dict[str, str] = field(default_factory=dict)
     applied: bool = False
 
     @property
@@ -637,6 +643,7 @@ class Report:
             "unsubscribed_there": self.unsubscribed_there,
             "absent_there": self.absent_there,
             "invalid": self.invalid,
+            "delivery_disabled": self.delivery_disabled,
             "in_sync": self.in_sync,
             "applied": self.applied,
         }
@@ -658,6 +665,7 @@ def read_backend(
     *,
     progress: Callable[[int], None] | None = None,
     names: dict[str, str] | None = None,
+    not_delivered: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, bool]]:
     """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
 
@@ -666,6 +674,9 @@ def read_backend(
     member: a subscribed one is kept over an unsubscribed one, so no subscription there is
     hidden. `names`, when given, gets each member's display name where the backend holds
     one (Mailgun's `name`, Mailman's `display_name`, listmonk's `name`), by identity.
+    `not_delivered`, when given, gets why the backend does not deliver to a subscribed
+    member it holds (`RemoteMember.delivery_off`: Mailman's bounce processing), by the
+    member's address as the backend holds it.
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
@@ -683,6 +694,8 @@ def read_backend(
             key = remote_key(member.email) or member.email.casefold()
             if key not in seen or (member.subscribed and not seen[key][1]):
                 seen[key] = (member.email, member.subscribed)
+            if not_delivered is not None and member.subscribed and member.delivery_off:
+                not_delivered[member.email] = member.delivery_off
             if (
                 names is not None
                 and member.name
@@ -711,6 +724,7 @@ def compare(
     remote: dict[str, tuple[str, bool]],
     keeps_unsubscribed: bool = True,
     read_since: datetime | None = None,
+    not_delivered: dict[str, str] | None = None,
 ) -> Report:
     """The differences between this list and its backend (see `Report`).
 
@@ -727,6 +741,9 @@ def compare(
     the opt-in, and someone who left and came back would be recorded as gone again, their
     new consent undone. It is `missing` (to be added, as its sync does), and so is such a
     member absent from a backend that does not keep those who leave.
+
+    `not_delivered` (from `read_backend`): a confirmed member held subscribed there whose
+    delivery is off goes to `delivery_disabled`, with why.
     """
     mailing_list = lists.get(session, slug=list_slug)
     rows = session.exec(select(Subscription).where(Subscription.list_id == mailing_list.id)).all()
@@ -750,6 +767,8 @@ def compare(
             (report.absent_there if gone else report.missing).append(key)
         elif not there[1]:
             (report.missing if key in on_the_way else report.unsubscribed_there).append(key)
+        elif not_delivered and there[0] in not_delivered:
+            report.delivery_disabled[there[0]] = not_delivered[there[0]]
     for key, (address, subscribed) in remote.items():
         if subscribed and here.get(key) != SubscriptionStatus.CONFIRMED:
             (report.extra if remote_key(address) is not None else report.invalid).append(address)
@@ -761,6 +780,7 @@ def compare(
         report.invalid,
     ):
         part.sort()
+    report.delivery_disabled = dict(sorted(report.delivery_disabled.items()))
     return report
 
 
@@ -865,6 +885,153 @@ def apply(session: Session, *, report: Report, key: bytes, now: datetime) -> Non
             detail={"note": "unsubscribed at the backend, found by reconciliation"},
         )
     report.applied = True
+
+
+# Dead jobs put to rest -------------------------------------------------------------------
+
+_DEAD_SYNCS = sa.select(_jobs.c.id, _jobs.c.dedupe_key, _jobs.c.payload).where(
+    _jobs.c.kind == JobKind.SYNC.value,
+    _jobs.c.state == JobState.DEAD.value,
+    _jobs.c.dedupe_key.in_(sa.bindparam("keys", expanding=True)),
+)
+_ALL_DEAD_SYNCS = sa.select(_jobs.c.id, _jobs.c.payload).where(
+    _jobs.c.kind == JobKind.SYNC.value, _jobs.c.state == JobState.DEAD.value
+)
+
+
+def _queue_key(payload: dict[str, Any]) -> str | None:
+    """The dedupe key a sync job went by (`outbox.enqueue_sync`, `enqueue_address_job`)."""
+    if "subscription_id" in payload:
+        return f"sync:{payload['subscription_id']}"
+    if "address" in payload and "list_id" in payload:
+        return address_job_key(list_id=int(payload["list_id"]), address=str(payload["address"]))
+    return None
+
+
+def _covers(done: Action, dead: str | None, *, by_address: bool) -> bool:
+    """Whether a job done with `done` did what an older dead job of the same key (`dead`,
+    its payload's action) had to. A subscription's jobs each push its state of the moment,
+    so any of them does what the older ones had to; jobs about an address carry their
+    action: a removal (an erasure) covers an unsubscription, not the other way round."""
+    if not by_address:
+        return done in (Action.ADD, Action.UNSUBSCRIBE)
+    if dead == Action.UNSUBSCRIBE:
+        return done in (Action.UNSUBSCRIBE, Action.REMOVE)
+    return dead == Action.REMOVE and done == Action.REMOVE
+
+
+def supersede_dead(session: Session, *, done: Sequence[Planned], worker: str, now: datetime) -> int:
+    """Dead sync jobs that jobs done now have made needless (a reconciliation's fix, a
+    retry, a new request about the same subscription or address): put to rest
+    (`outbox.supersede`), so the failed jobs no longer ask an operator to act. Only older
+    jobs of the same queue key, and only where the job done covers the dead one's work
+    (`_covers`); a skipped job (nothing sent) covers nothing."""
+    by_key: dict[str, list[Planned]] = {}
+    for item in done:
+        key = _queue_key(item.job.payload) if item.action != Action.SKIP else None
+        if key is not None:
+            by_key.setdefault(key, []).append(item)
+    if not by_key:
+        return 0
+    reasons: dict[int, str] = {}
+    for row in session.connection().execute(_DEAD_SYNCS, {"keys": sorted(by_key)}):
+        payload = row.payload or {}
+        for item in by_key[row.dedupe_key]:
+            if item.job.id > row.id and _covers(
+                item.action, payload.get("action"), by_address="address" in payload
+            ):
+                reasons[row.id] = (
+                    f"superseded: job {item.job.id}, done at {now.isoformat()}, made the "
+                    f"{item.action.value} this job could not"
+                )
+                break
+    return outbox.supersede(session, reasons=reasons, worker=worker, now=now)
+
+
+def settle_dead(
+    session: Session,
+    *,
+    report: Report,
+    remote: dict[str, tuple[str, bool]],
+    worker: str,
+    now: datetime,
+) -> int:
+    """After a reconciliation of `report.list_slug` (`remote`: the backend as read): its dead
+    sync jobs whose work the backend shows done are put to rest (`outbox.supersede`);
+    returns how many.
+
+    The backend's roster shows membership only. So a job is put to rest here when its
+    work was to take a member off and the backend does not hold them subscribed: a
+    subscription's job while the subscription is not confirmed, a reconciliation's
+    unsubscription of an address. A confirmed member held subscribed there is sent again
+    (a sync, as its own would be: name, language, unsubscribe link, which the roster does
+    not show), and its dead job is put to rest once that is done (`supersede_dead`); once
+    only (a second dead sync stays for an operator, rather than one more each time). An
+    erasure's removal never is here: the backend may keep the person beyond the list (a
+    Mailman address record, a listmonk subscriber), only a removal done settles it.
+    """
+    mailing_list = lists.get(session, slug=report.list_slug)
+    assert mailing_list.id is not None
+    dead = [
+        row
+        for row in session.connection().execute(_ALL_DEAD_SYNCS)
+        if (row.payload or {}).get("list_id") == mailing_list.id
+    ]
+    if not dead:
+        return 0
+    ids = [row.payload["subscription_id"] for row in dead if "subscription_id" in row.payload]
+    by_id = {
+        row.id: row
+        for row in session.connection().execute(
+            sa.select(
+                _subscriptions.c.id, _subscriptions.c.status, _subscriptions.c.email_key
+            ).where(_subscriptions.c.id.in_(ids))
+        )
+    }
+    unsettled = set(report.missing) | set(report.unsubscribed_there) | set(report.absent_there)
+    # A subscription with two dead syncs: sent again already, and that failed too; not
+    # again at every reconciliation, for an operator to look at.
+    dead_count: dict[int, int] = {}
+    for subscription_id in ids:
+        dead_count[subscription_id] = dead_count.get(subscription_id, 0) + 1
+    reasons: dict[int, str] = {}
+    resent: set[int] = set()
+    said = f"superseded: the reconciliation of {now.isoformat()} found"
+    for row in dead:
+        payload = row.payload
+        if "subscription_id" in payload:
+            subscription = by_id.get(payload["subscription_id"])
+            if subscription is None:
+                continue  # erased: the erasure took care of its jobs
+            key = subscription.email_key
+            there = remote.get(key)
+            held = there is not None and there[1]
+            if subscription.status != SubscriptionStatus.CONFIRMED and not held:
+                reasons[row.id] = (
+                    f"{said} the member not subscribed at the backend, as this service has "
+                    f"them ({subscription.status})"
+                )
+            elif (
+                subscription.status == SubscriptionStatus.CONFIRMED
+                and held
+                and key not in unsettled
+                and dead_count[subscription.id] == 1
+                and subscription.id not in resent
+            ):
+                outbox.enqueue_sync(
+                    session,
+                    subscription_id=subscription.id,
+                    list_id=mailing_list.id,
+                    now=now,
+                    fresh_opt_in=False,
+                )
+                resent.add(subscription.id)
+        elif payload.get("action") == Action.UNSUBSCRIBE and "address" in payload:
+            address = str(payload["address"])
+            there = remote.get(remote_key(address) or address.casefold())
+            if there is None or not there[1]:
+                reasons[row.id] = f"{said} the address not subscribed at the backend"
+    return outbox.supersede(session, reasons=reasons, worker=worker, now=now)
 
 
 # Import ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel
 
 from app import (
+    addresses,
     audit,
     backends,
     blocklist,
@@ -472,6 +473,15 @@ class Worker:
             outbox.finish_many(session, finished=done, worker=self.name)
             if done:
                 self.metrics.attempt(JobKind.SYNC, "success", len(done))
+                finished_ids = {finished.job.id for finished in done}
+                rested = sync.supersede_dead(
+                    session,
+                    done=[item for item in planned if item.job.id in finished_ids],
+                    worker=self.name,
+                    now=now,
+                )
+                if rested:
+                    log.info("sync.superseded count=%d: dead jobs whose work is done", rested)
             for finished in done:
                 if finished.job.payload.get("action") == sync.Action.REMOVE:
                     # An erased address leaves the queue once the backend has it gone.
@@ -567,7 +577,10 @@ class Worker:
             try:
                 if backend is None:
                     raise PermanentSyncError(f"list {slug!r} is no longer declared")
-                remote = sync.read_backend(backend, progress=self._between_pages(job))
+                not_delivered: dict[str, str] = {}
+                remote = sync.read_backend(
+                    backend, progress=self._between_pages(job), not_delivered=not_delivered
+                )
             except _Stopping:
                 self._release([job.id])
                 log.info("reconcile.interrupted list=%s reason=stopping", slug)
@@ -598,9 +611,13 @@ class Worker:
                     remote=remote,
                     keeps_unsubscribed=backend.keeps_unsubscribed,
                     read_since=started_at,
+                    not_delivered=not_delivered,
                 )
                 if not report.in_sync:
                     sync.apply(session, report=report, key=self._key, now=self.now())
+                rested = sync.settle_dead(
+                    session, report=report, remote=remote, worker=self.name, now=self.now()
+                )
                 self.metrics.attempt(JobKind.RECONCILE, "success")
                 outbox.finish(
                     session,
@@ -612,7 +629,9 @@ class Worker:
                         f"missing {len(report.missing)}, extra {len(report.extra)}, "
                         f"unsubscribed there {len(report.unsubscribed_there)}, "
                         f"absent there {len(report.absent_there)}, "
-                        f"invalid {len(report.invalid)}"
+                        f"invalid {len(report.invalid)}, "
+                        f"delivery disabled there {len(report.delivery_disabled)}, "
+                        f"dead jobs put to rest {rested}"
                     ),
                 )
                 if self.settings.reconcile_interval is not None:
@@ -624,14 +643,34 @@ class Worker:
                     )
             log.info(
                 "reconcile.done list=%s missing=%d extra=%d unsubscribed_there=%d "
-                "absent_there=%d invalid=%d",
+                "absent_there=%d invalid=%d delivery_disabled=%d superseded=%d",
                 slug,
                 len(report.missing),
                 len(report.extra),
                 len(report.unsubscribed_there),
                 len(report.absent_there),
                 len(report.invalid),
+                len(report.delivery_disabled),
+                rested,
             )
+            if report.delivery_disabled:
+                # Subscribed there and here, mailed nothing (bounces, mostly): left as they
+                # are, the backend may enable them again; named masked, as every log does.
+                named = [
+                    f"{addresses.mask(address)} ({why})"
+                    for address, why in list(report.delivery_disabled.items())[:20]
+                ]
+                more = len(report.delivery_disabled) - len(named)
+                log.warning(
+                    "reconcile.delivery_disabled list=%s delivery_disabled=%d members=%s%s: "
+                    "members at the backend that it mails nothing; `newsletter reconcile "
+                    "--list %s` names them",
+                    slug,
+                    len(report.delivery_disabled),
+                    ", ".join(named),
+                    f" and {more} more" if more else "",
+                    slug,
+                )
             if report.absent_there or report.invalid:
                 # Left as they are (a member gone from Mailman may have left through its own
                 # link): only an operator can settle them, and only this line tells them.

@@ -37,7 +37,15 @@ from app.backends.mailman import MailmanBackend  # noqa: E402
 from app.config import MailmanBackendSettings, Settings  # noqa: E402
 from app.mailer import make_mailer  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import DeliveryAttempt, JobKind, JobState, KeyScope, OutboxJob, Subscription  # noqa: E402
+from app.models import (  # noqa: E402
+    AuditEvent,
+    DeliveryAttempt,
+    JobKind,
+    JobState,
+    KeyScope,
+    OutboxJob,
+    Subscription,
+)
 from app.worker import Worker  # noqa: E402
 from tests.conftest import (  # noqa: E402
     SECRET,
@@ -126,6 +134,19 @@ def subscribe_directly(
     assert response.status_code == 201, response.text
 
 
+def disable(core: MailmanCore, list_id: str, address: str, status: str) -> None:
+    """Turn the member's delivery off at Mailman, as its bounce processing does
+    (`by_bounces`), or the member themselves (`by_user`)."""
+    with rest_client(core) as client:
+        [entry] = client.get(
+            "/members/find", params={"list_id": list_id, "subscriber": address}
+        ).json()["entries"]
+        done = client.patch(
+            f"/members/{entry['member_id']}/preferences", json={"delivery_status": status}
+        )
+    assert done.status_code == 204, done.text
+
+
 def known_addresses(core: MailmanCore, address: str) -> list[str]:
     """The address records Mailman holds for `address`, read from the whole collection:
     `GET /addresses/{address}` cannot name one with a `/`."""
@@ -202,8 +223,14 @@ class TestAdd:
             MailmanBackend(settings_for(mailman_core, mailman_list), client).add(
                 [member(address, name=None)]
             )
-        [request] = seen
+        # The subscription, then the member's language (the member's own preference).
+        request, language = seen
         assert (request.method, request.url.path) == ("POST", "/3.1/members")
+        assert (language.method, json.loads(language.content)) == (
+            "PATCH",
+            {"preferred_language": "fr"},
+        )
+        assert language.url.path.endswith("/preferences")
         credentials = f"{mailman_core.admin_user}:{mailman_core.admin_password}".encode()
         assert request.headers["authorization"] == "Basic " + base64.b64encode(credentials).decode()
         assert json.loads(request.content) == {
@@ -366,6 +393,94 @@ class TestAdd:
             backend.remove(unique())
         with pytest.raises(PermanentSyncError, match=named):
             backend.members()
+
+
+def preferences(core: MailmanCore, list_id: str, address: str) -> dict[str, Any]:
+    """The member's own preferences at Mailman (not the list's or the address's)."""
+    with rest_client(core) as client:
+        found = client.get(
+            "/members/find", params={"list_id": list_id, "subscriber": address}
+        ).json()
+        [entry] = found["entries"]
+        answer: dict[str, Any] = client.get(f"/members/{entry['member_id']}/preferences").json()
+    return answer
+
+
+def member_in(email: str, locale: str, name: str | None = "Ada Lovelace") -> Member:
+    return Member(
+        email=email,
+        locale=locale,
+        unsubscribe_url="https://news.example.org/v1/unsubscribe/tok",
+        name=name,
+    )
+
+
+class TestTheMembersLanguageAndName:
+    """Mailman mails a member itself (a bounce notice, a password reminder, its digest's
+    wording) in the member's preferred language, else the list's; and names them by the
+    display name of their address record."""
+
+    def test_a_member_gets_their_own_language_not_the_lists(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        with rest_client(mailman_core) as client:
+            assert client.get(f"/lists/{mailman_list}/config").json()["preferred_language"] == "en"
+        french, english = unique("fr"), unique("en")
+        backend.add([member_in(french, "fr")])
+        backend.add([member_in(english, "en")])
+        assert preferences(mailman_core, mailman_list, french)["preferred_language"] == "fr"
+        assert preferences(mailman_core, mailman_list, english)["preferred_language"] == "en"
+
+    def test_a_member_who_changed_language_has_it_changed_at_mailman(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        backend.add([member_in(address, "fr")])
+        assert backend.add([member_in(address, "en")]).startswith("mailman: already a member")
+        assert preferences(mailman_core, mailman_list, address)["preferred_language"] == "en"
+
+    def test_a_language_mailman_lacks_leaves_the_member_in_the_lists_language(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman takes only the languages enabled in its configuration; any other is
+        # refused ("Unexpected parameters: preferred_language"): the member is added all
+        # the same, and Mailman uses the list's language for them.
+        address = unique()
+        answer = backend.add([member_in(address, "tlh")])
+        assert answer.startswith("mailman: member ")
+        assert "tlh" in answer
+        assert emails(mailman_core, mailman_list) == [address]
+        assert "preferred_language" not in preferences(mailman_core, mailman_list, address)
+
+    def test_a_name_changed_on_subscribing_again_reaches_mailman(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        backend.add([member_in(address, "fr", name="Ada Lovelace")])
+        backend.add([member_in(address, "fr", name="Ada King")])
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada King"
+
+    def test_a_name_changed_after_leaving_reaches_mailman_when_coming_back(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        # Mailman keeps the address record (and its name) after the member leaves; a new
+        # subscription of that address ignores the display_name it is given.
+        address = unique()
+        backend.add([member_in(address, "fr", name="Ada Lovelace")])
+        backend.unsubscribe(address)
+        backend.add([member_in(address, "fr", name="Ada King")])
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada King"
+
+    def test_no_name_given_keeps_the_name_mailman_has(
+        self, mailman_core: MailmanCore, mailman_list: str, backend: MailmanBackend
+    ) -> None:
+        address = unique()
+        subscribe_directly(mailman_core, mailman_list, address, display_name="Ada Lovelace")
+        backend.add([member_in(address, "fr", name=None)])
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada Lovelace"
 
 
 class TestLeaving:
@@ -574,10 +689,122 @@ class TestMembers:
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
-        assert cursors == [(3, "2"), (3, "3"), (1, None)]
+        # A first page, then the whole roster in one answer (a snapshot: see below).
+        assert cursors == [(3, "whole"), (7, None)]
         remote = sync.read_backend(backend)
         assert sorted(email for email, _ in remote.values()) == added
         assert all(subscribed for _, subscribed in remote.values())
+
+    def test_a_member_removed_during_the_read_makes_no_other_member_missed(
+        self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
+    ) -> None:
+        # Mailman pages by offset over the roster sorted by address: a member removed from
+        # a page already read shifted the next pages by one, and the member at the border
+        # was never read (then reported absent, or, after an import, unsubscribed there
+        # as a stranger by the next reconciliation).
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list), http, page_size=3)
+        added = sorted(f"shift-{n}-{uuid.uuid4().hex[:6]}@example.com" for n in range(7))
+        for address in added:
+            backend.add([member(address)])
+        removed: list[str] = []
+
+        def remove_the_first_after_the_first_page(count: int) -> None:
+            if not removed:
+                backend.unsubscribe(added[0])
+                removed.append(added[0])
+
+        remote = sync.read_backend(backend, progress=remove_the_first_after_the_first_page)
+        assert removed == [added[0]]
+        assert {email for email, _ in remote.values()} >= set(added[1:])
+
+    def test_a_roster_larger_than_one_answer_may_be_is_read_whole(self, http: httpx.Client) -> None:
+        # 40,000 members as Mailman lists them (each entry with its http_etag) are some
+        # 6 MB: past the 4 MiB an answer may hold (app.backends.http), which guards
+        # against a proxy's endless page, not against a large list. A stand-in for
+        # Mailman's roster, as the real core answers it (count, page, total_size).
+        size = 40_000
+        entries = [
+            {
+                "email": f"member-{n:05d}@example.org",
+                "display_name": f"Member Number {n:05d}",
+                "http_etag": f'"{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"',
+            }
+            for n in range(size)
+        ]
+
+        async def roster_page(request: Request) -> Response:
+            count, page = int(request.query_params["count"]), int(request.query_params["page"])
+            body: dict[str, Any] = {"start": (page - 1) * count, "total_size": size}
+            if chunk := entries[(page - 1) * count : page * count]:
+                body["entries"] = chunk
+            return Response(json.dumps(body), media_type="application/json")
+
+        async def find(request: Request) -> Response:
+            return Response('{"start": 0, "total_size": 0}', media_type="application/json")
+
+        stand_in = Starlette(
+            routes=[
+                Route("/3.1/lists/big.example.org/roster/member", roster_page),
+                Route("/3.1/members/find", find),
+            ]
+        )
+        with LiveServer(stand_in) as base_url:
+            settings = MailmanBackendSettings(
+                base_url=f"{base_url}/3.1",
+                username="restadmin",
+                password="restpass",
+                list_id="big.example.org",
+            )
+            remote = sync.read_backend(MailmanBackend(settings, http))
+        assert len(remote) == size
+
+    def test_a_whole_roster_answered_short_is_an_error_not_fewer_members(
+        self, http: httpx.Client
+    ) -> None:
+        # A cache before the API that ignores `count` answers the whole roster's read with
+        # the first page: taken as the whole, the members after it would read as gone.
+        entries = [{"email": f"member-{n:03d}@example.org"} for n in range(250)]
+
+        async def roster_page(request: Request) -> Response:
+            body = {"start": 0, "total_size": len(entries), "entries": entries[:100]}
+            return Response(json.dumps(body), media_type="application/json")
+
+        async def find(request: Request) -> Response:
+            return Response('{"start": 0, "total_size": 0}', media_type="application/json")
+
+        stand_in = Starlette(
+            routes=[
+                Route("/3.1/lists/cached.example.org/roster/member", roster_page),
+                Route("/3.1/members/find", find),
+            ]
+        )
+        with LiveServer(stand_in) as base_url:
+            settings = MailmanBackendSettings(
+                base_url=f"{base_url}/3.1",
+                username="restadmin",
+                password="restpass",
+                list_id="cached.example.org",
+            )
+            with pytest.raises(RetryableSyncError) as caught:
+                sync.read_backend(MailmanBackend(settings, http))
+        assert "100 of its 250 members" in str(caught.value)
+
+    def test_a_member_whose_delivery_mailman_disabled_is_read_with_the_reason(
+        self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
+    ) -> None:
+        backend = MailmanBackend(settings_for(mailman_core, mailman_list), http, page_size=2)
+        bouncing, paused, fine = unique("bouncing"), unique("paused"), unique("fine")
+        for address in (bouncing, paused, fine):
+            backend.add([member(address)])
+        disable(mailman_core, mailman_list, bouncing, "by_bounces")
+        disable(mailman_core, mailman_list, paused, "by_user")
+        not_delivered: dict[str, str] = {}
+        remote = sync.read_backend(backend, not_delivered=not_delivered)
+        # Still members, subscribed: Mailman keeps them, and may enable them again.
+        assert sorted(email for email, subscribed in remote.values() if subscribed) == sorted(
+            [bouncing, paused, fine]
+        )
+        assert not_delivered == {bouncing: "by_bounces", paused: "by_user"}
 
     def test_an_empty_list_is_one_empty_page(self, backend: MailmanBackend) -> None:
         page = backend.members()
@@ -873,6 +1100,46 @@ class TestThroughTheService:
         subjects = [str(m["Subject"]) for m in smtp.messages if m["To"] == address]
         assert len(subjects) == 3, subjects  # confirm, unsubscribe link, goodbye
 
+    def test_who_comes_back_under_a_new_name_has_it_and_their_language_at_mailman(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+    ) -> None:
+        address = unique("ada")
+        settings = service_settings(database_url, smtp, settings_for(mailman_core, mailman_list))
+
+        def subscribe(name: str) -> None:
+            asked = client.post(
+                "/v1/lists/bluehats/subscriptions",
+                json={"email": address, "locale": "fr", "attributes": {"name": name}},
+            )
+            assert asked.status_code == 202, asked.text
+            confirm = link_in(smtp.mail_to(address, link="confirm"), "confirm")
+            smtp.messages.clear()
+            client.post(confirm, headers={"accept": "application/json"})
+
+        with TestClient(create_app(settings)) as client:
+            subscribe("Ada Lovelace")
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": address})
+            leave = link_in(smtp.mail_to(address, link="unsubscribe"), "unsubscribe")
+            client.post(leave, headers={"accept": "application/json"})
+            wait_until(lambda: emails(mailman_core, mailman_list) == [], timeout=SYNC_TIMEOUT)
+            smtp.messages.clear()
+            subscribe("Ada King")
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+        [entry] = roster(mailman_core, mailman_list)
+        assert entry["display_name"] == "Ada King"
+        # The list speaks English; this member asked in French.
+        assert preferences(mailman_core, mailman_list, address)["preferred_language"] == "fr"
+
     def test_an_internationalized_domain_reaches_the_roster_in_ascii(
         self,
         database_url: str,
@@ -1040,6 +1307,176 @@ class TestThroughTheService:
         assert mails_to(mailman_core, address) == []
 
 
+class TestADeadSyncRepairedSinceIsPutToRest:
+    """A sync that outlived its retries is a dead letter in `GET /v1/admin/jobs`, for an
+    operator to act on; once its work is done (a reconciliation's fix, or the backend shows
+    it done), it leaves that listing, its history kept: done, with its dead attempt and one
+    more, `superseded`, saying how."""
+
+    def failed_jobs(self, client: TestClient, engine: sa.Engine) -> list[dict[str, Any]]:
+        key = api_key_headers(engine, f"ops-{uuid.uuid4().hex[:6]}", KeyScope.READ)
+        listed = client.get("/v1/admin/jobs", headers=key)
+        assert listed.status_code == 200, listed.text
+        jobs: list[dict[str, Any]] = listed.json()
+        return jobs
+
+    def attempts(self, engine: sa.Engine, job_id: int) -> list[tuple[str, str | None]]:
+        with Session(engine) as session:
+            rows = session.exec(
+                select(DeliveryAttempt)
+                .where(DeliveryAttempt.job_id == job_id)
+                .order_by(col(DeliveryAttempt.id))
+            ).all()
+        return [(row.outcome, row.response) for row in rows]
+
+    def test_an_addition_made_by_a_reconciliations_fix(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("outlasted")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+            [dead] = self.failed_jobs(client, engine)
+        backend = settings_for(mailman_core, mailman_list)
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json", "--apply",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert json.loads(report.stdout)["missing"] == [address]
+        with TestClient(create_app(service_settings(database_url, smtp, backend))) as client:
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+            assert emails(mailman_core, mailman_list) == [address]
+            assert self.failed_jobs(client, engine) == []
+            stats = client.get(
+                "/v1/admin/lists/bluehats/stats",
+                headers=api_key_headers(engine, "ops2", KeyScope.READ),
+            )
+            assert stats.json()["dead_jobs"] == 0
+        [(died, _), (rested, how)] = self.attempts(engine, dead["id"])
+        assert (died, rested) == ("dead", "superseded")
+        assert str(how).startswith("superseded: job ")
+
+    def test_an_addition_made_at_mailman_meanwhile_is_sent_again_then_put_to_rest(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        address = unique("by-hand")
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+            [dead] = self.failed_jobs(client, engine)
+        # A list owner added the member by hand: the roster is right, their language is not.
+        subscribe_directly(mailman_core, mailman_list, address)
+        backend = settings_for(mailman_core, mailman_list)
+        settings = service_settings(database_url, smtp, backend)
+        with caplog.at_level("INFO"), TestClient(create_app(settings)) as client:
+            asked = client.post(
+                "/v1/admin/lists/bluehats/reconcile",
+                headers=api_key_headers(engine, "ops-write", KeyScope.WRITE),
+            )
+            assert asked.status_code == 202, asked.text
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE] * 2,
+                timeout=SYNC_TIMEOUT,
+            )
+            assert self.failed_jobs(client, engine) == []
+        assert preferences(mailman_core, mailman_list, address)["preferred_language"] == "fr"
+        [(died, _), (rested, how)] = self.attempts(engine, dead["id"])
+        assert (died, rested) == ("dead", "superseded")
+        assert str(how).startswith("superseded: job ")
+
+    def test_an_unsubscription_the_backend_shows_done(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+    ) -> None:
+        address = unique("left-twice")
+        backend = settings_for(mailman_core, mailman_list)
+        with TestClient(create_app(service_settings(database_url, smtp, backend))) as client:
+            subscribe_and_confirm(client, smtp, address)
+            wait_until(
+                lambda: emails(mailman_core, mailman_list) == [address], timeout=SYNC_TIMEOUT
+            )
+        closed = f"http://127.0.0.1:{free_port()}/3.1"
+        down = service_settings(
+            database_url,
+            smtp,
+            settings_for(mailman_core, mailman_list, base_url=closed),
+            job_max_attempts=1,
+        )
+        with TestClient(create_app(down)) as client:
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": address})
+            leave = link_in(smtp.mail_to(address, link="unsubscribe"), "unsubscribe")
+            client.post(leave, headers={"accept": "application/json"})
+            wait_until(
+                lambda: [job.state for job in sync_jobs(engine)] == [JobState.DONE, JobState.DEAD],
+                timeout=SYNC_TIMEOUT,
+            )
+            [dead] = self.failed_jobs(client, engine)
+        # The member leaves at Mailman too (its own List-Unsubscribe): nothing left to do.
+        with rest_client(mailman_core) as rest:
+            assert rest.delete(f"/lists/{mailman_list}/member/{address}").status_code == 204
+        looked = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        # A look changes nothing; --apply puts it to rest.
+        assert (json.loads(looked.stdout)["in_sync"], json.loads(looked.stdout)["superseded"]) == (
+            True,
+            0,
+        )
+        assert [job.state for job in sync_jobs(engine)] == [JobState.DONE, JobState.DEAD]
+        fixed = newsletter(
+            "reconcile", "--list", "bluehats", "--json", "--apply",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert json.loads(fixed.stdout)["superseded"] == 1, fixed.stdout + fixed.stderr
+        assert [job.state for job in sync_jobs(engine)] == [JobState.DONE, JobState.DONE]
+        [(died, _), (rested, how)] = self.attempts(engine, dead["id"])
+        assert (died, rested) == ("dead", "superseded")
+        assert "not subscribed at the backend" in str(how)
+        with TestClient(create_app(service_settings(database_url, smtp, backend))) as client:
+            assert self.failed_jobs(client, engine) == []
+
+
 # Taking over a list: the operator's commands, as operators run them -----------------------
 
 
@@ -1192,6 +1629,73 @@ class TestTakingOverAList:
             assert (found["absent_there"], found["missing"]) == ([address], [])
         assert len(sync_jobs(engine)) == jobs
         assert emails(mailman_core, mailman_list) == []
+
+    def test_a_member_whose_delivery_mailman_disabled_is_reported_and_kept(
+        self,
+        database_url: str,
+        engine: sa.Engine,
+        smtp: SmtpSink,
+        mailman_core: MailmanCore,
+        mailman_list: str,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        bouncing, fine = unique("bouncing"), unique("fine")
+        for address in (bouncing, fine):
+            subscribe_directly(mailman_core, mailman_list, address)
+        backend = settings_for(mailman_core, mailman_list)
+        done = newsletter(
+            "import-backend", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        disable(mailman_core, mailman_list, bouncing, "by_bounces")
+
+        # The operator's report: named with the reason, in sync all the same (exit 0).
+        report = newsletter(
+            "reconcile", "--list", "bluehats", "--json",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stdout + report.stderr
+        found = json.loads(report.stdout)
+        assert found["delivery_disabled"] == {bouncing: "by_bounces"}
+        assert (found["missing"], found["extra"], found["absent_there"]) == ([], [], [])
+        printed = newsletter(
+            "reconcile", "--list", "bluehats",
+            database_url=database_url, backend=backend, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert "1 subscribed at the backend, delivery disabled there" in printed.stdout
+        assert f"{bouncing} (by_bounces)" in printed.stdout
+        # The audit log of those runs counts them, and keeps no address.
+        with Session(engine) as session:
+            audited = session.exec(
+                select(AuditEvent.detail).where(AuditEvent.action == "list.reconcile")
+            ).all()
+        assert [detail["delivery_disabled"] for detail in audited] == [1, 1]
+        assert "@" not in json.dumps(audited)
+
+        # The worker's reconciliation: counted and named, masked, in its log.
+        settings = service_settings(database_url, smtp, backend)
+        with caplog.at_level("INFO"), TestClient(create_app(settings)) as client:
+            asked = client.post(
+                "/v1/admin/lists/bluehats/reconcile",
+                headers=api_key_headers(engine, "ops", KeyScope.WRITE),
+            )
+            assert asked.status_code == 202, asked.text
+            wait_until(
+                lambda: any("reconcile.done" in r.getMessage() for r in caplog.records),
+                timeout=SYNC_TIMEOUT,
+            )
+        said = [r.getMessage() for r in caplog.records if "delivery_disabled" in r.getMessage()]
+        assert any("delivery_disabled=1" in line for line in said), said
+        masked = f"{bouncing[0]}***@example.com (by_bounces)"
+        assert any(masked in line for line in said), said
+        assert not any(bouncing in line for line in said), said
+        # Still a member at Mailman, still confirmed here.
+        assert sorted(emails(mailman_core, mailman_list)) == sorted([bouncing, fine])
+        with Session(engine) as session:
+            statuses = session.exec(select(Subscription.status)).all()
+        assert sorted(statuses) == ["confirmed", "confirmed"]
 
 
 class TestAnAddressMailmanRefusesAtSignUp:

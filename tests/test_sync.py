@@ -1600,3 +1600,84 @@ class TestBackendsWithoutBulkCalls:
         assert all(result.error is None for result in results.values())
         assert sorted(backend.held) == sorted(f"m-{n}@example.org" for n in results)
         assert len(backend.calls) == len(results)
+
+
+class TestDeadJobsPutToRest:
+    """A dead sync whose work is done since leaves the failed jobs, done, its history kept
+    (its dead attempt, then one `superseded`), on a backend that keeps those who leave as
+    unsubscribed (Mailgun, listmonk); Mailman's case is in test_mailman.py."""
+
+    def _worker(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> tuple[Settings, Worker, MemoryBackend]:
+        settings = _app_without_worker(database_url, smtp)
+        backend = MemoryBackend()
+        return settings, _mail_worker(settings, engine, backend), backend
+
+    def _reconcile(self, worker: Worker, engine: sa.Engine) -> None:
+        with db.session_scope(engine) as session:
+            outbox.request_reconcile(session, list_slug="bluehats", now=utcnow())
+        _drain(worker)
+
+    def _dead(self, engine: sa.Engine) -> list[OutboxJob]:
+        return [job for job in _jobs(engine) if job.state == JobState.DEAD]
+
+    def test_an_unsubscription_the_backend_shows_done(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings, worker, backend = self._worker(database_url, smtp, engine)
+        email = "uma@example.org"
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, email)
+            _drain(worker)
+            client.post("/v1/lists/bluehats/unsubscriptions", json={"email": email})
+            _drain(worker)
+            leave = link_in(smtp.mail_to(email, link="unsubscribe"), "unsubscribe")
+            backend.fail_next = [PermanentSyncError("HTTP 400: refused", status=400)]
+            client.post(leave, headers={"accept": "application/json"})
+            _drain(worker)
+        [dead] = self._dead(engine)
+        # Unsubscribed at the backend meanwhile (its own link): nothing left to do.
+        backend.held[email] = (email, False, {})
+        self._reconcile(worker, engine)
+        assert self._dead(engine) == []
+        assert _attempts_of(engine, dead.id) == ["dead", "superseded"]
+
+    def test_an_erasures_removal_a_reconciliation_made_again(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        settings, worker, backend = self._worker(database_url, smtp, engine)
+        email = "erin@example.org"
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, email)
+            _drain(worker)
+        _erase(engine, settings, email)
+        backend.fail_next = [PermanentSyncError("HTTP 400: refused", status=400)]
+        _drain(worker)
+        [dead] = self._dead(engine)
+        assert dead.payload["action"] == "remove"
+        # Still held there: the reconciliation removes it (the address was erased here),
+        # and that removal, done, puts the dead one to rest.
+        self._reconcile(worker, engine)
+        assert email not in backend.held
+        assert self._dead(engine) == []
+        assert _attempts_of(engine, dead.id) == ["dead", "superseded"]
+
+    def test_an_erasures_removal_is_not_put_to_rest_by_a_roster_without_the_member(
+        self, database_url: str, smtp: SmtpSink, engine: sa.Engine
+    ) -> None:
+        # The roster shows a list's members; the backend may keep the person beyond it (a
+        # Mailman address record, a listmonk subscriber): only a removal done settles it.
+        settings, worker, backend = self._worker(database_url, smtp, engine)
+        email = "eve@example.org"
+        with TestClient(create_app(settings)) as client:
+            _confirm(client, worker, smtp, email)
+            _drain(worker)
+        _erase(engine, settings, email)
+        backend.fail_next = [PermanentSyncError("HTTP 400: refused", status=400)]
+        _drain(worker)
+        [dead] = self._dead(engine)
+        backend.held.pop(email)
+        self._reconcile(worker, engine)
+        assert [job.id for job in self._dead(engine)] == [dead.id]
+        assert _attempts_of(engine, dead.id) == ["dead"]

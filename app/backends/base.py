@@ -95,6 +95,10 @@ class RemoteMember:
     email: str
     subscribed: bool
     name: str | None = None
+    # Why the backend holds this subscribed member without delivering to them (Mailman's
+    # `delivery_status`: by_bounces, by_user, by_moderator, unknown); None while it
+    # delivers, and for backends that keep no such state apart from unsubscribing.
+    delivery_off: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,9 +91,13 @@ def send(
     what: str,
     ok: Sequence[int] = (),
     refused: tuple[int, str] | None = None,
+    max_bytes: int = MAX_ANSWER_BYTES,
     **kwargs: Any,
 ) -> httpx.Response:
     """Make one call; success (2xx, or a status in `ok`) returns the response.
+
+    `max_bytes`: the most of the answer read, for a call whose answer is known to be
+    larger than a page (Mailman's whole roster, sized from its announced total).
 
     `ok` lists statuses that mean "already done" for this call (409 on add, 404 on
     remove); every other failure becomes a RetryableSyncError or a PermanentSyncError.
@@ -108,7 +112,7 @@ def send(
         request = client.build_request(method, url, **kwargs)
         streamed = client.send(request, auth=auth, stream=True)
         try:
-            response = _read_capped(streamed, what=what)
+            response = _read_capped(streamed, what=what, max_bytes=max_bytes)
         finally:
             streamed.close()
     except httpx.TimeoutException as e:
@@ -150,15 +154,17 @@ def send(
     raise PermanentSyncError(message, response=excerpt(response), status=status)
 
 
-def _read_capped(response: httpx.Response, *, what: str) -> httpx.Response:
-    """The answer read whole, when it holds no more than MAX_ANSWER_BYTES once decoded;
-    else the call fails there, with the start of the answer on record."""
+def _read_capped(
+    response: httpx.Response, *, what: str, max_bytes: int = MAX_ANSWER_BYTES
+) -> httpx.Response:
+    """The answer read whole, when it holds no more than `max_bytes` once decoded; else
+    the call fails there, with the start of the answer on record."""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_bytes():
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
+        if size > max_bytes:
             status = response.status_code
             start = b"".join(chunks)[:RESPONSE_LIMIT].decode(
                 response.encoding or "utf-8", "replace"
@@ -169,7 +175,7 @@ def _read_capped(response: httpx.Response, *, what: str) -> httpx.Response:
                 else PermanentSyncError
             )
             raise error(
-                f"{what}: HTTP {status} with an answer over {MAX_ANSWER_BYTES // (1024 * 1024)} "
+                f"{what}: HTTP {status} with an answer over {max_bytes // (1024 * 1024)} "
                 "MiB, not read further (no backend answers that much: a proxy's page? is "
                 "base_url right?)",
                 response=f"{status} {clean(start, limit=RESPONSE_LIMIT)}",

@@ -33,6 +33,24 @@ Endpoints:
   reported as permanent.
   There is no bulk add in the core API (only `POST /members`, one subscriber per call), so
   `max_batch` is 1.
+  Then, on 201 or 409 "already subscribed" (the member id from `Location`, or from
+  `GET /members/find?list_id=&subscriber=&role=member`):
+  - the member's language: `PATCH /members/{member_id}/preferences {"preferred_language":
+    locale}` -> 204. Mailman writes to a member itself (bounce and disabled-delivery
+    notices, password and digest wording) in the member's preferred language, else the
+    list's: a member-level preference, so this list only. A language this Mailman has not
+    enabled (`[language.xx] enabled: no`, or one it does not ship) answers 400
+    "Unexpected parameters: preferred_language" (its validator's language lookup raises
+    KeyError, which it reports as an unknown parameter): the member stays added, in the
+    list's language, the answer says so, the adapter asks no more for that language and
+    logs `backend.mailman.language_unavailable` once.
+  - the name: `PATCH /addresses/{address} {"display_name": name}` -> 204 when the person
+    gave one (on 409 only when it differs from the member's). Mailman sets an address's
+    name only when it creates the address record, which outlives a membership: without
+    this a person who left and came back, or renamed themselves here, kept the old name.
+    The record is Mailman's one per address, for all its lists: the person's latest name
+    given here is the one every list there shows. An address with a `/` cannot be named
+    in a path (below): its name stays as Mailman has it.
 - unsubscribe and remove: `DELETE /lists/{list_id}/roster/member {"emails": [address]}`,
   Mailman's mass unsubscription (rest/docs/membership.rst "Mass Unsubscriptions") -> 200
   `{address: true}` when a member left, `{address: false}` when it was not one (a success
@@ -61,11 +79,30 @@ Endpoints:
   The one case left, such an address among several of one user, which only
   `DELETE /addresses/{address}` could take alone, is a permanent error for an operator.
   Add, unsubscribe and the roster take addresses in bodies and answers only.
-- members: `GET /lists/{list_id}/roster/member?count=100&page=N&fields=email&fields=
-  display_name`, page from 1, ordered by address; the cursor is the next page number, and
-  a page past the end has no `entries`. `count` and `page` always go together: one without
-  the other makes Mailman 3.3 answer 500. Every roster entry is a member, so
-  `subscribed=True`: Mailman deletes a member who leaves.
+- members: `GET /lists/{list_id}/roster/member?count=100&page=1&fields=email&fields=
+  display_name`, ordered by address, `total_size` the roster's size; a list larger than
+  that page is then read whole, `count={total_size + 100}&page=1` (cursor `whole`), again
+  with a larger count if it grew past it meanwhile (3 tries, then a retryable error).
+  Mailman has no stable paging (no cursor, no keyset, no `since`): `page=N` is an offset
+  into the roster as it is at each call (rest/helpers.py `_paginate` slices the list it
+  reads each time), so a member who leaves from a page already read shifts the next ones
+  and the member at the border is never read; a reconciliation reported them absent, and
+  an import missed them (then unsubscribed there by the next reconciliation, as a member
+  without consent here). One answer is one query, a snapshot. It costs Mailman less than
+  pages do (each page reads the whole roster to slice it); the answer, some 150 bytes a
+  member, may pass the 4 MiB a call reads otherwise (its cap is then 2 KiB a member asked
+  for), and must come within `backend_timeout`: 1,000 members read in 0.2 s here.
+  `count` and `page` always go together: one without the other makes Mailman 3.3 answer
+  500. Every roster entry is a member, so `subscribed=True`: Mailman deletes a member who
+  leaves.
+  Before the first page, the members whose delivery Mailman turned off (`GET /members/
+  find?list_id=&role=member&delivery_status={by_bounces,by_user,by_moderator,unknown}
+  &count=&page=`, one status at a time; the roster's entries do not carry it, it is a
+  member preference): Mailman's bounce processing disables a member whose mail bounces
+  (`by_bounces`) and keeps them on the roster, mailed nothing, until it removes them after
+  its warnings or someone enables them again. Such a member is read `subscribed` with
+  `delivery_off` saying why: a reconciliation reports them (`delivery_disabled`), and
+  changes nothing.
 
 Mail from Mailman: none to the member, for any change this adapter makes. The welcome is
 turned off per request; the mass unsubscription removes members without Mailman's goodbye
@@ -79,12 +116,10 @@ its owners of each member this adapter adds, as of any other (no per-request ove
 Member variables: Mailman has no per-member custom variables, and its footer can only
 expand fixed placeholders (`$user_address`, `$user_name`, ... with personalized delivery),
 not this service's per-member token. So the personal `unsubscribe_url` does not reach
-Mailman; only the display name does (and only when Mailman creates the address: a later
-change of name is not sent, as the name belongs to Mailman's address record, shared by
-every list of that Mailman). The newsletter's way out is the list's footer, set by the list
-owners (template `list:member:regular:footer`): a link to the site's unsubscribe form,
-which posts the address to `POST /v1/lists/{slug}/unsubscriptions` and so mails the
-member a personal one-click link.
+Mailman; the display name and the language do (see add). The newsletter's way out is the
+list's footer, set by the list owners (template `list:member:regular:footer`): a link to
+the site's unsubscribe form, which posts the address to `POST /v1/lists/{slug}/
+unsubscriptions` and so mails the member a personal one-click link.
 Mailman itself adds `List-Unsubscribe: <mailto:LIST-leave@...>` to every post, and a
 member who leaves that way (or through Postorius) is simply gone from the roster: this
 service is not told, and a reconciliation reports that member as *absent_there*
@@ -121,7 +156,7 @@ from app.backends.base import (
     SyncError,
     mailman_refuses,
 )
-from app.backends.http import excerpt, send
+from app.backends.http import MAX_ANSWER_BYTES, excerpt, send
 from app.config import MailmanBackendSettings
 
 log = logging.getLogger(__name__)
@@ -134,6 +169,17 @@ NO_SUCH_LIST = "No such list"
 INVALID_SUBSCRIBER = 'Invalid Parameter "subscriber"'
 # Mailman's validator, for a parameter it does not know (on reads as on writes).
 UNEXPECTED = "Unexpected parameters: "
+# The cursor of the roster's second read, the whole of it in one answer (see `members`).
+WHOLE_ROSTER = "whole"
+# The most one roster entry takes in Mailman's answer (address, display name with its
+# characters escaped, http_etag): some 150 bytes in practice; the cap of a whole roster's
+# answer is this many per member asked for.
+MEMBER_BYTES = 2048
+# Reads of the whole roster, each asking for more, before a roster that grows faster than
+# it is read is given up on for now (retried later).
+ROSTER_TRIES = 3
+# A member's `delivery_status` other than `enabled`: kept on the roster, mailed nothing.
+DELIVERY_OFF = ("by_bounces", "by_user", "by_moderator", "unknown")
 
 
 def _segment(value: str) -> str:
@@ -178,6 +224,13 @@ def _too_old(what: str, description: str, *, response: str | None) -> PermanentS
     )
 
 
+def _total(body: dict[str, Any], what: str) -> int:
+    try:
+        return int(body.get("total_size") or 0)
+    except (TypeError, ValueError) as e:
+        raise PermanentSyncError(f"{what}: unexpected total_size {body.get('total_size')!r}") from e
+
+
 def _json(response: httpx.Response, what: str) -> dict[str, Any]:
     try:
         body = response.json()
@@ -206,6 +259,12 @@ class MailmanBackend:
         self._list_path = f"/lists/{_segment(settings.list_id)}"
         self._auth = httpx.BasicAuth(settings.username, settings.password.get_secret_value())
         self._page_size = page_size
+        # Languages this Mailman refused (not enabled there), not asked again.
+        self._unavailable: set[str] = set()
+        # The roster's members not delivered to, read with its first page (`members`).
+        self._delivery_off: dict[str, str] = {}
+        # The roster's size as its latest read answered it.
+        self._last_total = 0
 
     # ListBackend --------------------------------------------------------------------------
 
@@ -235,40 +294,100 @@ class MailmanBackend:
         return f"mailman: {done}; {outcome}"
 
     def members(self, cursor: str | None = None) -> MembersPage:
-        try:
-            page = int(cursor) if cursor else 1
-        except ValueError as e:
-            raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}") from e
+        if cursor not in (None, WHOLE_ROSTER):
+            raise PermanentSyncError(f"mailman list members: bad cursor {cursor!r}")
         what = "mailman list members"
-        response = self._call_list(
-            "GET",
-            "/roster/member",
-            what=what,
-            params=[
-                ("count", self._page_size),
-                ("page", page),
-                ("fields", "email"),
-                ("fields", "display_name"),
-            ],
-        )
-        body = _json(response, what)
+        if cursor is None:
+            # Read once per pass over the roster, before its first page.
+            self._delivery_off = self._not_delivered()
+            body = self._roster(count=self._page_size, what=what)
+        else:
+            # The whole roster in one answer: Mailman reads it in one query, a snapshot.
+            # Offset pages (`page=2, 3, ...`) shift when a member before them leaves
+            # meanwhile, and the member at the border is never read.
+            count = max(self._last_total, self._page_size) + self._page_size
+            for _ in range(ROSTER_TRIES):
+                body = self._roster(count=count, what=what)
+                total = _total(body, what)
+                if total <= count:
+                    break
+                # Grown past `count` since: again, with room for what came meanwhile.
+                count = total + self._page_size
+            else:
+                raise RetryableSyncError(
+                    f"{what}: the roster grew faster than it could be read whole "
+                    f"({ROSTER_TRIES} tries, {count} members asked for)"
+                )
         try:
             entries = body.get("entries") or []
-            total = int(body.get("total_size") or 0)
             members = [
                 RemoteMember(
                     email=str(entry["email"]),
                     subscribed=True,
                     name=entry.get("display_name") or None,
+                    delivery_off=self._delivery_off.get(str(entry["email"]).lower()),
                 )
                 for entry in entries
             ]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PermanentSyncError(
-                f"{what}: unexpected answer ({e})", response=excerpt(response)
-            ) from e
-        more = bool(members) and page * self._page_size < total
-        return MembersPage(members=members, next_cursor=str(page + 1) if more else None)
+            raise PermanentSyncError(f"{what}: unexpected answer ({e})") from e
+        self._last_total = _total(body, what)
+        if cursor == WHOLE_ROSTER and len(members) < self._last_total:
+            # Not Mailman's answer to `count` (a cache before the API that ignores it?):
+            # the members past it would read as gone.
+            raise RetryableSyncError(
+                f"{what}: the whole roster's answer holds {len(members)} of its "
+                f"{self._last_total} members (a cache in front of the API that ignores "
+                "`count`?)"
+            )
+        more = cursor is None and bool(members) and self._last_total > len(members)
+        return MembersPage(members=members, next_cursor=WHOLE_ROSTER if more else None)
+
+    def _roster(self, *, count: int, what: str) -> dict[str, Any]:
+        response = self._call_list(
+            "GET",
+            "/roster/member",
+            what=what,
+            # A page's answer fits the usual cap; the whole roster's is sized by its count.
+            max_bytes=max(MAX_ANSWER_BYTES, count * MEMBER_BYTES),
+            params=[
+                ("count", count),
+                ("page", 1),
+                ("fields", "email"),
+                ("fields", "display_name"),
+            ],
+        )
+        return _json(response, what)
+
+    def _not_delivered(self) -> dict[str, str]:
+        """The list's members whose delivery Mailman turned off, by lower-cased address:
+        why (`by_bounces`, `by_user`, `by_moderator`, `unknown`)."""
+        what = "mailman members not delivered to"
+        found: dict[str, str] = {}
+        for status in DELIVERY_OFF:
+            page = 1
+            while True:
+                response = self._call(
+                    "GET",
+                    "/members/find",
+                    what=what,
+                    params=[
+                        ("list_id", self._list_id),
+                        ("role", "member"),
+                        ("delivery_status", status),
+                        ("count", self._page_size),
+                        ("page", page),
+                    ],
+                )
+                body = _json(response, what)
+                entries = body.get("entries") or []
+                for entry in entries:
+                    if isinstance(entry, dict) and isinstance(entry.get("email"), str):
+                        found[entry["email"].lower()] = status
+                if not entries or page * self._page_size >= int(body.get("total_size") or 0):
+                    break
+                page += 1
+        return found
 
     def clear_suppression(self, address: str) -> str | None:
         # A ban is the list owners' decision, not an opt-out to forget: see the docstring.
@@ -307,15 +426,33 @@ class MailmanBackend:
                 description = _description(response)
         if status == 201:
             member_id = response.headers.get("location", "").rstrip("/").rpartition("/")[2]
+            # A new membership of an address Mailman already had (the person left and
+            # came back, or is on another of its lists) keeps that address's old name.
+            self._rename(member, held=None)
+            language = self._set_language(member_id, member.locale)
             log.info(
-                "backend.mailman.added address=%s discarded_requests=%d",
+                "backend.mailman.added address=%s discarded_requests=%d language=%s",
                 mask(member.email),
                 discarded,
+                language,
             )
             instead = f", instead of {discarded} request(s) pending there" if discarded else ""
-            return f"mailman: member {member_id} added to {self._list_id}{instead}"
+            return (
+                f"mailman: member {member_id} added to {self._list_id}{instead}"
+                f"{self._updated(False, language, member.locale)}"
+            )
         if status == 409 and description == ALREADY_SUBSCRIBED:
-            return f"mailman: already a member of {self._list_id}"
+            found = self._membership(member.email)
+            if found is None:
+                # Gone again between the two calls: nothing to update.
+                return f"mailman: already a member of {self._list_id}"
+            member_id, held = found
+            renamed = self._rename(member, held=held)
+            language = self._set_language(member_id, member.locale)
+            return (
+                f"mailman: already a member of {self._list_id}"
+                f"{self._updated(renamed, language, member.locale)}"
+            )
         if status == 409 and description == REQUEST_PENDING:
             raise PermanentSyncError(
                 f"{what}: a subscription request made at Mailman is pending for this "
@@ -358,6 +495,89 @@ class MailmanBackend:
             )
         raise PermanentSyncError(
             f"{what}: HTTP {status}: {description}", response=excerpt(response)
+        )
+
+    @staticmethod
+    def _updated(renamed: bool, language: str, locale: str) -> str:
+        """What the answer says beyond the membership: a new name, a language Mailman
+        lacks (a language set is the rule, left unsaid)."""
+        said = "; display name updated" if renamed else ""
+        if language == "set":
+            return said
+        return f"{said}; language {locale} not enabled at Mailman: the list's language instead"
+
+    def _membership(self, address: str) -> tuple[str, str] | None:
+        """The member id and display name of `address`'s membership of the list."""
+        wanted = address.lower()
+        what = "mailman find member"
+        response = self._call(
+            "GET",
+            "/members/find",
+            what=what,
+            params={"list_id": self._list_id, "subscriber": wanted, "role": "member"},
+        )
+        for entry in _json(response, what).get("entries") or []:
+            # `subscriber` is matched as a pattern where it holds a `*`: exact matches only.
+            if (
+                isinstance(entry, dict)
+                and str(entry.get("email", "")).lower() == wanted
+                and isinstance(entry.get("member_id"), str)
+            ):
+                return entry["member_id"], str(entry.get("display_name") or "")
+        return None
+
+    def _rename(self, member: Member, *, held: str | None) -> bool:
+        """Give the address record the name the person gave here (`held`: the name Mailman
+        shows, None where unknown); whether it was sent."""
+        if not member.name or member.name == held or "/" in member.email:
+            # No name given: Mailman's stays. An address with a `/` cannot be named in a
+            # path (see the module's docstring): its name stays as Mailman has it.
+            return False
+        self._call(
+            "PATCH",
+            f"/addresses/{_segment(member.email.lower())}",
+            what="mailman update display name",
+            ok=(404,),
+            expect=(204,),
+            json={"display_name": member.name},
+        )
+        return True
+
+    def _set_language(self, member_id: str, locale: str) -> str:
+        """Set the member's preferred language at Mailman to this service's `locale`:
+        "set", or "unavailable" where Mailman does not have it enabled (the member then
+        gets the list's language from Mailman, as before)."""
+        # Mailman's codes are its `[language.xx]` sections: `fr`, `en`, `pt_BR`.
+        code = locale.replace("-", "_")
+        if code in self._unavailable:
+            return "unavailable"
+        what = "mailman set preferred language"
+        response = self._call(
+            "PATCH",
+            f"/members/{_segment(member_id)}/preferences",
+            what=what,
+            ok=(400, 404),
+            expect=(204,),
+            json={"preferred_language": code},
+        )
+        if response.status_code in (204, 404):
+            # 404: the member left meanwhile (another job, Mailman's own link): no one to set.
+            return "set"
+        description = _description(response)
+        # Mailman's validator reports a language it has not enabled as it does a parameter
+        # it does not know (its language lookup raises KeyError): every Mailman 3 knows
+        # `preferred_language`, so here it names the language.
+        if description.startswith(UNEXPECTED) and "preferred_language" in description:
+            self._unavailable.add(code)
+            log.warning(
+                "backend.mailman.language_unavailable list=%s language=%s: members get the "
+                "list's language from Mailman",
+                self._list_id,
+                code,
+            )
+            return "unavailable"
+        raise PermanentSyncError(
+            f"{what}: HTTP 400: {description}", response=excerpt(response), status=400
         )
 
     def _discard_requests(self, address: str) -> int:
