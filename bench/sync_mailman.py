@@ -7,8 +7,11 @@ two new lists, and measures the same number of adds (`--mailman-members`, 500; 1
 --quick) two ways:
 
     mailman     quiet adds straight to Mailman: `POST /3.1/members` with the pre_* flags
-                and `send_welcome_message: false`, one after the other from one client
-                made like the worker's: Mailman's own rate, the reference.
+                and `send_welcome_message: false`, then the member's language (`PATCH
+                /3.1/members/{id}/preferences`), one after the other from one client made
+                like the worker's: Mailman's own rate for the state the service leaves
+                there, the reference. (The service also sends each member's name, which
+                Mailman takes at the add only for an address new to it: one call more.)
     service     confirmed subscriptions written to a new SQLite database as
                 `subscriptions.confirm()` leaves them (the row, its standing unsubscribe
                 token, a sync job with `fresh_opt_in`), drained by a `Worker` of this
@@ -72,6 +75,8 @@ QUIET = {
     "pre_approved": True,
     "send_welcome_message": False,
 }
+# The seeded subscribers' language, set on each member both ways.
+MEMBER_LANGUAGE = "fr"
 # A round that has not drained its slice after this is a failure, not a figure.
 ROUND_TIMEOUT = 600.0
 
@@ -142,6 +147,16 @@ def _direct_adds(client: httpx.Client, core: MailmanCore, list_id: str, numbers:
         )
         if response.status_code != 201:
             raise SystemExit(f"direct add {n}: HTTP {response.status_code} {response.text}")
+        # The member's own language, as the service sets it (app/backends/mailman.py): the
+        # same state at Mailman both ways. The name needs no call of its own here, the
+        # address being new to Mailman.
+        member_id = response.headers["location"].rstrip("/").rpartition("/")[2]
+        response = client.patch(
+            f"{core.base_url}/members/{member_id}/preferences",
+            json={"preferred_language": MEMBER_LANGUAGE},
+        )
+        if response.status_code != 204:
+            raise SystemExit(f"direct language {n}: HTTP {response.status_code} {response.text}")
     return time.perf_counter() - started
 
 
@@ -185,7 +200,7 @@ def seed(engine: sa.Engine, settings: Settings, *, members: int) -> None:
                 email=address,
                 email_key=address,
                 status="confirmed",
-                locale="fr",
+                locale=MEMBER_LANGUAGE,
                 consent_version="2026-11",
                 attributes={"name": f"Member {n}"},
                 confirmed_at=now,
