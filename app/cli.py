@@ -1185,9 +1185,17 @@ def import_file(
         str | None, typer.Option(help="An operator's note, kept in the ledger.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write every refused row there, as CSV: its line, why, and the row as it "
+            "was; fixed, that file imports as it is."
+        ),
+    ] = None,
 ) -> None:
     """Import subscribers from a CSV file; an address already on the list is left as it is."""
     import functools
+    import io
     import os
 
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
@@ -1205,11 +1213,17 @@ def import_file(
         # As the API's import takes it: line breaks, but no escape sequence into the ledger.
         _as_the_api_takes(note, UrlNote, option="--note")
     settings = _settings()
+    # Opened first: an import whose refused rows could not be written is refused before
+    # it writes anything.
+    rejected = None if rejects is None else _open_output(rejects, None)
     engine = db.make_engine(settings.database_url)
     detail: dict[str, Any] = {"mode": chosen.value, "dry_run": dry_run, "file": file.name}
+    if rejects is not None:
+        detail["rejects"] = rejects.name
     try:
         _known_list(settings, engine, list_slug)
         with (
+            contextlib.ExitStack() as closing,
             _seekable(file) as source,
             _progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -1221,6 +1235,11 @@ def import_file(
             task = progress.add_task(f"importing into {list_slug}", total=size)
             # Filled as the import goes: a run cut short still tells what it wrote.
             report = transfer.ImportReport(list_slug=list_slug, mode=chosen, dry_run=dry_run)
+            rejects_text = None
+            if rejected is not None:
+                rejects_text = closing.enter_context(
+                    io.TextIOWrapper(rejected, encoding="utf-8", newline="")
+                )
 
             def advance(done: int) -> None:
                 progress.update(task, completed=done)
@@ -1241,6 +1260,7 @@ def import_file(
                     progress=advance,
                     backend=settings.backend_of(list_slug),
                     report=report,
+                    rejects=rejects_text,
                 )
             except errors.DomainError as e:
                 _record(
@@ -1271,6 +1291,8 @@ def import_file(
             detail={**detail, **report.counts(), "note": note},
         )  # fmt: skip
     finally:
+        if rejected is not None:
+            rejected.close()
         engine.dispose()
     if as_json:
         document = {
@@ -1281,6 +1303,8 @@ def import_file(
                 for item in report.errors
             ],
         }
+        if rejects is not None:
+            document["rejects"] = str(rejects)
         typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         verb = "would create" if dry_run else "created"
@@ -1291,8 +1315,16 @@ def import_file(
         )
         for item in report.errors:
             typer.echo(f"  line {item.line} {item.email}: {item.error}")
-        if report.invalid > len(report.errors):
-            typer.echo(f"  ... and {report.invalid - len(report.errors)} more")
+        if rejects is not None and report.invalid:
+            typer.echo(
+                f"  all {report.invalid} refused rows, as they were, are in {rejects} (with "
+                "their line and why): fixed, that file imports as it is"
+            )
+        elif report.invalid > len(report.errors):
+            typer.echo(
+                f"  ... and {report.invalid - len(report.errors)} more refused rows: --rejects "
+                "FILE writes every refused row, as it was, with its line and why"
+            )
     if report.invalid:
         raise typer.Exit(1)
 
