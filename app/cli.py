@@ -1232,7 +1232,15 @@ def import_file(
             _ctrl_c_between_steps() as stop_if_asked,
         ):  # fmt: skip
             size = os.fstat(source.fileno()).st_size
-            task = progress.add_task(f"importing into {list_slug}", total=size)
+            # The first pass checks the whole file, writing nothing; then the second writes
+            # it, batch by batch. The bar shows each in turn, over the file's bytes.
+            task = progress.add_task(f"checking {file.name}", total=size)
+            writing = False
+
+            def checking(done: int) -> None:
+                progress.update(task, completed=done)
+                stop_if_asked()  # nothing written yet: Ctrl-C stops the import there
+
             # Filled as the import goes: a run cut short still tells what it wrote.
             report = transfer.ImportReport(list_slug=list_slug, mode=chosen, dry_run=dry_run)
             rejects_text = None
@@ -1242,6 +1250,11 @@ def import_file(
                 )
 
             def advance(done: int) -> None:
+                nonlocal writing
+                if not writing:
+                    # From the start again, with the writing's own pace for the time left.
+                    progress.reset(task, total=size, description=f"importing into {list_slug}")
+                    writing = True
                 progress.update(task, completed=done)
                 stop_if_asked()  # after a batch's commit: where Ctrl-C stops the import
 
@@ -1261,6 +1274,7 @@ def import_file(
                     backend=settings.backend_of(list_slug),
                     report=report,
                     rejects=rejects_text,
+                    checking=checking,
                 )
             except errors.DomainError as e:
                 _record(

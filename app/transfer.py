@@ -372,12 +372,18 @@ def _records(source: IO[bytes]) -> tuple[list[str], str, Iterator[tuple[int, lis
     return columns, delimiter, records()
 
 
-def check_file(source: IO[bytes]) -> int:
+def check_file(source: IO[bytes], *, progress: Callable[[int], None] | None = None) -> int:
     """Read the whole file once for what would make it unusable; the number of records.
     EmptyCsv for a header with no record under it (blank lines and rows of empty cells
-    are no records)."""
+    are no records). `progress` gets the bytes read so far every BATCH_SIZE records, and
+    at the end."""
     columns, _, records = _records(source)
-    count = sum(1 for _ in records)
+    count = 0
+    for count, _ in enumerate(records, 1):
+        if progress is not None and count % BATCH_SIZE == 0:
+            progress(source.tell())
+    if progress is not None:
+        progress(source.tell())
     if count == 0:
         raise errors.EmptyCsv(
             f"The file holds no rows: its header ({', '.join(columns)}) is followed by no "
@@ -580,12 +586,14 @@ def import_csv(
     backend: BackendSettings | None = None,
     report: ImportReport | None = None,
     rejects: IO[str] | None = None,
+    checking: Callable[[int], None] | None = None,
 ) -> ImportReport:
     """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
 
     Raises ListNotFound, or InvalidCsv for a file that cannot be read at all (EmptyCsv for
-    one with no row), before anything is written. `progress` gets the bytes read so far
-    after each batch. A dry run reads the database to count what would happen, and writes
+    one with no row), before anything is written. `checking` gets the bytes read so far by
+    that first pass (`check_file`), `progress` those of the second, after each batch. A dry
+    run reads the database to count what would happen, and writes
     nothing. An address the list's `backend` cannot hold is a row error.
 
     `report`, when given, is filled as the import goes: a caller whose run is cut short
@@ -604,7 +612,7 @@ def import_csv(
     with transaction() as session:
         mailing_list = _list_info(session, slug=list_slug)
     source.seek(0)
-    check_file(source)
+    check_file(source, progress=checking)
     source.seek(0)
     columns, delimiter, records = _records(source)
     if report is None:

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import pty
 import signal
 import stat
 import subprocess
@@ -888,6 +889,95 @@ class TestAFileWithoutRows:
             assert result.stderr == self.EXPECTED + "\n"
         outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
         assert outcomes == ["error:empty_csv"] * 3
+
+
+def _on_a_terminal(
+    command: list[str], env: dict[str, str], *, ctrl_c_at: bytes
+) -> tuple[int, bytes]:
+    """Run `command` with its stderr on a terminal (a pseudo-terminal), pressing Ctrl-C
+    once `ctrl_c_at` shows there; its exit code and all it drew."""
+    main, secondary = pty.openpty()
+    running = subprocess.Popen(
+        command, env={**env, "TERM": "xterm", "COLUMNS": "120"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=secondary,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    os.close(secondary)
+    drawn = b""
+    pressed = False
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            drawn += chunk
+            if not pressed and ctrl_c_at in drawn:
+                running.send_signal(signal.SIGINT)
+                pressed = True
+        return running.wait(timeout=120), drawn
+    finally:
+        running.kill()
+        os.close(main)
+
+
+class TestProgress:
+    """The import shows how far it is while it checks the whole file (the first pass,
+    which writes nothing) as while it writes."""
+
+    def test_the_first_pass_reports_the_bytes_read_before_any_row_is_written(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        body = (HEADER + "".join(_row(f"user{n}@example.org") for n in range(2500))).encode()
+        seen: list[tuple[str, int, int]] = []
+        transfer.import_csv(
+            lambda: db.session_scope(client.app.state.engine),  # type: ignore[attr-defined]
+            source=io.BytesIO(body), list_slug="bluehats", mode=transfer.ImportMode.CONFIRMED,
+            dry_run=False, operator="test", note=None, key=b"k" * 32,
+            resend_interval=timedelta(minutes=5), now=utcnow(),
+            checking=lambda done: seen.append(
+                ("check", done, count_rows(database_url, "subscription"))
+            ),
+            progress=lambda done: seen.append(("write", done, 0)),
+        )  # fmt: skip
+        checks = [(done, rows) for stage, done, rows in seen if stage == "check"]
+        # Every 1,000 rows, then at the end; all before the first batch, nothing written.
+        assert [stage for stage, _, _ in seen] == ["check"] * 3 + ["write"] * 3
+        assert [rows for _, rows in checks] == [0, 0, 0]
+        assert checks[0][0] < checks[1][0] < checks[2][0] == len(body)
+
+    def test_the_command_shows_the_check_on_a_terminal_and_ctrl_c_stops_it_there(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        # A file whose check takes seconds: until it ends, the writing has not begun.
+        big = _big_file(tmp_path, 500_000)
+        returncode, drawn = _on_a_terminal(
+            [NEWSLETTER, "import", "--list", "bluehats", str(big)], _cli_env(database_url),
+            ctrl_c_at=b"checking big.csv",
+        )  # fmt: skip
+        assert returncode == 130, drawn[-2000:]
+        assert b"The import into bluehats was interrupted: nothing was written." in drawn
+        assert count_rows(database_url, "subscription") == 0
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.outcome, entry.detail["applied_through"]) == ("interrupted", 0)
+
+    def test_off_a_terminal_the_command_draws_nothing(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        members = tmp_path / "members.csv"
+        members.write_text(HEADER + "".join(_row(f"user{n}@example.org") for n in range(2500)))
+        result = subprocess.run(
+            [NEWSLETTER, "import", "--list", "bluehats", str(members)], env=_cli_env(database_url),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        # In a log: the report's one line, no bar, no line left empty by one.
+        assert result.stderr == ""
+        assert result.stdout.splitlines() == [
+            "list bluehats (confirmed): read 2500; created 2500; unchanged 0; invalid 0"
+        ]
 
 
 class TestLargeFiles:
