@@ -482,7 +482,12 @@ def _created_here(settings: Settings, slug: str) -> bool:
 
 
 def _read_members(
-    backend: Any, *, label: str, names: dict[str, str] | None = None, again: bool = False
+    backend: Any,
+    *,
+    label: str,
+    names: dict[str, str] | None = None,
+    variables: dict[str, dict[str, Any]] | None = None,
+    again: bool = False,
 ) -> dict[str, tuple[str, bool]]:
     """The backend's members by identity (`sync.read_backend`). Two spellings of one address
     there are one member here: said (but on a second read, `again`), so that the count
@@ -502,7 +507,7 @@ def _read_members(
             progress.update(task, description=f"reading members from {label}: {seen}")
 
         try:
-            members = sync.read_backend(backend, progress=advance, names=names)
+            members = sync.read_backend(backend, progress=advance, names=names, variables=variables)
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
             raise typer.Exit(1) from e
@@ -623,7 +628,8 @@ def import_backend(
     try:
         lists.sync_declared(engine, declared=settings.lists)
         names: dict[str, str] = {}
-        remote = _read_members(backend, label=list_slug, names=names)
+        variables: dict[str, dict[str, Any]] = {}
+        remote = _read_members(backend, label=list_slug, names=names, variables=variables)
         with db.session_scope(engine) as session:
             report = sync.import_members(
                 session,
@@ -633,6 +639,8 @@ def import_backend(
                 key=settings.token_key(),
                 now=utcnow(),
                 names=names,
+                variables=variables,
+                fields=declared.fields,
             )
             if dry_run:
                 session.rollback()
@@ -647,6 +655,8 @@ def import_backend(
                     "already_known": report.already_known, "invalid": len(report.invalid),
                     "erased": report.erased, "blocked": report.blocked,
                     "departed": report.departed,
+                    "variables_not_kept": report.variables_not_kept(),
+                    "names_not_kept": report.names_refused,
                 },
             )  # fmt: skip
 
@@ -691,12 +701,42 @@ def import_backend(
             f"  not taken over: {report.erased} erased at their owner's request, "
             f"{report.blocked} on the block-list"
         )
+    _print_not_kept(report)
     for address in report.invalid[:20]:
         typer.echo(f"  invalid: {address!r}")
     if len(report.invalid) > 20:
         typer.echo(
             f"  ... and {len(report.invalid) - 20} more invalid (`newsletter reconcile --list "
             f"{list_slug} --json` lists them all, under invalid)"
+        )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _print_not_kept(report: Any) -> None:
+    """What `import-backend` left out of the members' variables and names, by name."""
+    for counts, why in (
+        (report.variables_undeclared, "the list declaring no such field"),
+        (report.variables_refused, "refused as the form refuses them"),
+    ):
+        if counts:
+            # The backend's names, shown as text: a control character is no escape sequence.
+            named = [
+                f"{_CONTROL.sub('?', name[:64])} ({count})"
+                for name, count in sorted(counts.items())
+            ]
+            more = f", and {len(named) - 20} more" if len(named) > 20 else ""
+            typer.echo(f"  member variables not kept, {why}: {', '.join(named[:20])}{more}")
+    if report.names_refused:
+        typer.echo(
+            f"  display names not kept, refused as the form refuses them: {report.names_refused}"
+        )
+    if report.variables_undeclared or report.variables_refused or report.names_refused:
+        typer.echo(
+            "  (an address taken over is not read again, and its first sync leaves the backend "
+            "only the values kept: declare a field in NEWSLETTER_LISTS before the import to "
+            "keep its values)"
         )
 
 

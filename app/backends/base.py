@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # What Mailman 3's address check (mailman.email.validate) takes before the @-sign: RFC
 # 5322's atext less `^` and `|`, and no letter beyond ASCII (RFC 6531), which this service
@@ -95,6 +95,9 @@ class RemoteMember:
     email: str
     subscribed: bool
     name: str | None = None
+    # The member's variables where the backend holds them (Mailgun's `vars`), as it sent
+    # them: any JSON value.
+    variables: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
