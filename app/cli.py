@@ -734,7 +734,7 @@ def _print_not_kept(report: Any) -> None:
         )
     if report.variables_undeclared or report.variables_refused or report.names_refused:
         typer.echo(
-            "  (an address taken over is not read again, and its first sync leaves the backend "
+            "  (an address taken over is not read again, and its first sync sends the backend "
             "only the values kept: declare a field in NEWSLETTER_LISTS before the import to "
             "keep its values)"
         )

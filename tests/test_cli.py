@@ -291,7 +291,7 @@ class TestTakingOverAList:
                 "  member variables not kept, refused as the form refuses them: "
                 "organisation (2), site (1)",
                 "  display names not kept, refused as the form refuses them: 1",
-                "  (an address taken over is not read again, and its first sync leaves the "
+                "  (an address taken over is not read again, and its first sync sends the "
                 "backend only the values kept: declare a field in NEWSLETTER_LISTS before the "
                 "import to keep its values)",
             ], run.stdout
