@@ -984,6 +984,7 @@ def import_members(
             list_id=mailing_list.id,
             email=parsed.email,
             email_key=parsed.key,
+            email_ascii_key=parsed.ascii_key,
             status=status,
             locale=mailing_list.default_locale,
             attributes=_imported_attributes(

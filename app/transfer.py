@@ -921,6 +921,7 @@ def _insert_confirmed(
             "list_id": mailing_list.id,
             "email": row.address.email,
             "email_key": row.address.key,
+            "email_ascii_key": row.address.ascii_key,
             "status": SubscriptionStatus.CONFIRMED.value,
             "locale": row.locale.value if row.locale else mailing_list.default_locale,
             "attributes": row.attributes,
