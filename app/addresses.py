@@ -7,7 +7,6 @@ A `+tag` is never stripped: it is part of the address.
 
 from __future__ import annotations
 
-import contextlib
 import email.policy
 import functools
 import re
@@ -66,6 +65,11 @@ class Address:
     email: str
     key: str
 
+    @property
+    def ascii_key(self) -> str | None:
+        """The key as written with the domain's ASCII labels (`ascii_key`)."""
+        return ascii_key(self.email)
+
 
 def parse(raw: str, *, new: bool) -> Address:
     """The address `raw`, validated and normalized.
@@ -95,23 +99,30 @@ def _parse(raw: str, new: bool) -> Address:
     return _plain(raw) or _general(raw, new)
 
 
-def key_prefixes(prefix: str) -> set[str]:
-    """The start of an address an operator typed, in the forms a stored `key` may start
-    with: Unicode NFC and case-folded, as keys are, and with the domain's ASCII labels
-    (`xn--caf-dma`) written in Unicode (`café`), the form keys hold them in. A label that
-    is no valid A-label (typed half-way) is left as typed."""
-    typed = unicodedata.normalize("NFC", prefix).casefold()
-    local, at, domain = typed.rpartition("@")
-    if not at or "xn--" not in domain:
-        return {typed}
-    labels = []
-    for label in domain.split("."):
-        if label.startswith("xn--"):
-            with contextlib.suppress(idna.IDNAError, UnicodeError):
-                label = idna.decode(label)
-        labels.append(label)
-    unicode_domain = unicodedata.normalize("NFC", ".".join(labels)).casefold()
-    return {typed, f"{local}@{unicode_domain}"}
+def key_prefix(prefix: str) -> str:
+    """The start of an address an operator typed, as the start of a stored key (Unicode
+    NFC, case-folded), or of an `ascii_key` when it writes the domain in ASCII (`xn--`)."""
+    return unicodedata.normalize("NFC", prefix).casefold()
+
+
+def ascii_key(email: str) -> str | None:
+    """A stored address with its domain's labels in ASCII (IDNA A-labels: `café.fr` is
+    `xn--caf-dma.fr`), case-folded as keys are; None for a domain in ASCII already, whose
+    key is that.
+
+    Keys hold the domain in Unicode, and the ASCII spelling of a label typed half-way
+    (`xn--caf-d`) is no part of it: punycode writes a label's ASCII letters first and the
+    others' places after the last hyphen, so no decoding of such a start gives the start of
+    the Unicode label. A search that finds either spelling reads this one beside the key.
+    """
+    local, _, domain = email.rpartition("@")
+    if domain.isascii():
+        return None
+    try:
+        ascii_domain = idna.encode(domain).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return None
+    return f"{local}@{ascii_domain}".casefold()
 
 
 @functools.lru_cache(maxsize=256)

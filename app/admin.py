@@ -101,13 +101,13 @@ def subscriber_query(list_id: int, where: SubscriberFilter) -> Any:
     if where.status is not None:
         query = query.where(Subscription.status == where.status)
     if where.prefix:
-        # As typed, or with its domain in ASCII (`xn--`): keys hold the domain in Unicode.
+        # The domain in Unicode or in ASCII (`xn--`), whole or typed half-way: keys hold it
+        # in Unicode, `email_ascii_key` in ASCII.
+        start = _escape_like(addresses.key_prefix(where.prefix)) + "%"
         query = query.where(
             sa.or_(
-                *(
-                    col(Subscription.email_key).like(_escape_like(start) + "%", escape="\\")
-                    for start in sorted(addresses.key_prefixes(where.prefix))
-                )
+                col(Subscription.email_key).like(start, escape="\\"),
+                col(Subscription.email_ascii_key).like(start, escape="\\"),
             )
         )
     if where.locale is not None:

@@ -486,6 +486,7 @@ def _read_members(
     *,
     label: str,
     names: dict[str, str] | None = None,
+    variables: dict[str, dict[str, Any]] | None = None,
     again: bool = False,
     not_delivered: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, bool]]:
@@ -508,7 +509,11 @@ def _read_members(
 
         try:
             members = sync.read_backend(
-                backend, progress=advance, names=names, not_delivered=not_delivered
+                backend,
+                progress=advance,
+                names=names,
+                variables=variables,
+                not_delivered=not_delivered,
             )
         except SyncError as e:
             typer.echo(f"the backend failed: {e} {e.response or ''}", err=True)
@@ -654,7 +659,8 @@ def import_backend(
     try:
         lists.sync_declared(engine, declared=settings.lists)
         names: dict[str, str] = {}
-        remote = _read_members(backend, label=list_slug, names=names)
+        variables: dict[str, dict[str, Any]] = {}
+        remote = _read_members(backend, label=list_slug, names=names, variables=variables)
         with db.session_scope(engine) as session:
             report = sync.import_members(
                 session,
@@ -664,6 +670,8 @@ def import_backend(
                 key=settings.token_key(),
                 now=utcnow(),
                 names=names,
+                variables=variables,
+                fields=declared.fields,
             )
             if dry_run:
                 session.rollback()
@@ -678,6 +686,8 @@ def import_backend(
                     "already_known": report.already_known, "invalid": len(report.invalid),
                     "erased": report.erased, "blocked": report.blocked,
                     "departed": report.departed,
+                    "variables_not_kept": report.variables_not_kept(),
+                    "names_not_kept": report.names_refused,
                 },
             )  # fmt: skip
 
@@ -722,12 +732,42 @@ def import_backend(
             f"  not taken over: {report.erased} erased at their owner's request, "
             f"{report.blocked} on the block-list"
         )
+    _print_not_kept(report)
     for address in report.invalid[:20]:
         typer.echo(f"  invalid: {address!r}")
     if len(report.invalid) > 20:
         typer.echo(
             f"  ... and {len(report.invalid) - 20} more invalid (`newsletter reconcile --list "
             f"{list_slug} --json` lists them all, under invalid)"
+        )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _print_not_kept(report: Any) -> None:
+    """What `import-backend` left out of the members' variables and names, by name."""
+    for counts, why in (
+        (report.variables_undeclared, "the list declaring no such field"),
+        (report.variables_refused, "refused as the form refuses them"),
+    ):
+        if counts:
+            # The backend's names, shown as text: a control character is no escape sequence.
+            named = [
+                f"{_CONTROL.sub('?', name[:64])} ({count})"
+                for name, count in sorted(counts.items())
+            ]
+            more = f", and {len(named) - 20} more" if len(named) > 20 else ""
+            typer.echo(f"  member variables not kept, {why}: {', '.join(named[:20])}{more}")
+    if report.names_refused:
+        typer.echo(
+            f"  display names not kept, refused as the form refuses them: {report.names_refused}"
+        )
+    if report.variables_undeclared or report.variables_refused or report.names_refused:
+        typer.echo(
+            "  (an address taken over is not read again, and its first sync sends the backend "
+            "only the values kept: declare a field in NEWSLETTER_LISTS before the import to "
+            "keep its values)"
         )
 
 
@@ -1216,9 +1256,17 @@ def import_file(
         str | None, typer.Option(help="An operator's note, kept in the ledger.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write every refused row there, as CSV: its line, why, and the row as it "
+            "was; fixed, that file imports as it is."
+        ),
+    ] = None,
 ) -> None:
     """Import subscribers from a CSV file; an address already on the list is left as it is."""
     import functools
+    import io
     import os
 
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
@@ -1236,11 +1284,17 @@ def import_file(
         # As the API's import takes it: line breaks, but no escape sequence into the ledger.
         _as_the_api_takes(note, UrlNote, option="--note")
     settings = _settings()
+    # Opened first: an import whose refused rows could not be written is refused before
+    # it writes anything.
+    rejected = None if rejects is None else _open_output(rejects, None)
     engine = db.make_engine(settings.database_url)
     detail: dict[str, Any] = {"mode": chosen.value, "dry_run": dry_run, "file": file.name}
+    if rejects is not None:
+        detail["rejects"] = rejects.name
     try:
         _known_list(settings, engine, list_slug)
         with (
+            contextlib.ExitStack() as closing,
             _seekable(file) as source,
             _progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -1249,11 +1303,29 @@ def import_file(
             _ctrl_c_between_steps() as stop_if_asked,
         ):  # fmt: skip
             size = os.fstat(source.fileno()).st_size
-            task = progress.add_task(f"importing into {list_slug}", total=size)
+            # The first pass checks the whole file, writing nothing; then the second writes
+            # it, batch by batch. The bar shows each in turn, over the file's bytes.
+            task = progress.add_task(f"checking {file.name}", total=size)
+            writing = False
+
+            def checking(done: int) -> None:
+                progress.update(task, completed=done)
+                stop_if_asked()  # nothing written yet: Ctrl-C stops the import there
+
             # Filled as the import goes: a run cut short still tells what it wrote.
             report = transfer.ImportReport(list_slug=list_slug, mode=chosen, dry_run=dry_run)
+            rejects_text = None
+            if rejected is not None:
+                rejects_text = closing.enter_context(
+                    io.TextIOWrapper(rejected, encoding="utf-8", newline="")
+                )
 
             def advance(done: int) -> None:
+                nonlocal writing
+                if not writing:
+                    # From the start again, with the writing's own pace for the time left.
+                    progress.reset(task, total=size, description=f"importing into {list_slug}")
+                    writing = True
                 progress.update(task, completed=done)
                 stop_if_asked()  # after a batch's commit: where Ctrl-C stops the import
 
@@ -1272,6 +1344,8 @@ def import_file(
                     progress=advance,
                     backend=settings.backend_of(list_slug),
                     report=report,
+                    rejects=rejects_text,
+                    checking=checking,
                 )
             except errors.DomainError as e:
                 _record(
@@ -1302,6 +1376,8 @@ def import_file(
             detail={**detail, **report.counts(), "note": note},
         )  # fmt: skip
     finally:
+        if rejected is not None:
+            rejected.close()
         engine.dispose()
     if as_json:
         document = {
@@ -1312,6 +1388,8 @@ def import_file(
                 for item in report.errors
             ],
         }
+        if rejects is not None:
+            document["rejects"] = str(rejects)
         typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         verb = "would create" if dry_run else "created"
@@ -1322,8 +1400,16 @@ def import_file(
         )
         for item in report.errors:
             typer.echo(f"  line {item.line} {item.email}: {item.error}")
-        if report.invalid > len(report.errors):
-            typer.echo(f"  ... and {report.invalid - len(report.errors)} more")
+        if rejects is not None and report.invalid:
+            typer.echo(
+                f"  all {report.invalid} refused rows, as they were, are in {rejects} (with "
+                "their line and why): fixed, that file imports as it is"
+            )
+        elif report.invalid > len(report.errors):
+            typer.echo(
+                f"  ... and {report.invalid - len(report.errors)} more refused rows: --rejects "
+                "FILE writes every refused row, as it was, with its line and why"
+            )
     if report.invalid:
         raise typer.Exit(1)
 

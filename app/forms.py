@@ -64,7 +64,8 @@ def trimmed(attributes: Mapping[str, str], fields: Sequence[FormField]) -> dict[
     return values
 
 
-def _problem(field: FormField, value: str | None) -> Problem | None:
+def problem(field: FormField, value: str | None) -> Problem | None:
+    """What is wrong with one field's value, as the form says it; None: nothing."""
     if not value:
         return Problem.REQUIRED if field.required else None
     if len(value) > field.max_length:
@@ -90,9 +91,9 @@ def check(attributes: Mapping[str, str], fields: Sequence[FormField]) -> list[Fi
     """
     problems = []
     for field in fields:
-        problem = _problem(field, attributes.get(field.name))
-        if problem is not None:
-            problems.append(FieldProblem(field=field, problem=problem))
+        found = problem(field, attributes.get(field.name))
+        if found is not None:
+            problems.append(FieldProblem(field=field, problem=found))
     return problems
 
 

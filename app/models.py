@@ -137,6 +137,9 @@ class Subscription(SQLModel, table=True):
     email: str = Field(max_length=320)
     # The case-folded form that makes two spellings of one address the same subscriber.
     email_key: str = Field(max_length=320)
+    # The key with the domain in ASCII (`xn--caf-dma.fr` for `café.fr`), for a search typed
+    # that way (`addresses.ascii_key`); None when the domain is ASCII, the key then.
+    email_ascii_key: str | None = Field(default=None, max_length=320)
     status: str = Field(max_length=16, index=True)
     locale: str = Field(max_length=8)
     attributes: dict[str, Any] = _json()

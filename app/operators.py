@@ -220,6 +220,7 @@ def _add_confirmed(
             list_id=_id(mailing_list),
             email=address.email,
             email_key=address.key,
+            email_ascii_key=address.ascii_key,
             status=SubscriptionStatus.CONFIRMED,
             locale=(locale or Locale(mailing_list.default_locale)).value,
             attributes=attributes,

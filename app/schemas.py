@@ -674,8 +674,10 @@ class ImportResult(BaseModel):
     read: int = Field(description="Rows read (the header and blank lines not counted).")
     created: int
     unchanged: int = Field(description="Addresses already on the list, left as they are.")
-    invalid: int
-    errors: ImportRowErrors = Field(description="The first 100 refused rows, by line.")
+    invalid: int = Field(description="Rows refused, every one counted (`errors` lists 100).")
+    errors: ImportRowErrors = Field(
+        description="The first 100 refused rows, by line; `invalid` counts them all."
+    )
 
 
 # Block-list ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, wait
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel, col, select
 
-from app import addresses, blocklist, lists, logs, outbox, tokens
+from app import addresses, blocklist, forms, lists, logs, outbox, tokens
 from app.backends.base import (
     ListBackend,
     Member,
@@ -36,7 +37,7 @@ from app.backends.base import (
     RetryableSyncError,
     SyncError,
 )
-from app.config import Settings
+from app.config import FormField, Settings
 from app.models import (
     ConsentAction,
     ConsentEvent,
@@ -666,6 +667,7 @@ def read_backend(
     progress: Callable[[int], None] | None = None,
     names: dict[str, str] | None = None,
     not_delivered: dict[str, str] | None = None,
+    variables: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, tuple[str, bool]]:
     """Every member at the backend: identity (`remote_key`) -> (address, subscribed).
 
@@ -673,10 +675,12 @@ def read_backend(
     apart). Two spellings of one address (a domain in Unicode and in ASCII, say) are one
     member: a subscribed one is kept over an unsubscribed one, so no subscription there is
     hidden. `names`, when given, gets each member's display name where the backend holds
-    one (Mailgun's `name`, Mailman's `display_name`, listmonk's `name`), by identity.
-    `not_delivered`, when given, gets why the backend does not deliver to a subscribed
-    member it holds (`RemoteMember.delivery_off`: Mailman's bounce processing), by the
-    member's address as the backend holds it.
+    one (Mailgun's `name`, Mailman's `display_name`, listmonk's `name`), by identity;
+    `variables` each member's variables where it holds some (Mailgun's `vars`). Of two
+    spellings, both are those of the member kept. `not_delivered`, when given, gets why
+    the backend does not deliver to a subscribed member it holds
+    (`RemoteMember.delivery_off`: Mailman's bounce processing), by the member's address
+    as the backend holds it.
     """
     seen: dict[str, tuple[str, bool]] = {}
     cursor: str | None = None
@@ -702,6 +706,12 @@ def read_backend(
                 and (key not in names or seen[key][0] == member.email)
             ):
                 names[key] = member.name
+            if (
+                variables is not None
+                and member.variables
+                and (key not in variables or seen[key][0] == member.email)
+            ):
+                variables[key] = member.variables
         if progress is not None:
             progress(len(page.members))
         if page.next_cursor is None or not page.members:
@@ -1053,6 +1063,20 @@ class ImportReport:
     confirmed_addresses: dict[int, addresses.Address] = field(default_factory=dict)
     # Of those, how many had left the backend by its second read (`settle_import`).
     departed: int = 0
+    # The members' variables (Mailgun's `vars`) not kept, by name: how many members had
+    # each. `undeclared`: the list declares no field of that name; `refused`: a value that
+    # its field refuses as the form would (too long, not a URL...), or that is not text.
+    variables_undeclared: Counter[str] = field(default_factory=Counter)
+    variables_refused: Counter[str] = field(default_factory=Counter)
+    # Display names that the form would refuse (too long, a control character): left out.
+    names_refused: int = 0
+
+    def variables_not_kept(self) -> dict[str, dict[str, int]]:
+        """What the audit log keeps: the variables' names, no value."""
+        return {
+            "undeclared": dict(sorted(self.variables_undeclared.items())),
+            "refused": dict(sorted(self.variables_refused.items())),
+        }
 
 
 # How long the syncs of members imported as confirmed wait for `settle_import` to release
@@ -1069,6 +1093,8 @@ def import_members(
     key: bytes,
     now: datetime,
     names: dict[str, str] | None = None,
+    variables: dict[str, dict[str, Any]] | None = None,
+    fields: Sequence[FormField] = (),
 ) -> ImportReport:
     """Record the backend's members as they are: subscribed -> confirmed, else unsubscribed.
 
@@ -1078,7 +1104,10 @@ def import_members(
     the backend each member's personal unsubscribe URL. An address erased here (`key`
     finds its tombstone) or on the block-list is not taken over. A member's display name
     (`names`, from `read_backend`) is kept as the attribute `name`, as a CSV import keeps
-    its `name` column, and goes back to the backend with each sync.
+    its `name` column, and goes back to the backend with each sync. Its `variables`
+    (Mailgun's `vars`) go into the attributes of the list's declared `fields`, checked as
+    the form checks them; the others are counted by name in the report, not dropped
+    without a word (see `_imported_attributes`).
     """
     from app import privacy  # which imports this module
 
@@ -1122,9 +1151,16 @@ def import_members(
             list_id=mailing_list.id,
             email=parsed.email,
             email_key=parsed.key,
+            email_ascii_key=parsed.ascii_key,
             status=status,
             locale=mailing_list.default_locale,
-            attributes=_imported_name(parsed, (names or {}).get(parsed.key)),
+            attributes=_imported_attributes(
+                parsed,
+                name=(names or {}).get(parsed.key),
+                variables=(variables or {}).get(parsed.key, {}),
+                fields=fields,
+                report=report,
+            ),
             consent_version=outside_version,
             created_at=now,
             updated_at=now,
@@ -1164,20 +1200,62 @@ def import_members(
     return report
 
 
-def _imported_name(address: addresses.Address, name: str | None) -> dict[str, str]:
-    """`{"name": ...}` for a member's display name, within the API's limits for an
-    attribute; nothing for none, for one that is only the address's local part (listmonk
-    requires a name, and writes that one when none is given), or one the API would refuse
-    (a control character in it)."""
+def _imported_attributes(
+    address: addresses.Address,
+    *,
+    name: str | None,
+    variables: dict[str, Any],
+    fields: Sequence[FormField],
+    report: ImportReport,
+) -> dict[str, str]:
+    """A member's attributes: its display name as `name` (its variable `name` when it has
+    none), and its variables' values for the list's declared fields; each checked as the
+    form checks that field (trimmed, a blank one no value), a name the list does not
+    declare within the API's limits for an attribute. Anything not kept (a value refused,
+    a variable of no declared field) is counted in `report` by the variable's name.
+
+    A display name that is only the address's local part is none: listmonk requires a name,
+    and writes that one when none is given.
+    """
+    declared = {field.name: field for field in fields}
+    kept: dict[str, str] = {}
+    shown = (name or "").strip()
+    if shown == address.email.rpartition("@")[0]:
+        shown = ""
+    if shown:
+        if _refused(declared.get("name"), shown):
+            report.names_refused += 1
+        else:
+            kept["name"] = shown
+    for variable, value in variables.items():
+        text = value.strip() if isinstance(value, str) else None
+        if text == "":
+            continue  # no value, nothing lost
+        if variable == "name" and shown:
+            # The member's display name is their name: another one here is not kept.
+            if text != shown:
+                report.variables_refused[variable] += 1
+        elif variable not in declared and variable != "name":
+            report.variables_undeclared[variable] += 1
+        elif text is None or _refused(declared.get(variable), text):
+            report.variables_refused[variable] += 1
+        else:
+            kept[variable] = text
+    return kept
+
+
+def _refused(field: FormField | None, value: str) -> bool:
+    """Whether the form refuses `value` for `field`; without one (a name the list does not
+    declare), whether the API refuses it as an attribute."""
     from app import schemas  # which imports modules importing this one
 
-    name = (name or "").strip()[: schemas.MAX_ATTRIBUTE_LENGTH].strip()
-    if not name or name == address.email.rpartition("@")[0]:
-        return {}
+    if field is not None:
+        return forms.problem(field, value) is not None
     try:
-        return schemas.clean_attributes({"name": name})
+        schemas.clean_attributes({"name": value})
     except ValueError:
-        return {}
+        return True
+    return False
 
 
 def settle_import(

@@ -109,6 +109,9 @@ COLUMNS = (
     "consent_version",
 )
 DELIMITERS = (",", ";", "\t")
+# The first two columns of a rejects file (`import_csv`'s `rejects`), before each refused row
+# as the file had it: an import of the file, once its rows are fixed, leaves them out.
+REJECTS_COLUMNS = ("refused_line", "refused_reason")
 _COLUMNS_HELP = (
     "The columns are: email (required), name, locale, attributes, consent_source, "
     "consent_date, consent_version (and those of an export, which it imports)."
@@ -151,17 +154,12 @@ class ImportReport:
     created: int = 0
     unchanged: int = 0
     invalid: int = 0
-    # The first MAX_ERRORS, in line order.
+    # The first MAX_ERRORS by line; `invalid` counts them all.
     errors: list[RowError] = field(default_factory=list)
     # The last line of the last batch committed. A run cut short (Ctrl-C, the database
     # gone) has written no row after it, and the counts above are those of the rows up to
     # it (a batch that failed is taken out of them, as its transaction rolled back).
     applied_through: int = 0
-
-    def refuse(self, *, line: int, email: str, error: str) -> None:
-        self.invalid += 1
-        if len(self.errors) < MAX_ERRORS:
-            self.errors.append(RowError(line=line, email=_masked(email), error=error))
 
     def counts(self) -> dict[str, Any]:
         """What the audit log keeps: counts, no address."""
@@ -176,6 +174,15 @@ class ImportReport:
 
 
 @dataclass(frozen=True, slots=True)
+class _Refused:
+    line: int
+    email: str
+    error: str
+    # The row as the file had it, for the rejects file.
+    cells: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class ImportRow:
     line: int
     address: addresses.Address
@@ -186,10 +193,16 @@ class ImportRow:
     consent_date: str | None
     # The wording the person agreed to elsewhere; None: the list's current one.
     consent_version: str | None = None
+    # The row as the file had it: a row refused when its batch is written goes to the
+    # rejects file as any other.
+    cells: list[str] = field(default_factory=list)
 
 
 class _RowInvalid(ValueError):
-    pass
+    def __init__(self, message: str, *, email: str = "") -> None:
+        super().__init__(message)
+        # The row's address as typed, for the report (masked there).
+        self.email = email
 
 
 def _masked(email: str) -> str:
@@ -276,7 +289,7 @@ def _columns(header: list[str]) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise errors.InvalidCsv(f"The header repeats {', '.join(repeated)}.")
-    unknown = [name for name in names if name not in COLUMNS + EXPORT_COLUMNS]
+    unknown = [name for name in names if name not in COLUMNS + EXPORT_COLUMNS + REJECTS_COLUMNS]
     for signature, where in _FOREIGN_EXPORTS:
         if signature <= set(names):
             # Renaming its columns would import every row as consenting, those who left
@@ -315,8 +328,9 @@ _FOREIGN_EXPORTS = (
 _EXCEL_SEPARATOR = re.compile(r"sep=([,;\t])\r?\n?")
 
 
-def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """The header's column names, and the records with the line each starts on."""
+def _records(source: IO[bytes]) -> tuple[list[str], str, Iterator[tuple[int, list[str]]]]:
+    """The header's column names, the separator, and the records with the line each starts
+    on."""
     lines = _lines(source)
     first = next(lines, None)
     # Lines before the header that the reader does not see (Excel's `sep=;`).
@@ -355,15 +369,21 @@ def _records(source: IO[bytes]) -> tuple[list[str], Iterator[tuple[int, list[str
             if any(value.strip() for value in fields):
                 yield start, fields
 
-    return columns, records()
+    return columns, delimiter, records()
 
 
-def check_file(source: IO[bytes]) -> int:
+def check_file(source: IO[bytes], *, progress: Callable[[int], None] | None = None) -> int:
     """Read the whole file once for what would make it unusable; the number of records.
     EmptyCsv for a header with no record under it (blank lines and rows of empty cells
-    are no records)."""
-    columns, records = _records(source)
-    count = sum(1 for _ in records)
+    are no records). `progress` gets the bytes read so far every BATCH_SIZE records, and
+    at the end."""
+    columns, _, records = _records(source)
+    count = 0
+    for count, _ in enumerate(records, 1):
+        if progress is not None and count % BATCH_SIZE == 0:
+            progress(source.tell())
+    if progress is not None:
+        progress(source.tell())
     if count == 0:
         raise errors.EmptyCsv(
             f"The file holds no rows: its header ({', '.join(columns)}) is followed by no "
@@ -461,7 +481,9 @@ def _exported_evidence(values: dict[str, str]) -> tuple[str, str]:
 _NAMED_ADDRESS = re.compile(r'(?:"(?P<quoted>[^"]*)"\s*|(?P<name>[^"<>]*))<(?P<address>[^<>]*)>')
 
 
-def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) -> ImportRow:
+def _row(
+    values: dict[str, str], *, line: int, mode: ImportMode, now: datetime, cells: list[str]
+) -> ImportRow:
     raw_email = _cell(values, "email")
     if not raw_email:
         raise _RowInvalid("email is empty.")
@@ -524,6 +546,7 @@ def _row(values: dict[str, str], *, line: int, mode: ImportMode, now: datetime) 
         consent_source=consent_source,
         consent_date=consent_date,
         consent_version=consent_version,
+        cells=cells,
     )
 
 
@@ -562,57 +585,84 @@ def import_csv(
     batch_size: int = BATCH_SIZE,
     backend: BackendSettings | None = None,
     report: ImportReport | None = None,
+    rejects: IO[str] | None = None,
+    checking: Callable[[int], None] | None = None,
 ) -> ImportReport:
     """Import a CSV file (a seekable binary stream) into a list; see the module docstring.
 
     Raises ListNotFound, or InvalidCsv for a file that cannot be read at all (EmptyCsv for
-    one with no row), before anything is written. `progress` gets the bytes read so far
-    after each batch. A dry run reads the database to count what would happen, and writes
+    one with no row), before anything is written. `checking` gets the bytes read so far by
+    that first pass (`check_file`), `progress` those of the second, after each batch. A dry
+    run reads the database to count what would happen, and writes
     nothing. An address the list's `backend` cannot hold is a row error.
 
     `report`, when given, is filled as the import goes: a caller whose run is cut short
     still holds what was committed (its `applied_through`), to tell the operator.
+
+    `rejects`, when given, gets every refused row, in line order, as CSV in the file's
+    separator: refused_line, refused_reason, then the row's cells as the file had them
+    (under the file's header), so that the operator can fix the rows and import that file.
+    The cells are written as they were, those a spreadsheet would run included (an
+    export's get a `'`): the file holds nothing that the operator's did not, and imports
+    back exact. Rows are written once the batch that holds them is settled: a run cut
+    short has written those up to its `applied_through`.
     """
     if note is not None and len(note) > MAX_NOTE:
         raise errors.BadRequest(f"The note is longer than {MAX_NOTE} characters.")
     with transaction() as session:
         mailing_list = _list_info(session, slug=list_slug)
     source.seek(0)
-    check_file(source)
+    check_file(source, progress=checking)
     source.seek(0)
-    columns, records = _records(source)
+    columns, delimiter, records = _records(source)
     if report is None:
         report = ImportReport(list_slug=list_slug, mode=mode, dry_run=dry_run)
+    write_rejected = _rejects_writer(rejects, columns=columns, delimiter=delimiter)
     # The first line of each address seen: a second row for it is reported, not applied.
     # The one structure that grows with the file (about 100 bytes an address).
     first_line: dict[str, int] = {}
+    # The rows read since the last batch was settled: those to write, and those refused
+    # (some only when their batch is written: an erased address, a blocked one). Settled
+    # together once they are `batch_size`, whatever the share of each, so that memory stays
+    # bounded by a file of refused rows too, and each settles in line order.
     batch: list[ImportRow] = []
+    refused: list[_Refused] = []
 
-    def flush(last_line: int) -> None:
+    def settle(last_line: int) -> None:
         assert report is not None
-        before = (report.created, report.unchanged, report.invalid, len(report.errors))
-        try:
-            with transaction() as session:
-                _apply(
-                    session,
-                    rows=batch,
-                    mailing_list=mailing_list,
-                    mode=mode,
-                    write=not dry_run,
-                    report=report,
-                    operator=operator,
-                    note=note,
-                    key=key,
-                    resend_interval=resend_interval,
-                    now=now,
+        if batch:
+            before = (report.created, report.unchanged)
+            try:
+                with transaction() as session:
+                    _apply(
+                        session,
+                        rows=batch,
+                        mailing_list=mailing_list,
+                        mode=mode,
+                        write=not dry_run,
+                        report=report,
+                        refused=refused,
+                        operator=operator,
+                        note=note,
+                        key=key,
+                        resend_interval=resend_interval,
+                        now=now,
+                    )
+            except BaseException:
+                # Rolled back: the counts stay those of what was committed.
+                report.created, report.unchanged = before
+                raise
+        refused.sort(key=lambda item: item.line)
+        for item in refused:
+            report.invalid += 1
+            if len(report.errors) < MAX_ERRORS:
+                report.errors.append(
+                    RowError(line=item.line, email=_masked(item.email), error=item.error)
                 )
-        except BaseException:
-            # Rolled back: the counts stay those of what was committed.
-            report.created, report.unchanged, report.invalid, kept = before
-            del report.errors[kept:]
-            raise
+            write_rejected(item)
         report.applied_through = last_line
         batch.clear()
+        refused.clear()
         if progress is not None:
             progress(source.tell())
 
@@ -623,42 +673,74 @@ def import_csv(
         # hold nothing to lose.
         if len(fields) > len(columns) and not any(cell.strip() for cell in fields[len(columns) :]):
             fields = fields[: len(columns)]
-        values = dict(zip(columns, fields, strict=False))
-        if len(fields) != len(columns):
-            report.refuse(
-                line=line,
-                email=values.get("email", ""),
-                error=f"The row has {len(fields)} fields, the header {len(columns)}.",
-            )
-            continue
         try:
-            row = _row(values, line=line, mode=mode, now=now)
-        except _RowInvalid as e:
-            report.refuse(line=line, email=values.get("email", ""), error=str(e))
-            continue
-        refusal = backends.refusal(backend, row.address.email)
-        if refusal is not None:
-            report.refuse(line=line, email=row.address.email, error=f"email is refused: {refusal}.")
-            continue
-        seen = first_line.setdefault(row.address.key, line)
-        if seen != line:
-            report.refuse(
-                line=line,
-                email=row.address.email,
-                error=f"The same address as line {seen}; only that line is imported.",
+            row = _checked_row(
+                fields, columns=columns, line=line, mode=mode, now=now, backend=backend
             )
-            continue
-        batch.append(row)
-        if len(batch) >= batch_size:
-            flush(line)
-    if batch:
-        flush(line)
-    else:
-        report.applied_through = line
-        if progress is not None:
-            progress(source.tell())
-    report.errors.sort(key=lambda item: item.line)
+        except _RowInvalid as e:
+            refused.append(_Refused(line, e.email, str(e), fields))
+        else:
+            seen = first_line.setdefault(row.address.key, line)
+            if seen == line:
+                batch.append(row)
+            else:
+                refused.append(
+                    _Refused(
+                        line,
+                        row.address.email,
+                        f"The same address as line {seen}; only that line is imported.",
+                        fields,
+                    )
+                )
+        if len(batch) + len(refused) >= batch_size:
+            settle(line)
+    settle(line)
     return report
+
+
+def _checked_row(
+    fields: list[str],
+    *,
+    columns: list[str],
+    line: int,
+    mode: ImportMode,
+    now: datetime,
+    backend: BackendSettings | None,
+) -> ImportRow:
+    """The row read and checked, or _RowInvalid (its `email` the row's, as typed)."""
+    values = dict(zip(columns, fields, strict=False))
+    email = values.get("email", "")
+    if len(fields) != len(columns):
+        raise _RowInvalid(
+            f"The row has {len(fields)} fields, the header {len(columns)}.", email=email
+        )
+    try:
+        row = _row(values, line=line, mode=mode, now=now, cells=fields)
+    except _RowInvalid as e:
+        e.email = email
+        raise
+    refusal = backends.refusal(backend, row.address.email)
+    if refusal is not None:
+        raise _RowInvalid(f"email is refused: {refusal}.", email=row.address.email)
+    return row
+
+
+def _rejects_writer(
+    rejects: IO[str] | None, *, columns: list[str], delimiter: str
+) -> Callable[[_Refused], None]:
+    """What writes a refused row into `rejects` (see `import_csv`), its header written."""
+    if rejects is None:
+        return lambda item: None
+    # A rejects file imported again: its own refused_line and refused_reason are replaced.
+    kept = [at for at, name in enumerate(columns) if name not in REJECTS_COLUMNS]
+    writer = csv.writer(rejects, delimiter=delimiter, lineterminator="\r\n")
+    writer.writerow([*REJECTS_COLUMNS, *(columns[at] for at in kept)])
+
+    def write(item: _Refused) -> None:
+        cells = [item.cells[at] for at in kept if at < len(item.cells)]
+        writer.writerow([item.line, item.error, *cells, *item.cells[len(columns) :]])
+
+    return write
 
 
 def cut_short(report: ImportReport, *, again: str) -> str:
@@ -703,6 +785,7 @@ def _apply(
     mode: ImportMode,
     write: bool,
     report: ImportReport,
+    refused: list[_Refused],
     operator: str,
     note: str | None,
     key: bytes,
@@ -724,11 +807,11 @@ def _apply(
     fresh = []
     for row in rows:
         if row.address.key in blocked:
-            report.refuse(line=row.line, email=row.address.email, error=BLOCKED_ERROR)
+            refused.append(_Refused(row.line, row.address.email, BLOCKED_ERROR, row.cells))
         elif row.address.key in known:
             report.unchanged += 1
         elif row.address.key in erased:
-            report.refuse(line=row.line, email=row.address.email, error=ERASED_ERROR)
+            refused.append(_Refused(row.line, row.address.email, ERASED_ERROR, row.cells))
         else:
             fresh.append(row)
     if not write:
@@ -838,6 +921,7 @@ def _insert_confirmed(
             "list_id": mailing_list.id,
             "email": row.address.email,
             "email_key": row.address.key,
+            "email_ascii_key": row.address.ascii_key,
             "status": SubscriptionStatus.CONFIRMED.value,
             "locale": row.locale.value if row.locale else mailing_list.default_locale,
             "attributes": row.attributes,

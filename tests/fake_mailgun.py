@@ -158,6 +158,21 @@ class FakeMailgun:
         with self.lock:
             self.lists.setdefault(_key(address), {})
 
+    def seed(
+        self,
+        list_address: str,
+        address: str,
+        *,
+        name: str = "",
+        vars: dict[str, Any] | None = None,
+        subscribed: bool = True,
+    ) -> None:
+        """A member the list holds already, as Mailgun's own admin or API left it."""
+        with self.lock:
+            self.lists.setdefault(_key(list_address), {})[_key(address)] = StoredMember(
+                address=address, name=name, vars=vars or {}, subscribed=subscribed
+            )
+
     def member(self, list_address: str, address: str) -> StoredMember | None:
         with self.lock:
             return self.lists[_key(list_address)].get(_key(address))

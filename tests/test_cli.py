@@ -238,6 +238,88 @@ class TestTakingOverAList:
         assert ada["name"] == "Ada Lovelace"
         assert "/v1/unsubscribe/" in ada["attribs"]["unsubscribe_url"]
 
+    def test_mailgun_member_variables_go_into_the_list_s_fields_and_the_rest_is_named(
+        self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        mailgun = FakeMailgun()
+        address = "bluehats@mail.codegouv.fr"
+        mailgun.create_list(address)
+        mailgun.seed(
+            address, "ada@example.org", name="Ada Lovelace",
+            vars={"organisation": " DINUM ", "site": "https://ada.example.org",
+                  "phone": "0600000000", "unsubscribe_url": "https://old.example.org/u/1"},
+        )  # fmt: skip
+        # Too long for the field, not a URL, not text: refused as the form refuses them.
+        mailgun.seed(
+            address, "bob@example.org",
+            vars={"organisation": "x" * 21, "site": "ada.example.org", "age": 42},
+        )  # fmt: skip
+        # A name the form would refuse (a control character), a value that is no text.
+        mailgun.seed(address, "cy@example.org", name="Cy\x1b[31mNg", vars={"organisation": 7})
+        # No display name: the variable `name` stands for it, checked as the form's field.
+        mailgun.seed(
+            address, "dee@example.org", vars={"name": "Dee Dee", "organisation": "ANCT"},
+            subscribed=False,
+        )  # fmt: skip
+        fields = [
+            {"name": "name", "label": {"fr": "Nom"}, "max_length": 40},
+            {"name": "organisation", "label": {"fr": "Organisation"}, "max_length": 20},
+            {"name": "site", "label": {"fr": "Site"}, "type": "url"},
+        ]
+        with mailgun.serve() as url:
+            declared = [
+                {
+                    "slug": "bluehats", "name": "Gazette BlueHats", "fields": fields,
+                    "backend": {"kind": "mailgun", "list_address": address,
+                                "api_key": FakeMailgun.api_key, "base_url": url},
+                }
+            ]  # fmt: skip
+            runs = [
+                newsletter(
+                    "import-backend", "--list", "bluehats", *extra,
+                    database_url=database_url, listmonk=listmonk, tmp_path=tmp_path,
+                    LISTS=json.dumps(declared),
+                )
+                for extra in (["--dry-run"], [])
+            ]  # fmt: skip
+        for run in runs:
+            assert run.returncode == 0, run.stderr
+            lines = run.stdout.splitlines()
+            assert lines[1:] == [
+                "  member variables not kept, the list declaring no such field: age (1), "
+                "phone (1), unsubscribe_url (1)",
+                "  member variables not kept, refused as the form refuses them: "
+                "organisation (2), site (1)",
+                "  display names not kept, refused as the form refuses them: 1",
+                "  (an address taken over is not read again, and its first sync sends the "
+                "backend only the values kept: declare a field in NEWSLETTER_LISTS before the "
+                "import to keep its values)",
+            ], run.stdout
+        with Session(engine) as session:
+            attributes = {
+                row.email: row.attributes for row in session.exec(select(Subscription)).all()
+            }
+            [entry] = [
+                entry
+                for entry in session.exec(
+                    select(AuditEvent).where(AuditEvent.action == "list.import_backend")
+                ).all()
+                if not entry.detail["dry_run"]
+            ]
+        assert attributes == {
+            "ada@example.org": {
+                "name": "Ada Lovelace", "organisation": "DINUM", "site": "https://ada.example.org",
+            },
+            "bob@example.org": {},
+            "cy@example.org": {},
+            "dee@example.org": {"name": "Dee Dee", "organisation": "ANCT"},
+        }  # fmt: skip
+        assert entry.detail["variables_not_kept"] == {
+            "undeclared": {"age": 1, "phone": 1, "unsubscribe_url": 1},
+            "refused": {"organisation": 2, "site": 1},
+        }
+        assert entry.detail["names_not_kept"] == 1
+
     def test_a_member_who_unsubscribes_at_listmonk_during_the_import_stays_unsubscribed(
         self, database_url: str, listmonk: FakeListmonk, engine: sa.Engine, tmp_path: Path
     ) -> None:

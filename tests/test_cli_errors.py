@@ -142,19 +142,19 @@ class TestMigrate:
         self, database_url: str, engine: sa.Engine, tmp_path: Path
     ) -> None:
         head = migrations.head_revision()
-        assert head == "0009"
-        down = run(database_url, tmp_path, "migrate", "0008")
+        assert head == "0010"
+        down = run(database_url, tmp_path, "migrate", "0009")
         assert down.returncode == 0, down.stderr
-        assert down.stdout == "database at 0008\n"
-        assert migrations.current_revision(engine) == "0008"
+        assert down.stdout == "database at 0009\n"
+        assert migrations.current_revision(engine) == "0009"
 
         worker = run(database_url, tmp_path, "worker")
         assert worker.returncode == 5
-        assert last_line(worker).startswith("database schema is at 0008, this release needs 0009")
+        assert last_line(worker).startswith("database schema is at 0009, this release needs 0010")
 
         up = run(database_url, tmp_path, "migrate")
         assert up.returncode == 0, up.stderr
-        assert up.stdout == "database at 0009\n"
+        assert up.stdout == "database at 0010\n"
         assert migrations.current_revision(engine) == head
 
     def test_migrate_logs_the_upgrades_it_runs_and_not_alembic_s_plugins(
@@ -163,7 +163,7 @@ class TestMigrate:
         fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
         result = run(fresh, tmp_path, "migrate", LOG_LEVEL="INFO")
         assert result.returncode == 0, result.stderr
-        assert "Running upgrade 0008 -> 0009" in result.stderr
+        assert "Running upgrade 0009 -> 0010" in result.stderr
         assert "plugin" not in result.stderr
 
     def test_an_unknown_revision_is_bad_input(self, database_url: str, tmp_path: Path) -> None:

@@ -86,6 +86,51 @@ class TestMigrations:
         assert not migrations.pending(engine)
         engine.dispose()
 
+    def test_the_ascii_spelling_of_the_subscriptions_there_is_filled_in(
+        self, tmp_path: Path
+    ) -> None:
+        # Before 0010, a search found them by the Unicode spelling only.
+        url = self._url(tmp_path)
+        migrations.downgrade(url, "base")
+        migrations.upgrade(url, "0009")
+        engine = sa.create_engine(url)
+        now = "2026-11-30 12:00:00+00:00"
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO mailing_list (id, slug, name, default_locale, consent_version, "
+                    "confirm_ttl_seconds, created_at, updated_at) "
+                    "VALUES (1, 'bluehats', 'B', 'fr', 'v1', 3600, :now, :now)"
+                ),
+                {"now": now},
+            )
+            for row_id, email in enumerate(
+                ("Jean@café.fr", "anne@straße.de", "ann@example.org", "zoé@exämple.org"), 1
+            ):
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO subscription (id, list_id, email, email_key, status, "
+                        "locale, attributes, consent_version, created_at, updated_at) VALUES "
+                        "(:id, 1, :email, :key, 'confirmed', 'fr', '{}', 'v1', :now, :now)"
+                    ),
+                    {"id": row_id, "email": email, "key": email.casefold(), "now": now},
+                )
+        migrations.upgrade(url)
+        with engine.connect() as connection:
+            spelled = connection.execute(
+                sa.text("SELECT email_ascii_key FROM subscription ORDER BY id")
+            ).scalars()
+            assert list(spelled) == [
+                "jean@xn--caf-dma.fr",
+                "anne@xn--strae-oqa.de",
+                None,
+                "zoé@xn--exmple-cua.org",
+            ]
+        engine.dispose()
+        migrations.downgrade(url, "0009")
+        migrations.downgrade(url, "base")
+        migrations.upgrade(url)
+
     def test_models_and_migrations_do_not_differ(self, tmp_path: Path) -> None:
         url = self._url(tmp_path)
         migrations.upgrade(url)

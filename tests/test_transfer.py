@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import pty
 import signal
 import stat
 import subprocess
@@ -514,6 +515,31 @@ class TestImportConfirmed:
         assert emails == {"kept@example.org"}
         assert "gone" not in json.dumps([e.detail for e in _audit(engine, "subscribers.import")])
 
+    def test_thousands_of_refused_rows_are_all_counted_and_the_first_by_line_listed(
+        self, client: TestClient, engine: sa.Engine, write_key: dict[str, str]
+    ) -> None:
+        # An erased address is refused when its batch is written, after the rows below it
+        # were read: it still comes first, by line.
+        with db.session_scope(engine) as session:
+            session.add(
+                ErasedAddress(
+                    address_hash=privacy.address_hash("gone@example.org", key=SECRET.encode())
+                )
+            )
+        body = (
+            HEADER
+            + _row("gone@example.org")  # line 2
+            + "".join(_row(f"bad{n}") for n in range(2500))  # lines 3 to 2502
+            + _row("kept@example.org")  # 2503
+        )
+        result = _import(client, write_key, body).json()
+        assert (result["read"], result["created"], result["invalid"]) == (2502, 1, 2501)
+        assert len(result["errors"]) == transfer.MAX_ERRORS
+        assert [error["line"] for error in result["errors"]] == list(range(2, 102))
+        assert "erased" in result["errors"][0]["error"]
+        [entry] = _audit(engine, "subscribers.import")
+        assert entry.detail["invalid"] == 2501
+
     def test_a_dry_run_counts_like_the_real_run_and_writes_nothing(
         self, client: TestClient, database_url: str, engine: sa.Engine, write_key: dict[str, str]
     ) -> None:
@@ -863,6 +889,95 @@ class TestAFileWithoutRows:
             assert result.stderr == self.EXPECTED + "\n"
         outcomes = [entry.outcome for entry in _audit(engine, "subscribers.import")]
         assert outcomes == ["error:empty_csv"] * 3
+
+
+def _on_a_terminal(
+    command: list[str], env: dict[str, str], *, ctrl_c_at: bytes
+) -> tuple[int, bytes]:
+    """Run `command` with its stderr on a terminal (a pseudo-terminal), pressing Ctrl-C
+    once `ctrl_c_at` shows there; its exit code and all it drew."""
+    main, secondary = pty.openpty()
+    running = subprocess.Popen(
+        command, env={**env, "TERM": "xterm", "COLUMNS": "120"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=secondary,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    os.close(secondary)
+    drawn = b""
+    pressed = False
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            drawn += chunk
+            if not pressed and ctrl_c_at in drawn:
+                running.send_signal(signal.SIGINT)
+                pressed = True
+        return running.wait(timeout=120), drawn
+    finally:
+        running.kill()
+        os.close(main)
+
+
+class TestProgress:
+    """The import shows how far it is while it checks the whole file (the first pass,
+    which writes nothing) as while it writes."""
+
+    def test_the_first_pass_reports_the_bytes_read_before_any_row_is_written(
+        self, client: TestClient, database_url: str
+    ) -> None:
+        body = (HEADER + "".join(_row(f"user{n}@example.org") for n in range(2500))).encode()
+        seen: list[tuple[str, int, int]] = []
+        transfer.import_csv(
+            lambda: db.session_scope(client.app.state.engine),  # type: ignore[attr-defined]
+            source=io.BytesIO(body), list_slug="bluehats", mode=transfer.ImportMode.CONFIRMED,
+            dry_run=False, operator="test", note=None, key=b"k" * 32,
+            resend_interval=timedelta(minutes=5), now=utcnow(),
+            checking=lambda done: seen.append(
+                ("check", done, count_rows(database_url, "subscription"))
+            ),
+            progress=lambda done: seen.append(("write", done, 0)),
+        )  # fmt: skip
+        checks = [(done, rows) for stage, done, rows in seen if stage == "check"]
+        # Every 1,000 rows, then at the end; all before the first batch, nothing written.
+        assert [stage for stage, _, _ in seen] == ["check"] * 3 + ["write"] * 3
+        assert [rows for _, rows in checks] == [0, 0, 0]
+        assert checks[0][0] < checks[1][0] < checks[2][0] == len(body)
+
+    def test_the_command_shows_the_check_on_a_terminal_and_ctrl_c_stops_it_there(
+        self, database_url: str, engine: sa.Engine, tmp_path: Path
+    ) -> None:
+        # A file whose check takes seconds: until it ends, the writing has not begun.
+        big = _big_file(tmp_path, 500_000)
+        returncode, drawn = _on_a_terminal(
+            [NEWSLETTER, "import", "--list", "bluehats", str(big)], _cli_env(database_url),
+            ctrl_c_at=b"checking big.csv",
+        )  # fmt: skip
+        assert returncode == 130, drawn[-2000:]
+        assert b"The import into bluehats was interrupted: nothing was written." in drawn
+        assert count_rows(database_url, "subscription") == 0
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.outcome, entry.detail["applied_through"]) == ("interrupted", 0)
+
+    def test_off_a_terminal_the_command_draws_nothing(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
+        members = tmp_path / "members.csv"
+        members.write_text(HEADER + "".join(_row(f"user{n}@example.org") for n in range(2500)))
+        result = subprocess.run(
+            [NEWSLETTER, "import", "--list", "bluehats", str(members)], env=_cli_env(database_url),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        # In a log: the report's one line, no bar, no line left empty by one.
+        assert result.stderr == ""
+        assert result.stdout.splitlines() == [
+            "list bluehats (confirmed): read 2500; created 2500; unchanged 0; invalid 0"
+        ]
 
 
 class TestLargeFiles:
@@ -1501,6 +1616,84 @@ class TestCommandLine:
             "confirmed_after": "2025-02-10T10:00:00+00:00",
             "confirmed_before": "2025-03-01T00:00:00+00:00",
         }
+
+    def test_every_refused_row_goes_to_the_rejects_file_which_imports_once_fixed(
+        self, run: Any, tmp_path: Path, database_url: str, engine: sa.Engine
+    ) -> None:
+        with db.session_scope(engine) as session:
+            session.add(
+                ErasedAddress(
+                    address_hash=privacy.address_hash("gone@example.org", key=SECRET.encode())
+                )
+            )
+        source = tmp_path / "members.csv"
+        bad = [f"bad{n}.example.org" for n in range(2500)]
+        source.write_text(
+            "email;name;consent_source;consent_date\n"
+            "gone@example.org;Gone;Paper form;2025-03-12\n"  # line 2: refused when written
+            + "".join(f"{email};Name {n};Paper form;2025-03-12\n" for n, email in enumerate(bad))
+            + "short@example.org;only two\n"  # line 2503
+            + '"=cmd@example.org";"Two\nlines";Paper form;2025-03-12\n'  # 2504-2505
+            + "ann@example.org;Ann;Paper form;2025-03-12\n"  # 2506
+        )
+        rejects = tmp_path / "rejects.csv"
+        result = run("import", "--list", "bluehats", str(source), "--rejects", str(rejects))
+        assert result.returncode == 1, result.stderr
+        assert "created 1; unchanged 0; invalid 2503" in result.stdout
+        assert f"all 2503 refused rows, as they were, are in {rejects}" in result.stdout
+        # Every refused row, by line, as the file had it, with why; in the file's separator.
+        with rejects.open(encoding="utf-8", newline="") as written:
+            assert written.readline() == (
+                "refused_line;refused_reason;email;name;consent_source;consent_date\r\n"
+            )
+            written.seek(0)
+            rows = list(csv.reader(written, delimiter=";"))[1:]
+        assert len(rows) == 2503
+        assert [row[0] for row in rows] == [str(line) for line in [2, *range(3, 2504), 2504]]
+        assert rows[0][2:] == ["gone@example.org", "Gone", "Paper form", "2025-03-12"]
+        assert "erased" in rows[0][1]
+        assert rows[1][2:] == ["bad0.example.org", "Name 0", "Paper form", "2025-03-12"]
+        assert "email is not a valid address" in rows[1][1]
+        assert rows[-2][2:] == ["short@example.org", "only two"]
+        assert rows[-1][2:] == ["=cmd@example.org", "Two\nlines", "Paper form", "2025-03-12"]
+        [entry] = _audit(engine, "subscribers.import")
+        assert (entry.detail["invalid"], entry.detail["rejects"]) == (2503, "rejects.csv")
+
+        # The operator fixes the rows and imports the file as it is; its first two columns
+        # are read as what they are, and left out.
+        fixed = tmp_path / "fixed.csv"
+        fixed.write_text(
+            rejects.read_text(encoding="utf-8").replace(".example.org;", "@example.org;"),
+            encoding="utf-8",
+        )
+        again = run("import", "--list", "bluehats", str(fixed))
+        assert "created 2500; unchanged 0; invalid 3" in again.stdout, again.stderr
+
+    def test_without_a_rejects_file_the_report_says_how_to_get_every_refused_row(
+        self, run: Any, tmp_path: Path
+    ) -> None:
+        source = tmp_path / "members.csv"
+        source.write_text("email\n" + "".join(f"bad{n}\n" for n in range(150)))
+        result = run("import", "--list", "bluehats", str(source), "--mode", "invite")
+        assert result.returncode == 1
+        lines = result.stdout.splitlines()
+        assert lines[1].startswith("  line 2 b***: email is not a valid address")
+        assert lines[-1] == (
+            "  ... and 50 more refused rows: --rejects FILE writes every refused row, as it "
+            "was, with its line and why"
+        )
+        assert len(lines) == 1 + transfer.MAX_ERRORS + 1
+
+    def test_a_rejects_file_that_cannot_be_written_is_refused_before_anything_is_read(
+        self, run: Any, tmp_path: Path, database_url: str
+    ) -> None:
+        good = tmp_path / "good.csv"
+        good.write_text(HEADER + _row("ann@example.org"))
+        for rejects in (tmp_path / "missing" / "rejects.csv", tmp_path):
+            result = run("import", "--list", "bluehats", str(good), "--rejects", str(rejects))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.startswith(f"cannot write {rejects}: "), result.stderr
+        assert count_rows(database_url, "subscription") == 0
 
     def test_a_file_read_from_a_pipe_is_imported(self, run: Any, database_url: str) -> None:
         # `... | newsletter import --list bluehats /dev/stdin`: the import reads a file twice.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # What Mailman 3's address check (mailman.email.validate) takes before the @-sign: RFC
 # 5322's atext less `^` and `|`, and no letter beyond ASCII (RFC 6531), which this service
@@ -99,6 +99,9 @@ class RemoteMember:
     # `delivery_status`: by_bounces, by_user, by_moderator, unknown); None while it
     # delivers, and for backends that keep no such state apart from unsubscribing.
     delivery_off: str | None = None
+    # The member's variables where the backend holds them (Mailgun's `vars`), as it sent
+    # them: any JSON value.
+    variables: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

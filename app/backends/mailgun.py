@@ -241,6 +241,8 @@ class MailgunBackend:
                     email=str(item["address"]),
                     subscribed=bool(item.get("subscribed", True)),
                     name=item.get("name") or None,
+                    # A JSON object (`vars` is one in every answer of Mailgun's).
+                    variables=dict(item.get("vars") or {}),
                 )
                 for item in items
             ]
