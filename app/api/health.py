@@ -58,14 +58,13 @@ def _private_scraper(request: Request, settings: Settings) -> bool:
     return private_scraper(client)
 
 
+# Answered on the event loop (`async`): a plain `def` route runs in the thread pool, so a
+# process whose pool threads all waited on a slow database failed its liveness probe and
+# was restarted; and each answer cost two hops to a pool thread and back (the route, then
+# its response's check), more than the rest of the answer.
 @router.get("/healthz", operation_id="healthz", response_model=Health)
 async def healthz() -> Health:
-    """The process is alive.
-
-    Answered on the event loop (`async`): a plain `def` route runs in the thread pool, so
-    a process whose pool threads all waited on a slow database failed its liveness probe
-    and was restarted; and each answer cost two hops to a pool thread and back (the route,
-    then its response's check), more than the rest of the answer."""
+    """The process is alive."""
     return Health(status="ok")
 
 
