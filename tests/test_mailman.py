@@ -12,7 +12,7 @@ import smtplib
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -673,6 +673,28 @@ class TestAnAddressWithASlash:
             backend.add([member(address)])
 
 
+def read_from_a_stand_in(
+    http: httpx.Client, list_id: str, roster_page: Callable[[Request], Awaitable[Response]]
+) -> dict[str, tuple[str, bool]]:
+    """`sync.read_backend` of a stand-in for Mailman's REST API answering the roster with
+    `roster_page`, and with no member whose delivery is off."""
+
+    async def find(request: Request) -> Response:
+        return Response('{"start": 0, "total_size": 0}', media_type="application/json")
+
+    stand_in = Starlette(
+        routes=[
+            Route(f"/3.1/lists/{list_id}/roster/member", roster_page),
+            Route("/3.1/members/find", find),
+        ]
+    )
+    with LiveServer(stand_in) as base_url:
+        settings = MailmanBackendSettings(
+            base_url=f"{base_url}/3.1", username="restadmin", password="restpass", list_id=list_id
+        )
+        return sync.read_backend(MailmanBackend(settings, http))
+
+
 class TestMembers:
     def test_pages_cover_the_whole_roster(
         self, mailman_core: MailmanCore, mailman_list: str, http: httpx.Client
@@ -739,23 +761,7 @@ class TestMembers:
                 body["entries"] = chunk
             return Response(json.dumps(body), media_type="application/json")
 
-        async def find(request: Request) -> Response:
-            return Response('{"start": 0, "total_size": 0}', media_type="application/json")
-
-        stand_in = Starlette(
-            routes=[
-                Route("/3.1/lists/big.example.org/roster/member", roster_page),
-                Route("/3.1/members/find", find),
-            ]
-        )
-        with LiveServer(stand_in) as base_url:
-            settings = MailmanBackendSettings(
-                base_url=f"{base_url}/3.1",
-                username="restadmin",
-                password="restpass",
-                list_id="big.example.org",
-            )
-            remote = sync.read_backend(MailmanBackend(settings, http))
+        remote = read_from_a_stand_in(http, "big.example.org", roster_page)
         assert len(remote) == size
 
     def test_a_whole_roster_answered_short_is_an_error_not_fewer_members(
@@ -769,24 +775,8 @@ class TestMembers:
             body = {"start": 0, "total_size": len(entries), "entries": entries[:100]}
             return Response(json.dumps(body), media_type="application/json")
 
-        async def find(request: Request) -> Response:
-            return Response('{"start": 0, "total_size": 0}', media_type="application/json")
-
-        stand_in = Starlette(
-            routes=[
-                Route("/3.1/lists/cached.example.org/roster/member", roster_page),
-                Route("/3.1/members/find", find),
-            ]
-        )
-        with LiveServer(stand_in) as base_url:
-            settings = MailmanBackendSettings(
-                base_url=f"{base_url}/3.1",
-                username="restadmin",
-                password="restpass",
-                list_id="cached.example.org",
-            )
-            with pytest.raises(RetryableSyncError) as caught:
-                sync.read_backend(MailmanBackend(settings, http))
+        with pytest.raises(RetryableSyncError) as caught:
+            read_from_a_stand_in(http, "cached.example.org", roster_page)
         assert "100 of its 250 members" in str(caught.value)
 
     def test_a_member_whose_delivery_mailman_disabled_is_read_with_the_reason(
