@@ -382,7 +382,10 @@ class TestTrickledAnswer:
         trickled, retried = attempts(engine)
         assert (trickled.outcome, retried.outcome) == (AttemptOutcome.RETRY, AttemptOutcome.SUCCESS)
         assert "abandoned at the call's deadline" in (trickled.error or "")
-        assert trickled.finished_at - trickled.started_at < timedelta(seconds=1.6)
+        # Given up at its 1 s deadline and recorded before the 2 s lease ran out, not after
+        # the 6 s the whole answer took (recording it waits for the database: 1.64 s once,
+        # on a busy host).
+        assert trickled.finished_at - trickled.started_at < timedelta(seconds=2)
         # The retry came after the first call was abandoned, never beside it.
         assert retried.started_at >= trickled.finished_at
         assert mailgun.calls() == [("POST", ONE)] * 2
