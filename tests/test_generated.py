@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -49,6 +50,7 @@ def test_the_admin_api_and_the_metrics_name_their_own_credentials() -> None:
     assert described("/metrics", "get") == {"NEWSLETTER_METRICS_TOKEN, when it is set."}
 
 
+@pytest.mark.database
 class TestMigrations:
     def _url(self, tmp_path: Path) -> str:
         return POSTGRES_URL or f"sqlite:///{tmp_path / 'roundtrip.db'}"
