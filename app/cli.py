@@ -589,6 +589,14 @@ def reconcile(
         raise typer.Exit(3)
 
 
+def _print_first(lines: list[str], shown: int = 20) -> None:
+    """The first `shown` lines of a report's section, and how many more --json gives."""
+    for line in lines[:shown]:
+        typer.echo(f"    {line}")
+    if len(lines) > shown:
+        typer.echo(f"    ... and {len(lines) - shown} more (--json for all)")
+
+
 def _print_report(report: Any) -> None:
     typer.echo(
         f"list {report.list_slug}: {report.confirmed_here} confirmed here, "
@@ -611,10 +619,7 @@ def _print_report(report: Any) -> None:
         ),
     ):
         typer.echo(f"  {len(items)} {title}")
-        for item in items[:20]:
-            typer.echo(f"    {item}")
-        if len(items) > 20:
-            typer.echo(f"    ... and {len(items) - 20} more (--json for all)")
+        _print_first(items)
     if report.delivery_disabled:
         # Members there and here that the backend mails nothing: not a difference --apply
         # fixes (the backend may enable them again), for an operator to know of.
@@ -623,10 +628,7 @@ def _print_report(report: Any) -> None:
             f"  {len(disabled)} subscribed at the backend, delivery disabled there (its "
             "bounce processing, or the member or a moderator: left as is)"
         )
-        for address, why in disabled[:20]:
-            typer.echo(f"    {address} ({why})")
-        if len(disabled) > 20:
-            typer.echo(f"    ... and {len(disabled) - 20} more (--json for all)")
+        _print_first([f"{address} ({why})" for address, why in disabled])
     # What --apply fixes; the rest is an operator's to check, at the backend.
     fixable = report.missing or report.extra or report.unsubscribed_there
     checks = len(report.absent_there) + len(report.invalid)

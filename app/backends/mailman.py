@@ -140,7 +140,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -362,32 +362,44 @@ class MailmanBackend:
     def _not_delivered(self) -> dict[str, str]:
         """The list's members whose delivery Mailman turned off, by lower-cased address:
         why (`by_bounces`, `by_user`, `by_moderator`, `unknown`)."""
-        what = "mailman members not delivered to"
         found: dict[str, str] = {}
         for status in DELIVERY_OFF:
-            page = 1
-            while True:
-                response = self._call(
-                    "GET",
-                    "/members/find",
-                    what=what,
-                    params=[
-                        ("list_id", self._list_id),
-                        ("role", "member"),
-                        ("delivery_status", status),
-                        ("count", self._page_size),
-                        ("page", page),
-                    ],
-                )
-                body = _json(response, what)
-                entries = body.get("entries") or []
-                for entry in entries:
-                    if isinstance(entry, dict) and isinstance(entry.get("email"), str):
-                        found[entry["email"].lower()] = status
-                if not entries or page * self._page_size >= int(body.get("total_size") or 0):
-                    break
-                page += 1
+            for entry in self._paged(
+                self._call,
+                "/members/find",
+                {"list_id": self._list_id, "role": "member", "delivery_status": status},
+                what="mailman members not delivered to",
+            ):
+                if isinstance(entry.get("email"), str):
+                    found[entry["email"].lower()] = status
         return found
+
+    def _paged(
+        self,
+        call: Callable[..., httpx.Response],
+        path: str,
+        params: dict[str, Any],
+        *,
+        what: str,
+    ) -> Iterator[dict[str, Any]]:
+        """The entries of a paged read (`count` and `page` from 1), page after page until
+        `total_size` is reached or a page comes back empty."""
+        page = 1
+        while True:
+            body = _json(
+                call(
+                    "GET",
+                    path,
+                    what=what,
+                    params={**params, "count": self._page_size, "page": page},
+                ),
+                what,
+            )
+            entries = body.get("entries") or []
+            yield from (entry for entry in entries if isinstance(entry, dict))
+            if not entries or page * self._page_size >= _total(body, what):
+                return
+            page += 1
 
     def clear_suppression(self, address: str) -> str | None:
         # A ban is the list owners' decision, not an opt-out to forget: see the docstring.
@@ -584,29 +596,15 @@ class MailmanBackend:
         """Discard the list's pending subscription requests for `address` (silently, as
         Mailman's discard does); how many there were."""
         wanted = address.lower()
-        what = "mailman pending requests"
-        tokens: list[str] = []
-        page = 1
-        while True:
-            response = self._call_list(
-                "GET",
-                "/requests",
-                what=what,
-                params={"count": self._page_size, "page": page},
+        tokens = [
+            entry["token"]
+            for entry in self._paged(
+                self._call_list, "/requests", {}, what="mailman pending requests"
             )
-            body = _json(response, what)
-            entries = body.get("entries") or []
-            tokens += [
-                entry["token"]
-                for entry in entries
-                if isinstance(entry, dict)
-                and entry.get("type") == "subscription"
-                and str(entry.get("email", "")).lower() == wanted
-                and isinstance(entry.get("token"), str)
-            ]
-            if not entries or page * self._page_size >= int(body.get("total_size") or 0):
-                break
-            page += 1
+            if entry.get("type") == "subscription"
+            and str(entry.get("email", "")).lower() == wanted
+            and isinstance(entry.get("token"), str)
+        ]
         for token in tokens:
             self._call(
                 "POST",
